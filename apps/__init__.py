@@ -1,0 +1,1 @@
+"""minFM applications (the Gradio text-to-image demo)."""

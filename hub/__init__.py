@@ -1,0 +1,1 @@
+"""Hugging Face Hub packaging for minFM (``minfm hub push`` / ``pull``, ``hf://`` sources)."""

@@ -1,0 +1,1 @@
+"""The ``minfm`` command line."""

@@ -1,0 +1,48 @@
+"""``minfm check``: validate a recipe without touching data or weights."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import tomli_w
+
+from ..recipe import load_recipe
+from ..summary import meta_parameter_counts, summary_table
+
+
+def register(sub) -> None:
+    from .main import add_recipe_args
+
+    p = sub.add_parser("check", help="validate a recipe and print its components with parameter counts")
+    add_recipe_args(p)
+    p.add_argument("--print", dest="print_recipe", action="store_true", help="print the fully resolved recipe")
+    p.add_argument("--world-size", type=int, default=None, help="check against this many ranks (default: $WORLD_SIZE or 1)")
+    p.set_defaults(func=run)
+
+
+def data_path_warnings(resolved) -> list[str]:
+    """Missing data folders are warnings: a recipe may be checked on a machine without the data."""
+    cfg = resolved.config("data")
+    out = []
+    if cfg is None:
+        return out
+    for name in dir(type(cfg)):
+        if name.startswith("_") or not name.endswith(("root", "_dir", "_path")):
+            continue
+        value = getattr(cfg, name, None)
+        if isinstance(value, str) and value and not Path(value.split("::")[0]).exists():
+            out.append(f"data.{name}: {value} does not exist (yet)")
+    return out
+
+
+def run(args) -> int:
+    resolved = load_recipe(args.recipe, args.overrides, world_size=args.world_size)
+    if args.print_recipe:
+        print(tomli_w.dumps(resolved.to_dict()))
+        return 0
+    for w in data_path_warnings(resolved):
+        print(f"minfm: warning: {w}", file=sys.stderr)
+    print(f"{args.recipe}: ok (job = {resolved.recipe.job!r})")
+    print(summary_table(resolved, meta_parameter_counts(resolved)))
+    return 0

@@ -1,0 +1,55 @@
+"""``minfm plugins``: every kind, every component, its plugin and its config fields."""
+
+from __future__ import annotations
+
+import json
+
+from ..config import describe_fields
+from ..plugins import load_plugins
+from ..registry import KINDS
+
+
+def register(sub) -> None:
+    p = sub.add_parser("plugins", help="list installed plugins and the components they register")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=run)
+
+
+def collect() -> dict:
+    state = load_plugins()
+    kinds = {}
+    for kind in KINDS:
+        kinds[kind] = [
+            {
+                "name": c.name,
+                "plugin": c.plugin,
+                "doc": c.doc,
+                "fields": describe_fields(c.config) if c.config is not None else [],
+            }
+            for c in state.registry.components(kind)
+        ]
+    return {
+        "plugins": [{"name": n, "origin": o} for n, o in sorted(state.origins.items())],
+        "failed": [{"name": n, "error": e} for n, e in sorted(state.failures.items())],
+        "kinds": kinds,
+    }
+
+
+def run(args) -> int:
+    info = collect()
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    print("plugins: " + ", ".join(f"{p['name']} ({p['origin']})" for p in info["plugins"]))
+    for f in info["failed"]:
+        print(f"failed:  {f['name']}: {f['error']}")
+    for kind, comps in info["kinds"].items():
+        print(f"\n[{kind}]")
+        if not comps:
+            print("  (none)")
+        for c in comps:
+            print(f"  {c['name']:<18} {c['plugin']:<12} {c['doc']}")
+            for f in c["fields"]:
+                default = "required" if f["required"] else f"= {f['default']!r}"
+                print(f"      {f['name']}: {f['type']} {default}  # {f['doc']}")
+    return 0

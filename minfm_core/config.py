@@ -1,0 +1,156 @@
+"""Typed component configs and the one strict converter that structures recipes.
+
+A component's config is an attrs class made with :func:`config`; each field is made
+with :func:`field`, which requires a one-line ``doc`` (shown by ``minfm plugins``).
+
+The converter is strict where cattrs is lenient: ``"64"`` is not an int, ``1.5`` is
+not an int, ``1`` is not a bool, and unknown keys are errors. Errors come back as
+``path: message`` lines (see :func:`structure`).
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import attrs
+import cattrs
+from cattrs.errors import ForbiddenExtraKeysError
+from cattrs.v import transform_error
+
+from .errors import RecipeError
+from .suggest import did_you_mean
+
+T = TypeVar("T")
+
+#: Decorator for component configs: frozen, keyword-only attrs classes.
+config = functools.partial(attrs.frozen, kw_only=True)
+
+
+def field(default: Any = attrs.NOTHING, *, doc: str, validator=None, factory=None, converter=None):
+    """An attrs field that carries its one-line documentation in ``metadata['doc']``."""
+    if factory is not None:
+        return attrs.field(factory=factory, validator=validator, converter=converter, metadata={"doc": doc})
+    return attrs.field(default=default, validator=validator, converter=converter, metadata={"doc": doc})
+
+
+class ExpectedType(ValueError):
+    """A value of the wrong type; the message is already user-facing."""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _strict(tp: type, accept: Callable[[Any], bool]):
+    def hook(value: Any, _: Any) -> Any:
+        if not accept(value):
+            raise ExpectedType(f"expected {_type_name(tp)}, got {value!r}")
+        return tp(value)
+
+    return hook
+
+
+def _literal_hook(value: Any, tp: Any) -> Any:
+    choices = typing.get_args(tp)
+    if value in choices and type(value) in {type(c) for c in choices}:
+        return value
+    raise ExpectedType(
+        f"expected one of {', '.join(repr(c) for c in choices)}, got {value!r}{did_you_mean(str(value), map(str, choices))}"
+    )
+
+
+def _make_converter() -> cattrs.Converter:
+    conv = cattrs.Converter(forbid_extra_keys=True)
+    conv.register_structure_hook(int, _strict(int, lambda v: isinstance(v, int) and not isinstance(v, bool)))
+    conv.register_structure_hook(
+        float, _strict(float, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool))
+    )
+    conv.register_structure_hook(str, _strict(str, lambda v: isinstance(v, str)))
+    conv.register_structure_hook(bool, _strict(bool, lambda v: isinstance(v, bool)))
+    conv.register_structure_hook_func(lambda t: typing.get_origin(t) is typing.Literal, _literal_hook)
+    conv.register_structure_hook_func(
+        lambda t: isinstance(t, type) and issubclass(t, enum.Enum),
+        lambda v, t: _literal_hook(v, typing.Literal[tuple(m.value for m in t)]) and t(v),
+    )
+    # Mappings given as plain dicts (free-form options) pass through untouched.
+    conv.register_structure_hook(dict, lambda v, _: _expect_mapping(v))
+    conv.register_structure_hook(Any, lambda v, _: v)
+    return conv
+
+
+def _expect_mapping(value: Any) -> dict:
+    if not isinstance(value, Mapping):
+        raise ExpectedType(f"expected a table, got {value!r}")
+    return dict(value)
+
+
+#: The one converter (contract: strict, forbids unknown keys).
+converter = _make_converter()
+
+
+def _format(exc: BaseException, tp: Any) -> str:
+    if isinstance(exc, ExpectedType):
+        return str(exc)
+    if isinstance(exc, ForbiddenExtraKeysError):
+        known = [a.name for a in attrs.fields(exc.cl)] if attrs.has(exc.cl) else []
+        return "; ".join(
+            f"unknown key {k!r}{did_you_mean(k, known)}" for k in sorted(exc.extra_fields)
+        )
+    if isinstance(exc, KeyError):
+        return "missing required key"
+    if isinstance(exc, (TypeError, ValueError)) and tp is not None:
+        return f"expected {_type_name(tp)}"
+    if isinstance(exc, (TypeError, ValueError)):
+        # attrs validators raise these from __init__; their text is the useful part.
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def error_lines(exc: BaseException, path: str) -> list[str]:
+    """Turn a cattrs structuring error into ``path: message`` lines."""
+    lines = []
+    for line in transform_error(exc, path="$" + (("." + path) if path else ""), format_exception=_format):
+        msg, _, where = line.rpartition(" @ ")
+        where = where.removeprefix("$").removeprefix(".") or "<root>"
+        lines.append(f"{where}: {msg}")
+    return lines
+
+
+def structure(data: Any, cls: type[T], path: str = "", source: str | None = None) -> T:
+    """Structure ``data`` into ``cls`` or raise :class:`RecipeError` naming each bad path."""
+    try:
+        return converter.structure(data, cls)
+    except Exception as exc:  # cattrs raises ExceptionGroups and plain errors alike
+        raise RecipeError(error_lines(exc, path), source) from None
+
+
+def unstructure(obj: Any) -> Any:
+    return converter.unstructure(obj)
+
+
+def describe_fields(cls: type) -> list[dict[str, Any]]:
+    """Name, type, default and doc of each field of a config class (for ``minfm plugins``)."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for a in attrs.fields(cls):
+        if a.default is attrs.NOTHING:
+            default: Any = None
+            required = True
+        elif isinstance(a.default, attrs.Factory):  # type: ignore[arg-type]
+            default, required = unstructure(a.default.factory()), False
+        else:
+            default, required = unstructure(a.default), False
+        out.append(
+            {
+                "name": a.name,
+                "type": _type_name(hints.get(a.name, a.type)),
+                "default": default,
+                "required": required,
+                "doc": a.metadata.get("doc", ""),
+            }
+        )
+    return out

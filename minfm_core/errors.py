@@ -1,0 +1,35 @@
+"""User-facing errors.
+
+Anything raised as a :class:`MinfmError` is the user's to fix (a recipe, a flag, a
+file): the CLI prints its message on one line and exits with code 2, no traceback.
+Every other exception is a bug and keeps its traceback (exit code 1).
+"""
+
+from __future__ import annotations
+
+
+class MinfmError(Exception):
+    """A problem with the user's input; printed without a traceback, exit code 2."""
+
+    exit_code = 2
+
+
+class RecipeError(MinfmError):
+    """A recipe is malformed: each line of the message names a path in the recipe."""
+
+    def __init__(self, problems: str | list[str], source: str | None = None):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        self.source = source
+        head = f"{source}: " if source and len(self.problems) == 1 else ""
+        body = "\n".join(self.problems)
+        if source and len(self.problems) > 1:
+            body = f"{source}: {len(self.problems)} problems\n" + "\n".join("  " + p for p in self.problems)
+        super().__init__(head + body)
+
+
+class PluginError(MinfmError):
+    """A plugin is broken in a way that stops the run (e.g. two plugins claim one name)."""
+
+
+class UnknownComponentError(MinfmError):
+    """A recipe names a component that no installed plugin registers."""

@@ -1,0 +1,101 @@
+"""The plugin contract: one hook per component kind, plus CLI and recipe-check hooks.
+
+Each ``register_*`` hook receives ``register(name, factory, config=None, doc=None)``:
+``factory`` is a callable or a lazy ``"module:attribute"`` string, ``config`` an attrs
+class made with :func:`minfm_core.config`. See docs/plugins.md.
+"""
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("minfm")
+hookimpl = pluggy.HookimplMarker("minfm")
+
+
+@hookspec
+def register_denoisers(register):
+    """Register denoisers (trainable networks on packed sequences)."""
+
+
+@hookspec
+def register_vaes(register):
+    """Register VAEs (frozen image <-> latent autoencoders)."""
+
+
+@hookspec
+def register_text_encoders(register):
+    """Register text encoders (prompts -> packed token embeddings or pooled vectors)."""
+
+
+@hookspec
+def register_patchifiers(register):
+    """Register patchifiers (latents -> packed tokens with positions, and back)."""
+
+
+@hookspec
+def register_paths(register):
+    """Register probability paths (noising rule and regression target)."""
+
+
+@hookspec
+def register_time_samplers(register):
+    """Register training-time samplers of t in [0, 1]."""
+
+
+@hookspec
+def register_time_warpers(register):
+    """Register time warpers (e.g. resolution-dependent shift)."""
+
+
+@hookspec
+def register_time_weighters(register):
+    """Register loss weightings over t."""
+
+
+@hookspec
+def register_samplers(register):
+    """Register ODE/SDE samplers used at inference."""
+
+
+@hookspec
+def register_guidances(register):
+    """Register guidance rules (combine conditional and unconditional velocities)."""
+
+
+@hookspec
+def register_attention_backends(register):
+    """Register attention backends for packed variable-length sequences."""
+
+
+@hookspec
+def register_balancers(register):
+    """Register sequence balancers (re-route packed tokens across ranks)."""
+
+
+@hookspec
+def register_parallelizers(register):
+    """Register parallelizers (shard models over ranks)."""
+
+
+@hookspec
+def register_datasets(register):
+    """Register datasets (images or latents with prompts)."""
+
+
+@hookspec
+def register_loggers(register):
+    """Register metric loggers."""
+
+
+@hookspec
+def register_sources(register):
+    """Register checkpoint-source resolvers by URI scheme (``register("s3", resolve)``)."""
+
+
+@hookspec
+def register_commands(subparsers):
+    """Add subcommands to the ``minfm`` CLI (an argparse subparsers object)."""
+
+
+@hookspec
+def check_recipe(recipe, world_size):
+    """Return a list of ``path: problem`` strings for a resolved recipe at a world size."""

@@ -1,0 +1,186 @@
+"""The recipe schema (phase one).
+
+Sections and their keys are typed here; each component table is kept raw as a
+:class:`Spec` (its ``name`` plus its other keys) until plugins are loaded and the
+component's own config class structures it (phase two, ``resolve.py``).
+
+Contract paths: ``job``, ``run.exp_dir``, ``run.seed``, ``model.denoiser``,
+``model.vae``, ``model.text_encoder``, ``model.patchifier``, ``flow.path``,
+``flow.time_sampler``, ``flow.time_warper``, ``flow.time_weighter``, ``sample.*``,
+``data``, ``train.*``, ``parallel.name``, ``balancer.name``, ``logging``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import attrs
+
+from ..config import ExpectedType, config, converter, field
+
+
+@attrs.frozen
+class Spec:
+    """A component table: ``name`` (the registry key) and the rest of its keys (its config)."""
+
+    name: str
+    options: dict[str, Any] = attrs.field(factory=dict)
+
+    def to_table(self) -> dict[str, Any]:
+        return {"name": self.name, **self.options}
+
+
+def _structure_spec(value: Any, _: Any) -> Spec:
+    if isinstance(value, str):
+        return Spec(value)  # `vae = "identity"` is shorthand for `[vae] name = "identity"`
+    if not isinstance(value, Mapping):
+        raise ExpectedType(f"expected a component table with a 'name' key, got {value!r}")
+    rest = dict(value)
+    name = rest.pop("name", None)
+    if name is None:
+        raise ExpectedType("component table has no 'name' key (the registry name of the component)")
+    if not isinstance(name, str):
+        raise ExpectedType(f"expected the component's name as a string, got {name!r}")
+    return Spec(name, rest)
+
+
+converter.register_structure_hook(Spec, _structure_spec)
+converter.register_unstructure_hook(Spec, lambda s: s.to_table())
+
+
+def _spec(name: str, doc: str):
+    return field(factory=lambda: Spec(name), doc=doc)
+
+
+@config
+class RunSection:
+    """Where a run lives and how it is seeded."""
+
+    exp_dir: str = field("experiments/default", doc="run directory: checkpoints, samples, logs, resolved recipe")
+    seed: int = field(0, doc="global seed; each rank derives its own from it")
+    device: Literal["auto", "cpu", "cuda"] = field("auto", doc="'auto' picks cuda when available")
+
+
+@config
+class ModelSection:
+    """The networks: one trainable denoiser and the frozen operators around it."""
+
+    denoiser: Spec = field(doc="the trainable network (registry kind: denoiser)")
+    vae: Spec = _spec("identity", "image <-> latent autoencoder (kind: vae)")
+    text_encoder: Spec | None = field(None, doc="per-token prompt embeddings for the denoiser (kind: text_encoder)")
+    clip_encoder: Spec | None = field(None, doc="pooled prompt vector for the denoiser's vec input (kind: text_encoder)")
+    patchifier: Spec = _spec("patch3d", "latents <-> packed tokens (kind: patchifier)")
+    attention: Spec = _spec("auto", "attention backend for packed sequences (kind: attention)")
+
+
+@config
+class FlowSection:
+    """The flow-matching objective."""
+
+    path: Spec = _spec("rectified", "noising rule and target (kind: path)")
+    time_sampler: Spec = _spec("logit_normal", "training distribution of t (kind: time_sampler)")
+    time_warper: Spec = _spec("none", "resolution-dependent shift of t (kind: time_warper)")
+    time_weighter: Spec = _spec("uniform", "loss weight over t (kind: time_weighter)")
+
+
+@config
+class SampleSection:
+    """Inference: used by `job = "sample"`, `minfm sample` and in-training galleries."""
+
+    sampler: Spec = _spec("euler", "ODE/SDE solver (kind: sampler)")
+    guidance: Spec = _spec("cfg", "guidance rule and its scale (kind: guidance)")
+    time_warper: Spec | None = field(None, doc="shift at inference; defaults to flow.time_warper")
+    source: str | None = field(None, doc="checkpoint, run dir or hf://org/name to sample from (job = 'sample')")
+    steps: int = field(50, doc="number of solver steps")
+    size: tuple[int, int, int] = field((1, 256, 256), doc="frames, height, width of generated images")
+    prompts: tuple[str, ...] = field((), doc="prompts to sample")
+    prompt_file: str | None = field(None, doc="text file with one prompt per line")
+    neg_prompt: str = field("", doc="negative prompt for the unconditional branch")
+    distilled_guidance: float | None = field(None, doc="FLUX-dev guidance-embedding scalar (None: not used)")
+    samples_per_prompt: int = field(1, doc="images per prompt")
+    batch_size: int = field(16, doc="samples per rank per sampler call")
+    use_ema: bool = field(True, doc="sample with EMA weights when the checkpoint has them")
+    out_dir: str | None = field(None, doc="output folder (default: <exp_dir>/samples)")
+    file_ext: Literal["png", "jpg"] = field("png", doc="image file format")
+    save_npz: bool = field(False, doc="also write .npz batches (ADM evaluation layout)")
+    seed: int = field(0, doc="sampling seed")
+
+
+@config
+class TrainSection:
+    """Optimisation, schedule, checkpoints and in-training evaluation (the seed's trainer)."""
+
+    max_steps: int = field(1000, doc="optimizer steps to train")
+    total_batch_size: int = field(-1, doc="global samples per optimizer step (-1: one micro-batch per rank)")
+    batch_size: int = field(8, doc="micro-batch per rank; accumulation fills total_batch_size")
+    lr: float = field(3e-4, doc="peak learning rate (AdamW)")
+    min_lr: float = field(1e-5, doc="final learning rate of the cosine decay")
+    warmup_steps: int = field(1000, doc="linear warm-up steps")
+    weight_decay: float = field(0.0, doc="AdamW weight decay")
+    adam_betas: tuple[float, float] = field((0.9, 0.95), doc="AdamW betas")
+    grad_clip_norm: float = field(1.0, doc="clip the global gradient norm to this value")
+    grad_spike_threshold: float = field(2.0, doc="skip a step whose grad norm exceeds this multiple of the running mean")
+    grad_spike_start_step: int = field(1000, doc="spike detection starts after this step")
+    ema_decay: float = field(0.999, doc="EMA decay per optimizer step (0 disables EMA)")
+    text_dropout: float = field(0.1, doc="probability of dropping a prompt (trains the unconditional branch for CFG)")
+    ckpt_every: int = field(2000, doc="save a checkpoint every N steps (and at the end)")
+    keep_last: int = field(3, doc="keep the last N checkpoints (0 keeps all)")
+    init_from: str | None = field(None, doc="checkpoint, run dir or hf:// source to initialise from")
+    init_load_plan: str = field(
+        "model:model,ema:ema,optimizer:optimizer,scheduler:scheduler,step:step",
+        doc="which parts of init_from to load into what, as source:target pairs",
+    )
+    log_every: int = field(20, doc="log metrics every N steps")
+    val_every: int = field(10_000, doc="validation loss every N steps (0 disables)")
+    val_num_samples: int = field(10_000, doc="samples in the validation set")
+    sample_every: int = field(2000, doc="in-training sample gallery every N steps (0 disables)")
+    sample_at_start: bool = field(False, doc="render a gallery before the first step")
+    profile_steps: tuple[int, ...] = field((), doc="steps to capture a profiler trace for")
+    gc_every: int = field(100, doc="run Python's garbage collector every N steps")
+
+
+@config
+class LoggingSection:
+    """Where metrics go."""
+
+    loggers: tuple[Spec, ...] = field(
+        factory=lambda: (Spec("console"), Spec("jsonl")), doc="logger components (kind: logger)"
+    )
+
+
+@config
+class Recipe:
+    """A whole recipe: what to run and every component it composes."""
+
+    model: ModelSection = field(doc="the networks")
+    job: Literal["train", "sample"] = field("train", doc="what `minfm run` does with this recipe")
+    run: RunSection = field(factory=RunSection, doc="run directory and seed")
+    flow: FlowSection = field(factory=FlowSection, doc="the flow-matching objective")
+    sample: SampleSection = field(factory=SampleSection, doc="inference settings")
+    data: Spec | None = field(None, doc="the dataset (kind: dataset)")
+    train: TrainSection = field(factory=TrainSection, doc="optimisation and checkpoints")
+    parallel: Spec = _spec("none", "parallelizer (kind: parallelizer)")
+    balancer: Spec = _spec("none", "sequence balancer (kind: balancer)")
+    logging: LoggingSection = field(factory=LoggingSection, doc="metric loggers")
+
+
+#: Recipe path -> component kind, for every component slot (loggers are listed per index).
+SLOTS: dict[str, str] = {
+    "model.denoiser": "denoiser",
+    "model.vae": "vae",
+    "model.text_encoder": "text_encoder",
+    "model.clip_encoder": "text_encoder",
+    "model.patchifier": "patchifier",
+    "model.attention": "attention",
+    "flow.path": "path",
+    "flow.time_sampler": "time_sampler",
+    "flow.time_warper": "time_warper",
+    "flow.time_weighter": "time_weighter",
+    "sample.sampler": "sampler",
+    "sample.guidance": "guidance",
+    "sample.time_warper": "time_warper",
+    "data": "dataset",
+    "parallel": "parallelizer",
+    "balancer": "balancer",
+}

@@ -1,0 +1,1 @@
+"""Built-in plugin 'flow' (being written)."""

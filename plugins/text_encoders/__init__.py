@@ -1,0 +1,1 @@
+"""Built-in plugin 'text_encoders' (being written)."""

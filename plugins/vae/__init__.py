@@ -1,0 +1,1 @@
+"""Built-in plugin 'vae' (being written)."""
