@@ -1,0 +1,1 @@
+"""The hub plugin: registers the hf:// source resolver and the `minfm hub` commands."""

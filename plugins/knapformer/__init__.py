@@ -1,0 +1,1 @@
+"""Built-in plugin 'knapformer' (being written)."""

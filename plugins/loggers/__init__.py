@@ -1,0 +1,1 @@
+"""Built-in plugin 'loggers' (being written)."""
