@@ -1,0 +1,115 @@
+"""Config classes of the flow-matching components (no torch here: loaded with the plugin)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+
+from minfm_core.config import config, field
+
+
+def _positive_ints(instance, attribute, value) -> None:
+    if value is None:
+        return
+    if len(value) != 3 or any(v < 1 for v in value):
+        raise ValueError(f"{attribute.name} must be three positive ints (frames, height, width), got {value!r}")
+
+
+@config
+class Patch3DConfig:
+    """Cut (C, F, H, W) latents into frames x height x width patches; mixed sizes per batch."""
+
+    patch_size: tuple[int, int, int] = field(
+        (1, 2, 2), doc="patch extent in latent cells as (frames, height, width)", validator=_positive_ints
+    )
+    vae_compression: tuple[int, int, int] | None = field(
+        None, doc="the VAE's (frames, height, width) compression; checked against the VAE when set",
+        validator=_positive_ints,
+    )
+
+
+@config
+class RectifiedConfig:
+    """Rectified flow: x_t = (1 - t) x0 + t eps, target v = eps - x0 (t = 0 clean, t = 1 noise)."""
+
+    compute_dtype: Literal["fp32", "bf16", "fp16"] = field("fp32", doc="dtype x_t and the target are computed in")
+
+
+@config
+class UniformTimeConfig:
+    """t ~ U(0, 1)."""
+
+
+@config
+class LogitNormalTimeConfig:
+    """t = sigmoid(mu + sigma * z), z ~ N(0, 1) (SD3's logit-normal sampling)."""
+
+    mu: float = field(0.0, doc="mean of the normal before the sigmoid (> 0 favours noisier t)")
+    sigma: float = field(1.0, doc="std of the normal before the sigmoid", validator=attrs.validators.gt(0))
+
+
+def _lens_differ(instance, attribute, value) -> None:
+    if value == instance.base_len:
+        raise ValueError(f"max_len must differ from base_len ({value})")
+
+
+@config
+class ResolutionShiftConfig:
+    """Shift t towards noise for larger images: mu linear in token count, t' = e^mu / (e^mu + 1/t - 1) (FLUX)."""
+
+    base_len: int = field(256, doc="token count at which the shift is base_shift", validator=attrs.validators.ge(1))
+    base_shift: float = field(0.5, doc="mu at base_len")
+    max_len: int = field(4096, doc="token count at which the shift is max_shift", validator=_lens_differ)
+    max_shift: float = field(1.15, doc="mu at max_len (extrapolated linearly beyond)")
+
+
+@config
+class NoWarpConfig:
+    """Identity: t is used as sampled."""
+
+
+@config
+class UniformWeightConfig:
+    """Every t weighs 1."""
+
+
+@config
+class LogitNormalWeightConfig:
+    """Weight the loss by the logit-normal pdf at t (its mean under t ~ U(0, 1) is 1)."""
+
+    mu: float = field(0.0, doc="mean of the normal before the sigmoid")
+    sigma: float = field(1.0, doc="std of the normal before the sigmoid", validator=attrs.validators.gt(0))
+
+
+@config
+class EulerConfig:
+    """First-order ODE solver: x <- x + (t_next - t) v (one velocity call per step)."""
+
+
+@config
+class HeunConfig:
+    """Second-order ODE solver (Heun's trapezoid predictor-corrector; two velocity calls per step)."""
+
+
+@config
+class DDIMSDEConfig:
+    """The seed's eta-controlled DDIM step: eta = 0 is deterministic DDIM (= Euler), eta = 1 stochastic."""
+
+    eta: float = field(1.0, doc="share of fresh noise injected per step (0: deterministic)", validator=attrs.validators.ge(0))
+
+
+@config
+class CFGConfig:
+    """Classifier-free guidance: v = v_u + s (v_c - v_u)."""
+
+    scale: float = field(5.0, doc="guidance scale s (1: conditional only, no unconditional pass)",
+                         validator=attrs.validators.ge(0))
+
+
+@config
+class EPCFGConfig:
+    """Energy-preserving CFG: CFG rescaled per sample to the conditional velocity's energy (arXiv 2412.09966)."""
+
+    scale: float = field(5.0, doc="guidance scale s (1: conditional only, no unconditional pass)",
+                         validator=attrs.validators.ge(0))

@@ -1,0 +1,41 @@
+"""Shared fixtures: run the real `minfm` CLI in a subprocess, toy registries."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PLUGIN_DISTS = Path(__file__).resolve().parent / "plugin_dists"
+
+
+def run_minfm(*args: str, env: dict | None = None, cwd: str | Path | None = None, timeout: float = 300):
+    """Run ``python -m minfm_core.cli.main ARGS`` and return the CompletedProcess."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "minfm_core.cli.main", *args],
+        capture_output=True, text=True, env=full_env, cwd=cwd or ROOT, timeout=timeout,
+    )
+
+
+@pytest.fixture
+def minfm():
+    return run_minfm
+
+
+@pytest.fixture
+def toy_registry():
+    from toy_components import toy_registry as make
+
+    return make()
+
+
+@pytest.fixture
+def example_plugin_env():
+    """Environment that makes the third-party test plugins importable (their dist-info included)."""
+    path = os.pathsep.join([str(PLUGIN_DISTS), os.environ.get("PYTHONPATH", "")])
+    return {"PYTHONPATH": path}

@@ -1,0 +1,113 @@
+"""Plugin loading: entry points, third-party distributions, failures, blocking, typos."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from minfm_core import config, field, hookimpl
+from minfm_core.errors import PluginError
+from minfm_core.plugins import load_plugins, plugin
+from minfm_core.registry import Registry, get_registry
+
+
+def test_third_party_plugin_is_listed_with_fields(minfm, example_plugin_env):
+    res = minfm("plugins", "--json", env=example_plugin_env)
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert {"name": "example", "origin": "minfm_example_plugin"} in info["plugins"]
+    (beta,) = [c for c in info["kinds"]["time_sampler"] if c["name"] == "beta"]
+    assert beta["plugin"] == "example"
+    assert beta["doc"] == "Beta(a, b) time sampling."
+    assert beta["fields"][0] == {"name": "a", "type": "float", "default": 2.0, "required": False, "doc": "first shape parameter"}
+
+
+def test_broken_plugin_is_reported_and_skipped(minfm, example_plugin_env):
+    res = minfm("plugins", "--json", env=example_plugin_env)
+    assert res.returncode == 0
+    info = json.loads(res.stdout)
+    assert info["failed"] == [{"name": "broken", "error": "RuntimeError: this plugin is broken on purpose"}]
+    assert "plugin 'broken' (minfm_broken_plugin) failed to import and was skipped" in res.stderr
+    assert "Traceback" not in res.stderr
+    # The others still load.
+    assert any(p["name"] == "example" for p in info["plugins"])
+
+
+def test_disable_plugins_env(minfm, example_plugin_env):
+    env = {**example_plugin_env, "MINFM_DISABLE_PLUGINS": "example, broken"}
+    info = json.loads(minfm("plugins", "--json", env=env).stdout)
+    names = {p["name"] for p in info["plugins"]}
+    assert "example" not in names and info["failed"] == []
+    assert all(c["name"] != "beta" for c in info["kinds"]["time_sampler"])
+
+
+def test_human_listing_mentions_fields(minfm, example_plugin_env):
+    out = minfm("plugins", env=example_plugin_env).stdout
+    assert "beta" in out and "a: float = 2.0  # first shape parameter" in out
+
+
+def test_recipe_uses_third_party_component(toy_registry, monkeypatch):
+    """The example plugin's hook fills a registry and a recipe selects and builds its sampler."""
+    import sys
+
+    from conftest import PLUGIN_DISTS
+    from minfm_core.recipe import resolve_recipe
+
+    monkeypatch.syspath_prepend(str(PLUGIN_DISTS))
+    import minfm_example_plugin
+
+    minfm_example_plugin.register_time_samplers(register=toy_registry.registrar("time_sampler", "example"))
+    raw = {"model": {"denoiser": "flux"}, "flow": {"time_sampler": {"name": "beta", "a": 5.0}}}
+    resolved = resolve_recipe(raw, registry=toy_registry)
+    sampler = resolved.build("flow.time_sampler")
+    t = sampler(1000)
+    assert t.shape == (1000,) and 0 < float(t.min()) and float(t.max()) < 1
+    assert abs(float(t.mean()) - 5 / 7) < 0.03  # Beta(5, 2) mean
+    sys.modules.pop("minfm_example_plugin", None)
+
+
+def test_duplicate_names_name_both_plugins():
+    reg = Registry()
+    reg.registrar("time_sampler", "first")("dup", lambda cfg: None)
+    with pytest.raises(PluginError) as info:
+        reg.registrar("time_sampler", "second")("dup", lambda cfg: None)
+    assert str(info.value) == (
+        "time_sampler 'dup' is registered by both plugin 'first' and plugin 'second'; "
+        "disable one with MINFM_DISABLE_PLUGINS"
+    )
+
+
+def test_config_must_be_attrs():
+    with pytest.raises(PluginError, match="must be an attrs class"):
+        Registry().registrar("path", "p")("x", lambda cfg: None, dict)
+
+
+class _Typo:
+    @hookimpl
+    def register_time_sampler(self, register):  # missing "s": not a hook
+        register("never", lambda cfg: None)
+
+
+def test_hook_typo_is_caught_and_plugin_skipped():
+    with plugin(_Typo(), "typo") as state:
+        assert state.failures["typo"] == "unknown hook 'register_time_sampler' (did you mean 'register_time_samplers'?)"
+        assert "never" not in get_registry().names("time_sampler")
+    assert "typo" not in load_plugins().failures
+
+
+def test_plugin_loading_is_fast(minfm):
+    """Plugin modules import no heavy package: loading all of them stays well under a second."""
+    code = (
+        "import sys, time; t = time.perf_counter();"
+        "from minfm_core.plugins import load_plugins; load_plugins();"
+        "dt = time.perf_counter() - t;"
+        "heavy = [m for m in ('torch', 'transformers', 'diffusers', 'gradio') if m in sys.modules];"
+        "print(dt, heavy)"
+    )
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split(" ", 1)
+    assert float(out[0]) < 1.0
+    assert out[1].strip() == "[]"

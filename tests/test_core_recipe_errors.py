@@ -1,0 +1,165 @@
+"""Golden tests: the exact text of recipe errors (contract: users and docs rely on it)."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from minfm_core.errors import RecipeError
+from minfm_core.recipe import load_recipe_dict, resolve_recipe
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def problems(raw, registry):
+    with pytest.raises(RecipeError) as info:
+        resolve_recipe(raw, source="r.toml", registry=registry)
+    return info.value.problems
+
+
+def test_unknown_key_with_suggestion(toy_registry):
+    raw = {"model": {"denoiser": {"name": "flux", "d_hed": 64}}}
+    assert problems(raw, toy_registry) == ["model.denoiser: unknown key 'd_hed' (did you mean 'd_head'?)"]
+
+
+def test_unknown_section_key(toy_registry):
+    raw = {"model": {"denoiser": "flux"}, "train": {"max_step": 5}}
+    assert problems(raw, toy_registry) == ["train: unknown key 'max_step' (did you mean 'max_steps'?)"]
+
+
+def test_wrong_type(toy_registry):
+    raw = {"model": {"denoiser": {"name": "flux", "d_head": "sixty-four"}}}
+    assert problems(raw, toy_registry) == ["model.denoiser.d_head: expected int, got 'sixty-four'"]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (1.5, "train.max_steps: expected int, got 1.5"),
+        (True, "train.max_steps: expected int, got True"),
+        ("100", "train.max_steps: expected int, got '100'"),
+    ],
+)
+def test_ints_are_strict(toy_registry, value, message):
+    raw = {"model": {"denoiser": "flux"}, "train": {"max_steps": value}}
+    assert problems(raw, toy_registry) == [message]
+
+
+def test_literal_choice(toy_registry):
+    raw = {"model": {"denoiser": {"name": "flux", "act": "gelo"}}}
+    assert problems(raw, toy_registry) == [
+        "model.denoiser.act: expected one of 'gelu', 'silu', got 'gelo' (did you mean 'gelu'?)"
+    ]
+
+
+def test_validator_message_is_kept(toy_registry):
+    raw = {"model": {"denoiser": "flux"}, "flow": {"time_sampler": {"name": "logit_normal", "sigma": -1.0}}}
+    (msg,) = problems(raw, toy_registry)
+    assert msg.startswith("flow.time_sampler: 'sigma' must be > 0: -1.0")
+
+
+def test_unknown_component(toy_registry):
+    raw = {"model": {"denoiser": "flux"}, "flow": {"time_sampler": {"name": "logit_norml"}}}
+    assert problems(raw, toy_registry) == [
+        "flow.time_sampler.name: unknown time_sampler 'logit_norml' (did you mean 'logit_normal'?); "
+        "installed: logit_normal, uniform"
+    ]
+
+
+def test_missing_required_section(toy_registry):
+    assert problems({}, toy_registry) == ["model: missing required key"]
+
+
+def test_component_table_without_name(toy_registry):
+    raw = {"model": {"denoiser": {"d_head": 64}}}
+    assert problems(raw, toy_registry) == [
+        "model.denoiser: component table has no 'name' key (the registry name of the component)"
+    ]
+
+
+def test_all_problems_reported_together(toy_registry):
+    raw = {
+        "model": {"denoiser": {"name": "flux", "d_head": "x"}, "vae": {"name": "identity", "chans": 3}},
+        "flow": {"time_sampler": "nope"},
+    }
+    assert len(problems(raw, toy_registry)) == 3
+
+
+def test_cross_check_d_img(toy_registry):
+    raw = {"model": {"denoiser": {"name": "flux", "d_img": 48}}}
+    assert problems(raw, toy_registry) == [
+        "model.denoiser.d_img: 48 does not match the VAE's 16 latent channels x patch (1, 2, 2) = 64"
+    ]
+
+
+def test_cross_check_rope_axes(toy_registry):
+    raw = {"model": {"denoiser": {"name": "flux", "rope_axes": [8, 28, 20]}}}
+    assert problems(raw, toy_registry) == ["model.denoiser.rope_axes: sum 56 must equal d_head = 64"]
+
+
+def test_cross_check_world_size(toy_registry):
+    raw = {"model": {"denoiser": "flux"}, "parallel": {"name": "fsdp2", "shard_size": 4}}
+    with pytest.raises(RecipeError) as info:
+        resolve_recipe(raw, registry=toy_registry, world_size=6)
+    assert info.value.problems == ["parallel.shard_size: world size 6 is not divisible by shard_size 4"]
+    resolve_recipe(raw, registry=toy_registry, world_size=8)
+
+
+def test_bad_set_syntax():
+    with pytest.raises(RecipeError) as info:
+        load_recipe_dict_from_text("", ["train.max_steps"])
+    assert str(info.value) == "--set 'train.max_steps': expected KEY=VALUE with a dotted key, e.g. train.max_steps=100"
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(RecipeError) as info:
+        load_recipe_dict(tmp_path / "nope.toml")
+    assert str(info.value) == f"recipe file not found: {tmp_path / 'nope.toml'}"
+
+
+def test_missing_extended_file(tmp_path):
+    write(tmp_path, "a.toml", 'extends = "base.toml"\n')
+    with pytest.raises(RecipeError) as info:
+        load_recipe_dict(tmp_path / "a.toml")
+    assert str(info.value) == f"recipe file not found: {tmp_path / 'base.toml'} (extended from {tmp_path / 'a.toml'})"
+
+
+def test_circular_extends(tmp_path):
+    write(tmp_path, "a.toml", 'extends = "b.toml"\n')
+    write(tmp_path, "b.toml", 'extends = "c.toml"\n')
+    write(tmp_path, "c.toml", 'extends = "a.toml"\n')
+    with pytest.raises(RecipeError) as info:
+        load_recipe_dict(tmp_path / "a.toml")
+    assert str(info.value) == f"{tmp_path / 'a.toml'}: circular extends: a.toml -> b.toml -> c.toml -> a.toml"
+
+
+def test_invalid_toml(tmp_path):
+    write(tmp_path, "bad.toml", "[model\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe_dict(tmp_path / "bad.toml")
+    assert str(info.value).startswith(f"{tmp_path / 'bad.toml'}: invalid TOML: ")
+
+
+def test_unset_env_var(tmp_path, monkeypatch):
+    monkeypatch.delenv("MINFM_TEST_UNSET", raising=False)
+    write(tmp_path, "r.toml", '[run]\nexp_dir = "${MINFM_TEST_UNSET}/x"\n')
+    with pytest.raises(RecipeError) as info:
+        load_recipe_dict(tmp_path / "r.toml")
+    assert str(info.value) == (
+        "run.exp_dir: environment variable MINFM_TEST_UNSET is not set (or write ${MINFM_TEST_UNSET:-default})"
+    )
+
+
+def load_recipe_dict_from_text(text, overrides, tmp=None):
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "r.toml"
+        p.write_text(text)
+        return load_recipe_dict(p, overrides)
