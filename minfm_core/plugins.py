@@ -78,7 +78,7 @@ def _checkout_entry_points() -> list[tuple[str, str]]:
 
     table = tomllib.loads(pyproject.read_text())["project"].get("entry-points", {}).get(GROUP, {})
     if not any(isinstance(f, _CheckoutFinder) for f in sys.meta_path):
-        sys.meta_path.append(_CheckoutFinder())
+        sys.meta_path.append(_CheckoutFinder())  # last: an installed copy always wins
     return list(table.items())
 
 

@@ -111,3 +111,45 @@ def test_plugin_loading_is_fast(minfm):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split(" ", 1)
     assert float(out[0]) < 1.0
     assert out[1].strip() == "[]"
+
+
+def test_uninstalled_checkout_registers_builtins_by_module_name(tmp_path):
+    """From a checkout that was never pip-installed, the built-ins still load (same list)."""
+    import os
+    import shutil
+    import site
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    checkout = tmp_path / "checkout"
+    for part in ("minfm_core", "plugins", "hub", "apps"):
+        shutil.copytree(ROOT / part, checkout / part, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", checkout / "pyproject.toml")
+    # A site-packages view without minFM's own installation (its dist-info and editable hooks).
+    deps = tmp_path / "deps"
+    deps.mkdir()
+    for sp in site.getsitepackages():
+        for entry in os.listdir(sp):
+            if entry.startswith(("minfm", "__editable__")) or entry.endswith(".pth") or (deps / entry).exists():
+                continue
+            (deps / entry).symlink_to(os.path.join(sp, entry))
+    code = (
+        "import json; from minfm_core.plugins import load_plugins; s = load_plugins();"
+        "print(json.dumps(sorted(s.origins)))"
+    )
+    res = subprocess.run(
+        [sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=tmp_path,
+        env={"PYTHONPATH": f"{checkout}{os.pathsep}{deps}", "PATH": os.environ["PATH"]},
+    )
+    assert res.returncode == 0, res.stderr
+    expected = sorted(PYPROJECT_EPS())
+    assert json.loads(res.stdout) == expected
+
+
+def PYPROJECT_EPS():
+    from conftest import ROOT
+    from minfm_core.recipe.toml import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["minfm"]
