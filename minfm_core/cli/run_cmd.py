@@ -24,6 +24,55 @@ def register(sub) -> None:
         p.set_defaults(func=run, job=None if name == "run" else name)
 
 
+    p = sub.add_parser("sample", help="sample images from a run, checkpoint or hf:// model")
+    p.add_argument("source", help="run dir, checkpoint dir, exported folder, or hf://org/name[@rev]")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompt-file", help="text file, one prompt per line")
+    p.add_argument("--out", help="output folder (default: <source>/samples_cli)")
+    p.add_argument("--seed", type=int, help="base seed (image k of prompt i uses seed + i * n + k)")
+    p.add_argument("--steps", type=int, help="solver steps")
+    p.add_argument("--cfg", type=float, help="guidance scale")
+    p.add_argument("--size", help="HEIGHTxWIDTH, e.g. 256x256")
+    p.add_argument("--n", type=int, help="samples per prompt")
+    p.add_argument("--npz", action="store_true", help="also write samples.npz (ADM evaluation layout)")
+    p.add_argument("--no-ema", action="store_true", help="use raw weights even when EMA weights exist")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value of the model's recipe")
+    p.add_argument("--nproc-per-node", type=int, default=1, metavar="N", help="processes on this host")
+    p.set_defaults(func=sample)
+
+    p = sub.add_parser("serve", help="browse a run's galleries on a loopback web server")
+    p.add_argument("exp_dir", help="run directory")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=serve)
+
+
+def sample(args) -> int:
+    if args.nproc_per_node < 1:
+        raise MinfmError(f"--nproc-per-node: expected a positive integer, got {args.nproc_per_node}")
+    if args.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
+        return relaunch(args.nproc_per_node, strip_nproc(sys.argv[1:]))
+    from ..engine.sample import sample_cli
+
+    return sample_cli(args)
+
+
+def serve(args) -> int:
+    import functools
+    import http.server
+    from pathlib import Path
+
+    root = Path(args.exp_dir)
+    if not root.is_dir():
+        raise MinfmError(f"{args.exp_dir}: no such run directory")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    with http.server.ThreadingHTTPServer((args.host, args.port), handler) as httpd:
+        print(f"minfm: serving {root} at http://{args.host}:{httpd.server_address[1]}/samples/", flush=True)
+        httpd.serve_forever()
+    return 0
+
+
 def relaunch(nproc: int, argv: list[str]) -> int:
     """Run ``minfm <argv>`` under torch.distributed.run with ``nproc`` local processes."""
     cmd = [

@@ -1,0 +1,49 @@
+"""Exponential moving average of the trainable parameters.
+
+The EMA tensors are clones of the parameters, so under FSDP2 they are DTensors with
+the same sharding: no rank ever holds a gathered copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+
+class EMA:
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        params = dict(model.named_parameters())
+        self.shadow = {n: params[n].detach().clone().float() for n in self.names}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        params = dict(model.named_parameters())
+        shadow = [self.shadow[n] for n in self.names]
+        current = [params[n].detach().float() for n in self.names]
+        torch._foreach_lerp_(shadow, current, 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.shadow)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for n in self.names:
+            self.shadow[n].copy_(state[n])
+
+    @contextlib.contextmanager
+    def swapped_in(self, model: torch.nn.Module) -> Iterator[None]:
+        """Temporarily run ``model`` with the EMA weights (for in-training samples)."""
+        params = dict(model.named_parameters())
+        backup = {n: params[n].detach().clone() for n in self.names}
+        with torch.no_grad():
+            for n in self.names:
+                params[n].copy_(self.shadow[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n in self.names:
+                    params[n].copy_(backup[n])

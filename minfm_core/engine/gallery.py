@@ -1,0 +1,81 @@
+"""HTML galleries: in-training samples (raw and EMA weights) and sampling runs."""
+
+from __future__ import annotations
+
+import html
+import json
+from contextlib import nullcontext
+from pathlib import Path
+
+from .generate import generate, grid, to_pil
+
+
+def gallery_prompts(recipe) -> list[str]:
+    s = recipe.sample
+    if s.prompts:
+        return list(s.prompts)
+    if s.prompt_file:
+        from .sample import read_prompt_file
+
+        return read_prompt_file(s.prompt_file)[:16]
+    return ["" for _ in range(4)]
+
+
+def training_gallery(trainer) -> None:
+    """Sample the gallery prompts with raw and EMA weights; rank 0 writes the pictures."""
+    recipe, rt = trainer.recipe, trainer.rt
+    s = recipe.sample
+    prompts = gallery_prompts(recipe)
+    per = max(1, min(s.samples_per_prompt, 4))
+    all_prompts = [p for p in prompts for _ in range(per)]
+    seeds = [s.seed + i for i in range(len(all_prompts))]
+    sizes = [tuple(s.size)] * len(all_prompts)
+    out = Path(recipe.run.exp_dir) / "samples" / f"step_{trainer.step:08d}"
+    variants = [("raw", None)] + ([("ema", trainer.ema)] if trainer.ema is not None else [])
+    for name, ema in variants:
+        ctx = ema.swapped_in(trainer.model) if ema is not None else nullcontext()
+        with ctx:
+            images = []
+            for i in range(0, len(all_prompts), s.batch_size):
+                images += generate(trainer.pipe, all_prompts[i : i + s.batch_size], sizes=sizes[i : i + s.batch_size],
+                                   seeds=seeds[i : i + s.batch_size], steps=s.steps, neg_prompt=s.neg_prompt,
+                                   distilled_guidance=s.distilled_guidance)
+        if rt.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            pil = [to_pil(im) for im in images]
+            grid(pil, cols=per * min(len(prompts), 4) if per > 1 else min(len(pil), 8)).save(out / f"{name}.png")
+            (out / "prompts.json").write_text(json.dumps(all_prompts, indent=1))
+            for lg in trainer.loggers:
+                lg.log_images(trainer.step, f"samples/{name}", pil, all_prompts)
+    trainer.model.train()
+    if rt.is_main:
+        write_training_index(Path(recipe.run.exp_dir) / "samples")
+
+
+def write_training_index(root: Path) -> None:
+    steps = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")), reverse=True)
+    parts = ["<!doctype html><meta charset=utf-8><title>minFM samples</title>",
+             "<style>body{font-family:sans-serif;margin:2em}img{image-rendering:pixelated;max-width:100%}"
+             "figure{display:inline-block;margin:0 1em 1em 0}</style><h1>Samples during training</h1>"]
+    for d in steps:
+        prompts = json.loads((d / "prompts.json").read_text()) if (d / "prompts.json").exists() else []
+        parts.append(f"<h2>{html.escape(d.name)}</h2>")
+        for name in ("raw", "ema"):
+            if (d / f"{name}.png").exists():
+                parts.append(f"<figure><img src='{d.name}/{name}.png' width=512><figcaption>{name} weights</figcaption></figure>")
+        if prompts:
+            parts.append("<p>" + html.escape(" | ".join(dict.fromkeys(prompts))) + "</p>")
+    (root / "index.html").write_text("\n".join(parts))
+
+
+def write_sample_index(out: Path, records: list[dict]) -> None:
+    rows = "\n".join(
+        f"<figure><img src='{html.escape(r['path'])}' width=256><figcaption>{html.escape(r['prompt'])}"
+        f"<br><small>seed {r['seed']}</small></figcaption></figure>"
+        for r in records
+    )
+    (out / "index.html").write_text(
+        "<!doctype html><meta charset=utf-8><title>minFM samples</title>"
+        "<style>body{font-family:sans-serif;margin:2em}figure{display:inline-block;width:256px;margin:0 1em 1em 0;"
+        "vertical-align:top}img{image-rendering:pixelated}</style><h1>Samples</h1>\n" + rows
+    )

@@ -1,0 +1,185 @@
+"""The model side of a run: frozen operators, the denoiser, and how a batch becomes tokens.
+
+``Pipeline`` holds every built component of a recipe. Training and sampling both go
+through it, so a sample drawn in training and one drawn by ``minfm sample`` are made
+by the same code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import packing
+from ..errors import MinfmError
+
+
+@dataclass
+class TextBatch:
+    txt: Tensor  # (L_txt, d_txt) packed
+    txt_lens: Tensor  # (n,)
+    vec: Tensor | None  # (n, d_vec)
+
+
+@dataclass
+class Pipeline:
+    """Built components of a recipe (frozen ones in eval mode, no grad)."""
+
+    denoiser: torch.nn.Module
+    vae: Any
+    patchifier: Any
+    text_encoder: Any
+    clip_encoder: Any
+    path: Any
+    time_sampler: Any
+    time_warper: Any
+    time_weighter: Any
+    sampler: Any
+    guidance: Any
+    sample_warper: Any
+    device: torch.device
+    resolved: Any = field(repr=False, default=None)
+
+    # ---- frozen operators -------------------------------------------------------
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> TextBatch:
+        if self.text_encoder is None:
+            raise MinfmError("model.text_encoder: the denoiser needs a text encoder")
+        txt, lens = self.text_encoder(prompts)
+        vec = self.clip_encoder(prompts) if self.clip_encoder is not None else None
+        return TextBatch(
+            txt.to(self.device, torch.float32), lens.to(self.device), None if vec is None else vec.to(self.device, torch.float32)
+        )
+
+    @torch.no_grad()
+    def encode_images(self, samples: list[dict]) -> list[Tensor]:
+        """Latents for a list of samples (cached ``latent`` entries pass straight through)."""
+        out: list[Tensor | None] = [s.get("latent") for s in samples]
+        todo = [i for i, x in enumerate(out) if x is None]
+        if todo:
+            images = [samples[i]["image"].to(self.device) for i in todo]
+            for i, lat in zip(todo, self.vae.encode(images)):
+                out[i] = lat
+        return [x.to(self.device, torch.float32) for x in out]  # type: ignore[union-attr]
+
+    def latent_shape(self, size: tuple[int, int, int]) -> tuple[int, int, int, int]:
+        """(C, F, h, w) of the latent for an image of (frames, height, width)."""
+        cfg = self.resolved.config("model.vae")
+        c = cfg.latent_channels
+        cf, ch, cw = cfg.compression
+        f, h, w = size
+        # Video VAEs keep the first frame: 1 + (F - 1) / cf latent frames.
+        lf = 1 + (f - 1) // cf if cf > 1 else f
+        if h % ch or w % cw:
+            raise MinfmError(f"size {h}x{w}: height and width must be multiples of the VAE's {ch}x{cw} compression")
+        return c, lf, h // ch, w // cw
+
+    # ---- denoiser calls ---------------------------------------------------------
+    def velocity(self, x: Tensor, pos: Tensor, lens: Tensor, text: TextBatch, t: Tensor, guidance: Tensor | None = None):
+        return self.denoiser(x, pos, lens, text.txt, text.txt_lens, t, vec=text.vec, guidance=guidance)
+
+
+def build_pipeline(resolved, device: torch.device, *, load_weights: bool = True, denoiser: torch.nn.Module | None = None) -> Pipeline:
+    """Build every component of a resolved recipe on ``device``."""
+
+    def frozen(path: str):
+        slot = resolved.get(path)
+        if slot is None:
+            return None
+        module = slot.build(load_weights=load_weights)
+        if isinstance(module, torch.nn.Module):
+            module = module.to(device).eval().requires_grad_(False)
+        return module
+
+    def plain(path: str):
+        slot = resolved.get(path)
+        return None if slot is None else slot.build()
+
+    if denoiser is None:
+        attention = resolved.build("model.attention")
+        denoiser = resolved["model.denoiser"].build(load_weights=load_weights, attention=attention).to(device)
+    flow_warper = plain("flow.time_warper")
+    sample_warper = plain("sample.time_warper") if resolved.get("sample.time_warper") else flow_warper
+    return Pipeline(
+        denoiser=denoiser,
+        vae=frozen("model.vae"),
+        patchifier=plain("model.patchifier"),
+        text_encoder=frozen("model.text_encoder"),
+        clip_encoder=frozen("model.clip_encoder"),
+        path=plain("flow.path"),
+        time_sampler=plain("flow.time_sampler"),
+        time_warper=flow_warper,
+        time_weighter=plain("flow.time_weighter"),
+        sampler=plain("sample.sampler"),
+        guidance=plain("sample.guidance"),
+        sample_warper=sample_warper,
+        device=device,
+        resolved=resolved,
+    )
+
+
+@dataclass
+class TrainInputs:
+    """One micro-batch, ready for the denoiser."""
+
+    x_t: Tensor
+    pos: Tensor
+    lens: Tensor
+    target: Tensor
+    t: Tensor
+    weight: Tensor
+    text: TextBatch
+    n_tokens: int
+
+
+def prepare_batch(
+    p: Pipeline,
+    samples: list[dict],
+    generator: torch.Generator,
+    text_dropout: float,
+    t: Tensor | None = None,
+    noise_seeds: list[int] | None = None,
+) -> TrainInputs:
+    """Frozen ops -> patchify -> time sampling and warping -> noising, for one micro-batch.
+
+    All randomness comes from ``generator`` (a CPU generator owned by the trainer), so
+    a resumed run draws exactly what an uninterrupted one would.
+    """
+    n = len(samples)
+    prompts = [s["prompt"] for s in samples]
+    drop = torch.rand(n, generator=generator) < text_dropout
+    prompts = ["" if d else pr for pr, d in zip(prompts, drop.tolist())]
+    text = p.encode_text(prompts)
+    patched = p.patchifier.patchify(p.encode_images(samples))
+    x0 = patched.tokens.to(p.device, torch.float32)
+    lens = patched.lens.to(p.device)
+    if t is None:  # fixed t (validation) is used as given, unwarped
+        t = p.time_sampler(n, generator=generator).to(p.device)
+        t = p.time_warper(t, lens) if p.time_warper is not None else t
+    t = t.to(p.device, torch.float32)
+    if noise_seeds is None:
+        eps = torch.randn(x0.shape, generator=generator)
+    else:  # per-sample noise, independent of how samples are batched (validation)
+        eps = torch.cat([
+            torch.randn((int(l), x0.shape[1]), generator=torch.Generator().manual_seed(s))
+            for l, s in zip(lens.tolist(), noise_seeds)
+        ])
+    eps = eps.to(p.device)
+    t_tok = packing.expand_per_token(t, lens).unsqueeze(-1)
+    x_t = p.path.noise(x0, eps, t_tok)
+    target = p.path.target(x0, eps)
+    weight = p.time_weighter(t) if p.time_weighter is not None else torch.ones_like(t)
+    return TrainInputs(
+        x_t=x_t, pos=patched.pos.to(p.device), lens=lens, target=target, t=t, weight=weight, text=text,
+        n_tokens=int(lens.sum()) + int(text.txt_lens.sum()),
+    )
+
+
+def per_sample_loss(p: Pipeline, batch: TrainInputs) -> Tensor:
+    """Per-sample mean squared velocity error ``(n,)`` (unweighted)."""
+    v = p.velocity(batch.x_t, batch.pos, batch.lens, batch.text, batch.t)
+    err = (v.float() - batch.target.float()).pow(2).mean(-1)
+    return packing.segment_mean(err, batch.lens)

@@ -1,0 +1,71 @@
+"""Process-level set-up: device, process group, seeding.
+
+Every run has a process group, even a single process (gloo, world size 1): the
+checkpoint and parallel code then has one path, and a checkpoint written by one
+process loads on many and back (DCP resharding).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(choice: str, local_rank: int) -> torch.device:
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank)
+
+
+def init_runtime(device: str = "auto") -> Runtime:
+    """Initialise torch.distributed from torchrun's environment (or as a world of one)."""
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        if world == 1 and "MASTER_ADDR" not in os.environ:
+            # A private file store: no port to collide with another run on this host.
+            store = tempfile.mktemp(prefix="minfm-pg-")
+            dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
+        else:
+            dist.init_process_group(backend, rank=rank, world_size=world)
+    return Runtime(rank, world, local_rank, dev)
+
+
+def shutdown_runtime() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rank_seed(seed: int, rank: int, stream: int = 0) -> int:
+    """Distinct, reproducible seeds per (rank, stream) derived from one run seed."""
+    return int(np.random.SeedSequence([seed, rank, stream]).generate_state(1)[0])
+

@@ -1,0 +1,319 @@
+"""The trainer: frozen ops -> path -> denoiser -> weighted per-sample loss -> AdamW.
+
+    minfm run recipes/quickstart.toml                       # one process
+    minfm run recipes/quickstart.toml --nproc-per-node 2    # two, gloo on CPU / NCCL on GPU
+
+Gradient accumulation fills ``train.total_batch_size`` (global, over all ranks);
+non-finite or spiking gradient norms skip the step (weights and EMA untouched);
+checkpoints are DCP, asynchronous and atomic; a run resumes from its latest complete
+checkpoint automatically.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+import torch
+import torch.distributed as dist
+
+from .. import checkpoint as ckpt_mod
+from ..data_loader import BatchIterator
+from ..errors import MinfmError, RecipeError
+from ..schedule import lr_at
+from ..sources import resolve_source
+from .ema import EMA
+from .pipeline import build_pipeline, per_sample_loss, prepare_batch
+from .runtime import Runtime, init_runtime, rank_seed, seed_everything, shutdown_runtime
+
+
+def accumulation_steps(total_batch_size: int, batch_size: int, world_size: int) -> int:
+    per_step = batch_size * world_size
+    if total_batch_size == -1:
+        return 1
+    if total_batch_size <= 0 or total_batch_size % per_step:
+        raise RecipeError(
+            f"train.total_batch_size: {total_batch_size} is not a positive multiple of "
+            f"train.batch_size x world size = {batch_size} x {world_size} = {per_step}"
+        )
+    return total_batch_size // per_step
+
+
+def _all_mean(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.AVG if x.device.type == "cuda" else dist.ReduceOp.SUM)
+        if x.device.type != "cuda":
+            x /= dist.get_world_size()
+    return x
+
+
+def _full(x: torch.Tensor) -> torch.Tensor:
+    return x.full_tensor() if hasattr(x, "full_tensor") else x
+
+
+class Trainer:
+    def __init__(self, resolved, rt: Runtime):
+        self.resolved = resolved
+        self.recipe = resolved.recipe
+        self.cfg = resolved.recipe.train
+        self.rt = rt
+        self.exp_dir = Path(self.recipe.run.exp_dir)
+        self.accum = accumulation_steps(self.cfg.total_batch_size, self.cfg.batch_size, rt.world_size)
+        if self.recipe.data is None:
+            raise RecipeError("data: a train job needs a [data] table (e.g. name = \"shapes\")")
+        self.recipe_text = tomli_w.dumps(resolved.to_dict())
+        if rt.is_main:
+            self.exp_dir.mkdir(parents=True, exist_ok=True)
+            (self.exp_dir / "recipe.toml").write_text(self.recipe_text)
+
+        seed_everything(self.recipe.run.seed)  # identical initial weights on every rank
+        self.pipe = build_pipeline(resolved, rt.device)
+        parallel = resolved.build("parallel")
+        self.pipe.denoiser = parallel.parallelize(self.pipe.denoiser, world_size=rt.world_size, device=rt.device)
+        self.model = self.pipe.denoiser
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=self.cfg.lr, betas=tuple(self.cfg.adam_betas), weight_decay=self.cfg.weight_decay,
+            fused=rt.device.type == "cuda" or None,
+        )
+        self.ema = EMA(self.model, self.cfg.ema_decay) if self.cfg.ema_decay > 0 else None
+        self.dataset = resolved.build("data", split="train")
+        self.batches = BatchIterator(
+            self.dataset, self.cfg.batch_size, rank=rt.rank, world_size=rt.world_size, seed=self.recipe.run.seed
+        )
+        self.generator = torch.Generator().manual_seed(rank_seed(self.recipe.run.seed, rt.rank))
+        self.step = 0
+        self.norm_mean: float | None = None  # running mean of accepted grad norms (spike detection)
+        self.checkpointer = ckpt_mod.Checkpointer(
+            self.exp_dir, keep_last=self.cfg.keep_last, recipe_text=self.recipe_text
+        )
+        self.loggers = [
+            slot.build(run_dir=str(self.exp_dir), rank=rt.rank, recipe=resolved.to_dict())
+            for path, slot in resolved.slots.items() if path.startswith("logging.loggers")
+        ]
+        for lg in self.loggers:
+            if hasattr(lg, "set_total"):
+                lg.set_total(self.cfg.max_steps)
+        self.n_params = sum(p.numel() for p in self.params)
+        self._resume_or_init()
+
+    # ---- state ------------------------------------------------------------------
+    def app_state(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {
+            "model": model_sd,
+            "optimizer": optim_sd,
+            "scheduler": {"step": torch.tensor(self.step), "lr": torch.tensor(self.cfg.lr)},
+            "step": torch.tensor(self.step),
+            "trainer": {"norm_mean": torch.tensor(float("nan") if self.norm_mean is None else self.norm_mean)},
+        }
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
+
+    def save(self) -> None:
+        extras = {"generator": self.generator.get_state()}
+        meta = {"data": json.dumps(self.batches.state_dict()), "step": str(self.step), "world_size": str(self.rt.world_size)}
+        self.checkpointer.save(self.step, self.app_state(), extras, meta)
+
+    def _load(self, ckpt: Path, plan: dict[str, str], *, exact: bool) -> None:
+        """Load parts of ``ckpt`` per ``plan`` ({target: source}); one DCP read per part."""
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        for target, source in plan.items():
+            if not ckpt_mod.has_part(ckpt, source):
+                raise MinfmError(f"{ckpt}: has no {source!r} to load (train.init_load_plan)")
+            state = self.app_state()
+            if target in ("model", "ema"):
+                if target == "ema" and self.ema is None:
+                    raise MinfmError("train.init_load_plan: this run keeps no EMA (train.ema_decay = 0)")
+                base = state[target]
+                # EMA holds trainable parameters only: loading from it leaves buffers as they are.
+                box = {source: {k: v for k, v in base.items() if source == "model" or k in trainable}}
+                ckpt_mod.load_state(ckpt, box)
+                if target == "model":
+                    set_model_state_dict(self.model, {**base, **box[source]})
+                else:
+                    self.ema.load_state_dict(box[source])
+            elif target == "optimizer":
+                box = {"optimizer": state["optimizer"]}
+                ckpt_mod.load_state(ckpt, box)
+                set_optimizer_state_dict(self.model, self.optimizer, box["optimizer"])
+            elif target == "scheduler":
+                ckpt_mod.load_state(ckpt, {"scheduler": state["scheduler"]})  # lr follows the step
+            elif target == "step":
+                box = {"step": state["step"], "trainer": state["trainer"]}
+                ckpt_mod.load_state(ckpt, box)
+                self.step = int(box["step"])
+                nm = float(box["trainer"]["norm_mean"])
+                self.norm_mean = None if math.isnan(nm) else nm
+        if exact:
+            extras = ckpt_mod.load_rank_extras(ckpt, self.rt.rank)
+            if extras is not None and ckpt_mod.checkpoint_world_size(ckpt) == self.rt.world_size:
+                tensors, meta = extras
+                self.generator.set_state(tensors["generator"])
+                self.batches.load_state_dict(json.loads(meta["data"]))
+            else:
+                # Another world size: per-rank streams cannot continue exactly; reseed by step.
+                self.generator.manual_seed(rank_seed(self.recipe.run.seed, self.rt.rank, self.step))
+                self._log_line(f"resumed at world size {self.rt.world_size} from a checkpoint of another size: "
+                               "data order and noise are re-seeded")
+
+    def _resume_or_init(self) -> None:
+        latest = ckpt_mod.list_checkpoints(self.exp_dir)
+        if latest:
+            self._load(latest[-1], {p: p for p in ckpt_mod.PARTS if p != "ema" or self.ema is not None}, exact=True)
+            self._log_line(f"resumed from {latest[-1]} at step {self.step}")
+        elif self.cfg.init_from:
+            plan = ckpt_mod.parse_load_plan(self.cfg.init_load_plan)
+            src = ckpt_mod.find_checkpoint(resolve_source(self.cfg.init_from))
+            self._load(src, plan, exact=False)
+            self._log_line(f"initialised from {src} with plan {self.cfg.init_load_plan!r}")
+
+    # ---- one optimizer step ---------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, lr=self.cfg.lr, min_lr=self.cfg.min_lr,
+                                warmup_steps=self.cfg.warmup_steps, max_steps=self.cfg.max_steps)
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.rt.device)
+        tokens = 0
+        for _ in range(self.accum):
+            samples = next(self.batches)
+            batch = self.make_batch(samples)
+            losses = self.loss_fn(batch)
+            weighted = (losses * batch.weight).sum() / (self.cfg.batch_size * self.accum)
+            weighted.backward()
+            loss_sum += weighted.detach()
+            tokens += batch.n_tokens
+        norm = _full(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip_norm)).float()
+        norm_val = float(norm)
+        loss = float(_all_mean(loss_sum))
+        skip = self._should_skip(norm_val, loss)
+        if skip:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.update(self.model)
+            self.norm_mean = norm_val if self.norm_mean is None else 0.99 * self.norm_mean + 0.01 * norm_val
+        self.step += 1
+        return {"loss": loss, "grad_norm": norm_val, "lr": self.optimizer.param_groups[0]["lr"],
+                "skipped": float(skip), "tokens": float(tokens * self.rt.world_size)}
+
+    def make_batch(self, samples: list[dict]):
+        return prepare_batch(self.pipe, samples, self.generator, self.cfg.text_dropout)
+
+    def loss_fn(self, batch) -> torch.Tensor:
+        return per_sample_loss(self.pipe, batch)
+
+    def _should_skip(self, norm: float, loss: float) -> str | None:
+        if not (math.isfinite(norm) and math.isfinite(loss)):
+            return "non-finite"
+        if (self.norm_mean is not None and self.step >= self.cfg.grad_spike_start_step
+                and norm > self.cfg.grad_spike_threshold * self.norm_mean):
+            return "spike"
+        return None
+
+    # ---- evaluation -------------------------------------------------------------------
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        """Mean loss on a fixed validation set at fixed, stratified timesteps (comparable across runs)."""
+        from .validate import validation_loss
+
+        return validation_loss(self)
+
+    def gallery(self) -> None:
+        from .gallery import training_gallery
+
+        training_gallery(self)
+
+    # ---- the loop -----------------------------------------------------------------------
+    def fit(self) -> None:
+        cfg = self.cfg
+        if cfg.sample_at_start and self.step == 0 and cfg.sample_every:
+            self.gallery()
+        window_t, window_tokens = time.perf_counter(), 0.0
+        while self.step < cfg.max_steps:
+            prof = self._profiler() if self.step in cfg.profile_steps else nullcontext()
+            with prof:
+                metrics = self.train_step()
+            window_tokens += metrics.pop("tokens")
+            if metrics["skipped"]:
+                self._log_line(f"step {self.step}: skipped optimizer step (grad norm {metrics['grad_norm']:.3g}, loss {metrics['loss']:.3g})")
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                dt = time.perf_counter() - window_t
+                metrics["tokens_per_s"] = window_tokens / max(dt, 1e-9)
+                mfu = self._mfu(metrics["tokens_per_s"])
+                if mfu is not None:
+                    metrics["mfu"] = mfu
+                self._log(metrics)
+                window_t, window_tokens = time.perf_counter(), 0.0
+            if cfg.val_every and self.step % cfg.val_every == 0:
+                self._log({"val_loss": self.validation_loss()})
+            if cfg.sample_every and (self.step % cfg.sample_every == 0 or self.step == cfg.max_steps):
+                self.gallery()
+            if self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps:
+                self.save()
+            self.checkpointer.poll()
+            if cfg.gc_every and self.step % cfg.gc_every == 0:
+                gc.collect()
+        self.checkpointer.wait()
+
+    def close(self) -> None:
+        self.checkpointer.wait()
+        for lg in self.loggers:
+            lg.close()
+
+    def _profiler(self):
+        out = self.exp_dir / "profile"
+        step = self.step
+
+        def on_ready(prof):
+            out.mkdir(parents=True, exist_ok=True)
+            prof.export_chrome_trace(str(out / f"step_{step:08d}_rank{self.rt.rank}.json"))
+
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if self.rt.device.type == "cuda":
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+        return torch.profiler.profile(activities=acts, on_trace_ready=on_ready)
+
+    def _mfu(self, tokens_per_s: float) -> float | None:
+        if self.rt.device.type != "cuda":
+            return None
+        from .flops import peak_flops
+
+        peak = peak_flops(self.rt.device)
+        return None if peak is None else 6.0 * self.n_params * tokens_per_s / (peak * self.rt.world_size)
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        for lg in self.loggers:
+            lg.log(self.step, metrics)
+
+    def _log_line(self, text: str) -> None:
+        if self.rt.is_main:
+            print(f"minfm: {text}", flush=True)
+
+
+def train(resolved) -> int:
+    rt = init_runtime(resolved.recipe.run.device)
+    try:
+        trainer = Trainer(resolved, rt)
+        try:
+            trainer.fit()
+        finally:
+            trainer.close()
+    finally:
+        shutdown_runtime()
+    return 0

@@ -1,0 +1,36 @@
+"""Validation loss at fixed, stratified timesteps.
+
+Sample ``g`` of the validation set always gets ``t = (g + 0.5) / N`` and noise seeded
+by ``g``: the number is comparable across runs, world sizes and batch sizes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .pipeline import per_sample_loss, prepare_batch
+
+
+@torch.no_grad()
+def validation_loss(trainer) -> float:
+    cfg, rt = trainer.cfg, trainer.rt
+    if not hasattr(trainer, "_val_set"):
+        trainer._val_set = trainer.resolved.build("data", split="val")
+    dataset = trainer._val_set
+    n = min(cfg.val_num_samples, len(dataset))
+    mine = list(range(rt.rank, n, rt.world_size))
+    total = torch.zeros(2, dtype=torch.float64, device=rt.device)
+    trainer.model.eval()
+    for start in range(0, len(mine), cfg.batch_size):
+        idx = mine[start : start + cfg.batch_size]
+        samples = [dataset[g] for g in idx]
+        t = torch.tensor([(g + 0.5) / n for g in idx])
+        seeds = [trainer.recipe.run.seed * 1_000_003 + g for g in idx]
+        batch = prepare_batch(trainer.pipe, samples, torch.Generator(), text_dropout=0.0, t=t, noise_seeds=seeds)
+        losses = per_sample_loss(trainer.pipe, batch)
+        total += torch.stack([losses.sum().double(), torch.tensor(float(len(idx)), dtype=torch.float64, device=rt.device)])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(total)
+    trainer.model.train()
+    return float(total[0] / total[1].clamp(min=1))

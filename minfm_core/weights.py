@@ -1,0 +1,51 @@
+"""Reading and writing model weights as safetensors (never pickle)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .errors import MinfmError
+
+
+def read_safetensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    """``<name>.safetensors`` or the shards listed in ``<name>.safetensors.index.json``."""
+    single = folder / f"{name}.safetensors"
+    if single.is_file():
+        return load_file(str(single))
+    index = folder / f"{name}.safetensors.index.json"
+    if not index.is_file():
+        raise MinfmError(f"{folder}: no {name}.safetensors")
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        out.update(load_file(str(folder / f)))
+    return out
+
+
+def check_keys(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: str, *, partial: bool = False) -> None:
+    """Refuse to load on missing/unexpected keys or shape mismatches, naming them."""
+    own = model.state_dict()
+    missing = [] if partial else sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(set(sd) & set(own)) if sd[k].shape != own[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+    if unexpected:
+        problems.append(f"unexpected keys: {', '.join(unexpected[:10])}{' ...' if len(unexpected) > 10 else ''}")
+    if shapes:
+        problems.append("shape mismatches: " + "; ".join(shapes[:10]))
+    if problems:
+        raise MinfmError(f"{where}: weights do not fit the model: " + " | ".join(problems))
+
+
+def load_safetensors_into(model: torch.nn.Module, folder: Path, name: str = "model") -> None:
+    sd = read_safetensors(Path(folder), name)
+    # EMA files hold the trainable parameters only; buffers keep their values.
+    check_keys(model, sd, f"{folder}/{name}.safetensors", partial=(name == "ema"))
+    model.load_state_dict(sd, strict=name != "ema")

@@ -1,0 +1,21 @@
+"""Built-in plugin 'parallel': how the denoiser is spread over ranks (`none`, `fsdp2`)."""
+
+from minfm_core import hookimpl
+
+from .config import Fsdp2Config, NoParallelConfig
+
+
+@hookimpl
+def register_parallelizers(register):
+    register("none", "minfm_plugins.parallel.single:NoParallel", NoParallelConfig)
+
+
+@hookimpl
+def check_recipe(recipe, world_size):
+    slot = recipe.get("parallel")
+    if slot is not None and slot.component.name == "none" and world_size > 1:
+        return [f"parallel.name: 'none' runs one process, but the world size is {world_size}; use name = \"fsdp2\""]
+    return []
+
+
+__all__ = ["Fsdp2Config"]
