@@ -94,7 +94,13 @@ def test_loss_decreases_and_resume_is_exact(tmp_path):
     full_dir, split_dir = tmp_path / "full", tmp_path / "split"
     common = ["train.max_steps=12", "train.ckpt_every=6", "train.lr=3e-3", "train.warmup_steps=1"]
     train(tiny(full_dir, *common))
-    train(tiny(split_dir, *common, "train.max_steps=6"))
+    rt = init_runtime("cpu")
+    try:
+        interrupted = Trainer(tiny(split_dir, *common), rt)
+        interrupted.fit(until=6)  # saves at step 6 (ckpt_every), then stops as if killed
+        interrupted.close()
+    finally:
+        shutdown_runtime()
     train(tiny(split_dir, *common))  # resumes from step 6
     full, split = losses(full_dir), losses(split_dir)
     assert len(full) == 12 and len(split) == 12

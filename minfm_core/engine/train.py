@@ -210,7 +210,7 @@ class Trainer:
             self.norm_mean = norm_val if self.norm_mean is None else 0.99 * self.norm_mean + 0.01 * norm_val
         self.step += 1
         return {"loss": loss, "grad_norm": norm_val, "lr": self.optimizer.param_groups[0]["lr"],
-                "skipped": float(skip), "tokens": float(tokens * self.rt.world_size)}
+                "skipped": float(skip is not None), "tokens": float(tokens * self.rt.world_size)}
 
     def make_batch(self, samples: list[dict]):
         return prepare_batch(self.pipe, samples, self.generator, self.cfg.text_dropout)
@@ -240,12 +240,14 @@ class Trainer:
         training_gallery(self)
 
     # ---- the loop -----------------------------------------------------------------------
-    def fit(self) -> None:
+    def fit(self, until: int | None = None) -> None:
+        """Train to ``train.max_steps`` (or stop early after step ``until``, e.g. in a notebook)."""
         cfg = self.cfg
+        stop = cfg.max_steps if until is None else min(until, cfg.max_steps)
         if cfg.sample_at_start and self.step == 0 and cfg.sample_every:
             self.gallery()
         window_t, window_tokens = time.perf_counter(), 0.0
-        while self.step < cfg.max_steps:
+        while self.step < stop:
             prof = self._profiler() if self.step in cfg.profile_steps else nullcontext()
             with prof:
                 metrics = self.train_step()
