@@ -256,8 +256,8 @@ class Trainer:
                 self._log_line(f"step {self.step}: skipped optimizer step (grad norm {metrics['grad_norm']:.3g}, loss {metrics['loss']:.3g})")
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 dt = time.perf_counter() - window_t
-                metrics["tokens_per_s"] = window_tokens / max(dt, 1e-9)
-                mfu = self._mfu(metrics["tokens_per_s"])
+                metrics["tokens_per_sec"] = window_tokens / max(dt, 1e-9)
+                mfu = self._mfu(metrics["tokens_per_sec"])
                 if mfu is not None:
                     metrics["mfu"] = mfu
                 self._log(metrics)

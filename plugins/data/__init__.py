@@ -1,1 +1,17 @@
-"""Built-in plugin 'data' (being written)."""
+"""Built-in plugin 'data': the ``shapes``, ``image_folder`` and ``imagenet`` datasets.
+
+A dataset factory is ``factory(cfg, *, split="train")`` and returns a map-style dataset whose
+items are ``{"image": (3, F, H, W) in [-1, 1]}`` (or ``{"latent": (C, F, h, w)}``) plus
+``"prompt"`` and optionally ``"label"``; see docs/data.md.
+"""
+
+from minfm_core import hookimpl
+
+from .configs import ImageFolderConfig, ImagenetConfig, ShapesConfig
+
+
+@hookimpl
+def register_datasets(register):
+    register("shapes", "minfm_plugins.data.shapes:build", ShapesConfig)
+    register("image_folder", "minfm_plugins.data.image_folder:build", ImageFolderConfig)
+    register("imagenet", "minfm_plugins.data.imagenet:build", ImagenetConfig)

@@ -1,0 +1,197 @@
+"""A resumable, per-rank, infinite iterator of micro-batches over a map-style dataset.
+
+Each epoch is one permutation of the whole dataset drawn from (seed, epoch), the same on every
+rank; rank r takes items r, r + W, r + 2W, ... of it, so the ranks split every epoch exactly
+(no padding, no dropped samples). A rank's items form one endless stream across epochs and
+batches are cut from that stream, so every batch is full and may straddle an epoch boundary.
+
+The whole position is one number, the count of items this rank has yielded; it is the same on
+every rank (all ranks take the same number of batches), so the trainer can save rank 0's
+:meth:`BatchIterator.state_dict` and load it on all ranks. Prefetching workers
+(``num_workers > 0``) run ahead, but the state counts only what was handed out, so resuming
+reproduces the remaining batches exactly.
+
+Datasets may define ``set_epoch(epoch)``: it is called before each item with that item's
+epoch (in the worker that loads it), so augmentations such as flips can vary per epoch while
+staying a pure function of (seed, epoch, index).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import MinfmError
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """The dataset order of one epoch (identical in every process)."""
+    if not shuffle:
+        return np.arange(n)
+    return np.random.default_rng([seed & 0xFFFFFFFF, epoch]).permutation(n)
+
+
+class _Keyed(torch.utils.data.Dataset):
+    """Fetches ``(epoch, index)`` keys: sets the item's epoch first when the dataset cares."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+        self._set_epoch = getattr(dataset, "set_epoch", None)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, index = key
+        if self._set_epoch is not None:
+            self._set_epoch(epoch)
+        return self.dataset[index]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+def _as_list(batch: list[dict]) -> list[dict]:
+    return batch  # module level so spawned workers can pickle it
+
+
+class BatchIterator:
+    """Micro-batches (``list[dict]``) of ``batch_size`` samples for one rank, forever.
+
+    Resumable: ``state_dict()`` after k batches, loaded into a fresh iterator, yields exactly
+    batches k+1, k+2, ... of the uninterrupted run.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_workers: int = 0,
+    ) -> None:
+        n = len(dataset)
+        if batch_size < 1:
+            raise MinfmError(f"batch size must be positive, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise MinfmError(f"rank {rank} is outside world size {world_size}")
+        if n < world_size:
+            raise MinfmError(f"the dataset has {n} samples, fewer than the {world_size} ranks that share it")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.num_workers = num_workers
+        self._n = n
+        self._share = len(range(rank, n, world_size))  # this rank's items per epoch
+        self._consumed = 0
+        self._keyed = _Keyed(dataset)
+        self._source: Iterator[list[dict]] | None = None
+        self._order_cache: tuple[int, np.ndarray] | None = None
+
+    # -- position -------------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        """Epoch of the next item this rank will yield."""
+        return self._consumed // self._share
+
+    @property
+    def position(self) -> int:
+        """Offset of the next item within this rank's share of its epoch."""
+        return self._consumed % self._share
+
+    @property
+    def batches_per_epoch(self) -> float:
+        return self._share / self.batch_size
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._order_cache is None or self._order_cache[0] != epoch:
+            self._order_cache = (epoch, epoch_order(self._n, self.seed, epoch, self.shuffle))
+        return self._order_cache[1]
+
+    def _keys(self, start: int) -> Iterator[list[tuple[int, int]]]:
+        """Batches of (epoch, index) keys from item ``start`` of this rank's stream."""
+        item = start
+        while True:
+            keys = []
+            for _ in range(self.batch_size):
+                epoch, pos = divmod(item, self._share)
+                keys.append((epoch, int(self._order(epoch)[self.rank + pos * self.world_size])))
+                item += 1
+            yield keys
+
+    # -- iteration ------------------------------------------------------------------------
+    def _start(self) -> Iterator[list[dict]]:
+        if self.num_workers <= 0:
+            return ([self._keyed[k] for k in keys] for keys in self._keys(self._consumed))
+        loader = torch.utils.data.DataLoader(
+            self._keyed,
+            batch_sampler=_Batches(self, self._consumed),
+            num_workers=self.num_workers,
+            collate_fn=_as_list,
+            # DataLoader draws its worker base seed from this generator; without one it would
+            # consume the global torch RNG and shift the trainer's random stream on resume.
+            generator=torch.Generator().manual_seed(self.seed & 0x7FFFFFFF),
+        )
+        return iter(loader)
+
+    def __iter__(self) -> BatchIterator:
+        return self
+
+    def __next__(self) -> list[dict]:
+        if self._source is None:
+            self._source = self._start()
+        batch = next(self._source)
+        self._consumed += len(batch)
+        return batch
+
+    def close(self) -> None:
+        """Stop prefetching workers (a later ``next`` restarts them at the right place)."""
+        self._source = None
+
+    # -- checkpointing --------------------------------------------------------------------
+    def state_dict(self) -> dict[str, int]:
+        return {
+            "consumed": self._consumed,
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "dataset_len": self._n,
+            "batch_size": self.batch_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        consumed = int(state["consumed"])
+        if int(state.get("dataset_len", self._n)) != self._n:
+            # Another dataset: no position in the old order means anything; restart its epoch.
+            warnings.warn(
+                f"data: the dataset changed size ({state['dataset_len']} -> {self._n}); "
+                f"resuming at the start of epoch {state.get('epoch', 0)}",
+                stacklevel=2,
+            )
+            consumed = int(state.get("epoch", 0)) * self._share
+        elif int(state.get("world_size", self.world_size)) != self.world_size:
+            # Different rank count: keep the same number of samples seen in total (approximate).
+            consumed = consumed * int(state["world_size"]) // self.world_size
+        if int(state.get("seed", self.seed)) != self.seed:
+            warnings.warn(f"data: resuming with seed {self.seed} instead of {state['seed']}", stacklevel=2)
+        self.close()
+        self._consumed = consumed
+
+
+class _Batches:
+    """The key stream as a DataLoader batch sampler (iterated in the main process)."""
+
+    def __init__(self, owner: BatchIterator, start: int) -> None:
+        self.owner = owner
+        self.start = start
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        return self.owner._keys(self.start)

@@ -1,0 +1,127 @@
+"""``image_folder``: a folder of images with captions, resized to a token budget.
+
+Captions come from ``metadata.jsonl`` (one ``{"file_name": ..., "text": ...}`` per line, the
+Hugging Face imagefolder convention, file names relative to the folder holding the jsonl) or
+from ``.txt`` sidecars (``cat.png`` + ``cat.txt``). Each image keeps its aspect ratio: it is
+scaled to about ``max_pixels`` pixels and center-cropped to multiples of ``size_multiple``, so
+a batch mixes shapes at a similar token count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import warnings
+from pathlib import Path
+
+import torch
+
+from minfm_core.errors import MinfmError
+
+from .configs import ImageFolderConfig
+from .images import budget_size, open_rgb, resize_and_center_crop, rng_for, to_tensor
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+_SPLIT_DIRS = {"train": ("train",), "val": ("val", "validation")}
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    def __init__(self, cfg: ImageFolderConfig, split: str = "train") -> None:
+        if split not in _SPLIT_DIRS:
+            raise MinfmError(f"image_folder: unknown split {split!r}; expected 'train' or 'val'")
+        root = Path(cfg.root).expanduser()
+        if not root.is_dir():
+            raise MinfmError(f"image_folder: root {str(root)!r} is not a folder")
+        self.cfg = cfg
+        self.split = split
+        self.epoch = 0
+        split_dir = next((root / d for d in _SPLIT_DIRS[split] if (root / d).is_dir()), None)
+        if split_dir is not None:
+            items = _scan(split_dir, cfg)
+        else:
+            items = _hold_out(_scan(root, cfg), root, split, cfg.val_fraction)
+        if not items:
+            raise MinfmError(f"image_folder: no captioned images for split {split!r} under {str(root)!r}")
+        self.items = items  # [(path, caption)] in a fixed order
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Flips depend on (seed, epoch, index): the loader sets the epoch of each sample."""
+        self.epoch = int(epoch)
+
+    def __getitem__(self, index: int) -> dict:
+        path, caption = self.items[index]
+        image = open_rgb(path)
+        w, h = budget_size(image.width, image.height, self.cfg.max_pixels, self.cfg.size_multiple)
+        image = resize_and_center_crop(image, w, h)
+        pixels = to_tensor(image)
+        if self.split == "train" and self.cfg.p_flip > 0:
+            if rng_for(self.cfg.seed, self.epoch, index).random() < self.cfg.p_flip:
+                pixels = pixels.flip(-1)
+        return {"image": pixels, "prompt": caption}
+
+
+def _scan(folder: Path, cfg: ImageFolderConfig) -> list[tuple[Path, str]]:
+    metadata = sorted(folder.rglob("metadata.jsonl"))
+    mode = cfg.captions
+    if mode == "auto":
+        mode = "metadata" if metadata else "sidecar"
+    if mode == "metadata":
+        if not metadata:
+            raise MinfmError(f"image_folder: captions = 'metadata' but no metadata.jsonl under {str(folder)!r}")
+        items = []
+        for meta in metadata:
+            items += _read_metadata(meta, cfg.caption_column)
+        return items
+    items = []
+    missing = []
+    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        sidecar = path.with_suffix(".txt")
+        if sidecar.is_file():
+            items.append((path, sidecar.read_text(encoding="utf-8").strip()))
+        else:
+            missing.append(path.name)
+    if missing and items:
+        warnings.warn(f"image_folder: skipping {len(missing)} images without a .txt caption under {str(folder)!r}")
+    elif missing:
+        raise MinfmError(
+            f"image_folder: {len(missing)} images under {str(folder)!r} have no caption "
+            f"(no metadata.jsonl, no .txt sidecar such as {missing[0]!r} -> {Path(missing[0]).stem + '.txt'!r})"
+        )
+    return items
+
+
+def _read_metadata(meta: Path, column: str) -> list[tuple[Path, str]]:
+    items = []
+    for lineno, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{meta}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise MinfmError(f"image_folder: {where}: not JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or "file_name" not in row or column not in row:
+            raise MinfmError(f"image_folder: {where}: expected keys 'file_name' and {column!r}")
+        path = meta.parent / row["file_name"]
+        if not path.is_file():
+            raise MinfmError(f"image_folder: {where}: image {row['file_name']!r} not found")
+        items.append((path, str(row[column])))
+    return items
+
+
+def _hold_out(items: list[tuple[Path, str]], root: Path, split: str, fraction: float) -> list[tuple[Path, str]]:
+    """Split one folder: a stable hash of each file name picks the held-out share for 'val'."""
+    if fraction <= 0:
+        return items if split == "train" else []
+    n_val = max(1, math.ceil(fraction * len(items))) if len(items) > 1 else 0
+    ranked = sorted(items, key=lambda it: hashlib.sha1(it[0].relative_to(root).as_posix().encode()).hexdigest())
+    val = {p for p, _ in ranked[:n_val]}
+    return [it for it in items if (it[0] in val) == (split == "val")]
+
+
+def build(cfg: ImageFolderConfig, *, split: str = "train") -> ImageFolderDataset:
+    return ImageFolderDataset(cfg, split)

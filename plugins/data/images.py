@@ -1,0 +1,70 @@
+"""Image helpers shared by the datasets: sizing to a token budget, cropping, tensors in [-1, 1]."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+
+from minfm_core.errors import MinfmError
+
+
+def budget_size(width: int, height: int, max_pixels: int, multiple: int) -> tuple[int, int]:
+    """(width, height) of the crop for an image under a pixel budget, both multiples of ``multiple``.
+
+    The image is scaled (up or down, aspect kept) so its area is ``max_pixels``; the crop is
+    then the largest multiple-of-``multiple`` box inside it, so every image costs about the same
+    number of tokens whatever its aspect ratio.
+    """
+    scale = math.sqrt(max_pixels / (width * height))
+    w = max(multiple, int(width * scale) // multiple * multiple)
+    h = max(multiple, int(height * scale) // multiple * multiple)
+    # A side raised to one multiple (extreme aspect ratios) must not push the other over budget.
+    if w * h > max_pixels:
+        if w == multiple:
+            h = max(multiple, max_pixels // w // multiple * multiple)
+        else:
+            w = max(multiple, max_pixels // h // multiple * multiple)
+    return w, h
+
+
+def resize_and_center_crop(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Resize with the aspect kept so the image covers (width, height), then crop the centre."""
+    scale = max(width / image.width, height / image.height)
+    new_w = max(width, round(image.width * scale))
+    new_h = max(height, round(image.height * scale))
+    if (new_w, new_h) != image.size:
+        # Box reduces aliasing when shrinking a lot; bicubic when enlarging.
+        resample = Image.Resampling.BICUBIC if scale > 1 else Image.Resampling.LANCZOS
+        image = image.resize((new_w, new_h), resample)
+    left = (new_w - width) // 2
+    top = (new_h - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
+def center_square(image: Image.Image) -> Image.Image:
+    side = min(image.size)
+    left = (image.width - side) // 2
+    top = (image.height - side) // 2
+    return image.crop((left, top, left + side, top + side))
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB image -> float tensor (3, 1, H, W) in [-1, 1] (one frame)."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(1).div(127.5).sub(1.0).clamp(-1.0, 1.0)
+
+
+def open_rgb(path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise MinfmError(f"cannot read image {path}: {exc}") from None
+
+
+def rng_for(seed: int, *keys: int) -> np.random.Generator:
+    """A generator that depends only on its keys: the same sample in every process and worker."""
+    return np.random.default_rng([seed & 0xFFFFFFFF, *(k & 0xFFFFFFFF for k in keys)])

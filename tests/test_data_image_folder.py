@@ -1,0 +1,112 @@
+"""``image_folder``: both caption conventions, the token budget, splits and flips."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from minfm_core.config import structure
+from minfm_core.errors import MinfmError
+from minfm_core.registry import get_registry
+from minfm_plugins.data.images import budget_size
+
+
+def make(split: str = "train", **kw):
+    comp = get_registry().get("dataset", "image_folder")
+    return comp.build(structure(kw, comp.config), split=split)
+
+
+def _image(path, size, colour=(200, 30, 30)):
+    img = Image.new("RGB", size, colour)
+    img.paste((0, 0, 255), (0, 0, size[0] // 4, size[1]))  # a blue strip on the left shows flips
+    img.save(path)
+
+
+@pytest.fixture
+def metadata_folder(tmp_path):
+    sizes = {"wide.png": (400, 200), "tall.jpg": (150, 300), "square.png": (64, 64)}
+    (tmp_path / "imgs").mkdir()
+    with open(tmp_path / "metadata.jsonl", "w") as f:
+        for name, size in sizes.items():
+            _image(tmp_path / "imgs" / name, size)
+            f.write(json.dumps({"file_name": f"imgs/{name}", "text": f"a photo named {name}"}) + "\n")
+    return tmp_path
+
+
+def test_metadata_jsonl_captions_and_token_budget(metadata_folder):
+    ds = make(root=str(metadata_folder), max_pixels=64 * 64, val_fraction=0.0)
+    assert len(ds) == 3
+    seen = {}
+    for i in range(3):
+        s = ds[i]
+        img = s["image"]
+        assert img.shape[0] == 3 and img.shape[1] == 1
+        h, w = img.shape[2:]
+        assert h % 16 == 0 and w % 16 == 0
+        assert h * w <= 64 * 64 and h * w >= 0.6 * 64 * 64  # about the budget, never over
+        assert img.min() >= -1 and img.max() <= 1
+        seen[s["prompt"]] = (h, w)
+    assert seen["a photo named wide.png"] == (32, 80)  # 2:1 kept as far as multiples of 16 allow
+    assert seen["a photo named tall.jpg"] == (80, 32)
+    assert seen["a photo named square.png"] == (64, 64)  # small images are scaled up to the budget
+
+
+def test_sidecar_captions_and_subfolders(tmp_path):
+    (tmp_path / "a").mkdir()
+    for i, size in enumerate([(100, 100), (300, 100)]):
+        _image(tmp_path / "a" / f"{i}.png", size)
+        (tmp_path / "a" / f"{i}.txt").write_text(f"  caption {i}\n")
+    ds = make(root=str(tmp_path), captions="sidecar", max_pixels=48 * 48, size_multiple=8, val_fraction=0.0)
+    assert [ds[i]["prompt"] for i in range(2)] == ["caption 0", "caption 1"]
+    assert tuple(ds[1]["image"].shape[2:]) == (24, 80)
+
+
+def test_held_out_val_is_disjoint_and_split_folders_win(tmp_path):
+    for i in range(20):
+        _image(tmp_path / f"{i}.png", (32, 32))
+        (tmp_path / f"{i}.txt").write_text(f"c{i}")
+    train = make(root=str(tmp_path), val_fraction=0.1)
+    val = make("val", root=str(tmp_path), val_fraction=0.1)
+    assert len(val) == 2 and len(train) == 18
+    assert not {p for p, _ in train.items} & {p for p, _ in val.items}
+    (tmp_path / "val").mkdir()
+    _image(tmp_path / "val" / "v.png", (32, 32))
+    (tmp_path / "val" / "v.txt").write_text("held")
+    assert [c for _, c in make("val", root=str(tmp_path)).items] == ["held"]
+
+
+def test_flip_is_deterministic_per_epoch_and_train_only(metadata_folder):
+    ds = make(root=str(metadata_folder), p_flip=0.5, val_fraction=0.0, max_pixels=32 * 32)
+    flips = []
+    for epoch in range(8):
+        ds.set_epoch(epoch)
+        img = ds[2]["image"]  # square.png: blue strip on the left unless flipped
+        flips.append(bool(img[2, 0, 16, -1] > 0.5))
+        ds.set_epoch(epoch)
+        assert torch.equal(ds[2]["image"], img)
+    assert 0 < sum(flips) < 8
+    never = make(root=str(metadata_folder), p_flip=0.0, val_fraction=0.0, max_pixels=32 * 32)
+    assert not bool(never[2]["image"][2, 0, 16, -1] > 0.5)
+
+
+def test_errors_are_clear(tmp_path):
+    with pytest.raises(MinfmError, match="is not a folder"):
+        make(root=str(tmp_path / "nope"))
+    _image(tmp_path / "x.png", (32, 32))
+    with pytest.raises(MinfmError, match="no caption"):
+        make(root=str(tmp_path))
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "missing.png", "text": "t"}\n')
+    with pytest.raises(MinfmError, match="missing.png' not found"):
+        make(root=str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("w", "h", "budget", "m", "expected"),
+    [(1000, 1000, 256 * 256, 16, (256, 256)), (1600, 900, 256 * 256, 16, (336, 192)), (10, 1000, 64 * 64, 16, (16, 256))],
+)
+def test_budget_size(w, h, budget, m, expected):
+    got = budget_size(w, h, budget, m)
+    assert got == expected and got[0] * got[1] <= budget

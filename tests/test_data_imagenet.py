@@ -1,0 +1,129 @@
+"""``imagenet`` on a tiny fake ILSVRC tree: labels, prompts, crops, flips and cached latents."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from minfm_core.config import structure
+from minfm_core.errors import MinfmError
+from minfm_core.registry import get_registry
+from minfm_plugins.data.imagenet import class_names, imagenet_classes
+
+TENCH, GOLDFISH, TEDDY = "n01440764", "n01443537", "n04399382"
+
+
+def make(split: str = "train", **kw):
+    comp = get_registry().get("dataset", "imagenet")
+    return comp.build(structure(kw, comp.config), split=split)
+
+
+def _jpeg(path, size=(96, 64)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.new("RGB", size, (220, 220, 220))
+    img.paste((0, 0, 255), (size[0] // 2 - size[1] // 2, 0, size[0] // 2, size[1]))  # left half of the centre square
+    img.save(path, quality=95)
+
+
+@pytest.fixture
+def tree(tmp_path):
+    for wnid, names in {TENCH: ["t1", "t2"], GOLDFISH: ["g1"], TEDDY: ["b1"]}.items():
+        for n in names:
+            _jpeg(tmp_path / "train" / wnid / f"{n}.JPEG")
+    for i in (1, 2):
+        _jpeg(tmp_path / "val" / f"ILSVRC2012_val_0000000{i}.JPEG")
+    (tmp_path / "LOC_val_solution.csv").write_text(
+        "ImageId,PredictionString\nILSVRC2012_val_00000002,n04399382 1 2 3 4\nILSVRC2012_val_00000001,n01443537 1 2 3 4\n"
+    )
+    (tmp_path / "val_labels.txt").write_text("ILSVRC2012_val_00000001.JPEG 1\nILSVRC2012_val_00000002.JPEG n04399382\n")
+    return tmp_path
+
+
+def test_class_list_is_the_standard_1000():
+    classes = imagenet_classes()
+    assert len(classes) == 1000 and [w for w, _ in classes] == sorted(w for w, _ in classes)
+    assert classes[0] == (TENCH, "tench") and class_names()[1] == "goldfish"
+    assert dict(classes)[TEDDY] == "teddy"
+
+
+def test_train_folder_labels_prompts_and_resolution(tree):
+    ds = make(root=str(tree), resolution=32, p_flip=0.0, prompt_template="a photo of a {name}")
+    assert len(ds) == 4
+    samples = [ds[i] for i in range(4)]
+    assert [s["label"] for s in samples] == [0, 0, 1, 850]
+    assert [s["prompt"] for s in samples] == ["a photo of a tench"] * 2 + ["a photo of a goldfish", "a photo of a teddy"]
+    for s in samples:
+        assert s["image"].shape == (3, 1, 32, 32) and s["image"].min() >= -1 and s["image"].max() <= 1
+    # Center square crop: the blue block fills the left half of the crop.
+    img = samples[0]["image"][:, 0]
+    assert img[2, 16, 4] > 0.9 and img[0, 16, 4] < -0.8 and img[0, 16, 28] > 0.5
+
+
+@pytest.mark.parametrize("labels", ["LOC_val_solution.csv", "val_labels.txt"])
+def test_flat_val_with_label_file(tree, labels):
+    ds = make("val", root=str(tree), resolution=16, val_labels=str(tree / labels))
+    assert [(p.name, lab) for p, lab in ds.items] == [
+        ("ILSVRC2012_val_00000001.JPEG", 1),
+        ("ILSVRC2012_val_00000002.JPEG", 850),
+    ]
+    assert ds[1]["prompt"] == "teddy"
+
+
+def test_flip_varies_with_epoch_is_reproducible_and_off_for_val(tree):
+    ds = make(root=str(tree), resolution=32, p_flip=0.5)
+    left_blue = []
+    for epoch in range(10):
+        ds.set_epoch(epoch)
+        a = ds[0]["image"]
+        ds.set_epoch(epoch)
+        assert torch.equal(a, ds[0]["image"])
+        left_blue.append(bool(a[2, 0, 16, 4] > 0.9))
+    assert 0 < sum(left_blue) < 10
+    flipped = left_blue.index(False)
+    ds.set_epoch(flipped)
+    ref = make(root=str(tree), resolution=32, p_flip=0.0)[0]["image"]
+    assert torch.equal(ds[0]["image"], ref.flip(-1))
+    labels = str(tree / "val_labels.txt")
+    val = make("val", root=str(tree), resolution=32, p_flip=1.0, val_labels=labels)
+    unflipped = make("val", root=str(tree), resolution=32, p_flip=0.0, val_labels=labels)
+    assert torch.equal(val[0]["image"], unflipped[0]["image"])
+
+
+def test_cached_latents(tmp_path):
+    a, b, b_flip = torch.randn(4, 2, 3), torch.randn(4, 1, 2, 3), torch.randn(4, 1, 2, 3)
+    save_file({"a": a, "b": b, "b_flip": b_flip}, str(tmp_path / "part-0.safetensors"))
+    (tmp_path / "index.json").write_text(json.dumps([
+        {"shard": "part-0.safetensors", "key": "a", "label": 1},
+        {"shard": "part-0.safetensors", "key": "b", "flip_key": "b_flip", "prompt": "custom", "label": 2},
+        {"shard": "part-0.safetensors", "key": "a", "label": 0, "split": "val"},
+    ]))
+    ds = make(use_cached_latents=True, latents_dir=str(tmp_path), p_flip=0.0)
+    assert len(ds) == 2
+    s0, s1 = ds[0], ds[1]
+    assert torch.equal(s0["latent"], a.unsqueeze(1)) and s0["prompt"] == "goldfish" and s0["label"] == 1
+    assert torch.equal(s1["latent"], b) and s1["prompt"] == "custom"
+    assert "image" not in s0
+    always = make(use_cached_latents=True, latents_dir=str(tmp_path), p_flip=1.0)
+    assert torch.equal(always[0]["latent"], a.unsqueeze(1).flip(-1))  # no flipped copy: flip the tensor
+    assert torch.equal(always[1]["latent"], b_flip)  # a flipped copy in the cache wins
+    val = make("val", use_cached_latents=True, latents_dir=str(tmp_path), p_flip=1.0)
+    assert len(val) == 1 and val[0]["prompt"] == "tench" and torch.equal(val[0]["latent"], a.unsqueeze(1))
+
+
+def test_errors_are_clear(tree):
+    with pytest.raises(MinfmError, match="set 'root'"):
+        make()
+    (tree / "train" / "cats").mkdir()
+    with pytest.raises(MinfmError, match="not an ILSVRC-2012 class folder"):
+        make(root=str(tree))
+    with pytest.raises(MinfmError, match="no index.json"):
+        make(use_cached_latents=True, latents_dir=str(tree / "none"))
+    (tree / "index.json").write_text('[{"shard": "s.safetensors", "key": "k", "label": 3}]')
+    with pytest.raises(MinfmError, match="prompt_template"):
+        make(use_cached_latents=True, latents_dir=str(tree), prompt_template="{label}")
+    with pytest.raises(MinfmError, match="latent shard .* not found"):
+        make(use_cached_latents=True, latents_dir=str(tree))[0]

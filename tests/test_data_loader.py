@@ -1,0 +1,132 @@
+"""The core's BatchIterator: per-epoch shuffles split exactly over ranks, exact resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minfm_core.data_loader import BatchIterator, epoch_order
+from minfm_core.errors import MinfmError
+
+
+class Indexed(torch.utils.data.Dataset):
+    """Returns its index and the epoch the loader set for it."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.epoch = -1
+
+    def __len__(self) -> int:
+        return self.n
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, i: int) -> dict:
+        return {"index": int(i), "epoch": self.epoch}
+
+
+def keys(batches):
+    return [[(s["epoch"], s["index"]) for s in b] for b in batches]
+
+
+def take(it, k):
+    return [next(it) for _ in range(k)]
+
+
+@pytest.mark.parametrize(("n", "world_size", "batch_size"), [(24, 3, 4), (23, 3, 4), (10, 4, 3), (7, 1, 2)])
+def test_ranks_partition_every_epoch_exactly(n, world_size, batch_size):
+    streams = []
+    for rank in range(world_size):
+        it = BatchIterator(Indexed(n), batch_size, rank=rank, world_size=world_size, seed=5)
+        streams.append([k for b in keys(take(it, 3 * n // batch_size + 3)) for k in b])
+    for epoch in range(3):
+        per_rank = [[i for e, i in s if e == epoch] for s in streams]
+        flat = [i for r in per_rank for i in r]
+        assert sorted(flat) == list(range(n)), epoch  # every sample once per epoch, no padding
+        order = epoch_order(n, 5, epoch)
+        for rank, items in enumerate(per_rank):
+            assert items == [int(x) for x in order[rank::world_size]]  # the same permutation on all ranks
+    if n > 2:
+        assert list(epoch_order(n, 5, 0)) != list(epoch_order(n, 5, 1))  # a new shuffle each epoch
+
+
+def test_batches_are_full_lists_of_dicts_and_cross_epochs():
+    it = BatchIterator(Indexed(10), 4, seed=1)
+    batches = take(it, 5)
+    assert all(isinstance(b, list) and len(b) == 4 and isinstance(b[0], dict) for b in batches)
+    assert [s["epoch"] for s in batches[2]] == [0, 0, 1, 1]  # items 8, 9 of epoch 0, then epoch 1
+    assert it.epoch == 2 and it.position == 0
+    assert it.state_dict()["consumed"] == 20
+
+
+def test_no_shuffle_is_the_dataset_order():
+    it = BatchIterator(Indexed(6), 2, rank=1, world_size=2, shuffle=False)
+    assert [s["index"] for b in take(it, 3) for s in b] == [1, 3, 5, 1, 3, 5]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("stop", [1, 4, 7])
+def test_resume_reproduces_the_remaining_batches(num_workers, stop):
+    n, bs = 13, 3
+    full = keys(take(BatchIterator(Indexed(n), bs, rank=1, world_size=2, seed=3), 12))
+    first = BatchIterator(Indexed(n), bs, rank=1, world_size=2, seed=3, num_workers=num_workers)
+    assert keys(take(first, stop)) == full[:stop]
+    state = first.state_dict()  # workers have prefetched further; the state counts only what was handed out
+    first.close()
+    again = BatchIterator(Indexed(n), bs, rank=1, world_size=2, seed=3, num_workers=num_workers)
+    again.load_state_dict(state)
+    assert (again.epoch, again.position) == (state["epoch"], state["position"])
+    assert keys(take(again, 12 - stop)) == full[stop:]
+    again.close()
+
+
+def test_state_is_the_same_on_every_rank_and_loading_it_elsewhere_works():
+    its = [BatchIterator(Indexed(11), 2, rank=r, world_size=3, seed=0) for r in range(3)]
+    for it in its:
+        take(it, 4)
+    assert len({it.state_dict()["consumed"] for it in its}) == 1
+    shared = its[0].state_dict()
+    for rank in range(3):
+        fresh = BatchIterator(Indexed(11), 2, rank=rank, world_size=3, seed=0)
+        fresh.load_state_dict(shared)
+        assert keys([next(fresh)]) == keys([next(its[rank])])
+
+
+def test_world_size_change_keeps_the_samples_seen():
+    it = BatchIterator(Indexed(40), 5, rank=0, world_size=2)
+    take(it, 2)  # 10 per rank, 20 in all
+    wider = BatchIterator(Indexed(40), 5, rank=0, world_size=4)
+    wider.load_state_dict(it.state_dict())
+    assert wider.state_dict()["consumed"] == 5 and wider.epoch == 0
+
+
+def test_workers_leave_the_global_rng_alone():
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    it = BatchIterator(Indexed(8), 2, num_workers=1)
+    take(it, 3)
+    it.close()
+    assert torch.equal(before, torch.get_rng_state())
+
+
+def test_bad_arguments():
+    with pytest.raises(MinfmError, match="fewer than the 4 ranks"):
+        BatchIterator(Indexed(3), 1, world_size=4)
+    with pytest.raises(MinfmError, match="rank 2 is outside"):
+        BatchIterator(Indexed(3), 1, rank=2, world_size=2)
+    with pytest.raises(MinfmError, match="batch size"):
+        BatchIterator(Indexed(3), 0)
+
+
+def test_over_the_shapes_dataset():
+    from minfm_core.registry import get_registry
+
+    comp = get_registry().get("dataset", "shapes")
+    ds = comp.build(comp.config(num_samples=20))
+    a = BatchIterator(ds, 4, seed=9)
+    b = BatchIterator(ds, 4, seed=9)
+    for _ in range(6):
+        x, y = next(a), next(b)
+        assert [s["prompt"] for s in x] == [s["prompt"] for s in y]
+        assert all(torch.equal(p["image"], q["image"]) for p, q in zip(x, y))
