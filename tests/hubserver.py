@@ -75,9 +75,11 @@ class Repo:
 class HubError(Exception):
     """An HTTP error answer: status, ``X-Error-Code`` and message."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, commit: str | None = None):
+    def __init__(self, status: int, message: str, code: str | None = None, commit: str | None = None,
+                 extra: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.code, self.commit = status, message, code, commit
+        self.extra = extra or {}
 
 
 class HubState:
@@ -89,6 +91,7 @@ class HubState:
         self.log: list[tuple[str, str]] = []  # (method, path) of every request
         self.committed_paths: list[list[str]] = []  # file paths sent in each commit request
         self._counter = 0
+        self.fail_commits = 0  # answer this many next commit requests with HTTP 500, applying nothing
 
     def repo(self, repo_type: str, repo_id: str) -> Repo:
         repo = self.repos.get((repo_type, repo_id))
@@ -198,7 +201,8 @@ class _Handler(BaseHTTPRequestHandler):
                 headers["X-Error-Message"] = e.message
             if e.commit:
                 headers["X-Repo-Commit"] = e.commit
-            self._send(e.status, json.dumps({"error": e.message}).encode(), headers, head=method == "HEAD")
+            body = json.dumps({"error": e.message, **e.extra}).encode()
+            self._send(e.status, body, headers, head=method == "HEAD")
 
     def do_GET(self):
         self._dispatch("GET")
@@ -258,10 +262,17 @@ class _Handler(BaseHTTPRequestHandler):
         repo_type = req.get("type") or "model"
         name, org = req["name"], req.get("organization") or "tester"
         repo_id = f"{org}/{name}"
-        with self.state.lock:
-            self.state.create(repo_type, repo_id, bool(req.get("private")))
         prefix = self.endpoint + ("" if repo_type == "model" else f"/{repo_type}s")
-        self._json({"url": f"{prefix}/{repo_id}", "name": repo_id, "id": repo_id})
+        url = f"{prefix}/{repo_id}"
+        with self.state.lock:
+            try:
+                # "private" in older clients, "visibility" ("private" | "protected" | "public") in newer ones
+                private = bool(req.get("private")) or req.get("visibility") in ("private", "protected")
+                self.state.create(repo_type, repo_id, private)
+            except HubError as e:
+                e.extra = {"url": url}  # the Hub names the existing repo in its 409
+                raise
+        self._json({"url": url, "name": repo_id, "id": repo_id})
 
     def _resolve(self, method: str, sha: str, data: bytes):
         headers = {"X-Repo-Commit": sha, "ETag": f'"{git_blob_sha1(data)}"', "Accept-Ranges": "bytes"}
@@ -378,6 +389,9 @@ class _Handler(BaseHTTPRequestHandler):
             if repo.resolve(branch):
                 raise HubError(400, f"Cannot commit to {branch}: not a branch")
             raise HubError(404, f"Invalid rev id: {branch}", "RevisionNotFound")
+        if st.fail_commits > 0:  # a failure after the whole body arrived: nothing may be applied
+            st.fail_commits -= 1
+            raise HubError(500, "Internal Error - We're working hard to fix this as soon as possible!")
         head = repo.branches[branch]
         files = dict(repo.commits[head].files)
         header: dict = {}
@@ -459,6 +473,7 @@ class HubServer:
             "HF_HUB_DISABLE_TELEMETRY": "1",
             "HF_HUB_DISABLE_UPDATE_CHECK": "1",
             "HF_HUB_DISABLE_XET": "1",
+            "HF_HUB_OFFLINE": "0",
             "HF_HUB_DISABLE_PROGRESS_BARS": "1",
             "HF_HUB_DISABLE_IMPLICIT_TOKEN": "0",
             "HF_HUB_ETAG_TIMEOUT": "5",
@@ -528,6 +543,11 @@ class HubServer:
     def has_repo(self, repo_id: str, repo_type: str = "model") -> bool:
         with self.state.lock:
             return (repo_type, repo_id) in self.state.repos
+
+    def fail_next_commits(self, n: int = 1) -> None:
+        """Answer the next ``n`` commit requests with HTTP 500 (the repo stays as it was)."""
+        with self.state.lock:
+            self.state.fail_commits = n
 
     @property
     def committed_paths(self) -> list[list[str]]:

@@ -1,0 +1,95 @@
+"""Hub failures as one clear line (a MinfmError, exit code 2), never with the token in it.
+
+``huggingface_hub`` raises its own exceptions (and its HTTP library's, which differ
+between client versions: requests, httpx, httpx2); :func:`hub_errors` maps them all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from minfm_core.errors import MinfmError
+
+_NETWORK_MODULES = ("httpx", "httpx2", "requests", "urllib3", "httpcore", "socket", "ssl")
+
+
+class HubError(MinfmError):
+    """A Hub request failed (missing repo or revision, auth, network): one line, exit 2."""
+
+
+def endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def scrub(text: str) -> str:
+    """``text`` with the Hub token (env or login cache) masked, in case a library echoed it."""
+    try:
+        from huggingface_hub import get_token
+
+        token = get_token()
+    except Exception:  # a broken token file must not hide the original error
+        token = None
+    if token:
+        text = text.replace(token, "***")
+    return text
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _is_network_error(exc: BaseException) -> bool:
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    return any(type(e).__module__.split(".")[0] in _NETWORK_MODULES for e in (exc, exc.__cause__) if e is not None)
+
+
+def translate(exc: BaseException, what: str, target: str) -> HubError | None:
+    """A :class:`HubError` for a Hub/network exception raised while doing ``what`` on ``target``, else None."""
+    from huggingface_hub import utils as hf
+
+    offline_cls = getattr(hf, "OfflineModeIsEnabled", ())
+    if isinstance(exc, hf.GatedRepoError):
+        msg = f"{target} is gated: accept its conditions on the Hub, then log in (HF_TOKEN or `hf auth login`)"
+    elif isinstance(exc, hf.RepositoryNotFoundError):
+        msg = f"Hub repo {target} not found at {endpoint()} (or it is private and your token cannot read it)"
+    elif isinstance(exc, hf.RevisionNotFoundError):
+        msg = f"{target}: no such revision (branch, tag or commit) on the Hub"
+    elif isinstance(exc, hf.LocalEntryNotFoundError) or (offline_cls and isinstance(exc, offline_cls)):
+        from huggingface_hub import constants
+
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"cannot reach the Hub at {endpoint()}"
+        msg = f"{why} and {target} is not in the local cache"
+    elif isinstance(exc, hf.EntryNotFoundError):
+        msg = f"{target}: file not found on the Hub ({_first_line(exc)})"
+    elif isinstance(exc, hf.HfHubHTTPError):
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if status in (401, 403):
+            msg = f"not allowed to {what} {target} (HTTP {status}): check HF_TOKEN or `hf auth login`"
+        elif status == 412:
+            msg = f"{target} changed on the Hub while pushing (another commit landed); push again"
+        else:
+            msg = f"Hub request to {what} {target} failed (HTTP {status}): {_first_line(exc)}"
+    elif _is_network_error(exc):
+        msg = f"cannot reach the Hub at {endpoint()} to {what} {target}: {type(exc).__name__}"
+    else:
+        return None
+    return HubError(scrub(msg))
+
+
+@contextlib.contextmanager
+def hub_errors(what: str, target: str) -> Iterator[None]:
+    """Turn Hub and network exceptions raised inside into one-line :class:`HubError`."""
+    try:
+        yield
+    except MinfmError:
+        raise
+    except Exception as exc:
+        err = translate(exc, what, target)
+        if err is None:
+            raise
+        raise err from None

@@ -1,0 +1,232 @@
+"""Upload a trained model as a Hub repo: ``minfm hub push``.
+
+One push is one commit (a single ``create_commit``): the Hub applies it whole or not at
+all, so an interrupted push leaves no partial commit. Files whose content already is on
+the Hub are not sent, and a push that changes nothing makes no commit at all.
+
+SRC is a *hub folder* (``model.safetensors`` or a sharded ``model.safetensors.index.json``,
+optionally ``ema.safetensors``, ``recipe.toml``, ``samples.png``, ``metrics.jsonl`` and a
+``checkpoint/`` DCP folder), or a run/checkpoint directory that the core exports into one
+with ``minfm_core.checkpoint.export_for_hub(src, out_dir, include_training_state=...)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import re
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from minfm_core.errors import MinfmError
+
+from . import card
+from .errors import hub_errors
+from .pull import is_pickle, refuse_pickles
+from .uri import validate_repo_id, validate_revision
+
+WEIGHT_STEMS = ("model", "ema")
+EXTRA_FILES = ("recipe.toml", "samples.png", "metrics.jsonl")
+TRAINING_STATE_DIR = "checkpoint"
+DEFAULT_MAX_SHARD_SIZE = "5GB"  # as transformers and huggingface_hub
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+@dataclass
+class PushResult:
+    repo_id: str
+    revision: str
+    commit: str  # the head after the push (unchanged when nothing was pushed)
+    uploaded: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.uploaded or self.deleted)
+
+
+def parse_size(text: str | int) -> int:
+    """``"5GB"`` -> 5_000_000_000 (also KB/MB/TB, KiB/MiB/GiB, or plain bytes)."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise MinfmError(f"invalid size {text!r}: expected e.g. 5GB, 500MB or a number of bytes")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+
+
+def _human_size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def is_hub_folder(path: Path) -> bool:
+    return path.is_dir() and any((path / f"model{ext}").exists() for ext in (".safetensors", ".safetensors.index.json"))
+
+
+def _export(src: Path, out: Path, include_training_state: bool) -> Path:
+    """Consolidate a run/checkpoint directory through the core (when this minFM can)."""
+    if importlib.util.find_spec("minfm_core.checkpoint") is None or not hasattr(
+        importlib.import_module("minfm_core.checkpoint"), "export_for_hub"
+    ):
+        raise MinfmError(
+            f"{src}: not a folder holding model.safetensors, and this minFM cannot export training "
+            "checkpoints for the Hub (minfm_core.checkpoint.export_for_hub is missing)"
+        )
+    from minfm_core.checkpoint import export_for_hub
+
+    export_for_hub(src, out, include_training_state=include_training_state)
+    if not is_hub_folder(out):
+        raise MinfmError(f"{src}: exporting the checkpoint produced no model.safetensors")
+    return out
+
+
+def _shard(path: Path, stem: str, max_bytes: int, out: Path) -> dict[str, Path]:
+    """``stem-0000i-of-0000n.safetensors`` + index (transformers layout) for one big weights file."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(path)
+    split = split_torch_state_dict_into_shards(
+        state, filename_pattern=stem + "{suffix}.safetensors", max_shard_size=max_bytes
+    )
+    if not split.is_sharded:
+        return {f"{stem}.safetensors": path}
+    files: dict[str, Path] = {}
+    for name, tensors in split.filename_to_tensors.items():
+        save_file({t: state[t].contiguous() for t in tensors}, out / name, metadata={"format": "pt"})
+        files[name] = out / name
+    index = {"metadata": dict(split.metadata), "weight_map": dict(sorted(split.tensor_to_filename.items()))}
+    (out / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    files[f"{stem}.safetensors.index.json"] = out / f"{stem}.safetensors.index.json"
+    return files
+
+
+def collect(folder: Path, stage: Path, *, include_training_state: bool, max_shard_size: int) -> dict[str, Path]:
+    """Repo path -> local file for everything a push of ``folder`` uploads (shards written to ``stage``)."""
+    refuse_pickles([p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and is_pickle(p.name)],
+                   str(folder))
+    files: dict[str, Path] = {}
+    for stem in WEIGHT_STEMS:
+        single, index = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"
+        if single.exists():
+            if single.stat().st_size > max_shard_size:
+                files.update(_shard(single, stem, max_shard_size, stage))
+            else:
+                files[single.name] = single
+        elif index.exists():  # already sharded: the index names the shards
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [s for s in shards if not (folder / s).exists()]
+            if missing:
+                raise MinfmError(f"{index}: names shards that are missing: {', '.join(missing)}")
+            files[index.name] = index
+            files.update({s: folder / s for s in shards})
+    for name in EXTRA_FILES:
+        if (folder / name).exists():
+            files[name] = folder / name
+    if include_training_state:
+        ckpt = folder / TRAINING_STATE_DIR
+        if not ckpt.is_dir() or not any(ckpt.rglob("*")):
+            raise MinfmError(f"{folder}: --include-training-state needs the DCP training state in {ckpt}/")
+        for p in sorted(ckpt.rglob("*")):
+            if p.is_file():
+                files[p.relative_to(folder).as_posix()] = p
+    return files
+
+
+def _digests(path: Path) -> tuple[str, str]:
+    """(git blob sha1, sha256) of a file in one read: the Hub's oid for regular and LFS files."""
+    size = path.stat().st_size
+    sha1, sha256 = hashlib.sha1(b"blob %d\0" % size), hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            sha1.update(chunk)
+            sha256.update(chunk)
+    return sha1.hexdigest(), sha256.hexdigest()
+
+
+def _is_managed(path: str, include_training_state: bool) -> bool:
+    """Remote files a push owns: stale ones (e.g. old shards) are deleted in the same commit."""
+    if "/" not in path:
+        return path.endswith((".safetensors", ".safetensors.index.json"))
+    return include_training_state and path.startswith(TRAINING_STATE_DIR + "/")
+
+
+def push(
+    src: str | Path,
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    private: bool = False,
+    include_training_state: bool = False,
+    message: str | None = None,
+    license: str = "other",
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+) -> PushResult:
+    """Push ``src`` to ``repo_id`` (branch ``revision``, created if missing) as one commit."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+    from huggingface_hub.hf_api import RepoFile
+
+    validate_repo_id(repo_id)
+    branch = validate_revision(revision) if revision else "main"
+    src = Path(src).expanduser()
+    if not src.exists():
+        raise MinfmError(f"{src}: no such file or directory")
+    max_bytes = parse_size(max_shard_size)
+    target = f"{repo_id}@{branch}"
+
+    with tempfile.TemporaryDirectory(prefix="minfm-push-") as tmp:
+        tmp = Path(tmp)
+        folder = src if is_hub_folder(src) else _export(src, tmp / "export", include_training_state)
+        stage = tmp / "stage"
+        stage.mkdir()
+        files = collect(folder, stage, include_training_state=include_training_state, max_shard_size=max_bytes)
+        (stage / "README.md").write_text(card.render(repo_id, files, folder, license=license))
+        files["README.md"] = stage / "README.md"
+
+        api = HfApi()
+        with hub_errors("push to", target):
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            if branch != "main":
+                api.create_branch(repo_id, branch=branch, exist_ok=True)
+            head = api.model_info(repo_id, revision=branch).sha
+            remote = {
+                e.path: e for e in api.list_repo_tree(repo_id, revision=head, recursive=True) if isinstance(e, RepoFile)
+            }
+        uploads = []
+        for path, local in sorted(files.items()):
+            sha1, sha256 = _digests(local)
+            entry = remote.get(path)
+            lfs = getattr(entry, "lfs", None)
+            remote_hash = (lfs.sha256 if lfs else entry.blob_id) if entry else None
+            if remote_hash not in (sha1, sha256):
+                uploads.append(path)
+        deletes = sorted(p for p in remote if p not in files and _is_managed(p, include_training_state))
+        if not uploads and not deletes:
+            log(f"nothing to push: {target} is up to date (commit {head[:12]})")
+            return PushResult(repo_id, branch, head)
+
+        for path in uploads:
+            log(f"  + {path} ({_human_size(files[path].stat().st_size)})")
+        for path in deletes:
+            log(f"  - {path}")
+        ops = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(files[p])) for p in uploads]
+        ops += [CommitOperationDelete(path_in_repo=p) for p in deletes]
+        summary = message or f"Push minFM model ({len(uploads)} file(s) changed)"
+        with hub_errors("push to", target):
+            # parent_commit: if someone else committed since we compared, the Hub refuses (412)
+            # instead of silently mixing the two states.
+            info = api.create_commit(repo_id, ops, commit_message=summary, revision=branch, parent_commit=head)
+        log(f"pushed {len(uploads)} file(s) to {target}: commit {info.oid[:12]}")
+        return PushResult(repo_id, branch, info.oid, uploads, deletes)

@@ -1,0 +1,170 @@
+"""`minfm hub push` / `pull` and `hf://` sources, end to end against the local test Hub.
+
+The real huggingface_hub client runs in the `minfm` subprocess; tests/hubserver.py plays
+the Hub and lets us look at its commits.
+"""
+
+from __future__ import annotations
+
+import json
+
+from hub_helpers import env_for, hub_cli, hub_python, make_model_folder, one_error_line, tree_bytes
+from safetensors.torch import load_file, save_file
+
+pytest_plugins = ["hub_fixtures"]  # the hub_server fixture (harmless once conftest loads it too)
+
+PUSHED = {"README.md", "model.safetensors", "ema.safetensors", "recipe.toml", "metrics.jsonl", "samples.png"}
+
+
+def test_push_then_pull_gives_the_same_files(hub_server, tmp_path):
+    src = make_model_folder(tmp_path / "src")
+    env = env_for(hub_server, tmp_path)
+    proc = hub_cli(env, "hub", "push", str(src), "org/tiny", "--message", "first model")
+    assert proc.returncode == 0, proc.stderr
+    head = hub_server.head("org/tiny")
+    assert proc.stdout.strip() == f"hf://org/tiny@{head}"
+    commits = hub_server.commits("org/tiny")
+    assert len(commits) == 2 and commits[0].message == "first model"  # one commit for the whole push
+    assert set(hub_server.files("org/tiny")) == PUSHED
+
+    out = tmp_path / "pulled"
+    proc = hub_cli(env, "hub", "pull", "org/tiny", "--local-dir", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(out)
+    pulled = tree_bytes(out)
+    assert set(pulled) == PUSHED
+    assert {k: v for k, v in pulled.items() if k != "README.md"} == tree_bytes(src)
+    info = json.loads((out / "minfm_source.json").read_text())
+    assert info == {"repo_id": "org/tiny", "revision": None, "commit": head, "uri": f"hf://org/tiny@{head}"}
+
+
+def test_repush_unchanged_is_a_noop_and_changes_send_only_changed_files(hub_server, tmp_path):
+    src = make_model_folder(tmp_path / "src")
+    env = env_for(hub_server, tmp_path)
+    assert hub_cli(env, "hub", "push", str(src), "org/m").returncode == 0
+    first = hub_server.head("org/m")
+    proc = hub_cli(env, "hub", "push", str(src), "org/m")
+    assert proc.returncode == 0, proc.stderr
+    assert "nothing to push" in proc.stderr
+    assert proc.stdout.strip() == f"hf://org/m@{first}"
+    assert hub_server.head("org/m") == first and len(hub_server.commits("org/m")) == 2
+    assert len(hub_server.committed_paths) == 1  # no commit request at all the second time
+
+    save_file({"w": __import__("torch").ones(3)}, src / "ema.safetensors")
+    assert hub_cli(env, "hub", "push", str(src), "org/m").returncode == 0
+    assert hub_server.committed_paths[-1] == ["ema.safetensors"]
+    assert len(hub_server.commits("org/m")) == 3
+
+
+def test_revisions_branches_tags_and_commits(hub_server, tmp_path):
+    env = env_for(hub_server, tmp_path)
+    v1 = make_model_folder(tmp_path / "v1", seed=1)
+    v2 = make_model_folder(tmp_path / "v2", seed=2)
+    assert hub_cli(env, "hub", "push", str(v1), "org/r").returncode == 0
+    sha1 = hub_server.head("org/r")
+    hub_server.tag("org/r", "v1")
+    assert hub_cli(env, "hub", "push", str(v2), "org/r", "--revision", "exp/dev").returncode == 0
+    assert hub_server.head("org/r") == sha1  # main untouched
+    assert hub_server.files("org/r", "exp/dev")["model.safetensors"] == (v2 / "model.safetensors").read_bytes()
+
+    for ref, folder in (("org/r@v1", v1), ("org/r@exp/dev", v2), (f"org/r@{sha1}", v1), ("org/r", v1)):
+        proc = hub_cli(env, "hub", "pull", ref)  # into the HF cache
+        assert proc.returncode == 0, proc.stderr
+        path = proc.stdout.strip().splitlines()[-1]
+        got = load_file(f"{path}/model.safetensors")
+        want = load_file(folder / "model.safetensors")
+        assert all((got[k] == want[k]).all() for k in want), ref
+
+
+def test_resolve_source_hf_uri(hub_server, tmp_path):
+    env = env_for(hub_server, tmp_path)
+    assert hub_cli(env, "hub", "push", str(make_model_folder(tmp_path / "a", seed=1)), "org/s").returncode == 0
+    hub_server.tag("org/s", "v1")
+    sha1 = hub_server.head("org/s")
+    assert hub_cli(env, "hub", "push", str(make_model_folder(tmp_path / "b", seed=2)), "org/s").returncode == 0
+    code = (
+        "import json\nfrom minfm_core.sources import resolve_source\nfrom minfm_hub.pull import source_info\n"
+        "p = resolve_source('hf://org/s@v1')\n"
+        "print(json.dumps({'files': sorted(f.name for f in p.iterdir()), 'info': source_info(p)}))\n"
+    )
+    proc = hub_python(env, code)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert PUSHED <= set(out["files"])
+    assert out["info"]["commit"] == sha1 and out["info"]["revision"] == "v1"
+    assert out["info"]["uri"] == f"hf://org/s@{sha1}"
+
+
+def test_large_weights_are_sharded_with_an_index(hub_server, tmp_path):
+    src = make_model_folder(tmp_path / "src", ema=False, extras=False)  # 4 tensors of 1 KB each
+    env = env_for(hub_server, tmp_path)
+    proc = hub_cli(env, "hub", "push", str(src), "org/big", "--max-shard-size", "2500B")
+    assert proc.returncode == 0, proc.stderr
+    files = hub_server.files("org/big")
+    shards = sorted(f for f in files if f.startswith("model-"))
+    assert shards == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert "model.safetensors" not in files
+    index = json.loads(files["model.safetensors.index.json"])
+    assert set(index["weight_map"].values()) == set(shards)
+
+    out = tmp_path / "pulled"
+    assert hub_cli(env, "hub", "pull", "org/big", "--local-dir", str(out)).returncode == 0
+    merged = {}
+    for shard in shards:
+        merged.update(load_file(out / shard))
+    want = load_file(src / "model.safetensors")
+    assert merged.keys() == want.keys() and all((merged[k] == want[k]).all() for k in want)
+    # Re-pushing the same weights unsharded replaces the shards in one commit.
+    assert hub_cli(env, "hub", "push", str(src), "org/big").returncode == 0
+    assert not any(f.startswith("model-") or f.endswith("index.json") for f in hub_server.files("org/big"))
+
+
+def test_training_state_only_on_request(hub_server, tmp_path):
+    src = make_model_folder(tmp_path / "src", extras=False)
+    (src / "checkpoint").mkdir()
+    (src / "checkpoint" / ".metadata").write_bytes(b"dcp-metadata")
+    (src / "checkpoint" / "__0_0.distcp").write_bytes(b"\x00" * 64)
+    env = env_for(hub_server, tmp_path)
+    assert hub_cli(env, "hub", "push", str(src), "org/t").returncode == 0
+    assert not any(f.startswith("checkpoint/") for f in hub_server.files("org/t"))
+    assert hub_cli(env, "hub", "push", str(src), "org/t", "--include-training-state").returncode == 0
+    assert {"checkpoint/.metadata", "checkpoint/__0_0.distcp"} <= set(hub_server.files("org/t"))
+    assert "checkpoint/" in hub_server.files("org/t")["README.md"].decode()
+
+    plain, full = tmp_path / "plain", tmp_path / "full"
+    assert hub_cli(env, "hub", "pull", "org/t", "--local-dir", str(plain)).returncode == 0
+    assert not (plain / "checkpoint").exists()
+    assert hub_cli(env, "hub", "pull", "org/t", "--local-dir", str(full), "--include-training-state").returncode == 0
+    assert (full / "checkpoint" / "__0_0.distcp").read_bytes() == b"\x00" * 64
+
+
+def test_the_card_parses_and_says_how_to_sample(hub_server, tmp_path):
+    env = env_for(hub_server, tmp_path)
+    assert hub_cli(env, "hub", "push", str(make_model_folder(tmp_path / "src")), "org/card").returncode == 0
+    text = hub_server.files("org/card")["README.md"].decode()
+    from huggingface_hub import ModelCard
+
+    data = ModelCard(text).data.to_dict()
+    assert data["library_name"] == "minfm" and data["pipeline_tag"] == "text-to-image"
+    assert {"minfm", "flow-matching", "flux"} <= set(data["tags"])
+    assert data["base_model"] == "base-org/base-model"
+    assert data["datasets"] == ["ILSVRC/imagenet-1k"]
+    assert "minfm sample hf://org/card" in text
+    assert "![sample grid](samples.png)" in text
+    assert "| last `loss` | 0.05 |" in text  # from the last metrics.jsonl record
+    assert "1.02K parameters" in text  # 4 x 16 x 16
+
+
+def test_offline_pull_serves_the_cache(hub_server, tmp_path):
+    env = env_for(hub_server, tmp_path)
+    assert hub_cli(env, "hub", "push", str(make_model_folder(tmp_path / "src")), "org/off").returncode == 0
+    online = hub_cli(env, "hub", "pull", "org/off")
+    assert online.returncode == 0, online.stderr
+    n_requests = len(hub_server.requests)
+    offline = {**env, "HF_HUB_OFFLINE": "1"}
+    proc = hub_python(offline, "from minfm_core.sources import resolve_source\nprint(resolve_source('hf://org/off'))")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == online.stdout.strip()
+    assert len(hub_server.requests) == n_requests  # nothing asked of the Hub
+    line = one_error_line(hub_cli(offline, "hub", "pull", "org/other"))
+    assert "HF_HUB_OFFLINE is set and org/other is not in the local cache" in line
