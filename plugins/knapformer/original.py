@@ -1,0 +1,78 @@
+"""The original KnapFormer planning rule, re-implemented as a baseline.
+
+Written from the behaviour described in ``../shared/docs/KNAPFORMER.md`` (and read in
+the original's code): sequences in decreasing workload; candidate bags are those whose
+*full* capacity (G x total / S) holds the sequence and with G <= L; the least-occupied
+candidate wins (ties to the lowest bag id); if none qualifies, the largest bags are the
+candidates. A sequence on a bag of G GPUs is cut into G chunks, the remainder going to
+one chunk chosen round-robin, so a sequence shorter than G yields zero-length chunks.
+
+Kept deliberately in the original's shape - a scan over every bag for every sequence,
+O(S B) - because it is the yardstick for planning time. Occupancies are compared
+exactly (integers) so that ties are broken the same way as in ``planner.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from minfm_core.errors import MinfmError
+
+from .planner import Plan, flatten, workload
+from .spec import BagSpec, parse_bags
+
+
+def assign(lens: list[int], works: list[int], spec: BagSpec) -> list[int]:
+    """The bag of every sequence under the original rule."""
+    sizes = list(spec.bag_sizes)
+    n_bags = len(sizes)
+    lcm = int(np.lcm.reduce(np.asarray(sizes, dtype=np.int64)))
+    total, S = sum(works), spec.size
+    largest = [b for b in range(n_bags) if sizes[b] == spec.max_gpus]
+    occupancy = {b: 0 for b in range(n_bags)}  # load * lcm / G: exact per-GPU occupancy
+    bag_of: dict[int, int] = {}
+    for seq in sorted(range(len(works)), key=lambda i: works[i], reverse=True):
+        w, length = works[seq], lens[seq]
+        candidates = [b for b in range(n_bags) if sizes[b] * total >= w * S and length >= sizes[b]]
+        if not candidates:
+            candidates = list(largest)
+        candidates.sort(key=lambda b: occupancy[b])
+        chosen = candidates[0]
+        bag_of[seq] = chosen
+        occupancy[chosen] += w * lcm // sizes[chosen]
+    return [bag_of[i] for i in range(len(works))]
+
+
+def chunks(lens: list[int], src: list[int], bag_of: list[int], spec: BagSpec) -> np.ndarray:
+    """The original chunking: G chunks per sequence, the remainder on a round-robin chunk."""
+    ranks = spec.bag_ranks
+    rows, rolling = [], 0
+    for seq, (length, s, b) in enumerate(zip(lens, src, bag_of)):
+        g = len(ranks[b])
+        parts = [length // g] * g
+        idx = rolling % g
+        parts[idx] = length - (sum(parts) - parts[idx])
+        rolling += 1
+        offset = 0
+        for k, part in enumerate(parts):
+            rows.append((seq, s, ranks[b][k], offset, part))
+            offset += part
+    return np.asarray(rows, dtype=np.int64).reshape(-1, 5)
+
+
+def plan(lens_per_rank: Sequence[Sequence[int]], bags: str | BagSpec, d: int, gamma: float = 0.5) -> Plan:
+    """The original rule's plan, in the same :class:`Plan` format as ours."""
+    spec = parse_bags(bags) if isinstance(bags, str) else bags
+    if d <= 0:
+        raise MinfmError(f"hidden width d must be positive, got {d}")
+    counts, lens_arr = flatten(lens_per_rank, spec)
+    lens = lens_arr.tolist()
+    works = [workload(length, d, gamma) for length in lens]
+    src = [r for r, c in enumerate(counts.tolist()) for _ in range(c)]
+    bag_of = assign(lens, works, spec)
+    return Plan(
+        spec, counts, lens_arr, np.asarray(works, dtype=np.int64), np.asarray(bag_of, dtype=np.int64),
+        chunks(lens, src, bag_of, spec), "original",
+    )

@@ -1,0 +1,228 @@
+"""Runtime: route packed tokens to their planned ranks and back.
+
+``route`` plans (two all-gathers of the local lengths, then the pure planner on every
+rank) and sends every chunk with **one** all-to-all. Per-token metadata (positions,
+modality ids, sample ids...) travels in the same buffer as raw bytes of its own dtype,
+so it arrives bit-exact (the original used an fp32 side buffer because ids above 256
+are corrupted in bf16; bytes are exact for any dtype). The all-to-all is an autograd
+function whose backward is the reverse all-to-all; ``reverse`` is the same exchange the
+other way, also differentiable.
+
+Received tokens are ordered by global sample id (senders emit their chunks to each
+destination in sample order and sample ids grow with the source rank), so no re-sort
+is needed on arrival. On a bag of G > 1 GPUs the local ``datum_lens`` are chunk
+lengths; attention then needs the bag's Ulysses exchange (``pre_attn`` / ``post_attn``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import attrs
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from minfm_core.errors import MinfmError
+
+from .config import KnapformerConfig, NoBalancerConfig
+from .planner import Plan, plan
+from .spec import parse_bags
+
+
+class _Exchange(torch.autograd.Function):
+    """all_to_all_single over rows; backward sends the gradient back the same way reversed."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, send: list[int], recv: list[int], group, extra: Tensor | None):
+        ctx.send, ctx.recv, ctx.group = send, recv, group
+        x = x.contiguous()
+        if extra is None:
+            out = x.new_empty((sum(recv), *x.shape[1:]))
+            dist.all_to_all_single(out, x, recv, send, group=group)
+            return out, None
+        # Tokens and metadata as bytes in one buffer: one collective, metadata bit-exact.
+        row = x.reshape(x.shape[0], math.prod(x.shape[1:]))
+        tok_bytes = _as_bytes(row)
+        buf = torch.cat([tok_bytes, extra], dim=1)
+        out = buf.new_empty((sum(recv), buf.shape[1]))
+        dist.all_to_all_single(out, buf, recv, send, group=group)
+        tokens = _from_bytes(out[:, : tok_bytes.shape[1]], x.dtype, row.shape[1]).reshape(-1, *x.shape[1:])
+        return tokens, out[:, tok_bytes.shape[1] :]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _grad_extra):
+        grad = grad.contiguous()
+        out = grad.new_empty((sum(ctx.send), *grad.shape[1:]))
+        dist.all_to_all_single(out, grad, ctx.send, ctx.recv, group=ctx.group)
+        return out, None, None, None, None
+
+
+def _as_bytes(x: Tensor) -> Tensor:
+    """(n, k) of any dtype -> (n, nbytes) uint8, nbytes padded to a multiple of 8.
+
+    The padding keeps every part of a packed row 8-byte aligned, so the receiver views
+    each part back in place (no copy) whatever its dtype.
+    """
+    if x.dtype == torch.bool:
+        x = x.to(torch.uint8)
+    b = x.contiguous().view(torch.uint8).reshape(x.shape[0], x.shape[1] * x.element_size())
+    pad = -b.shape[1] % 8
+    return torch.nn.functional.pad(b, (0, pad)) if pad else b
+
+
+def _from_bytes(b: Tensor, dtype: torch.dtype, numel: int) -> Tensor:
+    """Inverse of :func:`_as_bytes` for rows of ``numel`` values."""
+    if dtype == torch.bool:
+        return b[:, :numel].bool()
+    size = torch.empty((), dtype=dtype).element_size()
+    return b[:, : numel * size].view(dtype)
+
+
+def _exchange(x: Tensor, send: list[int], recv: list[int], group, extras: Sequence[Tensor] = ()):
+    """Send rows of x (and of the extras) to the ranks in ``send`` counts; returns (x', extras')."""
+    if not extras:
+        out, _ = _Exchange.apply(x, send, recv, group, None)
+        return out, []
+    n = x.shape[0]
+    metas = [(e.dtype, tuple(e.shape[1:]), math.prod(e.shape[1:])) for e in extras]
+    parts = [_as_bytes(e.detach().reshape(n, math.prod(e.shape[1:]))) for e in extras]
+    widths = [p.shape[1] for p in parts]
+    out, packed = _Exchange.apply(x, send, recv, group, torch.cat(parts, dim=1))
+    outs, start = [], 0
+    for (dtype, shape, numel), width in zip(metas, widths):
+        outs.append(_from_bytes(packed[:, start : start + width], dtype, numel).reshape(-1, *shape))
+        start += width
+    return out, outs
+
+
+@attrs.frozen(eq=False)
+class RouteHandle:
+    """What ``reverse`` and the Ulysses exchanges need from one ``route`` call."""
+
+    plan: Plan
+    rank: int  # rank within the balance group
+    send_index: Tensor  # local token order of the send buffer
+    send_splits: list[int]
+    recv_splits: list[int]
+    recv_chunks: np.ndarray  # (k, 5) the chunks this rank holds, in local order
+    group: object
+
+
+class NoBalancer:
+    """The ``none`` balancer: everything stays where it is."""
+
+    def __init__(self, cfg: NoBalancerConfig | None = None, *, group=None):
+        self.cfg = cfg
+
+    def route(self, tokens: Tensor, datum_lens: Tensor, extras: Sequence[Tensor] = ()):
+        return tokens, datum_lens, list(extras), None
+
+    def reverse(self, tokens: Tensor, handle) -> Tensor:
+        return tokens
+
+
+class KnapformerBalancer:
+    """Balance packed sequences over the ranks of a balance group (S = the bag spec's size).
+
+    ``group``: the balance process group (its size must be S). Without one, the world is
+    cut into ``world / S`` consecutive groups, created here (every rank must build the
+    balancer, in the same order, as with any process-group creation).
+    """
+
+    def __init__(self, cfg: KnapformerConfig, *, group=None):
+        self.cfg = cfg
+        self.spec = parse_bags(cfg.bags)
+        S = self.spec.size
+        if group is not None:
+            if dist.get_world_size(group) != S:
+                raise MinfmError(f"balancer.bags: group has {dist.get_world_size(group)} ranks, bag spec {cfg.bags!r} needs {S}")
+            self.group = group
+        elif not dist.is_available() or not dist.is_initialized():
+            if S != 1:
+                raise MinfmError(f"balancer.bags: {cfg.bags!r} spans {S} ranks but torch.distributed is not initialized")
+            self.group = None
+        else:
+            world = dist.get_world_size()
+            if world % S:
+                raise MinfmError(f"balancer.bags: world size {world} is not divisible by the {S} GPUs of {cfg.bags!r}")
+            self.group = None
+            if world > S:
+                me = dist.get_rank()
+                for start in range(0, world, S):  # every rank creates every group, in order
+                    g = dist.new_group(list(range(start, start + S)))
+                    if start <= me < start + S:
+                        self.group = g
+        self.last_plan: Plan | None = None
+
+    # ------------------------------------------------------------------ planning
+
+    def _rank(self) -> int:
+        return dist.get_rank(self.group) if self.spec.size > 1 else 0
+
+    def gather_lens(self, datum_lens: Tensor) -> list[list[int]]:
+        """Every rank's sequence lengths: two all-gathers (counts, then lengths padded to the max)."""
+        S = self.spec.size
+        if S == 1:
+            return [datum_lens.tolist()]
+        dev = datum_lens.device
+        count = torch.tensor([datum_lens.numel()], dtype=torch.int64, device=dev)
+        counts = [torch.zeros_like(count) for _ in range(S)]
+        dist.all_gather(counts, count, group=self.group)
+        counts_l = [int(c.item()) for c in counts]
+        padded = torch.zeros(max(max(counts_l), 1), dtype=torch.int64, device=dev)
+        padded[: datum_lens.numel()] = datum_lens.to(torch.int64)
+        lens = [torch.zeros_like(padded) for _ in range(S)]
+        dist.all_gather(lens, padded, group=self.group)
+        return [t[:c].tolist() for t, c in zip(lens, counts_l)]
+
+    def plan(self, datum_lens: Tensor, d: int) -> Plan:
+        p = plan(self.gather_lens(datum_lens), self.spec, d, self.cfg.gamma, self.cfg.tolerance)
+        self.last_plan = p
+        return p
+
+    # ------------------------------------------------------------------ routing
+
+    def route(self, tokens: Tensor, datum_lens: Tensor, extras: Sequence[Tensor] = ()):
+        """Send every chunk to its planned rank. Returns (tokens', datum_lens', extras', handle)."""
+        if tokens.dim() != 2:
+            raise ValueError(f"route expects packed tokens (L, d), got shape {tuple(tokens.shape)}")
+        for e in extras:
+            if e.shape[0] != tokens.shape[0]:
+                raise ValueError(f"extra of shape {tuple(e.shape)} does not have {tokens.shape[0]} rows")
+        p = self.plan(datum_lens, tokens.shape[1])
+        me, S = self._rank(), self.spec.size
+        c = p.chunks
+        first = np.cumsum(p.counts) - p.counts  # first global sample id of each rank
+        local_lens = p.lens[first[me] : first[me] + p.counts[me]]
+        local_start = np.cumsum(local_lens) - local_lens
+        mine = c[c[:, 1] == me]
+        mine = mine[np.argsort(mine[:, 2], kind="stable")]  # by destination, then sample (already sorted)
+        starts = local_start[mine[:, 0] - first[me]] + mine[:, 3]
+        lens = mine[:, 4]
+        idx = np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()))
+        send_index = torch.from_numpy(idx).to(tokens.device)
+        send = np.bincount(mine[:, 2], weights=lens, minlength=S).astype(np.int64).tolist()
+        recv_chunks = c[c[:, 2] == me]
+        recv = np.bincount(recv_chunks[:, 1], weights=recv_chunks[:, 4], minlength=S).astype(np.int64).tolist()
+        x = tokens[send_index]
+        ex = [e[send_index] for e in extras]
+        if S == 1:
+            out, out_extras = x, ex
+        else:
+            out, out_extras = _exchange(x, send, recv, self.group, ex)
+        new_lens = torch.from_numpy(recv_chunks[:, 4].copy()).to(datum_lens.device, datum_lens.dtype)
+        handle = RouteHandle(p, me, send_index, send, recv, recv_chunks, self.group)
+        return out, new_lens, out_extras, handle
+
+    def reverse(self, tokens: Tensor, handle: RouteHandle) -> Tensor:
+        """Send routed tokens (or outputs with the same rows) back to where they came from."""
+        if handle.plan.spec.size == 1:
+            back = tokens
+        else:
+            back, _ = _exchange(tokens, handle.recv_splits, handle.send_splits, handle.group)
+        inv = torch.empty_like(handle.send_index)
+        inv[handle.send_index] = torch.arange(handle.send_index.numel(), device=inv.device)
+        return back[inv]

@@ -1,0 +1,87 @@
+"""Bag specs, configs, recipe checks and the simulate CLI."""
+
+from __future__ import annotations
+
+import json
+
+import attrs
+import pytest
+
+from minfm_core.cli.main import main
+from minfm_core.errors import MinfmError
+from minfm_core.registry import get_registry
+from minfm_plugins.knapformer import check_recipe
+from minfm_plugins.knapformer.config import KnapformerConfig
+from minfm_plugins.knapformer.spec import parse_bags
+
+
+@pytest.mark.parametrize(
+    "text,size,ranks",
+    [("g1n8", 8, ((0,), (1,), (2,), (3,), (4,), (5,), (6,), (7,))),
+     ("g2n2", 4, ((0, 1), (2, 3))),
+     ("g4n1+g1n2", 6, ((0,), (1,), (2, 3, 4, 5)))],
+)
+def test_parse(text, size, ranks):
+    spec = parse_bags(text)
+    assert spec.size == size and spec.bag_ranks == ranks
+
+
+@pytest.mark.parametrize("text", ["1x4", "g2n4junk", "g0n1", "g1n0", "", "g1n1+", " g1n1", "G1N1", "g1n1+g1n2"])
+def test_parse_errors_name_the_form(text):
+    with pytest.raises(MinfmError, match=r"g\{G\}n\{N\}|appears twice"):
+        parse_bags(text)
+
+
+def test_config_validates_bags():
+    with pytest.raises(ValueError, match="expected 'g\\{G\\}n\\{N\\}'"):
+        KnapformerConfig(bags="1x4")
+    assert KnapformerConfig().gamma == 0.5
+
+
+def test_registered():
+    reg = get_registry()
+    assert {"knapformer", "none"} <= set(reg.names("balancer"))
+    assert reg.get("balancer", "knapformer").config is KnapformerConfig
+
+
+@attrs.frozen
+class _Den:
+    d_model: int = 256
+    d_head: int = 64
+
+
+class _Recipe:
+    def __init__(self, bags, den=_Den()):
+        self.cfgs = {"balancer": KnapformerConfig(bags=bags), "model.denoiser": den}
+
+    def config(self, path):
+        return self.cfgs.get(path)
+
+
+def test_check_recipe():
+    assert check_recipe(_Recipe("g2n2"), 8) == []
+    problems = check_recipe(_Recipe("g1n3"), 8)
+    assert len(problems) == 1 and "world size 8 is not divisible by the 3 GPUs" in problems[0]
+    problems = check_recipe(_Recipe("g1n1+g8n1"), 9)
+    assert len(problems) == 1 and "4 attention heads are not divisible by the largest bag's G = 8" in problems[0]
+
+
+def test_simulate_cli(tmp_path, capsys):
+    out = tmp_path / "trace.json"
+    assert main(["balancer", "simulate", "--bags", "g1n4", "--bags", "g2n2", "--synthetic", "mixed",
+                 "--steps", "2", "--trace-out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "original" in text and "ours" in text and "g2n2" in text
+    trace = json.loads(out.read_text())
+    assert len(trace) == 2 and len(trace[0]) == 4
+    assert main(["balancer", "simulate", "--bags", "g1n4", "--trace", str(out)]) == 0
+
+
+def test_simulate_cli_errors(tmp_path, capsys):
+    assert main(["balancer", "simulate", "--bags", "1x4", "--synthetic", "mixed"]) == 2
+    assert "expected 'g{G}n{N}'" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"a": 1}')
+    assert main(["balancer", "simulate", "--bags", "g1n4", "--trace", str(bad)]) == 2
+    bad.write_text("[[[1, 2]], [[3]]]")
+    assert main(["balancer", "simulate", "--bags", "g1n4", "--trace", str(bad)]) == 2
