@@ -46,7 +46,9 @@ class _Keyed(torch.utils.data.Dataset):
         epoch, index = key
         if self._set_epoch is not None:
             self._set_epoch(epoch)
-        return self.dataset[index]
+        # The key travels with the sample: the trainer derives the sample's noise and time
+        # from it, so a sample is noised the same whichever rank or micro-batch draws it.
+        return {**self.dataset[index], "epoch": epoch, "index": index}
 
     def __len__(self) -> int:
         return len(self.dataset)

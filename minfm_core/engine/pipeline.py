@@ -121,6 +121,12 @@ def build_pipeline(resolved, device: torch.device, *, load_weights: bool = True,
     )
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, epoch, index, 0x5EED]).generate_state(1)[0])
+
+
 @dataclass
 class TrainInputs:
     """One micro-batch, ready for the denoiser."""
@@ -142,6 +148,7 @@ def prepare_batch(
     text_dropout: float,
     t: Tensor | None = None,
     noise_seeds: list[int] | None = None,
+    seed: int = 0,
 ) -> TrainInputs:
     """Frozen ops -> patchify -> time sampling and warping -> noising, for one micro-batch.
 
@@ -150,17 +157,29 @@ def prepare_batch(
     """
     n = len(samples)
     prompts = [s["prompt"] for s in samples]
-    drop = torch.rand(n, generator=generator) < text_dropout
+    keyed = noise_seeds is None and t is None and all("index" in s for s in samples)
+    if keyed:
+        # Randomness per sample, from (seed, epoch, index): identical at any world size or
+        # micro-batch split, and a resumed run needs no generator state to continue exactly.
+        gens = [torch.Generator().manual_seed(sample_seed(seed, s["epoch"], s["index"])) for s in samples]
+        drop = torch.cat([torch.rand(1, generator=g) for g in gens]) < text_dropout
+    else:
+        drop = torch.rand(n, generator=generator) < text_dropout
     prompts = ["" if d else pr for pr, d in zip(prompts, drop.tolist())]
     text = p.encode_text(prompts)
     patched = p.patchifier.patchify(p.encode_images(samples))
     x0 = patched.tokens.to(p.device, torch.float32)
     lens = patched.lens.to(p.device)
-    if t is None:  # fixed t (validation) is used as given, unwarped
+    if t is None and keyed:
+        t = torch.cat([p.time_sampler(1, generator=g).cpu() for g in gens]).to(p.device)
+        t = p.time_warper(t, lens) if p.time_warper is not None else t
+    elif t is None:  # fixed t (validation) is used as given, unwarped
         t = p.time_sampler(n, generator=generator).to(p.device)
         t = p.time_warper(t, lens) if p.time_warper is not None else t
     t = t.to(p.device, torch.float32)
-    if noise_seeds is None:
+    if keyed:
+        eps = torch.cat([torch.randn((int(l), x0.shape[1]), generator=g) for l, g in zip(lens.tolist(), gens)])
+    elif noise_seeds is None:
         eps = torch.randn(x0.shape, generator=generator)
     else:  # per-sample noise, independent of how samples are batched (validation)
         eps = torch.cat([

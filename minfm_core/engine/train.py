@@ -213,7 +213,7 @@ class Trainer:
                 "skipped": float(skip is not None), "tokens": float(tokens * self.rt.world_size)}
 
     def make_batch(self, samples: list[dict]):
-        return prepare_batch(self.pipe, samples, self.generator, self.cfg.text_dropout)
+        return prepare_batch(self.pipe, samples, self.generator, self.cfg.text_dropout, seed=self.recipe.run.seed)
 
     def loss_fn(self, batch) -> torch.Tensor:
         return per_sample_loss(self.pipe, batch)

@@ -8,6 +8,7 @@ from .config import Fsdp2Config, NoParallelConfig
 @hookimpl
 def register_parallelizers(register):
     register("none", "minfm_plugins.parallel.single:NoParallel", NoParallelConfig)
+    register("fsdp2", "minfm_plugins.parallel.fsdp2:Fsdp2", Fsdp2Config)
 
 
 @hookimpl
@@ -17,5 +18,3 @@ def check_recipe(recipe, world_size):
         return [f"parallel.name: 'none' runs one process, but the world size is {world_size}; use name = \"fsdp2\""]
     return []
 
-
-__all__ = ["Fsdp2Config"]

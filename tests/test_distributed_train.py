@@ -1,0 +1,154 @@
+"""Multi-process training on CPU (gloo, 127.0.0.1): FSDP2, HSDP, resharding, kills, load plans."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, run_minfm
+from engine_helpers import TINY, losses
+from minfm_core import checkpoint as ck
+from minfm_core.recipe import load_recipe
+
+FSDP = ["--set", "parallel.name=fsdp2", "--set", "parallel.param_dtype=fp32", "--set", "train.text_dropout=0.3"]
+
+
+def run(exp: Path, *args: str, nproc: int = 1, check: bool = True):
+    res = run_minfm("run", str(TINY), "--set", f"run.exp_dir={exp}", *FSDP, *args,
+                    *(["--nproc-per-node", str(nproc)] if nproc > 1 else []))
+    if check:
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+def weights(ckpt: Path, source: str = "model") -> dict[str, torch.Tensor]:
+    resolved = load_recipe(ckpt / "recipe.toml", ["parallel.name=none"])
+    model = resolved["model.denoiser"].build(load_weights=True)
+    ck.load_weights(ckpt, model, source=source)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same(a: dict, b: dict, atol: float = 1e-6) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=atol, msg=k)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+    """Same global batch (8 = 4 x 2 ranks vs 4 x 2 micro-batches): same losses and weights.
+
+    Per-sample noise and time come from (seed, epoch, index), so only float summation
+    order differs; tolerance 1e-5 relative.
+    """
+    run(tmp_path / "one", "--set", "train.max_steps=5")
+    run(tmp_path / "two", "--set", "train.max_steps=5", nproc=2)
+    l1, l2 = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(l1) == len(l2) == 5
+    assert l1 == pytest.approx(l2, rel=1e-5)
+    c1, c2 = ck.list_checkpoints(tmp_path / "one")[-1], ck.list_checkpoints(tmp_path / "two")[-1]
+    assert_same(weights(c1), weights(c2))
+    assert_same(weights(c1, "ema"), weights(c2, "ema"))
+
+
+@pytest.mark.slow
+def test_hsdp_four_processes_shard_two(tmp_path):
+    run(tmp_path / "one", "--set", "train.max_steps=3", "--set", "train.total_batch_size=16")
+    run(tmp_path / "hsdp", "--set", "train.max_steps=3", "--set", "train.total_batch_size=16",
+        "--set", "parallel.shard_size=2", nproc=4)
+    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "hsdp"), rel=1e-5)
+    assert_same(weights(ck.list_checkpoints(tmp_path / "one")[-1]), weights(ck.list_checkpoints(tmp_path / "hsdp")[-1]))
+
+
+@pytest.mark.slow
+def test_resume_at_other_world_size(tmp_path):
+    """Saved by 2 processes, resumed by 1 (and the reverse): weights load exactly; the run continues."""
+    exp = tmp_path / "a"
+    run(exp, "--set", "train.max_steps=3", "--set", "train.ckpt_every=3", nproc=2)
+    saved = weights(ck.list_checkpoints(exp)[-1])
+    res = run(exp, "--set", "train.max_steps=5", "--set", "train.ckpt_every=5")
+    assert "from a checkpoint of another size" in res.stdout
+    assert [c.name for c in ck.list_checkpoints(exp)] == ["step_00000003", "step_00000005"]
+    # And back: one process wrote step 5, two processes load it.
+    run(exp, "--set", "train.max_steps=6", "--set", "train.ckpt_every=6", nproc=2)
+    assert [m for m in (json.loads(x) for x in (exp / "metrics.jsonl").read_text().splitlines())][-1]["step"] == 6
+    assert_same(saved, weights(exp / "checkpoints" / "step_00000003"))
+
+
+def test_sigkill_during_save_keeps_complete_checkpoints(tmp_path):
+    exp = tmp_path / "k"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "minfm_core.cli.main", "run", str(TINY), "--set", f"run.exp_dir={exp}",
+           "--set", "train.max_steps=200", "--set", "train.ckpt_every=1", "--set", "train.keep_last=0"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    ckpts = exp / "checkpoints"
+    deadline = time.time() + 120
+    caught = False
+    while time.time() < deadline:
+        tmp = list(ckpts.glob(".tmp-*")) if ckpts.is_dir() else []
+        if tmp and len(ck.list_checkpoints(exp)) >= 2:
+            caught = True
+            break
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert caught, "never saw a save in progress"
+    complete = ck.list_checkpoints(exp)
+    assert complete, "no complete checkpoint"
+    for c in complete:
+        assert (c / ".metadata").is_file() and (c / "rank_0.safetensors").is_file()
+    last = complete[-1]
+    weights(last)  # every complete checkpoint loads
+    res = run_minfm("run", str(TINY), "--set", f"run.exp_dir={exp}", "--set", f"train.max_steps={int(last.name[5:]) + 1}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"resumed from {last} at step {int(last.name[5:])}" in res.stdout
+    assert not list(ckpts.glob(".tmp-*"))  # the leftover partial save was cleaned up
+
+
+def test_partial_directories_are_never_complete(tmp_path):
+    root = tmp_path / "checkpoints"
+    (root / ".tmp-step_00000009").mkdir(parents=True)
+    (root / ".tmp-step_00000009" / ".metadata").write_text("x")
+    (root / "step_00000008").mkdir()  # no .metadata: a copy that never finished
+    (root / "step_00000007").mkdir()
+    (root / "step_00000007" / ".metadata").write_text("x")
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["step_00000007"]
+    assert ck.find_checkpoint(tmp_path).name == "step_00000007"
+
+
+def test_load_plan_parsing():
+    assert ck.parse_load_plan("ema:model, optimizer:optimizer") == {"model": "ema", "optimizer": "optimizer"}
+    with pytest.raises(Exception, match=r"train.init_load_plan: unknown part 'optimiser' \(did you mean 'optimizer'\?\)"):
+        ck.parse_load_plan("optimiser:optimizer")
+    with pytest.raises(Exception, match="cannot load 'optimizer' into 'model'"):
+        ck.parse_load_plan("optimizer:model")
+
+
+def test_init_from_ema_into_model(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    run(src, "--set", "train.max_steps=3", "--set", "train.ckpt_every=3")
+    src_ckpt = ck.list_checkpoints(src)[-1]
+    run(dst, "--set", "train.max_steps=1", "--set", f"train.init_from={src}",
+        "--set", "train.init_load_plan='ema:model'", "--set", "train.lr=0.0", "--set", "train.min_lr=0.0",
+        "--set", "train.ckpt_every=1")
+    # lr 0: the model after one step is exactly the source's EMA; the optimizer started fresh.
+    assert_same(weights(ck.list_checkpoints(dst)[-1]), weights(src_ckpt, "ema"))
+    assert losses(dst)  # it trained from there
+
+
+def test_unknown_load_plan_entry_exit_2(tmp_path):
+    src = tmp_path / "src"
+    run(src, "--set", "train.max_steps=1", "--set", "train.ckpt_every=1")
+    res = run(tmp_path / "dst", "--set", f"train.init_from={src}", "--set", "train.init_load_plan='emma:model'", check=False)
+    assert res.returncode == 2
+    assert "train.init_load_plan: unknown part 'emma' (did you mean 'ema'?)" in res.stderr
+    assert "Traceback" not in res.stderr
