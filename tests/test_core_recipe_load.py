@@ -102,3 +102,12 @@ def test_loggers_are_component_tables(toy_registry):
     raw = {"model": {"denoiser": "flux"}, "logging": {"loggers": [{"name": "console"}, {"name": "jsonl"}]}}
     resolved = resolve_recipe(raw, registry=toy_registry)
     assert [resolved[f"logging.loggers[{i}]"].component.name for i in range(2)] == ["console", "jsonl"]
+
+
+def test_renaming_a_component_drops_its_old_options(tmp_path):
+    write(tmp_path / "base.toml", '[parallel]\nname = "fsdp2"\nshard_size = 2\n[train]\nlr = 0.1\n')
+    child = write(tmp_path / "c.toml", 'extends = "base.toml"\n[parallel]\nname = "none"\n')
+    assert load_recipe_dict(child)["parallel"] == {"name": "none"}
+    base = tmp_path / "base.toml"
+    assert load_recipe_dict(base, ["parallel.name=none"])["parallel"] == {"name": "none"}
+    assert load_recipe_dict(base, ["parallel.name=fsdp2"])["parallel"] == {"name": "fsdp2", "shard_size": 2}

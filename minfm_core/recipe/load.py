@@ -19,14 +19,22 @@ from .toml import tomllib
 
 
 def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """Tables merge key by key; any other value in ``over`` replaces the base's."""
+    """Tables merge key by key; any other value in ``over`` replaces the base's.
+
+    A component table whose ``name`` changes is replaced whole.
+    """
     out = copy.deepcopy(dict(base))
     for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) and not _renamed(out[key], value):
             out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+def _renamed(base: Mapping[str, Any], over: Mapping[str, Any]) -> bool:
+    """A component table that picks another component starts afresh (old options don't apply)."""
+    return "name" in over and "name" in base and over["name"] != base["name"]
 
 
 def _read(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
@@ -72,6 +80,8 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
             if not isinstance(child, dict):
                 raise RecipeError(f"--set {text!r}: {'.'.join(keys[: i + 1])} is not a table")
             node = child
+        if keys[-1] == "name" and node.get("name", value) != value:
+            node.clear()  # another component: the previous one's options do not apply
         node[keys[-1]] = value
     return data
 
