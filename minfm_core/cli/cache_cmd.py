@@ -1,5 +1,59 @@
-"""``minfm cache``: pre-fetch pretrained weights (and, later, latents)."""
+"""``minfm cache``: pre-fetch pretrained weights, and encode a dataset's latents once.
+
+``minfm cache models RECIPE`` downloads every pretrained reference the recipe's
+components name (T5, CLIP, VAE, denoiser, ...) so that later runs work with
+``HF_HUB_OFFLINE=1``; run with ``HF_HUB_OFFLINE=1`` itself, it only checks that
+every reference is already cached. A component lists its references in a ``pretrained_refs``
+config property, or names one in a ``pretrained`` field (see
+``minfm_core.pretrained.pretrained_refs``); local paths are left alone.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from ..pretrained import fetch_pretrained, is_local, pretrained_refs
+from ..recipe import load_recipe
+from . import latents_cmd
 
 
 def register(sub) -> None:
-    """Add ``minfm cache ...`` (being written)."""
+    from .main import _Parser, add_recipe_args
+
+    p = sub.add_parser("cache", help="pre-fetch pretrained weights; encode a dataset's latents once")
+    what = p.add_subparsers(dest="cache_what", metavar="WHAT", parser_class=_Parser)
+    p.set_defaults(func=lambda args: (p.print_help(sys.stderr), 2)[1])
+
+    m = what.add_parser("models", help="download every pretrained weight the recipe names (T5, CLIP, VAE, denoiser)")
+    add_recipe_args(m)
+    m.set_defaults(func=run_models)
+
+    latents_cmd.register(what)
+
+
+def recipe_refs(resolved) -> list[tuple[str, str]]:
+    """(slot path, reference) for every pretrained reference in a resolved recipe, in slot order."""
+    out: list[tuple[str, str]] = []
+    for path, slot in resolved.slots.items():
+        for ref in pretrained_refs(slot.config):
+            if (path, ref) not in out:
+                out.append((path, ref))
+    return out
+
+
+def run_models(args) -> int:
+    resolved = load_recipe(args.recipe, args.overrides)
+    refs = recipe_refs(resolved)
+    if not refs:
+        print(f"{args.recipe}: names no pretrained weights; nothing to fetch")
+        return 0
+    fetched = 0
+    for path, ref in refs:
+        if is_local(ref):
+            print(f"{path}: {ref} (local, skipped)")
+            continue
+        local = fetch_pretrained(ref)
+        fetched += 1
+        print(f"{path}: {ref} -> {local}")
+    print(f"{fetched} Hub reference(s) in the Hugging Face cache; later runs can set HF_HUB_OFFLINE=1")
+    return 0

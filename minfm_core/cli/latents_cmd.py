@@ -1,0 +1,132 @@
+"""``minfm cache latents RECIPE``: encode the recipe's dataset once with its VAE.
+
+Output, per split (the layout the datasets' ``use_cached_latents`` reads, docs/data.md)::
+
+    OUT/<split>/part-00000.safetensors   latents (C, F, h, w) keyed by item index "00000042"
+    OUT/<split>/part-00000.json          that shard's entries (written last: marks it done)
+    OUT/<split>/index.json               {"entries": [{shard, key, prompt, label?, split, size}]}
+
+Shard ``i`` holds items ``[i * shard_size, (i + 1) * shard_size)``. Every file is written
+to a temporary name and renamed, so an interrupted run leaves no half shard; a rerun skips
+finished shards. Under torchrun (``RANK``/``WORLD_SIZE``) rank ``r`` encodes the shards
+``i % WORLD_SIZE == r``; whichever rank finds every shard done writes the index.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import MinfmError
+from ..recipe import load_recipe
+
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+def register(what) -> None:
+    from .main import add_recipe_args
+
+    p = what.add_parser("latents", help="encode the recipe's dataset with its VAE into safetensors shards")
+    add_recipe_args(p)
+    p.add_argument("--out", help="output folder (default: data.latents_dir if the dataset has one, else <exp_dir>/latents)")
+    p.add_argument("--split", action="append", dest="splits", metavar="SPLIT",
+                   help="dataset split to encode (repeatable; default: train)")
+    p.add_argument("--shard-size", type=int, default=1024, metavar="N", help="items per shard (default 1024)")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per VAE call (default 32)")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="dtype the latents are stored in (default fp32)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="encode only the first N items of each split")
+    p.set_defaults(func=run)
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _atomic_write(path, lambda p: p.write_text(json.dumps(obj, ensure_ascii=False, indent=1)))
+
+
+def _shard_name(i: int) -> str:
+    return f"part-{i:05d}"
+
+
+def encode_split(vae, dataset, out: Path, split: str, *, shard_size: int, batch_size: int, dtype: str,
+                 limit: int | None = None, rank: int = 0, world: int = 1, seed: int = 0, log=print) -> dict[str, int]:
+    """Encode this rank's unfinished shards of one split; write the index when all are done."""
+    import inspect
+
+    import torch
+    from safetensors.torch import save_file
+
+    takes_generator = "generator" in inspect.signature(vae.encode).parameters
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    n_shards = (n + shard_size - 1) // shard_size
+    out.mkdir(parents=True, exist_ok=True)
+    stats = {"encoded": 0, "skipped": 0}
+    device = next(iter(vae.parameters()), torch.empty(0)).device
+    for s in range(rank, n_shards, world):
+        done = out / f"{_shard_name(s)}.json"
+        if done.exists():
+            stats["skipped"] += 1
+            continue
+        lo, hi = s * shard_size, min((s + 1) * shard_size, n)
+        tensors: dict[str, Any] = {}
+        entries = []
+        # per-shard generator: a resumed or re-sharded run draws the same posterior samples
+        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + s)
+        for start in range(lo, hi, batch_size):
+            items = [dataset[i] for i in range(start, min(start + batch_size, hi))]
+            if any("image" not in it for it in items):
+                raise MinfmError("cache latents: the dataset already yields latents (is use_cached_latents set?)")
+            images = [it["image"] for it in items]
+            latents = vae.encode(images, generator=gen) if takes_generator else vae.encode(images)
+            for i, item, z in zip(range(start, hi), items, latents):
+                key = f"{i:08d}"
+                tensors[key] = z.detach().to("cpu", torch_dtype).contiguous()
+                entry = {"shard": f"{_shard_name(s)}.safetensors", "key": key, "prompt": item.get("prompt", ""),
+                         "split": split, "size": list(item["image"].shape[1:])}
+                if item.get("label") is not None:
+                    entry["label"] = int(item["label"])
+                entries.append(entry)
+        _atomic_write(out / f"{_shard_name(s)}.safetensors", lambda p: save_file(tensors, str(p)))
+        _write_json(done, entries)  # last: its presence marks the shard finished
+        stats["encoded"] += 1
+        log(f"{split}: shard {s + 1}/{n_shards} ({hi - lo} items)")
+    parts = [out / f"{_shard_name(s)}.json" for s in range(n_shards)]
+    if all(p.exists() for p in parts):
+        entries = [e for p in parts for e in json.loads(p.read_text())]
+        _write_json(out / "index.json", {"entries": entries, "num_items": len(entries), "dtype": dtype})
+        stats["indexed"] = len(entries)
+    return stats
+
+
+def run(args) -> int:
+    import torch
+
+    if args.shard_size < 1 or args.batch_size < 1:
+        raise MinfmError("--shard-size and --batch-size must be positive")
+    # Ranks here only split the shards: the recipe's training parallelism is not checked.
+    resolved = load_recipe(args.recipe, args.overrides, world_size=1)
+    data = resolved.get("data")
+    if data is None:
+        raise MinfmError(f"{args.recipe}: has no [data] section to encode")
+    if getattr(data.config, "use_cached_latents", False):
+        raise MinfmError("data.use_cached_latents: set it to false to encode the images (--set data.use_cached_latents=false)")
+    out = Path(args.out or getattr(data.config, "latents_dir", "") or Path(resolved.recipe.run.exp_dir) / "latents")
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu")
+    vae = resolved.build("model.vae").to(device)
+    for split in args.splits or ["train"]:
+        dataset = data.build(split=split)
+        stats = encode_split(vae, dataset, out / split, split, shard_size=args.shard_size, batch_size=args.batch_size,
+                             dtype=args.dtype, limit=args.limit, rank=rank, world=world,
+                             seed=resolved.recipe.run.seed, log=lambda m: print(m, file=sys.stderr))
+        done = f"; index of {stats['indexed']} items written" if "indexed" in stats else "; waiting for other ranks' shards"
+        print(f"{out / split}: encoded {stats['encoded']} shard(s), skipped {stats['skipped']} finished{done}")
+    return 0

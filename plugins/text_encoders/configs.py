@@ -1,0 +1,168 @@
+"""Configs of the built-in text encoders (no torch here: plugin loading stays fast).
+
+Every config exposes ``dim`` (the width of what the encoder returns) without reading a
+file, so ``minfm check`` can cross-check it against the denoiser and build the exact
+structure on the meta device. T5 and CLIP name an architecture ``variant`` (a preset of
+the transformers config) plus free-form ``arch`` overrides; a loaded checkpoint must
+agree with them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+import attrs
+
+from minfm_core.config import config, field
+
+from .presets import CLIP_PRESETS, T5_PRESETS
+from .words import SHAPES_WORDS
+
+Dtype = Literal["fp32", "bf16", "fp16"]
+_positive = attrs.validators.gt(0)
+
+
+def _known_keys(presets: dict[str, dict[str, Any]]):
+    keys = set().union(*presets.values())
+
+    def check(inst, attribute, value) -> None:
+        bad = [k for k in value if not isinstance(k, str)]
+        if bad:
+            raise ValueError(f"{attribute.name}: keys must be strings, got {bad}")
+        unknown = [k for k in value if k not in keys and k not in _EXTRA_ARCH_KEYS]
+        if unknown:
+            raise ValueError(f"{attribute.name}: unknown architecture key(s) {', '.join(unknown)}; known: {', '.join(sorted(keys))}")
+
+    return check
+
+
+TOKENIZER_DOC = (
+    "tokenizer folder or Hub reference; None: the pretrained folder, or its sibling tokenizer[_N] "
+    "when pretrained is a diffusers pipeline's text_encoder[_N] folder"
+)
+
+
+def default_tokenizer(pretrained: str | None) -> str | None:
+    """Where the tokenizer of ``pretrained`` lives: diffusers pipelines keep it in a sibling folder."""
+    if not pretrained:
+        return None
+    head, _, last = pretrained.rstrip("/").rpartition("/")
+    m = re.fullmatch(r"text_encoder(_\d+)?", last)
+    if head and m:
+        return f"{head}/tokenizer{m[1] or ''}"
+    return pretrained
+
+
+#: Config keys that no preset sets but tiny test models need (token ids).
+_EXTRA_ARCH_KEYS = {"pad_token_id", "eos_token_id", "bos_token_id", "decoder_start_token_id"}
+
+
+@config
+class T5EncoderConfig:
+    """T5 encoder (transformers): packed per-token prompt embeddings without padding tokens."""
+
+    pretrained: str | None = field(
+        "black-forest-labs/FLUX.1-schnell/text_encoder_2",
+        doc="folder with config.json and safetensors weights, or a Hub reference org/name[@rev][/path]; "
+        "None: random weights (tests)",
+    )
+    tokenizer: str | None = field(None, doc=TOKENIZER_DOC)
+    variant: Literal[tuple(T5_PRESETS)] = field(  # type: ignore[valid-type]
+        "t5-v1_1-xxl", doc="architecture preset (flan-t5-* share the t5-v1_1-* shapes); builds the structure offline"
+    )
+    arch: dict = field(factory=dict, doc="overrides of the preset's transformers T5Config fields (e.g. tiny test models)",
+                       validator=_known_keys(T5_PRESETS))
+    max_length: int = field(256, doc="tokens per prompt, truncated beyond (FLUX-dev: 512, schnell: 256)", validator=_positive)
+    mask_padding: bool = field(True, doc="hide padding tokens from T5's attention (False: BFL FLUX, pads to max_length)")
+    keep_padding: bool = field(False, doc="return the padding tokens too (every prompt max_length tokens)")
+    dtype: Dtype = field("bf16", doc="weights and compute dtype")
+    compile: bool = field(True, doc="torch.compile the encoder when it runs on CUDA (never on CPU)")
+
+    @property
+    def dim(self) -> int:
+        return int({**T5_PRESETS[self.variant], **self.arch}["d_model"])
+
+    @property
+    def pooled(self) -> bool:
+        return False
+
+    @property
+    def tokenizer_ref(self) -> str | None:
+        return self.tokenizer or default_tokenizer(self.pretrained)
+
+    @property
+    def pretrained_refs(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(r for r in (self.pretrained, self.tokenizer_ref) if r))
+
+
+@config
+class ClipEncoderConfig:
+    """CLIP text encoder (transformers): one pooled vector per prompt for the denoiser's vec input."""
+
+    pretrained: str | None = field(
+        "black-forest-labs/FLUX.1-schnell/text_encoder",
+        doc="folder with config.json and safetensors weights, or a Hub reference org/name[@rev][/path]; "
+        "None: random weights (tests)",
+    )
+    tokenizer: str | None = field(None, doc=TOKENIZER_DOC)
+    variant: Literal[tuple(CLIP_PRESETS)] = field(  # type: ignore[valid-type]
+        "clip-vit-large-patch14", doc="architecture preset of the text tower; builds the structure offline"
+    )
+    arch: dict = field(factory=dict, doc="overrides of the preset's transformers CLIPTextConfig fields",
+                       validator=_known_keys(CLIP_PRESETS))
+    max_length: int = field(77, doc="tokens per prompt, truncated beyond (CLIP's position table: 77)", validator=_positive)
+    dtype: Dtype = field("bf16", doc="weights and compute dtype")
+    compile: bool = field(True, doc="torch.compile the encoder when it runs on CUDA (never on CPU)")
+
+    @property
+    def dim(self) -> int:
+        return int({**CLIP_PRESETS[self.variant], **self.arch}["hidden_size"])
+
+    @property
+    def pooled(self) -> bool:
+        return True
+
+    @property
+    def tokenizer_ref(self) -> str | None:
+        return self.tokenizer or default_tokenizer(self.pretrained)
+
+    @property
+    def pretrained_refs(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(r for r in (self.pretrained, self.tokenizer_ref) if r))
+
+
+@config
+class ClassEmbeddingConfig:
+    """A fixed table of per-class embeddings addressed by prompt text (ImageNet labels; '' = unconditional)."""
+
+    embeddings: str = field(doc="safetensors file (or Hub reference) holding the (num_rows, dim) table")
+    labels: str | None = field(
+        None, doc="JSON file (or Hub reference) mapping prompt text -> row, '' = unconditional; "
+        "None: the 'labels' JSON stored in the safetensors file's metadata"
+    )
+    tensor: str = field("embeddings", doc="name of the table inside the safetensors file")
+    num_rows: int = field(1001, doc="rows of the table: classes plus the unconditional row (ImageNet: 1000 + 1)",
+                          validator=_positive)
+    dim: int = field(768, doc="embedding width", validator=_positive)
+    pooled: bool = field(False, doc="True: one (n, dim) vector per prompt (vec input); False: one token per prompt")
+    unknown: Literal["error", "unconditional"] = field(
+        "error", doc="what an unknown prompt gets: an error, or the unconditional row"
+    )
+    dtype: Dtype = field("fp32", doc="dtype of the table")
+
+    @property
+    def pretrained_refs(self) -> tuple[str, ...]:
+        return tuple(r for r in (self.embeddings, self.labels) if r)
+
+
+@config
+class VocabEncoderConfig:
+    """Frozen word-vocabulary encoder for the built-in shapes captions: fixed seeded embeddings, no files."""
+
+    dim: int = field(64, doc="embedding width", validator=_positive)
+    pooled: bool = field(False, doc="True: the mean over a prompt's tokens (n, dim); False: packed per-token")
+    words: tuple[str, ...] = field(SHAPES_WORDS, doc="vocabulary (lower-case); other words map to <unk>")
+    max_length: int = field(32, doc="tokens per prompt including the closing <eos>", validator=attrs.validators.gt(1))
+    seed: int = field(0, doc="seed of the embeddings; each word's row depends only on (seed, word)")
+    dtype: Dtype = field("fp32", doc="dtype of the table")

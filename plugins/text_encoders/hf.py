@@ -1,0 +1,87 @@
+"""Shared by the transformers-backed encoders (T5, CLIP): structure, weights, tokenizer, compile."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from minfm_core.errors import MinfmError
+from minfm_core.pretrained import resolve_pretrained
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_structure(model_cls: Any, config_cls: Any, preset: dict, arch: dict) -> nn.Module:
+    """A randomly initialised model (or meta tensors under ``torch.device('meta')``)."""
+    return model_cls(config_cls(**{**preset, **arch}))
+
+
+def _dtype_kwarg(dtype: torch.dtype) -> dict:
+    import transformers
+    from packaging.version import Version
+
+    # transformers 4.56 renamed `torch_dtype` to `dtype`.
+    name = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    return {name: dtype}
+
+
+def load_pretrained(model_cls: Any, ref: str, dtype: torch.dtype, expect: dict[str, Any], what: str) -> nn.Module:
+    """Load safetensors weights from a folder or Hub reference and check the architecture."""
+    folder = resolve_pretrained(ref)
+    if not folder.is_dir() or not (folder / "config.json").exists():
+        raise MinfmError(f"{what}: {ref} ({folder}) is not a model folder with config.json")
+    if not any(folder.glob("*.safetensors")):
+        raise MinfmError(f"{what}: {ref} has no .safetensors weights (minFM never reads pickled weights)")
+    model = model_cls.from_pretrained(str(folder), use_safetensors=True, **_dtype_kwarg(dtype))
+    bad = [f"{k} = {getattr(model.config, k)!r} (the config says {v!r})"
+           for k, v in expect.items() if getattr(model.config, k) != v]
+    if bad:
+        raise MinfmError(f"{what}: {ref} has {', '.join(bad)}; pick the matching variant or set arch")
+    return model
+
+
+def load_tokenizer(ref: str, what: str) -> Any:
+    from transformers import AutoTokenizer
+
+    folder = resolve_pretrained(ref)
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError) as exc:
+        raise MinfmError(f"{what}: no usable tokenizer in {ref} ({folder}): {str(exc).splitlines()[0][:200]}") from None
+
+
+class HFTextEncoder(nn.Module):
+    """Holds a frozen transformers encoder and its (lazily loaded) tokenizer."""
+
+    def __init__(self, cfg: Any, model: nn.Module, what: str):
+        super().__init__()
+        self.cfg = cfg
+        self.model = model
+        self.dim = cfg.dim
+        self.pooled = cfg.pooled
+        self._what = what
+        self._tokenizer: Any = None
+        self.__dict__["_compiled"] = None  # not a submodule: keeps state_dict names plain
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            ref = self.cfg.tokenizer_ref
+            if not ref:
+                raise MinfmError(f"{self._what}: no tokenizer (set tokenizer or pretrained)")
+            self._tokenizer = load_tokenizer(ref, self._what)
+        return self._tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def run(self, **inputs: Any) -> Any:
+        """Call the encoder, compiled on first use when on CUDA and ``compile`` is set."""
+        if self.cfg.compile and self.device.type == "cuda":
+            if self.__dict__["_compiled"] is None:
+                self.__dict__["_compiled"] = torch.compile(self.model)
+            return self.__dict__["_compiled"](**inputs)
+        return self.model(**inputs)

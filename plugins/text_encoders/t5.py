@@ -1,0 +1,51 @@
+"""T5 encoder: prompts -> packed per-token embeddings without padding, plus lengths."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .configs import T5EncoderConfig
+from .hf import DTYPES, HFTextEncoder, build_structure, load_pretrained
+from .presets import T5_PRESETS
+
+
+class T5Encoder(HFTextEncoder):
+    @torch.no_grad()
+    def forward(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """``(tokens (sum of lens, dim), lens (n,))``: padding tokens are never returned
+        (unless ``keep_padding``), so the denoiser never attends to them."""
+        cfg = self.cfg
+        device = self.device
+        if not prompts:
+            return torch.empty(0, self.dim, device=device), torch.empty(0, dtype=torch.long, device=device)
+        # Padding to max_length is only needed when pads are visible (BFL-style); with
+        # masking, a real token's output does not depend on how many pads follow it.
+        full = cfg.keep_padding or not cfg.mask_padding
+        batch = self.tokenizer(
+            list(prompts), truncation=True, max_length=cfg.max_length,
+            padding="max_length" if full else "longest", return_tensors="pt",
+        )
+        ids = batch["input_ids"].to(device)
+        mask = batch["attention_mask"].to(device)
+        hidden = self.run(input_ids=ids, attention_mask=mask if cfg.mask_padding else torch.ones_like(mask))
+        hidden = hidden.last_hidden_state  # (n, l, dim)
+        keep = torch.ones_like(mask, dtype=torch.bool) if cfg.keep_padding else mask.bool()
+        return hidden[keep], keep.sum(dim=1)
+
+
+def build_t5(cfg: T5EncoderConfig, *, load_weights: bool = True) -> T5Encoder:
+    """Frozen T5 encoder; ``load_weights=False`` builds the structure only (no file access)."""
+    from transformers import T5Config, T5EncoderModel
+
+    preset = {**T5_PRESETS[cfg.variant], **cfg.arch}
+    dtype = DTYPES[cfg.dtype]
+    if load_weights and cfg.pretrained:
+        expect = {k: preset[k] for k in ("d_model", "num_layers", "num_heads", "d_ff")}
+        model = load_pretrained(T5EncoderModel, cfg.pretrained, dtype, expect, "t5")
+    else:
+        model = build_structure(T5EncoderModel, T5Config, preset, {})
+    enc = T5Encoder(cfg, model.to(dtype), "t5").eval().requires_grad_(False)
+    if load_weights:
+        _ = enc.tokenizer  # fail at build time, not at the first batch
+    return enc

@@ -1,0 +1,80 @@
+"""Configs of the built-in VAEs (no torch here: plugin loading stays fast)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+
+from minfm_core.config import config, field
+from minfm_core.pretrained import is_local, parse_hub_ref
+
+Dtype = Literal["fp32", "bf16", "fp16"]
+_positive = attrs.validators.gt(0)
+
+
+def _groups_divide_channels(inst, attribute, value) -> None:
+    bad = [c for c in inst.block_out_channels if c % value]
+    if bad:
+        raise ValueError(f"{attribute.name}: {value} does not divide block_out_channels {bad}")
+
+
+def _non_empty(inst, attribute, value) -> None:
+    if not value or any(c <= 0 for c in value):
+        raise ValueError(f"{attribute.name}: expected one or more positive channel counts, got {value}")
+
+
+def vae_source(pretrained: str) -> str:
+    """A Hub repo root means its diffusers ``vae/`` folder (FLUX repos are diffusers pipelines)."""
+    hub = None if is_local(pretrained) else parse_hub_ref(pretrained)
+    return f"{pretrained}/vae" if hub is not None and not hub.subpath else pretrained
+
+
+@config
+class FluxAEConfig:
+    """FLUX autoencoder (diffusers AutoencoderKL): 16 latent channels, 8x downsampling, scale and shift."""
+
+    pretrained: str | None = field(
+        "black-forest-labs/FLUX.1-schnell/vae",
+        doc="a diffusers VAE folder (or a pipeline folder with vae/), an original BFL ae.safetensors file, "
+        "or a Hub reference org/name[@rev][/path] to either (a bare repo id means its vae/); None: random weights",
+    )
+    dtype: Dtype = field("bf16", doc="weights and compute dtype; latents come back in the images' dtype")
+    sample_posterior: bool = field(True, doc="encode to a sample of the posterior (as the seed and FLUX do), not its mean")
+    scale: float = field(0.3611, doc="latent = scale * (z - shift) on encode, undone on decode (FLUX: 0.3611)")
+    shift: float = field(0.1159, doc="latent shift (FLUX: 0.1159)")
+    chunk_size: int = field(64, doc="frames per encoder/decoder call (bounds activation memory)", validator=_positive)
+    image_channels: int = field(3, doc="channels of the images", validator=_positive)
+    latent_channels: int = field(16, doc="channels of the latents (FLUX: 16)", validator=_positive)
+    block_out_channels: tuple[int, ...] = field(
+        (128, 256, 512, 512), doc="channels per resolution level; each level after the first halves H and W",
+        validator=_non_empty,
+    )
+    layers_per_block: int = field(2, doc="ResNet blocks per encoder level (the decoder has one more)", validator=_positive)
+    norm_num_groups: int = field(32, doc="GroupNorm groups; must divide every block_out_channels entry",
+                                 validator=[_positive, _groups_divide_channels])
+
+    @property
+    def compression(self) -> tuple[int, int, int]:
+        """(frames, height, width) downsampling: an image VAE keeps frames, halves H/W per extra level."""
+        s = 2 ** (len(self.block_out_channels) - 1)
+        return (1, s, s)
+
+    @property
+    def pretrained_refs(self) -> tuple[str, ...]:
+        return (vae_source(self.pretrained),) if self.pretrained else ()
+
+
+@config
+class IdentityVAEConfig:
+    """No autoencoder: train on pixels (small data); compression 1, latent channels = image channels."""
+
+    channels: int = field(3, doc="channels of the images (and so of the 'latents')", validator=_positive)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.channels
+
+    @property
+    def compression(self) -> tuple[int, int, int]:
+        return (1, 1, 1)

@@ -1,0 +1,176 @@
+"""`minfm cache latents`: shards + index, resume without re-encoding, ranks, equality with on-the-fly encoding."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+VAE = dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4)
+
+
+@pytest.fixture(scope="module")
+def vae_folder(tmp_path_factory) -> Path:
+    from diffusers import AutoencoderKL
+
+    from minfm_plugins.vae.configs import FluxAEConfig
+    from minfm_plugins.vae.flux_ae import diffusers_config
+
+    folder = tmp_path_factory.mktemp("vae")
+    torch.manual_seed(0)
+    AutoencoderKL(**diffusers_config(FluxAEConfig(pretrained=None, **VAE))).save_pretrained(folder)
+    return folder
+
+
+def recipe(tmp_path: Path, vae_folder: Path, sample_posterior: bool = False) -> Path:
+    text = f"""
+[run]
+exp_dir = "{tmp_path / 'exp'}"
+
+[model.denoiser]
+name = "flux"
+flavor = "flux-debug"
+d_img = 16
+
+[model.vae]
+name = "flux_ae"
+pretrained = "{vae_folder}"
+dtype = "fp32"
+sample_posterior = {str(sample_posterior).lower()}
+block_out_channels = [8, 16]
+layers_per_block = 1
+norm_num_groups = 4
+latent_channels = 4
+
+[model.text_encoder]
+name = "vocab"
+dim = 64
+
+[model.clip_encoder]
+name = "vocab"
+dim = 32
+pooled = true
+
+[model.patchifier]
+name = "patch3d"
+patch_size = [1, 2, 2]
+
+[data]
+name = "shapes"
+sizes = [[16, 16], [16, 24], [24, 16]]
+size_multiple = 8
+num_samples = 10
+num_val_samples = 3
+"""
+    path = tmp_path / "recipe.toml"
+    path.write_text(text)
+    return path
+
+
+def on_the_fly(recipe_path: Path, split: str = "train"):
+    from minfm_core.recipe import load_recipe
+
+    r = load_recipe(recipe_path)
+    ds, vae = r.build("data", split=split), r.build("model.vae")
+    items = [ds[i] for i in range(len(ds))]
+    return items, vae.encode([it["image"] for it in items])
+
+
+def test_latents_cache_equals_on_the_fly_encoding(tmp_path, vae_folder, minfm):
+    path = recipe(tmp_path, vae_folder)
+    out = tmp_path / "latents"
+    res = minfm("cache", "latents", str(path), "--out", str(out), "--shard-size", "4", "--batch-size", "3",
+                "--split", "train", "--split", "val")
+    assert res.returncode == 0, res.stderr
+    assert "encoded 3 shard(s), skipped 0 finished; index of 10 items written" in res.stdout
+    index = json.loads((out / "train" / "index.json").read_text())["entries"]
+    assert len(index) == 10 and sorted({e["shard"] for e in index}) == [f"part-0000{i}.safetensors" for i in range(3)]
+
+    items, latents = on_the_fly(path)
+    for e, item, z in zip(index, items, latents):
+        assert e["prompt"] == item["prompt"] and e["label"] == item["label"] and e["size"] == list(item["image"].shape[1:])
+    # the datasets' cached-latent reader gives the latents the VAE gives on the fly
+    from minfm_core.config import structure
+    from minfm_core.registry import get_registry
+
+    comp = get_registry().get("dataset", "imagenet")
+    cached = comp.build(structure({"use_cached_latents": True, "latents_dir": str(out), "p_flip": 0.0}, comp.config))
+    assert len(cached) == 10
+    for i, z in enumerate(latents):
+        assert cached[i]["prompt"] == items[i]["prompt"]
+        torch.testing.assert_close(cached[i]["latent"], z)
+    val = json.loads((out / "val" / "index.json").read_text())["entries"]
+    assert len(val) == 3 and {e["split"] for e in val} == {"val"}
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_without_re_encoding_finished_shards(tmp_path, vae_folder, minfm):
+    path = recipe(tmp_path, vae_folder, sample_posterior=True)
+    out = tmp_path / "latents"
+    args = ("cache", "latents", str(path), "--out", str(out), "--shard-size", "4")
+    assert minfm(*args).returncode == 0
+    split = out / "train"
+    first = {p.name: p.stat().st_mtime_ns for p in split.glob("part-*")}
+    full = json.loads((split / "index.json").read_text())
+    from safetensors.torch import load_file
+
+    before = load_file(split / "part-00001.safetensors")
+    # an interruption inside shard 1: its latents may be there, its completion marker is not
+    (split / "part-00001.json").unlink()
+    (split / "index.json").unlink()
+    res = minfm(*args)
+    assert res.returncode == 0, res.stderr
+    assert "encoded 1 shard(s), skipped 2 finished; index of 10 items written" in res.stdout
+    for name in ("part-00000.safetensors", "part-00000.json", "part-00002.safetensors", "part-00002.json"):
+        assert (split / name).stat().st_mtime_ns == first[name]  # untouched
+    assert json.loads((split / "index.json").read_text()) == full
+    # posterior samples are seeded per shard: the re-encoded shard is the same
+    after = load_file(split / "part-00001.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_ranks_split_the_shards_and_the_last_writes_the_index(tmp_path, vae_folder, minfm):
+    path = recipe(tmp_path, vae_folder)
+    out = tmp_path / "latents"
+    args = ("cache", "latents", str(path), "--out", str(out), "--shard-size", "4", "--dtype", "bf16")
+    r1 = minfm(*args, env={"RANK": "1", "WORLD_SIZE": "2"})
+    assert r1.returncode == 0 and "encoded 1 shard(s)" in r1.stdout and "waiting for other ranks" in r1.stdout
+    assert sorted(p.name for p in (out / "train").glob("part-*.json")) == ["part-00001.json"]
+    r0 = minfm(*args, env={"RANK": "0", "WORLD_SIZE": "2"})
+    assert r0.returncode == 0 and "encoded 2 shard(s)" in r0.stdout and "index of 10 items" in r0.stdout
+    from safetensors.torch import load_file
+
+    assert load_file(out / "train" / "part-00000.safetensors")["00000000"].dtype == torch.bfloat16
+
+
+def test_a_recipe_without_data_is_a_user_error(tmp_path, vae_folder, minfm):
+    path = recipe(tmp_path, vae_folder)
+    path.write_text(path.read_text().split("[data]")[0])
+    res = minfm("cache", "latents", str(path))
+    assert res.returncode == 2 and "has no [data] section" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_latents_of_an_image_folder(tmp_path, vae_folder, minfm):
+    from PIL import Image
+
+    root = tmp_path / "images"
+    root.mkdir()
+    for i, (w, h) in enumerate([(32, 32), (48, 32), (32, 48)]):
+        Image.new("RGB", (w, h), (40 * i, 200, 30)).save(root / f"img{i}.png")
+        (root / f"img{i}.txt").write_text(f"picture number {i}")
+    path = recipe(tmp_path, vae_folder)
+    text = path.read_text().split("[data]")[0]
+    path.write_text(text + f'[data]\nname = "image_folder"\nroot = "{root}"\nval_fraction = 0.0\nmax_pixels = 1536\n')
+    out = tmp_path / "latents"
+    res = minfm("cache", "latents", str(path), "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    entries = json.loads((out / "train" / "index.json").read_text())["entries"]
+    assert sorted(e["prompt"] for e in entries) == [f"picture number {i}" for i in range(3)]
+    from safetensors.torch import load_file
+
+    shard = load_file(out / "train" / "part-00000.safetensors")
+    for e in entries:
+        f, h, w = e["size"]
+        assert tuple(shard[e["key"]].shape) == (4, f, h // 2, w // 2)

@@ -1,0 +1,127 @@
+"""Pretrained-weight resolution: local paths, Hub references, and the one-line offline error."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from minfm_core.errors import MinfmError
+from minfm_core.pretrained import HubRef, parse_hub_ref, pretrained_refs, resolve_pretrained
+
+
+@pytest.mark.parametrize(
+    "ref, want",
+    [
+        ("org/name", HubRef("org/name")),
+        ("black-forest-labs/FLUX.1-dev/vae", HubRef("black-forest-labs/FLUX.1-dev", None, "vae")),
+        ("org/name@v1.0/sub/ae.safetensors", HubRef("org/name", "v1.0", "sub/ae.safetensors")),
+        ("/abs/path", None),
+        ("./rel/path", None),
+        ("~/x/y", None),
+        ("justone", None),
+        ("org/name/../etc", None),
+    ],
+)
+def test_parse_hub_ref(ref, want):
+    assert parse_hub_ref(ref) == want
+    if want is not None:
+        assert str(want) == ref
+
+
+def test_local_paths_win(tmp_path):
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text("{}")
+    assert resolve_pretrained(str(tmp_path / "vae")) == tmp_path / "vae"
+    assert resolve_pretrained(str(tmp_path / "vae"), "config.json") == tmp_path / "vae" / "config.json"
+    with pytest.raises(MinfmError, match="has no weights.safetensors"):
+        resolve_pretrained(str(tmp_path / "vae"), "weights.safetensors")
+    with pytest.raises(MinfmError, match="no such file or directory"):
+        resolve_pretrained(str(tmp_path / "missing"))
+
+
+def test_pretrained_refs_of_a_config():
+    class WithField:
+        pretrained = "org/model"
+
+    class WithProperty:
+        pretrained = "ignored/here"
+        pretrained_refs = ("org/a", "", "org/b")
+
+    assert pretrained_refs(WithField()) == ("org/model",)
+    assert pretrained_refs(WithProperty()) == ("org/a", "org/b")
+    assert pretrained_refs(object()) == ()
+
+
+def offline_env(tmp_path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env.update(HF_HOME=str(tmp_path / "empty_hf_home"), HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
+    return env
+
+
+def test_offline_uncached_reference_is_one_clear_error(tmp_path):
+    code = textwrap.dedent(
+        """
+        from minfm_core.errors import MinfmError
+        from minfm_plugins.text_encoders.configs import T5EncoderConfig
+        from minfm_plugins.text_encoders.t5 import build_t5
+        try:
+            build_t5(T5EncoderConfig(pretrained="nobody/t5-not-cached"))
+        except MinfmError as exc:
+            print(exc)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=offline_env(tmp_path), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    msg = out.stdout.strip()
+    assert msg.startswith("nobody/t5-not-cached: not a local path and not in the Hugging Face cache")
+    assert "HF_HUB_OFFLINE=1" in msg and "minfm cache models RECIPE" in msg
+    assert "minfm hub pull nobody/t5-not-cached" in msg and "hf download nobody/t5-not-cached" in msg
+
+
+RECIPE = """
+[model.denoiser]
+name = "flux"
+flavor = "flux-debug"
+d_img = 12
+d_txt = 32
+d_vec = 32
+
+[model.text_encoder]
+name = "t5"
+pretrained = "nobody/t5-not-cached"
+variant = "t5-v1_1-small"
+arch = {d_model = 32, d_ff = 64, num_heads = 4, d_kv = 8, num_layers = 2}
+
+[model.clip_encoder]
+name = "vocab"
+dim = 32
+pooled = true
+
+[model.vae]
+name = "identity"
+
+[model.patchifier]
+name = "patch3d"
+patch_size = [1, 2, 2]
+"""
+
+
+def test_cli_offline_not_cached_exits_2_with_one_line(tmp_path, minfm):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(RECIPE)
+    env = offline_env(tmp_path)
+    # the recipe itself is fine: check never reads weights
+    ok = minfm("check", str(recipe), env=env)
+    assert ok.returncode == 0, ok.stderr
+    out = minfm("cache", "models", str(recipe), env=env)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith("minfm: error: nobody/t5-not-cached: not a local path and not in the Hugging Face cache")
+    assert "`minfm cache models RECIPE`" in lines[0] and "`hf download nobody/t5-not-cached`" in lines[0]
