@@ -1,0 +1,89 @@
+"""The FLUX denoiser's config and its named flavors (no torch import here).
+
+A recipe names a ``flavor`` and may override any field; a field left unset (None)
+takes the flavor's value. After construction every field holds its effective value,
+so ``cfg.d_img``, ``cfg.d_head``, ``cfg.rope_axes``, ... are always plain values (the
+core's cross-checks read them) and the resolved recipe written to a run directory
+spells out every dimension. Without a flavor every dimension must be given.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+
+from minfm_core.config import config, field
+
+#: Flavor name -> the value of every model field (parameter counts are pinned by tests).
+FLAVORS: dict[str, dict] = {
+    # A few hundred thousand parameters: unit tests and smoke runs.
+    "flux-debug": dict(
+        d_model=128, d_head=32, n_ds_blocks=2, n_ss_blocks=2, d_txt=64, d_vec=32, d_img=64,
+        rope_axes=(8, 12, 12), rope_theta=10_000, guidance_embed=False, mlp_ratio=4.0, qkv_bias=True,
+    ),
+    # The seed's ImageNet model: 560,246,848 parameters.
+    "flux-tiny": dict(
+        d_model=1024, d_head=64, n_ds_blocks=8, n_ss_blocks=16, d_txt=768, d_vec=768, d_img=64,
+        rope_axes=(8, 28, 28), rope_theta=10_000, guidance_embed=False, mlp_ratio=4.0, qkv_bias=True,
+    ),
+    # FLUX.1 [dev]: 11,901,408,320 parameters; loads black-forest-labs' flux1-dev.safetensors.
+    "flux-dev": dict(
+        d_model=3072, d_head=128, n_ds_blocks=19, n_ss_blocks=38, d_txt=4096, d_vec=768, d_img=64,
+        rope_axes=(16, 56, 56), rope_theta=10_000, guidance_embed=True, mlp_ratio=4.0, qkv_bias=True,
+    ),
+}
+
+_pos = attrs.validators.optional(attrs.validators.gt(0))
+
+
+@config
+class FluxConfig:
+    """FLUX MMDiT on packed text+image sequences (double- then single-stream blocks)."""
+
+    flavor: Literal["flux-debug", "flux-tiny", "flux-dev"] | None = field(
+        None, doc="named defaults for every field left unset (flux-debug, flux-tiny, flux-dev)"
+    )
+    d_model: int | None = field(None, doc="hidden width (heads = d_model / d_head)", validator=_pos)
+    d_head: int | None = field(None, doc="width of one attention head", validator=_pos)
+    n_ds_blocks: int | None = field(None, doc="double-stream blocks (separate text/image weights)")
+    n_ss_blocks: int | None = field(None, doc="single-stream blocks (shared weights, fused linear1/linear2)")
+    d_txt: int | None = field(None, doc="width of the text encoder's token embeddings", validator=_pos)
+    d_vec: int | None = field(None, doc="width of the pooled conditioning vector (CLIP / class embedding)", validator=_pos)
+    d_img: int | None = field(None, doc="width of one image token = latent channels x patch volume", validator=_pos)
+    rope_axes: tuple[int, ...] | None = field(None, doc="RoPE dims per position axis (t, y, x); sum = d_head, each even")
+    rope_theta: int | None = field(None, doc="RoPE base frequency", validator=_pos)
+    guidance_embed: bool | None = field(None, doc="add a distilled-guidance embedding (FLUX.1-dev)")
+    mlp_ratio: float | None = field(None, doc="MLP hidden width / d_model", validator=_pos)
+    qkv_bias: bool | None = field(None, doc="bias in the q/k/v projections")
+    pretrained: str | None = field(
+        None, doc="weights to load: a BFL .safetensors file, a folder holding one (or a diffusers transformer), or a Hub id"
+    )
+
+    def __attrs_post_init__(self) -> None:
+        base = FLAVORS.get(self.flavor, {}) if self.flavor else {}
+        missing = []
+        for name in MODEL_FIELDS:
+            if getattr(self, name) is None:
+                if name in base:
+                    object.__setattr__(self, name, base[name])
+                else:
+                    missing.append(name)
+        if missing:
+            raise ValueError(f"no flavor given, so these must be set: {', '.join(missing)}")
+        if self.d_model % self.d_head:
+            raise ValueError(f"d_model {self.d_model} is not a multiple of d_head {self.d_head}")
+        if len(self.rope_axes) != 3 or any(a <= 0 or a % 2 for a in self.rope_axes):
+            raise ValueError(f"rope_axes {self.rope_axes} must be 3 positive even numbers (t, y, x)")
+
+    @property
+    def n_heads(self) -> int:
+        return self.d_model // self.d_head
+
+    @property
+    def d_mlp(self) -> int:
+        return int(self.d_model * self.mlp_ratio)
+
+
+#: The fields a flavor fills in (everything but ``flavor`` and ``pretrained``).
+MODEL_FIELDS = tuple(a.name for a in attrs.fields(FluxConfig) if a.name not in ("flavor", "pretrained"))

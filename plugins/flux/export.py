@@ -1,0 +1,74 @@
+"""Export native FLUX weights as a diffusers ``FluxTransformer2DModel`` folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from minfm_core.config import structure
+from minfm_core.errors import MinfmError
+
+from .config import FluxConfig
+from .model import Flux
+from .state_dict import bfl_to_diffusers, check_state_dict, strip_prefix
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def config_from_recipe(path: Path) -> FluxConfig:
+    """The denoiser config of a (resolved) recipe file."""
+    from minfm_core.recipe.load import load_recipe_dict
+
+    raw = load_recipe_dict(path, ())
+    table = dict(raw.get("model", {}).get("denoiser") or {})
+    if table.pop("name", None) != "flux":
+        raise MinfmError(f"{path}: model.denoiser is not a 'flux' denoiser")
+    return structure(table, FluxConfig, path="model.denoiser", source=str(path))
+
+
+def _source(src: Path, flavor: str | None, ema: bool) -> tuple[Path, FluxConfig]:
+    if src.is_dir():
+        weights = src / ("ema.safetensors" if ema else "model.safetensors")
+        recipe = src / "recipe.toml"
+        if not weights.exists():
+            raise MinfmError(f"{src}: no {weights.name}")
+    elif src.suffix == ".safetensors" and src.exists():
+        weights, recipe = src, src.parent / "recipe.toml"
+    else:
+        raise MinfmError(f"{src}: expected a .safetensors file or a folder holding model.safetensors")
+    if flavor is not None:
+        cfg = FluxConfig(flavor=flavor)
+    elif recipe.exists():
+        cfg = config_from_recipe(recipe)
+    else:
+        raise MinfmError(f"{src}: no recipe.toml next to the weights; pass --flavor")
+    return weights, cfg
+
+
+def export_diffusers(src: str, out_dir: str, *, flavor: str | None = None, ema: bool = False, dtype: str = "keep") -> Path:
+    """Write ``diffusion_pytorch_model.safetensors`` + ``config.json`` to ``out_dir``."""
+    from safetensors.torch import load_file, save_file
+
+    from .state_dict import diffusers_config
+
+    weights, cfg = _source(Path(src).expanduser(), flavor, ema)
+    conf = diffusers_config(cfg)  # refuse before reading gigabytes
+    sd = strip_prefix(load_file(str(weights)))
+    with torch.device("meta"):
+        check_state_dict(Flux(cfg, attention=None), sd, source=str(weights))
+    if dtype != "keep":
+        sd = {k: v.to(_DTYPES[dtype]) for k, v in sd.items()}
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    converted = {k: v.contiguous() for k, v in bfl_to_diffusers(sd).items()}
+    save_file(converted, str(out / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    try:
+        import diffusers
+
+        conf["_diffusers_version"] = diffusers.__version__
+    except ImportError:
+        pass
+    (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
+    return out

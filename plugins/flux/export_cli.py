@@ -1,0 +1,29 @@
+"""``minfm export diffusers SRC OUT_DIR`` argument parsing (torch is imported only when it runs)."""
+
+from __future__ import annotations
+
+
+def add_export_command(subparsers) -> None:
+    p = subparsers.add_parser("export", help="convert a trained model to another library's format")
+    fmt = p.add_subparsers(dest="export_format", metavar="FORMAT")
+    d = fmt.add_parser(
+        "diffusers",
+        help="write a folder that diffusers' FluxTransformer2DModel.from_pretrained loads",
+        description="SRC: a .safetensors file of native (BFL-layout) FLUX weights, or a folder holding "
+        "model.safetensors (and ema.safetensors) with its recipe.toml.",
+    )
+    d.add_argument("src", help="weights file or folder (model.safetensors + recipe.toml)")
+    d.add_argument("out_dir", help="output folder (created; existing files are overwritten)")
+    d.add_argument("--flavor", default=None, choices=("flux-debug", "flux-tiny", "flux-dev"), help="FLUX flavor when SRC has no recipe.toml")
+    d.add_argument("--ema", action="store_true", help="export ema.safetensors instead of model.safetensors")
+    d.add_argument("--dtype", choices=("keep", "bf16", "fp16", "fp32"), default="keep", help="cast the weights")
+    d.set_defaults(func=_run)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def _run(args) -> int:
+    from .export import export_diffusers
+
+    out = export_diffusers(args.src, args.out_dir, flavor=args.flavor, ema=args.ema, dtype=args.dtype)
+    print(f"wrote {out}")
+    return 0

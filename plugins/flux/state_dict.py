@@ -1,0 +1,244 @@
+"""Weight formats: the native (BFL) layout, diffusers' FluxTransformer2DModel layout,
+and checked loading.
+
+The native state dict uses Black Forest Labs' key names, so ``flux1-dev.safetensors``
+loads as is. The adapter renames, splits fused projections (BFL ``qkv`` and
+``linear1``) and swaps the final layer's (shift, scale) halves, both ways.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from minfm_core.errors import MinfmError
+
+_BFL_PREFIX = "model.diffusion_model."
+
+# (BFL name, diffusers name) for one-to-one tensors; "{w}" is weight and bias.
+_TOP = [
+    ("img_in", "x_embedder"),
+    ("txt_in", "context_embedder"),
+    ("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1"),
+    ("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2"),
+    ("vector_in.in_layer", "time_text_embed.text_embedder.linear_1"),
+    ("vector_in.out_layer", "time_text_embed.text_embedder.linear_2"),
+    ("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1"),
+    ("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2"),
+    ("final_layer.linear", "proj_out"),
+]
+_DOUBLE = [
+    ("img_mod.lin", "norm1.linear"),
+    ("txt_mod.lin", "norm1_context.linear"),
+    ("img_attn.proj", "attn.to_out.0"),
+    ("txt_attn.proj", "attn.to_add_out"),
+    ("img_mlp.0", "ff.net.0.proj"),
+    ("img_mlp.2", "ff.net.2"),
+    ("txt_mlp.0", "ff_context.net.0.proj"),
+    ("txt_mlp.2", "ff_context.net.2"),
+]
+_DOUBLE_NORMS = [
+    ("img_attn.norm.query_norm.scale", "attn.norm_q.weight"),
+    ("img_attn.norm.key_norm.scale", "attn.norm_k.weight"),
+    ("txt_attn.norm.query_norm.scale", "attn.norm_added_q.weight"),
+    ("txt_attn.norm.key_norm.scale", "attn.norm_added_k.weight"),
+]
+_DOUBLE_QKV = [("img_attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v")),
+               ("txt_attn.qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"))]
+_SINGLE = [("modulation.lin", "norm.linear"), ("linear2", "proj_out")]
+_SINGLE_NORMS = [("norm.query_norm.scale", "attn.norm_q.weight"), ("norm.key_norm.scale", "attn.norm_k.weight")]
+_SINGLE_FUSED = ("linear1", ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"))
+
+
+def _swap_halves(x: Tensor) -> Tensor:
+    a, b = x.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+def _count(sd: dict, prefix: str) -> int:
+    ids = {int(k[len(prefix):].split(".", 1)[0]) for k in sd if k.startswith(prefix)}
+    return max(ids) + 1 if ids else 0
+
+
+def is_diffusers(sd: dict) -> bool:
+    return "x_embedder.weight" in sd
+
+
+def strip_prefix(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Drop the ``model.diffusion_model.`` prefix some BFL-format checkpoints carry."""
+    return {k.removeprefix(_BFL_PREFIX): v for k, v in sd.items()}
+
+
+def bfl_to_diffusers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Native (BFL) state dict -> diffusers ``FluxTransformer2DModel`` state dict."""
+    src, out = dict(strip_prefix(sd)), {}
+
+    def move(a: str, b: str) -> None:
+        for w in ("weight", "bias"):
+            if f"{a}.{w}" in src:
+                out[f"{b}.{w}"] = src.pop(f"{a}.{w}")
+
+    for a, b in _TOP:
+        move(a, b)
+    for w in ("weight", "bias"):
+        out[f"norm_out.linear.{w}"] = _swap_halves(src.pop(f"final_layer.adaLN_modulation.1.{w}"))
+    d_model = out["x_embedder.weight"].shape[0]
+    for i in range(_count(src, "double_blocks.")):
+        a, b = f"double_blocks.{i}.", f"transformer_blocks.{i}."
+        for x, y in _DOUBLE:
+            move(a + x, b + y)
+        for x, y in _DOUBLE_NORMS:
+            out[b + y] = src.pop(a + x)
+        for x, ys in _DOUBLE_QKV:
+            for w in ("weight", "bias"):
+                if f"{a}{x}.{w}" in src:
+                    for y, part in zip(ys, src.pop(f"{a}{x}.{w}").chunk(3, dim=0)):
+                        out[f"{b}{y}.{w}"] = part
+    for i in range(_count(src, "single_blocks.")):
+        a, b = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
+        for x, y in _SINGLE:
+            move(a + x, b + y)
+        for x, y in _SINGLE_NORMS:
+            out[b + y] = src.pop(a + x)
+        x, ys = _SINGLE_FUSED
+        for w in ("weight", "bias"):
+            fused = src.pop(f"{a}{x}.{w}")
+            sizes = [d_model] * 3 + [fused.shape[0] - 3 * d_model]
+            for y, part in zip(ys, fused.split(sizes, dim=0)):
+                out[f"{b}{y}.{w}"] = part
+    if src:
+        raise MinfmError(f"not a FLUX state dict in BFL layout: unexpected keys {_names(src)}")
+    return out
+
+
+def diffusers_to_bfl(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Diffusers ``FluxTransformer2DModel`` state dict -> native (BFL) state dict."""
+    src, out = dict(sd), {}
+
+    def move(a: str, b: str) -> None:
+        for w in ("weight", "bias"):
+            if f"{b}.{w}" in src:
+                out[f"{a}.{w}"] = src.pop(f"{b}.{w}")
+
+    for a, b in _TOP:
+        move(a, b)
+    for w in ("weight", "bias"):
+        out[f"final_layer.adaLN_modulation.1.{w}"] = _swap_halves(src.pop(f"norm_out.linear.{w}"))
+    for i in range(_count(src, "transformer_blocks.")):
+        a, b = f"double_blocks.{i}.", f"transformer_blocks.{i}."
+        for x, y in _DOUBLE:
+            move(a + x, b + y)
+        for x, y in _DOUBLE_NORMS:
+            out[a + x] = src.pop(b + y)
+        for x, ys in _DOUBLE_QKV:
+            for w in ("weight", "bias"):
+                if f"{b}{ys[0]}.{w}" in src:
+                    out[f"{a}{x}.{w}"] = torch.cat([src.pop(f"{b}{y}.{w}") for y in ys])
+    for i in range(_count(src, "single_transformer_blocks.")):
+        a, b = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
+        for x, y in _SINGLE:
+            move(a + x, b + y)
+        for x, y in _SINGLE_NORMS:
+            out[a + x] = src.pop(b + y)
+        x, ys = _SINGLE_FUSED
+        for w in ("weight", "bias"):
+            out[f"{a}{x}.{w}"] = torch.cat([src.pop(f"{b}{y}.{w}") for y in ys])
+    if src:
+        raise MinfmError(f"not a FluxTransformer2DModel state dict: unexpected keys {_names(src)}")
+    return out
+
+
+def diffusers_config(cfg) -> dict:
+    """``config.json`` of the diffusers model equal to ``cfg`` (refuses what diffusers cannot express)."""
+    problems = []
+    if cfg.mlp_ratio != 4.0:
+        problems.append(f"mlp_ratio {cfg.mlp_ratio} (diffusers fixes 4.0)")
+    if not cfg.qkv_bias:
+        problems.append("qkv_bias false (diffusers always has q/k/v biases)")
+    if cfg.rope_theta != 10_000:
+        problems.append(f"rope_theta {cfg.rope_theta} (diffusers fixes 10000)")
+    if problems:
+        raise MinfmError("this FLUX config has no diffusers equivalent: " + "; ".join(problems))
+    return {
+        "_class_name": "FluxTransformer2DModel",
+        "patch_size": 1,
+        "in_channels": cfg.d_img,
+        "out_channels": None,
+        "num_layers": cfg.n_ds_blocks,
+        "num_single_layers": cfg.n_ss_blocks,
+        "attention_head_dim": cfg.d_head,
+        "num_attention_heads": cfg.n_heads,
+        "joint_attention_dim": cfg.d_txt,
+        "pooled_projection_dim": cfg.d_vec,
+        "guidance_embeds": cfg.guidance_embed,
+        "axes_dims_rope": list(cfg.rope_axes),
+    }
+
+
+def _names(keys, limit: int = 8) -> str:
+    keys = sorted(keys)
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def check_state_dict(model: torch.nn.Module, sd: dict[str, Tensor], source: str = "checkpoint") -> None:
+    """Raise one MinfmError naming every missing key, unexpected key and shape mismatch."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = []
+    missing = want.keys() - sd.keys()
+    unexpected = sd.keys() - want.keys()
+    if missing:
+        problems.append(f"missing keys: {_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_names(unexpected)}")
+    bad = [f"{k} {tuple(sd[k].shape)} (model wants {want[k]})" for k in sorted(want.keys() & sd.keys())
+           if tuple(sd[k].shape) != want[k]]
+    if bad:
+        problems.append(f"shape mismatches: {_names(bad)}")
+    if problems:
+        raise MinfmError(f"{source} does not fit the FLUX model as configured: " + "; ".join(problems))
+
+
+def _weight_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    for folder in (path, path / "transformer"):
+        files = sorted(folder.glob("diffusion_pytorch_model*.safetensors"))
+        if files:
+            return files
+    files = sorted(path.glob("flux1-*.safetensors")) or sorted(path.glob("*.safetensors"))
+    if len(files) == 1:
+        return files
+    if not files:
+        raise MinfmError(f"{path}: no .safetensors weights found")
+    raise MinfmError(f"{path}: several .safetensors files, name one: {', '.join(f.name for f in files)}")
+
+
+def read_state_dict(ref: str) -> dict[str, Tensor]:
+    """Native (BFL) state dict from a file, a folder (BFL or diffusers layout) or a Hub id."""
+    from safetensors.torch import load_file
+
+    path = Path(ref).expanduser()
+    if not path.exists():
+        from minfm_core.pretrained import resolve_pretrained
+
+        path = resolve_pretrained(ref, "flux1-dev.safetensors")
+    sd: dict[str, Tensor] = {}
+    for f in _weight_files(path):
+        sd.update(load_file(str(f)))
+    sd = strip_prefix(sd)
+    return diffusers_to_bfl(sd) if is_diffusers(sd) else sd
+
+
+def load_pretrained(model: torch.nn.Module, ref: str, device=None, dtype: torch.dtype | None = None) -> None:
+    """Load ``ref`` into ``model`` (typically built on meta) after checking every key and shape.
+
+    Tensors are cast to ``dtype`` (default: torch's default dtype) on ``device``.
+    """
+    sd = read_state_dict(ref)
+    check_state_dict(model, sd, source=ref)
+    dtype = dtype or torch.get_default_dtype()
+    sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
+    model.load_state_dict(sd, strict=True, assign=True)
