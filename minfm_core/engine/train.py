@@ -73,6 +73,9 @@ class Trainer:
             self.exp_dir.mkdir(parents=True, exist_ok=True)
             (self.exp_dir / "recipe.toml").write_text(self.recipe_text)
 
+        # Some CPU/GPU kernels (index_put with accumulate, ...) sum in a racy order; ask for
+        # the deterministic ones when the recipe wants bitwise-repeatable runs.
+        torch.use_deterministic_algorithms(self.recipe.run.deterministic, warn_only=True)
         seed_everything(self.recipe.run.seed)  # identical initial weights on every rank
         self.pipe = build_pipeline(resolved, rt.device)
         parallel = resolved.build("parallel")

@@ -60,6 +60,7 @@ class RunSection:
     exp_dir: str = field("experiments/default", doc="run directory: checkpoints, samples, logs, resolved recipe")
     seed: int = field(0, doc="global seed; each rank derives its own from it")
     device: Literal["auto", "cpu", "cuda"] = field("auto", doc="'auto' picks cuda when available")
+    deterministic: bool = field(False, doc="torch deterministic algorithms: bitwise-repeatable runs, a little slower")
 
 
 @config
