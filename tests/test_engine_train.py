@@ -129,3 +129,25 @@ def test_loss_decreases_and_resume_is_exact(tmp_path):
     finally:
         shutdown_runtime()
     assert [m["step"] for m in read_metrics(split_dir) if "loss" in m] == list(range(1, 13))
+
+
+def test_fused_adamw_equals_reference():
+    from types import SimpleNamespace
+
+    from minfm_core.engine.train import make_adamw
+
+    cfg = SimpleNamespace(lr=1e-2, adam_betas=(0.9, 0.95), weight_decay=0.1)
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(33, 7)) for _ in range(3)]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    fused = make_adamw(a, cfg)
+    assert fused.defaults.get("fused")
+    plain = torch.optim.AdamW(b, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay, foreach=False)
+    for _ in range(5):
+        g = [torch.randn_like(p) for p in a]
+        for p, q, gg in zip(a, b, g):
+            p.grad, q.grad = gg.clone(), gg.clone()
+        fused.step()
+        plain.step()
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)

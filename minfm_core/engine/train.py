@@ -45,6 +45,19 @@ def accumulation_steps(total_batch_size: int, batch_size: int, world_size: int) 
     return total_batch_size // per_step
 
 
+def make_adamw(params, cfg) -> torch.optim.AdamW:
+    """AdamW, fused when torch has a fused kernel for these parameters (CUDA, and CPU since 2.4).
+
+    The fused kernel computes the same update (tests/test_engine_train.py checks it) and
+    is several times faster: one kernel instead of a dozen elementwise passes.
+    """
+    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError):  # a device or dtype without a fused kernel
+        return torch.optim.AdamW(params, **kwargs)
+
+
 def _all_mean(x: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         x = x.clone()
@@ -82,10 +95,7 @@ class Trainer:
         self.pipe.denoiser = parallel.parallelize(self.pipe.denoiser, world_size=rt.world_size, device=rt.device)
         self.model = self.pipe.denoiser
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=self.cfg.lr, betas=tuple(self.cfg.adam_betas), weight_decay=self.cfg.weight_decay,
-            fused=rt.device.type == "cuda" or None,
-        )
+        self.optimizer = make_adamw(self.params, self.cfg)
         self.ema = EMA(self.model, self.cfg.ema_decay) if self.cfg.ema_decay > 0 else None
         self.dataset = resolved.build("data", split="train")
         self.batches = BatchIterator(

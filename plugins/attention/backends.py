@@ -24,10 +24,11 @@ def _lens(cu_seqlens: Tensor) -> list[int]:
 
 
 class Sdpa:
-    """Reference backend: one ``scaled_dot_product_attention`` per sample.
+    """Reference backend: ``scaled_dot_product_attention`` on the packed samples.
 
     Samples of equal length go through one batched call (a uniform batch is a
-    single call, zero copies); otherwise each sample is a view of the pack.
+    single call, zero copies); mixed lengths are padded with a key mask (padding is
+    never attended to, and padded rows are dropped).
     """
 
     name = "sdpa"
@@ -41,10 +42,22 @@ class Sdpa:
             n, l = len(lens), lens[0]
             qb, kb, vb = (x.view(n, l, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
             return F.scaled_dot_product_attention(qb, kb, vb).transpose(1, 2).reshape(q.shape)
-        outs = []
-        for qs, ks, vs in zip(q.split(lens), k.split(lens), v.split(lens)):
-            outs.append(F.scaled_dot_product_attention(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1)))
-        return torch.cat([o.transpose(0, 1) for o in outs])
+        # Mixed lengths: one batched call, padded to the longest sample, with a key mask.
+        # Measured on CPU (16 samples of 260-395 tokens, forward + backward): 15x faster than
+        # one call per sample, whose strided views and many small kernels dominate.
+        n, longest = len(lens), max(lens)
+        lt = cu_seqlens.diff().long().to(q.device)
+        seg = torch.repeat_interleave(torch.arange(n, device=q.device), lt)
+        pos = torch.arange(q.shape[0], device=q.device) - cu_seqlens[:-1].long().to(q.device)[seg]
+
+        def pad(x: Tensor) -> Tensor:
+            out = x.new_zeros((n, longest, *x.shape[1:]))
+            out[seg, pos] = x
+            return out.transpose(1, 2)
+
+        keep = (torch.arange(longest, device=q.device)[None, :] < lt[:, None])[:, None, None, :]
+        out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=keep)
+        return out.transpose(1, 2)[seg, pos]
 
 
 def _needs_half(name: str, q: Tensor) -> None:
