@@ -99,8 +99,12 @@ def build_pipeline(resolved, device: torch.device, *, load_weights: bool = True,
         return None if slot is None else slot.build()
 
     if denoiser is None:
-        attention = resolved.build("model.attention")
-        denoiser = resolved["model.denoiser"].build(load_weights=load_weights, attention=attention).to(device)
+        kwargs = {"attention": resolved.build("model.attention")}
+        balancer = resolved.get("balancer")
+        if balancer is not None and balancer.component.name != "none":
+            # Built after the process group exists: the balancer makes its own groups.
+            kwargs["balancer"] = balancer.build()
+        denoiser = resolved["model.denoiser"].build(load_weights=load_weights, **kwargs).to(device)
     flow_warper = plain("flow.time_warper")
     sample_warper = plain("sample.time_warper") if resolved.get("sample.time_warper") else flow_warper
     return Pipeline(
