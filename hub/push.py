@@ -13,8 +13,6 @@ with ``minfm_core.checkpoint.export_for_hub(src, out_dir, include_training_state
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.util
 import json
 import re
 import sys
@@ -75,14 +73,7 @@ def is_hub_folder(path: Path) -> bool:
 
 
 def _export(src: Path, out: Path, include_training_state: bool) -> Path:
-    """Consolidate a run/checkpoint directory through the core (when this minFM can)."""
-    if importlib.util.find_spec("minfm_core.checkpoint") is None or not hasattr(
-        importlib.import_module("minfm_core.checkpoint"), "export_for_hub"
-    ):
-        raise MinfmError(
-            f"{src}: not a folder holding model.safetensors, and this minFM cannot export training "
-            "checkpoints for the Hub (minfm_core.checkpoint.export_for_hub is missing)"
-        )
+    """Consolidate a run/checkpoint directory into a Hub folder through the core."""
     from minfm_core.checkpoint import export_for_hub
 
     export_for_hub(src, out, include_training_state=include_training_state)

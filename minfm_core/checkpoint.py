@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -211,4 +210,50 @@ def write_json_atomic(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
-SaveFn = Callable[[int], None]
+
+def build_denoiser(recipe_path: Path) -> torch.nn.Module:
+    """The recipe's denoiser on CPU with uninitialised storage (weights come from a checkpoint)."""
+    from .recipe import load_recipe
+
+    resolved = load_recipe(recipe_path, ["parallel.name=none", "balancer.name=none"])
+    with torch.device("meta"):
+        model = resolved["model.denoiser"].build(load_weights=False)
+    return model.to_empty(device="cpu")
+
+
+def export_for_hub(src: Path, out_dir: Path, *, include_training_state: bool = False) -> Path:
+    """Write a Hub folder from a run or checkpoint directory.
+
+    ``model.safetensors`` (and ``ema.safetensors`` when the run keeps an EMA) consolidated
+    from the (possibly sharded) DCP checkpoint, ``recipe.toml``, and when the run has them
+    ``metrics.jsonl`` and the newest sample grid as ``samples.png``; with
+    ``include_training_state`` the DCP checkpoint itself under ``checkpoint/``.
+    """
+    ckpt = find_checkpoint(Path(src))
+    recipe = recipe_for(ckpt)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = build_denoiser(recipe)
+    load_weights(ckpt, model, source="model")
+    # One metadata key only: safetensors writes its metadata map in no fixed order, and a
+    # re-export must give identical bytes (the Hub push then uploads nothing).
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    if has_part(ckpt, "ema"):
+        load_weights(ckpt, model, source="ema")
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        ema = {k: v.contiguous() for k, v in model.state_dict().items() if k in trainable}
+        save_file(ema, str(out / "ema.safetensors"), metadata={"format": "pt"})
+    shutil.copyfile(recipe, out / "recipe.toml")
+    run_dir = ckpt.parent.parent
+    if (run_dir / "metrics.jsonl").is_file():
+        shutil.copyfile(run_dir / "metrics.jsonl", out / "metrics.jsonl")
+    grids = sorted((run_dir / "samples").glob("step_*/ema.png")) or sorted((run_dir / "samples").glob("step_*/raw.png"))
+    if grids:
+        shutil.copyfile(grids[-1], out / "samples.png")
+    if include_training_state:
+        dest = out / "checkpoint"
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.copytree(ckpt, dest)
+    return out

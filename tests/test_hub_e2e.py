@@ -1,0 +1,53 @@
+"""A trained run travels as a Hub repo: push the run dir, sample from hf://, same pictures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_minfm
+from engine_helpers import tiny
+from minfm_core.engine.train import train
+
+
+@pytest.mark.slow
+def test_push_run_then_sample_from_hub_gives_identical_images(hub_server, tmp_path):
+    run = tmp_path / "run"
+    train(tiny(run, "train.max_steps=3", "train.sample_every=3"))
+    env = hub_server.env(tmp_path / "hf_home")
+
+    pushed = run_minfm("hub", "push", str(run), "org/shapes-tiny", env=env)
+    assert pushed.returncode == 0, pushed.stderr
+    files = set(hub_server.files("org/shapes-tiny"))
+    assert {"model.safetensors", "ema.safetensors", "recipe.toml", "README.md", "metrics.jsonl", "samples.png"} <= files
+    assert not any(f.startswith("checkpoint/") for f in files)  # training state only when asked
+
+    again = run_minfm("hub", "push", str(run), "org/shapes-tiny", env=env)
+    assert again.returncode == 0 and "nothing to push" in again.stdout + again.stderr
+
+    args = ["--prompt", "a red circle", "--prompt", "a blue square", "--n", "2", "--steps", "3"]
+    local = run_minfm("sample", str(run), "--out", str(tmp_path / "local"), *args, env=env)
+    assert local.returncode == 0, local.stderr
+    remote = run_minfm("sample", "hf://org/shapes-tiny", "--out", str(tmp_path / "remote"), *args, env=env)
+    assert remote.returncode == 0, remote.stderr
+
+    meta_local = json.loads((tmp_path / "local" / "metadata.json").read_text())
+    meta_remote = json.loads((tmp_path / "remote" / "metadata.json").read_text())
+    assert meta_local["images"] == meta_remote["images"] and len(meta_local["images"]) == 4
+    assert meta_local["settings"]["weights"] == meta_remote["settings"]["weights"] == "ema"
+    for rec in meta_local["images"]:
+        assert (tmp_path / "local" / rec["path"]).read_bytes() == (tmp_path / "remote" / rec["path"]).read_bytes()
+    assert (tmp_path / "remote" / "index.html").is_file()
+
+
+def test_sample_bad_prompt_file_exit_2(tmp_path):
+    run = tmp_path / "run"
+    train(tiny(run, "train.max_steps=1"))
+    res = run_minfm("sample", str(run), "--prompt-file", str(tmp_path / "missing.txt"))
+    assert res.returncode == 2
+    assert res.stderr.strip() == f"minfm: error: {tmp_path / 'missing.txt'}: prompt file not found"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    res = run_minfm("sample", str(run), "--prompt-file", str(empty))
+    assert res.returncode == 2 and "prompt file has no prompts" in res.stderr
