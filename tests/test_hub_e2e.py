@@ -51,3 +51,22 @@ def test_sample_bad_prompt_file_exit_2(tmp_path):
     empty.write_text("\n\n")
     res = run_minfm("sample", str(run), "--prompt-file", str(empty))
     assert res.returncode == 2 and "prompt file has no prompts" in res.stderr
+
+
+def test_export_diffusers_from_a_run(tmp_path):
+    """`minfm export diffusers RUN OUT` writes what diffusers loads, with the run's EMA weights."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from minfm_core import checkpoint as ck
+
+    run = tmp_path / "run"
+    train(tiny(run, "train.max_steps=2"))
+    res = run_minfm("export", "diffusers", str(run), str(tmp_path / "out"), "--ema")
+    assert res.returncode == 0, res.stderr
+    model = FluxTransformer2DModel.from_pretrained(tmp_path / "out")
+    ours = ck.build_denoiser(run / "recipe.toml")
+    ck.load_weights(ck.find_checkpoint(run), ours, source="ema")
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in ours.parameters())
+    # The image input projection is one tensor in both layouts.
+    torch.testing.assert_close(model.x_embedder.weight, ours.img_in.weight)

@@ -9,10 +9,10 @@ def add_export_command(subparsers) -> None:
     d = fmt.add_parser(
         "diffusers",
         help="write a folder that diffusers' FluxTransformer2DModel.from_pretrained loads",
-        description="SRC: a .safetensors file of native (BFL-layout) FLUX weights, or a folder holding "
-        "model.safetensors (and ema.safetensors) with its recipe.toml.",
+        description="SRC: a run or checkpoint directory, hf://org/name, a .safetensors file of native "
+        "(BFL-layout) FLUX weights, or a folder holding model.safetensors (and ema.safetensors) with its recipe.toml.",
     )
-    d.add_argument("src", help="weights file or folder (model.safetensors + recipe.toml)")
+    d.add_argument("src", help="run dir, checkpoint dir, hf:// model, weights file or exported folder")
     d.add_argument("out_dir", help="output folder (created; existing files are overwritten)")
     d.add_argument("--flavor", default=None, choices=("flux-debug", "flux-tiny", "flux-dev"), help="FLUX flavor when SRC has no recipe.toml")
     d.add_argument("--ema", action="store_true", help="export ema.safetensors instead of model.safetensors")
@@ -22,8 +22,19 @@ def add_export_command(subparsers) -> None:
 
 
 def _run(args) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from minfm_core.checkpoint import export_for_hub
+    from minfm_core.sources import resolve_source
+
     from .export import export_diffusers
 
-    out = export_diffusers(args.src, args.out_dir, flavor=args.flavor, ema=args.ema, dtype=args.dtype)
+    src = resolve_source(args.src)
+    with tempfile.TemporaryDirectory(prefix="minfm-export-") as tmp:
+        if src.is_dir() and not (src / "model.safetensors").is_file():
+            # A run or DCP checkpoint directory: consolidate its weights first.
+            src = export_for_hub(src, Path(tmp))
+        out = export_diffusers(src, args.out_dir, flavor=args.flavor, ema=args.ema, dtype=args.dtype)
     print(f"wrote {out}")
     return 0
