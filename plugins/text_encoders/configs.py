@@ -58,8 +58,20 @@ def default_tokenizer(pretrained: str | None) -> str | None:
 _EXTRA_ARCH_KEYS = {"pad_token_id", "eos_token_id", "bos_token_id", "decoder_start_token_id"}
 
 
+class _HubTextEncoder:
+    """What T5 and CLIP configs share: where their tokenizer is, what `minfm cache models` fetches."""
+
+    @property
+    def tokenizer_ref(self) -> str | None:
+        return self.tokenizer or default_tokenizer(self.pretrained)
+
+    @property
+    def pretrained_refs(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(r for r in (self.pretrained, self.tokenizer_ref) if r))
+
+
 @config
-class T5EncoderConfig:
+class T5EncoderConfig(_HubTextEncoder):
     """T5 encoder (transformers): packed per-token prompt embeddings without padding tokens."""
 
     pretrained: str | None = field(
@@ -87,17 +99,9 @@ class T5EncoderConfig:
     def pooled(self) -> bool:
         return False
 
-    @property
-    def tokenizer_ref(self) -> str | None:
-        return self.tokenizer or default_tokenizer(self.pretrained)
-
-    @property
-    def pretrained_refs(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(r for r in (self.pretrained, self.tokenizer_ref) if r))
-
 
 @config
-class ClipEncoderConfig:
+class ClipEncoderConfig(_HubTextEncoder):
     """CLIP text encoder (transformers): one pooled vector per prompt for the denoiser's vec input."""
 
     pretrained: str | None = field(
@@ -122,14 +126,6 @@ class ClipEncoderConfig:
     @property
     def pooled(self) -> bool:
         return True
-
-    @property
-    def tokenizer_ref(self) -> str | None:
-        return self.tokenizer or default_tokenizer(self.pretrained)
-
-    @property
-    def pretrained_refs(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(r for r in (self.pretrained, self.tokenizer_ref) if r))
 
 
 @config
