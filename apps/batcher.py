@@ -1,0 +1,144 @@
+"""Request batching: requests that arrive close together share one sampler call.
+
+Each request (one prompt, n images) is queued. One worker thread takes the first
+waiting request, keeps collecting for ``window_s`` seconds or until ``max_batch``
+images are gathered, and then runs every compatible request of that window in ONE
+call, whatever their image sizes: the packed-sequence model needs no padding, so a
+16x16 and a 24x32 request cost one pass over their summed tokens. Requests are
+compatible when they share a ``key`` (what one call cannot vary per image: steps,
+sampler, guidance). Only this thread touches the model, so one copy serves everyone.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("minfm_apps.batcher")
+
+#: run(key, jobs, callback) -> one result per job; callback(step, steps) reports progress.
+RunFn = Callable[[Hashable, list[Any], Callable[[int, int], None]], Sequence[Any]]
+
+
+@dataclass
+class Request:
+    """A submitted request: its jobs (one per image), its batch key and where its result lands."""
+
+    jobs: list[Any]
+    key: Hashable
+    future: Future = field(default_factory=Future)
+    step: int = 0  # sampler progress of the call serving this request (0 while waiting)
+    steps: int = 0
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """What one sampler call served (for logs and tests)."""
+
+    requests: int
+    images: int
+    key: Hashable
+    jobs: tuple[Any, ...]
+    seconds: float
+
+
+class Batcher:
+    """Collects requests for ``window_s`` seconds (up to ``max_batch`` images) and runs them together."""
+
+    def __init__(self, run: RunFn, *, window_s: float = 0.1, max_batch: int = 8, history: int = 64) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if window_s < 0:
+            raise ValueError(f"window_s must be >= 0, got {window_s}")
+        self.run = run
+        self.window_s = window_s
+        self.max_batch = max_batch
+        self.calls = 0  # sampler calls made so far
+        self.history: collections.deque[BatchRecord] = collections.deque(maxlen=history)
+        self._queue: queue.Queue[Request | None] = queue.Queue()
+        self._carry: collections.deque[Request] = collections.deque()  # did not fit the last batch
+        self._thread = threading.Thread(target=self._loop, name="minfm-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, jobs: Sequence[Any], key: Hashable) -> Request:
+        if not jobs:
+            raise ValueError("a request needs at least one job")
+        if len(jobs) > self.max_batch:
+            raise ValueError(f"a request of {len(jobs)} images exceeds max_batch={self.max_batch}")
+        if not self._thread.is_alive():
+            raise RuntimeError("the batcher is closed")
+        req = Request(list(jobs), key)
+        self._queue.put(req)
+        return req
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    # ---- worker -------------------------------------------------------------------
+    def _next(self, timeout: float | None) -> Request | None:
+        if self._carry:
+            return self._carry.popleft()
+        return self._queue.get(timeout=timeout) if timeout is None or timeout > 0 else self._queue.get_nowait()
+
+    def _loop(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._next(None)
+            if first is None:
+                break
+            batch, images = [first], len(first.jobs)
+            deadline = time.monotonic() + self.window_s
+            while images < self.max_batch:
+                try:
+                    req = self._next(deadline - time.monotonic())
+                except queue.Empty:
+                    break
+                if req is None:
+                    stopping = True
+                    break
+                if images + len(req.jobs) > self.max_batch:
+                    self._carry.append(req)  # first in line for the next batch
+                    break
+                batch.append(req)
+                images += len(req.jobs)
+            groups: dict[Hashable, list[Request]] = {}
+            for req in batch:
+                groups.setdefault(req.key, []).append(req)
+            for key, group in groups.items():
+                self._serve(key, group)
+        for req in list(self._carry):  # closing: nobody will serve these
+            req.future.set_exception(RuntimeError("the demo is shutting down"))
+
+    def _serve(self, key: Hashable, group: list[Request]) -> None:
+        jobs = [job for req in group for job in req.jobs]
+
+        def callback(step: int, steps: int) -> None:
+            for req in group:
+                req.step, req.steps = step, steps
+
+        start = time.perf_counter()
+        try:
+            results = list(self.run(key, jobs, callback))
+            if len(results) != len(jobs):
+                raise RuntimeError(f"the sampler returned {len(results)} results for {len(jobs)} jobs")
+        except BaseException as exc:  # every waiting request must hear about it
+            for req in group:
+                req.future.set_exception(exc)
+            return
+        finally:
+            self.calls += 1
+        seconds = time.perf_counter() - start
+        self.history.append(BatchRecord(len(group), len(jobs), key, tuple(jobs), seconds))
+        log.info("sampler call %d: %d requests, %d images in %.2f s", self.calls, len(group), len(jobs), seconds)
+        at = 0
+        for req in group:
+            req.future.set_result(results[at : at + len(req.jobs)])
+            at += len(req.jobs)

@@ -1,0 +1,155 @@
+"""The Gradio app: ``minfm demo SRC`` serves a text-to-image page and a ``/generate`` API.
+
+    minfm demo experiments/quickstart                 # http://127.0.0.1:7860
+    minfm demo hf://org/model --max-batch 16 --port 8000
+
+Every request goes through one :class:`~minfm_apps.batcher.Batcher`, so requests that
+arrive together are drawn in one packed sampler call even at different sizes. The
+same function serves the page and the API (``gradio_client``: ``api_name="/generate"``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import sys
+from concurrent.futures import TimeoutError as FutureTimeout
+
+# Before gradio is imported: a demo server must not phone home.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+
+from minfm_core.errors import MinfmError  # noqa: E402
+
+from .batcher import Batcher  # noqa: E402
+from .model import DemoModel, size_label  # noqa: E402
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+_POLL_S = 0.1  # how often a waiting request refreshes its progress bar
+# Paths and names hold underscores and stars: escape them so markdown shows them as typed.
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>#|])")
+
+
+def card_markdown(model: DemoModel) -> str:
+    return "\n".join(f"- **{k}**: {_md_escape(str(v))}" for k, v in model.card())
+
+
+def _md_escape(text: str) -> str:
+    return _MD_SPECIAL.sub(r"\\\1", text)
+
+
+def make_handler(model: DemoModel, batcher: Batcher):
+    """The request function behind the page and ``/generate`` (returns images and the seed used)."""
+
+    def generate(prompt: str, negative_prompt: str, size: str, steps: float, cfg_scale: float, ep_cfg: bool,
+                 sampler: str, seed: float, random_seed: bool, num_images: float, progress=gr.Progress()):
+        if random_seed:
+            seed = secrets.randbelow(2**31 - model.limits.max_images)
+        try:
+            settings, jobs = model.check_request(prompt, negative_prompt, size, steps, cfg_scale, ep_cfg,
+                                                 sampler, seed, num_images)
+        except MinfmError as exc:
+            raise gr.Error(str(exc), title="Invalid input", print_exception=False) from None
+        req = batcher.submit(jobs, settings)
+        progress(0, desc="waiting for the batch")
+        while True:
+            try:
+                images = req.future.result(timeout=_POLL_S)
+                break
+            except FutureTimeout:
+                if req.steps:
+                    progress((req.step, req.steps), desc="sampling", unit="steps")
+            except MinfmError as exc:
+                raise gr.Error(str(exc)) from None
+        out = [(img, f"seed {job.seed} · {size_label(*job.size[1:])}") for img, job in zip(images, jobs)]
+        return out, jobs[0].seed
+
+    return generate
+
+
+def build_app(model: DemoModel, batcher: Batcher, *, queue_limit: int = 32) -> gr.Blocks:
+    lim = model.limits
+    examples = model.examples
+    # Generated images live in gradio's cache; drop those older than an hour, hourly.
+    with gr.Blocks(title="minFM text-to-image", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
+        gr.Markdown(f"## minFM text-to-image\n`{model.source}`")
+        with gr.Row():
+            with gr.Column(scale=2):
+                prompt = gr.Textbox(label="Prompt", lines=2, max_length=lim.max_prompt_chars, elem_id="prompt",
+                                    placeholder=examples[0] if examples else "describe an image")
+                negative = gr.Textbox(label="Negative prompt", value=model.default_neg_prompt,
+                                      max_length=lim.max_prompt_chars, elem_id="negative-prompt")
+                with gr.Row():
+                    size = gr.Dropdown([size_label(*s) for s in model.presets], value=size_label(*model.default_size),
+                                       allow_custom_value=True, label="Size (height x width)", elem_id="size",
+                                       info=f"a preset, or HxW in multiples of {lim.multiple}")
+                    num_images = gr.Slider(1, lim.max_images, value=min(2, lim.max_images), step=1, label="Images")
+                with gr.Row():
+                    steps = gr.Slider(1, lim.max_steps, value=model.default_steps, step=1, label="Steps")
+                    cfg_scale = gr.Slider(0.0, lim.max_cfg, value=model.default_cfg, step=0.1, label="CFG scale")
+                with gr.Row():
+                    sampler = gr.Dropdown(model.samplers(), value=model.default_sampler, label="Sampler")
+                    ep_cfg = gr.Checkbox(value=model.default_ep_cfg, label="EP-CFG (energy-preserving guidance)")
+                with gr.Row():
+                    seed = gr.Number(value=0, precision=0, minimum=0, maximum=2**31 - lim.max_images, label="Seed")
+                    random_seed = gr.Checkbox(value=True, label="Random seed")
+                button = gr.Button("Generate", variant="primary", elem_id="generate")
+                if examples:
+                    gr.Examples([[p] for p in examples], inputs=[prompt], label="Prompts from the training recipe")
+            with gr.Column(scale=3):
+                gallery = gr.Gallery(label="Images", format="png", columns=2, object_fit="contain", height=420,
+                                     buttons=["download", "fullscreen"], interactive=False, elem_id="gallery")
+                seed_used = gr.Number(label="Seed used", info="image i of a request uses seed + i", precision=0,
+                                      interactive=False, elem_id="seed-used")
+                with gr.Accordion("Model card", open=True):
+                    gr.Markdown(card_markdown(model), elem_id="model-card")
+                    with gr.Accordion("Recipe", open=False):
+                        gr.Code(model.recipe_text, language=None, interactive=False, label="recipe.toml")
+        gr.on(
+            triggers=[button.click, prompt.submit],
+            fn=make_handler(model, batcher),
+            inputs=[prompt, negative, size, steps, cfg_scale, ep_cfg, sampler, seed, random_seed, num_images],
+            outputs=[gallery, seed_used],
+            api_name="generate",
+        )
+    # Handlers only wait on the batcher, so as many may run as one batch can hold.
+    app.queue(max_size=queue_limit, default_concurrency_limit=batcher.max_batch)
+    return app
+
+
+def launch(app: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
+           block: bool = True):
+    """Start the server; returns gradio's (app, local_url, share_url)."""
+    return app.launch(
+        server_name=host, server_port=port, share=share, prevent_thread_lock=not block, ssr_mode=False,
+        max_file_size="1mb",  # the app takes no uploads; keep gradio's generic upload route small
+        quiet=False, show_error=False,
+    )
+
+
+def serve(src: str, *, host: str = "127.0.0.1", port: int | None = None, share: bool = False, queue_limit: int = 32,
+          max_batch: int = 8, window_ms: float = 100.0, use_ema: bool = True, max_steps: int = 100) -> int:
+    """``minfm demo``: load the model once, then serve until interrupted."""
+    for name, value, low in (("--queue-limit", queue_limit, 1), ("--max-batch", max_batch, 1), ("--max-steps", max_steps, 1)):
+        if value < low:
+            raise MinfmError(f"{name} must be >= {low}, got {value}")
+    if window_ms < 0:
+        raise MinfmError(f"--batch-window-ms must be >= 0, got {window_ms}")
+    if port is not None and not 1 <= port <= 65535:
+        raise MinfmError(f"--port must be in 1..65535, got {port}")
+    model = DemoModel.load(src, use_ema=use_ema, max_images=min(max_batch, 8), max_steps=max_steps)
+    print(f"minfm demo: {model.source}: {model.n_params:,} parameters, {model.weights_label}, on {model.pipe.device}")
+    if host not in LOOPBACK:
+        print(f"minfm demo: warning: listening on {host}: other machines can reach this server", file=sys.stderr)
+    if share:
+        print("minfm demo: warning: --share opens a public link: anyone with it can use this model", file=sys.stderr)
+    batcher = Batcher(lambda settings, jobs, cb: model.run(settings, jobs, cb),
+                      window_s=window_ms / 1000.0, max_batch=max_batch)
+    try:
+        launch(build_app(model, batcher, queue_limit=queue_limit), host=host, port=port, share=share, block=True)
+    finally:
+        batcher.close()
+    return 0
+

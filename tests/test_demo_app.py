@@ -1,0 +1,223 @@
+"""The Gradio demo end to end: a CI-trained tiny model served on 127.0.0.1.
+
+- input bounds and the model card, on the loaded model (no server);
+- ``gradio_client`` against the running app: images come back, bad input gives the
+  message, two concurrent requests at different sizes are drawn by ONE sampler call;
+- a real headless Chromium (Debian's /usr/bin/chromium through Playwright) types a
+  prompt, clicks Generate, waits for the image, saves a screenshot, sees no console error.
+
+Set MINFM_TEST_ARTIFACTS=DIR to keep the screenshot (``DIR/demo.png``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("gradio", reason="the demo needs the 'demo' extra (pip install 'minfm[demo]')")
+pytest.importorskip("gradio_client", reason="the demo tests need gradio_client")
+
+from engine_helpers import tiny  # noqa: E402
+from minfm_core.errors import MinfmError  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+# Same request the page would send, as keyword arguments of the /generate endpoint.
+BASE = dict(prompt="a red circle", negative_prompt="", size="16x16", steps=3, cfg_scale=3.0, ep_cfg=False,
+            sampler="euler", seed=7, random_seed=False, num_images=1)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from minfm_core.engine.train import train
+
+    exp = tmp_path_factory.mktemp("demo_run")
+    train(tiny(exp, "train.max_steps=4"))
+    return exp
+
+
+@pytest.fixture(scope="module")
+def model(run_dir):
+    from minfm_apps.model import DemoModel
+
+    return DemoModel.load(str(run_dir), device="cpu", max_images=4)
+
+
+@pytest.fixture(scope="module")
+def served(model):
+    """The app on a free loopback port; the batch window is wide so CI load cannot split a batch."""
+    from minfm_apps.batcher import Batcher
+    from minfm_apps.demo import build_app, launch
+
+    batcher = Batcher(lambda s, jobs, cb: model.run(s, jobs, cb), window_s=1.0, max_batch=8)
+    app = build_app(model, batcher, queue_limit=16)
+    _, url, _ = launch(app, host="127.0.0.1", port=None, block=False)
+    try:
+        yield app, batcher, url
+    finally:
+        app.close()
+        batcher.close()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    from gradio_client import Client
+
+    return Client(served[2], verbose=False)
+
+
+# ---- the model side (no server) --------------------------------------------------------------
+
+
+def test_model_card_and_presets(model, run_dir):
+    card = dict(model.card())
+    assert card["source"] == str(run_dir)
+    assert card["weights"] == "EMA weights at step 4"
+    assert f"{model.n_params:,} parameters" in card["denoiser"]
+    assert model.n_params == sum(p.numel() for p in model.pipe.denoiser.parameters()) > 0
+    assert card["last logged loss"].endswith("at step 4")
+    # identity VAE x patch 2: any even side is valid; the trained sizes come first.
+    assert model.multiple == 2
+    assert model.presets[:3] == [(16, 16), (16, 24), (24, 16)]
+    assert all(h % 2 == 0 and w % 2 == 0 for h, w in model.presets)
+    assert model.examples == ["a red circle", "a blue square"]
+    assert (model.default_steps, model.default_cfg, model.default_sampler) == (4, 3.0, "euler")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"prompt": "   "}, "Enter a prompt."),
+    ({"prompt": "x" * 501}, "Prompt is 501 characters long; the limit is 500."),
+    ({"negative_prompt": "y" * 600}, "Negative prompt is 600 characters long"),
+    ({"size": "16 by 16"}, "is not HEIGHTxWIDTH"),
+    ({"size": "17x16"}, "multiples of 2 for this model"),
+    ({"size": "4000x16"}, "out of bounds"),
+    ({"steps": 0}, "Steps must be between 1 and 100, got 0."),
+    ({"steps": 2.5}, "Steps must be a whole number"),
+    ({"num_images": 5}, "Number of images must be between 1 and 4, got 5."),
+    ({"cfg_scale": float("nan")}, "CFG scale must be between 0 and 20"),
+    ({"sampler": "rk45"}, "Unknown sampler 'rk45'; choose one of ddim_sde, euler, heun."),
+    ({"seed": -1}, "Seed must be between 0 and"),
+])
+def test_bad_requests_are_refused_with_a_message(model, change, message):
+    args = {**BASE, **change}
+    with pytest.raises(MinfmError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        model.check_request(args["prompt"], args["negative_prompt"], args["size"], args["steps"], args["cfg_scale"],
+                            args["ep_cfg"], args["sampler"], args["seed"], args["num_images"])
+
+
+def test_one_call_draws_mixed_sizes_deterministically(model):
+    from minfm_apps.model import Job, Settings
+
+    settings = Settings(steps=3, sampler="heun", cfg_scale=2.0, ep_cfg=True)
+    jobs = [Job("a red circle", "", (1, 16, 16), 1), Job("a blue square", "", (1, 24, 16), 2)]
+    a = model.run(settings, jobs)
+    assert [im.size for im in a] == [(16, 16), (16, 24)]  # PIL sizes are (width, height)
+    alone = model.run(settings, jobs[1:])
+    # The packed batch is exact: an image drawn with a neighbour equals the one drawn alone.
+    import numpy as np
+
+    diff = np.abs(np.asarray(a[1], dtype=int) - np.asarray(alone[0], dtype=int)).max()
+    assert diff <= 1
+
+
+# ---- gradio_client against the running app ----------------------------------------------------
+
+
+@pytest.mark.slow
+def test_generate_endpoint_returns_images_and_seed(client):
+    images, seed = client.predict(**{**BASE, "num_images": 2, "size": "16x24"}, api_name="/generate")
+    assert seed == 7
+    assert [im["caption"] for im in images] == ["seed 7 · 16x24", "seed 8 · 16x24"]
+    from PIL import Image
+
+    for im in images:
+        with Image.open(im["image"]) as pil:
+            assert pil.size == (24, 16) and pil.mode == "RGB"
+    # A random seed is drawn and reported.
+    _, seed2 = client.predict(**{**BASE, "random_seed": True}, api_name="/generate")
+    assert isinstance(seed2, int) and 0 <= seed2 < 2**31
+
+
+@pytest.mark.slow
+def test_generate_endpoint_reports_bad_input(client):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="Prompt is 600 characters long; the limit is 500."):
+        client.predict(**{**BASE, "prompt": "x" * 600}, api_name="/generate")
+    with pytest.raises(AppError, match="Size 17x16: height and width must be multiples of 2"):
+        client.predict(**{**BASE, "size": "17x16"}, api_name="/generate")
+    with pytest.raises(AppError, match="greater than maximum value 100"):  # gradio's own slider bound
+        client.predict(**{**BASE, "steps": 1000}, api_name="/generate")
+    # The server is still healthy afterwards.
+    images, _ = client.predict(**BASE, api_name="/generate")
+    assert len(images) == 1
+
+
+@pytest.mark.slow
+def test_concurrent_requests_at_different_sizes_share_one_sampler_call(served, client):
+    _, batcher, _ = served
+    before = batcher.calls
+    first = client.submit(**{**BASE, "size": "16x16", "prompt": "a red circle"}, api_name="/generate")
+    second = client.submit(**{**BASE, "size": "24x16", "prompt": "a blue square", "num_images": 2, "seed": 100},
+                           api_name="/generate")
+    (img1, seed1), (img2, seed2) = first.result(timeout=120), second.result(timeout=120)
+    assert (len(img1), len(img2), seed1, seed2) == (1, 2, 7, 100)
+    assert batcher.calls == before + 1, "both requests should have been drawn by one sampler call"
+    rec = batcher.history[-1]
+    assert (rec.requests, rec.images) == (2, 3)
+    assert sorted({job.size for job in rec.jobs}) == [(1, 16, 16), (1, 24, 16)]
+
+
+# ---- a real browser ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_browser_types_a_prompt_and_gets_an_image(served, tmp_path):
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} not found (CI installs it: apt-get install -y chromium)")
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (browsers not needed)")
+    _, batcher, url = served
+    before = batcher.calls
+    errors: list[str] = []
+    shot = tmp_path / "demo.png"
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch_persistent_context(
+            str(tmp_path / "profile"),  # a fresh profile per run
+            executable_path=CHROMIUM, headless=True, viewport={"width": 1200, "height": 820},
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run"],
+        )
+        try:
+            page = browser.new_page()
+            page.on("console", lambda msg: errors.append(f"console: {msg.text}") if msg.type == "error" else None)
+            page.on("pageerror", lambda exc: errors.append(f"page error: {exc}"))
+            page.goto(url, wait_until="networkidle", timeout=60_000)
+            page.locator("#prompt textarea").fill("a blue square")
+            page.locator("#generate").click()
+            image = page.locator("#gallery img").first
+            image.wait_for(state="visible", timeout=120_000)
+            page.wait_for_function("() => { const i = document.querySelector('#gallery img');"
+                                   " return i && i.complete && i.naturalWidth > 0; }", timeout=60_000)
+            seed = page.locator("#seed-used input").input_value()
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert batcher.calls > before
+    assert seed.isdigit()
+    assert errors == []
+    _save_artifact(shot)
+
+
+def _save_artifact(shot: Path) -> None:
+    """Keep the screenshot small enough to commit (palette PNG) and copy it where asked."""
+    from PIL import Image
+
+    with Image.open(shot) as im:
+        im.convert("RGB").quantize(colors=128).save(shot, optimize=True)
+    assert shot.stat().st_size < 200_000
+    dest = os.environ.get("MINFM_TEST_ARTIFACTS")
+    if dest:
+        Path(dest).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, Path(dest) / "demo.png")

@@ -1,0 +1,140 @@
+"""``minfm demo``: the apps plugin adds the command without importing gradio; the real command serves.
+
+Until the ``apps`` entry point is declared, the plugin is registered in-process (or by a
+test-only launcher in a subprocess); once it is declared, both simply find it loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from engine_helpers import tiny
+
+ROOT = Path(__file__).resolve().parent.parent
+# Runs the CLI with the apps plugin registered (a no-op once pyproject declares it).
+LAUNCHER = """
+import sys
+import minfm_apps.plugin as apps
+from minfm_core.cli.main import main
+from minfm_core.plugins import load_plugins
+pm = load_plugins().pm
+if not pm.has_plugin("apps"):
+    pm.register(apps, name="apps")
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@contextlib.contextmanager
+def apps_registered():
+    import minfm_apps.plugin as apps
+    from minfm_core.plugins import load_plugins, plugin
+
+    if load_plugins().pm.has_plugin("apps"):
+        yield
+    else:
+        with plugin(apps, "apps"):
+            yield
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", LAUNCHER, *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def test_plugin_module_imports_nothing_heavy():
+    code = ("import sys, minfm_apps.plugin; heavy = [m for m in ('gradio', 'torch', 'gradio_client') "
+            "if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
+
+
+def test_demo_command_is_added_with_its_options(capsys):
+    from minfm_core.cli.main import main
+
+    with apps_registered():
+        with pytest.raises(SystemExit) as exc:
+            main(["demo", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("SRC", "--host", "--port", "--share", "--queue-limit", "--max-batch", "--batch-window-ms", "--no-ema"):
+        assert flag in text
+    assert "default: loopback only" in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-batch", "0"], "--max-batch must be >= 1, got 0"),
+    (["--queue-limit", "0"], "--queue-limit must be >= 1, got 0"),
+    (["--batch-window-ms", "-5"], "--batch-window-ms must be >= 0"),
+    (["--port", "70000"], "--port must be in 1..65535, got 70000"),
+])
+def test_bad_options_exit_2_with_a_message(args, message, capsys, tmp_path):
+    pytest.importorskip("gradio")
+    from minfm_core.cli.main import main
+
+    with apps_registered():
+        rc = main(["demo", str(tmp_path), *args])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_source_exits_2(capsys, tmp_path):
+    pytest.importorskip("gradio")
+    from minfm_core.cli.main import main
+
+    with apps_registered():
+        rc = main(["demo", str(tmp_path / "nope")])
+    assert rc == 2
+    assert "nope: no such file or directory" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_minfm_demo_serves_the_api_on_loopback(tmp_path):
+    pytest.importorskip("gradio")
+    from gradio_client import Client
+
+    from minfm_core.engine.train import train
+
+    train(tiny(tmp_path / "run", "train.max_steps=2"))
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, "demo", str(tmp_path / "run"), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if f"http://127.0.0.1:{port}" in line:
+                break
+        assert any(f"http://127.0.0.1:{port}" in x for x in lines), "".join(lines)
+        assert any("EMA weights at step 2, on cpu" in x for x in lines), "".join(lines)
+        images, seed = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(
+            prompt="a red circle", negative_prompt="", size="16x16", steps=2, cfg_scale=2.0, ep_cfg=True,
+            sampler="heun", seed=3, random_seed=False, num_images=1, api_name="/generate")
+        assert seed == 3 and len(images) == 1
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode in (0, 130), "".join(lines)
