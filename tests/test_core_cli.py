@@ -72,3 +72,40 @@ def test_nproc_must_be_positive(minfm, tmp_path):
     p.write_text("")
     res = minfm("run", str(p), "--nproc-per-node", "0")
     assert res.returncode == 2 and "--nproc-per-node: expected a positive integer, got 0" in res.stderr
+
+
+def test_serve_shows_a_run_directory(tmp_path):
+    """`minfm serve` serves the run folder on loopback (galleries are plain files)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / "index.html").write_text("<h1>gallery</h1>")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "minfm_core.cli.main", "serve", str(tmp_path), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/samples/index.html", timeout=2).read()
+                break
+            except OSError:
+                assert time.time() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else "timeout"
+                time.sleep(0.2)
+        assert body == b"<h1>gallery</h1>"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+
+
+def test_serve_missing_dir_exit_2(minfm, tmp_path):
+    res = minfm("serve", str(tmp_path / "nope"))
+    assert res.returncode == 2 and "no such run directory" in res.stderr
