@@ -10,7 +10,8 @@ A save is written under ``.tmp-<name>`` and renamed by rank 0 only once DCP has
 written its metadata (which happens after every rank's data is on disk), so a crash
 or SIGKILL at any moment leaves every ``step_*`` directory complete. Per-rank state
 (the trainer's RNG, the data position) goes to ``rank_<r>.safetensors`` beside the
-DCP files; nothing is ever pickled.
+DCP files. DCP's own ``.metadata`` is a pickle: it is read with an unpickler restricted to
+DCP's metadata types (``SafeReader``), so a checkpoint from elsewhere cannot run code.
 
 The same format serves one process and many: DCP reshards on load, so a run saved
 with 2 processes resumes with 1 or 4.
@@ -19,6 +20,7 @@ with 2 processes resumes with 1 or 4.
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -28,6 +30,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from .errors import MinfmError, RecipeError
 from .suggest import did_you_mean
@@ -150,9 +154,54 @@ def _barrier() -> None:
         dist.barrier()
 
 
+# DCP writes its .metadata with pickle; a checkpoint may come from a Hub repo, so it is read
+# with an unpickler that builds only DCP's own metadata types (tensor data itself is read
+# by DCP with torch.load(weights_only=True)).
+_META_ALLOWED = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("collections", "OrderedDict"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        ok = (
+            module == "torch.distributed.checkpoint.metadata"
+            or (module, name) in _META_ALLOWED
+            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        )
+        if not ok:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+        return super().find_class(module, name)
+
+
+class SafeReader(FileSystemReader):
+    """FileSystemReader whose metadata unpickling is restricted to DCP's metadata types."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        try:
+            with self.fs.create_stream(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except pickle.UnpicklingError as exc:
+            raise MinfmError(f"{self.path}: refusing to load this checkpoint: {exc}") from None
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
 def load_state(ckpt: Path, state: dict[str, Any]) -> None:
     """Load DCP ``ckpt`` into ``state`` in place (keys absent from ``state`` are not read)."""
-    dcp.load(state, checkpoint_id=str(ckpt))
+    reader = SafeReader(str(ckpt))
+    reader.read_metadata()  # refuse a bad checkpoint here, with our message, not inside DCP's workers
+    dcp.load(state, storage_reader=reader)
 
 
 def load_rank_extras(ckpt: Path, rank: int) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
@@ -198,9 +247,7 @@ def load_weights(ckpt: Path, model: torch.nn.Module, *, source: str = "model") -
 
 
 def has_part(ckpt: Path, part: str) -> bool:
-    from torch.distributed.checkpoint import FileSystemReader
-
-    meta = FileSystemReader(str(ckpt)).read_metadata()
+    meta = SafeReader(str(ckpt)).read_metadata()
     return any(k.startswith(part + ".") or k == part for k in meta.state_dict_metadata)
 
 
