@@ -37,6 +37,7 @@ from .errors import MinfmError, RecipeError
 from .suggest import did_you_mean
 
 CKPT_DIR = "checkpoints"
+HUB_STATE_DIR = "checkpoint"  # the DCP training state inside an exported (Hub) folder
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 PARTS = ("model", "ema", "optimizer", "scheduler", "step")
 
@@ -63,6 +64,8 @@ def find_checkpoint(src: Path) -> Path:
     src = Path(src)
     if (src / ".metadata").is_file():
         return src
+    if (src / HUB_STATE_DIR / ".metadata").is_file():  # a Hub folder pushed with its training state
+        return src / HUB_STATE_DIR
     found = list_checkpoints(src)
     if not found:
         raise MinfmError(f"{src}: no complete checkpoint found (expected {CKPT_DIR}/step_NNNNNNNN/ with a .metadata file)")
@@ -299,7 +302,7 @@ def export_for_hub(src: Path, out_dir: Path, *, include_training_state: bool = F
     if grids:
         shutil.copyfile(grids[-1], out / "samples.png")
     if include_training_state:
-        dest = out / "checkpoint"
+        dest = out / HUB_STATE_DIR
         if dest.exists():
             shutil.rmtree(dest)
         shutil.copytree(ckpt, dest)

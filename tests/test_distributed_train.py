@@ -49,8 +49,11 @@ def test_two_processes_match_one(tmp_path):
     Per-sample noise and time come from (seed, epoch, index), so only float summation
     order differs; tolerance 1e-5 relative.
     """
-    run(tmp_path / "one", "--set", "train.max_steps=5")
-    run(tmp_path / "two", "--set", "train.max_steps=5", nproc=2)
+    gallery = ["--set", "train.sample_every=5"]  # EMA swapped into the sharded model at the end
+    run(tmp_path / "one", "--set", "train.max_steps=5", *gallery)
+    run(tmp_path / "two", "--set", "train.max_steps=5", *gallery, nproc=2)
+    for d in ("one", "two"):
+        assert (tmp_path / d / "samples" / "step_00000005" / "ema.png").is_file()
     l1, l2 = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(l1) == len(l2) == 5
     assert l1 == pytest.approx(l2, rel=1e-5)

@@ -70,3 +70,28 @@ def test_export_diffusers_from_a_run(tmp_path):
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in ours.parameters())
     # The image input projection is one tensor in both layouts.
     torch.testing.assert_close(model.x_embedder.weight, ours.img_in.weight)
+
+
+@pytest.mark.slow
+def test_resume_training_from_a_pulled_repo(hub_server, tmp_path):
+    """Push with --include-training-state; a new run with init_from=hf://... continues the step count."""
+    from engine_helpers import TINY, read_metrics
+
+    run = tmp_path / "run"
+    train(tiny(run, "train.max_steps=3", "train.ckpt_every=3"))
+    env = hub_server.env(tmp_path / "hf_home")
+    res = run_minfm("hub", "push", str(run), "org/resumable", "--include-training-state", env=env)
+    assert res.returncode == 0, res.stderr
+    assert any(f.startswith("checkpoint/") for f in hub_server.files("org/resumable"))
+    cont = tmp_path / "cont"
+    res = run_minfm("run", str(TINY), "--set", f"run.exp_dir={cont}", "--set", "train.max_steps=5",
+                    "--set", "train.init_from=hf://org/resumable", env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert [m["step"] for m in read_metrics(cont) if "loss" in m] == [4, 5]  # continued from step 3
+
+    # Weights only (the default pull has no training state): start a fresh run from the EMA.
+    fresh = tmp_path / "fresh"
+    res = run_minfm("run", str(TINY), "--set", f"run.exp_dir={fresh}", "--set", "train.max_steps=1",
+                    "--set", "train.init_from=hf://org/resumable", "--set", "train.init_load_plan='ema:model'", env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert [m["step"] for m in read_metrics(fresh) if "loss" in m] == [1]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 
 import numpy as np
 import pytest
@@ -136,6 +135,6 @@ def test_workload_is_exact_integer_model():
     ratio = (24 * 200 * 64**2 + 0.5 * 4 * 200**2 * 64) / (24 * 100 * 64**2 + 0.5 * 4 * 100**2 * 64)
     assert w[1] / w[0] == pytest.approx(ratio)
 
-# Planning speed against the original rule is measured by bench/balancer_plan.py (timings are
+# Planning speed against the original rule is measured by bench/balancer.py (timings are
 # never asserted in tests).
 

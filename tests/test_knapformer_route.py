@@ -43,13 +43,13 @@ def _local(x, lens_per_rank, rank):
     return x[start : start + sum(lens_per_rank[rank])]
 
 
-def _worker(rank: int, world: int, port: int):
+def _worker(rank: int, world: int, port: int, specs: tuple[str, ...]):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
     layer = torch.nn.Sequential(torch.nn.Linear(D, D), torch.nn.GELU()).double()
     try:
-        for bags in ("g1n4", "g2n2", "g1n2+g2n1"):
+        for bags in specs:
             bal = KnapformerBalancer(KnapformerConfig(bags=bags), group=None)
             for case in ("random", "few", "huge"):
                 lens_all = _global_batch(case, world)
@@ -110,7 +110,12 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_route_reverse_gloo_4_ranks():
-    mp.spawn(_worker, args=(4, _free_port()), nprocs=4, join=True)
+    mp.spawn(_worker, args=(4, _free_port(), ("g1n4", "g2n2", "g1n2+g2n1")), nprocs=4, join=True)
+
+
+@pytest.mark.slow
+def test_route_reverse_gloo_8_ranks():
+    mp.spawn(_worker, args=(8, _free_port(), ("g1n8", "g2n4", "g1n2+g2n1+g4n1")), nprocs=8, join=True)
 
 
 def test_single_rank_without_process_group():

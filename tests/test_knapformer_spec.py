@@ -68,20 +68,38 @@ def test_check_recipe():
 
 def test_simulate_cli(tmp_path, capsys):
     out = tmp_path / "trace.json"
-    assert main(["balancer", "simulate", "--bags", "g1n4", "--bags", "g2n2", "--synthetic", "mixed",
+    assert main(["balance", "simulate", "--bags", "g1n4", "--bags", "g2n2", "--synthetic", "mixed",
                  "--steps", "2", "--trace-out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "original" in text and "ours" in text and "g2n2" in text
     trace = json.loads(out.read_text())
     assert len(trace) == 2 and len(trace[0]) == 4
-    assert main(["balancer", "simulate", "--bags", "g1n4", "--trace", str(out)]) == 0
+    assert main(["balance", "simulate", "--bags", "g1n4", "--trace", str(out)]) == 0
 
 
 def test_simulate_cli_errors(tmp_path, capsys):
-    assert main(["balancer", "simulate", "--bags", "1x4", "--synthetic", "mixed"]) == 2
+    assert main(["balance", "simulate", "--bags", "1x4", "--synthetic", "mixed"]) == 2
     assert "expected 'g{G}n{N}'" in capsys.readouterr().err
     bad = tmp_path / "bad.json"
     bad.write_text('{"a": 1}')
-    assert main(["balancer", "simulate", "--bags", "g1n4", "--trace", str(bad)]) == 2
+    assert main(["balance", "simulate", "--bags", "g1n4", "--trace", str(bad)]) == 2
     bad.write_text("[[[1, 2]], [[3]]]")
-    assert main(["balancer", "simulate", "--bags", "g1n4", "--trace", str(bad)]) == 2
+    assert main(["balance", "simulate", "--bags", "g1n4", "--trace", str(bad)]) == 2
+
+
+def test_simulate_recipe(tmp_path, capsys):
+    """`minfm balance simulate RECIPE` draws the recipe's data: shapes images + vocab prompts."""
+    from conftest import ROOT
+
+    out = tmp_path / "trace.json"
+    assert main(["balance", "simulate", str(ROOT / "recipes" / "quickstart.toml"), "--world-size", "4",
+                 "--bags", "g1n4", "--bags", "g2n2", "--steps", "2", "--batch-size", "3", "--trace-out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "g2n2" in text and "ours" in text and "d=128" in text
+    trace = json.loads(out.read_text())
+    assert len(trace) == 2 and [len(r) for r in trace[0]] == [3, 3, 3, 3]
+    # 32x32 .. 48x32 pixels, 2x2 patches: 256-384 image tokens, plus 2-32 vocab tokens
+    assert all(258 <= v <= 384 + 32 for step in trace for r in step for v in r)
+    assert main(["balance", "simulate", "--trace", str(out)]) == 2  # neither --bags nor --world-size
+    assert main(["balance", "simulate", str(ROOT / "recipes" / "quickstart.toml"), "--trace", str(out),
+                 "--bags", "g1n4"]) == 2

@@ -21,6 +21,7 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
+        _reshard(model)
         params = dict(model.named_parameters())
         shadow = [self.shadow[n] for n in self.names]
         current = [params[n].detach().float() for n in self.names]
@@ -36,6 +37,7 @@ class EMA:
     @contextlib.contextmanager
     def swapped_in(self, model: torch.nn.Module) -> Iterator[None]:
         """Temporarily run ``model`` with the EMA weights (for in-training samples)."""
+        _reshard(model)
         params = dict(model.named_parameters())
         backup = {n: params[n].detach().clone() for n in self.names}
         with torch.no_grad():
@@ -44,6 +46,16 @@ class EMA:
         try:
             yield
         finally:
+            _reshard(model)
             with torch.no_grad():
                 for n in self.names:
                     params[n].copy_(backup[n])
+
+
+def _reshard(model: torch.nn.Module) -> None:
+    """Under FSDP2 a forward without backward can leave parameters gathered (plain tensors);
+    reshard so that named_parameters() gives the DTensor shards the EMA mirrors."""
+    for module in model.modules():
+        reshard = getattr(module, "reshard", None)
+        if callable(reshard) and type(module).__name__.startswith("FSDP"):
+            reshard()

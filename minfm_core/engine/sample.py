@@ -3,14 +3,17 @@
     minfm sample experiments/quickstart --prompt "a red circle" --n 4
     minfm sample hf://org/model --prompt-file prompts.txt --npz --nproc-per-node 2
 
-Prompts x samples-per-prompt are split over ranks (no dummy outputs); images that
-already exist are skipped, so an interrupted run resumes. Writes images, an HTML
-gallery, ``metadata.json`` and optionally ``samples.npz`` (the ADM evaluation layout).
+Prompts x samples-per-prompt are cut into fixed batches, handed to ranks round robin:
+an image is the same whatever the number of processes. Ranks short of a batch run a
+dummy one (never written), so every rank makes the same number of denoiser calls, as a
+sharded (``fsdp2``) denoiser needs. Batches whose images all exist are skipped, so an
+interrupted run resumes; images are written atomically. Writes images, an HTML gallery,
+``metadata.json`` and optionally ``samples.npz`` (the ADM evaluation layout).
 """
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +122,32 @@ def sample_recipe(resolved) -> int:
     return run_sampling(resolved, prompts, out, weights=weights, source=s.source)
 
 
+def plan_batches(n_prompts: int, samples_per_prompt: int, batch_size: int) -> list[list[tuple[int, int]]]:
+    """All (prompt, sample) items cut into batches of ``batch_size``, independent of the world size.
+
+    A batch is generated together, so fixing batches here (and handing whole batches to
+    ranks) makes an image identical whether one process or many drew it.
+    """
+    if batch_size < 1:
+        raise MinfmError(f"sample.batch_size: expected a positive integer, got {batch_size}")
+    items = [(i, k) for i in range(n_prompts) for k in range(samples_per_prompt)]
+    return [items[b : b + batch_size] for b in range(0, len(items), batch_size)]
+
+
+def image_name(i: int, k: int, ext: str) -> str:
+    return f"{i:05d}_{k:02d}.{ext}"
+
+
+def rank_share(pending: list[int], rank: int, world: int) -> tuple[list[int], int]:
+    """This rank's batches (round robin) and the number of rounds every rank runs.
+
+    Ranks with fewer batches run dummy batches for the remaining rounds: with a sharded
+    denoiser every rank must make the same number of forward calls (each one gathers
+    parameters collectively).
+    """
+    return pending[rank::world], -(-len(pending) // world)
+
+
 def run_sampling(resolved, prompts: list[str], out: Path, *, weights, source: str | None) -> int:
     rt = init_runtime(resolved.recipe.run.device)
     try:
@@ -127,39 +156,105 @@ def run_sampling(resolved, prompts: list[str], out: Path, *, weights, source: st
         loaded = "pretrained"
         if weights is not None:
             loaded = load_denoiser_weights(pipe.denoiser, *weights, use_ema=s.use_ema)
-        items = [(i, k) for i in range(len(prompts)) for k in range(s.samples_per_prompt)]
-        mine = items[rt.rank :: rt.world_size]
+        pipe.denoiser = _parallelize(resolved, pipe.denoiser, rt)
+        batches = plan_batches(len(prompts), s.samples_per_prompt, s.batch_size)
         images_dir = out / "images"
+        name = lambda i, k: image_name(i, k, s.file_ext)  # noqa: E731
+        seed_of = lambda i, k: s.seed + i * s.samples_per_prompt + k  # noqa: E731
+        pending = None
         if rt.is_main:
             images_dir.mkdir(parents=True, exist_ok=True)
-        _barrier()
-        name = lambda i, k: f"{i:05d}_{k:02d}.{s.file_ext}"  # noqa: E731
-        todo = [(i, k) for i, k in mine if not (images_dir / name(i, k)).exists()]
-        seed_of = lambda i, k: s.seed + i * s.samples_per_prompt + k  # noqa: E731
-        for b in range(0, len(todo), s.batch_size):
-            chunk = todo[b : b + s.batch_size]
-            imgs = generate(pipe, [prompts[i] for i, _ in chunk], sizes=[tuple(s.size)] * len(chunk),
-                            seeds=[seed_of(i, k) for i, k in chunk], steps=s.steps, neg_prompt=s.neg_prompt,
-                            distilled_guidance=s.distilled_guidance)
+            # A batch with any image missing is drawn again whole (same composition: same pixels).
+            pending = [b for b, chunk in enumerate(batches) if not all((images_dir / name(i, k)).exists() for i, k in chunk)]
+        pending = _broadcast(pending)
+        mine, rounds = rank_share(pending, rt.rank, rt.world_size)
+        if rt.is_main:
+            done = len(batches) - len(pending)
+            print(f"minfm: {len(batches)} batches, {done} already done, {len(pending)} to draw on "
+                  f"{rt.world_size} rank(s)", flush=True)
+        for r in range(rounds):
+            if r < len(mine):
+                chunk = batches[mine[r]]
+                batch_prompts, seeds = [prompts[i] for i, _ in chunk], [seed_of(i, k) for i, k in chunk]
+            else:  # dummy work: keeps the collective calls in step, never written
+                chunk, batch_prompts, seeds = [], [prompts[0]], [s.seed]
+            imgs = generate(pipe, batch_prompts, sizes=[tuple(s.size)] * len(seeds), seeds=seeds, steps=s.steps,
+                            neg_prompt=s.neg_prompt, distilled_guidance=s.distilled_guidance)
             for (i, k), img in zip(chunk, imgs):
-                to_pil(img).save(images_dir / name(i, k))
+                _save_atomic(to_pil(img), images_dir / name(i, k))
+            if rt.is_main:
+                print(f"minfm: round {r + 1}/{rounds}", flush=True)
         _barrier()
         if rt.is_main:
+            items = [ik for chunk in batches for ik in chunk]
             settings = {"source": source, "weights": loaded, "steps": s.steps, "size": list(s.size),
                         "sampler": resolved["sample.sampler"].component.name,
                         "guidance": resolved["sample.guidance"].component.name,
                         "guidance_scale": getattr(resolved.config("sample.guidance"), "scale", None),
-                        "distilled_guidance": s.distilled_guidance, "neg_prompt": s.neg_prompt}
-            records = [{"path": f"images/{name(i, k)}", "prompt": prompts[i], "seed": seed_of(i, k)} for i, k in items]
+                        "distilled_guidance": s.distilled_guidance, "neg_prompt": s.neg_prompt,
+                        "seed": s.seed, "samples_per_prompt": s.samples_per_prompt, "batch_size": s.batch_size}
+            records = [{"path": f"images/{name(i, k)}", "prompt": prompts[i], "prompt_index": i, "sample": k,
+                        "seed": seed_of(i, k)} for i, k in items]
             ckpt_mod.write_json_atomic(out / "metadata.json", {"settings": settings, "images": records})
             write_sample_index(out, records)
             if s.save_npz:
-                arr = np.stack([np.asarray(_open(images_dir / name(i, k))) for i, k in items])
-                np.savez(out / "samples.npz", arr_0=arr)
+                write_npz(out / "samples.npz", [images_dir / name(i, k) for i, k in items])
             print(f"minfm: wrote {len(items)} images to {out}")
     finally:
         shutdown_runtime()
     return 0
+
+
+def _parallelize(resolved, model: torch.nn.Module, rt) -> torch.nn.Module:
+    """Shard the denoiser with the recipe's parallelizer, for forward-only use."""
+    import inspect
+
+    slot = resolved.get("parallel")
+    if slot is None or slot.component.name == "none":
+        return model
+    parallel = slot.build()
+    kwargs = {"world_size": rt.world_size, "device": rt.device}
+    if "trainable" in inspect.signature(parallel.parallelize).parameters:
+        kwargs["trainable"] = False  # no activation checkpointing; reshard after every forward
+    return parallel.parallelize(model, **kwargs)
+
+
+def _broadcast(obj):
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+def _save_atomic(image, path: Path) -> None:
+    """Write then rename: an interrupted run never leaves a truncated image that looks done."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG")
+    os.replace(tmp, path)
+
+
+def write_npz(path: Path, files: list[Path]) -> None:
+    """``arr_0``: uint8 (N, H, W, 3), the layout the ADM evaluation suite reads.
+
+    Streamed into the zip one image at a time (50k ImageNet samples are ~10 GB), then
+    renamed into place.
+    """
+    import zipfile
+
+    first = np.asarray(_open(files[0]))
+    shape = (len(files), *first.shape)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+            for p in files:
+                arr = np.asarray(_open(p), dtype=np.uint8)
+                if arr.shape != first.shape:
+                    raise MinfmError(f"{p}: is {arr.shape[0]}x{arr.shape[1]}, the others {first.shape[0]}x{first.shape[1]}; "
+                                     ".npz needs one size")
+                f.write(np.ascontiguousarray(arr).tobytes())
+    os.replace(tmp, path)
 
 
 def _open(path: Path):

@@ -189,9 +189,26 @@ class Trainer:
             self._log_line(f"resumed from {latest[-1]} at step {self.step}")
         elif self.cfg.init_from:
             plan = ckpt_mod.parse_load_plan(self.cfg.init_load_plan)
-            src = ckpt_mod.find_checkpoint(resolve_source(self.cfg.init_from))
-            self._load(src, plan, exact=False)
-            self._log_line(f"initialised from {src} with plan {self.cfg.init_load_plan!r}")
+            weights_only = set(plan) <= {"model", "ema"}
+            root = resolve_source(self.cfg.init_from, training_state=not weights_only)
+            if weights_only and (root / "model.safetensors").is_file():
+                self._load_exported(root, plan)  # a Hub folder: the weights are enough
+            else:
+                self._load(ckpt_mod.find_checkpoint(root), plan, exact=False)
+            self._log_line(f"initialised from {self.cfg.init_from} with plan {self.cfg.init_load_plan!r}")
+
+    def _load_exported(self, folder: Path, plan: dict[str, str]) -> None:
+        """Model / EMA from an exported folder's model.safetensors / ema.safetensors."""
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        from ..weights import read_safetensors
+
+        for target, source in plan.items():
+            sd = read_safetensors(folder, source)
+            if target == "model":
+                set_model_state_dict(self.model, {**self.app_state()["model"], **sd})
+            elif self.ema is not None:
+                self.ema.load_state_dict({n: sd[n] for n in self.ema.names})
 
     # ---- one optimizer step ---------------------------------------------------------
     def train_step(self) -> dict[str, float]:
@@ -267,7 +284,7 @@ class Trainer:
             window_tokens += metrics.pop("tokens")
             if metrics["skipped"]:
                 self._log_line(f"step {self.step}: skipped optimizer step (grad norm {metrics['grad_norm']:.3g}, loss {metrics['loss']:.3g})")
-            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+            if (cfg.log_every and self.step % cfg.log_every == 0) or self.step == stop:
                 dt = time.perf_counter() - window_t
                 metrics["tokens_per_sec"] = window_tokens / max(dt, 1e-9)
                 mfu = self._mfu(metrics["tokens_per_sec"])
@@ -279,7 +296,7 @@ class Trainer:
                 self._log({"val_loss": self.validation_loss()})
             if cfg.sample_every and (self.step % cfg.sample_every == 0 or self.step == cfg.max_steps):
                 self.gallery()
-            if self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps:
+            if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == cfg.max_steps:
                 self.save()
             self.checkpointer.poll()
             if cfg.gc_every and self.step % cfg.gc_every == 0:

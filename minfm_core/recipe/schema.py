@@ -125,14 +125,14 @@ class TrainSection:
     grad_spike_start_step: int = field(1000, doc="spike detection starts after this step")
     ema_decay: float = field(0.999, doc="EMA decay per optimizer step (0 disables EMA)")
     text_dropout: float = field(0.1, doc="probability of dropping a prompt (trains the unconditional branch for CFG)")
-    ckpt_every: int = field(2000, doc="save a checkpoint every N steps (and at the end)")
+    ckpt_every: int = field(2000, doc="save a checkpoint every N steps and at the end (0: at the end only)")
     keep_last: int = field(3, doc="keep the last N checkpoints (0 keeps all)")
     init_from: str | None = field(None, doc="checkpoint, run dir or hf:// source to initialise from")
     init_load_plan: str = field(
         "model:model,ema:ema,optimizer:optimizer,scheduler:scheduler,step:step",
         doc="which parts of init_from to load into what, as source:target pairs",
     )
-    log_every: int = field(20, doc="log metrics every N steps")
+    log_every: int = field(20, doc="log metrics every N steps (0: at the end only)")
     val_every: int = field(10_000, doc="validation loss every N steps (0 disables)")
     val_num_samples: int = field(10_000, doc="samples in the validation set")
     sample_every: int = field(2000, doc="in-training sample gallery every N steps (0 disables)")

@@ -4,6 +4,11 @@
 image streams (joint attention over each sample's interleaved tokens), interleaves
 once, runs the single-stream blocks, and returns the image tokens' velocity
 ``v = eps - x0`` (FLUX convention, t = 1 is noise).
+
+With a sequence balancer (``build_flux(..., balancer=...)``, the recipe's
+``[balancer]``), the embedded ``[text_i, image_i]`` sequences are routed to other
+ranks just before the blocks and the outputs routed back after the final layer; see
+:meth:`Flux._forward_balanced` and docs/balancer.md.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from minfm_core.errors import MinfmError
+from minfm_core.packing import interleave, interleave_index
 
 from .config import FluxConfig
 from .layers import DoubleStreamBlock, LastLayer, MLPEmbedder, SingleStreamBlock, timestep_embedding
@@ -20,12 +26,14 @@ from .layout import Layout
 
 
 class Flux(nn.Module):
-    def __init__(self, cfg: FluxConfig, attention):
+    def __init__(self, cfg: FluxConfig, attention, balancer=None):
         super().__init__()
         if sum(cfg.rope_axes) != cfg.d_head:
             raise MinfmError(f"model.denoiser.rope_axes: sum {sum(cfg.rope_axes)} must equal d_head = {cfg.d_head}")
         self.cfg = cfg
         self.attention = attention
+        # None or the 'none' balancer: forward is the plain path, nothing added.
+        self.balancer = None if balancer is None or balancer.identity else balancer
         d = cfg.d_model
         self.img_in = nn.Linear(cfg.d_img, d)
         self.time_in = MLPEmbedder(256, d)
@@ -71,8 +79,11 @@ class Flux(nn.Module):
             c = c + self.vector_in(vec.to(dtype))
         return c
 
-    def layout(self, txt_lens: Tensor, img_lens: Tensor, img_pos: Tensor, rows: Tensor | None = None) -> Layout:
-        return Layout(txt_lens, img_lens, img_pos, self.cfg.rope_axes, self.cfg.rope_theta, self.attention, rows)
+    def layout(
+        self, txt_lens: Tensor, img_lens: Tensor, img_pos: Tensor, rows: Tensor | None = None, attention=None
+    ) -> Layout:
+        attention = self.attention if attention is None else attention
+        return Layout(txt_lens, img_lens, img_pos, self.cfg.rope_axes, self.cfg.rope_theta, attention, rows)
 
     def run_blocks(self, txt: Tensor, img: Tensor, cond: Tensor, lay: Layout) -> Tensor:
         """All blocks on embedded streams (grouped as ``lay`` says); returns image tokens (grouped).
@@ -103,6 +114,8 @@ class Flux(nn.Module):
         ``t``, ``guidance`` ``(n,)``; ``vec`` ``(n, d_vec)`` pooled conditioning (None: omitted);
         ``guidance`` is used only when the model has a guidance embedding.
         """
+        if self.balancer is not None:
+            return self._forward_balanced(img, img_pos, img_lens, txt, txt_lens, t, vec, guidance)
         dtype = self.img_in.weight.dtype
         cond = self.condition(t, vec, guidance)
         lay = self.layout(txt_lens, img_lens, img_pos)
@@ -111,29 +124,76 @@ class Flux(nn.Module):
         out = self.final_layer(self.run_blocks(h_txt, h_img, cond, lay), cond, lay.img)
         return lay.img.flat(out).to(img.dtype)
 
+    def _forward_balanced(self, img, img_pos, img_lens, txt, txt_lens, t, vec, guidance) -> Tensor:
+        """``forward`` with the blocks and the final layer on the balancer's ranks.
 
-def build_flux(cfg: FluxConfig, *, load_weights: bool = True, attention=None) -> Flux:
+        Each sample's embedded ``[text, image]`` sequence is routed (with its positions) as
+        the plan says; a rank may then hold whole samples or, in a multi-GPU bag, one
+        contiguous chunk of each (text first, so a chunk may hold no text). Every chunk is
+        modulated by its sample's conditioning vector, computed here from the gathered
+        per-sample inputs of the samples present (the same vector the source would compute;
+        no collective in backward, so ``t``, ``vec``, ``guidance`` get no gradient: they are
+        data from frozen encoders and the time sampler). Attention goes through the balancer's
+        wrapper of the backend (Ulysses in multi-GPU bags). Empty streams still run every
+        layer on zero rows, so every parameter gets a (zero) gradient on every rank.
+        """
+        bal, dtype = self.balancer, self.img_in.weight.dtype
+        packed, seq_lens, _, img_index = interleave(
+            self.txt_in(txt.to(dtype)), txt_lens, self.img_in(img.to(dtype)), img_lens
+        )
+        pos = interleave(img_pos.new_zeros((txt.shape[0], img_pos.shape[1])), txt_lens, img_pos, img_lens)[0]
+        x, chunk_lens, (pos,), handle = bal.route(packed, seq_lens, [pos])
+        per_sample = [t, txt_lens] + [v for v in (vec, guidance) if v is not None]
+        if any(v.requires_grad for v in per_sample):
+            raise MinfmError(
+                "a balanced FLUX forward takes t, vec and guidance without gradient (they are gathered as data)"
+            )
+        gathered = bal.gather_samples(per_sample, handle)
+        g_t, g_txt = gathered[0], gathered[1]
+        g_vec = gathered[2] if vec is not None else None
+        g_guid = gathered[-1] if guidance is not None else None
+        dev = x.device
+        samples = torch.from_numpy(handle.samples.copy()).to(dev)
+        offsets = torch.from_numpy(handle.offsets.copy()).to(dev)
+        present, rows = torch.unique_consecutive(samples, return_inverse=True)  # chunks come in sample order
+        cond = self.condition(
+            g_t[present], None if g_vec is None else g_vec[present], None if g_guid is None else g_guid[present]
+        )
+        c_txt = torch.minimum((g_txt.to(dev)[samples] - offsets).clamp(min=0), chunk_lens.long())
+        c_img = chunk_lens.long() - c_txt
+        _, c_img_index = interleave_index(c_txt, c_img)
+        lay = self.layout(c_txt, c_img, pos[c_img_index], rows=rows, attention=bal.attention(self.attention, handle))
+        h = self.run_blocks(lay.txt.group(x[lay.txt_index]), lay.img.group(x[lay.img_index]), cond, lay)
+        out = lay.img.flat(self.final_layer(h, cond, lay.img))
+        # Back in one exchange of d_img-wide rows (text rows are zeros), then the image rows.
+        rows_out = out.new_zeros((x.shape[0], out.shape[1])).index_copy(0, lay.img_index, out)
+        return bal.reverse(rows_out, handle)[img_index].to(img.dtype)
+
+
+def build_flux(cfg: FluxConfig, *, load_weights: bool = True, attention=None, balancer=None) -> Flux:
     """The registered ``flux`` denoiser factory.
 
     ``load_weights=False`` only builds the structure (on the meta device under
     ``torch.device("meta")``: no memory, no files). Otherwise the weights come from
     ``cfg.pretrained`` (checked key by key) or from :meth:`Flux.init_weights`.
+    ``balancer``: a built sequence balancer (the engine passes the recipe's
+    ``[balancer]`` when it is not ``none``); None keeps the plain forward.
     """
     if attention is None:
         from minfm_core.registry import get_registry
 
         attention = get_registry().get("attention", "auto").build()
     if not load_weights:
-        return Flux(cfg, attention)
+        return Flux(cfg, attention, balancer)
     if cfg.pretrained:
         from .state_dict import load_pretrained
 
         device = torch.get_default_device()
         with torch.device("meta"):
-            model = Flux(cfg, attention)
+            model = Flux(cfg, attention, balancer)
         load_pretrained(model, cfg.pretrained, device=device)
         return model
-    model = Flux(cfg, attention)
+    model = Flux(cfg, attention, balancer)
     if model.img_in.weight.device.type != "meta":
         model.init_weights()
     return model

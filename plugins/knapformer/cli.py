@@ -1,4 +1,4 @@
-"""``minfm balancer simulate``: the argument parser (cheap; the work is in simulate.py)."""
+"""``minfm balance simulate``: the argument parser (cheap; the work is in simulate.py)."""
 
 from __future__ import annotations
 
@@ -6,19 +6,28 @@ SYNTHETIC_NAMES = ("bucket", "few", "imagenet", "mixed", "near_balanced", "with2
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("balancer", help="sequence-balancer tools (KnapFormer)")
-    inner = p.add_subparsers(dest="balancer_command", metavar="COMMAND")
-    s = inner.add_parser("simulate", help="score bag specs on a trace: balance, tokens moved, planning time")
-    src = s.add_mutually_exclusive_group(required=True)
-    src.add_argument("--trace", help="JSON trace: a list of steps, each a list of per-rank lists of lengths")
-    src.add_argument("--synthetic", choices=SYNTHETIC_NAMES, help="a seeded synthetic trace")
-    s.add_argument("--bags", action="append", required=True, help="bag spec, e.g. g1n8 (repeatable)")
-    s.add_argument("--world-size", type=int, default=None, help="ranks of a synthetic trace (default: the first spec's S)")
-    s.add_argument("--steps", type=int, default=4, help="steps of a synthetic trace")
-    s.add_argument("--seed", type=int, default=0, help="seed of a synthetic trace")
-    s.add_argument("--d", type=int, default=3072, help="hidden width of the denoiser")
-    s.add_argument("--gamma", type=float, default=0.5, help="attention weight in the workload model")
-    s.add_argument("--tolerance", type=float, default=0.0, help="locality tolerance of our planner")
+    p = sub.add_parser("balance", help="sequence-balancer tools (KnapFormer)")
+    inner = p.add_subparsers(dest="balance_command", metavar="COMMAND")
+    s = inner.add_parser(
+        "simulate",
+        help="score bag specs on a recipe's data or a trace: balance, tokens moved, Ulysses bytes, planning time",
+        description="Score bag specs before renting GPUs. The lengths come from RECIPE's training data "
+        "(per-rank micro-batches as the loader draws them), a JSON trace, or a seeded synthetic trace.",
+    )
+    s.add_argument("recipe", nargs="?", help="recipe whose [data] (and model, [balancer]) to simulate")
+    s.add_argument("--trace", help="JSON trace: a list of steps, each a list of per-rank lists of lengths")
+    s.add_argument("--synthetic", choices=SYNTHETIC_NAMES, help="a seeded synthetic trace")
+    s.add_argument("--bags", action="append", help="bag spec, e.g. g1n8 (repeatable; default: the recipe's, else g1n{W})")
+    s.add_argument("--world-size", type=int, default=None, help="ranks (default: the first bag spec's S)")
+    s.add_argument("--steps", type=int, default=4, help="steps drawn from the recipe or a synthetic trace")
+    s.add_argument("--seed", type=int, default=0, help="seed of the draw")
+    s.add_argument("--batch-size", type=int, default=None, help="samples per rank per step (default: the recipe's train.batch_size)")
+    s.add_argument("--text-range", type=int, nargs=2, default=(77, 512), metavar=("MIN", "MAX"),
+                   help="text tokens per prompt when the text encoder's tokenizer is unavailable")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="recipe override")
+    s.add_argument("--d", type=int, default=None, help="hidden width (default: the recipe denoiser's d_model, else 3072)")
+    s.add_argument("--gamma", type=float, default=None, help="attention weight in the workload model (default: recipe's, else 0.5)")
+    s.add_argument("--tolerance", type=float, default=None, help="locality tolerance of our planner (default: recipe's, else 0)")
     s.add_argument("--trace-out", help="write the trace used as JSON")
     s.set_defaults(func=_simulate)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])

@@ -11,7 +11,10 @@ other way, also differentiable.
 Received tokens are ordered by global sample id (senders emit their chunks to each
 destination in sample order and sample ids grow with the source rank), so no re-sort
 is needed on arrival. On a bag of G > 1 GPUs the local ``datum_lens`` are chunk
-lengths; attention then needs the bag's Ulysses exchange (``pre_attn`` / ``post_attn``).
+lengths; attention there goes through :meth:`KnapformerBalancer.attention`, which wraps
+the backend with the bag's Ulysses exchange (ulysses.py). A model that conditions
+every sample on a per-sample vector gets every sample's inputs with
+:meth:`KnapformerBalancer.gather_samples`.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from minfm_core.errors import MinfmError
 from .config import KnapformerConfig, NoBalancerConfig
 from .planner import Plan, plan
 from .spec import parse_bags
+from .ulysses import LocalAttention, UlyssesAttention
 
 
 class _Exchange(torch.autograd.Function):
@@ -109,10 +113,23 @@ class RouteHandle:
     recv_splits: list[int]
     recv_chunks: np.ndarray  # (k, 5) the chunks this rank holds, in local order
     group: object
+    bag: int  # this rank's bag
+
+    @property
+    def samples(self) -> np.ndarray:
+        """Global sample id of every local chunk (non-decreasing)."""
+        return self.recv_chunks[:, 0]
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """Where every local chunk starts within its sample."""
+        return self.recv_chunks[:, 3]
 
 
 class NoBalancer:
     """The ``none`` balancer: everything stays where it is."""
+
+    identity = True  # models skip the balanced path entirely (no extra work)
 
     def __init__(self, cfg: NoBalancerConfig | None = None, *, group=None):
         self.cfg = cfg
@@ -132,14 +149,22 @@ class KnapformerBalancer:
     balancer, in the same order, as with any process-group creation).
     """
 
+    identity = False
+
     def __init__(self, cfg: KnapformerConfig, *, group=None):
         self.cfg = cfg
         self.spec = parse_bags(cfg.bags)
+        self.bag_group = None  # this rank's bag's process group (G > 1 only)
         S = self.spec.size
         if group is not None:
             if dist.get_world_size(group) != S:
                 raise MinfmError(f"balancer.bags: group has {dist.get_world_size(group)} ranks, bag spec {cfg.bags!r} needs {S}")
             self.group = group
+            # Every rank creates every bag group, in the same order: learn all balance groups.
+            mine = tuple(dist.get_process_group_ranks(group))
+            every: list = [None] * dist.get_world_size()
+            dist.all_gather_object(every, mine)
+            self._make_bag_groups(sorted(set(every)))
         elif not dist.is_available() or not dist.is_initialized():
             if S != 1:
                 raise MinfmError(f"balancer.bags: {cfg.bags!r} spans {S} ranks but torch.distributed is not initialized")
@@ -155,7 +180,21 @@ class KnapformerBalancer:
                     g = dist.new_group(list(range(start, start + S)))
                     if start <= me < start + S:
                         self.group = g
+            self._make_bag_groups([tuple(range(start, start + S)) for start in range(0, world, S)])
         self.last_plan: Plan | None = None
+
+    def _make_bag_groups(self, balance_groups: list[tuple[int, ...]]) -> None:
+        """A process group per multi-GPU bag (Ulysses all-to-alls stay inside the bag)."""
+        if self.spec.max_gpus == 1:
+            return
+        me = dist.get_rank()
+        for ranks in balance_groups:  # identical order on every rank
+            for bag in self.spec.bag_ranks:
+                if len(bag) > 1:
+                    members = [ranks[i] for i in bag]
+                    g = dist.new_group(members)
+                    if me in members:
+                        self.bag_group = g
 
     # ------------------------------------------------------------------ planning
 
@@ -214,8 +253,41 @@ class KnapformerBalancer:
         else:
             out, out_extras = _exchange(x, send, recv, self.group, ex)
         new_lens = torch.from_numpy(recv_chunks[:, 4].copy()).to(datum_lens.device, datum_lens.dtype)
-        handle = RouteHandle(p, me, send_index, send, recv, recv_chunks, self.group)
+        bag = int(np.repeat(np.arange(len(self.spec.bag_sizes)), self.spec.bag_sizes)[me])
+        handle = RouteHandle(p, me, send_index, send, recv, recv_chunks, self.group, bag)
         return out, new_lens, out_extras, handle
+
+    def attention(self, backend, handle: RouteHandle):
+        """The attention to use on routed tokens: ``backend`` on a single-GPU bag, wrapped
+        with the bag's Ulysses exchange on a multi-GPU bag (same call signature)."""
+        if self.spec.bag_sizes[handle.bag] == 1:
+            return LocalAttention(backend)
+        return UlyssesAttention(backend, handle.plan, handle.rank, handle.bag, self.bag_group)
+
+    def gather_samples(self, tensors: Sequence[Tensor], handle: RouteHandle) -> list[Tensor]:
+        """Every rank's per-sample tensors ``(n_r, ...)`` -> ``(B, ...)`` in global sample order.
+
+        One all-gather of raw bytes (exact for any dtype); no gradient flows back (use it
+        for inputs such as timesteps, pooled text vectors, prompt lengths).
+        """
+        if self.spec.size == 1:
+            return [t.detach() for t in tensors]
+        counts = handle.plan.counts.tolist()
+        n = counts[handle.rank]
+        metas = [(t.dtype, tuple(t.shape[1:]), math.prod(t.shape[1:])) for t in tensors]
+        parts = [_as_bytes(t.detach().reshape(n, numel)) for t, (_, _, numel) in zip(tensors, metas)]
+        widths = [p.shape[1] for p in parts]
+        buf = torch.cat(parts, dim=1)
+        padded = buf.new_zeros((max(max(counts), 1), buf.shape[1]))
+        padded[:n] = buf
+        out = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(out, padded, group=self.group)
+        full = torch.cat([o[:c] for o, c in zip(out, counts)])
+        res, start = [], 0
+        for (dtype, shape, numel), width in zip(metas, widths):
+            res.append(_from_bytes(full[:, start : start + width], dtype, numel).reshape(-1, *shape))
+            start += width
+        return res
 
     def reverse(self, tokens: Tensor, handle: RouteHandle) -> Tensor:
         """Send routed tokens (or outputs with the same rows) back to where they came from."""

@@ -7,8 +7,9 @@ is scored by one evaluator: max/mean and max/min estimated load, fraction of tok
 moved, Ulysses bytes per layer and planning milliseconds, for no balancing, the
 original longest-first rule and ours.
 
-    minfm balancer simulate --bags g1n8 --bags g2n4 --synthetic mixed --world-size 8
-    minfm balancer simulate --bags g1n8 --trace trace.json
+    minfm balance simulate recipes/quickstart.toml --world-size 8 --bags g1n8 --bags g2n4
+    minfm balance simulate --bags g1n8 --bags g2n4 --synthetic mixed --world-size 8
+    minfm balance simulate --bags g1n8 --trace trace.json
 """
 
 from __future__ import annotations
@@ -170,15 +171,45 @@ def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
 
 
 def run(args) -> int:
-    specs = [str(parse_bags(b)) for b in args.bags]
+    sources = [x for x in (args.recipe, args.trace, args.synthetic) if x]
+    if len(sources) != 1:
+        raise MinfmError("balance simulate: give exactly one of RECIPE, --trace FILE or --synthetic NAME")
+    d, gamma, tolerance, bags = args.d, args.gamma, args.tolerance, list(args.bags or [])
+    resolved = None
+    if args.recipe:
+        from minfm_core.recipe import load_recipe
+
+        from .config import KnapformerConfig
+
+        resolved = load_recipe(args.recipe, args.overrides)
+        den, bal = resolved.config("model.denoiser"), resolved.config("balancer")
+        d = d or getattr(den, "d_model", None)
+        if isinstance(bal, KnapformerConfig):
+            gamma = bal.gamma if gamma is None else gamma
+            tolerance = bal.tolerance if tolerance is None else tolerance
+            bags = bags or [bal.bags]
+    d, gamma, tolerance = d or 3072, 0.5 if gamma is None else gamma, tolerance or 0.0
+    if not bags:
+        if not args.world_size:
+            raise MinfmError("balance simulate: give --bags SPEC or --world-size W")
+        bags = [f"g1n{args.world_size}"]
+    specs = [str(parse_bags(b)) for b in bags]
+    world = args.world_size or parse_bags(specs[0]).size
     if args.trace:
         trace = read_trace(args.trace)
-    else:
-        world = args.world_size or parse_bags(specs[0]).size
+    elif args.synthetic:
         trace = synthetic(args.synthetic, world, args.steps, args.seed)
+    else:
+        from .data_trace import recipe_trace
+
+        trace = recipe_trace(resolved, world, args.steps, args.seed, args.batch_size, tuple(args.text_range))
     if args.trace_out:
         Path(args.trace_out).write_text(json.dumps(trace))
-    results = {b: evaluate(trace, b, args.d, args.gamma, args.tolerance) for b in specs}
-    print(f"trace: {args.trace or args.synthetic}, {len(trace)} steps x {len(trace[0])} ranks; d={args.d}, gamma={args.gamma}")
+    results = {b: evaluate(trace, b, d, gamma, tolerance) for b in specs}
+    lens = [v for step in trace for r in step for v in r]
+    source = args.recipe or args.trace or args.synthetic
+    print(f"trace: {source}, {len(trace)} steps x {len(trace[0])} ranks, {len(lens)} sequences of "
+          f"{min(lens, default=0)}-{max(lens, default=0)} tokens; d={d}, gamma={gamma}, tolerance={tolerance}")
+    print("none = before balancing; ulysses MB = bytes all GPUs send per layer in Ulysses all-to-alls (bf16)")
     print(format_table(results))
     return 0
