@@ -7,6 +7,8 @@ no traceback); 1 unexpected failure (traceback kept).
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -29,7 +31,7 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import cache_cmd, check_cmd, plugins_cmd, run_cmd
+    from . import cache_cmd, check_cmd, data_cmd, eval_cmd, plugins_cmd, run_cmd
 
     parser = _Parser(prog="minfm", description="Minimal flow matching: train and sample text-to-image models.")
     parser.add_argument("--version", action="version", version=f"minfm {__version__}")
@@ -38,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     check_cmd.register(sub)
     run_cmd.register(sub)
     cache_cmd.register(sub)
+    data_cmd.register(sub)
+    eval_cmd.register(sub)
 
     from ..plugins import load_plugins
 
@@ -46,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .run_cmd import ARGV_ENV
+
+    if argv is None and ARGV_ENV in os.environ:  # re-launched by --nproc-per-node
+        argv = json.loads(os.environ[ARGV_ENV])
+        sys.argv = [sys.argv[0], *argv]
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

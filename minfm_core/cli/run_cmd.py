@@ -6,6 +6,7 @@ on this host; under ``torchrun`` (``LOCAL_RANK`` set) the command runs as it is.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -73,13 +74,16 @@ def serve(args) -> int:
     return 0
 
 
+ARGV_ENV = "MINFM_RELAUNCH_ARGV"
+
+
 def relaunch(nproc: int, argv: list[str]) -> int:
     """Run ``minfm <argv>`` under torch.distributed.run with ``nproc`` local processes."""
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        "-m", "minfm_core.cli.main", *argv,
-    ]
-    return subprocess.call(cmd)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "minfm_core.cli.main"]
+    # The arguments travel in the environment: torchrun's own parser would otherwise take
+    # abbreviations of its flags (``--n`` for ``--nnodes``) from our command line.
+    return subprocess.call(cmd, env={**os.environ, ARGV_ENV: json.dumps(argv)})
 
 
 def strip_nproc(argv: list[str]) -> list[str]:

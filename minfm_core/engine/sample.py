@@ -74,7 +74,7 @@ def sample_cli(args) -> int:
 
     src = resolve_source(args.source)
     recipe_path, kind, where = locate(src)
-    overrides = list(args.overrides)
+    overrides = ["job=sample", *args.overrides]
     if args.steps is not None:
         overrides.append(f"sample.steps={args.steps}")
     if args.cfg is not None:

@@ -14,7 +14,8 @@ def register_parallelizers(register):
 @hookimpl
 def check_recipe(recipe, world_size):
     slot = recipe.get("parallel")
-    if slot is not None and slot.component.name == "none" and world_size > 1:
+    # Sampling may replicate the whole model on every rank; training would not sync gradients.
+    if slot is not None and slot.component.name == "none" and world_size > 1 and recipe.recipe.job == "train":
         return [f"parallel.name: 'none' runs one process, but the world size is {world_size}; use name = \"fsdp2\""]
     return []
 

@@ -1,0 +1,75 @@
+"""``minfm eval``: Inception Score, FID, sFID, precision and recall of generated images.
+
+    minfm eval imagenet samples.npz --ref VIRTUAL_imagenet256_labeled.npz
+    minfm eval folder experiments/run/samples/images --ref reference.npz --out metrics.json
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+from ..errors import MinfmError
+
+#: The seed's table was computed on 50,000 samples (1000 classes x 50).
+IMAGENET_SAMPLES = 50_000
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="sample-quality metrics (IS, FID, sFID, precision, recall)")
+    what = p.add_subparsers(dest="eval_what", metavar="WHAT", parser_class=type(p))
+    what.required = True
+    for name, helptext, arg_help in (
+        ("imagenet", "evaluate an .npz of samples (ADM layout) as the seed's ImageNet table",
+         "samples .npz: arr_0 uint8 (N, H, W, 3), e.g. from `minfm sample --npz`"),
+        ("folder", "evaluate a folder of images", "folder of .png/.jpg images (searched recursively)"),
+    ):
+        q = what.add_parser(name, help=helptext)
+        q.add_argument("samples", help=arg_help)
+        q.add_argument("--ref", required=True, help="reference images: an .npz (e.g. VIRTUAL_imagenet256_labeled.npz) or a folder")
+        q.add_argument("--inception", metavar="FILE",
+                       help="Inception weights (torch-fidelity's .pth or a .safetensors; a path or org/name/file Hub "
+                            "reference); default $MINFM_INCEPTION_WEIGHTS, else the torch hub cache")
+        q.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the network runs")
+        q.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per network call (default 64)")
+        q.add_argument("--out", metavar="JSON", help="also write the metrics to this JSON file")
+        q.add_argument("--extractor", metavar="MODULE:ATTR",
+                       help="use another feature extractor: a callable returning one (see minfm_core.eval.Extractor)")
+        q.set_defaults(func=run)
+
+
+def load_extractor(spec: str):
+    mod, _, attr = spec.partition(":")
+    if not mod or not attr:
+        raise MinfmError(f"--extractor {spec!r}: expected MODULE:ATTR")
+    try:
+        factory = getattr(importlib.import_module(mod), attr)
+    except (ImportError, AttributeError) as exc:
+        raise MinfmError(f"--extractor {spec!r}: {exc}") from None
+    return factory()
+
+
+def run(args) -> int:
+    from ..eval import evaluate, format_table
+
+    if args.batch_size < 1:
+        raise MinfmError(f"--batch-size: expected a positive integer, got {args.batch_size}")
+    samples = Path(args.samples)
+    if args.eval_what == "imagenet":
+        if samples.suffix != ".npz" or not samples.is_file():
+            raise MinfmError(f"{args.samples}: expected an .npz file of samples (minfm sample --npz writes one)")
+    elif not samples.is_dir():
+        raise MinfmError(f"{args.samples}: no such folder")
+    if not Path(args.ref).exists():
+        raise MinfmError(f"--ref {args.ref}: no such file or folder")
+    extractor = load_extractor(args.extractor) if args.extractor else None
+    metrics = evaluate(samples, args.ref, extractor=extractor, weights=args.inception, device=args.device,
+                       batch_size=args.batch_size)
+    if args.eval_what == "imagenet" and metrics["num_samples"] != IMAGENET_SAMPLES:
+        print(f"minfm: note: {metrics['num_samples']} samples; the seed's table uses {IMAGENET_SAMPLES:,}")
+    print(f"{args.samples} vs {args.ref} ({metrics['num_samples']} vs {metrics['num_reference']} images)")
+    print(format_table(metrics))
+    if args.out:
+        Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
+    return 0

@@ -1,0 +1,81 @@
+"""Evaluate an image set against a reference set: IS, FID, sFID, precision, recall."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import MinfmError
+from .inputs import image_batches
+from .metrics import feature_stats, frechet_distance, inception_score, precision_recall
+
+#: An extractor maps uint8 (N, 3, H, W) images to {"pool", "spatial", "logits"} float tensors.
+Extractor = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+FEATURES = ("pool", "spatial", "logits")
+#: Metric keys in the seed's table order, with their printed names.
+NAMES = {"inception_score": "Inception Score", "fid": "FID", "sfid": "sFID", "precision": "Precision", "recall": "Recall"}
+
+
+def extract_features(source: str | Path, extractor: Extractor, *, batch_size: int = 64, log=None) -> dict[str, np.ndarray]:
+    """Features of every image of an .npz or a folder, as float32 arrays (N, D)."""
+    n, batches = image_batches(source, batch_size)
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in FEATURES}
+    done = 0
+    for batch in batches:
+        feats = extractor(torch.from_numpy(np.array(batch)).permute(0, 3, 1, 2))  # a copy: memmaps are read-only
+        missing = [k for k in FEATURES if k not in feats]
+        if missing:
+            raise MinfmError(f"feature extractor returned no {', '.join(missing)} features")
+        for k in FEATURES:
+            parts[k].append(feats[k].detach().float().cpu().numpy().reshape(batch.shape[0], -1))
+        done += batch.shape[0]
+        if log is not None:
+            log(f"{source}: {done}/{n} images")
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def compute_metrics(samples: dict[str, np.ndarray], ref: dict[str, np.ndarray], *, device="cpu") -> dict[str, float]:
+    """The seed's table from sample and reference features."""
+    for name, feats in (("samples", samples), ("reference", ref)):
+        if feats["pool"].shape[0] < 2:
+            raise MinfmError(f"{name}: at least 2 images are needed for FID statistics")
+    fid = frechet_distance(*feature_stats(samples["pool"]), *feature_stats(ref["pool"]))
+    sfid = frechet_distance(*feature_stats(samples["spatial"]), *feature_stats(ref["spatial"]))
+    precision, recall = precision_recall(ref["pool"], samples["pool"], device=device)
+    return {"inception_score": inception_score(samples["logits"]), "fid": fid, "sfid": sfid,
+            "precision": precision, "recall": recall}
+
+
+def pick_device(choice: str = "auto") -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise MinfmError("--device cuda: no CUDA device is available")
+    return torch.device(choice)
+
+
+def evaluate(samples: str | Path, ref: str | Path, *, extractor: Extractor | None = None, weights: str | None = None,
+             device: str = "auto", batch_size: int = 64, log=None) -> dict[str, float]:
+    """Metrics of ``samples`` (an .npz or a folder) against ``ref`` (same kinds)."""
+    from .inception import InceptionFeatures
+
+    dev = pick_device(device)
+    for source in (samples, ref):  # bad input fails before any network is built or run
+        image_batches(source, batch_size)
+    if log is None:
+        log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    extractor = extractor or InceptionFeatures(weights, device=dev)
+    ref_feats = extract_features(ref, extractor, batch_size=batch_size, log=log)
+    sample_feats = extract_features(samples, extractor, batch_size=batch_size, log=log)
+    out = compute_metrics(sample_feats, ref_feats, device=dev)
+    return {**out, "num_samples": int(sample_feats["pool"].shape[0]), "num_reference": int(ref_feats["pool"].shape[0])}
+
+
+def format_table(metrics: dict[str, float]) -> str:
+    rows = [f"{NAMES[k]:<16} {metrics[k]:.4f}" if k in ("precision", "recall") else f"{NAMES[k]:<16} {metrics[k]:.2f}"
+            for k in NAMES]
+    return "\n".join(rows)

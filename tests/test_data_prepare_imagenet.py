@@ -1,0 +1,156 @@
+"""`minfm data imagenet prepare` on a tiny fake ILSVRC tree with a tiny text encoder and the identity VAE."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine_helpers import TINY
+from minfm_core.errors import MinfmError
+from minfm_core.recipe import load_recipe
+
+VOCAB = '{name = "vocab", dim = 16}'  # per-token: mean-pooled into one row per class
+
+
+def cli(argv: list[str]) -> int:
+    """`minfm ARGV` with the data command registered (as main.py does once it is wired)."""
+    from minfm_core.cli import data_cmd
+    from minfm_core.cli.main import _Parser
+
+    parser = _Parser(prog="minfm")
+    data_cmd.register(parser.add_subparsers(dest="command", parser_class=_Parser))
+    try:
+        args = parser.parse_args(argv)
+        return int(args.func(args) or 0)
+    except MinfmError as exc:
+        print(f"minfm: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+@pytest.fixture
+def ilsvrc(tmp_path) -> Path:
+    from PIL import Image
+
+    root = tmp_path / "ILSVRC"
+    rng = np.random.default_rng(0)
+    layout = {"train/n01440764": 2, "train/n01443537": 1, "val/n01440764": 1}
+    for folder, n in layout.items():
+        (root / folder).mkdir(parents=True)
+        for i in range(n):
+            arr = rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / folder / f"{Path(folder).name}_{i}.JPEG")
+    return root
+
+
+def recipe(tmp_path: Path, root: Path, out: Path) -> Path:
+    path = tmp_path / "inet.toml"
+    table = json.dumps(str(out / "class_embeddings.safetensors"))
+    path.write_text(f"""
+extends = {json.dumps(str(TINY))}
+[run]
+exp_dir = {json.dumps(str(tmp_path / "exp"))}
+[model.text_encoder]
+name = "class_embedding"
+embeddings = {table}
+dim = 16
+[model.clip_encoder]
+name = "class_embedding"
+embeddings = {table}
+dim = 16
+pooled = true
+[data]
+name = "imagenet"
+root = {json.dumps(str(root))}
+resolution = 16
+size_multiple = 8
+""")
+    return path
+
+
+def test_prepare_writes_classes_embeddings_and_latents(ilsvrc, tmp_path, capsys):
+    out = tmp_path / "prepared"
+    r = recipe(tmp_path, ilsvrc, out)
+    assert cli(["data", "imagenet", "prepare", str(ilsvrc), "--recipe", str(r), "--out", str(out),
+                "--encoder", VOCAB, "--latents", "--shard-size", "2"]) == 0
+
+    classes = json.loads((out / "classes.json").read_text())
+    assert len(classes) == 1000 and classes[0] == {"label": 0, "wnid": "n01440764", "name": "tench", "prompt": "tench"}
+    assert json.loads((out / "label_map.json").read_text())["n01443537"] == 1
+    rows = json.loads((out / "class_embeddings.json").read_text())
+    assert rows["tench"] == 0 and rows["goldfish"] == 1 and rows[""] == 1000
+    cranes = [c["label"] for c in classes if c["name"] == "crane"]
+    assert len(cranes) == 2 and rows["crane"] == cranes[0]
+    assert not [p for p in out.rglob("*") if p.suffix in (".pt", ".pth", ".pkl", ".bin")]  # never pickle
+
+    # The table is what the recipe's class_embedding encoder loads, row for row.
+    resolved = load_recipe(r)
+    enc = resolved["model.text_encoder"].build(load_weights=True)
+    from minfm_core.cli.data_cmd import encode_prompts, parse_encoder
+
+    comp, cfg = parse_encoder(VOCAB)
+    expected = encode_prompts(comp.build(cfg), ["tench", "goldfish", ""], 8)
+    got, lens = enc(["tench", "goldfish", ""])
+    assert lens.tolist() == [1, 1, 1]
+    torch.testing.assert_close(got, expected)
+
+    # Latents in the cache layout the imagenet dataset reads.
+    train = json.loads((out / "latents" / "train" / "index.json").read_text())["entries"]
+    val = json.loads((out / "latents" / "val" / "index.json").read_text())["entries"]
+    assert [e["label"] for e in train] == [0, 0, 1] and [e["label"] for e in val] == [0]
+    assert sorted(p.name for p in (out / "latents" / "train").glob("part-*.safetensors")) == \
+        ["part-00000.safetensors", "part-00001.safetensors"]
+    cached = load_recipe(r, ["data.use_cached_latents=true", f"data.latents_dir={json.dumps(str(out / 'latents'))}"])
+    ds = cached["data"].build(split="train")
+    assert len(ds) == 3 and ds[2]["prompt"] == "goldfish" and ds[0]["latent"].shape == (3, 1, 16, 16)
+
+
+def test_prepared_data_trains(ilsvrc, tmp_path):
+    from minfm_core.engine.train import train
+
+    out = tmp_path / "prepared"
+    r = recipe(tmp_path, ilsvrc, out)
+    assert cli(["data", "imagenet", "prepare", str(ilsvrc), "--recipe", str(r), "--out", str(out),
+                "--encoder", VOCAB, "--latents", "--split", "train"]) == 0
+    assert not (out / "latents" / "val").exists()
+    resolved = load_recipe(r, ["data.use_cached_latents=true", f"data.latents_dir={json.dumps(str(out / 'latents'))}",
+                               "train.max_steps=1", "train.total_batch_size=-1", "train.batch_size=3"])
+    train(resolved)
+    assert (tmp_path / "exp" / "metrics.jsonl").read_text().count('"loss"') == 1
+
+
+def test_recipe_encoder_is_used_when_it_is_not_the_table(ilsvrc, tmp_path):
+    """The quickstart-style recipe's own vocab encoders embed the class names (no --encoder)."""
+    out = tmp_path / "p"
+    assert cli(["data", "imagenet", "prepare", str(ilsvrc), "--recipe", str(TINY), "--out", str(out)]) == 0
+    from safetensors import safe_open
+
+    with safe_open(str(out / "class_embeddings.safetensors"), framework="pt") as f:
+        assert tuple(f.get_tensor("embeddings").shape) == (1001, 16)
+        assert json.loads(f.metadata()["labels"])["tench"] == 0
+    assert not (out / "latents").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "class_embedding tables"),
+    (["--encoder", '{name = "vocab", dim = 8}'], "expects a (1001, 16) table"),
+    (["--encoder", '{name = "vocb"}'], "unknown text_encoder 'vocb'"),
+    (["--encoder", "not toml {"], "not a TOML inline table"),
+])
+def test_bad_encoder_exits_2(ilsvrc, tmp_path, capsys, extra, message):
+    out = tmp_path / "o"
+    assert cli(["data", "imagenet", "prepare", str(ilsvrc), "--recipe", str(recipe(tmp_path, ilsvrc, out)),
+                "--out", str(out), *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_tree_exits_2(ilsvrc, tmp_path, capsys):
+    (ilsvrc / "train" / "n99999999").mkdir()
+    assert cli(["data", "imagenet", "prepare", str(ilsvrc), "--recipe", str(TINY), "--out", str(tmp_path / "o")]) == 2
+    assert "n99999999" in capsys.readouterr().err
+    assert cli(["data", "imagenet", "prepare", str(tmp_path / "nowhere"), "--recipe", str(TINY),
+                "--out", str(tmp_path / "o")]) == 2

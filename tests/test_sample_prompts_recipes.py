@@ -1,0 +1,55 @@
+"""Prompt sets shipped as data, and the inference recipes that use them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from minfm_core.cli.main import main
+from minfm_core.engine.sample import read_prompt_file
+from minfm_core.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = ROOT / "recipes" / "prompts"
+
+
+def test_imagenet_class_prompts_are_the_datasets_prompts():
+    from minfm_plugins.data.imagenet import class_names
+
+    classes = read_prompt_file(PROMPTS / "imagenet_1k_classes.txt")
+    assert classes == class_names() and len(classes) == 1000
+    assert classes[0] == "tench" and classes[999] == "toilet tissue"
+    examples = read_prompt_file(PROMPTS / "imagenet_examples.txt")
+    assert examples and set(examples) <= set(classes)  # the class_embedding table knows every one
+
+
+def test_parti_prompts():
+    prompts = read_prompt_file(PROMPTS / "parti_prompts.txt")
+    assert len(prompts) == 1632  # PartiPrompts (P2)
+    assert prompts[0] == "bond" and prompts[-1] == "a series of musical notes on a computer screen"
+    assert "Salvador Dalí with a robotic half face" in prompts  # UTF-8 kept
+    assert (PROMPTS / "README.md").read_text().count("Apache-2.0") >= 2  # sources noted beside the data
+
+
+def test_recipes_point_at_shipped_prompt_files():
+    for recipe in ("flux_dev_inference.toml", "flux_tiny_imagenet.toml"):
+        prompt_file = load_recipe(ROOT / "recipes" / recipe).recipe.sample.prompt_file
+        assert (ROOT / prompt_file).is_file(), recipe
+
+
+def test_flux_dev_inference_checks_with_11_90b_denoiser(capsys):
+    assert main(["check", str(ROOT / "recipes" / "flux_dev_inference.toml")]) == 0
+    out = capsys.readouterr().out
+    assert "model.denoiser" in out and "11,901,408,320 (11.90B)" in out
+    resolved = load_recipe(ROOT / "recipes" / "flux_dev_inference.toml")
+    t5, clip = resolved.config("model.text_encoder"), resolved.config("model.clip_encoder")
+    # Safetensors folders of the FLUX.1-dev pipeline, with their sibling tokenizers.
+    assert t5.pretrained_refs == ("black-forest-labs/FLUX.1-dev/text_encoder_2", "black-forest-labs/FLUX.1-dev/tokenizer_2")
+    assert clip.pretrained_refs == ("black-forest-labs/FLUX.1-dev/text_encoder", "black-forest-labs/FLUX.1-dev/tokenizer")
+    assert resolved.config("model.denoiser").guidance_embed and resolved.recipe.sample.distilled_guidance == 4.0
+
+
+@pytest.mark.parametrize("recipe", ["flux_tiny_imagenet.toml", "quickstart.toml"])
+def test_other_recipes_check(recipe, capsys):
+    assert main(["check", str(ROOT / "recipes" / recipe)]) == 0
