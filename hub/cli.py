@@ -25,6 +25,8 @@ def register(sub) -> None:
     p.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its visibility)")
     p.add_argument("--include-training-state", action="store_true",
                    help="also push the full DCP training state (checkpoint/) so the run can be resumed")
+    p.add_argument("--diffusers", action="store_true",
+                   help="also push a diffusers-format transformer/ folder (FluxTransformer2DModel, EMA weights)")
     p.add_argument("--message", "-m", metavar="M", help="commit message")
     p.add_argument("--license", default="other", help="license id for the model card (default: other)")
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
@@ -44,7 +46,7 @@ def _push(args) -> int:
 
     result = push(
         args.src, args.repo_id, revision=args.revision, private=args.private,
-        include_training_state=args.include_training_state, message=args.message,
+        include_training_state=args.include_training_state, diffusers=args.diffusers, message=args.message,
         license=args.license, max_shard_size=args.max_shard_size,
     )
     print(f"hf://{result.repo_id}@{result.commit}")

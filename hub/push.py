@@ -31,6 +31,7 @@ from .uri import validate_repo_id, validate_revision
 WEIGHT_STEMS = ("model", "ema")
 EXTRA_FILES = ("recipe.toml", "samples.png", "metrics.jsonl")
 TRAINING_STATE_DIR = "checkpoint"
+DIFFUSERS_DIR = "transformer"  # diffusers' FluxTransformer2DModel folder (optional)
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # as transformers and huggingface_hub
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -146,6 +147,18 @@ def _digests(path: Path) -> tuple[str, str]:
     return sha1.hexdigest(), sha256.hexdigest()
 
 
+def _diffusers_folder(folder: Path, out: Path) -> dict[str, Path]:
+    """``transformer/`` in diffusers' layout (EMA weights when present), through the ``export``
+    command that the denoiser's plugin registers: the hub never imports a model plugin."""
+    from minfm_core.cli.main import main
+
+    ema = (folder / "ema.safetensors").is_file() or (folder / "ema.safetensors.index.json").is_file()
+    rc = main(["export", "diffusers", str(folder), str(out), *(["--ema"] if ema else [])])
+    if rc != 0:
+        raise MinfmError(f"{folder}: the diffusers export failed (exit {rc}); is the denoiser a FLUX model?")
+    return {f"{DIFFUSERS_DIR}/{p.relative_to(out).as_posix()}": p for p in sorted(out.rglob("*")) if p.is_file()}
+
+
 def _is_managed(path: str, include_training_state: bool) -> bool:
     """Remote files a push owns: stale ones (e.g. old shards) are deleted in the same commit."""
     if "/" not in path:
@@ -160,6 +173,7 @@ def push(
     revision: str | None = None,
     private: bool = False,
     include_training_state: bool = False,
+    diffusers: bool = False,
     message: str | None = None,
     license: str = "other",
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
@@ -183,6 +197,8 @@ def push(
         stage = tmp / "stage"
         stage.mkdir()
         files = collect(folder, stage, include_training_state=include_training_state, max_shard_size=max_bytes)
+        if diffusers:
+            files.update(_diffusers_folder(folder, stage / DIFFUSERS_DIR))
         (stage / "README.md").write_text(card.render(repo_id, files, folder, license=license))
         files["README.md"] = stage / "README.md"
 

@@ -72,7 +72,7 @@ class _Check:
 
 
 def test_check_recipe_hook(toy_registry):
-    raw = {"model": {"denoiser": "flux"}, "train": {"max_steps": 1000}}
+    raw = {"model": {"denoiser": "flux"}, "train": {"max_steps": 1000}, "parallel": {"name": "fsdp2"}}
     with plugin(_Check(), "check"):
         resolve_recipe(raw, registry=toy_registry, world_size=2)
         with pytest.raises(RecipeError) as info:

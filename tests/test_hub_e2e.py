@@ -95,3 +95,22 @@ def test_resume_training_from_a_pulled_repo(hub_server, tmp_path):
                     "--set", "train.init_from=hf://org/resumable", "--set", "train.init_load_plan='ema:model'", env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     assert [m["step"] for m in read_metrics(fresh) if "loss" in m] == [1]
+
+
+@pytest.mark.slow
+def test_push_with_a_diffusers_folder(hub_server, tmp_path):
+    """`--diffusers` adds transformer/ that diffusers loads straight from the pulled repo."""
+    from diffusers import FluxTransformer2DModel
+
+    run = tmp_path / "run"
+    train(tiny(run, "train.max_steps=1"))
+    env = hub_server.env(tmp_path / "hf_home")
+    res = run_minfm("hub", "push", str(run), "org/with-diffusers", "--diffusers", env=env)
+    assert res.returncode == 0, res.stderr
+    assert {"transformer/config.json", "transformer/diffusion_pytorch_model.safetensors"} <= set(
+        hub_server.files("org/with-diffusers"))
+    pulled = tmp_path / "pulled"
+    res = run_minfm("hub", "pull", "org/with-diffusers", "--local-dir", str(pulled), env=env)
+    assert res.returncode == 0, res.stderr
+    model = FluxTransformer2DModel.from_pretrained(pulled / "transformer")
+    assert model.config.num_layers == 1 and model.config.num_single_layers == 1

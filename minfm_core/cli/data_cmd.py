@@ -215,7 +215,7 @@ def encode_latents(args, root: Path, out: Path, counts: dict[str, int], rank: in
     from .latents_cmd import encode_split
 
     resolved = load_recipe(args.recipe, [*args.overrides, f"data.root={json.dumps(str(root))}",
-                                         "data.use_cached_latents=false"], world_size=1)
+                                         "data.use_cached_latents=false", "data.p_flip=0.0"], world_size=1)
     data = resolved.get("data")
     if data is None or data.component.name != "imagenet":
         raise MinfmError(f"{args.recipe}: --latents needs a recipe whose [data] is the imagenet dataset")

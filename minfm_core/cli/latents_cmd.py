@@ -116,6 +116,10 @@ def run(args) -> int:
     data = resolved.get("data")
     if data is None:
         raise MinfmError(f"{args.recipe}: has no [data] section to encode")
+    if getattr(data.config, "p_flip", 0):
+        # Flips are drawn per epoch when the cache is read: store the images unflipped.
+        resolved = load_recipe(args.recipe, [*args.overrides, "data.p_flip=0.0"], world_size=1)
+        data = resolved.get("data")
     if getattr(data.config, "use_cached_latents", False):
         raise MinfmError("data.use_cached_latents: set it to false to encode the images (--set data.use_cached_latents=false)")
     out = Path(args.out or getattr(data.config, "latents_dir", "") or Path(resolved.recipe.run.exp_dir) / "latents")

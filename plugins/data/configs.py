@@ -41,6 +41,14 @@ def _multiple(inst, attribute, value) -> None:
         raise ValueError(f"{attribute.name}: {value} is not a multiple of size_multiple={inst.size_multiple}")
 
 
+def _use_cached_latents():
+    return field(False, doc="read the VAE latents `minfm cache latents` wrote to latents_dir instead of the images")
+
+
+def _latents_dir():
+    return field(None, doc="folder of the latent cache: <split>/index.json + safetensors shards (docs/data.md)")
+
+
 _positive = attrs.validators.gt(0)
 _probability = [attrs.validators.ge(0.0), attrs.validators.le(1.0)]
 
@@ -75,13 +83,15 @@ class ShapesConfig:
         "mixed",
         doc="'short': 'a red circle'; 'long': 'a large red circle on a white background'; 'mixed': either, at random",
     )
+    use_cached_latents: bool = _use_cached_latents()
+    latents_dir: str | None = _latents_dir()
 
 
 @config
 class ImageFolderConfig:
     """Images with captions from metadata.jsonl (HF imagefolder) or .txt sidecars."""
 
-    root: str = field(doc="folder of images; <root>/<split>/ is used when it exists")
+    root: str = field("", doc="folder of images; <root>/<split>/ is used when it exists (unused with cached latents)")
     captions: Literal["auto", "metadata", "sidecar"] = field(
         "auto", doc="where captions come from; 'auto' prefers metadata.jsonl, else .txt sidecars"
     )
@@ -97,6 +107,8 @@ class ImageFolderConfig:
         0.01, doc="share of images held out for 'val' when the root has no split folders", validator=_probability
     )
     seed: int = field(0, doc="seed of the flips and the held-out selection")
+    use_cached_latents: bool = _use_cached_latents()
+    latents_dir: str | None = _latents_dir()
 
 
 @config
@@ -113,6 +125,6 @@ class ImagenetConfig:
         "empty when val/ has class folders",
     )
     prompt_template: str = field("{name}", doc="prompt made from the class; {name} is its first WordNet lemma")
-    use_cached_latents: bool = field(False, doc="read VAE latents from latents_dir instead of decoding images")
-    latents_dir: str = field("", doc="folder with index.json and safetensors shards (see docs/data.md)")
     seed: int = field(0, doc="seed of the flips")
+    use_cached_latents: bool = _use_cached_latents()
+    latents_dir: str | None = _latents_dir()

@@ -4,7 +4,8 @@ Captions come from ``metadata.jsonl`` (one ``{"file_name": ..., "text": ...}`` p
 Hugging Face imagefolder convention, file names relative to the folder holding the jsonl) or
 from ``.txt`` sidecars (``cat.png`` + ``cat.txt``). Each image keeps its aspect ratio: it is
 scaled to about ``max_pixels`` pixels and center-cropped to multiples of ``size_multiple``, so
-a batch mixes shapes at a similar token count.
+a batch mixes shapes at a similar token count. With ``use_cached_latents`` the items are the
+latents ``minfm cache latents`` wrote (latents.py), flipped by ``p_flip`` as the images would be.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import torch
 from minfm_core.errors import MinfmError
 
 from .configs import ImageFolderConfig
-from .images import budget_size, open_rgb, resize_and_center_crop, rng_for, to_tensor
+from .images import Flips, budget_size, open_rgb, resize_and_center_crop, to_tensor
+from .latents import CachedLatentsDataset
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _SPLIT_DIRS = {"train": ("train",), "val": ("val", "validation")}
@@ -30,12 +32,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __init__(self, cfg: ImageFolderConfig, split: str = "train") -> None:
         if split not in _SPLIT_DIRS:
             raise MinfmError(f"image_folder: unknown split {split!r}; expected 'train' or 'val'")
+        if not cfg.root:
+            raise MinfmError("image_folder: set 'root' to the folder of images (or use_cached_latents = true)")
         root = Path(cfg.root).expanduser()
         if not root.is_dir():
             raise MinfmError(f"image_folder: root {str(root)!r} is not a folder")
         self.cfg = cfg
         self.split = split
-        self.epoch = 0
+        self.flips = Flips(cfg.p_flip, cfg.seed, split)
         split_dir = next((root / d for d in _SPLIT_DIRS[split] if (root / d).is_dir()), None)
         if split_dir is not None:
             items = _scan(split_dir, cfg)
@@ -50,7 +54,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         """Flips depend on (seed, epoch, index): the loader sets the epoch of each sample."""
-        self.epoch = int(epoch)
+        self.flips.epoch = int(epoch)
 
     def __getitem__(self, index: int) -> dict:
         path, caption = self.items[index]
@@ -58,9 +62,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         w, h = budget_size(image.width, image.height, self.cfg.max_pixels, self.cfg.size_multiple)
         image = resize_and_center_crop(image, w, h)
         pixels = to_tensor(image)
-        if self.split == "train" and self.cfg.p_flip > 0:
-            if rng_for(self.cfg.seed, self.epoch, index).random() < self.cfg.p_flip:
-                pixels = pixels.flip(-1)
+        if self.flips(index):
+            pixels = pixels.flip(-1)
         return {"image": pixels, "prompt": caption}
 
 
@@ -123,5 +126,7 @@ def _hold_out(items: list[tuple[Path, str]], root: Path, split: str, fraction: f
     return [it for it in items if (it[0] in val) == (split == "val")]
 
 
-def build(cfg: ImageFolderConfig, *, split: str = "train") -> ImageFolderDataset:
+def build(cfg: ImageFolderConfig, *, split: str = "train") -> torch.utils.data.Dataset:
+    if cfg.use_cached_latents:
+        return CachedLatentsDataset("image_folder", cfg.latents_dir, split, flips=Flips(cfg.p_flip, cfg.seed, split))
     return ImageFolderDataset(cfg, split)

@@ -68,3 +68,18 @@ def open_rgb(path) -> Image.Image:
 def rng_for(seed: int, *keys: int) -> np.random.Generator:
     """A generator that depends only on its keys: the same sample in every process and worker."""
     return np.random.default_rng([seed & 0xFFFFFFFF, *(k & 0xFFFFFFFF for k in keys)])
+
+
+class Flips:
+    """Horizontal-flip decisions that depend on (seed, epoch, index) only: exact across resumes and workers.
+
+    Only the train split flips: validation stays comparable across runs.
+    """
+
+    def __init__(self, p: float, seed: int, split: str = "train") -> None:
+        self.p = p if split == "train" else 0.0
+        self.seed = seed
+        self.epoch = 0
+
+    def __call__(self, index: int) -> bool:
+        return self.p > 0 and rng_for(self.seed, self.epoch, index).random() < self.p

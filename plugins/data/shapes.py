@@ -4,7 +4,8 @@ Every sample is a pure function of (seed, split, index): nothing is downloaded o
 all processes and workers see the same picture for the same index. Colours are saturated and
 shapes large so a tiny model learns "a {colour} {shape}" in a few hundred CPU steps.
 :func:`classify_image` reads colour and shape back from a picture (generated ones included),
-which is how the quickstart measures prompt fidelity.
+which is how the quickstart measures prompt fidelity. With ``use_cached_latents`` the items are
+the latents ``minfm cache latents`` wrote (latents.py) instead.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from PIL import Image, ImageDraw
 
 from .configs import SHAPE_BACKGROUNDS, SHAPE_COLOURS, SHAPE_KINDS, ShapesConfig
 from .images import rng_for, to_tensor
+from .latents import CachedLatentsDataset
 
 #: RGB of each colour name: saturated and far apart, so the nearest name is unambiguous.
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -153,7 +155,9 @@ def _nearest(rgb: np.ndarray, table: dict[str, tuple[int, int, int]]) -> str:
     return min(table, key=lambda name: float(np.sum((np.asarray(table[name], dtype=np.float32) - rgb) ** 2)))
 
 
-def build(cfg: ShapesConfig, *, split: str = "train") -> ShapesDataset:
+def build(cfg: ShapesConfig, *, split: str = "train") -> torch.utils.data.Dataset:
+    if cfg.use_cached_latents:
+        return CachedLatentsDataset("shapes", cfg.latents_dir, split)
     return ShapesDataset(cfg, split)
 
 

@@ -1,0 +1,175 @@
+"""Cached latents for every built-in dataset: `minfm cache latents` -> the shared reader -> training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from engine_helpers import losses, tiny
+from minfm_core.cli.main import main
+from minfm_core.engine.pipeline import prepare_batch
+from minfm_core.engine.runtime import init_runtime, shutdown_runtime
+from minfm_core.engine.train import Trainer, train
+from minfm_core.errors import MinfmError
+from minfm_plugins.data.latents import CachedLatentsDataset
+
+TINY_AE = dict(block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=4, latent_channels=4)
+SHAPES = ("data.num_samples=7", "data.num_val_samples=3")
+SHAPES_16 = (*SHAPES, "data.sizes=[[16, 16], [16, 32], [32, 16]]", "data.size_multiple=16")  # 8x VAE x 2x patch
+
+
+@pytest.fixture(scope="module")
+def vae_folder(tmp_path_factory) -> Path:
+    from diffusers import AutoencoderKL
+
+    from minfm_plugins.vae.configs import FluxAEConfig
+    from minfm_plugins.vae.flux_ae import diffusers_config
+
+    folder = tmp_path_factory.mktemp("vae")
+    torch.manual_seed(0)
+    AutoencoderKL(**diffusers_config(FluxAEConfig(pretrained=None, **TINY_AE))).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def image_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    g = torch.Generator().manual_seed(0)
+    for i, (w, h) in enumerate([(40, 32), (32, 48), (64, 32), (32, 32), (48, 48)]):
+        pixels = torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(root / f"img{i}.png")
+        (root / f"img{i}.txt").write_text(f"picture number {i}")
+    return root
+
+
+def flux(vae_folder: Path) -> tuple[str, ...]:
+    """Overrides turning the identity-VAE tiny recipe into a tiny random flux_ae one (8x, 4 channels)."""
+    return ("model.vae.name=flux_ae", f"model.vae.pretrained={json.dumps(str(vae_folder))}", "model.vae.dtype=fp32",
+            "model.vae.sample_posterior=false", *(f"model.vae.{k}={json.dumps(v)}" for k, v in TINY_AE.items()),
+            "model.denoiser.d_img=16")
+
+
+def folder_data(root: Path) -> tuple[str, ...]:
+    return ("data.name=image_folder", f"data.root={json.dumps(str(root))}", "data.val_fraction=0.0",
+            "data.max_pixels=1024", "data.size_multiple=16")
+
+
+def cache(exp: Path, overrides: tuple[str, ...], out: Path, *args: str) -> None:
+    """`minfm cache latents` in-process, on the recipe tiny() resolves with these overrides."""
+    from engine_helpers import TINY
+
+    sets = [a for o in (f"run.exp_dir={json.dumps(str(exp))}", *overrides) for a in ("--set", o)]
+    assert main(["cache", "latents", str(TINY), *sets, "--out", str(out), "--shard-size", "3", *args]) == 0
+
+
+def cached(overrides: tuple[str, ...], out: Path) -> tuple[str, ...]:
+    return (*overrides, "data.use_cached_latents=true", f"data.latents_dir={json.dumps(str(out))}")
+
+
+CASES = {
+    "shapes-identity": lambda vf, root: SHAPES,
+    "shapes-flux_ae": lambda vf, root: (*SHAPES_16, *flux(vf)),
+    "image_folder-identity": lambda vf, root: folder_data(root),
+    "image_folder-flux_ae": lambda vf, root: (*folder_data(root), *flux(vf)),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_cached_latents_equal_on_the_fly_encoding(case, tmp_path, vae_folder, image_root):
+    overrides = CASES[case](vae_folder, image_root)
+    out = tmp_path / "latents"
+    splits = ("--split", "train", "--split", "val") if case.startswith("shapes") else ()
+    cache(tmp_path / "exp", overrides, out, *splits)
+    images = tiny(tmp_path / "exp", *overrides)
+    from_cache = tiny(tmp_path / "exp", *cached(overrides, out))
+    vae = images.build("model.vae")
+    for split in ("train", "val") if splits else ("train",):
+        ds, cds = images.build("data", split=split), from_cache.build("data", split=split)
+        assert isinstance(cds, CachedLatentsDataset) and len(cds) == len(ds) > 1
+        items = [ds[i] for i in range(len(ds))]
+        with torch.no_grad():
+            expected = vae.encode([it["image"] for it in items])
+        shapes = set()
+        for i, (item, z) in enumerate(zip(items, expected)):
+            got = cds[i]
+            # exactly the sample an image item becomes once encoded: same keys, prompt, label, latent
+            assert set(got) == (set(item) - {"image"}) | {"latent"}
+            assert got["prompt"] == item["prompt"] and got.get("label") == item.get("label")
+            assert got["latent"].dtype == torch.float32 and got["latent"].shape == z.shape
+            torch.testing.assert_close(got["latent"], z, rtol=1e-5, atol=1e-5)
+            shapes.add(tuple(z.shape))
+        assert len(shapes) > 1  # mixed sizes went through
+        if "flux_ae" in case:
+            assert all(s[0] == 4 for s in shapes)
+
+
+def test_image_folder_flips_follow_p_flip(tmp_path, image_root):
+    out = tmp_path / "latents"
+    cache(tmp_path / "exp", folder_data(image_root), out)  # encode unflipped images
+    never = tiny(tmp_path / "exp", *cached(folder_data(image_root), out)).build("data")
+    always = tiny(tmp_path / "exp", *cached(folder_data(image_root), out), "data.p_flip=1.0").build("data")
+    flipped = tiny(tmp_path / "exp", *folder_data(image_root), "data.p_flip=1.0").build("data")
+    for i in range(len(never)):
+        # identity VAE: the flipped latent is exactly the flipped image
+        assert torch.equal(always[i]["latent"], never[i]["latent"].flip(-1))
+        assert torch.equal(always[i]["latent"], flipped[i]["image"])
+
+
+@pytest.fixture
+def runtime():
+    rt = init_runtime("cpu")
+    yield rt
+    shutdown_runtime()
+
+
+def test_a_training_step_on_cached_latents_equals_one_on_images(tmp_path, vae_folder, runtime):
+    one_batch = ("train.batch_size=4", "train.total_batch_size=4", "train.text_dropout=0.0")
+    overrides = (*SHAPES_16, *flux(vae_folder), *one_batch)
+    out = tmp_path / "latents"
+    cache(tmp_path / "exp", overrides, out)
+    on_images = Trainer(tiny(tmp_path / "a", *overrides), runtime)
+    on_cache = Trainer(tiny(tmp_path / "b", *cached(overrides, out)), runtime)
+    assert "latent" in on_cache.dataset[0] and "image" not in on_cache.dataset[0]
+    idx = [0, 3, 5, 6]
+    for trainer in (on_images, on_cache):  # the same items, times and noise for both
+        trainer.batches = iter([[trainer.dataset[i] for i in idx]])
+        trainer.make_batch = lambda s, tr=trainer: prepare_batch(
+            tr.pipe, s, tr.generator, 0.0, t=torch.tensor([0.2, 0.4, 0.6, 0.8]), noise_seeds=idx)
+    m1, m2 = on_images.train_step(), on_cache.train_step()
+    assert m1["skipped"] == m2["skipped"] == 0.0
+    assert m2["loss"] == pytest.approx(m1["loss"], rel=1e-4)
+    assert m2["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-3)
+    on_images.close()
+    on_cache.close()
+
+
+def test_train_runs_on_cached_shapes(tmp_path):
+    out = tmp_path / "latents"
+    cache(tmp_path / "exp", SHAPES, out)
+    assert train(tiny(tmp_path / "run", *cached(SHAPES, out), "train.max_steps=2")) == 0
+    got = losses(tmp_path / "run")
+    assert len(got) == 2 and all(0 < x < 10 for x in got)
+
+
+@pytest.mark.parametrize("overrides", [SHAPES, ("data.name=image_folder",), ("data.name=imagenet",)],
+                         ids=["shapes", "image_folder", "imagenet"])
+def test_missing_cache_is_a_clear_error(tmp_path, overrides):
+    with pytest.raises(MinfmError, match="needs 'latents_dir'"):
+        tiny(tmp_path, *overrides, "data.use_cached_latents=true").build("data")
+    with pytest.raises(MinfmError, match=r"no index.json in .*nope.*the folder does not exist.*minfm cache latents"):
+        tiny(tmp_path, *cached(overrides, tmp_path / "nope")).build("data")
+    (tmp_path / "half" / "train").mkdir(parents=True)  # an interrupted run: shards but no index yet
+    with pytest.raises(MinfmError, match=r"no index.json .*missing or unfinished.*--split train"):
+        tiny(tmp_path, *cached(overrides, tmp_path / "half")).build("data")
+
+
+def test_cli_names_the_missing_cache(tmp_path, minfm):
+    from engine_helpers import TINY
+
+    sets = (f"run.exp_dir={json.dumps(str(tmp_path))}", *cached((), tmp_path / "nope"))
+    res = minfm("run", str(TINY), *(a for o in sets for a in ("--set", o)))
+    assert res.returncode == 2 and "no index.json" in res.stderr and "Traceback" not in res.stderr
