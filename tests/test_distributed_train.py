@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_minfm
-from engine_helpers import TINY, losses
+from engine_helpers import TINY, losses, read_metrics
 from minfm_core import checkpoint as ck
 from minfm_core.recipe import load_recipe
 
@@ -49,11 +49,14 @@ def test_two_processes_match_one(tmp_path):
     Per-sample noise and time come from (seed, epoch, index), so only float summation
     order differs; tolerance 1e-5 relative.
     """
-    gallery = ["--set", "train.sample_every=5"]  # EMA swapped into the sharded model at the end
+    # EMA swapped into the sharded model at the end; validation over 9 samples (uneven per rank).
+    gallery = ["--set", "train.sample_every=5", "--set", "train.val_every=5", "--set", "train.val_num_samples=9"]
     run(tmp_path / "one", "--set", "train.max_steps=5", *gallery)
     run(tmp_path / "two", "--set", "train.max_steps=5", *gallery, nproc=2)
     for d in ("one", "two"):
         assert (tmp_path / d / "samples" / "step_00000005" / "ema.png").is_file()
+    val = [[m["val_loss"] for m in read_metrics(tmp_path / d) if "val_loss" in m] for d in ("one", "two")]
+    assert len(val[0]) == 1 and val[0] == pytest.approx(val[1], rel=1e-5)
     l1, l2 = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(l1) == len(l2) == 5
     assert l1 == pytest.approx(l2, rel=1e-5)

@@ -82,8 +82,32 @@ class Pipeline:
         return self.denoiser(x, pos, lens, text.txt, text.txt_lens, t, vec=text.vec, guidance=guidance)
 
 
-def build_pipeline(resolved, device: torch.device, *, load_weights: bool = True, denoiser: torch.nn.Module | None = None) -> Pipeline:
-    """Build every component of a resolved recipe on ``device``."""
+def shard(resolved, module: torch.nn.Module, *, world_size: int, device: torch.device, trainable: bool):
+    """Spread ``module`` over the ranks with the recipe's parallelizer.
+
+    A trainable module is wrapped even in a world of one (the parallelizer also brings mixed
+    precision); a frozen one only when there is something to shard it over.
+    """
+    slot = resolved.get("parallel")
+    if slot is None or slot.component.name == "none" or (world_size == 1 and not trainable):
+        return module
+    return slot.build().parallelize(module, world_size=world_size, device=device, trainable=trainable)
+
+
+# Frozen modules sharded forward-only when the recipe shards (as the seed did for T5 / CLIP:
+# T5-XXL does not fit unsharded next to FLUX-dev on one GPU).
+SHARDED_FROZEN = ("model.text_encoder", "model.clip_encoder")
+
+
+def build_pipeline(
+    resolved, device: torch.device, *, load_weights: bool = True, denoiser: torch.nn.Module | None = None,
+    world_size: int = 1,
+) -> Pipeline:
+    """Build every component of a resolved recipe on ``device``.
+
+    With ``world_size > 1`` and a sharding parallelizer, the text encoders are sharded for
+    forward-only use; every rank must then call them equally often (the engines do).
+    """
 
     def frozen(path: str):
         slot = resolved.get(path)
@@ -92,6 +116,8 @@ def build_pipeline(resolved, device: torch.device, *, load_weights: bool = True,
         module = slot.build(load_weights=load_weights)
         if isinstance(module, torch.nn.Module):
             module = module.to(device).eval().requires_grad_(False)
+            if path in SHARDED_FROZEN:
+                module = shard(resolved, module, world_size=world_size, device=device, trainable=False)
         return module
 
     def plain(path: str):

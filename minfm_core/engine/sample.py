@@ -24,7 +24,7 @@ from .. import checkpoint as ckpt_mod
 from ..errors import MinfmError
 from .gallery import write_sample_index
 from .generate import generate, to_pil
-from .pipeline import build_pipeline
+from .pipeline import build_pipeline, shard
 from .runtime import init_runtime, shutdown_runtime
 
 
@@ -152,11 +152,11 @@ def run_sampling(resolved, prompts: list[str], out: Path, *, weights, source: st
     rt = init_runtime(resolved.recipe.run.device)
     try:
         s = resolved.recipe.sample
-        pipe = build_pipeline(resolved, rt.device, load_weights=True)
+        pipe = build_pipeline(resolved, rt.device, load_weights=True, world_size=rt.world_size)
         loaded = "pretrained"
         if weights is not None:
             loaded = load_denoiser_weights(pipe.denoiser, *weights, use_ema=s.use_ema)
-        pipe.denoiser = _parallelize(resolved, pipe.denoiser, rt)
+        pipe.denoiser = shard(resolved, pipe.denoiser, world_size=rt.world_size, device=rt.device, trainable=False)
         batches = plan_batches(len(prompts), s.samples_per_prompt, s.batch_size)
         images_dir = out / "images"
         name = lambda i, k: image_name(i, k, s.file_ext)  # noqa: E731
@@ -203,20 +203,6 @@ def run_sampling(resolved, prompts: list[str], out: Path, *, weights, source: st
     finally:
         shutdown_runtime()
     return 0
-
-
-def _parallelize(resolved, model: torch.nn.Module, rt) -> torch.nn.Module:
-    """Shard the denoiser with the recipe's parallelizer, for forward-only use."""
-    import inspect
-
-    slot = resolved.get("parallel")
-    if slot is None or slot.component.name == "none":
-        return model
-    parallel = slot.build()
-    kwargs = {"world_size": rt.world_size, "device": rt.device}
-    if "trainable" in inspect.signature(parallel.parallelize).parameters:
-        kwargs["trainable"] = False  # no activation checkpointing; reshard after every forward
-    return parallel.parallelize(model, **kwargs)
 
 
 def _broadcast(obj):

@@ -29,7 +29,7 @@ from ..errors import MinfmError, RecipeError
 from ..schedule import lr_at
 from ..sources import resolve_source
 from .ema import EMA
-from .pipeline import build_pipeline, per_sample_loss, prepare_batch
+from .pipeline import build_pipeline, per_sample_loss, prepare_batch, shard
 from .runtime import Runtime, init_runtime, rank_seed, seed_everything, shutdown_runtime
 
 
@@ -90,9 +90,9 @@ class Trainer:
         # the deterministic ones when the recipe wants bitwise-repeatable runs.
         torch.use_deterministic_algorithms(self.recipe.run.deterministic, warn_only=True)
         seed_everything(self.recipe.run.seed)  # identical initial weights on every rank
-        self.pipe = build_pipeline(resolved, rt.device)
-        parallel = resolved.build("parallel")
-        self.pipe.denoiser = parallel.parallelize(self.pipe.denoiser, world_size=rt.world_size, device=rt.device)
+        self.pipe = build_pipeline(resolved, rt.device, world_size=rt.world_size)
+        self.pipe.denoiser = shard(resolved, self.pipe.denoiser, world_size=rt.world_size, device=rt.device,
+                                   trainable=True)
         self.model = self.pipe.denoiser
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_adamw(self.params, self.cfg)

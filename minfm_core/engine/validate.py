@@ -22,14 +22,19 @@ def validation_loss(trainer) -> float:
     mine = list(range(rt.rank, n, rt.world_size))
     total = torch.zeros(2, dtype=torch.float64, device=rt.device)
     trainer.model.eval()
-    for start in range(0, len(mine), cfg.batch_size):
+    # Every rank runs the same number of batches (sharded modules gather collectively);
+    # a rank short of items repeats one and does not count it.
+    per_rank = -(-n // rt.world_size)
+    for start in range(0, per_rank, cfg.batch_size):
         idx = mine[start : start + cfg.batch_size]
+        real = len(idx)
+        idx = idx or [0]
         samples = [dataset[g] for g in idx]
         t = torch.tensor([(g + 0.5) / n for g in idx])
         seeds = [trainer.recipe.run.seed * 1_000_003 + g for g in idx]
         batch = prepare_batch(trainer.pipe, samples, torch.Generator(), text_dropout=0.0, t=t, noise_seeds=seeds)
-        losses = per_sample_loss(trainer.pipe, batch)
-        total += torch.stack([losses.sum().double(), torch.tensor(float(len(idx)), dtype=torch.float64, device=rt.device)])
+        losses = per_sample_loss(trainer.pipe, batch)[:real]
+        total += torch.stack([losses.sum().double(), torch.tensor(float(real), dtype=torch.float64, device=rt.device)])
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(total)
     trainer.model.train()

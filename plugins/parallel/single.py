@@ -9,5 +9,5 @@ class NoParallel:
     def __init__(self, cfg=None):
         self.cfg = cfg
 
-    def parallelize(self, model: torch.nn.Module, *, world_size: int = 1, device=None) -> torch.nn.Module:
+    def parallelize(self, model: torch.nn.Module, *, world_size: int = 1, device=None, trainable: bool = True) -> torch.nn.Module:
         return model
