@@ -71,6 +71,11 @@ def main() -> None:
         for g, w in zip(got, want):
             per.setdefault(w[0], []).append(g["colour"] == w[0])
         print("colour accuracy by colour: " + ", ".join(f"{c} {sum(v) / len(v):.0%}" for c, v in per.items()))
+        confusion: dict[str, dict] = {}
+        for g, w in zip(got, want):
+            row = confusion.setdefault(w[1], {})
+            row[g["shape"]] = row.get(g["shape"], 0) + 1
+        print("shapes read back (prompted -> read): " + "; ".join(f"{k}: {v}" for k, v in confusion.items()))
         ds = resolved.build("data", split="val")
         ref = [classify(ds[i]["image"]) for i in range(200)]
         ref_prompts = [ds[i]["prompt"] for i in range(200)]

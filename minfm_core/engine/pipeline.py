@@ -99,6 +99,37 @@ def shard(resolved, module: torch.nn.Module, *, world_size: int, device: torch.d
 SHARDED_FROZEN = ("model.text_encoder", "model.clip_encoder")
 
 
+def denoiser_kwargs(resolved, *, balancer: bool = True) -> dict:
+    """What the denoiser factory gets besides its config: the attention backend and balancer."""
+    kwargs = {"attention": resolved.build("model.attention")}
+    slot = resolved.get("balancer")
+    if balancer and slot is not None and slot.component.name != "none":
+        # Built after the process group exists, on every rank: the balancer makes its own groups.
+        kwargs["balancer"] = slot.build()
+    return kwargs
+
+
+def sharded_denoiser(resolved, *, world_size: int, device: torch.device, rank: int) -> torch.nn.Module:
+    """The denoiser built on the meta device, sharded, then filled from rank 0.
+
+    Only rank 0 builds a full copy (in CPU memory: the seed's initialisation, or the
+    pretrained weights); every other rank only ever holds its shards. The weights equal
+    those of a single-process build with the same seed.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    slot = resolved["model.denoiser"]
+    with torch.device("meta"):
+        model = slot.build(load_weights=False, **denoiser_kwargs(resolved))
+    model = shard(resolved, model, world_size=world_size, device=device, trainable=True)
+    model.to_empty(device=device)
+    full = {}
+    if rank == 0:
+        full = slot.build(load_weights=True, **denoiser_kwargs(resolved, balancer=False)).state_dict()
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model
+
+
 def build_pipeline(
     resolved, device: torch.device, *, load_weights: bool = True, denoiser: torch.nn.Module | None = None,
     world_size: int = 1,
@@ -125,12 +156,7 @@ def build_pipeline(
         return None if slot is None else slot.build()
 
     if denoiser is None:
-        kwargs = {"attention": resolved.build("model.attention")}
-        balancer = resolved.get("balancer")
-        if balancer is not None and balancer.component.name != "none":
-            # Built after the process group exists: the balancer makes its own groups.
-            kwargs["balancer"] = balancer.build()
-        denoiser = resolved["model.denoiser"].build(load_weights=load_weights, **kwargs).to(device)
+        denoiser = resolved["model.denoiser"].build(load_weights=load_weights, **denoiser_kwargs(resolved)).to(device)
     flow_warper = plain("flow.time_warper")
     sample_warper = plain("sample.time_warper") if resolved.get("sample.time_warper") else flow_warper
     return Pipeline(

@@ -29,7 +29,7 @@ from ..errors import MinfmError, RecipeError
 from ..schedule import lr_at
 from ..sources import resolve_source
 from .ema import EMA
-from .pipeline import build_pipeline, per_sample_loss, prepare_batch, shard
+from .pipeline import build_pipeline, denoiser_kwargs, per_sample_loss, prepare_batch, shard, sharded_denoiser
 from .runtime import Runtime, init_runtime, rank_seed, seed_everything, shutdown_runtime
 
 
@@ -90,9 +90,12 @@ class Trainer:
         # the deterministic ones when the recipe wants bitwise-repeatable runs.
         torch.use_deterministic_algorithms(self.recipe.run.deterministic, warn_only=True)
         seed_everything(self.recipe.run.seed)  # identical initial weights on every rank
-        self.pipe = build_pipeline(resolved, rt.device, world_size=rt.world_size)
-        self.pipe.denoiser = shard(resolved, self.pipe.denoiser, world_size=rt.world_size, device=rt.device,
-                                   trainable=True)
+        if rt.world_size > 1 and resolved["parallel"].component.name != "none":
+            denoiser = sharded_denoiser(resolved, world_size=rt.world_size, device=rt.device, rank=rt.rank)
+        else:
+            denoiser = resolved["model.denoiser"].build(load_weights=True, **denoiser_kwargs(resolved)).to(rt.device)
+            denoiser = shard(resolved, denoiser, world_size=1, device=rt.device, trainable=True)
+        self.pipe = build_pipeline(resolved, rt.device, world_size=rt.world_size, denoiser=denoiser)
         self.model = self.pipe.denoiser
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_adamw(self.params, self.cfg)

@@ -129,7 +129,8 @@ def classify_image(image) -> dict[str, str | None]:
     ``image``: a PIL image, or a tensor (3, H, W) / (3, 1, H, W) in [-1, 1]. The background is
     the median border colour; the shape is every pixel far from it. Its colour is the palette
     entry nearest to the median shape pixel; its kind comes from how much of its bounding box
-    it fills (square ~1, circle ~0.79, triangle ~0.5). ``None`` where no shape is found.
+    it fills (triangle ~0.5, circle ~0.79, square ~1) and, between circle and square, from
+    whether it fills the box's corners. ``None`` where no shape is found.
     """
     if isinstance(image, torch.Tensor):
         t = image.detach().float().cpu()
@@ -146,8 +147,13 @@ def classify_image(image) -> dict[str, str | None]:
         return {"colour": None, "shape": None, "background": background}
     colour = _nearest(np.median(rgb[mask], axis=0), PALETTE)
     ys, xs = np.nonzero(mask)
-    fill = mask.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
-    shape = "square" if fill > 0.9 else "circle" if fill > 0.64 else "triangle"
+    box = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    fill = box.mean()
+    # Squares fill their box's corners, circles leave them empty: corner occupancy tells the two
+    # apart even when a generated square's edges are ragged (its overall fill then drops to ~0.85).
+    ch, cw = max(1, box.shape[0] // 4), max(1, box.shape[1] // 4)
+    corners = np.mean([box[:ch, :cw].mean(), box[:ch, -cw:].mean(), box[-ch:, :cw].mean(), box[-ch:, -cw:].mean()])
+    shape = "triangle" if fill < 0.64 else "square" if corners > 0.6 else "circle"
     return {"colour": colour, "shape": shape, "background": background}
 
 
