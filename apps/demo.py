@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import sys
+import threading
 from concurrent.futures import TimeoutError as FutureTimeout
 
 # Before gradio is imported: a demo server must not phone home.
@@ -147,9 +148,19 @@ def serve(src: str, *, host: str = "127.0.0.1", port: int | None = None, share: 
         print("minfm demo: warning: --share opens a public link: anyone with it can use this model", file=sys.stderr)
     batcher = Batcher(lambda settings, jobs, cb: model.run(settings, jobs, cb),
                       window_s=window_ms / 1000.0, max_batch=max_batch)
+    app = build_app(model, batcher, queue_limit=queue_limit)
+    launch(app, host=host, port=port, share=share, block=False)
     try:
-        launch(build_app(model, batcher, queue_limit=queue_limit), host=host, port=port, share=share, block=True)
-    finally:
-        batcher.close()
-    return 0
+        threading.Event().wait()  # serve until Ctrl-C / SIGINT
+    except KeyboardInterrupt:
+        print("minfm demo: stopping", file=sys.stderr)
+    # Gradio's own shutdown can wait on open client connections; give it a few seconds,
+    # then leave: nothing is left to save, and its server threads must not keep us alive.
+    closer = threading.Thread(target=app.close, daemon=True)
+    closer.start()
+    closer.join(5.0)
+    batcher.close(timeout=5.0)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 

@@ -48,4 +48,10 @@ def load_safetensors_into(model: torch.nn.Module, folder: Path, name: str = "mod
     sd = read_safetensors(Path(folder), name)
     # EMA files hold the trainable parameters only; buffers keep their values.
     check_keys(model, sd, f"{folder}/{name}.safetensors", partial=(name == "ema"))
-    model.load_state_dict(sd, strict=name != "ema")
+    if any(hasattr(p, "full_tensor") for p in model.parameters()):
+        # A sharded (FSDP2) model: each rank keeps only its shards of the full tensors.
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=name != "ema"))
+    else:
+        model.load_state_dict(sd, strict=name != "ema")

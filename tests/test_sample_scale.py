@@ -126,3 +126,17 @@ def test_bad_prompt_file_exits_2(run_dir, tmp_path, capsys, content):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "prompts.txt" in err[0] and "Traceback" not in err[0]
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_sharded_sampling_from_an_exported_folder(run_dir, tmp_path):
+    """2 ranks, fsdp2, weights from model/ema.safetensors (a Hub folder): same bytes as 1 process."""
+    from minfm_core.checkpoint import export_for_hub
+
+    folder = export_for_hub(run_dir, tmp_path / "exported")
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(sample_args(folder, one, *FSDP)) == 0
+    res = run_minfm(*sample_args(folder, two, *FSDP), "--nproc-per-node", "2")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert digests(one) == digests(two)
+    assert json.loads((two / "metadata.json").read_text())["settings"]["weights"] == "ema"

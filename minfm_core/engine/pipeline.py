@@ -109,7 +109,9 @@ def denoiser_kwargs(resolved, *, balancer: bool = True) -> dict:
     return kwargs
 
 
-def sharded_denoiser(resolved, *, world_size: int, device: torch.device, rank: int) -> torch.nn.Module:
+def sharded_denoiser(
+    resolved, *, world_size: int, device: torch.device, rank: int, trainable: bool = True
+) -> torch.nn.Module:
     """The denoiser built on the meta device, sharded, then filled from rank 0.
 
     Only rank 0 builds a full copy (in CPU memory: the seed's initialisation, or the
@@ -121,7 +123,7 @@ def sharded_denoiser(resolved, *, world_size: int, device: torch.device, rank: i
     slot = resolved["model.denoiser"]
     with torch.device("meta"):
         model = slot.build(load_weights=False, **denoiser_kwargs(resolved))
-    model = shard(resolved, model, world_size=world_size, device=device, trainable=True)
+    model = shard(resolved, model, world_size=world_size, device=device, trainable=trainable)
     model.to_empty(device=device)
     full = {}
     if rank == 0:

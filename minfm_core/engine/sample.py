@@ -24,7 +24,7 @@ from .. import checkpoint as ckpt_mod
 from ..errors import MinfmError
 from .gallery import write_sample_index
 from .generate import generate, to_pil
-from .pipeline import build_pipeline, shard
+from .pipeline import build_pipeline, sharded_denoiser
 from .runtime import init_runtime, shutdown_runtime
 
 
@@ -152,11 +152,15 @@ def run_sampling(resolved, prompts: list[str], out: Path, *, weights, source: st
     rt = init_runtime(resolved.recipe.run.device)
     try:
         s = resolved.recipe.sample
-        pipe = build_pipeline(resolved, rt.device, load_weights=True, world_size=rt.world_size)
+        denoiser = None
+        if rt.world_size > 1 and resolved["parallel"].component.name != "none":
+            # Sharded before any weights arrive: only rank 0 ever holds a full copy.
+            denoiser = sharded_denoiser(resolved, world_size=rt.world_size, device=rt.device, rank=rt.rank,
+                                        trainable=False)
+        pipe = build_pipeline(resolved, rt.device, load_weights=True, world_size=rt.world_size, denoiser=denoiser)
         loaded = "pretrained"
         if weights is not None:
             loaded = load_denoiser_weights(pipe.denoiser, *weights, use_ema=s.use_ema)
-        pipe.denoiser = shard(resolved, pipe.denoiser, world_size=rt.world_size, device=rt.device, trainable=False)
         batches = plan_batches(len(prompts), s.samples_per_prompt, s.batch_size)
         images_dir = out / "images"
         name = lambda i, k: image_name(i, k, s.file_ext)  # noqa: E731
