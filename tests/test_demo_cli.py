@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -126,6 +127,9 @@ def test_minfm_demo_serves_the_api_on_loopback(tmp_path):
                 break
         assert any(f"http://127.0.0.1:{port}" in x for x in lines), "".join(lines)
         assert any("EMA weights at step 2, on cpu" in x for x in lines), "".join(lines)
+        # Keep draining the child's output: a full pipe would block it (and its shutdown).
+        drain = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+        drain.start()
         images, seed = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(
             prompt="a red circle", negative_prompt="", size="16x16", steps=2, cfg_scale=2.0, ep_cfg=True,
             sampler="heun", seed=3, random_seed=False, num_images=1, api_name="/generate")
