@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import signal
 import sys
 import threading
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -150,6 +151,10 @@ def serve(src: str, *, host: str = "127.0.0.1", port: int | None = None, share: 
                       window_s=window_ms / 1000.0, max_batch=max_batch)
     app = build_app(model, batcher, queue_limit=queue_limit)
     launch(app, host=host, port=port, share=share, block=False)
+    # Ctrl-C and SIGTERM both stop the server, even when the parent started us with SIGINT
+    # ignored (as a non-interactive shell does for background jobs).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         threading.Event().wait()  # serve until Ctrl-C / SIGINT
     except KeyboardInterrupt:
