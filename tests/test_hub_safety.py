@@ -47,14 +47,10 @@ def test_bad_input_is_one_line_and_exit_2(hub_server, tmp_path, args, expect):
 
 
 def test_push_of_a_folder_without_weights_says_what_is_missing(hub_server, tmp_path):
-    import importlib.util
-
-    spec = importlib.util.find_spec("minfm_core.checkpoint")
-    if spec is not None and "def export_for_hub" in open(spec.origin).read():
-        pytest.skip("the core can export checkpoints now: covered by the export tests")
     (tmp_path / "run").mkdir()
     line = one_error_line(hub_cli(env_for(hub_server, tmp_path), "hub", "push", str(tmp_path / "run"), "org/x"))
-    assert "model.safetensors" in line and "export_for_hub" in line
+    assert "no complete checkpoint found" in line and str(tmp_path / "run") in line
+    assert hub_server.has_repo("org/x") is False  # nothing was created
 
 
 def test_server_down_is_one_line_and_fast(tmp_path):
