@@ -77,27 +77,10 @@ def _import(module: str, name: str, hint: str):
         raise MinfmError(f"attention backend {name!r} is not available: {exc}; {hint}") from None
 
 
-class FlashAttn:
-    """flash-attn 2: ``flash_attn.flash_attn_varlen_func``."""
+class _VarlenKernel:
+    """A CUDA varlen kernel called as ``fn(q, k, v, cu_q, cu_k, max_q, max_k)``, imported on first use."""
 
-    name = "flash_attn"
-
-    def __init__(self, cfg=None):
-        self.cfg = cfg
-        self._fn = None
-
-    def __call__(self, q, k, v, cu_seqlens, max_seqlen):
-        _needs_half(self.name, q)
-        if self._fn is None:
-            self._fn = _import("flash_attn", self.name, "pip install flash-attn").flash_attn_varlen_func
-        cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-        return self._fn(q, k, v, cu, cu, max_seqlen, max_seqlen)
-
-
-class FlashAttn3:
-    """flash-attn 3 (Hopper): ``flash_attn_interface.flash_attn_varlen_func``."""
-
-    name = "flash_attn3"
+    name = module = attr = hint = ""
 
     def __init__(self, cfg=None):
         self.cfg = cfg
@@ -106,32 +89,31 @@ class FlashAttn3:
     def __call__(self, q, k, v, cu_seqlens, max_seqlen):
         _needs_half(self.name, q)
         if self._fn is None:
-            self._fn = _import(
-                "flash_attn_interface", self.name, "build flash-attention's hopper/ package"
-            ).flash_attn_varlen_func
+            self._fn = getattr(_import(self.module, self.name, self.hint), self.attr)
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
         out = self._fn(q, k, v, cu, cu, max_seqlen, max_seqlen)
         # Some FA3 releases return (out, softmax_lse).
         return out[0] if isinstance(out, tuple) else out
 
 
-class TorchVarlen:
+class FlashAttn(_VarlenKernel):
+    """flash-attn 2: ``flash_attn.flash_attn_varlen_func``."""
+
+    name, module, attr, hint = "flash_attn", "flash_attn", "flash_attn_varlen_func", "pip install flash-attn"
+
+
+class FlashAttn3(_VarlenKernel):
+    """flash-attn 3 (Hopper): ``flash_attn_interface.flash_attn_varlen_func``."""
+
+    name, module, attr = "flash_attn3", "flash_attn_interface", "flash_attn_varlen_func"
+    hint = "build flash-attention's hopper/ package"
+
+
+class TorchVarlen(_VarlenKernel):
     """PyTorch's varlen flash kernel: ``torch.nn.attention.varlen.varlen_attn``."""
 
-    name = "torch_varlen"
-
-    def __init__(self, cfg=None):
-        self.cfg = cfg
-        self._fn = None
-
-    def __call__(self, q, k, v, cu_seqlens, max_seqlen):
-        _needs_half(self.name, q)
-        if self._fn is None:
-            self._fn = _import(
-                "torch.nn.attention.varlen", self.name, f"torch {torch.__version__} has no varlen attention"
-            ).varlen_attn
-        cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-        return self._fn(q, k, v, cu, cu, max_seqlen, max_seqlen)
+    name, module, attr = "torch_varlen", "torch.nn.attention.varlen", "varlen_attn"
+    hint = f"torch {torch.__version__} has no varlen attention"
 
 
 @functools.cache
