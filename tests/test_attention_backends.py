@@ -9,7 +9,7 @@ import torch
 from minfm_core.errors import MinfmError
 from minfm_core.packing import cu_seqlens, segment_ids
 from minfm_core.registry import get_registry
-from minfm_plugins.attention.backends import Auto, Flex, Sdpa
+from minfm_plugins.attention.backends import Auto, Flex, Sdpa, length_buckets
 
 
 def naive(q, k, v, lens):
@@ -26,7 +26,11 @@ def qkv(lens, heads=3, dim=16, seed=0):
     return [torch.randn(L, heads, dim, generator=g, requires_grad=True) for _ in range(3)]
 
 
-@pytest.mark.parametrize("lens", [[5, 1, 9, 3], [4, 4, 4], [7]], ids=["mixed", "uniform", "single"])
+@pytest.mark.parametrize(
+    "lens",
+    [[5, 1, 9, 3], [4, 4, 4], [7], [40, 17, 41, 16, 40, 90, 18]],
+    ids=["mixed", "uniform", "single", "buckets"],
+)
 def test_sdpa_equals_naive_masked_attention_with_grads(lens):
     lens_t = torch.tensor(lens)
     q, k, v = qkv(lens)
@@ -37,6 +41,14 @@ def test_sdpa_equals_naive_masked_attention_with_grads(lens):
     g_out = torch.autograd.grad(out.square().sum(), (q, k, v))
     g_ref = torch.autograd.grad(ref.square().sum(), (q, k, v))
     assert max((a - b).abs().max().item() for a, b in zip(g_out, g_ref)) <= 1e-4
+
+
+def test_length_buckets_bound_padding_and_cover_every_sample():
+    lens = [40, 17, 41, 16, 40, 90, 18, 45, 46]
+    groups = length_buckets(lens, ratio=1.125)
+    assert sorted(i for g in groups for i in g) == list(range(len(lens)))
+    assert [[lens[i] for i in g] for g in groups] == [[16, 17, 18], [40, 40, 41, 45], [46], [90]]
+    assert all(max(lens[i] for i in g) <= 1.125 * min(lens[i] for i in g) for g in groups)
 
 
 def test_auto_uses_sdpa_on_cpu():

@@ -23,12 +23,30 @@ def _lens(cu_seqlens: Tensor) -> list[int]:
     return cu_seqlens.diff().tolist()
 
 
+#: Samples whose lengths are within this ratio share one padded sdpa call (see Sdpa).
+BUCKET_RATIO = 1.125
+
+
+def length_buckets(lens: list[int], ratio: float = BUCKET_RATIO) -> list[list[int]]:
+    """Sample indices grouped so that, in each group, longest <= ratio x shortest (by length)."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lens)), key=lens.__getitem__):
+        if groups and lens[i] <= ratio * lens[groups[-1][0]]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 class Sdpa:
     """Reference backend: ``scaled_dot_product_attention`` on the packed samples.
 
-    Samples of equal length go through one batched call (a uniform batch is a
-    single call, zero copies); mixed lengths are padded with a key mask (padding is
-    never attended to, and padded rows are dropped).
+    A uniform batch is a single call with zero copies. Mixed lengths are bucketed
+    (lengths within ``BUCKET_RATIO`` of each other), each bucket padded to its longest
+    sample and run as one batched call with a key mask (padding is never attended to,
+    and padded rows are dropped). Measured on CPU, forward + backward, 16 samples of
+    257-393 tokens: one padded call per batch is 15x faster than one call per sample,
+    and two buckets (~260 and ~390 tokens) take another ~25% off the padded call.
     """
 
     name = "sdpa"
@@ -42,22 +60,32 @@ class Sdpa:
             n, l = len(lens), lens[0]
             qb, kb, vb = (x.view(n, l, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
             return F.scaled_dot_product_attention(qb, kb, vb).transpose(1, 2).reshape(q.shape)
-        # Mixed lengths: one batched call, padded to the longest sample, with a key mask.
-        # Measured on CPU (16 samples of 260-395 tokens, forward + backward): 15x faster than
-        # one call per sample, whose strided views and many small kernels dominate.
-        n, longest = len(lens), max(lens)
-        lt = cu_seqlens.diff().long().to(q.device)
-        seg = torch.repeat_interleave(torch.arange(n, device=q.device), lt)
-        pos = torch.arange(q.shape[0], device=q.device) - cu_seqlens[:-1].long().to(q.device)[seg]
-
-        def pad(x: Tensor) -> Tensor:
-            out = x.new_zeros((n, longest, *x.shape[1:]))
-            out[seg, pos] = x
-            return out.transpose(1, 2)
-
-        keep = (torch.arange(longest, device=q.device)[None, :] < lt[:, None])[:, None, None, :]
-        out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=keep)
-        return out.transpose(1, 2)[seg, pos]
+        # Every bucket's padded block (n_b x longest_b rows) lies in one flat buffer; base[i]
+        # is sample i's first row there.
+        buckets = length_buckets(lens)
+        base, shapes, rows = [0] * len(lens), [], 0
+        for group in buckets:
+            longest = max(lens[i] for i in group)
+            for j, i in enumerate(group):
+                base[i] = rows + j * longest
+            shapes.append((len(group), longest, [lens[i] for i in group]))
+            rows += len(group) * longest
+        dev = q.device
+        lt = cu_seqlens.diff().long().to(dev)
+        seg = torch.repeat_interleave(torch.arange(len(lens), device=dev), lt)
+        # index_copy / index_select rather than advanced indexing: their backwards are a
+        # gather and an index_add_, far cheaper on CPU than an accumulating index_put_.
+        row = torch.arange(q.shape[0], device=dev) + (torch.tensor(base, device=dev) - cu_seqlens[:-1].long().to(dev))[seg]
+        padded = [x.new_zeros((rows, *x.shape[1:])).index_copy(0, row, x) for x in (q, k, v)]
+        outs, start = [], 0
+        for n, longest, blens in shapes:
+            qb, kb, vb = (x[start : start + n * longest].unflatten(0, (n, longest)).transpose(1, 2) for x in padded)
+            keep = None
+            if min(blens) < longest:
+                keep = (torch.arange(longest, device=dev)[None, :] < torch.tensor(blens, device=dev)[:, None])[:, None, None, :]
+            outs.append(F.scaled_dot_product_attention(qb, kb, vb, attn_mask=keep).transpose(1, 2).flatten(0, 1))
+            start += n * longest
+        return torch.cat(outs).index_select(0, row)
 
 
 def _needs_half(name: str, q: Tensor) -> None:
