@@ -17,7 +17,9 @@ from minfm_core.errors import MinfmError
 
 _BFL_PREFIX = "model.diffusion_model."
 
-# (BFL name, diffusers name) for one-to-one tensors; "{w}" is weight and bias.
+# (BFL name, diffusers name(s)) per linear layer: weight and bias. Several diffusers
+# names: BFL fuses them along dim 0 (q, k, v [, mlp-in] of d_model rows each, the last
+# taking the rest).
 _TOP = [
     ("img_in", "x_embedder"),
     ("txt_in", "context_embedder"),
@@ -38,28 +40,57 @@ _DOUBLE = [
     ("img_mlp.2", "ff.net.2"),
     ("txt_mlp.0", "ff_context.net.0.proj"),
     ("txt_mlp.2", "ff_context.net.2"),
+    ("img_attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v")),
+    ("txt_attn.qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
 ]
+_SINGLE = [
+    ("modulation.lin", "norm.linear"),
+    ("linear2", "proj_out"),
+    ("linear1", ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")),
+]
+# QK-norm scales: single tensors, full names.
 _DOUBLE_NORMS = [
     ("img_attn.norm.query_norm.scale", "attn.norm_q.weight"),
     ("img_attn.norm.key_norm.scale", "attn.norm_k.weight"),
     ("txt_attn.norm.query_norm.scale", "attn.norm_added_q.weight"),
     ("txt_attn.norm.key_norm.scale", "attn.norm_added_k.weight"),
 ]
-_DOUBLE_QKV = [("img_attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v")),
-               ("txt_attn.qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"))]
-_SINGLE = [("modulation.lin", "norm.linear"), ("linear2", "proj_out")]
 _SINGLE_NORMS = [("norm.query_norm.scale", "attn.norm_q.weight"), ("norm.key_norm.scale", "attn.norm_k.weight")]
-_SINGLE_FUSED = ("linear1", ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"))
-
-
-def _swap_halves(x: Tensor) -> Tensor:
-    a, b = x.chunk(2, dim=0)
-    return torch.cat([b, a], dim=0)
+# BFL's final modulation is (shift, scale); diffusers' norm_out is (scale, shift).
+_SWAPPED = ("final_layer.adaLN_modulation.1", "norm_out.linear")
 
 
 def _count(sd: dict, prefix: str) -> int:
     ids = {int(k[len(prefix):].split(".", 1)[0]) for k in sd if k.startswith(prefix)}
     return max(ids) + 1 if ids else 0
+
+
+def _rules(n_double: int, n_single: int) -> list[tuple[str, tuple[str, ...]]]:
+    """Every (BFL key, diffusers keys) pair of a model with this many blocks."""
+    rules = []
+
+    def add(table, a: str = "", b: str = "", params=("weight", "bias")) -> None:
+        for x, ys in table:
+            ys = (ys,) if isinstance(ys, str) else ys
+            for w in params:
+                dot = f".{w}" if w else ""
+                rules.append((f"{a}{x}{dot}", tuple(f"{b}{y}{dot}" for y in ys)))
+
+    add(_TOP + [_SWAPPED])
+    for i in range(n_double):
+        a, b = f"double_blocks.{i}.", f"transformer_blocks.{i}."
+        add(_DOUBLE, a, b)
+        add(_DOUBLE_NORMS, a, b, params=("",))
+    for i in range(n_single):
+        a, b = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
+        add(_SINGLE, a, b)
+        add(_SINGLE_NORMS, a, b, params=("",))
+    return rules
+
+
+def _swap_halves(x: Tensor) -> Tensor:
+    a, b = x.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
 
 
 def is_diffusers(sd: dict) -> bool:
@@ -74,40 +105,15 @@ def strip_prefix(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 def bfl_to_diffusers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """Native (BFL) state dict -> diffusers ``FluxTransformer2DModel`` state dict."""
     src, out = dict(strip_prefix(sd)), {}
-
-    def move(a: str, b: str) -> None:
-        for w in ("weight", "bias"):
-            if f"{a}.{w}" in src:
-                out[f"{b}.{w}"] = src.pop(f"{a}.{w}")
-
-    for a, b in _TOP:
-        move(a, b)
-    for w in ("weight", "bias"):
-        out[f"norm_out.linear.{w}"] = _swap_halves(src.pop(f"final_layer.adaLN_modulation.1.{w}"))
-    d_model = out["x_embedder.weight"].shape[0]
-    for i in range(_count(src, "double_blocks.")):
-        a, b = f"double_blocks.{i}.", f"transformer_blocks.{i}."
-        for x, y in _DOUBLE:
-            move(a + x, b + y)
-        for x, y in _DOUBLE_NORMS:
-            out[b + y] = src.pop(a + x)
-        for x, ys in _DOUBLE_QKV:
-            for w in ("weight", "bias"):
-                if f"{a}{x}.{w}" in src:
-                    for y, part in zip(ys, src.pop(f"{a}{x}.{w}").chunk(3, dim=0)):
-                        out[f"{b}{y}.{w}"] = part
-    for i in range(_count(src, "single_blocks.")):
-        a, b = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
-        for x, y in _SINGLE:
-            move(a + x, b + y)
-        for x, y in _SINGLE_NORMS:
-            out[b + y] = src.pop(a + x)
-        x, ys = _SINGLE_FUSED
-        for w in ("weight", "bias"):
-            fused = src.pop(f"{a}{x}.{w}")
-            sizes = [d_model] * 3 + [fused.shape[0] - 3 * d_model]
-            for y, part in zip(ys, fused.split(sizes, dim=0)):
-                out[f"{b}{y}.{w}"] = part
+    d_model = src["img_in.weight"].shape[0]
+    for a, bs in _rules(_count(src, "double_blocks."), _count(src, "single_blocks.")):
+        if a not in src:  # optional: guidance embedding, q/k/v biases
+            continue
+        x = src.pop(a)
+        if a.startswith(_SWAPPED[0]):
+            x = _swap_halves(x)
+        sizes = [d_model] * (len(bs) - 1) + [x.shape[0] - d_model * (len(bs) - 1)]
+        out.update(zip(bs, x.split(sizes, dim=0)))
     if src:
         raise MinfmError(f"not a FLUX state dict in BFL layout: unexpected keys {_names(src)}")
     return out
@@ -116,35 +122,11 @@ def bfl_to_diffusers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 def diffusers_to_bfl(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """Diffusers ``FluxTransformer2DModel`` state dict -> native (BFL) state dict."""
     src, out = dict(sd), {}
-
-    def move(a: str, b: str) -> None:
-        for w in ("weight", "bias"):
-            if f"{b}.{w}" in src:
-                out[f"{a}.{w}"] = src.pop(f"{b}.{w}")
-
-    for a, b in _TOP:
-        move(a, b)
-    for w in ("weight", "bias"):
-        out[f"final_layer.adaLN_modulation.1.{w}"] = _swap_halves(src.pop(f"norm_out.linear.{w}"))
-    for i in range(_count(src, "transformer_blocks.")):
-        a, b = f"double_blocks.{i}.", f"transformer_blocks.{i}."
-        for x, y in _DOUBLE:
-            move(a + x, b + y)
-        for x, y in _DOUBLE_NORMS:
-            out[a + x] = src.pop(b + y)
-        for x, ys in _DOUBLE_QKV:
-            for w in ("weight", "bias"):
-                if f"{b}{ys[0]}.{w}" in src:
-                    out[f"{a}{x}.{w}"] = torch.cat([src.pop(f"{b}{y}.{w}") for y in ys])
-    for i in range(_count(src, "single_transformer_blocks.")):
-        a, b = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
-        for x, y in _SINGLE:
-            move(a + x, b + y)
-        for x, y in _SINGLE_NORMS:
-            out[a + x] = src.pop(b + y)
-        x, ys = _SINGLE_FUSED
-        for w in ("weight", "bias"):
-            out[f"{a}{x}.{w}"] = torch.cat([src.pop(f"{b}{y}.{w}") for y in ys])
+    for a, bs in _rules(_count(src, "transformer_blocks."), _count(src, "single_transformer_blocks.")):
+        if bs[0] not in src:
+            continue
+        x = torch.cat([src.pop(b) for b in bs])
+        out[a] = _swap_halves(x) if a.startswith(_SWAPPED[0]) else x
     if src:
         raise MinfmError(f"not a FluxTransformer2DModel state dict: unexpected keys {_names(src)}")
     return out
