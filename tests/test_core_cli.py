@@ -5,6 +5,7 @@ from __future__ import annotations
 import textwrap
 
 import minfm_core
+from ports import free_port
 
 
 def test_version(minfm):
@@ -78,7 +79,6 @@ def test_serve_shows_a_run_directory(tmp_path):
     """`minfm serve` serves the run folder on loopback (galleries are plain files)."""
     import os
     import signal
-    import socket
     import subprocess
     import sys
     import time
@@ -86,9 +86,7 @@ def test_serve_shows_a_run_directory(tmp_path):
 
     (tmp_path / "samples").mkdir()
     (tmp_path / "samples" / "index.html").write_text("<h1>gallery</h1>")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "minfm_core.cli.main", "serve", str(tmp_path), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:

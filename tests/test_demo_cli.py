@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from engine_helpers import tiny
+from ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 # Runs the CLI with the apps plugin registered (a no-op once pyproject declares it).
@@ -97,12 +97,6 @@ def test_missing_source_exits_2(capsys, tmp_path):
     assert "nope: no such file or directory" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_minfm_demo_serves_the_api_on_loopback(tmp_path):
     pytest.importorskip("gradio")
@@ -111,7 +105,7 @@ def test_minfm_demo_serves_the_api_on_loopback(tmp_path):
     from minfm_core.engine.train import train
 
     train(tiny(tmp_path / "run", "train.max_steps=2"))
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, "demo", str(tmp_path / "run"), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})

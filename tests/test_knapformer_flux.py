@@ -9,7 +9,6 @@ attention alone equals full attention.
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ from flux_helpers import grid_pos, random_flux
 from minfm_plugins.attention.backends import Sdpa
 from minfm_plugins.knapformer.config import KnapformerConfig
 from minfm_plugins.knapformer.route import KnapformerBalancer
+from ports import free_port
 
 # Per rank: (image h, w, text length) of each sample. Rank 2 has no samples; empty texts;
 # a 1-token-text 1x1 image (2 tokens: shorter than... nothing, but one chunk per GPU of a
@@ -146,15 +146,9 @@ def _worker(rank: int, world: int, port: int, fsdp_bags: str):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_flux_balanced_equals_unbalanced_4_ranks():
-    mp.spawn(_worker, args=(4, _free_port(), "g1n2+g2n1"), nprocs=4, join=True)
+    mp.spawn(_worker, args=(4, free_port(), "g1n2+g2n1"), nprocs=4, join=True)
 
 
 def test_flux_balanced_single_rank_is_exact():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import torch.multiprocessing as mp
 
 from minfm_plugins.knapformer.config import KnapformerConfig, NoBalancerConfig
 from minfm_plugins.knapformer.route import KnapformerBalancer, NoBalancer
+from ports import free_port
 
 D = 8
 
@@ -102,20 +102,14 @@ def _worker(rank: int, world: int, port: int, specs: tuple[str, ...]):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_route_reverse_gloo_4_ranks():
-    mp.spawn(_worker, args=(4, _free_port(), ("g1n4", "g2n2", "g1n2+g2n1")), nprocs=4, join=True)
+    mp.spawn(_worker, args=(4, free_port(), ("g1n4", "g2n2", "g1n2+g2n1")), nprocs=4, join=True)
 
 
 @pytest.mark.slow
 def test_route_reverse_gloo_8_ranks():
-    mp.spawn(_worker, args=(8, _free_port(), ("g1n8", "g2n4", "g1n2+g2n1+g4n1")), nprocs=8, join=True)
+    mp.spawn(_worker, args=(8, free_port(), ("g1n8", "g2n4", "g1n2+g2n1+g4n1")), nprocs=8, join=True)
 
 
 def test_single_rank_without_process_group():
