@@ -125,6 +125,14 @@ def test_layout_rows_let_a_balancer_run_any_subset_of_samples(layout):
         cat = {k: torch.cat([p[0][k] for p in parts]) for k in ("img", "img_pos", "img_lens", "txt", "txt_lens")}
         lay = model.layout(cat["txt_lens"], cat["img_lens"], cat["img_pos"], rows=torch.tensor(pick))
         h = model.run_blocks(lay.txt.group(model.txt_in(cat["txt"])), lay.img.group(model.img_in(cat["img"])), cond, lay)
-        out = lay.img.flat(model.final_layer(h, cond, lay.img))
+        out = model.final_layer(h, cond, lay.img)
     expect = torch.cat([full[rows] for _, rows in parts])
     assert (out - expect).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("layout", [MIXED, UNIFORM], ids=["mixed", "uniform"])
+def test_output_is_a_fresh_tensor_not_a_view(layout):
+    """FSDP2 registers its pre-backward hook on the root's output and warns on views."""
+    model = random_flux()
+    out = model(**make_batch(model.cfg, *layout))
+    assert out.requires_grad and out._base is None

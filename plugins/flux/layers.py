@@ -188,8 +188,13 @@ class LastLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d_model, 2 * d_model))
 
     def forward(self, img: Tensor, vec: Tensor, stream: Stream) -> Tensor:
+        """Grouped image tokens -> flat ``(L_img, d_out)``.
+
+        Flattened before the projection so that the model's output is a fresh tensor, not a
+        view (FSDP2 hooks its backward on the root module's output and warns about views).
+        """
         shift, scale = self.adaLN_modulation(vec).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(img), stream.tok(shift), stream.tok(scale)))
+        return self.linear(stream.flat(modulate(self.norm_final(img), stream.tok(shift), stream.tok(scale))))
 
     def init_weights(self) -> None:
         _init_linear(self.adaLN_modulation[1], zero=True)

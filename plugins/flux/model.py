@@ -122,7 +122,7 @@ class Flux(nn.Module):
         h_img = lay.img.group(self.img_in(img.to(dtype)))
         h_txt = lay.txt.group(self.txt_in(txt.to(dtype)))
         out = self.final_layer(self.run_blocks(h_txt, h_img, cond, lay), cond, lay.img)
-        return lay.img.flat(out).to(img.dtype)
+        return out.to(img.dtype)
 
     def _forward_balanced(self, img, img_pos, img_lens, txt, txt_lens, t, vec, guidance) -> Tensor:
         """``forward`` with the blocks and the final layer on the balancer's ranks.
@@ -164,7 +164,7 @@ class Flux(nn.Module):
         _, c_img_index = interleave_index(c_txt, c_img)
         lay = self.layout(c_txt, c_img, pos[c_img_index], rows=rows, attention=bal.attention(self.attention, handle))
         h = self.run_blocks(lay.txt.group(x[lay.txt_index]), lay.img.group(x[lay.img_index]), cond, lay)
-        out = lay.img.flat(self.final_layer(h, cond, lay.img))
+        out = self.final_layer(h, cond, lay.img)
         # Back in one exchange of d_img-wide rows (text rows are zeros), then the image rows.
         rows_out = out.new_zeros((x.shape[0], out.shape[1])).index_copy(0, lay.img_index, out)
         return bal.reverse(rows_out, handle)[img_index].to(img.dtype)
