@@ -6,7 +6,8 @@
 
 Same process, identical weights (through the state-dict adapter), fp32, sdpa attention.
 Workloads: (a) uniform: 8 samples x (256 image + 32 text) tokens; (b) mixed: image token
-counts 64..1024 and text 8..77 per sample; ours runs packed, diffusers runs the batch
+counts 64..1024 and text 8..77 per sample; (c) quickstart: 16 samples of 256 or 384 image
+and 1..9 text tokens; ours runs packed, diffusers runs the batch
 padded to the longest image and the longest prompt (no mask: padding only costs time).
 Tokens/s counts real (unpadded) text+image tokens for both.
 """
@@ -25,6 +26,9 @@ from minfm_plugins.flux.state_dict import bfl_to_diffusers, diffusers_config
 
 MIXED_IMG = [64, 1024, 256, 576, 144, 784, 400, 100]
 MIXED_TXT = [8, 77, 30, 12, 64, 45, 20, 77]
+# One micro-batch of the quickstart: 32x32 / 32x48 / 48x32 pictures (256 / 384 tokens), 1-9 words.
+QUICK_IMG = [256, 384, 384, 256, 384, 256, 384, 384, 256, 384, 256, 384, 256, 384, 384, 256]
+QUICK_TXT = [4, 9, 4, 1, 9, 4, 9, 4, 9, 4, 1, 9, 4, 9, 4, 9]
 
 
 def grid(n_tokens: int) -> torch.Tensor:
@@ -108,6 +112,7 @@ def main() -> None:
     loads = {
         "uniform": ([max(1, int(256 * s))] * 8, [max(1, int(32 * s))] * 8),
         "mixed": ([max(1, int(c * s)) for c in MIXED_IMG], [max(1, int(c * s)) for c in MIXED_TXT]),
+        "quick": ([max(1, int(c * s)) for c in QUICK_IMG], QUICK_TXT),
     }
     print(f"model: d_model {cfg.d_model}, {cfg.n_heads} heads x {cfg.d_head}, {cfg.n_ds_blocks}+{cfg.n_ss_blocks} blocks, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
