@@ -182,3 +182,53 @@ def test_checkpoint_metadata_cannot_run_code(tmp_path):
     with pytest.raises(MinfmError, match="refusing to load this checkpoint"):
         weights(ckpt)
     assert not marker.exists()
+
+
+def _pretrained_file(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The tiny recipe's FLUX with random weights, saved in bfloat16 as a BFL-layout file."""
+    from safetensors.torch import save_file
+
+    model = load_recipe(TINY, ["parallel.name=none"])["model.denoiser"].build(load_weights=True)
+    g = torch.Generator().manual_seed(7)
+    sd = {k: torch.randn(v.shape, generator=g).to(torch.bfloat16) for k, v in model.state_dict().items()}
+    path = tmp_path / "flux-tiny-test.safetensors"
+    save_file(sd, str(path))
+    return path, sd
+
+
+def test_sharded_pretrained_denoiser_streams_from_the_file(tmp_path, monkeypatch):
+    """Pretrained weights reach the shards straight from the (memory-mapped) file: no rank
+    builds and initialises a full model first."""
+    from minfm_core.engine.pipeline import sharded_denoiser
+    from minfm_core.engine.runtime import init_runtime, shutdown_runtime
+    from minfm_plugins.flux import state_dict
+    from minfm_plugins.flux.model import Flux
+
+    path, sd = _pretrained_file(tmp_path)
+    resolved = load_recipe(TINY, ["parallel.name=fsdp2", "parallel.param_dtype=fp32",
+                                  f"model.denoiser.pretrained={json.dumps(str(path))}"])
+
+    def no_full_build(*args, **kwargs):
+        raise AssertionError("a full model was built")
+
+    monkeypatch.setattr(Flux, "init_weights", no_full_build)
+    monkeypatch.setattr(state_dict, "load_pretrained", no_full_build)
+    rt = init_runtime("cpu")
+    try:
+        model = sharded_denoiser(resolved, world_size=1, device=rt.device, rank=0)
+        got = {k: v.full_tensor() for k, v in model.state_dict().items()}
+    finally:
+        shutdown_runtime()
+    assert got.keys() == sd.keys()
+    for k, v in sd.items():
+        assert got[k].dtype == torch.float32 and torch.equal(got[k], v.float()), k
+
+
+@pytest.mark.slow
+def test_two_processes_start_from_pretrained_weights(tmp_path):
+    """lr 0: after one step on two ranks the checkpoint holds exactly the file's weights."""
+    path, sd = _pretrained_file(tmp_path)
+    run(tmp_path / "run", "--set", f"model.denoiser.pretrained={json.dumps(str(path))}", "--set", "train.max_steps=1",
+        "--set", "train.lr=0.0", "--set", "train.min_lr=0.0", "--set", "train.ckpt_every=1", nproc=2)
+    got = weights(ck.list_checkpoints(tmp_path / "run")[-1])
+    assert_same(got, {k: v.float() for k, v in sd.items()}, atol=0)

@@ -114,20 +114,26 @@ def sharded_denoiser(
 ) -> torch.nn.Module:
     """The denoiser built on the meta device, sharded, then filled from rank 0.
 
-    Only rank 0 builds a full copy (in CPU memory: the seed's initialisation, or the
-    pretrained weights); every other rank only ever holds its shards. The weights equal
-    those of a single-process build with the same seed.
+    Every other rank only ever holds its shards. Pretrained weights (a denoiser whose
+    module defines ``pretrained_state_dict()``, returning a state dict or None) stream from
+    rank 0's memory-mapped files, one tensor at a time: no rank materialises the whole
+    model (FLUX.1-dev in float32 would be 48 GB). Without them rank 0 builds one full copy
+    in CPU memory with the seed's initialisation. Either way the weights equal those of a
+    single-process build with the same seed.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     slot = resolved["model.denoiser"]
     with torch.device("meta"):
         model = slot.build(load_weights=False, **denoiser_kwargs(resolved))
-    model = shard(resolved, model, world_size=world_size, device=device, trainable=trainable)
-    model.to_empty(device=device)
     full = {}
     if rank == 0:
-        full = slot.build(load_weights=True, **denoiser_kwargs(resolved, balancer=False)).state_dict()
+        reader = getattr(model, "pretrained_state_dict", None)
+        full = reader() if reader is not None else None
+        if full is None:
+            full = slot.build(load_weights=True, **denoiser_kwargs(resolved, balancer=False)).state_dict()
+    model = shard(resolved, model, world_size=world_size, device=device, trainable=trainable)
+    model.to_empty(device=device)
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
 

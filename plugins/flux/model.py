@@ -69,6 +69,21 @@ class Flux(nn.Module):
             block.init_weights()
         self.final_layer.init_weights()
 
+    def pretrained_state_dict(self) -> dict[str, Tensor] | None:
+        """``cfg.pretrained``'s native state dict, checked against this model; None without one.
+
+        The tensors are memory-mapped from the safetensors files in their stored dtype, so
+        a sharded build reads each rank's slices without ever holding the whole model in
+        memory (``minfm_core.engine.pipeline.sharded_denoiser``). Works on a meta model.
+        """
+        if not self.cfg.pretrained:
+            return None
+        from .state_dict import check_state_dict, read_state_dict
+
+        sd = read_state_dict(self.cfg.pretrained)
+        check_state_dict(self, sd, source=self.cfg.pretrained)
+        return sd
+
     def condition(self, t: Tensor, vec: Tensor | None, guidance: Tensor | None) -> Tensor:
         """The per-sample conditioning vector ``(n, d_model)`` that drives all modulation."""
         dtype = self.img_in.weight.dtype
