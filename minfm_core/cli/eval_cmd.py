@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
@@ -39,19 +38,8 @@ def register(sub) -> None:
         q.set_defaults(func=run)
 
 
-def load_extractor(spec: str):
-    mod, _, attr = spec.partition(":")
-    if not mod or not attr:
-        raise MinfmError(f"--extractor {spec!r}: expected MODULE:ATTR")
-    try:
-        factory = getattr(importlib.import_module(mod), attr)
-    except (ImportError, AttributeError) as exc:
-        raise MinfmError(f"--extractor {spec!r}: {exc}") from None
-    return factory()
-
-
 def run(args) -> int:
-    from ..eval import evaluate, format_table
+    from ..eval import evaluate, format_table, load_extractor
 
     if args.batch_size < 1:
         raise MinfmError(f"--batch-size: expected a positive integer, got {args.batch_size}")

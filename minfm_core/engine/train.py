@@ -118,6 +118,12 @@ class Trainer:
             if hasattr(lg, "set_total"):
                 lg.set_total(self.cfg.max_steps)
         self.n_params = sum(p.numel() for p in self.params)
+        self._val_set = None
+        self.fid = None
+        if self.cfg.fid_every:
+            from .fid import TrainingFid
+
+            self.fid = TrainingFid(self)
         self._resume_or_init()
 
     # ---- state ------------------------------------------------------------------
@@ -267,6 +273,11 @@ class Trainer:
 
         return validation_loss(self)
 
+    def val_dataset(self):
+        if self._val_set is None:
+            self._val_set = self.resolved.build("data", split="val")
+        return self._val_set
+
     def gallery(self) -> None:
         from .gallery import training_gallery
 
@@ -297,6 +308,10 @@ class Trainer:
                 window_t, window_tokens = time.perf_counter(), 0.0
             if cfg.val_every and self.step % cfg.val_every == 0:
                 self._log({"val_loss": self.validation_loss()})
+            if self.fid is not None and self.step % cfg.fid_every == 0:
+                fid = self.fid(self)
+                if fid is not None:
+                    self._log({"fid": fid})
             if cfg.sample_every and (self.step % cfg.sample_every == 0 or self.step == cfg.max_steps):
                 self.gallery()
             if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == cfg.max_steps:

@@ -15,9 +15,7 @@ from .pipeline import per_sample_loss, prepare_batch
 @torch.no_grad()
 def validation_loss(trainer) -> float:
     cfg, rt = trainer.cfg, trainer.rt
-    if not hasattr(trainer, "_val_set"):
-        trainer._val_set = trainer.resolved.build("data", split="val")
-    dataset = trainer._val_set
+    dataset = trainer.val_dataset()
     n = min(cfg.val_num_samples, len(dataset))
     mine = list(range(rt.rank, n, rt.world_size))
     total = torch.zeros(2, dtype=torch.float64, device=rt.device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,18 @@ Extractor = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 FEATURES = ("pool", "spatial", "logits")
 #: Metric keys in the seed's table order, with their printed names.
 NAMES = {"inception_score": "Inception Score", "fid": "FID", "sfid": "sFID", "precision": "Precision", "recall": "Recall"}
+
+
+def load_extractor(spec: str, where: str = "--extractor") -> Extractor:
+    """Call the factory ``MODULE:ATTR`` for a feature extractor (``where`` names the setting in errors)."""
+    mod, _, attr = spec.partition(":")
+    if not mod or not attr:
+        raise MinfmError(f"{where} {spec!r}: expected MODULE:ATTR")
+    try:
+        factory = getattr(importlib.import_module(mod), attr)
+    except (ImportError, AttributeError) as exc:
+        raise MinfmError(f"{where} {spec!r}: {exc}") from None
+    return factory()
 
 
 def extract_features(source: str | Path, extractor: Extractor, *, batch_size: int = 64, log=None) -> dict[str, np.ndarray]:

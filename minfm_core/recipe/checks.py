@@ -57,6 +57,12 @@ def cross_checks(resolved, world_size: int | None = None) -> list[str]:
             f"model.patchifier.vae_compression: {tuple(pcomp)} does not match the VAE's compression {tuple(comp)}"
         )
 
+    train = resolved.recipe.train
+    if train.fid_every > 0 and not train.fid_ref:
+        problems.append("train.fid_ref: train.fid_every > 0 needs reference images (an .npz or a folder)")
+    if train.fid_every > 0 and train.fid_num_samples < 2:
+        problems.append(f"train.fid_num_samples: FID needs at least 2 samples, got {train.fid_num_samples}")
+
     shard = _attr(resolved, "parallel", "shard_size")
     if shard is not None and shard > 0 and world % shard:
         problems.append(f"parallel.shard_size: world size {world} is not divisible by shard_size {shard}")

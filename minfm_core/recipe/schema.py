@@ -136,6 +136,13 @@ class TrainSection:
     val_every: int = field(10_000, doc="validation loss every N steps (0 disables)")
     val_num_samples: int = field(10_000, doc="samples in the validation set")
     sample_every: int = field(2000, doc="in-training sample gallery every N steps (0 disables)")
+    fid_every: int = field(0, doc="FID of EMA samples against train.fid_ref every N steps (0 disables)")
+    fid_num_samples: int = field(1000, doc="images drawn for the in-training FID (prompts of the data's val split)")
+    fid_ref: str | None = field(None, doc="reference images for the in-training FID: an .npz (ADM layout) or a folder")
+    fid_extractor: str | None = field(
+        None, doc="MODULE:ATTR of a feature-extractor factory (None: torch-fidelity's Inception, minfm[eval])"
+    )
+    fid_inception: str | None = field(None, doc="Inception weights for the in-training FID (as minfm eval --inception)")
     sample_at_start: bool = field(False, doc="render a gallery before the first step")
     profile_steps: tuple[int, ...] = field((), doc="steps to capture a profiler trace for")
     gc_every: int = field(100, doc="run Python's garbage collector every N steps")

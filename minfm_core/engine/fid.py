@@ -1,0 +1,93 @@
+"""In-training FID: EMA samples of the val split's prompts against reference images.
+
+    [train]
+    fid_every = 20000
+    fid_num_samples = 5000
+    fid_ref = "VIRTUAL_imagenet256_labeled.npz"
+
+Sample ``g`` (of ``fid_num_samples``) takes the prompt of val item ``g`` and seed
+``sample.seed + g``, with the recipe's sampler, guidance and ``sample.size``. Those are
+the seeds ``minfm sample --prompt-file P --n 1 --npz`` gives the same prompts, so the
+logged number is the one ``minfm eval imagenet samples.npz --ref REF`` reports for a
+checkpoint of that step. Ranks draw a share each; rank 0 computes the reference
+statistics once and the FID.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..errors import MinfmError
+from ..eval.evaluate import Extractor, extract_features, load_extractor
+from ..eval.inputs import image_batches
+from ..eval.metrics import feature_stats, frechet_distance
+from .generate import generate, to_pil
+
+
+class TrainingFid:
+    """Built when the trainer starts, so a bad reference or extractor fails before step 1."""
+
+    def __init__(self, trainer):
+        cfg = trainer.cfg
+        self.ref = Path(cfg.fid_ref)
+        if not self.ref.exists():
+            raise MinfmError(f"train.fid_ref: {self.ref}: no such file or folder")
+        image_batches(self.ref, 1)  # readable images of one layout, or a clear error
+        if cfg.fid_extractor:
+            self.extractor: Extractor = load_extractor(cfg.fid_extractor, "train.fid_extractor")
+        else:
+            from ..eval.inception import InceptionFeatures
+
+            self.extractor = InceptionFeatures(cfg.fid_inception, device=trainer.rt.device)
+        dataset = trainer.val_dataset()
+        self.prompts = [dataset[g % len(dataset)]["prompt"] for g in range(cfg.fid_num_samples)]
+        self.ref_stats: tuple[np.ndarray, np.ndarray] | None = None
+
+    def features(self, images: list[torch.Tensor]) -> np.ndarray:
+        # Through PIL like `minfm sample`: the same uint8 pixels as the files it writes.
+        u8 = torch.stack([torch.from_numpy(np.array(to_pil(im))) for im in images]).permute(0, 3, 1, 2)
+        return self.extractor(u8)["pool"].detach().float().cpu().numpy().reshape(len(images), -1)
+
+    @torch.no_grad()
+    def __call__(self, trainer) -> float | None:
+        """FID at this step (rank 0; None on the other ranks)."""
+        rt, s, n = trainer.rt, trainer.recipe.sample, len(self.prompts)
+        mine = list(range(rt.rank, n, rt.world_size))
+        per_rank = -(-n // rt.world_size)
+        index, feats = [], []
+        ctx = trainer.ema.swapped_in(trainer.model) if trainer.ema is not None else nullcontext()
+        trainer.model.eval()
+        with ctx:
+            # Every rank makes the same number of sampler calls (sharded modules gather
+            # collectively); a rank short of prompts draws one it then ignores.
+            for start in range(0, per_rank, s.batch_size):
+                idx = mine[start : start + s.batch_size]
+                real = len(idx)
+                idx = idx or [0]
+                images = generate(trainer.pipe, [self.prompts[g] for g in idx], sizes=[tuple(s.size)] * len(idx),
+                                  seeds=[s.seed + g for g in idx], steps=s.steps, neg_prompt=s.neg_prompt,
+                                  distilled_guidance=s.distilled_guidance)
+                if real:
+                    index += idx[:real]
+                    feats.append(self.features(images[:real]))
+        trainer.model.train()
+        mine_feats = (index, np.concatenate(feats) if feats else None)
+        parts = [mine_feats]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            parts = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, mine_feats)  # our own ranks' arrays
+        if not rt.is_main:
+            return None
+        order = np.argsort(np.concatenate([np.asarray(i, dtype=np.int64) for i, _ in parts]))
+        pool = np.concatenate([f for _, f in parts if f is not None])[order]
+        if self.ref_stats is None:
+            ref = extract_features(self.ref, self.extractor, batch_size=max(s.batch_size, 16))
+            if ref["pool"].shape[0] < 2:
+                raise MinfmError(f"train.fid_ref: {self.ref}: FID needs at least 2 reference images")
+            self.ref_stats = feature_stats(ref["pool"])
+        return frechet_distance(*feature_stats(pool), *self.ref_stats)

@@ -1,0 +1,77 @@
+"""In-training FID: logged every N steps, equal to `minfm eval` on the same samples; bad settings exit 2."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from conftest import run_minfm
+from engine_helpers import TINY, read_metrics, tiny
+from minfm_core.cli.main import main
+from minfm_core.engine.train import train
+from minfm_core.eval import evaluate
+from minfm_core.recipe import load_recipe
+from test_eval_metrics import TinyExtractor, images, save_npz
+
+EXTRACTOR = 'train.fid_extractor="test_eval_metrics:make_extractor"'
+
+
+def test_fid_is_logged_and_equals_minfm_eval_of_the_same_samples(tmp_path):
+    ref = save_npz(tmp_path / "ref.npz", images(12, seed=1, size=16))
+    run = tmp_path / "run"
+    recipe = tiny(run, "train.fid_every=3", "train.fid_num_samples=6", f"train.fid_ref={json.dumps(ref)}", EXTRACTOR,
+                  "sample.batch_size=8")
+    prompts = [recipe.build("data", split="val")[g]["prompt"] for g in range(6)]
+    train(recipe)
+    fids = [(m["step"], m["fid"]) for m in read_metrics(run) if "fid" in m]
+    assert [step for step, _ in fids] == [3, 6]
+    assert all(math.isfinite(f) and f > 0 for _, f in fids)
+    assert fids[0][1] != fids[1][1]  # the EMA moved between the two
+
+    # The same prompts and seeds through the sampling CLI, scored by `minfm eval`'s code.
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    out = tmp_path / "samples"
+    assert main(["sample", str(run), "--prompt-file", str(tmp_path / "prompts.txt"), "--n", "1", "--npz",
+                 "--out", str(out)]) == 0
+    m = evaluate(out / "samples.npz", ref, extractor=TinyExtractor(), device="cpu", log=lambda _: None)
+    assert m["num_samples"] == 6
+    assert m["fid"] == pytest.approx(fids[-1][1], rel=1e-6)
+
+
+def test_fid_without_reference_is_a_recipe_error():
+    with pytest.raises(Exception, match=r"train.fid_ref: train.fid_every > 0 needs reference images"):
+        load_recipe(TINY, ["train.fid_every=5"])
+
+
+def test_missing_reference_exits_2_before_training(tmp_path):
+    res = run_minfm("run", str(TINY), "--set", f"run.exp_dir={json.dumps(str(tmp_path / 'run'))}",
+                    "--set", "train.fid_every=2", "--set", f"train.fid_ref={json.dumps(str(tmp_path / 'nope.npz'))}",
+                    "--set", EXTRACTOR)
+    assert res.returncode == 2, res.stderr
+    assert "train.fid_ref:" in res.stderr and "nope.npz: no such file or folder" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_log_the_fid_of_one(tmp_path):
+    """Prompts split over ranks, features gathered in sample order: the same number."""
+    import os
+
+    from conftest import ROOT
+
+    ref = save_npz(tmp_path / "ref.npz", images(12, seed=1, size=16))
+    env = {"PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    fid = {}
+    for nproc in (1, 2):
+        exp = tmp_path / f"n{nproc}"
+        args = ["run", str(TINY), "--set", f"run.exp_dir={json.dumps(str(exp))}", "--set", "parallel.name=fsdp2",
+                "--set", "parallel.param_dtype=fp32", "--set", "train.max_steps=2", "--set", "train.fid_every=2",
+                "--set", "train.fid_num_samples=7", "--set", f"train.fid_ref={json.dumps(ref)}", "--set", EXTRACTOR,
+                "--set", "sample.batch_size=3"]
+        res = run_minfm(*args, *(["--nproc-per-node", "2"] if nproc == 2 else []), env=env)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+        fid[nproc] = [m["fid"] for m in read_metrics(exp) if "fid" in m]
+    assert len(fid[1]) == 1 and fid[2] == pytest.approx(fid[1], rel=1e-4)
