@@ -57,7 +57,8 @@ def test_missing_reference_exits_2_before_training(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_log_the_fid_of_one(tmp_path):
-    """Prompts split over ranks, features gathered in sample order: the same number."""
+    """Prompts and reference batches split over ranks, features gathered: the same numbers
+    (two FID steps: the reference is featurised once, on every rank)."""
     import os
 
     from conftest import ROOT
@@ -68,10 +69,10 @@ def test_two_processes_log_the_fid_of_one(tmp_path):
     for nproc in (1, 2):
         exp = tmp_path / f"n{nproc}"
         args = ["run", str(TINY), "--set", f"run.exp_dir={json.dumps(str(exp))}", "--set", "parallel.name=fsdp2",
-                "--set", "parallel.param_dtype=fp32", "--set", "train.max_steps=2", "--set", "train.fid_every=2",
+                "--set", "parallel.param_dtype=fp32", "--set", "train.max_steps=4", "--set", "train.fid_every=2",
                 "--set", "train.fid_num_samples=7", "--set", f"train.fid_ref={json.dumps(ref)}", "--set", EXTRACTOR,
                 "--set", "sample.batch_size=3"]
         res = run_minfm(*args, *(["--nproc-per-node", "2"] if nproc == 2 else []), env=env)
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
         fid[nproc] = [m["fid"] for m in read_metrics(exp) if "fid" in m]
-    assert len(fid[1]) == 1 and fid[2] == pytest.approx(fid[1], rel=1e-4)
+    assert len(fid[1]) == 2 and fid[2] == pytest.approx(fid[1], rel=1e-4)

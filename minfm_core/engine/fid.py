@@ -9,8 +9,8 @@ Sample ``g`` (of ``fid_num_samples``) takes the prompt of val item ``g`` and see
 ``sample.seed + g``, with the recipe's sampler, guidance and ``sample.size``. Those are
 the seeds ``minfm sample --prompt-file P --n 1 --npz`` gives the same prompts, so the
 logged number is the one ``minfm eval imagenet samples.npz --ref REF`` reports for a
-checkpoint of that step. Ranks draw a share each; rank 0 computes the reference
-statistics once and the FID.
+checkpoint of that step. Ranks draw and featurise a share each of the samples (and, once,
+of the reference images); rank 0 gathers the features and computes the FID.
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ class TrainingFid:
         self.ref = Path(cfg.fid_ref)
         if not self.ref.exists():
             raise MinfmError(f"train.fid_ref: {self.ref}: no such file or folder")
-        image_batches(self.ref, 1)  # readable images of one layout, or a clear error
+        count, _ = image_batches(self.ref, 1)  # readable images of one layout, or a clear error
+        if count < 2:
+            raise MinfmError(f"train.fid_ref: {self.ref}: FID needs at least 2 reference images, found {count}")
         if cfg.fid_extractor:
             self.extractor: Extractor = load_extractor(cfg.fid_extractor, "train.fid_extractor")
         else:
@@ -46,7 +48,8 @@ class TrainingFid:
             self.extractor = InceptionFeatures(cfg.fid_inception, device=trainer.rt.device)
         dataset = trainer.val_dataset()
         self.prompts = [dataset[g % len(dataset)]["prompt"] for g in range(cfg.fid_num_samples)]
-        self.ref_stats: tuple[np.ndarray, np.ndarray] | None = None
+        self.ref_ready = False
+        self.ref_stats: tuple[np.ndarray, np.ndarray] | None = None  # rank 0
 
     def features(self, images: list[torch.Tensor]) -> np.ndarray:
         # Through PIL like `minfm sample`: the same uint8 pixels as the files it writes.
@@ -76,18 +79,24 @@ class TrainingFid:
                     index += idx[:real]
                     feats.append(self.features(images[:real]))
         trainer.model.train()
-        mine_feats = (index, np.concatenate(feats) if feats else None)
-        parts = [mine_feats]
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            parts = [None] * dist.get_world_size()
-            dist.all_gather_object(parts, mine_feats)  # our own ranks' arrays
+        parts = _gather((index, np.concatenate(feats) if feats else None))
+        if not self.ref_ready:  # every rank, once: each featurises a share of the reference
+            ref = _gather(extract_features(self.ref, self.extractor, batch_size=max(s.batch_size, 16),
+                                           shard=(rt.rank, rt.world_size))["pool"])
+            if rt.is_main:
+                self.ref_stats = feature_stats(np.concatenate([r for r in ref if r.shape[0]]))
+            self.ref_ready = True
         if not rt.is_main:
             return None
         order = np.argsort(np.concatenate([np.asarray(i, dtype=np.int64) for i, _ in parts]))
         pool = np.concatenate([f for _, f in parts if f is not None])[order]
-        if self.ref_stats is None:
-            ref = extract_features(self.ref, self.extractor, batch_size=max(s.batch_size, 16))
-            if ref["pool"].shape[0] < 2:
-                raise MinfmError(f"train.fid_ref: {self.ref}: FID needs at least 2 reference images")
-            self.ref_stats = feature_stats(ref["pool"])
         return frechet_distance(*feature_stats(pool), *self.ref_stats)
+
+
+def _gather(obj) -> list:
+    """Every rank's ``obj`` (our own processes' arrays), in rank order."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, obj)
+        return parts
+    return [obj]

@@ -33,12 +33,18 @@ def load_extractor(spec: str, where: str = "--extractor") -> Extractor:
     return factory()
 
 
-def extract_features(source: str | Path, extractor: Extractor, *, batch_size: int = 64, log=None) -> dict[str, np.ndarray]:
-    """Features of every image of an .npz or a folder, as float32 arrays (N, D)."""
+def extract_features(source: str | Path, extractor: Extractor, *, batch_size: int = 64, log=None,
+                     shard: tuple[int, int] = (0, 1)) -> dict[str, np.ndarray]:
+    """Features of every image of an .npz or a folder, as float32 arrays (N, D).
+
+    ``shard=(i, k)``: only batches ``i, i + k, ...`` (one process's share of k).
+    """
     n, batches = image_batches(source, batch_size)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in FEATURES}
     done = 0
-    for batch in batches:
+    for b, batch in enumerate(batches):
+        if b % shard[1] != shard[0]:
+            continue
         feats = extractor(torch.from_numpy(np.array(batch)).permute(0, 3, 1, 2))  # a copy: memmaps are read-only
         missing = [k for k in FEATURES if k not in feats]
         if missing:
@@ -48,7 +54,7 @@ def extract_features(source: str | Path, extractor: Extractor, *, batch_size: in
         done += batch.shape[0]
         if log is not None:
             log(f"{source}: {done}/{n} images")
-    return {k: np.concatenate(v) for k, v in parts.items()}
+    return {k: np.concatenate(v) if v else np.zeros((0, 0), np.float32) for k, v in parts.items()}
 
 
 def compute_metrics(samples: dict[str, np.ndarray], ref: dict[str, np.ndarray], *, device="cpu") -> dict[str, float]:
