@@ -28,8 +28,8 @@ def qkv(lens, heads=3, dim=16, seed=0):
 
 @pytest.mark.parametrize(
     "lens",
-    [[5, 1, 9, 3], [4, 4, 4], [7], [40, 17, 41, 16, 40, 90, 18]],
-    ids=["mixed", "uniform", "single", "buckets"],
+    [[5, 1, 9, 3], [4, 4, 4], [7], [40, 17, 41, 16, 40, 90, 18], [0, 3, 0, 5]],
+    ids=["mixed", "uniform", "single", "buckets", "empty-samples"],
 )
 def test_sdpa_equals_naive_masked_attention_with_grads(lens):
     lens_t = torch.tensor(lens)
