@@ -56,6 +56,7 @@ def test_train_folder_labels_prompts_and_resolution(tree):
     samples = [ds[i] for i in range(4)]
     assert [s["label"] for s in samples] == [0, 0, 1, 850]
     assert [s["prompt"] for s in samples] == ["a photo of a tench"] * 2 + ["a photo of a goldfish", "a photo of a teddy"]
+    assert [ds.prompt(i) for i in range(4)] == [s["prompt"] for s in samples]  # without decoding
     for s in samples:
         assert s["image"].shape == (3, 1, 32, 32) and s["image"].min() >= -1 and s["image"].max() <= 1
     # Center square crop: the blue block fills the left half of the crop.

@@ -46,8 +46,12 @@ class TrainingFid:
             from ..eval.inception import InceptionFeatures
 
             self.extractor = InceptionFeatures(cfg.fid_inception, device=trainer.rt.device)
-        dataset = trainer.val_dataset()
-        self.prompts = [dataset[g % len(dataset)]["prompt"] for g in range(cfg.fid_num_samples)]
+        # Prompts of this rank's samples only (and of sample 0, which a rank short of samples
+        # draws as filler); `prompt(i)` when the dataset can give one without the picture.
+        dataset, rt = trainer.val_dataset(), trainer.rt
+        read = getattr(dataset, "prompt", None) or (lambda i: dataset[i]["prompt"])
+        self.n = cfg.fid_num_samples
+        self.prompts = {g: read(g % len(dataset)) for g in [0, *range(rt.rank, self.n, rt.world_size)]}
         self.ref_ready = False
         self.ref_stats: tuple[np.ndarray, np.ndarray] | None = None  # rank 0
 
@@ -59,7 +63,7 @@ class TrainingFid:
     @torch.no_grad()
     def __call__(self, trainer) -> float | None:
         """FID at this step (rank 0; None on the other ranks)."""
-        rt, s, n = trainer.rt, trainer.recipe.sample, len(self.prompts)
+        rt, s, n = trainer.rt, trainer.recipe.sample, self.n
         mine = list(range(rt.rank, n, rt.world_size))
         per_rank = -(-n // rt.world_size)
         index, feats = [], []

@@ -82,6 +82,10 @@ class ImagenetDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.flips.epoch = int(epoch)
 
+    def prompt(self, index: int) -> str:
+        """The item's prompt without decoding its picture."""
+        return self.prompts[self.items[index][1]]
+
     def __getitem__(self, index: int) -> dict:
         path, label = self.items[index]
         r = self.cfg.resolution
