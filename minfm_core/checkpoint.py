@@ -23,6 +23,7 @@ import json
 import pickle
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -204,7 +205,11 @@ def load_state(ckpt: Path, state: dict[str, Any]) -> None:
     """Load DCP ``ckpt`` into ``state`` in place (keys absent from ``state`` are not read)."""
     reader = SafeReader(str(ckpt))
     reader.read_metadata()  # refuse a bad checkpoint here, with our message, not inside DCP's workers
-    dcp.load(state, storage_reader=reader)
+    no_dist = not (dist.is_available() and dist.is_initialized())
+    with warnings.catch_warnings():
+        if no_dist:  # hub export, notebooks: one process by design; DCP warns about it even when told
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.load(state, storage_reader=reader, no_dist=no_dist)
 
 
 def load_rank_extras(ckpt: Path, rank: int) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
