@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from hub_fixtures import hub_env, hub_server  # noqa: F401  (fixtures)
+pytest.register_assert_rewrite("hub_fixtures")
+from hub_fixtures import hub_env, hub_server  # noqa: E402, F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 PLUGIN_DISTS = Path(__file__).resolve().parent / "plugin_dists"
