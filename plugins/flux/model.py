@@ -178,7 +178,7 @@ class Flux(nn.Module):
         c_img = chunk_lens.long() - c_txt
         _, c_img_index = interleave_index(c_txt, c_img)
         lay = self.layout(c_txt, c_img, pos[c_img_index], rows=rows, attention=bal.attention(self.attention, handle))
-        h = self.run_blocks(lay.txt.group(x[lay.txt_index]), lay.img.group(x[lay.img_index]), cond, lay)
+        h = self.run_blocks(*lay.split(x), cond, lay)
         out = self.final_layer(h, cond, lay.img)
         # Back in one exchange of d_img-wide rows (text rows are zeros), then the image rows.
         rows_out = out.new_zeros((x.shape[0], out.shape[1])).index_copy(0, lay.img_index, out)
