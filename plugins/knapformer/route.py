@@ -246,8 +246,8 @@ class KnapformerBalancer:
         send = np.bincount(mine[:, 2], weights=lens, minlength=S).astype(np.int64).tolist()
         recv_chunks = c[c[:, 2] == me]
         recv = np.bincount(recv_chunks[:, 1], weights=recv_chunks[:, 4], minlength=S).astype(np.int64).tolist()
-        x = tokens[send_index]
-        ex = [e[send_index] for e in extras]
+        x = tokens.index_select(0, send_index)  # backward: index_add_, not an accumulating index_put_
+        ex = [e.index_select(0, send_index) for e in extras]
         if S == 1:
             out, out_extras = x, ex
         else:

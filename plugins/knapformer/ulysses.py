@@ -96,12 +96,12 @@ class UlyssesAttention:
         # (L, 3, G, h, D) -> (G, L, 3 h D): block j (head group j of every token) goes to bag rank j.
         x = torch.stack([q, k, v], 1).view(L, 3, G, h, D).permute(2, 0, 1, 3, 4).reshape(G * L, 3 * h * D)
         y, _ = _exchange(x, self.send, self.recv, self.group)
-        y = y[self.perm].view(-1, 3, h, D)
+        y = y.index_select(0, self.perm).view(-1, 3, h, D)
         qs, ks, vs = y.unbind(1)
         if y.shape[0] == 0:
             out = _empty_attention(qs, ks, vs)
         else:
             out = self.backend(qs, ks, vs, self.cu, self.max_seqlen)
-        out = out.reshape(-1, h * D)[self.inv]
+        out = out.reshape(-1, h * D).index_select(0, self.inv)
         back, _ = _exchange(out, self.recv, self.send, self.group)  # (G L, h D): head group j from rank j
         return back.view(G, L, h, D).permute(1, 0, 2, 3).reshape(L, H, D)
