@@ -182,7 +182,7 @@ class Flux(nn.Module):
         out = self.final_layer(h, cond, lay.img)
         # Back in one exchange of d_img-wide rows (text rows are zeros), then the image rows.
         rows_out = out.new_zeros((x.shape[0], out.shape[1])).index_copy(0, lay.img_index, out)
-        return bal.reverse(rows_out, handle)[img_index].to(img.dtype)
+        return bal.reverse(rows_out, handle).index_select(0, img_index).to(img.dtype)
 
 
 def build_flux(cfg: FluxConfig, *, load_weights: bool = True, attention=None, balancer=None) -> Flux:
