@@ -17,8 +17,6 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-
 from minfm_core.engine.generate import generate
 from minfm_core.engine.pipeline import build_pipeline
 from minfm_core.engine.runtime import init_runtime, shutdown_runtime
@@ -77,11 +75,10 @@ def main() -> None:
             row[g["shape"]] = row.get(g["shape"], 0) + 1
         print("shapes read back (prompted -> read): " + "; ".join(f"{k}: {v}" for k, v in confusion.items()))
         ds = resolved.build("data", split="val")
-        ref = [classify(ds[i]["image"]) for i in range(200)]
-        ref_prompts = [ds[i]["prompt"] for i in range(200)]
-        ok = sum(r["colour"] in p and r["shape"] in p for r, p in zip(ref, ref_prompts)) / 200
+        items = [ds[i] for i in range(200)]
+        reads = [classify(it["image"]) for it in items]
+        ok = sum(r["colour"] in it["prompt"] and r["shape"] in it["prompt"] for r, it in zip(reads, items)) / 200
         print(f"reference: the classifier on 200 real val pictures: {ok:.1%}")
-        torch.set_printoptions()
     finally:
         shutdown_runtime()
 

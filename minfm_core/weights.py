@@ -29,19 +29,21 @@ def read_safetensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
 def check_keys(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: str, *, partial: bool = False) -> None:
     """Refuse to load on missing/unexpected keys or shape mismatches, naming them."""
     own = model.state_dict()
-    missing = [] if partial else sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+    missing = [] if partial else set(own) - set(sd)
+    unexpected = set(sd) - set(own)
+    shapes = [f"{k} {tuple(sd[k].shape)} (model wants {tuple(own[k].shape)})"
               for k in sorted(set(sd) & set(own)) if sd[k].shape != own[k].shape]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
-    if unexpected:
-        problems.append(f"unexpected keys: {', '.join(unexpected[:10])}{' ...' if len(unexpected) > 10 else ''}")
-    if shapes:
-        problems.append("shape mismatches: " + "; ".join(shapes[:10]))
+    problems = [f"{what}: {first_names(keys)}" for what, keys in
+                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if keys]
     if problems:
-        raise MinfmError(f"{where}: weights do not fit the model: " + " | ".join(problems))
+        raise MinfmError(f"{where}: weights do not fit the model: " + "; ".join(problems))
+
+
+def first_names(items, limit: int = 10) -> str:
+    """``a, b, c and 7 more``: a bounded list of names for an error message."""
+    items = sorted(items)
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
 
 
 def load_safetensors_into(model: torch.nn.Module, folder: Path, name: str = "model") -> None:

@@ -7,7 +7,7 @@ from minfm_core.config import config, field
 
 @config
 class SdpaConfig:
-    """PyTorch scaled_dot_product_attention, one call per sequence (reference; CPU and GPU)."""
+    """PyTorch scaled_dot_product_attention, one padded call per bucket of similar lengths (reference; CPU and GPU)."""
 
 
 @config

@@ -193,8 +193,8 @@ class LastLayer(nn.Module):
         Flattened before the projection so that the model's output is a fresh tensor, not a
         view (FSDP2 hooks its backward on the root module's output and warns about views).
         """
-        shift, scale = self.adaLN_modulation(vec).chunk(2, dim=-1)
-        return self.linear(stream.flat(modulate(self.norm_final(img), stream.tok(shift), stream.tok(scale))))
+        shift, scale = stream.tok(self.adaLN_modulation(vec)).chunk(2, dim=-1)  # one gather for both
+        return self.linear(stream.flat(modulate(self.norm_final(img), shift, scale)))
 
     def init_weights(self) -> None:
         _init_linear(self.adaLN_modulation[1], zero=True)

@@ -21,7 +21,7 @@ from minfm_core.errors import MinfmError
 from minfm_core.packing import interleave, interleave_index
 
 from .config import FluxConfig
-from .layers import DoubleStreamBlock, LastLayer, MLPEmbedder, SingleStreamBlock, timestep_embedding
+from .layers import DoubleStreamBlock, LastLayer, MLPEmbedder, SingleStreamBlock, _init_linear, timestep_embedding
 from .layout import Layout
 
 
@@ -58,10 +58,8 @@ class Flux(nn.Module):
         Separate from ``__init__`` so a parallelizer can build on the meta device, shard,
         ``to_empty`` and then initialise.
         """
-        nn.init.trunc_normal_(self.img_in.weight, std=0.02)
-        nn.init.zeros_(self.img_in.bias)
-        nn.init.trunc_normal_(self.txt_in.weight, std=0.02)
-        nn.init.zeros_(self.txt_in.bias)
+        _init_linear(self.img_in)
+        _init_linear(self.txt_in)
         for emb in (self.time_in, self.vector_in, self.guidance_in):
             if emb is not None:
                 emb.init_weights()

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from minfm_core.errors import MinfmError
+from minfm_core.weights import check_keys, first_names
 
 _BFL_PREFIX = "model.diffusion_model."
 
@@ -115,7 +116,7 @@ def bfl_to_diffusers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
         sizes = [d_model] * (len(bs) - 1) + [x.shape[0] - d_model * (len(bs) - 1)]
         out.update(zip(bs, x.split(sizes, dim=0)))
     if src:
-        raise MinfmError(f"not a FLUX state dict in BFL layout: unexpected keys {_names(src)}")
+        raise MinfmError(f"not a FLUX state dict in BFL layout: unexpected keys {first_names(src)}")
     return out
 
 
@@ -128,7 +129,7 @@ def diffusers_to_bfl(sd: dict[str, Tensor]) -> dict[str, Tensor]:
         x = torch.cat([src.pop(b) for b in bs])
         out[a] = _swap_halves(x) if a.startswith(_SWAPPED[0]) else x
     if src:
-        raise MinfmError(f"not a FluxTransformer2DModel state dict: unexpected keys {_names(src)}")
+        raise MinfmError(f"not a FluxTransformer2DModel state dict: unexpected keys {first_names(src)}")
     return out
 
 
@@ -159,28 +160,9 @@ def diffusers_config(cfg) -> dict:
     }
 
 
-def _names(keys, limit: int = 8) -> str:
-    keys = sorted(keys)
-    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
 def check_state_dict(model: torch.nn.Module, sd: dict[str, Tensor], source: str = "checkpoint") -> None:
     """Raise one MinfmError naming every missing key, unexpected key and shape mismatch."""
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    problems = []
-    missing = want.keys() - sd.keys()
-    unexpected = sd.keys() - want.keys()
-    if missing:
-        problems.append(f"missing keys: {_names(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_names(unexpected)}")
-    bad = [f"{k} {tuple(sd[k].shape)} (model wants {want[k]})" for k in sorted(want.keys() & sd.keys())
-           if tuple(sd[k].shape) != want[k]]
-    if bad:
-        problems.append(f"shape mismatches: {_names(bad)}")
-    if problems:
-        raise MinfmError(f"{source} does not fit the FLUX model as configured: " + "; ".join(problems))
+    check_keys(model, sd, f"{source} (FLUX model as configured)")
 
 
 def _weight_files(path: Path) -> list[Path]:
