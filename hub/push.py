@@ -70,17 +70,16 @@ def _human_size(n: int) -> str:
 
 
 def is_hub_folder(path: Path) -> bool:
-    return path.is_dir() and any((path / f"model{ext}").exists() for ext in (".safetensors", ".safetensors.index.json"))
+    from minfm_core.weights import has_weights
+
+    return path.is_dir() and has_weights(path)
 
 
 def _export(src: Path, out: Path, include_training_state: bool) -> Path:
     """Consolidate a run/checkpoint directory into a Hub folder through the core."""
     from minfm_core.checkpoint import export_for_hub
 
-    export_for_hub(src, out, include_training_state=include_training_state)
-    if not is_hub_folder(out):
-        raise MinfmError(f"{src}: exporting the checkpoint produced no model.safetensors")
-    return out
+    return export_for_hub(src, out, include_training_state=include_training_state)
 
 
 def _shard(path: Path, stem: str, max_bytes: int, out: Path) -> dict[str, Path]:
@@ -152,7 +151,9 @@ def _diffusers_folder(folder: Path, out: Path) -> dict[str, Path]:
     command that the denoiser's plugin registers: the hub never imports a model plugin."""
     from minfm_core.cli.main import main
 
-    ema = (folder / "ema.safetensors").is_file() or (folder / "ema.safetensors.index.json").is_file()
+    from minfm_core.weights import has_weights
+
+    ema = has_weights(folder, "ema")
     rc = main(["export", "diffusers", str(folder), str(out), *(["--ema"] if ema else [])])
     if rc != 0:
         raise MinfmError(f"{folder}: the diffusers export failed (exit {rc}); is the denoiser a FLUX model?")

@@ -19,6 +19,7 @@ with 2 processes resumes with 1 or 4.
 
 from __future__ import annotations
 
+import functools
 import json
 import pickle
 import re
@@ -189,16 +190,25 @@ class SafeReader(FileSystemReader):
     """FileSystemReader whose metadata unpickling is restricted to DCP's metadata types."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        path = self._get_metadata_path(kwargs.get("rank"))
-        try:
-            with self.fs.create_stream(path, "rb") as f:
-                metadata = _MetadataUnpickler(f).load()
-        except pickle.UnpicklingError as exc:
-            raise MinfmError(f"{self.path}: refusing to load this checkpoint: {exc}") from None
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
+        path = Path(self._get_metadata_path(kwargs.get("rank")))
+        stat = path.stat()
+        metadata = _read_metadata(str(path), stat.st_mtime_ns, stat.st_size)
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+@functools.lru_cache(maxsize=4)
+def _read_metadata(path: str, mtime_ns: int, size: int) -> Metadata:
+    """The unpickled ``.metadata``, once per file version: a resume reads it for every part
+    (and DCP once more per load), and a sharded run's metadata lists every chunk."""
+    try:
+        with open(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except pickle.UnpicklingError as exc:
+        raise MinfmError(f"{Path(path).parent}: refusing to load this checkpoint: {exc}") from None
+    if getattr(metadata, "storage_meta", None) is None:
+        metadata.storage_meta = StorageMeta()
+    return metadata
 
 
 def load_state(ckpt: Path, state: dict[str, Any]) -> None:

@@ -11,6 +11,11 @@ from safetensors.torch import load_file
 from .errors import MinfmError
 
 
+def has_weights(folder: Path, name: str = "model") -> bool:
+    """Whether ``folder`` holds ``<name>`` weights: one safetensors file or an index of shards."""
+    return (folder / f"{name}.safetensors").is_file() or (folder / f"{name}.safetensors.index.json").is_file()
+
+
 def read_safetensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
     """``<name>.safetensors`` or the shards listed in ``<name>.safetensors.index.json``."""
     single = folder / f"{name}.safetensors"

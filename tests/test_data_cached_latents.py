@@ -98,7 +98,7 @@ def test_cached_latents_equal_on_the_fly_encoding(case, tmp_path, vae_folder, im
             got = cds[i]
             # exactly the sample an image item becomes once encoded: same keys, prompt, label, latent
             assert set(got) == (set(item) - {"image"}) | {"latent"}
-            assert got["prompt"] == item["prompt"] and got.get("label") == item.get("label")
+            assert got["prompt"] == item["prompt"] == cds.prompt(i) and got.get("label") == item.get("label")
             assert got["latent"].dtype == torch.float32 and got["latent"].shape == z.shape
             torch.testing.assert_close(got["latent"], z, rtol=1e-5, atol=1e-5)
             shapes.add(tuple(z.shape))

@@ -60,7 +60,7 @@ def test_sidecar_captions_and_subfolders(tmp_path):
         _image(tmp_path / "a" / f"{i}.png", size)
         (tmp_path / "a" / f"{i}.txt").write_text(f"  caption {i}\n")
     ds = make(root=str(tmp_path), captions="sidecar", max_pixels=48 * 48, size_multiple=8, val_fraction=0.0)
-    assert [ds[i]["prompt"] for i in range(2)] == ["caption 0", "caption 1"]
+    assert [ds[i]["prompt"] for i in range(2)] == ["caption 0", "caption 1"] == [ds.prompt(i) for i in range(2)]
     assert tuple(ds[1]["image"].shape[2:]) == (24, 80)
 
 

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from .. import checkpoint as ckpt_mod
 from ..errors import MinfmError
+from ..weights import has_weights, load_safetensors_into
 from .gallery import write_sample_index
 from .generate import generate, to_pil
 from .pipeline import build_pipeline, sharded_denoiser
@@ -46,7 +47,7 @@ def locate(src_path: Path) -> tuple[Path, str, Path]:
 
     kind is "safetensors" (a Hub-style folder with model.safetensors) or "dcp".
     """
-    if (src_path / "model.safetensors").is_file() or (src_path / "model.safetensors.index.json").is_file():
+    if has_weights(src_path):
         recipe = src_path / "recipe.toml"
         if not recipe.is_file():
             raise MinfmError(f"{src_path}: has model weights but no recipe.toml")
@@ -61,9 +62,7 @@ def load_denoiser_weights(model: torch.nn.Module, kind: str, where: Path, use_em
         source = "ema" if use_ema and ckpt_mod.has_part(where, "ema") else "model"
         ckpt_mod.load_weights(where, model, source=source)
         return source
-    from ..weights import load_safetensors_into
-
-    name = "ema" if use_ema and ((where / "ema.safetensors").is_file() or (where / "ema.safetensors.index.json").is_file()) else "model"
+    name = "ema" if use_ema and has_weights(where, "ema") else "model"
     load_safetensors_into(model, where, name)
     return name
 

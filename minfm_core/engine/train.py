@@ -28,6 +28,7 @@ from ..data_loader import BatchIterator
 from ..errors import MinfmError, RecipeError
 from ..schedule import lr_at
 from ..sources import resolve_source
+from ..weights import has_weights
 from .ema import EMA
 from .pipeline import build_pipeline, denoiser_kwargs, per_sample_loss, prepare_batch, shard, sharded_denoiser
 from .runtime import Runtime, init_runtime, rank_seed, seed_everything, shutdown_runtime
@@ -200,23 +201,21 @@ class Trainer:
             plan = ckpt_mod.parse_load_plan(self.cfg.init_load_plan)
             weights_only = set(plan) <= {"model", "ema"}
             root = resolve_source(self.cfg.init_from, training_state=not weights_only)
-            if weights_only and (root / "model.safetensors").is_file():
+            if weights_only and has_weights(root):
                 self._load_exported(root, plan)  # a Hub folder: the weights are enough
             else:
                 self._load(ckpt_mod.find_checkpoint(root), plan, exact=False)
             self._log_line(f"initialised from {self.cfg.init_from} with plan {self.cfg.init_load_plan!r}")
 
     def _load_exported(self, folder: Path, plan: dict[str, str]) -> None:
-        """Model / EMA from an exported folder's model.safetensors / ema.safetensors."""
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
-        from ..weights import read_safetensors
+        """Model / EMA from an exported folder's model / ema safetensors (single file or shards)."""
+        from ..weights import load_safetensors_into, read_safetensors
 
         for target, source in plan.items():
-            sd = read_safetensors(folder, source)
-            if target == "model":
-                set_model_state_dict(self.model, {**self.app_state()["model"], **sd})
+            if target == "model":  # checked key by key; an FSDP2 model keeps only its shards
+                load_safetensors_into(self.model, folder, source)
             elif self.ema is not None:
+                sd = read_safetensors(folder, source)
                 self.ema.load_state_dict({n: sd[n] for n in self.ema.names})
 
     # ---- one optimizer step ---------------------------------------------------------

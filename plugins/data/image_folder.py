@@ -56,6 +56,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         """Flips depend on (seed, epoch, index): the loader sets the epoch of each sample."""
         self.flips.epoch = int(epoch)
 
+    def prompt(self, index: int) -> str:
+        """The item's caption without decoding its picture."""
+        return self.items[index][1]
+
     def __getitem__(self, index: int) -> dict:
         path, caption = self.items[index]
         image = open_rgb(path)

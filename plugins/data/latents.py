@@ -77,6 +77,10 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
         except Exception:  # safetensors raises its own error types for a missing key
             raise MinfmError(f"{self.name}: key {key!r} not found in {shard!r}") from None
 
+    def prompt(self, index: int) -> str:
+        """The entry's prompt without reading its latent."""
+        return self.entries[index][3]
+
     def __getitem__(self, index: int) -> dict:
         shard, key, flip_key, prompt, label = self.entries[index]
         flip = self.flips(index)

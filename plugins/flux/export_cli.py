@@ -27,12 +27,13 @@ def _run(args) -> int:
 
     from minfm_core.checkpoint import export_for_hub
     from minfm_core.sources import resolve_source
+    from minfm_core.weights import has_weights
 
     from .export import export_diffusers
 
     src = resolve_source(args.src)
     with tempfile.TemporaryDirectory(prefix="minfm-export-") as tmp:
-        if src.is_dir() and not (src / "model.safetensors").is_file():
+        if src.is_dir() and not has_weights(src):
             # A run or DCP checkpoint directory: consolidate its weights first.
             src = export_for_hub(src, Path(tmp))
         out = export_diffusers(src, args.out_dir, flavor=args.flavor, ema=args.ema, dtype=args.dtype)

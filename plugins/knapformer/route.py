@@ -295,6 +295,7 @@ class KnapformerBalancer:
             back = tokens
         else:
             back, _ = _exchange(tokens, handle.recv_splits, handle.send_splits, handle.group)
+        # The inverse permutation, gathered with index_select (backward: one index_add_).
         inv = torch.empty_like(handle.send_index)
         inv[handle.send_index] = torch.arange(handle.send_index.numel(), device=inv.device)
-        return back[inv]
+        return back.index_select(0, inv)
