@@ -9,8 +9,9 @@ Sample ``g`` (of ``fid_num_samples``) takes the prompt of val item ``g`` and see
 ``sample.seed + g``, with the recipe's sampler, guidance and ``sample.size``. Those are
 the seeds ``minfm sample --prompt-file P --n 1 --npz`` gives the same prompts, so the
 logged number is the one ``minfm eval imagenet samples.npz --ref REF`` reports for a
-checkpoint of that step. Ranks draw and featurise a share each of the samples (and, once,
-of the reference images); rank 0 gathers the features and computes the FID.
+checkpoint of that step: samples are batched as it batches them, at any world size (a
+batch is drawn together). Ranks draw and featurise whole batches (and, once, a share of the
+reference images); rank 0 gathers the features and computes the FID.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ..eval.evaluate import Extractor, extract_features, load_extractor
 from ..eval.inputs import image_batches
 from ..eval.metrics import feature_stats, frechet_distance
 from .generate import generate, to_pil
+from .sample import plan_batches, rank_share
 
 
 class TrainingFid:
@@ -46,12 +48,15 @@ class TrainingFid:
             from ..eval.inception import InceptionFeatures
 
             self.extractor = InceptionFeatures(cfg.fid_inception, device=trainer.rt.device)
-        # Prompts of this rank's samples only (and of sample 0, which a rank short of samples
-        # draws as filler); `prompt(i)` when the dataset can give one without the picture.
+        # The batches of `minfm sample --n 1` (fixed whatever the world size: a batch is drawn
+        # together), dealt to ranks as it deals them. Prompts of this rank's samples only (and
+        # of sample 0, the filler of a rank short of batches); `prompt(i)` when the dataset can
+        # give one without the picture.
         dataset, rt = trainer.val_dataset(), trainer.rt
+        self.batches = [[g for g, _ in b] for b in plan_batches(cfg.fid_num_samples, 1, trainer.recipe.sample.batch_size)]
+        self.mine, self.rounds = rank_share(list(range(len(self.batches))), rt.rank, rt.world_size)
         read = getattr(dataset, "prompt", None) or (lambda i: dataset[i]["prompt"])
-        self.n = cfg.fid_num_samples
-        self.prompts = {g: read(g % len(dataset)) for g in [0, *range(rt.rank, self.n, rt.world_size)]}
+        self.prompts = {g: read(g % len(dataset)) for g in [0, *(g for b in self.mine for g in self.batches[b])]}
         self.ref_ready = False
         self.ref_stats: tuple[np.ndarray, np.ndarray] | None = None  # rank 0
 
@@ -63,25 +68,22 @@ class TrainingFid:
     @torch.no_grad()
     def __call__(self, trainer) -> float | None:
         """FID at this step (rank 0; None on the other ranks)."""
-        rt, s, n = trainer.rt, trainer.recipe.sample, self.n
-        mine = list(range(rt.rank, n, rt.world_size))
-        per_rank = -(-n // rt.world_size)
+        rt, s = trainer.rt, trainer.recipe.sample
         index, feats = [], []
         ctx = trainer.ema.swapped_in(trainer.model) if trainer.ema is not None else nullcontext()
         trainer.model.eval()
         with ctx:
             # Every rank makes the same number of sampler calls (sharded modules gather
-            # collectively); a rank short of prompts draws one it then ignores.
-            for start in range(0, per_rank, s.batch_size):
-                idx = mine[start : start + s.batch_size]
-                real = len(idx)
-                idx = idx or [0]
-                images = generate(trainer.pipe, [self.prompts[g] for g in idx], sizes=[tuple(s.size)] * len(idx),
-                                  seeds=[s.seed + g for g in idx], steps=s.steps, neg_prompt=s.neg_prompt,
+            # collectively); a rank short of batches draws sample 0 and ignores it.
+            for r in range(self.rounds):
+                idx = self.batches[self.mine[r]] if r < len(self.mine) else []
+                draw = idx or [0]
+                images = generate(trainer.pipe, [self.prompts[g] for g in draw], sizes=[tuple(s.size)] * len(draw),
+                                  seeds=[s.seed + g for g in draw], steps=s.steps, neg_prompt=s.neg_prompt,
                                   distilled_guidance=s.distilled_guidance)
-                if real:
-                    index += idx[:real]
-                    feats.append(self.features(images[:real]))
+                if idx:
+                    index += idx
+                    feats.append(self.features(images))
         trainer.model.train()
         parts = _gather((index, np.concatenate(feats) if feats else None))
         if not self.ref_ready:  # every rank, once: each featurises a share of the reference
