@@ -11,7 +11,9 @@ config property, or names one in a ``pretrained`` field (see
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
+from ..errors import MinfmError
 from ..pretrained import fetch_pretrained, is_local, pretrained_refs
 from ..recipe import load_recipe
 from . import latents_cmd
@@ -47,13 +49,19 @@ def run_models(args) -> int:
     if not refs:
         print(f"{args.recipe}: names no pretrained weights; nothing to fetch")
         return 0
-    fetched = 0
+    fetched, failed = 0, []
     for path, ref in refs:
         if is_local(ref):
             print(f"{path}: {ref} (local, skipped)")
             continue
-        local = fetch_pretrained(ref)
+        try:  # one missing reference (e.g. a file another command writes) does not stop the others
+            local = fetch_pretrained(ref)
+        except MinfmError as exc:
+            failed.append(f"{path}: {exc}" + (" (nor is it an existing local file)" if Path(ref).suffix else ""))
+            continue
         fetched += 1
         print(f"{path}: {ref} -> {local}")
     print(f"{fetched} Hub reference(s) in the Hugging Face cache; later runs can set HF_HUB_OFFLINE=1")
+    if failed:
+        raise MinfmError(f"{len(failed)} reference(s) not fetched: " + "; ".join(failed))
     return 0
