@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from encoder_fixtures import CLIP_ARCH, T5_ARCH, clip_tokenizer, t5_tokenizer
-from hub_fixtures import hub_server  # noqa: F401  (fixture)
 
 REPO = "tiny-org/tiny-flux"
 VAE_ARCH = dict(block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=4, latent_channels=4)
@@ -122,7 +121,7 @@ def _expected(root: Path, recipe: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_cache_models_fetches_what_the_recipe_names_then_runs_offline(hub_server, tiny_pipeline, tmp_path, minfm):  # noqa: F811
+def test_cache_models_fetches_what_the_recipe_names_then_runs_offline(hub_server, tiny_pipeline, tmp_path, minfm):
     hub_server.upload(REPO, _repo_files(tiny_pipeline))
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(recipe_text())
@@ -159,7 +158,7 @@ def test_cache_models_fetches_what_the_recipe_names_then_runs_offline(hub_server
         torch.testing.assert_close(got[key], want[key])
 
 
-def test_cache_models_names_a_missing_repo(hub_server, tmp_path, minfm):  # noqa: F811
+def test_cache_models_names_a_missing_repo(hub_server, tmp_path, minfm):
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(recipe_text())
     out = minfm("cache", "models", str(recipe), env=hub_server.env(tmp_path / "hf_home"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,25 +10,10 @@ import pytest
 import torch
 
 from engine_helpers import TINY
-from minfm_core.errors import MinfmError
+from minfm_core.cli.main import main as cli
 from minfm_core.recipe import load_recipe
 
 VOCAB = '{name = "vocab", dim = 16}'  # per-token: mean-pooled into one row per class
-
-
-def cli(argv: list[str]) -> int:
-    """`minfm ARGV` with the data command registered (as main.py does once it is wired)."""
-    from minfm_core.cli import data_cmd
-    from minfm_core.cli.main import _Parser
-
-    parser = _Parser(prog="minfm")
-    data_cmd.register(parser.add_subparsers(dest="command", parser_class=_Parser))
-    try:
-        args = parser.parse_args(argv)
-        return int(args.func(args) or 0)
-    except MinfmError as exc:
-        print(f"minfm: error: {exc}", file=sys.stderr)
-        return exc.exit_code
 
 
 @pytest.fixture

@@ -1,54 +1,21 @@
-"""``minfm demo``: the apps plugin adds the command without importing gradio; the real command serves.
-
-Until the ``apps`` entry point is declared, the plugin is registered in-process (or by a
-test-only launcher in a subprocess); once it is declared, both simply find it loaded.
-"""
+"""``minfm demo``: the apps plugin (entry point ``apps``) adds the command without importing
+gradio; the real command serves."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
+from conftest import ROOT
 from engine_helpers import tiny
-from ports import free_port
-
-ROOT = Path(__file__).resolve().parent.parent
-# Runs the CLI with the apps plugin registered (a no-op once pyproject declares it).
-LAUNCHER = """
-import sys
-import minfm_apps.plugin as apps
 from minfm_core.cli.main import main
-from minfm_core.plugins import load_plugins
-pm = load_plugins().pm
-if not pm.has_plugin("apps"):
-    pm.register(apps, name="apps")
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-@contextlib.contextmanager
-def apps_registered():
-    import minfm_apps.plugin as apps
-    from minfm_core.plugins import load_plugins, plugin
-
-    if load_plugins().pm.has_plugin("apps"):
-        yield
-    else:
-        with plugin(apps, "apps"):
-            yield
-
-
-def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", LAUNCHER, *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+from ports import free_port
 
 
 def test_plugin_module_imports_nothing_heavy():
@@ -59,11 +26,8 @@ def test_plugin_module_imports_nothing_heavy():
 
 
 def test_demo_command_is_added_with_its_options(capsys):
-    from minfm_core.cli.main import main
-
-    with apps_registered():
-        with pytest.raises(SystemExit) as exc:
-            main(["demo", "--help"])
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
     for flag in ("SRC", "--host", "--port", "--share", "--queue-limit", "--max-batch", "--batch-window-ms", "--no-ema"):
@@ -79,20 +43,14 @@ def test_demo_command_is_added_with_its_options(capsys):
 ])
 def test_bad_options_exit_2_with_a_message(args, message, capsys, tmp_path):
     pytest.importorskip("gradio")
-    from minfm_core.cli.main import main
-
-    with apps_registered():
-        rc = main(["demo", str(tmp_path), *args])
+    rc = main(["demo", str(tmp_path), *args])
     assert rc == 2
     assert message in capsys.readouterr().err
 
 
 def test_missing_source_exits_2(capsys, tmp_path):
     pytest.importorskip("gradio")
-    from minfm_core.cli.main import main
-
-    with apps_registered():
-        rc = main(["demo", str(tmp_path / "nope")])
+    rc = main(["demo", str(tmp_path / "nope")])
     assert rc == 2
     assert "nope: no such file or directory" in capsys.readouterr().err
 
@@ -106,7 +64,7 @@ def test_minfm_demo_serves_the_api_on_loopback(tmp_path):
 
     train(tiny(tmp_path / "run", "train.max_steps=2"))
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, "demo", str(tmp_path / "run"), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "minfm_core.cli.main", "demo", str(tmp_path / "run"), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     lines: list[str] = []

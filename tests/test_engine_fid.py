@@ -13,9 +13,9 @@ from minfm_core.cli.main import main
 from minfm_core.engine.train import train
 from minfm_core.eval import evaluate
 from minfm_core.recipe import load_recipe
-from test_eval_metrics import TinyExtractor, images, save_npz
+from eval_helpers import TinyExtractor, images, save_npz
 
-EXTRACTOR = 'train.fid_extractor="test_eval_metrics:make_extractor"'
+EXTRACTOR = 'train.fid_extractor="eval_helpers:make_extractor"'
 
 
 def test_fid_is_logged_and_equals_minfm_eval_of_the_same_samples(tmp_path):

@@ -8,57 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+from eval_helpers import TinyExtractor, images, save_npz
+from minfm_core.cli.main import main as cli
 from minfm_core.errors import MinfmError
 from minfm_core.eval import (
     compute_metrics, evaluate, extract_features, feature_stats, frechet_distance, inception_score, precision_recall,
 )
 
 
-class TinyExtractor:
-    """Random conv features with the Inception extractor's output keys."""
-
-    def __init__(self) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.conv1 = torch.randn(8, 3, 3, 3, generator=g) / 5
-        self.conv2 = torch.randn(12, 8, 3, 3, generator=g) / 8
-        self.fc = torch.randn(10, 12, generator=g)
-
-    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        assert images.dtype == torch.uint8 and images.shape[1] == 3
-        x = images.float() / 127.5 - 1
-        h = torch.relu(torch.nn.functional.conv2d(x, self.conv1, stride=2, padding=1))
-        spatial = torch.nn.functional.adaptive_avg_pool2d(h[:, :3], 4).flatten(1)
-        pool = torch.relu(torch.nn.functional.conv2d(h, self.conv2, padding=1)).mean((2, 3))
-        return {"pool": pool, "spatial": spatial, "logits": pool @ self.fc.T}
-
-
-def make_extractor() -> TinyExtractor:  # for --extractor test_eval_metrics:make_extractor
-    return TinyExtractor()
-
-
-def images(n: int, seed: int, size: int = 16, shift: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return np.clip(rng.integers(0, 200, (n, size, size, 3)) + shift, 0, 255).astype(np.uint8)
-
-
-def save_npz(path, arr) -> str:
-    np.savez(path, arr_0=arr)
-    return str(path)
-
-
-def cli(argv: list[str]) -> int:
-    """`minfm ARGV` with eval registered (as main.py does once the command is wired), exit code."""
-    from minfm_core.cli import eval_cmd
-    from minfm_core.cli.main import _Parser
-
-    parser = _Parser(prog="minfm")
-    eval_cmd.register(parser.add_subparsers(dest="command", parser_class=_Parser))
-    try:
-        args = parser.parse_args(argv)
-        return int(args.func(args) or 0)
-    except MinfmError as exc:
-        print(f"minfm: error: {exc}", file=__import__("sys").stderr)
-        return exc.exit_code
 
 
 # ---- the numbers ------------------------------------------------------------------------------
@@ -166,7 +123,7 @@ def test_cli_imagenet_and_folder(tmp_path, capsys):
     samples = save_npz(tmp_path / "samples.npz", images(30, 0))
     ref = save_npz(tmp_path / "ref.npz", images(30, 1, shift=30))
     out = tmp_path / "m.json"
-    assert cli(["eval", "imagenet", samples, "--ref", ref, "--extractor", "test_eval_metrics:make_extractor",
+    assert cli(["eval", "imagenet", samples, "--ref", ref, "--extractor", "eval_helpers:make_extractor",
                 "--out", str(out), "--batch-size", "8"]) == 0
     text = capsys.readouterr().out
     for name in ("Inception Score", "FID", "sFID", "Precision", "Recall", "the seed's table uses 50,000"):
@@ -177,7 +134,7 @@ def test_cli_imagenet_and_folder(tmp_path, capsys):
     folder.mkdir()
     for i, a in enumerate(images(30, 0)):
         Image.fromarray(a).save(folder / f"{i:05d}.png")
-    assert cli(["eval", "folder", str(folder), "--ref", ref, "--extractor", "test_eval_metrics:make_extractor",
+    assert cli(["eval", "folder", str(folder), "--ref", ref, "--extractor", "eval_helpers:make_extractor",
                 "--out", str(tmp_path / "f.json")]) == 0
     f = json.loads((tmp_path / "f.json").read_text())
     assert f["fid"] == pytest.approx(m["fid"], rel=1e-5) and f["precision"] == m["precision"]
@@ -188,7 +145,7 @@ def test_cli_imagenet_and_folder(tmp_path, capsys):
     (["eval", "folder", "no_such_dir", "--ref", "r.npz"], "no such folder"),
     (["eval", "imagenet", "{s}", "--ref", "nowhere.npz"], "--ref nowhere.npz"),
     (["eval", "imagenet", "{s}", "--ref", "{s}", "--extractor", "nomodule"], "expected MODULE:ATTR"),
-    (["eval", "imagenet", "{bad}", "--ref", "{s}", "--extractor", "test_eval_metrics:make_extractor"], "uint8 (N, H, W, 3)"),
+    (["eval", "imagenet", "{bad}", "--ref", "{s}", "--extractor", "eval_helpers:make_extractor"], "uint8 (N, H, W, 3)"),
 ])
 def test_cli_bad_input_exits_2(tmp_path, capsys, argv, message):
     s = save_npz(tmp_path / "s.npz", images(4, 0))
