@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from minfm_core.errors import MinfmError
+from minfm_core.packing import positions_in_segment, segment_ids
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -53,39 +54,59 @@ class Sdpa:
 
     def __init__(self, cfg=None):
         self.cfg = cfg
+        self._plan_key: Tensor | None = None
+        self._plan: _PaddingPlan | None = None
+
+    def plan(self, cu_seqlens: Tensor, device) -> _PaddingPlan:
+        # Every layer of one forward passes the same cu_seqlens tensor: plan once per forward
+        # (holding the tensor keeps its id from being reused by another).
+        if cu_seqlens is not self._plan_key or self._plan.device != device:
+            self._plan, self._plan_key = _PaddingPlan(cu_seqlens, device), cu_seqlens
+        return self._plan
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
-        lens = _lens(cu_seqlens)
-        if len(set(lens)) == 1:
-            n, l = len(lens), lens[0]
+        plan = self.plan(cu_seqlens, q.device)
+        if plan.row is None:  # one length: a single batched call, no copies
+            n, l = plan.uniform
             qb, kb, vb = (x.view(n, l, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
             return F.scaled_dot_product_attention(qb, kb, vb).transpose(1, 2).reshape(q.shape)
-        # Every bucket's padded block (n_b x longest_b rows) lies in one flat buffer; base[i]
-        # is sample i's first row there.
-        buckets = length_buckets(lens)
-        base, shapes, rows = [0] * len(lens), [], 0
-        for group in buckets:
-            longest = max(lens[i] for i in group)
-            for j, i in enumerate(group):
-                base[i] = rows + j * longest
-            shapes.append((len(group), longest, [lens[i] for i in group]))
-            rows += len(group) * longest
-        dev = q.device
-        lt = cu_seqlens.diff().long().to(dev)
-        seg = torch.repeat_interleave(torch.arange(len(lens), device=dev), lt)
         # index_copy / index_select rather than advanced indexing: their backwards are a
         # gather and an index_add_, far cheaper on CPU than an accumulating index_put_.
-        row = torch.arange(q.shape[0], device=dev) + (torch.tensor(base, device=dev) - cu_seqlens[:-1].long().to(dev))[seg]
-        padded = [x.new_zeros((rows, *x.shape[1:])).index_copy(0, row, x) for x in (q, k, v)]
+        padded = [x.new_zeros((plan.rows, *x.shape[1:])).index_copy(0, plan.row, x) for x in (q, k, v)]
         outs, start = [], 0
-        for n, longest, blens in shapes:
+        for n, longest, keep in plan.buckets:
             qb, kb, vb = (x[start : start + n * longest].unflatten(0, (n, longest)).transpose(1, 2) for x in padded)
-            keep = None
-            if min(blens) < longest:
-                keep = (torch.arange(longest, device=dev)[None, :] < torch.tensor(blens, device=dev)[:, None])[:, None, None, :]
             outs.append(F.scaled_dot_product_attention(qb, kb, vb, attn_mask=keep).transpose(1, 2).flatten(0, 1))
             start += n * longest
-        return torch.cat(outs).index_select(0, row)
+        return torch.cat(outs).index_select(0, plan.row)
+
+
+class _PaddingPlan:
+    """Where each packed token goes in the buckets' padded blocks, and each bucket's key mask.
+
+    The blocks (n_b x longest_b rows each) lie one after another in a flat buffer of ``rows``.
+    """
+
+    def __init__(self, cu_seqlens: Tensor, device) -> None:
+        lens = _lens(cu_seqlens)
+        self.device, self.row = device, None
+        if len(set(lens)) == 1:
+            self.uniform = (len(lens), lens[0])
+            return
+        base, self.buckets, self.rows = [0] * len(lens), [], 0
+        for group in length_buckets(lens):
+            blens = [lens[i] for i in group]
+            longest = max(blens)
+            for j, i in enumerate(group):
+                base[i] = self.rows + j * longest
+            keep = None
+            if min(blens) < longest:
+                keep = (torch.arange(longest, device=device)[None, :] < torch.tensor(blens, device=device)[:, None])
+                keep = keep[:, None, None, :]
+            self.buckets.append((len(group), longest, keep))
+            self.rows += len(group) * longest
+        lt = cu_seqlens.diff().to(device)
+        self.row = positions_in_segment(lt) + torch.tensor(base, device=device)[segment_ids(lt)]
 
 
 def _needs_half(name: str, q: Tensor) -> None:
@@ -163,12 +184,16 @@ class Flex:
     def __init__(self, cfg=None):
         self.cfg = cfg
         self._mask_key = None
+        self._mask_cu: Tensor | None = None
         self._mask = None
 
     def _block_mask(self, cu_seqlens: Tensor, L: int, device):
         from torch.nn.attention.flex_attention import create_block_mask
 
+        if cu_seqlens is self._mask_cu:  # the other layers of the same forward: no device sync
+            return self._mask
         key = (tuple(cu_seqlens.tolist()), str(device))
+        self._mask_cu = cu_seqlens
         if key != self._mask_key:
             lens = cu_seqlens.diff().to(device)
             doc = torch.repeat_interleave(torch.arange(lens.numel(), device=device), lens.long())
