@@ -14,7 +14,7 @@ import enum
 import functools
 import typing
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import attrs
 import cattrs
@@ -23,6 +23,9 @@ from cattrs.v import transform_error
 
 from .errors import RecipeError
 from .suggest import did_you_mean
+
+#: Dtype names recipes use (``minfm_core.weights.DTYPES`` maps them to torch dtypes).
+Dtype = Literal["fp32", "bf16", "fp16"]
 
 T = TypeVar("T")
 

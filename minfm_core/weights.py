@@ -10,6 +10,9 @@ from safetensors.torch import load_file
 
 from .errors import MinfmError
 
+#: Recipe dtype names (``minfm_core.config.Dtype``) -> torch dtypes.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 def has_weights(folder: Path, name: str = "model") -> bool:
     """Whether ``folder`` holds ``<name>`` weights: one safetensors file or an index of shards."""

@@ -27,9 +27,11 @@ import importlib
 import json
 import os
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
+from ..config import Dtype
 from ..errors import MinfmError
 
 UNCONDITIONAL = ""
@@ -59,7 +61,7 @@ def register(sub) -> None:
                    help="splits to encode with --latents (default: those present under ROOT)")
     q.add_argument("--shard-size", type=int, default=1024, metavar="N", help="latents per shard (default 1024)")
     q.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per VAE / prompts per encoder call")
-    q.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="stored latent dtype")
+    q.add_argument("--dtype", choices=typing.get_args(Dtype), default="fp32", help="stored latent dtype")
     q.set_defaults(func=run)
 
 

@@ -18,12 +18,13 @@ import json
 import os
 import sys
 from pathlib import Path
+import typing
 from typing import Any
 
+from ..config import Dtype
 from ..errors import MinfmError
 from ..recipe import load_recipe
 
-DTYPES = ("fp32", "bf16", "fp16")
 
 
 def register(what) -> None:
@@ -36,7 +37,7 @@ def register(what) -> None:
                    help="dataset split to encode (repeatable; default: train)")
     p.add_argument("--shard-size", type=int, default=1024, metavar="N", help="items per shard (default 1024)")
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per VAE call (default 32)")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="dtype the latents are stored in (default fp32)")
+    p.add_argument("--dtype", choices=typing.get_args(Dtype), default="fp32", help="dtype the latents are stored in (default fp32)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="encode only the first N items of each split")
     p.set_defaults(func=run)
 
@@ -63,8 +64,10 @@ def encode_split(vae, dataset, out: Path, split: str, *, shard_size: int, batch_
     import torch
     from safetensors.torch import save_file
 
+    from ..weights import DTYPES
+
     takes_generator = "generator" in inspect.signature(vae.encode).parameters
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    torch_dtype = DTYPES[dtype]
     n = len(dataset) if limit is None else min(limit, len(dataset))
     n_shards = (n + shard_size - 1) // shard_size
     out.mkdir(parents=True, exist_ok=True)

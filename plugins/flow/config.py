@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
 
 import attrs
 
-from minfm_core.config import config, field
+from minfm_core.config import Dtype, config, field
 
 
 def _positive_ints(instance, attribute, value) -> None:
@@ -33,7 +32,7 @@ class Patch3DConfig:
 class RectifiedConfig:
     """Rectified flow: x_t = (1 - t) x0 + t eps, target v = eps - x0 (t = 0 clean, t = 1 noise)."""
 
-    compute_dtype: Literal["fp32", "bf16", "fp16"] = field("fp32", doc="dtype x_t and the target are computed in")
+    compute_dtype: Dtype = field("fp32", doc="dtype x_t and the target are computed in")
 
 
 @config

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from minfm_core.weights import DTYPES
+
 from .config import RectifiedConfig
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _like(t: Tensor | float, x: Tensor) -> Tensor:

@@ -9,12 +9,12 @@ import torch
 
 from minfm_core.config import structure
 from minfm_core.errors import MinfmError
+from minfm_core.weights import DTYPES
 
 from .config import FluxConfig
 from .model import Flux
 from .state_dict import bfl_to_diffusers, check_state_dict, strip_prefix
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def config_from_recipe(path: Path) -> FluxConfig:
@@ -59,7 +59,7 @@ def export_diffusers(src: str, out_dir: str, *, flavor: str | None = None, ema: 
     with torch.device("meta"):
         check_state_dict(Flux(cfg, attention=None), sd, source=str(weights))
     if dtype != "keep":
-        sd = {k: v.to(_DTYPES[dtype]) for k, v in sd.items()}
+        sd = {k: v.to(DTYPES[dtype]) for k, v in sd.items()}
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     converted = {k: v.contiguous() for k, v in bfl_to_diffusers(sd).items()}

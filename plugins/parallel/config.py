@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from minfm_core.config import config, field
+from minfm_core.config import Dtype, config, field
 
 
 @config
@@ -17,7 +17,7 @@ class Fsdp2Config:
     """FSDP2 (fully_shard) over a replicate x shard mesh, with mixed precision."""
 
     shard_size: int = field(-1, doc="ranks per shard group (-1: all ranks; < world size gives HSDP)")
-    param_dtype: Literal["fp32", "bf16", "fp16"] = field("bf16", doc="dtype of gathered parameters in compute")
+    param_dtype: Dtype = field("bf16", doc="dtype of gathered parameters in compute")
     reduce_dtype: Literal["fp32", "bf16"] = field("fp32", doc="dtype of gradient reduction")
     blocks_per_shard_group: int = field(1, doc="transformer blocks per fully_shard call")
     reshard_after_forward: Literal["default", "always", "never"] = field(

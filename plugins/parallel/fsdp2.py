@@ -15,8 +15,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
 from minfm_core.errors import MinfmError
+from minfm_core.weights import DTYPES
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_mesh(world_size: int, shard_size: int, device: torch.device):
@@ -44,7 +44,7 @@ class Fsdp2:
         self.cfg = cfg
 
     def policy(self) -> MixedPrecisionPolicy:
-        return MixedPrecisionPolicy(param_dtype=_DTYPES[self.cfg.param_dtype], reduce_dtype=_DTYPES[self.cfg.reduce_dtype])
+        return MixedPrecisionPolicy(param_dtype=DTYPES[self.cfg.param_dtype], reduce_dtype=DTYPES[self.cfg.reduce_dtype])
 
     def parallelize(self, model: nn.Module, *, world_size: int = 1, device=None, trainable: bool = True) -> nn.Module:
         cfg = self.cfg

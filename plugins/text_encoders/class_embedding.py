@@ -17,9 +17,9 @@ from torch import Tensor, nn
 
 from minfm_core.errors import MinfmError
 from minfm_core.pretrained import resolve_pretrained
+from minfm_core.weights import DTYPES
 
 from .configs import ClassEmbeddingConfig
-from .hf import DTYPES
 
 UNCONDITIONAL = ""
 LABELS_KEY = "labels"

@@ -6,7 +6,9 @@ import torch
 from torch import Tensor
 
 from .configs import ClipEncoderConfig
-from .hf import DTYPES, HFTextEncoder, build_structure, load_pretrained
+from minfm_core.weights import DTYPES
+
+from .hf import HFTextEncoder, build_structure, load_pretrained
 from .presets import CLIP_PRESETS
 
 

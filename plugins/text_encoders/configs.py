@@ -14,12 +14,11 @@ from typing import Any, Literal
 
 import attrs
 
-from minfm_core.config import config, field
+from minfm_core.config import Dtype, config, field
 
 from .presets import CLIP_PRESETS, T5_PRESETS
 from .words import SHAPES_WORDS
 
-Dtype = Literal["fp32", "bf16", "fp16"]
 _positive = attrs.validators.gt(0)
 
 

@@ -10,7 +10,6 @@ from torch import nn
 from minfm_core.errors import MinfmError
 from minfm_core.pretrained import resolve_pretrained
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_structure(model_cls: Any, config_cls: Any, preset: dict, arch: dict) -> nn.Module:

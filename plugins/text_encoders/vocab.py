@@ -17,9 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from minfm_core.packing import segment_mean
+from minfm_core.weights import DTYPES
 
 from .configs import VocabEncoderConfig
-from .hf import DTYPES
 
 EOS, UNK = "<eos>", "<unk>"
 _WORD = re.compile(r"[a-z0-9]+")

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
 
 import attrs
 
-from minfm_core.config import config, field
+from minfm_core.config import Dtype, config, field
 from minfm_core.pretrained import is_local, parse_hub_ref
 
-Dtype = Literal["fp32", "bf16", "fp16"]
 _positive = attrs.validators.gt(0)
 
 

@@ -17,10 +17,10 @@ from torch import Tensor, nn
 
 from minfm_core.errors import MinfmError
 from minfm_core.pretrained import resolve_pretrained
+from minfm_core.weights import DTYPES
 
 from .configs import FluxAEConfig, vae_source
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 
