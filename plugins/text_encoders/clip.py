@@ -6,9 +6,7 @@ import torch
 from torch import Tensor
 
 from .configs import ClipEncoderConfig
-from minfm_core.weights import DTYPES
-
-from .hf import HFTextEncoder, build_structure, load_pretrained
+from .hf import HFTextEncoder, build_encoder
 from .presets import CLIP_PRESETS
 
 
@@ -32,14 +30,5 @@ def build_clip(cfg: ClipEncoderConfig, *, load_weights: bool = True) -> ClipEnco
     """Frozen CLIP text tower; ``load_weights=False`` builds the structure only (no file access)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    preset = {**CLIP_PRESETS[cfg.variant], **cfg.arch}
-    dtype = DTYPES[cfg.dtype]
-    if load_weights and cfg.pretrained:
-        expect = {k: preset[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads")}
-        model = load_pretrained(CLIPTextModel, cfg.pretrained, dtype, expect, "clip")
-    else:
-        model = build_structure(CLIPTextModel, CLIPTextConfig, preset, {})
-    enc = ClipEncoder(cfg, model.to(dtype), "clip").eval().requires_grad_(False)
-    if load_weights:
-        _ = enc.tokenizer  # fail at build time, not at the first batch
-    return enc
+    return build_encoder(ClipEncoder, CLIPTextModel, CLIPTextConfig, cfg, {**CLIP_PRESETS[cfg.variant], **cfg.arch},
+                         ("hidden_size", "num_hidden_layers", "num_attention_heads"), "clip", load_weights)

@@ -9,12 +9,23 @@ from torch import nn
 
 from minfm_core.errors import MinfmError
 from minfm_core.pretrained import resolve_pretrained
+from minfm_core.weights import DTYPES
 
 
-
-def build_structure(model_cls: Any, config_cls: Any, preset: dict, arch: dict) -> nn.Module:
-    """A randomly initialised model (or meta tensors under ``torch.device('meta')``)."""
-    return model_cls(config_cls(**{**preset, **arch}))
+def build_encoder(enc_cls: Any, model_cls: Any, config_cls: Any, cfg, preset: dict, checked: tuple[str, ...],
+                  what: str, load_weights: bool) -> nn.Module:
+    """A frozen transformers-backed encoder: ``cfg.pretrained`` weights (their config checked
+    on ``checked`` against ``preset``), or the structure only (random, or meta tensors under
+    ``torch.device('meta')``) when ``load_weights`` is False or nothing is pretrained."""
+    dtype = DTYPES[cfg.dtype]
+    if load_weights and cfg.pretrained:
+        model = load_pretrained(model_cls, cfg.pretrained, dtype, {k: preset[k] for k in checked}, what)
+    else:
+        model = model_cls(config_cls(**preset))
+    enc = enc_cls(cfg, model.to(dtype), what).eval().requires_grad_(False)
+    if load_weights:
+        _ = enc.tokenizer  # fail at build time, not at the first batch
+    return enc
 
 
 def _dtype_kwarg(dtype: torch.dtype) -> dict:

@@ -6,9 +6,7 @@ import torch
 from torch import Tensor
 
 from .configs import T5EncoderConfig
-from minfm_core.weights import DTYPES
-
-from .hf import HFTextEncoder, build_structure, load_pretrained
+from .hf import HFTextEncoder, build_encoder
 from .presets import T5_PRESETS
 
 
@@ -40,14 +38,5 @@ def build_t5(cfg: T5EncoderConfig, *, load_weights: bool = True) -> T5Encoder:
     """Frozen T5 encoder; ``load_weights=False`` builds the structure only (no file access)."""
     from transformers import T5Config, T5EncoderModel
 
-    preset = {**T5_PRESETS[cfg.variant], **cfg.arch}
-    dtype = DTYPES[cfg.dtype]
-    if load_weights and cfg.pretrained:
-        expect = {k: preset[k] for k in ("d_model", "num_layers", "num_heads", "d_ff")}
-        model = load_pretrained(T5EncoderModel, cfg.pretrained, dtype, expect, "t5")
-    else:
-        model = build_structure(T5EncoderModel, T5Config, preset, {})
-    enc = T5Encoder(cfg, model.to(dtype), "t5").eval().requires_grad_(False)
-    if load_weights:
-        _ = enc.tokenizer  # fail at build time, not at the first batch
-    return enc
+    return build_encoder(T5Encoder, T5EncoderModel, T5Config, cfg, {**T5_PRESETS[cfg.variant], **cfg.arch},
+                         ("d_model", "num_layers", "num_heads", "d_ff"), "t5", load_weights)
