@@ -118,7 +118,7 @@ class Checkpointer:
             tmp.mkdir(parents=True)
             if self.recipe_text is not None:
                 (tmp / "recipe.toml").write_text(self.recipe_text)
-        _barrier()
+        barrier()
         save_file({k: v.contiguous().cpu() for k, v in extras.items()}, tmp / f"rank_{self.rank}.safetensors", metadata=meta)
         if self.async_save:
             fut = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._group)
@@ -154,7 +154,8 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _barrier() -> None:
+def barrier() -> None:
+    """``dist.barrier()`` when there are other ranks to wait for."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
 

@@ -187,7 +187,7 @@ def run_sampling(resolved, prompts: list[str], out: Path, *, weights, source: st
                 _save_atomic(to_pil(img), images_dir / name(i, k))
             if rt.is_main:
                 print(f"minfm: round {r + 1}/{rounds}", flush=True)
-        _barrier()
+        ckpt_mod.barrier()
         if rt.is_main:
             items = [ik for chunk in batches for ik in chunk]
             settings = {"source": source, "weights": loaded, "steps": s.steps, "size": list(s.size),
@@ -251,8 +251,3 @@ def _open(path: Path):
 
     with Image.open(path) as im:
         return im.convert("RGB").copy()
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()

@@ -154,7 +154,7 @@ class Flux(nn.Module):
         packed, seq_lens, _, img_index = interleave(
             self.txt_in(txt.to(dtype)), txt_lens, self.img_in(img.to(dtype)), img_lens
         )
-        pos = interleave(img_pos.new_zeros((txt.shape[0], img_pos.shape[1])), txt_lens, img_pos, img_lens)[0]
+        pos = img_pos.new_zeros((packed.shape[0], img_pos.shape[1])).index_copy(0, img_index, img_pos)  # text at 0
         x, chunk_lens, (pos,), handle = bal.route(packed, seq_lens, [pos])
         per_sample = [t, txt_lens] + [v for v in (vec, guidance) if v is not None]
         if any(v.requires_grad for v in per_sample):
