@@ -87,6 +87,14 @@ def expand_per_token(values: Tensor, lens: Tensor) -> Tensor:
     return values[segment_ids(lens)]
 
 
+def group_by_shape(shapes) -> dict[tuple[int, ...], list[int]]:
+    """Indices grouped by equal shape, groups in first-seen order (batch same-size samples, never pad)."""
+    out: dict[tuple[int, ...], list[int]] = {}
+    for i, s in enumerate(shapes):
+        out.setdefault(tuple(s), []).append(i)
+    return out
+
+
 def split(x: Tensor, lens: Tensor) -> list[Tensor]:
     """Per-sample views of a packed tensor."""
     return list(torch.split(x, lens.tolist(), dim=0))

@@ -9,7 +9,6 @@ pf = 1 is FLUX's "c (h ph) (w pw) -> (h w) (c ph pw)" layout.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,7 +16,7 @@ import torch
 from torch import Tensor
 
 from minfm_core.errors import MinfmError
-from minfm_core.packing import offsets
+from minfm_core.packing import group_by_shape, offsets
 
 from .config import Patch3DConfig
 
@@ -33,13 +32,6 @@ class Patched:
     pos: Tensor
     lens: Tensor
     shapes: list[Shape]
-
-
-def _groups(shapes: Sequence[Shape]) -> dict[Shape, list[int]]:
-    out: dict[Shape, list[int]] = defaultdict(list)
-    for i, s in enumerate(shapes):
-        out[tuple(s)].append(i)
-    return out
 
 
 def _rows(starts: Tensor, idx: list[int], length: int) -> Tensor:
@@ -105,7 +97,7 @@ class Patch3D:
         pf, ph, pw = self.patch_size
         tokens = ref.new_empty((total, self.token_dim(shapes[0][0])))
         pos = torch.empty((total, 3), dtype=torch.long, device=ref.device)
-        for shape, idx in _groups(shapes).items():
+        for shape, idx in group_by_shape(shapes).items():
             c = shape[0]
             gf, gh, gw = self.grid(shape)
             x = torch.stack([latents[i] for i in idx])  # (g, C, F, H, W)
@@ -128,7 +120,7 @@ class Patch3D:
         pf, ph, pw = self.patch_size
         starts = offsets(lens.to(tokens.device))
         out: list[Tensor | None] = [None] * len(shapes)
-        for shape, idx in _groups(shapes).items():
+        for shape, idx in group_by_shape(shapes).items():
             c = shape[0]
             if tokens.shape[1] != self.token_dim(c):
                 raise ValueError(f"unpatchify: tokens have {tokens.shape[1]} features, {c} channels need {self.token_dim(c)}")

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from minfm_core.errors import MinfmError
-from minfm_core.weights import check_keys, first_names
+from minfm_core.weights import check_keys, first_names, has_weights, read_safetensors
 
 _BFL_PREFIX = "model.diffusion_model."
 
@@ -165,16 +165,11 @@ def check_state_dict(model: torch.nn.Module, sd: dict[str, Tensor], source: str 
     check_keys(model, sd, f"{source} (FLUX model as configured)")
 
 
-def _weight_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    for folder in (path, path / "transformer"):
-        files = sorted(folder.glob("diffusion_pytorch_model*.safetensors"))
-        if files:
-            return files
+def _bfl_file(path: Path) -> Path:
+    """The one BFL-layout file of a folder (``flux1-*.safetensors``, else the only one)."""
     files = sorted(path.glob("flux1-*.safetensors")) or sorted(path.glob("*.safetensors"))
     if len(files) == 1:
-        return files
+        return files[0]
     if not files:
         raise MinfmError(f"{path}: no .safetensors weights found")
     raise MinfmError(f"{path}: several .safetensors files, name one: {', '.join(f.name for f in files)}")
@@ -189,20 +184,23 @@ def read_state_dict(ref: str) -> dict[str, Tensor]:
         from minfm_core.pretrained import resolve_pretrained
 
         path = resolve_pretrained(ref, "flux1-dev.safetensors")
-    sd: dict[str, Tensor] = {}
-    for f in _weight_files(path):
-        sd.update(load_file(str(f)))
+    diffusers = [f for f in (path, path / "transformer") if path.is_dir() and has_weights(f, "diffusion_pytorch_model")]
+    if diffusers:  # one file or the shards of its index (never a variant such as .fp16)
+        sd = read_safetensors(diffusers[0], "diffusion_pytorch_model")
+    else:
+        sd = load_file(str(path if path.is_file() else _bfl_file(path)))
     sd = strip_prefix(sd)
     return diffusers_to_bfl(sd) if is_diffusers(sd) else sd
 
 
-def load_pretrained(model: torch.nn.Module, ref: str, device=None, dtype: torch.dtype | None = None) -> None:
+def load_pretrained(model: torch.nn.Module, ref: str, device=None) -> None:
     """Load ``ref`` into ``model`` (typically built on meta) after checking every key and shape.
 
-    Tensors are cast to ``dtype`` (default: torch's default dtype) on ``device``.
+    Tensors are cast to torch's default dtype on ``device``, one at a time (the memory-mapped
+    original of each is dropped as soon as its copy exists).
     """
     sd = read_state_dict(ref)
     check_state_dict(model, sd, source=ref)
-    dtype = dtype or torch.get_default_dtype()
-    sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
+    for k in list(sd):
+        sd[k] = sd[k].to(device=device, dtype=torch.get_default_dtype())
     model.load_state_dict(sd, strict=True, assign=True)

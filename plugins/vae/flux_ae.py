@@ -9,13 +9,13 @@ the exact structure without any file; a loaded model must agree with them.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from minfm_core.errors import MinfmError
+from minfm_core.packing import group_by_shape
 from minfm_core.pretrained import resolve_pretrained
 from minfm_core.weights import DTYPES
 
@@ -43,14 +43,6 @@ def diffusers_config(cfg: FluxAEConfig) -> dict:
         use_post_quant_conv=False,
         mid_block_add_attention=True,
     )
-
-
-def group_by_shape(xs: list[Tensor]) -> list[list[int]]:
-    """Indices of ``xs`` grouped by equal shape, in first-seen order (batches never pad)."""
-    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
-    for i, x in enumerate(xs):
-        groups[tuple(x.shape)].append(i)
-    return list(groups.values())
 
 
 class FluxAE(nn.Module):
@@ -86,7 +78,7 @@ class FluxAE(nn.Module):
         out: list[Tensor | None] = [None] * len(images)
         p = self._param
         s = self.compression[1]
-        for idx in group_by_shape(images):
+        for idx in group_by_shape([x.shape for x in images]).values():
             h, w = images[idx[0]].shape[-2:]
             if h % s or w % s:
                 raise MinfmError(f"flux_ae: image size {h}x{w} is not a multiple of the VAE's downsampling {s}")
@@ -105,7 +97,7 @@ class FluxAE(nn.Module):
         """Latents (C, F, h, w) -> images (3, F, h*s, w*s) clamped to [-1, 1]."""
         out: list[Tensor | None] = [None] * len(latents)
         p = self._param
-        for idx in group_by_shape(latents):
+        for idx in group_by_shape([z.shape for z in latents]).values():
             z = self._frames(latents, idx, self.cfg.latent_channels, "latent")
             z = z.to(p.device, p.dtype) / self.cfg.scale + self.cfg.shift
             x = torch.cat([self.model.decode(chunk).sample for chunk in z.split(self.cfg.chunk_size)])
@@ -134,7 +126,7 @@ def _is_ldm_layout(state: dict[str, Tensor]) -> bool:
     return any(".down.0.block." in k or k.startswith(("encoder.down.", "first_stage_model.", "vae.")) for k in state)
 
 
-def load_single_file(cfg: FluxAEConfig, path: Path, model: nn.Module) -> None:
+def load_single_file(path: Path, model: nn.Module) -> None:
     """Load an ``ae.safetensors`` (BFL layout, or already diffusers layout) into ``model``."""
     from safetensors.torch import load_file
 
@@ -163,7 +155,7 @@ def _load(cfg: FluxAEConfig) -> nn.Module:
         path = path / "vae" if (path / "vae" / "config.json").exists() else path / "ae.safetensors"
     if path.is_file():
         model = AutoencoderKL(**diffusers_config(cfg))
-        load_single_file(cfg, path, model)
+        load_single_file(path, model)
         return model
     if not (path / "config.json").exists() or not (path / WEIGHTS_NAME).exists():
         raise MinfmError(
