@@ -26,6 +26,16 @@ def run_minfm(*args: str, env: dict | None = None, cwd: str | Path | None = None
 
 
 @pytest.fixture
+def runtime():
+    """A CPU world of one (gloo), shut down after the test."""
+    from minfm_core.engine.runtime import init_runtime, shutdown_runtime
+
+    rt = init_runtime("cpu")
+    yield rt
+    shutdown_runtime()
+
+
+@pytest.fixture
 def minfm():
     return run_minfm
 

@@ -12,7 +12,6 @@ from PIL import Image
 from engine_helpers import losses, tiny
 from minfm_core.cli.main import main
 from minfm_core.engine.pipeline import prepare_batch
-from minfm_core.engine.runtime import init_runtime, shutdown_runtime
 from minfm_core.engine.train import Trainer, train
 from minfm_core.errors import MinfmError
 from minfm_plugins.data.latents import CachedLatentsDataset
@@ -117,13 +116,6 @@ def test_image_folder_flips_follow_p_flip(tmp_path, image_root):
         # identity VAE: the flipped latent is exactly the flipped image
         assert torch.equal(always[i]["latent"], never[i]["latent"].flip(-1))
         assert torch.equal(always[i]["latent"], flipped[i]["image"])
-
-
-@pytest.fixture
-def runtime():
-    rt = init_runtime("cpu")
-    yield rt
-    shutdown_runtime()
 
 
 def test_a_training_step_on_cached_latents_equals_one_on_images(tmp_path, vae_folder, runtime):

@@ -13,13 +13,6 @@ from minfm_core.engine.train import Trainer, accumulation_steps, train
 from minfm_core.errors import RecipeError
 
 
-@pytest.fixture
-def runtime():
-    rt = init_runtime("cpu")
-    yield rt
-    shutdown_runtime()
-
-
 def test_accumulation_steps():
     assert accumulation_steps(32, 4, 2) == 4
     assert accumulation_steps(-1, 4, 2) == 1
@@ -106,7 +99,6 @@ def test_loss_decreases_and_resume_is_exact(tmp_path):
     assert len(full) == 12 and len(split) == 12
     assert split == full
     assert sum(full[-3:]) / 3 < 0.8 * sum(full[:3]) / 3  # it learns
-    from safetensors.torch import load_file  # noqa: F401  (weights compared through DCP below)
 
     from minfm_core import checkpoint as ck
 
