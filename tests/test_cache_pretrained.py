@@ -125,3 +125,16 @@ def test_cli_offline_not_cached_exits_2_with_one_line(tmp_path, minfm):
     assert len(lines) == 1, out.stderr
     assert lines[0].startswith("minfm: error: nobody/t5-not-cached: not a local path and not in the Hugging Face cache")
     assert "`minfm cache models RECIPE`" in lines[0] and "`hf download nobody/t5-not-cached`" in lines[0]
+
+
+def test_cli_names_every_missing_reference_in_one_line(tmp_path, minfm):
+    """One unfetchable reference (here a class table not written yet) does not hide the others."""
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(RECIPE.replace('name = "vocab"\ndim = 32\npooled = true', 'name = "class_embedding"\n'
+                                     'embeddings = "data/nowhere/class_embeddings.safetensors"\ndim = 32\npooled = true'))
+    out = minfm("cache", "models", str(recipe), env=offline_env(tmp_path))
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert lines[0].startswith("minfm: error: 2 references not fetched: nobody/t5-not-cached: ")
+    assert "data/nowhere/class_embeddings.safetensors" in lines[0] and "(nor is it an existing local file)" in lines[0]

@@ -57,11 +57,13 @@ def run_models(args) -> int:
         try:  # one missing reference (e.g. a file another command writes) does not stop the others
             local = fetch_pretrained(ref)
         except MinfmError as exc:
-            failed.append(f"{path}: {exc}" + (" (nor is it an existing local file)" if Path(ref).suffix else ""))
+            failed.append(f"{exc}" + (" (nor is it an existing local file)" if Path(ref).suffix else ""))
             continue
         fetched += 1
         print(f"{path}: {ref} -> {local}")
     print(f"{fetched} Hub reference(s) in the Hugging Face cache; later runs can set HF_HUB_OFFLINE=1")
+    if len(failed) == 1:
+        raise MinfmError(failed[0])
     if failed:
-        raise MinfmError(f"{len(failed)} reference(s) not fetched: " + "; ".join(failed))
+        raise MinfmError(f"{len(failed)} references not fetched: " + "; ".join(failed))
     return 0
