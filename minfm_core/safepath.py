@@ -1,0 +1,72 @@
+"""Paths taken from untrusted text (a Hub repo, a checkpoint manifest, a shard index, a
+pulled recipe) and minFM's own atomic writes.
+
+The rule (docs/security.md): a name that comes from outside is relative, has no ``..``
+and, once symlinks are followed, stays inside its root. The one sanctioned exception is
+the Hugging Face cache layout, where ``models--org--name/snapshots/<sha>/f`` is a symlink
+into ``models--org--name/blobs/``: for a root inside a snapshot, the repo's cache folder
+is the boundary.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path, PurePosixPath
+
+from .errors import MinfmError
+
+
+def trust_boundary(root: Path) -> Path:
+    """The folder that resolved paths under ``root`` must stay in (see the module doc)."""
+    real = Path(os.path.realpath(root))
+    for parent in (real, *real.parents):
+        if parent.parent.name == "snapshots" and parent.parent.parent.name.startswith(("models--", "datasets--")):
+            return parent.parent.parent
+    return real
+
+
+def is_inside(path: Path, root: Path) -> bool:
+    """Whether ``path`` (symlinks followed) lies inside ``root``'s trust boundary."""
+    boundary = trust_boundary(root)
+    real = Path(os.path.realpath(path))
+    return real == boundary or boundary in real.parents
+
+
+def contained(root: Path, name: str, *, what: str) -> Path:
+    """``root / name`` for a ``name`` read from untrusted text, or a MinfmError naming ``what``.
+
+    Refused: a non-string or empty name, an absolute path, a ``..`` component, a NUL or
+    backslash, and a path whose symlinks lead outside ``root`` (see :func:`trust_boundary`).
+    """
+    if not isinstance(name, str) or not name or "\x00" in name or "\\" in name:
+        raise MinfmError(f"{what}: refusing path {name!r}: not a plain relative path")
+    pure = PurePosixPath(name)
+    if pure.is_absolute() or name.startswith("~") or any(part == ".." for part in pure.parts):
+        raise MinfmError(f"{what}: refusing path {name!r}: it leaves {root}")
+    path = Path(root) / pure
+    if not is_inside(path, root):
+        raise MinfmError(f"{what}: refusing path {name!r}: a symlink leads outside {root}")
+    return path
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all, replacing (never writing through) a symlink there."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # rename replaces a symlink itself, never its target
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
