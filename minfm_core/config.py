@@ -22,6 +22,7 @@ from cattrs.errors import ForbiddenExtraKeysError
 from cattrs.v import transform_error
 
 from .errors import RecipeError
+from .validators import RangeError
 from .suggest import did_you_mean
 
 #: Dtype names recipes use (``minfm_core.weights.DTYPES`` maps them to torch dtypes).
@@ -33,11 +34,36 @@ T = TypeVar("T")
 config = functools.partial(attrs.frozen, kw_only=True)
 
 
-def field(default: Any = attrs.NOTHING, *, doc: str, validator=None, factory=None, converter=None):
-    """An attrs field that carries its one-line documentation in ``metadata['doc']``."""
+#: Kinds of file reference a field may declare with ``field(..., file=...)``:
+#: ``"file"``: a local file or folder; ``"ref"``: a local path or a Hub reference ``org/name[/path]``.
+FILE_KINDS = ("file", "ref")
+
+
+def field(default: Any = attrs.NOTHING, *, doc: str, validator=None, factory=None, converter=None,
+          file: str | None = None):
+    """An attrs field that carries its one-line documentation in ``metadata['doc']``.
+
+    A :mod:`minfm_core.validators` range among its validators is recorded as
+    ``metadata['range']`` (``minfm plugins`` shows it). ``file`` marks a field naming a file
+    (:data:`FILE_KINDS`): in a recipe from outside (a Hub repo, a checkpoint) such a value
+    must stay inside that recipe's folder.
+    """
+    from .validators import range_of
+
+    if file is not None and file not in FILE_KINDS:
+        raise ValueError(f"field(file=...): expected one of {FILE_KINDS}, got {file!r}")
+    metadata: dict[str, Any] = {"doc": doc}
+    validators = validator if isinstance(validator, (list, tuple)) else [validator]
+    for v in validators:
+        rng = range_of(v)
+        if rng is not None:
+            metadata["range"] = rng.range_text
+            break
+    if file is not None:
+        metadata["file"] = file
     if factory is not None:
-        return attrs.field(factory=factory, validator=validator, converter=converter, metadata={"doc": doc})
-    return attrs.field(default=default, validator=validator, converter=converter, metadata={"doc": doc})
+        return attrs.field(factory=factory, validator=validator, converter=converter, metadata=metadata)
+    return attrs.field(default=default, validator=validator, converter=converter, metadata=metadata)
 
 
 class ExpectedType(ValueError):
@@ -96,6 +122,10 @@ converter = _make_converter()
 
 
 def _format(exc: BaseException, tp: Any) -> str:
+    if isinstance(exc, RangeError):
+        # Raised from the config's __init__, so cattrs files it under the table: the field
+        # name travels ahead of a NUL and error_lines() moves it into the path.
+        return f"{exc.field}\x00{exc}"
     if isinstance(exc, ExpectedType):
         return str(exc)
     if isinstance(exc, ForbiddenExtraKeysError):
@@ -118,7 +148,11 @@ def error_lines(exc: BaseException, path: str) -> list[str]:
     lines = []
     for line in transform_error(exc, path="$" + (("." + path) if path else ""), format_exception=_format):
         msg, _, where = line.rpartition(" @ ")
-        where = where.removeprefix("$").removeprefix(".") or "<root>"
+        where = where.removeprefix("$").removeprefix(".")
+        if "\x00" in msg:
+            name, _, msg = msg.partition("\x00")
+            where = f"{where}.{name}" if where else name
+        where = where or "<root>"
         lines.append(f"{where}: {msg}")
     return lines
 
@@ -154,6 +188,7 @@ def describe_fields(cls: type) -> list[dict[str, Any]]:
                 "default": default,
                 "required": required,
                 "doc": a.metadata.get("doc", ""),
+                "range": a.metadata.get("range"),
             }
         )
     return out

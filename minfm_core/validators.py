@@ -1,0 +1,147 @@
+"""Range validators for config fields, each carrying a machine-readable description.
+
+Every numeric field of a recipe section or a component config declares its valid range
+with one of these (docs/components.md, "Value ranges"). A validator here
+
+- is an ordinary attrs validator (``field(..., validator=positive)``);
+- accepts ``None`` (optional fields are "unset", not out of range);
+- checks every element of a tuple value (``adam_betas``, ``patch_size``);
+- refuses NaN and infinities unless it says otherwise (no range contains them);
+- has ``range_text`` (e.g. ``"> 0"``), shown by ``minfm plugins`` and in errors, and
+  ``violations()``: values outside the range, from which the tests generate bad inputs.
+
+It raises :class:`RangeError`, which the recipe error formatter turns into
+``train.lr: must be finite and > 0, got nan`` (the field's own path, not its table's).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+class RangeError(ValueError):
+    """A value outside its field's declared range (carries the field name for the error path)."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(message)
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else repr(float(x))
+
+
+class Range:
+    """``lo <= value <= hi`` (either bound optional, either end open), finite unless ``allow_inf``."""
+
+    def __init__(
+        self,
+        lo: float | None = None,
+        hi: float | None = None,
+        *,
+        lo_open: bool = False,
+        hi_open: bool = False,
+        allow_inf: bool = False,
+        also: tuple[Any, ...] = (),
+        note: str = "",
+    ):
+        self.lo, self.hi, self.lo_open, self.hi_open = lo, hi, lo_open, hi_open
+        self.allow_inf = allow_inf
+        #: Sentinels accepted besides the range, e.g. ``-1`` meaning "all ranks" (documented in the field doc).
+        self.also = tuple(also)
+        self.note = note
+        self.range_text = self._text()
+
+    def _text(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            text = f"in {'(' if self.lo_open else '['}{_num(self.lo)}, {_num(self.hi)}{')' if self.hi_open else ']'}"
+        elif self.lo is not None:
+            text = f"{'>' if self.lo_open else '>='} {_num(self.lo)}"
+        elif self.hi is not None:
+            text = f"{'<' if self.hi_open else '<='} {_num(self.hi)}"
+        else:
+            text = "finite" if not self.allow_inf else "any number"
+        if self.also:
+            text += " or " + " or ".join(repr(a) for a in self.also)
+        return text
+
+    def __repr__(self) -> str:
+        return f"<range {self.range_text}>"
+
+    def ok(self, v: Any) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return True  # types are the converter's business; a range speaks about numbers only
+        if v in self.also and not (isinstance(v, float) and math.isnan(v)):
+            return True
+        if isinstance(v, float) and (math.isnan(v) or (math.isinf(v) and not self.allow_inf)):
+            return False
+        if self.lo is not None and (v < self.lo or (self.lo_open and v == self.lo)):
+            return False
+        if self.hi is not None and (v > self.hi or (self.hi_open and v == self.hi)):
+            return False
+        return True
+
+    def __call__(self, inst: Any, attribute: Any, value: Any) -> None:
+        if value is None:
+            return
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        for v in items:
+            if not self.ok(v):
+                # "finite and" only where a float could have been NaN/inf and the range says more.
+                finite = ("finite and " if isinstance(v, float) and not math.isfinite(v)
+                          and self.range_text != "finite" and not self.allow_inf else "")
+                what = "each element must be" if items is value else "must be"
+                raise RangeError(attribute.name, f"{what} {finite}{self.range_text}, got {v!r}")
+
+    def violations(self, integer: bool) -> list[Any]:
+        """Values outside this range (for generated tests); ints only when ``integer``."""
+        out: list[Any] = []
+        if self.lo is not None:
+            out.append(self.lo if self.lo_open else self.lo - 1)
+        if self.hi is not None:
+            out.append(self.hi if self.hi_open else self.hi + 1)
+        if not integer:
+            out.append(math.nan)
+            if not self.allow_inf:
+                out.append(math.inf)
+        out = [int(v) if integer and not (isinstance(v, float) and math.isnan(v)) else v for v in out]
+        return [v for v in out if v not in self.also and not self.ok(v)]
+
+
+def in_range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False,
+             also: tuple[Any, ...] = ()) -> Range:
+    return Range(lo, hi, lo_open=lo_open, hi_open=hi_open, also=also)
+
+
+#: > 0: counts and sizes where 0 would mean nothing.
+positive = Range(0, lo_open=True)
+#: >= 0: counts where 0 has a documented meaning ("off", "at the end only", "keep all").
+non_negative = Range(0)
+#: Any finite number (no range beyond "not NaN, not infinite").
+finite = Range()
+#: A probability or fraction: [0, 1].
+probability = Range(0, 1)
+#: A decay or momentum: [0, 1).
+decay = Range(0, 1, hi_open=True)
+
+
+def at_least(lo: float) -> Range:
+    return Range(lo)
+
+
+def greater_than(lo: float) -> Range:
+    return Range(lo, lo_open=True)
+
+
+def range_of(validator: Any) -> Range | None:
+    """The :class:`Range` inside a field's validator (a list, ``and_`` or ``optional`` of them), if any."""
+    if validator is None:
+        return None
+    if isinstance(validator, Range):
+        return validator
+    for inner in (*getattr(validator, "_validators", ()), getattr(validator, "validator", None)):
+        found = range_of(inner) if inner is not validator else None
+        if found is not None:
+            return found
+    return None
