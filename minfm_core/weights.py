@@ -1,17 +1,96 @@
-"""Reading and writing model weights as safetensors (never pickle)."""
+"""Reading and writing model weights as safetensors (never pickle).
+
+Weights usually come from outside (a pulled Hub repo, a cloned folder, a shard index
+someone else wrote), so every read goes through :func:`load_safetensors_file` /
+:func:`open_safetensors`: the file must stay inside its folder (no symlink out), its
+header length is bounded before anything is parsed, and whatever the safetensors
+library rejects (random bytes, a pickle renamed ``model.safetensors``, a truncated
+file) becomes one :class:`MinfmError` naming the file. Shard names in an index are
+checked with :func:`minfm_core.safepath.contained`.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from .errors import MinfmError
+from .safepath import contained
 
 #: Recipe dtype names (``minfm_core.config.Dtype``) -> torch dtypes.
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+#: Largest safetensors JSON header accepted. Real headers are a few MB even for
+#: 12B-parameter models; the length is read first so a hostile 8-byte prefix cannot make
+#: the parser allocate gigabytes.
+MAX_HEADER_BYTES = 100 * 2**20
+#: Largest ``*.safetensors.index.json`` accepted (real ones: well under 10 MB).
+MAX_INDEX_BYTES = 100 * 2**20
+#: What the safetensors library raises for a file it cannot parse.
+_PARSE_ERRORS = (SafetensorError, ValueError, OSError, RuntimeError, OverflowError, UnicodeDecodeError)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0][:200] if lines else type(exc).__name__
+
+
+def check_header(path: Path) -> None:
+    """Refuse ``path`` unless it starts like a safetensors file with a bounded JSON header.
+
+    Reads 8 bytes (the little-endian header length) and the header's first byte only.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            f.seek(0)
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise MinfmError(f"{path}: not a safetensors file (only {len(prefix)} bytes)")
+            n = int.from_bytes(prefix, "little")
+            if n > MAX_HEADER_BYTES:
+                raise MinfmError(f"{path}: not a safetensors file (header of {n} bytes, "
+                                 f"more than the {MAX_HEADER_BYTES} minFM accepts)")
+            if n < 2 or n > size - 8:
+                raise MinfmError(f"{path}: not a safetensors file (header length {n} does not fit "
+                                 f"a file of {size} bytes)")
+            if f.read(1) != b"{":
+                raise MinfmError(f"{path}: not a safetensors file (the header is not a JSON object)")
+    except OSError as exc:
+        raise MinfmError(f"{path}: cannot read weights ({exc.strerror or type(exc).__name__})") from None
+
+
+def load_safetensors_file(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """All tensors of one safetensors file, or one MinfmError naming it (see the module doc)."""
+    path = Path(path)
+    check_header(path)
+    try:
+        return load_file(str(path), device=device)
+    except _PARSE_ERRORS as exc:
+        raise MinfmError(f"{path}: not a valid safetensors file ({_first_line(exc)})") from None
+
+
+@contextlib.contextmanager
+def open_safetensors(path: str | Path, framework: str = "pt", device: str = "cpu") -> Iterator:
+    """``safe_open(path)`` with the header bounded and parse errors as one MinfmError naming ``path``."""
+    path = Path(path)
+    check_header(path)
+    try:
+        handle = safe_open(str(path), framework=framework, device=device)
+    except _PARSE_ERRORS as exc:
+        raise MinfmError(f"{path}: not a valid safetensors file ({_first_line(exc)})") from None
+    with handle as f:
+        try:
+            yield f
+        except _PARSE_ERRORS as exc:  # e.g. a tensor whose bytes were cut off
+            raise MinfmError(f"{path}: not a valid safetensors file ({_first_line(exc)})") from None
 
 
 def has_weights(folder: Path, name: str = "model") -> bool:
@@ -19,18 +98,57 @@ def has_weights(folder: Path, name: str = "model") -> bool:
     return (folder / f"{name}.safetensors").is_file() or (folder / f"{name}.safetensors.index.json").is_file()
 
 
+def index_shards(index: Path) -> list[Path]:
+    """The shard files a ``*.safetensors.index.json`` names, each checked to stay in its folder.
+
+    The index is untrusted text: bad JSON, a missing ``weight_map``, a non-string value,
+    an absolute or ``..`` path, a symlink out of the folder or a name that is not a
+    ``.safetensors`` file are refused with one MinfmError naming the index.
+    """
+    index = Path(index)
+    try:
+        if index.stat().st_size > MAX_INDEX_BYTES:
+            raise MinfmError(f"{index}: shard index larger than {MAX_INDEX_BYTES} bytes")
+        data = json.loads(index.read_bytes())
+    except OSError as exc:
+        raise MinfmError(f"{index}: cannot read the shard index ({exc.strerror or type(exc).__name__})") from None
+    except (ValueError, RecursionError) as exc:
+        raise MinfmError(f"{index}: not a valid shard index (bad JSON: {_first_line(exc)})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise MinfmError(f"{index}: not a valid shard index (no 'weight_map' object)")
+    bad = sorted(repr(k) for k, v in weight_map.items() if not isinstance(v, str))
+    if bad:
+        raise MinfmError(f"{index}: weight_map values must be file names; not for {first_names(bad, 3)}")
+    shards = []
+    for name in sorted(set(weight_map.values())):
+        path = contained(index.parent, name, what=str(index))
+        if not name.endswith(".safetensors"):
+            raise MinfmError(f"{index}: refusing shard {name!r}: not a .safetensors file")
+        shards.append(path)
+    return shards
+
+
+def weights_file(folder: Path, name: str) -> Path:
+    """``folder/<name>.safetensors``, refused when it is a symlink leading out of ``folder``."""
+    return contained(Path(folder), f"{name}.safetensors", what=f"{folder}/{name}.safetensors")
+
+
 def read_safetensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
     """``<name>.safetensors`` or the shards listed in ``<name>.safetensors.index.json``."""
+    folder = Path(folder)
     single = folder / f"{name}.safetensors"
-    if single.is_file():
-        return load_file(str(single))
+    if single.is_file() or single.is_symlink():
+        return load_safetensors_file(weights_file(folder, name))
     index = folder / f"{name}.safetensors.index.json"
     if not index.is_file():
         raise MinfmError(f"{folder}: no {name}.safetensors")
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    index = contained(folder, index.name, what=str(index))
     out: dict[str, torch.Tensor] = {}
-    for f in files:
-        out.update(load_file(str(folder / f)))
+    for shard in index_shards(index):
+        if not shard.is_file():
+            raise MinfmError(f"{index}: names a shard that is missing: {shard.name}")
+        out.update(load_safetensors_file(shard))
     return out
 
 

@@ -9,7 +9,7 @@ import torch
 
 from minfm_core.config import structure
 from minfm_core.errors import MinfmError
-from minfm_core.weights import DTYPES
+from minfm_core.weights import DTYPES, weights_file
 
 from .config import FluxConfig
 from .model import Flux
@@ -30,7 +30,7 @@ def config_from_recipe(path: Path) -> FluxConfig:
 
 def _source(src: Path, flavor: str | None, ema: bool) -> tuple[Path, FluxConfig]:
     if src.is_dir():
-        weights = src / ("ema.safetensors" if ema else "model.safetensors")
+        weights = weights_file(src, "ema" if ema else "model")  # refused if a symlink leaves src
         recipe = src / "recipe.toml"
         if not weights.exists():
             raise MinfmError(f"{src}: no {weights.name}")
@@ -49,13 +49,15 @@ def _source(src: Path, flavor: str | None, ema: bool) -> tuple[Path, FluxConfig]
 
 def export_diffusers(src: str, out_dir: str, *, flavor: str | None = None, ema: bool = False, dtype: str = "keep") -> Path:
     """Write ``diffusion_pytorch_model.safetensors`` + ``config.json`` to ``out_dir``."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
+
+    from minfm_core.weights import load_safetensors_file
 
     from .state_dict import diffusers_config
 
     weights, cfg = _source(Path(src).expanduser(), flavor, ema)
     conf = diffusers_config(cfg)  # refuse before reading gigabytes
-    sd = strip_prefix(load_file(str(weights)))
+    sd = strip_prefix(load_safetensors_file(weights))
     with torch.device("meta"):
         check_state_dict(Flux(cfg, attention=None), sd, source=str(weights))
     if dtype != "keep":

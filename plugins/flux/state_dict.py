@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from minfm_core.errors import MinfmError
-from minfm_core.weights import check_keys, first_names, has_weights, read_safetensors
+from minfm_core.weights import check_keys, first_names, has_weights, load_safetensors_file, read_safetensors
 
 _BFL_PREFIX = "model.diffusion_model."
 
@@ -177,8 +177,6 @@ def _bfl_file(path: Path) -> Path:
 
 def read_state_dict(ref: str) -> dict[str, Tensor]:
     """Native (BFL) state dict from a file, a folder (BFL or diffusers layout) or a Hub id."""
-    from safetensors.torch import load_file
-
     path = Path(ref).expanduser()
     if not path.exists():
         from minfm_core.pretrained import resolve_pretrained
@@ -188,7 +186,7 @@ def read_state_dict(ref: str) -> dict[str, Tensor]:
     if diffusers:  # one file or the shards of its index (never a variant such as .fp16)
         sd = read_safetensors(diffusers[0], "diffusion_pytorch_model")
     else:
-        sd = load_file(str(path if path.is_file() else _bfl_file(path)))
+        sd = load_safetensors_file(path if path.is_file() else _bfl_file(path))
     sd = strip_prefix(sd)
     return diffusers_to_bfl(sd) if is_diffusers(sd) else sd
 

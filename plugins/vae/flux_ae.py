@@ -128,9 +128,9 @@ def _is_ldm_layout(state: dict[str, Tensor]) -> bool:
 
 def load_single_file(path: Path, model: nn.Module) -> None:
     """Load an ``ae.safetensors`` (BFL layout, or already diffusers layout) into ``model``."""
-    from safetensors.torch import load_file
+    from minfm_core.weights import load_safetensors_file
 
-    state = load_file(str(path))
+    state = load_safetensors_file(path)
     if _is_ldm_layout(state):
         from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
