@@ -22,7 +22,7 @@ from cattrs.errors import ForbiddenExtraKeysError
 from cattrs.v import transform_error
 
 from .errors import RecipeError
-from .validators import RangeError
+from .validators import RangeError, range_text
 from .suggest import did_you_mean
 
 #: Dtype names recipes use (``minfm_core.weights.DTYPES`` maps them to torch dtypes).
@@ -188,7 +188,7 @@ def describe_fields(cls: type) -> list[dict[str, Any]]:
                 "default": default,
                 "required": required,
                 "doc": a.metadata.get("doc", ""),
-                "range": a.metadata.get("range"),
+                "range": a.metadata.get("range") or range_text(a.validator),
             }
         )
     return out

@@ -85,13 +85,13 @@ class Range:
     def __call__(self, inst: Any, attribute: Any, value: Any) -> None:
         if value is None:
             return
-        items = value if isinstance(value, (tuple, list)) else (value,)
+        items = list(_flatten(value))
         for v in items:
             if not self.ok(v):
                 # "finite and" only where a float could have been NaN/inf and the range says more.
                 finite = ("finite and " if isinstance(v, float) and not math.isfinite(v)
                           and self.range_text != "finite" and not self.allow_inf else "")
-                what = "each element must be" if items is value else "must be"
+                what = "each element must be" if isinstance(value, (tuple, list)) else "must be"
                 raise RangeError(attribute.name, f"{what} {finite}{self.range_text}, got {v!r}")
 
     def violations(self, integer: bool) -> list[Any]:
@@ -107,6 +107,14 @@ class Range:
                 out.append(math.inf)
         out = [int(v) if integer and not (isinstance(v, float) and math.isnan(v)) else v for v in out]
         return [v for v in out if v not in self.also and not self.ok(v)]
+
+
+def _flatten(value: Any):
+    if isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _flatten(v)
+    else:
+        yield value
 
 
 def in_range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False,
@@ -132,6 +140,33 @@ def at_least(lo: float) -> Range:
 
 def greater_than(lo: float) -> Range:
     return Range(lo, lo_open=True)
+
+
+def range_text(validator: Any) -> str | None:
+    """What a field's validator accepts, for ``minfm plugins``: a :class:`Range`'s text, or
+    the bounds of attrs' own ``gt``/``ge``/``lt``/``le`` (third-party plugins use those)."""
+    rng = range_of(validator)
+    if rng is not None:
+        return rng.range_text
+    parts: list[str] = []
+    for v in _walk(validator):
+        op, bound = getattr(v, "compare_op", None), getattr(v, "bound", None)
+        if op in ("<", "<=", ">", ">=") and isinstance(bound, (int, float)):
+            parts.append(f"{op} {_num(bound)}")
+    return " and ".join(parts) or None
+
+
+def _walk(validator: Any):
+    if validator is None:
+        return
+    if isinstance(validator, (list, tuple)):
+        for v in validator:
+            yield from _walk(v)
+        return
+    yield validator
+    for inner in (*getattr(validator, "_validators", ()), getattr(validator, "validator", None)):
+        if inner is not None and inner is not validator:
+            yield from _walk(inner)
 
 
 def range_of(validator: Any) -> Range | None:

@@ -28,11 +28,22 @@ def collect() -> dict:
             }
             for c in state.registry.components(kind)
         ]
+    from ..recipe.schema import RunSection, SampleSection, TrainSection
+
     return {
         "plugins": [{"name": n, "origin": o} for n, o in sorted(state.origins.items())],
         "failed": [{"name": n, "error": e} for n, e in sorted(state.failures.items())],
         "kinds": kinds,
+        # The recipe's own numeric sections carry ranges too; listed so one command shows them all.
+        "sections": {name: describe_fields(cls) for name, cls in
+                     (("run", RunSection), ("train", TrainSection), ("sample", SampleSection))},
     }
+
+
+def _field_line(f: dict) -> str:
+    default = "required" if f["required"] else f"= {f['default']!r}"
+    rng = f"  [{f['range']}]" if f.get("range") else ""
+    return f"      {f['name']}: {f['type']} {default}{rng}  # {f['doc']}"
 
 
 def run(args) -> int:
@@ -50,6 +61,9 @@ def run(args) -> int:
         for c in comps:
             print(f"  {c['name']:<18} {c['plugin']:<12} {c['doc']}")
             for f in c["fields"]:
-                default = "required" if f["required"] else f"= {f['default']!r}"
-                print(f"      {f['name']}: {f['type']} {default}  # {f['doc']}")
+                print(_field_line(f))
+    for name, fields in info["sections"].items():
+        print(f"\n[{name}]  (recipe section)")
+        for f in fields:
+            print(_field_line(f))
     return 0

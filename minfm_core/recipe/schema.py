@@ -18,6 +18,7 @@ from typing import Any, Literal
 import attrs
 
 from ..config import ExpectedType, config, converter, field
+from ..validators import Range, decay, finite, non_negative, positive, probability
 
 
 @attrs.frozen
@@ -58,7 +59,7 @@ class RunSection:
     """Where a run lives and how it is seeded."""
 
     exp_dir: str = field("experiments/default", doc="run directory: checkpoints, samples, logs, resolved recipe")
-    seed: int = field(0, doc="global seed; each rank derives its own from it")
+    seed: int = field(0, doc="global seed; each rank derives its own from it", validator=non_negative)
     device: Literal["auto", "cpu", "cuda"] = field("auto", doc="'auto' picks cuda when available")
     deterministic: bool = field(False, doc="torch deterministic algorithms: bitwise-repeatable runs, a little slower")
 
@@ -92,60 +93,84 @@ class SampleSection:
     sampler: Spec = _spec("euler", "ODE/SDE solver (kind: sampler)")
     guidance: Spec = _spec("cfg", "guidance rule and its scale (kind: guidance)")
     time_warper: Spec | None = field(None, doc="shift at inference; defaults to flow.time_warper")
-    source: str | None = field(None, doc="checkpoint, run dir or hf://org/name to sample from (job = 'sample')")
-    steps: int = field(50, doc="number of solver steps")
-    size: tuple[int, int, int] = field((1, 256, 256), doc="frames, height, width of generated images")
+    source: str | None = field(
+        None, doc="checkpoint, run dir or hf://org/name to sample from (job = 'sample')", file="ref"
+    )
+    steps: int = field(50, doc="number of solver steps", validator=positive)
+    size: tuple[int, int, int] = field((1, 256, 256), doc="frames, height, width of generated images", validator=positive)
     prompts: tuple[str, ...] = field((), doc="prompts to sample")
-    prompt_file: str | None = field(None, doc="text file with one prompt per line")
+    prompt_file: str | None = field(None, doc="text file with one prompt per line", file="file")
     neg_prompt: str = field("", doc="negative prompt for the unconditional branch")
-    distilled_guidance: float | None = field(None, doc="FLUX-dev guidance-embedding scalar (None: not used)")
-    samples_per_prompt: int = field(1, doc="images per prompt")
-    batch_size: int = field(16, doc="samples per rank per sampler call")
+    distilled_guidance: float | None = field(
+        None, doc="FLUX-dev guidance-embedding scalar (None: not used)", validator=finite
+    )
+    samples_per_prompt: int = field(1, doc="images per prompt", validator=positive)
+    batch_size: int = field(16, doc="samples per rank per sampler call", validator=positive)
     use_ema: bool = field(True, doc="sample with EMA weights when the checkpoint has them")
     out_dir: str | None = field(None, doc="output folder (default: <exp_dir>/samples)")
     file_ext: Literal["png", "jpg"] = field("png", doc="image file format")
     save_npz: bool = field(False, doc="also write .npz batches (ADM evaluation layout)")
-    seed: int = field(0, doc="sampling seed")
+    seed: int = field(0, doc="sampling seed", validator=non_negative)
 
 
 @config
 class TrainSection:
     """Optimisation, schedule, checkpoints and in-training evaluation (the seed's trainer)."""
 
-    max_steps: int = field(1000, doc="optimizer steps to train")
-    total_batch_size: int = field(-1, doc="global samples per optimizer step (-1: one micro-batch per rank)")
-    batch_size: int = field(8, doc="micro-batch per rank; accumulation fills total_batch_size")
-    lr: float = field(3e-4, doc="peak learning rate (AdamW)")
-    min_lr: float = field(1e-5, doc="final learning rate of the cosine decay")
-    warmup_steps: int = field(1000, doc="linear warm-up steps")
-    weight_decay: float = field(0.0, doc="AdamW weight decay")
-    adam_betas: tuple[float, float] = field((0.9, 0.95), doc="AdamW betas")
-    grad_clip_norm: float = field(1.0, doc="clip the global gradient norm to this value")
-    grad_spike_threshold: float = field(2.0, doc="skip a step whose grad norm exceeds this multiple of the running mean")
-    grad_spike_start_step: int = field(1000, doc="spike detection starts after this step")
-    ema_decay: float = field(0.999, doc="EMA decay per optimizer step (0 disables EMA)")
-    text_dropout: float = field(0.1, doc="probability of dropping a prompt (trains the unconditional branch for CFG)")
-    ckpt_every: int = field(2000, doc="save a checkpoint every N steps and at the end (0: at the end only)")
-    keep_last: int = field(3, doc="keep the last N checkpoints (0 keeps all)")
-    init_from: str | None = field(None, doc="checkpoint, run dir or hf:// source to initialise from")
+    max_steps: int = field(1000, doc="optimizer steps to train", validator=positive)
+    total_batch_size: int = field(
+        -1, doc="global samples per optimizer step (-1: one micro-batch per rank)", validator=Range(1, also=(-1,))
+    )
+    batch_size: int = field(8, doc="micro-batch per rank; accumulation fills total_batch_size", validator=positive)
+    lr: float = field(3e-4, doc="peak learning rate (AdamW)", validator=positive)
+    min_lr: float = field(1e-5, doc="final learning rate of the cosine decay (at most lr)", validator=non_negative)
+    warmup_steps: int = field(1000, doc="linear warm-up steps (0: none)", validator=non_negative)
+    weight_decay: float = field(0.0, doc="AdamW weight decay", validator=non_negative)
+    adam_betas: tuple[float, float] = field((0.9, 0.95), doc="AdamW betas", validator=decay)
+    grad_clip_norm: float = field(
+        1.0, doc="clip the global gradient norm to this value (inf: no clipping)",
+        validator=Range(0, lo_open=True, allow_inf=True),
+    )
+    grad_spike_threshold: float = field(
+        2.0, doc="skip a step whose grad norm exceeds this multiple of the running mean (inf: never)",
+        validator=Range(1, lo_open=True, allow_inf=True),
+    )
+    grad_spike_start_step: int = field(1000, doc="spike detection starts after this step", validator=non_negative)
+    ema_decay: float = field(0.999, doc="EMA decay per optimizer step (0 disables EMA)", validator=decay)
+    text_dropout: float = field(
+        0.1, doc="probability of dropping a prompt (trains the unconditional branch for CFG)", validator=probability
+    )
+    ckpt_every: int = field(
+        2000, doc="save a checkpoint every N steps and at the end (0: at the end only)", validator=non_negative
+    )
+    keep_last: int = field(3, doc="keep the last N checkpoints (0 keeps all)", validator=non_negative)
+    init_from: str | None = field(None, doc="checkpoint, run dir or hf:// source to initialise from", file="ref")
     init_load_plan: str = field(
         "model:model,ema:ema,optimizer:optimizer,scheduler:scheduler,step:step",
         doc="which parts of init_from to load into what, as source:target pairs",
     )
-    log_every: int = field(20, doc="log metrics every N steps (0: at the end only)")
-    val_every: int = field(10_000, doc="validation loss every N steps (0 disables)")
-    val_num_samples: int = field(10_000, doc="samples in the validation set")
-    sample_every: int = field(2000, doc="in-training sample gallery every N steps (0 disables)")
-    fid_every: int = field(0, doc="FID of EMA samples against train.fid_ref every N steps (0 disables)")
-    fid_num_samples: int = field(1000, doc="images drawn for the in-training FID (prompts of the data's val split)")
-    fid_ref: str | None = field(None, doc="reference images for the in-training FID: an .npz (ADM layout) or a folder")
+    log_every: int = field(20, doc="log metrics every N steps (0: at the end only)", validator=non_negative)
+    val_every: int = field(10_000, doc="validation loss every N steps (0 disables)", validator=non_negative)
+    val_num_samples: int = field(10_000, doc="samples in the validation set", validator=positive)
+    sample_every: int = field(2000, doc="in-training sample gallery every N steps (0 disables)", validator=non_negative)
+    fid_every: int = field(
+        0, doc="FID of EMA samples against train.fid_ref every N steps (0 disables)", validator=non_negative
+    )
+    fid_num_samples: int = field(
+        1000, doc="images drawn for the in-training FID (prompts of the data's val split)", validator=Range(2)
+    )
+    fid_ref: str | None = field(
+        None, doc="reference images for the in-training FID: an .npz (ADM layout) or a folder", file="file"
+    )
     fid_extractor: str | None = field(
         None, doc="MODULE:ATTR of a feature-extractor factory (None: torch-fidelity's Inception, minfm[eval])"
     )
-    fid_inception: str | None = field(None, doc="Inception weights for the in-training FID (as minfm eval --inception)")
+    fid_inception: str | None = field(
+        None, doc="Inception weights for the in-training FID (as minfm eval --inception)", file="ref"
+    )
     sample_at_start: bool = field(False, doc="render a gallery before the first step")
-    profile_steps: tuple[int, ...] = field((), doc="steps to capture a profiler trace for")
-    gc_every: int = field(100, doc="run Python's garbage collector every N steps")
+    profile_steps: tuple[int, ...] = field((), doc="steps to capture a profiler trace for", validator=non_negative)
+    gc_every: int = field(100, doc="run Python's garbage collector every N steps (0: never)", validator=non_negative)
 
 
 @config

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-import attrs
-
 from minfm_core.config import config, field
+from minfm_core.validators import Range, non_negative, positive, probability
 
 #: Colours and shapes the ``shapes`` dataset knows how to draw (the palette is in shapes.py).
 SHAPE_COLOURS = ("red", "green", "blue", "yellow", "orange", "purple", "cyan", "magenta")
@@ -46,11 +45,13 @@ def _use_cached_latents():
 
 
 def _latents_dir():
-    return field(None, doc="folder of the latent cache: <split>/index.json + safetensors shards (docs/data.md)")
+    return field(
+        None, doc="folder of the latent cache: <split>/index.json + safetensors shards (docs/data.md)", file="file"
+    )
 
 
-_positive = attrs.validators.gt(0)
-_probability = [attrs.validators.ge(0.0), attrs.validators.le(1.0)]
+_positive = positive
+_probability = probability
 
 
 @config
@@ -60,12 +61,14 @@ class ShapesConfig:
     sizes: tuple[tuple[int, int], ...] = field(
         ((32, 32), (32, 48), (48, 32)),
         doc="(height, width) canvases drawn from at random per sample; mixed aspect ratios exercise packing",
-        validator=_multiple_of_size_multiple,
+        validator=[positive, _multiple_of_size_multiple],
     )
     size_multiple: int = field(16, doc="every height and width must divide by this (VAE x patch)", validator=_positive)
     num_samples: int = field(10_000, doc="samples in the train split", validator=_positive)
     num_val_samples: int = field(512, doc="samples in the val split (drawn with a disjoint seed)", validator=_positive)
-    seed: int = field(0, doc="seed of the whole dataset; the same (seed, split, index) draws the same picture")
+    seed: int = field(
+        0, doc="seed of the whole dataset; the same (seed, split, index) draws the same picture", validator=non_negative
+    )
     colours: tuple[str, ...] = field(
         ("red", "green", "blue", "yellow"), doc="colours to draw from", validator=_choices(SHAPE_COLOURS)
     )
@@ -91,7 +94,9 @@ class ShapesConfig:
 class ImageFolderConfig:
     """Images with captions from metadata.jsonl (HF imagefolder) or .txt sidecars."""
 
-    root: str = field("", doc="folder of images; <root>/<split>/ is used when it exists (unused with cached latents)")
+    root: str = field(
+        "", doc="folder of images; <root>/<split>/ is used when it exists (unused with cached latents)", file="file"
+    )
     captions: Literal["auto", "metadata", "sidecar"] = field(
         "auto", doc="where captions come from; 'auto' prefers metadata.jsonl, else .txt sidecars"
     )
@@ -104,9 +109,10 @@ class ImageFolderConfig:
     )
     p_flip: float = field(0.0, doc="probability of a horizontal flip (train split only)", validator=_probability)
     val_fraction: float = field(
-        0.01, doc="share of images held out for 'val' when the root has no split folders", validator=_probability
+        0.01, doc="share of images held out for 'val' when the root has no split folders",
+        validator=Range(0, 1, hi_open=True),
     )
-    seed: int = field(0, doc="seed of the flips and the held-out selection")
+    seed: int = field(0, doc="seed of the flips and the held-out selection", validator=non_negative)
     use_cached_latents: bool = _use_cached_latents()
     latents_dir: str | None = _latents_dir()
 
@@ -115,16 +121,19 @@ class ImageFolderConfig:
 class ImagenetConfig:
     """ILSVRC-2012 (folder layout or cached latents) with class-name prompts."""
 
-    root: str = field("", doc="ILSVRC root holding train/<wnid>/*.JPEG and val/ (unused with cached latents)")
-    resolution: int = field(256, doc="side of the square crop", validator=_multiple)
+    root: str = field(
+        "", doc="ILSVRC root holding train/<wnid>/*.JPEG and val/ (unused with cached latents)", file="file"
+    )
+    resolution: int = field(256, doc="side of the square crop", validator=[positive, _multiple])
     size_multiple: int = field(16, doc="the resolution must divide by this (VAE x patch)", validator=_positive)
     p_flip: float = field(0.5, doc="probability of a horizontal flip (train split only)", validator=_probability)
     val_labels: str = field(
         "",
         doc="labels of a flat val/ folder: LOC_val_solution.csv, or lines 'file wnid' / 'file index'; "
         "empty when val/ has class folders",
+        file="file",
     )
     prompt_template: str = field("{name}", doc="prompt made from the class; {name} is its first WordNet lemma")
-    seed: int = field(0, doc="seed of the flips")
+    seed: int = field(0, doc="seed of the flips", validator=non_negative)
     use_cached_latents: bool = _use_cached_latents()
     latents_dir: str | None = _latents_dir()

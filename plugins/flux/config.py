@@ -14,6 +14,7 @@ from typing import Literal
 import attrs
 
 from minfm_core.config import config, field
+from minfm_core.validators import non_negative, positive
 
 #: Flavor name -> the value of every model field (parameter counts are pinned by tests).
 FLAVORS: dict[str, dict] = {
@@ -34,7 +35,7 @@ FLAVORS: dict[str, dict] = {
     ),
 }
 
-_pos = attrs.validators.optional(attrs.validators.gt(0))
+_pos = positive  # None (unset: the flavor's value) passes every range
 
 
 @config
@@ -46,18 +47,23 @@ class FluxConfig:
     )
     d_model: int | None = field(None, doc="hidden width (heads = d_model / d_head)", validator=_pos)
     d_head: int | None = field(None, doc="width of one attention head", validator=_pos)
-    n_ds_blocks: int | None = field(None, doc="double-stream blocks (separate text/image weights)")
-    n_ss_blocks: int | None = field(None, doc="single-stream blocks (shared weights, fused linear1/linear2)")
+    n_ds_blocks: int | None = field(None, doc="double-stream blocks (separate text/image weights)", validator=non_negative)
+    n_ss_blocks: int | None = field(
+        None, doc="single-stream blocks (shared weights, fused linear1/linear2)", validator=non_negative
+    )
     d_txt: int | None = field(None, doc="width of the text encoder's token embeddings", validator=_pos)
     d_vec: int | None = field(None, doc="width of the pooled conditioning vector (CLIP / class embedding)", validator=_pos)
     d_img: int | None = field(None, doc="width of one image token = latent channels x patch volume", validator=_pos)
-    rope_axes: tuple[int, ...] | None = field(None, doc="RoPE dims per position axis (t, y, x); sum = d_head, each even")
+    rope_axes: tuple[int, ...] | None = field(
+        None, doc="RoPE dims per position axis (t, y, x); sum = d_head, each even", validator=positive
+    )
     rope_theta: int | None = field(None, doc="RoPE base frequency", validator=_pos)
     guidance_embed: bool | None = field(None, doc="add a distilled-guidance embedding (FLUX.1-dev)")
     mlp_ratio: float | None = field(None, doc="MLP hidden width / d_model", validator=_pos)
     qkv_bias: bool | None = field(None, doc="bias in the q/k/v projections")
     pretrained: str | None = field(
-        None, doc="weights to load: a BFL .safetensors file, a folder holding one (or a diffusers transformer), or a Hub id"
+        None, doc="weights to load: a BFL .safetensors file, a folder holding one (or a diffusers transformer), or a Hub id",
+        file="ref",
     )
 
     def __attrs_post_init__(self) -> None:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import attrs
-
 from minfm_core.config import config, field
+from minfm_core.validators import non_negative
 from minfm_core.errors import MinfmError
 
 from .spec import parse_bags
@@ -23,12 +22,12 @@ class KnapformerConfig:
 
     bags: str = field("g1n1", doc="bag spec: 'g{G}n{N}' terms joined by '+', N bags of G GPUs", validator=_valid_bags)
     gamma: float = field(
-        0.5, doc="weight of the attention term in w(L) = 24 L d^2 + gamma 4 L^2 d", validator=attrs.validators.ge(0)
+        0.5, doc="weight of the attention term in w(L) = 24 L d^2 + gamma 4 L^2 d", validator=non_negative
     )
     tolerance: float = field(
         0.0,
         doc="a plan that keeps tokens in place may be this fraction above the longest-first rule's max load",
-        validator=attrs.validators.ge(0),
+        validator=non_negative,
     )
 
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-import attrs
-
 from minfm_core.config import config, field
+from minfm_core.validators import non_negative
 
-_non_negative = attrs.validators.ge(0)
+_non_negative = non_negative
 
 
 @config

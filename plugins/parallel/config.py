@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from minfm_core.config import Dtype, config, field
+from minfm_core.validators import Range, non_negative, positive
 
 
 @config
@@ -16,11 +17,13 @@ class NoParallelConfig:
 class Fsdp2Config:
     """FSDP2 (fully_shard) over a replicate x shard mesh, with mixed precision."""
 
-    shard_size: int = field(-1, doc="ranks per shard group (-1: all ranks; < world size gives HSDP)")
+    shard_size: int = field(
+        -1, doc="ranks per shard group (-1: all ranks; < world size gives HSDP)", validator=Range(1, also=(-1,))
+    )
     param_dtype: Dtype = field("bf16", doc="dtype of gathered parameters in compute")
     reduce_dtype: Literal["fp32", "bf16"] = field("fp32", doc="dtype of gradient reduction")
-    blocks_per_shard_group: int = field(1, doc="transformer blocks per fully_shard call")
+    blocks_per_shard_group: int = field(1, doc="transformer blocks per fully_shard call", validator=positive)
     reshard_after_forward: Literal["default", "always", "never"] = field(
         "default", doc="free gathered parameters after forward (default: all but the last group)"
     )
-    ac_freq: int = field(0, doc="activation checkpointing every N blocks (0: off)")
+    ac_freq: int = field(0, doc="activation checkpointing every N blocks (0: off)", validator=non_negative)

@@ -12,14 +12,13 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-import attrs
-
 from minfm_core.config import Dtype, config, field
+from minfm_core.validators import Range, non_negative, positive
 
 from .presets import CLIP_PRESETS, T5_PRESETS
 from .words import SHAPES_WORDS
 
-_positive = attrs.validators.gt(0)
+_positive = positive
 
 
 def _known_keys(presets: dict[str, dict[str, Any]]):
@@ -77,8 +76,9 @@ class T5EncoderConfig(_HubTextEncoder):
         "black-forest-labs/FLUX.1-schnell/text_encoder_2",
         doc="folder with config.json and safetensors weights, or a Hub reference org/name[@rev][/path]; "
         "None: random weights (tests)",
+        file="ref",
     )
-    tokenizer: str | None = field(None, doc=TOKENIZER_DOC)
+    tokenizer: str | None = field(None, doc=TOKENIZER_DOC, file="ref")
     variant: Literal[tuple(T5_PRESETS)] = field(  # type: ignore[valid-type]
         "t5-v1_1-xxl", doc="architecture preset (flan-t5-* share the t5-v1_1-* shapes); builds the structure offline"
     )
@@ -107,8 +107,9 @@ class ClipEncoderConfig(_HubTextEncoder):
         "black-forest-labs/FLUX.1-schnell/text_encoder",
         doc="folder with config.json and safetensors weights, or a Hub reference org/name[@rev][/path]; "
         "None: random weights (tests)",
+        file="ref",
     )
-    tokenizer: str | None = field(None, doc=TOKENIZER_DOC)
+    tokenizer: str | None = field(None, doc=TOKENIZER_DOC, file="ref")
     variant: Literal[tuple(CLIP_PRESETS)] = field(  # type: ignore[valid-type]
         "clip-vit-large-patch14", doc="architecture preset of the text tower; builds the structure offline"
     )
@@ -131,10 +132,11 @@ class ClipEncoderConfig(_HubTextEncoder):
 class ClassEmbeddingConfig:
     """A fixed table of per-class embeddings addressed by prompt text (ImageNet labels; '' = unconditional)."""
 
-    embeddings: str = field(doc="safetensors file (or Hub reference) holding the (num_rows, dim) table")
+    embeddings: str = field(doc="safetensors file (or Hub reference) holding the (num_rows, dim) table", file="ref")
     labels: str | None = field(
         None, doc="JSON file (or Hub reference) mapping prompt text -> row, '' = unconditional; "
-        "None: the 'labels' JSON stored in the safetensors file's metadata"
+        "None: the 'labels' JSON stored in the safetensors file's metadata",
+        file="ref",
     )
     tensor: str = field("embeddings", doc="name of the table inside the safetensors file")
     num_rows: int = field(1001, doc="rows of the table: classes plus the unconditional row (ImageNet: 1000 + 1)",
@@ -158,6 +160,6 @@ class VocabEncoderConfig:
     dim: int = field(64, doc="embedding width", validator=_positive)
     pooled: bool = field(False, doc="True: the mean over a prompt's tokens (n, dim); False: packed per-token")
     words: tuple[str, ...] = field(SHAPES_WORDS, doc="vocabulary (lower-case); other words map to <unk>")
-    max_length: int = field(32, doc="tokens per prompt including the closing <eos>", validator=attrs.validators.gt(1))
-    seed: int = field(0, doc="seed of the embeddings; each word's row depends only on (seed, word)")
+    max_length: int = field(32, doc="tokens per prompt including the closing <eos>", validator=Range(2))
+    seed: int = field(0, doc="seed of the embeddings; each word's row depends only on (seed, word)", validator=non_negative)
     dtype: Dtype = field("fp32", doc="dtype of the table")

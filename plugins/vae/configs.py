@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 
-import attrs
 
 from minfm_core.config import Dtype, config, field
+from minfm_core.validators import finite, positive
 from minfm_core.pretrained import is_local, parse_hub_ref
 
-_positive = attrs.validators.gt(0)
+_positive = positive
 
 
 def _groups_divide_channels(inst, attribute, value) -> None:
@@ -36,17 +36,20 @@ class FluxAEConfig:
         "black-forest-labs/FLUX.1-schnell/vae",
         doc="a diffusers VAE folder (or a pipeline folder with vae/), an original BFL ae.safetensors file, "
         "or a Hub reference org/name[@rev][/path] to either (a bare repo id means its vae/); None: random weights",
+        file="ref",
     )
     dtype: Dtype = field("bf16", doc="weights and compute dtype; latents come back in the images' dtype")
     sample_posterior: bool = field(True, doc="encode to a sample of the posterior (as the seed and FLUX do), not its mean")
-    scale: float = field(0.3611, doc="latent = scale * (z - shift) on encode, undone on decode (FLUX: 0.3611)")
-    shift: float = field(0.1159, doc="latent shift (FLUX: 0.1159)")
+    scale: float = field(
+        0.3611, doc="latent = scale * (z - shift) on encode, undone on decode (FLUX: 0.3611)", validator=positive
+    )
+    shift: float = field(0.1159, doc="latent shift (FLUX: 0.1159)", validator=finite)
     chunk_size: int = field(64, doc="frames per encoder/decoder call (bounds activation memory)", validator=_positive)
     image_channels: int = field(3, doc="channels of the images", validator=_positive)
     latent_channels: int = field(16, doc="channels of the latents (FLUX: 16)", validator=_positive)
     block_out_channels: tuple[int, ...] = field(
         (128, 256, 512, 512), doc="channels per resolution level; each level after the first halves H and W",
-        validator=_non_empty,
+        validator=[positive, _non_empty],
     )
     layers_per_block: int = field(2, doc="ResNet blocks per encoder level (the decoder has one more)", validator=_positive)
     norm_num_groups: int = field(32, doc="GroupNorm groups; must divide every block_out_channels entry",
