@@ -149,6 +149,10 @@ class TrainSection:
         "model:model,ema:ema,optimizer:optimizer,scheduler:scheduler,step:step",
         doc="which parts of init_from to load into what, as source:target pairs",
     )
+    allow_pickle_checkpoint: bool = field(
+        False, doc="also load checkpoints without a manifest (older minFM, other tools): their DCP .metadata "
+        "is a pickle that can run code; only for checkpoints you trust (never honoured for downloads)",
+    )
     log_every: int = field(20, doc="log metrics every N steps (0: at the end only)", validator=non_negative)
     val_every: int = field(10_000, doc="validation loss every N steps (0 disables)", validator=non_negative)
     val_num_samples: int = field(10_000, doc="samples in the validation set", validator=positive)
