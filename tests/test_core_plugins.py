@@ -20,7 +20,8 @@ def test_third_party_plugin_is_listed_with_fields(minfm, example_plugin_env):
     (beta,) = [c for c in info["kinds"]["time_sampler"] if c["name"] == "beta"]
     assert beta["plugin"] == "example"
     assert beta["doc"] == "Beta(a, b) time sampling."
-    assert beta["fields"][0] == {"name": "a", "type": "float", "default": 2.0, "required": False, "doc": "first shape parameter"}
+    assert beta["fields"][0] == {"name": "a", "type": "float", "default": 2.0, "required": False, "doc": "first shape parameter",
+                                "range": "> 0"}  # from its attrs gt(0) validator
 
 
 def test_broken_plugin_is_reported_and_skipped(minfm, example_plugin_env):

@@ -7,8 +7,11 @@ from pathlib import Path
 
 import tomli_w
 
+from ..errors import MinfmError, RecipeError
 from ..recipe import load_recipe
+from ..recipe.checks import job_checks
 from ..summary import meta_parameter_counts, summary_table
+from .argtypes import int_in
 
 
 def register(sub) -> None:
@@ -17,7 +20,7 @@ def register(sub) -> None:
     p = sub.add_parser("check", help="validate a recipe and print its components with parameter counts")
     add_recipe_args(p)
     p.add_argument("--print", dest="print_recipe", action="store_true", help="print the fully resolved recipe")
-    p.add_argument("--world-size", type=int, default=None, help="check against this many ranks (default: $WORLD_SIZE or 1)")
+    p.add_argument("--world-size", type=int_in("--world-size", 1), default=None, help="check against this many ranks (default: $WORLD_SIZE or 1)")
     p.set_defaults(func=run)
 
 
@@ -37,7 +40,13 @@ def data_path_warnings(resolved) -> list[str]:
 
 
 def run(args) -> int:
+    if args.world_size is not None and args.world_size < 1:
+        raise MinfmError(f"--world-size: expected a positive integer, got {args.world_size}")
     resolved = load_recipe(args.recipe, args.overrides, world_size=args.world_size)
+    # The job's own start-up rules too: check accepts exactly what run accepts.
+    problems = job_checks(resolved, resolved.recipe.job, world_size=args.world_size)
+    if problems:
+        raise RecipeError(problems, args.recipe)
     if args.print_recipe:
         print(tomli_w.dumps(resolved.to_dict()))
         return 0

@@ -43,7 +43,7 @@ def collect() -> dict:
 def _field_line(f: dict) -> str:
     default = "required" if f["required"] else f"= {f['default']!r}"
     rng = f"  [{f['range']}]" if f.get("range") else ""
-    return f"      {f['name']}: {f['type']} {default}{rng}  # {f['doc']}"
+    return f"      {f['name']}: {f['type']} {default}  # {f['doc']}{rng}"
 
 
 def run(args) -> int:

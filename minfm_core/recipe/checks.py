@@ -12,6 +12,8 @@ import math
 import os
 from typing import Any
 
+from ..errors import MinfmError, RecipeError
+
 
 def _attr(resolved, path: str, name: str) -> Any:
     cfg = resolved.config(path)
@@ -19,12 +21,60 @@ def _attr(resolved, path: str, name: str) -> Any:
 
 
 def world_size_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    raw = os.environ.get("WORLD_SIZE", "1")
+    if not raw.strip().isdigit() or int(raw) < 1:
+        raise MinfmError(f"WORLD_SIZE={raw!r}: expected a positive integer")
+    return int(raw)
+
+
+def accumulation_steps(total_batch_size: int, batch_size: int, world_size: int) -> int:
+    """Micro-batches per optimizer step; the one rule ``minfm check`` and the trainer share."""
+    per_step = batch_size * world_size
+    if total_batch_size == -1:
+        return 1
+    if total_batch_size <= 0 or total_batch_size % per_step:
+        raise RecipeError(
+            f"train.total_batch_size: {total_batch_size} is not a positive multiple of "
+            f"train.batch_size x world size = {batch_size} x {world_size} = {per_step}"
+        )
+    return total_batch_size // per_step
+
+
+def job_checks(resolved, job: str, world_size: int | None = None) -> list[str]:
+    """Rules of one job (``train`` or ``sample``) that the engine applies at start-up.
+
+    Separate from :func:`cross_checks` because a recipe is also loaded for other jobs than
+    its own (sampling from a training run's recipe at another world size must not trip on
+    its accumulation rule). ``minfm check`` applies the recipe's own job's rules.
+    """
+    problems: list[str] = []
+    world = world_size if world_size is not None else world_size_from_env()
+    recipe = resolved.recipe
+    train = recipe.train
+    exp = recipe.run.exp_dir
+    if os.path.lexists(exp) and not os.path.isdir(exp):
+        problems.append(f"run.exp_dir: {exp} exists and is not a folder")
+    if job == "train":
+        try:
+            accumulation_steps(train.total_batch_size, train.batch_size, world)
+        except RecipeError as exc:
+            problems.extend(exc.problems)
+        if train.min_lr > train.lr:
+            problems.append(f"train.min_lr: {train.min_lr} is above the peak train.lr = {train.lr}")
+        if recipe.data is None:
+            problems.append('data: a train job needs a [data] table (e.g. name = "shapes")')
+    elif job == "sample":
+        s = recipe.sample
+        if not s.prompts and not s.prompt_file:
+            problems.append("sample.prompts / sample.prompt_file: a sample job needs prompts")
+    return problems
 
 
 def cross_checks(resolved, world_size: int | None = None) -> list[str]:
     problems: list[str] = []
-    world = world_size or world_size_from_env()
+    if world_size is not None and world_size < 1:
+        raise MinfmError(f"--world-size: expected a positive integer, got {world_size}")
+    world = world_size if world_size is not None else world_size_from_env()
 
     d_img = _attr(resolved, "model.denoiser", "d_img")
     channels = _attr(resolved, "model.vae", "latent_channels")
@@ -57,11 +107,19 @@ def cross_checks(resolved, world_size: int | None = None) -> list[str]:
             f"model.patchifier.vae_compression: {tuple(pcomp)} does not match the VAE's compression {tuple(comp)}"
         )
 
-    train = resolved.recipe.train
+    # Rules the trainer and sampler would otherwise meet only after start-up: checked here so
+    # that `minfm check` refuses exactly what `minfm run` refuses.
+    recipe = resolved.recipe
+    train = recipe.train
     if train.fid_every > 0 and not train.fid_ref:
         problems.append("train.fid_ref: train.fid_every > 0 needs reference images (an .npz or a folder)")
-    if train.fid_every > 0 and train.fid_num_samples < 2:
-        problems.append(f"train.fid_num_samples: FID needs at least 2 samples, got {train.fid_num_samples}")
+    if comp is not None:
+        _, h, w = recipe.sample.size
+        if h % comp[1] or w % comp[2]:
+            problems.append(
+                f"sample.size: height and width {h}x{w} must be multiples of the VAE's "
+                f"{comp[1]}x{comp[2]} compression"
+            )
 
     shard = _attr(resolved, "parallel", "shard_size")
     if shard is not None and shard > 0 and world % shard:

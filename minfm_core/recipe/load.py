@@ -1,8 +1,16 @@
 """Reading a recipe file into one plain dict.
 
 Precedence: ``--set`` > the file > what it ``extends`` > schema defaults.
-``extends`` paths are relative to the file that names them; cycles are errors.
-``${VAR}`` and ``${VAR:-default}`` expand environment variables in string values.
+``extends`` paths are relative to the folder the naming file sits in (its place, not where
+a symlink to it leads: in the Hugging Face cache that would be a content-addressed blob);
+cycles are errors. ``${VAR}`` and ``${VAR:-default}`` expand environment variables in
+string values; a ``${`` that opens no such reference is an error.
+
+A recipe from outside (a Hub repo, a checkpoint: ``untrusted_root`` given) is data: no
+environment expansion at all (its text stays literal), and ``extends`` must stay inside
+``untrusted_root`` (:func:`minfm_core.safepath.contained`). The user's own ``--set``
+overrides still apply (literally). File references inside the recipe are contained when
+the recipe is resolved (``resolve.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import RecipeError
+from ..errors import MinfmError, RecipeError
 from .toml import tomllib
 
 
@@ -37,23 +45,63 @@ def _renamed(base: Mapping[str, Any], over: Mapping[str, Any]) -> bool:
     return "name" in over and "name" in base and over["name"] != base["name"]
 
 
-def _read(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+#: A recipe is a small text file; anything larger is a mistake (a checkpoint named .toml, ...).
+MAX_RECIPE_BYTES = 16 * 1024 * 1024
+
+
+def _parse(path: Path) -> dict[str, Any]:
+    """The TOML table of one file, with every way a file can be unreadable as a RecipeError."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise RecipeError(f"cannot read the recipe: {exc.strerror or exc}", str(path)) from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{len(raw):,} bytes is too large for a recipe (at most {MAX_RECIPE_BYTES:,})", str(path))
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"not a UTF-8 text file (byte {exc.start}); a recipe is TOML text", str(path)) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(f"invalid TOML: {exc}", str(path)) from None
+    except RecursionError:
+        raise RecipeError("invalid TOML: arrays or tables nested too deeply", str(path)) from None
+
+
+def _extended(path: Path, parent: str, untrusted_root: Path | None) -> Path:
+    """The file ``extends = parent`` in ``path`` names, relative to ``path``'s folder."""
+    if untrusted_root is None:
+        return Path(os.path.normpath(path.parent / Path(parent).expanduser()))
+    from ..safepath import contained
+
+    root = Path(os.path.abspath(untrusted_root))
+    if Path(parent).is_absolute():
+        raise RecipeError(f"extends: refusing path {parent!r}: it leaves {root}", str(path))
+    # Lexical: the repo's folders are real folders (only its files are cache symlinks), so
+    # the name relative to the root is what the repo says, and contained() checks where it leads.
+    name = os.path.relpath(os.path.normpath(path.parent / parent), root)
+    try:
+        return Path(os.path.normpath(contained(root, name.replace(os.sep, "/"), what=f"{path}: extends")))
+    except MinfmError:
+        raise RecipeError(f"extends: refusing path {parent!r}: it leaves {root}", str(path)) from None
+
+
+def _read(path: Path, chain: tuple[Path, ...], untrusted_root: Path | None = None) -> dict[str, Any]:
     if path in chain:
         cycle = " -> ".join(p.name for p in (*chain[chain.index(path) :], path))
         raise RecipeError(f"circular extends: {cycle}", str(chain[0]))
     if not path.is_file():
         where = f" (extended from {chain[-1]})" if chain else ""
-        raise RecipeError(f"recipe file not found: {path}{where}")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise RecipeError(f"invalid TOML: {exc}", str(path)) from None
+        what = "is not a file" if path.exists() else "not found"
+        raise RecipeError(f"recipe file {what}: {path}{where}")
+    data = _parse(path)
     parent = data.pop("extends", None)
     if parent is None:
         return data
-    if not isinstance(parent, str):
+    if not isinstance(parent, str) or not parent:
         raise RecipeError(f"extends: expected a file name, got {parent!r}", str(path))
-    base = _read((path.parent / parent).resolve(), (*chain, path))
+    base = _read(_extended(path, parent, untrusted_root), (*chain, path), untrusted_root)
     return deep_merge(base, data)
 
 
@@ -87,6 +135,7 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_OPEN = "${"
 
 
 def expand_env(data: Any, path: str = "") -> Any:
@@ -105,11 +154,34 @@ def expand_env(data: Any, path: str = "") -> Any:
                 return default
             raise RecipeError(f"{path}: environment variable {name} is not set (or write ${{{name}:-default}})")
 
+        starts = {m.start() for m in _VAR.finditer(data)}
+        at = data.find(_OPEN)
+        while at != -1:
+            if at not in starts:  # `${VAR` never closed, or `${1}`: a typo, not text to keep
+                raise RecipeError(
+                    f"{path}: malformed environment reference at {data[at:at + 24]!r}; "
+                    "write ${VAR} or ${VAR:-default}"
+                )
+            at = data.find(_OPEN, at + 2)
         return _VAR.sub(sub, data)
     return data
 
 
-def load_recipe_dict(path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict[str, Any]:
-    """The merged, overridden and expanded recipe as a plain dict (not yet validated)."""
-    data = _read(Path(path).resolve(), ())
-    return expand_env(apply_overrides(data, overrides))
+def load_recipe_dict(
+    path: str | os.PathLike, overrides: Iterable[str] = (), *, untrusted_root: str | os.PathLike | None = None
+) -> dict[str, Any]:
+    """The merged, overridden and expanded recipe as a plain dict (not yet validated).
+
+    ``untrusted_root``: the folder a recipe from outside arrived in (a Hub snapshot, a
+    checkpoint); see the module doc. Nothing is expanded then, and ``extends`` stays inside it.
+    """
+    # abspath, not resolve(): a recipe's place is where it sits, not where its symlink leads.
+    where = Path(os.path.abspath(path))
+    root = None if untrusted_root is None else Path(os.path.abspath(untrusted_root))
+    try:
+        data = _read(where, (), root)
+        if root is not None:
+            return apply_overrides(data, overrides)
+        return expand_env(apply_overrides(data, overrides))
+    except RecursionError:
+        raise RecipeError("arrays or tables nested too deeply", str(path)) from None
