@@ -38,6 +38,10 @@ def register(sub) -> None:
     p.add_argument("--local-dir", metavar="DIR", help="download into DIR instead of the Hugging Face cache")
     p.add_argument("--include-training-state", action="store_true",
                    help="also download the DCP training state (checkpoint/), needed to resume training")
+    p.add_argument("--max-files", type=int, metavar="N",
+                   help="refuse a pull of more than N files (default 10000, or MINFM_HUB_MAX_FILES)")
+    p.add_argument("--max-bytes", metavar="SIZE",
+                   help="refuse a pull of more than SIZE bytes, e.g. 200GB (default 1TiB, or MINFM_HUB_MAX_BYTES)")
     p.set_defaults(func=_pull)
 
 
@@ -56,7 +60,8 @@ def _push(args) -> int:
 def _pull(args) -> int:
     from .pull import pull
 
-    pulled = pull(args.ref, args.local_dir, training_state=args.include_training_state)
+    pulled = pull(args.ref, args.local_dir, training_state=args.include_training_state,
+                  max_files=args.max_files, max_bytes=args.max_bytes)
     print(f"pulled {args.ref} (commit {pulled.commit[:12]})", file=sys.stderr)
     print(pulled.path)
     return 0

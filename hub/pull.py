@@ -8,12 +8,17 @@ readable with :func:`source_info`), so a run can say exactly which weights it us
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from minfm_core.errors import MinfmError
+from minfm_core.safepath import contained, is_inside, write_text_atomic
 
 from .errors import hub_errors
 from .uri import HubRef, parse_hf_uri, parse_ref
@@ -25,6 +30,12 @@ TRAINING_STATE_PATTERNS = ("checkpoint/*",)
 #: Formats that unpickle on load (arbitrary code execution): never pushed, never pulled.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 SOURCE_INFO = "minfm_source.json"
+#: Default bounds on one pull (override: --max-files/--max-bytes, MINFM_HUB_MAX_FILES/_BYTES).
+DEFAULT_MAX_FILES = 10_000
+DEFAULT_MAX_BYTES = 2**40  # 1 TiB
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 _SNAPSHOT_RE = re.compile(r"(?:^|/)models--([^/]+)--([^/]+)/snapshots/([0-9a-f]{40})$")
 
 
@@ -56,40 +67,216 @@ class Pulled:
         return f"hf://{self.repo_id}@{self.commit}"
 
 
-def pull(ref: str | HubRef, local_dir: str | Path | None = None, *, training_state: bool = False) -> Pulled:
+def parse_size(text: str | int) -> int:
+    """``"5GB"`` -> 5_000_000_000 (also KB/MB/TB, KiB/MiB/GiB/TiB, or plain bytes)."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise MinfmError(f"invalid size {text!r}: expected e.g. 5GB, 500MB or a number of bytes")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How much one pull may bring: a repo is hostile until checked, and a listing of a
+    million files or a petabyte must end before the disk fills."""
+
+    max_files: int = DEFAULT_MAX_FILES
+    max_bytes: int = DEFAULT_MAX_BYTES
+
+    @classmethod
+    def resolve(cls, max_files: int | None = None, max_bytes: str | int | None = None) -> Limits:
+        """Arguments win, then ``MINFM_HUB_MAX_FILES`` / ``MINFM_HUB_MAX_BYTES``, then the defaults."""
+        files = max_files if max_files is not None else os.environ.get("MINFM_HUB_MAX_FILES") or DEFAULT_MAX_FILES
+        size = max_bytes if max_bytes is not None else os.environ.get("MINFM_HUB_MAX_BYTES") or DEFAULT_MAX_BYTES
+        try:
+            files = int(files)
+        except ValueError:
+            raise MinfmError(f"invalid file count {files!r} (MINFM_HUB_MAX_FILES / --max-files)") from None
+        return cls(files, parse_size(size))
+
+    def check(self, n_files: int, n_bytes: int, what: str) -> None:
+        if n_files > self.max_files:
+            raise MinfmError(f"{what}: {n_files} files to download, more than the limit of {self.max_files} "
+                             "(raise it with --max-files or MINFM_HUB_MAX_FILES)")
+        if n_bytes > self.max_bytes:
+            raise MinfmError(f"{what}: {n_bytes} bytes to download, more than the limit of {self.max_bytes} "
+                             "(raise it with --max-bytes or MINFM_HUB_MAX_BYTES)")
+
+
+def pull(ref: str | HubRef, local_dir: str | Path | None = None, *, training_state: bool = False,
+         max_files: int | None = None, max_bytes: str | int | None = None) -> Pulled:
     """Download ``ref`` (``org/name[@rev]`` or ``hf://...``) into the HF cache or ``local_dir``.
 
     With ``training_state`` the ``checkpoint/`` folder (full DCP training state) comes too.
-    Raises MinfmError (one line) for a bad id, a missing repo/revision, a pickle file, or no network.
+    Before downloading, the repo's file list is checked: no pickle, no name that leaves the
+    folder, at most ``max_files`` files and ``max_bytes`` bytes (see :class:`Limits`); the
+    downloaded tree is checked again. A failed pull leaves the target as it was.
+    Raises MinfmError (one line) for a bad id, a missing repo/revision, a refused repo, or no network.
     """
-    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub import HfApi, constants
 
     ref = parse_ref(ref) if isinstance(ref, str) else ref
+    limits = Limits.resolve(max_files, max_bytes)
     patterns = list(SAFE_PATTERNS) + (list(TRAINING_STATE_PATTERNS) if training_state else [])
+    what = f"Hub repo {ref}"
     commit = None
     with hub_errors("pull", str(ref)):
         if not constants.HF_HUB_OFFLINE:
-            info = HfApi().model_info(ref.repo_id, revision=ref.revision)
-            refuse_pickles([s.rfilename for s in info.siblings or []], str(ref))
+            info = HfApi().model_info(ref.repo_id, revision=ref.revision, files_metadata=True)
+            siblings = list(info.siblings or [])
+            refuse_pickles([s.rfilename for s in siblings], str(ref))
+            for s in siblings:  # the server may list any name; none may leave the folder
+                _check_name(s.rfilename, what)
+            wanted = _wanted(siblings, patterns)
+            limits.check(len(wanted), sum(max(int(s.size or 0), 0) for s in wanted), what)
             commit = info.sha
-        # The asked revision (not the sha) is passed on so the cache records the branch/tag
-        # and a later offline `hf://org/name` finds it.
-        path = Path(snapshot_download(
-            ref.repo_id, revision=ref.revision, local_dir=local_dir, allow_patterns=patterns,
-        ))
-    m = _SNAPSHOT_RE.search(path.as_posix())
-    if m:  # cache layout: the folder name is the commit actually downloaded
-        commit = m.group(3)
-    pulled = Pulled(path, ref.repo_id, ref.revision, commit or "unknown")
-    _record(pulled)
+        if local_dir is None:
+            path = _pull_to_cache(ref, patterns, commit, limits)
+            m = _SNAPSHOT_RE.search(path.as_posix())
+            commit = m.group(3) if m else commit  # the folder name is the commit actually downloaded
+            pulled = Pulled(path, ref.repo_id, ref.revision, commit or "unknown")
+            _record(pulled, pulled.path)
+        else:
+            pulled = Pulled(Path(local_dir).expanduser(), ref.repo_id, ref.revision, commit or "unknown")
+            _pull_to_local_dir(pulled, patterns, limits)
     return pulled
 
 
-def _record(pulled: Pulled) -> None:
+def _wanted(siblings: list, patterns: list[str]) -> list:
+    from huggingface_hub.utils import filter_repo_objects
+
+    return list(filter_repo_objects(siblings, allow_patterns=patterns, key=lambda s: s.rfilename))
+
+
+def _check_name(name: str, what: str) -> None:
+    """A repo file name must be a plain relative path (checked before anything is downloaded)."""
+    pure = PurePosixPath(name) if isinstance(name, str) else None
+    if (pure is None or not name or "\x00" in name or "\\" in name or pure.is_absolute()
+            or any(part in ("..", "") for part in name.split("/"))):
+        raise MinfmError(f"{what}: refusing file name {name!r}: it leaves the repo folder")
+
+
+def _verify(folder: Path, limits: Limits, what: str) -> None:
+    """The downloaded tree, checked again: no symlink out, regular files only, within the limits."""
+    n_files = n_bytes = 0
+    for dirpath, dirnames, filenames in os.walk(folder):  # symlinked folders are not entered
+        rel_dir = Path(dirpath).relative_to(folder)
+        if rel_dir.parts[:1] == (".cache",):
+            continue  # huggingface_hub's own bookkeeping for --local-dir
+        for name in dirnames + filenames:
+            entry = Path(dirpath) / name
+            rel = (rel_dir / name).as_posix()
+            if entry.is_symlink() and not is_inside(entry, folder):
+                raise MinfmError(f"{what}: refusing {rel}: a symlink leads outside {folder}")
+            if name in filenames:
+                if not entry.is_file():
+                    raise MinfmError(f"{what}: refusing {rel}: not a regular file")
+                n_files += 1
+                n_bytes += entry.stat().st_size
+    limits.check(n_files, n_bytes, what)
+
+
+def _pull_to_cache(ref: HubRef, patterns: list[str], commit: str | None, limits: Limits) -> Path:
+    """snapshot_download into the HF cache; on failure, remove the snapshot (and blobs) this pull created."""
+    from huggingface_hub import constants, snapshot_download
+
+    repo_cache = Path(constants.HF_HUB_CACHE) / ("models--" + ref.repo_id.replace("/", "--"))
+    snapshot = repo_cache / "snapshots" / commit if commit else None
+    fresh = snapshot is not None and not os.path.lexists(snapshot)
+    blobs = repo_cache / "blobs"
+    blobs_before = set(os.listdir(blobs)) if blobs.is_dir() else set()
+    try:
+        # The asked revision (not the sha) is passed on so the cache records the branch/tag
+        # and a later offline `hf://org/name` finds it.
+        path = Path(snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=patterns))
+        _verify(path, limits, f"Hub repo {ref}")
+        return path
+    except BaseException:
+        if fresh:
+            _remove_partial(snapshot, blobs, blobs_before)
+        raise
+
+
+def _remove_partial(snapshot: Path, blobs: Path, blobs_before: set[str]) -> None:
+    """Remove a snapshot folder this pull created and the blobs it added (links are removed, never followed)."""
+    shutil.rmtree(snapshot, ignore_errors=True)
+    if blobs.is_dir():
+        for name in set(os.listdir(blobs)) - blobs_before:
+            with contextlib.suppress(OSError):
+                os.unlink(blobs / name)
+
+
+def _pull_to_local_dir(pulled: Pulled, patterns: list[str], limits: Limits) -> None:
+    """Download into a fresh folder beside the target, verify it, then move the files in.
+
+    Nothing is written into the target before every check passed, and every move replaces
+    a file (or a symlink that stays inside) instead of writing through it.
+    """
+    from huggingface_hub import snapshot_download
+
+    target = Path(os.path.abspath(pulled.path))
+    what = f"Hub repo {HubRef(pulled.repo_id, pulled.revision)}"
+    if os.path.lexists(target) and not target.is_dir():
+        raise MinfmError(f"{pulled.path}: exists and is not a folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.pull-", dir=target.parent))
+    try:
+        if target.is_dir():
+            _seed(target, tmp)
+        snapshot_download(pulled.repo_id, revision=pulled.revision, local_dir=tmp, allow_patterns=patterns)
+        _verify(tmp, limits, what)
+        _record(pulled, tmp)
+        if not os.path.lexists(target):
+            os.chmod(tmp, 0o777 & ~_umask())
+            os.rename(tmp, target)  # one atomic step
+            return
+        moves = []
+        for src in sorted(p for p in tmp.rglob("*") if not p.is_dir()):
+            rel = src.relative_to(tmp).as_posix()
+            moves.append((src, contained(target, rel, what=f"{what}: --local-dir {pulled.path}")))
+        for src, dst in moves:  # every destination was checked before the first move
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _seed(target: Path, tmp: Path) -> None:
+    """Hard-link the target's files into ``tmp`` so unchanged files are not downloaded again.
+
+    huggingface_hub replaces (never rewrites) a data file it downloads, so a link is safe;
+    its small ``.cache`` metadata files are rewritten in place, so they are copied. Only
+    regular files that really lie inside the target are taken.
+    """
+    for src in target.rglob("*"):
+        if src.is_symlink() or not src.is_file() or not is_inside(src, target):
+            continue
+        dst = tmp / src.relative_to(target)
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if src.relative_to(target).parts[:1] == (".cache",):
+                shutil.copy2(src, dst)
+            else:
+                os.link(src, dst)
+        except OSError:
+            return  # another file system, no hard links: download everything again
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _record(pulled: Pulled, folder: Path) -> None:
+    """Write ``minfm_source.json`` atomically, replacing (never writing through) a symlink there:
+    in the cache a repo's own ``minfm_source.json`` is a link to a shared blob."""
     info = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(pulled).items() if k != "path"}
     info["uri"] = pulled.uri
     try:
-        (pulled.path / SOURCE_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        write_text_atomic(folder / SOURCE_INFO, json.dumps(info, indent=2, sort_keys=True) + "\n")
     except OSError:
         pass  # a read-only shared cache: source_info() still reads the cache layout
 
@@ -99,8 +286,13 @@ def source_info(path: str | Path) -> dict | None:
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     f = folder / SOURCE_INFO
-    if f.exists():
-        return json.loads(f.read_text())
+    if f.is_file() and f.stat().st_size < 1 << 16:
+        try:  # a repo may ship its own (hostile) file under this name: only a well-formed record counts
+            info = json.loads(f.read_text())
+            if isinstance(info, dict) and all(isinstance(info.get(k), str) for k in ("repo_id", "commit", "uri")):
+                return info
+        except (ValueError, OSError):
+            pass
     m = _SNAPSHOT_RE.search(folder.resolve().as_posix())
     if m:
         repo_id = f"{m.group(1)}/{m.group(2)}"

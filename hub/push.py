@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
+import os
 import sys
 import tempfile
 from collections.abc import Callable
@@ -22,10 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minfm_core.errors import MinfmError
+from minfm_core.safepath import contained, write_text_atomic
 
 from . import card
 from .errors import hub_errors
-from .pull import is_pickle, refuse_pickles
+from .pull import is_pickle, parse_size, refuse_pickles
+from .secrets import scan_for_tokens
 from .uri import validate_repo_id, validate_revision
 
 WEIGHT_STEMS = ("model", "ema")
@@ -33,9 +35,7 @@ EXTRA_FILES = ("recipe.toml", "samples.png", "metrics.jsonl")
 TRAINING_STATE_DIR = "checkpoint"
 DIFFUSERS_DIR = "transformer"  # diffusers' FluxTransformer2DModel folder (optional)
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # as transformers and huggingface_hub
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
 
 
 @dataclass
@@ -49,16 +49,6 @@ class PushResult:
     @property
     def changed(self) -> bool:
         return bool(self.uploaded or self.deleted)
-
-
-def parse_size(text: str | int) -> int:
-    """``"5GB"`` -> 5_000_000_000 (also KB/MB/TB, KiB/MiB/GiB, or plain bytes)."""
-    if isinstance(text, int):
-        return text
-    m = _SIZE_RE.match(text)
-    if not m:
-        raise MinfmError(f"invalid size {text!r}: expected e.g. 5GB, 500MB or a number of bytes")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
 
 
 def _human_size(n: int) -> str:
@@ -85,9 +75,11 @@ def _export(src: Path, out: Path, include_training_state: bool) -> Path:
 def _shard(path: Path, stem: str, max_bytes: int, out: Path) -> dict[str, Path]:
     """``stem-0000i-of-0000n.safetensors`` + index (transformers layout) for one big weights file."""
     from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
-    state = load_file(path)
+    from minfm_core.weights import load_safetensors_file
+
+    state = load_safetensors_file(path)
     split = split_torch_state_dict_into_shards(
         state, filename_pattern=stem + "{suffix}.safetensors", max_shard_size=max_bytes
     )
@@ -98,40 +90,63 @@ def _shard(path: Path, stem: str, max_bytes: int, out: Path) -> dict[str, Path]:
         save_file({t: state[t].contiguous() for t in tensors}, out / name, metadata={"format": "pt"})
         files[name] = out / name
     index = {"metadata": dict(split.metadata), "weight_map": dict(sorted(split.tensor_to_filename.items()))}
-    (out / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(out / f"{stem}.safetensors.index.json", json.dumps(index, indent=2, sort_keys=True) + "\n")
     files[f"{stem}.safetensors.index.json"] = out / f"{stem}.safetensors.index.json"
     return files
 
 
+def _regular(folder: Path, rel: str) -> Path:
+    """The file a push uploads for ``folder/rel``: regular files only.
+
+    A symlink is followed only when it stays inside ``folder`` (a pulled HF cache snapshot
+    is made of links into its repo's ``blobs/``, which counts as inside): its target's
+    content is uploaded under the link's name. A link leading anywhere else is refused,
+    so a push never uploads what lies outside the folder. The resolved path is returned,
+    so the link cannot be swapped between this check and the upload.
+    """
+    path = contained(folder, rel, what=f"{folder}/{rel}")
+    real = Path(os.path.realpath(path))
+    if not real.is_file():
+        raise MinfmError(f"{folder}/{rel}: refusing to push: not a regular file")
+    return real
+
+
 def collect(folder: Path, stage: Path, *, include_training_state: bool, max_shard_size: int) -> dict[str, Path]:
     """Repo path -> local file for everything a push of ``folder`` uploads (shards written to ``stage``)."""
+    from minfm_core.weights import index_shards
+
     refuse_pickles([p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and is_pickle(p.name)],
                    str(folder))
     files: dict[str, Path] = {}
     for stem in WEIGHT_STEMS:
         single, index = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"
-        if single.exists():
+        if os.path.lexists(single):
+            single = _regular(folder, single.name)
             if single.stat().st_size > max_shard_size:
                 files.update(_shard(single, stem, max_shard_size, stage))
             else:
-                files[single.name] = single
-        elif index.exists():  # already sharded: the index names the shards
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            missing = [s for s in shards if not (folder / s).exists()]
+                files[f"{stem}.safetensors"] = single
+        elif os.path.lexists(index):  # already sharded: the index names the shards
+            shards = index_shards(_regular(folder, index.name))
+            missing = [s.name for s in shards if not os.path.lexists(s)]
             if missing:
                 raise MinfmError(f"{index}: names shards that are missing: {', '.join(missing)}")
-            files[index.name] = index
-            files.update({s: folder / s for s in shards})
+            files[index.name] = _regular(folder, index.name)
+            for shard in shards:
+                rel = shard.relative_to(folder).as_posix()
+                files[rel] = _regular(folder, rel)
     for name in EXTRA_FILES:
-        if (folder / name).exists():
-            files[name] = folder / name
+        if os.path.lexists(folder / name):
+            files[name] = _regular(folder, name)
     if include_training_state:
         ckpt = folder / TRAINING_STATE_DIR
         if not ckpt.is_dir() or not any(ckpt.rglob("*")):
             raise MinfmError(f"{folder}: --include-training-state needs the DCP training state in {ckpt}/")
+        contained(folder, TRAINING_STATE_DIR, what=f"{ckpt}")  # the folder itself must not lead outside
         for p in sorted(ckpt.rglob("*")):
-            if p.is_file():
-                files[p.relative_to(folder).as_posix()] = p
+            if p.is_symlink() or p.is_file():
+                rel = p.relative_to(folder).as_posix()
+                files[rel] = _regular(folder, rel)
     return files
 
 
@@ -178,9 +193,15 @@ def push(
     message: str | None = None,
     license: str = "other",
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+    token: str | None = None,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
 ) -> PushResult:
-    """Push ``src`` to ``repo_id`` (branch ``revision``, created if missing) as one commit."""
+    """Push ``src`` to ``repo_id`` (branch ``revision``, created if missing) as one commit.
+
+    Before anything is sent, every file is scanned for the active Hub token and for
+    token-shaped strings (:func:`minfm_hub.secrets.scan_for_tokens`): a run's recipe.toml
+    holds ``${HF_TOKEN}`` expanded, and a push would publish it.
+    """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
     from huggingface_hub.hf_api import RepoFile
 
@@ -202,8 +223,9 @@ def push(
             files.update(_diffusers_folder(folder, stage / DIFFUSERS_DIR))
         (stage / "README.md").write_text(card.render(repo_id, files, folder, license=license))
         files["README.md"] = stage / "README.md"
+        scan_for_tokens(files, token)  # refuses before the first request
 
-        api = HfApi()
+        api = HfApi(token=token)
         with hub_errors("push to", target):
             api.create_repo(repo_id, private=private, exist_ok=True)
             if branch != "main":

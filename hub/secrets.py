@@ -1,0 +1,119 @@
+"""Refuse to publish a Hub token: the scan ``minfm hub push`` runs before its first request.
+
+A run's ``recipe.toml`` is the *resolved* recipe, so ``${HF_TOKEN}`` in the user's own
+recipe arrives there expanded; a logger may put it in ``metrics.jsonl``; the model card
+quotes the recipe. Once pushed to a public repo the token is everyone's. So every file a
+push would upload is scanned for the active token (the ``token`` argument, else
+huggingface_hub's ``get_token()``: ``HF_TOKEN`` or the login cache) and for anything
+shaped like a Hub token (``hf_`` and 30 or more letters/digits). A hit is one MinfmError
+naming the file and the line (or byte offset), with the token shown redacted.
+
+Text files are read line by line. A safetensors file is scanned in its JSON header only
+(the metadata strings; the rest is tensor bytes). Other binary files (images, DCP
+training state) are scanned whole, in chunks that overlap by more than a token's length.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+from minfm_core.errors import MinfmError
+
+#: Something shaped like a Hub user access token.
+TOKEN_RE = re.compile(rb"hf_[A-Za-z0-9]{30,}")
+#: Files read as text, reported with line numbers.
+TEXT_SUFFIXES = (".toml", ".json", ".jsonl", ".md", ".txt", ".yaml", ".yml", ".csv", ".cfg", ".ini", ".py", ".html")
+_CHUNK = 1 << 22
+_OVERLAP = 512  # longer than any token we look for
+
+
+def redact(token: str) -> str:
+    """``hf_m***`` (36 chars): enough to recognise which token, not enough to use it."""
+    return f"{token[:4]}*** ({len(token)} chars)"
+
+
+def active_token(token: str | None = None) -> str | None:
+    if token:
+        return token
+    try:
+        from huggingface_hub import get_token
+
+        return get_token()
+    except Exception:  # a broken token file: the shape check still runs
+        return None
+
+
+def _hit(data: bytes, token: bytes | None) -> tuple[int, bytes] | None:
+    """(offset, matched bytes) of the first token in ``data``, or None."""
+    found = []
+    if token:
+        i = data.find(token)
+        if i >= 0:
+            found.append((i, token))
+    m = TOKEN_RE.search(data)
+    if m:
+        found.append((m.start(), m.group()))
+    return min(found) if found else None
+
+
+def _scan_text(path: Path, token: bytes | None) -> str | None:
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            hit = _hit(line, token)
+            if hit:
+                return f"line {lineno}: {redact(hit[1].decode('ascii', 'replace'))}"
+    return None
+
+
+def _scan_binary(path: Path, token: bytes | None, limit: int | None = None) -> str | None:
+    """Chunks of ``path`` (the first ``limit`` bytes only, if given), overlapping so no token is cut."""
+    done, tail = 0, b""
+    with open(path, "rb") as f:
+        while True:
+            want = _CHUNK if limit is None else min(_CHUNK, limit - done)
+            chunk = f.read(want) if want > 0 else b""
+            if not chunk:
+                return None
+            data = tail + chunk
+            hit = _hit(data, token)
+            if hit:
+                return f"byte {done - len(tail) + hit[0]}: {redact(hit[1].decode('ascii', 'replace'))}"
+            done += len(chunk)
+            tail = data[-_OVERLAP:]
+
+
+def _safetensors_header_len(path: Path) -> int:
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+    return 8 + int.from_bytes(prefix, "little") if len(prefix) == 8 else 8
+
+
+def scan_file(path: Path, token: str | None) -> str | None:
+    """Where in ``path`` a token is (``line N: hf_m*** ...``), or None."""
+    from minfm_core.weights import MAX_HEADER_BYTES
+
+    tok = token.encode() if token else None
+    name = path.name.lower()
+    if name.endswith(TEXT_SUFFIXES):
+        return _scan_text(path, tok)
+    if name.endswith(".safetensors"):
+        return _scan_binary(path, tok, limit=min(_safetensors_header_len(path), 8 + MAX_HEADER_BYTES))
+    return _scan_binary(path, tok)
+
+
+def scan_for_tokens(files: Mapping[str, Path], token: str | None = None) -> None:
+    """Refuse (one MinfmError) if any file to upload (repo path -> local file) holds a token.
+
+    The generated model card (``README.md``) is scanned last, so a token copied into it from
+    the recipe is reported where it came from.
+    """
+    active = active_token(token)
+    for repo_path in sorted(files, key=lambda p: (p == "README.md", p)):
+        where = scan_file(Path(files[repo_path]), active)
+        if where:
+            raise MinfmError(
+                f"{repo_path}: refusing to push: a Hugging Face token at {where}; remove it "
+                "(a recipe's ${HF_TOKEN} is expanded in the run's recipe.toml) and push again"
+            )
