@@ -2,14 +2,24 @@
 
 Exit codes (contract): 0 success; 2 bad usage, recipe or input (one clear message,
 no traceback); 1 unexpected failure (traceback kept).
+
+:func:`main` is the one error boundary: an exception leaving a command is either a
+:class:`MinfmError` (the user's to fix: one line, exit 2) or a bug (traceback, a request to
+report it, exit 1). Errors are translated into MinfmErrors where they arise, naming the
+file; two kinds are translated here as a last resort because any command can meet them:
+``OSError`` (a full or read-only disk, a missing permission: ``minfm: error: FILE: reason``)
+and torch's ``CheckpointException``, which derives from ``BaseException`` and so slips past
+``except Exception``.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 from .. import __version__
@@ -68,6 +78,66 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("minfm: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`minfm plugins | head`): nothing is wrong with the command.
+        _silence_stdout()
+        return 0
+    except OSError as exc:
+        print(f"minfm: error: {os_error_line(exc)}", file=sys.stderr)
+        return 2
+    except Exception:
+        return _bug()
+    except BaseException as exc:
+        if _is_checkpoint_exception(exc):
+            print(f"minfm: error: {checkpoint_error_line(exc)}", file=sys.stderr)
+            return 2
+        raise  # SystemExit and the like keep their meaning
+
+
+REPORT = "minfm: this is a bug in minFM or one of its plugins; please report it with the traceback above"
+
+
+def _bug() -> int:
+    traceback.print_exc()
+    print(REPORT, file=sys.stderr)
+    return 1
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def os_error_line(exc: OSError) -> str:
+    """``FILE: reason`` for an OSError (``reason`` alone when it names no file)."""
+    reason = exc.strerror or (errno.errorcode.get(exc.errno, "") if exc.errno else "") or str(exc) or type(exc).__name__
+    names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]
+    return f"{' -> '.join(names)}: {reason}" if names else reason
+
+
+def _is_checkpoint_exception(exc: BaseException) -> bool:
+    # Matched by name: importing torch here would slow every command down.
+    return any(c.__name__ == "CheckpointException" for c in type(exc).__mro__)
+
+
+def checkpoint_error_line(exc: BaseException) -> str:
+    """One line for a DCP failure: the checkpoint (when known) and each failing rank's first error."""
+    where = getattr(exc, "checkpoint_path", None) or getattr(exc, "path", None)
+    parts = []
+    for rank, pair in sorted((getattr(exc, "failures", None) or {}).items()):
+        inner = pair[0] if isinstance(pair, tuple) and pair else pair
+        if isinstance(inner, OSError):
+            text = os_error_line(inner)
+        elif isinstance(inner, BaseException):
+            text = f"{type(inner).__name__}: {str(inner).splitlines()[0] if str(inner) else ''}".rstrip(": ")
+        else:
+            text = str(inner)
+        parts.append(f"rank {rank}: {text}")
+    head = f"checkpoint {where}" if where else "checkpoint"
+    return f"{head}: could not be read or written ({'; '.join(parts) or 'no detail'})"
 
 
 def entry() -> None:

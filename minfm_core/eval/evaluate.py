@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import inspect
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,16 +23,45 @@ FEATURES = ("pool", "spatial", "logits")
 NAMES = {"inception_score": "Inception Score", "fid": "FID", "sfid": "sFID", "precision": "Precision", "recall": "Recall"}
 
 
+_SPEC = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*")
+
+
 def load_extractor(spec: str, where: str = "--extractor") -> Extractor:
-    """Call the factory ``MODULE:ATTR`` for a feature extractor (``where`` names the setting in errors)."""
-    mod, _, attr = spec.partition(":")
-    if not mod or not attr:
+    """Call the factory ``MODULE:ATTR`` for a feature extractor (``where`` names the setting in errors).
+
+    The factory must be a Python function or class of a module outside the standard
+    library, callable without arguments, and must return a callable. Anything else (say
+    ``os:system``) is refused by name before it is called: the spec is a way to plug in a
+    network, not to run arbitrary functions.
+    """
+    if not isinstance(spec, str) or not _SPEC.fullmatch(spec):
         raise MinfmError(f"{where} {spec!r}: expected MODULE:ATTR")
+    mod, _, attr = spec.partition(":")
+    top = mod.split(".")[0]
+    if top in sys.stdlib_module_names or top in sys.builtin_module_names:
+        raise MinfmError(f"{where} {spec!r}: {top} is a standard-library module, not a feature-extractor factory")
     try:
-        factory = getattr(importlib.import_module(mod), attr)
+        obj = importlib.import_module(mod)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
     except (ImportError, AttributeError) as exc:
         raise MinfmError(f"{where} {spec!r}: {exc}") from None
-    return factory()
+    factory = obj
+    if not (inspect.isfunction(factory) or inspect.isclass(factory)):
+        raise MinfmError(f"{where} {spec!r}: expected a Python function or class, got {type(factory).__name__}")
+    try:
+        inspect.signature(factory).bind()
+    except TypeError:
+        raise MinfmError(f"{where} {spec!r}: the factory must be callable without arguments") from None
+    except ValueError:
+        pass  # no signature to inspect (some C-level classes): the call below decides
+    try:
+        extractor = factory()
+    except Exception as exc:  # the user's own code: its failure is named, not a minFM bug
+        raise MinfmError(f"{where} {spec!r}: the factory failed: {type(exc).__name__}: {exc}") from None
+    if not callable(extractor):
+        raise MinfmError(f"{where} {spec!r}: the factory returned {type(extractor).__name__}, not a callable extractor")
+    return extractor
 
 
 def extract_features(source: str | Path, extractor: Extractor, *, batch_size: int = 64, log=None,
