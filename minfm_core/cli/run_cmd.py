@@ -2,6 +2,8 @@
 
 ``--nproc-per-node N`` re-launches this command through torch.distributed's launcher
 on this host; under ``torchrun`` (``LOCAL_RANK`` set) the command runs as it is.
+A train job's launcher holds the run-dir lock for its workers, and the workers die
+with it (see minfm_core/runlock.py and docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ import os
 import subprocess
 import sys
 
+from .. import runlock
 from ..errors import MinfmError
 from ..recipe import load_recipe
+from .argtypes import MAX_SEED, finite_float, image_size, int_in, nprocs
 
 
 def register(sub) -> None:
@@ -21,39 +25,40 @@ def register(sub) -> None:
     for name, helptext in (("run", "run the recipe's job (train or sample)"), ("train", "train, whatever the recipe's job")):
         p = sub.add_parser(name, help=helptext)
         add_recipe_args(p)
-        p.add_argument("--nproc-per-node", type=int, default=1, metavar="N", help="processes on this host (default 1)")
+        p.add_argument("--nproc-per-node", type=nprocs, default=1, metavar="N", help="processes on this host (default 1)")
         p.set_defaults(func=run, job=None if name == "run" else name)
-
 
     p = sub.add_parser("sample", help="sample images from a run, checkpoint or hf:// model")
     p.add_argument("source", help="run dir, checkpoint dir, exported folder, or hf://org/name[@rev]")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompt-file", help="text file, one prompt per line")
-    p.add_argument("--out", help="output folder (default: <source>/samples_cli)")
-    p.add_argument("--seed", type=int, help="base seed (image k of prompt i uses seed + i * n + k)")
-    p.add_argument("--steps", type=int, help="solver steps")
-    p.add_argument("--cfg", type=float, help="guidance scale")
-    p.add_argument("--size", help="HEIGHTxWIDTH, e.g. 256x256")
-    p.add_argument("--n", type=int, help="samples per prompt")
+    p.add_argument("--out", help="output folder (default: <source>/samples_cli; ./samples/<org>--<name> for hf://)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the samples in --out even when they were drawn for another request")
+    p.add_argument("--seed", type=int_in("--seed", 0, MAX_SEED), help="base seed (image k of prompt i uses seed + i * n + k)")
+    p.add_argument("--steps", type=int_in("--steps", 1), help="solver steps")
+    p.add_argument("--cfg", type=finite_float("--cfg"), help="guidance scale")
+    p.add_argument("--size", type=image_size("--size"), help="HEIGHTxWIDTH, e.g. 256x256")
+    p.add_argument("--n", type=int_in("--n", 1), help="samples per prompt")
     p.add_argument("--npz", action="store_true", help="also write samples.npz (ADM evaluation layout)")
     p.add_argument("--no-ema", action="store_true", help="use raw weights even when EMA weights exist")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value of the model's recipe")
-    p.add_argument("--nproc-per-node", type=int, default=1, metavar="N", help="processes on this host")
+    p.add_argument("--nproc-per-node", type=nprocs, default=1, metavar="N", help="processes on this host")
     p.set_defaults(func=sample)
 
     p = sub.add_parser("serve", help="browse a run's galleries on a loopback web server")
     p.add_argument("exp_dir", help="run directory")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int_in("--port", 0, 65535), default=8000)
     p.set_defaults(func=serve)
 
 
 def sample(args) -> int:
-    if args.nproc_per_node < 1:
-        raise MinfmError(f"--nproc-per-node: expected a positive integer, got {args.nproc_per_node}")
     if args.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
         return relaunch(args.nproc_per_node, strip_nproc(sys.argv[1:]))
+    if runlock.LAUNCHER_ENV in os.environ and "LOCAL_RANK" in os.environ:
+        runlock.die_with_launcher()
     from ..engine.sample import sample_cli
 
     return sample_cli(args)
@@ -83,7 +88,14 @@ def relaunch(nproc: int, argv: list[str]) -> int:
            "-m", "minfm_core.cli.main"]
     # The arguments travel in the environment: torchrun's own parser would otherwise take
     # abbreviations of its flags (``--n`` for ``--nnodes``) from our command line.
-    return subprocess.call(cmd, env={**os.environ, ARGV_ENV: json.dumps(argv)})
+    # LAUNCHER_ENV tells the workers who their launcher is: they die with it, and accept
+    # that it holds the run-dir lock on their behalf.
+    env = {**os.environ, ARGV_ENV: json.dumps(argv), runlock.LAUNCHER_ENV: str(os.getpid())}
+    with subprocess.Popen(cmd, env=env, preexec_fn=runlock.launcher_child_setup) as proc:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:  # torchrun got the Ctrl-C too and stops its workers
+            return proc.wait()
 
 
 def strip_nproc(argv: list[str]) -> list[str]:
@@ -99,13 +111,18 @@ def strip_nproc(argv: list[str]) -> list[str]:
 
 
 def run(args) -> int:
-    if args.nproc_per_node < 1:
-        raise MinfmError(f"--nproc-per-node: expected a positive integer, got {args.nproc_per_node}")
     under_launcher = "LOCAL_RANK" in os.environ
+    if under_launcher and runlock.LAUNCHER_ENV in os.environ:
+        runlock.die_with_launcher()
     world = int(os.environ.get("WORLD_SIZE", args.nproc_per_node if not under_launcher else 1))
     resolved = load_recipe(args.recipe, args.overrides, world_size=world)  # fail fast, before spawning
+    job = args.job or resolved.recipe.job
+    if job == "train" and not under_launcher:
+        # The process the user started holds the run dir for the run's life, so a second run
+        # on it stops here, before any worker exists (see minfm_core/runlock.py).
+        runlock.acquire(resolved.recipe.run.exp_dir)
     if args.nproc_per_node > 1 and not under_launcher:
         return relaunch(args.nproc_per_node, strip_nproc(sys.argv[1:]))
     from ..engine import run_job
 
-    return run_job(resolved, job=args.job or resolved.recipe.job)
+    return run_job(resolved, job=job)

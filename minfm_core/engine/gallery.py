@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import html
+import io
 import json
 from contextlib import nullcontext
 from pathlib import Path
 
+from ..safepath import write_bytes_atomic, write_text_atomic
 from .generate import generate, grid, to_pil
 
 
@@ -43,8 +45,10 @@ def training_gallery(trainer) -> None:
         if rt.is_main:
             out.mkdir(parents=True, exist_ok=True)
             pil = [to_pil(im) for im in images]
-            grid(pil, cols=per * min(len(prompts), 4) if per > 1 else min(len(pil), 8)).save(out / f"{name}.png")
-            (out / "prompts.json").write_text(json.dumps(all_prompts, indent=1))
+            buf = io.BytesIO()
+            grid(pil, cols=per * min(len(prompts), 4) if per > 1 else min(len(pil), 8)).save(buf, format="PNG")
+            write_bytes_atomic(out / f"{name}.png", buf.getvalue())  # a browser never sees half a picture
+            write_text_atomic(out / "prompts.json", json.dumps(all_prompts, indent=1))
             for lg in trainer.loggers:
                 lg.log_images(trainer.step, f"samples/{name}", pil, all_prompts)
     trainer.model.train()
@@ -65,7 +69,7 @@ def write_training_index(root: Path) -> None:
                 parts.append(f"<figure><img src='{d.name}/{name}.png' width=512><figcaption>{name} weights</figcaption></figure>")
         if prompts:
             parts.append("<p>" + html.escape(" | ".join(dict.fromkeys(prompts))) + "</p>")
-    (root / "index.html").write_text("\n".join(parts))
+    write_text_atomic(root / "index.html", "\n".join(parts))
 
 
 def write_sample_index(out: Path, records: list[dict]) -> None:
@@ -74,7 +78,8 @@ def write_sample_index(out: Path, records: list[dict]) -> None:
         f"<br><small>seed {r['seed']}</small></figcaption></figure>"
         for r in records
     )
-    (out / "index.html").write_text(
+    write_text_atomic(
+        out / "index.html",
         "<!doctype html><meta charset=utf-8><title>minFM samples</title>"
         "<style>body{font-family:sans-serif;margin:2em}figure{display:inline-block;width:256px;margin:0 1em 1em 0;"
         "vertical-align:top}img{image-rendering:pixelated}</style><h1>Samples</h1>\n" + rows

@@ -6,14 +6,22 @@
 Prompts x samples-per-prompt are cut into fixed batches, handed to ranks round robin:
 an image is the same whatever the number of processes. Ranks short of a batch run a
 dummy one (never written), so every rank makes the same number of denoiser calls, as a
-sharded (``fsdp2``) denoiser needs. Batches whose images all exist are skipped, so an
-interrupted run resumes; images are written atomically. Writes images, an HTML gallery,
-``metadata.json`` and optionally ``samples.npz`` (the ADM evaluation layout).
+sharded (``fsdp2``) denoiser needs. Writes images, an HTML gallery, ``metadata.json`` and
+optionally ``samples.npz`` (the ADM evaluation layout).
+
+Resuming: ``metadata.json`` is written first and describes the request (prompts, seeds,
+steps, guidance, sampler, size, the source checkpoint, the sampling recipe). An ``--out``
+holding another request's samples is refused, naming what differs, unless ``--overwrite``
+(which removes the stale images first); for the same request, batches whose images all
+exist are skipped, so an interrupted run resumes. Images are written atomically.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +30,7 @@ import torch.distributed as dist
 
 from .. import checkpoint as ckpt_mod
 from ..errors import MinfmError
+from ..safepath import trust_boundary, write_bytes_atomic, write_text_atomic
 from ..weights import has_weights, load_safetensors_into
 from .gallery import write_sample_index
 from .generate import generate, to_pil
@@ -78,11 +87,8 @@ def sample_cli(args) -> int:
         overrides.append(f"sample.steps={args.steps}")
     if args.cfg is not None:
         overrides.append(f"sample.guidance.scale={args.cfg}")
-    if args.size is not None:
-        h, _, w = args.size.partition("x")
-        if not (h.isdigit() and w.isdigit()):
-            raise MinfmError(f"--size {args.size!r}: expected HEIGHTxWIDTH, e.g. 256x256")
-        overrides.append(f"sample.size=[1, {int(h)}, {int(w)}]")
+    if args.size is not None:  # (height, width), parsed and range-checked by argparse
+        overrides.append(f"sample.size=[1, {args.size[0]}, {args.size[1]}]")
     if args.n is not None:
         overrides.append(f"sample.samples_per_prompt={args.n}")
     if args.seed is not None:
@@ -101,8 +107,35 @@ def sample_cli(args) -> int:
         )
     if not prompts:
         raise MinfmError("no prompts: pass --prompt or --prompt-file (or set sample.prompts in the recipe)")
-    out = Path(args.out) if args.out else Path(src if src.is_dir() else src.parent) / "samples_cli"
-    return run_sampling(resolved, prompts, out, weights=(kind, where), source=args.source)
+    check_size(resolved, "--size" if args.size is not None else "sample.size")
+    out = Path(args.out) if args.out else default_out(args.source, src)
+    return run_sampling(resolved, prompts, out, weights=(kind, where), source=args.source,
+                        overwrite=args.overwrite, out_flag="--out")
+
+
+def default_out(source: str, src: Path) -> Path:
+    """``<source>/samples_cli`` for a local source; ``./samples/<org>--<name>[@rev]`` for a remote one.
+
+    A remote source resolves into a download cache (the Hub cache's snapshot folder), which
+    must never be written to: other runs read it as the model.
+    """
+    base = src if src.is_dir() else src.parent
+    if "://" in source or trust_boundary(base) != Path(os.path.realpath(base)):
+        name = re.sub(r"[^A-Za-z0-9._@-]+", "-", source.split("://", 1)[-1].strip("/").replace("/", "--"))
+        return Path("samples") / (name or "remote")
+    return base / "samples_cli"
+
+
+def check_size(resolved, flag: str) -> None:
+    """Height and width must be multiples of the VAE compression x patch size: checked before any work."""
+    size = tuple(resolved.recipe.sample.size)
+    comp = getattr(resolved.config("model.vae"), "compression", (1, 1, 1))
+    patch = getattr(resolved.config("model.patchifier"), "patch_size", (1, 1, 1))
+    mh, mw = comp[1] * patch[1], comp[2] * patch[2]
+    h, w = size[1], size[2]
+    if h < 1 or w < 1 or h % mh or w % mw:
+        raise MinfmError(f"{flag} {h}x{w}: height and width must be positive multiples of {mh}x{mw} "
+                         "(the VAE's compression x the patch size)")
 
 
 def sample_recipe(resolved) -> int:
@@ -117,8 +150,9 @@ def sample_recipe(resolved) -> int:
     if s.source:
         _, kind, where = locate(resolve_source(s.source))
         weights = (kind, where)
+    check_size(resolved, "sample.size")
     out = Path(s.out_dir) if s.out_dir else Path(resolved.recipe.run.exp_dir) / "samples"
-    return run_sampling(resolved, prompts, out, weights=weights, source=s.source)
+    return run_sampling(resolved, prompts, out, weights=weights, source=s.source, out_flag="sample.out_dir")
 
 
 def plan_batches(n_prompts: int, samples_per_prompt: int, batch_size: int) -> list[list[tuple[int, int]]]:
@@ -147,10 +181,99 @@ def rank_share(pending: list[int], rank: int, world: int) -> tuple[list[int], in
     return pending[rank::world], -(-len(pending) // world)
 
 
-def run_sampling(resolved, prompts: list[str], out: Path, *, weights, source: str | None) -> int:
+_IMAGE = re.compile(r"^\d{5}_\d{2}\.(png|jpg|jpeg)$")
+# Recipe values that do not change a single pixel: leave them out of the request.
+_NOT_PIXELS = ("prompts", "prompt_file", "out_dir", "save_npz", "source")
+
+
+def request_settings(resolved, prompts: list[str], *, source: str | None, weights) -> dict:
+    """What decides the pictures in an out folder: compared with ``metadata.json`` before drawing."""
+    s = resolved.recipe.sample
+    d = resolved.to_dict()
+    sample_recipe_part = {k: v for k, v in d.get("sample", {}).items() if k not in _NOT_PIXELS}
+    settings = {"source": source, "checkpoint": None if weights is None else str(Path(weights[1]).resolve()),
+                "prompts": list(prompts), "steps": s.steps, "size": list(s.size),
+                "sampler": resolved["sample.sampler"].component.name,
+                "guidance": resolved["sample.guidance"].component.name,
+                "guidance_scale": getattr(resolved.config("sample.guidance"), "scale", None),
+                "distilled_guidance": s.distilled_guidance, "neg_prompt": s.neg_prompt,
+                "seed": s.seed, "samples_per_prompt": s.samples_per_prompt, "batch_size": s.batch_size,
+                "recipe": {"model": d.get("model"), "flow": d.get("flow"), "sample": sample_recipe_part}}
+    return json.loads(json.dumps(settings))  # as metadata.json will hold it (tuples -> lists)
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def prepare_out(out: Path, settings: dict, *, overwrite: bool, flag: str) -> None:
+    """Refuse an out folder holding another request's samples (unless ``overwrite``: clear them)."""
+    hint = "pass --overwrite to replace them, or choose another --out" if flag == "--out" else \
+        f"choose another {flag} or remove that folder"
+    if out.exists() and not out.is_dir():
+        raise MinfmError(f"{flag} {out}: is a file, not a folder")
+    images = out / "images"
+    if images.exists() and not images.is_dir():
+        raise MinfmError(f"{flag} {out}: {images} is a file, not a folder")
+    meta = out / "metadata.json"
+    ours = [p for p in images.iterdir() if _IMAGE.match(p.name)] if images.is_dir() else []
+    stale: str | None = None
+    if meta.is_file():
+        try:
+            old = json.loads(meta.read_text(encoding="utf-8")).get("settings", {})
+            if not isinstance(old, dict):
+                raise ValueError
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            old = None
+        if old is None:
+            stale = f"{meta} is not a minFM sampling record"
+        else:
+            # The weights kind is known only once loaded; the source string may name the same
+            # checkpoint another way ("run" vs "./run"): the resolved checkpoint decides.
+            diff = _differences(*({k: v for k, v in d.items() if k not in ("weights", "source")} for d in (old, settings)))
+            if diff:
+                shown = ", ".join(diff[:8]) + (f" and {len(diff) - 8} more" if len(diff) > 8 else "")
+                stale = f"holds samples of another request (different {shown})"
+    elif ours or (out / "samples.npz").exists():
+        stale = "holds images but no metadata.json, so they cannot be matched to this request"
+    if stale and not overwrite:
+        raise MinfmError(f"{flag} {out}: {stale}; {hint}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        images.mkdir(exist_ok=True)
+        if stale:
+            # Only what minFM writes goes: image files by our naming, the record, the npz.
+            for p in ours + [q for q in images.iterdir() if q.name.startswith(".") and q.name.endswith(".tmp")]:
+                p.unlink(missing_ok=True)
+            (out / "samples.npz").unlink(missing_ok=True)
+        write_text_atomic(meta, json.dumps({"settings": settings, "complete": False, "images": []}, indent=2))
+    except OSError as exc:
+        raise MinfmError(f"{flag} {out}: cannot write: {exc.strerror}") from None
+
+
+def run_sampling(resolved, prompts: list[str], out: Path, *, weights, source: str | None,
+                 overwrite: bool = False, out_flag: str = "--out") -> int:
     rt = init_runtime(resolved.recipe.run.device)
     try:
         s = resolved.recipe.sample
+        # Before any model is built: the out folder must hold this request's samples or none.
+        settings = request_settings(resolved, prompts, source=source, weights=weights)
+        error = None
+        if rt.is_main:
+            try:
+                prepare_out(out, settings, overwrite=overwrite, flag=out_flag)
+            except MinfmError as exc:
+                error = str(exc)
+        error = _broadcast(error)
+        if error is not None:
+            raise MinfmError(error)
         denoiser = None
         if rt.world_size > 1 and resolved["parallel"].component.name != "none":
             # Sharded before any weights arrive: only rank 0 ever holds a full copy.
@@ -166,7 +289,6 @@ def run_sampling(resolved, prompts: list[str], out: Path, *, weights, source: st
         seed_of = lambda i, k: s.seed + i * s.samples_per_prompt + k  # noqa: E731
         pending = None
         if rt.is_main:
-            images_dir.mkdir(parents=True, exist_ok=True)
             # A batch with any image missing is drawn again whole (same composition: same pixels).
             pending = [b for b, chunk in enumerate(batches) if not all((images_dir / name(i, k)).exists() for i, k in chunk)]
         pending = _broadcast(pending)
@@ -190,15 +312,11 @@ def run_sampling(resolved, prompts: list[str], out: Path, *, weights, source: st
         ckpt_mod.barrier()
         if rt.is_main:
             items = [ik for chunk in batches for ik in chunk]
-            settings = {"source": source, "weights": loaded, "steps": s.steps, "size": list(s.size),
-                        "sampler": resolved["sample.sampler"].component.name,
-                        "guidance": resolved["sample.guidance"].component.name,
-                        "guidance_scale": getattr(resolved.config("sample.guidance"), "scale", None),
-                        "distilled_guidance": s.distilled_guidance, "neg_prompt": s.neg_prompt,
-                        "seed": s.seed, "samples_per_prompt": s.samples_per_prompt, "batch_size": s.batch_size}
+            settings = {**settings, "weights": loaded}
             records = [{"path": f"images/{name(i, k)}", "prompt": prompts[i], "prompt_index": i, "sample": k,
                         "seed": seed_of(i, k)} for i, k in items]
-            ckpt_mod.write_json_atomic(out / "metadata.json", {"settings": settings, "images": records})
+            write_text_atomic(out / "metadata.json",
+                              json.dumps({"settings": settings, "complete": True, "images": records}, indent=2))
             write_sample_index(out, records)
             if s.save_npz:
                 write_npz(out / "samples.npz", [images_dir / name(i, k) for i, k in items])
@@ -218,9 +336,9 @@ def _broadcast(obj):
 
 def _save_atomic(image, path: Path) -> None:
     """Write then rename: an interrupted run never leaves a truncated image that looks done."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG")
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG")
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def write_npz(path: Path, files: list[Path]) -> None:
@@ -229,11 +347,13 @@ def write_npz(path: Path, files: list[Path]) -> None:
     Streamed into the zip one image at a time (50k ImageNet samples are ~10 GB), then
     renamed into place.
     """
+    import tempfile
     import zipfile
 
     first = np.asarray(_open(files[0]))
     shape = (len(files), *first.shape)
-    tmp = path.with_name(f".{path.name}.tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # never a planted link
+    os.close(fd)
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         with zf.open("arr_0.npy", "w", force_zip64=True) as f:
             np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})

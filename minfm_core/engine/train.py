@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from .. import checkpoint as ckpt_mod
+from .. import runlock
 from ..data_loader import BatchIterator
 from ..errors import MinfmError, RecipeError
 from ..schedule import lr_at
@@ -82,6 +83,9 @@ class Trainer:
         self.accum = accumulation_steps(self.cfg.total_batch_size, self.cfg.batch_size, rt.world_size)
         if self.recipe.data is None:
             raise RecipeError("data: a train job needs a [data] table (e.g. name = \"shapes\")")
+        # One writer per run dir, and room for a checkpoint, before any work (docs/reliability.md).
+        self.run_lock = runlock.hold_run_dir(self.exp_dir, self.exp_dir / ckpt_mod.CKPT_DIR,
+                                             lambda: runlock.denoiser_param_bytes(resolved))
         self.recipe_text = tomli_w.dumps(resolved.to_dict())
         if rt.is_main:
             self.exp_dir.mkdir(parents=True, exist_ok=True)
@@ -364,5 +368,6 @@ def train(resolved) -> int:
         finally:
             trainer.close()
     finally:
+        runlock.release(resolved.recipe.run.exp_dir)
         shutdown_runtime()
     return 0

@@ -1,0 +1,64 @@
+"""argparse ``type=`` functions with ranges: a bad number is a one-line MinfmError (exit 2).
+
+They raise MinfmError rather than argparse's ArgumentTypeError on purpose: argparse would
+print its usage block first, and the contract is one line naming the flag. Each factory
+takes the flag's name so the message can say which flag was wrong.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from ..errors import MinfmError
+
+
+def int_in(flag: str, lo: int, hi: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise MinfmError(f"{flag}: expected an integer, got {text!r}") from None
+        if value < lo:
+            want = {0: "a non-negative integer", 1: "a positive integer"}.get(lo, f"an integer >= {lo}")
+            raise MinfmError(f"{flag}: expected {want}, got {value}")
+        if hi is not None and value > hi:
+            raise MinfmError(f"{flag}: expected at most {hi}, got {value}")
+        return value
+
+    return parse
+
+
+def finite_float(flag: str, lo: float | None = None) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise MinfmError(f"{flag}: expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise MinfmError(f"{flag}: expected a finite number, got {text}")
+        if lo is not None and value < lo:
+            raise MinfmError(f"{flag}: expected a number >= {lo}, got {text}")
+        return value
+
+    return parse
+
+
+def image_size(flag: str) -> Callable[[str], tuple[int, int]]:
+    """``HEIGHTxWIDTH``, both positive; whether the model can draw it is checked with the recipe."""
+
+    def parse(text: str) -> tuple[int, int]:
+        h, sep, w = text.lower().partition("x")
+        if not (sep and h.isdigit() and w.isdigit()):
+            raise MinfmError(f"{flag} {text!r}: expected HEIGHTxWIDTH, e.g. 256x256")
+        if int(h) < 1 or int(w) < 1:
+            raise MinfmError(f"{flag} {text!r}: height and width must be positive")
+        return int(h), int(w)
+
+    return parse
+
+
+# Ranges shared by several commands.
+MAX_PROCS = 1024  # local processes: more is a typo, not a machine
+MAX_SEED = 2**63 - 1  # manual_seed takes < 2**64: seed + the per-image offsets stays inside
+nprocs = int_in("--nproc-per-node", 1, MAX_PROCS)

@@ -1,0 +1,267 @@
+"""One writer per run directory, workers that die with their launcher, and pre-flight checks.
+
+**The lock.** ``<exp_dir>/.minfm.lock`` is held with ``fcntl.flock`` (exclusive,
+non-blocking) for the run's life, and holds JSON ``{pid, host, started}`` naming its
+holder. The kernel drops a flock when its holder dies, even by SIGKILL, so a stale file
+never blocks a new run. The file is never deleted (deleting would let a second run lock a
+fresh inode while the first still holds the old one).
+
+Who holds it: the process the user started. ``minfm run`` takes it before anything
+else (before spawning workers with ``--nproc-per-node``); its workers then see, through
+``MINFM_LAUNCHER_PID``, that their own launcher holds it and do not try to take it again
+(that would deadlock against their parent). Under a plain ``torchrun`` (no minFM launcher)
+rank 0 takes it in the trainer. Within one process the lock is re-entrant, so a trainer
+built twice in a notebook or a test does not lock itself out.
+
+**Orphans.** Workers started by ``--nproc-per-node`` exit when their launcher dies: the
+torchrun agent gets a parent-death signal (SIGKILL), each worker sets one too and watches
+the launcher's pid, so a SIGKILLed launcher stops all writing within about a second.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from .errors import MinfmError
+
+LOCK_NAME = ".minfm.lock"
+LAUNCHER_ENV = "MINFM_LAUNCHER_PID"
+
+
+class RunLock:
+    """An acquired run-dir lock (or the launcher's, held on this process's behalf)."""
+
+    def __init__(self, path: Path, fd: int | None):
+        self.path, self.fd, self.count = path, fd, 1
+
+    def release(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            _held.pop(self.path, None)
+            if self.fd is not None:
+                os.close(self.fd)  # closing the last descriptor drops the flock
+                self.fd = None
+
+
+_held: dict[Path, RunLock] = {}
+_held_guard = threading.Lock()
+
+
+def holder(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}  # being written, or not ours: the message then says "unknown"
+
+
+def prepare_run_dir(exp_dir: Path, *, what: str = "run.exp_dir") -> Path:
+    """Create ``exp_dir`` if needed; a file or an uncreatable folder is a MinfmError."""
+    exp_dir = Path(exp_dir)
+    if exp_dir.exists() and not exp_dir.is_dir():
+        raise MinfmError(f"{what}: {exp_dir} is a file, not a directory")
+    try:
+        exp_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise MinfmError(f"{what}: {exp_dir}: a parent of it is a file") from None
+    except OSError as exc:
+        raise MinfmError(f"{what}: cannot create {exp_dir}: {exc.strerror}") from None
+    return exp_dir
+
+
+def acquire(exp_dir: str | Path) -> RunLock:
+    """Lock ``exp_dir`` for this process or raise a MinfmError naming the holder (pid, host)."""
+    exp_dir = prepare_run_dir(Path(exp_dir))
+    path = Path(os.path.realpath(exp_dir / LOCK_NAME))
+    with _held_guard:
+        if path in _held:
+            _held[path].count += 1
+            return _held[path]
+        try:
+            # O_NOFOLLOW: a symlink planted at the lock path is refused, never written through.
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise MinfmError(f"{path}: cannot open the run lock: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            info = holder(path)
+            launcher = os.environ.get(LAUNCHER_ENV)
+            if launcher and str(info.get("pid")) == launcher:
+                lock = _held[path] = RunLock(path, None)  # our own launcher holds it for us
+                return lock
+            raise MinfmError(
+                f"{exp_dir}: in use by another run (pid {info.get('pid', 'unknown')} on host "
+                f"{info.get('host', 'unknown')}, since {info.get('started', 'unknown')}); "
+                "wait for it to end or choose another run.exp_dir"
+            ) from None
+        # Written in place (not replaced): the lock lives on this inode.
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        lock = _held[path] = RunLock(path, fd)
+        return lock
+
+
+def release(exp_dir: str | Path) -> None:
+    path = Path(os.path.realpath(Path(exp_dir) / LOCK_NAME))
+    with _held_guard:
+        lock = _held.get(path)
+        if lock is not None:
+            lock.release()
+
+
+# ---- pre-flight -------------------------------------------------------------------------
+def check_writable(folder: Path, *, what: str) -> None:
+    """Create ``folder`` if needed and prove a file can be written in it (root ignores mode bits)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise MinfmError(f"{what}: {folder} is a file, not a directory")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".minfm-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise MinfmError(f"{what}: {folder} is not writable: {exc.strerror}") from None
+
+
+def checkpoint_bytes(param_bytes: int, margin: float = 1.25) -> int:
+    """Estimated size of one checkpoint: model + EMA + AdamW's two moments, with a margin."""
+    return int(param_bytes * 4 * margin)
+
+
+def check_room(folder: Path, need: int, *, what: str = "run.exp_dir") -> None:
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise MinfmError(f"{what}: {folder} has {_gb(free)} free; a checkpoint needs about {_gb(need)} "
+                         "(model, EMA and optimizer state)")
+
+
+def preflight(exp_dir: Path, ckpt_dir: Path, param_bytes=None) -> None:
+    """Writable run and checkpoint folders and room for one checkpoint, before any work.
+
+    ``param_bytes`` is a callable (it may build the model on the meta device), asked only
+    once the cheap checks have passed; None or a None result skips the room estimate.
+    """
+    check_writable(exp_dir, what="run.exp_dir")
+    check_writable(ckpt_dir, what="checkpoints")
+    n = param_bytes() if param_bytes is not None else None
+    if n:
+        check_room(ckpt_dir, checkpoint_bytes(n))
+
+
+def hold_run_dir(exp_dir: Path, ckpt_dir: Path, param_bytes=None) -> RunLock | None:
+    """The trainer's start: rank 0 locks ``exp_dir`` and runs :func:`preflight`.
+
+    Its verdict is broadcast, so with several ranks every one of them stops with the same
+    one-line error instead of waiting for rank 0 in a collective. Returns the lock on
+    rank 0, None elsewhere.
+    """
+    import torch.distributed as dist
+
+    many = dist.is_initialized() and dist.get_world_size() > 1
+    lock, error = None, None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            lock = acquire(exp_dir)
+            preflight(exp_dir, ckpt_dir, param_bytes)
+        except MinfmError as exc:
+            if lock is not None:
+                lock.release()
+            error = str(exc)
+    if many:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise MinfmError(error)
+    return lock
+
+
+def denoiser_param_bytes(resolved) -> int | None:
+    """Bytes of the denoiser's parameters, counted on the meta device (no memory, no weights)."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            model = resolved["model.denoiser"].build(load_weights=False)
+    except Exception:  # noqa: BLE001  a plugin that cannot build on meta: no estimate, no veto
+        return None
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _gb(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+# ---- orphans ------------------------------------------------------------------------------
+PR_SET_PDEATHSIG = 1
+
+
+def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
+    """Ask Linux to send ``sig`` to this process when its parent (thread) dies; False elsewhere."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def launcher_child_setup() -> None:
+    """``preexec_fn`` of the torchrun agent: it dies with the launcher."""
+    parent = os.getppid()
+    set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != parent:  # the launcher died before prctl took effect
+        os._exit(1)
+
+
+def die_with_launcher() -> None:
+    """In a worker started by ``--nproc-per-node``: exit (SIGKILL) as soon as the launcher is gone.
+
+    Two guards: a parent-death signal for the torchrun agent (our parent), and a thread
+    waiting on the launcher itself (a pidfd, no pid-reuse race; polling where there is none).
+    Kill is safe here: checkpoints and images are only ever renamed into place complete.
+    """
+    pid = int(os.environ[LAUNCHER_ENV])
+    parent = os.getppid()
+    set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != parent or not _alive(pid):
+        os.kill(os.getpid(), signal.SIGKILL)
+    threading.Thread(target=_watch, args=(pid,), name="minfm-launcher-watch", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _watch(pid: int) -> None:
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        pass  # already gone
+    except (AttributeError, OSError):  # no pidfds here (old kernel, not Linux): poll
+        while _alive(pid):
+            time.sleep(0.5)
+    else:
+        select.select([fd], [], [])  # readable once the process has exited
+    os.kill(os.getpid(), signal.SIGKILL)
