@@ -1,17 +1,22 @@
-"""Checkpoints: torch.distributed.checkpoint (DCP) directories, atomic and asynchronous.
+"""Checkpoints: torch.distributed.checkpoint (DCP) directories, atomic, asynchronous, verified.
 
 Layout of a run directory::
 
     <exp_dir>/recipe.toml
-    <exp_dir>/checkpoints/step_00001000/   # complete: .metadata + DCP shards + per-rank extras
+    <exp_dir>/checkpoints/step_00001000/   # complete: manifest.json + DCP shards + per-rank extras
     <exp_dir>/checkpoints/.tmp-step_00002000/   # being written; never taken as complete
 
-A save is written under ``.tmp-<name>`` and renamed by rank 0 only once DCP has
-written its metadata (which happens after every rank's data is on disk), so a crash
-or SIGKILL at any moment leaves every ``step_*`` directory complete. Per-rank state
-(the trainer's RNG, the data position) goes to ``rank_<r>.safetensors`` beside the
-DCP files. DCP's own ``.metadata`` is a pickle: it is read with an unpickler restricted to
-DCP's metadata types (``SafeReader``), so a checkpoint from elsewhere cannot run code.
+A save is written under ``.tmp-<name>`` and renamed by rank 0 only once DCP's coordinator
+has written ``manifest.json`` (after every rank's data is on disk), so a crash or SIGKILL
+at any moment leaves every ``step_*`` directory complete. Per-rank state (the trainer's
+RNG, the data position) goes to ``rank_<r>.safetensors`` beside the DCP files.
+
+The format (``checkpoint_format``) holds no pickle: tensors are safetensors, the rest JSON,
+and the manifest lists every file with its size and CRC-32. Opening a checkpoint verifies
+it; resuming takes the newest checkpoint that verifies and names those it skipped. A
+checkpoint without a manifest (an older minFM's, another tool's) carries DCP's pickled
+``.metadata``: it is opened only on the user's explicit word (``allow_pickle``), and never
+when it came from a Hub repo.
 
 The same format serves one process and many: DCP reshards on load, so a run saved
 with 2 processes resumes with 1 or 4.
@@ -21,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import json
-import pickle
 import re
 import shutil
 import warnings
@@ -31,47 +35,202 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.api import CheckpointException
 
+from .checkpoint_format import MANIFEST, CheckpointError, Manifest, ManifestReader, ManifestWriter
+from .checkpoint_format import read_manifest, split_state, verify
 from .errors import MinfmError, RecipeError
+from .safepath import trust_boundary, write_text_atomic
 from .suggest import did_you_mean
 
 CKPT_DIR = "checkpoints"
 HUB_STATE_DIR = "checkpoint"  # the DCP training state inside an exported (Hub) folder
+LEGACY_METADATA = ".metadata"  # DCP's pickled metadata: only in checkpoints of older minFMs / other tools
+#: A file a source resolver writes into a folder it downloaded (contract for source plugins):
+#: a checkpoint under it came from outside, and no opt-in makes its pickles loadable.
+SOURCE_MARKER = "minfm_source.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 PARTS = ("model", "ema", "optimizer", "scheduler", "step")
+PICKLE_OPT_IN = "--allow-pickle-checkpoint (train.allow_pickle_checkpoint = true)"
 
 
 def step_dir(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def _has_index(path: Path) -> bool:
+    return (path / MANIFEST).is_file() or (path / LEGACY_METADATA).is_file()
+
+
 def is_complete(path: Path) -> bool:
-    return bool(_STEP_DIR.match(path.name)) and (path / ".metadata").is_file()
+    return bool(_STEP_DIR.match(path.name)) and _has_index(path)
 
 
 def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under ``root`` (a run dir or its checkpoints/ dir), oldest first."""
+    """Complete checkpoints under ``root`` (a run dir or its checkpoints/ dir), oldest first.
+
+    Complete means renamed into place; whether its files are intact is :func:`open_checkpoint`'s
+    question."""
     root = Path(root)
     ckpts = root / CKPT_DIR if (root / CKPT_DIR).is_dir() else root
     if not ckpts.is_dir():
         return []
-    return sorted(p for p in ckpts.iterdir() if p.is_dir() and is_complete(p))
+    return sorted(p for p in ckpts.iterdir() if p.is_dir() and not p.is_symlink() and is_complete(p))
 
 
 def find_checkpoint(src: Path) -> Path:
     """A complete checkpoint directory for a checkpoint dir or a run dir (its latest)."""
     src = Path(src)
-    if (src / ".metadata").is_file():
+    if _has_index(src):
         return src
-    if (src / HUB_STATE_DIR / ".metadata").is_file():  # a Hub folder pushed with its training state
+    if _has_index(src / HUB_STATE_DIR):  # a Hub folder pushed with its training state
         return src / HUB_STATE_DIR
     found = list_checkpoints(src)
     if not found:
-        raise MinfmError(f"{src}: no complete checkpoint found (expected {CKPT_DIR}/step_NNNNNNNN/ with a .metadata file)")
+        raise MinfmError(f"{src}: no complete checkpoint found (expected {CKPT_DIR}/step_NNNNNNNN/ with a {MANIFEST})")
     return found[-1]
+
+
+def came_from_outside(path: Path) -> bool:
+    """Whether ``path`` lies in a folder a source resolver downloaded (Hub cache or pull)."""
+    path = Path(path)
+    if trust_boundary(path).name.startswith(("models--", "datasets--")):
+        return True
+    return any((p / SOURCE_MARKER).exists() for p in (path, *list(path.parents)[:3]))
+
+
+class Checkpoint:
+    """An opened checkpoint: its manifest verified, or (``manifest is None``) a legacy
+    pickle-metadata checkpoint the user chose to trust."""
+
+    def __init__(self, path: Path, manifest: Manifest | None):
+        self.path = path
+        self.manifest = manifest
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r})"
+
+    def parts(self) -> set[str]:
+        if self.manifest is not None:
+            return self.manifest.parts()
+        reader = dcp.FileSystemReader(str(self.path))
+        return {k.split(".", 1)[0] for k in reader.read_metadata().state_dict_metadata}
+
+    def has_part(self, part: str) -> bool:
+        return part in self.parts()
+
+    @property
+    def world_size(self) -> int:
+        if self.manifest is not None and self.manifest.world_size:
+            return self.manifest.world_size
+        return len(list(self.path.glob("rank_*.safetensors")))
+
+    def load(self, state: dict[str, Any]) -> None:
+        """Load into ``state`` in place (keys absent from ``state`` are not read)."""
+        no_dist = not (dist.is_available() and dist.is_initialized())
+        with warnings.catch_warnings():
+            if no_dist:  # hub export, notebooks: one process by design; DCP warns about it even when told
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            try:
+                if self.manifest is None:
+                    dcp.load(state, storage_reader=dcp.FileSystemReader(str(self.path)), no_dist=no_dist)
+                    return
+                tensors, _ = split_state(state)
+                dcp.load(tensors, storage_reader=ManifestReader(self.manifest), no_dist=no_dist)
+            except CheckpointException as exc:  # a BaseException: would escape `except Exception`
+                raise _explain(self.path, exc) from None
+            except (RuntimeError, ValueError, KeyError) as exc:
+                raise CheckpointError(f"{self.path}: does not fit: {str(exc)[:300]}") from None
+        self.manifest.set_objects(state)
+
+    def rank_extras(self, rank: int) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+        """This rank's RNG and data position (``rank_<r>.safetensors``), or None if not saved."""
+        from safetensors import SafetensorError, safe_open
+
+        name = f"rank_{rank}.safetensors"
+        if self.manifest is not None and name not in self.manifest.files:
+            return None
+        path = self.path / name
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: unreadable ({str(exc)[:200]})") from None
+
+
+def _explain(path: Path, exc: CheckpointException) -> MinfmError:
+    """One MinfmError for DCP's per-rank failure map (ours passes through unchanged)."""
+    failures = list(getattr(exc, "failures", {}).values())
+    for f in failures:
+        if isinstance(f, MinfmError):
+            return f
+    first = failures[0] if failures else exc
+    text = str(first).strip().splitlines()[0] if str(first).strip() else type(first).__name__
+    if isinstance(first, OSError):
+        return CheckpointError(f"{path}: {first.strerror or text}")
+    return CheckpointError(f"{path}: does not fit: {text[:300]}")
+
+
+def open_checkpoint(path: Path, *, allow_pickle: bool = False, verify_files: bool = True) -> Checkpoint:
+    """Open and verify the checkpoint at ``path`` (a ``step_*`` or Hub ``checkpoint/`` dir).
+
+    Raises CheckpointError if its manifest is missing or malformed, a file is missing,
+    truncated or fails its checksum; or if it is a legacy pickle checkpoint and
+    ``allow_pickle`` is not set (or it came from outside: then never).
+    """
+    path = Path(path)
+    try:
+        stat = (path / MANIFEST).stat()
+    except OSError:
+        stat = None
+    if stat is not None:
+        return _open_verified(path, stat.st_mtime_ns, stat.st_size, verify_files)
+    if not (path / LEGACY_METADATA).is_file():
+        raise CheckpointError(f"{path}: not a checkpoint (no {MANIFEST})")
+    if came_from_outside(path):
+        raise CheckpointError(f"{path}: a downloaded checkpoint without {MANIFEST}: its DCP .metadata is a pickle, "
+                              "which can run code; minFM never loads one from a Hub repo")
+    if not allow_pickle:
+        raise CheckpointError(f"{path}: written without {MANIFEST} (by an older minFM or another tool): its DCP "
+                              f".metadata is a pickle, which can run code when loaded; if you trust where it came "
+                              f"from, pass {PICKLE_OPT_IN}")
+    return Checkpoint(path, None)
+
+
+@functools.lru_cache(maxsize=8)
+def _open_verified(path: Path, mtime_ns: int, size: int, verify_files: bool) -> Checkpoint:
+    """Verified once per manifest version: a resume opens the checkpoint for every part."""
+    manifest = read_manifest(path)
+    if verify_files:
+        verify(manifest)
+    return Checkpoint(path, manifest)
+
+
+def resume_point(root: Path, *, allow_pickle: bool = False) -> tuple[Checkpoint | None, list[tuple[Path, str]]]:
+    """The newest checkpoint under ``root`` that verifies, and the newer ones skipped (path, why).
+
+    In a process group rank 0 decides and every rank gets the same answer."""
+    found: Path | None = None
+    skipped: list[tuple[Path, str]] = []
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0:
+        for cand in reversed(list_checkpoints(root)):
+            try:
+                open_checkpoint(cand, allow_pickle=allow_pickle)
+            except CheckpointError as exc:
+                skipped.append((cand, str(exc)))
+                continue
+            found = cand
+            break
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [(found, skipped)]
+        dist.broadcast_object_list(box, src=0)  # our own objects, between our own ranks
+        found, skipped = box[0]
+    if found is None:
+        return None, skipped
+    return open_checkpoint(found, allow_pickle=allow_pickle, verify_files=rank0), skipped
 
 
 def parse_load_plan(text: str) -> dict[str, str]:
@@ -104,27 +263,38 @@ class Checkpointer:
         self.async_save = async_save
         self.recipe_text = recipe_text
         self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.keep: set[Path] = set()  # checkpoints that failed verification: evidence, never pruned
         self._pending: tuple[Any, Path, Path] | None = None
         # Async saves run collectives from a background thread: give them their own group.
         self._group = dist.new_group(backend="gloo") if dist.is_initialized() else None
 
     def save(self, step: int, state: dict[str, Any], extras: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+        from safetensors.torch import save_file
+
         self.wait()
         final = self.root / step_dir(step)
         tmp = self.root / f".tmp-{final.name}"
-        if self.rank == 0:
-            if tmp.exists():
-                shutil.rmtree(tmp)  # left by a crash: never complete
-            tmp.mkdir(parents=True)
-            if self.recipe_text is not None:
-                (tmp / "recipe.toml").write_text(self.recipe_text)
-        barrier()
-        save_file({k: v.contiguous().cpu() for k, v in extras.items()}, tmp / f"rank_{self.rank}.safetensors", metadata=meta)
-        if self.async_save:
-            fut = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._group)
-        else:
-            dcp.save(state, checkpoint_id=str(tmp), process_group=self._group)
-            fut = None
+        tensors, objects = split_state(state)
+        writer = ManifestWriter(tmp, objects, {"step": step, "world_size": self.world_size})
+        try:
+            if self.rank == 0:
+                if tmp.exists():
+                    shutil.rmtree(tmp)  # left by a crash: never complete
+                tmp.mkdir(parents=True)
+                if self.recipe_text is not None:
+                    write_text_atomic(tmp / "recipe.toml", self.recipe_text)
+            barrier()
+            save_file({k: v.contiguous().cpu() for k, v in extras.items()}, tmp / f"rank_{self.rank}.safetensors", metadata=meta)
+            if self.async_save:
+                fut = dcp.async_save(tensors, storage_writer=writer, process_group=self._group)
+            else:
+                dcp.save(tensors, storage_writer=writer, process_group=self._group)
+                fut = None
+        except CheckpointException as exc:
+            raise _save_error(tmp, exc) from None
+        except OSError as exc:
+            raise CheckpointError(f"{tmp}: cannot write checkpoint: {exc.strerror or exc}") from None
         self._pending = (fut, tmp, final)
         if fut is None:
             self.wait()
@@ -139,103 +309,44 @@ class Checkpointer:
             return
         fut, tmp, final = self._pending
         self._pending = None
-        if fut is not None:
-            fut.result()
-        if self.rank == 0:
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)  # the atomic step: from here on it is complete
-            self._prune()
+        try:
+            if fut is not None:
+                fut.result()
+            if self.rank == 0:
+                if final.exists():  # a re-save of this step (resumed behind it): keep the old one aside
+                    n = 1
+                    while final.with_name(f"{final.name}.superseded-{n}").exists():
+                        n += 1
+                    final.rename(final.with_name(f"{final.name}.superseded-{n}"))
+                tmp.rename(final)  # the atomic step: from here on it is complete
+                self._prune()
+        except CheckpointException as exc:
+            raise _save_error(tmp, exc) from None
+        except OSError as exc:
+            raise CheckpointError(f"{tmp}: cannot write checkpoint: {exc.strerror or exc}") from None
 
     def _prune(self) -> None:
         if self.keep_last <= 0:
             return
+        # The newest is the one just written (complete, verified by construction): it is
+        # always among the last keep_last kept.
         for old in list_checkpoints(self.root)[: -self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old not in self.keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_error(tmp: Path, exc: CheckpointException) -> MinfmError:
+    """A failed save (a full disk, a read-only folder) as one line; nothing complete is touched."""
+    failures = list(getattr(exc, "failures", {}).values())
+    first = failures[0] if failures else exc
+    why = first.strerror if isinstance(first, OSError) and first.strerror else str(first).strip().splitlines()[0]
+    return CheckpointError(f"{tmp}: cannot write checkpoint: {why} (the previous checkpoints are intact)")
 
 
 def barrier() -> None:
     """``dist.barrier()`` when there are other ranks to wait for."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
-
-
-# DCP writes its .metadata with pickle; a checkpoint may come from a Hub repo, so it is read
-# with an unpickler that builds only DCP's own metadata types (tensor data itself is read
-# by DCP with torch.load(weights_only=True)).
-_META_ALLOWED = {
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("pathlib", "PosixPath"),
-    ("pathlib", "PurePosixPath"),
-    ("collections", "OrderedDict"),
-    ("builtins", "set"),
-    ("builtins", "frozenset"),
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        ok = (
-            module == "torch.distributed.checkpoint.metadata"
-            or (module, name) in _META_ALLOWED
-            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
-        )
-        if not ok:
-            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
-        return super().find_class(module, name)
-
-
-class SafeReader(FileSystemReader):
-    """FileSystemReader whose metadata unpickling is restricted to DCP's metadata types."""
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        path = Path(self._get_metadata_path(kwargs.get("rank")))
-        stat = path.stat()
-        metadata = _read_metadata(str(path), stat.st_mtime_ns, stat.st_size)
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
-@functools.lru_cache(maxsize=4)
-def _read_metadata(path: str, mtime_ns: int, size: int) -> Metadata:
-    """The unpickled ``.metadata``, once per file version: a resume reads it for every part
-    (and DCP once more per load), and a sharded run's metadata lists every chunk."""
-    try:
-        with open(path, "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
-    except pickle.UnpicklingError as exc:
-        raise MinfmError(f"{Path(path).parent}: refusing to load this checkpoint: {exc}") from None
-    if getattr(metadata, "storage_meta", None) is None:
-        metadata.storage_meta = StorageMeta()
-    return metadata
-
-
-def load_state(ckpt: Path, state: dict[str, Any]) -> None:
-    """Load DCP ``ckpt`` into ``state`` in place (keys absent from ``state`` are not read)."""
-    reader = SafeReader(str(ckpt))
-    reader.read_metadata()  # refuse a bad checkpoint here, with our message, not inside DCP's workers
-    no_dist = not (dist.is_available() and dist.is_initialized())
-    with warnings.catch_warnings():
-        if no_dist:  # hub export, notebooks: one process by design; DCP warns about it even when told
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        dcp.load(state, storage_reader=reader, no_dist=no_dist)
-
-
-def load_rank_extras(ckpt: Path, rank: int) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
-    path = Path(ckpt) / f"rank_{rank}.safetensors"
-    if not path.is_file():
-        return None
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    return load_file(str(path)), meta
-
-
-def checkpoint_world_size(ckpt: Path) -> int:
-    return len(list(Path(ckpt).glob("rank_*.safetensors")))
 
 
 def recipe_for(src: Path) -> Path:
@@ -247,47 +358,51 @@ def recipe_for(src: Path) -> Path:
     raise MinfmError(f"{src}: no recipe.toml found beside this checkpoint or run")
 
 
-def load_weights(ckpt: Path, model: torch.nn.Module, *, source: str = "model") -> None:
-    """Load the ``model`` or ``ema`` weights of a DCP checkpoint into an (unsharded) module."""
+def load_weights(ckpt: Checkpoint | Path, model: torch.nn.Module, *, source: str = "model") -> None:
+    """Load the ``model`` or ``ema`` weights of a checkpoint (opened, or a path to open and
+    verify) into an (unsharded) module."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    if not isinstance(ckpt, Checkpoint):
+        ckpt = open_checkpoint(ckpt)
 
     sd = get_model_state_dict(model)
     if source == "ema":
         names = {n for n, p in model.named_parameters() if p.requires_grad}
-        wanted = {k: v for k, v in sd.items() if k in names}
-        box = {"ema": wanted}
-        load_state(ckpt, box)
+        box = {"ema": {k: v for k, v in sd.items() if k in names}}
+        ckpt.load(box)
         sd.update(box["ema"])
     else:
         box = {"model": sd}
-        load_state(ckpt, box)
+        ckpt.load(box)
         sd = box["model"]
     set_model_state_dict(model, sd)
 
 
-def has_part(ckpt: Path, part: str) -> bool:
-    meta = SafeReader(str(ckpt)).read_metadata()
-    return any(k.startswith(part + ".") or k == part for k in meta.state_dict_metadata)
-
-
 def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
-
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def build_denoiser(recipe_path: Path) -> torch.nn.Module:
-    """The recipe's denoiser on CPU with uninitialised storage (weights come from a checkpoint)."""
+    """The denoiser of a checkpoint's recipe on CPU with uninitialised storage (weights come
+    from the checkpoint). The recipe came with the checkpoint: it is read as untrusted data."""
     from .recipe import load_recipe
 
-    resolved = load_recipe(recipe_path, ["parallel.name=none", "balancer.name=none"])
+    resolved = load_recipe(recipe_path, ["parallel.name=none", "balancer.name=none"], untrusted_root=recipe_path.parent)
     with torch.device("meta"):
         model = resolved["model.denoiser"].build(load_weights=False)
     return model.to_empty(device="cpu")
 
 
-def export_for_hub(src: Path, out_dir: Path, *, include_training_state: bool = False) -> Path:
+def _copy_regular(src: Path, dst: Path) -> bool:
+    """Copy ``src`` if it is a regular file (a symlink is never followed out of a run dir)."""
+    if src.is_symlink() or not src.is_file():
+        return False
+    shutil.copyfile(src, dst)
+    return True
+
+
+def export_for_hub(src: Path, out_dir: Path, *, include_training_state: bool = False, allow_pickle: bool = False) -> Path:
     """Write a Hub folder from a run or checkpoint directory.
 
     ``model.safetensors`` (and ``ema.safetensors`` when the run keeps an EMA) consolidated
@@ -295,8 +410,11 @@ def export_for_hub(src: Path, out_dir: Path, *, include_training_state: bool = F
     ``metrics.jsonl`` and the newest sample grid as ``samples.png``; with
     ``include_training_state`` the DCP checkpoint itself under ``checkpoint/``.
     """
-    ckpt = find_checkpoint(Path(src))
-    recipe = recipe_for(ckpt)
+    from safetensors.torch import save_file
+
+    path = find_checkpoint(Path(src))
+    ckpt = open_checkpoint(path, allow_pickle=allow_pickle)
+    recipe = recipe_for(path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = build_denoiser(recipe)
@@ -305,21 +423,25 @@ def export_for_hub(src: Path, out_dir: Path, *, include_training_state: bool = F
     # re-export must give identical bytes (the Hub push then uploads nothing).
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})
-    if has_part(ckpt, "ema"):
+    if ckpt.has_part("ema"):
         load_weights(ckpt, model, source="ema")
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         ema = {k: v.contiguous() for k, v in model.state_dict().items() if k in trainable}
         save_file(ema, str(out / "ema.safetensors"), metadata={"format": "pt"})
-    shutil.copyfile(recipe, out / "recipe.toml")
-    run_dir = ckpt.parent.parent
-    if (run_dir / "metrics.jsonl").is_file():
-        shutil.copyfile(run_dir / "metrics.jsonl", out / "metrics.jsonl")
+    _copy_regular(recipe, out / "recipe.toml")
+    run_dir = path.parent.parent
+    _copy_regular(run_dir / "metrics.jsonl", out / "metrics.jsonl")
     grids = sorted((run_dir / "samples").glob("step_*/ema.png")) or sorted((run_dir / "samples").glob("step_*/raw.png"))
     if grids:
-        shutil.copyfile(grids[-1], out / "samples.png")
+        _copy_regular(grids[-1], out / "samples.png")
     if include_training_state:
         dest = out / HUB_STATE_DIR
         if dest.exists():
             shutil.rmtree(dest)
-        shutil.copytree(ckpt, dest)
+        dest.mkdir()
+        # Exactly the verified files (and the manifest): nothing else in the folder travels.
+        names = [*ckpt.manifest.files, MANIFEST] if ckpt.manifest is not None else \
+            [p.name for p in path.iterdir() if p.is_file() and not p.is_symlink()]
+        for name in names:
+            _copy_regular(path / name, dest / name)
     return out

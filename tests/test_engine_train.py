@@ -104,8 +104,9 @@ def test_loss_decreases_and_resume_is_exact(tmp_path):
 
     a, b = ck.list_checkpoints(full_dir)[-1], ck.list_checkpoints(split_dir)[-1]
     assert a.name == b.name == "step_00000012"
-    ta, _ = ck.load_rank_extras(a, 0)
-    tb, _ = ck.load_rank_extras(b, 0)
+    a, b = ck.open_checkpoint(a), ck.open_checkpoint(b)
+    ta, _ = a.rank_extras(0)
+    tb, _ = b.rank_extras(0)
     assert torch.equal(ta["generator"], tb["generator"])
     rt = init_runtime("cpu")
     try:

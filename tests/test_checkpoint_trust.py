@@ -1,0 +1,176 @@
+"""Checkpoints from outside never run code: no pickle is read unless the user opts in, and
+never from a download; manifests cannot name files outside their checkpoint."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from checkpoint_helpers import copy_run, refresh_record, rewrite_manifest, trained_run  # noqa: F401
+from engine_helpers import TINY
+from minfm_core import checkpoint as ck
+from minfm_core.checkpoint_format import CheckpointError, read_manifest
+from minfm_core.cli.main import main
+
+#: Modules the old allow-listed unpickler admitted whole, or by name: each imports ``os``,
+#: so a protocol-4 STACK_GLOBAL can name ``os.mkdir`` *through* them.
+ADMITTED = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
+            "torch.serialization", "pathlib", "collections", "torch")
+
+
+def evil_pickle(canary: Path, protocol: int, module: str = "os", name: str = "mkdir") -> bytes:
+    """``module.name(str(canary))`` as raw pickle opcodes: GLOBAL below protocol 4, STACK_GLOBAL from 4."""
+    arg = str(canary).encode()
+    call = b"X" + len(arg).to_bytes(4, "little") + arg + b"\x85R."  # BINUNICODE, TUPLE1, REDUCE, STOP
+    if protocol >= 4:
+        def short(s: str) -> bytes:
+            return b"\x8c" + bytes([len(s)]) + s.encode()
+
+        return b"\x80" + bytes([protocol]) + short(module) + short(name) + b"\x93" + call
+    return b"\x80" + bytes([protocol]) + b"c" + module.encode() + b"\n" + name.encode() + b"\n" + call
+
+
+def payloads(canary: Path) -> list[tuple[str, bytes]]:
+    out = [(f"GLOBAL p{p}", evil_pickle(canary, p, "posix", "mkdir")) for p in (2, 3)]
+    out += [(f"STACK_GLOBAL p{p}", evil_pickle(canary, p)) for p in (4, 5)]
+    for mod in ADMITTED:
+        if hasattr(importlib.import_module(mod), "os"):
+            out.append((f"{mod}.os.mkdir", evil_pickle(canary, 4, mod, "os.mkdir")))
+    return out
+
+
+def one_line_exit_2(capsys, argv: list[str]) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    return err
+
+
+def test_the_manifest_format_has_no_pickle(trained_run):
+    ckpt = ck.list_checkpoints(trained_run)[-1]
+    assert not (ckpt / ".metadata").exists()
+    for f in ckpt.glob("*.distcp"):  # safetensors: an 8-byte header length, then JSON
+        head = f.read_bytes()[:9]
+        assert head[8:9] == b"{", f
+    manifest = read_manifest(ckpt)
+    assert {"model", "ema", "optimizer", "scheduler", "step", "trainer"} <= manifest.parts()
+
+
+@pytest.mark.parametrize("kind", ["GLOBAL p2", "STACK_GLOBAL p4", "torch.distributed.checkpoint.metadata.os.mkdir"])
+def test_pickled_metadata_without_manifest_is_refused_by_every_command(trained_run, tmp_path, capsys, kind):
+    canary = tmp_path / "canary"
+    run = copy_run(trained_run, tmp_path / "run")
+    ckpt = ck.list_checkpoints(run)[-1]
+    (ckpt / "manifest.json").unlink()
+    (ckpt / ".metadata").write_bytes(dict(payloads(canary))[kind])
+    err = one_line_exit_2(capsys, ["sample", str(run), "--prompt", "a red circle", "--n", "1", "--steps", "2",
+                                   "--out", str(tmp_path / "out")])
+    assert "pickle" in err and "--allow-pickle-checkpoint" in err
+    one_line_exit_2(capsys, ["export", "diffusers", str(run), str(tmp_path / "exported")])
+    one_line_exit_2(capsys, ["run", str(TINY), "--set", f"run.exp_dir={tmp_path / 'new'}",
+                             "--set", f"train.init_from={ckpt}", "--set", "train.max_steps=1"])
+    assert not canary.exists()
+
+
+def test_every_payload_is_never_unpickled(trained_run, tmp_path):
+    """Beside a manifest, a hostile .metadata is simply never read; as a .distcp it fails as data."""
+    canary = tmp_path / "canary"
+    for i, (kind, data) in enumerate(payloads(canary)):
+        run = copy_run(trained_run, tmp_path / f"run{i}")
+        ckpt = ck.list_checkpoints(run)[-1]
+        (ckpt / ".metadata").write_bytes(data)
+        model = ck.build_denoiser(run / "recipe.toml")
+        ck.load_weights(ckpt, model, source="ema")  # the manifest is the only index
+        distcp = next(ckpt.glob("*.distcp"))
+        distcp.write_bytes(data)
+        refresh_record(ckpt, distcp.name)  # a forger rewrites the checksum too
+        with pytest.raises(CheckpointError, match="unreadable tensor data"):
+            ck.load_weights(ck.open_checkpoint(ckpt), model)
+        assert not canary.exists(), kind
+
+
+def test_legacy_checkpoint_loads_only_on_opt_in_and_never_from_a_download(trained_run, tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    run = copy_run(trained_run, tmp_path / "run")
+    ckpt = ck.list_checkpoints(run)[-1]
+    model = ck.build_denoiser(run / "recipe.toml")
+    ck.load_weights(ckpt, model)
+    # What an older minFM wrote: DCP's default format (torch.save shards, pickled .metadata).
+    legacy = run / "checkpoints" / "step_00000009"
+    legacy.mkdir()
+    (legacy / "recipe.toml").write_text((ckpt / "recipe.toml").read_text())
+    dcp.save({"model": model.state_dict()}, checkpoint_id=str(legacy), no_dist=True)
+    with pytest.raises(CheckpointError, match="--allow-pickle-checkpoint"):
+        ck.open_checkpoint(legacy)
+    other = ck.build_denoiser(run / "recipe.toml")
+    ck.load_weights(ck.open_checkpoint(legacy, allow_pickle=True), other)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, other.state_dict()[k]), k
+    (run / "minfm_source.json").write_text("{}")  # a pulled folder: no opt-in applies
+    with pytest.raises(CheckpointError, match="never loads one from a Hub repo"):
+        ck.open_checkpoint(legacy, allow_pickle=True)
+
+
+@pytest.mark.parametrize("name", ["../recipe.toml", "/etc/passwd", "a/../../x", "~/x", "", "sub\\..\\x"])
+def test_manifest_names_stay_inside(trained_run, tmp_path, name):
+    run = copy_run(trained_run, tmp_path / "run")
+    ckpt = ck.list_checkpoints(run)[-1]
+
+    def edit(m):
+        first = next(iter(m["files"]))
+        m["files"][name] = m["files"].pop(first)
+        for t in m["tensors"].values():
+            for c in t["chunks"]:
+                if c["file"] == first:
+                    c["file"] = name
+
+    rewrite_manifest(ckpt, edit)
+    with pytest.raises(CheckpointError, match="refusing path|bad entry|not a plain"):
+        ck.open_checkpoint(ckpt)
+
+
+def test_symlinked_file_is_refused(trained_run, tmp_path):
+    run = copy_run(trained_run, tmp_path / "run")
+    ckpt = ck.list_checkpoints(run)[-1]
+    outside = tmp_path / "outside.safetensors"
+    (ckpt / "rank_0.safetensors").rename(outside)
+    os.symlink(outside, ckpt / "rank_0.safetensors")
+    with pytest.raises(CheckpointError, match="refusing path|not a regular file"):
+        ck.open_checkpoint(ckpt)
+
+
+def test_chunk_pointing_at_an_unlisted_file_is_refused(trained_run, tmp_path):
+    run = copy_run(trained_run, tmp_path / "run")
+    ckpt = ck.list_checkpoints(run)[-1]
+    rewrite_manifest(ckpt, lambda m: next(iter(m["tensors"].values()))["chunks"][0].__setitem__("file", "recipe.toml.x"))
+    with pytest.raises(CheckpointError, match="bad entry for tensor"):
+        ck.open_checkpoint(ckpt)
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                     lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                     max_leaves=20)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=st.binary(max_size=512) | _json.map(lambda v: json.dumps(v).encode())
+       | st.fixed_dictionaries({"format": st.just("minfm.checkpoint"), "version": st.just(1), "files": _json,
+                                "tensors": _json, "objects": _json}).map(lambda v: json.dumps(v).encode()))
+def test_random_manifests_raise_only_checkpoint_errors(tmp_path, raw):
+    folder = tmp_path / "step_00000001"
+    folder.mkdir(exist_ok=True)
+    (folder / "manifest.json").write_bytes(raw)
+    try:
+        manifest = read_manifest(folder)
+        manifest.metadata()
+    except CheckpointError:
+        pass
