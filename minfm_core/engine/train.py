@@ -152,14 +152,15 @@ class Trainer:
         meta = {"data": json.dumps(self.batches.state_dict()), "step": str(self.step), "world_size": str(self.rt.world_size)}
         self.checkpointer.save(self.step, self.app_state(), extras, meta)
 
-    def _load(self, ckpt: Path, plan: dict[str, str], *, exact: bool) -> None:
+    def _load(self, ckpt: ckpt_mod.Checkpoint, plan: dict[str, str], *, exact: bool) -> None:
         """Load parts of ``ckpt`` per ``plan`` ({target: source}); one DCP read per part."""
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
         trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        parts = ckpt.parts()
         for target, source in plan.items():
-            if not ckpt_mod.has_part(ckpt, source):
-                raise MinfmError(f"{ckpt}: has no {source!r} to load (train.init_load_plan)")
+            if source not in parts:
+                raise MinfmError(f"{ckpt.path}: has no {source!r} to load (train.init_load_plan)")
             state = self.app_state()
             if target in ("model", "ema"):
                 if target == "ema" and self.ema is None:
@@ -167,29 +168,32 @@ class Trainer:
                 base = state[target]
                 # EMA holds trainable parameters only: loading from it leaves buffers as they are.
                 box = {source: {k: v for k, v in base.items() if source == "model" or k in trainable}}
-                ckpt_mod.load_state(ckpt, box)
+                ckpt.load(box)
                 if target == "model":
                     set_model_state_dict(self.model, {**base, **box[source]})
                 else:
                     self.ema.load_state_dict(box[source])
             elif target == "optimizer":
                 box = {"optimizer": state["optimizer"]}
-                ckpt_mod.load_state(ckpt, box)
+                ckpt.load(box)
                 set_optimizer_state_dict(self.model, self.optimizer, box["optimizer"])
             elif target == "scheduler":
-                ckpt_mod.load_state(ckpt, {"scheduler": state["scheduler"]})  # lr follows the step
+                ckpt.load({"scheduler": state["scheduler"]})  # lr follows the step
             elif target == "step":
                 box = {"step": state["step"], "trainer": state["trainer"]}
-                ckpt_mod.load_state(ckpt, box)
+                ckpt.load(box)
                 self.step = int(box["step"])
                 nm = float(box["trainer"]["norm_mean"])
                 self.norm_mean = None if math.isnan(nm) else nm
         if exact:
-            extras = ckpt_mod.load_rank_extras(ckpt, self.rt.rank)
-            if extras is not None and ckpt_mod.checkpoint_world_size(ckpt) == self.rt.world_size:
+            extras = ckpt.rank_extras(self.rt.rank)
+            if extras is not None and ckpt.world_size == self.rt.world_size:
                 tensors, meta = extras
-                self.generator.set_state(tensors["generator"])
-                self.batches.load_state_dict(json.loads(meta["data"]))
+                try:
+                    self.generator.set_state(tensors["generator"])
+                    self.batches.load_state_dict(json.loads(meta["data"]))
+                except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+                    raise MinfmError(f"{ckpt.path}/rank_{self.rt.rank}.safetensors: bad per-rank state ({exc})") from None
             else:
                 # Another world size: per-rank streams cannot continue exactly; reseed by step.
                 self.generator.manual_seed(rank_seed(self.recipe.run.seed, self.rt.rank, self.step))
@@ -197,10 +201,17 @@ class Trainer:
                                "data order and noise are re-seeded")
 
     def _resume_or_init(self) -> None:
-        latest = ckpt_mod.list_checkpoints(self.exp_dir)
-        if latest:
-            self._load(latest[-1], {p: p for p in ckpt_mod.PARTS if p != "ema" or self.ema is not None}, exact=True)
-            self._log_line(f"resumed from {latest[-1]} at step {self.step}")
+        allow_pickle = self.cfg.allow_pickle_checkpoint
+        latest, skipped = ckpt_mod.resume_point(self.exp_dir, allow_pickle=allow_pickle)
+        for path, why in skipped:  # kept on disk as evidence; never pruned
+            self._log_line(f"warning: skipping checkpoint {path.name}: {why}")
+            self.checkpointer.keep.add(path)
+        if latest is not None:
+            self._load(latest, {p: p for p in ckpt_mod.PARTS if p != "ema" or self.ema is not None}, exact=True)
+            self._log_line(f"resumed from {latest.path} at step {self.step}")
+        elif skipped:
+            raise MinfmError(f"{self.exp_dir}: no checkpoint verifies (newest: {skipped[0][1]}); "
+                             "move the checkpoints away to start afresh")
         elif self.cfg.init_from:
             plan = ckpt_mod.parse_load_plan(self.cfg.init_load_plan)
             weights_only = set(plan) <= {"model", "ema"}
@@ -208,7 +219,8 @@ class Trainer:
             if weights_only and has_weights(root):
                 self._load_exported(root, plan)  # a Hub folder: the weights are enough
             else:
-                self._load(ckpt_mod.find_checkpoint(root), plan, exact=False)
+                ckpt = ckpt_mod.open_checkpoint(ckpt_mod.find_checkpoint(root), allow_pickle=allow_pickle)
+                self._load(ckpt, plan, exact=False)
             self._log_line(f"initialised from {self.cfg.init_from} with plan {self.cfg.init_load_plan!r}")
 
     def _load_exported(self, folder: Path, plan: dict[str, str]) -> None:
