@@ -85,3 +85,60 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
 def env_for(server, tmp_path: Path, name: str = "home") -> dict:
     return server.env(tmp_path / name, token=TOKEN)
 
+
+
+_RUNNER = r"""
+import contextlib, io, json, sys, traceback
+from minfm_core.cli.main import main
+results = []
+for args in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main(args)
+        except BaseException:  # noqa: BLE001 - a traceback is what the tests look for
+            traceback.print_exc()
+            rc = 1
+    results.append([rc, out.getvalue(), err.getvalue()])
+print("MINFM-RESULTS " + json.dumps(results))
+"""
+
+
+def main_in_process(env: dict, *cases: list[str], hub_only: bool = True,
+                    timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    """Run each ``minfm ARGS`` through ``minfm_core.cli.main.main`` in one Python process.
+
+    The process gets the test Hub's environment before huggingface_hub is imported, and
+    torch is imported once for all cases. Each result carries that call's own exit code,
+    stdout and stderr; the process's leftover stderr (e.g. logging) is appended to every
+    result, so a leaked token is seen there too.
+    """
+    full = {**env, **({"MINFM_DISABLE_PLUGINS": only_hub_plugin()} if hub_only else {})}
+    proc = subprocess.run([sys.executable, "-c", _RUNNER, json.dumps([list(c) for c in cases])],
+                          capture_output=True, text=True, env=full, cwd=ROOT, timeout=timeout)
+    marker = [ln for ln in proc.stdout.splitlines() if ln.startswith("MINFM-RESULTS ")]
+    assert proc.returncode == 0 and marker, (proc.returncode, proc.stdout[-2000:], proc.stderr[-4000:])
+    results = json.loads(marker[-1][len("MINFM-RESULTS "):])
+    return [subprocess.CompletedProcess(list(c), rc, out, err + proc.stderr)
+            for c, (rc, out, err) in zip(cases, results)]
+
+
+def tiny_recipe_text(**sample: object) -> str:
+    """The resolved tests/recipes/tiny.toml as a repo's recipe.toml (no extends: self-contained)."""
+    import tomli_w
+
+    from minfm_core.recipe import load_recipe
+
+    data = load_recipe(ROOT / "tests" / "recipes" / "tiny.toml").to_dict()
+    data.setdefault("sample", {}).update(sample)
+    return tomli_w.dumps(data)
+
+
+def tiny_denoiser_weights(recipe_text: str, tmp: Path) -> bytes:
+    """Valid ``model.safetensors`` bytes for the denoiser of ``recipe_text``."""
+    from minfm_core.checkpoint import build_denoiser
+
+    (tmp / "recipe.toml").write_text(recipe_text)
+    model = build_denoiser(tmp / "recipe.toml")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "w.safetensors")
+    return (tmp / "w.safetensors").read_bytes()

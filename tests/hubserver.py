@@ -92,6 +92,7 @@ class HubState:
         self.committed_paths: list[list[str]] = []  # file paths sent in each commit request
         self._counter = 0
         self.fail_commits = 0  # answer this many next commit requests with HTTP 500, applying nothing
+        self.fail_downloads: set[str] = set()  # file paths whose download (GET resolve) answers HTTP 500
 
     def repo(self, repo_type: str, repo_id: str) -> Repo:
         repo = self.repos.get((repo_type, repo_id))
@@ -250,6 +251,8 @@ class _Handler(BaseHTTPRequestHandler):
                 data = files.get(path)
             if data is None:
                 raise HubError(404, f"Entry not found: {path}", "EntryNotFound", commit=sha)
+            if method == "GET" and path in st.fail_downloads:
+                raise HubError(500, "Internal Error - We're working hard to fix this as soon as possible!")
             return self._resolve(method, sha, data)
         raise HubError(404, f"no route for {method} /{'/'.join(segs)}")
 
@@ -548,6 +551,11 @@ class HubServer:
         """Answer the next ``n`` commit requests with HTTP 500 (the repo stays as it was)."""
         with self.state.lock:
             self.state.fail_commits = n
+
+    def fail_downloads(self, *paths: str) -> None:
+        """Answer every download of these file paths with HTTP 500 (a pull that breaks half-way)."""
+        with self.state.lock:
+            self.state.fail_downloads = set(paths)
 
     @property
     def committed_paths(self) -> list[list[str]]:
