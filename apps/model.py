@@ -166,7 +166,9 @@ class DemoModel:
 
         path = resolve_source(src)
         recipe_path, kind, where = locate(path)
-        resolved = load_recipe(recipe_path)
+        # A recipe that came with a model (a Hub snapshot, a checkpoint) is data: no ${VAR}
+        # expansion (the demo shows it on /config) and its file references stay in its folder.
+        resolved = load_recipe(recipe_path, untrusted_root=recipe_path.parent)
         dev = torch.device(device) if device else pick_device(resolved.recipe.run.device, 0)
         pipe = build_pipeline(resolved, dev, load_weights=True)
         with warnings.catch_warnings():  # DCP notes it loads in one process: that is the intent

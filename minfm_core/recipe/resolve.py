@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -11,7 +12,8 @@ import attrs
 from ..config import structure, unstructure
 from ..errors import MinfmError, RecipeError
 from ..registry import Component, Registry, get_registry
-from .load import load_recipe_dict
+from ..safepath import contained
+from .load import load_recipe_dict, parse_override
 from .schema import SLOTS, Recipe, Spec
 
 
@@ -126,7 +128,82 @@ def resolve_recipe(
 
 
 def load_recipe(
-    path: str | os.PathLike, overrides: Iterable[str] = (), world_size: int | None = None
+    path: str | os.PathLike,
+    overrides: Iterable[str] = (),
+    world_size: int | None = None,
+    *,
+    untrusted_root: str | os.PathLike | None = None,
 ) -> ResolvedRecipe:
-    """Load, merge, override, expand, structure and check a recipe file."""
-    return resolve_recipe(load_recipe_dict(path, overrides), source=str(path), world_size=world_size)
+    """Load, merge, override, expand, structure and check a recipe file.
+
+    ``untrusted_root``: the recipe came from outside (a Hub repo, a checkpoint folder) and
+    this is the folder it arrived in. It is then read as data: no ``${VAR}`` expansion, its
+    ``extends`` and every file reference (fields declared with ``field(..., file=...)``)
+    must stay inside that folder and are rewritten to the contained path, relative to the
+    recipe's place in it. The user's own ``overrides`` still apply and are trusted.
+    """
+    raw = load_recipe_dict(path, overrides, untrusted_root=untrusted_root)
+    try:
+        resolved = resolve_recipe(raw, source=str(path), world_size=world_size)
+    except RecursionError:
+        raise RecipeError("values nested too deeply", str(path)) from None
+    if untrusted_root is None:
+        return resolved
+    trusted = {".".join(parse_override(o)[0]) for o in overrides}
+    return contain_file_references(resolved, Path(path), Path(untrusted_root), trusted)
+
+
+def _contain(value: str, kind: str, base: Path, root: Path, what: str) -> str:
+    """``value`` (a file reference from an untrusted recipe) as a path inside ``root``, or an error."""
+    if kind == "ref" and value.startswith("hf://"):
+        return value  # names a Hub repo, not a local file: fetched into its own snapshot
+    if os.path.isabs(value) or value.startswith("~"):
+        raise MinfmError(f"{what}: refusing path {value!r}: it leaves {root}")
+    name = os.path.relpath(os.path.normpath(base / value), root).replace(os.sep, "/")
+    path = contained(root, name, what=what)
+    if kind == "ref" and not os.path.lexists(path):
+        # Not a file of the repo: a Hub reference (org/name[/path]) -- unless it names a
+        # local file from where minfm runs, which a recipe from outside may not reach.
+        if os.path.lexists(value):
+            raise MinfmError(f"{what}: refusing path {value!r}: not inside {root}")
+        return value
+    return str(path)
+
+
+def _is_trusted(key: str, trusted: set[str]) -> bool:
+    """Whether the user's own --set gave ``key`` (or a table holding it)."""
+    key = key.replace("[", ".").replace("]", "")
+    return any(key == t or key.startswith(t + ".") for t in trusted)
+
+
+def _contained_config(cfg: Any, prefix: str, base: Path, root: Path, source: str, trusted: set[str]) -> Any:
+    changes = {}
+    for a in attrs.fields(type(cfg)):
+        kind = a.metadata.get("file")
+        key = f"{prefix}.{a.name}"
+        value = getattr(cfg, a.name)
+        if kind is None or not isinstance(value, str) or not value or _is_trusted(key, trusted):
+            continue
+        new = _contain(value, kind, base, root, f"{source}: {key}")
+        if new != value:
+            changes[a.name] = new
+    return attrs.evolve(cfg, **changes) if changes else cfg
+
+
+def contain_file_references(resolved: ResolvedRecipe, path: Path, root: Path, trusted: set[str] = frozenset()) -> ResolvedRecipe:
+    """Every file reference of a recipe from outside, checked and made a path inside ``root``."""
+    root = Path(os.path.abspath(root))
+    base = Path(os.path.abspath(path)).parent  # the recipe's place in the repo, not a blob's
+    source = str(path)
+    recipe = resolved.recipe
+    sections = {}
+    for name in ("run", "sample", "train"):
+        section = getattr(recipe, name)
+        sections[name] = _contained_config(section, name, base, root, source, trusted)
+    recipe = attrs.evolve(recipe, **sections)
+    slots = {
+        p: attrs.evolve(slot, config=_contained_config(slot.config, p, base, root, source, trusted))
+        if slot.config is not None and attrs.has(type(slot.config)) else slot
+        for p, slot in resolved.slots.items()
+    }
+    return ResolvedRecipe(recipe, slots, resolved.source)

@@ -21,7 +21,9 @@ def config_from_recipe(path: Path) -> FluxConfig:
     """The denoiser config of a (resolved) recipe file."""
     from minfm_core.recipe.load import load_recipe_dict
 
-    raw = load_recipe_dict(path, ())
+    # The recipe came with the weights (a run, an exported or pulled folder): data, not config
+    # of ours -- no ${VAR} expansion, and its extends stays inside its folder.
+    raw = load_recipe_dict(path, (), untrusted_root=Path(path).parent)
     table = dict(raw.get("model", {}).get("denoiser") or {})
     if table.pop("name", None) != "flux":
         raise MinfmError(f"{path}: model.denoiser is not a 'flux' denoiser")
