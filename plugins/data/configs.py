@@ -16,6 +16,8 @@ SHAPE_SIZES = ("small", "large")
 
 def _multiple_of_size_multiple(inst, attribute, value) -> None:
     m = inst.size_multiple
+    if not isinstance(m, int) or m <= 0:
+        return  # size_multiple's own range check names it (attrs validates fields in order)
     for hw in value:
         if len(hw) != 2 or any(v <= 0 or v % m for v in hw):
             raise ValueError(
@@ -36,6 +38,8 @@ def _choices(allowed: tuple[str, ...]):
 
 
 def _multiple(inst, attribute, value) -> None:
+    if not isinstance(inst.size_multiple, int) or inst.size_multiple <= 0:
+        return  # size_multiple's own range check names it
     if value % inst.size_multiple:
         raise ValueError(f"{attribute.name}: {value} is not a multiple of size_multiple={inst.size_multiple}")
 

@@ -1,0 +1,184 @@
+"""Every numeric field of run/train/sample and of every registered component config declares
+its valid range, and `minfm check` refuses a value outside it: exit 2, one line naming the
+field's recipe path, no traceback.
+
+The cases are generated from the schema and the registry (each field's declared range
+yields its out-of-range values), so a new field or component is covered without editing
+this file; a numeric field without a range fails `test_every_numeric_field_has_a_range`.
+"""
+
+from __future__ import annotations
+
+import math
+import typing
+from pathlib import Path
+
+import attrs
+import pytest
+
+from minfm_core.cli.main import main
+from minfm_core.recipe.schema import SLOTS, RunSection, SampleSection, TrainSection
+from minfm_core.registry import get_registry
+from minfm_core.validators import Range, range_of
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = str(ROOT / "recipes" / "quickstart.toml")
+SECTIONS = {"run": RunSection, "train": TrainSection, "sample": SampleSection}
+
+#: Numeric fields deliberately without a range, with the reason. (Empty: keep it that way
+#: unless a field truly takes any number, and then say why here.)
+UNBOUNDED: dict[str, str] = {}
+
+
+def _numeric(tp) -> bool:
+    """int / float, optionally inside Optional[...] or (nested) tuples."""
+    if tp in (int, float):
+        return True
+    origin = typing.get_origin(tp)
+    args = [a for a in typing.get_args(tp) if a is not type(None) and a is not Ellipsis]
+    if origin in (typing.Union, tuple) or str(origin) == "<class 'types.UnionType'>":
+        return bool(args) and all(_numeric(a) for a in args)
+    return False
+
+
+def _is_int(tp) -> bool:
+    if tp is int:
+        return True
+    args = [a for a in typing.get_args(tp) if a is not type(None) and a is not Ellipsis]
+    return bool(args) and all(_is_int(a) for a in args)
+
+
+def _slot_for(kind: str) -> str:
+    if kind == "logger":
+        return "logging.loggers"
+    return next(path for path, k in SLOTS.items() if k == kind)
+
+
+def numeric_fields():
+    """(recipe path prefix, owner label, config class, component name or None) for every config."""
+    owners = [(name, f"[{name}]", cls, None) for name, cls in SECTIONS.items()]
+    reg = get_registry()
+    from minfm_core.registry import KINDS
+
+    for kind in KINDS:
+        if kind == "source":
+            continue
+        for comp in reg.components(kind):
+            if comp.config is not None:
+                owners.append((_slot_for(kind), f"{kind} {comp.name}", comp.config, comp.name))
+    for prefix, label, cls, comp in owners:
+        hints = typing.get_type_hints(cls)
+        for a in attrs.fields(cls):
+            if _numeric(hints[a.name]):
+                yield prefix, label, cls, comp, a, hints[a.name]
+
+
+FIELDS = list(numeric_fields())
+
+
+def _toml(v) -> str:
+    if isinstance(v, tuple | list):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    if isinstance(v, float) and math.isnan(v):
+        return "nan"
+    if isinstance(v, float) and math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    if isinstance(v, str):
+        return '"' + v + '"'
+    return repr(v)
+
+
+def _bad_value(a: attrs.Attribute, bad):
+    """The field's value with one number replaced by ``bad`` (first element of a tuple)."""
+    default = a.default if not isinstance(a.default, attrs.Factory) else a.default.factory()  # type: ignore[arg-type]
+    if isinstance(default, tuple) and default:
+        first = default[0]
+        if isinstance(first, tuple):
+            return ((bad, *first[1:]), *default[1:])
+        return (bad, *default[1:])
+    if isinstance(default, tuple) or (default is None and "tuple" in str(a.type)):
+        return (bad, 1, 1)
+    return bad
+
+
+def cases():
+    for prefix, label, cls, comp, a, tp in FIELDS:
+        rng = range_of(a.validator)
+        if rng is None:
+            continue  # test_every_numeric_field_has_a_range reports it
+        for bad in rng.violations(integer=_is_int(tp)):
+            yield pytest.param(prefix, cls, comp, a, bad, id=f"{label}.{a.name}={bad!r}")
+
+
+def _override(prefix: str, cls, comp: str | None, a, bad) -> tuple[str, str]:
+    """(--set text, the recipe path the error must name)."""
+    value = _toml(_bad_value(a, bad))
+    if comp is None:
+        return f"{prefix}.{a.name}={value}", f"{prefix}.{a.name}"
+    table = {"name": f'"{comp}"'}
+    for other in attrs.fields(cls):  # required fields get a plain value so only ours is wrong
+        if other.default is attrs.NOTHING and other.name != a.name:
+            table[other.name] = '"x"'
+    table[a.name] = value
+    inline = "{" + ", ".join(f"{k} = {v}" for k, v in table.items()) + "}"
+    if prefix == "logging.loggers":
+        return f"logging.loggers=[{inline}]", f"logging.loggers[0].{a.name}"
+    return f"{prefix}={inline}", f"{prefix}.{a.name}"
+
+
+def test_every_numeric_field_has_a_range():
+    missing = [f"{label}.{a.name}" for _, label, _, _, a, _ in FIELDS
+               if range_of(a.validator) is None and f"{label}.{a.name}" not in UNBOUNDED]
+    assert not missing, f"numeric fields without a declared range (minfm_core.validators): {missing}"
+
+
+def test_the_sweep_covers_sections_and_components():
+    labels = {label for _, label, *_ in FIELDS}
+    assert {"[run]", "[train]", "[sample]"} <= labels
+    assert len(labels) > 20  # every kind's built-ins, not just a few
+
+
+@pytest.mark.parametrize(("prefix", "cls", "comp", "attribute", "bad"), list(cases()))
+def test_out_of_range_value_is_refused_by_check(prefix, cls, comp, attribute, bad, capsys):
+    setting, path = _override(prefix, cls, comp, attribute, bad)
+    rc = main(["check", RECIPE, "--set", setting])
+    err = capsys.readouterr().err
+    assert rc == 2, (setting, err)
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert f"{path}: " in lines[0], (setting, err)
+
+
+def test_range_error_reads_well(capsys):
+    assert main(["check", RECIPE, "--set", "train.lr=nan"]) == 2
+    assert capsys.readouterr().err.strip() == f"minfm: error: {RECIPE}: train.lr: must be finite and > 0, got nan"
+    assert main(["check", RECIPE, "--set", "train.adam_betas=[2.0, 0.5]"]) == 2
+    assert "train.adam_betas: each element must be in [0, 1), got 2.0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting", ["train.total_batch_size=-1", "parallel={name = \"fsdp2\", shard_size = -1}",
+                                     "train.ema_decay=0.0", "train.ckpt_every=0", "train.grad_clip_norm=inf"])
+def test_documented_sentinels_are_accepted(setting, capsys):
+    """'-1: all ranks', '0 disables', 'inf: no clipping' are in the field docs, so they pass."""
+    assert main(["check", RECIPE, "--set", setting]) == 0, capsys.readouterr().err
+
+
+def test_ranges_are_listed_by_minfm_plugins(capsys):
+    import json
+
+    assert main(["plugins", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    train = {f["name"]: f for f in info["sections"]["train"]}
+    assert train["lr"]["range"] == "> 0" and train["ema_decay"]["range"] == "in [0, 1)"
+    (flux,) = [c for c in info["kinds"]["denoiser"] if c["name"] == "flux"]
+    assert {f["name"]: f["range"] for f in flux["fields"]}["n_ds_blocks"] == ">= 0"
+    assert main(["plugins"]) == 0
+    assert "text_dropout: float = 0.1  # probability of dropping a prompt" in capsys.readouterr().out
+
+
+def test_range_violations_are_outside_the_range():
+    for rng in (Range(0, lo_open=True), Range(0, 1, hi_open=True), Range(1, also=(-1,)), Range()):
+        for integer in (True, False):
+            for v in rng.violations(integer):
+                assert not rng.ok(v)
