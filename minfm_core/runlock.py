@@ -83,7 +83,7 @@ def prepare_run_dir(exp_dir: Path, *, what: str = "run.exp_dir") -> Path:
 def acquire(exp_dir: str | Path) -> RunLock:
     """Lock ``exp_dir`` for this process or raise a MinfmError naming the holder (pid, host)."""
     exp_dir = prepare_run_dir(Path(exp_dir))
-    path = Path(os.path.realpath(exp_dir / LOCK_NAME))
+    path = Path(os.path.realpath(exp_dir)) / LOCK_NAME  # the folder resolved, never the lock file itself
     with _held_guard:
         if path in _held:
             _held[path].count += 1
@@ -117,7 +117,7 @@ def acquire(exp_dir: str | Path) -> RunLock:
 
 
 def release(exp_dir: str | Path) -> None:
-    path = Path(os.path.realpath(Path(exp_dir) / LOCK_NAME))
+    path = Path(os.path.realpath(exp_dir)) / LOCK_NAME
     with _held_guard:
         lock = _held.get(path)
         if lock is not None:
