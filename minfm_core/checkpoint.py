@@ -216,7 +216,10 @@ def resume_point(root: Path, *, allow_pickle: bool = False) -> tuple[Checkpoint 
     skipped: list[tuple[Path, str]] = []
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     if rank0:
-        for cand in reversed(list_checkpoints(root)):
+        ckpts = Path(root) / CKPT_DIR
+        # Every step_* folder, complete or not: one without its manifest is skipped by name.
+        cands = sorted(p for p in ckpts.iterdir() if _STEP_DIR.match(p.name)) if ckpts.is_dir() else []
+        for cand in reversed(cands):
             try:
                 open_checkpoint(cand, allow_pickle=allow_pickle)
             except CheckpointError as exc:
@@ -318,6 +321,7 @@ class Checkpointer:
                     while final.with_name(f"{final.name}.superseded-{n}").exists():
                         n += 1
                     final.rename(final.with_name(f"{final.name}.superseded-{n}"))
+                    self.keep.discard(final)  # the name now holds the new checkpoint
                 tmp.rename(final)  # the atomic step: from here on it is complete
                 self._prune()
         except CheckpointException as exc:

@@ -44,6 +44,7 @@ from .errors import MinfmError
 from .safepath import contained, write_bytes_atomic
 
 MANIFEST = "manifest.json"
+SELF_CRC = "manifest_crc32"
 FORMAT = "minfm.checkpoint"
 VERSION = 1
 #: A manifest lists every tensor chunk: about 200 bytes each. 512 MiB covers an 12B-parameter
@@ -134,7 +135,15 @@ class ManifestWriter(FileSystemWriter):
                  if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")}
         manifest = {"format": FORMAT, "version": VERSION, **self._info, "files": files,
                     "tensors": tensors, "objects": self._objects}
+        manifest[SELF_CRC] = _self_crc(manifest)
         write_bytes_atomic(folder / MANIFEST, json.dumps(manifest, separators=(",", ":")).encode())
+
+
+def _self_crc(manifest: dict[str, Any]) -> str:
+    """CRC-32 of the manifest's canonical JSON without this field: a flipped bit in the
+    manifest itself (a digit of a learning rate, say) is found too."""
+    body = {k: v for k, v in manifest.items() if k != SELF_CRC}
+    return f"{zlib.crc32(json.dumps(body, sort_keys=True, separators=(',', ':')).encode()):08x}"
 
 
 def file_record(path: Path) -> dict[str, Any]:
@@ -210,6 +219,8 @@ def _check_schema(folder: Path, data: Any) -> None:
         raise CheckpointError(f"{where}: not a minFM checkpoint manifest")
     if data.get("version") != VERSION:
         raise CheckpointError(f"{where}: manifest version {data.get('version')!r}; this minFM reads version {VERSION}")
+    if data.get(SELF_CRC) != _self_crc(data):
+        raise CheckpointError(f"{where}: fails its own checksum (corrupt or edited)")
     files, tensors, objects = data.get("files"), data.get("tensors"), data.get("objects")
     if not isinstance(files, dict) or not isinstance(tensors, dict) or not isinstance(objects, list):
         raise CheckpointError(f"{where}: files, tensors and objects are required")

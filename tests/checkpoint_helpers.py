@@ -32,7 +32,10 @@ def rewrite_manifest(ckpt: Path, edit) -> None:
     """Apply ``edit(manifest_dict)`` and write it back (to forge a manifest that 'verifies')."""
     path = ckpt / "manifest.json"
     data = json.loads(path.read_text())
+    from minfm_core.checkpoint_format import SELF_CRC, _self_crc
+
     edit(data)
+    data[SELF_CRC] = _self_crc(data)  # a forger recomputes the manifest's own checksum too
     path.write_text(json.dumps(data))
 
 

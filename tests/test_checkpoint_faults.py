@@ -1,0 +1,142 @@
+"""Checkpoint faults heal: a corrupt newest checkpoint is skipped (named, kept) and the run
+continues bitwise-equal to one that never saw the fault."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from checkpoint_helpers import copy_run
+from engine_helpers import losses, tiny
+from minfm_core import checkpoint as ck
+from minfm_core.checkpoint_format import CheckpointError
+
+STEPS = ("train.max_steps=6", "train.ckpt_every=2", "train.keep_last=0")
+
+
+def _train(run: Path, until: int | None = None) -> None:
+    from minfm_core.engine.runtime import init_runtime, shutdown_runtime
+    from minfm_core.engine.train import Trainer
+
+    rt = init_runtime("cpu")
+    try:
+        trainer = Trainer(tiny(run, *STEPS), rt)
+        try:
+            trainer.fit(until=until)
+        finally:
+            trainer.close()
+    finally:
+        shutdown_runtime()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """Six steps, never interrupted."""
+    run = tmp_path_factory.mktemp("ref") / "run"
+    _train(run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory) -> Path:
+    """The same run stopped after step 4 (checkpoints at steps 2 and 4)."""
+    run = tmp_path_factory.mktemp("stopped") / "run"
+    _train(run, until=4)
+    return run
+
+
+def _file(ckpt: Path, kind: str) -> Path:
+    return next(ckpt.glob("*.distcp")) if kind == "distcp" else ckpt / kind
+
+
+def truncate(p: Path) -> None:
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+def flip(p: Path) -> None:
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    p.write_bytes(bytes(data))
+
+
+def delete(p: Path) -> None:
+    p.unlink()
+
+
+def empty(p: Path) -> None:
+    p.write_bytes(b"")
+
+
+def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    opened = ck.open_checkpoint(ckpt)
+    out = {}
+    for part in ("model", "ema"):
+        model = ck.build_denoiser(ckpt / "recipe.toml")
+        ck.load_weights(opened, model, source=part)
+        out.update({f"{part}.{k}": v for k, v in model.state_dict().items()})
+    return out
+
+
+@pytest.mark.parametrize("kind", ["distcp", "manifest.json", "rank_0.safetensors", "recipe.toml"])
+@pytest.mark.parametrize("fault", [truncate, flip, delete, empty], ids=lambda f: f.__name__)
+def test_corrupt_newest_checkpoint_falls_back_and_continues_exactly(reference, stopped, tmp_path, capsys, kind, fault):
+    run = copy_run(stopped, tmp_path / "run")
+    newest = run / "checkpoints" / "step_00000004"
+    fault(_file(newest, kind))
+    with pytest.raises(CheckpointError):
+        ck.open_checkpoint(newest)
+    _train(run)
+    out = capsys.readouterr().out
+    assert "warning: skipping checkpoint step_00000004" in out, out
+    assert "resumed from" in out and "step_00000002 at step 2" in out
+    assert losses(run) == losses(reference)
+    got, want = _weights(run / "checkpoints" / "step_00000006"), _weights(reference / "checkpoints" / "step_00000006")
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    # The corrupt checkpoint is evidence: kept aside when its step was saved again, never deleted.
+    assert (run / "checkpoints" / "step_00000004.superseded-1").is_dir()
+
+
+def test_no_checkpoint_verifies_is_one_clear_error(stopped, tmp_path, capsys):
+    from minfm_core.cli.main import main
+    from engine_helpers import TINY
+
+    run = copy_run(stopped, tmp_path / "run")
+    for step in ("step_00000002", "step_00000004"):
+        flip(next((run / "checkpoints" / step).glob("*.distcp")))
+    code = main(["run", str(TINY), "--set", f"run.exp_dir={run}", *(f"--set={s}" for s in STEPS)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "no checkpoint verifies" in err and "fails its checksum" in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+
+
+def test_keep_last_never_prunes_a_skipped_checkpoint(stopped, tmp_path, capsys):
+    run = copy_run(stopped, tmp_path / "run")
+    flip(next((run / "checkpoints" / "step_00000004").glob("*.distcp")))
+    from minfm_core.engine.runtime import init_runtime, shutdown_runtime
+    from minfm_core.engine.train import Trainer
+
+    rt = init_runtime("cpu")
+    try:
+        trainer = Trainer(tiny(run, "train.max_steps=8", "train.ckpt_every=2", "train.keep_last=1"), rt)
+        trainer.fit()
+        trainer.close()
+    finally:
+        shutdown_runtime()
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["step_00000004.superseded-1", "step_00000008"], names
+
+
+def test_a_step_folder_without_manifest_is_skipped_by_name(stopped, tmp_path):
+    run = copy_run(stopped, tmp_path / "run")
+    shutil.copytree(run / "checkpoints" / "step_00000004", run / "checkpoints" / "step_00000005")
+    os.unlink(run / "checkpoints" / "step_00000005" / "manifest.json")
+    found, skipped = ck.resume_point(run)
+    assert found.path.name == "step_00000004"
+    assert [(p.name, "no manifest.json" in why) for p, why in skipped] == [("step_00000005", True)]
