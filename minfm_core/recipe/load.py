@@ -76,7 +76,7 @@ def _extended(path: Path, parent: str, untrusted_root: Path | None) -> Path:
     from ..safepath import contained
 
     root = Path(os.path.abspath(untrusted_root))
-    if Path(parent).is_absolute():
+    if Path(parent).is_absolute() or parent.startswith("~"):
         raise RecipeError(f"extends: refusing path {parent!r}: it leaves {root}", str(path))
     # Lexical: the repo's folders are real folders (only its files are cache symlinks), so
     # the name relative to the root is what the repo says, and contained() checks where it leads.
