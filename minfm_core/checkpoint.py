@@ -297,7 +297,7 @@ class Checkpointer:
         except CheckpointException as exc:
             raise _save_error(tmp, exc) from None
         except OSError as exc:
-            raise CheckpointError(f"{tmp}: cannot write checkpoint: {exc.strerror or exc}") from None
+            raise _write_failed(tmp, exc.strerror or str(exc)) from None
         self._pending = (fut, tmp, final)
         if fut is None:
             self.wait()
@@ -327,7 +327,7 @@ class Checkpointer:
         except CheckpointException as exc:
             raise _save_error(tmp, exc) from None
         except OSError as exc:
-            raise CheckpointError(f"{tmp}: cannot write checkpoint: {exc.strerror or exc}") from None
+            raise _write_failed(tmp, exc.strerror or str(exc)) from None
 
     def _prune(self) -> None:
         if self.keep_last <= 0:
@@ -343,7 +343,11 @@ def _save_error(tmp: Path, exc: CheckpointException) -> MinfmError:
     """A failed save (a full disk, a read-only folder) as one line; nothing complete is touched."""
     failures = list(getattr(exc, "failures", {}).values())
     first = failures[0] if failures else exc
-    why = first.strerror if isinstance(first, OSError) and first.strerror else str(first).strip().splitlines()[0]
+    return _write_failed(tmp, first.strerror if isinstance(first, OSError) and first.strerror
+                         else str(first).strip().splitlines()[0])
+
+
+def _write_failed(tmp: Path, why: str) -> CheckpointError:
     return CheckpointError(f"{tmp}: cannot write checkpoint: {why} (the previous checkpoints are intact)")
 
 

@@ -140,3 +140,51 @@ def test_a_step_folder_without_manifest_is_skipped_by_name(stopped, tmp_path):
     found, skipped = ck.resume_point(run)
     assert found.path.name == "step_00000004"
     assert [(p.name, "no manifest.json" in why) for p, why in skipped] == [("step_00000005", True)]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs (root only: skipped where mounting is not allowed)."""
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_full_disk_is_one_error_and_loses_nothing(small_disk, capsys, async_save):
+    from minfm_core.engine.runtime import init_runtime, shutdown_runtime
+    from minfm_core.engine.train import Trainer
+
+    run = small_disk / "run"
+    rt = init_runtime("cpu")
+    try:
+        trainer = Trainer(tiny(run, *STEPS), rt)
+        trainer.checkpointer.async_save = async_save
+        trainer.fit(until=2)
+        trainer.checkpointer.wait()
+        good = ck.list_checkpoints(run)
+        assert [p.name for p in good] == ["step_00000002"]
+        with open(small_disk / "filler", "wb") as f:  # fill the disk
+            try:
+                while True:
+                    f.write(b"\0" * (256 << 10))
+                    f.flush()
+            except OSError:
+                pass
+        trainer.fit(until=3)
+        with pytest.raises(CheckpointError, match="No space left on device") as info:
+            trainer.save()
+            trainer.checkpointer.wait()
+        assert "\n" not in str(info.value) and "previous checkpoints are intact" in str(info.value)
+        trainer.checkpointer._pending = None
+    finally:
+        shutdown_runtime()
+    assert ck.list_checkpoints(run) == good
+    ck.open_checkpoint(good[0])  # still verifies
