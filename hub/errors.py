@@ -7,10 +7,12 @@ between client versions: requests, httpx, httpx2); :func:`hub_errors` maps them 
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 
 from minfm_core.errors import MinfmError
 
+_TOKEN_SHAPED = re.compile(r"hf_[A-Za-z0-9]{30,}")
 _NETWORK_MODULES = ("httpx", "httpx2", "requests", "urllib3", "httpcore", "socket", "ssl")
 
 
@@ -25,7 +27,7 @@ def endpoint() -> str:
 
 
 def scrub(text: str) -> str:
-    """``text`` with the Hub token (env or login cache) masked, in case a library echoed it."""
+    """``text`` with the Hub token (env or login cache) and anything shaped like one masked."""
     try:
         from huggingface_hub import get_token
 
@@ -34,7 +36,7 @@ def scrub(text: str) -> str:
         token = None
     if token:
         text = text.replace(token, "***")
-    return text
+    return _TOKEN_SHAPED.sub("hf_***", text)  # any other token a library echoed
 
 
 def _first_line(exc: BaseException) -> str:

@@ -134,6 +134,22 @@ def weights_file(folder: Path, name: str) -> Path:
     return contained(Path(folder), f"{name}.safetensors", what=f"{folder}/{name}.safetensors")
 
 
+def check_weights_folder(folder: Path) -> None:
+    """Vet a folder before a library (transformers, diffusers) reads its safetensors itself.
+
+    Each ``*.safetensors`` file must stay inside the folder and have a bounded header, and
+    each ``*.safetensors.index.json`` may only name shards inside it; refusals are one
+    MinfmError naming the file, instead of whatever the library would do with them.
+    """
+    folder = Path(folder)
+    for index in sorted(folder.glob("*.safetensors.index.json")):
+        for shard in index_shards(contained(folder, index.name, what=str(index))):
+            if shard.exists():
+                check_header(shard)
+    for weights in sorted(folder.glob("*.safetensors")):
+        check_header(contained(folder, weights.name, what=str(weights)))
+
+
 def read_safetensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
     """``<name>.safetensors`` or the shards listed in ``<name>.safetensors.index.json``."""
     folder = Path(folder)

@@ -180,3 +180,20 @@ def test_random_indexes_raise_only_minfm_error(tmp_path, canary, index):
         read_safetensors(tmp_path, "model")
     except MinfmError as exc:
         assert "\n" not in str(exc)
+
+
+def test_a_folder_is_vetted_before_a_library_reads_it(tmp_path):
+    """transformers / diffusers read safetensors themselves: the folder is checked first."""
+    from minfm_core.weights import check_weights_folder
+
+    save_file({"w": torch.ones(1)}, tmp_path / "model.safetensors")
+    check_weights_folder(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_bytes(shard_index("/etc/passwd"))
+    with pytest.raises(MinfmError) as exc:
+        check_weights_folder(tmp_path)
+    _one_line(exc, "model.safetensors.index.json", "it leaves")
+    (tmp_path / "model.safetensors.index.json").unlink()
+    (tmp_path / "diffusion_pytorch_model.safetensors").write_bytes(b"\x80\x04junk")
+    with pytest.raises(MinfmError) as exc:
+        check_weights_folder(tmp_path)
+    _one_line(exc, "diffusion_pytorch_model.safetensors", "not a safetensors file")

@@ -9,7 +9,7 @@ from torch import nn
 
 from minfm_core.errors import MinfmError
 from minfm_core.pretrained import resolve_pretrained
-from minfm_core.weights import DTYPES
+from minfm_core.weights import DTYPES, check_weights_folder
 
 
 def build_encoder(enc_cls: Any, model_cls: Any, config_cls: Any, cfg, preset: dict, checked: tuple[str, ...],
@@ -44,6 +44,7 @@ def load_pretrained(model_cls: Any, ref: str, dtype: torch.dtype, expect: dict[s
         raise MinfmError(f"{what}: {ref} ({folder}) is not a model folder with config.json")
     if not any(folder.glob("*.safetensors")):
         raise MinfmError(f"{what}: {ref} has no .safetensors weights (minFM never reads pickled weights)")
+    check_weights_folder(folder)  # shard names and links stay inside, headers bounded: before transformers reads
     model = model_cls.from_pretrained(str(folder), use_safetensors=True, **_dtype_kwarg(dtype))
     bad = [f"{k} = {getattr(model.config, k)!r} (the config says {v!r})"
            for k, v in expect.items() if getattr(model.config, k) != v]

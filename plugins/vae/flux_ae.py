@@ -162,6 +162,9 @@ def _load(cfg: FluxAEConfig) -> nn.Module:
             f"flux_ae: {cfg.pretrained} ({path}) is not a diffusers VAE folder with config.json and "
             f"{WEIGHTS_NAME}; give such a folder or an ae.safetensors file"
         )
+    from minfm_core.weights import check_weights_folder
+
+    check_weights_folder(path)  # shard names and links stay inside, headers bounded: before diffusers reads
     model = AutoencoderKL.from_pretrained(str(path), use_safetensors=True, torch_dtype=DTYPES[cfg.dtype])
     _check_architecture(cfg, model, cfg.pretrained)
     return model
