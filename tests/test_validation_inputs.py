@@ -72,6 +72,7 @@ def test_closed_env_reference_still_expands(tmp_path, monkeypatch):
     ("run.seed=-1", "run.seed"),
     ("sample.batch_size=0", "sample.batch_size"),
     ("sample.guidance.scale=inf", "sample.guidance.scale"),
+    ("sample.size=[1, 33, 32]", "sample.size"),                # not a multiple of the 1x2 patch
 ])
 def test_check_refuses_what_run_refuses(capsys, setting, path):
     assert f"{path}: " in one_line_error(capsys, ["check", QUICKSTART, "--set", setting])

@@ -30,9 +30,13 @@ def data_path_warnings(resolved) -> list[str]:
     out = []
     if cfg is None:
         return out
-    for name in dir(type(cfg)):
-        if name.startswith("_") or not name.endswith(("root", "_dir", "_path")):
-            continue
+    import attrs
+
+    # Fields declared as files (field(..., file="file")); third-party configs that declare
+    # none are recognised by their names, as before.
+    declared = [a.name for a in attrs.fields(type(cfg)) if a.metadata.get("file") == "file"] if attrs.has(type(cfg)) else []
+    names = declared or [n for n in dir(type(cfg)) if not n.startswith("_") and n.endswith(("root", "_dir", "_path"))]
+    for name in names:
         value = getattr(cfg, name, None)
         if isinstance(value, str) and value and not Path(value.split("::")[0]).exists():
             out.append(f"data.{name}: {value} does not exist (yet)")

@@ -114,11 +114,14 @@ def cross_checks(resolved, world_size: int | None = None) -> list[str]:
     if train.fid_every > 0 and not train.fid_ref:
         problems.append("train.fid_ref: train.fid_every > 0 needs reference images (an .npz or a folder)")
     if comp is not None:
+        # The sampler meets this only after loading every weight: say it now.
         _, h, w = recipe.sample.size
-        if h % comp[1] or w % comp[2]:
+        ph, pw = (patch[1], patch[2]) if patch is not None and len(patch) == 3 else (1, 1)
+        mh, mw = comp[1] * ph, comp[2] * pw
+        if h % mh or w % mw:
             problems.append(
-                f"sample.size: height and width {h}x{w} must be multiples of the VAE's "
-                f"{comp[1]}x{comp[2]} compression"
+                f"sample.size: height and width {h}x{w} must be multiples of the VAE's compression x patch "
+                f"= {mh}x{mw}"
             )
 
     shard = _attr(resolved, "parallel", "shard_size")
