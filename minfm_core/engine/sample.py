@@ -65,11 +65,13 @@ def locate(src_path: Path) -> tuple[Path, str, Path]:
     return ckpt_mod.recipe_for(ckpt), "dcp", ckpt
 
 
-def load_denoiser_weights(model: torch.nn.Module, kind: str, where: Path, use_ema: bool) -> str:
+def load_denoiser_weights(model: torch.nn.Module, kind: str, where: Path, use_ema: bool,
+                          allow_pickle: bool = False) -> str:
     """Load raw or EMA weights; returns which were loaded."""
     if kind == "dcp":
-        source = "ema" if use_ema and ckpt_mod.has_part(where, "ema") else "model"
-        ckpt_mod.load_weights(where, model, source=source)
+        ckpt = ckpt_mod.open_checkpoint(where, allow_pickle=allow_pickle)
+        source = "ema" if use_ema and ckpt.has_part("ema") else "model"
+        ckpt_mod.load_weights(ckpt, model, source=source)
         return source
     name = "ema" if use_ema and has_weights(where, "ema") else "model"
     load_safetensors_into(model, where, name)
@@ -107,7 +109,6 @@ def sample_cli(args) -> int:
         )
     if not prompts:
         raise MinfmError("no prompts: pass --prompt or --prompt-file (or set sample.prompts in the recipe)")
-    check_size(resolved, "--size" if args.size is not None else "sample.size")
     out = Path(args.out) if args.out else default_out(args.source, src)
     return run_sampling(resolved, prompts, out, weights=(kind, where), source=args.source,
                         overwrite=args.overwrite, out_flag="--out")
@@ -126,18 +127,6 @@ def default_out(source: str, src: Path) -> Path:
     return base / "samples_cli"
 
 
-def check_size(resolved, flag: str) -> None:
-    """Height and width must be multiples of the VAE compression x patch size: checked before any work."""
-    size = tuple(resolved.recipe.sample.size)
-    comp = getattr(resolved.config("model.vae"), "compression", (1, 1, 1))
-    patch = getattr(resolved.config("model.patchifier"), "patch_size", (1, 1, 1))
-    mh, mw = comp[1] * patch[1], comp[2] * patch[2]
-    h, w = size[1], size[2]
-    if h < 1 or w < 1 or h % mh or w % mw:
-        raise MinfmError(f"{flag} {h}x{w}: height and width must be positive multiples of {mh}x{mw} "
-                         "(the VAE's compression x the patch size)")
-
-
 def sample_recipe(resolved) -> int:
     """``job = "sample"``: from ``sample.source`` if set, else the recipe's pretrained weights."""
     from ..sources import resolve_source
@@ -150,7 +139,6 @@ def sample_recipe(resolved) -> int:
     if s.source:
         _, kind, where = locate(resolve_source(s.source))
         weights = (kind, where)
-    check_size(resolved, "sample.size")
     out = Path(s.out_dir) if s.out_dir else Path(resolved.recipe.run.exp_dir) / "samples"
     return run_sampling(resolved, prompts, out, weights=weights, source=s.source, out_flag="sample.out_dir")
 
@@ -184,13 +172,16 @@ def rank_share(pending: list[int], rank: int, world: int) -> tuple[list[int], in
 _IMAGE = re.compile(r"^\d{5}_\d{2}\.(png|jpg|jpeg)$")
 # Recipe values that do not change a single pixel: leave them out of the request.
 _NOT_PIXELS = ("prompts", "prompt_file", "out_dir", "save_npz", "source")
+# Shown at the top of the settings already: the recipe copy would only repeat them.
+_SHOWN = ("steps", "size", "seed", "samples_per_prompt", "batch_size", "neg_prompt", "distilled_guidance")
+_ALIASES = {"recipe.sample.sampler.name", "recipe.sample.guidance.name", "recipe.sample.guidance.scale"}
 
 
 def request_settings(resolved, prompts: list[str], *, source: str | None, weights) -> dict:
     """What decides the pictures in an out folder: compared with ``metadata.json`` before drawing."""
     s = resolved.recipe.sample
     d = resolved.to_dict()
-    sample_recipe_part = {k: v for k, v in d.get("sample", {}).items() if k not in _NOT_PIXELS}
+    sample_recipe_part = {k: v for k, v in d.get("sample", {}).items() if k not in _NOT_PIXELS + _SHOWN}
     settings = {"source": source, "checkpoint": None if weights is None else str(Path(weights[1]).resolve()),
                 "prompts": list(prompts), "steps": s.steps, "size": list(s.size),
                 "sampler": resolved["sample.sampler"].component.name,
@@ -238,6 +229,7 @@ def prepare_out(out: Path, settings: dict, *, overwrite: bool, flag: str) -> Non
             # The weights kind is known only once loaded; the source string may name the same
             # checkpoint another way ("run" vs "./run"): the resolved checkpoint decides.
             diff = _differences(*({k: v for k, v in d.items() if k not in ("weights", "source")} for d in (old, settings)))
+            diff = [k for k in diff if k not in _ALIASES]
             if diff:
                 shown = ", ".join(diff[:8]) + (f" and {len(diff) - 8} more" if len(diff) > 8 else "")
                 stale = f"holds samples of another request (different {shown})"

@@ -1,0 +1,142 @@
+"""Sampling resumes only what matches; hf:// never writes into the cache; CLI numbers have ranges."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import run_minfm
+from engine_helpers import tiny
+from minfm_core.cli.main import main
+
+ARGS = ["--steps", "2", "--n", "2"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    from minfm_core.engine.train import train
+
+    run = tmp_path_factory.mktemp("sample_out") / "run"
+    train(tiny(run, "train.max_steps=1"))
+    return run
+
+
+def sample(run: Path, out: Path, *args: str, **kw):
+    return run_minfm("sample", str(run), "--out", str(out), *ARGS, *args, **kw)
+
+
+def images(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((out / "images").iterdir())}
+
+
+def one_error_line(res, *needles: str) -> str:
+    assert res.returncode == 2, res.stdout + res.stderr
+    line = res.stderr.strip()
+    assert "\n" not in line and "Traceback" not in line, res.stderr
+    for n in needles:
+        assert n in line, line
+    return line
+
+
+def test_same_request_resumes_another_is_refused_then_overwritten(run_dir, tmp_path):
+    out = tmp_path / "out"
+    first = sample(run_dir, out, "--prompt", "a red circle", "--prompt", "a blue square")
+    assert first.returncode == 0, first.stderr
+    old = images(out)
+    assert sorted(old) == ["00000_00.png", "00000_01.png", "00001_00.png", "00001_01.png"]
+
+    # The same request again: nothing left to draw, nothing changed.
+    again = sample(run_dir, out, "--prompt", "a red circle", "--prompt", "a blue square")
+    assert again.returncode == 0 and "1 batches, 1 already done, 0 to draw" in again.stdout
+    assert images(out) == old
+
+    # Another prompt, another seed: refused, naming what differs; nothing touched.
+    other = sample(run_dir, out, "--prompt", "a green triangle")
+    one_error_line(other, f"--out {out}: holds samples of another request (different prompts)", "--overwrite")
+    seeded = sample(run_dir, out, "--prompt", "a red circle", "--prompt", "a blue square", "--seed", "7")
+    one_error_line(seeded, "(different seed)")
+    steps = run_minfm("sample", str(run_dir), "--out", str(out), "--steps", "3", "--n", "2", "--cfg", "1.5",
+                      "--prompt", "a red circle", "--prompt", "a blue square")
+    one_error_line(steps, "guidance_scale", "steps")
+    assert images(out) == old
+
+    # --overwrite: the stale images go first; what is left is exactly the new request's.
+    new = sample(run_dir, out, "--prompt", "a green triangle", "--n", "1", "--overwrite")
+    assert new.returncode == 0, new.stderr
+    fresh = tmp_path / "fresh"
+    assert sample(run_dir, fresh, "--prompt", "a green triangle", "--n", "1").returncode == 0
+    assert images(out) == images(fresh) and sorted(images(out)) == ["00000_00.png"]
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["complete"] and meta["settings"]["prompts"] == ["a green triangle"]
+    assert [r["prompt"] for r in meta["images"]] == ["a green triangle"]
+
+
+def test_out_that_is_a_file_or_holds_unknown_images(run_dir, tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("keep")
+    one_error_line(sample(run_dir, f, "--prompt", "x"), f"--out {f}: is a file, not a folder")
+    assert f.read_text() == "keep"
+
+    foreign = tmp_path / "foreign"
+    (foreign / "images").mkdir(parents=True)
+    (foreign / "images" / "00000_00.png").write_bytes(b"someone else's")
+    one_error_line(sample(run_dir, foreign, "--prompt", "x"), "holds images but no metadata.json")
+    assert (foreign / "images" / "00000_00.png").read_bytes() == b"someone else's"
+
+
+def test_size_must_suit_the_model(run_dir, tmp_path):
+    res = sample(run_dir, tmp_path / "o", "--prompt", "x", "--size", "15x16")
+    # The recipe's own check (sample.size, which --size sets) refuses it before any model is built.
+    one_error_line(res, "sample.size: height and width 15x16 must be multiples of")
+    assert not (tmp_path / "o").exists()
+
+
+def test_hf_source_never_writes_into_the_cache(run_dir, hub_server, tmp_path):
+    env = hub_server.env(tmp_path / "hf_home")
+    pushed = run_minfm("hub", "push", str(run_dir), "org/tiny", env=env)
+    assert pushed.returncode == 0, pushed.stderr
+    # Download first, then take stock of the cache: sampling must add nothing to it.
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    first = run_minfm("sample", "hf://org/tiny", "--prompt", "a red circle", *ARGS, env=env, cwd=cwd)
+    assert first.returncode == 0, first.stderr
+    cache = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "hf_home").rglob("*"))
+    assert not any("samples" in p for p in cache)
+    assert sorted(images(cwd / "samples" / "org--tiny")) == ["00000_00.png", "00000_01.png"]
+    rev = run_minfm("sample", "hf://org/tiny@main", "--prompt", "a red circle", *ARGS, env=env, cwd=cwd)
+    assert rev.returncode == 0, rev.stderr
+    assert (cwd / "samples" / "org--tiny@main" / "metadata.json").is_file()
+    assert sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "hf_home").rglob("*")) == cache
+
+
+BAD_NUMBERS = [
+    (["sample", "SRC", "--n", "0"], "--n: expected a positive integer, got 0"),
+    (["sample", "SRC", "--n", "two"], "--n: expected an integer, got 'two'"),
+    (["sample", "SRC", "--steps", "0"], "--steps: expected a positive integer, got 0"),
+    (["sample", "SRC", "--cfg", "inf"], "--cfg: expected a finite number, got inf"),
+    (["sample", "SRC", "--cfg", "nan"], "--cfg: expected a finite number, got nan"),
+    (["sample", "SRC", "--size", "0x0"], "--size '0x0': height and width must be positive"),
+    (["sample", "SRC", "--size", "256"], "--size '256': expected HEIGHTxWIDTH"),
+    (["sample", "SRC", "--seed", "-1"], "--seed: expected a non-negative integer, got -1"),
+    (["sample", "SRC", "--seed", str(2**64)], "--seed: expected at most"),
+    (["sample", "SRC", "--nproc-per-node", "0"], "--nproc-per-node: expected a positive integer, got 0"),
+    (["run", "R.toml", "--nproc-per-node", "-3"], "--nproc-per-node: expected a positive integer, got -3"),
+    (["run", "R.toml", "--nproc-per-node", "100000"], "--nproc-per-node: expected at most 1024"),
+    (["check", "R.toml", "--world-size", "0"], "--world-size: expected a positive integer, got 0"),
+    (["serve", "DIR", "--port", "70000"], "--port: expected at most 65535, got 70000"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD_NUMBERS, ids=[" ".join(a[2:]) for a, _ in BAD_NUMBERS])
+def test_bad_cli_numbers_exit_2_one_line(argv, message, capsys, tmp_path):
+    """Refused while parsing: before the source, recipe or run dir is even looked at."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"minfm: error: {message}") and "\n" not in err, err
+
+
+def test_bad_cli_number_in_a_real_process(tmp_path):
+    res = run_minfm("sample", str(tmp_path / "nothing"), "--cfg=-inf")  # "=": argparse reads a bare -inf as a flag
+    one_error_line(res, "minfm: error: --cfg: expected a finite number, got -inf")
