@@ -156,14 +156,16 @@ def _check_name(name: str, what: str) -> None:
     if (pure is None or not name or "\x00" in name or "\\" in name or pure.is_absolute()
             or any(part in ("..", "") for part in name.split("/"))):
         raise MinfmError(f"{what}: refusing file name {name!r}: it leaves the repo folder")
+    if pure.parts[0] == ".cache":  # huggingface_hub keeps its --local-dir bookkeeping there
+        raise MinfmError(f"{what}: refusing file name {name!r}: .cache/ is huggingface_hub's own folder")
 
 
-def _verify(folder: Path, limits: Limits, what: str) -> None:
+def _verify(folder: Path, limits: Limits, what: str, *, local_dir: bool = False) -> None:
     """The downloaded tree, checked again: no symlink out, regular files only, within the limits."""
     n_files = n_bytes = 0
     for dirpath, dirnames, filenames in os.walk(folder):  # symlinked folders are not entered
         rel_dir = Path(dirpath).relative_to(folder)
-        if rel_dir.parts[:1] == (".cache",):
+        if local_dir and rel_dir.parts[:1] == (".cache",):
             continue  # huggingface_hub's own bookkeeping for --local-dir
         for name in dirnames + filenames:
             entry = Path(dirpath) / name
@@ -216,31 +218,44 @@ def _pull_to_local_dir(pulled: Pulled, patterns: list[str], limits: Limits) -> N
     """
     from huggingface_hub import snapshot_download
 
-    target = Path(os.path.abspath(pulled.path))
+    # DIR comes from the user's command line: a symlink there is theirs to follow. The temp
+    # folder goes beside the real target, so the final moves are renames on one file system.
+    target = Path(os.path.realpath(pulled.path))
     what = f"Hub repo {HubRef(pulled.repo_id, pulled.revision)}"
     if os.path.lexists(target) and not target.is_dir():
         raise MinfmError(f"{pulled.path}: exists and is not a folder")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.pull-", dir=target.parent))
+    with _os_errors(pulled.path):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.pull-", dir=target.parent))
     try:
         if target.is_dir():
             _seed(target, tmp)
         snapshot_download(pulled.repo_id, revision=pulled.revision, local_dir=tmp, allow_patterns=patterns)
-        _verify(tmp, limits, what)
+        _verify(tmp, limits, what, local_dir=True)
         _record(pulled, tmp)
-        if not os.path.lexists(target):
-            os.chmod(tmp, 0o777 & ~_umask())
-            os.rename(tmp, target)  # one atomic step
-            return
-        moves = []
-        for src in sorted(p for p in tmp.rglob("*") if not p.is_dir()):
-            rel = src.relative_to(tmp).as_posix()
-            moves.append((src, contained(target, rel, what=f"{what}: --local-dir {pulled.path}")))
-        for src, dst in moves:  # every destination was checked before the first move
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(src, dst)
+        with _os_errors(pulled.path):
+            if not os.path.lexists(target):
+                os.chmod(tmp, 0o777 & ~_umask())
+                os.rename(tmp, target)  # one atomic step
+                return
+            moves = []
+            for src in sorted(p for p in tmp.rglob("*") if not p.is_dir()):
+                rel = src.relative_to(tmp).as_posix()
+                moves.append((src, contained(target, rel, what=f"{what}: --local-dir {pulled.path}")))
+            for src, dst in moves:  # every destination was checked before the first move
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(src, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _os_errors(where: Path):
+    """A file-system failure of our own writes (permissions, a full disk) as one line."""
+    try:
+        yield
+    except OSError as exc:
+        raise MinfmError(f"{where}: cannot write the pulled files ({exc.strerror or type(exc).__name__})") from None
 
 
 def _seed(target: Path, tmp: Path) -> None:

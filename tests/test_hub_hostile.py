@@ -290,3 +290,23 @@ def test_push_refuses_symlinks_leading_outside_and_uploads_inside_ones(hub_serve
     assert files["ema.safetensors"] == (inside / "model.safetensors").read_bytes()  # the target's content
     for data in (f for r in hub_server.state.repos.values() for c in r.commits.values() for f in c.files.values()):
         assert b"do not publish" not in data
+
+
+def test_hf_bookkeeping_names_are_refused_and_a_pulled_snapshot_pushes_as_is(hub_server, tmp_path):
+    """A repo may not write into huggingface_hub's .cache/; a cache snapshot (links into blobs/) is inside."""
+    hub_server.upload("org/cachey", {"model.safetensors": b"x", ".cache/huggingface/download/a.metadata": b"x"})
+    src = make_model_folder(tmp_path / "src")
+    hub_server.upload("org/m", {p: (src / p).read_bytes() for p in ("model.safetensors", "ema.safetensors",
+                                                                  "recipe.toml", "metrics.jsonl")})
+    env = env_for(hub_server, tmp_path)
+    cachey, pulled = main_in_process(env, ["hub", "pull", "org/cachey", "--local-dir", str(tmp_path / "c")],
+                                     ["hub", "pull", "org/m"])
+    assert ".cache/ is huggingface_hub's own folder" in one_error_line(cachey)
+    assert not (tmp_path / "c").exists()
+    snap = Path(pulled.stdout.strip())
+    assert (snap / "model.safetensors").is_symlink()
+    (pushed,) = main_in_process(env, ["hub", "push", str(snap), "org/copy"])
+    assert pushed.returncode == 0, pushed.stderr
+    copy = hub_server.files("org/copy")
+    assert copy["model.safetensors"] == (src / "model.safetensors").read_bytes()
+    assert copy["recipe.toml"] == (src / "recipe.toml").read_bytes()
