@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 from minfm_core.errors import MinfmError
 from minfm_core.safepath import contained, is_inside, write_text_atomic
 
-from .errors import hub_errors
+from .errors import _first_line, hub_errors, scrub, translate
 from .uri import HubRef, parse_hf_uri, parse_ref
 
 #: Files a pull downloads (fnmatch patterns, ``*`` crosses folders).
@@ -127,8 +127,7 @@ def pull(ref: str | HubRef, local_dir: str | Path | None = None, *, training_sta
             info = HfApi().model_info(ref.repo_id, revision=ref.revision, files_metadata=True)
             siblings = list(info.siblings or [])
             refuse_pickles([s.rfilename for s in siblings], str(ref))
-            for s in siblings:  # the server may list any name; none may leave the folder
-                _check_name(s.rfilename, what)
+            _check_names([s.rfilename for s in siblings], what)  # the server may list any name
             wanted = _wanted(siblings, patterns)
             limits.check(len(wanted), sum(max(int(s.size or 0), 0) for s in wanted), what)
             commit = info.sha
@@ -150,14 +149,45 @@ def _wanted(siblings: list, patterns: list[str]) -> list:
     return list(filter_repo_objects(siblings, allow_patterns=patterns, key=lambda s: s.rfilename))
 
 
+#: Characters no repo file name may hold: control characters (a newline in a name forges
+#: output lines) and bidirectional overrides (a name that displays as something else).
+_BAD_NAME_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\\\\]")
+_DRIVE_RE = re.compile(r"^[A-Za-z]:")
+MAX_NAME_SEGMENT = 200  # bytes; leaves room for the suffixes huggingface_hub adds (.incomplete, .metadata)
+
+
 def _check_name(name: str, what: str) -> None:
     """A repo file name must be a plain relative path (checked before anything is downloaded)."""
-    pure = PurePosixPath(name) if isinstance(name, str) else None
-    if (pure is None or not name or "\x00" in name or "\\" in name or pure.is_absolute()
-            or any(part in ("..", "") for part in name.split("/"))):
-        raise MinfmError(f"{what}: refusing file name {name!r}: it leaves the repo folder")
-    if pure.parts[0] == ".cache":  # huggingface_hub keeps its --local-dir bookkeeping there
-        raise MinfmError(f"{what}: refusing file name {name!r}: .cache/ is huggingface_hub's own folder")
+    def refuse(why: str):
+        raise MinfmError(f"{what}: refusing file name {_shown(name)}: {why}")
+
+    if not isinstance(name, str) or not name:
+        refuse("not a file name")
+    parts = name.split("/")
+    if name.startswith("/") or _DRIVE_RE.match(name) or any(p in ("..", ".", "") for p in parts):
+        refuse("it leaves the repo folder")
+    if _BAD_NAME_CHARS.search(name):
+        refuse("it holds a control, backslash or text-direction character")
+    if any(len(p.encode("utf-8", "surrogatepass")) > MAX_NAME_SEGMENT for p in parts):
+        refuse(f"a path segment longer than {MAX_NAME_SEGMENT} bytes")
+    if parts[0] == ".cache":  # huggingface_hub keeps its --local-dir bookkeeping there
+        refuse(".cache/ is huggingface_hub's own folder")
+
+
+def _shown(name) -> str:
+    """A name for a one-line message: repr (control characters escaped), long ones cut."""
+    return repr(name) if not isinstance(name, str) or len(name) <= 120 else repr(name[:100]) + "..."
+
+
+def _check_names(names: list[str], what: str) -> None:
+    for name in names:
+        _check_name(name, what)
+    files = set(names)
+    for name in names:  # "a.json" and "a.json/b.json": one path cannot be a file and a folder
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in files:
+                raise MinfmError(f"{what}: refusing file name {_shown(name)}: {'/'.join(parts[:i])!r} is also a file")
 
 
 def _verify(folder: Path, limits: Limits, what: str, *, local_dir: bool = False) -> None:
@@ -182,7 +212,7 @@ def _verify(folder: Path, limits: Limits, what: str, *, local_dir: bool = False)
 
 def _pull_to_cache(ref: HubRef, patterns: list[str], commit: str | None, limits: Limits) -> Path:
     """snapshot_download into the HF cache; on failure, remove the snapshot (and blobs) this pull created."""
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import constants
 
     repo_cache = Path(constants.HF_HUB_CACHE) / ("models--" + ref.repo_id.replace("/", "--"))
     snapshot = repo_cache / "snapshots" / commit if commit else None
@@ -192,13 +222,29 @@ def _pull_to_cache(ref: HubRef, patterns: list[str], commit: str | None, limits:
     try:
         # The asked revision (not the sha) is passed on so the cache records the branch/tag
         # and a later offline `hf://org/name` finds it.
-        path = Path(snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=patterns))
+        path = Path(_snapshot(f"Hub repo {ref}", ref.repo_id, revision=ref.revision, allow_patterns=patterns))
         _verify(path, limits, f"Hub repo {ref}")
         return path
     except BaseException:
         if fresh:
             _remove_partial(snapshot, blobs, blobs_before)
         raise
+
+
+def _snapshot(what: str, repo_id: str, **kwargs) -> str:
+    """``snapshot_download``, with the client's own refusals and local file errors as one line.
+
+    Hub and network failures pass on to :func:`minfm_hub.errors.hub_errors`.
+    """
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, **kwargs)
+    except (ValueError, OSError) as exc:
+        if translate(exc, "pull", repo_id) is not None:
+            raise
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else _first_line(exc)
+        raise MinfmError(scrub(f"{what}: download failed ({why})")) from None
 
 
 def _remove_partial(snapshot: Path, blobs: Path, blobs_before: set[str]) -> None:
@@ -216,8 +262,6 @@ def _pull_to_local_dir(pulled: Pulled, patterns: list[str], limits: Limits) -> N
     Nothing is written into the target before every check passed, and every move replaces
     a file (or a symlink that stays inside) instead of writing through it.
     """
-    from huggingface_hub import snapshot_download
-
     # DIR comes from the user's command line: a symlink there is theirs to follow. The temp
     # folder goes beside the real target, so the final moves are renames on one file system.
     target = Path(os.path.realpath(pulled.path))
@@ -230,7 +274,7 @@ def _pull_to_local_dir(pulled: Pulled, patterns: list[str], limits: Limits) -> N
     try:
         if target.is_dir():
             _seed(target, tmp)
-        snapshot_download(pulled.repo_id, revision=pulled.revision, local_dir=tmp, allow_patterns=patterns)
+        _snapshot(what, pulled.repo_id, revision=pulled.revision, local_dir=tmp, allow_patterns=patterns)
         _verify(tmp, limits, what, local_dir=True)
         _record(pulled, tmp)
         with _os_errors(pulled.path):

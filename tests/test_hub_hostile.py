@@ -48,7 +48,8 @@ def _no_token(*procs) -> None:
 
 # -- hub pull ----------------------------------------------------------------------------------
 
-TRAVERSAL = ["../evil.json", "sub/../../evil.json", "ABS", "..\\evil.json", "a//b.json"]
+TRAVERSAL = ["../evil.json", "sub/../../evil.json", "ABS", "..\\evil.json", "a//b.json", "./evil.json",
+             "C:/evil.json", "a\nb.json", "\u202eevil.json", "x" * 300 + ".json", "model.safetensors/evil.json"]
 
 
 def test_traversal_names_in_a_repo_are_refused_before_downloading(hub_server, tmp_path, canary):
@@ -66,7 +67,7 @@ def test_traversal_names_in_a_repo_are_refused_before_downloading(hub_server, tm
     for i, name in enumerate(names):
         for proc in results[2 * i:2 * i + 2]:
             line = one_error_line(proc)
-            assert f"Hub repo org/t{i}: refusing file name {name!r}" in line, line
+            assert f"Hub repo org/t{i}: refusing file name {repr(name)[:60]}" in line and len(line) < 300, line
         assert not (tmp_path / f"out{i}").exists()
     assert not any("/resolve/" in path for _, path in hub_server.requests[n_before:])  # nothing downloaded
     assert not (tmp_path / "home" / "hub" / "models--org--t0" / "snapshots").exists()
