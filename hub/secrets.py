@@ -8,9 +8,10 @@ huggingface_hub's ``get_token()``: ``HF_TOKEN`` or the login cache) and for anyt
 shaped like a Hub token (``hf_`` and 30 or more letters/digits). A hit is one MinfmError
 naming the file and the line (or byte offset), with the token shown redacted.
 
-Text files are read line by line. A safetensors file is scanned in its JSON header only
-(the metadata strings; the rest is tensor bytes). Other binary files (images, DCP
-training state) are scanned whole, in chunks that overlap by more than a token's length.
+Files are read in chunks that overlap by more than a token's length. A safetensors file
+is scanned in its JSON header only (the metadata strings; the rest is tensor bytes);
+everything else (text, images, the DCP training state) whole. Text files report a line
+number, others a byte offset.
 """
 
 from __future__ import annotations
@@ -58,29 +59,32 @@ def _hit(data: bytes, token: bytes | None) -> tuple[int, bytes] | None:
     return min(found) if found else None
 
 
-def _scan_text(path: Path, token: bytes | None) -> str | None:
-    with open(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
-            hit = _hit(line, token)
-            if hit:
-                return f"line {lineno}: {redact(hit[1].decode('ascii', 'replace'))}"
-    return None
+def _scan(path: Path, token: bytes | None, limit: int | None = None) -> tuple[int, int, bytes] | None:
+    """(byte offset, line number, token) of the first token in ``path`` (its first ``limit`` bytes), or None.
 
-
-def _scan_binary(path: Path, token: bytes | None, limit: int | None = None) -> str | None:
-    """Chunks of ``path`` (the first ``limit`` bytes only, if given), overlapping so no token is cut."""
-    done, tail = 0, b""
+    Read in chunks that overlap by more than a token's length, so no token is cut in two
+    and no line, however long, is held whole.
+    """
+    done = newlines = 0
+    tail = b""
     with open(path, "rb") as f:
         while True:
             want = _CHUNK if limit is None else min(_CHUNK, limit - done)
             chunk = f.read(want) if want > 0 else b""
-            if not chunk:
-                return None
+            if not chunk:  # the end: a match left for the next chunk is reported now
+                hit = _hit(tail, token)
+                if hit is None:
+                    return None
+                return done - len(tail) + hit[0], newlines - tail[hit[0]:].count(b"\n") + 1, hit[1]
             data = tail + chunk
             hit = _hit(data, token)
-            if hit:
-                return f"byte {done - len(tail) + hit[0]}: {redact(hit[1].decode('ascii', 'replace'))}"
+            # a match that runs to the end of the data may go on in the next chunk: look again there
+            cut = hit and hit[0] + len(hit[1]) == len(data) and len(hit[1]) < _OVERLAP // 2 and len(chunk) == want
+            if hit and not cut:
+                line = newlines - tail.count(b"\n") + data[:hit[0]].count(b"\n") + 1
+                return done - len(tail) + hit[0], line, hit[1]
             done += len(chunk)
+            newlines += chunk.count(b"\n")
             tail = data[-_OVERLAP:]
 
 
@@ -91,16 +95,18 @@ def _safetensors_header_len(path: Path) -> int:
 
 
 def scan_file(path: Path, token: str | None) -> str | None:
-    """Where in ``path`` a token is (``line N: hf_m*** ...``), or None."""
+    """Where in ``path`` a token is (``line N: hf_m*** ...`` or ``byte N: ...``), or None."""
     from minfm_core.weights import MAX_HEADER_BYTES
 
     tok = token.encode() if token else None
     name = path.name.lower()
-    if name.endswith(TEXT_SUFFIXES):
-        return _scan_text(path, tok)
-    if name.endswith(".safetensors"):
-        return _scan_binary(path, tok, limit=min(_safetensors_header_len(path), 8 + MAX_HEADER_BYTES))
-    return _scan_binary(path, tok)
+    limit = min(_safetensors_header_len(path), 8 + MAX_HEADER_BYTES) if name.endswith(".safetensors") else None
+    hit = _scan(path, tok, limit)
+    if hit is None:
+        return None
+    offset, line, found = hit
+    where = f"line {line}" if name.endswith(TEXT_SUFFIXES) else f"byte {offset}"
+    return f"{where}: {redact(found.decode('ascii', 'replace'))}"
 
 
 def scan_for_tokens(files: Mapping[str, Path], token: str | None = None) -> None:
@@ -110,6 +116,11 @@ def scan_for_tokens(files: Mapping[str, Path], token: str | None = None) -> None
     the recipe is reported where it came from.
     """
     active = active_token(token)
+    for repo_path in sorted(files):  # names travel too (commit paths, the card's file table)
+        hit = _hit(repo_path.encode(), active.encode() if active else None)
+        if hit:
+            raise MinfmError(f"refusing to push a file whose name holds a Hugging Face token: "
+                             f"{repo_path.replace(hit[1].decode(), redact(hit[1].decode()))}")
     for repo_path in sorted(files, key=lambda p: (p == "README.md", p)):
         where = scan_file(Path(files[repo_path]), active)
         if where:
