@@ -121,10 +121,14 @@ def default_out(source: str, src: Path) -> Path:
     must never be written to: other runs read it as the model.
     """
     base = src if src.is_dir() else src.parent
-    if "://" in source or trust_boundary(base) != Path(os.path.realpath(base)):
-        name = re.sub(r"[^A-Za-z0-9._@-]+", "-", source.split("://", 1)[-1].strip("/").replace("/", "--"))
-        return Path("samples") / (name or "remote")
-    return base / "samples_cli"
+    cache = trust_boundary(base)  # models--org--name for a path inside a Hub cache snapshot
+    if "://" in source:
+        name = source.split("://", 1)[1].strip("/").replace("/", "--")
+    elif cache != Path(os.path.realpath(base)):
+        name = cache.name.split("--", 1)[-1]
+    else:
+        return base / "samples_cli"
+    return Path("samples") / (re.sub(r"[^A-Za-z0-9._@-]+", "-", name).strip(".") or "remote")
 
 
 def sample_recipe(resolved) -> int:
@@ -170,6 +174,7 @@ def rank_share(pending: list[int], rank: int, world: int) -> tuple[list[int], in
 
 
 _IMAGE = re.compile(r"^\d{5}_\d{2}\.(png|jpg|jpeg)$")
+_IMAGE_TMP = re.compile(r"^\.\d{5}_\d{2}\.(png|jpg|jpeg)(\..+)?\.tmp$")  # a write cut short
 # Recipe values that do not change a single pixel: leave them out of the request.
 _NOT_PIXELS = ("prompts", "prompt_file", "out_dir", "save_npz", "source")
 # Shown at the top of the settings already: the recipe copy would only repeat them.
@@ -240,10 +245,11 @@ def prepare_out(out: Path, settings: dict, *, overwrite: bool, flag: str) -> Non
     try:
         out.mkdir(parents=True, exist_ok=True)
         images.mkdir(exist_ok=True)
+        # Only what minFM writes ever goes: writes an interrupted run cut short, and, when
+        # replacing another request, its images (by our naming) and npz.
+        for p in [q for q in images.iterdir() if _IMAGE_TMP.match(q.name)] + (ours if stale else []):
+            p.unlink(missing_ok=True)
         if stale:
-            # Only what minFM writes goes: image files by our naming, the record, the npz.
-            for p in ours + [q for q in images.iterdir() if q.name.startswith(".") and q.name.endswith(".tmp")]:
-                p.unlink(missing_ok=True)
             (out / "samples.npz").unlink(missing_ok=True)
         write_text_atomic(meta, json.dumps({"settings": settings, "complete": False, "images": []}, indent=2))
     except OSError as exc:
