@@ -13,7 +13,9 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from minfm_core.errors import MinfmError
 from minfm_core.recipe.toml import tomllib
+from minfm_core.weights import open_safetensors
 
 from .uri import SCHEME
 
@@ -25,7 +27,13 @@ _WEIGHTS = {"model": "denoiser weights", "ema": "EMA of the denoiser weights (us
 
 def read_recipe(folder: Path) -> dict[str, Any]:
     path = folder / "recipe.toml"
-    return tomllib.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MinfmError(f"{path}: not a valid recipe ({first[:200]})") from None
 
 
 def last_metrics(folder: Path, max_items: int = 8) -> dict[str, Any]:
@@ -34,7 +42,7 @@ def last_metrics(folder: Path, max_items: int = 8) -> dict[str, Any]:
     if not path.exists():
         return {}
     last: dict[str, Any] = {}
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
@@ -53,17 +61,15 @@ def weight_stats(files: dict[str, Path]) -> dict[str, tuple[int, str]]:
             continue
         stem = re.sub(r"-\d{5}-of-\d{5}$", "", repo_path[: -len(".safetensors")])
         n, dtypes = out.get(stem, (0, ""))
-        with open(local, "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
         seen = set(filter(None, dtypes.split(", ")))
-        for name, t in header.items():
-            if name == "__metadata__":
-                continue
-            count = 1
-            for d in t["shape"]:
-                count *= d
-            n += count
-            seen.add(t["dtype"])
+        with open_safetensors(local) as f:  # bounded header, one-line errors; no tensor is read
+            for name in f.keys():
+                t = f.get_slice(name)
+                count = 1
+                for d in t.get_shape():
+                    count *= d
+                n += count
+                seen.add(t.get_dtype())
         out[stem] = (n, ", ".join(sorted(seen)))
     return out
 

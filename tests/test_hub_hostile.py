@@ -311,3 +311,17 @@ def test_hf_bookkeeping_names_are_refused_and_a_pulled_snapshot_pushes_as_is(hub
     copy = hub_server.files("org/copy")
     assert copy["model.safetensors"] == (src / "model.safetensors").read_bytes()
     assert copy["recipe.toml"] == (src / "recipe.toml").read_bytes()
+
+
+def test_push_of_broken_files_is_one_line(hub_server, tmp_path, canary):
+    """A folder pulled from a stranger and pushed on: its files are read as data, never run."""
+    bad_recipe = make_model_folder(tmp_path / "bad-recipe")
+    (bad_recipe / "recipe.toml").write_bytes(b'job = "train\n\xff[[[')
+    bad_weights = make_model_folder(tmp_path / "bad-weights", extras=False)
+    (bad_weights / "ema.safetensors").write_bytes(pickle_bomb(canary))
+    r_recipe, r_weights = main_in_process(env_for(hub_server, tmp_path),
+                                          ["hub", "push", str(bad_recipe), "org/a"],
+                                          ["hub", "push", str(bad_weights), "org/b"])
+    assert "recipe.toml: not a valid recipe" in one_error_line(r_recipe)
+    assert "ema.safetensors: not a safetensors file" in one_error_line(r_weights)
+    assert not hub_server.has_repo("org/a") and not hub_server.has_repo("org/b")
