@@ -74,10 +74,16 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def short_repr(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: an error line must stay a line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _strict(tp: type, accept: Callable[[Any], bool]):
     def hook(value: Any, _: Any) -> Any:
         if not accept(value):
-            raise ExpectedType(f"expected {_type_name(tp)}, got {value!r}")
+            raise ExpectedType(f"expected {_type_name(tp)}, got {short_repr(value)}")
         return tp(value)
 
     return hook
@@ -88,7 +94,8 @@ def _literal_hook(value: Any, tp: Any) -> Any:
     if value in choices and type(value) in {type(c) for c in choices}:
         return value
     raise ExpectedType(
-        f"expected one of {', '.join(repr(c) for c in choices)}, got {value!r}{did_you_mean(str(value), map(str, choices))}"
+        f"expected one of {', '.join(repr(c) for c in choices)}, got {short_repr(value)}"
+        f"{did_you_mean(str(value)[:200], map(str, choices))}"
     )
 
 
@@ -113,7 +120,7 @@ def _make_converter() -> cattrs.Converter:
 
 def _expect_mapping(value: Any) -> dict:
     if not isinstance(value, Mapping):
-        raise ExpectedType(f"expected a table, got {value!r}")
+        raise ExpectedType(f"expected a table, got {short_repr(value)}")
     return dict(value)
 
 

@@ -92,7 +92,7 @@ class Range:
                 finite = ("finite and " if isinstance(v, float) and not math.isfinite(v)
                           and self.range_text != "finite" and not self.allow_inf else "")
                 what = "each element must be" if isinstance(value, (tuple, list)) else "must be"
-                raise RangeError(attribute.name, f"{what} {finite}{self.range_text}, got {v!r}")
+                raise RangeError(attribute.name, f"{what} {finite}{self.range_text}, got {v!r}"[:200])
 
     def violations(self, integer: bool) -> list[Any]:
         """Values outside this range (for generated tests); ints only when ``integer``."""

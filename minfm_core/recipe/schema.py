@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import attrs
 
-from ..config import ExpectedType, config, converter, field
+from ..config import ExpectedType, config, converter, field, short_repr
 from ..validators import Range, decay, finite, non_negative, positive, probability
 
 
@@ -36,13 +36,13 @@ def _structure_spec(value: Any, _: Any) -> Spec:
     if isinstance(value, str):
         return Spec(value)  # `vae = "identity"` is shorthand for `[vae] name = "identity"`
     if not isinstance(value, Mapping):
-        raise ExpectedType(f"expected a component table with a 'name' key, got {value!r}")
+        raise ExpectedType(f"expected a component table with a 'name' key, got {short_repr(value)}")
     rest = dict(value)
     name = rest.pop("name", None)
     if name is None:
         raise ExpectedType("component table has no 'name' key (the registry name of the component)")
     if not isinstance(name, str):
-        raise ExpectedType(f"expected the component's name as a string, got {name!r}")
+        raise ExpectedType(f"expected the component's name as a string, got {short_repr(name)}")
     return Spec(name, rest)
 
 
