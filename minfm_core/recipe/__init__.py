@@ -1,4 +1,9 @@
-"""TOML recipes: loading (extends, --set, ${VAR}), schema, and component resolution."""
+"""TOML recipes: loading (extends, --set, ${VAR}), schema, and component resolution.
+
+``load_recipe(path, overrides, untrusted_root=FOLDER)`` reads a recipe that came from
+outside (a Hub repo, a checkpoint) as data: no ${VAR} expansion, and its ``extends`` and
+file references stay inside FOLDER.
+"""
 
 from .load import load_recipe_dict
 from .resolve import ResolvedRecipe, load_recipe, resolve_recipe
