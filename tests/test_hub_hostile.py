@@ -325,3 +325,34 @@ def test_push_of_broken_files_is_one_line(hub_server, tmp_path, canary):
     assert "recipe.toml: not a valid recipe" in one_error_line(r_recipe)
     assert "ema.safetensors: not a safetensors file" in one_error_line(r_weights)
     assert not hub_server.has_repo("org/a") and not hub_server.has_repo("org/b")
+
+
+_DEMO_CONFIG = r"""
+import json, sys
+from minfm_apps.batcher import Batcher
+from minfm_apps.demo import build_app
+from minfm_apps.model import DemoModel
+model = DemoModel.load(sys.argv[1], device="cpu", max_images=2)
+app = build_app(model, Batcher(lambda s, jobs, cb: model.run(s, jobs, cb), window_s=0.1, max_batch=2))
+print("CONFIG " + json.dumps(app.get_config_file(), default=str))
+"""
+
+
+@pytest.mark.slow
+def test_the_demo_config_of_a_repo_recipe_shows_no_secret(hub_server, tmp_path):
+    """A repo's recipe asking for ${HF_TOKEN} / ${HOME}: the demo's /config (every visitor sees it) stays clean."""
+    pytest.importorskip("gradio")
+    import subprocess
+    import sys
+
+    recipe = tiny_recipe_text(neg_prompt="${HF_TOKEN:-none}", prompts=["${HOME}"])
+    hub_server.upload("org/env", {"model.safetensors": tiny_denoiser_weights(recipe, tmp_path),
+                                  "recipe.toml": recipe.encode()})
+    env = env_for(hub_server, tmp_path)
+    proc = subprocess.run([sys.executable, "-c", _DEMO_CONFIG, "hf://org/env"], capture_output=True, text=True,
+                          env=env, cwd=Path(__file__).resolve().parent.parent, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = [ln for ln in proc.stdout.splitlines() if ln.startswith("CONFIG ")][-1]
+    assert TOKEN not in config and TOKEN not in proc.stderr
+    assert "${HF_TOKEN:-none}" in config  # the recipe's text, shown as text
+    assert f'"{os.environ["HOME"]}"' not in config
