@@ -77,6 +77,8 @@ class FluxConfig:
                     missing.append(name)
         if missing:
             raise ValueError(f"no flavor given, so these must be set: {', '.join(missing)}")
+        if self.n_ds_blocks + self.n_ss_blocks < 1:
+            raise ValueError("n_ds_blocks + n_ss_blocks must be at least 1 (a denoiser without blocks learns nothing)")
         if self.d_model % self.d_head:
             raise ValueError(f"d_model {self.d_model} is not a multiple of d_head {self.d_head}")
         if len(self.rope_axes) != 3 or any(a <= 0 or a % 2 for a in self.rope_axes):
