@@ -72,7 +72,7 @@ def _parse(path: Path) -> dict[str, Any]:
 def _extended(path: Path, parent: str, untrusted_root: Path | None) -> Path:
     """The file ``extends = parent`` in ``path`` names, relative to ``path``'s folder."""
     if untrusted_root is None:
-        return Path(os.path.normpath(path.parent / Path(parent).expanduser()))
+        return Path(os.path.normpath(path.parent / parent))
     from ..safepath import contained
 
     root = Path(os.path.abspath(untrusted_root))
@@ -88,8 +88,10 @@ def _extended(path: Path, parent: str, untrusted_root: Path | None) -> Path:
 
 
 def _read(path: Path, chain: tuple[Path, ...], untrusted_root: Path | None = None) -> dict[str, Any]:
-    if path in chain:
-        cycle = " -> ".join(p.name for p in (*chain[chain.index(path) :], path))
+    # Cycles by real file: two names (a symlink, a relative detour) for one file are one file.
+    reals = [os.path.realpath(p) for p in chain]
+    if os.path.realpath(path) in reals:
+        cycle = " -> ".join(p.name for p in (*chain[reals.index(os.path.realpath(path)) :], path))
         raise RecipeError(f"circular extends: {cycle}", str(chain[0]))
     if not path.is_file():
         where = f" (extended from {chain[-1]})" if chain else ""
