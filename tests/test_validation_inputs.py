@@ -49,6 +49,13 @@ def test_recipe_that_is_a_folder(tmp_path, capsys):
     assert "is not a file" in one_line_error(capsys, ["check", str(tmp_path)])
 
 
+def test_extends_cycle_through_a_symlink(tmp_path, capsys):
+    a = tmp_path / "a.toml"
+    a.write_text('extends = "link.toml"\n')
+    (tmp_path / "link.toml").symlink_to(a)
+    assert "circular extends" in one_line_error(capsys, ["check", str(a)])
+
+
 @pytest.mark.parametrize("text", ["${HOME", "a ${1}", "x${"])
 def test_unclosed_env_reference(tmp_path, capsys, text):
     r = tmp_path / "r.toml"
