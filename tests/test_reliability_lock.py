@@ -169,13 +169,15 @@ def test_exp_dir_that_is_a_file_exits_2(tmp_path):
     assert f.read_text() == "keep me"
 
 
-def test_unwritable_checkpoints_found_at_start(tmp_path):
-    """A ``checkpoints`` that cannot take a file stops the run before step 1, not at the first save."""
+@pytest.mark.parametrize("procs", [[], ["--nproc-per-node", "2", "--set", "parallel.name=fsdp2"]], ids=["one", "launcher"])
+def test_unwritable_checkpoints_found_at_start(tmp_path, procs):
+    """A ``checkpoints`` that cannot take a file stops the run before step 1, not at the first save;
+    with ``--nproc-per-node`` the launcher finds it before spawning anything."""
     exp = tmp_path / "run"
     exp.mkdir()
     (exp / "checkpoints").write_text("not a folder")
-    res = run_minfm("run", str(TINY), "--set", f"run.exp_dir={exp}")
-    assert res.returncode == 2
+    res = run_minfm("run", str(TINY), "--set", f"run.exp_dir={exp}", *procs)
+    assert res.returncode == 2 and "OMP_NUM_THREADS" not in res.stderr  # torchrun never started
     assert res.stderr.strip() == f"minfm: error: checkpoints: {exp / 'checkpoints'} is a file, not a directory"
     assert not (exp / "metrics.jsonl").exists()
 

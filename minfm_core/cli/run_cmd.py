@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from .. import runlock
 from ..errors import MinfmError
@@ -120,7 +121,12 @@ def run(args) -> int:
     if job == "train" and not under_launcher:
         # The process the user started holds the run dir for the run's life, so a second run
         # on it stops here, before any worker exists (see minfm_core/runlock.py).
-        runlock.acquire(resolved.recipe.run.exp_dir)
+        exp_dir = Path(resolved.recipe.run.exp_dir)
+        runlock.acquire(exp_dir)
+        if args.nproc_per_node > 1:  # one process runs the same checks in its trainer, as early
+            from ..checkpoint import CKPT_DIR
+
+            runlock.preflight(exp_dir, exp_dir / CKPT_DIR, lambda: runlock.denoiser_param_bytes(resolved))
     if args.nproc_per_node > 1 and not under_launcher:
         return relaunch(args.nproc_per_node, strip_nproc(sys.argv[1:]))
     from ..engine import run_job
