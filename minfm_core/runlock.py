@@ -73,8 +73,8 @@ def prepare_run_dir(exp_dir: Path, *, what: str = "run.exp_dir") -> Path:
         raise MinfmError(f"{what}: {exp_dir} is a file, not a directory")
     try:
         exp_dir.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise MinfmError(f"{what}: {exp_dir}: a parent of it is a file") from None
+    except FileExistsError:  # e.g. a dangling symlink in its place
+        raise MinfmError(f"{what}: cannot create {exp_dir}: something that is not a folder is in the way") from None
     except OSError as exc:
         raise MinfmError(f"{what}: cannot create {exp_dir}: {exc.strerror}") from None
     return exp_dir

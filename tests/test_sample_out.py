@@ -82,8 +82,14 @@ def test_out_that_is_a_file_or_holds_unknown_images(run_dir, tmp_path):
     foreign = tmp_path / "foreign"
     (foreign / "images").mkdir(parents=True)
     (foreign / "images" / "00000_00.png").write_bytes(b"someone else's")
-    one_error_line(sample(run_dir, foreign, "--prompt", "x"), "holds images but no metadata.json")
+    one_error_line(sample(run_dir, foreign, "--prompt", "x"), "but no metadata.json")
     assert (foreign / "images" / "00000_00.png").read_bytes() == b"someone else's"
+
+    site = tmp_path / "site"  # someone's folder with a page of their own
+    site.mkdir()
+    (site / "index.html").write_text("<p>mine</p>")
+    one_error_line(sample(run_dir, site, "--prompt", "x"), "but no metadata.json")
+    assert (site / "index.html").read_text() == "<p>mine</p>" and not (site / "images").exists()
 
 
 def test_size_must_suit_the_model(run_dir, tmp_path):

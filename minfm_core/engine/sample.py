@@ -238,8 +238,8 @@ def prepare_out(out: Path, settings: dict, *, overwrite: bool, flag: str) -> Non
             if diff:
                 shown = ", ".join(diff[:8]) + (f" and {len(diff) - 8} more" if len(diff) > 8 else "")
                 stale = f"holds samples of another request (different {shown})"
-    elif ours or (out / "samples.npz").exists():
-        stale = "holds images but no metadata.json, so they cannot be matched to this request"
+    elif ours or (out / "samples.npz").exists() or (out / "index.html").exists():
+        stale = "holds images, samples.npz or index.html but no metadata.json, so they cannot be matched to this request"
     if stale and not overwrite:
         raise MinfmError(f"{flag} {out}: {stale}; {hint}")
     try:
