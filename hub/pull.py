@@ -149,9 +149,6 @@ def _wanted(siblings: list, patterns: list[str]) -> list:
     return list(filter_repo_objects(siblings, allow_patterns=patterns, key=lambda s: s.rfilename))
 
 
-#: Characters no repo file name may hold: control characters (a newline in a name forges
-#: output lines) and bidirectional overrides (a name that displays as something else).
-_BAD_NAME_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\\\\]")
 _DRIVE_RE = re.compile(r"^[A-Za-z]:")
 MAX_NAME_SEGMENT = 200  # bytes; leaves room for the suffixes huggingface_hub adds (.incomplete, .metadata)
 
@@ -164,10 +161,12 @@ def _check_name(name: str, what: str) -> None:
     if not isinstance(name, str) or not name:
         refuse("not a file name")
     parts = name.split("/")
-    if name.startswith("/") or _DRIVE_RE.match(name) or any(p in ("..", ".", "") for p in parts):
+    if name.startswith(("/", "~")) or _DRIVE_RE.match(name) or any(p in ("..", ".", "") for p in parts):
         refuse("it leaves the repo folder")
-    if _BAD_NAME_CHARS.search(name):
-        refuse("it holds a control, backslash or text-direction character")
+    # Non-printable characters: a newline in a name forges output lines, a text-direction
+    # override makes it display as another name. A backslash is a separator on Windows.
+    if not name.isprintable() or "\\" in name:
+        refuse("it holds a backslash or a non-printable character")
     if any(len(p.encode("utf-8", "surrogatepass")) > MAX_NAME_SEGMENT for p in parts):
         refuse(f"a path segment longer than {MAX_NAME_SEGMENT} bytes")
     if parts[0] == ".cache":  # huggingface_hub keeps its --local-dir bookkeeping there
