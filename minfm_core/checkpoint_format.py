@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.planner import LoadItemType
 from torch.futures import Future
 
 from .errors import MinfmError
-from .safepath import contained, write_bytes_atomic
+from .safepath import contained, is_inside, write_bytes_atomic
 
 MANIFEST = "manifest.json"
 SELF_CRC = "manifest_crc32"
@@ -197,7 +197,8 @@ def read_manifest(folder: Path) -> Manifest:
     """Parse and check ``folder/manifest.json`` (no file contents are read; see :func:`verify`)."""
     path = folder / MANIFEST
     try:
-        if path.is_symlink() or not path.is_file():
+        # a symlink only where it stays inside (the HF cache: snapshot entries link into blobs/)
+        if not path.is_file() or (path.is_symlink() and not is_inside(path, folder)):
             raise CheckpointError(f"{folder}: no {MANIFEST} (not a complete minFM checkpoint)")
         if path.stat().st_size > MAX_MANIFEST_BYTES:
             raise CheckpointError(f"{path}: larger than {MAX_MANIFEST_BYTES >> 20} MiB; refusing to read it")
@@ -261,7 +262,7 @@ def verify(manifest: Manifest) -> None:
     """Every listed file is a regular file of the listed size and CRC-32, else CheckpointError."""
     for name, rec in manifest.files.items():
         path = manifest.folder / name
-        if path.is_symlink() or not path.is_file():
+        if not path.is_file() or (path.is_symlink() and not is_inside(path, manifest.folder)):
             raise CheckpointError(f"{manifest.folder}: {name} is missing" if not path.exists()
                                   else f"{manifest.folder}: {name} is not a regular file")
         size = path.stat().st_size
