@@ -36,6 +36,7 @@ DEFAULT_MAX_BYTES = 2**40  # 1 TiB
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 _SNAPSHOT_RE = re.compile(r"(?:^|/)models--([^/]+)--([^/]+)/snapshots/([0-9a-f]{40})$")
 
 
@@ -126,11 +127,12 @@ def pull(ref: str | HubRef, local_dir: str | Path | None = None, *, training_sta
         if not constants.HF_HUB_OFFLINE:
             info = HfApi().model_info(ref.repo_id, revision=ref.revision, files_metadata=True)
             siblings = list(info.siblings or [])
-            refuse_pickles([s.rfilename for s in siblings], str(ref))
             _check_names([s.rfilename for s in siblings], what)  # the server may list any name
+            refuse_pickles([s.rfilename for s in siblings], str(ref))
             wanted = _wanted(siblings, patterns)
             limits.check(len(wanted), sum(max(int(s.size or 0), 0) for s in wanted), what)
-            commit = info.sha
+            # the sha names a cache folder (and one a failed pull removes): only a real sha counts
+            commit = info.sha if isinstance(info.sha, str) and _SHA_RE.match(info.sha) else None
         if local_dir is None:
             path = _pull_to_cache(ref, patterns, commit, limits)
             m = _SNAPSHOT_RE.search(path.as_posix())
