@@ -253,12 +253,20 @@ def _snapshot(what: str, repo_id: str, **kwargs) -> str:
 
 
 def _remove_partial(snapshot: Path, blobs: Path, blobs_before: set[str]) -> None:
-    """Remove a snapshot folder this pull created and the blobs it added (links are removed, never followed)."""
+    """Remove a snapshot folder this pull created and the new blobs it links to (plus unfinished
+    ``.incomplete`` downloads). Links are removed, never followed; a blob another snapshot made
+    meanwhile is left alone unless this snapshot links to it too."""
+    ours = {name for name in set(os.listdir(blobs)) - blobs_before if name.endswith(".incomplete")} \
+        if blobs.is_dir() else set()
+    for dirpath, _, filenames in os.walk(snapshot):
+        for name in filenames:
+            link = os.path.join(dirpath, name)
+            if os.path.islink(link):
+                ours.add(os.path.basename(os.readlink(link)))
     shutil.rmtree(snapshot, ignore_errors=True)
-    if blobs.is_dir():
-        for name in set(os.listdir(blobs)) - blobs_before:
-            with contextlib.suppress(OSError):
-                os.unlink(blobs / name)
+    for name in ours - blobs_before:
+        with contextlib.suppress(OSError):
+            os.unlink(blobs / name)
 
 
 def _pull_to_local_dir(pulled: Pulled, patterns: list[str], limits: Limits) -> None:
