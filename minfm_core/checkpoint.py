@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from .checkpoint_format import MANIFEST, CheckpointError, Manifest, ManifestReader, ManifestWriter
 from .checkpoint_format import read_manifest, split_state, verify
 from .errors import MinfmError, RecipeError
-from .safepath import trust_boundary, write_text_atomic
+from .safepath import is_inside, trust_boundary, write_text_atomic
 from .suggest import did_you_mean
 
 CKPT_DIR = "checkpoints"
@@ -402,10 +402,13 @@ def build_denoiser(recipe_path: Path) -> torch.nn.Module:
     return model.to_empty(device="cpu")
 
 
-def _copy_regular(src: Path, dst: Path) -> bool:
-    """Copy ``src`` if it is a regular file (a symlink is never followed out of a run dir)."""
-    if src.is_symlink() or not src.is_file():
+def _copy_regular(src: Path, dst: Path, root: Path) -> bool:
+    """Copy ``src`` if it is a file; a symlink is followed only where it stays inside ``root``
+    (the HF cache's snapshot->blob links do), never out of it."""
+    if not src.is_file():
         return False
+    if src.is_symlink() and not is_inside(src, root):
+        raise MinfmError(f"{src}: refusing to export a symlink that leads outside {root}")
     shutil.copyfile(src, dst)
     return True
 
@@ -436,12 +439,12 @@ def export_for_hub(src: Path, out_dir: Path, *, include_training_state: bool = F
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         ema = {k: v.contiguous() for k, v in model.state_dict().items() if k in trainable}
         save_file(ema, str(out / "ema.safetensors"), metadata={"format": "pt"})
-    _copy_regular(recipe, out / "recipe.toml")
     run_dir = path.parent.parent
-    _copy_regular(run_dir / "metrics.jsonl", out / "metrics.jsonl")
+    _copy_regular(recipe, out / "recipe.toml", recipe.parent)
+    _copy_regular(run_dir / "metrics.jsonl", out / "metrics.jsonl", run_dir)
     grids = sorted((run_dir / "samples").glob("step_*/ema.png")) or sorted((run_dir / "samples").glob("step_*/raw.png"))
     if grids:
-        _copy_regular(grids[-1], out / "samples.png")
+        _copy_regular(grids[-1], out / "samples.png", run_dir)
     if include_training_state:
         dest = out / HUB_STATE_DIR
         if dest.exists():
@@ -449,7 +452,7 @@ def export_for_hub(src: Path, out_dir: Path, *, include_training_state: bool = F
         dest.mkdir()
         # Exactly the verified files (and the manifest): nothing else in the folder travels.
         names = [*ckpt.manifest.files, MANIFEST] if ckpt.manifest is not None else \
-            [p.name for p in path.iterdir() if p.is_file() and not p.is_symlink()]
+            [p.name for p in path.iterdir() if p.is_file()]
         for name in names:
-            _copy_regular(path / name, dest / name)
+            _copy_regular(path / name, dest / name, path)
     return out
