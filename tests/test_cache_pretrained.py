@@ -108,6 +108,9 @@ name = "identity"
 [model.patchifier]
 name = "patch3d"
 patch_size = [1, 2, 2]
+
+[data]
+name = "shapes"  # a train job needs data: `minfm check` applies the rules `minfm run` does
 """
 
 

@@ -152,7 +152,7 @@ def test_out_of_range_value_is_refused_by_check(prefix, cls, comp, attribute, ba
 
 def test_range_error_reads_well(capsys):
     assert main(["check", RECIPE, "--set", "train.lr=nan"]) == 2
-    assert capsys.readouterr().err.strip() == f"minfm: error: {RECIPE}: train.lr: must be finite and > 0, got nan"
+    assert capsys.readouterr().err.strip() == f"minfm: error: {RECIPE}: train.lr: must be finite and >= 0, got nan"
     assert main(["check", RECIPE, "--set", "train.adam_betas=[2.0, 0.5]"]) == 2
     assert "train.adam_betas: each element must be in [0, 1), got 2.0" in capsys.readouterr().err
 
@@ -170,7 +170,7 @@ def test_ranges_are_listed_by_minfm_plugins(capsys):
     assert main(["plugins", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     train = {f["name"]: f for f in info["sections"]["train"]}
-    assert train["lr"]["range"] == "> 0" and train["ema_decay"]["range"] == "in [0, 1)"
+    assert train["lr"]["range"] == ">= 0" and train["ema_decay"]["range"] == "in [0, 1)"
     (flux,) = [c for c in info["kinds"]["denoiser"] if c["name"] == "flux"]
     assert {f["name"]: f["range"] for f in flux["fields"]}["n_ds_blocks"] == ">= 0"
     assert main(["plugins"]) == 0

@@ -122,7 +122,9 @@ class TrainSection:
         -1, doc="global samples per optimizer step (-1: one micro-batch per rank)", validator=Range(1, also=(-1,))
     )
     batch_size: int = field(8, doc="micro-batch per rank; accumulation fills total_batch_size", validator=positive)
-    lr: float = field(3e-4, doc="peak learning rate (AdamW)", validator=positive)
+    lr: float = field(
+        3e-4, doc="peak learning rate (AdamW); 0 keeps the weights as loaded (tests of loading)", validator=non_negative
+    )
     min_lr: float = field(1e-5, doc="final learning rate of the cosine decay (at most lr)", validator=non_negative)
     warmup_steps: int = field(1000, doc="linear warm-up steps (0: none)", validator=non_negative)
     weight_decay: float = field(0.0, doc="AdamW weight decay", validator=non_negative)
