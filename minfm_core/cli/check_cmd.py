@@ -43,6 +43,15 @@ def data_path_warnings(resolved) -> list[str]:
     return out
 
 
+def section_file_warnings(resolved) -> list[str]:
+    """Files the recipe's own sections name that this machine lacks (warnings, like the data's)."""
+    r = resolved.recipe
+    named = [("sample.prompt_file", r.sample.prompt_file)]
+    if r.train.fid_every > 0:
+        named.append(("train.fid_ref", r.train.fid_ref))
+    return [f"{path}: {value} does not exist (yet)" for path, value in named if value and not Path(value).exists()]
+
+
 def run(args) -> int:
     if args.world_size is not None and args.world_size < 1:
         raise MinfmError(f"--world-size: expected a positive integer, got {args.world_size}")
@@ -54,7 +63,7 @@ def run(args) -> int:
     if args.print_recipe:
         print(tomli_w.dumps(resolved.to_dict()))
         return 0
-    for w in data_path_warnings(resolved):
+    for w in data_path_warnings(resolved) + section_file_warnings(resolved):
         print(f"minfm: warning: {w}", file=sys.stderr)
     print(f"{args.recipe}: ok (job = {resolved.recipe.job!r})")
     print(summary_table(resolved, meta_parameter_counts(resolved)))
