@@ -259,12 +259,15 @@ def test_untrusted_file_references_must_stay_inside(tmp_path, setting, field):
     assert f"{field}: refusing path" in str(info.value) and "\n" not in str(info.value)
 
 
-def test_untrusted_data_root_outside_is_refused_but_users_override_is_trusted(tmp_path):
+def test_untrusted_training_inputs_outside_are_dropped_but_users_override_is_trusted(tmp_path):
+    """What a published model was trained on (an absolute data root) is never read when it is
+    sampled: dropped, not refused, so the model stays usable; the path is never opened."""
     repo = _repo(tmp_path)
     r = repo / "configs" / "recipe.toml"
-    r.write_text('extends = "../base.toml"\n[data]\nname = "image_folder"\nroot = "/data/imgs"\n')
-    with pytest.raises(MinfmError, match="data.root: refusing path"):
-        load_recipe(r, untrusted_root=repo)
+    r.write_text('extends = "../base.toml"\n[data]\nname = "image_folder"\nroot = "/data/imgs"\n'
+                 '[train]\nfid_ref = "/etc/passwd"\n')
+    resolved = load_recipe(r, untrusted_root=repo)
+    assert resolved.config("data").root == "" and resolved.recipe.train.fid_ref is None
     resolved = load_recipe(r, ["data.root=/data/mine"], untrusted_root=repo)
     assert resolved.config("data").root == "/data/mine"
 

@@ -176,6 +176,11 @@ def _is_trusted(key: str, trusted: set[str]) -> bool:
     return any(key == t or key.startswith(t + ".") for t in trusted)
 
 
+#: Sections of a recipe that only training reads: their file references in a recipe from
+#: outside are dropped when they leave its folder, instead of refused.
+TRAINING_ONLY = ("data", "train")
+
+
 def _contained_config(cfg: Any, prefix: str, base: Path, root: Path, source: str, trusted: set[str]) -> Any:
     changes = {}
     for a in attrs.fields(type(cfg)):
@@ -184,7 +189,14 @@ def _contained_config(cfg: Any, prefix: str, base: Path, root: Path, source: str
         value = getattr(cfg, a.name)
         if kind is None or not isinstance(value, str) or not value or _is_trusted(key, trusted):
             continue
-        new = _contain(value, kind, base, root, f"{source}: {key}")
+        try:
+            new = _contain(value, kind, base, root, f"{source}: {key}")
+        except MinfmError:
+            if not prefix.startswith(TRAINING_ONLY):
+                raise
+            # What a model was trained on (``data.root = "/data/imagenet"``) is never read by
+            # sample, demo, export or push: dropped, so a published recipe stays usable.
+            new = a.default if a.default is not attrs.NOTHING else ""
         if new != value:
             changes[a.name] = new
     return attrs.evolve(cfg, **changes) if changes else cfg
