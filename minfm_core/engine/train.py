@@ -27,24 +27,13 @@ from .. import checkpoint as ckpt_mod
 from .. import runlock
 from ..data_loader import BatchIterator
 from ..errors import MinfmError, RecipeError
+from ..recipe.checks import accumulation_steps, job_checks
 from ..schedule import lr_at
 from ..sources import resolve_source
 from ..weights import has_weights
 from .ema import EMA
 from .pipeline import build_pipeline, denoiser_kwargs, per_sample_loss, prepare_batch, shard, sharded_denoiser
 from .runtime import Runtime, init_runtime, rank_seed, seed_everything, shutdown_runtime
-
-
-def accumulation_steps(total_batch_size: int, batch_size: int, world_size: int) -> int:
-    per_step = batch_size * world_size
-    if total_batch_size == -1:
-        return 1
-    if total_batch_size <= 0 or total_batch_size % per_step:
-        raise RecipeError(
-            f"train.total_batch_size: {total_batch_size} is not a positive multiple of "
-            f"train.batch_size x world size = {batch_size} x {world_size} = {per_step}"
-        )
-    return total_batch_size // per_step
 
 
 def make_adamw(params, cfg) -> torch.optim.AdamW:
@@ -80,9 +69,10 @@ class Trainer:
         self.cfg = resolved.recipe.train
         self.rt = rt
         self.exp_dir = Path(self.recipe.run.exp_dir)
+        problems = job_checks(resolved, "train", rt.world_size)  # what `minfm check` applies, no more
+        if problems:
+            raise RecipeError(problems, resolved.source)
         self.accum = accumulation_steps(self.cfg.total_batch_size, self.cfg.batch_size, rt.world_size)
-        if self.recipe.data is None:
-            raise RecipeError("data: a train job needs a [data] table (e.g. name = \"shapes\")")
         # One writer per run dir, and room for a checkpoint, before any work (docs/reliability.md).
         self.run_lock = runlock.hold_run_dir(self.exp_dir, self.exp_dir / ckpt_mod.CKPT_DIR,
                                              lambda: runlock.denoiser_param_bytes(resolved))
