@@ -126,17 +126,21 @@ def release(exp_dir: str | Path) -> None:
 
 # ---- pre-flight -------------------------------------------------------------------------
 def check_writable(folder: Path, *, what: str) -> None:
-    """Create ``folder`` if needed and prove a file can be written in it (root ignores mode bits)."""
+    """Prove a file can be written in ``folder`` (mode bits alone would not do: root ignores them).
+
+    A folder that does not exist yet is not created: whether it can be is the question for
+    its parent, which is probed instead (the run dir, once :func:`prepare_run_dir` made it).
+    """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise MinfmError(f"{what}: {folder} is a file, not a directory")
+    probe_in = folder if folder.is_dir() else folder.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".minfm-probe-")
+        fd, probe = tempfile.mkstemp(dir=probe_in, prefix=".minfm-probe-")
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise MinfmError(f"{what}: {folder} is not writable: {exc.strerror}") from None
+        raise MinfmError(f"{what}: {probe_in} is not writable: {exc.strerror}") from None
 
 
 def checkpoint_bytes(param_bytes: int, margin: float = 1.25) -> int:
@@ -161,7 +165,7 @@ def preflight(exp_dir: Path, ckpt_dir: Path, param_bytes=None) -> None:
     check_writable(ckpt_dir, what="checkpoints")
     n = param_bytes() if param_bytes is not None else None
     if n:
-        check_room(ckpt_dir, checkpoint_bytes(n))
+        check_room(ckpt_dir if ckpt_dir.is_dir() else exp_dir, checkpoint_bytes(n))
 
 
 def hold_run_dir(exp_dir: Path, ckpt_dir: Path, param_bytes=None) -> RunLock | None:
