@@ -40,15 +40,12 @@ from torch.distributed.checkpoint.api import CheckpointException
 from .checkpoint_format import MANIFEST, CheckpointError, Manifest, ManifestReader, ManifestWriter
 from .checkpoint_format import read_manifest, split_state, verify
 from .errors import MinfmError, RecipeError
-from .safepath import is_inside, trust_boundary, write_text_atomic
+from .safepath import came_from_outside, is_inside, recipe_root, write_text_atomic
 from .suggest import did_you_mean
 
 CKPT_DIR = "checkpoints"
 HUB_STATE_DIR = "checkpoint"  # the DCP training state inside an exported (Hub) folder
 LEGACY_METADATA = ".metadata"  # DCP's pickled metadata: only in checkpoints of older minFMs / other tools
-#: A file a source resolver writes into a folder it downloaded (contract for source plugins):
-#: a checkpoint under it came from outside, and no opt-in makes its pickles loadable.
-SOURCE_MARKER = "minfm_source.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 PARTS = ("model", "ema", "optimizer", "scheduler", "step")
 PICKLE_OPT_IN = "--allow-pickle-checkpoint (train.allow_pickle_checkpoint = true)"
@@ -89,14 +86,6 @@ def find_checkpoint(src: Path) -> Path:
     if not found:
         raise MinfmError(f"{src}: no complete checkpoint found (expected {CKPT_DIR}/step_NNNNNNNN/ with a {MANIFEST})")
     return found[-1]
-
-
-def came_from_outside(path: Path) -> bool:
-    """Whether ``path`` lies in a folder a source resolver downloaded (Hub cache or pull)."""
-    path = Path(path)
-    if trust_boundary(path).name.startswith(("models--", "datasets--")):
-        return True
-    return any((p / SOURCE_MARKER).exists() for p in (path, *list(path.parents)[:3]))
 
 
 class Checkpoint:
@@ -393,10 +382,11 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 def build_denoiser(recipe_path: Path) -> torch.nn.Module:
     """The denoiser of a checkpoint's recipe on CPU with uninitialised storage (weights come
-    from the checkpoint). The recipe came with the checkpoint: it is read as untrusted data."""
+    from the checkpoint). A recipe that was downloaded with it is read as untrusted data."""
     from .recipe import load_recipe
 
-    resolved = load_recipe(recipe_path, ["parallel.name=none", "balancer.name=none"], untrusted_root=recipe_path.parent)
+    resolved = load_recipe(recipe_path, ["parallel.name=none", "balancer.name=none"],
+                           untrusted_root=recipe_root(recipe_path))
     with torch.device("meta"):
         model = resolved["model.denoiser"].build(load_weights=False)
     return model.to_empty(device="cpu")

@@ -26,6 +26,27 @@ def trust_boundary(root: Path) -> Path:
     return real
 
 
+#: The file a source resolver writes into a folder it downloaded (contract for source plugins:
+#: docs/plugins.md). Whatever lies under it came from outside.
+SOURCE_MARKER = "minfm_source.json"
+
+
+def came_from_outside(path: Path) -> bool:
+    """Whether ``path`` lies in a folder a source resolver downloaded: a Hugging Face cache
+    snapshot, or a folder (up to three levels up) holding :data:`SOURCE_MARKER`."""
+    path = Path(path)
+    if trust_boundary(path).name.startswith(("models--", "datasets--")):
+        return True
+    return any((p / SOURCE_MARKER).exists() for p in (path, *list(path.parents)[:3]))
+
+
+def recipe_root(recipe: Path) -> Path | None:
+    """The folder a recipe that came with a downloaded model is confined to
+    (``load_recipe(..., untrusted_root=...)``), or None for the user's own run directory."""
+    recipe = Path(recipe)
+    return recipe.parent if came_from_outside(recipe.parent) else None
+
+
 def is_inside(path: Path, root: Path) -> bool:
     """Whether ``path`` (symlinks followed) lies inside ``root``'s trust boundary."""
     boundary = trust_boundary(root)

@@ -115,6 +115,9 @@ def test_legacy_checkpoint_loads_only_on_opt_in_and_never_from_a_download(traine
     ck.load_weights(ck.open_checkpoint(legacy, allow_pickle=True), other)
     for k, v in model.state_dict().items():
         assert torch.equal(v, other.state_dict()[k]), k
+    assert main(["sample", str(legacy), "--prompt", "a red circle", "--n", "1", "--steps", "2",
+                 "--out", str(tmp_path / "out"), "--allow-pickle-checkpoint"]) == 0
+    assert len(list((tmp_path / "out" / "images").glob("*.png"))) == 1
     (run / "minfm_source.json").write_text("{}")  # a pulled folder: no opt-in applies
     with pytest.raises(CheckpointError, match="never loads one from a Hub repo"):
         ck.open_checkpoint(legacy, allow_pickle=True)

@@ -295,10 +295,12 @@ def test_untrusted_recipe_in_a_hub_cache_layout(tmp_path):
     assert resolved.recipe.train.max_steps == 500  # from base.toml, found through the snapshot
 
 
-def test_export_reads_the_recipe_of_a_folder_as_data(tmp_path, monkeypatch):
+def test_export_reads_the_recipe_of_a_downloaded_folder_as_data(tmp_path, monkeypatch):
+    from minfm_core.safepath import SOURCE_MARKER
     from minfm_plugins.flux.export import config_from_recipe
 
     monkeypatch.setenv("MINFM_TEST_DMODEL", "64")
+    (tmp_path / SOURCE_MARKER).write_text("{}")  # what hub pull leaves in a folder it downloaded
     r = tmp_path / "recipe.toml"
     r.write_text('[model.denoiser]\nname = "flux"\nflavor = "${MINFM_TEST_DMODEL}"\n')
     with pytest.raises(MinfmError, match=r"\$\{MINFM_TEST_DMODEL\}"):  # literal, so not a flavor
@@ -306,6 +308,9 @@ def test_export_reads_the_recipe_of_a_folder_as_data(tmp_path, monkeypatch):
     r.write_text('extends = "../x.toml"\n')
     with pytest.raises(RecipeError, match="extends: refusing path"):
         config_from_recipe(r)
+    (tmp_path / SOURCE_MARKER).unlink()  # the user's own folder: their recipe, as written
+    r.write_text('[model.denoiser]\nname = "flux"\nflavor = "${MINFM_TEST_FLAVOR:-flux-debug}"\n')
+    assert config_from_recipe(r).flavor == "flux-debug"
 
 
 if __name__ == "__main__":

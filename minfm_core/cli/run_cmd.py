@@ -43,6 +43,9 @@ def register(sub) -> None:
     p.add_argument("--n", type=int_in("--n", 1), help="samples per prompt")
     p.add_argument("--npz", action="store_true", help="also write samples.npz (ADM evaluation layout)")
     p.add_argument("--no-ema", action="store_true", help="use raw weights even when EMA weights exist")
+    p.add_argument("--allow-pickle-checkpoint", action="store_true",
+                   help="also read a checkpoint without manifest.json (older minFM, other tools): its DCP "
+                   ".metadata is a pickle that can run code; only for checkpoints you trust, never downloads")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value of the model's recipe")
     p.add_argument("--nproc-per-node", type=nprocs, default=1, metavar="N", help="processes on this host")

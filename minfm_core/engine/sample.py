@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from .. import checkpoint as ckpt_mod
 from ..errors import MinfmError
-from ..safepath import trust_boundary, write_bytes_atomic, write_text_atomic
+from ..safepath import recipe_root, trust_boundary, write_bytes_atomic, write_text_atomic
 from ..weights import has_weights, load_safetensors_into
 from .gallery import write_sample_index
 from .generate import generate, to_pil
@@ -51,10 +51,11 @@ def read_prompt_file(path: str | Path) -> list[str]:
     return prompts
 
 
-def locate(src_path: Path) -> tuple[Path, str, Path]:
+def locate(src_path: Path, *, allow_pickle: bool = False) -> tuple[Path, str, Path]:
     """(recipe.toml, kind, weights location) for a run dir, a checkpoint, or an exported folder.
 
-    kind is "safetensors" (a Hub-style folder with model.safetensors) or "dcp".
+    kind is "safetensors" (a Hub-style folder with model.safetensors) or "dcp". A checkpoint
+    is opened and verified here, before anything is written (see checkpoint.open_checkpoint).
     """
     if has_weights(src_path):
         recipe = src_path / "recipe.toml"
@@ -62,6 +63,7 @@ def locate(src_path: Path) -> tuple[Path, str, Path]:
             raise MinfmError(f"{src_path}: has model weights but no recipe.toml")
         return recipe, "safetensors", src_path
     ckpt = ckpt_mod.find_checkpoint(src_path)
+    ckpt_mod.open_checkpoint(ckpt, allow_pickle=allow_pickle)
     return ckpt_mod.recipe_for(ckpt), "dcp", ckpt
 
 
@@ -83,7 +85,7 @@ def sample_cli(args) -> int:
     from ..sources import resolve_source
 
     src = resolve_source(args.source)
-    recipe_path, kind, where = locate(src)
+    recipe_path, kind, where = locate(src, allow_pickle=args.allow_pickle_checkpoint)
     overrides = ["job=sample", *args.overrides]
     if args.steps is not None:
         overrides.append(f"sample.steps={args.steps}")
@@ -99,7 +101,8 @@ def sample_cli(args) -> int:
         overrides.append("sample.save_npz=true")
     if args.no_ema:
         overrides.append("sample.use_ema=false")
-    resolved = load_recipe(recipe_path, overrides)
+    # A recipe downloaded with the model is data (docs/security.md); --set stays the user's.
+    resolved = load_recipe(recipe_path, overrides, untrusted_root=recipe_root(recipe_path))
     prompts = list(args.prompt or [])
     if args.prompt_file:
         prompts += read_prompt_file(args.prompt_file)
@@ -111,7 +114,7 @@ def sample_cli(args) -> int:
         raise MinfmError("no prompts: pass --prompt or --prompt-file (or set sample.prompts in the recipe)")
     out = Path(args.out) if args.out else default_out(args.source, src)
     return run_sampling(resolved, prompts, out, weights=(kind, where), source=args.source,
-                        overwrite=args.overwrite, out_flag="--out")
+                        overwrite=args.overwrite, out_flag="--out", allow_pickle=args.allow_pickle_checkpoint)
 
 
 def default_out(source: str, src: Path) -> Path:
@@ -141,10 +144,12 @@ def sample_recipe(resolved) -> int:
         raise MinfmError("sample.prompts / sample.prompt_file: a sample job needs prompts")
     weights = None
     if s.source:
-        _, kind, where = locate(resolve_source(s.source))
+        allow_pickle = resolved.recipe.train.allow_pickle_checkpoint
+        _, kind, where = locate(resolve_source(s.source), allow_pickle=allow_pickle)
         weights = (kind, where)
     out = Path(s.out_dir) if s.out_dir else Path(resolved.recipe.run.exp_dir) / "samples"
-    return run_sampling(resolved, prompts, out, weights=weights, source=s.source, out_flag="sample.out_dir")
+    return run_sampling(resolved, prompts, out, weights=weights, source=s.source, out_flag="sample.out_dir",
+                        allow_pickle=resolved.recipe.train.allow_pickle_checkpoint)
 
 
 def plan_batches(n_prompts: int, samples_per_prompt: int, batch_size: int) -> list[list[tuple[int, int]]]:
@@ -257,7 +262,7 @@ def prepare_out(out: Path, settings: dict, *, overwrite: bool, flag: str) -> Non
 
 
 def run_sampling(resolved, prompts: list[str], out: Path, *, weights, source: str | None,
-                 overwrite: bool = False, out_flag: str = "--out") -> int:
+                 overwrite: bool = False, out_flag: str = "--out", allow_pickle: bool = False) -> int:
     rt = init_runtime(resolved.recipe.run.device)
     try:
         s = resolved.recipe.sample
@@ -280,7 +285,7 @@ def run_sampling(resolved, prompts: list[str], out: Path, *, weights, source: st
         pipe = build_pipeline(resolved, rt.device, load_weights=True, world_size=rt.world_size, denoiser=denoiser)
         loaded = "pretrained"
         if weights is not None:
-            loaded = load_denoiser_weights(pipe.denoiser, *weights, use_ema=s.use_ema)
+            loaded = load_denoiser_weights(pipe.denoiser, *weights, use_ema=s.use_ema, allow_pickle=allow_pickle)
         batches = plan_batches(len(prompts), s.samples_per_prompt, s.batch_size)
         images_dir = out / "images"
         name = lambda i, k: image_name(i, k, s.file_ext)  # noqa: E731

@@ -20,10 +20,11 @@ from .state_dict import bfl_to_diffusers, check_state_dict, strip_prefix
 def config_from_recipe(path: Path) -> FluxConfig:
     """The denoiser config of a (resolved) recipe file."""
     from minfm_core.recipe.load import load_recipe_dict
+    from minfm_core.safepath import recipe_root
 
-    # The recipe came with the weights (a run, an exported or pulled folder): data, not config
-    # of ours -- no ${VAR} expansion, and its extends stays inside its folder.
-    raw = load_recipe_dict(path, (), untrusted_root=Path(path).parent)
+    # A recipe downloaded with the weights is data, not config of ours: no ${VAR} expansion,
+    # and its extends stays inside its folder.
+    raw = load_recipe_dict(path, (), untrusted_root=recipe_root(Path(path)))
     table = dict(raw.get("model", {}).get("denoiser") or {})
     if table.pop("name", None) != "flux":
         raise MinfmError(f"{path}: model.denoiser is not a 'flux' denoiser")

@@ -17,6 +17,9 @@ def add_export_command(subparsers) -> None:
     d.add_argument("--flavor", default=None, choices=("flux-debug", "flux-tiny", "flux-dev"), help="FLUX flavor when SRC has no recipe.toml")
     d.add_argument("--ema", action="store_true", help="export ema.safetensors instead of model.safetensors")
     d.add_argument("--dtype", choices=("keep", "bf16", "fp16", "fp32"), default="keep", help="cast the weights")
+    d.add_argument("--allow-pickle-checkpoint", action="store_true",
+                   help="also read a checkpoint without manifest.json (older minFM, other tools): its DCP "
+                   ".metadata is a pickle that can run code; only for checkpoints you trust, never downloads")
     d.set_defaults(func=_run)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
@@ -35,7 +38,7 @@ def _run(args) -> int:
     with tempfile.TemporaryDirectory(prefix="minfm-export-") as tmp:
         if src.is_dir() and not has_weights(src):
             # A run or DCP checkpoint directory: consolidate its weights first.
-            src = export_for_hub(src, Path(tmp))
+            src = export_for_hub(src, Path(tmp), allow_pickle=args.allow_pickle_checkpoint)
         out = export_diffusers(src, args.out_dir, flavor=args.flavor, ema=args.ema, dtype=args.dtype)
     print(f"wrote {out}")
     return 0
