@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from minfm_core.cli.argtypes import add_allow_pickle_flag
+
 
 def register(sub) -> None:
     hub = sub.add_parser(
@@ -27,6 +29,7 @@ def register(sub) -> None:
                    help="also push the full DCP training state (checkpoint/) so the run can be resumed")
     p.add_argument("--diffusers", action="store_true",
                    help="also push a diffusers-format transformer/ folder (FluxTransformer2DModel, EMA weights)")
+    add_allow_pickle_flag(p)
     p.add_argument("--message", "-m", metavar="M", help="commit message")
     p.add_argument("--license", default="other", help="license id for the model card (default: other)")
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
@@ -50,7 +53,8 @@ def _push(args) -> int:
 
     result = push(
         args.src, args.repo_id, revision=args.revision, private=args.private,
-        include_training_state=args.include_training_state, diffusers=args.diffusers, message=args.message,
+        include_training_state=args.include_training_state, allow_pickle_checkpoint=args.allow_pickle_checkpoint,
+        diffusers=args.diffusers, message=args.message,
         license=args.license, max_shard_size=args.max_shard_size,
     )
     print(f"hf://{result.repo_id}@{result.commit}")

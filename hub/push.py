@@ -65,11 +65,11 @@ def is_hub_folder(path: Path) -> bool:
     return path.is_dir() and has_weights(path)
 
 
-def _export(src: Path, out: Path, include_training_state: bool) -> Path:
+def _export(src: Path, out: Path, include_training_state: bool, allow_pickle: bool) -> Path:
     """Consolidate a run/checkpoint directory into a Hub folder through the core."""
     from minfm_core.checkpoint import export_for_hub
 
-    return export_for_hub(src, out, include_training_state=include_training_state)
+    return export_for_hub(src, out, include_training_state=include_training_state, allow_pickle=allow_pickle)
 
 
 def _shard(path: Path, stem: str, max_bytes: int, out: Path) -> dict[str, Path]:
@@ -189,6 +189,7 @@ def push(
     revision: str | None = None,
     private: bool = False,
     include_training_state: bool = False,
+    allow_pickle_checkpoint: bool = False,
     diffusers: bool = False,
     message: str | None = None,
     license: str = "other",
@@ -215,7 +216,8 @@ def push(
 
     with tempfile.TemporaryDirectory(prefix="minfm-push-") as tmp:
         tmp = Path(tmp)
-        folder = src if is_hub_folder(src) else _export(src, tmp / "export", include_training_state)
+        folder = src if is_hub_folder(src) else _export(src, tmp / "export", include_training_state,
+                                                                allow_pickle_checkpoint)
         stage = tmp / "stage"
         stage.mkdir()
         files = collect(folder, stage, include_training_state=include_training_state, max_shard_size=max_bytes)

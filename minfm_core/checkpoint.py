@@ -134,7 +134,7 @@ class Checkpoint:
 
     def rank_extras(self, rank: int) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
         """This rank's RNG and data position (``rank_<r>.safetensors``), or None if not saved."""
-        from safetensors import SafetensorError, safe_open
+        from .weights import open_safetensors
 
         name = f"rank_{rank}.safetensors"
         if self.manifest is not None and name not in self.manifest.files:
@@ -143,10 +143,10 @@ class Checkpoint:
         if not path.is_file():
             return None
         try:
-            with safe_open(str(path), framework="pt") as f:
+            with open_safetensors(path) as f:
                 return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{path}: unreadable ({str(exc)[:200]})") from None
+        except MinfmError as exc:
+            raise CheckpointError(str(exc)) from None
 
 
 def _explain(path: Path, exc: CheckpointException) -> MinfmError:

@@ -301,7 +301,7 @@ class ManifestReader(StorageReader):
         return plans
 
     def read_data(self, plan, planner) -> Future[None]:
-        from safetensors import SafetensorError, safe_open
+        from .weights import open_safetensors
 
         per_file: dict[str, list[Any]] = {}
         for req in plan.items:
@@ -311,7 +311,7 @@ class ManifestReader(StorageReader):
         for name, reqs in per_file.items():
             path = contained(self.manifest.folder, name, what=str(self.manifest.folder / MANIFEST))
             try:
-                with safe_open(str(path), framework="pt") as f:
+                with open_safetensors(path) as f:
                     for req in reqs:
                         fqn = req.storage_index.fqn
                         tensor = f.get_tensor(fqn)
@@ -329,7 +329,9 @@ class ManifestReader(StorageReader):
                                                   f"{tuple(target.shape)}")
                         target.copy_(tensor)
                         planner.commit_tensor(req, target)
-            except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            except CheckpointError:
+                raise
+            except (MinfmError, OSError, ValueError, RuntimeError) as exc:
                 raise CheckpointError(f"{path}: unreadable tensor data ({str(exc)[:200]})") from None
         fut: Future[None] = Future()
         fut.set_result(None)

@@ -62,3 +62,14 @@ def image_size(flag: str) -> Callable[[str], tuple[int, int]]:
 MAX_PROCS = 1024  # local processes: more is a typo, not a machine
 MAX_SEED = 2**63 - 1  # manual_seed takes < 2**64: seed + the per-image offsets stays inside
 nprocs = int_in("--nproc-per-node", 1, MAX_PROCS)
+
+
+def add_allow_pickle_flag(parser) -> None:
+    """``--allow-pickle-checkpoint``: the one opt-in for checkpoints without a manifest
+    (docs/security.md), on every command that reads a checkpoint."""
+    parser.add_argument(
+        "--allow-pickle-checkpoint", action="store_true",
+        help="also read a checkpoint without manifest.json (older minFM, other tools): its DCP .metadata "
+        "is a pickle that can run code; only for checkpoints you trust (never honoured for downloads)",
+    )
+

@@ -17,7 +17,7 @@ from pathlib import Path
 from .. import runlock
 from ..errors import MinfmError
 from ..recipe import load_recipe
-from .argtypes import MAX_SEED, finite_float, image_size, int_in, nprocs
+from .argtypes import MAX_SEED, add_allow_pickle_flag, finite_float, image_size, int_in, nprocs
 
 
 def register(sub) -> None:
@@ -43,9 +43,7 @@ def register(sub) -> None:
     p.add_argument("--n", type=int_in("--n", 1), help="samples per prompt")
     p.add_argument("--npz", action="store_true", help="also write samples.npz (ADM evaluation layout)")
     p.add_argument("--no-ema", action="store_true", help="use raw weights even when EMA weights exist")
-    p.add_argument("--allow-pickle-checkpoint", action="store_true",
-                   help="also read a checkpoint without manifest.json (older minFM, other tools): its DCP "
-                   ".metadata is a pickle that can run code; only for checkpoints you trust, never downloads")
+    add_allow_pickle_flag(p)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value of the model's recipe")
     p.add_argument("--nproc-per-node", type=nprocs, default=1, metavar="N", help="processes on this host")

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from .. import checkpoint as ckpt_mod
 from ..errors import MinfmError
 from ..safepath import recipe_root, trust_boundary, write_bytes_atomic, write_text_atomic
-from ..weights import has_weights, load_safetensors_into
+from ..weights import check_weights_folder, has_weights, load_safetensors_into
 from .gallery import write_sample_index
 from .generate import generate, to_pil
 from .pipeline import build_pipeline, sharded_denoiser
@@ -61,6 +61,7 @@ def locate(src_path: Path, *, allow_pickle: bool = False) -> tuple[Path, str, Pa
         recipe = src_path / "recipe.toml"
         if not recipe.is_file():
             raise MinfmError(f"{src_path}: has model weights but no recipe.toml")
+        check_weights_folder(src_path)  # headers, index and links, before anything is written
         return recipe, "safetensors", src_path
     ckpt = ckpt_mod.find_checkpoint(src_path)
     ckpt_mod.open_checkpoint(ckpt, allow_pickle=allow_pickle)

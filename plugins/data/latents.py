@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from minfm_core.errors import MinfmError
+from minfm_core.safepath import contained
 
 from .images import Flips
 
@@ -39,6 +40,7 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
         if not entries:
             raise MinfmError(f"{name}: {index}: no entries for split {split!r} (minfm cache latents --split {split})")
         self.entries = []
+        shards: dict[str, str] = {}
         for i, e in enumerate(entries):
             if "shard" not in e or "key" not in e:
                 raise MinfmError(f"{name}: {index}: entry {i} needs 'shard' and 'key'")
@@ -47,7 +49,10 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
                 if label is None or label_prompts is None:
                     raise MinfmError(f"{name}: {index}: entry {i} has no 'prompt'")
                 prompt = label_prompts[int(label)]
-            self.entries.append((str(index.parent / e["shard"]), e["key"], e.get("flip_key"), prompt, label))
+            shard = shards.get(e["shard"]) if isinstance(e["shard"], str) else None
+            if shard is None:  # a few shards, a million entries: each name checked once
+                shard = shards[e["shard"]] = str(contained(index.parent, e["shard"], what=f"{name}: {index}: entry {i}"))
+            self.entries.append((shard, e["key"], e.get("flip_key"), prompt, label))
         self.flips = flips or Flips(0.0, 0)
         self._handles: dict[str, object] = {}
         self._pid = os.getpid()
@@ -65,12 +70,15 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
     def _tensor(self, shard: str, key: str) -> torch.Tensor:
         from safetensors import safe_open
 
+        from minfm_core.weights import check_header
+
         if self._pid != os.getpid():  # a forked worker opens its own memory maps
             self._handles, self._pid = {}, os.getpid()
         handle = self._handles.get(shard)
         if handle is None:
             if not os.path.isfile(shard):
                 raise MinfmError(f"{self.name}: latent shard {shard!r} not found")
+            check_header(Path(shard))  # a dataset file is data: bounded header, one clear error
             handle = self._handles[shard] = safe_open(shard, framework="pt")
         try:
             return handle.get_tensor(key)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from minfm_core.cli.argtypes import add_allow_pickle_flag
+
 
 def add_export_command(subparsers) -> None:
     p = subparsers.add_parser("export", help="convert a trained model to another library's format")
@@ -17,9 +19,7 @@ def add_export_command(subparsers) -> None:
     d.add_argument("--flavor", default=None, choices=("flux-debug", "flux-tiny", "flux-dev"), help="FLUX flavor when SRC has no recipe.toml")
     d.add_argument("--ema", action="store_true", help="export ema.safetensors instead of model.safetensors")
     d.add_argument("--dtype", choices=("keep", "bf16", "fp16", "fp32"), default="keep", help="cast the weights")
-    d.add_argument("--allow-pickle-checkpoint", action="store_true",
-                   help="also read a checkpoint without manifest.json (older minFM, other tools): its DCP "
-                   ".metadata is a pickle that can run code; only for checkpoints you trust, never downloads")
+    add_allow_pickle_flag(d)
     d.set_defaults(func=_run)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 

@@ -45,11 +45,11 @@ class ClassEmbedding(nn.Module):
         self.rows: dict[str, int] = {}
 
     def load(self) -> None:
-        from safetensors import safe_open
+        from minfm_core.weights import open_safetensors
 
         cfg = self.cfg
         path = resolve_pretrained(cfg.embeddings)
-        with safe_open(str(path), framework="pt") as f:
+        with open_safetensors(path) as f:  # may come with a downloaded model: bounded, checked
             if cfg.tensor not in f.keys():
                 raise MinfmError(f"class_embedding: {cfg.embeddings} has no tensor {cfg.tensor!r}; it has {', '.join(f.keys())}")
             table = f.get_tensor(cfg.tensor)
