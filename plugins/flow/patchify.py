@@ -10,28 +10,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from minfm_core.errors import MinfmError
-from minfm_core.packing import group_by_shape, offsets
+from minfm_core.packing import Patched, Shape, group_by_shape, offsets
 
 from .config import Patch3DConfig
 
-Shape = tuple[int, int, int, int]
-
-
-@dataclass
-class Patched:
-    """Packed image tokens: ``tokens (L, C*pf*ph*pw)``, ``pos (L, 3)`` long as (t, y, x) in patch
-    units, ``lens (n,)`` long, and each sample's latent ``shapes`` (C, F, H, W) for the inverse."""
-
-    tokens: Tensor
-    pos: Tensor
-    lens: Tensor
-    shapes: list[Shape]
+__all__ = ["Patch3D", "Patched"]  # Patched is the core's type (minfm_core.packing), re-exported
 
 
 def _rows(starts: Tensor, idx: list[int], length: int) -> Tensor:
