@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import types
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, TypeVar
@@ -72,6 +73,23 @@ class ExpectedType(ValueError):
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def type_text(tp: Any) -> str:
+    """How ``minfm plugins`` shows a field's type: Literal choices, optional and tuple members.
+
+    ``Literal["a", "b"]`` -> ``'a' | 'b'``; ``int | None`` (or ``Optional[int]``) -> ``int | None``;
+    ``tuple[int, int]`` -> ``tuple[int, int]``; plain classes by name.
+    """
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("None" if a is type(None) else type_text(a) for a in args)
+    if origin is not None and args:
+        inner = ", ".join("..." if a is Ellipsis else type_text(a) for a in args)
+        return f"{getattr(origin, '__name__', _type_name(origin))}[{inner}]"
+    return _type_name(tp)
 
 
 def short_repr(value: Any, limit: int = 80) -> str:
@@ -191,7 +209,7 @@ def describe_fields(cls: type) -> list[dict[str, Any]]:
         out.append(
             {
                 "name": a.name,
-                "type": _type_name(hints.get(a.name, a.type)),
+                "type": type_text(hints.get(a.name, a.type)),
                 "default": default,
                 "required": required,
                 "doc": a.metadata.get("doc", ""),

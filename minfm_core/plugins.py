@@ -4,6 +4,12 @@ Built-in plugins are listed in ``pyproject.toml`` under ``[project.entry-points.
 exactly like a third party's. When minFM runs from a checkout that was never
 installed, that same table is read and the folders are mapped to their import names,
 so there is one list of built-ins, not two.
+
+A broken plugin never takes the others (or ``minfm --version``) down. Whatever goes
+wrong with one plugin -- its import raises, pluggy rejects a hook implementation (a wrong
+argument name), a hook name is unknown, one of its hooks raises, or it registers a name
+another plugin already holds -- that plugin is unregistered, named in one warning on
+stderr, and listed in :attr:`PluginState.failures` (``minfm plugins`` shows the reason).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import importlib.metadata
 import importlib.util
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +30,14 @@ import attrs
 import pluggy
 
 from . import hookspecs
+from .components import KINDS, Component, Registry, component
 from .errors import PluginError
-from .registry import KINDS, Registry
 from .suggest import did_you_mean
+
+if sys.version_info >= (3, 11):  # not minfm_core.recipe.toml: that package imports the registry
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 GROUP = "minfm"
 DISABLE_ENV = "MINFM_DISABLE_PLUGINS"
@@ -38,9 +49,12 @@ _CHECKOUT_PACKAGES = {"minfm_plugins": "plugins", "minfm_hub": "hub", "minfm_app
 @attrs.define
 class PluginState:
     pm: pluggy.PluginManager
-    failures: dict[str, str] = attrs.field(factory=dict)
+    failures: dict[str, str] = attrs.field(factory=dict)  # plugin name -> why it was skipped
     origins: dict[str, str] = attrs.field(factory=dict)  # plugin name -> module or distribution
     registry: Registry = attrs.field(factory=Registry)
+    #: plugin name -> the ``minfm`` subcommands its ``register_commands`` added (once called).
+    commands: dict[str, list[str]] = attrs.field(factory=dict)
+    commands_added: bool = False
 
 
 _STATE: PluginState | None = None
@@ -74,8 +88,6 @@ def _checkout_entry_points() -> list[tuple[str, str]]:
     pyproject = _ROOT / "pyproject.toml"
     if not pyproject.exists():
         return []
-    from .recipe.toml import tomllib
-
     table = tomllib.loads(pyproject.read_text())["project"].get("entry-points", {}).get(GROUP, {})
     if not any(isinstance(f, _CheckoutFinder) for f in sys.meta_path):
         sys.meta_path.append(_CheckoutFinder())  # last: an installed copy always wins
@@ -96,6 +108,24 @@ def _warn(msg: str) -> None:
     print(f"minfm: warning: {msg}", file=sys.stderr)
 
 
+def _one_line(exc: BaseException) -> str:
+    # pluggy's validation errors span lines; a warning and a `failed:` entry are one line each.
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+def _fail(state: PluginState, name: str, reason: str, *, obj: Any = None) -> None:
+    """Skip plugin ``name``: unregister it, remember why, say so once."""
+    plugin_obj = state.pm.get_plugin(name) if obj is None else obj
+    if plugin_obj is not None and state.pm.is_registered(plugin_obj):
+        state.pm.unregister(plugin_obj)
+    elif state.pm.has_plugin(name):
+        state.pm.unregister(name=name)  # half-registered: pluggy stopped at a bad hook
+    state.origins.pop(name, None)
+    state.commands.pop(name, None)
+    state.failures[name] = reason
+    _warn(f"plugin {name!r} skipped: {reason}")
+
+
 def _unknown_hooks(pm: pluggy.PluginManager, plugin: Any) -> list[str]:
     known = {n for n in dir(hookspecs) if n.startswith(("register_", "check_"))}
     bad = []
@@ -105,23 +135,91 @@ def _unknown_hooks(pm: pluggy.PluginManager, plugin: Any) -> list[str]:
     return bad
 
 
-def _register(state: PluginState, name: str, obj: Any, origin: str) -> None:
+def _register(state: PluginState, name: str, obj: Any, origin: str) -> bool:
     pm = state.pm
-    pm.register(obj, name=name)
+    if pm.has_plugin(name) or name in state.origins:
+        _warn(f"plugin {name!r} ({origin}) skipped: another plugin is already named {name!r}")
+        return False
+    try:
+        pm.register(obj, name=name)
+    except Exception as exc:  # pluggy.PluginValidationError: a hook's arguments do not match its spec
+        _fail(state, name, _one_line(exc), obj=obj)
+        return False
     bad = _unknown_hooks(pm, obj)
     if bad:
-        pm.unregister(obj)
-        state.failures[name] = "; ".join(bad)
-        _warn(f"plugin {name!r} skipped: {'; '.join(bad)}")
-        return
+        _fail(state, name, "; ".join(bad), obj=obj)
+        return False
+    # Hooks other than the registries' are called through pluggy by their users (the CLI calls
+    # register_commands, the recipe checks check_recipe): each implementation is guarded.
+    for hook in pm.get_hookcallers(obj) or []:
+        if hook.name in KINDS.values():
+            continue  # _fill calls these one plugin at a time
+        for impl in hook.get_hookimpls():
+            if impl.plugin_name == name:
+                # HookImpl has no public way to wrap its function; pluggy calls this attribute.
+                impl.function = _guarded(state, name, hook.name, impl.function)  # type: ignore[misc]
     state.origins[name] = origin
+    return True
+
+
+def _guarded(state: PluginState, name: str, hook_name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function`` (a hook of plugin ``name``), skipping the plugin if it raises."""
+
+    def call(*args: Any) -> Any:
+        subparsers = args[0] if hook_name == "register_commands" else None
+        before = set(subparsers.choices) if subparsers is not None else set()
+        try:
+            result = function(*args)
+        except Exception as exc:
+            for added in set(subparsers.choices) - before if subparsers is not None else ():
+                _drop_command(subparsers, added)
+            _fail(state, name, f"hook {hook_name} raised {_one_line(exc)}")
+            return None  # pluggy collects no result from this plugin
+        if subparsers is not None:
+            state.commands[name] = sorted(set(subparsers.choices) - before)
+            state.commands_added = True
+        return result
+
+    return call
+
+
+def _drop_command(subparsers: Any, command: str) -> None:
+    # argparse has no API to remove a subcommand: its name table and its help entries.
+    subparsers.choices.pop(command, None)
+    subparsers._choices_actions[:] = [a for a in subparsers._choices_actions if a.dest != command]
+
+
+def _components_of(state: PluginState, name: str) -> list[Component]:
+    """What plugin ``name``'s ``register_*`` hooks register, in a list (not yet the registry)."""
+    found: list[Component] = []
+    for kind, hook_name in KINDS.items():
+        for impl in getattr(state.pm.hook, hook_name).get_hookimpls():
+            if impl.plugin_name != name:
+                continue
+
+            def register(cname, factory, config=None, doc=None, *, _kind=kind):
+                found.append(component(_kind, cname, factory, config, name, doc))
+
+            impl.function(register=register)
+    return found
 
 
 def _fill(state: PluginState) -> None:
+    """The registry from every registered plugin; a plugin that cannot join it is skipped whole."""
     reg = Registry()
-    for kind, hook_name in KINDS.items():
-        for impl in getattr(state.pm.hook, hook_name).get_hookimpls():
-            impl.function(register=reg.registrar(kind, impl.plugin_name))
+    for name in list(state.origins):
+        try:
+            comps = _components_of(state, name)
+            own = Registry()
+            for c in comps:
+                own.add(c)  # one plugin naming a component twice, a config that is not attrs
+                reg.check_new(c)  # a name another plugin already holds
+        except Exception as exc:  # a hook that raises is that plugin's failure, not everyone's
+            reason = str(exc) if isinstance(exc, PluginError) else f"a register hook raised {_one_line(exc)}"
+            _fail(state, name, reason)
+            continue
+        for c in comps:
+            reg.add(c)
     state.registry = reg
 
 
@@ -138,37 +236,36 @@ def load_plugins() -> PluginState:
         if name in blocked:
             pm.set_blocked(name)
             continue
-        if pm.has_plugin(name):
-            raise PluginError(f"two plugins are named {name!r} in entry-point group {GROUP!r}")
         try:
             obj = load()
         except Exception as exc:  # a broken plugin must not take the others down
-            state.failures[name] = f"{type(exc).__name__}: {exc}"
-            _warn(f"plugin {name!r} ({value}) failed to import and was skipped: {type(exc).__name__}: {exc}")
+            state.failures[name] = _one_line(exc)
+            _warn(f"plugin {name!r} ({value}) failed to import and was skipped: {_one_line(exc)}")
             continue
         _register(state, name, obj, value)
-    pm.check_pending()
     _fill(state)
     _STATE = state
     return state
 
 
+def reset() -> None:
+    """Forget the loaded plugins; the next :func:`load_plugins` loads them afresh."""
+    global _STATE
+    _STATE = None
+
+
 @contextlib.contextmanager
 def plugin(obj: Any, name: str) -> Iterator[PluginState]:
     """Register a plugin object for the duration of a ``with`` block (tests, notebooks)."""
-    from . import registry as registry_mod
-
     state = load_plugins()
     _register(state, name, obj, f"<object {name}>")
     try:
         _fill(state)
-        registry_mod._REGISTRY = state.registry
         yield state
     finally:
         if state.pm.is_registered(obj):
             state.pm.unregister(obj)
         state.origins.pop(name, None)
         state.failures.pop(name, None)
+        state.commands.pop(name, None)
         _fill(state)
-        registry_mod._REGISTRY = state.registry
-

@@ -16,7 +16,7 @@ def test_third_party_plugin_is_listed_with_fields(minfm, example_plugin_env):
     res = minfm("plugins", "--json", env=example_plugin_env)
     assert res.returncode == 0, res.stderr
     info = json.loads(res.stdout)
-    assert {"name": "example", "origin": "minfm_example_plugin"} in info["plugins"]
+    assert {"name": "example", "origin": "minfm_example_plugin", "commands": []} in info["plugins"]
     (beta,) = [c for c in info["kinds"]["time_sampler"] if c["name"] == "beta"]
     assert beta["plugin"] == "example"
     assert beta["doc"] == "Beta(a, b) time sampling."

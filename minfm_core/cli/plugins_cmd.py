@@ -1,11 +1,17 @@
-"""``minfm plugins``: every kind, every component, its plugin and its config fields."""
+"""``minfm plugins``: every plugin with its commands, every component with its config fields.
+
+Broken plugins are listed with the reason they were skipped; a component whose lazy
+``"module:attr"`` factory does not import, or cannot take the keywords the engine passes,
+is listed as broken with the reason (``minfm check`` refuses a recipe that selects it).
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 from ..config import describe_fields
-from ..plugins import load_plugins
+from ..plugins import PluginState, load_plugins
 from ..registry import KINDS
 
 
@@ -15,8 +21,18 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _commands(state: PluginState) -> dict[str, list[str]]:
+    """Each plugin's subcommands (``minfm`` asks the hook when it builds its parser; else ask here)."""
+    if not state.commands_added:
+        scratch = argparse.ArgumentParser(prog="minfm").add_subparsers()
+        state.pm.hook.register_commands(subparsers=scratch)
+        state.commands_added = True
+    return state.commands
+
+
 def collect() -> dict:
     state = load_plugins()
+    commands = _commands(state)
     kinds = {}
     for kind in KINDS:
         kinds[kind] = [
@@ -25,13 +41,14 @@ def collect() -> dict:
                 "plugin": c.plugin,
                 "doc": c.doc,
                 "fields": describe_fields(c.config) if c.config is not None else [],
+                "broken": c.factory_problem(),
             }
             for c in state.registry.components(kind)
         ]
     from ..recipe.schema import RunSection, SampleSection, TrainSection
 
     return {
-        "plugins": [{"name": n, "origin": o} for n, o in sorted(state.origins.items())],
+        "plugins": [{"name": n, "origin": o, "commands": commands.get(n, [])} for n, o in sorted(state.origins.items())],
         "failed": [{"name": n, "error": e} for n, e in sorted(state.failures.items())],
         "kinds": kinds,
         # The recipe's own numeric sections carry ranges too; listed so one command shows them all.
@@ -51,15 +68,21 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
-    print("plugins: " + ", ".join(f"{p['name']} ({p['origin']})" for p in info["plugins"]))
+    print("plugins:")
+    for p in info["plugins"]:
+        print(f"  {p['name']:<18} {p['origin']}")
+        if p["commands"]:
+            print(f"      commands: {', '.join('minfm ' + c for c in p['commands'])}")
     for f in info["failed"]:
-        print(f"failed:  {f['name']}: {f['error']}")
+        print(f"  {f['name']:<18} BROKEN: {f['error']}")
     for kind, comps in info["kinds"].items():
         print(f"\n[{kind}]")
         if not comps:
             print("  (none)")
         for c in comps:
             print(f"  {c['name']:<18} {c['plugin']:<12} {c['doc']}")
+            if c["broken"]:
+                print(f"      BROKEN: {c['broken']}")
             for f in c["fields"]:
                 print(_field_line(f))
     for name, fields in info["sections"].items():

@@ -1,0 +1,190 @@
+"""Components and registries as plain data: what a plugin registers, and how it is called.
+
+A component is a name, a factory and an attrs config class. Factories may be given
+as ``"module:attribute"`` strings so that registering stays cheap: heavy modules
+(torch, transformers) are imported only when a component is built.
+
+This module knows nothing of plugin loading (``minfm_core.plugins`` fills registries,
+``minfm_core.registry`` is the process-wide one), so the import graph has one direction.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from .errors import PluginError, UnknownComponentError
+from .suggest import did_you_mean
+
+#: Component kind -> the hook that registers it (contract: documented in docs/plugins.md).
+KINDS: dict[str, str] = {
+    "denoiser": "register_denoisers",
+    "vae": "register_vaes",
+    "text_encoder": "register_text_encoders",
+    "patchifier": "register_patchifiers",
+    "path": "register_paths",
+    "time_sampler": "register_time_samplers",
+    "time_warper": "register_time_warpers",
+    "time_weighter": "register_time_weighters",
+    "sampler": "register_samplers",
+    "guidance": "register_guidances",
+    "attention": "register_attention_backends",
+    "balancer": "register_balancers",
+    "parallelizer": "register_parallelizers",
+    "dataset": "register_datasets",
+    "logger": "register_loggers",
+    "source": "register_sources",
+}
+
+#: Kind -> every keyword the engine may pass its factory besides the config. The one table:
+#: ``Component.build`` refuses any other keyword, and ``minfm check`` binds each factory the
+#: recipe uses against it, so check and run cannot drift apart.
+FACTORY_KWARGS: dict[str, tuple[str, ...]] = {
+    "denoiser": ("load_weights", "attention", "balancer"),
+    "vae": ("load_weights",),
+    "text_encoder": ("load_weights",),
+    "patchifier": (),
+    "path": (),
+    "time_sampler": (),
+    "time_warper": (),
+    "time_weighter": (),
+    "sampler": (),
+    "guidance": (),
+    "attention": (),
+    "balancer": (),
+    "parallelizer": (),
+    "dataset": ("split",),
+    "logger": ("run_dir", "rank", "recipe"),
+    # A source has no config: its factory is the resolver, called as resolve(uri, training_state=...).
+    "source": ("training_state",),
+}
+
+
+def import_object(ref: str) -> Any:
+    """Import ``"package.module:attr.sub"``."""
+    module, _, qual = ref.partition(":")
+    obj = importlib.import_module(module)
+    for part in qual.split(".") if qual else ():
+        obj = getattr(obj, part)
+    return obj
+
+
+@attrs.frozen
+class Component:
+    kind: str
+    name: str
+    factory: Callable[..., Any] | str
+    config: type | None
+    plugin: str
+    doc: str = ""
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.name!r} of plugin {self.plugin!r}"
+
+    def load_factory(self) -> Callable[..., Any]:
+        """The factory, imported if lazy; a factory that does not import is the plugin's error."""
+        if not isinstance(self.factory, str):
+            return self.factory
+        try:
+            return import_object(self.factory)
+        except Exception as exc:  # ImportError, AttributeError, or whatever the module raises
+            raise PluginError(
+                f"{self.describe()}: factory {self.factory!r} does not import: {type(exc).__name__}: {exc}"
+            ) from None
+
+    def factory_problem(self) -> str | None:
+        """Why the factory cannot be called the way the engine calls it, or None.
+
+        Imports a lazy factory and binds its signature to the config plus every keyword
+        of :data:`FACTORY_KWARGS` for the kind (all of them: the engine may pass each).
+        """
+        try:
+            factory = self.load_factory()
+        except PluginError as exc:
+            return str(exc)
+        keywords = FACTORY_KWARGS[self.kind]
+        args = ("uri",) if self.kind == "source" else (() if self.config is None else ("cfg",))
+        try:
+            signature = inspect.signature(factory)
+        except (TypeError, ValueError):
+            return None  # a builtin without a signature: nothing to check against
+        try:
+            signature.bind(*args, **dict.fromkeys(keywords))
+        except TypeError as exc:
+            wanted = ", ".join([*args, *(f"{k}=" for k in keywords)])
+            return f"{self.describe()}: factory {_name(factory)}{signature} cannot be called as ({wanted}): {exc}"
+        return None
+
+    def build(self, cfg: Any = None, **kwargs: Any) -> Any:
+        """Call the factory with a config instance (the default config if None)."""
+        unknown = sorted(set(kwargs) - set(FACTORY_KWARGS[self.kind]))
+        if unknown:  # the engine passed a keyword the contract does not declare: a core bug
+            raise TypeError(f"{self.kind} factories take no keyword {', '.join(unknown)}; see FACTORY_KWARGS")
+        if self.config is not None and cfg is None:
+            cfg = self.config()
+        factory = self.load_factory()
+        return factory(cfg, **kwargs) if self.config is not None else factory(**kwargs)
+
+
+def _name(factory: Any) -> str:
+    return getattr(factory, "__qualname__", None) or type(factory).__name__
+
+
+class Registry:
+    def __init__(self) -> None:
+        self._by_kind: dict[str, dict[str, Component]] = {k: {} for k in KINDS}
+
+    def add(self, component: Component) -> None:
+        self.check_new(component)
+        self._by_kind[component.kind][component.name] = component
+
+    def check_new(self, component: Component) -> None:
+        """Raise the PluginError :meth:`add` would raise for ``component``."""
+        old = self._by_kind[component.kind].get(component.name)
+        if old is not None:
+            raise PluginError(
+                f"{component.kind} {component.name!r} is registered by both plugin {old.plugin!r} "
+                f"and plugin {component.plugin!r}; disable one with MINFM_DISABLE_PLUGINS"
+            )
+        if component.config is not None and not attrs.has(component.config):
+            raise PluginError(
+                f"plugin {component.plugin!r}: config of {component.kind} {component.name!r} must be an attrs class"
+            )
+
+    def registrar(self, kind: str, plugin: str) -> Callable[..., None]:
+        """The ``register`` callback handed to one plugin's hook for one kind."""
+
+        def register(name: str, factory: Callable[..., Any] | str, config: type | None = None, doc: str | None = None):
+            self.add(component(kind, name, factory, config, plugin, doc))
+
+        return register
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self._by_kind[kind])
+
+    def components(self, kind: str) -> list[Component]:
+        return [self._by_kind[kind][n] for n in self.names(kind)]
+
+    def all_components(self) -> list[Component]:
+        return [c for kind in KINDS for c in self.components(kind)]
+
+    def get(self, kind: str, name: str, path: str | None = None) -> Component:
+        table = self._by_kind[kind]
+        if name in table:
+            return table[name]
+        where = f"{path}: " if path else ""
+        installed = ", ".join(self.names(kind)) or "(none)"
+        raise UnknownComponentError(
+            f"{where}unknown {kind} {name!r}{did_you_mean(name, table)}; installed: {installed}"
+        )
+
+
+def component(kind: str, name: str, factory: Any, config: type | None, plugin: str, doc: str | None) -> Component:
+    """A Component from ``register(...)``'s arguments (doc: the config's first docstring line)."""
+    if doc is None:
+        doc = (config.__doc__ or "").strip().splitlines()[0] if config is not None and config.__doc__ else ""
+    return Component(kind, name, factory, config, plugin, doc or "")
