@@ -11,7 +11,8 @@ every rank (all ranks take the same number of batches), so the trainer can save 
 (``num_workers > 0``) run ahead, but the state counts only what was handed out, so resuming
 reproduces the remaining batches exactly.
 
-Datasets may define ``set_epoch(epoch)``: it is called before each item with that item's
+Datasets have ``set_epoch(epoch)`` (declared by :class:`minfm_core.protocols.Dataset`, whose
+default does nothing): it is called before each item with that item's
 epoch (in the worker that loads it), so augmentations such as flips can vary per epoch while
 staying a pure function of (seed, epoch, index).
 """
@@ -40,12 +41,10 @@ class _Keyed(torch.utils.data.Dataset):
 
     def __init__(self, dataset: Any) -> None:
         self.dataset = dataset
-        self._set_epoch = getattr(dataset, "set_epoch", None)
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, index = key
-        if self._set_epoch is not None:
-            self._set_epoch(epoch)
+        self.dataset.set_epoch(epoch)
         # The key travels with the sample: the trainer derives the sample's noise and time
         # from it, so a sample is noised the same whichever rank or micro-batch draws it.
         return {**self.dataset[index], "epoch": epoch, "index": index}

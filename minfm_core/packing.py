@@ -11,27 +11,10 @@ Everything here is vectorised torch (no Python loop over tokens) and device-agno
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-#: A latent's shape (C, F, H, W).
-Shape = tuple[int, int, int, int]
-
-
-@dataclass
-class Patched:
-    """What a patchifier's ``patchify`` returns and the engine consumes (hence here, in the core).
-
-    Packed image tokens: ``tokens (L, C*pf*ph*pw)``, ``pos (L, 3)`` long as (t, y, x) in patch
-    units, ``lens (n,)`` long, and each sample's latent ``shapes`` (C, F, H, W) for the inverse.
-    """
-
-    tokens: Tensor
-    pos: Tensor
-    lens: Tensor
-    shapes: list[Shape]
+from .protocols import Patched, Shape  # noqa: F401  (the core's shared types, re-exported here)
 
 
 def cu_seqlens(lens: Tensor) -> Tensor:

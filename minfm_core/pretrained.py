@@ -193,11 +193,15 @@ def fetch_pretrained(ref: str, filename: str | None = None) -> Path | None:
 def pretrained_refs(cfg: Any) -> tuple[str, ...]:
     """The pretrained references a component config names.
 
-    A config lists them in a ``pretrained_refs`` property; otherwise a ``pretrained``
-    string field is taken as its one reference.
+    Declared by :class:`minfm_core.protocols.PretrainedRefsConfig` (a ``pretrained_refs``
+    property) or :class:`~minfm_core.protocols.PretrainedConfig` (one ``pretrained`` string).
     """
-    refs = getattr(cfg, "pretrained_refs", None)
-    if refs is None:
-        one = getattr(cfg, "pretrained", None)
-        refs = (one,) if isinstance(one, str) and one else ()
+    from .protocols import PretrainedConfig, PretrainedRefsConfig
+
+    if isinstance(cfg, PretrainedRefsConfig):
+        refs = cfg.pretrained_refs
+    elif isinstance(cfg, PretrainedConfig):
+        refs = (cfg.pretrained,) if isinstance(cfg.pretrained, str) else ()
+    else:
+        refs = ()
     return tuple(r for r in refs if r)

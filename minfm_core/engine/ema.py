@@ -55,7 +55,8 @@ class EMA:
 def _reshard(model: torch.nn.Module) -> None:
     """Under FSDP2 a forward without backward can leave parameters gathered (plain tensors);
     reshard so that named_parameters() gives the DTensor shards the EMA mirrors."""
+    from torch.distributed.fsdp import FSDPModule
+
     for module in model.modules():
-        reshard = getattr(module, "reshard", None)
-        if callable(reshard) and type(module).__name__.startswith("FSDP"):
-            reshard()
+        if isinstance(module, FSDPModule):
+            module.reshard()

@@ -119,7 +119,8 @@ def sharded_denoiser(
     rank 0's memory-mapped files, one tensor at a time: no rank materialises the whole
     model (FLUX.1-dev in float32 would be 48 GB). Without them rank 0 builds one full copy
     in CPU memory with the seed's initialisation. Either way the weights equal those of a
-    single-process build with the same seed.
+    single-process build with the same seed. (``pretrained_state_dict`` is declared by
+    :class:`minfm_core.protocols.Denoiser`.)
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
@@ -128,8 +129,7 @@ def sharded_denoiser(
         model = slot.build(load_weights=False, **denoiser_kwargs(resolved))
     full = {}
     if rank == 0:
-        reader = getattr(model, "pretrained_state_dict", None)
-        full = reader() if reader is not None else None
+        full = model.pretrained_state_dict()  # a declared Denoiser member (default: None)
         if full is None:
             full = slot.build(load_weights=True, **denoiser_kwargs(resolved, balancer=False)).state_dict()
     model = shard(resolved, model, world_size=world_size, device=device, trainable=trainable)

@@ -110,15 +110,14 @@ class Trainer:
             for path, slot in resolved.slots.items() if path.startswith("logging.loggers")
         ]
         for lg in self.loggers:
-            if hasattr(lg, "set_total"):
-                lg.set_total(self.cfg.max_steps)
+            lg.set_total(self.cfg.max_steps)  # a declared Logger member (protocols.Logger's default: no-op)
         self.n_params = sum(p.numel() for p in self.params)
         self._val_set = None
         self.fid = None
         if self.cfg.fid_every:
             from .fid import TrainingFid
 
-            self.fid = TrainingFid(self)
+            self.fid = TrainingFid(self.cfg, self.recipe.sample, self.val_dataset(), self.rt)
         self._resume_or_init()
 
     # ---- state ------------------------------------------------------------------
@@ -314,7 +313,7 @@ class Trainer:
             if cfg.val_every and self.step % cfg.val_every == 0:
                 self._log({"val_loss": self.validation_loss()})
             if self.fid is not None and self.step % cfg.fid_every == 0:
-                fid = self.fid(self)
+                fid = self.fid(self.pipe, self.ema)
                 if fid is not None:
                     self._log({"fid": fid})
             if cfg.sample_every and (self.step % cfg.sample_every == 0 or self.step == cfg.max_steps):

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from minfm_core import protocols
+
 from .configs import SHAPE_BACKGROUNDS, SHAPE_COLOURS, SHAPE_KINDS, ShapesConfig
 from .images import rng_for, to_tensor
 from .latents import CachedLatentsDataset
@@ -57,7 +59,7 @@ class ShapeSpec:
     label: int
 
 
-class ShapesDataset(torch.utils.data.Dataset):
+class ShapesDataset(torch.utils.data.Dataset, protocols.Dataset):  # its set_epoch / prompt defaults
     def __init__(self, cfg: ShapesConfig, split: str = "train") -> None:
         if split not in _SPLIT_CODE:
             from minfm_core.errors import MinfmError

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from minfm_core import protocols
 from minfm_core.errors import MinfmError
 
 from .config import KnapformerConfig, NoBalancerConfig
@@ -126,7 +127,7 @@ class RouteHandle:
         return self.recv_chunks[:, 3]
 
 
-class NoBalancer:
+class NoBalancer(protocols.Balancer):  # identity: the protocol's attention / gather_samples defaults
     """The ``none`` balancer: everything stays where it is."""
 
     identity = True  # models skip the balanced path entirely (no extra work)

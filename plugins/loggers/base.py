@@ -12,8 +12,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from minfm_core import protocols
 
-class Logger:
+
+class Logger(protocols.Logger):
     """The no-op logger: what ranks other than 0 get, and the base of the real ones."""
 
     total_steps: int | None = None

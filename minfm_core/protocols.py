@@ -1,0 +1,345 @@
+"""The plugin contract as code: what the engine passes to, and expects from, each component kind.
+
+One :class:`typing.Protocol` per kind (``PROTOCOLS``) and, per kind, the keywords its
+factory may receive (``FACTORY_KWARGS``). The engine uses only what is declared here;
+docs/plugins.md is tested against this module, and :mod:`minfm_core.testing` checks a
+component against it.
+
+Optional capabilities are declared, never probed: a protocol member with a body is
+optional in the sense that inheriting the protocol gives its documented default (e.g.
+``class MyLogger(minfm_core.protocols.Logger)`` needs no ``set_total``). A component
+that does not inherit must define every member itself.
+
+No torch at module top: plugins may import this from their light hook modules.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+from dataclasses import dataclass
+
+if TYPE_CHECKING:
+    import torch
+    from PIL.Image import Image
+    from torch import Tensor
+
+#: What a ``Logger.log_images`` receives: one RGB ``PIL.Image.Image`` per caption.
+IMAGE_TYPE = "PIL.Image.Image"
+
+_REQUIRED = inspect.Parameter.empty
+
+#: A latent's shape (C, F, H, W).
+Shape = tuple[int, int, int, int]
+
+
+@dataclass
+class Patched:
+    """What a patchifier's ``patchify`` returns and the engine consumes (hence in the core).
+
+    Packed image tokens: ``tokens (L, C*pf*ph*pw)``, ``pos (L, 3)`` long as (t, y, x) in patch
+    units, ``lens (n,)`` long, and each sample's latent ``shapes`` (C, F, H, W) for the inverse.
+    Also importable from :mod:`minfm_core.packing`.
+    """
+
+    tokens: Tensor
+    pos: Tensor
+    lens: Tensor
+    shapes: list[Shape]
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    """An ``nn.Module`` predicting the velocity of packed image tokens.
+
+    ``img (L_img, d_img)``, ``img_pos (L_img, 3)`` long (t, y, x), ``img_lens (n,)``,
+    ``txt (L_txt, d_txt)``, ``txt_lens (n,)``, ``t (n,)`` in [0, 1] (1 = noise),
+    ``vec (n, d_vec)`` or None, ``guidance (n,)`` or None -> a fresh ``(L_img, d_img)`` tensor.
+    """
+
+    def __call__(self, img: Tensor, img_pos: Tensor, img_lens: Tensor, txt: Tensor, txt_lens: Tensor,
+                 t: Tensor, vec: Tensor | None = None, guidance: Tensor | None = None) -> Tensor: ...
+
+    def init_weights(self) -> None: ...
+
+    def pretrained_state_dict(self) -> dict[str, Tensor] | None:
+        """Optional (default: None, no pretrained weights): the configured weights as a checked
+        state dict; callable on a meta-built module. Lets rank 0 stream them into the shards."""
+        return None
+
+
+@runtime_checkable
+class Vae(Protocol):
+    """Frozen autoencoder: images ``(3, F, H, W)`` in [-1, 1] <-> latents ``(C, F, h, w)``, sizes may mix."""
+
+    def encode(self, images: Sequence[Tensor]) -> list[Tensor]: ...
+
+    def decode(self, latents: Sequence[Tensor]) -> list[Tensor]: ...
+
+
+@runtime_checkable
+class TextEncoder(Protocol):
+    """Prompts -> ``(tokens (L, dim), lens (n,))`` packed, or ``(n, dim)`` when ``pooled``."""
+
+    pooled: bool
+
+    def __call__(self, prompts: list[str]) -> tuple[Tensor, Tensor] | Tensor: ...
+
+
+@runtime_checkable
+class Patchifier(Protocol):
+    """Latents ``(C, F, H, W)`` (sizes may mix) <-> packed tokens (:class:`Patched`)."""
+
+    def patchify(self, latents: Sequence[Tensor]) -> Patched: ...
+
+    def unpatchify(self, tokens: Tensor, lens: Tensor, shapes: Sequence[Shape]) -> list[Tensor]: ...
+
+
+@runtime_checkable
+class ProbabilityPath(Protocol):
+    """The noising rule ``x_t = noise(x0, eps, t)`` (``t`` per token, ``(L, 1)``) and target ``v``."""
+
+    def noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor: ...
+
+    def target(self, x0: Tensor, eps: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class TimeSampler(Protocol):
+    """Training times ``t (n,)`` in (0, 1). The trainer calls it once per sample (``n = 1``) with
+    that sample's own generator, so a sample's t does not depend on its batch; validation calls
+    it with the whole batch."""
+
+    def __call__(self, n: int, *, generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None) -> Tensor: ...
+
+
+@runtime_checkable
+class TimeWarper(Protocol):
+    """A per-sample shift of ``t (n,)`` from each sample's image token count ``seq_lens (n,)``."""
+
+    def __call__(self, t: Tensor, seq_lens: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class TimeWeighter(Protocol):
+    """Loss weights ``w (n,)`` for times ``t (n,)``."""
+
+    def __call__(self, t: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """Integrates from t = 1 to 0; ``velocity(x_t, t_per_sample)`` returns packed velocities;
+    ``callback(step, steps)`` after each step."""
+
+    def __call__(self, velocity: Callable[[Tensor, Tensor], Tensor], noise: Tensor, seq_lens: Tensor, *,
+                 steps: int, warper: TimeWarper | None = None, generator: torch.Generator | None = None,
+                 callback: Callable[[int, int], None] | None = None) -> Tensor: ...
+
+
+@runtime_checkable
+class Guidance(Protocol):
+    """Combines conditional and unconditional velocities; ``needs_uncond`` False skips the second."""
+
+    needs_uncond: bool
+
+    def __call__(self, v_cond: Tensor, v_uncond: Tensor, lens: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class Attention(Protocol):
+    """Attention over packed sequences: ``q, k, v (L, heads, d_head)`` -> ``(L, heads, d_head)``."""
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor: ...
+
+
+@runtime_checkable
+class Balancer(Protocol):
+    """Re-routes packed sequences across ranks (used by denoisers, see docs/balancer.md).
+
+    ``identity`` True means routing is a no-op and a denoiser may skip it.
+    """
+
+    identity: bool
+
+    def route(self, tokens: Tensor, datum_lens: Tensor, extras: Sequence[Tensor] = ()) -> tuple[Any, ...]: ...
+
+    def reverse(self, tokens: Tensor, handle: Any) -> Tensor: ...
+
+    def attention(self, backend: Attention, handle: Any) -> Attention:
+        """Optional for an ``identity`` balancer (default: ``backend``): the attention to call on
+        routed tokens."""
+        return backend
+
+    def gather_samples(self, tensors: Sequence[Tensor], handle: Any) -> list[Tensor]:
+        """Optional for an ``identity`` balancer (default: ``tensors``): every rank's per-sample
+        tensors ``(n_r, ...)`` as ``(B, ...)`` in global sample order."""
+        return list(tensors)
+
+
+@runtime_checkable
+class Parallelizer(Protocol):
+    """Shards a module over the ranks (and may bring mixed precision)."""
+
+    def parallelize(self, module: torch.nn.Module, *, world_size: int, device: torch.device,
+                    trainable: bool) -> torch.nn.Module: ...
+
+
+@runtime_checkable
+class Dataset(Protocol):
+    """Map-style: items are dicts with ``"image"`` ``(3, F, H, W)`` in [-1, 1] or ``"latent"``
+    ``(C, F, h, w)``, and ``"prompt"``."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
+
+    def set_epoch(self, epoch: int) -> None:
+        """Optional (default: nothing): called before each item with its epoch, in the process
+        that loads it, so augmentations can vary per epoch."""
+
+    def prompt(self, index: int) -> str:
+        """Optional (default: ``self[index]["prompt"]``): the prompt without loading the picture."""
+        return self[index]["prompt"]
+
+
+@runtime_checkable
+class Logger(Protocol):
+    """Metrics and images of a run (every rank builds one; only rank 0 should write)."""
+
+    def log(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def log_images(self, step: int, name: str, images: list[Image], captions: list[str]) -> None: ...
+
+    def close(self) -> None: ...
+
+    def set_total(self, total: int) -> None:
+        """Optional (default: nothing): the planned number of steps, before the first ``log``."""
+
+
+@runtime_checkable
+class Source(Protocol):
+    """A checkpoint-source resolver, registered by URI scheme without a config. The
+    registered factory *is* the resolver: it is loaded, never called to build anything."""
+
+    def __call__(self, uri: str, *, training_state: bool = False) -> str | Path: ...
+
+
+@runtime_checkable
+class PretrainedRefsConfig(Protocol):
+    """A component config naming several pretrained references (``minfm cache models``)."""
+
+    @property
+    def pretrained_refs(self) -> tuple[str, ...]: ...
+
+
+@runtime_checkable
+class PretrainedConfig(Protocol):
+    """A component config naming one pretrained reference (a string, "" for none)."""
+
+    pretrained: str | None
+
+
+#: Kind -> the protocol its built component satisfies.
+PROTOCOLS: dict[str, type] = {
+    "denoiser": Denoiser,
+    "vae": Vae,
+    "text_encoder": TextEncoder,
+    "patchifier": Patchifier,
+    "path": ProbabilityPath,
+    "time_sampler": TimeSampler,
+    "time_warper": TimeWarper,
+    "time_weighter": TimeWeighter,
+    "sampler": Sampler,
+    "guidance": Guidance,
+    "attention": Attention,
+    "balancer": Balancer,
+    "parallelizer": Parallelizer,
+    "dataset": Dataset,
+    "logger": Logger,
+    "source": Source,
+}
+
+#: Kind -> every keyword the engine may pass the factory (name -> default; ``_REQUIRED`` when
+#: the engine always passes it). The config instance comes first, positionally, when the
+#: component has a config. A source's factory is the resolver itself (see :class:`Source`).
+FACTORY_KWARGS: dict[str, dict[str, Any]] = {
+    "denoiser": {"load_weights": True, "attention": None, "balancer": None},
+    "vae": {"load_weights": True},
+    "text_encoder": {"load_weights": True},
+    "patchifier": {},
+    "path": {},
+    "time_sampler": {},
+    "time_warper": {},
+    "time_weighter": {},
+    "sampler": {},
+    "guidance": {},
+    "attention": {},
+    "balancer": {},  # the engine passes none (knapformer's own group= has a default)
+    "parallelizer": {},
+    "dataset": {"split": "train"},
+    "logger": {"run_dir": _REQUIRED, "rank": 0, "recipe": None},
+    "source": {"training_state": False},
+}
+
+
+def members(kind: str) -> dict[str, bool]:
+    """The protocol's members of ``kind``: name -> required (False: has a documented default)."""
+    proto = PROTOCOLS[kind]
+    out = {}
+    for name in sorted(proto.__protocol_attrs__ if hasattr(proto, "__protocol_attrs__") else _attrs(proto)):
+        value = proto.__dict__.get(name)
+        out[name] = not (callable(value) and _has_body(value))
+    return out
+
+
+def _attrs(proto: type) -> set[str]:
+    # Python < 3.12 keeps the protocol's members only privately.
+    from typing import _get_protocol_attrs  # type: ignore[attr-defined]
+
+    return set(_get_protocol_attrs(proto))
+
+
+def _has_body(fn: Any) -> bool:
+    """A member whose body is more than ``...`` carries a default (optional capability)."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return False
+    src = inspect.getsource(fn).rstrip()
+    return not src.endswith(": ...")
+
+
+def factory_problems(kind: str, factory: Callable[..., Any], has_config: bool) -> list[str]:
+    """What keeps ``factory`` from being called the way the engine calls factories of ``kind``."""
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return []  # builtins without a signature: nothing to check
+    params = list(sig.parameters.values())
+    var_kw = any(p.kind is p.VAR_KEYWORD for p in params)
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    problems = []
+    if kind == "source":
+        if not positional and not any(p.kind is p.VAR_POSITIONAL for p in params):
+            problems.append("takes no positional argument for the URI")
+        positional = positional[1:]
+    elif has_config:
+        if not positional and not any(p.kind is p.VAR_POSITIONAL for p in params):
+            problems.append("takes no positional argument for its config")
+        positional = positional[1:]
+    allowed = FACTORY_KWARGS[kind]
+    by_name = {p.name: p for p in params}
+    for name in allowed:
+        p = by_name.get(name)
+        if (p is None or p.kind is p.POSITIONAL_ONLY) and not var_kw:
+            problems.append(f"does not accept the keyword {name}= the engine may pass")
+    for p in params:
+        if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY, p.POSITIONAL_ONLY):
+            if p in positional or p.kind is p.KEYWORD_ONLY:
+                if p.name not in allowed or allowed[p.name] is not _REQUIRED:
+                    problems.append(f"requires {p.name!r}, which the engine never passes")
+    return problems
