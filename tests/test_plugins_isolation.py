@@ -1,0 +1,175 @@
+"""A broken sibling plugin never takes minFM down: it is skipped, named once, listed as broken.
+
+Each way a plugin can break is a real installed distribution (a folder with its
+.dist-info on PYTHONPATH, as pip would leave it), all installed side by side with the
+working built-ins; ``minfm --version``, ``minfm plugins`` and ``minfm check`` still work.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from minfm_core import config, hookimpl
+from minfm_core.plugins import load_plugins, plugin
+from minfm_core.registry import FACTORY_KWARGS, get_registry
+
+HEAD = "from minfm_core import hookimpl\n"
+
+#: plugin name -> (module source, the reason `minfm plugins` must give, in part).
+BROKEN = {
+    "bad_import": ("import minfm_no_such_module\n", "ModuleNotFoundError: No module named 'minfm_no_such_module'"),
+    "bad_argname": (
+        HEAD + "@hookimpl\ndef register_time_samplers(regster):\n    pass\n",
+        "Argument(s) {'regster'} are declared in the hookimpl but can not be found in the hookspec",
+    ),
+    "raising_hook": (
+        HEAD + "@hookimpl\ndef register_loggers(register):\n    raise ValueError('no loggers today')\n",
+        "a register hook raised ValueError: no loggers today",
+    ),
+    "raising_command": (
+        HEAD + "@hookimpl\ndef register_commands(subparsers):\n"
+        "    subparsers.add_parser('half-added')\n    raise KeyError('oops')\n",
+        "hook register_commands raised KeyError: 'oops'",
+    ),
+    "name_clash": (
+        HEAD + "@hookimpl\ndef register_time_samplers(register):\n    register('uniform', 'os:getcwd')\n",
+        "time_sampler 'uniform' is registered by both plugin 'flow' and plugin 'name_clash'",
+    ),
+}
+
+
+def install(site: Path, name: str, source: str) -> None:
+    """A distribution ``minfm-<name>`` whose entry point ``<name>`` is module ``minfm_<name>``."""
+    (site / f"minfm_{name}").mkdir(parents=True)
+    (site / f"minfm_{name}" / "__init__.py").write_text(source)
+    info = site / f"minfm_{name}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: minfm-{name}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[minfm]\n{name} = minfm_{name}\n")
+
+
+#: Only `minfm check` calls check_recipe, so only it can find this one broken.
+RAISING_CHECK = HEAD + "@hookimpl\ndef check_recipe(recipe, world_size):\n    raise RuntimeError('check crashed')\n"
+
+TYPO_FACTORY = HEAD + textwrap.dedent("""
+    @hookimpl
+    def register_time_samplers(register):
+        register("typo", "minfm_typo_factory.sampler:Nope")
+""")
+
+
+@pytest.fixture(scope="module")
+def broken_env(tmp_path_factory):
+    import os
+
+    site = tmp_path_factory.mktemp("site")
+    for name, (source, _) in BROKEN.items():
+        install(site, name, source)
+    install(site, "typo_factory", TYPO_FACTORY)
+    install(site, "raising_check", RAISING_CHECK)
+    return {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+
+
+def test_version_survives_broken_siblings(minfm, broken_env):
+    res = minfm("--version", env=broken_env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("minfm ")
+
+
+def test_plugins_lists_each_broken_plugin_with_its_reason(minfm, broken_env):
+    res = minfm("plugins", "--json", env=broken_env)
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr
+    info = json.loads(res.stdout)
+    failed = {f["name"]: f["error"] for f in info["failed"]}
+    for name, (_, reason) in BROKEN.items():
+        assert reason in failed[name], name
+        assert "\n" not in failed[name]
+        # One warning per broken plugin, naming it.
+        assert sum(f"plugin {name!r}" in line for line in res.stderr.splitlines()) == 1, res.stderr
+    loaded = {p["name"] for p in info["plugins"]}
+    assert not loaded & set(BROKEN) and {"flow", "flux", "loggers"} <= loaded
+    # The clash skipped the newcomer, not the built-in.
+    (uniform,) = [c for c in info["kinds"]["time_sampler"] if c["name"] == "uniform"]
+    assert uniform["plugin"] == "flow"
+    # A lazy factory that does not import is listed as broken; working ones are not.
+    (typo,) = [c for c in info["kinds"]["time_sampler"] if c["name"] == "typo"]
+    assert "factory 'minfm_typo_factory.sampler:Nope' does not import: ModuleNotFoundError" in typo["broken"]
+    assert uniform["broken"] is None
+    human = minfm("plugins", env=broken_env).stdout
+    assert "BROKEN: ModuleNotFoundError: No module named 'minfm_no_such_module'" in human
+
+
+def test_check_works_and_catches_a_factory_typo(minfm, broken_env):
+    res = minfm("check", "recipes/quickstart.toml", env=broken_env)
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr and ": ok (job = 'train')" in res.stdout
+    assert "plugin 'raising_check' skipped: hook check_recipe raised RuntimeError: check crashed" in res.stderr
+    res = minfm("check", "recipes/quickstart.toml", "--set", 'flow.time_sampler={name = "typo"}', env=broken_env)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith(
+        "minfm: error: recipes/quickstart.toml: flow.time_sampler.name: time_sampler 'typo' of plugin "
+        "'typo_factory': factory 'minfm_typo_factory.sampler:Nope' does not import: ModuleNotFoundError"
+    )
+
+
+@config
+class _Empty:
+    """Nothing to set."""
+
+
+class _Signature:
+    """A denoiser factory without ``balancer=``: the engine would pass it one."""
+
+    @hookimpl
+    def register_denoisers(self, register):
+        def build(cfg, *, load_weights=True, attention=None):
+            return None
+
+        register("no_balancer", build, _Empty)
+
+
+def test_factory_signature_is_checked_against_the_engine_keywords():
+    with plugin(_Signature(), "sig"):
+        comp = get_registry().get("denoiser", "no_balancer")
+        problem = comp.factory_problem()
+    assert problem is not None
+    assert "denoiser 'no_balancer' of plugin 'sig': factory" in problem
+    assert "cannot be called as (cfg, load_weights=, attention=, balancer=)" in problem
+    assert "unexpected keyword argument 'balancer'" in problem
+
+
+def _every_component():
+    return [pytest.param(c, id=f"{c.kind}-{c.name}") for c in get_registry().all_components()]
+
+
+@pytest.mark.parametrize("comp", _every_component())
+def test_builtin_factories_take_what_the_engine_passes(comp):
+    assert comp.factory_problem() is None
+
+
+def test_build_refuses_an_undeclared_keyword():
+    """The engine can pass only the keywords the table declares (so check cannot miss one)."""
+    comp = get_registry().get("time_sampler", "uniform")
+    assert FACTORY_KWARGS["time_sampler"] == ()
+    with pytest.raises(TypeError, match="time_sampler factories take no keyword load_weights"):
+        comp.build(load_weights=True)
+
+
+class _RaisingRegister:
+    @hookimpl
+    def register_paths(self, register):
+        register("fine", "os:getcwd")
+        raise ZeroDivisionError("halfway")
+
+
+def test_a_raising_register_hook_leaves_no_component_behind():
+    with plugin(_RaisingRegister(), "halfway") as state:
+        assert state.failures["halfway"] == "a register hook raised ZeroDivisionError: halfway"
+        assert "fine" not in get_registry().names("path")
+        assert "halfway" not in state.origins
+    assert "halfway" not in load_plugins().failures
