@@ -92,6 +92,11 @@ def register_sources(register):
 
 
 @hookspec
+def register_metrics(register):
+    """Register image metrics: ``register(name, factory, doc=None)`` (see minfm_core.metrics; ``fid`` is the in-training FID's)."""
+
+
+@hookspec
 def register_commands(subparsers):
     """Add subcommands to the ``minfm`` CLI (an argparse subparsers object)."""
 

@@ -74,7 +74,7 @@ def test_prepare_writes_classes_embeddings_and_latents(ilsvrc, tmp_path, capsys)
     # The table is what the recipe's class_embedding encoder loads, row for row.
     resolved = load_recipe(r)
     enc = resolved["model.text_encoder"].build(load_weights=True)
-    from minfm_core.cli.data_cmd import encode_prompts, parse_encoder
+    from minfm_plugins.data.imagenet_prepare import encode_prompts, parse_encoder
 
     comp, cfg = parse_encoder(VOCAB)
     expected = encode_prompts(comp.build(cfg), ["tench", "goldfish", ""], 8)

@@ -11,7 +11,7 @@ from conftest import run_minfm
 from engine_helpers import TINY, read_metrics, tiny
 from minfm_core.cli.main import main
 from minfm_core.engine.train import train
-from minfm_core.eval import evaluate
+from minfm_plugins.eval.evaluate import evaluate
 from minfm_core.recipe import load_recipe
 from eval_helpers import TinyExtractor, images, save_npz
 

@@ -11,9 +11,8 @@ import torch
 from eval_helpers import TinyExtractor, images, save_npz
 from minfm_core.cli.main import main as cli
 from minfm_core.errors import MinfmError
-from minfm_core.eval import (
-    compute_metrics, evaluate, extract_features, feature_stats, frechet_distance, inception_score, precision_recall,
-)
+from minfm_plugins.eval.evaluate import compute_metrics, evaluate, extract_features
+from minfm_plugins.eval.metrics import feature_stats, frechet_distance, inception_score, precision_recall
 
 
 
@@ -173,7 +172,7 @@ def test_inception_weights_offline_is_one_line_error(tmp_path, monkeypatch, caps
 
 
 def test_inception_weights_resolution_order(tmp_path, monkeypatch):
-    from minfm_core.eval.inception import WEIGHTS_FILE, resolve_inception_weights
+    from minfm_plugins.eval.inception import WEIGHTS_FILE, resolve_inception_weights
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
     cached = tmp_path / "th" / "hub" / "checkpoints" / WEIGHTS_FILE
@@ -192,7 +191,7 @@ def test_inception_weights_resolution_order(tmp_path, monkeypatch):
 
 
 def test_inception_weights_are_read_without_unpickling_code(tmp_path):
-    from minfm_core.eval.inception import load_state_dict
+    from minfm_plugins.eval.inception import load_state_dict
 
     good = tmp_path / "w.pth"
     torch.save({"fc.weight": torch.ones(2, 2)}, good)
@@ -213,7 +212,7 @@ def test_torch_fidelity_extractor_shapes(tmp_path):
 
     import torch_fidelity.feature_extractor_inceptionv3 as fe
 
-    from minfm_core.eval.inception import InceptionFeatures
+    from minfm_plugins.eval.inception import InceptionFeatures
 
     with mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None):
         path = tmp_path / "w.pth"

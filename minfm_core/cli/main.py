@@ -41,7 +41,7 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import cache_cmd, check_cmd, data_cmd, eval_cmd, plugins_cmd, run_cmd
+    from . import cache_cmd, check_cmd, plugins_cmd, run_cmd
 
     parser = _Parser(prog="minfm", description="Minimal flow matching: train and sample text-to-image models.")
     parser.add_argument("--version", action="version", version=f"minfm {__version__}")
@@ -50,8 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
     check_cmd.register(sub)
     run_cmd.register(sub)
     cache_cmd.register(sub)
-    data_cmd.register(sub)
-    eval_cmd.register(sub)
 
     from ..plugins import load_plugins
 

@@ -1,4 +1,5 @@
-"""Built-in plugin 'data': the ``shapes``, ``image_folder`` and ``imagenet`` datasets.
+"""Built-in plugin 'data': the ``shapes``, ``image_folder`` and ``imagenet`` datasets, and
+``minfm data imagenet prepare`` (under the shared ``data`` command group).
 
 A dataset factory is ``factory(cfg, *, split="train")`` and returns a map-style dataset whose
 items are ``{"image": (3, F, H, W) in [-1, 1]}`` (or ``{"latent": (C, F, h, w)}``) plus
@@ -15,3 +16,11 @@ def register_datasets(register):
     register("shapes", "minfm_plugins.data.shapes:build", ShapesConfig)
     register("image_folder", "minfm_plugins.data.image_folder:build", ImageFolderConfig)
     register("imagenet", "minfm_plugins.data.imagenet:build", ImagenetConfig)
+
+
+@hookimpl
+def register_commands(subparsers):
+    # argparse only: the command's torch-heavy work is imported when it runs
+    from .imagenet_prepare import register
+
+    register(subparsers)

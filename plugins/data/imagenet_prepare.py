@@ -14,16 +14,15 @@ Writes to ``--out`` (safetensors and JSON only, never pickle)::
     prepare.json                    what was done: root, split sizes, encoder, template
     latents/<split>/...             with --latents: the recipe's VAE latents (minfm cache latents layout)
 
-The class names come from the ``imagenet`` dataset component and the table is written by
-the ``class_embedding`` component's module, both found through the registry (the core
-imports no plugin). The encoder is ``--encoder`` (a TOML inline table naming a text encoder)
-or the recipe's own ``model.clip_encoder`` / ``model.text_encoder`` when that is not itself a
-``class_embedding`` table; per-token encoders are mean-pooled over each prompt's tokens.
+This plugin (the one with the ``imagenet`` dataset) adds the command under the shared ``data``
+group, so the core knows nothing of it. The table is written in the ``class_embedding`` text
+encoder's documented file format (docs/encoders.md), not through that plugin's code. The
+encoder is ``--encoder`` (a TOML inline table naming a text encoder) or the recipe's own
+``model.clip_encoder`` / ``model.text_encoder`` when that is not itself a ``class_embedding`` table; per-token encoders are mean-pooled over each prompt's tokens.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
@@ -31,20 +30,19 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from ..config import Dtype
-from ..errors import MinfmError
+from minfm_core.cli.groups import command_group
+from minfm_core.config import Dtype
+from minfm_core.errors import MinfmError
 
 UNCONDITIONAL = ""
+#: The class_embedding file format: the table under this tensor name, {prompt: row} JSON under this metadata key.
+TABLE_TENSOR, LABELS_KEY = "embeddings", "labels"
 
 
 def register(sub) -> None:
-    from .main import _Parser
-
-    p = sub.add_parser("data", help="prepare datasets")
-    which = p.add_subparsers(dest="data_what", metavar="DATASET", parser_class=_Parser)
-    which.required = True
+    which = command_group(sub, "data", help="prepare datasets")
     inet = which.add_parser("imagenet", help="ILSVRC-2012")
-    action = inet.add_subparsers(dest="data_action", metavar="ACTION", parser_class=_Parser)
+    action = inet.add_subparsers(dest="data_action", metavar="ACTION", parser_class=type(inet))
     action.required = True
     q = action.add_parser("prepare", help="class names, label map, class-name embeddings (and latents) from an ILSVRC folder")
     q.add_argument("root", help="ILSVRC-2012 folder with train/<wnid>/*.JPEG (and val/)")
@@ -63,19 +61,6 @@ def register(sub) -> None:
     q.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per VAE / prompts per encoder call")
     q.add_argument("--dtype", choices=typing.get_args(Dtype), default="fp32", help="stored latent dtype")
     q.set_defaults(func=run)
-
-
-def component_module(kind: str, name: str):
-    """The module of a registered component's factory (plugin code reached through the registry)."""
-    from ..registry import get_registry
-
-    factory = get_registry().get(kind, name).load_factory()
-    return importlib.import_module(factory.__module__)
-
-
-def imagenet_classes() -> list[tuple[str, str]]:
-    """(wnid, first lemma) of the 1000 ILSVRC classes, in label order (from the imagenet dataset)."""
-    return list(component_module("dataset", "imagenet").imagenet_classes())
 
 
 def split_counts(root: Path, labels: dict[str, int]) -> dict[str, int]:
@@ -103,10 +88,10 @@ def split_counts(root: Path, labels: dict[str, int]) -> dict[str, int]:
 
 def parse_encoder(table: str):
     """``--encoder`` TOML inline table -> (component, config)."""
-    from ..config import structure
-    from ..recipe.schema import Spec
-    from ..recipe.toml import tomllib
-    from ..registry import get_registry
+    from minfm_core.config import structure
+    from minfm_core.recipe.schema import Spec
+    from minfm_core.recipe.toml import tomllib
+    from minfm_core.registry import get_registry
 
     try:
         raw = tomllib.loads(f"encoder = {table}")["encoder"]
@@ -134,7 +119,7 @@ def encode_prompts(encoder, prompts: list[str], batch_size: int):
     """One vector per prompt: pooled encoders as they are, per-token ones mean-pooled."""
     import torch
 
-    from ..packing import segment_mean
+    from minfm_core.packing import segment_mean
 
     rows = []
     with torch.no_grad():
@@ -159,6 +144,14 @@ def check_table_fits(resolved, dim: int, rows: int) -> None:
                 )
 
 
+def save_class_table(table, rows: dict[str, int], path: Path) -> None:
+    """The (rows, dim) table with its {prompt: row} map, as the class_embedding encoder reads it."""
+    from safetensors.torch import save_file
+
+    meta = {LABELS_KEY: json.dumps(rows, ensure_ascii=False, sort_keys=True)}
+    save_file({TABLE_TENSOR: table.detach().cpu().contiguous()}, str(path), metadata=meta)
+
+
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
@@ -168,7 +161,9 @@ def _write_json(path: Path, obj: Any) -> None:
 def run(args) -> int:
     import torch
 
-    from ..recipe import load_recipe
+    from minfm_core.recipe import load_recipe
+
+    from .imagenet import imagenet_classes
 
     root, out = Path(args.root).expanduser(), Path(args.out).expanduser()
     if args.batch_size < 1 or args.shard_size < 1:
@@ -176,7 +171,7 @@ def run(args) -> int:
     resolved = load_recipe(args.recipe, args.overrides, world_size=1)
     data = resolved.get("data")
     template = getattr(data.config, "prompt_template", "{name}") if data is not None else "{name}"
-    classes = imagenet_classes()
+    classes = list(imagenet_classes())
     labels = {wnid: i for i, (wnid, _) in enumerate(classes)}
     counts = split_counts(root, labels)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -195,9 +190,8 @@ def run(args) -> int:
         for label, prompt in enumerate(prompts):
             rows.setdefault(prompt.strip(), label)  # "crane", "maillot": two classes, one text, one row
         rows[UNCONDITIONAL] = len(prompts)
-        save = component_module("text_encoder", "class_embedding").save_class_table
         tmp = out / ".class_embeddings.safetensors.tmp"
-        save(table, rows, tmp)
+        save_class_table(table, rows, tmp)
         os.replace(tmp, out / "class_embeddings.safetensors")
         _write_json(out / "class_embeddings.json", rows)
         _write_json(out / "classes.json", [{"label": i, "wnid": w, "name": n, "prompt": p}
@@ -213,8 +207,8 @@ def run(args) -> int:
 
 
 def encode_latents(args, root: Path, out: Path, counts: dict[str, int], rank: int, world: int, device) -> None:
-    from ..recipe import load_recipe
-    from .latents_cmd import encode_split
+    from minfm_core.cli.latents_cmd import encode_split
+    from minfm_core.recipe import load_recipe
 
     resolved = load_recipe(args.recipe, [*args.overrides, f"data.root={json.dumps(str(root))}",
                                          "data.use_cached_latents=false", "data.p_flip=0.0"], world_size=1)

@@ -1,17 +1,26 @@
-"""Sample-quality evaluation: Inception Score, FID, sFID, precision and recall (the ADM suite's table).
+"""Built-in plugin 'eval': sample-quality metrics (the ADM suite's table) and ``minfm eval``.
 
     minfm eval imagenet samples.npz --ref VIRTUAL_imagenet256_labeled.npz
     minfm eval folder experiments/run/samples/images --ref reference_images/
 
-The Inception network is torch-fidelity's (``pip install 'minfm[eval]'``); any callable with
-the same output (:data:`Extractor`) can stand in for it, e.g. a small random network in tests.
+Inception Score, FID, sFID, precision and recall live in :mod:`.evaluate` and :mod:`.metrics`;
+the Inception network is torch-fidelity's (``pip install 'minfm[eval]'``), and any callable
+with the same output (:data:`.evaluate.Extractor`) can stand in for it. The plugin also
+registers the ``fid`` image metric, which the trainer's in-training FID (``train.fid_every``)
+asks for by name. This module holds hooks only: numpy, torch and the network load when a
+command or metric runs, so registering stays fast.
 """
 
-from .evaluate import Extractor, compute_metrics, evaluate, extract_features, format_table, load_extractor
-from .inception import InceptionFeatures, resolve_inception_weights
-from .metrics import feature_stats, frechet_distance, inception_score, precision_recall
+from minfm_core import hookimpl
 
-__all__ = [
-    "Extractor", "InceptionFeatures", "compute_metrics", "evaluate", "extract_features", "feature_stats",
-    "format_table", "frechet_distance", "inception_score", "load_extractor", "precision_recall", "resolve_inception_weights",
-]
+
+@hookimpl
+def register_commands(subparsers):
+    from .cli import register
+
+    register(subparsers)
+
+
+@hookimpl
+def register_metrics(register):
+    register("fid", "minfm_plugins.eval.fid:FidMetric", doc="Frechet distance of pool features (Inception by default)")

@@ -1,5 +1,7 @@
 """``minfm eval``: Inception Score, FID, sFID, precision and recall of generated images.
 
+Added under the shared ``eval`` command group (another plugin may add its own ``minfm eval X``).
+
     minfm eval imagenet samples.npz --ref VIRTUAL_imagenet256_labeled.npz
     minfm eval folder experiments/run/samples/images --ref reference.npz --out metrics.json
 """
@@ -9,16 +11,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import MinfmError
+from minfm_core.cli.groups import command_group
+from minfm_core.errors import MinfmError
 
 #: The seed's table was computed on 50,000 samples (1000 classes x 50).
 IMAGENET_SAMPLES = 50_000
 
 
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="sample-quality metrics (IS, FID, sFID, precision, recall)")
-    what = p.add_subparsers(dest="eval_what", metavar="WHAT", parser_class=type(p))
-    what.required = True
+    what = command_group(sub, "eval", help="sample-quality metrics (IS, FID, sFID, precision, recall)")
     for name, helptext, arg_help in (
         ("imagenet", "evaluate an .npz of samples (ADM layout) as the seed's ImageNet table",
          "samples .npz: arr_0 uint8 (N, H, W, 3), e.g. from `minfm sample --npz`"),
@@ -34,12 +35,12 @@ def register(sub) -> None:
         q.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per network call (default 64)")
         q.add_argument("--out", metavar="JSON", help="also write the metrics to this JSON file")
         q.add_argument("--extractor", metavar="MODULE:ATTR",
-                       help="use another feature extractor: a callable returning one (see minfm_core.eval.Extractor)")
-        q.set_defaults(func=run)
+                       help="use another feature extractor: a callable returning one (see minfm_plugins.eval.evaluate.Extractor)")
+        q.set_defaults(func=run, eval_what=name)
 
 
 def run(args) -> int:
-    from ..eval import evaluate, format_table, load_extractor
+    from .evaluate import evaluate, format_table, load_extractor
 
     if args.batch_size < 1:
         raise MinfmError(f"--batch-size: expected a positive integer, got {args.batch_size}")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import MinfmError
+from minfm_core.errors import MinfmError
 from .inputs import image_batches
 from .metrics import feature_stats, frechet_distance, inception_score, precision_recall
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import MinfmError
+from minfm_core.errors import MinfmError
 
 WEIGHTS_ENV = "MINFM_INCEPTION_WEIGHTS"
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -32,7 +32,7 @@ def _hub_cache_file() -> Path:
 
 def resolve_inception_weights(ref: str | None = None) -> Path:
     """A local Inception weights file; one-line :class:`MinfmError` when it cannot be had offline."""
-    from ..pretrained import _offline, resolve_pretrained
+    from minfm_core.pretrained import _offline, resolve_pretrained
 
     ref = ref or os.environ.get(WEIGHTS_ENV) or None
     if ref:
