@@ -348,7 +348,7 @@ def _save_atomic(image, path: Path) -> None:
 def write_npz(path: Path, files: list[Path]) -> None:
     """``arr_0``: uint8 (N, H, W, 3), the layout the ADM evaluation suite reads.
 
-    Streamed into the zip one image at a time (50k ImageNet samples are ~10 GB), then
+    Streamed into the zip one image at a time (50k samples at 256x256 are ~10 GB), then
     renamed into place.
     """
     import tempfile

@@ -194,7 +194,7 @@ def _contained_config(cfg: Any, prefix: str, base: Path, root: Path, source: str
         except MinfmError:
             if not prefix.startswith(TRAINING_ONLY):
                 raise
-            # What a model was trained on (``data.root = "/data/imagenet"``) is never read by
+            # What a model was trained on (``data.root = "/data/images"``) is never read by
             # sample, demo, export or push: dropped, so a published recipe stays usable.
             new = a.default if a.default is not attrs.NOTHING else ""
         if new != value:
