@@ -80,10 +80,24 @@ def test_check_recipe_hook(toy_registry):
     assert info.value.problems == ["train.max_steps: too many for three ranks (probe)"]
 
 
+class _Metric:
+    @hookimpl
+    def register_metrics(self, register):
+        register("probe_metric", lambda ref, **kw: ("metric", ref, kw))
+
+
+def test_register_metrics_hook():
+    from minfm_core.metrics import build_metric
+
+    with plugin(_Metric(), "metric"):
+        assert build_metric("probe_metric", "ref.npz", device="cpu") == ("metric", "ref.npz", {"device": "cpu"})
+
+
 def test_every_hook_is_tested_and_documented():
     hooks = all_hooks()
-    assert set(hooks) == set(KINDS.values()) | {"register_commands", "check_recipe"}
-    tested = set(KINDS.values()) | {"register_commands", "check_recipe"}  # the tests above
+    extra = {"register_commands", "check_recipe", "register_metrics"}  # hooks that fill no component registry
+    assert set(hooks) == set(KINDS.values()) | extra
+    tested = set(KINDS.values()) | extra  # the tests above
     assert set(hooks) <= tested
     text = DOCS.read_text()
     sections = set(re.findall(r"^### `(\w+)", text, flags=re.M))
