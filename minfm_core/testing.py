@@ -1,0 +1,324 @@
+"""A conformance kit for plugin authors: check a component against :mod:`minfm_core.protocols`.
+
+``check_<kind>(component_or_factory, config)`` (one per kind, e.g. :func:`check_time_sampler`)
+checks the factory's signature against the keywords the engine passes, builds the component
+(on the meta device where building could be heavy), checks the protocol's members and, where
+it is cheap on a CPU, makes one small call and checks what comes back. It returns the built
+object and raises ``AssertionError`` naming what is wrong.
+
+:func:`isolated_registry` registers only the plugins under test, with no entry points loaded
+(autoload off): the installed copy of the plugin being tested cannot collide with it. For
+pytest, add ``pytest_plugins = ["minfm_core.testing"]`` to a conftest.py and use the
+``minfm_registry`` fixture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from . import protocols
+from .registry import Component, Registry
+
+__all__ = [
+    "check_component", "isolated_registry", "minfm_registry",
+    *(f"check_{kind}" for kind in protocols.PROTOCOLS),
+]
+
+
+# ---- an isolated registry ------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def isolated_registry(*plugins: Any) -> Iterator[Registry]:
+    """The process-wide registry holds only ``plugins`` inside the block (no entry points).
+
+    Each plugin is a module or object holding ``@hookimpl`` functions, or a ``(name, plugin)``
+    pair. The previous registry comes back on exit, even on failure.
+    """
+    import pluggy
+
+    from . import hookspecs
+    from . import plugins as plugins_mod
+
+    pm = pluggy.PluginManager(plugins_mod.GROUP)
+    pm.add_hookspecs(hookspecs)
+    state = plugins_mod.PluginState(pm=pm)
+    for entry in plugins:
+        name, obj = entry if isinstance(entry, tuple) else (_plugin_name(entry), entry)
+        plugins_mod._register(state, name, obj, f"<test {name}>")
+    if state.failures:
+        raise AssertionError(f"plugins failed to register: {state.failures}")
+    plugins_mod._fill(state)
+    if state.failures:
+        raise AssertionError(f"plugins failed to register: {state.failures}")
+    saved = plugins_mod._STATE
+    plugins_mod._STATE = state  # what get_registry() returns until the block ends
+    try:
+        yield state.registry
+    finally:
+        plugins_mod._STATE = saved
+
+
+def _plugin_name(obj: Any) -> str:
+    return getattr(obj, "__name__", None) or type(obj).__name__
+
+
+try:
+    import pytest
+except ImportError:  # the kit works without pytest; only the fixture needs it
+    pytest = None  # type: ignore[assignment]
+
+if pytest is not None:
+
+    @pytest.fixture
+    def minfm_registry() -> Iterator[Callable[..., Registry]]:
+        """``minfm_registry(*plugins)`` -> an isolated registry for the rest of the test."""
+        with contextlib.ExitStack() as stack:
+            yield lambda *plugins: stack.enter_context(isolated_registry(*plugins))
+
+
+# ---- the checks ----------------------------------------------------------------------------
+
+
+def check_component(kind: str, component: Component | Callable[..., Any], config: Any = None, **kwargs: Any) -> Any:
+    """Run ``check_<kind>``: ``component`` is a registered :class:`Component` or a bare factory."""
+    return _CHECKS[kind](component, config, **kwargs)
+
+
+def _factory(kind: str, component: Component | Callable[..., Any], config: Any) -> tuple[Callable[..., Any], Any]:
+    """The factory and the config to call it with; its signature checked against the contract."""
+    if isinstance(component, Component):
+        assert component.kind == kind, f"{component.kind} {component.name!r} is not a {kind}"
+        factory = component.load_factory()
+        has_config = component.config is not None
+        if has_config and config is None:
+            config = component.config()
+        if has_config:
+            assert isinstance(config, component.config), f"config {config!r} is not a {component.config.__name__}"
+    else:
+        factory, has_config = component, config is not None
+    problems = protocols.factory_problems(kind, factory, has_config)
+    assert not problems, f"{kind} factory {_qualname(factory)}: " + "; ".join(problems)
+    return factory, config
+
+
+def _build(kind: str, component, config, **kwargs) -> Any:
+    factory, config = _factory(kind, component, config)
+    return factory(config, **kwargs) if config is not None else factory(**kwargs)
+
+
+def _members(kind: str, obj: Any) -> Any:
+    """Every member of the kind's protocol is there (optional ones too: the engine calls them)."""
+    missing = [m for m in protocols.members(kind) if not hasattr(obj, m)]
+    hint = f" (inherit minfm_core.protocols.{protocols.PROTOCOLS[kind].__name__} for the defaults)"
+    assert not missing, f"{kind} {type(obj).__name__} lacks {', '.join(missing)}" + hint
+    assert isinstance(obj, protocols.PROTOCOLS[kind])
+    return obj
+
+
+def _qualname(obj: Any) -> str:
+    return getattr(obj, "__qualname__", None) or type(obj).__name__
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _n(t: Any, n: int, what: str) -> None:
+    assert tuple(t.shape) == (n,), f"{what}: expected shape ({n},), got {tuple(t.shape)}"
+
+
+def check_denoiser(component, config=None, *, smoke: bool = True) -> Any:
+    """Built on the meta device (``load_weights=False``), as ``minfm check`` does; then, if the
+    config names no pretrained weights and has the declared ``d_img`` / ``d_txt`` attributes, a
+    randomly initialised CPU copy runs one packed forward of two samples."""
+    torch = _torch()
+    with torch.device("meta"):
+        model = _build("denoiser", component, config, load_weights=False, attention=None, balancer=None)
+    _members("denoiser", model)
+    assert isinstance(model, torch.nn.Module), "a denoiser is a torch.nn.Module"
+    cfg = _factory("denoiser", component, config)[1]
+    meta_sd = model.pretrained_state_dict()
+    assert meta_sd is None or isinstance(meta_sd, dict)
+    if not smoke or meta_sd is not None or sum(p.numel() for p in model.parameters()) > 20_000_000:
+        return model
+    d_img, d_txt, d_vec = (getattr(cfg, a, None) for a in ("d_img", "d_txt", "d_vec"))
+    if not (d_img and d_txt):
+        return model
+    model = _build("denoiser", component, config, load_weights=True)
+    gen = torch.Generator().manual_seed(0)
+    img_lens, txt_lens = torch.tensor([4, 6]), torch.tensor([3, 2])
+    img = torch.randn(10, d_img, generator=gen)
+    grids = [torch.meshgrid(torch.arange(1), torch.arange(2), torch.arange(n // 2), indexing="ij") for n in (4, 6)]
+    pos = torch.cat([torch.stack(g, -1).reshape(-1, 3) for g in grids])  # (t, y, x) of 1x2x2 and 1x2x3 grids
+    v = model(img, pos, img_lens, torch.randn(5, d_txt, generator=gen), txt_lens, torch.tensor([0.3, 0.7]),
+              vec=torch.randn(2, d_vec, generator=gen) if d_vec else None, guidance=None)
+    assert tuple(v.shape) == (10, d_img), f"denoiser returned {tuple(v.shape)}, expected (10, {d_img})"
+    assert v.data_ptr() != img.data_ptr(), "a denoiser returns a fresh tensor, not its input"
+    return model
+
+
+def check_vae(component, config=None, *, smoke: bool = False) -> Any:
+    """Structure only by default (``load_weights=False`` on meta): real VAEs load weights."""
+    torch = _torch()
+    if not smoke:
+        with torch.device("meta"):
+            return _members("vae", _build("vae", component, config, load_weights=False))
+    vae = _members("vae", _build("vae", component, config, load_weights=True))
+    images = [torch.rand(3, 1, 16, 16) * 2 - 1, torch.rand(3, 1, 16, 24) * 2 - 1]
+    latents = vae.encode(images)
+    assert len(latents) == 2 and all(x.dim() == 4 for x in latents), "encode gives one (C, F, h, w) per image"
+    back = vae.decode(latents)
+    assert [tuple(x.shape) for x in back] == [tuple(x.shape) for x in images], "decode inverts encode's shapes"
+    return vae
+
+
+def check_text_encoder(component, config=None, *, smoke: bool = False) -> Any:
+    torch = _torch()
+    if not smoke:
+        with torch.device("meta"):
+            return _members("text_encoder", _build("text_encoder", component, config, load_weights=False))
+    enc = _members("text_encoder", _build("text_encoder", component, config, load_weights=True))
+    out = enc(["a red circle", "a blue square on a white background"])
+    if enc.pooled:
+        assert out.dim() == 2 and out.shape[0] == 2, "a pooled encoder returns (n, dim)"
+    else:
+        tokens, lens = out
+        assert lens.shape == (2,) and int(lens.sum()) == tokens.shape[0], "tokens (L, dim) packed with lens (n,)"
+    return enc
+
+
+def check_patchifier(component, config=None) -> Any:
+    torch = _torch()
+    p = _members("patchifier", _build("patchifier", component, config))
+    latents = [torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 16)]
+    out = p.patchify(latents)
+    assert isinstance(out, protocols.Patched), "patchify returns minfm_core.protocols.Patched"
+    assert out.lens.shape == (2,) and int(out.lens.sum()) == out.tokens.shape[0] == out.pos.shape[0]
+    back = p.unpatchify(out.tokens, out.lens, out.shapes)
+    assert all(torch.equal(a, b) for a, b in zip(back, latents)), "unpatchify inverts patchify"
+    return p
+
+
+def check_path(component, config=None) -> Any:
+    torch = _torch()
+    path = _members("path", _build("path", component, config))
+    x0, eps = torch.randn(5, 3), torch.randn(5, 3)
+    assert path.noise(x0, eps, torch.full((5, 1), 0.5)).shape == x0.shape
+    assert path.target(x0, eps).shape == x0.shape
+    return path
+
+
+def check_time_sampler(component, config=None) -> Any:
+    torch = _torch()
+    sampler = _members("time_sampler", _build("time_sampler", component, config))
+    t = sampler(64, generator=torch.Generator().manual_seed(0), device="cpu")
+    _n(t, 64, "time_sampler(64)")
+    assert bool(((t >= 0) & (t <= 1)).all()), "times lie in [0, 1]"
+    one = [sampler(1, generator=torch.Generator().manual_seed(s)) for s in (1, 1)]
+    _n(one[0], 1, "time_sampler(1) (the trainer calls it per sample)")
+    assert torch.equal(one[0], one[1]), "the same generator state gives the same t"
+    return sampler
+
+
+def check_time_warper(component, config=None) -> Any:
+    torch = _torch()
+    warper = _members("time_warper", _build("time_warper", component, config))
+    t = warper(torch.tensor([0.1, 0.5, 0.9]), torch.tensor([16, 256, 4096]))
+    _n(t, 3, "time_warper")
+    assert bool(((t >= 0) & (t <= 1)).all())
+    return warper
+
+
+def check_time_weighter(component, config=None) -> Any:
+    torch = _torch()
+    weighter = _members("time_weighter", _build("time_weighter", component, config))
+    _n(weighter(torch.tensor([0.1, 0.5, 0.9])), 3, "time_weighter")
+    return weighter
+
+
+def check_sampler(component, config=None) -> Any:
+    torch = _torch()
+    sampler = _members("sampler", _build("sampler", component, config))
+    noise, lens = torch.randn(6, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([2, 4])
+    steps: list[int] = []
+    x0 = sampler(lambda x, t: torch.zeros_like(x), noise.clone(), lens, steps=3, warper=None,
+                 generator=torch.Generator().manual_seed(0), callback=lambda k, n: steps.append(k))
+    assert x0.shape == noise.shape and steps[-1] == 3, "integrates in `steps` steps, calling back after each"
+    return sampler
+
+
+def check_guidance(component, config=None) -> Any:
+    torch = _torch()
+    g = _members("guidance", _build("guidance", component, config))
+    assert isinstance(g.needs_uncond, bool)
+    v = torch.randn(6, 4)
+    assert g(v, v.clone(), torch.tensor([2, 4])).shape == v.shape
+    return g
+
+
+def check_attention(component, config=None, *, smoke: bool = True) -> Any:
+    torch = _torch()
+    attn = _members("attention", _build("attention", component, config))
+    if smoke:
+        q = torch.randn(5, 2, 8)
+        out = attn(q, q, q, torch.tensor([0, 2, 5], dtype=torch.int32), 3)
+        assert out.shape == q.shape, f"attention returned {tuple(out.shape)}, expected {tuple(q.shape)}"
+    return attn
+
+
+def check_balancer(component, config=None) -> Any:
+    """Needs a process group (``torch.distributed``) for balancers that are not ``identity``."""
+    torch = _torch()
+    bal = _members("balancer", _build("balancer", component, config))
+    assert isinstance(bal.identity, bool)
+    if bal.identity or torch.distributed.is_initialized():
+        tokens, lens = torch.randn(7, 4), torch.tensor([3, 4])
+        routed, routed_lens, extras, handle = bal.route(tokens, lens, [torch.arange(7)])
+        assert int(routed_lens.sum()) == routed.shape[0] == extras[0].shape[0]
+        assert torch.equal(bal.reverse(routed, handle), tokens), "reverse undoes route"
+    return bal
+
+
+def check_parallelizer(component, config=None) -> Any:
+    return _members("parallelizer", _build("parallelizer", component, config))
+
+
+def check_dataset(component, config=None, *, split: str = "train") -> Any:
+    ds = _members("dataset", _build("dataset", component, config, split=split))
+    assert len(ds) > 0, "an empty dataset"
+    item = ds[0]
+    assert isinstance(item, dict) and ("image" in item or "latent" in item), "items hold 'image' or 'latent'"
+    assert isinstance(item["prompt"], str) and ds.prompt(0) == item["prompt"], "prompt(i) is item i's prompt"
+    if "image" in item:
+        x = item["image"]
+        assert x.dim() == 4 and x.shape[0] == 3 and float(x.min()) >= -1 and float(x.max()) <= 1
+    ds.set_epoch(1)
+    return ds
+
+
+def check_logger(component, config=None, *, run_dir: str) -> Any:
+    from PIL import Image
+
+    lg = _members("logger", _build("logger", component, config, run_dir=str(run_dir), rank=0, recipe={}))
+    lg.set_total(2)
+    lg.log(1, {"loss": 0.5, "lr": 1e-4})
+    lg.log_images(1, "samples/raw", [Image.new("RGB", (8, 8))], ["a caption"])
+    lg.close()
+    return lg
+
+
+def check_source(component, config=None) -> Callable[..., Any]:
+    """Signature only: resolving needs a real URI (call the resolver in your own test)."""
+    resolver, _ = _factory("source", component, None)
+    params = inspect.signature(resolver).parameters
+    assert "training_state" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return resolver
+
+
+_CHECKS: dict[str, Callable[..., Any]] = {kind: globals()[f"check_{kind}"] for kind in protocols.PROTOCOLS}
