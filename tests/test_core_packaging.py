@@ -9,7 +9,8 @@ from minfm_core.recipe.toml import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-FOLDERS = {"minfm_core": "minfm_core", "minfm_plugins": "plugins", "minfm_hub": "hub", "minfm_apps": "apps"}
+FOLDERS = {"minfm_core": "minfm_core", "minfm_plugins": "plugins", "minfm_hub": "hub", "minfm_apps": "apps",
+           "minfm_recipes": "recipes"}
 
 
 def test_package_dir_mapping():

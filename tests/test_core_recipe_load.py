@@ -7,6 +7,7 @@ import textwrap
 import pytest
 import tomli_w
 
+from minfm_core.errors import RecipeError
 from minfm_core.recipe import load_recipe_dict, resolve_recipe
 from minfm_core.recipe.load import parse_override
 from minfm_core.recipe.toml import tomllib
@@ -111,3 +112,106 @@ def test_renaming_a_component_drops_its_old_options(tmp_path):
     base = tmp_path / "base.toml"
     assert load_recipe_dict(base, ["parallel.name=none"])["parallel"] == {"name": "none"}
     assert load_recipe_dict(base, ["parallel.name=fsdp2"])["parallel"] == {"name": "fsdp2", "shard_size": 2}
+
+
+# ---- arrays under `extends`: replaced whole, or appended with `key+` ------------------------
+
+BASE_LOGGERS = """
+    [[logging.loggers]]
+    name = "console"
+    [[logging.loggers]]
+    name = "jsonl"
+"""
+
+
+def test_child_array_replaces_the_parents(tmp_path):
+    write(tmp_path / "base.toml", BASE_LOGGERS)
+    child = write(tmp_path / "c.toml", 'extends = "base.toml"\n[[logging.loggers]]\nname = "tensorboard"\n')
+    assert load_recipe_dict(child)["logging"] == {"loggers": [{"name": "tensorboard"}]}
+
+
+def test_plus_key_appends_to_the_parents_array(tmp_path):
+    write(tmp_path / "base.toml", BASE_LOGGERS)
+    mid = write(tmp_path / "mid.toml", 'extends = "base.toml"\n[[logging."loggers+"]]\nname = "tensorboard"\n')
+    child = write(tmp_path / "c.toml", 'extends = "mid.toml"\n[logging]\n"loggers+" = [{name = "wandb"}]\n')
+    names = [t["name"] for t in load_recipe_dict(child)["logging"]["loggers"]]
+    assert names == ["console", "jsonl", "tensorboard", "wandb"]
+    assert "loggers+" not in load_recipe_dict(mid)["logging"]
+
+
+def test_set_appends_with_plus_equals(tmp_path):
+    base = write(tmp_path / "base.toml", BASE_LOGGERS)
+    data = load_recipe_dict(base, ['logging.loggers+=[{name = "tensorboard"}]'])
+    assert [t["name"] for t in data["logging"]["loggers"]] == ["console", "jsonl", "tensorboard"]
+
+
+@pytest.mark.parametrize(
+    ("parent", "child", "message"),
+    [
+        ("", '[logging]\n"loggers+" = [{name = "x"}]\n',
+         "logging.loggers+: nothing to append to: the extended recipe has no array at logging.loggers"),
+        ("[logging]\nloggers = 3\n", '[logging]\n"loggers+" = [{name = "x"}]\n',
+         "logging.loggers+: nothing to append to: the extended recipe has a int, not an array at logging.loggers"),
+        (BASE_LOGGERS, '[logging]\n"loggers+" = {name = "x"}\n', "logging.loggers+: expected an array to append, got dict"),
+        (BASE_LOGGERS, '[logging]\nloggers = []\n"loggers+" = [{name = "x"}]\n',
+         "logging.loggers+: set either 'loggers' (replace) or 'loggers+' (append), not both"),
+    ],
+)
+def test_bad_appends_are_one_line_errors(tmp_path, parent, child, message):
+    write(tmp_path / "base.toml", textwrap.dedent(parent))
+    path = write(tmp_path / "c.toml", 'extends = "base.toml"\n' + child)
+    with pytest.raises(RecipeError) as info:
+        load_recipe_dict(path)
+    assert str(info.value) == message
+
+
+def test_plus_key_without_extends_has_nothing_to_append_to(tmp_path):
+    path = write(tmp_path / "alone.toml", '[logging]\n"loggers+" = [{name = "x"}]\n')
+    with pytest.raises(RecipeError, match="nothing to append to"):
+        load_recipe_dict(path)
+
+
+# ---- shipped recipes: minfm:NAME.toml ---------------------------------------------------------
+
+
+def test_extends_a_shipped_recipe_from_anywhere(tmp_path):
+    from conftest import ROOT
+
+    child = write(tmp_path / "far" / "away" / "mine.toml", 'extends = "minfm:quickstart.toml"\n[train]\nmax_steps = 7\n')
+    data = load_recipe_dict(child)
+    shipped = load_recipe_dict(ROOT / "recipes" / "quickstart.toml")
+    assert data["train"] == {**shipped["train"], "max_steps": 7}
+    assert load_recipe_dict("minfm:quickstart.toml") == shipped
+
+
+def test_every_shipped_recipe_is_reachable_by_name():
+    from conftest import ROOT
+    from minfm_core.recipe.load import recipe_file
+
+    names = sorted(p.name for p in (ROOT / "recipes").glob("*.toml"))
+    assert names
+    for name in names:
+        assert recipe_file(f"minfm:{name}") == ROOT / "recipes" / name
+
+
+@pytest.mark.parametrize(
+    ("ref", "message"),
+    [
+        ("minfm:quikstart.toml", "minfm:quikstart.toml: no such shipped recipe (did you mean 'quickstart.toml'?); shipped: "),
+        ("minfm:../pyproject.toml", "minfm:../pyproject.toml: expected minfm:NAME.toml, a recipe shipped with minFM"),
+        ("minfm:", "minfm:: expected minfm:NAME.toml, a recipe shipped with minFM"),
+    ],
+)
+def test_unknown_shipped_recipe_is_a_clean_error(ref, message):
+    with pytest.raises(RecipeError) as info:
+        load_recipe_dict(ref)
+    assert str(info.value).startswith(message)
+
+
+def test_cli_runs_a_shipped_recipe_by_name(minfm, tmp_path):
+    res = minfm("check", "minfm:quickstart.toml", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "minfm:quickstart.toml: ok (job = 'train')" in res.stdout
+    res = minfm("run", "minfm:quikstart.toml", cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "no such shipped recipe (did you mean 'quickstart.toml'?)" in res.stderr

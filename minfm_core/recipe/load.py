@@ -3,7 +3,12 @@
 Precedence: ``--set`` > the file > what it ``extends`` > schema defaults.
 ``extends`` paths are relative to the folder the naming file sits in (its place, not where
 a symlink to it leads: in the Hugging Face cache that would be a content-addressed blob);
-cycles are errors. ``${VAR}`` and ``${VAR:-default}`` expand environment variables in
+cycles are errors. ``minfm:NAME.toml`` names a recipe shipped with minFM (installed with the
+package), wherever the naming file is, and is accepted wherever a recipe path is.
+
+Merging: tables merge key by key, every other value (arrays included) is replaced whole.
+A key ending in ``+`` appends instead: ``[[logging."loggers+"]]`` adds a logger to the
+loggers the extended recipe lists (there must be such a list to append to). ``${VAR}`` and ``${VAR:-default}`` expand environment variables in
 string values; a ``${`` that opens no such reference is an error.
 
 A recipe from outside (a Hub repo, a checkpoint: ``untrusted_root`` given) is data: no
@@ -23,21 +28,48 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MinfmError, RecipeError
+from ..suggest import did_you_mean
 from .toml import tomllib
 
 
-def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """Tables merge key by key; any other value in ``over`` replaces the base's.
+#: Suffix of a key whose array is appended to the extended recipe's array of the same name.
+APPEND = "+"
+#: A recipe file's place in the installed package, as ``extends`` and the CLI write it.
+SHIPPED = "minfm:"
 
-    A component table whose ``name`` changes is replaced whole.
+
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any], path: str = "") -> dict[str, Any]:
+    """Tables merge key by key; any other value in ``over`` (arrays too) replaces the base's.
+
+    A component table whose ``name`` changes is replaced whole. ``key+ = [...]`` appends
+    to ``base[key]`` (an error if ``base`` has no such array, or ``over`` sets both forms).
     """
     out = copy.deepcopy(dict(base))
     for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) and not _renamed(out[key], value):
-            out[key] = deep_merge(out[key], value)
+        where = f"{path}.{key}" if path else key
+        if key.endswith(APPEND) and len(key) > len(APPEND):
+            out[key[: -len(APPEND)]] = _appended(out, over, key[: -len(APPEND)], value, where)
+        elif isinstance(value, Mapping):
+            # A table new here (or a renamed component) merges into nothing: its `key+` entries
+            # still resolve, to an error as nothing is extended.
+            keep = isinstance(out.get(key), Mapping) and not _renamed(out[key], value)
+            out[key] = deep_merge(out[key] if keep else {}, value, where)
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+def _appended(out: Mapping[str, Any], over: Mapping[str, Any], key: str, value: Any, where: str) -> list[Any]:
+    if key in over:
+        raise RecipeError(f"{where}: set either {key!r} (replace) or {key + APPEND!r} (append), not both")
+    if not isinstance(value, list):
+        raise RecipeError(f"{where}: expected an array to append, got {type(value).__name__}")
+    if not isinstance(out.get(key), list):
+        what = "no array" if key not in out else f"a {type(out[key]).__name__}, not an array"
+        raise RecipeError(
+            f"{where}: nothing to append to: the extended recipe has {what} at {where[: -len(APPEND)]}"
+        )
+    return [*out[key], *copy.deepcopy(value)]
 
 
 def _renamed(base: Mapping[str, Any], over: Mapping[str, Any]) -> bool:
@@ -69,8 +101,41 @@ def _parse(path: Path) -> dict[str, Any]:
         raise RecipeError("invalid TOML: arrays or tables nested too deeply", str(path)) from None
 
 
+def shipped_recipes() -> Path:
+    """The folder of the recipes shipped with minFM (installed as ``minfm_recipes``).
+
+    From a checkout (editable or never installed) it is the checkout's ``recipes/``:
+    that folder is the source of truth, packaged as it is.
+    """
+    import importlib.resources
+
+    try:
+        return Path(str(importlib.resources.files("minfm_recipes")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[2] / "recipes"
+
+
+def recipe_file(ref: str | os.PathLike) -> Path:
+    """A recipe path as given, or ``minfm:NAME.toml`` -> that shipped recipe's file."""
+    text = os.fspath(ref)
+    if not text.startswith(SHIPPED):
+        return Path(os.path.abspath(text))
+    name = text[len(SHIPPED):]
+    folder = shipped_recipes()
+    if not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise RecipeError(f"{text}: expected minfm:NAME.toml, a recipe shipped with minFM")
+    found = folder / name
+    if not found.is_file():
+        shipped = ", ".join(sorted(p.name for p in folder.glob("*.toml"))) or "(none)"
+        raise RecipeError(f"{text}: no such shipped recipe{did_you_mean(name, [p.name for p in folder.glob('*.toml')])}; "
+                          f"shipped: {shipped}")
+    return found
+
+
 def _extended(path: Path, parent: str, untrusted_root: Path | None) -> Path:
     """The file ``extends = parent`` in ``path`` names, relative to ``path``'s folder."""
+    if parent.startswith(SHIPPED):
+        return recipe_file(parent)  # shipped with minFM: trusted, like the package itself
     if untrusted_root is None:
         return Path(os.path.normpath(path.parent / parent))
     from ..safepath import contained
@@ -100,7 +165,7 @@ def _read(path: Path, chain: tuple[Path, ...], untrusted_root: Path | None = Non
     data = _parse(path)
     parent = data.pop("extends", None)
     if parent is None:
-        return data
+        return deep_merge({}, data)  # a `key+` with nothing extended is an error, as anywhere
     if not isinstance(parent, str) or not parent:
         raise RecipeError(f"extends: expected a file name, got {parent!r}", str(path))
     base = _read(_extended(path, parent, untrusted_root), (*chain, path), untrusted_root)
@@ -111,7 +176,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b=VALUE`` -> (["a", "b"], value); VALUE is a TOML literal, else a bare string."""
     key, eq, raw = text.partition("=")
     key = key.strip()
-    if not eq or not key or not re.fullmatch(r"[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*", key):
+    if not eq or not key or not re.fullmatch(r"[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*\+?", key):
         raise RecipeError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. train.max_steps=100")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
@@ -130,6 +195,11 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
             if not isinstance(child, dict):
                 raise RecipeError(f"--set {text!r}: {'.'.join(keys[: i + 1])} is not a table")
             node = child
+        if keys[-1].endswith(APPEND):  # --set logging.loggers+=[...]: append, as in a file
+            merged = deep_merge(node, {keys[-1]: value}, ".".join(keys[:-1]))
+            node.clear()
+            node.update(merged)
+            continue
         if keys[-1] == "name" and node.get("name", value) != value:
             node.clear()  # another component: the previous one's options do not apply
         node[keys[-1]] = value
@@ -178,7 +248,7 @@ def load_recipe_dict(
     checkpoint); see the module doc. Nothing is expanded then, and ``extends`` stays inside it.
     """
     # abspath, not resolve(): a recipe's place is where it sits, not where its symlink leads.
-    where = Path(os.path.abspath(path))
+    where = recipe_file(path)
     root = None if untrusted_root is None else Path(os.path.abspath(untrusted_root))
     try:
         data = _read(where, (), root)
