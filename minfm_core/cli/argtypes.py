@@ -1,4 +1,7 @@
-"""argparse ``type=`` functions with ranges: a bad number is a one-line MinfmError (exit 2).
+"""argparse helpers shared by every command: the parser class, the recipe arguments, the
+pickle opt-in flag, and ``type=`` functions with ranges (a bad number is a one-line
+MinfmError, exit 2). Command modules import these from here, never from ``main`` (which
+imports them: that would be a circle).
 
 They raise MinfmError rather than argparse's ArgumentTypeError on purpose: argparse would
 print its usage block first, and the contract is one line naming the flag. Each factory
@@ -7,10 +10,26 @@ takes the flag's name so the message can say which flag was wrong.
 
 from __future__ import annotations
 
+import argparse
 import math
+import sys
 from collections.abc import Callable
 
 from ..errors import MinfmError
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own usage errors: exit 2, like ours
+        self.print_usage(sys.stderr)
+        raise MinfmError(message)
+
+
+def add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="path to a TOML recipe")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a recipe value (TOML literal), e.g. --set train.max_steps=100; repeatable",
+    )
 
 
 def int_in(flag: str, lo: int, hi: int | None = None) -> Callable[[str], int]:

@@ -20,7 +20,7 @@ from . import latents_cmd
 
 
 def register(sub) -> None:
-    from .main import _Parser, add_recipe_args
+    from .argtypes import Parser as _Parser, add_recipe_args
 
     p = sub.add_parser("cache", help="pre-fetch pretrained weights; encode a dataset's latents once")
     what = p.add_subparsers(dest="cache_what", metavar="WHAT", parser_class=_Parser)

@@ -15,7 +15,7 @@ from .argtypes import int_in
 
 
 def register(sub) -> None:
-    from .main import add_recipe_args
+    from .argtypes import add_recipe_args
 
     p = sub.add_parser("check", help="validate a recipe and print its components with parameter counts")
     add_recipe_args(p)

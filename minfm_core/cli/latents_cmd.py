@@ -28,7 +28,7 @@ from ..recipe import load_recipe
 
 
 def register(what) -> None:
-    from .main import add_recipe_args
+    from .argtypes import add_recipe_args
 
     p = what.add_parser("latents", help="encode the recipe's dataset with its VAE into safetensors shards")
     add_recipe_args(p)

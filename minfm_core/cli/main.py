@@ -24,20 +24,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import MinfmError
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse's own usage errors: exit 2, like ours
-        self.print_usage(sys.stderr)
-        raise MinfmError(message)
-
-
-def add_recipe_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", help="path to a TOML recipe")
-    p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a recipe value (TOML literal), e.g. --set train.max_steps=100; repeatable",
-    )
+from .argtypes import Parser as _Parser
 
 
 def build_parser() -> argparse.ArgumentParser:

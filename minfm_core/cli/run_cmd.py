@@ -21,7 +21,7 @@ from .argtypes import MAX_SEED, add_allow_pickle_flag, finite_float, image_size,
 
 
 def register(sub) -> None:
-    from .main import add_recipe_args
+    from .argtypes import add_recipe_args
 
     for name, helptext in (("run", "run the recipe's job (train or sample)"), ("train", "train, whatever the recipe's job")):
         p = sub.add_parser(name, help=helptext)
