@@ -1,9 +1,9 @@
 """``minfm eval``: Inception Score, FID, sFID, precision and recall of generated images.
 
-Added under the shared ``eval`` command group (another plugin may add its own ``minfm eval X``).
-
     minfm eval imagenet samples.npz --ref VIRTUAL_imagenet256_labeled.npz
     minfm eval folder experiments/run/samples/images --ref reference.npz --out metrics.json
+
+Both sit in the shared ``eval`` command group, so another plugin can add its own ``minfm eval X``.
 """
 
 from __future__ import annotations
