@@ -44,7 +44,9 @@ MIXED = [(3, 1, 16, 16), (3, 1, 8, 24), (3, 2, 16, 16), (3, 1, 16, 16), (3, 1, 2
 def test_config_exposes_latent_channels_and_compression():
     cfg = FluxAEConfig()
     assert cfg.latent_channels == 16 and cfg.compression == (1, 8, 8)
-    assert (cfg.scale, cfg.shift) == (0.3611, 0.1159)
+    assert (cfg.scale, cfg.shift) == (None, None)  # the weights' own
+    vae = build_flux_ae(tiny_cfg())
+    assert (vae.scale, vae.shift) == (0.3611, 0.1159)  # no file says otherwise: FLUX's
     assert tiny_cfg().compression == (1, 2, 2)
 
 
@@ -67,20 +69,48 @@ def test_latents_equal_diffusers_called_directly(vae_folder, diffusers_vae):
         for x, z in zip(xs, zs):
             frames = x.permute(1, 0, 2, 3)  # (F, 3, H, W)
             raw = diffusers_vae.encode(frames).latent_dist.mode()
-            want = (raw - cfg.shift) * cfg.scale  # scale and shift exactly once
+            want = (raw - vae.shift) * vae.scale  # scale and shift exactly once
             torch.testing.assert_close(z, want.permute(1, 0, 2, 3), rtol=1e-5, atol=1e-5)
             dec = diffusers_vae.decode(raw).sample.clamp(-1, 1)
             torch.testing.assert_close(vae.decode([z])[0], dec.permute(1, 0, 2, 3), rtol=1e-4, atol=1e-4)
 
 
-def test_scale_and_shift_applied_once(vae_folder):
-    plain = build_flux_ae(tiny_cfg(pretrained=str(vae_folder), scale=1.0, shift=0.0))
-    scaled = build_flux_ae(tiny_cfg(pretrained=str(vae_folder), scale=0.5, shift=0.25))
+def _refactored(folder, tmp_path, name, **factors):
+    """A copy of the diffusers folder whose config.json records other latent factors."""
+    import json
+    import shutil
+
+    out = tmp_path / name
+    shutil.copytree(folder, out)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, **factors}))
+    return out
+
+
+def test_scale_and_shift_come_from_the_folder_and_apply_once(vae_folder, tmp_path):
+    plain = build_flux_ae(tiny_cfg(pretrained=str(_refactored(vae_folder, tmp_path, "plain", scaling_factor=1.0,
+                                                                shift_factor=None))))
+    other = _refactored(vae_folder, tmp_path, "other", scaling_factor=0.5, shift_factor=0.25)
+    scaled = build_flux_ae(tiny_cfg(pretrained=str(other)))
+    assert (plain.scale, plain.shift, scaled.scale, scaled.shift) == (1.0, 0.0, 0.5, 0.25)
     xs = images((3, 1, 16, 16))
     raw, z = plain.encode(xs)[0], scaled.encode(xs)[0]
     torch.testing.assert_close(z, (raw - 0.25) * 0.5)
     # decode undoes it: the same pixels from either wrapper
     torch.testing.assert_close(scaled.decode([z])[0], plain.decode([raw])[0], rtol=1e-5, atol=1e-5)
+    # a recipe that states the folder's own values agrees with it
+    assert build_flux_ae(tiny_cfg(pretrained=str(other), scale=0.5, shift=0.25)).scale == 0.5
+
+
+def test_a_recipe_factor_the_folder_contradicts_is_a_clean_error(vae_folder, tmp_path):
+    other = _refactored(vae_folder, tmp_path, "sd", scaling_factor=0.18215, shift_factor=None)
+    with pytest.raises(MinfmError) as info:
+        build_flux_ae(tiny_cfg(pretrained=str(other), scale=0.3611, shift=0.1159))
+    assert str(info.value) == (
+        f"flux_ae: {other} ({other / 'config.json'}): scale = 0.3611 but the weights' config.json says 0.18215; "
+        "shift = 0.1159 but the weights' config.json says 0.0; leave them unset to use the weights' own"
+    )
+    assert "\n" not in str(info.value)
 
 
 def test_grouping_does_not_change_results(vae_folder):

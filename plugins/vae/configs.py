@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-
-
 from minfm_core.config import Dtype, config, field
 from minfm_core.validators import finite, positive
 from minfm_core.pretrained import is_local, parse_hub_ref
 
 _positive = positive
+#: FLUX's latent scale and shift: what an original ``ae.safetensors`` (which records none) uses.
+FLUX_SCALE, FLUX_SHIFT = 0.3611, 0.1159
 
 
 def _groups_divide_channels(inst, attribute, value) -> None:
@@ -40,10 +40,15 @@ class FluxAEConfig:
     )
     dtype: Dtype = field("bf16", doc="weights and compute dtype; latents come back in the images' dtype")
     sample_posterior: bool = field(True, doc="encode to a sample of the posterior (as the seed and FLUX do), not its mean")
-    scale: float = field(
-        0.3611, doc="latent = scale * (z - shift) on encode, undone on decode (FLUX: 0.3611)", validator=positive
+    scale: float | None = field(
+        None, doc="latent = scale * (z - shift) on encode, undone on decode; None: the weights' own (a diffusers "
+        "folder's config.json scaling_factor, else FLUX's 0.3611); a value the folder contradicts is an error",
+        validator=positive,
     )
-    shift: float = field(0.1159, doc="latent shift (FLUX: 0.1159)", validator=finite)
+    shift: float | None = field(
+        None, doc="latent shift; None: the weights' own (config.json shift_factor, else FLUX's 0.1159)",
+        validator=finite,
+    )
     chunk_size: int = field(64, doc="frames per encoder/decoder call (bounds activation memory)", validator=_positive)
     image_channels: int = field(3, doc="channels of the images", validator=_positive)
     latent_channels: int = field(16, doc="channels of the latents (FLUX: 16)", validator=_positive)

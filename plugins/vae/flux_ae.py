@@ -5,11 +5,18 @@ BFL single file ``ae.safetensors`` (converted with diffusers' own LDM-VAE key
 conversion), or from either of those in a Hub repo (see ``minfm_core.pretrained``).
 The architecture is always described by the config fields, so ``minfm check`` builds
 the exact structure without any file; a loaded model must agree with them.
+
+The latent scale and shift are the weights' own: a diffusers folder's ``config.json``
+(``scaling_factor``, ``shift_factor``; FLUX's 0.3611 / 0.1159 when there is none, as for
+an ``ae.safetensors``). A recipe may state them; a value the folder contradicts is an error,
+not a silent re-scaling of every latent.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import math
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +26,7 @@ from minfm_core.packing import group_by_shape
 from minfm_core.pretrained import resolve_pretrained
 from minfm_core.weights import DTYPES
 
-from .configs import FluxAEConfig, vae_source
+from .configs import FLUX_SCALE, FLUX_SHIFT, FluxAEConfig, vae_source
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
@@ -36,8 +43,8 @@ def diffusers_config(cfg: FluxAEConfig) -> dict:
         layers_per_block=cfg.layers_per_block,
         latent_channels=cfg.latent_channels,
         norm_num_groups=cfg.norm_num_groups,
-        scaling_factor=cfg.scale,
-        shift_factor=cfg.shift,
+        scaling_factor=FLUX_SCALE if cfg.scale is None else cfg.scale,
+        shift_factor=FLUX_SHIFT if cfg.shift is None else cfg.shift,
         # FLUX's autoencoder has no 1x1 (post-)quant convs; its mid blocks have attention.
         use_quant_conv=False,
         use_post_quant_conv=False,
@@ -48,10 +55,11 @@ def diffusers_config(cfg: FluxAEConfig) -> dict:
 class FluxAE(nn.Module):
     """Encode/decode lists of (C, F, H, W) tensors of mixed sizes; frames are coded independently."""
 
-    def __init__(self, cfg: FluxAEConfig, model: nn.Module):
+    def __init__(self, cfg: FluxAEConfig, model: nn.Module, scale: float, shift: float):
         super().__init__()
         self.cfg = cfg
         self.model = model
+        self.scale, self.shift = scale, shift  # latent = scale * (z - shift)
         self.latent_channels = cfg.latent_channels
         self.compression = cfg.compression
 
@@ -87,7 +95,7 @@ class FluxAE(nn.Module):
             for chunk in x.split(self.cfg.chunk_size):
                 dist = self.model.encode(chunk.to(p.device, p.dtype)).latent_dist
                 zs.append(dist.sample(generator) if self.cfg.sample_posterior else dist.mode())
-            z = (torch.cat(zs) - self.cfg.shift) * self.cfg.scale
+            z = (torch.cat(zs) - self.shift) * self.scale
             for i, zi in zip(idx, self._unfold(z, len(idx))):
                 out[i] = zi.to(images[i].dtype)
         return out  # type: ignore[return-value]
@@ -99,7 +107,7 @@ class FluxAE(nn.Module):
         p = self._param
         for idx in group_by_shape([z.shape for z in latents]).values():
             z = self._frames(latents, idx, self.cfg.latent_channels, "latent")
-            z = z.to(p.device, p.dtype) / self.cfg.scale + self.cfg.shift
+            z = z.to(p.device, p.dtype) / self.scale + self.shift
             x = torch.cat([self.model.decode(chunk).sample for chunk in z.split(self.cfg.chunk_size)])
             for i, xi in zip(idx, self._unfold(x.clamp(-1, 1), len(idx))):
                 out[i] = xi.to(latents[i].dtype)
@@ -119,6 +127,18 @@ def _check_architecture(cfg: FluxAEConfig, model: nn.Module, where: str) -> None
             bad.append(f"{ours} = {got!r} (the config says {want[key]!r})")
     if bad:
         raise MinfmError(f"flux_ae: {where} has {', '.join(bad)}; set these fields to match the weights")
+
+
+def latent_affine(cfg: FluxAEConfig, model: nn.Module, where: str) -> tuple[float, float]:
+    """(scale, shift) of the loaded ``model`` (its config.json's), checked against the recipe's."""
+    scale = float(model.config["scaling_factor"])
+    shift = float(model.config.get("shift_factor") or 0.0)  # diffusers writes null for "no shift"
+    bad = [f"{name} = {ours!r} but the weights' config.json says {theirs!r}"
+           for name, ours, theirs in (("scale", cfg.scale, scale), ("shift", cfg.shift, shift))
+           if ours is not None and not math.isclose(ours, theirs, rel_tol=1e-6, abs_tol=1e-9)]
+    if bad:
+        raise MinfmError(f"flux_ae: {where}: {'; '.join(bad)}; leave them unset to use the weights' own")
+    return scale, shift
 
 
 def _is_ldm_layout(state: dict[str, Tensor]) -> bool:
@@ -145,7 +165,7 @@ def load_single_file(path: Path, model: nn.Module) -> None:
         ) from None
 
 
-def _load(cfg: FluxAEConfig) -> nn.Module:
+def _load(cfg: FluxAEConfig) -> tuple[nn.Module, float, float]:
     from diffusers import AutoencoderKL
 
     assert cfg.pretrained
@@ -156,7 +176,7 @@ def _load(cfg: FluxAEConfig) -> nn.Module:
     if path.is_file():
         model = AutoencoderKL(**diffusers_config(cfg))
         load_single_file(path, model)
-        return model
+        return model, *latent_affine(cfg, model, cfg.pretrained)
     if not (path / "config.json").exists() or not (path / WEIGHTS_NAME).exists():
         raise MinfmError(
             f"flux_ae: {cfg.pretrained} ({path}) is not a diffusers VAE folder with config.json and "
@@ -167,17 +187,19 @@ def _load(cfg: FluxAEConfig) -> nn.Module:
     check_weights_folder(path)  # shard names and links stay inside, headers bounded: before diffusers reads
     model = AutoencoderKL.from_pretrained(str(path), use_safetensors=True, torch_dtype=DTYPES[cfg.dtype])
     _check_architecture(cfg, model, cfg.pretrained)
-    return model
+    return model, *latent_affine(cfg, model, f"{cfg.pretrained} ({path / 'config.json'})")
 
 
 def build_flux_ae(cfg: FluxAEConfig, *, load_weights: bool = True) -> FluxAE:
     """The frozen FLUX VAE; ``load_weights=False`` builds the structure only (no file access)."""
     if load_weights and cfg.pretrained:
-        model = _load(cfg)
+        model, scale, shift = _load(cfg)
     else:
         from diffusers import AutoencoderKL
 
         model = AutoencoderKL(**diffusers_config(cfg))
+        # No file to ask: the recipe's values, else FLUX's (the meta build only counts parameters).
+        scale, shift = float(model.config["scaling_factor"]), float(model.config["shift_factor"])
     # nn.Module.to: diffusers' own .to() warns about casting a model that has no fp32-only parts
     model = nn.Module.to(model, DTYPES[cfg.dtype])
-    return FluxAE(cfg, model).eval().requires_grad_(False)
+    return FluxAE(cfg, model, scale, shift).eval().requires_grad_(False)
