@@ -23,7 +23,7 @@ from . import protocols
 from .registry import Component, Registry
 
 __all__ = [
-    "check_component", "isolated_registry", "minfm_registry",
+    "check_component", "isolated_registry", "minfm_registry", "reference_attention",
     *(f"check_{kind}" for kind in protocols.PROTOCOLS),
 ]
 
@@ -133,13 +133,28 @@ def _n(t: Any, n: int, what: str) -> None:
     assert tuple(t.shape) == (n,), f"{what}: expected shape ({n},), got {tuple(t.shape)}"
 
 
-def check_denoiser(component, config=None, *, smoke: bool = True) -> Any:
+def reference_attention(q, k, v, cu_seqlens, max_seqlen):
+    """Plain attention within each packed sequence (the attention backend contract), for the
+    denoiser check: an isolated registry may hold no attention backend."""
+    torch = _torch()
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    seg = torch.repeat_interleave(torch.arange(lens.numel()), lens)
+    mask = seg[:, None] == seg[None, :]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask
+    )
+    return out.transpose(0, 1)
+
+
+def check_denoiser(component, config=None, *, smoke: bool = True, attention: Any = None) -> Any:
     """Built on the meta device (``load_weights=False``), as ``minfm check`` does; then, if the
     config names no pretrained weights and has the declared ``d_img`` / ``d_txt`` attributes, a
-    randomly initialised CPU copy runs one packed forward of two samples."""
+    randomly initialised CPU copy runs one packed forward of two samples. ``attention``: the
+    backend passed to the factory (default: :func:`reference_attention`)."""
     torch = _torch()
+    attention = attention or reference_attention
     with torch.device("meta"):
-        model = _build("denoiser", component, config, load_weights=False, attention=None, balancer=None)
+        model = _build("denoiser", component, config, load_weights=False, attention=attention, balancer=None)
     _members("denoiser", model)
     assert isinstance(model, torch.nn.Module), "a denoiser is a torch.nn.Module"
     cfg = _factory("denoiser", component, config)[1]
@@ -150,7 +165,7 @@ def check_denoiser(component, config=None, *, smoke: bool = True) -> Any:
     d_img, d_txt, d_vec = (getattr(cfg, a, None) for a in ("d_img", "d_txt", "d_vec"))
     if not (d_img and d_txt):
         return model
-    model = _build("denoiser", component, config, load_weights=True)
+    model = _build("denoiser", component, config, load_weights=True, attention=attention, balancer=None)
     gen = torch.Generator().manual_seed(0)
     img_lens, txt_lens = torch.tensor([4, 6]), torch.tensor([3, 2])
     img = torch.randn(10, d_img, generator=gen)
