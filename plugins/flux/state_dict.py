@@ -191,14 +191,15 @@ def read_state_dict(ref: str) -> dict[str, Tensor]:
     return diffusers_to_bfl(sd) if is_diffusers(sd) else sd
 
 
-def load_pretrained(model: torch.nn.Module, ref: str, device=None) -> None:
+def load_pretrained(model: torch.nn.Module, ref: str, device=None, dtype: torch.dtype | None = None) -> None:
     """Load ``ref`` into ``model`` (typically built on meta) after checking every key and shape.
 
-    Tensors are cast to torch's default dtype on ``device``, one at a time (the memory-mapped
-    original of each is dropped as soon as its copy exists).
+    Tensors are cast to ``dtype`` (None: torch's default dtype) on ``device``, one at a time
+    (the memory-mapped original of each is dropped as soon as its copy exists).
     """
     sd = read_state_dict(ref)
     check_state_dict(model, sd, source=ref)
+    dtype = torch.get_default_dtype() if dtype is None else dtype
     for k in list(sd):
-        sd[k] = sd[k].to(device=device, dtype=torch.get_default_dtype())
+        sd[k] = sd[k].to(device=device, dtype=dtype)
     model.load_state_dict(sd, strict=True, assign=True)
