@@ -54,12 +54,11 @@ class TrainingFid:
             raise MinfmError(f"train.fid: {exc}") from None
         # The batches of `minfm sample --n 1` (fixed whatever the world size: a batch is drawn
         # together), dealt to ranks as it deals them. Prompts of this rank's samples only (and
-        # of sample 0, the filler of a rank short of batches); `prompt(i)` when the dataset can
-        # give one without the picture.
+        # of sample 0, the filler of a rank short of batches), through the declared
+        # `Dataset.prompt(i)` (no picture decoded for thousands of prompts).
         self.batches = [[g for g, _ in b] for b in plan_batches(train.fid_num_samples, 1, sample.batch_size)]
         self.mine, self.rounds = rank_share(list(range(len(self.batches))), rt.rank, rt.world_size)
-        read = getattr(dataset, "prompt", None) or (lambda i: dataset[i]["prompt"])
-        self.prompts = {g: read(g % len(dataset)) for g in [0, *(g for b in self.mine for g in self.batches[b])]}
+        self.prompts = {g: dataset.prompt(g % len(dataset)) for g in [0, *(g for b in self.mine for g in self.batches[b])]}
         self.ref_stats = None  # rank 0, once the reference is featurised
         self.ref_ready = False
 
