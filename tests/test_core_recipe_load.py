@@ -215,3 +215,18 @@ def test_cli_runs_a_shipped_recipe_by_name(minfm, tmp_path):
     res = minfm("run", "minfm:quikstart.toml", cwd=tmp_path)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "no such shipped recipe (did you mean 'quickstart.toml'?)" in res.stderr
+
+
+def test_readme_recipe_examples_load(tmp_path):
+    """README's two recipe blocks, as written: a child of a shipped recipe, and the append form."""
+    import re
+
+    from conftest import ROOT
+    from minfm_core.recipe import load_recipe
+
+    text = (ROOT / "README.md").read_text().split("## Recipes", 1)[1]
+    child, append = re.findall(r"```toml\n(.*?)```", text, re.S)[:2]
+    resolved = load_recipe(write(tmp_path / "child.toml", child))
+    assert resolved.recipe.train.max_steps == 1000 and resolved.config("flow.time_sampler").sigma == 1.0
+    data = load_recipe_dict(write(tmp_path / "more.toml", 'extends = "minfm:quickstart.toml"\n' + append))
+    assert [t["name"] for t in data["logging"]["loggers"]] == ["console", "jsonl", "tensorboard"]
