@@ -154,3 +154,61 @@ def PYPROJECT_EPS():
     from minfm_core.recipe.toml import tomllib
 
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["minfm"]
+
+
+def _typed_fields():
+    """(component, field name, type) of every config field of every registered component."""
+    import typing
+
+    import attrs
+
+    out = []
+    for comp in get_registry().all_components():
+        if comp.config is None:
+            continue
+        for name, tp in typing.get_type_hints(comp.config).items():
+            if name in attrs.fields_dict(comp.config):
+                out.append((comp, name, tp))
+    return out
+
+
+def test_listed_types_show_choices_and_inner_types():
+    """Generated from the registry: no field is shown as a bare Literal, Optional or tuple."""
+    import typing
+
+    from minfm_core.config import describe_fields
+
+    seen = set()
+    for comp, name, tp in _typed_fields():
+        (shown,) = [f["type"] for f in describe_fields(comp.config) if f["name"] == name]
+        assert shown not in {"Literal", "Optional", "Union", "tuple"}, (comp.name, name, shown)
+        args = typing.get_args(tp)
+        if typing.get_origin(tp) is typing.Literal:
+            assert shown == " | ".join(map(repr, args)), (comp.name, name)
+            seen.add("literal")
+        elif type(None) in args:
+            assert shown.endswith(" | None") and shown != "None | None", (comp.name, name)
+            seen.add("optional")
+        elif typing.get_origin(tp) is tuple:
+            assert shown.startswith("tuple[") and shown.endswith("]"), (comp.name, name)
+            seen.add("tuple")
+    assert seen == {"literal", "optional", "tuple"}  # the built-ins have each kind
+
+
+def test_flux_ae_fields_as_listed():
+    from minfm_core.config import describe_fields
+
+    fields = {f["name"]: f["type"] for f in describe_fields(get_registry().get("vae", "flux_ae").config)}
+    assert fields["dtype"] == "'fp32' | 'bf16' | 'fp16'"
+    assert fields["pretrained"] == "str | None"
+    assert fields["block_out_channels"] == "tuple[int, ...]"
+
+
+def test_each_plugins_commands_are_listed_under_it(minfm):
+    res = minfm("plugins", "--json")
+    assert res.returncode == 0, res.stderr
+    commands = {p["name"]: p["commands"] for p in json.loads(res.stdout)["plugins"]}
+    assert commands["hub"] == ["hub"] and commands["flow"] == []
+    human = minfm("plugins").stdout
+    hub_line = human.splitlines().index(next(line for line in human.splitlines() if line.startswith("  hub ")))
+    assert human.splitlines()[hub_line + 1].strip() == "commands: minfm hub"
