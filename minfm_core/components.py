@@ -17,6 +17,7 @@ from typing import Any
 
 import attrs
 
+from . import protocols
 from .errors import PluginError, UnknownComponentError
 from .suggest import did_you_mean
 
@@ -40,28 +41,10 @@ KINDS: dict[str, str] = {
     "source": "register_sources",
 }
 
-#: Kind -> every keyword the engine may pass its factory besides the config. The one table:
-#: ``Component.build`` refuses any other keyword, and ``minfm check`` binds each factory the
-#: recipe uses against it, so check and run cannot drift apart.
-FACTORY_KWARGS: dict[str, tuple[str, ...]] = {
-    "denoiser": ("load_weights", "attention", "balancer"),
-    "vae": ("load_weights",),
-    "text_encoder": ("load_weights",),
-    "patchifier": (),
-    "path": (),
-    "time_sampler": (),
-    "time_warper": (),
-    "time_weighter": (),
-    "sampler": (),
-    "guidance": (),
-    "attention": (),
-    "balancer": (),
-    "parallelizer": (),
-    "dataset": ("split",),
-    "logger": ("run_dir", "rank", "recipe"),
-    # A source has no config: its factory is the resolver, called as resolve(uri, training_state=...).
-    "source": ("training_state",),
-}
+#: Kind -> every keyword the engine may pass its factory (name -> default), declared with the
+#: protocols. The one table: ``Component.build`` refuses any other keyword, and ``minfm check``
+#: binds each factory a recipe uses against it, so check and run cannot drift apart.
+FACTORY_KWARGS = protocols.FACTORY_KWARGS
 
 
 def import_object(ref: str) -> Any:
@@ -99,25 +82,21 @@ class Component:
     def factory_problem(self) -> str | None:
         """Why the factory cannot be called the way the engine calls it, or None.
 
-        Imports a lazy factory and binds its signature to the config plus every keyword
-        of :data:`FACTORY_KWARGS` for the kind (all of them: the engine may pass each).
+        Imports a lazy factory and checks its signature against the config and every
+        keyword of :data:`FACTORY_KWARGS` for the kind (all of them: the engine may pass each).
         """
         try:
             factory = self.load_factory()
         except PluginError as exc:
             return str(exc)
-        keywords = FACTORY_KWARGS[self.kind]
-        args = ("uri",) if self.kind == "source" else (() if self.config is None else ("cfg",))
+        problems = protocols.factory_problems(self.kind, factory, self.config is not None)
+        if not problems:
+            return None
         try:
-            signature = inspect.signature(factory)
+            signature = str(inspect.signature(factory))
         except (TypeError, ValueError):
-            return None  # a builtin without a signature: nothing to check against
-        try:
-            signature.bind(*args, **dict.fromkeys(keywords))
-        except TypeError as exc:
-            wanted = ", ".join([*args, *(f"{k}=" for k in keywords)])
-            return f"{self.describe()}: factory {_name(factory)}{signature} cannot be called as ({wanted}): {exc}"
-        return None
+            signature = "(...)"
+        return f"{self.describe()}: factory {_name(factory)}{signature} {'; '.join(problems)}"
 
     def build(self, cfg: Any = None, **kwargs: Any) -> Any:
         """Call the factory with a config instance (the default config if None)."""

@@ -139,8 +139,8 @@ def test_factory_signature_is_checked_against_the_engine_keywords():
         problem = comp.factory_problem()
     assert problem is not None
     assert "denoiser 'no_balancer' of plugin 'sig': factory" in problem
-    assert "cannot be called as (cfg, load_weights=, attention=, balancer=)" in problem
-    assert "unexpected keyword argument 'balancer'" in problem
+    assert problem.endswith("(cfg, *, load_weights=True, attention=None) does not accept the keyword balancer= "
+                            "the engine may pass")
 
 
 def _every_component():
@@ -155,7 +155,7 @@ def test_builtin_factories_take_what_the_engine_passes(comp):
 def test_build_refuses_an_undeclared_keyword():
     """The engine can pass only the keywords the table declares (so check cannot miss one)."""
     comp = get_registry().get("time_sampler", "uniform")
-    assert FACTORY_KWARGS["time_sampler"] == ()
+    assert not FACTORY_KWARGS["time_sampler"]
     with pytest.raises(TypeError, match="time_sampler factories take no keyword load_weights"):
         comp.build(load_weights=True)
 
