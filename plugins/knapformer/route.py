@@ -34,73 +34,8 @@ from minfm_core.errors import MinfmError
 from .config import KnapformerConfig, NoBalancerConfig
 from .planner import Plan, plan
 from .spec import parse_bags
+from .exchange import as_bytes, exchange, from_bytes
 from .ulysses import LocalAttention, UlyssesAttention
-
-
-class _Exchange(torch.autograd.Function):
-    """all_to_all_single over rows; backward sends the gradient back the same way reversed."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, send: list[int], recv: list[int], group, extra: Tensor | None):
-        ctx.send, ctx.recv, ctx.group = send, recv, group
-        x = x.contiguous()
-        if extra is None:
-            out = x.new_empty((sum(recv), *x.shape[1:]))
-            dist.all_to_all_single(out, x, recv, send, group=group)
-            return out, None
-        # Tokens and metadata as bytes in one buffer: one collective, metadata bit-exact.
-        row = x.reshape(x.shape[0], math.prod(x.shape[1:]))
-        tok_bytes = _as_bytes(row)
-        buf = torch.cat([tok_bytes, extra], dim=1)
-        out = buf.new_empty((sum(recv), buf.shape[1]))
-        dist.all_to_all_single(out, buf, recv, send, group=group)
-        tokens = _from_bytes(out[:, : tok_bytes.shape[1]], x.dtype, row.shape[1]).reshape(-1, *x.shape[1:])
-        return tokens, out[:, tok_bytes.shape[1] :]
-
-    @staticmethod
-    def backward(ctx, grad: Tensor, _grad_extra):
-        grad = grad.contiguous()
-        out = grad.new_empty((sum(ctx.send), *grad.shape[1:]))
-        dist.all_to_all_single(out, grad, ctx.send, ctx.recv, group=ctx.group)
-        return out, None, None, None, None
-
-
-def _as_bytes(x: Tensor) -> Tensor:
-    """(n, k) of any dtype -> (n, nbytes) uint8, nbytes padded to a multiple of 8.
-
-    The padding keeps every part of a packed row 8-byte aligned, so the receiver views
-    each part back in place (no copy) whatever its dtype.
-    """
-    if x.dtype == torch.bool:
-        x = x.to(torch.uint8)
-    b = x.contiguous().view(torch.uint8).reshape(x.shape[0], x.shape[1] * x.element_size())
-    pad = -b.shape[1] % 8
-    return torch.nn.functional.pad(b, (0, pad)) if pad else b
-
-
-def _from_bytes(b: Tensor, dtype: torch.dtype, numel: int) -> Tensor:
-    """Inverse of :func:`_as_bytes` for rows of ``numel`` values."""
-    if dtype == torch.bool:
-        return b[:, :numel].bool()
-    size = torch.empty((), dtype=dtype).element_size()
-    return b[:, : numel * size].view(dtype)
-
-
-def _exchange(x: Tensor, send: list[int], recv: list[int], group, extras: Sequence[Tensor] = ()):
-    """Send rows of x (and of the extras) to the ranks in ``send`` counts; returns (x', extras')."""
-    if not extras:
-        out, _ = _Exchange.apply(x, send, recv, group, None)
-        return out, []
-    n = x.shape[0]
-    metas = [(e.dtype, tuple(e.shape[1:]), math.prod(e.shape[1:])) for e in extras]
-    parts = [_as_bytes(e.detach().reshape(n, math.prod(e.shape[1:]))) for e in extras]
-    widths = [p.shape[1] for p in parts]
-    out, packed = _Exchange.apply(x, send, recv, group, torch.cat(parts, dim=1))
-    outs, start = [], 0
-    for (dtype, shape, numel), width in zip(metas, widths):
-        outs.append(_from_bytes(packed[:, start : start + width], dtype, numel).reshape(-1, *shape))
-        start += width
-    return out, outs
 
 
 @attrs.frozen(eq=False)
@@ -252,7 +187,7 @@ class KnapformerBalancer:
         if S == 1:
             out, out_extras = x, ex
         else:
-            out, out_extras = _exchange(x, send, recv, self.group, ex)
+            out, out_extras = exchange(x, send, recv, self.group, ex)
         new_lens = torch.from_numpy(recv_chunks[:, 4].copy()).to(datum_lens.device, datum_lens.dtype)
         bag = int(np.repeat(np.arange(len(self.spec.bag_sizes)), self.spec.bag_sizes)[me])
         handle = RouteHandle(p, me, send_index, send, recv, recv_chunks, self.group, bag)
@@ -276,7 +211,7 @@ class KnapformerBalancer:
         counts = handle.plan.counts.tolist()
         n = counts[handle.rank]
         metas = [(t.dtype, tuple(t.shape[1:]), math.prod(t.shape[1:])) for t in tensors]
-        parts = [_as_bytes(t.detach().reshape(n, numel)) for t, (_, _, numel) in zip(tensors, metas)]
+        parts = [as_bytes(t.detach().reshape(n, numel)) for t, (_, _, numel) in zip(tensors, metas)]
         widths = [p.shape[1] for p in parts]
         buf = torch.cat(parts, dim=1)
         padded = buf.new_zeros((max(max(counts), 1), buf.shape[1]))
@@ -286,7 +221,7 @@ class KnapformerBalancer:
         full = torch.cat([o[:c] for o, c in zip(out, counts)])
         res, start = [], 0
         for (dtype, shape, numel), width in zip(metas, widths):
-            res.append(_from_bytes(full[:, start : start + width], dtype, numel).reshape(-1, *shape))
+            res.append(from_bytes(full[:, start : start + width], dtype, numel).reshape(-1, *shape))
             start += width
         return res
 
@@ -295,7 +230,7 @@ class KnapformerBalancer:
         if handle.plan.spec.size == 1:
             back = tokens
         else:
-            back, _ = _exchange(tokens, handle.recv_splits, handle.send_splits, handle.group)
+            back, _ = exchange(tokens, handle.recv_splits, handle.send_splits, handle.group)
         # The inverse permutation, gathered with index_select (backward: one index_add_).
         inv = torch.empty_like(handle.send_index)
         inv[handle.send_index] = torch.arange(handle.send_index.numel(), device=inv.device)

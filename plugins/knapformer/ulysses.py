@@ -26,6 +26,8 @@ from torch import Tensor
 from minfm_core.errors import MinfmError
 from minfm_core.packing import cu_seqlens as _cu_seqlens
 
+from .exchange import exchange
+
 
 def _empty_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     # No tokens: keep q, k, v in the graph (zero gradients) so every parameter that
@@ -85,8 +87,6 @@ class UlyssesAttention:
             self._device = device
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
-        from .route import _exchange  # route imports this module
-
         L, H, D = q.shape
         G = self.G
         if H % G:
@@ -95,7 +95,7 @@ class UlyssesAttention:
         self._to(q.device)
         # (L, 3, G, h, D) -> (G, L, 3 h D): block j (head group j of every token) goes to bag rank j.
         x = torch.stack([q, k, v], 1).view(L, 3, G, h, D).permute(2, 0, 1, 3, 4).reshape(G * L, 3 * h * D)
-        y, _ = _exchange(x, self.send, self.recv, self.group)
+        y, _ = exchange(x, self.send, self.recv, self.group)
         y = y.index_select(0, self.perm).view(-1, 3, h, D)
         qs, ks, vs = y.unbind(1)
         if y.shape[0] == 0:
@@ -103,5 +103,5 @@ class UlyssesAttention:
         else:
             out = self.backend(qs, ks, vs, self.cu, self.max_seqlen)
         out = out.reshape(-1, h * D).index_select(0, self.inv)
-        back, _ = _exchange(out, self.recv, self.send, self.group)  # (G L, h D): head group j from rank j
+        back, _ = exchange(out, self.recv, self.send, self.group)  # (G L, h D): head group j from rank j
         return back.view(G, L, h, D).permute(1, 0, 2, 3).reshape(L, H, D)
