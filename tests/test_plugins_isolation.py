@@ -173,3 +173,24 @@ def test_a_raising_register_hook_leaves_no_component_behind():
         assert "fine" not in get_registry().names("path")
         assert "halfway" not in state.origins
     assert "halfway" not in load_plugins().failures
+
+
+def test_registry_and_plugins_import_in_one_direction():
+    """registry -> plugins -> components: neither lower module imports a higher one, even lazily."""
+    import ast
+
+    from conftest import ROOT
+
+    def imported(name: str) -> set[str]:
+        tree = ast.parse((ROOT / "minfm_core" / f"{name}.py").read_text())
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                found |= {node.module} if node.module else {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("minfm_core"):
+                found.add(node.module.split(".", 1)[-1])
+        return found
+
+    assert "plugins" in imported("registry")
+    assert not {"registry", "recipe", "recipe.toml"} & imported("plugins")
+    assert not {"registry", "plugins"} & imported("components")
