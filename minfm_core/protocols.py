@@ -5,8 +5,8 @@ factory may receive (``FACTORY_KWARGS``). The engine uses only what is declared 
 docs/plugins.md is tested against this module, and :mod:`minfm_core.testing` checks a
 component against it.
 
-Optional capabilities are declared, never probed: a protocol member with a body is
-optional in the sense that inheriting the protocol gives its documented default (e.g.
+Optional capabilities are declared, never probed: a member marked ``@optional`` has a
+body, the documented default that inheriting the protocol gives (e.g.
 ``class MyLogger(minfm_core.protocols.Logger)`` needs no ``set_total``). A component
 that does not inherit must define every member itself.
 
@@ -31,6 +31,12 @@ if TYPE_CHECKING:
 IMAGE_TYPE = "PIL.Image.Image"
 
 _REQUIRED = inspect.Parameter.empty
+
+def optional(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Marks a protocol member as optional: its body is the default a subclass inherits."""
+    method.__minfm_optional__ = True  # type: ignore[attr-defined]
+    return method
+
 
 #: A latent's shape (C, F, H, W).
 Shape = tuple[int, int, int, int]
@@ -65,6 +71,7 @@ class Denoiser(Protocol):
 
     def init_weights(self) -> None: ...
 
+    @optional
     def pretrained_state_dict(self) -> dict[str, Tensor] | None:
         """Optional (default: None, no pretrained weights): the configured weights as a checked
         state dict; callable on a meta-built module. Lets rank 0 stream them into the shards."""
@@ -170,11 +177,13 @@ class Balancer(Protocol):
 
     def reverse(self, tokens: Tensor, handle: Any) -> Tensor: ...
 
+    @optional
     def attention(self, backend: Attention, handle: Any) -> Attention:
         """Optional for an ``identity`` balancer (default: ``backend``): the attention to call on
         routed tokens."""
         return backend
 
+    @optional
     def gather_samples(self, tensors: Sequence[Tensor], handle: Any) -> list[Tensor]:
         """Optional for an ``identity`` balancer (default: ``tensors``): every rank's per-sample
         tensors ``(n_r, ...)`` as ``(B, ...)`` in global sample order."""
@@ -198,10 +207,12 @@ class Dataset(Protocol):
 
     def __getitem__(self, index: int) -> dict[str, Any]: ...
 
+    @optional
     def set_epoch(self, epoch: int) -> None:
         """Optional (default: nothing): called before each item with its epoch, in the process
         that loads it, so augmentations can vary per epoch."""
 
+    @optional
     def prompt(self, index: int) -> str:
         """Optional (default: ``self[index]["prompt"]``): the prompt without loading the picture."""
         return self[index]["prompt"]
@@ -217,6 +228,7 @@ class Logger(Protocol):
 
     def close(self) -> None: ...
 
+    @optional
     def set_total(self, total: int) -> None:
         """Optional (default: nothing): the planned number of steps, before the first ``log``."""
 
@@ -288,13 +300,10 @@ FACTORY_KWARGS: dict[str, dict[str, Any]] = {
 
 
 def members(kind: str) -> dict[str, bool]:
-    """The protocol's members of ``kind``: name -> required (False: has a documented default)."""
+    """The protocol's members of ``kind``: name -> required (False: ``@optional``, with a default)."""
     proto = PROTOCOLS[kind]
-    out = {}
-    for name in sorted(proto.__protocol_attrs__ if hasattr(proto, "__protocol_attrs__") else _attrs(proto)):
-        value = proto.__dict__.get(name)
-        out[name] = not (callable(value) and _has_body(value))
-    return out
+    names = getattr(proto, "__protocol_attrs__", None) or _attrs(proto)
+    return {n: not getattr(proto.__dict__.get(n), "__minfm_optional__", False) for n in sorted(names)}
 
 
 def _attrs(proto: type) -> set[str]:
@@ -302,15 +311,6 @@ def _attrs(proto: type) -> set[str]:
     from typing import _get_protocol_attrs  # type: ignore[attr-defined]
 
     return set(_get_protocol_attrs(proto))
-
-
-def _has_body(fn: Any) -> bool:
-    """A member whose body is more than ``...`` carries a default (optional capability)."""
-    code = getattr(fn, "__code__", None)
-    if code is None:
-        return False
-    src = inspect.getsource(fn).rstrip()
-    return not src.endswith(": ...")
 
 
 def factory_problems(kind: str, factory: Callable[..., Any], has_config: bool) -> list[str]:
