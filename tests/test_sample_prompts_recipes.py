@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from minfm_core.cli.main import main
-from minfm_core.engine.sample import read_prompt_file
+from minfm_core.engine.prompts import read_prompt_file
 from minfm_core.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..safepath import write_bytes_atomic, write_text_atomic
 from .generate import generate, grid, to_pil
+from .prompts import read_prompt_file
 
 
 def gallery_prompts(recipe) -> list[str]:
@@ -17,43 +18,43 @@ def gallery_prompts(recipe) -> list[str]:
     if s.prompts:
         return list(s.prompts)
     if s.prompt_file:
-        from .sample import read_prompt_file
-
         return read_prompt_file(s.prompt_file)[:16]
     return ["" for _ in range(4)]
 
 
-def training_gallery(trainer) -> None:
-    """Sample the gallery prompts with raw and EMA weights; rank 0 writes the pictures."""
-    recipe, rt = trainer.recipe, trainer.rt
+def training_gallery(pipe, model, ema, recipe, step: int, *, is_main: bool) -> dict[str, tuple[list, list[str]]]:
+    """Sample the gallery prompts with raw and (if given) EMA weights; rank 0 writes the
+    pictures and the index. Returns ``{"raw" | "ema": (PIL images, prompts)}`` for the
+    caller to log."""
     s = recipe.sample
     prompts = gallery_prompts(recipe)
     per = max(1, min(s.samples_per_prompt, 4))
     all_prompts = [p for p in prompts for _ in range(per)]
     seeds = [s.seed + i for i in range(len(all_prompts))]
     sizes = [tuple(s.size)] * len(all_prompts)
-    out = Path(recipe.run.exp_dir) / "samples" / f"step_{trainer.step:08d}"
-    variants = [("raw", None)] + ([("ema", trainer.ema)] if trainer.ema is not None else [])
-    for name, ema in variants:
-        ctx = ema.swapped_in(trainer.model) if ema is not None else nullcontext()
+    out = Path(recipe.run.exp_dir) / "samples" / f"step_{step:08d}"
+    variants = [("raw", None)] + ([("ema", ema)] if ema is not None else [])
+    made: dict[str, tuple[list, list[str]]] = {}
+    for name, weights in variants:
+        ctx = weights.swapped_in(model) if weights is not None else nullcontext()
         with ctx:
             images = []
             for i in range(0, len(all_prompts), s.batch_size):
-                images += generate(trainer.pipe, all_prompts[i : i + s.batch_size], sizes=sizes[i : i + s.batch_size],
+                images += generate(pipe, all_prompts[i : i + s.batch_size], sizes=sizes[i : i + s.batch_size],
                                    seeds=seeds[i : i + s.batch_size], steps=s.steps, neg_prompt=s.neg_prompt,
                                    distilled_guidance=s.distilled_guidance)
-        if rt.is_main:
+        if is_main:
             out.mkdir(parents=True, exist_ok=True)
             pil = [to_pil(im) for im in images]
             buf = io.BytesIO()
             grid(pil, cols=per * min(len(prompts), 4) if per > 1 else min(len(pil), 8)).save(buf, format="PNG")
             write_bytes_atomic(out / f"{name}.png", buf.getvalue())  # a browser never sees half a picture
             write_text_atomic(out / "prompts.json", json.dumps(all_prompts, indent=1))
-            for lg in trainer.loggers:
-                lg.log_images(trainer.step, f"samples/{name}", pil, all_prompts)
-    trainer.model.train()
-    if rt.is_main:
+            made[name] = (pil, all_prompts)
+    model.train()
+    if is_main:
         write_training_index(Path(recipe.run.exp_dir) / "samples")
+    return made
 
 
 def write_training_index(root: Path) -> None:

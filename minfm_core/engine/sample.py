@@ -33,22 +33,10 @@ from ..errors import MinfmError
 from ..safepath import recipe_root, trust_boundary, write_bytes_atomic, write_text_atomic
 from ..weights import check_weights_folder, has_weights, load_safetensors_into
 from .gallery import write_sample_index
+from .prompts import read_prompt_file
 from .generate import generate, to_pil
 from .pipeline import build_pipeline, sharded_denoiser
 from .runtime import init_runtime, shutdown_runtime
-
-
-def read_prompt_file(path: str | Path) -> list[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise MinfmError(f"{path}: prompt file not found")
-    try:
-        prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except UnicodeDecodeError:
-        raise MinfmError(f"{path}: prompt file is not UTF-8 text") from None
-    if not prompts:
-        raise MinfmError(f"{path}: prompt file has no prompts (one per line)")
-    return prompts
 
 
 def locate(src_path: Path, *, allow_pickle: bool = False) -> tuple[Path, str, Path]:

@@ -275,7 +275,9 @@ class Trainer:
         """Mean loss on a fixed validation set at fixed, stratified timesteps (comparable across runs)."""
         from .validate import validation_loss
 
-        return validation_loss(self)
+        return validation_loss(self.pipe, self.val_dataset(), num_samples=self.cfg.val_num_samples,
+                               batch_size=self.cfg.batch_size, seed=self.recipe.run.seed, rank=self.rt.rank,
+                               world_size=self.rt.world_size, device=self.rt.device)
 
     def val_dataset(self):
         if self._val_set is None:
@@ -285,7 +287,10 @@ class Trainer:
     def gallery(self) -> None:
         from .gallery import training_gallery
 
-        training_gallery(self)
+        made = training_gallery(self.pipe, self.model, self.ema, self.recipe, self.step, is_main=self.rt.is_main)
+        for name, (images, prompts) in made.items():
+            for lg in self.loggers:
+                lg.log_images(self.step, f"samples/{name}", images, prompts)
 
     # ---- the loop -----------------------------------------------------------------------
     def fit(self, until: int | None = None) -> None:
