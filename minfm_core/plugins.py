@@ -95,13 +95,18 @@ def _checkout_entry_points() -> list[tuple[str, str]]:
 
 
 def _entry_points() -> list[tuple[str, str, Any]]:
+    """``(name, module, load)`` of every plugin: minFM's own first, then the others by name.
+
+    The order decides clashes: a plugin registering a name an earlier one holds is skipped,
+    so a third party cannot knock out a built-in (MINFM_DISABLE_PLUGINS replaces one).
+    """
     eps = importlib.metadata.entry_points(group=GROUP)
-    found = [(ep.name, ep.value, ep.load) for ep in eps]
-    seen = {name for name, _, _ in found}
+    found = [(ep.dist is not None and ep.dist.name == "minfm", ep.name, ep.value, ep.load) for ep in eps]
+    seen = {name for _, name, _, _ in found}
     for name, module in _checkout_entry_points():
         if name not in seen:
-            found.append((name, module, lambda m=module: importlib.import_module(m)))
-    return sorted(found, key=lambda t: t[0])
+            found.append((True, name, module, lambda m=module: importlib.import_module(m)))
+    return [(name, value, load) for _, name, value, load in sorted(found, key=lambda t: (not t[0], t[1]))]
 
 
 def _warn(msg: str) -> None:
