@@ -2,7 +2,10 @@
 
 Each ``register_*`` hook receives ``register(name, factory, config=None, doc=None)``:
 ``factory`` is a callable or a lazy ``"module:attribute"`` string, ``config`` an attrs
-class made with :func:`minfm_core.config`. See docs/plugins.md.
+class made with :func:`minfm_core.config`. What each kind's factory receives and what the
+built object provides is declared in :mod:`minfm_core.protocols` (``PROTOCOLS[kind]``,
+``FACTORY_KWARGS[kind]``); :mod:`minfm_core.testing` checks a component against it. See
+docs/plugins.md.
 """
 
 import pluggy
@@ -13,82 +16,130 @@ hookimpl = pluggy.HookimplMarker("minfm")
 
 @hookspec
 def register_denoisers(register):
-    """Register denoisers (trainable networks on packed sequences)."""
+    """Register denoisers (trainable networks on packed sequences).
+
+    Built objects: :class:`minfm_core.protocols.Denoiser`.
+    """
 
 
 @hookspec
 def register_vaes(register):
-    """Register VAEs (frozen image <-> latent autoencoders)."""
+    """Register VAEs (frozen image <-> latent autoencoders).
+
+    Built objects: :class:`minfm_core.protocols.Vae`.
+    """
 
 
 @hookspec
 def register_text_encoders(register):
-    """Register text encoders (prompts -> packed token embeddings or pooled vectors)."""
+    """Register text encoders (prompts -> packed token embeddings or pooled vectors).
+
+    Built objects: :class:`minfm_core.protocols.TextEncoder`.
+    """
 
 
 @hookspec
 def register_patchifiers(register):
-    """Register patchifiers (latents -> packed tokens with positions, and back)."""
+    """Register patchifiers (latents -> packed tokens with positions, and back).
+
+    Built objects: :class:`minfm_core.protocols.Patchifier`.
+    """
 
 
 @hookspec
 def register_paths(register):
-    """Register probability paths (noising rule and regression target)."""
+    """Register probability paths (noising rule and regression target).
+
+    Built objects: :class:`minfm_core.protocols.ProbabilityPath`.
+    """
 
 
 @hookspec
 def register_time_samplers(register):
-    """Register training-time samplers of t in [0, 1]."""
+    """Register training-time samplers of t in [0, 1].
+
+    Built objects: :class:`minfm_core.protocols.TimeSampler`.
+    """
 
 
 @hookspec
 def register_time_warpers(register):
-    """Register time warpers (e.g. resolution-dependent shift)."""
+    """Register time warpers (e.g. resolution-dependent shift).
+
+    Built objects: :class:`minfm_core.protocols.TimeWarper`.
+    """
 
 
 @hookspec
 def register_time_weighters(register):
-    """Register loss weightings over t."""
+    """Register loss weightings over t.
+
+    Built objects: :class:`minfm_core.protocols.TimeWeighter`.
+    """
 
 
 @hookspec
 def register_samplers(register):
-    """Register ODE/SDE samplers used at inference."""
+    """Register ODE/SDE samplers used at inference.
+
+    Built objects: :class:`minfm_core.protocols.Sampler`.
+    """
 
 
 @hookspec
 def register_guidances(register):
-    """Register guidance rules (combine conditional and unconditional velocities)."""
+    """Register guidance rules (combine conditional and unconditional velocities).
+
+    Built objects: :class:`minfm_core.protocols.Guidance`.
+    """
 
 
 @hookspec
 def register_attention_backends(register):
-    """Register attention backends for packed variable-length sequences."""
+    """Register attention backends for packed variable-length sequences.
+
+    Built objects: :class:`minfm_core.protocols.Attention`.
+    """
 
 
 @hookspec
 def register_balancers(register):
-    """Register sequence balancers (re-route packed tokens across ranks)."""
+    """Register sequence balancers (re-route packed tokens across ranks).
+
+    Built objects: :class:`minfm_core.protocols.Balancer`.
+    """
 
 
 @hookspec
 def register_parallelizers(register):
-    """Register parallelizers (shard models over ranks)."""
+    """Register parallelizers (shard models over ranks).
+
+    Built objects: :class:`minfm_core.protocols.Parallelizer`.
+    """
 
 
 @hookspec
 def register_datasets(register):
-    """Register datasets (images or latents with prompts)."""
+    """Register datasets (images or latents with prompts).
+
+    Built objects: :class:`minfm_core.protocols.Dataset`.
+    """
 
 
 @hookspec
 def register_loggers(register):
-    """Register metric loggers."""
+    """Register metric loggers.
+
+    Built objects: :class:`minfm_core.protocols.Logger`.
+    """
 
 
 @hookspec
 def register_sources(register):
-    """Register checkpoint-source resolvers by URI scheme (``register("s3", resolve)``)."""
+    """Register checkpoint-source resolvers by URI scheme (``register("s3", resolve)``).
+
+    Built objects: :class:`minfm_core.protocols.Source`.
+    """
 
 
 @hookspec
