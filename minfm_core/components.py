@@ -106,7 +106,15 @@ class Component:
         if self.config is not None and cfg is None:
             cfg = self.config()
         factory = self.load_factory()
-        return factory(cfg, **kwargs) if self.config is not None else factory(**kwargs)
+        try:
+            return factory(cfg, **kwargs) if self.config is not None else factory(**kwargs)
+        except TypeError:
+            # A factory that cannot take what the engine passes is the plugin's error, said in
+            # one line as `minfm check` says it; any other TypeError stays a bug with its traceback.
+            problem = self.factory_problem()
+            if problem is None:
+                raise
+            raise PluginError(problem) from None
 
 
 def _name(factory: Any) -> str:

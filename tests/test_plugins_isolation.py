@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from minfm_core import config, hookimpl
+from minfm_core.errors import PluginError
 from minfm_core.plugins import load_plugins, plugin
 from minfm_core.registry import FACTORY_KWARGS, get_registry
 
@@ -79,6 +80,9 @@ def test_version_survives_broken_siblings(minfm, broken_env):
     res = minfm("--version", env=broken_env)
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("minfm ")
+    # The command a raising register_commands added before it raised went with its plugin.
+    res = minfm("half-added", env=broken_env)
+    assert res.returncode == 2 and "invalid choice: 'half-added'" in res.stderr
 
 
 def test_plugins_lists_each_broken_plugin_with_its_reason(minfm, broken_env):
@@ -142,6 +146,10 @@ def test_factory_signature_is_checked_against_the_engine_keywords():
     assert "denoiser 'no_balancer' of plugin 'sig': factory" in problem
     assert problem.endswith("(cfg, *, load_weights=True, attention=None) does not accept the keyword balancer= "
                             "the engine may pass")
+    # A run that passes it anyway stops with the same line, not a TypeError from inside.
+    with plugin(_Signature(), "sig"), pytest.raises(PluginError) as info:
+        get_registry().get("denoiser", "no_balancer").build(load_weights=False, balancer=object())
+    assert str(info.value) == problem
 
 
 def _every_component():
