@@ -242,6 +242,14 @@ class Source(Protocol):
 
 
 @runtime_checkable
+class VaeConfig(Protocol):
+    """What a VAE's config must have: the engine sizes latents from it."""
+
+    latent_channels: int
+    compression: tuple[int, int, int]  # (frames, height, width)
+
+
+@runtime_checkable
 class PretrainedRefsConfig(Protocol):
     """A component config naming several pretrained references (``minfm cache models``)."""
 

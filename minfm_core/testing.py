@@ -179,8 +179,11 @@ def check_denoiser(component, config=None, *, smoke: bool = True, attention: Any
 
 
 def check_vae(component, config=None, *, smoke: bool = False) -> Any:
-    """Structure only by default (``load_weights=False`` on meta): real VAEs load weights."""
+    """Structure only by default (``load_weights=False`` on meta): real VAEs load weights.
+    The config must have ``latent_channels`` and ``compression`` (:class:`protocols.VaeConfig`)."""
     torch = _torch()
+    cfg = _factory("vae", component, config)[1]
+    assert isinstance(cfg, protocols.VaeConfig), "a VAE config has latent_channels and compression"
     if not smoke:
         with torch.device("meta"):
             return _members("vae", _build("vae", component, config, load_weights=False))

@@ -130,3 +130,15 @@ def test_reference_documents_every_hook():
     specs = {n for n, f in vars(hookspecs).items() if n.startswith(("register_", "check_")) and callable(f)}
     assert set(KINDS.values()) <= specs
     assert set(re.findall(r"^### `(\w+)`", DOC.read_text(), flags=re.M)) >= specs
+
+
+def test_every_packing_helper_is_documented():
+    import inspect
+
+    from minfm_core import packing
+
+    helpers = [n for n, f in vars(packing).items()
+               if inspect.isfunction(f) and f.__module__ == packing.__name__ and not n.startswith("_")]
+    text = DOC.read_text()
+    missing = [n for n in helpers if f"`{n}(" not in text]
+    assert helpers and not missing, f"packing helpers missing from docs/plugins.md: {missing}"
