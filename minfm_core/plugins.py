@@ -43,7 +43,7 @@ GROUP = "minfm"
 DISABLE_ENV = "MINFM_DISABLE_PLUGINS"
 _ROOT = Path(__file__).resolve().parent.parent
 #: Import name -> folder, for running from a checkout (mirrors pyproject's package-dir).
-_CHECKOUT_PACKAGES = {"minfm_plugins": "plugins", "minfm_hub": "hub", "minfm_apps": "apps"}
+_CHECKOUT_PACKAGES = {"minfm_plugins": "plugins", "minfm_hub": "hub", "minfm_apps": "apps", "minfm_recipes": "recipes"}
 
 
 @attrs.define
