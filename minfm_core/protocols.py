@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
-
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     import torch
@@ -346,8 +345,9 @@ def factory_problems(kind: str, factory: Callable[..., Any], has_config: bool) -
         if (p is None or p.kind is p.POSITIONAL_ONLY) and not var_kw:
             problems.append(f"does not accept the keyword {name}= the engine may pass")
     for p in params:
-        if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY, p.POSITIONAL_ONLY):
-            if p in positional or p.kind is p.KEYWORD_ONLY:
-                if p.name not in allowed or allowed[p.name] is not _REQUIRED:
-                    problems.append(f"requires {p.name!r}, which the engine never passes")
+        # A parameter without default that is neither the config (or URI) nor a keyword the
+        # engine always passes would make every engine call fail.
+        needed = p.default is p.empty and (p in positional or p.kind is p.KEYWORD_ONLY)
+        if needed and allowed.get(p.name, None) is not _REQUIRED:
+            problems.append(f"requires {p.name!r}, which the engine never passes")
     return problems

@@ -22,9 +22,27 @@ from typing import Any
 from . import protocols
 from .registry import Component, Registry
 
-__all__ = [
-    "check_component", "isolated_registry", "minfm_registry", "reference_attention",
-    *(f"check_{kind}" for kind in protocols.PROTOCOLS),
+__all__ = [  # a test keeps one check per kind here
+    "check_attention",
+    "check_balancer",
+    "check_component",
+    "check_dataset",
+    "check_denoiser",
+    "check_guidance",
+    "check_logger",
+    "check_parallelizer",
+    "check_patchifier",
+    "check_path",
+    "check_sampler",
+    "check_source",
+    "check_text_encoder",
+    "check_time_sampler",
+    "check_time_warper",
+    "check_time_weighter",
+    "check_vae",
+    "isolated_registry",
+    "minfm_registry",
+    "reference_attention",
 ]
 
 

@@ -23,7 +23,7 @@ from minfm_core.registry import KINDS
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "plugins.md"
-BLOCK = re.compile(r"```(\w+)\n(.*?)```", re.S)
+BLOCK = re.compile(r"```(\w+)\n(.*?)```", re.DOTALL)
 
 
 def blocks() -> list[tuple[str, str, str | None]]:
@@ -73,21 +73,21 @@ def test_every_code_block_runs(tmp_path):
     assert tests and consoles and snippets
 
     for code in snippets:
-        exec(compile(code, str(DOC), "exec"), {})
+        exec(compile(code, str(DOC), "exec"), {})  # noqa: S102  (the docs' own snippets)
 
     for code in consoles:
-        commands = re.split(r"^\$ ", code, flags=re.M)[1:]
+        commands = re.split(r"^\$ ", code, flags=re.MULTILINE)[1:]
         for command in commands:
             line, *expected = command.rstrip("\n").split("\n")
             if line.startswith("pip install"):
                 continue  # done by install() above
             r = subprocess.run(line.replace("minfm ", f"{sys.executable} -m minfm_core.cli.main ", 1), shell=True,
-                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
             assert [x.rstrip() for x in r.stdout.splitlines()] == expected, (line, r.stdout, r.stderr)
 
     def minfm(*args):
         return subprocess.run([sys.executable, "-m", "minfm_core.cli.main", *args], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=300)
+                              capture_output=True, text=True, timeout=300, check=False)
 
     r = minfm("check", "my.toml")
     assert r.returncode == 0, r.stderr
@@ -99,7 +99,7 @@ def test_every_code_block_runs(tmp_path):
         assert r.returncode == 2 and message in r.stderr, (key, value, r.stderr)
 
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=tmp_path,
-                       env=env, capture_output=True, text=True, timeout=300)
+                       env=env, capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert f"{len(tests) + 1} passed" in r.stdout  # the kit block holds two tests
 
@@ -129,7 +129,7 @@ def test_reference_documents_every_hook():
 
     specs = {n for n, f in vars(hookspecs).items() if n.startswith(("register_", "check_")) and callable(f)}
     assert set(KINDS.values()) <= specs
-    assert set(re.findall(r"^### `(\w+)`", DOC.read_text(), flags=re.M)) >= specs
+    assert set(re.findall(r"^### `(\w+)`", DOC.read_text(), flags=re.MULTILINE)) >= specs
 
 
 def test_every_packing_helper_is_documented():

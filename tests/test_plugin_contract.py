@@ -45,8 +45,9 @@ def config_for(comp):
 CASES = [(kind, name) for kind in KINDS for name in get_registry().names(kind)]
 
 
-def test_every_kind_has_a_protocol_and_factory_keywords():
+def test_every_kind_has_a_protocol_factory_keywords_and_a_check():
     assert set(protocols.PROTOCOLS) == set(KINDS) == set(protocols.FACTORY_KWARGS)
+    assert {f"check_{kind}" for kind in KINDS} <= set(testing.__all__)
 
 
 def test_the_registry_builds_with_the_protocols_keyword_table():

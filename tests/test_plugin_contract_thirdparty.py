@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import PLUGIN_DISTS, ROOT
 
 PKG = PLUGIN_DISTS / "minfm_docs_plugin"
