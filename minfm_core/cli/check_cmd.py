@@ -52,22 +52,12 @@ def section_file_warnings(resolved) -> list[str]:
     return [f"{path}: {value} does not exist (yet)" for path, value in named if value and not Path(value).exists()]
 
 
-def factory_problems(resolved) -> list[str]:
-    """Each selected component's factory, imported and bound to the keywords the engine passes.
-
-    A typo in a lazy ``"module:attr"`` factory, or a factory missing a keyword of
-    ``FACTORY_KWARGS`` (a denoiser without ``balancer=``), fails here, not mid-run.
-    """
-    return [f"{path}.name: {problem}" for path, slot in resolved.slots.items()
-            if (problem := slot.component.factory_problem())]
-
-
 def run(args) -> int:
     if args.world_size is not None and args.world_size < 1:
         raise MinfmError(f"--world-size: expected a positive integer, got {args.world_size}")
     resolved = load_recipe(args.recipe, args.overrides, world_size=args.world_size)
-    # The job's own start-up rules too: check accepts exactly what run accepts.
-    problems = factory_problems(resolved) + job_checks(resolved, resolved.recipe.job, world_size=args.world_size)
+    # The job's own start-up rules (factories included): check accepts exactly what run accepts.
+    problems = job_checks(resolved, resolved.recipe.job, world_size=args.world_size)
     if problems:
         raise RecipeError(problems, args.recipe)
     if args.print_recipe:

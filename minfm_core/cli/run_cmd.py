@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 
 from .. import runlock
-from ..errors import MinfmError
+from ..errors import MinfmError, RecipeError
 from ..recipe import load_recipe
+from ..recipe.checks import job_checks
 from .argtypes import MAX_SEED, add_allow_pickle_flag, finite_float, image_size, int_in, nprocs
 
 
@@ -119,6 +120,9 @@ def run(args) -> int:
     world = int(os.environ.get("WORLD_SIZE", args.nproc_per_node if not under_launcher else 1))
     resolved = load_recipe(args.recipe, args.overrides, world_size=world)  # fail fast, before spawning
     job = args.job or resolved.recipe.job
+    problems = job_checks(resolved, job, world)  # what `minfm check` refuses, refused before spawning
+    if problems:
+        raise RecipeError(problems, args.recipe)
     if job == "train" and not under_launcher:
         # The process the user started holds the run dir for the run's life, so a second run
         # on it stops here, before any worker exists (see minfm_core/runlock.py).

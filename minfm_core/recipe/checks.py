@@ -47,7 +47,11 @@ def job_checks(resolved, job: str, world_size: int | None = None) -> list[str]:
     its own (sampling from a training run's recipe at another world size must not trip on
     its accumulation rule). ``minfm check`` applies the recipe's own job's rules.
     """
-    problems: list[str] = []
+    # Each selected component's factory, imported and bound to the keywords the engine
+    # passes: a typo in a lazy "module:attr" factory, or a denoiser without ``balancer=``,
+    # fails here, not mid-run.
+    problems = [f"{path}.name: {problem}" for path, slot in resolved.slots.items()
+                if (problem := slot.component.factory_problem())]
     world = world_size if world_size is not None else world_size_from_env()
     recipe = resolved.recipe
     train = recipe.train
