@@ -15,7 +15,7 @@ import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from minfm_core.errors import MinfmError
 from minfm_core.safepath import contained, is_inside, write_text_atomic

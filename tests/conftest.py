@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -52,3 +53,30 @@ def example_plugin_env():
     """Environment that makes the third-party test plugins importable (their dist-info included)."""
     path = os.pathsep.join([str(PLUGIN_DISTS), os.environ.get("PYTHONPATH", "")])
     return {"PYTHONPATH": path}
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """Ctrl-C a server or run started by a test; kill it if it does not stop in 30 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def site_without_minfm(tmp_path: Path) -> Path:
+    """This interpreter's site-packages without minFM's own installation (its dist-info and
+    editable hooks), as a folder of links: for tests that install minFM somewhere else."""
+    import site
+
+    deps = tmp_path / "deps"
+    deps.mkdir()
+    for sp in site.getsitepackages():
+        for entry in os.listdir(sp):
+            if entry.startswith(("minfm", "__editable__")) or entry.endswith(".pth") or (deps / entry).exists():
+                continue
+            (deps / entry).symlink_to(os.path.join(sp, entry))
+    return deps
+

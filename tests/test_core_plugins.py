@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from minfm_core import config, field, hookimpl
+from minfm_core import hookimpl
 from minfm_core.errors import PluginError
 from minfm_core.plugins import load_plugins, plugin
 from minfm_core.registry import Registry, get_registry
@@ -118,24 +118,16 @@ def test_uninstalled_checkout_registers_builtins_by_module_name(tmp_path):
     """From a checkout that was never pip-installed, the built-ins still load (same list)."""
     import os
     import shutil
-    import site
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from conftest import ROOT, site_without_minfm
 
     checkout = tmp_path / "checkout"
     for part in ("minfm_core", "plugins", "hub", "apps"):
         shutil.copytree(ROOT / part, checkout / part, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "pyproject.toml", checkout / "pyproject.toml")
-    # A site-packages view without minFM's own installation (its dist-info and editable hooks).
-    deps = tmp_path / "deps"
-    deps.mkdir()
-    for sp in site.getsitepackages():
-        for entry in os.listdir(sp):
-            if entry.startswith(("minfm", "__editable__")) or entry.endswith(".pth") or (deps / entry).exists():
-                continue
-            (deps / entry).symlink_to(os.path.join(sp, entry))
+    deps = site_without_minfm(tmp_path)
     code = (
         "import json; from minfm_core.plugins import load_plugins; s = load_plugins();"
         "print(json.dumps(sorted(s.origins)))"

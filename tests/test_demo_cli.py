@@ -4,7 +4,6 @@ gradio; the real command serves."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -12,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, stop_process
 from engine_helpers import tiny
 from minfm_core.cli.main import main
 from ports import free_port
@@ -87,10 +86,5 @@ def test_minfm_demo_serves_the_api_on_loopback(tmp_path):
             sampler="heun", seed=3, random_seed=False, num_images=1, api_name="/generate")
         assert seed == 3 and len(images) == 1
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
     assert proc.returncode in (0, 130), "".join(lines)

@@ -5,25 +5,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import site
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT
-
-
-def _site_without_minfm(tmp_path):
-    """This interpreter's site-packages without minFM's own installation (its editable hooks)."""
-    deps = tmp_path / "deps"
-    deps.mkdir()
-    for sp in site.getsitepackages():
-        for entry in os.listdir(sp):
-            if entry.startswith(("minfm", "__editable__")) or entry.endswith(".pth") or (deps / entry).exists():
-                continue
-            (deps / entry).symlink_to(os.path.join(sp, entry))
-    return deps
+from conftest import ROOT, site_without_minfm
 
 
 @pytest.mark.slow
@@ -46,7 +33,7 @@ def test_pip_install_ships_the_recipes(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (elsewhere / "mine.toml").write_text('extends = "minfm:quickstart.toml"\n[train]\nmax_steps = 3\n')
-    env = {"PYTHONPATH": f"{target}{os.pathsep}{_site_without_minfm(tmp_path)}", "PATH": os.environ["PATH"]}
+    env = {"PYTHONPATH": f"{target}{os.pathsep}{site_without_minfm(tmp_path)}", "PATH": os.environ["PATH"]}
 
     def minfm(*args):
         return subprocess.run([sys.executable, "-S", "-m", "minfm_core.cli.main", *args],

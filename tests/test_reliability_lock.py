@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_minfm
+from conftest import ROOT, run_minfm, stop_process
 from engine_helpers import TINY, tiny
 from minfm_core import runlock
 from minfm_core.errors import MinfmError
@@ -70,14 +70,6 @@ def alive(pid: int) -> bool:
     return state != "Z"  # a zombie has stopped running; only its exit status is left
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_second_run_on_a_busy_dir_exits_2_naming_the_holder(tmp_path):
@@ -95,7 +87,7 @@ def test_second_run_on_a_busy_dir_exits_2_naming_the_holder(tmp_path):
         assert time.monotonic() - t0 < 30  # refused at the start, not after building anything
         assert first.poll() is None  # the first run goes on
     finally:
-        stop(first)
+        stop_process(first)
     # The holder gone (even by a signal), the dir is free again: the kernel dropped the flock.
     again = run_minfm("run", str(TINY), "--set", f"run.exp_dir={exp}", "--set", "train.max_steps=1",
                       "--set", "train.ckpt_every=1")
