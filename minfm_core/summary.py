@@ -9,8 +9,10 @@ MODEL_SLOTS = ("model.denoiser", "model.vae", "model.text_encoder", "model.clip_
 
 
 def count_parameters(module: Any) -> tuple[int, int]:
-    """(total, trainable) parameter counts of an ``nn.Module``-like object."""
-    params = list(module.parameters()) if hasattr(module, "parameters") else []
+    """(total, trainable) parameter counts of a module (0 for a component that is not one)."""
+    import torch
+
+    params = list(module.parameters()) if isinstance(module, torch.nn.Module) else []
     total = sum(p.numel() for p in params)
     trainable = sum(p.numel() for p in params if p.requires_grad)
     return total, trainable

@@ -185,7 +185,7 @@ def request_settings(resolved, prompts: list[str], *, source: str | None, weight
                 "prompts": list(prompts), "steps": s.steps, "size": list(s.size),
                 "sampler": resolved["sample.sampler"].component.name,
                 "guidance": resolved["sample.guidance"].component.name,
-                "guidance_scale": getattr(resolved.config("sample.guidance"), "scale", None),
+                "guidance_scale": d.get("sample", {}).get("guidance", {}).get("scale"),  # the recipe's value, if any
                 "distilled_guidance": s.distilled_guidance, "neg_prompt": s.neg_prompt,
                 "seed": s.seed, "samples_per_prompt": s.samples_per_prompt, "batch_size": s.batch_size,
                 "recipe": {"model": d.get("model"), "flow": d.get("flow"), "sample": sample_recipe_part}}

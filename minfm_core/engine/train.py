@@ -59,7 +59,9 @@ def _all_mean(x: torch.Tensor) -> torch.Tensor:
 
 
 def _full(x: torch.Tensor) -> torch.Tensor:
-    return x.full_tensor() if hasattr(x, "full_tensor") else x
+    from torch.distributed.tensor import DTensor
+
+    return x.full_tensor() if isinstance(x, DTensor) else x
 
 
 class Trainer:
