@@ -190,6 +190,10 @@ class Manifest:
             node = state
             for key in path[:-1]:
                 node = node.setdefault(key, {})
+                if not isinstance(node, dict):
+                    raise CheckpointError(f"{self.folder}: object {'.'.join(path)} runs through a non-table")
+            if isinstance(node.get(path[-1]), torch.Tensor):  # JSON never stands in for a tensor
+                raise CheckpointError(f"{self.folder}: object {'.'.join(path)} would replace a tensor")
             node[path[-1]] = _from_json(value)
 
 
@@ -244,6 +248,9 @@ def _check_schema(folder: Path, data: Any) -> None:
         if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], list) and item[0]
                 and all(isinstance(k, str) for k in item[0])):
             raise CheckpointError(f"{where}: bad entry in objects")
+        name = ".".join(item[0])
+        if name in tensors or any(f.startswith(name + ".") or name.startswith(f + ".") for f in tensors):
+            raise CheckpointError(f"{where}: object {name!r} overlaps a tensor")
         _from_json(item[1])  # tags are checked now, not at load time
     for key in ("step", "world_size"):
         if key in data and not _is_uint(data[key]):

@@ -184,3 +184,33 @@ def test_random_manifests_raise_only_checkpoint_errors(tmp_path, raw):
         manifest.metadata()
     except CheckpointError:
         pass
+
+
+def test_json_objects_never_stand_in_for_tensors(trained_run, tmp_path):
+    run = copy_run(trained_run, tmp_path / "run")
+    ckpt = ck.list_checkpoints(run)[-1]
+    name = next(f for f in read_manifest(ckpt).tensors if f.startswith("model."))
+    rewrite_manifest(ckpt, lambda m: m["objects"].append([name.split("."), 5]))
+    with pytest.raises(CheckpointError, match="overlaps a tensor"):
+        ck.open_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda g: g.__setitem__("lr", "fast"),
+    lambda g: g.__setitem__("betas", {"tuple": [0.9]}),
+    lambda g: g.__setitem__("params", ["not.a.parameter"]),
+    lambda g: g.pop("eps"),
+], ids=["lr-text", "betas-short", "params", "missing-key"])
+def test_hostile_param_groups_are_one_line(trained_run, tmp_path, capsys, edit):
+    run = copy_run(trained_run, tmp_path / "run")
+    ckpt = ck.list_checkpoints(run)[-1]
+
+    def forge(m):
+        for path, value in m["objects"]:
+            if path == ["optimizer", "param_groups"]:
+                edit(value[0]["dict"])
+
+    rewrite_manifest(ckpt, forge)
+    err = one_line_exit_2(capsys, ["run", str(TINY), "--set", f"run.exp_dir={tmp_path / 'new'}",
+                                   "--set", f"train.init_from={ckpt}", "--set", "train.max_steps=5"])
+    assert "param groups do not fit" in err

@@ -36,6 +36,25 @@ from .pipeline import build_pipeline, denoiser_kwargs, per_sample_loss, prepare_
 from .runtime import Runtime, init_runtime, rank_seed, seed_everything, shutdown_runtime
 
 
+def _check_param_groups(loaded, fresh: list[dict], where) -> None:
+    """The optimizer's param groups come from a checkpoint's JSON: the same groups, keys and
+    parameters as this run's, and values of the same types (finite numbers stay numbers)."""
+    def same(a, b) -> bool:
+        if isinstance(b, bool) or b is None or isinstance(b, str):
+            return type(a) is type(b)
+        if isinstance(b, (int, float)):
+            return isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a)
+        if isinstance(b, (list, tuple)):
+            return isinstance(a, (list, tuple)) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return True
+
+    ok = isinstance(loaded, list) and len(loaded) == len(fresh) and all(
+        isinstance(g, dict) and g.keys() == f.keys() and g["params"] == f["params"]
+        and all(same(g[k], f[k]) for k in f if k != "params") for g, f in zip(loaded, fresh))
+    if not ok:
+        raise MinfmError(f"{where}: the optimizer's param groups do not fit this run's optimizer")
+
+
 def make_adamw(params, cfg) -> torch.optim.AdamW:
     """AdamW, fused when torch has a fused kernel for these parameters (CUDA, and CPU since 2.4).
 
@@ -165,8 +184,10 @@ class Trainer:
                 else:
                     self.ema.load_state_dict(box[source])
             elif target == "optimizer":
+                fresh = [dict(g) for g in state["optimizer"]["param_groups"]]
                 box = {"optimizer": state["optimizer"]}
                 ckpt.load(box)
+                _check_param_groups(box["optimizer"].get("param_groups"), fresh, ckpt.path)
                 set_optimizer_state_dict(self.model, self.optimizer, box["optimizer"])
             elif target == "scheduler":
                 ckpt.load({"scheduler": state["scheduler"]})  # lr follows the step
