@@ -195,6 +195,8 @@ class Trainer:
                 box = {"step": state["step"], "trainer": state["trainer"]}
                 ckpt.load(box)
                 self.step = int(box["step"])
+                if self.step < 0:
+                    raise MinfmError(f"{ckpt.path}: step {self.step} is negative")
                 nm = float(box["trainer"]["norm_mean"])
                 self.norm_mean = None if math.isnan(nm) else nm
         if exact:
