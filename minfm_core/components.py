@@ -39,6 +39,7 @@ KINDS: dict[str, str] = {
     "dataset": "register_datasets",
     "logger": "register_loggers",
     "source": "register_sources",
+    "metric": "register_metrics",
 }
 
 #: Kind -> every keyword the engine may pass its factory (name -> default), declared with the

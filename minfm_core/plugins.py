@@ -104,8 +104,9 @@ def _entry_points() -> list[tuple[str, str, Any]]:
     found = [(ep.dist is not None and ep.dist.name == "minfm", ep.name, ep.value, ep.load) for ep in eps]
     seen = {name for _, name, _, _ in found}
     for name, module in _checkout_entry_points():
-        if name not in seen:
-            found.append((True, name, module, lambda m=module: importlib.import_module(m)))
+        if name not in seen:  # the same entry point an install declares, loaded the same way
+            ep = importlib.metadata.EntryPoint(name=name, value=module, group=GROUP)
+            found.append((True, name, module, ep.load))
     return [(name, value, load) for _, name, value, load in sorted(found, key=lambda t: (not t[0], t[1]))]
 
 

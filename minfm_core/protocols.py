@@ -240,6 +240,24 @@ class Source(Protocol):
     def __call__(self, uri: str, *, training_state: bool = False) -> str | Path: ...
 
 
+class Metric(Protocol):
+    """An image metric: a distance between generated images and a fixed reference set,
+    from per-image features. Registered without a config; the registered factory is called
+    as ``factory(ref, *, extractor=None, weights=None, device="cpu")``."""
+
+    def features(self, images: Any) -> Any:
+        """uint8 (N, 3, H, W) images -> (N, D) numpy features."""
+
+    def reference_features(self, *, batch_size: int, shard: tuple[int, int] = (0, 1)) -> Any:
+        """(n, D) features of the reference batches ``i, i + k, ...`` for ``shard=(i, k)``."""
+
+    def stats(self, features: Any) -> Any:
+        """A summary of (N, D) features (the reference's is computed once and kept)."""
+
+    def distance(self, samples: Any, reference: Any) -> float:
+        """The metric between two summaries."""
+
+
 @runtime_checkable
 class VaeConfig(Protocol):
     """What a VAE's config must have: the engine sizes latents from it."""
@@ -281,6 +299,7 @@ PROTOCOLS: dict[str, type] = {
     "dataset": Dataset,
     "logger": Logger,
     "source": Source,
+    "metric": Metric,
 }
 
 #: Kind -> every keyword the engine may pass the factory (name -> default; ``_REQUIRED`` when
@@ -303,6 +322,7 @@ FACTORY_KWARGS: dict[str, dict[str, Any]] = {
     "dataset": {"split": "train"},
     "logger": {"run_dir": _REQUIRED, "rank": 0, "recipe": None},
     "source": {"training_state": False},
+    "metric": {"extractor": None, "weights": None, "device": "cpu"},
 }
 
 
@@ -330,9 +350,9 @@ def factory_problems(kind: str, factory: Callable[..., Any], has_config: bool) -
     var_kw = any(p.kind is p.VAR_KEYWORD for p in params)
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     problems = []
-    if kind == "source":
+    if kind in ("source", "metric"):  # called with the URI / the reference images first
         if not positional and not any(p.kind is p.VAR_POSITIONAL for p in params):
-            problems.append("takes no positional argument for the URI")
+            problems.append(f"takes no positional argument for {'the URI' if kind == 'source' else 'the reference'}")
         positional = positional[1:]
     elif has_config:
         if not positional and not any(p.kind is p.VAR_POSITIONAL for p in params):

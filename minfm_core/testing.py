@@ -30,6 +30,7 @@ __all__ = [  # a test keeps one check per kind here
     "check_denoiser",
     "check_guidance",
     "check_logger",
+    "check_metric",
     "check_parallelizer",
     "check_patchifier",
     "check_path",
@@ -355,6 +356,12 @@ def check_source(component, config=None) -> Callable[..., Any]:
     params = inspect.signature(resolver).parameters
     assert "training_state" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
     return resolver
+
+
+def check_metric(component, config=None) -> Callable[..., Any]:
+    """Signature only: a metric needs reference images (build it in your own test)."""
+    factory, _ = _factory("metric", component, None)
+    return factory
 
 
 _CHECKS: dict[str, Callable[..., Any]] = {kind: globals()[f"check_{kind}"] for kind in protocols.PROTOCOLS}

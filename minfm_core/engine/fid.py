@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 
 from ..errors import MinfmError
-from ..metrics import ImageMetric, build_metric
+from ..metrics import build_metric
+from ..protocols import Metric
 from .generate import generate, to_pil
 from .sample import plan_batches, rank_share
 
@@ -48,7 +49,7 @@ class TrainingFid:
         if not ref.exists():
             raise MinfmError(f"train.fid_ref: {ref}: no such file or folder")
         try:
-            self.metric: ImageMetric = build_metric(METRIC, str(ref), extractor=train.fid_extractor,
+            self.metric: Metric = build_metric(METRIC, str(ref), extractor=train.fid_extractor,
                                                     weights=train.fid_inception, device=rt.device)
         except MinfmError as exc:  # the plugin's message names the file or setting; the path says whose
             raise MinfmError(f"train.fid: {exc}") from None
