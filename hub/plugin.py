@@ -10,7 +10,7 @@ from minfm_core import hookimpl
 
 @hookimpl
 def register_sources(register):
-    register("hf", "minfm_hub.pull:resolve_hf_uri", doc="hf://org/name[@rev]: a Hugging Face Hub repo (safetensors only)")
+    register("hf", "minfm_hub.source:resolve_hf_uri", doc="hf://org/name[@rev]: a Hugging Face Hub repo (safetensors only); with subpath, a file or folder of any repo")
 
 
 @hookimpl

@@ -127,7 +127,7 @@ def pull(ref: str | HubRef, local_dir: str | Path | None = None, *, training_sta
         if not constants.HF_HUB_OFFLINE:
             info = HfApi().model_info(ref.repo_id, revision=ref.revision, files_metadata=True)
             siblings = list(info.siblings or [])
-            _check_names([s.rfilename for s in siblings], what)  # the server may list any name
+            check_names([s.rfilename for s in siblings], what)  # the server may list any name
             refuse_pickles([s.rfilename for s in siblings], str(ref))
             wanted = _wanted(siblings, patterns)
             limits.check(len(wanted), sum(max(int(s.size or 0), 0) for s in wanted), what)
@@ -184,7 +184,7 @@ def _shown(name) -> str:
     return repr(name) if not isinstance(name, str) or len(name) <= 120 else repr(name[:100]) + "..."
 
 
-def _check_names(names: list[str], what: str) -> None:
+def check_names(names: list[str], what: str) -> None:
     for name in names:
         _check_name(name, what)
     files = set(names)
@@ -370,8 +370,3 @@ def source_info(path: str | Path) -> dict | None:
         repo_id = f"{m.group(1)}/{m.group(2)}"
         return {"repo_id": repo_id, "revision": None, "commit": m.group(3), "uri": f"hf://{repo_id}@{m.group(3)}"}
     return None
-
-
-def resolve_hf_uri(uri: str, *, training_state: bool = False) -> Path:
-    """The ``hf`` source resolver: ``hf://org/name[@rev]`` -> local folder (see :func:`pull`)."""
-    return pull(parse_hf_uri(uri), training_state=training_state).path

@@ -235,9 +235,15 @@ class Logger(Protocol):
 @runtime_checkable
 class Source(Protocol):
     """A checkpoint-source resolver, registered by URI scheme without a config. The
-    registered factory *is* the resolver: it is loaded, never called to build anything."""
+    registered factory *is* the resolver: it is loaded, never called to build anything.
 
-    def __call__(self, uri: str, *, training_state: bool = False) -> str | Path: ...
+    ``training_state``: also the full training state (optimizer included), to resume.
+    ``subpath``: not a checkpoint but one file or folder of the source ("" = its root), as
+    pretrained weights are fetched; a folder brings its direct configs, safetensors and
+    tokenizer files. A resolver that cannot do this raises :class:`MinfmError` saying so.
+    The hub plugin's ``hf`` source is how the core resolves ``org/name[@rev][/path]``."""
+
+    def __call__(self, uri: str, *, training_state: bool = False, subpath: str | None = None) -> str | Path: ...
 
 
 class Metric(Protocol):
@@ -321,7 +327,7 @@ FACTORY_KWARGS: dict[str, dict[str, Any]] = {
     "parallelizer": {},
     "dataset": {"split": "train"},
     "logger": {"run_dir": _REQUIRED, "rank": 0, "recipe": None},
-    "source": {"training_state": False},
+    "source": {"training_state": False, "subpath": None},
     "metric": {"extractor": None, "weights": None, "device": "cpu"},
 }
 

@@ -164,4 +164,4 @@ def test_cache_models_names_a_missing_repo(hub_server, tmp_path, minfm):
     out = minfm("cache", "models", str(recipe), env=hub_server.env(tmp_path / "hf_home"))
     assert out.returncode == 2
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
-    assert f"{REPO}/vae: could not download from the Hugging Face Hub (RepositoryNotFoundError" in out.stderr
+    assert f"{REPO}/vae: Hub repo {REPO} not found at http://127.0.0.1" in out.stderr

@@ -141,3 +141,44 @@ def test_cli_names_every_missing_reference_in_one_line(tmp_path, minfm):
     assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
     assert lines[0].startswith("minfm: error: 2 references not fetched: nobody/t5-not-cached: ")
     assert "data/nowhere/class_embeddings.safetensors" in lines[0] and "(nor is it an existing local file)" in lines[0]
+
+
+def test_hub_references_go_through_the_hf_source(tmp_path):
+    """The core hands ``org/name[@rev][/path]`` to whatever source holds the ``hf`` scheme,
+    with the declared ``subpath`` keyword; it never reaches the Hub itself."""
+    from minfm_core import hookimpl
+    from minfm_core.pretrained import resolve_pretrained
+    from minfm_core.testing import check_source, isolated_registry
+
+    calls = []
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text("{}")
+
+    def resolve(uri, *, training_state=False, subpath=None):
+        calls.append((uri, training_state, subpath))
+        return tmp_path / subpath if subpath is not None else tmp_path
+
+    class Mirror:  # a third party's source for the same scheme, e.g. an internal mirror
+        @hookimpl
+        def register_sources(self, register):
+            register("hf", resolve)
+
+    with isolated_registry(("mirror", Mirror())) as reg:
+        check_source(reg.get("source", "hf"))
+        assert resolve_pretrained("org/name@v1/vae") == tmp_path / "vae"
+        assert resolve_pretrained("org/name/vae", "config.json") == tmp_path / "vae" / "config.json"
+        assert resolve_pretrained("org/name") == tmp_path
+    assert calls == [("hf://org/name@v1", False, "vae"), ("hf://org/name", False, "vae/config.json"),
+                     ("hf://org/name", False, "")]
+
+
+def test_a_source_without_subpath_fails_the_conformance_check():
+    import pytest
+
+    from minfm_core.testing import check_source
+
+    def old_resolver(uri, *, training_state=False):
+        return uri
+
+    with pytest.raises(AssertionError, match="subpath="):
+        check_source(old_resolver)

@@ -121,3 +121,22 @@ def test_the_cycle_finder_finds_cycles():
     assert "minfm_plugins.knapformer.exchange" in _edges(
         "minfm_plugins.knapformer.ulysses", modules["minfm_plugins.knapformer.ulysses"], modules)
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_only_the_hub_plugin_talks_to_the_hub():
+    """One route to the Hub: every other package resolves Hub references through the
+    ``hf`` source (minfm_core.pretrained, minfm_core.sources), never huggingface_hub itself."""
+    offenders = []
+    for name, path in _modules().items():
+        if name.startswith("minfm_hub"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                mods = [node.module or ""]
+            else:
+                continue
+            if any(m == "huggingface_hub" or m.startswith("huggingface_hub.") for m in mods):
+                offenders.append(f"{name}:{node.lineno}")
+    assert not offenders, offenders

@@ -159,9 +159,7 @@ def test_cli_bad_input_exits_2(tmp_path, capsys, argv, message):
 
 
 def test_inception_weights_offline_is_one_line_error(tmp_path, monkeypatch, capsys):
-    from minfm_core import pretrained
-
-    monkeypatch.setattr(pretrained, "_offline", lambda: True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("MINFM_INCEPTION_WEIGHTS", raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # an empty torch hub cache
     s = save_npz(tmp_path / "s.npz", images(4, 0))

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from minfm_core.errors import MinfmError
 from minfm_core.safepath import contained
-from minfm_hub.pull import _check_names
+from minfm_hub.pull import check_names
 
 _PARTS = st.sampled_from(["..", ".", "", "a", "model.safetensors", "C:", "~", "\\", "\n", "\u202e", "é", "x" * 210])
 _NAMES = st.lists(st.one_of(_PARTS, st.text(max_size=12)), min_size=1, max_size=5).map("/".join)
@@ -20,7 +20,7 @@ _NAMES = st.lists(st.one_of(_PARTS, st.text(max_size=12)), min_size=1, max_size=
 def test_names_that_pass_stay_inside_any_folder(names):
     root = Path("/nonexistent/minfm-root")
     try:
-        _check_names(names, "Hub repo org/x")
+        check_names(names, "Hub repo org/x")
     except MinfmError as exc:
         assert "\n" not in str(exc) and "refusing file name" in str(exc)
         return

@@ -1,7 +1,8 @@
 """``minfm cache``: pre-fetch pretrained weights, and encode a dataset's latents once.
 
 ``minfm cache models RECIPE`` downloads every pretrained reference the recipe's
-components name (T5, CLIP, VAE, denoiser, ...) so that later runs work with
+components name (T5, CLIP, VAE, denoiser, ...) that is not cached yet, through the
+source that resolves it (the hub plugin's ``hf``), so that later runs work with
 ``HF_HUB_OFFLINE=1``; run with ``HF_HUB_OFFLINE=1`` itself, it only checks that
 every reference is already cached. A component lists its references in a ``pretrained_refs``
 config property, or names one in a ``pretrained`` field (see
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 
 from ..errors import MinfmError
-from ..pretrained import fetch_pretrained, is_local, pretrained_refs
+from ..pretrained import is_local, pretrained_refs, resolve_pretrained
 from ..recipe import load_recipe
 from . import latents_cmd
 
@@ -55,7 +56,7 @@ def run_models(args) -> int:
             print(f"{path}: {ref} (local, skipped)")
             continue
         try:  # one missing reference (e.g. a file another command writes) does not stop the others
-            local = fetch_pretrained(ref)
+            local = resolve_pretrained(ref)
         except MinfmError as exc:
             failed.append(f"{exc}" + (" (nor is it an existing local file)" if Path(ref).suffix else ""))
             continue

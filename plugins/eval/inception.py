@@ -32,7 +32,7 @@ def _hub_cache_file() -> Path:
 
 def resolve_inception_weights(ref: str | None = None) -> Path:
     """A local Inception weights file; one-line :class:`MinfmError` when it cannot be had offline."""
-    from minfm_core.pretrained import _offline, resolve_pretrained
+    from minfm_core.pretrained import offline, resolve_pretrained
 
     ref = ref or os.environ.get(WEIGHTS_ENV) or None
     if ref:
@@ -40,7 +40,7 @@ def resolve_inception_weights(ref: str | None = None) -> Path:
     cached = _hub_cache_file()
     if cached.is_file():
         return cached
-    if _offline():
+    if offline():
         raise MinfmError(
             f"Inception weights: {WEIGHTS_FILE} is not in the torch hub cache ({cached.parent}) and the Hub is "
             f"offline; pass --inception FILE or set {WEIGHTS_ENV} (torch-fidelity's file, from {WEIGHTS_URL})"
