@@ -1,15 +1,19 @@
 """The original KnapFormer planning rule, re-implemented as a baseline.
 
-Written from the behaviour described in ``../shared/docs/KNAPFORMER.md`` (and read in
-the original's code): sequences in decreasing workload; candidate bags are those whose
+Written from the behaviour described in ``../shared/docs/KNAPFORMER.md`` and checked
+against the public original (``SequenceBalancer.plan_routing``, run with fake
+collectives: same bags and chunk lengths on the bench's traces, docs/balancer.md):
+sequences in decreasing workload (ties in sample order); candidate bags are those whose
 *full* capacity (G x total / S) holds the sequence and with G <= L; the least-occupied
 candidate wins (ties to the lowest bag id); if none qualifies, the largest bags are the
-candidates. A sequence on a bag of G GPUs is cut into G chunks, the remainder going to
-one chunk chosen round-robin, so a sequence shorter than G yields zero-length chunks.
+candidates. A sequence on a bag of G GPUs is cut into G chunks, the whole remainder
+going to one chunk chosen round-robin over all sequences in sample order, so a sequence
+shorter than G yields zero-length chunks.
 
 Kept deliberately in the original's shape - a scan over every bag for every sequence,
 O(S B) - because it is the yardstick for planning time. Occupancies are compared
-exactly (integers) so that ties are broken the same way as in ``planner.py``.
+exactly (integers; the original compares floats) so that ties are broken the same way
+as in ``planner.py``.
 """
 
 from __future__ import annotations
@@ -18,9 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from minfm_core.errors import MinfmError
-
-from .planner import Plan, flatten, workload
+from .planner import Plan, coefficients, flatten, workloads
 from .spec import BagSpec, parse_bags
 
 
@@ -65,14 +67,14 @@ def chunks(lens: list[int], src: list[int], bag_of: list[int], spec: BagSpec) ->
 def plan(lens_per_rank: Sequence[Sequence[int]], bags: str | BagSpec, d: int, gamma: float = 0.5) -> Plan:
     """The original rule's plan, in the same :class:`Plan` format as ours."""
     spec = parse_bags(bags) if isinstance(bags, str) else bags
-    if d <= 0:
-        raise MinfmError(f"hidden width d must be positive, got {d}")
+    coef = coefficients(d, gamma)
     counts, lens_arr = flatten(lens_per_rank, spec)
     lens = lens_arr.tolist()
-    works = [workload(length, d, gamma) for length in lens]
+    work = workloads(lens_arr, d, gamma)
+    works = work.tolist()
     src = [r for r, c in enumerate(counts.tolist()) for _ in range(c)]
     bag_of = assign(lens, works, spec)
     return Plan(
-        spec, counts, lens_arr, np.asarray(works, dtype=np.int64), np.asarray(bag_of, dtype=np.int64),
-        chunks(lens, src, bag_of, spec), "original",
+        spec, counts, lens_arr, work, np.asarray(bag_of, dtype=np.int64),
+        chunks(lens, src, bag_of, spec), "original", coef,
     )

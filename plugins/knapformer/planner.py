@@ -2,30 +2,35 @@
 
 No torch, no process group: given every rank's sequence lengths (the all-gathered
 list), every rank computes the same :class:`Plan`. Determinism to the bit comes from
-integer workloads (Python ints, exact), comparisons by cross-multiplication instead
-of float division, and total orders on every sort (ties broken by sample id, then bag id).
+exact integer workloads (gamma taken exactly as the decimal it prints as), integer
+comparisons, and total orders on every sort (decreasing workload, then sample id).
 
 Algorithm (see docs/balancer.md):
 
-1. *Reference*: the original longest-first rule (``original.py``), run with one heap
-   per bag size instead of a scan over all bags: O(B log S) instead of O(B S). Its max
-   per-GPU load K0 sets the bound ``K0 * (1 + tolerance)``.
-2. *Locality first*: every bag keeps its own sequences, largest first, skipping those
-   that would push it over a keep cap; the evicted ones are placed longest-first on the
-   least-occupied eligible bag. The keep cap starts at the bound and is lowered a few
-   times (more eviction = more freedom to pack) until the plan's max load is within the
-   bound. Near-balanced inputs are accepted at the first cap and move almost nothing.
-3. If no locality plan meets the bound, the reference plan is used; so the max load is
-   never above the longest-first rule's (times 1 + tolerance).
+1. *Target*: the original longest-first rule (``original.py``), run with one heap per
+   bag size instead of a scan over all bags: O(B log S) instead of O(B S). Its max
+   per-GPU load K0 sets the target ``K0 * (1 + tolerance)``; every bag's cap is its
+   share of it.
+2. *Locality* (``locality.py``): start from where the sequences are; overloaded bags
+   shed their excess (few tokens: long sequences carry the most work per token), the
+   shed sequences go to the bags with room (best fit), and a vectorised repair moves
+   or swaps sequences out of any bag left above its cap. Near-balanced input moves
+   little; balanced input moves nothing.
+3. Only if the repair runs out of steps is the longest-first plan used (strategy
+   ``longest_first``); so the max load never exceeds the longest-first rule's times
+   ``1 + tolerance``.
 
-A sequence placed on a bag of G GPUs is cut into ``min(G, L)`` contiguous chunks
-(remainder spread over the first chunks): never a zero-length chunk.
+Items are processed in canonical order (decreasing workload, then sample id): the
+plan depends on the lengths and their ranks only, not on how a rank ordered its list.
+A sequence placed on a bag of G GPUs is cut into ``min(G, L)`` non-empty contiguous
+chunks; the remainder tokens rotate over the bag's GPUs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import heapq
+import math
 from collections.abc import Sequence
 from fractions import Fraction
 
@@ -33,40 +38,59 @@ import attrs
 import numpy as np
 
 from minfm_core.errors import MinfmError
+from minfm_core.validators import Range, non_negative, positive
 
+from . import locality as loc
 from .spec import BagSpec, parse_bags
 
-#: Largest denominator used to turn gamma into an exact fraction (0.5 -> 1/2, 0.4 -> 2/5).
-GAMMA_DENOMINATOR = 1000
-
-#: Keep caps tried after the bound, as fractions of the mean per-GPU load.
-_KEEP_STEPS = (Fraction(1), Fraction(31, 32), Fraction(15, 16), Fraction(7, 8), Fraction(3, 4))
+#: Integer workloads stay int64 (fast, vectorised) while every sum fits with this margin;
+#: beyond it (huge lengths, or a gamma with many decimals) they are Python ints.
+_INT64_SAFE = 2**62
 
 
-#: A locality plan is refined only when its max load is within this factor of the bound,
-#: for at most this many moves/swaps (planning time stays O(B log S)).
-_REFINE_REACH = Fraction(51, 50)
-_REFINE_STEPS = 64
+def check_number(name: str, value, rng: Range, integer: bool = False) -> None:
+    """Raise a MinfmError naming ``name`` unless ``value`` is a (whole) number in ``rng``."""
+    is_num = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if not is_num or not rng.ok(value) or (integer and not float(value).is_integer()):
+        kind = "a whole number " if integer else ""
+        raise MinfmError(f"{name} must be {kind}{rng.range_text}, got {value!r}")
 
 
 def gamma_fraction(gamma: float) -> Fraction:
-    return Fraction(gamma).limit_denominator(GAMMA_DENOMINATOR)
+    """gamma as an exact fraction of the decimal it prints as (0.4 -> 2/5, 1e-4 -> 1/10000).
+
+    The float's shortest decimal is what the user wrote in the recipe; taking it exactly
+    (rather than the float's binary expansion) keeps the denominator a power of ten.
+    """
+    check_number("gamma", gamma, non_negative)
+    return Fraction(repr(float(gamma)))
+
+
+def coefficients(d: int, gamma: float) -> tuple[int, int]:
+    """(a, b) with ``a L + b L^2`` = w(L) scaled by ``den / (4 d)``: ``a = 6 d den``, ``b = num``."""
+    check_number("hidden width d", d, positive, integer=True)
+    g = gamma_fraction(gamma)
+    return 6 * int(d) * g.denominator, g.numerator
 
 
 def workloads(lens: np.ndarray, d: int, gamma: float) -> np.ndarray:
-    """Integer workloads proportional to ``w(L) = 24 L d^2 + gamma 4 L^2 d`` (int64).
+    """Integer workloads proportional to ``w(L) = 24 L d^2 + gamma 4 L^2 d``, exact.
 
-    Scaled by ``den / (4 d)`` with ``gamma = num / den``: ``L (6 d den + num L)``, exact.
+    ``L (a + b L)`` with :func:`coefficients`: int64 when every sum fits, else an object
+    array of Python ints.
     """
-    g = gamma_fraction(gamma)
+    a, b = coefficients(d, gamma)
     lens = np.asarray(lens, dtype=np.int64)
-    return lens * (6 * d * g.denominator + g.numerator * lens)
+    top = int(lens.max()) if lens.size else 0
+    if top * (a + b * top) * max(lens.size, 1) < _INT64_SAFE:
+        return lens * (a + b * lens)
+    return np.array([n * (a + b * n) for n in lens.tolist()], dtype=object)
 
 
 def workload(length: int, d: int, gamma: float) -> int:
     """The scaled integer workload of one sequence (Python int, exact)."""
-    g = gamma_fraction(gamma)
-    return length * (6 * d * g.denominator + g.numerator * length)
+    a, b = coefficients(d, gamma)
+    return length * (a + b * length)
 
 
 @attrs.frozen(eq=False)
@@ -74,7 +98,9 @@ class Plan:
     """Where every token goes. Sample ids are global, in rank order (rank 0's samples first).
 
     ``chunks`` is an int64 array (K, 5) with columns (sample, src, dst, offset, length),
-    sorted by (sample, offset); ranks are relative to the balance group.
+    sorted by (sample, offset); ranks are relative to the balance group. ``coef`` is
+    ``(a, b)`` of the workload ``L (a + b L)``; ``target`` the max per-GPU load the plan
+    had to meet, as a bag key (bag load x lcm of the bag sizes / G; 0 when unknown).
     """
 
     spec: BagSpec
@@ -83,7 +109,9 @@ class Plan:
     work: np.ndarray  # (B,) integer workload per sequence
     bag_of: np.ndarray  # (B,) bag index per sequence
     chunks: np.ndarray  # (K, 5)
-    strategy: str  # "local" (a locality plan met the bound) or "longest_first"
+    strategy: str  # "local", "longest_first" or "original"
+    coef: tuple[int, int] = (0, 0)
+    target: int = 0
 
     @property
     def bag_ranks(self) -> tuple[tuple[int, ...], ...]:
@@ -107,6 +135,18 @@ class Plan:
         bag_load = np.bincount(self.bag_of, weights=self.work.astype(np.float64), minlength=sizes.size)
         return np.repeat(bag_load / sizes, sizes)
 
+    def gpu_load(self) -> np.ndarray:
+        """Estimated per-GPU load from the chunks themselves: the linear layers run on the
+        GPU's own chunk tokens, attention (Ulysses: every GPU of the bag takes 1/G of the
+        heads of the bag's whole sequences) is shared equally. Needs ``coef``."""
+        a, b = self.coef
+        sizes = np.asarray(self.spec.bag_sizes)
+        c = self.chunks
+        linear = np.bincount(c[:, 2], weights=c[:, 4].astype(np.float64) * a, minlength=self.spec.size)
+        lens = self.lens.astype(np.float64)
+        attn = np.bincount(self.bag_of, weights=b * lens * lens, minlength=sizes.size)
+        return linear + np.repeat(attn / sizes, sizes)
+
     @staticmethod
     def _ratio(load: np.ndarray) -> float:
         mean = load.mean() if load.size else 0.0
@@ -119,8 +159,13 @@ class Plan:
 
     @property
     def balance_after(self) -> float:
-        """max / mean estimated load after balancing."""
+        """max / mean estimated load after balancing (bag loads shared by their GPUs)."""
         return self._ratio(self.load_after())
+
+    @property
+    def balance_gpu(self) -> float:
+        """max / mean per-GPU load from the chunks (:meth:`gpu_load`)."""
+        return self._ratio(self.gpu_load())
 
     @property
     def total_tokens(self) -> int:
@@ -161,18 +206,39 @@ def flatten(lens_per_rank: Sequence[Sequence[int]], spec: BagSpec) -> tuple[np.n
     return counts, lens
 
 
-def build_chunks(lens: np.ndarray, src: np.ndarray, bag_of: np.ndarray, spec: BagSpec) -> np.ndarray:
-    """Cut each sequence into min(G, L) contiguous chunks, chunk k to its bag's k-th rank."""
+def canonical_order(work: np.ndarray) -> np.ndarray:
+    """Decreasing workload, ties by sample id: a total order, identical on every rank."""
+    return np.lexsort((np.arange(work.size), -work))
+
+
+def _group_exclusive_cumsum(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """For items already sorted by group: the sum of the earlier items of the same group."""
+    cum = np.cumsum(values) - values
+    first = np.searchsorted(groups, groups)
+    return cum - cum[first]
+
+
+def build_chunks(lens: np.ndarray, src: np.ndarray, bag_of: np.ndarray, spec: BagSpec, order: np.ndarray) -> np.ndarray:
+    """Cut each sequence into its bag's G contiguous chunks, chunk k to the bag's k-th rank.
+
+    The ``L mod G`` remainder tokens rotate: a bag's sequences, in ``order``, hand them
+    to the next GPUs after the previous sequence's, so every GPU of the bag gets the
+    same number of extra tokens (+-1). Empty chunks (L < G) are left out.
+    """
     sizes = np.asarray(spec.bag_sizes, dtype=np.int64)
-    first = np.cumsum(sizes) - sizes
+    first_rank = np.cumsum(sizes) - sizes
     g = sizes[bag_of]
-    n = np.minimum(g, lens)
-    seq = np.repeat(np.arange(lens.size, dtype=np.int64), n)
-    k = np.arange(seq.size, dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
-    length = (lens // g)[seq] + (k < (lens % g)[seq])
-    offset = np.cumsum(length) - length - (np.cumsum(lens) - lens)[seq]
-    dst = first[bag_of][seq] + k
-    return np.stack([seq, src[seq], dst, offset, length], axis=1)
+    base, rem = lens // g, lens % g
+    ob = order[np.argsort(bag_of[order], kind="stable")]  # by bag, then `order`
+    start = np.empty_like(lens)
+    start[ob] = _group_exclusive_cumsum(rem[ob], bag_of[ob]) % g[ob]
+    seq = np.repeat(np.arange(lens.size, dtype=np.int64), g)
+    k = np.arange(seq.size, dtype=np.int64) - np.repeat(np.cumsum(g) - g, g)
+    length = base[seq] + ((k - start[seq]) % g[seq] < rem[seq])
+    offset = _group_exclusive_cumsum(length, seq)
+    dst = first_rank[bag_of][seq] + k
+    rows = np.stack([seq, src[seq], dst, offset, length], axis=1)
+    return rows[length > 0]
 
 
 # ----------------------------------------------------------------------------- placement
@@ -244,99 +310,18 @@ def _longest_first(order, w, lens, bags: _Bags) -> tuple[list[int], int]:
     return bag_of, bags.max_key(loads)
 
 
-def _local_first(order, w, lens, home, bags: _Bags, keep_key: Fraction) -> tuple[list[int], list[int]]:
-    """Keep own sequences up to a per-GPU cap (largest first, skipping), place the rest longest-first.
-
-    Returns (bag of each sequence, bag loads)."""
-    caps = [int(keep_key * g // bags.lcm) for g in bags.sizes]  # floor(cap * G), exact
-    sizes = bags.sizes
-    loads = [0] * len(sizes)
-    bag_of = [0] * len(w)
-    evicted = []
-    for i in order:
-        b = home[i]
-        nl = loads[b] + w[i]
-        if nl <= caps[b] and sizes[b] <= lens[i]:
-            loads[b] = nl
-            bag_of[i] = b
-        else:
-            evicted.append(i)
-    if evicted:
-        _place(evicted, w, lens, bags, loads, bag_of)
-    return bag_of, loads
+def _problem(lens, work, home, spec: BagSpec, bags_: _Bags, target: int) -> loc.Problem:
+    """The locality problem in canonical order: caps are each bag's share of the target key."""
+    sizes = np.asarray(spec.bag_sizes, dtype=np.int64)
+    g = sizes[home]
+    keep = np.where(g == 1, lens, -(-lens // g))  # one chunk stays on its rank in a G-bag
+    caps = np.array([target * gb // bags_.lcm for gb in spec.bag_sizes], dtype=work.dtype)
+    return loc.Problem(work, lens, home, keep, caps)
 
 
-def _refine(w, lens, home, bag_of, loads, bags: _Bags, bound: int, max_iter: int) -> int:
-    """Lower the max per-GPU load by single moves or pairwise swaps out of the fullest bag.
-
-    Each step takes the fullest bag (ties: lowest id) and the best move or swap with one
-    of the four least-loaded bags: smallest new max of the two bags, then fewest extra
-    tokens away from home. Floats rank the candidates, exact integers decide; stops at
-    the bound or when no step helps. Mutates loads and bag_of; returns the max key.
-    """
-    scale, sizes = bags.scale, bags.sizes
-    by_bag = np.argsort(np.asarray(bag_of, dtype=np.int64), kind="stable")
-    bounds = np.searchsorted(np.asarray(bag_of, dtype=np.int64)[by_bag], np.arange(len(sizes) + 1))
-    members: list[list[int]] = [by_bag[bounds[b] : bounds[b + 1]].tolist() for b in range(len(sizes))]
-    w_f = np.asarray(w, dtype=np.float64)
-    len_a = np.asarray(lens, dtype=np.int64)
-    home_a = np.asarray(home, dtype=np.int64)
-    n_bags = len(sizes)
-    keys = [loads[b] * scale[b] for b in range(n_bags)]
-    keys_f = np.asarray(keys, dtype=np.float64)  # for picking targets; decisions use the exact keys
-    n_targets = min(5, n_bags)
-    for _ in range(max_iter):
-        top = max(keys)
-        a = keys.index(top)  # the fullest bag, lowest id on ties
-        if top <= bound or not members[a]:
-            break
-        xs = np.asarray(members[a], dtype=np.int64)
-        best = None  # (new max, extra moved tokens, c, x, y)
-        low = np.argpartition(keys_f, n_targets - 1)[:n_targets] if n_bags > n_targets else np.arange(n_bags)
-        for c in sorted(low.tolist(), key=lambda b: (keys[b], b))[:4]:
-            if c == a:
-                continue
-            ys = np.asarray(members[c], dtype=np.int64)
-            # Column 0 is "no partner" (a move); columns 1.. are swaps with y.
-            dw = w_f[xs][:, None] - np.concatenate([[0.0], w_f[ys]])[None, :]
-            new_a = (loads[a] - dw) * scale[a]
-            new_c = (loads[c] + dw) * scale[c]
-            new_max = np.maximum(new_a, new_c)
-            ok = (dw > 0) & (sizes[c] <= len_a[xs])[:, None]
-            if ys.size:
-                ok[:, 1:] &= (sizes[a] <= len_a[ys])[None, :]
-            # tokens that end away from home, minus those that were away before
-            away_x = (home_a[xs] != c).astype(np.int64) - (home_a[xs] != a)
-            extra = (len_a[xs] * away_x)[:, None] + np.zeros_like(new_max, dtype=np.int64)
-            if ys.size:
-                away_y = (home_a[ys] != a).astype(np.int64) - (home_a[ys] != c)
-                extra[:, 1:] += (len_a[ys] * away_y)[None, :]
-            new_max = np.where(ok, new_max, np.inf)
-            flat = np.lexsort((extra.ravel(), new_max.ravel()))[0]
-            i, j = divmod(int(flat), new_max.shape[1])
-            if not np.isfinite(new_max[i, j]):
-                continue
-            cand = (float(new_max[i, j]), int(extra[i, j]), c, int(xs[i]), int(ys[j - 1]) if j else -1)
-            if best is None or cand[:3] < best[:3]:
-                best = cand
-        if best is None:
-            break
-        _, _, c, x, y = best
-        delta = w[x] - (w[y] if y >= 0 else 0)
-        if max((loads[a] - delta) * scale[a], (loads[c] + delta) * scale[c]) >= keys[a]:
-            break  # exact check: no strict improvement
-        loads[a] -= delta
-        loads[c] += delta
-        keys[a], keys[c] = loads[a] * scale[a], loads[c] * scale[c]
-        keys_f[a], keys_f[c] = keys[a], keys[c]
-        members[a].remove(x)
-        members[c].append(x)
-        bag_of[x] = c
-        if y >= 0:
-            members[c].remove(y)
-            members[a].append(y)
-            bag_of[y] = a
-    return bags.max_key(loads)
+def repair_budget(n_bags: int) -> int:
+    """Repair steps allowed: a few per bag (each step lowers the total overflow)."""
+    return 4 * n_bags + 64
 
 
 def plan(
@@ -350,39 +335,40 @@ def plan(
     """Plan one step. ``lens_per_rank[r]`` lists rank r's sequence lengths (text + image tokens).
 
     The max per-GPU load is at most the longest-first rule's times ``1 + tolerance``;
-    within that bound as many tokens as possible stay where they are (``locality=False``
-    returns the longest-first plan itself).
+    within that bound few tokens leave their rank (``locality=False`` returns the
+    longest-first plan itself).
     """
     spec = parse_bags(bags) if isinstance(bags, str) else bags
-    if d <= 0:
-        raise MinfmError(f"hidden width d must be positive, got {d}")
+    check_number("tolerance", tolerance, non_negative)
+    coef = coefficients(d, gamma)
     counts, lens = flatten(lens_per_rank, spec)
     work = workloads(lens, d, gamma)
     src = np.repeat(np.arange(spec.size, dtype=np.int64), counts)
     if lens.size == 0:
-        return Plan(spec, counts, lens, work, np.zeros(0, np.int64), np.zeros((0, 5), np.int64), "local")
-    w = [int(v) for v in work.tolist()]
-    ll = lens.tolist()
-    total = sum(w)
-    bags_ = _Bags(spec, total)
-    # Decreasing workload, ties by sample id: a total order, identical on every rank.
-    order = np.lexsort((np.arange(lens.size), -work)).tolist()
-    ref_bag, ref_key = _longest_first(order, w, ll, bags_)
-    chosen, strategy = ref_bag, "longest_first"
-    if locality and total > 0:
-        bound = int(ref_key * (1 + Fraction(tolerance)))  # keys are ints: key <= bound <=> key <= floor(bound)
-        mean_key = Fraction(total * bags_.lcm, spec.size)
-        rank_bag = np.repeat(np.arange(len(spec.bag_sizes)), spec.bag_sizes)
-        home = rank_bag[src].tolist()
-        for keep in (bound, *(mean_key * f for f in _KEEP_STEPS)):
-            if keep > bound:
-                continue
-            bag_of, loads = _local_first(order, w, ll, home, bags_, keep)
-            key = bags_.max_key(loads)
-            if key * _REFINE_REACH.denominator <= bound * _REFINE_REACH.numerator:  # close enough that a few moves may meet the bound
-                key = _refine(w, ll, home, bag_of, loads, bags_, bound, max_iter=_REFINE_STEPS)
-            if key <= bound:
-                chosen, strategy = bag_of, "local"
-                break
-    bag_arr = np.asarray(chosen, dtype=np.int64)
-    return Plan(spec, counts, lens, work, bag_arr, build_chunks(lens, src, bag_arr, spec), strategy)
+        return Plan(spec, counts, lens, work, np.zeros(0, np.int64), np.zeros((0, 5), np.int64), "local", coef)
+    order = canonical_order(work)
+    wc, lc = work[order], lens[order]
+    w_list = wc.tolist()
+    bags_ = _Bags(spec, sum(w_list))
+    ref_bag, ref_key = _longest_first(range(lens.size), w_list, lc.tolist(), bags_)
+    target = math.floor(ref_key * (1 + Fraction(tolerance)))  # keys are ints: key <= target exactly
+    chosen, strategy = np.asarray(ref_bag, dtype=np.int64), "longest_first"
+    if locality and bags_.total > 0:
+        rank_bag = np.repeat(np.arange(len(spec.bag_sizes), dtype=np.int64), spec.bag_sizes)
+        problem = _problem(lc, wc, rank_bag[src[order]], spec, bags_, target)
+        sizes = np.asarray(spec.bag_sizes, dtype=np.int64)
+        chosen, strategy = loc.locality_plan(problem, chosen, sizes, repair_budget(len(sizes)))
+    bag_of = np.empty(lens.size, dtype=np.int64)
+    bag_of[order] = chosen
+    return Plan(spec, counts, lens, work, bag_of, build_chunks(lens, src, bag_of, spec, order), strategy, coef, target)
+
+
+def lower_bound_moved(p: Plan) -> float:
+    """Tokens any plan within ``p.target`` must move, at least (see ``locality.moved_lower_bound``)."""
+    if p.lens.size == 0 or p.target <= 0:
+        return 0.0
+    order = canonical_order(p.work)
+    bags_ = _Bags(p.spec, 0)
+    rank_bag = np.repeat(np.arange(len(p.spec.bag_sizes), dtype=np.int64), p.spec.bag_sizes)
+    problem = _problem(p.lens[order], p.work[order], rank_bag[p.src[order]], p.spec, bags_, p.target)
+    return loc.moved_lower_bound(problem)
