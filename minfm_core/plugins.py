@@ -41,6 +41,10 @@ else:  # pragma: no cover
 
 GROUP = "minfm"
 DISABLE_ENV = "MINFM_DISABLE_PLUGINS"
+#: Set (to 1, true, yes or on) to load only minFM's own plugins from entry points, as
+#: PYTEST_DISABLE_PLUGIN_AUTOLOAD does for pytest: a plugin's own test suite then registers
+#: the copy under test itself, and the installed copy of it cannot collide.
+AUTOLOAD_ENV = "MINFM_DISABLE_PLUGIN_AUTOLOAD"
 _ROOT = Path(__file__).resolve().parent.parent
 #: Import name -> folder, for running from a checkout (mirrors pyproject's package-dir).
 _CHECKOUT_PACKAGES = {"minfm_plugins": "plugins", "minfm_hub": "hub", "minfm_apps": "apps", "minfm_recipes": "recipes"}
@@ -62,6 +66,10 @@ _STATE: PluginState | None = None
 
 def disabled_plugins() -> set[str]:
     return {n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()}
+
+
+def autoload_disabled() -> bool:
+    return os.environ.get(AUTOLOAD_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 class _CheckoutFinder(importlib.abc.MetaPathFinder):
@@ -95,7 +103,8 @@ def _checkout_entry_points() -> list[tuple[str, str]]:
 
 
 def _entry_points() -> list[tuple[str, str, Any]]:
-    """``(name, module, load)`` of every plugin: minFM's own first, then the others by name.
+    """``(name, module, load)`` of every plugin: minFM's own first, then the others by name
+    (none with autoload disabled).
 
     The order decides clashes: a plugin registering a name an earlier one holds is skipped,
     so a third party cannot knock out a built-in (MINFM_DISABLE_PLUGINS replaces one).
@@ -107,6 +116,8 @@ def _entry_points() -> list[tuple[str, str, Any]]:
         if name not in seen:  # the same entry point an install declares, loaded the same way
             ep = importlib.metadata.EntryPoint(name=name, value=module, group=GROUP)
             found.append((True, name, module, ep.load))
+    if autoload_disabled():
+        found = [f for f in found if f[0]]
     return [(name, value, load) for _, name, value, load in sorted(found, key=lambda t: (not t[0], t[1]))]
 
 
@@ -252,6 +263,30 @@ def load_plugins() -> PluginState:
     _fill(state)
     _STATE = state
     return state
+
+
+@contextlib.contextmanager
+def only(*plugins: tuple[str, Any]) -> Iterator[PluginState]:
+    """Inside the block the process's plugins are exactly ``plugins`` (``(name, obj)`` pairs;
+    no entry point is loaded); the previous state comes back on exit, even on failure.
+
+    A plugin that fails to register raises :class:`PluginError` (a test wants to know).
+    """
+    global _STATE
+    pm = pluggy.PluginManager(GROUP)
+    pm.add_hookspecs(hookspecs)
+    state = PluginState(pm=pm)
+    for name, obj in plugins:
+        _register(state, name, obj, f"<object {name}>")
+    if not state.failures:
+        _fill(state)
+    if state.failures:
+        raise PluginError("plugins failed to register: " + "; ".join(f"{n}: {r}" for n, r in state.failures.items()))
+    saved, _STATE = _STATE, state
+    try:
+        yield state
+    finally:
+        _STATE = saved
 
 
 def reset() -> None:

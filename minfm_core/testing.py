@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import protocols
+from .errors import PluginError
 from .registry import Component, Registry
 
 __all__ = [  # a test keeps one check per kind here
@@ -57,28 +58,16 @@ def isolated_registry(*plugins: Any) -> Iterator[Registry]:
     Each plugin is a module or object holding ``@hookimpl`` functions, or a ``(name, plugin)``
     pair. The previous registry comes back on exit, even on failure.
     """
-    import pluggy
+    from .plugins import only
 
-    from . import hookspecs
-    from . import plugins as plugins_mod
-
-    pm = pluggy.PluginManager(plugins_mod.GROUP)
-    pm.add_hookspecs(hookspecs)
-    state = plugins_mod.PluginState(pm=pm)
-    for entry in plugins:
-        name, obj = entry if isinstance(entry, tuple) else (_plugin_name(entry), entry)
-        plugins_mod._register(state, name, obj, f"<test {name}>")
-    if state.failures:
-        raise AssertionError(f"plugins failed to register: {state.failures}")
-    plugins_mod._fill(state)
-    if state.failures:
-        raise AssertionError(f"plugins failed to register: {state.failures}")
-    saved = plugins_mod._STATE
-    plugins_mod._STATE = state  # what get_registry() returns until the block ends
+    named = [entry if isinstance(entry, tuple) else (_plugin_name(entry), entry) for entry in plugins]
+    stack = contextlib.ExitStack()
     try:
+        state = stack.enter_context(only(*named))
+    except PluginError as exc:  # a plugin under test that cannot register fails the test
+        raise AssertionError(str(exc)) from None
+    with stack:
         yield state.registry
-    finally:
-        plugins_mod._STATE = saved
 
 
 def _plugin_name(obj: Any) -> str:

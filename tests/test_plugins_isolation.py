@@ -109,6 +109,42 @@ def test_plugins_lists_each_broken_plugin_with_its_reason(minfm, broken_env):
     assert "BROKEN: ModuleNotFoundError: No module named 'minfm_no_such_module'" in human
 
 
+def test_autoload_off_loads_only_minfms_own_plugins(minfm, broken_env):
+    """MINFM_DISABLE_PLUGIN_AUTOLOAD=1: no third party's entry point is even imported."""
+    res = minfm("plugins", "--json", env={**broken_env, "MINFM_DISABLE_PLUGIN_AUTOLOAD": "1"})
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert info["failed"] == [] and "warning" not in res.stderr
+    loaded = {p["name"] for p in info["plugins"]}
+    assert {"flow", "flux", "hub", "loggers"} <= loaded
+    assert not loaded & (set(BROKEN) | {"typo_factory", "raising_check"})
+
+
+def test_only_sets_the_plugins_and_restores_them():
+    from minfm_core.plugins import only
+
+    class One:
+        @hookimpl
+        def register_time_samplers(self, register):
+            register("one", "os:getcwd")
+
+    before = get_registry()
+    with only(("one", One())) as state:
+        assert get_registry() is state.registry
+        assert state.registry.names("time_sampler") == ["one"] and state.registry.names("denoiser") == []
+    assert get_registry() is before and "uniform" in before.names("time_sampler")
+
+    class Bad:
+        @hookimpl
+        def register_time_samplers(self, regster):
+            pass
+
+    with pytest.raises(PluginError, match="bad: .*regster"):
+        with only(("bad", Bad())):
+            pass
+    assert get_registry() is before
+
+
 def test_check_works_and_catches_a_factory_typo(minfm, broken_env):
     res = minfm("check", "recipes/quickstart.toml", env=broken_env)
     assert res.returncode == 0, res.stderr
