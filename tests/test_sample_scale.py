@@ -112,9 +112,9 @@ def test_npz_is_adm_layout(run_dir, tmp_path):
     assert arr.dtype == np.uint8 and arr.shape == (9, 16, 16, 3)
     from PIL import Image
 
-    first = np.asarray(Image.open(out / "images" / "00000_00.png").convert("RGB"))
-    last = np.asarray(Image.open(out / "images" / "00002_02.png").convert("RGB"))
-    assert np.array_equal(arr[0], first) and np.array_equal(arr[8], last)
+    # Prompt-major: prompt 0's three samples, then prompt 1's, then prompt 2's.
+    for j, (i, k) in enumerate((i, k) for i in range(3) for k in range(3)):
+        assert np.array_equal(arr[j], np.asarray(Image.open(out / "images" / f"{i:05d}_{k:02d}.png").convert("RGB")))
 
 
 @pytest.mark.parametrize("content", [None, b"", b"\n  \n", b"\xff\xfe\x00bad"])

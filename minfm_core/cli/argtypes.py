@@ -63,16 +63,26 @@ def finite_float(flag: str, lo: float | None = None) -> Callable[[str], float]:
     return parse
 
 
-def image_size(flag: str) -> Callable[[str], tuple[int, int]]:
-    """``HEIGHTxWIDTH``, both positive; whether the model can draw it is checked with the recipe."""
+def sample_size(flag: str) -> Callable[[str], tuple[int, int, int]]:
+    """``HEIGHTxWIDTH`` (one frame: an image) or ``FRAMESxHEIGHTxWIDTH`` (a clip), as (frames, height, width).
 
-    def parse(text: str) -> tuple[int, int]:
-        h, sep, w = text.lower().partition("x")
-        if not (sep and h.isdigit() and w.isdigit()):
-            raise MinfmError(f"{flag} {text!r}: expected HEIGHTxWIDTH, e.g. 256x256")
-        if int(h) < 1 or int(w) < 1:
+    Only the ranges are checked here; which sizes and frame counts the model can draw is
+    checked against its recipe (VAE compression and patch size) before any model is built.
+    """
+
+    def parse(text: str) -> tuple[int, int, int]:
+        parts = text.lower().split("x")
+        if len(parts) not in (2, 3) or not all(p.isdigit() for p in parts):
+            raise MinfmError(f"{flag} {text!r}: expected HEIGHTxWIDTH or FRAMESxHEIGHTxWIDTH, e.g. 256x256 or 17x256x256")
+        nums = [int(p) for p in parts]
+        f, h, w = nums if len(nums) == 3 else [1, *nums]
+        if h < 1 or w < 1:
             raise MinfmError(f"{flag} {text!r}: height and width must be positive")
-        return int(h), int(w)
+        if h > MAX_SIDE or w > MAX_SIDE:
+            raise MinfmError(f"{flag} {text!r}: height and width must be at most {MAX_SIDE}")
+        if not 1 <= f <= MAX_FRAMES:
+            raise MinfmError(f"{flag} {text!r}: frames must be in 1..{MAX_FRAMES}")
+        return f, h, w
 
     return parse
 
@@ -80,6 +90,8 @@ def image_size(flag: str) -> Callable[[str], tuple[int, int]]:
 # Ranges shared by several commands.
 MAX_PROCS = 1024  # local processes: more is a typo, not a machine
 MAX_SEED = 2**63 - 1  # manual_seed takes < 2**64: seed + the per-image offsets stays inside
+MAX_SIDE = 16384  # pixels per side: 16k is past any model's training size (and the WebP format's limit)
+MAX_FRAMES = 1024  # frames per clip (minfm_core.engine.video_io.MAX_FRAMES)
 nprocs = int_in("--nproc-per-node", 1, MAX_PROCS)
 
 

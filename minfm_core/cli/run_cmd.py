@@ -18,7 +18,7 @@ from .. import runlock
 from ..errors import MinfmError, RecipeError
 from ..recipe import load_recipe
 from ..recipe.checks import job_checks
-from .argtypes import MAX_SEED, add_allow_pickle_flag, finite_float, image_size, int_in, nprocs
+from .argtypes import MAX_SEED, add_allow_pickle_flag, finite_float, int_in, nprocs, sample_size
 
 
 def register(sub) -> None:
@@ -30,7 +30,7 @@ def register(sub) -> None:
         p.add_argument("--nproc-per-node", type=nprocs, default=1, metavar="N", help="processes on this host (default 1)")
         p.set_defaults(func=run, job=None if name == "run" else name)
 
-    p = sub.add_parser("sample", help="sample images from a run, checkpoint or hf:// model")
+    p = sub.add_parser("sample", help="sample images or clips from a run, checkpoint or hf:// model")
     p.add_argument("source", help="run dir, checkpoint dir, exported folder, or hf://org/name[@rev]")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompt-file", help="text file, one prompt per line")
@@ -40,9 +40,12 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int_in("--seed", 0, MAX_SEED), help="base seed (image k of prompt i uses seed + i * n + k)")
     p.add_argument("--steps", type=int_in("--steps", 1), help="solver steps")
     p.add_argument("--cfg", type=finite_float("--cfg"), help="guidance scale")
-    p.add_argument("--size", type=image_size("--size"), help="HEIGHTxWIDTH, e.g. 256x256")
+    p.add_argument("--size", type=sample_size("--size"),
+                   help="HEIGHTxWIDTH for images, FRAMESxHEIGHTxWIDTH for clips, e.g. 256x256 or 17x256x256")
+    p.add_argument("--fps", type=int_in("--fps", 1, 60), help="frames per second of written clips (default 8)")
     p.add_argument("--n", type=int_in("--n", 1), help="samples per prompt")
-    p.add_argument("--npz", action="store_true", help="also write samples.npz (ADM evaluation layout)")
+    p.add_argument("--npz", action="store_true",
+                   help="also write samples.npz: uint8 (N, H, W, 3) images or (N, F, H, W, 3) clips, prompt-major")
     p.add_argument("--no-ema", action="store_true", help="use raw weights even when EMA weights exist")
     add_allow_pickle_flag(p)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -67,16 +70,30 @@ def sample(args) -> int:
     return sample_cli(args)
 
 
-def serve(args) -> int:
+#: Types ``minfm serve`` states itself rather than trusting the host's mimetypes tables,
+#: which may lack WebP or name MP4 otherwise: a browser plays a clip only with the right one.
+SERVE_TYPES = {".html": "text/html; charset=utf-8", ".png": "image/png", ".jpg": "image/jpeg",
+               ".jpeg": "image/jpeg", ".webp": "image/webp", ".gif": "image/gif", ".mp4": "video/mp4",
+               ".json": "application/json", ".jsonl": "text/plain; charset=utf-8"}
+
+
+def gallery_server(root, host: str, port: int):
+    """A threading HTTP server for ``root`` (not yet serving; the caller runs serve_forever)."""
     import functools
     import http.server
-    from pathlib import Path
 
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map, **SERVE_TYPES}
+
+    handler = functools.partial(Handler, directory=str(root))
+    return http.server.ThreadingHTTPServer((host, port), handler)
+
+
+def serve(args) -> int:
     root = Path(args.exp_dir)
     if not root.is_dir():
         raise MinfmError(f"{args.exp_dir}: no such run directory")
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    with http.server.ThreadingHTTPServer((args.host, args.port), handler) as httpd:
+    with gallery_server(root, args.host, args.port) as httpd:
         print(f"minfm: serving {root} at http://{args.host}:{httpd.server_address[1]}/samples/", flush=True)
         httpd.serve_forever()
     return 0

@@ -1,4 +1,11 @@
-"""HTML galleries: in-training samples (raw and EMA weights) and sampling runs."""
+"""HTML galleries: in-training samples (raw and EMA weights) and sampling runs.
+
+Clips (more than one frame) play in the pages as looping animated pictures in ``<img>``:
+no player, no codec, and they scale up pixelated like the stills. A training gallery of
+clips is an animated PNG (APNG) under the same name a still grid has (``raw.png``,
+``ema.png``): every browser plays it, viewers that do not animate show the first frame,
+and the Hub export (``samples.png``) carries the animation onto the model card unchanged.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +16,8 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from ..safepath import write_bytes_atomic, write_text_atomic
-from .generate import generate, grid, to_pil
+from .generate import generate, grid, grid_frames, to_pil, to_uint8
+from .video_io import DEFAULT_FPS, frame_starts_ms
 from .prompts import read_prompt_file
 
 
@@ -45,16 +53,30 @@ def training_gallery(pipe, model, ema, recipe, step: int, *, is_main: bool) -> d
                                    distilled_guidance=s.distilled_guidance)
         if is_main:
             out.mkdir(parents=True, exist_ok=True)
-            pil = [to_pil(im) for im in images]
-            buf = io.BytesIO()
-            grid(pil, cols=per * min(len(prompts), 4) if per > 1 else min(len(pil), 8)).save(buf, format="PNG")
-            write_bytes_atomic(out / f"{name}.png", buf.getvalue())  # a browser never sees half a picture
+            pil = [to_pil(im) for im in images]  # loggers get the first frame of a clip
+            cols = per * min(len(prompts), 4) if per > 1 else min(len(pil), 8)
+            if any(im.shape[1] > 1 for im in images):
+                data = animated_png(grid_frames([to_uint8(im) for im in images], cols=cols))
+            else:
+                buf = io.BytesIO()
+                grid(pil, cols=cols).save(buf, format="PNG")
+                data = buf.getvalue()
+            write_bytes_atomic(out / f"{name}.png", data)  # a browser never sees half a picture
             write_text_atomic(out / "prompts.json", json.dumps(all_prompts, indent=1))
             made[name] = (pil, all_prompts)
     model.train()
     if is_main:
         write_training_index(Path(recipe.run.exp_dir) / "samples")
     return made
+
+
+def animated_png(frames: list, fps: int = DEFAULT_FPS) -> bytes:
+    """Grid frames (PIL) as an endlessly looping APNG."""
+    starts = frame_starts_ms(len(frames), fps)
+    buf = io.BytesIO()
+    frames[0].save(buf, format="PNG", save_all=True, append_images=frames[1:], loop=0,
+                   duration=[b - a for a, b in zip(starts, starts[1:])])
+    return buf.getvalue()
 
 
 def write_training_index(root: Path) -> None:
@@ -73,12 +95,17 @@ def write_training_index(root: Path) -> None:
     write_text_atomic(root / "index.html", "\n".join(parts))
 
 
+def _sample_figure(r: dict) -> str:
+    caption = f"{html.escape(r['prompt'])}<br><small>seed {r['seed']}"
+    if "preview" in r:  # a clip: its animated WebP, linking to the MP4
+        path = html.escape(r["path"])
+        return (f"<figure><a href='{path}'><img src='{html.escape(r['preview'])}' width=256></a>"
+                f"<figcaption>{caption} · {r['frames']} frames · <a href='{path}'>MP4</a></small></figcaption></figure>")
+    return f"<figure><img src='{html.escape(r['path'])}' width=256><figcaption>{caption}</small></figcaption></figure>"
+
+
 def write_sample_index(out: Path, records: list[dict]) -> None:
-    rows = "\n".join(
-        f"<figure><img src='{html.escape(r['path'])}' width=256><figcaption>{html.escape(r['prompt'])}"
-        f"<br><small>seed {r['seed']}</small></figcaption></figure>"
-        for r in records
-    )
+    rows = "\n".join(_sample_figure(r) for r in records)
     write_text_atomic(
         out / "index.html",
         "<!doctype html><meta charset=utf-8><title>minFM samples</title>"

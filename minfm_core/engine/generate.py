@@ -69,10 +69,20 @@ def generate(
     return [img.float().clamp(-1, 1).cpu() for img in images]
 
 
+def to_uint8(image: Tensor) -> np.ndarray:
+    """(3, F, H, W) in [-1, 1] -> uint8 frames (F, H, W, 3): what every writer (PNG, WebP, MP4, npz) takes."""
+    return ((image.permute(1, 2, 3, 0).numpy() + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
+
+
 def to_pil(image: Tensor, frame: int = 0) -> Image.Image:
     """(3, F, H, W) in [-1, 1] -> one RGB frame."""
-    arr = ((image[:, frame].permute(1, 2, 0).numpy() + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
-    return Image.fromarray(arr)
+    return Image.fromarray(to_uint8(image[:, frame : frame + 1])[0])
+
+
+def grid_frames(clips: Sequence[np.ndarray], cols: int | None = None, pad: int = 2) -> list[Image.Image]:
+    """Clips (F, H, W, 3) in a grid, one grid picture per frame; shorter clips hold their last frame."""
+    n = max(len(c) for c in clips)
+    return [grid([Image.fromarray(c[min(f, len(c) - 1)]) for c in clips], cols=cols, pad=pad) for f in range(n)]
 
 
 def grid(images: Sequence[Image.Image], cols: int | None = None, pad: int = 2) -> Image.Image:

@@ -6,14 +6,15 @@
 Prompts x samples-per-prompt are cut into fixed batches, handed to ranks round robin:
 an image is the same whatever the number of processes. Ranks short of a batch run a
 dummy one (never written), so every rank makes the same number of denoiser calls, as a
-sharded (``fsdp2``) denoiser needs. Writes images, an HTML gallery, ``metadata.json`` and
-optionally ``samples.npz`` (the ADM evaluation layout).
+sharded (``fsdp2``) denoiser needs. Writes images (PNG) or clips (MP4 plus a lossless
+animated WebP, see video_io.py), an HTML gallery, ``metadata.json`` and optionally
+``samples.npz`` (the ADM evaluation layout; clips add a frame axis), prompt-major.
 
 Resuming: ``metadata.json`` is written first and describes the request (prompts, seeds,
 steps, guidance, sampler, size, the source checkpoint, the sampling recipe). An ``--out``
 holding another request's samples is refused, naming what differs, unless ``--overwrite``
-(which removes the stale images first); for the same request, batches whose images all
-exist are skipped, so an interrupted run resumes. Images are written atomically.
+(which removes the stale images first); for the same request, batches whose files all
+exist are skipped, so an interrupted run resumes. Every file is written atomically.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from ..safepath import recipe_root, trust_boundary, write_bytes_atomic, write_te
 from ..weights import check_weights_folder, has_weights, load_safetensors_into
 from .gallery import write_sample_index
 from .prompts import read_prompt_file
-from .generate import generate, to_pil
+from .generate import generate, to_pil, to_uint8
+from .video_io import DEFAULT_FPS, check_frames, encode_webp, frame_rule, read_webp, write_mp4
 from .pipeline import build_pipeline, sharded_denoiser
 from .runtime import init_runtime, shutdown_runtime
 
@@ -80,8 +82,8 @@ def sample_cli(args) -> int:
         overrides.append(f"sample.steps={args.steps}")
     if args.cfg is not None:
         overrides.append(f"sample.guidance.scale={args.cfg}")
-    if args.size is not None:  # (height, width), parsed and range-checked by argparse
-        overrides.append(f"sample.size=[1, {args.size[0]}, {args.size[1]}]")
+    if args.size is not None:  # (frames, height, width), parsed and range-checked by argparse
+        overrides.append("sample.size=[{}, {}, {}]".format(*args.size))
     if args.n is not None:
         overrides.append(f"sample.samples_per_prompt={args.n}")
     if args.seed is not None:
@@ -103,7 +105,8 @@ def sample_cli(args) -> int:
         raise MinfmError("no prompts: pass --prompt or --prompt-file (or set sample.prompts in the recipe)")
     out = Path(args.out) if args.out else default_out(args.source, src)
     return run_sampling(resolved, prompts, out, weights=(kind, where), source=args.source,
-                        overwrite=args.overwrite, out_flag="--out", allow_pickle=args.allow_pickle_checkpoint)
+                        overwrite=args.overwrite, out_flag="--out", allow_pickle=args.allow_pickle_checkpoint,
+                        fps=args.fps or DEFAULT_FPS)
 
 
 def default_out(source: str, src: Path) -> Path:
@@ -157,6 +160,16 @@ def image_name(i: int, k: int, ext: str) -> str:
     return f"{i:05d}_{k:02d}.{ext}"
 
 
+#: What one clip is written as: the MP4 to play, the WebP pages show (and npz is read from).
+CLIP_EXTS = ("mp4", "webp")
+
+
+def item_files(i: int, k: int, s) -> list[str]:
+    """The files of item (prompt i, sample k): one image, or a clip's MP4 and WebP."""
+    exts = CLIP_EXTS if s.size[0] > 1 else (s.file_ext,)
+    return [image_name(i, k, e) for e in exts]
+
+
 def rank_share(pending: list[int], rank: int, world: int) -> tuple[list[int], int]:
     """This rank's batches (round robin) and the number of rounds every rank runs.
 
@@ -167,8 +180,8 @@ def rank_share(pending: list[int], rank: int, world: int) -> tuple[list[int], in
     return pending[rank::world], -(-len(pending) // world)
 
 
-_IMAGE = re.compile(r"^\d{5}_\d{2}\.(png|jpg|jpeg)$")
-_IMAGE_TMP = re.compile(r"^\.\d{5}_\d{2}\.(png|jpg|jpeg)(\..+)?\.tmp$")  # a write cut short
+_IMAGE = re.compile(r"^\d{5}_\d{2}\.(png|jpg|jpeg|mp4|webp)$")
+_IMAGE_TMP = re.compile(r"^\.\d{5}_\d{2}\.(png|jpg|jpeg|mp4|webp)(\..+)?\.tmp$")  # a write cut short
 # Recipe values that do not change a single pixel: leave them out of the request.
 _NOT_PIXELS = ("prompts", "prompt_file", "out_dir", "save_npz", "source")
 # Shown at the top of the settings already: the recipe copy would only repeat them.
@@ -176,7 +189,7 @@ _SHOWN = ("steps", "size", "seed", "samples_per_prompt", "batch_size", "neg_prom
 _ALIASES = {"recipe.sample.sampler.name", "recipe.sample.guidance.name", "recipe.sample.guidance.scale"}
 
 
-def request_settings(resolved, prompts: list[str], *, source: str | None, weights) -> dict:
+def request_settings(resolved, prompts: list[str], *, source: str | None, weights, fps: int = DEFAULT_FPS) -> dict:
     """What decides the pictures in an out folder: compared with ``metadata.json`` before drawing."""
     s = resolved.recipe.sample
     d = resolved.to_dict()
@@ -189,6 +202,8 @@ def request_settings(resolved, prompts: list[str], *, source: str | None, weight
                 "distilled_guidance": s.distilled_guidance, "neg_prompt": s.neg_prompt,
                 "seed": s.seed, "samples_per_prompt": s.samples_per_prompt, "batch_size": s.batch_size,
                 "recipe": {"model": d.get("model"), "flow": d.get("flow"), "sample": sample_recipe_part}}
+    if s.size[0] > 1:  # the clips' timing is in their files: another fps is another request
+        settings["fps"] = fps
     return json.loads(json.dumps(settings))  # as metadata.json will hold it (tuples -> lists)
 
 
@@ -251,12 +266,15 @@ def prepare_out(out: Path, settings: dict, *, overwrite: bool, flag: str) -> Non
 
 
 def run_sampling(resolved, prompts: list[str], out: Path, *, weights, source: str | None,
-                 overwrite: bool = False, out_flag: str = "--out", allow_pickle: bool = False) -> int:
+                 overwrite: bool = False, out_flag: str = "--out", allow_pickle: bool = False,
+                 fps: int = DEFAULT_FPS) -> int:
+    s = resolved.recipe.sample
+    # Before anything is written or built: a frame count the VAE or patchifier cannot cut.
+    check_frames(s.size[0], *frame_rule(resolved), what=f"sample.size {'x'.join(map(str, s.size))}")
     rt = init_runtime(resolved.recipe.run.device)
     try:
-        s = resolved.recipe.sample
         # Before any model is built: the out folder must hold this request's samples or none.
-        settings = request_settings(resolved, prompts, source=source, weights=weights)
+        settings = request_settings(resolved, prompts, source=source, weights=weights, fps=fps)
         error = None
         if rt.is_main:
             try:
@@ -277,12 +295,13 @@ def run_sampling(resolved, prompts: list[str], out: Path, *, weights, source: st
             loaded = load_denoiser_weights(pipe.denoiser, *weights, use_ema=s.use_ema, allow_pickle=allow_pickle)
         batches = plan_batches(len(prompts), s.samples_per_prompt, s.batch_size)
         images_dir = out / "images"
-        name = lambda i, k: image_name(i, k, s.file_ext)  # noqa: E731
+        clips = s.size[0] > 1
         seed_of = lambda i, k: s.seed + i * s.samples_per_prompt + k  # noqa: E731
         pending = None
         if rt.is_main:
-            # A batch with any image missing is drawn again whole (same composition: same pixels).
-            pending = [b for b, chunk in enumerate(batches) if not all((images_dir / name(i, k)).exists() for i, k in chunk)]
+            # A batch with any file missing is drawn again whole (same composition: same pixels).
+            pending = [b for b, chunk in enumerate(batches)
+                       if not all((images_dir / f).exists() for i, k in chunk for f in item_files(i, k, s))]
         pending = _broadcast(pending)
         mine, rounds = rank_share(pending, rt.rank, rt.world_size)
         if rt.is_main:
@@ -298,21 +317,34 @@ def run_sampling(resolved, prompts: list[str], out: Path, *, weights, source: st
             imgs = generate(pipe, batch_prompts, sizes=[tuple(s.size)] * len(seeds), seeds=seeds, steps=s.steps,
                             neg_prompt=s.neg_prompt, distilled_guidance=s.distilled_guidance)
             for (i, k), img in zip(chunk, imgs):
-                _save_atomic(to_pil(img), images_dir / name(i, k))
+                if clips:
+                    frames = to_uint8(img)
+                    mp4, webp = (images_dir / f for f in item_files(i, k, s))
+                    write_mp4(mp4, frames, fps)
+                    write_bytes_atomic(webp, encode_webp(frames, fps))
+                else:
+                    _save_atomic(to_pil(img), images_dir / item_files(i, k, s)[0])
             if rt.is_main:
                 print(f"minfm: round {r + 1}/{rounds}", flush=True)
         ckpt_mod.barrier()
         if rt.is_main:
             items = [ik for chunk in batches for ik in chunk]
             settings = {**settings, "weights": loaded}
-            records = [{"path": f"images/{name(i, k)}", "prompt": prompts[i], "prompt_index": i, "sample": k,
-                        "seed": seed_of(i, k)} for i, k in items]
+            records = []
+            for i, k in items:  # prompt-major, as plan_batches lists them: the npz keeps this order
+                files = item_files(i, k, s)
+                rec = {"path": f"images/{files[0]}", "prompt": prompts[i], "prompt_index": i, "sample": k,
+                       "seed": seed_of(i, k)}
+                if clips:
+                    rec.update(preview=f"images/{files[1]}", frames=s.size[0], fps=fps)
+                records.append(rec)
             write_text_atomic(out / "metadata.json",
                               json.dumps({"settings": settings, "complete": True, "images": records}, indent=2))
             write_sample_index(out, records)
             if s.save_npz:
-                write_npz(out / "samples.npz", [images_dir / name(i, k) for i, k in items])
-            print(f"minfm: wrote {len(items)} images to {out}")
+                write_npz(out / "samples.npz", [out / r.get("preview", r["path"]) for r in records],
+                          fps=fps if clips else None)
+            print(f"minfm: wrote {len(items)} {'clips' if clips else 'images'} to {out}")
     finally:
         shutdown_runtime()
     return 0
@@ -333,16 +365,18 @@ def _save_atomic(image, path: Path) -> None:
     write_bytes_atomic(path, buf.getvalue())
 
 
-def write_npz(path: Path, files: list[Path]) -> None:
-    """``arr_0``: uint8 (N, H, W, 3), the layout the ADM evaluation suite reads.
+def write_npz(path: Path, files: list[Path], fps: int | None = None) -> None:
+    """``arr_0``: uint8 (N, H, W, 3), the layout the ADM evaluation suite reads; for clips
+    (``fps`` given: ``files`` are their lossless WebPs) uint8 (N, F, H, W, 3).
 
-    Streamed into the zip one image at a time (50k samples at 256x256 are ~10 GB), then
+    Streamed into the zip one sample at a time (50k samples at 256x256 are ~10 GB), then
     renamed into place.
     """
     import tempfile
     import zipfile
 
-    first = np.asarray(_open(files[0]))
+    load = (lambda p: read_webp(p, fps)) if fps else (lambda p: np.asarray(_open(p), dtype=np.uint8))  # noqa: E731
+    first = load(files[0])
     shape = (len(files), *first.shape)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # never a planted link
     os.close(fd)
@@ -350,10 +384,10 @@ def write_npz(path: Path, files: list[Path]) -> None:
         with zf.open("arr_0.npy", "w", force_zip64=True) as f:
             np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
             for p in files:
-                arr = np.asarray(_open(p), dtype=np.uint8)
+                arr = first if p == files[0] else load(p)
                 if arr.shape != first.shape:
-                    raise MinfmError(f"{p}: is {arr.shape[0]}x{arr.shape[1]}, the others {first.shape[0]}x{first.shape[1]}; "
-                                     ".npz needs one size")
+                    dims = lambda a: "x".join(map(str, a.shape[:-1]))  # noqa: E731
+                    raise MinfmError(f"{p}: is {dims(arr)}, the others {dims(first)}; .npz needs one size")
                 f.write(np.ascontiguousarray(arr).tobytes())
     os.replace(tmp, path)
 

@@ -1,0 +1,221 @@
+"""Clips on disk, and which frame counts a model can draw.
+
+A clip is a uint8 array ``(F, H, W, 3)``. It is written twice:
+
+- **MP4** (H.264, yuv420p, through PyAV, the ``video`` extra): what players, the demo and
+  people downloading samples want. yuv420p halves the colour resolution, so it is not exact;
+  odd heights or widths are padded by one repeated row or column, since 4:2:0 needs even sides.
+- **animated WebP, lossless**: what HTML pages show in an ``<img>`` (it loops, needs no
+  player, and scales up pixelated like a PNG), and the exact copy that ``samples.npz`` is
+  rebuilt from. Encoders merge a frame identical to the one before it into a longer
+  frame; :func:`read_webp` undoes that from the frame times, so the count stays exact.
+
+Nothing here imports torch or PyAV at module level: the hub's card renderer reads
+:func:`recipe_makes_clips` without either.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import MinfmError
+
+#: Frames per second of written clips unless told otherwise (8 fps: 125 ms, a whole number of ms).
+DEFAULT_FPS = 8
+MAX_FPS = 60
+#: Upper bound on frames per clip a command line or a demo request may ask for.
+MAX_FRAMES = 1024
+#: H.264 constant rate factor: 12 is far below visible loss; samples are small, size matters little.
+MP4_CRF = 12
+
+
+def require_av():
+    """PyAV, imported when a clip is written (it is the optional ``video`` extra)."""
+    try:
+        import av
+    except ImportError:
+        raise MinfmError("writing clips as MP4 needs PyAV: pip install 'minfm[video]'") from None
+    return av
+
+
+def check_clip(frames: np.ndarray) -> np.ndarray:
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or 0 in frames.shape:
+        raise ValueError(f"a clip is a non-empty uint8 array (F, H, W, 3), got {frames.dtype} {frames.shape}")
+    return np.ascontiguousarray(frames)
+
+
+def frame_starts_ms(n: int, fps: int) -> list[int]:
+    """Start time of frames 0..n in whole milliseconds (WebP counts time in ms)."""
+    return [round(i * 1000 / fps) for i in range(n + 1)]
+
+
+def _check_fps(fps: int) -> int:
+    if isinstance(fps, bool) or not isinstance(fps, int) or not 1 <= fps <= MAX_FPS:
+        raise MinfmError(f"fps: expected a whole number in 1..{MAX_FPS}, got {fps!r}")
+    return fps
+
+
+def encode_webp(frames: np.ndarray, fps: int = DEFAULT_FPS) -> bytes:
+    """An endlessly looping lossless animated WebP."""
+    from PIL import Image
+
+    frames = check_clip(frames)
+    starts = frame_starts_ms(len(frames), _check_fps(fps))
+    # Durations as differences of rounded start times: a merged run of frames keeps the
+    # start of its first frame, which is how read_webp finds every frame again.
+    durations = [b - a for a, b in zip(starts, starts[1:])]
+    pics = [Image.fromarray(f, "RGB") for f in frames]
+    buf = io.BytesIO()
+    pics[0].save(buf, format="WEBP", save_all=True, append_images=pics[1:], duration=durations, loop=0,
+                 lossless=True, quality=100, method=4)
+    return buf.getvalue()
+
+
+def read_webp(path: Path | str, fps: int = DEFAULT_FPS) -> np.ndarray:
+    """The clip :func:`encode_webp` wrote at ``fps``, frame for frame, as (F, H, W, 3) uint8."""
+    from PIL import Image, ImageSequence
+
+    out: list[np.ndarray] = []
+    step = 1000 / _check_fps(fps)
+    with Image.open(path) as im:
+        for frame in ImageSequence.Iterator(im):
+            arr = np.asarray(frame.convert("RGB"))  # decoding the frame is what fills in its times
+            start, dur = int(frame.info.get("timestamp", 0)), int(frame.info.get("duration", step))
+            # Every source frame whose start falls inside this (possibly merged) frame.
+            first, end = len(out), start + dur
+            out.append(arr)
+            while round((first + 1) * step) < end:
+                out.append(arr)
+                first += 1
+    return np.stack(out)
+
+
+def _even(frames: np.ndarray) -> np.ndarray:
+    """Pad an odd height or width by repeating the last row/column (yuv420p needs even sides)."""
+    _, h, w, _ = frames.shape
+    if h % 2 or w % 2:
+        frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    return frames
+
+
+def write_mp4(path: Path, frames: np.ndarray, fps: int = DEFAULT_FPS, crf: int = MP4_CRF) -> None:
+    """H.264 in MP4, yuv420p (what every browser plays), written whole or not at all."""
+    av = require_av()
+    frames = _even(check_clip(frames))
+    path = Path(path)
+    # The muxer rewrites the file's head at the end (faststart: playable while it downloads),
+    # so it needs a real file: encode next to the target, then rename into place.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        with av.open(tmp, "w", format="mp4", options={"movflags": "+faststart"}) as container:
+            stream = container.add_stream("libx264", rate=_check_fps(fps))
+            stream.height, stream.width = frames.shape[1:3]
+            stream.pix_fmt = "yuv420p"
+            # swscale converts RGB with BT.601 coefficients; say so in the stream, or players
+            # that assume BT.709 shift the colours.
+            stream.options = {"crf": str(crf), "preset": "medium",
+                              "x264-params": "colorprim=smpte170m:transfer=smpte170m:colormatrix=smpte170m"}
+            for f in frames:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():  # flush the encoder's delayed frames
+                container.mux(packet)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_mp4(path: Path | str) -> tuple[np.ndarray, float]:
+    """Every frame of an MP4 as (F, H, W, 3) uint8, and its frame rate."""
+    av = require_av()
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        return np.stack(frames), float(stream.average_rate)
+
+
+# ---- which frame counts a model can draw ---------------------------------------------------
+
+
+def frame_rule(resolved) -> tuple[int, int]:
+    """(VAE time compression, patch frames) of a resolved recipe: what decides valid frame counts."""
+    cf = int(resolved.config("model.vae").compression[0])
+    patch = getattr(resolved.config("model.patchifier"), "patch_size", (1, 1, 1))
+    return cf, int(patch[0])
+
+
+def frames_ok(frames: int, cf: int, pf: int) -> bool:
+    """Whether a clip of ``frames`` frames becomes whole latent frames and whole patches.
+
+    A VAE compressing time ``cf``-fold keeps the first frame apart (as Wan and most causal
+    video VAEs do), so it takes ``1 + cf * k`` frames; the patchifier then cuts latent
+    frames ``pf`` at a time.
+    """
+    if frames < 1:
+        return False
+    if cf > 1:
+        if (frames - 1) % cf:
+            return False
+        latent = 1 + (frames - 1) // cf
+    else:
+        latent = frames
+    return latent % pf == 0
+
+
+def valid_frames(cf: int, pf: int, count: int = 5, upto: int = MAX_FRAMES) -> list[int]:
+    return [f for f in range(1, upto + 1) if frames_ok(f, cf, pf)][:count]
+
+
+def check_frames(frames: int, cf: int, pf: int, *, what: str) -> int:
+    """``frames`` if this model can draw it, else a one-line MinfmError naming ``what`` and the valid counts."""
+    if not 1 <= frames <= MAX_FRAMES:
+        raise MinfmError(f"{what}: {frames} frames: expected 1..{MAX_FRAMES}")
+    if not frames_ok(frames, cf, pf):
+        why = []
+        if cf > 1:
+            why.append(f"its VAE keeps the first frame and compresses time {cf}x")
+        if pf > 1:
+            why.append(f"its patches span {pf} latent frames")
+        shown = valid_frames(cf, pf)
+        raise MinfmError(f"{what}: {frames} frames: this model cannot draw that ({' and '.join(why)}); "
+                         f"valid frame counts are {', '.join(map(str, shown))}, ...")
+    return frames
+
+
+# ---- which recipes describe a video model --------------------------------------------------
+
+
+def _positive_frames(node: Any, depth: int = 0) -> bool:
+    if depth > 8:  # a recipe's data table is shallow; a deeper one is not ours to walk
+        return False
+    if isinstance(node, Mapping):
+        f = node.get("frames")
+        if isinstance(f, int) and not isinstance(f, bool) and f > 1:
+            return True
+        return any(_positive_frames(v, depth + 1) for v in node.values() if isinstance(v, (Mapping, list, tuple)))
+    if isinstance(node, (list, tuple)):
+        return any(_positive_frames(v, depth + 1) for v in node if isinstance(v, (Mapping, list, tuple)))
+    return False
+
+
+def recipe_makes_clips(recipe: Mapping[str, Any]) -> bool:
+    """The one rule for "this is a video model", read from a recipe as a plain dict.
+
+    True when the recipe samples clips (``sample.size`` has more than one frame) or trains
+    on them (a ``frames`` value above 1 anywhere in its ``[data]`` table, dataset mixtures
+    included). Used by the Hub card (``pipeline_tag``) and the demo (the frame control).
+    """
+    sample = recipe.get("sample")
+    size = sample.get("size") if isinstance(sample, Mapping) else None
+    if isinstance(size, (list, tuple)) and len(size) == 3 and isinstance(size[0], int) and size[0] > 1:
+        return True
+    return _positive_frames(recipe.get("data"))

@@ -1,0 +1,135 @@
+"""``minfm sample --size FxHxW``: clips as MP4 + animated WebP, ``(N, F, H, W, 3)`` npz in prompt-major
+order, resume, and frame counts the model cannot draw. A tiny pixel-space model trained one step
+draws any (frames, height, width): the identity VAE and a one-frame patch cut any clip."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import run_minfm
+from engine_helpers import tiny
+from minfm_core.cli.main import main
+
+av = pytest.importorskip("av", reason="the video extra (pip install 'minfm[video]')")
+
+PROMPTS = ["--prompt", "a red circle", "--prompt", "a blue square"]
+F, H, W = 5, 16, 24
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    from minfm_core.engine.train import train
+
+    run = tmp_path_factory.mktemp("sample_video") / "run"
+    train(tiny(run, "train.max_steps=1"))
+    return run
+
+
+@pytest.fixture(scope="module")
+def clips(run_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("clips") / "out"
+    argv = ["sample", str(run_dir), "--out", str(out), *PROMPTS, "--n", "2", "--steps", "2",
+            "--size", f"{F}x{H}x{W}", "--fps", "10", "--npz", "--set", "sample.batch_size=3"]
+    assert main(argv) == 0
+    return out
+
+
+NAMES = ["00000_00", "00000_01", "00001_00", "00001_01"]  # prompt-major: prompt 0's samples first
+
+
+def test_each_clip_is_an_mp4_and_a_webp(clips):
+    assert sorted(p.name for p in (clips / "images").iterdir()) == sorted(
+        f"{n}.{e}" for n in NAMES for e in ("mp4", "webp"))
+
+
+def test_npz_holds_clips_prompt_major_exactly_as_the_webps(clips):
+    from minfm_core.engine.video_io import read_webp
+
+    with np.load(clips / "samples.npz") as z:
+        assert list(z.keys()) == ["arr_0"]
+        arr = z["arr_0"]
+    assert arr.dtype == np.uint8 and arr.shape == (4, F, H, W, 3)
+    for j, name in enumerate(NAMES):
+        assert np.array_equal(arr[j], read_webp(clips / "images" / f"{name}.webp", 10)), name
+    assert len({arr[j].tobytes() for j in range(4)}) == 4  # four different seeds, four different clips
+    meta = json.loads((clips / "metadata.json").read_text())
+    assert [(r["prompt_index"], r["sample"]) for r in meta["images"]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert [r["path"] for r in meta["images"]] == [f"images/{n}.mp4" for n in NAMES]
+    assert all(r["preview"] == r["path"][:-4] + ".webp" and (r["frames"], r["fps"]) == (F, 10) for r in meta["images"])
+    assert meta["settings"]["size"] == [F, H, W] and meta["settings"]["fps"] == 10
+
+
+def test_mp4_plays_back_every_frame_at_its_size_and_colours(clips):
+    with np.load(clips / "samples.npz") as z:
+        arr = z["arr_0"]
+    for j, name in enumerate(NAMES):
+        with av.open(str(clips / "images" / f"{name}.mp4")) as c:
+            s = c.streams.video[0]
+            assert (s.codec_context.name, s.codec_context.pix_fmt) == ("h264", "yuv420p")
+            assert float(s.average_rate) == 10
+            frames = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(s)])
+        assert frames.shape == (F, H, W, 3)
+        # An untrained model draws noise, which 4:2:0 cannot keep pixel for pixel; each frame's
+        # mean colour it keeps, and that pins the frames' order too.
+        got, want = frames.mean(axis=(1, 2)), arr[j].astype(float).mean(axis=(1, 2))
+        assert np.abs(got - want).max() < 3.0, (got, want)
+
+
+def test_webp_animates_every_frame(clips):
+    from PIL import Image
+
+    for name in NAMES:
+        with Image.open(clips / "images" / f"{name}.webp") as im:
+            assert im.is_animated and im.n_frames == F and im.size == (W, H)
+
+
+def test_gallery_page_shows_the_webp_and_links_the_mp4(clips):
+    page = (clips / "index.html").read_text()
+    for name in NAMES:
+        assert f"<a href='images/{name}.mp4'><img src='images/{name}.webp'" in page
+    assert f"{F} frames" in page
+
+
+def test_a_clip_is_the_same_however_it_is_batched_and_resumes(run_dir, clips, tmp_path):
+    out = tmp_path / "again"
+    base = ["sample", str(run_dir), "--out", str(out), *PROMPTS, "--n", "2", "--steps", "2",
+            "--size", f"{F}x{H}x{W}", "--fps", "10", "--npz", "--set", "sample.batch_size=3"]
+    assert main(base) == 0
+    for n in NAMES:
+        assert (out / "images" / f"{n}.webp").read_bytes() == (clips / "images" / f"{n}.webp").read_bytes()
+    # A clip missing its WebP is drawn again (its whole batch); the rest stays.
+    (out / "images" / "00001_01.webp").unlink()
+    res = run_minfm(*base[:])
+    assert res.returncode == 0 and "2 batches, 1 already done, 1 to draw" in res.stdout, res.stdout + res.stderr
+    assert (out / "samples.npz").read_bytes() == (clips / "samples.npz").read_bytes()
+    # Another frame rate is another request (the files hold their timing).
+    other = run_minfm(*[a if a != "10" else "12" for a in base])
+    assert other.returncode == 2 and "different fps" in other.stderr, other.stderr
+
+
+def test_images_stay_png_and_npz_stays_four_dimensional(run_dir, tmp_path):
+    out = tmp_path / "img"
+    assert main(["sample", str(run_dir), "--out", str(out), *PROMPTS, "--n", "2", "--steps", "2",
+                 "--size", "16x24", "--npz"]) == 0
+    assert sorted(p.name for p in (out / "images").iterdir()) == [f"{n}.png" for n in NAMES]
+    with np.load(out / "samples.npz") as z:
+        assert z["arr_0"].shape == (4, 16, 24, 3)
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["settings"]["size"] == [1, 16, 24] and "fps" not in meta["settings"]
+
+
+def test_frames_the_model_cannot_cut_exit_2_before_anything_is_written(run_dir, tmp_path):
+    # Patches two latent frames deep (and a denoiser sized for them): only even frame counts.
+    res = run_minfm("sample", str(run_dir), "--out", str(tmp_path / "o"), "--prompt", "x", "--size", "3x16x16",
+                    "--set", "model.patchifier.patch_size=[2, 2, 2]", "--set", "model.denoiser.d_img=24",
+                    "--set", "model.denoiser.rope_axes=[4, 6, 6]")
+    assert res.returncode == 2, res.stdout + res.stderr
+    line = res.stderr.strip()
+    assert "\n" not in line and "Traceback" not in line
+    assert line == ("minfm: error: sample.size 3x16x16: 3 frames: this model cannot draw that (its patches span 2 "
+                    "latent frames); valid frame counts are 2, 4, 6, 8, 10, ...")
+    assert not (tmp_path / "o").exists()
