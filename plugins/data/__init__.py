@@ -1,4 +1,5 @@
-"""Built-in plugin 'data': the ``shapes``, ``image_folder`` and ``imagenet`` datasets, and
+"""Built-in plugin 'data': the ``shapes``, ``moving_shapes``, ``image_folder``, ``video_folder`` and
+``imagenet`` datasets, the weighted ``mix`` of several, and
 ``minfm data imagenet prepare`` (under the shared ``data`` command group).
 
 A dataset factory is ``factory(cfg, *, split="train")`` and returns a map-style dataset whose
@@ -8,7 +9,7 @@ items are ``{"image": (3, F, H, W) in [-1, 1]}`` (or ``{"latent": (C, F, h, w)}`
 
 from minfm_core import hookimpl
 
-from .configs import ImageFolderConfig, ImagenetConfig, ShapesConfig
+from .configs import ImageFolderConfig, ImagenetConfig, MixConfig, MovingShapesConfig, ShapesConfig
 
 
 @hookimpl
@@ -16,6 +17,8 @@ def register_datasets(register):
     register("shapes", "minfm_plugins.data.shapes:build", ShapesConfig)
     register("image_folder", "minfm_plugins.data.image_folder:build", ImageFolderConfig)
     register("imagenet", "minfm_plugins.data.imagenet:build", ImagenetConfig)
+    register("moving_shapes", "minfm_plugins.data.moving_shapes:build", MovingShapesConfig)
+    register("mix", "minfm_plugins.data.mix:build", MixConfig)
 
 
 @hookimpl

@@ -141,3 +141,119 @@ class ImagenetConfig:
     seed: int = field(0, doc="seed of the flips", validator=non_negative)
     use_cached_latents: bool = _use_cached_latents()
     latents_dir: str | None = _latents_dir()
+
+
+#: Motions of the ``moving_shapes`` clips ("still": the shape stands in place).
+MOTIONS = ("left", "right", "up", "down", "still")
+
+
+@config
+class MovingShapesConfig:
+    """Built-in synthetic text-video data: one coloured shape moving left/right/up/down or standing still."""
+
+    frames: int = field(
+        9, doc="frames per clip (a video VAE with 4x time compression wants 1 + 4k: 5, 9, 17, ...)",
+        validator=Range(2, 257),
+    )
+    sizes: tuple[tuple[int, int], ...] = field(
+        ((32, 32), (32, 48), (48, 32)),
+        doc="(height, width) canvases drawn from at random per clip",
+        validator=[positive, _multiple_of_size_multiple],
+    )
+    size_multiple: int = field(16, doc="every height and width must divide by this (VAE x patch)", validator=_positive)
+    num_samples: int = field(10_000, doc="clips in the train split", validator=_positive)
+    num_val_samples: int = field(512, doc="clips in the val split (drawn with a disjoint seed)", validator=_positive)
+    seed: int = field(
+        0, doc="seed of the whole dataset; the same (seed, split, index) draws the same clip", validator=non_negative
+    )
+    colours: tuple[str, ...] = field(
+        ("red", "green", "blue", "yellow"), doc="colours to draw from", validator=_choices(SHAPE_COLOURS)
+    )
+    shapes: tuple[str, ...] = field(SHAPE_KINDS, doc="shapes to draw from", validator=_choices(SHAPE_KINDS))
+    motions: tuple[str, ...] = field(MOTIONS, doc="motions to draw from", validator=_choices(MOTIONS))
+    backgrounds: tuple[str, ...] = field(
+        ("white",), doc="plain background colours to draw from", validator=_choices(SHAPE_BACKGROUNDS)
+    )
+    scales: tuple[str, ...] = field(
+        ("small",), doc="shape sizes: small ~45%, large ~75% of the shorter side (small leaves room to move)",
+        validator=_choices(SHAPE_SIZES),
+    )
+    travel: float = field(
+        0.45, doc="distance a moving shape covers over the clip, as a fraction of the side it moves along "
+        "(shortened where the shape would leave the canvas)", validator=Range(0, 1, lo_open=True),
+    )
+    jitter: float = field(
+        0.05, doc="random offset of the path across its direction, as a fraction of the side", validator=_probability
+    )
+    use_cached_latents: bool = _use_cached_latents()
+    latents_dir: str | None = _latents_dir()
+
+
+def _dataset_table(inst, attribute, value) -> None:
+    """A mix source's ``dataset`` table is a whole dataset table: structured by its own config now,
+    so ``minfm check`` names a bad nested field by its full path (data.sources[1].dataset.frames)."""
+    from minfm_core.config import structure
+    from minfm_core.errors import MinfmError, RecipeError
+    from minfm_core.registry import get_registry
+    from minfm_core.validators import RangeError
+
+    name = value.get("name")
+    if not isinstance(name, str):
+        raise RangeError("dataset.name", "the dataset table needs name = '<dataset>' (e.g. 'shapes')")
+    if name == "mix":
+        raise RangeError("dataset.name", "a mix cannot hold another mix: list its sources here instead")
+    try:
+        comp = get_registry().get("dataset", name, path="dataset.name")
+    except MinfmError as exc:
+        msg = str(exc).removeprefix("dataset.name: ")
+        raise RangeError("dataset.name", msg) from None
+    options = {k: v for k, v in value.items() if k != "name"}
+    if comp.config is None:
+        if options:
+            raise RangeError("dataset", f"dataset {name!r} takes no options, got {', '.join(options)}")
+        return
+    try:
+        structure(options, comp.config)
+    except RecipeError as exc:
+        # Keep each problem's own path, under this source's dataset table.
+        where, _, msg = exc.problems[0].partition(": ")
+        more = f" (and {len(exc.problems) - 1} more)" if len(exc.problems) > 1 else ""
+        raise RangeError("dataset" if where == "<root>" else f"dataset.{where}", msg + more) from None
+
+
+@config
+class MixSource:
+    """One dataset of a mix and its share of the samples."""
+
+    weight: float = field(1.0, doc="relative share of this dataset's samples in the mix", validator=Range(0, lo_open=True))
+    dataset: dict = field(
+        factory=lambda: {"name": "shapes"}, doc="the dataset's own table: name = '<dataset>' and its fields",
+        validator=_dataset_table,
+    )
+
+
+def _sources(inst, attribute, value) -> None:
+    if not value:
+        raise ValueError(f"{attribute.name}: list at least one [[data.sources]] table")
+
+
+@config
+class MixConfig:
+    """Several datasets in one stream, by weight: images and clips land in the same batches."""
+
+    num_samples: int | None = field(
+        None, doc="samples per epoch of the mix (None: enough that every source is seen whole once)",
+        validator=Range(1),
+    )
+    period: int = field(
+        1000, doc="the weights are met exactly in every run of this many consecutive indices",
+        validator=Range(1, 1_000_000),
+    )
+    sources: tuple[MixSource, ...] = field(
+        factory=lambda: (MixSource(weight=1.0, dataset={"name": "shapes"}),
+                         MixSource(weight=1.0, dataset={"name": "moving_shapes"})),
+        doc="the datasets and their weights ([[data.sources]] tables: weight, dataset = {name = ..., ...})",
+        validator=_sources,
+    )
+    use_cached_latents: bool = _use_cached_latents()
+    latents_dir: str | None = _latents_dir()

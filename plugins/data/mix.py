@@ -1,0 +1,122 @@
+"""``mix``: several datasets as one, each contributing its weight's share of the samples.
+
+Index ``i`` of the mix belongs to period ``i // period``; within a period the sources take their
+quota of slots (the weights, rounded to whole slots by largest remainder) spread out by smooth
+weighted round robin, so any ``period`` consecutive indices hold the weights exactly and the
+loader's shuffle draws batches with the weights' proportions on average. Source ``k``'s ``j``-th
+slot overall reads its item ``j mod len(source)``: an item index and a source are a pure
+function of ``i``, the same in every process, worker and resumed run. The sources may yield
+images (F = 1) and clips (F > 1) alike; the trainer packs them together without padding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from minfm_core import protocols
+from minfm_core.errors import MinfmError
+
+from .configs import MixConfig
+
+
+def quotas(weights: list[float], period: int) -> list[int]:
+    """Whole slots per period for each weight (largest remainder; every source keeps at least one)."""
+    if period < len(weights):
+        raise MinfmError(f"mix: period {period} is shorter than the {len(weights)} sources")
+    total = sum(weights)
+    exact = [w / total * period for w in weights]
+    got = [max(1, math.floor(e)) for e in exact]
+    # Hand out (or take back) the remaining slots by largest (smallest) remainder.
+    order = sorted(range(len(weights)), key=lambda k: exact[k] - math.floor(exact[k]), reverse=True)
+    i = 0
+    while sum(got) < period:
+        got[order[i % len(order)]] += 1
+        i += 1
+    while sum(got) > period:
+        k = max((k for k in range(len(got)) if got[k] > 1), key=lambda k: got[k] - exact[k])
+        got[k] -= 1
+    return got
+
+
+def pattern(quota: list[int]) -> list[int]:
+    """Source of each slot of a period: smooth weighted round robin (no source bunches up)."""
+    total = sum(quota)
+    current = [0] * len(quota)
+    out = []
+    for _ in range(total):
+        current = [c + q for c, q in zip(current, quota)]
+        k = max(range(len(quota)), key=lambda j: current[j])
+        current[k] -= total
+        out.append(k)
+    return out
+
+
+class MixDataset(torch.utils.data.Dataset, protocols.Dataset):
+    def __init__(self, cfg: MixConfig, split: str = "train") -> None:
+        from minfm_core.registry import get_registry
+
+        self.cfg = cfg
+        self.sources = []
+        for k, src in enumerate(cfg.sources):
+            table = dict(src.dataset)
+            comp = get_registry().get("dataset", table.pop("name"), path=f"data.sources[{k}].dataset.name")
+            from minfm_core.config import structure
+
+            conf = structure(table, comp.config, path=f"data.sources[{k}].dataset") if comp.config else None
+            self.sources.append(comp.build(conf, split=split))
+        for k, ds in enumerate(self.sources):
+            if len(ds) == 0:
+                raise MinfmError(f"data.sources[{k}]: the dataset has no {split} samples")
+        self.quota = quotas([s.weight for s in cfg.sources], cfg.period)
+        self.slots = pattern(self.quota)
+        # rank[r]: how many earlier slots of the period belong to slot r's source.
+        seen = [0] * len(self.quota)
+        self.rank = []
+        for k in self.slots:
+            self.rank.append(seen[k])
+            seen[k] += 1
+        periods = max(math.ceil(len(ds) / q) for ds, q in zip(self.sources, self.quota))
+        self._len = cfg.num_samples or periods * cfg.period
+
+    def __len__(self) -> int:
+        return self._len
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(source, item index in that source) of mix index ``index``."""
+        if not 0 <= index < self._len:
+            raise IndexError(f"mix: index {index} out of range for {self._len} samples")
+        q, r = divmod(int(index), self.cfg.period)
+        k = self.slots[r]
+        return k, (q * self.quota[k] + self.rank[r]) % len(self.sources[k])
+
+    def set_epoch(self, epoch: int) -> None:
+        for ds in self.sources:
+            if hasattr(ds, "set_epoch"):
+                ds.set_epoch(epoch)
+
+    def prompt(self, index: int) -> str:
+        k, j = self.locate(index)
+        ds = self.sources[k]
+        return ds.prompt(j) if hasattr(ds, "prompt") else ds[j]["prompt"]
+
+    def short_prompts(self) -> list[str]:
+        """The sources' own short prompts, in source order (those that list any)."""
+        return [p for ds in self.sources if hasattr(ds, "short_prompts") for p in ds.short_prompts()]
+
+    def __getitem__(self, index: int) -> dict:
+        k, j = self.locate(index)
+        return self.sources[k][j]
+
+
+def build(cfg: MixConfig, *, split: str = "train") -> torch.utils.data.Dataset:
+    if cfg.use_cached_latents:
+        # `minfm cache latents` encodes the mix index by index: the cache is the mix, images and clips alike.
+        from .latents import CachedLatentsDataset
+
+        return CachedLatentsDataset("mix", cfg.latents_dir, split)
+    return MixDataset(cfg, split)
+
+
+__all__ = ["MixDataset", "build", "pattern", "quotas"]
