@@ -84,3 +84,53 @@ class IdentityVAEConfig:
     @property
     def compression(self) -> tuple[int, int, int]:
         return (1, 1, 1)
+
+
+def _one_flag_per_level(inst, attribute, value) -> None:
+    if len(value) != len(inst.dim_mult) - 1:
+        raise ValueError(
+            f"{attribute.name}: {len(value)} flags for {len(inst.dim_mult) - 1} downsampling levels "
+            f"(one per dim_mult entry after the first)"
+        )
+
+
+@config
+class WanVAEConfig:
+    """Wan 2.1's causal 3-D video VAE (diffusers AutoencoderKLWan): 4x in time (first frame kept), 8x in space."""
+
+    pretrained: str | None = field(
+        "Wan-AI/Wan2.1-T2V-1.3B-Diffusers/vae",
+        doc="a diffusers AutoencoderKLWan folder (or a pipeline folder with vae/), or a Hub reference "
+        "org/name[@rev][/path] to one (a bare repo id means its vae/); None: random weights",
+        file="ref",
+    )
+    dtype: Dtype = field("fp32", doc="weights and compute dtype (Wan runs its VAE in fp32); latents come back in the images' dtype")
+    sample_posterior: bool = field(
+        False, doc="encode to a sample of the posterior; false: its mean (what diffusers' Wan pipelines use)"
+    )
+    base_dim: int = field(96, doc="channels of the first level (Wan 2.1: 96)", validator=_positive)
+    z_dim: int = field(16, doc="latent channels (Wan 2.1: 16)", validator=_positive)
+    dim_mult: tuple[int, ...] = field(
+        (1, 2, 4, 4), doc="channel multiplier per level; each level after the first halves H and W",
+        validator=[positive, _non_empty],
+    )
+    num_res_blocks: int = field(2, doc="residual blocks per level", validator=_positive)
+    temperal_downsample: tuple[bool, ...] = field(
+        (False, True, True), doc="per downsampling level, whether it also halves time (diffusers' spelling)",
+        validator=_one_flag_per_level,
+    )
+    image_channels: int = field(3, doc="channels of the images", validator=_positive)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.z_dim
+
+    @property
+    def compression(self) -> tuple[int, int, int]:
+        """(frames, height, width): clips of 1 + t*k frames become 1 + k latent frames."""
+        s = 2 ** (len(self.dim_mult) - 1)
+        return (2 ** sum(bool(t) for t in self.temperal_downsample), s, s)
+
+    @property
+    def pretrained_refs(self) -> tuple[str, ...]:
+        return (vae_source(self.pretrained),) if self.pretrained else ()
