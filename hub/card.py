@@ -3,6 +3,11 @@
 Everything comes from the pushed folder (``recipe.toml``, ``metrics.jsonl``, the weights'
 safetensors headers), and nothing time-dependent goes in, so pushing the same folder twice
 writes the same card (and the second push is a no-op).
+
+A video model is one whose recipe samples or trains on clips
+(:func:`minfm_core.engine.video_io.recipe_makes_clips`): its card says
+``pipeline_tag: text-to-video``, and its ``samples.png`` (the last training gallery, an
+animated PNG for clips) plays on the card as an animated preview.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from minfm_core.engine.video_io import recipe_makes_clips
 from minfm_core.errors import MinfmError
 from minfm_core.recipe.toml import tomllib
 from minfm_core.weights import open_safetensors
@@ -94,10 +100,11 @@ def metadata(recipe: dict[str, Any], license: str) -> dict[str, Any]:
     data_name = data if isinstance(data, str) else data.get("name")
     datasets = [KNOWN_DATASETS[data_name]] if data_name in KNOWN_DATASETS else []
     datasets += [d for d in (_hub_id(data.get(k)) for k in ("repo_id", "hf_dataset")) if d] if isinstance(data, dict) else []
-    tags = ["minfm", "flow-matching", "text-to-image"]
+    task = "text-to-video" if recipe_makes_clips(recipe) else "text-to-image"
+    tags = ["minfm", "flow-matching", task]
     if denoiser.get("name"):
         tags.append(str(denoiser["name"]))
-    meta: dict[str, Any] = {"library_name": "minfm", "pipeline_tag": "text-to-image", "license": license, "tags": tags}
+    meta: dict[str, Any] = {"library_name": "minfm", "pipeline_tag": task, "license": license, "tags": tags}
     if base:
         meta["base_model"] = sorted(set(base)) if len(set(base)) > 1 else base[0]
     if datasets:
@@ -123,6 +130,29 @@ def _human(n: float, unit: str = "") -> str:
     return f"{n:.3g}P{unit}"
 
 
+def _is_animated(path: Path | None) -> bool:
+    """Whether a pushed picture holds more than one frame (an APNG gallery of clips)."""
+    if path is None:
+        return False
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return getattr(im, "n_frames", 1) > 1
+    except (OSError, ValueError):  # not a picture Pillow reads: the card just shows it as it is
+        return False
+
+
+def _clip_size(recipe: dict[str, Any]) -> str | None:
+    """``FxHxW`` of the recipe's sample clips, for the card's sampling command (None for images)."""
+    sample = recipe.get("sample")
+    size = sample.get("size") if isinstance(sample, dict) else None
+    if (isinstance(size, list) and len(size) == 3 and all(isinstance(v, int) and not isinstance(v, bool) for v in size)
+            and size[0] > 1 and min(size) > 0):
+        return "x".join(map(str, size))
+    return None
+
+
 def render(repo_id: str, files: dict[str, Path], folder: Path, license: str = "other") -> str:
     """The full README.md text for ``files`` (repo path -> local file) pushed from ``folder``."""
     from huggingface_hub import ModelCardData
@@ -133,8 +163,10 @@ def render(repo_id: str, files: dict[str, Path], folder: Path, license: str = "o
     model = recipe.get("model", {})
     stats = weight_stats(files)
 
+    video = meta["pipeline_tag"] == "text-to-video"
+    animated = _is_animated(files.get("samples.png"))
     parts = [f"---\n{yaml}\n---\n", f"# {repo_id.split('/')[-1]}\n"]
-    what = ["A text-to-image flow-matching model trained with [minFM](https://github.com/Kai-46/minFM)."]
+    what = [f"A {meta['pipeline_tag']} flow-matching model trained with [minFM](https://github.com/Kai-46/minFM)."]
     comps = [(label, _component(model, key)) for label, key in (
         ("denoiser", "denoiser"), ("VAE", "vae"), ("text encoder", "text_encoder"), ("pooled text encoder", "clip_encoder"))]
     comps = [f"{label} {c}" for label, c in comps if c]
@@ -147,12 +179,17 @@ def render(repo_id: str, files: dict[str, Path], folder: Path, license: str = "o
 
     prompts = recipe.get("sample", {}).get("prompts") or ["a photo of a cat"]
     prompt = shlex.quote(str(prompts[0]))
+    clip = _clip_size(recipe)
+    size_flag = f" --size {clip}" if video and clip else ""
+    install = "pip install 'minfm[video]'" if video else "pip install minfm"
     parts.append(
-        "## Sample\n\n```bash\npip install minfm\n"
-        f"minfm sample hf://{repo_id} --prompt {prompt} --out samples/\n"
+        f"## Sample\n\n```bash\n{install}\n"
+        f"minfm sample hf://{repo_id} --prompt {prompt}{size_flag} --out samples/\n"
         f"minfm hub pull {repo_id} --local-dir {repo_id.split('/')[-1]}   # or download the files only\n```\n\n"
         "In Python, `minfm_core.sources.resolve_source(\"hf://"
         f"{repo_id}\")` returns the local folder (safetensors only are downloaded).\n"
+        + ("\nEach clip is written as an MP4 (H.264) and an animated WebP; `--size FRAMESxHEIGHTxWIDTH` "
+           "sets the frame count.\n" if video else "")
     )
 
     rows = []
@@ -163,7 +200,7 @@ def render(repo_id: str, files: dict[str, Path], folder: Path, license: str = "o
             rows.append((f"`{stem}-*.safetensors` + `{stem}.safetensors.index.json`", doc + ", sharded"))
     for name, doc in (("recipe.toml", "the resolved recipe the model was trained with (`minfm run recipe.toml`)"),
                       ("metrics.jsonl", "training metrics, one JSON record per log step"),
-                      ("samples.png", "a sample grid")):
+                      ("samples.png", "an animated sample grid (APNG: every clip plays)" if animated else "a sample grid")):
         if name in files:
             rows.append((f"`{name}`", doc))
     if any(p.startswith("checkpoint/") for p in files):
@@ -186,5 +223,6 @@ def render(repo_id: str, files: dict[str, Path], folder: Path, license: str = "o
         parts.append("## Training\n\n| | |\n|---|---|\n" + "".join(f"| {a} | {b} |\n" for a, b in summary))
 
     if "samples.png" in files:
-        parts.append("## Samples\n\n![sample grid](samples.png)\n")
+        alt = "animated sample grid" if animated else "sample grid"
+        parts.append(f"## Samples\n\n![{alt}](samples.png)\n")
     return "\n".join(parts)
