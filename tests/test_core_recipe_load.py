@@ -230,3 +230,37 @@ def test_readme_recipe_examples_load(tmp_path):
     assert resolved.recipe.train.max_steps == 1000 and resolved.config("flow.time_sampler").sigma == 1.0
     data = load_recipe_dict(write(tmp_path / "more.toml", 'extends = "minfm:quickstart.toml"\n' + append))
     assert [t["name"] for t in data["logging"]["loggers"]] == ["console", "jsonl", "tensorboard"]
+
+
+def test_shipped_file_references_work_from_anywhere(tmp_path):
+    """``prompt_file = "minfm:prompts/..."`` names a file shipped with the recipes, whatever the cwd."""
+    from conftest import ROOT
+    from minfm_core.recipe import load_recipe
+
+    child = write(tmp_path / "mine.toml", 'extends = "minfm:flux_tiny_imagenet.toml"\n')
+    resolved = load_recipe(child)
+    assert resolved.recipe.sample.prompt_file == str(ROOT / "recipes" / "prompts" / "imagenet_examples.txt")
+    # A recipe from outside (a pulled repo) may name shipped files too: they are minFM's own.
+    repo = tmp_path / "repo"
+    write(repo / "recipe.toml", 'extends = "minfm:quickstart.toml"\n[sample]\nprompt_file = "minfm:prompts/parti_prompts.txt"\n')
+    resolved = load_recipe(repo / "recipe.toml", untrusted_root=repo)
+    assert resolved.recipe.sample.prompt_file == str(ROOT / "recipes" / "prompts" / "parti_prompts.txt")
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("minfm:prompts/parti_prompt.txt", "sample.prompt_file: minfm:prompts/parti_prompt.txt: no such shipped file "
+                                           "(did you mean 'prompts/parti_prompts.txt'?)"),
+        ("minfm:../pyproject.toml", "sample.prompt_file: minfm:../pyproject.toml: expected minfm:NAME, a file shipped"),
+        ("minfm:/etc/passwd", "sample.prompt_file: minfm:/etc/passwd: expected minfm:NAME, a file shipped"),
+    ],
+)
+def test_bad_shipped_file_references_are_one_line_errors(tmp_path, value, message):
+    from minfm_core.recipe import load_recipe
+
+    child = write(tmp_path / "mine.toml", f'extends = "minfm:quickstart.toml"\n[sample]\nprompt_file = "{value}"\n')
+    for kwargs in ({}, {"untrusted_root": tmp_path}):
+        with pytest.raises(RecipeError) as info:
+            load_recipe(child, **kwargs)
+        assert message in str(info.value) and "\n" not in str(info.value)

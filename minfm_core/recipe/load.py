@@ -115,16 +115,33 @@ def shipped_recipes() -> Path:
         return Path(__file__).resolve().parents[2] / "recipes"
 
 
+def shipped_file(text: str, what: str = "") -> Path:
+    """``minfm:NAME`` -> the file NAME (e.g. ``prompts/parti_prompts.txt``) shipped with the
+    recipes, wherever minFM is installed; a name that leaves that folder is an error."""
+    name = text[len(SHIPPED):]
+    folder = shipped_recipes()
+    if not name or Path(name).is_absolute() or ".." in Path(name).parts or "\\" in name:
+        raise RecipeError(f"{what + ': ' if what else ''}{text}: expected minfm:NAME, a file shipped with minFM's recipes")
+    found = folder / name
+    if not what or found.is_file():
+        return found
+    shipped = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.suffix != ".py")
+    raise RecipeError(f"{what}: {text}: no such shipped file{did_you_mean(name, shipped)}")
+
+
 def recipe_file(ref: str | os.PathLike) -> Path:
     """A recipe path as given, or ``minfm:NAME.toml`` -> that shipped recipe's file."""
     text = os.fspath(ref)
     if not text.startswith(SHIPPED):
         return Path(os.path.abspath(text))
-    name = text[len(SHIPPED):]
+    try:
+        if not text.endswith(".toml"):
+            raise RecipeError(text)
+        found = shipped_file(text)
+    except RecipeError:
+        raise RecipeError(f"{text}: expected minfm:NAME.toml, a recipe shipped with minFM") from None
     folder = shipped_recipes()
-    if not name or Path(name).is_absolute() or ".." in Path(name).parts:
-        raise RecipeError(f"{text}: expected minfm:NAME.toml, a recipe shipped with minFM")
-    found = folder / name
+    name = text[len(SHIPPED):]
     if not found.is_file():
         shipped = ", ".join(sorted(p.name for p in folder.glob("*.toml"))) or "(none)"
         raise RecipeError(f"{text}: no such shipped recipe{did_you_mean(name, [p.name for p in folder.glob('*.toml')])}; "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ from ..config import structure, unstructure
 from ..errors import MinfmError, RecipeError
 from ..registry import Component, Registry, get_registry
 from ..safepath import contained
-from .load import load_recipe_dict, parse_override
+from .load import SHIPPED, load_recipe_dict, parse_override, shipped_file
 from .schema import SLOTS, Recipe, Spec
 
 
@@ -147,16 +147,18 @@ def load_recipe(
         resolved = resolve_recipe(raw, source=str(path), world_size=world_size)
     except RecursionError:
         raise RecipeError("values nested too deeply", str(path)) from None
-    if untrusted_root is None:
-        return resolved
-    trusted = {".".join(parse_override(o)[0]) for o in overrides}
-    return contain_file_references(resolved, Path(path), Path(untrusted_root), trusted)
+    if untrusted_root is not None:
+        trusted = {".".join(parse_override(o)[0]) for o in overrides}
+        resolved = contain_file_references(resolved, Path(path), Path(untrusted_root), trusted)
+    return shipped_file_references(resolved)
 
 
 def _contain(value: str, kind: str, base: Path, root: Path, what: str) -> str:
     """``value`` (a file reference from an untrusted recipe) as a path inside ``root``, or an error."""
     if kind == "ref" and value.startswith("hf://"):
         return value  # names a Hub repo, not a local file: fetched into its own snapshot
+    if value.startswith(SHIPPED):
+        return value  # a file shipped with minFM (shipped_file_references checks the name)
     if os.path.isabs(value) or value.startswith("~"):
         raise MinfmError(f"{what}: refusing path {value!r}: it leaves {root}")
     name = os.path.relpath(os.path.normpath(base / value), root).replace(os.sep, "/")
@@ -181,41 +183,56 @@ def _is_trusted(key: str, trusted: set[str]) -> bool:
 TRAINING_ONLY = ("data", "train")
 
 
-def _contained_config(cfg: Any, prefix: str, base: Path, root: Path, source: str, trusted: set[str]) -> Any:
-    changes = {}
-    for a in attrs.fields(type(cfg)):
-        kind = a.metadata.get("file")
-        key = f"{prefix}.{a.name}"
-        value = getattr(cfg, a.name)
-        if kind is None or not isinstance(value, str) or not value or _is_trusted(key, trusted):
-            continue
-        try:
-            new = _contain(value, kind, base, root, f"{source}: {key}")
-        except MinfmError:
-            if not prefix.startswith(TRAINING_ONLY):
-                raise
-            # What a model was trained on (``data.root = "/data/images"``) is never read by
-            # sample, demo, export or push: dropped, so a published recipe stays usable.
-            new = a.default if a.default is not attrs.NOTHING else ""
-        if new != value:
-            changes[a.name] = new
-    return attrs.evolve(cfg, **changes) if changes else cfg
+def map_file_references(resolved: ResolvedRecipe, fn: Callable[[str, str, str, Any], str]) -> ResolvedRecipe:
+    """``resolved`` with ``fn(key, kind, value, attribute)`` applied to every set file reference
+    (fields declared with ``field(..., file=kind)``) of the run/sample/train sections and slots."""
+
+    def one(cfg: Any, prefix: str) -> Any:
+        changes = {}
+        for a in attrs.fields(type(cfg)):
+            kind, value = a.metadata.get("file"), getattr(cfg, a.name)
+            if kind is not None and isinstance(value, str) and value:
+                new = fn(f"{prefix}.{a.name}", kind, value, a)
+                if new != value:
+                    changes[a.name] = new
+        return attrs.evolve(cfg, **changes) if changes else cfg
+
+    recipe = resolved.recipe
+    recipe = attrs.evolve(recipe, **{name: one(getattr(recipe, name), name) for name in ("run", "sample", "train")})
+    slots = {
+        p: attrs.evolve(slot, config=one(slot.config, p))
+        if slot.config is not None and attrs.has(type(slot.config)) else slot
+        for p, slot in resolved.slots.items()
+    }
+    return ResolvedRecipe(recipe, slots, resolved.source)
 
 
 def contain_file_references(resolved: ResolvedRecipe, path: Path, root: Path, trusted: set[str] = frozenset()) -> ResolvedRecipe:
     """Every file reference of a recipe from outside, checked and made a path inside ``root``."""
     root = Path(os.path.abspath(root))
     base = Path(os.path.abspath(path)).parent  # the recipe's place in the repo, not a blob's
-    source = str(path)
-    recipe = resolved.recipe
-    sections = {}
-    for name in ("run", "sample", "train"):
-        section = getattr(recipe, name)
-        sections[name] = _contained_config(section, name, base, root, source, trusted)
-    recipe = attrs.evolve(recipe, **sections)
-    slots = {
-        p: attrs.evolve(slot, config=_contained_config(slot.config, p, base, root, source, trusted))
-        if slot.config is not None and attrs.has(type(slot.config)) else slot
-        for p, slot in resolved.slots.items()
-    }
-    return ResolvedRecipe(recipe, slots, resolved.source)
+
+    def contain(key: str, kind: str, value: str, a: Any) -> str:
+        if _is_trusted(key, trusted):
+            return value
+        try:
+            return _contain(value, kind, base, root, f"{path}: {key}")
+        except MinfmError:
+            if not key.startswith(TRAINING_ONLY):
+                raise
+            # What a model was trained on (``data.root = "/data/images"``) is never read by
+            # sample, demo, export or push: dropped, so a published recipe stays usable.
+            return a.default if a.default is not attrs.NOTHING else ""
+
+    return map_file_references(resolved, contain)
+
+
+def shipped_file_references(resolved: ResolvedRecipe) -> ResolvedRecipe:
+    """``minfm:NAME`` file references -> the files shipped with minFM's recipes (e.g.
+    ``prompt_file = "minfm:prompts/parti_prompts.txt"``), so that a shipped recipe works
+    from any folder."""
+
+    def shipped(key: str, kind: str, value: str, a: Any) -> str:
+        return str(shipped_file(value, f"{resolved.source}: {key}")) if value.startswith(SHIPPED) else value
+
+    return map_file_references(resolved, shipped)
