@@ -9,7 +9,7 @@ items are ``{"image": (3, F, H, W) in [-1, 1]}`` (or ``{"latent": (C, F, h, w)}`
 
 from minfm_core import hookimpl
 
-from .configs import ImageFolderConfig, ImagenetConfig, MixConfig, MovingShapesConfig, ShapesConfig
+from .configs import ImageFolderConfig, ImagenetConfig, MixConfig, MovingShapesConfig, ShapesConfig, VideoFolderConfig
 
 
 @hookimpl
@@ -18,6 +18,7 @@ def register_datasets(register):
     register("image_folder", "minfm_plugins.data.image_folder:build", ImageFolderConfig)
     register("imagenet", "minfm_plugins.data.imagenet:build", ImagenetConfig)
     register("moving_shapes", "minfm_plugins.data.moving_shapes:build", MovingShapesConfig)
+    register("video_folder", "minfm_plugins.data.video_folder:build", VideoFolderConfig)
     register("mix", "minfm_plugins.data.mix:build", MixConfig)
 
 

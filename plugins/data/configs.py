@@ -257,3 +257,36 @@ class MixConfig:
     )
     use_cached_latents: bool = _use_cached_latents()
     latents_dir: str | None = _latents_dir()
+
+
+@config
+class VideoFolderConfig:
+    """Video clips (mp4, webm, ...; read with PyAV) with captions from .txt sidecars."""
+
+    root: str = field(
+        "", doc="folder of videos; <root>/<split>/ is used when it exists (unused with cached latents)", file="file"
+    )
+    frames: int = field(
+        17, doc="frames per clip (a video VAE with 4x time compression wants 1 + 4k: 5, 9, 17, ...)",
+        validator=Range(1, 1025),
+    )
+    stride: int = field(1, doc="take every stride-th frame of the video (2 halves the frame rate)", validator=Range(1, 64))
+    clip_start: Literal["first", "random"] = field(
+        "random", doc="where a clip starts: the first frame, or anywhere it fits, drawn per (seed, epoch, index); "
+        "the val split always starts at the first frame",
+    )
+    max_pixels: int = field(
+        128 * 128, doc="token budget per frame: frames are resized (aspect kept) to about this many pixels",
+        validator=_positive,
+    )
+    size_multiple: int = field(
+        16, doc="height and width are center-cropped to multiples of this (VAE x patch)", validator=_positive
+    )
+    p_flip: float = field(0.0, doc="probability of flipping a clip horizontally (train split only)", validator=_probability)
+    val_fraction: float = field(
+        0.01, doc="share of videos held out for 'val' when the root has no split folders",
+        validator=Range(0, 1, hi_open=True),
+    )
+    seed: int = field(0, doc="seed of the clip starts, the flips and the held-out selection", validator=non_negative)
+    use_cached_latents: bool = _use_cached_latents()
+    latents_dir: str | None = _latents_dir()

@@ -1,0 +1,150 @@
+"""``video_folder``: a folder of video clips with ``.txt`` caption sidecars, read with PyAV.
+
+``cat.mp4`` + ``cat.txt`` is one item (any container FFmpeg reads: mp4, webm, mkv, mov, avi).
+A clip is ``frames`` frames taken every ``stride``-th frame of the video, from the first frame or
+from a start drawn per (seed, epoch, index); each frame is resized (aspect kept) to about
+``max_pixels`` pixels and center-cropped to multiples of ``size_multiple``, like ``image_folder``
+does for pictures. A video too short for ``(frames - 1) * stride + 1`` frames is an error naming
+the file and the two settings. Splits: ``root/train`` and ``root/val`` when they exist, else a
+stable hash of each path holds out ``val_fraction``. PyAV is the ``video`` extra
+(``pip install 'minfm[video]'``); it is imported when a clip is read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from minfm_core.errors import MinfmError
+
+from .configs import VideoFolderConfig
+from .image_folder import _hold_out
+from .images import Flips, budget_size, resize_and_center_crop, rng_for, to_tensor
+from .latents import CachedLatentsDataset
+
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v", ".gif")
+_SPLIT_DIRS = {"train": ("train",), "val": ("val", "validation")}
+
+
+def _av():
+    try:
+        import av
+    except ImportError:
+        raise MinfmError("video_folder: reading videos needs PyAV: pip install 'minfm[video]'") from None
+    return av
+
+
+def count_frames(path: Path) -> int:
+    """Frames in the first video stream: the container's count, else counted by demuxing (no decoding)."""
+    av = _av()
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        if stream.frames:
+            return int(stream.frames)
+        return sum(1 for packet in container.demux(stream) if packet.size)
+
+
+def read_frames(path: Path, indices: list[int]):
+    """The PIL frames at ``indices`` (sorted, distinct) of the first video stream, decoded in one pass."""
+    av = _av()
+    want = set(indices)
+    out = {}
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for i, frame in enumerate(container.decode(stream)):
+                if i in want:
+                    out[i] = frame.to_image()
+                    if len(out) == len(want):
+                        break
+    except (av.error.FFmpegError, IndexError) as exc:
+        raise MinfmError(f"video_folder: cannot read {path}: {exc}") from None
+    return [out[i] for i in indices if i in out]
+
+
+class VideoFolderDataset(torch.utils.data.Dataset):
+    def __init__(self, cfg: VideoFolderConfig, split: str = "train") -> None:
+        if split not in _SPLIT_DIRS:
+            raise MinfmError(f"video_folder: unknown split {split!r}; expected 'train' or 'val'")
+        if not cfg.root:
+            raise MinfmError("video_folder: set data.root to the folder of videos (or use_cached_latents = true)")
+        root = Path(cfg.root).expanduser()
+        if not root.is_dir():
+            raise MinfmError(f"video_folder: data.root {str(root)!r} is not a folder")
+        self.cfg = cfg
+        self.split = split
+        self.flips = Flips(cfg.p_flip, cfg.seed, split)
+        self.epoch = 0
+        split_dir = next((root / d for d in _SPLIT_DIRS[split] if (root / d).is_dir()), None)
+        items = _scan(split_dir) if split_dir is not None else _hold_out(_scan(root), root, split, cfg.val_fraction)
+        if not items:
+            raise MinfmError(f"video_folder: no captioned videos for split {split!r} under {str(root)!r}")
+        self.items = items  # [(path, caption)] in a fixed order
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Clip starts and flips depend on (seed, epoch, index)."""
+        self.epoch = self.flips.epoch = int(epoch)
+
+    def prompt(self, index: int) -> str:
+        return self.items[index][1]
+
+    def frame_indices(self, index: int, available: int) -> list[int]:
+        """Which frames of the video clip ``index`` reads (``available`` frames in the video)."""
+        cfg = self.cfg
+        span = (cfg.frames - 1) * cfg.stride + 1
+        if available < span:
+            raise MinfmError(
+                f"video_folder: {self.items[index][0]} has {available} frames; data.frames = {cfg.frames} at "
+                f"data.stride = {cfg.stride} needs {span}: lower one of them"
+            )
+        start = 0
+        if cfg.clip_start == "random" and self.split == "train" and available > span:
+            start = int(rng_for(cfg.seed, 0x51, self.epoch, index).integers(available - span + 1))
+        return [start + k * cfg.stride for k in range(cfg.frames)]
+
+    def __getitem__(self, index: int) -> dict:
+        path, caption = self.items[index]
+        indices = self.frame_indices(index, count_frames(path))
+        frames = read_frames(path, indices)
+        if len(frames) < len(indices):  # the container over-counted
+            raise MinfmError(f"video_folder: {path} decoded to fewer frames than its header says ({len(frames)} of "
+                             f"frame {indices[-1]} needed)")
+        w, h = budget_size(frames[0].width, frames[0].height, self.cfg.max_pixels, self.cfg.size_multiple)
+        clip = torch.cat([to_tensor(resize_and_center_crop(f, w, h)) for f in frames], dim=1)
+        if self.flips(index):
+            clip = clip.flip(-1)
+        return {"image": clip, "prompt": caption}
+
+
+def _scan(folder: Path) -> list[tuple[Path, str]]:
+    items, missing = [], []
+    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES):
+        sidecar = path.with_suffix(".txt")
+        if sidecar.is_file():
+            items.append((path, sidecar.read_text(encoding="utf-8").strip()))
+        else:
+            missing.append(path.name)
+    if missing and not items:
+        raise MinfmError(
+            f"video_folder: {len(missing)} videos under {str(folder)!r} have no caption "
+            f"(no .txt sidecar such as {missing[0]!r} -> {Path(missing[0]).stem + '.txt'!r})"
+        )
+    if missing:
+        import warnings
+
+        warnings.warn(f"video_folder: skipping {len(missing)} videos without a .txt caption under {str(folder)!r}")
+    return items
+
+
+def build(cfg: VideoFolderConfig, *, split: str = "train") -> torch.utils.data.Dataset:
+    if cfg.use_cached_latents:
+        return CachedLatentsDataset("video_folder", cfg.latents_dir, split, flips=Flips(cfg.p_flip, cfg.seed, split))
+    return VideoFolderDataset(cfg, split)
+
+
+__all__ = ["VIDEO_SUFFIXES", "VideoFolderDataset", "build", "count_frames", "read_frames"]

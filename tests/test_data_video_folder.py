@@ -1,0 +1,107 @@
+"""``video_folder``: real mp4/webm files written with PyAV, captions from sidecars, frames and stride from the recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from minfm_core.cli.main import main
+from minfm_core.config import structure
+from minfm_core.errors import MinfmError
+from minfm_core.registry import get_registry
+
+av = pytest.importorskip("av")
+
+CODECS = {".mp4": ("libx264", {"crf": "0", "preset": "ultrafast"}), ".webm": ("libvpx-vp9", {"lossless": "1"})}
+LEVEL = 12  # grey level step per frame: frame k is grey 16 + LEVEL * k
+
+
+def write_video(path: Path, n_frames: int, height: int = 32, width: int = 48) -> None:
+    codec, options = CODECS[path.suffix]
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=8, options=options)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for k in range(n_frames):
+            arr = np.full((height, width, 3), 16 + LEVEL * k, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def frame_numbers(clip: torch.Tensor) -> list[int]:
+    grey = ((clip + 1) * 127.5).mean(dim=(0, 2, 3))
+    return [round((float(g) - 16) / LEVEL) for g in grey]
+
+
+@pytest.fixture
+def folder(tmp_path):
+    for name, n, suffix in (("a", 20, ".mp4"), ("b", 12, ".webm"), ("c", 20, ".webm")):
+        write_video(tmp_path / f"{name}{suffix}", n)
+        (tmp_path / f"{name}.txt").write_text(f"clip {name}\n")
+    return tmp_path
+
+
+def make(split="train", **kw):
+    comp = get_registry().get("dataset", "video_folder")
+    return comp.build(structure(kw, comp.config, path="data"), split=split)
+
+
+def test_reads_mp4_and_webm_with_frames_stride_and_captions(folder):
+    ds = make(root=str(folder), frames=5, stride=2, clip_start="first", val_fraction=0.0, max_pixels=32 * 48)
+    assert len(ds) == 3 and [ds.prompt(i) for i in range(3)] == ["clip a", "clip b", "clip c"]
+    for i in range(3):
+        item = ds[i]
+        assert item["prompt"] == f"clip {'abc'[i]}"
+        assert tuple(item["image"].shape) == (3, 5, 32, 48)
+        assert frame_numbers(item["image"]) == [0, 2, 4, 6, 8]
+
+
+def test_random_starts_are_deterministic_per_epoch_and_fit(folder):
+    ds = make(root=str(folder), frames=4, stride=3, val_fraction=0.0)
+    starts = set()
+    for epoch in range(6):
+        ds.set_epoch(epoch)
+        nums = frame_numbers(ds[0]["image"])
+        assert np.diff(nums).tolist() == [3, 3, 3] and 0 <= nums[0] and nums[-1] <= 19
+        starts.add(nums[0])
+        again = make(root=str(folder), frames=4, stride=3, val_fraction=0.0)
+        again.set_epoch(epoch)
+        assert frame_numbers(again[0]["image"]) == nums
+    assert len(starts) > 1
+
+
+def test_frames_are_sized_to_the_budget(folder):
+    ds = make(root=str(folder), frames=2, clip_start="first", val_fraction=0.0, max_pixels=16 * 24, size_multiple=8)
+    assert tuple(ds[0]["image"].shape) == (3, 2, 16, 24)  # 32x48 scaled to 384 pixels: half, multiples of 8
+
+
+def test_a_too_short_video_names_the_file_and_settings(folder):
+    ds = make(root=str(folder), frames=9, stride=2, clip_start="first", val_fraction=0.0)
+    ds[0]  # 20 frames hold 17
+    with pytest.raises(MinfmError, match=r"b\.webm has 12 frames; data\.frames = 9 at data\.stride = 2 needs 17"):
+        ds[1]
+
+
+def test_splits_and_missing_captions(folder, tmp_path):
+    (folder / "val").mkdir()
+    write_video(folder / "val" / "v.mp4", 6)
+    (folder / "val" / "v.txt").write_text("held out")
+    val = make("val", root=str(folder), frames=3, clip_start="first")
+    assert len(val) == 1 and val[0]["prompt"] == "held out"
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    write_video(bare / "x.mp4", 3)
+    with pytest.raises(MinfmError, match="no .txt sidecar such as 'x.mp4' -> 'x.txt'"):
+        make(root=str(bare), frames=2)
+
+
+@pytest.mark.parametrize(("setting", "where"), [("frames = 0", "data.frames: "), ("stride = 0", "data.stride: "),
+                                                 ("stride = 65", "data.stride: "), ("clip_start = 'middle'", "data.clip_start: ")])
+def test_bad_settings_name_their_path(setting, where, capsys):
+    rc = main(["check", "recipes/quickstart.toml", "--set", f"data={{name = 'video_folder', root = 'x', {setting}}}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and where in err and len(err.strip().splitlines()) == 1, err
