@@ -287,6 +287,24 @@ class PretrainedConfig(Protocol):
     pretrained: str | None
 
 
+@runtime_checkable
+class CachedLatentsConfig(Protocol):
+    """A dataset config that can read the latents ``minfm cache latents`` wrote, instead of
+    its images: ``use_cached_latents`` turns it on, ``latents_dir`` (None: the run's
+    ``latents/``) is where they are."""
+
+    use_cached_latents: bool
+    latents_dir: str | None
+
+
+@runtime_checkable
+class FlipConfig(Protocol):
+    """A dataset config with random horizontal flips, ``p_flip`` in [0, 1]: the flips are
+    drawn per epoch, so ``minfm cache latents`` encodes the images unflipped."""
+
+    p_flip: float
+
+
 #: Kind -> the protocol its built component satisfies.
 PROTOCOLS: dict[str, type] = {
     "denoiser": Denoiser,

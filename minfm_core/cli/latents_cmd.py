@@ -23,6 +23,7 @@ from typing import Any
 
 from ..config import Dtype
 from ..errors import MinfmError
+from ..protocols import CachedLatentsConfig, FlipConfig
 from ..recipe import load_recipe
 
 
@@ -119,13 +120,14 @@ def run(args) -> int:
     data = resolved.get("data")
     if data is None:
         raise MinfmError(f"{args.recipe}: has no [data] section to encode")
-    if getattr(data.config, "p_flip", 0):
+    if isinstance(data.config, FlipConfig) and data.config.p_flip:
         # Flips are drawn per epoch when the cache is read: store the images unflipped.
         resolved = load_recipe(args.recipe, [*args.overrides, "data.p_flip=0.0"], world_size=1)
         data = resolved.get("data")
-    if getattr(data.config, "use_cached_latents", False):
+    cached = data.config if isinstance(data.config, CachedLatentsConfig) else None
+    if cached is not None and cached.use_cached_latents:
         raise MinfmError("data.use_cached_latents: set it to false to encode the images (--set data.use_cached_latents=false)")
-    out = Path(args.out or getattr(data.config, "latents_dir", "") or Path(resolved.recipe.run.exp_dir) / "latents")
+    out = Path(args.out or (cached.latents_dir if cached else "") or Path(resolved.recipe.run.exp_dir) / "latents")
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu")
     vae = resolved.build("model.vae").to(device)
