@@ -1,4 +1,4 @@
-"""The Gradio app: ``minfm demo SRC`` serves a text-to-image page and a ``/generate`` API.
+"""The Gradio app: ``minfm demo SRC`` serves a text-to-image (or text-to-video) page and a ``/generate`` API.
 
     minfm demo experiments/quickstart                 # http://127.0.0.1:7860
     minfm demo hf://org/model --max-batch 16 --port 8000
@@ -6,6 +6,7 @@
 Every request goes through one :class:`~minfm_apps.batcher.Batcher`, so requests that
 arrive together are drawn in one packed sampler call even at different sizes. The
 same function serves the page and the API (``gradio_client``: ``api_name="/generate"``).
+A video model's page adds a frame count and plays each clip as an MP4.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from minfm_core.errors import MinfmError  # noqa: E402
 
@@ -42,41 +45,72 @@ def _md_escape(text: str) -> str:
     return _MD_SPECIAL.sub(r"\\\1", text)
 
 
-def make_handler(model: DemoModel, batcher: Batcher):
-    """The request function behind the page and ``/generate`` (returns images and the seed used)."""
+def make_handler(model: DemoModel, batcher: Batcher, cache_dir: str | None = None):
+    """The request function behind the page and ``/generate``.
 
-    def generate(prompt: str, negative_prompt: str, size: str, steps: float, cfg_scale: float, ep_cfg: bool,
-                 sampler: str, seed: float, random_seed: bool, num_images: float, progress=gr.Progress()):
+    An image model's returns (captioned images, the seed used); a video model's takes a frame
+    count too and returns (the first clip's MP4, every clip's MP4 captioned, the seed used).
+    MP4s go into Gradio's cache (``cache_dir``) under content-hashed names, like its images.
+    """
+
+    def draw(prompt, negative_prompt, size, steps, cfg_scale, ep_cfg, sampler, seed, random_seed, num_images,
+             frames, progress):
         if random_seed:
             seed = secrets.randbelow(2**31 - model.limits.max_images)
         try:
             settings, jobs = model.check_request(prompt, negative_prompt, size, steps, cfg_scale, ep_cfg,
-                                                 sampler, seed, num_images)
+                                                 sampler, seed, num_images, frames)
         except MinfmError as exc:
             raise gr.Error(str(exc), title="Invalid input", print_exception=False) from None
         req = batcher.submit(jobs, settings)
         progress(0, desc="waiting for the batch")
         while True:
             try:
-                images = req.future.result(timeout=_POLL_S)
-                break
+                return req.future.result(timeout=_POLL_S), jobs
             except FutureTimeout:
                 if req.steps:
                     progress((req.step, req.steps), desc="sampling", unit="steps")
             except MinfmError as exc:
                 raise gr.Error(str(exc)) from None
-        out = [(img, f"seed {job.seed} · {size_label(*job.size[1:])}") for img, job in zip(images, jobs)]
-        return out, jobs[0].seed
 
-    return generate
+    if not model.makes_clips:
+        def generate(prompt: str, negative_prompt: str, size: str, steps: float, cfg_scale: float, ep_cfg: bool,
+                     sampler: str, seed: float, random_seed: bool, num_images: float, progress=gr.Progress()):
+            images, jobs = draw(prompt, negative_prompt, size, steps, cfg_scale, ep_cfg, sampler, seed, random_seed,
+                                num_images, 1, progress)
+            out = [(img, f"seed {job.seed} · {size_label(*job.size[1:])}") for img, job in zip(images, jobs)]
+            return out, jobs[0].seed
+
+        return generate
+
+    from gradio.processing_utils import save_bytes_to_cache
+
+    from minfm_core.engine.video_io import DEFAULT_FPS, encode_mp4
+
+    def generate_clips(prompt: str, negative_prompt: str, size: str, frames: float, steps: float, cfg_scale: float,
+                       ep_cfg: bool, sampler: str, seed: float, random_seed: bool, num_images: float,
+                       progress=gr.Progress()):
+        clips, jobs = draw(prompt, negative_prompt, size, steps, cfg_scale, ep_cfg, sampler, seed, random_seed,
+                           num_images, frames, progress)
+        progress(1.0, desc="encoding")
+        paths = []
+        for clip, job in zip(clips, jobs):
+            arr = np.asarray(clip)[None] if isinstance(clip, Image.Image) else clip  # a 1-frame request
+            paths.append(save_bytes_to_cache(encode_mp4(arr, DEFAULT_FPS), f"seed{job.seed}.mp4", cache_dir))
+        out = [(p, f"seed {job.seed} · {job.size[0]} frames · {size_label(*job.size[1:])}") for p, job in zip(paths, jobs)]
+        return paths[0], out, jobs[0].seed
+
+    return generate_clips
 
 
 def build_app(model: DemoModel, batcher: Batcher, *, queue_limit: int = 32) -> gr.Blocks:
     lim = model.limits
     examples = model.examples
-    # Generated images live in gradio's cache; drop those older than an hour, hourly.
-    with gr.Blocks(title="minFM text-to-image", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
-        gr.Markdown(f"## minFM text-to-image\n`{model.source}`")
+    clips = model.makes_clips
+    task = "text-to-video" if clips else "text-to-image"
+    # Generated images and clips live in gradio's cache; drop those older than an hour, hourly.
+    with gr.Blocks(title=f"minFM {task}", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
+        gr.Markdown(f"## minFM {task}\n`{model.source}`")
         with gr.Row():
             with gr.Column(scale=2):
                 prompt = gr.Textbox(label="Prompt", lines=2, max_length=lim.max_prompt_chars, elem_id="prompt",
@@ -87,7 +121,13 @@ def build_app(model: DemoModel, batcher: Batcher, *, queue_limit: int = 32) -> g
                     size = gr.Dropdown([size_label(*s) for s in model.presets], value=size_label(*model.default_size),
                                        allow_custom_value=True, label="Size (height x width)", elem_id="size",
                                        info=f"a preset, or HxW in multiples of {lim.multiple}")
-                    num_images = gr.Slider(1, lim.max_images, value=min(2, lim.max_images), step=1, label="Images")
+                    num_images = gr.Slider(1, lim.max_images, value=min(2, lim.max_images), step=1,
+                                           label="Clips" if clips else "Images")
+                frames = None
+                if clips:  # only a video model is offered a frame count (and only counts it can cut)
+                    frames = gr.Slider(model.min_frames, lim.max_frames, value=model.default_frames,
+                                       step=model.frame_step, label="Frames", elem_id="frames",
+                                       info=f"clips play at 8 fps; counts this model can draw: {model.frame_choices()}")
                 with gr.Row():
                     steps = gr.Slider(1, lim.max_steps, value=model.default_steps, step=1, label="Steps")
                     cfg_scale = gr.Slider(0.0, lim.max_cfg, value=model.default_cfg, step=0.1, label="CFG scale")
@@ -101,7 +141,12 @@ def build_app(model: DemoModel, batcher: Batcher, *, queue_limit: int = 32) -> g
                 if examples:
                     gr.Examples([[p] for p in examples], inputs=[prompt], label="Prompts from the training recipe")
             with gr.Column(scale=3):
-                gallery = gr.Gallery(label="Images", format="png", columns=2, object_fit="contain", height=420,
+                video = None
+                if clips:
+                    video = gr.Video(label="Clip", format="mp4", autoplay=True, loop=True, interactive=False,
+                                     height=320, elem_id="video")
+                gallery = gr.Gallery(label="Clips" if clips else "Images", format="png", columns=2,
+                                     object_fit="contain", height=420 if not clips else 240,
                                      buttons=["download", "fullscreen"], interactive=False, elem_id="gallery")
                 seed_used = gr.Number(label="Seed used", info="image i of a request uses seed + i", precision=0,
                                       interactive=False, elem_id="seed-used")
@@ -109,11 +154,16 @@ def build_app(model: DemoModel, batcher: Batcher, *, queue_limit: int = 32) -> g
                     gr.Markdown(card_markdown(model), elem_id="model-card")
                     with gr.Accordion("Recipe", open=False):
                         gr.Code(model.recipe_text, language=None, interactive=False, label="recipe.toml")
+        inputs = [prompt, negative, size, steps, cfg_scale, ep_cfg, sampler, seed, random_seed, num_images]
+        outputs = [gallery, seed_used]
+        if clips:
+            inputs.insert(3, frames)
+            outputs.insert(0, video)
         gr.on(
             triggers=[button.click, prompt.submit],
-            fn=make_handler(model, batcher),
-            inputs=[prompt, negative, size, steps, cfg_scale, ep_cfg, sampler, seed, random_seed, num_images],
-            outputs=[gallery, seed_used],
+            fn=make_handler(model, batcher, cache_dir=gallery.GRADIO_CACHE),
+            inputs=inputs,
+            outputs=outputs,
             api_name="generate",
         )
     # Handlers only wait on the batcher, so as many may run as one batch can hold.

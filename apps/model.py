@@ -2,10 +2,14 @@
 
 No gradio here: everything the app checks or computes is plain Python, so it is tested
 without a server, and user mistakes raise :class:`MinfmError` (the app shows the message).
+
+A video model (its recipe samples or trains on clips: ``recipe_makes_clips``) also takes a
+frame count, in the steps its VAE and patchifier can cut; an image model draws one frame.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -33,6 +37,7 @@ class Limits:
     multiple: int  # height and width must be multiples of this (VAE compression x patch)
     max_side: int
     max_pixels: int
+    max_frames: int = 1  # 1: an image model (the page offers no frame control)
 
 
 @dataclass(frozen=True)
@@ -151,6 +156,31 @@ class DemoModel:
         self.default_ep_cfg = guidance.component.name == "ep_cfg"
         self.default_sampler = resolved["sample.sampler"].component.name
         self.default_neg_prompt = s.neg_prompt
+        self._init_frames(resolved)
+
+    def _init_frames(self, resolved) -> None:
+        """Which frame counts a request may ask for: only a video model's, and only those it can cut."""
+        from minfm_core.engine.video_io import frame_rule, recipe_makes_clips, valid_frames
+
+        self.makes_clips = recipe_makes_clips(resolved.to_dict())
+        self.frame_rule = frame_rule(resolved)
+        counts = valid_frames(*self.frame_rule, count=2)
+        # Valid counts step evenly (first, first + step, ...): a slider can offer exactly them.
+        self.frame_step = counts[1] - counts[0] if len(counts) > 1 else 1
+        self.min_frames = counts[0] if counts else 1
+        if not self.makes_clips:
+            self.default_frames = 1
+            return
+        data = resolved.recipe.data
+        trained = data.options.get("frames") if data is not None else None
+        want = int(resolved.recipe.sample.size[0])
+        if want <= 1 and isinstance(trained, int):
+            want = trained
+        self.default_frames = max(self.min_frames, want)
+        # Twice the longest clip it was asked for, on the model's frame grid.
+        top = 2 * max(self.default_frames, trained if isinstance(trained, int) else 1)
+        top = self.min_frames + (top - self.min_frames) // self.frame_step * self.frame_step
+        self.limits = dataclasses.replace(self.limits, max_frames=max(top, self.default_frames))
 
     # ---- loading -------------------------------------------------------------------
     @classmethod
@@ -193,7 +223,7 @@ class DemoModel:
         return get_registry().names("sampler")
 
     def check_request(self, prompt: str, neg_prompt: str, size: str, steps: Any, cfg_scale: Any, ep_cfg: bool,
-                      sampler: str, seed: int, n_images: Any) -> tuple[Settings, list[Job]]:
+                      sampler: str, seed: int, n_images: Any, frames: Any = 1) -> tuple[Settings, list[Job]]:
         """Validate one request; raise MinfmError with a message meant for the person typing."""
         lim = self.limits
         prompt = "" if prompt is None else str(prompt)
@@ -227,9 +257,26 @@ class DemoModel:
         seed_i = _as_int(seed, "Seed")
         if not 0 <= seed_i <= 2**31 - n:
             raise _err(f"Seed must be between 0 and {2**31 - n}, got {seed_i}.")
+        f = self.check_frames(frames)
         settings = Settings(steps=steps_i, sampler=str(sampler), cfg_scale=scale, ep_cfg=bool(ep_cfg))
-        jobs = [Job(prompt, neg_prompt, (1, h, w), seed_i + i) for i in range(n)]
+        jobs = [Job(prompt, neg_prompt, (f, h, w), seed_i + i) for i in range(n)]
         return settings, jobs
+
+    def check_frames(self, frames: Any) -> int:
+        from minfm_core.engine.video_io import frames_ok
+
+        f = _as_int(frames, "Frames")
+        if f == 1 and not self.makes_clips:
+            return 1
+        if not self.makes_clips:
+            raise _err(f"This model draws images: Frames must be 1, got {f}.")
+        lim = self.limits
+        if not (self.min_frames <= f <= lim.max_frames and frames_ok(f, *self.frame_rule)):
+            raise _err(f"Frames must be one of {self.frame_choices()}, got {f}.")
+        return f
+
+    def frame_choices(self) -> str:
+        return f"{self.min_frames}, {self.min_frames + self.frame_step}, ... {self.limits.max_frames}"
 
     # ---- sampling ------------------------------------------------------------------
     def _guidance(self, settings: Settings):
@@ -247,8 +294,9 @@ class DemoModel:
         return get_registry().get("sampler", name).build()
 
     def run(self, settings: Settings, jobs: list[Job], callback: Callable[[int, int], None] | None = None):
-        """All ``jobs`` in ONE packed sampler call (sizes may differ); PIL images in order."""
-        from minfm_core.engine.generate import generate, to_pil
+        """All ``jobs`` in ONE packed sampler call (sizes and frame counts may differ), in order:
+        a PIL image for a one-frame job, uint8 frames ``(F, H, W, 3)`` for a clip."""
+        from minfm_core.engine.generate import generate, to_pil, to_uint8
 
         images = generate(
             self.pipe, [j.prompt for j in jobs], sizes=[j.size for j in jobs], seeds=[j.seed for j in jobs],
@@ -256,7 +304,7 @@ class DemoModel:
             distilled_guidance=self.resolved.recipe.sample.distilled_guidance,
             guidance=self._guidance(settings), sampler=self._sampler(settings.sampler), callback=callback,
         )
-        return [to_pil(img) for img in images]
+        return [to_uint8(img) if job.size[0] > 1 else to_pil(img) for img, job in zip(images, jobs)]
 
     # ---- model card ----------------------------------------------------------------
     @property
@@ -287,6 +335,8 @@ class DemoModel:
         if "loss" in self.metrics:
             rows.append(("last logged loss", f"{float(self.metrics['loss']):.4f} at step {self.metrics.get('step', '?')}"))
         rows.append(("sizes", f"multiples of {self.multiple} px; presets " + ", ".join(size_label(*s) for s in self.presets)))
+        if self.makes_clips:
+            rows.append(("frames", f"{self.frame_choices()} (default {self.default_frames})"))
         rows.append(("device", str(self.pipe.device)))
         return rows
 

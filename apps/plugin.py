@@ -15,7 +15,7 @@ from minfm_core.errors import MinfmError
 @hookimpl
 def register_commands(subparsers):
     p = subparsers.add_parser(
-        "demo", help="serve a Gradio text-to-image demo (page + /generate API) of a model",
+        "demo", help="serve a Gradio text-to-image (or text-to-video) demo (page + /generate API) of a model",
         description="Serve a text-to-image page and a /generate API for SRC (a run directory, a checkpoint, "
                     "an exported folder or hf://org/name[@rev]). Requests arriving together are sampled in one "
                     "packed batch, even at different sizes.",

@@ -107,6 +107,19 @@ def test_bad_requests_are_refused_with_a_message(model, change, message):
                             args["ep_cfg"], args["sampler"], args["seed"], args["num_images"])
 
 
+def test_an_image_model_draws_one_frame(model):
+    assert not model.makes_clips and model.default_frames == 1 and model.limits.max_frames == 1
+    assert "frames" not in dict(model.card())
+    _, jobs = model.check_request(**{**BASE_CHECK, "frames": 1})
+    assert jobs[0].size == (1, 16, 16)
+    with pytest.raises(MinfmError, match=r"This model draws images: Frames must be 1, got 5\."):
+        model.check_request(**{**BASE_CHECK, "frames": 5})
+
+
+BASE_CHECK = dict(prompt="a red circle", neg_prompt="", size="16x16", steps=3, cfg_scale=3.0, ep_cfg=False,
+                  sampler="euler", seed=7, n_images=1)
+
+
 def test_one_call_draws_mixed_sizes_deterministically(model):
     from minfm_apps.model import Job, Settings
 
@@ -138,6 +151,12 @@ def test_generate_endpoint_returns_images_and_seed(client):
     # A random seed is drawn and reported.
     _, seed2 = client.predict(**{**BASE, "random_seed": True}, api_name="/generate")
     assert isinstance(seed2, int) and 0 <= seed2 < 2**31
+
+
+@pytest.mark.slow
+def test_an_image_models_api_takes_no_frame_count(client):
+    params = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/generate"]["parameters"]
+    assert [p["parameter_name"] for p in params] == list(BASE)
 
 
 @pytest.mark.slow
