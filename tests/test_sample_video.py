@@ -133,3 +133,58 @@ def test_frames_the_model_cannot_cut_exit_2_before_anything_is_written(run_dir, 
     assert line == ("minfm: error: sample.size 3x16x16: 3 frames: this model cannot draw that (its patches span 2 "
                     "latent frames); valid frame counts are 2, 4, 6, 8, 10, ...")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_a_browser_plays_the_served_clips(clips, tmp_path):
+    """``minfm serve``'s server, Debian's Chromium: the gallery's WebPs decode, each MP4 plays (its size,
+    its length at 10 fps, its first frame's colour)."""
+    import threading
+    from pathlib import Path as P
+
+    if not P("/usr/bin/chromium").exists():
+        pytest.skip("/usr/bin/chromium not found (CI installs it: apt-get install -y chromium)")
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (browsers not needed)")
+    from minfm_core.cli.run_cmd import gallery_server
+
+    with np.load(clips / "samples.npz") as z:
+        first_frames = z["arr_0"][:, 0].astype(float)
+    httpd = gallery_server(clips, "127.0.0.1", 0)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    errors: list[str] = []
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
+                                        args=["--no-sandbox", "--disable-gpu", "--autoplay-policy=no-user-gesture-required"])
+            try:
+                page = browser.new_page()
+                page.on("pageerror", lambda exc: errors.append(str(exc)))
+                page.goto(f"http://127.0.0.1:{httpd.server_address[1]}/index.html", wait_until="load", timeout=60_000)
+                sizes = page.evaluate("() => [...document.images].map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
+                assert sizes == [[True, W, H]] * 4
+                played = page.evaluate("""async (names) => Promise.all(names.map(n => new Promise((ok, bad) => {
+                    const v = document.createElement('video');
+                    v.muted = true; v.preload = 'auto';
+                    v.onerror = () => bad('cannot play ' + n);
+                    v.onloadeddata = () => {
+                        const c = document.createElement('canvas');
+                        c.width = v.videoWidth; c.height = v.videoHeight;
+                        const g = c.getContext('2d'); g.drawImage(v, 0, 0);
+                        const d = g.getImageData(0, 0, c.width, c.height).data;
+                        const m = [0, 0, 0];
+                        for (let i = 0; i < d.length; i += 4) { m[0] += d[i]; m[1] += d[i + 1]; m[2] += d[i + 2]; }
+                        const n_px = d.length / 4;
+                        ok([v.videoWidth, v.videoHeight, v.duration, m.map(x => x / n_px)]);
+                    };
+                    v.src = 'images/' + n + '.mp4';
+                })))""", NAMES)
+            finally:
+                browser.close()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert errors == []
+    for j, (w, h, duration, mean) in enumerate(played):
+        assert (w, h) == (W, H) and abs(duration - F / 10) < 0.02, played[j]
+        # The browser's own YUV -> RGB conversion: the first frame's mean colour survives it.
+        assert np.abs(np.array(mean) - first_frames[j].mean(axis=(0, 1))).max() < 4.0, (mean, first_frames[j].mean(axis=(0, 1)))
