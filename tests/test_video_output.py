@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from minfm_core.engine.video_io import (
-    check_frames, encode_webp, frames_ok, read_mp4, read_webp, recipe_makes_clips, require_av, valid_frames, write_mp4,
+    check_frames, encode_mp4, encode_webp, frames_ok, read_mp4, read_webp, recipe_makes_clips, require_av, valid_frames, write_mp4,
 )
 from minfm_core.errors import MinfmError
 
@@ -43,6 +43,12 @@ def test_mp4_round_trip_is_h264_yuv420p_with_every_frame(tmp_path):
     dist = [[np.abs(g.astype(int) - c).mean() for c in clip] for g in got]
     assert [int(np.argmin(d)) for d in dist] == list(range(9))
     assert not list(tmp_path.glob(".*.tmp"))  # the temporary file was renamed into place
+
+
+def test_mp4_bytes_equal_the_written_file(tmp_path):
+    clip = smooth_clip(4, 16, 16)
+    write_mp4(tmp_path / "c.mp4", clip, fps=8)
+    assert encode_mp4(clip, fps=8) == (tmp_path / "c.mp4").read_bytes()  # x264 is deterministic unless told otherwise
 
 
 def test_mp4_pads_odd_sides_by_repeating_the_edge(tmp_path):

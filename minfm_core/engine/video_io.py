@@ -105,33 +105,46 @@ def _even(frames: np.ndarray) -> np.ndarray:
     return frames
 
 
-def write_mp4(path: Path, frames: np.ndarray, fps: int = DEFAULT_FPS, crf: int = MP4_CRF) -> None:
-    """H.264 in MP4, yuv420p (what every browser plays), written whole or not at all."""
+def _mux_mp4(filename: str, frames: np.ndarray, fps: int, crf: int) -> None:
     av = require_av()
     frames = _even(check_clip(frames))
+    with av.open(filename, "w", format="mp4", options={"movflags": "+faststart"}) as container:
+        stream = container.add_stream("libx264", rate=_check_fps(fps))
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        # swscale converts RGB with BT.601 coefficients; say so in the stream, or players
+        # that assume BT.709 shift the colours.
+        stream.options = {"crf": str(crf), "preset": "medium",
+                          "x264-params": "colorprim=smpte170m:transfer=smpte170m:colormatrix=smpte170m"}
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():  # flush the encoder's delayed frames
+            container.mux(packet)
+
+
+def write_mp4(path: Path, frames: np.ndarray, fps: int = DEFAULT_FPS, crf: int = MP4_CRF) -> None:
+    """H.264 in MP4, yuv420p (what every browser plays), written whole or not at all."""
     path = Path(path)
     # The muxer rewrites the file's head at the end (faststart: playable while it downloads),
     # so it needs a real file: encode next to the target, then rename into place.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        with av.open(tmp, "w", format="mp4", options={"movflags": "+faststart"}) as container:
-            stream = container.add_stream("libx264", rate=_check_fps(fps))
-            stream.height, stream.width = frames.shape[1:3]
-            stream.pix_fmt = "yuv420p"
-            # swscale converts RGB with BT.601 coefficients; say so in the stream, or players
-            # that assume BT.709 shift the colours.
-            stream.options = {"crf": str(crf), "preset": "medium",
-                              "x264-params": "colorprim=smpte170m:transfer=smpte170m:colormatrix=smpte170m"}
-            for f in frames:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                    container.mux(packet)
-            for packet in stream.encode():  # flush the encoder's delayed frames
-                container.mux(packet)
+        _mux_mp4(tmp, frames, fps, crf)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def encode_mp4(frames: np.ndarray, fps: int = DEFAULT_FPS, crf: int = MP4_CRF) -> bytes:
+    """The bytes :func:`write_mp4` would write (for servers that store files their own way)."""
+    with tempfile.TemporaryDirectory(prefix="minfm-mp4-") as tmp:
+        name = os.path.join(tmp, "clip.mp4")
+        _mux_mp4(name, frames, fps, crf)
+        with open(name, "rb") as f:
+            return f.read()
 
 
 def read_mp4(path: Path | str) -> tuple[np.ndarray, float]:
