@@ -108,3 +108,49 @@ def test_a_bad_frame_count_is_an_app_error(served):
     _, client = served
     with pytest.raises(AppError, match="greater than maximum value 10"):  # gradio's own slider bound
         client.predict(**{**BASE, "frames": 40}, api_name="/generate")
+
+
+@pytest.mark.slow
+def test_the_page_plays_the_clip_in_a_browser(model, tmp_path):
+    """Debian's Chromium: set Frames, click Generate, the video element plays a clip of that size and length."""
+    from pathlib import Path
+
+    if not Path("/usr/bin/chromium").exists():
+        pytest.skip("/usr/bin/chromium not found (CI installs it: apt-get install -y chromium)")
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (browsers not needed)")
+    from minfm_apps.batcher import Batcher
+    from minfm_apps.demo import build_app, launch
+
+    batcher = Batcher(lambda s, jobs, cb: model.run(s, jobs, cb), window_s=0.1, max_batch=8)
+    app = build_app(model, batcher, queue_limit=4)
+    _, url, _ = launch(app, host="127.0.0.1", port=None, block=False)
+    errors: list[str] = []
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch_persistent_context(
+                str(tmp_path / "profile"), executable_path="/usr/bin/chromium", headless=True,
+                viewport={"width": 1200, "height": 900},
+                args=["--no-sandbox", "--disable-gpu", "--autoplay-policy=no-user-gesture-required",
+                      "--disable-background-networking", "--disable-component-update", "--no-first-run"])
+            try:
+                page = browser.new_page()
+                page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+                page.on("pageerror", lambda exc: errors.append(str(exc)))
+                page.goto(url, wait_until="networkidle", timeout=60_000)
+                assert page.locator("#frames").is_visible()
+                page.locator("#frames input[type=number]").fill("7")
+                page.locator("#frames input[type=number]").press("Enter")
+                page.locator("#prompt textarea").fill("a blue square")
+                page.locator("#generate").click()
+                page.wait_for_function("() => { const v = document.querySelector('#video video');"
+                                       " return v && v.readyState >= 2 && v.videoWidth > 0; }", timeout=120_000)
+                got = page.evaluate("() => { const v = document.querySelector('#video video');"
+                                    " return [v.videoWidth, v.videoHeight, v.duration, v.loop]; }")
+            finally:
+                browser.close()
+    finally:
+        app.close()
+        batcher.close()
+    w, h, duration, loop = got
+    assert (w, h) == (16, 16) and abs(duration - 7 / 8) < 0.02 and loop  # 7 frames at 8 fps, the default size
+    assert errors == []
