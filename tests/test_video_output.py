@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -157,3 +158,34 @@ def test_serve_states_clip_and_picture_types(tmp_path):
         httpd.server_close()
     assert types == {"index.html": "text/html; charset=utf-8", "a.mp4": "video/mp4", "a.webp": "image/webp",
                      "a.png": "image/png", "A.MP4": "video/mp4"}
+
+
+def test_serve_answers_byte_ranges(tmp_path):
+    """Players that fetch MP4s in ranges (Safari's) get 206 answers; no range, or several, gets the file."""
+    from minfm_core.cli.run_cmd import gallery_server
+
+    data = bytes(range(256)) * 4
+    (tmp_path / "c.mp4").write_bytes(data)
+    httpd = gallery_server(tmp_path, "127.0.0.1", 0)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+
+    def get(rng: str | None):
+        req = urllib.request.Request(f"http://127.0.0.1:{httpd.server_address[1]}/c.mp4",
+                                     headers={"Range": rng} if rng else {})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, r.headers.get("Content-Range"), r.headers["Content-Type"], r.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.headers.get("Content-Range"), None, b""
+
+    try:
+        assert get(None) == (200, None, "video/mp4", data)
+        assert get("bytes=10-19") == (206, "bytes 10-19/1024", "video/mp4", data[10:20])
+        assert get("bytes=1000-") == (206, "bytes 1000-1023/1024", "video/mp4", data[1000:])
+        assert get("bytes=-4") == (206, "bytes 1020-1023/1024", "video/mp4", data[-4:])
+        assert get("bytes=1020-5000") == (206, "bytes 1020-1023/1024", "video/mp4", data[1020:])
+        assert get("bytes=2000-2010")[:2] == (416, "bytes */1024")
+        assert get("bytes=0-1,5-6") == (200, None, "video/mp4", data)  # several ranges: the whole file
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -77,13 +77,69 @@ SERVE_TYPES = {".html": "text/html; charset=utf-8", ".png": "image/png", ".jpg":
                ".json": "application/json", ".jsonl": "text/plain; charset=utf-8"}
 
 
+class _Slice:
+    """At most ``left`` bytes of an open file, for copyfileobj."""
+
+    def __init__(self, f, left: int) -> None:
+        self.f, self.left = f, left
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n < 0 else min(n, self.left)
+        data = self.f.read(n)
+        self.left -= len(data)
+        return data
+
+    def close(self) -> None:
+        self.f.close()
+
+
 def gallery_server(root, host: str, port: int):
-    """A threading HTTP server for ``root`` (not yet serving; the caller runs serve_forever)."""
+    """A threading HTTP server for ``root`` (not yet serving; the caller runs serve_forever).
+
+    Files are served as by ``python -m http.server``, with the types above and single byte
+    ranges (``Range: bytes=a-b``): some players (Safari's, among others) fetch an MP4 only
+    in ranges and will not play a clip from a server that ignores them.
+    """
     import functools
     import http.server
+    import re
 
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map, **SERVE_TYPES}
+    base = http.server.SimpleHTTPRequestHandler
+    one_range = re.compile(r"bytes=(\d*)-(\d*)")
+
+    class Handler(base):
+        extensions_map = {**base.extensions_map, **SERVE_TYPES}
+
+        def send_head(self):
+            m = one_range.fullmatch((self.headers.get("Range") or "").strip())
+            path = self.translate_path(self.path)
+            if not m or not (m[1] or m[2]) or not os.path.isfile(path) or self.path.endswith("/"):
+                return super().send_head()  # no range, several ranges, or a folder: the whole answer
+            try:
+                f = open(path, "rb")
+            except OSError:
+                self.send_error(404, "File not found")
+                return None
+            size = os.fstat(f.fileno()).st_size
+            if m[1]:
+                start, end = int(m[1]), min(int(m[2]) if m[2] else size - 1, size - 1)
+            else:  # "bytes=-n": the last n bytes
+                start, end = max(0, size - int(m[2])), size - 1
+            if start > end:
+                f.close()
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{size}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return None
+            self.send_response(206)
+            self.send_header("Content-Type", self.guess_type(path))
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+            self.send_header("Content-Length", str(end - start + 1))
+            self.send_header("Accept-Ranges", "bytes")
+            self.end_headers()
+            f.seek(start)
+            return _Slice(f, end - start + 1)
 
     handler = functools.partial(Handler, directory=str(root))
     return http.server.ThreadingHTTPServer((host, port), handler)
