@@ -192,6 +192,10 @@ def serve(src: str, *, host: str = "127.0.0.1", port: int | None = None, share: 
     if port is not None and not 1 <= port <= 65535:
         raise MinfmError(f"--port must be in 1..65535, got {port}")
     model = DemoModel.load(src, use_ema=use_ema, max_images=min(max_batch, 8), max_steps=max_steps)
+    if model.makes_clips:
+        from minfm_core.engine.video_io import require_av
+
+        require_av()  # a video model answers with MP4s: refuse to start rather than fail every request
     print(f"minfm demo: {model.source}: {model.n_params:,} parameters, {model.weights_label}, on {model.pipe.device}")
     if host not in LOOPBACK:
         print(f"minfm demo: warning: listening on {host}: other machines can reach this server", file=sys.stderr)

@@ -188,3 +188,20 @@ def test_a_browser_plays_the_served_clips(clips, tmp_path):
         assert (w, h) == (W, H) and abs(duration - F / 10) < 0.02, played[j]
         # The browser's own YUV -> RGB conversion: the first frame's mean colour survives it.
         assert np.abs(np.array(mean) - first_frames[j].mean(axis=(0, 1))).max() < 4.0, (mean, first_frames[j].mean(axis=(0, 1)))
+
+
+def test_clips_without_pyav_stop_before_any_model_is_built(run_dir, tmp_path):
+    """As if the video extra were missing: one line naming it, nothing written (images need no PyAV)."""
+    code = ("import sys; sys.modules['av'] = None; from minfm_core.cli.main import main; "
+            f"sys.exit(main(['sample', {str(run_dir)!r}, '--out', {str(tmp_path / 'o')!r}, '--prompt', 'x', "
+            "'--steps', '1', '--size', SIZE]))")
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", code.replace("SIZE", "'3x16x16'")], capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.strip() == (
+        "minfm: error: writing clips as MP4 needs PyAV: pip install 'minfm[video]'"), res.stderr
+    assert not (tmp_path / "o").exists()
+    res = subprocess.run([sys.executable, "-c", code.replace("SIZE", "'16x16'")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert [p.name for p in (tmp_path / "o" / "images").iterdir()] == ["00000_00.png"]

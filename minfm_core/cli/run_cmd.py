@@ -42,7 +42,7 @@ def register(sub) -> None:
     p.add_argument("--cfg", type=finite_float("--cfg"), help="guidance scale")
     p.add_argument("--size", type=sample_size("--size"),
                    help="HEIGHTxWIDTH for images, FRAMESxHEIGHTxWIDTH for clips, e.g. 256x256 or 17x256x256")
-    p.add_argument("--fps", type=int_in("--fps", 1, 60), help="frames per second of written clips (default 8)")
+    p.add_argument("--fps", type=int_in("--fps", 1, 60), help="frames per second of written clips (default 8; images ignore it)")
     p.add_argument("--n", type=int_in("--n", 1), help="samples per prompt")
     p.add_argument("--npz", action="store_true",
                    help="also write samples.npz: uint8 (N, H, W, 3) images or (N, F, H, W, 3) clips, prompt-major")
