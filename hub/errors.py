@@ -10,7 +10,7 @@ import contextlib
 import re
 from collections.abc import Iterator
 
-from minfm_core.errors import MinfmError
+from minfm_core.errors import MinfmError, first_line
 
 _TOKEN_SHAPED = re.compile(r"hf_[A-Za-z0-9]{30,}")
 _NETWORK_MODULES = ("httpx", "httpx2", "requests", "urllib3", "httpcore", "socket", "ssl")
@@ -39,11 +39,6 @@ def scrub(text: str) -> str:
     return _TOKEN_SHAPED.sub("hf_***", text)  # any other token a library echoed
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return lines[0] if lines else type(exc).__name__
-
-
 def _is_network_error(exc: BaseException) -> bool:
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
@@ -67,7 +62,7 @@ def translate(exc: BaseException, what: str, target: str) -> HubError | None:
         why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"cannot reach the Hub at {endpoint()}"
         msg = f"{why} and {target} is not in the local cache"
     elif isinstance(exc, hf.EntryNotFoundError):
-        msg = f"{target}: file not found on the Hub ({_first_line(exc)})"
+        msg = f"{target}: file not found on the Hub ({first_line(exc)})"
     elif isinstance(exc, hf.HfHubHTTPError):
         status = getattr(getattr(exc, "response", None), "status_code", None)
         if status in (401, 403):
@@ -75,7 +70,7 @@ def translate(exc: BaseException, what: str, target: str) -> HubError | None:
         elif status == 412:
             msg = f"{target} changed on the Hub while pushing (another commit landed); push again"
         else:
-            msg = f"Hub request to {what} {target} failed (HTTP {status}): {_first_line(exc)}"
+            msg = f"Hub request to {what} {target} failed (HTTP {status}): {first_line(exc)}"
     elif _is_network_error(exc):
         msg = f"cannot reach the Hub at {endpoint()} to {what} {target}: {type(exc).__name__}"
     else:

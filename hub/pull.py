@@ -17,10 +17,10 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from minfm_core.errors import MinfmError
+from minfm_core.errors import MinfmError, first_line
 from minfm_core.safepath import contained, is_inside, write_text_atomic
 
-from .errors import _first_line, hub_errors, scrub, translate
+from .errors import hub_errors, scrub, translate
 from .uri import HubRef, parse_hf_uri, parse_ref
 
 #: Files a pull downloads (fnmatch patterns, ``*`` crosses folders).
@@ -248,7 +248,7 @@ def _snapshot(what: str, repo_id: str, **kwargs) -> str:
     except (ValueError, OSError) as exc:
         if translate(exc, "pull", repo_id) is not None:
             raise
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else _first_line(exc)
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
         raise MinfmError(scrub(f"{what}: download failed ({why})")) from None
 
 

@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from .checkpoint_format import MANIFEST, CheckpointError, Manifest, ManifestReader, ManifestWriter
 from .checkpoint_format import read_manifest, split_state, verify
-from .errors import MinfmError, RecipeError
+from .errors import MinfmError, RecipeError, first_line
 from .safepath import came_from_outside, is_inside, recipe_root, write_text_atomic
 from .suggest import did_you_mean
 
@@ -156,10 +156,9 @@ def _explain(path: Path, exc: CheckpointException) -> MinfmError:
         if isinstance(f, MinfmError):
             return f
     first = failures[0] if failures else exc
-    text = str(first).strip().splitlines()[0] if str(first).strip() else type(first).__name__
     if isinstance(first, OSError):
-        return CheckpointError(f"{path}: {first.strerror or text}")
-    return CheckpointError(f"{path}: does not fit: {text[:300]}")
+        return CheckpointError(f"{path}: {first.strerror or first_line(first)}")
+    return CheckpointError(f"{path}: does not fit: {first_line(first)}")
 
 
 def open_checkpoint(path: Path, *, allow_pickle: bool = False, verify_files: bool = True) -> Checkpoint:
@@ -333,7 +332,7 @@ def _save_error(tmp: Path, exc: CheckpointException) -> MinfmError:
     failures = list(getattr(exc, "failures", {}).values())
     first = failures[0] if failures else exc
     return _write_failed(tmp, first.strerror if isinstance(first, OSError) and first.strerror
-                         else str(first).strip().splitlines()[0])
+                         else first_line(first))
 
 
 def _write_failed(tmp: Path, why: str) -> CheckpointError:

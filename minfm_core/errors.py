@@ -8,6 +8,13 @@ Every other exception is a bug and keeps its traceback (exit code 1).
 from __future__ import annotations
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first non-blank line of ``exc``'s message (at most ``limit`` characters), else its
+    type's name: what a one-line error quotes from a library's multi-line exception."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0][:limit] if lines else type(exc).__name__
+
+
 class MinfmError(Exception):
     """A problem with the user's input; printed without a traceback, exit code 2."""
 

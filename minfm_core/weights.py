@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from .errors import MinfmError
+from .errors import MinfmError, first_line
 from .safepath import contained
 
 #: Recipe dtype names (``minfm_core.config.Dtype``) -> torch dtypes.
@@ -34,11 +34,6 @@ MAX_HEADER_BYTES = 100 * 2**20
 MAX_INDEX_BYTES = 100 * 2**20
 #: What the safetensors library raises for a file it cannot parse.
 _PARSE_ERRORS = (SafetensorError, ValueError, OSError, RuntimeError, OverflowError, UnicodeDecodeError)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return lines[0][:200] if lines else type(exc).__name__
 
 
 def check_header(path: Path) -> None:
@@ -74,7 +69,7 @@ def load_safetensors_file(path: str | Path, device: str = "cpu") -> dict[str, to
     try:
         return load_file(str(path), device=device)
     except _PARSE_ERRORS as exc:
-        raise MinfmError(f"{path}: not a valid safetensors file ({_first_line(exc)})") from None
+        raise MinfmError(f"{path}: not a valid safetensors file ({first_line(exc)})") from None
 
 
 @contextlib.contextmanager
@@ -85,12 +80,12 @@ def open_safetensors(path: str | Path, framework: str = "pt", device: str = "cpu
     try:
         handle = safe_open(str(path), framework=framework, device=device)
     except _PARSE_ERRORS as exc:
-        raise MinfmError(f"{path}: not a valid safetensors file ({_first_line(exc)})") from None
+        raise MinfmError(f"{path}: not a valid safetensors file ({first_line(exc)})") from None
     with handle as f:
         try:
             yield f
         except _PARSE_ERRORS as exc:  # e.g. a tensor whose bytes were cut off
-            raise MinfmError(f"{path}: not a valid safetensors file ({_first_line(exc)})") from None
+            raise MinfmError(f"{path}: not a valid safetensors file ({first_line(exc)})") from None
 
 
 def has_weights(folder: Path, name: str = "model") -> bool:
@@ -113,7 +108,7 @@ def index_shards(index: Path) -> list[Path]:
     except OSError as exc:
         raise MinfmError(f"{index}: cannot read the shard index ({exc.strerror or type(exc).__name__})") from None
     except (ValueError, RecursionError) as exc:
-        raise MinfmError(f"{index}: not a valid shard index (bad JSON: {_first_line(exc)})") from None
+        raise MinfmError(f"{index}: not a valid shard index (bad JSON: {first_line(exc)})") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise MinfmError(f"{index}: not a valid shard index (no 'weight_map' object)")

@@ -23,7 +23,7 @@ import traceback
 from collections.abc import Sequence
 
 from .. import __version__
-from ..errors import MinfmError
+from ..errors import MinfmError, first_line
 from .argtypes import Parser as _Parser
 
 
@@ -117,7 +117,7 @@ def checkpoint_error_line(exc: BaseException) -> str:
         if isinstance(inner, OSError):
             text = os_error_line(inner)
         elif isinstance(inner, BaseException):
-            text = f"{type(inner).__name__}: {str(inner).splitlines()[0] if str(inner) else ''}".rstrip(": ")
+            text = f"{type(inner).__name__}: {first_line(inner)}" if str(inner).strip() else type(inner).__name__
         else:
             text = str(inner)
         parts.append(f"rank {rank}: {text}")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from minfm_core.errors import MinfmError
+from minfm_core.errors import MinfmError, first_line
 
 WEIGHTS_ENV = "MINFM_INCEPTION_WEIGHTS"
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -49,7 +49,7 @@ def resolve_inception_weights(ref: str | None = None) -> Path:
         cached.parent.mkdir(parents=True, exist_ok=True)
         torch.hub.download_url_to_file(WEIGHTS_URL, str(cached), hash_prefix="6726825d", progress=False)
     except Exception as exc:  # network, proxy, disk: the user's to fix
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise MinfmError(f"Inception weights: could not download {WEIGHTS_URL} ({reason}); "
                          f"pass --inception FILE or set {WEIGHTS_ENV}") from None
     return cached

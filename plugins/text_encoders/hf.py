@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from minfm_core.errors import MinfmError
+from minfm_core.errors import MinfmError, first_line
 from minfm_core.pretrained import resolve_pretrained
 from minfm_core.weights import DTYPES, check_weights_folder
 
@@ -60,7 +60,7 @@ def load_tokenizer(ref: str, what: str) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError, TypeError) as exc:
-        raise MinfmError(f"{what}: no usable tokenizer in {ref} ({folder}): {str(exc).splitlines()[0][:200]}") from None
+        raise MinfmError(f"{what}: no usable tokenizer in {ref} ({folder}): {first_line(exc, 200)}") from None
 
 
 class HFTextEncoder(nn.Module):
