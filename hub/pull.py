@@ -21,7 +21,7 @@ from minfm_core.errors import MinfmError, first_line
 from minfm_core.safepath import contained, is_inside, write_text_atomic
 
 from .errors import hub_errors, scrub, translate
-from .uri import HubRef, parse_hf_uri, parse_ref
+from .uri import HubRef, parse_ref
 
 #: Files a pull downloads (fnmatch patterns, ``*`` crosses folders).
 SAFE_PATTERNS = ("*.safetensors", "*.json", "*.jsonl", "*.toml", "*.md", "*.png", "*.jpg", "*.jpeg", "*.txt")

@@ -15,7 +15,6 @@ pytest, add ``pytest_plugins = ["minfm_core.testing"]`` to a conftest.py and use
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
 
