@@ -20,6 +20,7 @@ import pytest
 pytest.importorskip("gradio", reason="the demo needs the 'demo' extra (pip install 'minfm[demo]')")
 pytest.importorskip("gradio_client", reason="the demo tests need gradio_client")
 
+from demo_helpers import serving  # noqa: E402
 from engine_helpers import tiny  # noqa: E402
 from minfm_core.errors import MinfmError  # noqa: E402
 
@@ -48,17 +49,8 @@ def model(run_dir):
 @pytest.fixture(scope="module")
 def served(model):
     """The app on a free loopback port; the batch window is wide so CI load cannot split a batch."""
-    from minfm_apps.batcher import Batcher
-    from minfm_apps.demo import build_app, launch
-
-    batcher = Batcher(lambda s, jobs, cb: model.run(s, jobs, cb), window_s=1.0, max_batch=8)
-    app = build_app(model, batcher, queue_limit=16)
-    _, url, _ = launch(app, host="127.0.0.1", port=None, block=False)
-    try:
-        yield app, batcher, url
-    finally:
-        app.close()
-        batcher.close()
+    with serving(model) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ pytest.importorskip("gradio", reason="the demo needs the 'demo' extra (pip insta
 pytest.importorskip("gradio_client", reason="the demo tests need gradio_client")
 av = pytest.importorskip("av", reason="the video extra (pip install 'minfm[video]')")
 
+from demo_helpers import serving  # noqa: E402
 from engine_helpers import tiny  # noqa: E402
 from minfm_core.errors import MinfmError  # noqa: E402
 
@@ -32,17 +33,8 @@ def model(tmp_path_factory):
 def served(model):
     from gradio_client import Client
 
-    from minfm_apps.batcher import Batcher
-    from minfm_apps.demo import build_app, launch
-
-    batcher = Batcher(lambda s, jobs, cb: model.run(s, jobs, cb), window_s=1.0, max_batch=8)
-    app = build_app(model, batcher, queue_limit=16)
-    _, url, _ = launch(app, host="127.0.0.1", port=None, block=False)
-    try:
+    with serving(model) as (_, batcher, url):
         yield batcher, Client(url, verbose=False)
-    finally:
-        app.close()
-        batcher.close()
 
 
 def decode(path: str) -> tuple[np.ndarray, str]:
@@ -118,14 +110,8 @@ def test_the_page_plays_the_clip_in_a_browser(model, tmp_path):
     if not Path("/usr/bin/chromium").exists():
         pytest.skip("/usr/bin/chromium not found (CI installs it: apt-get install -y chromium)")
     playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (browsers not needed)")
-    from minfm_apps.batcher import Batcher
-    from minfm_apps.demo import build_app, launch
-
-    batcher = Batcher(lambda s, jobs, cb: model.run(s, jobs, cb), window_s=0.1, max_batch=8)
-    app = build_app(model, batcher, queue_limit=4)
-    _, url, _ = launch(app, host="127.0.0.1", port=None, block=False)
     errors: list[str] = []
-    try:
+    with serving(model, window_s=0.1) as (_, _, url):
         with playwright.sync_playwright() as p:
             browser = p.chromium.launch_persistent_context(
                 str(tmp_path / "profile"), executable_path="/usr/bin/chromium", headless=True,
@@ -148,9 +134,6 @@ def test_the_page_plays_the_clip_in_a_browser(model, tmp_path):
                                     " return [v.videoWidth, v.videoHeight, v.duration, v.loop]; }")
             finally:
                 browser.close()
-    finally:
-        app.close()
-        batcher.close()
     w, h, duration, loop = got
     assert (w, h) == (16, 16) and abs(duration - 7 / 8) < 0.02 and loop  # 7 frames at 8 fps, the default size
     assert errors == []
