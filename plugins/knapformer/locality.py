@@ -27,12 +27,26 @@ from bisect import bisect_left, insort
 import attrs
 import numpy as np
 
-#: Receivers a repair step looks at first (the bags with the most room); if none of them
-#: helps, the step looks at every bag.
-REPAIR_RECEIVERS = 8
+#: Receivers a repair step looks at first (the bags with the most room, and the homes of
+#: the bag's items); if none of them helps, the REPAIR_WIDE roomiest.
+REPAIR_RECEIVERS, REPAIR_WIDE = 8, 64
 
-#: When the local plan gets stuck, sequences above 1/ANCHOR_SHARE of one GPU's cap keep
-#: their reference bags: pairwise swaps cannot pack such coarse pieces, the rest can.
+_NONE = np.array([-1], dtype=np.int64)
+
+#: Repair steps allowed: a few per bag that overflows after shedding and placing (a step
+#: fixes one bag or lowers its overflow); past that the next, coarser strategy is cheaper.
+REPAIR_PER_BAG, REPAIR_EXTRA = 2, 32
+
+#: Shed-and-place rounds before the repair (each round sheds what the last one overflowed).
+SHED_ROUNDS = 4
+
+#: Sequences above 1/COARSE_SHARE of one GPU's cap are coarse: pairwise swaps cannot pack
+#: them (a bag holding a few would need several small ones in exchange), so they are
+#: placed first and the fine ones fill around them.
+COARSE_SHARE = 4
+
+#: If that gets stuck, sequences above 1/ANCHOR_SHARE of one GPU's cap keep their
+#: (renamed) reference bags, and the rest settle around them.
 ANCHOR_SHARE = 16
 
 
@@ -43,7 +57,7 @@ class Problem:
     ``w`` are exact workloads (int64, or Python ints in an object array when int64 could
     overflow); ``keep`` the tokens that stay on their source rank if the sequence stays in
     its home bag (all of them in a single-GPU bag, one chunk in a G-GPU bag); ``caps`` the
-    most load each bag may carry (same dtype as ``w``).
+    most load each bag may carry (same dtype as ``w``); ``sizes`` the G of every bag.
     """
 
     w: np.ndarray
@@ -51,6 +65,7 @@ class Problem:
     home: np.ndarray
     keep: np.ndarray
     caps: np.ndarray
+    sizes: np.ndarray  # G of every bag
 
     @property
     def n_bags(self) -> int:
@@ -62,15 +77,8 @@ class Problem:
         return loads
 
 
-def shed(p: Problem, start: np.ndarray, movable: np.ndarray) -> np.ndarray:
-    """Which movable sequences leave their bag (bool mask): the excess of every overloaded bag."""
-    loads = np.zeros(p.n_bags, dtype=p.w.dtype)
-    np.add.at(loads, start, p.w)
-    excess = loads - p.caps
-    out = np.zeros(p.w.size, dtype=bool)
-    if not (excess > 0).any():
-        return out
-    cand = np.flatnonzero(movable)
+def _evict(p: Problem, start: np.ndarray, cand: np.ndarray, excess: np.ndarray) -> np.ndarray:
+    """Among the candidates (canonical order), what each overloaded bag evicts (bool mask)."""
     ob = cand[np.argsort(start[cand], kind="stable")]
     hb, wb = start[ob], p.w[ob]
     first = np.searchsorted(hb, hb)
@@ -87,8 +95,46 @@ def shed(p: Problem, start: np.ndarray, movable: np.ndarray) -> np.ndarray:
     pos = np.arange(ob.size)
     last = np.full(p.n_bags, -1, dtype=np.int64)
     np.maximum.at(last, hb[cover], pos[cover])
+    out = np.zeros(p.w.size, dtype=bool)
     out[ob] = forced | (pos == last[hb])
     return out
+
+
+def _first_unplaceable(w_out: np.ndarray, rooms: np.ndarray):
+    """The largest evicted workload that finds no room of its own, or None.
+
+    Sequences above half the largest room cannot share one, so the i-th largest of them
+    needs the i-th largest room."""
+    big = np.sort(w_out[w_out * 2 > rooms.max()])[::-1]
+    top = np.sort(rooms)[::-1][: big.size]
+    short = np.flatnonzero(big[: top.size] > top)
+    if short.size:
+        return big[short[0]]
+    return big[top.size] if big.size > top.size else None
+
+
+def shed(p: Problem, start: np.ndarray, movable: np.ndarray) -> np.ndarray:
+    """Which movable sequences leave their bag (bool mask): the excess of every overloaded bag.
+
+    Largest first (the most workload per token moved), but a sequence too large for the
+    rooms there are would only overflow another bag: such ones stay and smaller ones go,
+    unless the smaller ones cannot cover the excess (then a coarse one overflows the
+    roomiest bag, which sheds smaller ones in the next round).
+    """
+    loads = np.zeros(p.n_bags, dtype=p.w.dtype)
+    np.add.at(loads, start, p.w)
+    excess = loads - p.caps
+    if not (excess > 0).any():
+        return np.zeros(p.w.size, dtype=bool)
+    rooms = np.maximum(-excess, 0)
+    cand = movable & (p.w <= rooms.max())
+    too_big = _first_unplaceable(p.w[_evict(p, start, np.flatnonzero(cand), excess)], rooms)
+    if too_big is not None:
+        cand &= p.w < too_big
+    can = np.zeros(p.n_bags, dtype=p.w.dtype)
+    np.add.at(can, start[cand], p.w[cand])
+    cand |= movable & (can < excess)[start]
+    return _evict(p, start, np.flatnonzero(cand), excess)
 
 
 def place(p: Problem, evicted: np.ndarray, loads: list[int], bag_of: np.ndarray) -> None:
@@ -128,40 +174,42 @@ class _Repair:
         self.heap = [(-(load - cap), b) for b, (load, cap) in enumerate(zip(loads, p.caps.tolist())) if load > cap]
         heapq.heapify(self.heap)
 
-    def receivers(self, a: int, xs: np.ndarray, limit: int | None) -> np.ndarray:
+    def receivers(self, a: int, xs: np.ndarray, rooms: np.ndarray, limit: int | None) -> np.ndarray:
         """Bags with room to take load from bag ``a``: the roomiest ``limit`` (all tied at the
         last place too, so the set is exact) and the items' homes."""
-        rooms = self.p.caps - self.loads
+        pick = rooms > 0
         if limit and limit < rooms.size:
-            roomy = np.flatnonzero(rooms >= np.partition(rooms, rooms.size - limit)[rooms.size - limit])
-        else:
-            roomy = np.arange(rooms.size)
-        both = np.union1d(roomy, self.p.home[xs])
-        return both[(rooms[both] > 0) & (both != a)]
+            pick &= rooms >= np.partition(rooms, rooms.size - limit)[rooms.size - limit]
+            pick[self.p.home[xs]] |= rooms[self.p.home[xs]] > 0
+        pick[a] = False
+        return np.flatnonzero(pick)
 
     def best_step(self, a: int, excess, limit: int | None):
         """The move (y = -1) or swap that lowers the overflow most, then moves the fewest tokens."""
         p = self.p
         xs = self.members[a]
-        targets = self.receivers(a, xs, limit)
+        rooms = p.caps - self.loads
+        targets = self.receivers(a, xs, rooms, limit)
         if xs.size == 0 or targets.size == 0:
             return None
-        ys = np.concatenate([self.members[c] for c in targets.tolist()])
-        col_bag = np.concatenate([targets, self.bag_of[ys]])
-        col_item = np.concatenate([np.full(targets.size, -1), ys])
-        col_w = np.concatenate([np.zeros(targets.size, dtype=p.w.dtype), p.w[ys]])
-        room = (p.caps - self.loads)[col_bag]
+        # Columns: per receiver c, "no partner" (a move, y = -1) then each of c's items (swaps).
+        groups = [self.members[c] for c in targets.tolist()]
+        col_item = np.concatenate([v for g in groups for v in (_NONE, g)])
+        col_bag = np.repeat(targets, [1 + g.size for g in groups])
+        col_w = np.where(col_item >= 0, p.w[col_item], 0)
+        room = rooms[col_bag]
         delta = p.w[xs][:, None] - col_w[None, :]
         # A full fix first (both bags end within their caps); else the step that leaves the
         # least total overflow, if it lowers it at all.
-        ii, jj = np.nonzero((delta >= excess) & (delta <= room[None, :]))
+        ii, jj = np.nonzero((delta >= excess) & (delta <= room))
         if ii.size == 0:
-            left = np.maximum(excess - delta, 0) + np.maximum(delta - room[None, :], 0)
+            left = np.maximum(excess - delta, 0) + np.maximum(delta - room, 0)
             ii, jj = np.nonzero((delta > 0) & (left < excess))
             if ii.size == 0:
                 return None
             left = left[ii, jj]
-            ii, jj = ii[left == left.min()], jj[left == left.min()]
+            best = left == left.min()
+            ii, jj = ii[best], jj[best]
         x, c, y, delta = xs[ii], col_bag[jj], col_item[jj], delta[ii, jj]
         yy = np.maximum(y, 0)
         cost = _moved_delta(p.keep[x], p.home[x], a, c) + _moved_delta(np.where(y >= 0, p.keep[yy], 0), p.home[yy], c, a)
@@ -195,7 +243,7 @@ class _Repair:
             if not self.heap:
                 return True
             neg, a = heapq.heappop(self.heap)
-            step = self.best_step(a, -neg, REPAIR_RECEIVERS) or self.best_step(a, -neg, None)
+            step = self.best_step(a, -neg, REPAIR_RECEIVERS) or self.best_step(a, -neg, REPAIR_WIDE)
             if step is None:
                 return False
             self.apply(a, *step)
@@ -203,30 +251,36 @@ class _Repair:
 
 
 def settle(p: Problem, start: np.ndarray, movable: np.ndarray, max_steps: int) -> np.ndarray | None:
-    """From ``start``, shed, place and repair until every bag is within its cap; None if stuck."""
+    """From ``start``, shed and place (a few rounds: a sequence too large for any room
+    overflows the roomiest bag, which sheds smaller ones in the next round), then repair,
+    until every bag is within its cap; None if stuck."""
     bag_of = start.copy()
-    evicted = np.flatnonzero(shed(p, start, movable))
+    for _ in range(SHED_ROUNDS):
+        evicted = np.flatnonzero(shed(p, bag_of, movable))
+        if evicted.size == 0:
+            break
+        loads = np.zeros(p.n_bags, dtype=p.w.dtype)
+        np.add.at(loads, bag_of, p.w)
+        np.subtract.at(loads, bag_of[evicted], p.w[evicted])
+        loads = loads.tolist()
+        place(p, evicted, loads, bag_of)
     loads = np.zeros(p.n_bags, dtype=p.w.dtype)
-    np.add.at(loads, start, p.w)
-    if evicted.size:
-        np.subtract.at(loads, start[evicted], p.w[evicted])
-    loads = loads.tolist()
-    place(p, evicted, loads, bag_of)
-    if any(load > cap for load, cap in zip(loads, p.caps.tolist())):
-        if not _Repair(p, loads, bag_of).run(max_steps):
-            return None
+    np.add.at(loads, bag_of, p.w)
+    over = int((loads > p.caps).sum())
+    if over and not _Repair(p, loads.tolist(), bag_of).run(min(max_steps, REPAIR_PER_BAG * over + REPAIR_EXTRA)):
+        return None
     final = np.zeros(p.n_bags, dtype=p.w.dtype)
     np.add.at(final, bag_of, p.w)
     return bag_of if (final <= p.caps).all() else None
 
 
-def relabel(p: Problem, ref: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+def relabel(p: Problem, ref: np.ndarray) -> np.ndarray:
     """The reference plan with its bags renamed (within each bag size) to keep the most tokens home.
 
     Bags of one size are interchangeable for balance, so any renaming keeps the max load.
     Greedy on (kept tokens, reference bag, home bag), heaviest overlap first.
     """
-    nb = p.n_bags
+    nb, sizes = p.n_bags, p.sizes
     same = sizes[ref] == sizes[p.home]
     pair = ref[same] * nb + p.home[same]
     weight = np.bincount(pair, weights=p.keep[same], minlength=nb * nb)
@@ -243,20 +297,61 @@ def relabel(p: Problem, ref: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     return rename[ref]
 
 
-def locality_plan(p: Problem, ref: np.ndarray, sizes: np.ndarray, max_steps: int) -> tuple[np.ndarray, str]:
+def coarse_first(p: Problem, coarse: np.ndarray) -> np.ndarray:
+    """Bags for the coarse items (others stay home): longest first, home if it fits under
+    its cap, else the least-occupied bag (per GPU) where it fits, else the least occupied.
+
+    This is the longest-first rule on the coarse items with a preference for home: the
+    fine items are then free to fill around them.
+    """
+    bag_of, sizes = p.home.copy(), p.sizes
+    caps, w, home = p.caps.tolist(), p.w.tolist(), p.home.tolist()
+    lcm = int(np.lcm.reduce(sizes))
+    scale = [lcm // int(g) for g in sizes.tolist()]
+    loads = [0] * p.n_bags
+    # Per bag size, (per-GPU key, bag), lazily updated; bags are in increasing G, so each
+    # size's bags are a contiguous, already heap-ordered run.
+    size_list = sizes.tolist()
+    heaps = {g: [(0, b) for b in range(size_list.index(g), size_list.index(g) + size_list.count(g))]
+             for g in dict.fromkeys(size_list)}
+    for i in np.flatnonzero(coarse).tolist():
+        b = home[i]
+        if loads[b] + w[i] > caps[b]:
+            tops = []
+            for h in heaps.values():
+                while h[0][0] != loads[h[0][1]] * scale[h[0][1]]:
+                    heapq.heappop(h)  # stale: that bag took an item at home since
+                tops.append(h[0])
+            fitting = [t for t in tops if loads[t[1]] + w[i] <= caps[t[1]]]
+            b = min(fitting or tops)[1]
+        loads[b] += w[i]
+        heapq.heappush(heaps[int(sizes[b])], (loads[b] * scale[b], b))
+        bag_of[i] = b
+    return bag_of
+
+
+def locality_plan(p: Problem, ref: np.ndarray, max_steps: int) -> tuple[np.ndarray, str]:
     """Bag of every item (canonical order) within the caps, and how it was reached.
 
-    ``local``: from where the items are. If that gets stuck (coarse sequences that only a
-    global packing fits), ``anchored``: the sequences above 1/ANCHOR_SHARE of a GPU's cap
-    take their (renamed) reference bags and the rest settle around them. Last,
+    ``local``: from where the items are, when no item is coarse (over 1/COARSE_SHARE of a
+    GPU's cap); else ``coarse_first``: the coarse items placed first (:func:`coarse_first`),
+    the fine ones settling around them. If that gets stuck, ``anchored``: the items over
+    1/ANCHOR_SHARE of a GPU's cap take their (renamed) reference bags and the rest settle
+    around them. Last,
     ``longest_first``: the renamed reference plan itself, within the caps by construction.
     """
-    everything = np.ones(p.w.size, dtype=bool)
-    got = settle(p, p.home, everything, max_steps)
-    if got is not None:
-        return got, "local"
-    renamed = relabel(p, ref, sizes)
-    coarse = p.w * ANCHOR_SHARE > p.caps.min() // sizes.min()  # a coarse share of one GPU
+    gpu_cap = int(p.caps.min()) // int(p.sizes.min())  # a single GPU's cap (Python int: exact)
+    coarse = p.w * COARSE_SHARE > gpu_cap
+    if not coarse.any():
+        got = settle(p, p.home, np.ones(p.w.size, dtype=bool), max_steps)
+        if got is not None:
+            return got, "local"
+    else:
+        got = settle(p, coarse_first(p, coarse), ~coarse, max_steps)
+        if got is not None:
+            return got, "coarse_first"
+    renamed = relabel(p, ref)
+    coarse = p.w * ANCHOR_SHARE > gpu_cap
     got = settle(p, np.where(coarse, renamed, p.home), ~coarse, max_steps)
     if got is not None:
         return got, "anchored"

@@ -64,8 +64,13 @@ def chunks(lens: list[int], src: list[int], bag_of: list[int], spec: BagSpec) ->
     return np.asarray(rows, dtype=np.int64).reshape(-1, 5)
 
 
-def plan(lens_per_rank: Sequence[Sequence[int]], bags: str | BagSpec, d: int, gamma: float = 0.5) -> Plan:
-    """The original rule's plan, in the same :class:`Plan` format as ours."""
+def plan(lens_per_rank: Sequence[Sequence[int]], bags: str | BagSpec, d: int, gamma: float = 0.5,
+         bag_of: Sequence[int] | None = None) -> Plan:
+    """The original rule's plan, in the same :class:`Plan` format as ours.
+
+    ``bag_of``: the assignment when it is already known (``planner.plan(..., locality=False)``
+    is property-tested equal to :func:`assign`), to skip the O(S B) scan in large tests.
+    """
     spec = parse_bags(bags) if isinstance(bags, str) else bags
     coef = coefficients(d, gamma)
     counts, lens_arr = flatten(lens_per_rank, spec)
@@ -73,7 +78,7 @@ def plan(lens_per_rank: Sequence[Sequence[int]], bags: str | BagSpec, d: int, ga
     work = workloads(lens_arr, d, gamma)
     works = work.tolist()
     src = [r for r, c in enumerate(counts.tolist()) for _ in range(c)]
-    bag_of = assign(lens, works, spec)
+    bag_of = assign(lens, works, spec) if bag_of is None else [int(b) for b in bag_of]
     return Plan(
         spec, counts, lens_arr, work, np.asarray(bag_of, dtype=np.int64),
         chunks(lens, src, bag_of, spec), "original", coef,

@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import itertools
 import math
+import operator
 from collections.abc import Sequence
 from fractions import Fraction
 
@@ -184,6 +186,28 @@ class Plan:
     def tokens_per_rank(self) -> np.ndarray:
         return np.bincount(self.chunks[:, 2], weights=self.chunks[:, 4], minlength=self.spec.size).astype(np.int64)
 
+    def problems(self) -> list[str]:
+        """What is wrong with the plan (empty when valid): every token of every sequence
+        exactly once, in non-empty contiguous chunks on its bag's ranks, sent by its rank."""
+        c, out = self.chunks, []
+        if c.size and (c[:, 4] <= 0).any():
+            out.append(f"{int((c[:, 4] <= 0).sum())} empty chunks")
+        if c.size and ((np.diff(c[:, 0]) < 0) | ((np.diff(c[:, 0]) == 0) & (np.diff(c[:, 3]) <= 0))).any():
+            out.append("chunks not sorted by (sample, offset)")
+        covered = np.bincount(c[:, 0], weights=c[:, 4], minlength=self.lens.size) if c.size else np.zeros(self.lens.size)
+        if (covered != self.lens).any():
+            out.append(f"{int((covered != self.lens).sum())} sequences not covered exactly")
+        start = np.cumsum(c[:, 4]) - c[:, 4] - (np.cumsum(self.lens) - self.lens)[c[:, 0]]
+        if (start != c[:, 3]).any():
+            out.append("chunks not contiguous")
+        sizes = np.asarray(self.spec.bag_sizes)
+        first = (np.cumsum(sizes) - sizes)[self.bag_of[c[:, 0]]]
+        if ((c[:, 2] < first) | (c[:, 2] >= first + sizes[self.bag_of[c[:, 0]]])).any():
+            out.append("chunks outside their sequence's bag")
+        if (c[:, 1] != self.src[c[:, 0]]).any():
+            out.append("chunks sent by the wrong rank")
+        return out
+
     def digest(self) -> str:
         """A hash of the plan (ranks compare it to check they planned the same)."""
         h = hashlib.sha256(str(self.spec).encode())
@@ -200,7 +224,7 @@ def flatten(lens_per_rank: Sequence[Sequence[int]], spec: BagSpec) -> tuple[np.n
     if len(lens_per_rank) != spec.size:
         raise MinfmError(f"bag spec {spec} covers {spec.size} ranks but lengths were given for {len(lens_per_rank)}")
     counts = np.array([len(x) for x in lens_per_rank], dtype=np.int64)
-    lens = np.fromiter((int(v) for x in lens_per_rank for v in x), dtype=np.int64, count=int(counts.sum()))
+    lens = np.fromiter(itertools.chain.from_iterable(lens_per_rank), dtype=np.int64, count=int(counts.sum()))
     if lens.size and lens.min() < 0:
         raise MinfmError("sequence lengths must be >= 0")
     return counts, lens
@@ -218,14 +242,13 @@ def _group_exclusive_cumsum(values: np.ndarray, groups: np.ndarray) -> np.ndarra
     return cum - cum[first]
 
 
-def build_chunks(lens: np.ndarray, src: np.ndarray, bag_of: np.ndarray, spec: BagSpec, order: np.ndarray) -> np.ndarray:
+def build_chunks(lens: np.ndarray, src: np.ndarray, bag_of: np.ndarray, sizes: np.ndarray, order: np.ndarray) -> np.ndarray:
     """Cut each sequence into its bag's G contiguous chunks, chunk k to the bag's k-th rank.
 
     The ``L mod G`` remainder tokens rotate: a bag's sequences, in ``order``, hand them
     to the next GPUs after the previous sequence's, so every GPU of the bag gets the
     same number of extra tokens (+-1). Empty chunks (L < G) are left out.
     """
-    sizes = np.asarray(spec.bag_sizes, dtype=np.int64)
     first_rank = np.cumsum(sizes) - sizes
     g = sizes[bag_of]
     base, rem = lens // g, lens % g
@@ -249,6 +272,8 @@ class _Bags:
 
     def __init__(self, spec: BagSpec, total: int):
         self.sizes = spec.bag_sizes
+        self.size_arr = np.asarray(self.sizes, dtype=np.int64)
+        self.rank_bag = np.repeat(np.arange(len(self.sizes), dtype=np.int64), self.size_arr)  # bag of each rank
         self.lcm = int(np.lcm.reduce(np.asarray(self.sizes, dtype=np.int64)))
         self.scale = [self.lcm // g for g in self.sizes]  # key = load * scale = per-GPU load * lcm
         self.total, self.S = total, spec.size
@@ -258,69 +283,70 @@ class _Bags:
             self.classes.append((g, list(range(b, b + n))))
             b += n
 
-    def eligible(self, w: int, length: int) -> list[int]:
-        """Class indices the original rule allows: capacity G*total/S >= w and G <= L, else the largest."""
-        out = [c for c, (g, _) in enumerate(self.classes) if g * self.total >= w * self.S and g <= length]
-        return out or [len(self.classes) - 1]
+    def eligible_sets(self, w: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, list[tuple[int, ...]]]:
+        """Per item, an index into a list of class-index tuples the original rule allows:
+        capacity G*total/S >= w and G <= L; if none, the largest class. Vectorised."""
+        mask = np.zeros(w.size, dtype=np.int64)
+        for c, (g, _) in enumerate(self.classes):
+            ok = (w <= g * self.total // self.S) & (lens >= g)  # w*S <= G*total, exact for integers
+            mask |= ok.astype(np.int64) << c
+        sets = [tuple(c for c in range(len(self.classes)) if m >> c & 1) or (len(self.classes) - 1,)
+                for m in range(1 << len(self.classes))]
+        return mask, sets
 
     def max_key(self, loads: list[int]) -> int:
-        return max(load * s for load, s in zip(loads, self.scale))
+        return max(map(operator.mul, loads, self.scale))
 
 
-def _place(order: list[int], w: list[int], lens: list[int], bags: _Bags, loads: list[int], bag_of: list[int]) -> None:
-    """Longest-first onto the least-occupied eligible bag (ties: lowest bag id). Mutates loads, bag_of."""
+def _place(w: np.ndarray, lens: np.ndarray, bags: _Bags, loads: list[int], bag_of: list[int]) -> None:
+    """Items in order (longest first) onto the least-occupied eligible bag (ties: lowest bag
+    id). Heaps hold (per-GPU key, bag) per class, so classes compare directly. Mutates
+    loads, bag_of."""
     heaps = []
     for _, ids in bags.classes:
-        h = [(loads[b], b) for b in ids]
+        h = [(loads[b] * bags.scale[b], b) for b in ids]
         heapq.heapify(h)
         heaps.append(h)
-    scale = bags.scale
+    w_list = w.tolist()
     if len(heaps) == 1:  # g1nS, g2nS...: one heap, no class arithmetic
-        h = heaps[0]
-        for i in order:
-            load, b = h[0]
-            heapq.heapreplace(h, (load + w[i], b))
+        h, s = heaps[0], bags.scale[0]
+        for i, wi in enumerate(w_list):
+            key, b = h[0]
+            heapq.heapreplace(h, (key + wi * s, b))
             bag_of[i] = b
     else:
-        elig_cache: dict[tuple[int, int], list[int]] = {}
-        for i in order:
-            wi, li = w[i], lens[i]
-            key_e = (wi, li)
-            elig = elig_cache.get(key_e)
-            if elig is None:
-                elig = elig_cache[key_e] = bags.eligible(wi, li)
-            best_c, best = -1, None
-            for c in elig:
-                load, b = heaps[c][0]
-                cand = (load * scale[b], b)
-                if best is None or cand < best:
-                    best, best_c = cand, c
-            load, b = heaps[best_c][0]
-            heapq.heapreplace(heaps[best_c], (load + wi, b))
+        mask, sets = bags.eligible_sets(w, lens)
+        scale_c = [bags.lcm // g for g, _ in bags.classes]
+        for i, (wi, m) in enumerate(zip(w_list, mask.tolist())):
+            best_c = min(sets[m], key=lambda c: heaps[c][0])
+            key, b = heaps[best_c][0]
+            heapq.heapreplace(heaps[best_c], (key + wi * scale_c[best_c], b))
             bag_of[i] = b
     for h in heaps:
-        for load, b in h:
-            loads[b] = load
+        for key, b in h:
+            loads[b] = key // bags.scale[b]
 
 
-def _longest_first(order, w, lens, bags: _Bags) -> tuple[list[int], int]:
+def _longest_first(w: np.ndarray, lens: np.ndarray, bags: _Bags) -> tuple[list[int], int]:
+    """The original rule on items already in canonical order: (bag of each item, max key)."""
     loads = [0] * len(bags.sizes)
-    bag_of = [0] * len(w)
-    _place(order, w, lens, bags, loads, bag_of)
+    bag_of = [0] * w.size
+    _place(w, lens, bags, loads, bag_of)
     return bag_of, bags.max_key(loads)
 
 
-def _problem(lens, work, home, spec: BagSpec, bags_: _Bags, target: int) -> loc.Problem:
-    """The locality problem in canonical order: caps are each bag's share of the target key."""
-    sizes = np.asarray(spec.bag_sizes, dtype=np.int64)
-    g = sizes[home]
+
+def _problem(lens: np.ndarray, work: np.ndarray, src: np.ndarray, bags_: _Bags, target: int) -> loc.Problem:
+    """The locality problem (items in canonical order): each bag's cap is its share of the target key."""
+    home = bags_.rank_bag[src]
+    g = bags_.size_arr[home]
     keep = np.where(g == 1, lens, -(-lens // g))  # one chunk stays on its rank in a G-bag
-    caps = np.array([target * gb // bags_.lcm for gb in spec.bag_sizes], dtype=work.dtype)
-    return loc.Problem(work, lens, home, keep, caps)
+    caps = np.array([target * gb // bags_.lcm for gb in bags_.sizes], dtype=work.dtype)
+    return loc.Problem(work, lens, home, keep, caps, bags_.size_arr)
 
 
 def repair_budget(n_bags: int) -> int:
-    """Repair steps allowed: a few per bag (each step lowers the total overflow)."""
+    """Repair steps allowed at most: a few per bag (each step lowers the total overflow)."""
     return 4 * n_bags + 64
 
 
@@ -348,19 +374,17 @@ def plan(
         return Plan(spec, counts, lens, work, np.zeros(0, np.int64), np.zeros((0, 5), np.int64), "local", coef)
     order = canonical_order(work)
     wc, lc = work[order], lens[order]
-    w_list = wc.tolist()
-    bags_ = _Bags(spec, sum(w_list))
-    ref_bag, ref_key = _longest_first(range(lens.size), w_list, lc.tolist(), bags_)
+    bags_ = _Bags(spec, int(wc.sum()))
+    ref_bag, ref_key = _longest_first(wc, lc, bags_)
     target = math.floor(ref_key * (1 + Fraction(tolerance)))  # keys are ints: key <= target exactly
     chosen, strategy = np.asarray(ref_bag, dtype=np.int64), "longest_first"
     if locality and bags_.total > 0:
-        rank_bag = np.repeat(np.arange(len(spec.bag_sizes), dtype=np.int64), spec.bag_sizes)
-        problem = _problem(lc, wc, rank_bag[src[order]], spec, bags_, target)
-        sizes = np.asarray(spec.bag_sizes, dtype=np.int64)
-        chosen, strategy = loc.locality_plan(problem, chosen, sizes, repair_budget(len(sizes)))
+        problem = _problem(lc, wc, src[order], bags_, target)
+        chosen, strategy = loc.locality_plan(problem, chosen, repair_budget(len(bags_.sizes)))
     bag_of = np.empty(lens.size, dtype=np.int64)
     bag_of[order] = chosen
-    return Plan(spec, counts, lens, work, bag_of, build_chunks(lens, src, bag_of, spec, order), strategy, coef, target)
+    chunks = build_chunks(lens, src, bag_of, bags_.size_arr, order)
+    return Plan(spec, counts, lens, work, bag_of, chunks, strategy, coef, target)
 
 
 def lower_bound_moved(p: Plan) -> float:
@@ -368,7 +392,5 @@ def lower_bound_moved(p: Plan) -> float:
     if p.lens.size == 0 or p.target <= 0:
         return 0.0
     order = canonical_order(p.work)
-    bags_ = _Bags(p.spec, 0)
-    rank_bag = np.repeat(np.arange(len(p.spec.bag_sizes), dtype=np.int64), p.spec.bag_sizes)
-    problem = _problem(p.lens[order], p.work[order], rank_bag[p.src[order]], p.spec, bags_, p.target)
+    problem = _problem(p.lens[order], p.work[order], p.src[order], _Bags(p.spec, 0), p.target)
     return loc.moved_lower_bound(problem)
