@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SYNTHETIC_NAMES = ("bucket", "few", "imagenet", "mixed", "near_balanced", "with2048")
+SYNTHETIC_NAMES = ("bucket", "few", "imagenet", "long_tail", "mixed", "near_balanced", "video", "with2048")
 
 
 def add_parser(sub) -> None:
@@ -24,6 +24,11 @@ def add_parser(sub) -> None:
     s.add_argument("--batch-size", type=int, default=None, help="samples per rank per step (default: the recipe's train.batch_size)")
     s.add_argument("--text-range", type=int, nargs=2, default=(77, 512), metavar=("MIN", "MAX"),
                    help="text tokens per prompt when the text encoder's tokenizer is unavailable")
+    s.add_argument("--clips", type=float, default=0.0, metavar="SHARE",
+                   help="with RECIPE: this share of samples become video clips of their own picture size "
+                   "(0-1; the synthetic trace 'video' has clips next to images too)")
+    s.add_argument("--clip-frames", type=int, nargs="+", default=[17, 33, 49], metavar="F",
+                   help="frames of such a clip, drawn per clip (default 17 33 49), through the VAE's time compression")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="recipe override")
     s.add_argument("--d", type=int, default=None, help="hidden width (default: the recipe denoiser's d_model, else 3072)")
     s.add_argument("--gamma", type=float, default=None, help="attention weight in the workload model (default: recipe's, else 0.5)")

@@ -7,6 +7,11 @@ the picture's (frames, height, width) through the VAE's compression and the
 patchifier's patch size (or from a cached latent's shape); text tokens from the text
 encoder's own tokenizer (vocab words, an HF tokenizer from the local cache, one
 token per class for class tables), else a seeded draw from a fixed range.
+
+Video clips next to images: with ``clips`` > 0 that share of the samples (a seeded draw)
+count as clips of ``F`` frames (drawn from ``clip_frames``) at their own picture size,
+through the VAE's time compression, so a picture dataset shows what mixing in video
+would do to the balance.
 """
 
 from __future__ import annotations
@@ -20,15 +25,22 @@ from minfm_core.data_loader import epoch_order
 from minfm_core.errors import MinfmError
 
 
-def image_tokens(sample: dict, compression, patch) -> int:
-    """Image tokens of one dataset item (``image`` (3, F, H, W) or cached ``latent`` (C, F, h, w))."""
+def _latent_frames(frames: int, cf: int) -> int:
+    """Latent frames of a clip of ``frames`` pictures: the first alone, then cf at a time."""
+    return 1 + (frames - 1) // cf if cf > 1 else frames
+
+
+def image_tokens(sample: dict, compression, patch, frames: int | None = None) -> int:
+    """Image tokens of one dataset item (``image`` (3, F, H, W) or cached ``latent`` (C, F, h, w));
+    ``frames`` counts it as a clip of that many pictures instead."""
     pf, ph, pw = patch
+    cf, ch, cw = compression
     if "latent" in sample:
         _, f, h, w = sample["latent"].shape
+        f = f if frames is None else _latent_frames(frames, cf)
     else:
         _, F, H, W = sample["image"].shape
-        cf, ch, cw = compression
-        f, h, w = (1 + (F - 1) // cf if cf > 1 else F), H // ch, W // cw
+        f, h, w = _latent_frames(F if frames is None else frames, cf), H // ch, W // cw
     return -(-f // pf) * -(-h // ph) * -(-w // pw)
 
 
@@ -61,8 +73,10 @@ def text_counter(resolved, text_range: tuple[int, int], seed: int):
 
 
 def recipe_trace(resolved, world: int, steps: int, seed: int = 0, batch_size: int | None = None,
-                 text_range: tuple[int, int] = (77, 512)) -> list[list[list[int]]]:
-    """``steps`` x ``world`` x ``batch_size`` packed lengths drawn from the recipe's train data."""
+                 text_range: tuple[int, int] = (77, 512), clips: float = 0.0,
+                 clip_frames: tuple[int, ...] = (17, 33, 49)) -> list[list[list[int]]]:
+    """``steps`` x ``world`` x ``batch_size`` packed lengths drawn from the recipe's train data
+    (a ``clips`` share of them as video clips of ``clip_frames`` frames)."""
     dataset = resolved.build("data", split="train")
     n = len(dataset)
     if n == 0:
@@ -71,6 +85,7 @@ def recipe_trace(resolved, world: int, steps: int, seed: int = 0, batch_size: in
     compression = resolved.config("model.vae").compression if resolved.get("model.vae") else (1, 1, 1)
     patch = resolved.config("model.patchifier").patch_size if resolved.get("model.patchifier") else (1, 1, 1)
     count_text = text_counter(resolved, text_range, seed)
+    clip_rng = random.Random(f"clips-{seed}")
     per_step = world * bs
     order, epoch = epoch_order(n, seed, 0), 0
     set_epoch = getattr(dataset, "set_epoch", None)
@@ -84,6 +99,7 @@ def recipe_trace(resolved, world: int, steps: int, seed: int = 0, batch_size: in
             if set_epoch is not None:
                 set_epoch(epoch)
             sample = dataset[int(order[k % n])]
-            items.append(image_tokens(sample, compression, patch) + count_text(sample.get("prompt", "")))
+            frames = clip_rng.choice(clip_frames) if clips and clip_rng.random() < clips else None
+            items.append(image_tokens(sample, compression, patch, frames) + count_text(sample.get("prompt", "")))
         trace.append([items[r::world] for r in range(world)])
     return trace

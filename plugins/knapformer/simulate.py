@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from minfm_core.errors import MinfmError
-from minfm_core.validators import positive
+from minfm_core.validators import in_range, non_negative, positive, probability
 
 from . import original, planner
 from .spec import parse_bags
@@ -273,10 +273,31 @@ def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
+def _check_args(args) -> None:
+    """Every number the user set, with its range (MinfmError naming the option)."""
+    for name, value, rng in (("--world-size", args.world_size, positive), ("--steps", args.steps, positive),
+                             ("--batch-size", args.batch_size, positive), ("--d", args.d, positive)):
+        if value is not None:
+            planner.check_number(name, value, rng, integer=True)
+    for name, value in (("--gamma", args.gamma), ("--tolerance", args.tolerance)):
+        if value is not None:
+            planner.check_number(name, value, non_negative)
+    lo, hi = args.text_range
+    planner.check_number("--text-range MIN", lo, non_negative, integer=True)
+    planner.check_number("--text-range MAX", hi, in_range(lo), integer=True)
+    planner.check_number("--clips", args.clips, probability)
+    for f in args.clip_frames:
+        planner.check_number("--clip-frames", f, positive, integer=True)
+    if args.clips and not args.recipe:
+        raise MinfmError("balance simulate: --clips mixes clips into a RECIPE's data; for a synthetic trace with "
+                         "clips next to images use --synthetic video")
+
+
 def run(args) -> int:
     sources = [x for x in (args.recipe, args.trace, args.synthetic) if x]
     if len(sources) != 1:
         raise MinfmError("balance simulate: give exactly one of RECIPE, --trace FILE or --synthetic NAME")
+    _check_args(args)
     d, gamma, tolerance, bags = args.d, args.gamma, args.tolerance, list(args.bags or [])
     resolved = None
     if args.recipe:
@@ -305,7 +326,8 @@ def run(args) -> int:
     else:
         from .data_trace import recipe_trace
 
-        trace = recipe_trace(resolved, world, args.steps, args.seed, args.batch_size, tuple(args.text_range))
+        trace = recipe_trace(resolved, world, args.steps, args.seed, args.batch_size, tuple(args.text_range),
+                             args.clips, tuple(args.clip_frames))
     if args.trace_out:
         Path(args.trace_out).write_text(json.dumps(trace))
     results = {b: evaluate(trace, b, d, gamma, tolerance) for b in specs}
