@@ -82,38 +82,30 @@ def fuzz(n: int, d: int, seed: int = 0) -> tuple[int, list[str]]:
     return n, failures
 
 
-def markdown(results: list[dict]) -> str:
-    lines = [
-        "| trace | ranks | bags | none | per bag orig / ours | per GPU orig / ours | moved orig / ours / at least "
-        "| plan ms orig / ours | speed-up | strategy |",
-        "| --- | ---: | --- | ---: | --- | --- | --- | --- | ---: | --- |",
+#: Table columns: title and width in the plain-text table.
+COLUMNS = (("trace", 13), ("ranks", 5), ("bags", 18), ("none", 6), ("per bag orig / ours", 19),
+           ("per GPU orig / ours", 19), ("moved orig / ours / at least", 28), ("plan ms orig / ours", 19),
+           ("speed-up", 8), ("strategy", 0))
+
+
+def cells(r: dict) -> list[str]:
+    """One case's row: the mean over steps (plan ms: the median)."""
+    n, o, u = (r["summary"][m] for m in ("none", "original", "ours"))
+    return [
+        r["name"], str(r["world"]), r["bags"], f"{n['max_mean']:.3f}",
+        f"{o['max_mean']:.4f} / {u['max_mean']:.4f}", f"{o['gpu_max_mean']:.4f} / {u['gpu_max_mean']:.4f}",
+        f"{o['moved']:.1%} / {u['moved']:.1%} / {u['moved_lb']:.1%}", f"{o['plan_ms']:.2f} / {u['plan_ms']:.2f}",
+        f"{o['plan_ms'] / max(u['plan_ms'], 1e-9):.1f}x", ", ".join(r["strategies"]),
     ]
-    for r in results:
-        n, o, u = (r["summary"][m] for m in ("none", "original", "ours"))
-        lines.append(
-            f"| {r['name']} | {r['world']} | {r['bags']} | {n['max_mean']:.3f} "
-            f"| {o['max_mean']:.4f} / {u['max_mean']:.4f} | {o['gpu_max_mean']:.4f} / {u['gpu_max_mean']:.4f} "
-            f"| {o['moved']:.1%} / {u['moved']:.1%} / {u['moved_lb']:.1%} "
-            f"| {o['plan_ms']:.2f} / {u['plan_ms']:.2f} | {o['plan_ms'] / max(u['plan_ms'], 1e-9):.1f}x "
-            f"| {', '.join(r['strategies'])} |"
-        )
-    return "\n".join(lines)
 
 
-def text_table(results: list[dict]) -> str:
-    head = (f"{'trace':<14}{'ranks':>6} {'bags':<20}{'none':>7} {'bag orig/ours':>15} {'GPU orig/ours':>15} "
-            f"{'moved orig/ours/>=':>22} {'ms orig/ours':>18} {'x':>6}  strategy")
-    lines = [head]
-    for r in results:
-        n, o, u = (r["summary"][m] for m in ("none", "original", "ours"))
-        lines.append(
-            f"{r['name']:<14}{r['world']:>6} {r['bags']:<20}{n['max_mean']:>7.3f} "
-            f"{o['max_mean']:>7.4f}/{u['max_mean']:<7.4f} {o['gpu_max_mean']:>7.4f}/{u['gpu_max_mean']:<7.4f} "
-            f"{o['moved']:>7.1%}/{u['moved']:>6.1%}/{u['moved_lb']:>6.1%} "
-            f"{o['plan_ms']:>9.2f}/{u['plan_ms']:<8.2f} {o['plan_ms'] / max(u['plan_ms'], 1e-9):>6.1f}  "
-            f"{','.join(r['strategies'])}"
-        )
-    return "\n".join(lines)
+def markdown(results: list[dict]) -> str:
+    lines = ["| " + " | ".join(t for t, _ in COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+    return "\n".join(lines + ["| " + " | ".join(cells(r)) + " |" for r in results])
+
+
+def text_row(values: list[str]) -> str:
+    return " ".join(v.ljust(w) if w else v for v, (_, w) in zip(values, COLUMNS))
 
 
 def goals(results: list[dict], fuzzed: tuple[int, list[str]]) -> list[tuple[bool, str]]:
@@ -178,10 +170,12 @@ def main() -> int:
         raise SystemExit(f"--sizes: expected comma-separated whole numbers, got {args.sizes!r}") from None
     steps, repeats, n_fuzz = (1, 1, 50) if args.quick else (args.steps, args.repeats, args.fuzz)
     results = []
+    if not args.markdown:
+        print(text_row([t for t, _ in COLUMNS]))
     for name, world, bags in cases(sizes):
         results.append(run_case(name, world, bags, steps, repeats, args.d))
         if not args.markdown:
-            print(text_table(results[-1:]).splitlines()[-1] if len(results) > 1 else text_table(results), flush=True)
+            print(text_row(cells(results[-1])), flush=True)
     if args.markdown:
         print(markdown(results))
     fuzzed = fuzz(n_fuzz, args.d)
