@@ -9,7 +9,10 @@ the original's own chunking, so that these tests skip its O(S B) scan; the timin
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 import time
 
 import pytest
@@ -92,3 +95,14 @@ def test_plans_faster_than_the_original(world, speedup):
         ours = cpu_ms(lambda: planner.plan(lens, bags, 3072), 3)
         theirs = cpu_ms(lambda: original.plan(lens, bags, 3072), 1)
         assert theirs > speedup * ours, (name, bags, ours, theirs)
+
+
+def test_every_process_plans_the_same():
+    """Ranks plan independently: another interpreter (another hash seed) gets the same digest."""
+    code = ("from minfm_plugins.knapformer import planner, simulate; "
+            "print(planner.plan(simulate.synthetic('video', 128, steps=1)[0], 'g1n64+g2n16+g4n8', 3072).digest())")
+    here = planner.plan(trace("video", 128), MIXED[128], 3072).digest()
+    for seed in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": seed})
+        assert out.stdout.strip() == here

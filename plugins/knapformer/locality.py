@@ -1,24 +1,29 @@
 """Locality placement: start from where the tokens are, move the fewest that reach the target.
 
 Every bag has a cap, its share of the target (the longest-first rule's max per-GPU load,
-times ``1 + tolerance``). Three steps, all deterministic (exact integer workloads, ties
+times ``1 + tolerance``). All steps are deterministic (exact integer workloads, ties
 broken by the canonical item index, i.e. decreasing workload then sample id):
 
 1. **shed** (vectorised): an overloaded bag evicts its largest sequences while even the
    next one would not cover the remaining excess, then the smallest one that does. The
    workload per token grows with the length, so this sheds the excess with few tokens.
+   A sequence too large for the rooms there are stays, and smaller ones go instead.
 2. **place** (a sorted list of rooms, O(E log S) for E evicted sequences): longest first,
    back home if it fits there, else best fit (the smallest room that holds it, which keeps
-   large rooms for large sequences), else the largest room (that bag overflows).
-3. **repair** (one vectorised step per overflowing bag, O(log S) Python each): moves or
-   swaps with the bags that have the most room (and the sequences' home bags) that lower
-   the total overflow, the fewest extra moved tokens first. The total overflow is an
-   integer that falls at every step, so repair ends; it gives up after a step budget.
+   large rooms for large sequences), else the roomiest bag, which sheds again in the next
+   round (up to SHED_ROUNDS).
+3. **repair** (one vectorised step per overflowing bag): the move or swap with the
+   roomiest bags (and the sequences' home bags) that leaves the least total overflow, then
+   moves the fewest extra tokens. The total overflow is an integer that falls at every
+   step, so repair ends; it gives up after a step budget.
 
-Items are indexed in canonical order throughout, so the result depends on the lengths
-and their ranks only, never on how a rank ordered its own list.
+Coarse sequences (a large share of one GPU's cap) cannot be packed by pairwise swaps, so
+when there are any they are placed first (:func:`coarse_first`) and the rest settle
+around them; if that gets stuck, they take their bags in the (renamed) longest-first plan
+(``anchored``), and last the renamed longest-first plan itself is used. Items are indexed
+in canonical order throughout, so the result depends on the lengths and their ranks
+only, never on how a rank ordered its own list.
 """
-
 from __future__ import annotations
 
 import heapq
@@ -71,9 +76,10 @@ class Problem:
     def n_bags(self) -> int:
         return int(self.caps.size)
 
-    def home_loads(self) -> np.ndarray:
+    def loads(self, bag_of: np.ndarray) -> np.ndarray:
+        """Every bag's load (exact) when item i is in bag ``bag_of[i]``."""
         loads = np.zeros(self.n_bags, dtype=self.w.dtype)
-        np.add.at(loads, self.home, self.w)
+        np.add.at(loads, bag_of, self.w)
         return loads
 
 
@@ -121,9 +127,7 @@ def shed(p: Problem, start: np.ndarray, movable: np.ndarray) -> np.ndarray:
     unless the smaller ones cannot cover the excess (then a coarse one overflows the
     roomiest bag, which sheds smaller ones in the next round).
     """
-    loads = np.zeros(p.n_bags, dtype=p.w.dtype)
-    np.add.at(loads, start, p.w)
-    excess = loads - p.caps
+    excess = p.loads(start) - p.caps
     if not (excess > 0).any():
         return np.zeros(p.w.size, dtype=bool)
     rooms = np.maximum(-excess, 0)
@@ -236,7 +240,7 @@ class _Repair:
                 heapq.heappush(self.heap, (-over, b))
 
     def run(self, max_steps: int) -> bool:
-        """Fix the overflowing bags, largest overflow first; False when the budget runs out."""
+        """Fix the overflowing bags, largest overflow first; False when stuck or out of steps."""
         for _ in range(max_steps):
             while self.heap and -self.heap[0][0] != self.loads[self.heap[0][1]] - self.p.caps[self.heap[0][1]]:
                 heapq.heappop(self.heap)  # stale entry: the bag changed since it was pushed
@@ -250,7 +254,7 @@ class _Repair:
         return not self.heap
 
 
-def settle(p: Problem, start: np.ndarray, movable: np.ndarray, max_steps: int) -> np.ndarray | None:
+def settle(p: Problem, start: np.ndarray, movable: np.ndarray) -> np.ndarray | None:
     """From ``start``, shed and place (a few rounds: a sequence too large for any room
     overflows the roomiest bag, which sheds smaller ones in the next round), then repair,
     until every bag is within its cap; None if stuck."""
@@ -259,19 +263,13 @@ def settle(p: Problem, start: np.ndarray, movable: np.ndarray, max_steps: int) -
         evicted = np.flatnonzero(shed(p, bag_of, movable))
         if evicted.size == 0:
             break
-        loads = np.zeros(p.n_bags, dtype=p.w.dtype)
-        np.add.at(loads, bag_of, p.w)
+        loads = p.loads(bag_of)
         np.subtract.at(loads, bag_of[evicted], p.w[evicted])
-        loads = loads.tolist()
-        place(p, evicted, loads, bag_of)
-    loads = np.zeros(p.n_bags, dtype=p.w.dtype)
-    np.add.at(loads, bag_of, p.w)
-    over = int((loads > p.caps).sum())
-    if over and not _Repair(p, loads.tolist(), bag_of).run(min(max_steps, REPAIR_PER_BAG * over + REPAIR_EXTRA)):
+        place(p, evicted, loads.tolist(), bag_of)
+    over = int((p.loads(bag_of) > p.caps).sum())
+    if over and not _Repair(p, p.loads(bag_of).tolist(), bag_of).run(REPAIR_PER_BAG * over + REPAIR_EXTRA):
         return None
-    final = np.zeros(p.n_bags, dtype=p.w.dtype)
-    np.add.at(final, bag_of, p.w)
-    return bag_of if (final <= p.caps).all() else None
+    return bag_of if (p.loads(bag_of) <= p.caps).all() else None
 
 
 def relabel(p: Problem, ref: np.ndarray) -> np.ndarray:
@@ -330,29 +328,29 @@ def coarse_first(p: Problem, coarse: np.ndarray) -> np.ndarray:
     return bag_of
 
 
-def locality_plan(p: Problem, ref: np.ndarray, max_steps: int) -> tuple[np.ndarray, str]:
+def locality_plan(p: Problem, ref: np.ndarray) -> tuple[np.ndarray, str]:
     """Bag of every item (canonical order) within the caps, and how it was reached.
 
     ``local``: from where the items are, when no item is coarse (over 1/COARSE_SHARE of a
     GPU's cap); else ``coarse_first``: the coarse items placed first (:func:`coarse_first`),
     the fine ones settling around them. If that gets stuck, ``anchored``: the items over
     1/ANCHOR_SHARE of a GPU's cap take their (renamed) reference bags and the rest settle
-    around them. Last,
-    ``longest_first``: the renamed reference plan itself, within the caps by construction.
+    around them. Last, ``longest_first``: the renamed reference plan itself, within the
+    caps by construction.
     """
     gpu_cap = int(p.caps.min()) // int(p.sizes.min())  # a single GPU's cap (Python int: exact)
     coarse = p.w * COARSE_SHARE > gpu_cap
     if not coarse.any():
-        got = settle(p, p.home, np.ones(p.w.size, dtype=bool), max_steps)
+        got = settle(p, p.home, np.ones(p.w.size, dtype=bool))
         if got is not None:
             return got, "local"
     else:
-        got = settle(p, coarse_first(p, coarse), ~coarse, max_steps)
+        got = settle(p, coarse_first(p, coarse), ~coarse)
         if got is not None:
             return got, "coarse_first"
     renamed = relabel(p, ref)
     coarse = p.w * ANCHOR_SHARE > gpu_cap
-    got = settle(p, np.where(coarse, renamed, p.home), ~coarse, max_steps)
+    got = settle(p, np.where(coarse, renamed, p.home), ~coarse)
     if got is not None:
         return got, "anchored"
     return renamed, "longest_first"
@@ -367,7 +365,7 @@ def moved_lower_bound(p: Problem) -> float:
     bounds that cost from below.
     """
     structural = float((p.lens - p.keep).sum())
-    excess = p.home_loads() - p.caps
+    excess = p.loads(p.home) - p.caps
     if not (excess > 0).any():
         return structural
     rate = p.w.astype(np.float64) / np.maximum(p.keep, 1)

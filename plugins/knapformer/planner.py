@@ -14,11 +14,13 @@ Algorithm (see docs/balancer.md):
 2. *Locality* (``locality.py``): start from where the sequences are; overloaded bags
    shed their excess (few tokens: long sequences carry the most work per token), the
    shed sequences go to the bags with room (best fit), and a vectorised repair moves
-   or swaps sequences out of any bag left above its cap. Near-balanced input moves
-   little; balanced input moves nothing.
-3. Only if the repair runs out of steps is the longest-first plan used (strategy
-   ``longest_first``); so the max load never exceeds the longest-first rule's times
-   ``1 + tolerance``.
+   or swaps sequences out of any bag left above its cap. Coarse sequences (a large share
+   of one GPU) are placed first and the rest settle around them. Near-balanced input
+   moves little; balanced input moves nothing.
+3. If that gets stuck, the coarse sequences keep their bags in the longest-first plan
+   (renamed to keep the most tokens home) and the rest settle around them; last, that
+   renamed plan itself. Every strategy meets the target, so the max load never exceeds
+   the longest-first rule's times ``1 + tolerance``.
 
 Items are processed in canonical order (decreasing workload, then sample id): the
 plan depends on the lengths and their ranks only, not on how a rank ordered its list.
@@ -111,7 +113,7 @@ class Plan:
     work: np.ndarray  # (B,) integer workload per sequence
     bag_of: np.ndarray  # (B,) bag index per sequence
     chunks: np.ndarray  # (K, 5)
-    strategy: str  # "local", "longest_first" or "original"
+    strategy: str  # "local", "coarse_first", "anchored", "longest_first" (locality.py) or "original"
     coef: tuple[int, int] = (0, 0)
     target: int = 0
 
@@ -345,11 +347,6 @@ def _problem(lens: np.ndarray, work: np.ndarray, src: np.ndarray, bags_: _Bags, 
     return loc.Problem(work, lens, home, keep, caps, bags_.size_arr)
 
 
-def repair_budget(n_bags: int) -> int:
-    """Repair steps allowed at most: a few per bag (each step lowers the total overflow)."""
-    return 4 * n_bags + 64
-
-
 def plan(
     lens_per_rank: Sequence[Sequence[int]],
     bags: str | BagSpec,
@@ -380,7 +377,7 @@ def plan(
     chosen, strategy = np.asarray(ref_bag, dtype=np.int64), "longest_first"
     if locality and bags_.total > 0:
         problem = _problem(lc, wc, src[order], bags_, target)
-        chosen, strategy = loc.locality_plan(problem, chosen, repair_budget(len(bags_.sizes)))
+        chosen, strategy = loc.locality_plan(problem, chosen)
     bag_of = np.empty(lens.size, dtype=np.int64)
     bag_of[order] = chosen
     chunks = build_chunks(lens, src, bag_of, bags_.size_arr, order)
