@@ -48,7 +48,7 @@ SHED_ROUNDS = 4
 #: Sequences above 1/COARSE_SHARE of one GPU's cap are coarse: pairwise swaps cannot pack
 #: them (a bag holding a few would need several small ones in exchange), so they are
 #: placed first and the fine ones fill around them.
-COARSE_SHARE = 4
+COARSE_SHARE = 8
 
 #: If that gets stuck, sequences above 1/ANCHOR_SHARE of one GPU's cap keep their
 #: (renamed) reference bags, and the rest settle around them.
