@@ -50,8 +50,8 @@ SHED_ROUNDS = 4
 #: placed first and the fine ones fill around them.
 COARSE_SHARE = 8
 
-#: If that gets stuck, sequences above 1/ANCHOR_SHARE of one GPU's cap keep their
-#: (renamed) reference bags, and the rest settle around them.
+#: If that gets stuck, the coarse sequences, then those above 1/ANCHOR_SHARE of one GPU's
+#: cap, keep their (renamed) reference bags, and the rest settle around them.
 ANCHOR_SHARE = 16
 
 
@@ -333,9 +333,9 @@ def locality_plan(p: Problem, ref: np.ndarray) -> tuple[np.ndarray, str]:
 
     ``local``: from where the items are, when no item is coarse (over 1/COARSE_SHARE of a
     GPU's cap); else ``coarse_first``: the coarse items placed first (:func:`coarse_first`),
-    the fine ones settling around them. If that gets stuck, ``anchored``: the items over
-    1/ANCHOR_SHARE of a GPU's cap take their (renamed) reference bags and the rest settle
-    around them. Last, ``longest_first``: the renamed reference plan itself, within the
+    the fine ones settling around them. If that gets stuck, ``anchored``: the coarse items
+    (then those over 1/ANCHOR_SHARE of a GPU's cap) take their (renamed) reference bags and
+    the rest settle around them. Last, ``longest_first``: the renamed reference plan itself, within the
     caps by construction.
     """
     gpu_cap = int(p.caps.min()) // int(p.sizes.min())  # a single GPU's cap (Python int: exact)
@@ -349,10 +349,11 @@ def locality_plan(p: Problem, ref: np.ndarray) -> tuple[np.ndarray, str]:
         if got is not None:
             return got, "coarse_first"
     renamed = relabel(p, ref)
-    coarse = p.w * ANCHOR_SHARE > gpu_cap
-    got = settle(p, np.where(coarse, renamed, p.home), ~coarse)
-    if got is not None:
-        return got, "anchored"
+    for share in (COARSE_SHARE, ANCHOR_SHARE):  # anchor the coarse items, then more
+        anchored = p.w * share > gpu_cap
+        got = settle(p, np.where(anchored, renamed, p.home), ~anchored)
+        if got is not None:
+            return got, "anchored"
     return renamed, "longest_first"
 
 
