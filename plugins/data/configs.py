@@ -58,6 +58,22 @@ _positive = positive
 _probability = probability
 
 
+def _size_multiple():
+    return field(16, doc="every height and width must divide by this (VAE x patch)", validator=_positive)
+
+
+def _colours():
+    return field(("red", "green", "blue", "yellow"), doc="colours to draw from", validator=_choices(SHAPE_COLOURS))
+
+
+def _kinds():
+    return field(SHAPE_KINDS, doc="shapes to draw from", validator=_choices(SHAPE_KINDS))
+
+
+def _backgrounds():
+    return field(("white",), doc="plain background colours to draw from", validator=_choices(SHAPE_BACKGROUNDS))
+
+
 @config
 class ShapesConfig:
     """Built-in synthetic text-image data: coloured shapes on plain backgrounds (no downloads)."""
@@ -67,19 +83,15 @@ class ShapesConfig:
         doc="(height, width) canvases drawn from at random per sample; mixed aspect ratios exercise packing",
         validator=[positive, _multiple_of_size_multiple],
     )
-    size_multiple: int = field(16, doc="every height and width must divide by this (VAE x patch)", validator=_positive)
+    size_multiple: int = _size_multiple()
     num_samples: int = field(10_000, doc="samples in the train split", validator=_positive)
     num_val_samples: int = field(512, doc="samples in the val split (drawn with a disjoint seed)", validator=_positive)
     seed: int = field(
         0, doc="seed of the whole dataset; the same (seed, split, index) draws the same picture", validator=non_negative
     )
-    colours: tuple[str, ...] = field(
-        ("red", "green", "blue", "yellow"), doc="colours to draw from", validator=_choices(SHAPE_COLOURS)
-    )
-    shapes: tuple[str, ...] = field(SHAPE_KINDS, doc="shapes to draw from", validator=_choices(SHAPE_KINDS))
-    backgrounds: tuple[str, ...] = field(
-        ("white",), doc="plain background colours to draw from", validator=_choices(SHAPE_BACKGROUNDS)
-    )
+    colours: tuple[str, ...] = _colours()
+    shapes: tuple[str, ...] = _kinds()
+    backgrounds: tuple[str, ...] = _backgrounds()
     scales: tuple[str, ...] = field(
         SHAPE_SIZES, doc="shape sizes: small ~45%, large ~75% of the shorter side", validator=_choices(SHAPE_SIZES)
     )
@@ -160,20 +172,16 @@ class MovingShapesConfig:
         doc="(height, width) canvases drawn from at random per clip",
         validator=[positive, _multiple_of_size_multiple],
     )
-    size_multiple: int = field(16, doc="every height and width must divide by this (VAE x patch)", validator=_positive)
+    size_multiple: int = _size_multiple()
     num_samples: int = field(10_000, doc="clips in the train split", validator=_positive)
     num_val_samples: int = field(512, doc="clips in the val split (drawn with a disjoint seed)", validator=_positive)
     seed: int = field(
         0, doc="seed of the whole dataset; the same (seed, split, index) draws the same clip", validator=non_negative
     )
-    colours: tuple[str, ...] = field(
-        ("red", "green", "blue", "yellow"), doc="colours to draw from", validator=_choices(SHAPE_COLOURS)
-    )
-    shapes: tuple[str, ...] = field(SHAPE_KINDS, doc="shapes to draw from", validator=_choices(SHAPE_KINDS))
+    colours: tuple[str, ...] = _colours()
+    shapes: tuple[str, ...] = _kinds()
     motions: tuple[str, ...] = field(MOTIONS, doc="motions to draw from", validator=_choices(MOTIONS))
-    backgrounds: tuple[str, ...] = field(
-        ("white",), doc="plain background colours to draw from", validator=_choices(SHAPE_BACKGROUNDS)
-    )
+    backgrounds: tuple[str, ...] = _backgrounds()
     scales: tuple[str, ...] = field(
         ("small",), doc="shape sizes: small ~45%, large ~75% of the shorter side (small leaves room to move)",
         validator=_choices(SHAPE_SIZES),
