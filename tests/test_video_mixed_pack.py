@@ -21,14 +21,16 @@ def test_one_step_on_a_mixed_pack_equals_the_samples_one_at_a_time(tmp_path, run
                            "train.text_dropout=0.0"), runtime)
     ds = trainer.dataset
     # two pictures of different sizes, clips of 5 and 3 frames: six samples, four shapes
-    picks = {}
-    for i in range(60):
-        k, _ = ds.locate(i)
-        picks.setdefault(k, []).append(i)
-    order = [picks[0][0], picks[1][0], picks[2][0], picks[0][1], picks[1][1], picks[2][1]]
+    picks: dict[tuple, list[int]] = {}
+    for i in range(200):  # the first two items of each (source, size)
+        k, j = ds.locate(i)
+        key = (k, tuple(ds.sources[k][j]["image"].shape)) if k == 0 else (k,)
+        picks.setdefault(key, []).append(i)
+    pictures = sorted(key for key in picks if key[0] == 0)
+    assert len(pictures) == 2  # 16x16 and 16x24
+    order = [picks[pictures[0]][0], picks[(1,)][0], picks[(2,)][0], picks[pictures[1]][0], picks[(1,)][1], picks[(2,)][1]]
     samples = [ds[i] for i in order]
-    frames = [s["image"].shape[1] for s in samples]
-    assert sorted(set(frames)) == [1, 3, 5]
+    assert sorted({tuple(s["image"].shape[1:]) for s in samples}) == [(1, 16, 16), (1, 16, 24), (3, 16, 24), (5, 16, 16)]
     t = torch.tensor([0.15, 0.3, 0.45, 0.6, 0.75, 0.9])
     seeds = [11, 12, 13, 14, 15, 16]
 
