@@ -113,28 +113,28 @@ def goals(results: list[dict], fuzzed: tuple[int, list[str]]) -> list[tuple[bool
     out = []
     worst = max(results, key=lambda r: r["gpu_ratio"])
     out.append((worst["gpu_ratio"] <= GPU_SLACK,
-                f"per-GPU max/mean <= original x {GPU_SLACK} on every trace and step "
-                f"(worst ours/original {worst['gpu_ratio']:.5f}: {worst['name']}, {worst['world']}, {worst['bags']})"))
+                (f"per-GPU max/mean <= original x {GPU_SLACK} on every trace and step (worst ours/original "
+                 f"{worst['gpu_ratio']:.5f}: {worst['name']}, {worst['world']}, {worst['bags']})")))
     for world, need in ((512, SPEEDUP_512), (128, 1.0)):
         sel = [r for r in results if r["world"] == world]
         if sel:
             speed = [(r["summary"]["original"]["plan_ms"] / max(r["summary"]["ours"]["plan_ms"], 1e-9), r) for r in sel]
             low, r = min(speed, key=lambda t: t[0])
             out.append((low >= need if world == 512 else low > need,
-                        f"plan time at {world} ranks {'<= 1/10 of' if world == 512 else 'below'} the original's on "
-                        f"every trace (least speed-up {low:.1f}x: {r['name']}, {r['bags']})"))
+                        (f"plan time at {world} ranks {'<= 1/10 of' if world == 512 else 'below'} the original's on "
+                         f"every trace (least speed-up {low:.1f}x: {r['name']}, {r['bags']})")))
     near = [r for r in results if r["name"] == "near_balanced" and r["bags"].startswith("g1n") and "+" not in r["bags"]]
     if near:
         most = max(max(row["ours"]["moved"] for row in r["rows"]) for r in near)
         out.append((most <= NEAR_BALANCED_MOVED,
-                    f"tokens moved on near-balanced input (single-GPU bags) <= {NEAR_BALANCED_MOVED:.0%} at every size "
-                    f"(most {most:.1%})"))
+                    (f"tokens moved on near-balanced input (single-GPU bags) <= {NEAR_BALANCED_MOVED:.0%} at every "
+                     f"size (most {most:.1%})")))
     nearmix = [r for r in results if r["name"] == "near_balanced" and "+" in r["bags"]]
     if nearmix:
         gap = max(max(row["ours"]["moved"] - row["ours"]["moved_lb"] for row in r["rows"]) for r in nearmix)
         floor = min(min(row["ours"]["moved_lb"] for row in r["rows"]) for r in nearmix)
-        out.append((True, f"(mixed bags, near-balanced: at least {floor:.1%} must move, a G-bag splits its own "
-                          f"sequences; ours within {gap:.1%} of that bound)"))
+        out.append((True, (f"(mixed bags, near-balanced: at least {floor:.1%} must move, a G-bag splits its own "
+                           f"sequences; ours within {gap:.1%} of that bound)")))
     flat = [r for r in results if r["name"] == "imagenet" and "+" not in r["bags"]]
     if flat:
         most = max(max(row["ours"]["moved"] for row in r["rows"]) for r in flat)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from minfm_plugins.knapformer import original, planner, simulate
 from minfm_plugins.knapformer.spec import parse_bags
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import ROOT
-from minfm_core.cli.main import main
 from minfm_plugins.knapformer import simulate
+
+from minfm_core.cli.main import main
 
 QUICKSTART = str(ROOT / "recipes" / "quickstart.toml")
 

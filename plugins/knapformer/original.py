@@ -50,13 +50,12 @@ def assign(lens: list[int], works: list[int], spec: BagSpec) -> list[int]:
 def chunks(lens: list[int], src: list[int], bag_of: list[int], spec: BagSpec) -> np.ndarray:
     """The original chunking: G chunks per sequence, the remainder on a round-robin chunk."""
     ranks = spec.bag_ranks
-    rows, rolling = [], 0
+    rows = []
     for seq, (length, s, b) in enumerate(zip(lens, src, bag_of)):
         g = len(ranks[b])
         parts = [length // g] * g
-        idx = rolling % g
+        idx = seq % g  # the original's rolling counter: one step per sequence, in sample order
         parts[idx] = length - (sum(parts) - parts[idx])
-        rolling += 1
         offset = 0
         for k, part in enumerate(parts):
             rows.append((seq, s, ranks[b][k], offset, part))

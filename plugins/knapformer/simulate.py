@@ -261,8 +261,8 @@ def evaluate(trace: Trace, bags: str, d: int = 3072, gamma: float = 0.5, toleran
 
 
 def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
-    lines = [f"{'bags':<20} {'method':<9} {'max/mean':>9} {'per GPU':>8} {'max/min':>9} {'moved':>7} {'>= moved':>8} "
-             f"{'ulysses MB':>11} {'plan ms':>9}"]
+    lines = [(f"{'bags':<20} {'method':<9} {'max/mean':>9} {'per GPU':>8} {'max/min':>9} {'moved':>7} {'>= moved':>8} "
+              f"{'ulysses MB':>11} {'plan ms':>9}")]
     for bags, rows in results.items():
         for m, r in rows.items():
             lb = f"{r['moved_lb']:>8.1%}" if m == "ours" else f"{'':>8}"
