@@ -198,3 +198,17 @@ def test_workload_is_exact_integer_model():
     ratio = (24 * 200 * 64**2 + 0.5 * 4 * 200**2 * 64) / (24 * 100 * 64**2 + 0.5 * 4 * 100**2 * 64)
     assert w[1] / w[0] == pytest.approx(ratio)
 
+
+
+def test_last_resort_is_the_renamed_longest_first_plan(monkeypatch):
+    """If every locality strategy got stuck, the longest-first plan with its bags renamed
+    (within a bag size) to keep the most tokens home: its balance, fewer tokens moved."""
+    from minfm_plugins.knapformer import locality
+
+    monkeypatch.setattr(locality, "settle", lambda *args: None)
+    for bags in ("g1n8", "g1n2+g2n1+g4n1"):
+        for lens in simulate.synthetic("mixed", 8, steps=2):
+            p, ref = planner.plan(lens, bags, 3072), planner.plan(lens, bags, 3072, locality=False)
+            assert p.strategy == "longest_first" and p.problems() == []
+            assert exact_max(p)[0] * exact_max(ref)[1] == exact_max(ref)[0] * exact_max(p)[1]
+            assert p.moved_tokens <= ref.moved_tokens

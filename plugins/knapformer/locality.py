@@ -280,10 +280,9 @@ def relabel(p: Problem, ref: np.ndarray) -> np.ndarray:
     """
     nb, sizes = p.n_bags, p.sizes
     same = sizes[ref] == sizes[p.home]
-    pair = ref[same] * nb + p.home[same]
-    weight = np.bincount(pair, weights=p.keep[same], minlength=nb * nb)
-    cand = np.flatnonzero(weight)
-    cand = cand[np.lexsort((cand, -weight[cand]))]
+    pairs, inverse = np.unique(ref[same] * nb + p.home[same], return_inverse=True)  # O(B), not O(bags^2)
+    weight = np.bincount(inverse, weights=p.keep[same])
+    cand = pairs[np.lexsort((pairs, -weight))]
     rename = np.full(nb, -1, dtype=np.int64)
     taken = np.zeros(nb, dtype=bool)
     for j, b in zip(*divmod(cand, nb)):
