@@ -93,3 +93,11 @@ def test_bad_mixes_are_one_line_naming_the_path(value, where, capsys):
 
 def test_a_good_mix_checks(capsys):
     assert main(["check", "recipes/quickstart_video.toml"]) == 0, capsys.readouterr().err
+
+
+def test_loader_workers_see_the_same_mixed_batches():
+    ds = make(num_samples=40, sources=[{"dataset": IMAGES}, {"dataset": CLIPS}])
+    a = next(BatchIterator(ds, 8, seed=5, num_workers=0))
+    b = next(BatchIterator(ds, 8, seed=5, num_workers=1))
+    assert [s["prompt"] for s in a] == [s["prompt"] for s in b]
+    assert all(torch.equal(x["image"], y["image"]) for x, y in zip(a, b))
