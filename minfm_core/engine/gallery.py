@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..safepath import write_bytes_atomic, write_text_atomic
 from .generate import generate, grid, grid_frames, to_pil, to_uint8
-from .video_io import DEFAULT_FPS, frame_starts_ms
+from .video_io import DEFAULT_FPS, frame_durations_ms
 from .prompts import read_prompt_file
 
 
@@ -72,10 +72,9 @@ def training_gallery(pipe, model, ema, recipe, step: int, *, is_main: bool) -> d
 
 def animated_png(frames: list, fps: int = DEFAULT_FPS) -> bytes:
     """Grid frames (PIL) as an endlessly looping APNG."""
-    starts = frame_starts_ms(len(frames), fps)
     buf = io.BytesIO()
     frames[0].save(buf, format="PNG", save_all=True, append_images=frames[1:], loop=0,
-                   duration=[b - a for a, b in zip(starts, starts[1:])])
+                   duration=frame_durations_ms(len(frames), fps))
     return buf.getvalue()
 
 

@@ -17,6 +17,7 @@ Nothing here imports torch or PyAV at module level: the hub's card renderer read
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import tempfile
 from collections.abc import Mapping
@@ -51,9 +52,15 @@ def check_clip(frames: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(frames)
 
 
-def frame_starts_ms(n: int, fps: int) -> list[int]:
-    """Start time of frames 0..n in whole milliseconds (WebP counts time in ms)."""
-    return [round(i * 1000 / fps) for i in range(n + 1)]
+def frame_durations_ms(n: int, fps: int) -> list[int]:
+    """How long each of n frames shows, in whole milliseconds (WebP and APNG count time in ms).
+
+    Differences of rounded start times rather than one rounded duration: no drift over a long
+    clip, and a merged run of frames keeps the start of its first frame, which is how
+    read_webp finds every frame again.
+    """
+    starts = [round(i * 1000 / _check_fps(fps)) for i in range(n + 1)]
+    return [b - a for a, b in itertools.pairwise(starts)]
 
 
 def _check_fps(fps: int) -> int:
@@ -67,14 +74,10 @@ def encode_webp(frames: np.ndarray, fps: int = DEFAULT_FPS) -> bytes:
     from PIL import Image
 
     frames = check_clip(frames)
-    starts = frame_starts_ms(len(frames), _check_fps(fps))
-    # Durations as differences of rounded start times: a merged run of frames keeps the
-    # start of its first frame, which is how read_webp finds every frame again.
-    durations = [b - a for a, b in zip(starts, starts[1:])]
     pics = [Image.fromarray(f, "RGB") for f in frames]
     buf = io.BytesIO()
-    pics[0].save(buf, format="WEBP", save_all=True, append_images=pics[1:], duration=durations, loop=0,
-                 lossless=True, quality=100, method=4)
+    pics[0].save(buf, format="WEBP", save_all=True, append_images=pics[1:], duration=frame_durations_ms(len(pics), fps),
+                 loop=0, lossless=True, quality=100, method=4)
     return buf.getvalue()
 
 
