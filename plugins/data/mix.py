@@ -55,15 +55,15 @@ def pattern(quota: list[int]) -> list[int]:
 
 class MixDataset(torch.utils.data.Dataset, protocols.Dataset):
     def __init__(self, cfg: MixConfig, split: str = "train") -> None:
+        from minfm_core.config import structure
         from minfm_core.registry import get_registry
 
         self.cfg = cfg
         self.sources = []
         for k, src in enumerate(cfg.sources):
+            # Structured again here (the config keeps the raw table, as the recipe wrote it).
             table = dict(src.dataset)
             comp = get_registry().get("dataset", table.pop("name"), path=f"data.sources[{k}].dataset.name")
-            from minfm_core.config import structure
-
             conf = structure(table, comp.config, path=f"data.sources[{k}].dataset") if comp.config else None
             self.sources.append(comp.build(conf, split=split))
         for k, ds in enumerate(self.sources):
