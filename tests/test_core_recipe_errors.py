@@ -163,3 +163,20 @@ def load_recipe_dict_from_text(text, overrides, tmp=None):
         p = Path(d) / "r.toml"
         p.write_text(text)
         return load_recipe_dict(p, overrides)
+
+
+def test_sample_frames_the_model_cannot_draw_are_refused_before_work(minfm, tmp_path):
+    """Training galleries draw sample.size too: a bad frame count fails `minfm check` and
+    `minfm run` at once, not at the first gallery."""
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('extends = "minfm:quickstart.toml"\n[model.patchifier]\npatch_size = [2, 2, 2]\n'
+                      '[model.denoiser]\nd_img = 24\n[sample]\nsize = [3, 32, 32]\n'
+                      f'[run]\nexp_dir = "{tmp_path / "exp"}"\n')
+    for cmd in ("check", "run"):
+        res = minfm(cmd, str(recipe))
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        assert ("sample.size 3x32x32: 3 frames: this model cannot draw that (its patches span 2 latent frames); "
+                "valid frame counts are 2, 4, 6, 8, 10, ...") in res.stderr
+    assert not (tmp_path / "exp").exists()
+    recipe.write_text(recipe.read_text().replace("size = [3, 32, 32]", "size = [4, 32, 32]"))
+    assert minfm("check", str(recipe)).returncode == 0

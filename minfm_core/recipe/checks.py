@@ -127,6 +127,15 @@ def cross_checks(resolved, world_size: int | None = None) -> list[str]:
                 f"sample.size: height and width {h}x{w} must be multiples of the VAE's compression x patch "
                 f"= {mh}x{mw}"
             )
+        # Training galleries sample this size too: a frame count the model cannot draw
+        # would otherwise fail at the first gallery, hours in.
+        from ..engine.video_io import check_frames
+
+        try:
+            check_frames(recipe.sample.size[0], int(comp[0]), int(patch[0]) if patch is not None else 1,
+                         what=f"sample.size {'x'.join(map(str, recipe.sample.size))}")
+        except MinfmError as exc:
+            problems.append(str(exc))
 
     shard = _attr(resolved, "parallel", "shard_size")
     if shard is not None and shard > 0 and world % shard:
