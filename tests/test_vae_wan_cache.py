@@ -49,3 +49,25 @@ def test_cache_latents_of_a_mix_of_images_and_clips(tmp_path, capsys):
         assert tuple(z.shape) == ((4, 1, 2, 2) if frames == 1 else (4, 3, 2, 4))
         # the cache holds what encoding the item gives (the VAE's random weights are seeded alike)
         assert torch.allclose(z, vae.encode([want["image"]])[0], atol=1e-5)
+
+
+def test_training_steps_on_wan_latents_of_pictures_and_clips(tmp_path, runtime):
+    """The trainer encodes a mixed micro-batch with the Wan VAE (pictures -> 1 latent frame, 9-frame
+    clips -> 3) and packs the latents; a step changes the weights and the loss is finite."""
+    from minfm_core.engine.train import Trainer
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'extends = "{ROOT / "recipes" / "quickstart.toml"}"\n')
+    sets = [VAE, DATA, "model.denoiser.d_img=16", f"run.exp_dir={json.dumps(str(tmp_path / 'run'))}",
+            "train.batch_size=4", "train.total_batch_size=4", "train.max_steps=2", "train.val_every=0",
+            "train.sample_every=0", "train.ckpt_every=0", "logging.loggers=[]"]
+    trainer = Trainer(load_recipe(recipe, sets), runtime)
+    batch = next(iter(trainer.batches))
+    latents = trainer.pipe.encode_images(batch)
+    assert sorted({z.shape[1] for z in latents}) == [1, 3]
+    before = [p.detach().clone() for p in trainer.params]
+    trainer.batches = iter([batch, batch])
+    metrics = trainer.train_step()
+    assert torch.isfinite(torch.tensor(metrics["loss"])) and metrics["skipped"] == 0.0
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.params))
+    trainer.close()
