@@ -76,9 +76,12 @@ def test_the_classifier_takes_uint8_frames_and_reads_a_blank_clip_as_nothing():
     assert classify_clip(frames)["motion"] == ds.spec(0).motion
     blank = np.full((5, 32, 32, 3), 255, np.uint8)
     assert classify_clip(blank) == {"colour": None, "shape": None, "motion": None, "background": "white"}
-    # a noise-free shape that jumps back and forth has no net motion: still
-    still = ds.spec(0)
-    assert classify_clip(torch.cat([x[:, :1]] * 5, dim=1))["motion"] == "still" or still.motion == "still"
+    # the first frame held for the whole clip reads as still; the clip played backwards reverses its motion
+    assert classify_clip(torch.cat([x[:, :1]] * 5, dim=1))["motion"] == "still"
+    reverse = {"left": "right", "right": "left", "up": "down", "down": "up", "still": "still"}
+    for i in range(5):
+        clip = ds[i]["image"]
+        assert classify_clip(clip.flip(1))["motion"] == reverse[ds.spec(i).motion]
 
 
 def test_motions_can_be_restricted():
