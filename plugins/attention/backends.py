@@ -73,12 +73,25 @@ class Sdpa:
         # index_copy / index_select rather than advanced indexing: their backwards are a
         # gather and an index_add_, far cheaper on CPU than an accumulating index_put_.
         padded = [x.new_zeros((plan.rows, *x.shape[1:])).index_copy(0, plan.row, x) for x in (q, k, v)]
+        return self.attend_padded(*padded, plan).index_select(0, plan.row)
+
+    def padding_plan(self, cu_seqlens: Tensor, q: Tensor) -> _PaddingPlan | None:
+        """The padded layout this backend runs mixed lengths in (None: it takes the pack as is).
+
+        Compiled FLUX blocks (plugins/flux/compiled.py) write q/k/v straight into it and read
+        the output from it, fusing the padding into their own gathers.
+        """
+        plan = self.plan(cu_seqlens, q.device)
+        return None if plan.row is None else plan
+
+    def attend_padded(self, q: Tensor, k: Tensor, v: Tensor, plan: _PaddingPlan) -> Tensor:
+        """Attention on ``(plan.rows, H, D)`` blocks laid out as ``plan`` says (padding rows: anything)."""
         outs, start = [], 0
         for n, longest, keep in plan.buckets:
-            qb, kb, vb = (x[start : start + n * longest].unflatten(0, (n, longest)).transpose(1, 2) for x in padded)
+            qb, kb, vb = (x[start : start + n * longest].unflatten(0, (n, longest)).transpose(1, 2) for x in (q, k, v))
             outs.append(F.scaled_dot_product_attention(qb, kb, vb, attn_mask=keep).transpose(1, 2).flatten(0, 1))
             start += n * longest
-        return torch.cat(outs).index_select(0, plan.row)
+        return torch.cat(outs)
 
 
 class _PaddingPlan:
@@ -266,3 +279,12 @@ class Auto:
         if q.device.type != "cuda" or q.dtype not in _HALF:
             return self._sdpa(q, k, v, cu_seqlens, max_seqlen)
         return self.cuda_choice(q, k, v, cu_seqlens, max_seqlen)
+
+    def padding_plan(self, cu_seqlens: Tensor, q: Tensor):
+        """sdpa's padded layout where sdpa runs (see Sdpa.padding_plan); None for the CUDA kernels."""
+        if q.device.type != "cuda" or q.dtype not in _HALF:
+            return self._sdpa.padding_plan(cu_seqlens, q)
+        return None
+
+    def attend_padded(self, q, k, v, plan):
+        return self._sdpa.attend_padded(q, k, v, plan)

@@ -65,6 +65,9 @@ class FluxConfig:
         None, doc="weights to load: a BFL .safetensors file, a folder holding one (or a diffusers transformer), or a Hub id",
         file="ref",
     )
+    compile: bool = field(
+        False, doc="torch.compile each double/single block (packed lengths dynamic; see docs/flux.md)"
+    )
 
     def __attrs_post_init__(self) -> None:
         base = FLAVORS.get(self.flavor, {}) if self.flavor else {}
@@ -93,5 +96,7 @@ class FluxConfig:
         return int(self.d_model * self.mlp_ratio)
 
 
-#: The fields a flavor fills in (everything but ``flavor`` and ``pretrained``).
-MODEL_FIELDS = tuple(a.name for a in attrs.fields(FluxConfig) if a.name not in ("flavor", "pretrained"))
+#: The fields a flavor fills in (everything but ``flavor``, ``pretrained`` and ``compile``).
+MODEL_FIELDS = tuple(
+    a.name for a in attrs.fields(FluxConfig) if a.name not in ("flavor", "pretrained", "compile")
+)

@@ -30,6 +30,35 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale) + shift
 
 
+def per_token(m: Tensor, sel: Tensor) -> Tensor:
+    """Per-sample rows ``m`` ``(n, k)`` for every token of a flat stream (the compiled blocks' form).
+
+    ``sel`` is either the token -> row index ``(L,)`` (a gather) or the one-hot ``(L, n)``
+    matrix of the same map (a matmul, see compiled.py for which one is used and why).
+    """
+    return m.index_select(0, sel) if sel.dtype == torch.long else sel.to(m.dtype) @ m
+
+
+def _pad_rows(x: Tensor, src: Tensor) -> Tensor:
+    """Rows ``cat([x, 0])[src]``: a gather into the attention backend's (padded) layout.
+
+    Padding rows point at the appended zero row; the gather's backward is a scatter-add
+    that every real row of ``x`` receives exactly once (order-independent, exact).
+    """
+    return torch.cat([x, x.new_zeros((1, *x.shape[1:]))]).index_select(0, src)
+
+
+def rope_real(x: Tensor, rot: Tensor) -> Tensor:
+    """:func:`apply_rope` in real arithmetic, ``rot`` = ``view_as_real`` of its table ``(L, 1, D/2, 2)``.
+
+    The same products as the complex multiply (inductor does not fuse complex tensors),
+    so the compiled blocks can fuse RoPE with the q/k norms around it.
+    """
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = rot.unbind(-1)
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).to(x.dtype)
+
+
 def _init_linear(lin: nn.Linear, zero: bool = False) -> None:
     if zero:
         nn.init.zeros_(lin.weight)
@@ -105,6 +134,14 @@ class SelfAttention(nn.Module):
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         return q, k, v
 
+    def qkv_heads_real(self, x: Tensor, rot: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`qkv_heads` with :func:`rope_real` (compiled blocks)."""
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.n_heads, self.d_head)).unbind(-3)
+        q, k = self.norm(q, k, v)
+        if rot is not None:
+            q, k = rope_real(q, rot), rope_real(k, rot)
+        return q, k, v
+
 
 def _mlp(d_model: int, d_mlp: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_model, d_mlp), nn.GELU(approximate="tanh"), nn.Linear(d_mlp, d_model))
@@ -122,12 +159,44 @@ class DoubleStreamBlock(nn.Module):
             self.add_module(f"{s}_norm2", _layer_norm(d_model))
             self.add_module(f"{s}_mlp", _mlp(d_model, d_mlp))
 
+    #: Set by ``Flux`` from ``cfg.compile``: run the two compiled halves below (compiled.py).
+    compiled = False
+
     def forward(self, txt: Tensor, img: Tensor, vec: Tensor, lay: Layout) -> tuple[Tensor, Tensor]:
+        if self.compiled:
+            from .compiled import double_block
+
+            return double_block(self, txt, img, vec, lay)
         im, tm = self.img_mod(vec, lay.img), self.txt_mod(vec, lay.txt)
         # Text positions are zero: RoPE is the identity on text, so only the image rotates.
         qi, ki, vi = self.img_attn.qkv_heads(modulate(self.img_norm1(img), im[0], im[1]), lay.img_rope)
         qt, kt, vt = self.txt_attn.qkv_heads(modulate(self.txt_norm1(txt), tm[0], tm[1]), None)
         out_t, out_i = lay.split(lay.attend(lay.merge(qt, qi), lay.merge(kt, ki), lay.merge(vt, vi)))
+        img = img + im[2] * self.img_attn.proj(out_i)
+        img = img + im[5] * self.img_mlp(modulate(self.img_norm2(img), im[3], im[4]))
+        txt = txt + tm[2] * self.txt_attn.proj(out_t)
+        txt = txt + tm[5] * self.txt_mlp(modulate(self.txt_norm2(txt), tm[3], tm[4]))
+        return txt, img
+
+    # The compiled form: everything before attention, then everything after it, on flat
+    # streams with tensor-only arguments (lengths are never Python ints, so a new pack
+    # length is a new size of the same graph, not a new graph). Same operations as
+    # ``forward``; attention itself runs eagerly between the halves (see compiled.py).
+    def attn_in(self, txt, img, vec, txt_sel, img_sel, img_rot, src) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v in the attention backend's layout: row r is ``cat([txt, img, 0])[src[r]]``."""
+        im = per_token(self.img_mod.lin(F.silu(vec)), img_sel).chunk(6, dim=-1)
+        tm = per_token(self.txt_mod.lin(F.silu(vec)), txt_sel).chunk(6, dim=-1)
+        qi, ki, vi = self.img_attn.qkv_heads_real(modulate(self.img_norm1(img), im[0], im[1]), img_rot)
+        qt, kt, vt = self.txt_attn.qkv_heads_real(modulate(self.txt_norm1(txt), tm[0], tm[1]), None)
+        return tuple(_pad_rows(torch.cat([t, i]), src) for t, i in ((qt, qi), (kt, ki), (vt, vi)))
+
+    def attn_out(self, txt, img, vec, attn, txt_sel, img_sel, txt_rows, img_rows) -> tuple[Tensor, Tensor]:
+        """The rest of the block; text / image token j's attention output is ``attn[*_rows[j]]``."""
+        # The modulation linears are recomputed here (n rows: nothing) rather than passed
+        # as (L, 6 d) tensors between the halves.
+        im = per_token(self.img_mod.lin(F.silu(vec)), img_sel).chunk(6, dim=-1)
+        tm = per_token(self.txt_mod.lin(F.silu(vec)), txt_sel).chunk(6, dim=-1)
+        out_t, out_i = attn.index_select(0, txt_rows), attn.index_select(0, img_rows)
         img = img + im[2] * self.img_attn.proj(out_i)
         img = img + im[5] * self.img_mlp(modulate(self.img_norm2(img), im[3], im[4]))
         txt = txt + tm[2] * self.txt_attn.proj(out_t)
@@ -160,7 +229,14 @@ class SingleStreamBlock(nn.Module):
         self.mlp_act = nn.GELU(approximate="tanh")
         self.modulation = Modulation(d_model, 3)
 
+    #: Set by ``Flux`` from ``cfg.compile`` (see DoubleStreamBlock.compiled).
+    compiled = False
+
     def forward(self, x: Tensor, vec: Tensor, lay: Layout) -> Tensor:
+        if self.compiled:
+            from .compiled import single_block
+
+            return single_block(self, x, vec, lay)
         S: Stream = lay.all
         shift, scale, gate = self.modulation(vec, S)
         qkv, mlp = self.linear1(modulate(self.pre_norm(x), shift, scale)).split(
@@ -171,6 +247,19 @@ class SingleStreamBlock(nn.Module):
         q, k = apply_rope(q, lay.all_rope), apply_rope(k, lay.all_rope)
         attn = S.group(lay.attend(S.flat(q), S.flat(k), S.flat(v)))
         return x + gate * self.linear2(torch.cat([attn, self.mlp_act(mlp)], dim=-1))
+
+    # Compiled halves on the flat pack (see DoubleStreamBlock.attn_in).
+    def attn_in(self, x, vec, sel, rot, src) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        shift, scale, _ = per_token(self.modulation.lin(F.silu(vec)), sel).chunk(3, dim=-1)
+        qkv, mlp = self.linear1(modulate(self.pre_norm(x), shift, scale)).split([3 * self.d_model, self.d_mlp], dim=-1)
+        q, k, v = qkv.unflatten(-1, (3, self.n_heads, self.d_head)).unbind(-3)
+        q, k = self.norm(q, k, v)
+        q, k = rope_real(q, rot), rope_real(k, rot)
+        return _pad_rows(q, src), _pad_rows(k, src), _pad_rows(v, src), self.mlp_act(mlp)
+
+    def attn_out(self, x, vec, attn, mlp, sel, rows) -> Tensor:
+        gate = per_token(self.modulation.lin(F.silu(vec)).chunk(3, dim=-1)[2], sel)
+        return x + gate * self.linear2(torch.cat([attn.index_select(0, rows), mlp], dim=-1))
 
     def init_weights(self) -> None:
         _init_linear(self.linear1)

@@ -45,6 +45,8 @@ class Flux(nn.Module):
         )
         self.single_blocks = nn.ModuleList(SingleStreamBlock(d, cfg.d_head, cfg.d_mlp) for _ in range(cfg.n_ss_blocks))
         self.final_layer = LastLayer(d, cfg.d_img)
+        for block in self.blocks:  # each block's arithmetic compiled (plugins/flux/compiled.py)
+            block.compiled = bool(cfg.compile)
 
     @property
     def blocks(self) -> list[nn.Module]:

@@ -1,0 +1,111 @@
+"""The quickstart's training steps, eager vs ``model.denoiser.compile = true``, in one process.
+
+    python bench/compile_quickstart.py                 # 200 steps each, interleaved; < 15 min on 2 cores
+    python bench/compile_quickstart.py --steps 40      # a quicker look
+    python bench/compile_quickstart.py --e2e           # then `minfm run recipes/quickstart.toml` both ways
+
+Two trainers from recipes/quickstart.toml (same seed, so the same batches), one eager and
+one compiled, take alternating optimizer steps so that load from other processes hits
+both alike. Reported:
+
+- compile time: the compiled trainer's first step minus its median step (inductor's cache
+  is a fresh temporary folder unless ``--warm-cache``, so this is a cold compile);
+- steady-state tokens/s of both (median over the steps after ``--warmup``), and the ratio;
+- compilations: dynamo's ``unique_graphs`` counter (graphs compiled, recompiles included)
+  after all steps, and the frames it recompiled.
+
+``--e2e`` also runs the whole quickstart (500 steps, validations, galleries, checkpoints)
+as ``minfm run`` subprocesses, eager then compiled (cold cache), and prints both wall times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "recipes" / "quickstart.toml"
+
+
+def trainer(exp_dir: Path, compile_: bool):
+    from minfm_core.engine.train import Trainer
+    from minfm_core.recipe import load_recipe
+
+    resolved = load_recipe(RECIPE, [
+        f'run.exp_dir="{exp_dir}"', f"model.denoiser.compile={str(compile_).lower()}",
+        "train.max_steps=100000", "logging.loggers=[]",
+    ])
+    from minfm_core.engine.runtime import init_runtime
+
+    return Trainer(resolved, init_runtime(resolved.recipe.run.device))
+
+
+def e2e(compile_: bool, out: Path) -> float:
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="inductor_e2e_"))
+    cmd = [sys.executable, "-m", "minfm_core.cli.main", "run", str(RECIPE), "--set", f'run.exp_dir="{out}"',
+           "--set", f"model.denoiser.compile={str(compile_).lower()}"]
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    dt = time.perf_counter() - t0
+    if res.returncode:
+        sys.exit(f"{' '.join(cmd)} failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+    return dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=200, help="optimizer steps each (compilations are counted over these)")
+    ap.add_argument("--warmup", type=int, default=5, help="steps left out of the tokens/s medians")
+    ap.add_argument("--warm-cache", action="store_true", help="keep inductor's usual cache folder")
+    ap.add_argument("--e2e", action="store_true", help="also time `minfm run` of the whole quickstart, both ways")
+    args = ap.parse_args()
+    if not args.warm_cache:  # before torch is imported: inductor reads it once
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor_bench_")
+    import torch
+    from torch._dynamo.utils import counters
+
+    tmp = Path(tempfile.mkdtemp(prefix="compile_quickstart_"))
+    eager, compiled = trainer(tmp / "eager", False), trainer(tmp / "compiled", True)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.steps} steps each, interleaved")
+    counters.clear()
+    times: dict[str, list[float]] = {"eager": [], "compiled": []}
+    tokens: dict[str, list[float]] = {"eager": [], "compiled": []}
+    for step in range(args.steps):
+        for name, tr in (("compiled", compiled), ("eager", eager)):
+            t0 = time.perf_counter()
+            m = tr.train_step()
+            times[name].append(time.perf_counter() - t0)
+            tokens[name].append(m["tokens"])
+        if step == 0:
+            print(f"first step: compiled {times['compiled'][0]:.1f} s, eager {times['eager'][0]:.2f} s", flush=True)
+        if (step + 1) % 50 == 0:
+            print(f"  step {step + 1}: loss eager {m['loss']:.4f}", flush=True)
+    graphs = counters["stats"]["unique_graphs"]
+    w = args.warmup
+    tps = {k: statistics.median(n / t for n, t in zip(tokens[k][w:], times[k][w:])) for k in times}
+    med = {k: statistics.median(times[k][w:]) for k in times}
+    # Per-step ratio (both saw the same load within a pair of steps), median over pairs.
+    pair = statistics.median(
+        (tokens["compiled"][i] / times["compiled"][i]) / (tokens["eager"][i] / times["eager"][i])
+        for i in range(w, args.steps)
+    )
+    print(f"compile time (first step - median step): {times['compiled'][0] - med['compiled']:.1f} s")
+    print(f"eager    {tps['eager']:8.0f} tokens/s  (median step {med['eager']:.3f} s)")
+    print(f"compiled {tps['compiled']:8.0f} tokens/s  (median step {med['compiled']:.3f} s)")
+    print(f"compiled / eager: {tps['compiled'] / tps['eager']:.2f}x (median of per-step ratios {pair:.2f}x)")
+    print(f"compilations over {args.steps} steps (dynamo unique_graphs): {graphs}")
+    if args.e2e:
+        for flag in (False, True):
+            dt = e2e(flag, tmp / f"e2e_{'compiled' if flag else 'eager'}")
+            print(f"minfm run recipes/quickstart.toml, compile={str(flag).lower()}: {dt / 60:.0f} min {dt % 60:.0f} s",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

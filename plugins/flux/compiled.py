@@ -1,0 +1,129 @@
+"""``compile = true``: every FLUX block runs as two ``torch.compile``\\ d halves around attention.
+
+Why this shape:
+
+- **Per block, inside the block's ``forward``.** FSDP2's hooks and activation
+  checkpointing wrap ``block.forward`` and stay eager and unchanged; only the block's own
+  arithmetic is compiled (as torchtitan compiles its blocks). All blocks of one kind share
+  one compiled graph (dynamo inlines ``nn.Module``\\ s, parameters are graph inputs).
+- **Attention eager, between two compiled halves.** The backends need Python-side work
+  per pack (sdpa's length buckets, flash-attn's ``max_seqlen``, a balancer's all-to-alls)
+  and have their own backward; a graph break there keeps every backend and its native
+  backward as they are. ``bench/compile_quickstart.py --attention-op`` measures the
+  alternative (one opaque custom op with a recomputing backward): see docs/performance.md.
+- **Lengths are tensor sizes, never Python ints.** The halves take flat streams and
+  tensors only (per-token sample maps, interleaving permutations, RoPE tables as real
+  cos/sin pairs); their token and sample dimensions are marked dynamic before the first
+  call, so a new pack length runs the same graph: one graph per half with gradients and
+  one without (validation, sampling), whatever the packs hold.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+
+import torch
+from torch import Tensor
+
+from .layers import DoubleStreamBlock, SingleStreamBlock
+from .layout import Layout
+
+#: Per-sample modulation reaches the tokens through a one-hot matmul ("onehot") or a
+#: gather ("index"). The one-hot's backward is a GEMM (deterministic, fast for the few
+#: samples of a micro-batch); a gather's backward is a scatter-add, which inductor on CPU
+#: turns into atomic adds (order-dependent sums: resumed runs would not be bitwise equal).
+#: One-hot costs L x n per stream, so many-sample packs (n above the limit) gather instead.
+SELECT = "onehot"
+ONEHOT_MAX_SAMPLES = 64
+
+
+class FlatLayout:
+    """What the compiled halves need of a :class:`Layout`: flat tensors, nothing else.
+
+    ``like`` is a tensor of the blocks' activations (device and dtype decide whether the
+    attention backend pads, see ``padding_plan`` in plugins/attention/backends.py).
+    """
+
+    def __init__(self, lay: Layout, n_rows: int, like: Tensor):
+        self.txt_sel, self.img_sel, self.all_sel = (_selector(s.seg, n_rows) for s in (lay.txt, lay.img, lay.all))
+        # Complex tables as real (cos, sin) pairs, flat (the image table is grouped when uniform).
+        self.img_rot = torch.view_as_real(lay.img.flat(lay.img_rope)).contiguous()
+        self.all_rot = torch.view_as_real(lay.all.flat(lay.all_rope)).contiguous()
+        # Where pack token p sits in the backend's layout: its padded row, or p itself.
+        planner = getattr(lay.attention, "padding_plan", None)
+        self.plan = planner(lay.cu_seqlens, _q_like(like)) if planner is not None else None
+        L = lay.perm.numel()
+        row = self.plan.row if self.plan is not None else torch.arange(L, device=lay.perm.device)
+        rows = self.plan.rows if self.plan is not None else L
+        # src: layout row -> pack token (L: the zero row appended to the pack, for padding);
+        # the double blocks gather from cat([txt, img]), hence perm composed in.
+        self.all_src = torch.full((rows,), L, dtype=torch.long, device=row.device).index_copy_(
+            0, row, torch.arange(L, device=row.device))
+        self.cat_src = torch.full_like(self.all_src, L).index_copy_(0, row, lay.perm)
+        self.all_rows = row
+        self.txt_rows, self.img_rows = row.index_select(0, lay.txt_index), row.index_select(0, lay.img_index)
+        for t in (self.img_rot, self.all_rot, self.all_src, self.cat_src, self.all_rows, self.txt_rows, self.img_rows):
+            _dynamic(t)
+
+    def attend(self, lay: Layout, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Attention in the backend's layout ``(rows, H * D)``."""
+        if self.plan is None:
+            return _dynamic(lay.attend(q, k, v))
+        return _dynamic(lay.attention.attend_padded(q, k, v, self.plan).flatten(1))
+
+
+def _q_like(x: Tensor) -> Tensor:
+    """A tensor with q's device and dtype (autocast, where on, decides the dtype)."""
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    return x.new_empty((0,), dtype=dtype)
+
+
+def _selector(seg: Tensor, n_rows: int) -> Tensor:
+    """Token -> row of ``vec``, as SELECT says; every dimension (tokens, samples) dynamic."""
+    if SELECT == "onehot" and n_rows <= ONEHOT_MAX_SAMPLES:
+        return _dynamic(torch.nn.functional.one_hot(seg, n_rows).float(), 0, 1)
+    return _dynamic(seg)
+
+
+def _dynamic(t: Tensor, *dims: int) -> Tensor:
+    # maybe_: a dimension that must be specialised (0 or 1 tokens or samples) compiles one
+    # more graph instead of failing.
+    for d in dims or (0,):
+        torch._dynamo.maybe_mark_dynamic(t, d)
+    return t
+
+
+_FLAT: weakref.WeakKeyDictionary[Layout, FlatLayout] = weakref.WeakKeyDictionary()
+
+
+def flat_layout(lay: Layout, n_rows: int, like: Tensor) -> FlatLayout:
+    """The layout's flat view, made once per forward (every block of the forward shares it)."""
+    flat = _FLAT.get(lay)
+    if flat is None:
+        flat = _FLAT[lay] = FlatLayout(lay, n_rows, like)
+    return flat
+
+
+@functools.cache
+def _compiled(fn):
+    return torch.compile(fn, fullgraph=True)
+
+
+def double_block(block: DoubleStreamBlock, txt: Tensor, img: Tensor, vec: Tensor, lay: Layout):
+    f = flat_layout(lay, vec.shape[0], img)
+    txt_f, img_f, vec = _dynamic(lay.txt.flat(txt)), _dynamic(lay.img.flat(img)), _dynamic(vec)
+    q, k, v = _compiled(DoubleStreamBlock.attn_in)(block, txt_f, img_f, vec, f.txt_sel, f.img_sel, f.img_rot, f.cat_src)
+    txt_f, img_f = _compiled(DoubleStreamBlock.attn_out)(
+        block, txt_f, img_f, vec, f.attend(lay, q, k, v), f.txt_sel, f.img_sel, f.txt_rows, f.img_rows
+    )
+    return lay.txt.group(txt_f), lay.img.group(img_f)
+
+
+def single_block(block: SingleStreamBlock, x: Tensor, vec: Tensor, lay: Layout) -> Tensor:
+    f = flat_layout(lay, vec.shape[0], x)
+    x_f, vec = _dynamic(lay.all.flat(x)), _dynamic(vec)
+    q, k, v, mlp = _compiled(SingleStreamBlock.attn_in)(block, x_f, vec, f.all_sel, f.all_rot, f.all_src)
+    out = _compiled(SingleStreamBlock.attn_out)(block, x_f, vec, f.attend(lay, q, k, v), _dynamic(mlp), f.all_sel,
+                                                f.all_rows)
+    return lay.all.group(out)
