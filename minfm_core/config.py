@@ -41,13 +41,15 @@ FILE_KINDS = ("file", "ref")
 
 
 def field(default: Any = attrs.NOTHING, *, doc: str, validator=None, factory=None, converter=None,
-          file: str | None = None):
+          file: str | None = None, component: str | None = None):
     """An attrs field that carries its one-line documentation in ``metadata['doc']``.
 
     A :mod:`minfm_core.validators` range among its validators is recorded as
     ``metadata['range']`` (``minfm plugins`` shows it). ``file`` marks a field naming a file
     (:data:`FILE_KINDS`): in a recipe from outside (a Hub repo, a checkpoint) such a value
-    must stay inside that recipe's folder.
+    must stay inside that recipe's folder. ``component`` (a kind, e.g. ``"dataset"``) marks a
+    table that is a whole component table of that kind, ``{name = ..., options...}`` (a
+    ``mix`` dataset's sources): its own file fields are then treated like any other.
     """
     from .validators import range_of
 
@@ -62,6 +64,12 @@ def field(default: Any = attrs.NOTHING, *, doc: str, validator=None, factory=Non
             break
     if file is not None:
         metadata["file"] = file
+    if component is not None:
+        from .components import KINDS
+
+        if component not in KINDS:
+            raise ValueError(f"field(component=...): expected a component kind, got {component!r}")
+        metadata["component"] = component
     if factory is not None:
         return attrs.field(factory=factory, validator=validator, converter=converter, metadata=metadata)
     return attrs.field(default=default, validator=validator, converter=converter, metadata=metadata)

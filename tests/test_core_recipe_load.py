@@ -264,3 +264,36 @@ def test_bad_shipped_file_references_are_one_line_errors(tmp_path, value, messag
         with pytest.raises(RecipeError) as info:
             load_recipe(child, **kwargs)
         assert message in str(info.value) and "\n" not in str(info.value)
+
+
+MIX = """
+extends = "minfm:quickstart_video.toml"
+[data]
+name = "mix"
+[[data.sources]]
+weight = 1.0
+dataset = {{ name = "image_folder", root = "{root}", latents_dir = "{latents}" }}
+[[data.sources]]
+weight = 1.0
+dataset = {{ name = "moving_shapes", frames = 5 }}
+"""
+
+
+def test_file_references_inside_nested_component_tables(tmp_path):
+    """A mix's sources are whole dataset tables (field(component="dataset")): their file
+    fields are contained in a recipe from outside, and minfm: names resolve in them."""
+    from conftest import ROOT
+    from minfm_core.recipe import load_recipe
+
+    repo = tmp_path / "repo"
+    (repo / "images").mkdir(parents=True)
+    write(repo / "recipe.toml", MIX.format(root="/etc", latents="../../outside"))
+    src = load_recipe(repo / "recipe.toml", untrusted_root=repo).config("data").sources[0].dataset
+    # Training-only references that leave the folder are dropped, as at the top level.
+    assert src["root"] == "" and src["latents_dir"] is None
+    write(repo / "recipe.toml", MIX.format(root="images", latents="minfm:prompts"))
+    src = load_recipe(repo / "recipe.toml", untrusted_root=repo).config("data").sources[0].dataset
+    assert src["root"] == str(repo / "images") and src["latents_dir"] == str(ROOT / "recipes" / "prompts")
+    # The same recipe trusted: paths stay as written (relative to the cwd), minfm: resolves.
+    src = load_recipe(repo / "recipe.toml").config("data").sources[0].dataset
+    assert src["root"] == "images" and src["latents_dir"] == str(ROOT / "recipes" / "prompts")

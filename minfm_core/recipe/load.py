@@ -123,7 +123,7 @@ def shipped_file(text: str, what: str = "") -> Path:
     if not name or Path(name).is_absolute() or ".." in Path(name).parts or "\\" in name:
         raise RecipeError(f"{what + ': ' if what else ''}{text}: expected minfm:NAME, a file shipped with minFM's recipes")
     found = folder / name
-    if not what or found.is_file():
+    if not what or found.exists():
         return found
     shipped = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.suffix != ".py")
     raise RecipeError(f"{what}: {text}: no such shipped file{did_you_mean(name, shipped)}")
@@ -185,7 +185,10 @@ def _read(path: Path, chain: tuple[Path, ...], untrusted_root: Path | None = Non
         return deep_merge({}, data)  # a `key+` with nothing extended is an error, as anywhere
     if not isinstance(parent, str) or not parent:
         raise RecipeError(f"extends: expected a file name, got {parent!r}", str(path))
-    base = _read(_extended(path, parent, untrusted_root), (*chain, path), untrusted_root)
+    parent_path = _extended(path, parent, untrusted_root)
+    # A shipped recipe is minFM's own: its own extends resolve beside it, whoever named it.
+    trusted = parent.startswith(SHIPPED)
+    base = _read(parent_path, (*chain, path), None if trusted else untrusted_root)
     return deep_merge(base, data)
 
 

@@ -187,14 +187,35 @@ def map_file_references(resolved: ResolvedRecipe, fn: Callable[[str, str, str, A
     """``resolved`` with ``fn(key, kind, value, attribute)`` applied to every set file reference
     (fields declared with ``field(..., file=kind)``) of the run/sample/train sections and slots."""
 
+    def table(value: dict, kind: str, key: str) -> dict:
+        # A nested component table (field(component=kind)): its component's file fields.
+        comp = get_registry().get(kind, value.get("name"), path=f"{key}.name")
+        out = dict(value)
+        for a in attrs.fields(comp.config) if comp.config is not None else ():
+            v = value.get(a.name)
+            if a.metadata.get("file") is not None and isinstance(v, str) and v:
+                out[a.name] = fn(f"{key}.{a.name}", a.metadata["file"], v, a)
+        return out
+
+    def value_of(a: Any, value: Any, key: str) -> Any:
+        if attrs.has(type(value)):
+            return one(value, key)
+        if isinstance(value, tuple) and any(attrs.has(type(v)) for v in value):
+            return tuple(value_of(a, v, f"{key}[{i}]") for i, v in enumerate(value))
+        if a.metadata.get("component") and isinstance(value, dict):
+            return table(value, a.metadata["component"], key)
+        kind = a.metadata.get("file")
+        if kind is not None and isinstance(value, str) and value:
+            return fn(key, kind, value, a)
+        return value
+
     def one(cfg: Any, prefix: str) -> Any:
         changes = {}
         for a in attrs.fields(type(cfg)):
-            kind, value = a.metadata.get("file"), getattr(cfg, a.name)
-            if kind is not None and isinstance(value, str) and value:
-                new = fn(f"{prefix}.{a.name}", kind, value, a)
-                if new != value:
-                    changes[a.name] = new
+            value = getattr(cfg, a.name)
+            new = value_of(a, value, f"{prefix}.{a.name}")
+            if new is not value and new != value:
+                changes[a.name] = new
         return attrs.evolve(cfg, **changes) if changes else cfg
 
     recipe = resolved.recipe

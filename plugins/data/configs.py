@@ -236,7 +236,7 @@ class MixSource:
     weight: float = field(1.0, doc="relative share of this dataset's samples in the mix", validator=Range(0, lo_open=True))
     dataset: dict = field(
         factory=lambda: {"name": "shapes"}, doc="the dataset's own table: name = '<dataset>' and its fields",
-        validator=_dataset_table,
+        validator=_dataset_table, component="dataset",
     )
 
 
