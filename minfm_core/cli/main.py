@@ -126,6 +126,11 @@ def checkpoint_error_line(exc: BaseException) -> str:
 
 
 def entry() -> None:
+    # OpenMP threads that finish a parallel region spin-wait for the next by default; next
+    # to data-loader workers or other jobs on a small CPU that spinning took 60% of the time
+    # (the video quickstart: 40 min instead of 6). Sleeping waiters cost little here. A
+    # user's own setting wins; it must be set before torch loads libgomp.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     sys.exit(main())
 
 
