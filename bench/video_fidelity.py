@@ -2,6 +2,7 @@
 
     minfm run recipes/quickstart_video.toml
     python bench/video_fidelity.py experiments/quickstart_video [--seeds 4] [--steps N] [--cfg X] [--raw]
+        [--grid docs/img/quickstart_video_grid.png]
 
 Samples "a {colour} {shape} moving {left|right|up|down}" / "... standing still" prompts of the
 recipe's `moving_shapes` data (its own or a `mix` source's): every motion with every colour, the
@@ -70,6 +71,16 @@ def score(reads: list[dict], wants: list[tuple[str, str, str]]) -> dict:
     return res
 
 
+def write_grid(path: str, clips: list, cols: int, scale: int) -> None:
+    """Clips (one per prompt, prompt order: a motion per row) as a looping APNG, upscaled."""
+    from minfm_core.engine.gallery import animated_png
+    from minfm_core.engine.generate import grid_frames, to_uint8
+
+    frames = [to_uint8(c).repeat(scale, axis=1).repeat(scale, axis=2) for c in clips]
+    with open(path, "wb") as fh:
+        fh.write(animated_png(grid_frames(frames, cols=cols, pad=2 * scale)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("source", help="run dir, checkpoint or hf:// model trained on moving_shapes")
@@ -79,7 +90,11 @@ def main() -> None:
     ap.add_argument("--raw", action="store_true", help="raw weights instead of EMA")
     ap.add_argument("--batch", type=int, default=20, help="clips per sampler call")
     ap.add_argument("--json", default=None, help="also write the numbers to this file")
+    ap.add_argument("--grid", default=None, help="also write an animated PNG: one clip per prompt, a row per motion")
+    ap.add_argument("--grid-scale", type=int, default=4, help="pixel upscale of the grid (nearest), 1..16")
     args = ap.parse_args()
+    if not 1 <= args.seeds <= 64 or not 1 <= args.batch <= 1024 or not 1 <= args.grid_scale <= 16:
+        ap.error("--seeds must be 1..64, --batch 1..1024, --grid-scale 1..16")
 
     recipe_path, kind, where = locate(resolve_source(args.source))
     overrides = []
@@ -118,6 +133,9 @@ def main() -> None:
         ref = score([classify(ds[i]["image"]) for i in range(n)], [(r.colour, r.shape, r.motion) for r in real])
         print(f"reference: the classifier on {n} real val clips: motion {ref['motion']:.1%}, colour "
               f"{ref['colour']:.1%}, shape {ref['shape']:.1%}")
+        if args.grid:
+            write_grid(args.grid, clips[:: args.seeds], cols=len(cfg.colours), scale=args.grid_scale)
+            print(f"wrote {args.grid}")
         if args.json:
             with open(args.json, "w", encoding="utf-8") as fh:
                 json.dump({"samples": res, "reference": ref, "clips": len(prompts), "weights": used}, fh, indent=1)
