@@ -9,7 +9,9 @@ Workloads: (a) uniform: 8 samples x (256 image + 32 text) tokens; (b) mixed: ima
 counts 64..1024 and text 8..77 per sample; (c) quickstart: 16 samples of 256 or 384 image
 and 1..9 text tokens; ours runs packed, diffusers runs the batch
 padded to the longest image and the longest prompt (no mask: padding only costs time).
-Tokens/s counts real (unpadded) text+image tokens for both.
+Tokens/s counts real (unpadded) text+image tokens for both. The "compiled" column is ours
+with ``compile = true`` (per-block torch.compile, plugins/flux/compiled.py), same weights,
+timed in the same alternation after its compile (``--no-compile`` leaves it out).
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every token count (quick runs)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--no-compile", action="store_true", help="leave out the compiled column")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -106,6 +109,12 @@ def main() -> None:
     with torch.no_grad():
         for p in ours.parameters():
             p.normal_(0, 0.02)
+    comp = None
+    if not args.no_compile:
+        import attrs
+
+        comp = build_flux(attrs.evolve(cfg, compile=True), attention=Sdpa(), load_weights=False)
+        comp.load_state_dict(ours.state_dict())
     ref = FluxTransformer2DModel(**{k: v for k, v in diffusers_config(cfg).items() if not k.startswith("_")})
     ref.load_state_dict(bfl_to_diffusers(ours.state_dict()))
     s = args.scale
@@ -130,9 +139,20 @@ def main() -> None:
             ref.zero_grad(set_to_none=True)
             ref(**dbatch)[0].square().mean().backward()
 
-        t_ours, t_ref = timed([step_ours, step_ref], args.repeat)
-        print(f"{name:8s} real tokens {real:6d} (diffusers padded {n_pad:6d}): "
-              f"ours {real / t_ours:9.0f} tok/s, diffusers {real / t_ref:9.0f} tok/s, ratio {t_ref / t_ours:.2f}x")
+        def step_comp():
+            comp.zero_grad(set_to_none=True)
+            comp(**batch).square().mean().backward()
+
+        if comp is not None:
+            t0 = time.perf_counter()
+            step_comp()  # compiles (the first workload) or reuses the graphs with new sizes
+            print(f"{name:8s} compiled first call {time.perf_counter() - t0:.1f} s")
+        t_ours, t_ref, *t_comp = timed([step_ours, step_ref] + ([step_comp] if comp is not None else []), args.repeat)
+        line = (f"{name:8s} real tokens {real:6d} (diffusers padded {n_pad:6d}): "
+                f"ours {real / t_ours:9.0f} tok/s, diffusers {real / t_ref:9.0f} tok/s, ratio {t_ref / t_ours:.2f}x")
+        if t_comp:
+            line += f"; compiled {real / t_comp[0]:9.0f} tok/s, compiled / ours {t_ours / t_comp[0]:.2f}x"
+        print(line)
 
 
 if __name__ == "__main__":

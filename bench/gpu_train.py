@@ -1,12 +1,14 @@
 """flux-tiny training throughput and MFU on one GPU (FSDP2, bf16, attention `auto`).
 
-    python bench/gpu_train.py                  # on a GPU machine, < 5 minutes
-    python bench/gpu_train.py --smoke          # CPU, flux-debug, a few seconds (CI-style check)
+    python bench/gpu_train.py                  # on a GPU machine, compiled blocks, < 5 minutes
+    python bench/gpu_train.py --compile both   # eager, then compiled (the comparison)
+    python bench/gpu_train.py --smoke          # CPU, flux-debug, tiny batch (compile: a minute or two)
 
 ImageNet-256 shapes: 256 image tokens + 1 class token per sample (the seed's setup), the
-largest batch that fits (searched), torch.compile of the blocks off and on. Prints
-tokens/s, achieved TFLOP/s and MFU against the bf16 matmul rate measured on the same GPU
-in the same run (so the ratio does not depend on a data sheet).
+largest batch that fits (searched), with ``model.denoiser.compile = true`` (per-block
+torch.compile inside the FSDP2 units, plugins/flux/compiled.py) unless ``--compile off``.
+Prints tokens/s, achieved TFLOP/s and MFU against the bf16 matmul rate measured on the
+same GPU in the same run (so the ratio does not depend on a data sheet).
 """
 
 from __future__ import annotations
@@ -38,15 +40,12 @@ def build(flavor: str, device, compile_blocks: bool, smoke: bool):
 
     reg = get_registry()
     flux = reg.get("denoiser", "flux")
-    cfg = flux.config(flavor=flavor, d_txt=768, d_vec=768)
+    cfg = flux.config(flavor=flavor, d_txt=768, d_vec=768, compile=compile_blocks)
     torch.manual_seed(0)
     model = flux.build(cfg).to(device)
     par = reg.get("parallelizer", "fsdp2")
     pcfg = par.config(shard_size=1, param_dtype="fp32" if smoke else "bf16", reduce_dtype="fp32")
     model = par.build(pcfg).parallelize(model, world_size=1, device=device)
-    if compile_blocks:
-        for block in model.blocks:
-            block.compile()
     return model, cfg
 
 
@@ -87,6 +86,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="CPU, flux-debug, tiny batch")
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--compile", choices=("on", "off", "both"), default="on",
+                    help="compiled blocks (default), eager, or eager then compiled")
     args = ap.parse_args()
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     store = tempfile.mktemp()
@@ -95,7 +96,7 @@ def main() -> None:
     peak = matmul_peak(device) if device.type == "cuda" else None
     if peak:
         print(f"measured bf16 matmul: {peak / 1e12:.0f} TFLOP/s")
-    for compile_blocks in (False, True):
+    for compile_blocks in {"on": (True,), "off": (False,), "both": (False, True)}[args.compile]:
         model, cfg = build(flavor, device, compile_blocks, args.smoke)
         n_params = sum(p.numel() for p in model.parameters())
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
