@@ -61,9 +61,10 @@ class FlatLayout:
         self.all_src = torch.full((rows,), L, dtype=torch.long, device=row.device).index_copy_(
             0, row, torch.arange(L, device=row.device))
         self.cat_src = torch.full_like(self.all_src, L).index_copy_(0, row, lay.perm)
-        self.all_rows = row
-        self.txt_rows, self.img_rows = row.index_select(0, lay.txt_index), row.index_select(0, lay.img_index)
-        for t in (self.img_rot, self.all_rot, self.all_src, self.cat_src, self.all_rows, self.txt_rows, self.img_rows):
+        # The inverses: the layout row of every pack token / of every text-then-image token.
+        self.all_inv = row
+        self.cat_inv = torch.empty_like(row).index_copy_(0, lay.perm, row)
+        for t in (self.img_rot, self.all_rot, self.all_src, self.cat_src, self.all_inv, self.cat_inv):
             _dynamic(t)
 
     def attend(self, lay: Layout, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -79,11 +80,12 @@ def _q_like(x: Tensor) -> Tensor:
     return x.new_empty((0,), dtype=dtype)
 
 
-def _selector(seg: Tensor, n_rows: int) -> Tensor:
-    """Token -> row of ``vec``, as SELECT says; every dimension (tokens, samples) dynamic."""
+def _selector(seg: Tensor, n_rows: int) -> tuple[Tensor, Tensor | None]:
+    """Token -> row of ``vec`` (and its one-hot, see SELECT); every dimension (tokens, samples) dynamic."""
+    onehot = None
     if SELECT == "onehot" and n_rows <= ONEHOT_MAX_SAMPLES:
-        return _dynamic(torch.nn.functional.one_hot(seg, n_rows).float(), 0, 1)
-    return _dynamic(seg)
+        onehot = _dynamic(torch.nn.functional.one_hot(seg, n_rows).float(), 0, 1)
+    return _dynamic(seg), onehot
 
 
 def _dynamic(t: Tensor, *dims: int) -> Tensor:
@@ -113,9 +115,11 @@ def _compiled(fn):
 def double_block(block: DoubleStreamBlock, txt: Tensor, img: Tensor, vec: Tensor, lay: Layout):
     f = flat_layout(lay, vec.shape[0], img)
     txt_f, img_f, vec = _dynamic(lay.txt.flat(txt)), _dynamic(lay.img.flat(img)), _dynamic(vec)
-    q, k, v = _compiled(DoubleStreamBlock.attn_in)(block, txt_f, img_f, vec, f.txt_sel, f.img_sel, f.img_rot, f.cat_src)
+    q, k, v = _compiled(DoubleStreamBlock.attn_in)(
+        block, txt_f, img_f, vec, f.txt_sel, f.img_sel, f.img_rot, f.cat_src, f.cat_inv
+    )
     txt_f, img_f = _compiled(DoubleStreamBlock.attn_out)(
-        block, txt_f, img_f, vec, f.attend(lay, q, k, v), f.txt_sel, f.img_sel, f.txt_rows, f.img_rows
+        block, txt_f, img_f, vec, f.attend(lay, q, k, v), f.txt_sel, f.img_sel, f.cat_src, f.cat_inv
     )
     return lay.txt.group(txt_f), lay.img.group(img_f)
 
@@ -123,7 +127,8 @@ def double_block(block: DoubleStreamBlock, txt: Tensor, img: Tensor, vec: Tensor
 def single_block(block: SingleStreamBlock, x: Tensor, vec: Tensor, lay: Layout) -> Tensor:
     f = flat_layout(lay, vec.shape[0], x)
     x_f, vec = _dynamic(lay.all.flat(x)), _dynamic(vec)
-    q, k, v, mlp = _compiled(SingleStreamBlock.attn_in)(block, x_f, vec, f.all_sel, f.all_rot, f.all_src)
-    out = _compiled(SingleStreamBlock.attn_out)(block, x_f, vec, f.attend(lay, q, k, v), _dynamic(mlp), f.all_sel,
-                                                f.all_rows)
+    q, k, v, mlp = _compiled(SingleStreamBlock.attn_in)(block, x_f, vec, f.all_sel, f.all_rot, f.all_src, f.all_inv)
+    out = _compiled(SingleStreamBlock.attn_out)(
+        block, x_f, vec, f.attend(lay, q, k, v), _dynamic(mlp), f.all_sel, f.all_src, f.all_inv
+    )
     return lay.all.group(out)

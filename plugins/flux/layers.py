@@ -30,22 +30,54 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale) + shift
 
 
-def per_token(m: Tensor, sel: Tensor) -> Tensor:
+class _Relayout(torch.autograd.Function):
+    """``cat([x, 0])[fwd]`` whose backward is the gather ``cat([g, 0])[bwd]``, not a scatter-add.
+
+    For row maps that are bijections between the real rows of two layouts (the extra zero
+    row stands for padding), ``bwd`` being ``fwd``'s inverse. A gather's own backward is a
+    scatter-add, which inductor on CPU compiles into atomic adds (slow, and the summation
+    order varies); the inverse gather is exact and fuses like the forward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, fwd: Tensor, bwd: Tensor) -> Tensor:
+        ctx.save_for_backward(bwd)
+        return torch.cat([x, x.new_zeros((1, *x.shape[1:]))]).index_select(0, fwd)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (bwd,) = ctx.saved_tensors
+        return torch.cat([g, g.new_zeros((1, *g.shape[1:]))]).index_select(0, bwd), None, None
+
+
+def relayout(x: Tensor, fwd: Tensor, bwd: Tensor) -> Tensor:
+    return _Relayout.apply(x, fwd, bwd)
+
+
+class _PerToken(torch.autograd.Function):
+    """``m[seg]`` (a gather that fuses into its consumers) whose backward is ``onehot.T @ g``:
+    the per-sample sum over tokens as one GEMM, deterministic, no atomic scatter-add."""
+
+    @staticmethod
+    def forward(ctx, m: Tensor, seg: Tensor, onehot: Tensor) -> Tensor:
+        ctx.save_for_backward(onehot)
+        return m.index_select(0, seg)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (onehot,) = ctx.saved_tensors
+        return onehot.to(g.dtype).t() @ g, None, None
+
+
+def per_token(m: Tensor, sel: tuple[Tensor, Tensor | None]) -> Tensor:
     """Per-sample rows ``m`` ``(n, k)`` for every token of a flat stream (the compiled blocks' form).
 
-    ``sel`` is either the token -> row index ``(L,)`` (a gather) or the one-hot ``(L, n)``
-    matrix of the same map (a matmul, see compiled.py for which one is used and why).
+    ``sel`` is ``(seg, onehot)``: the token -> row index ``(L,)`` and, for few samples, the
+    same map as a one-hot ``(L, n)`` matrix for the backward (None: a plain gather, whose
+    backward scatter-adds; compiled.py decides).
     """
-    return m.index_select(0, sel) if sel.dtype == torch.long else sel.to(m.dtype) @ m
-
-
-def _pad_rows(x: Tensor, src: Tensor) -> Tensor:
-    """Rows ``cat([x, 0])[src]``: a gather into the attention backend's (padded) layout.
-
-    Padding rows point at the appended zero row; the gather's backward is a scatter-add
-    that every real row of ``x`` receives exactly once (order-independent, exact).
-    """
-    return torch.cat([x, x.new_zeros((1, *x.shape[1:]))]).index_select(0, src)
+    seg, onehot = sel
+    return m.index_select(0, seg) if onehot is None else _PerToken.apply(m, seg, onehot)
 
 
 def rope_real(x: Tensor, rot: Tensor) -> Tensor:
@@ -182,21 +214,22 @@ class DoubleStreamBlock(nn.Module):
     # streams with tensor-only arguments (lengths are never Python ints, so a new pack
     # length is a new size of the same graph, not a new graph). Same operations as
     # ``forward``; attention itself runs eagerly between the halves (see compiled.py).
-    def attn_in(self, txt, img, vec, txt_sel, img_sel, img_rot, src) -> tuple[Tensor, Tensor, Tensor]:
-        """q, k, v in the attention backend's layout: row r is ``cat([txt, img, 0])[src[r]]``."""
+    def attn_in(self, txt, img, vec, txt_sel, img_sel, img_rot, src, inv) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v in the attention backend's layout: row r is ``cat([txt, img, 0])[src[r]]``
+        (``inv``: the row of every text-then-image token, src's inverse)."""
         im = per_token(self.img_mod.lin(F.silu(vec)), img_sel).chunk(6, dim=-1)
         tm = per_token(self.txt_mod.lin(F.silu(vec)), txt_sel).chunk(6, dim=-1)
         qi, ki, vi = self.img_attn.qkv_heads_real(modulate(self.img_norm1(img), im[0], im[1]), img_rot)
         qt, kt, vt = self.txt_attn.qkv_heads_real(modulate(self.txt_norm1(txt), tm[0], tm[1]), None)
-        return tuple(_pad_rows(torch.cat([t, i]), src) for t, i in ((qt, qi), (kt, ki), (vt, vi)))
+        return tuple(relayout(torch.cat([t, i]), src, inv) for t, i in ((qt, qi), (kt, ki), (vt, vi)))
 
-    def attn_out(self, txt, img, vec, attn, txt_sel, img_sel, txt_rows, img_rows) -> tuple[Tensor, Tensor]:
-        """The rest of the block; text / image token j's attention output is ``attn[*_rows[j]]``."""
+    def attn_out(self, txt, img, vec, attn, txt_sel, img_sel, src, inv) -> tuple[Tensor, Tensor]:
+        """The rest of the block, reading the attention output back from the backend's layout."""
         # The modulation linears are recomputed here (n rows: nothing) rather than passed
         # as (L, 6 d) tensors between the halves.
         im = per_token(self.img_mod.lin(F.silu(vec)), img_sel).chunk(6, dim=-1)
         tm = per_token(self.txt_mod.lin(F.silu(vec)), txt_sel).chunk(6, dim=-1)
-        out_t, out_i = attn.index_select(0, txt_rows), attn.index_select(0, img_rows)
+        out_t, out_i = relayout(attn, inv, src).split([txt.shape[0], img.shape[0]])
         img = img + im[2] * self.img_attn.proj(out_i)
         img = img + im[5] * self.img_mlp(modulate(self.img_norm2(img), im[3], im[4]))
         txt = txt + tm[2] * self.txt_attn.proj(out_t)
@@ -249,17 +282,17 @@ class SingleStreamBlock(nn.Module):
         return x + gate * self.linear2(torch.cat([attn, self.mlp_act(mlp)], dim=-1))
 
     # Compiled halves on the flat pack (see DoubleStreamBlock.attn_in).
-    def attn_in(self, x, vec, sel, rot, src) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def attn_in(self, x, vec, sel, rot, src, inv) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         shift, scale, _ = per_token(self.modulation.lin(F.silu(vec)), sel).chunk(3, dim=-1)
         qkv, mlp = self.linear1(modulate(self.pre_norm(x), shift, scale)).split([3 * self.d_model, self.d_mlp], dim=-1)
         q, k, v = qkv.unflatten(-1, (3, self.n_heads, self.d_head)).unbind(-3)
         q, k = self.norm(q, k, v)
         q, k = rope_real(q, rot), rope_real(k, rot)
-        return _pad_rows(q, src), _pad_rows(k, src), _pad_rows(v, src), self.mlp_act(mlp)
+        return relayout(q, src, inv), relayout(k, src, inv), relayout(v, src, inv), self.mlp_act(mlp)
 
-    def attn_out(self, x, vec, attn, mlp, sel, rows) -> Tensor:
+    def attn_out(self, x, vec, attn, mlp, sel, src, inv) -> Tensor:
         gate = per_token(self.modulation.lin(F.silu(vec)).chunk(3, dim=-1)[2], sel)
-        return x + gate * self.linear2(torch.cat([attn.index_select(0, rows), mlp], dim=-1))
+        return x + gate * self.linear2(torch.cat([relayout(attn, inv, src), mlp], dim=-1))
 
     def init_weights(self) -> None:
         _init_linear(self.linear1)
