@@ -36,7 +36,7 @@ from ..weights import check_weights_folder, has_weights, load_safetensors_into
 from .gallery import write_sample_index
 from .prompts import read_prompt_file
 from .generate import generate, to_pil, to_uint8
-from .video_io import DEFAULT_FPS, check_frames, encode_webp, frame_rule, read_webp, require_av, write_mp4
+from .video_io import DEFAULT_FPS, encode_webp, read_webp, require_av, write_mp4
 from .pipeline import build_pipeline, sharded_denoiser
 from .runtime import init_runtime, shutdown_runtime
 
@@ -269,8 +269,7 @@ def run_sampling(resolved, prompts: list[str], out: Path, *, weights, source: st
                  overwrite: bool = False, out_flag: str = "--out", allow_pickle: bool = False,
                  fps: int = DEFAULT_FPS) -> int:
     s = resolved.recipe.sample
-    # Before anything is written or built: a frame count the VAE or patchifier cannot cut.
-    check_frames(s.size[0], *frame_rule(resolved), what=f"sample.size {'x'.join(map(str, s.size))}")
+    # (A frame count the VAE or patchifier cannot cut was refused when the recipe loaded.)
     if s.size[0] > 1:
         require_av()  # clips are written as MP4: say the extra is missing now, not after the first batch
     rt = init_runtime(resolved.recipe.run.device)
