@@ -113,22 +113,24 @@ def _compiled(fn):
 
 
 def double_block(block: DoubleStreamBlock, txt: Tensor, img: Tensor, vec: Tensor, lay: Layout):
+    """The block on flat streams ``(L_txt, d)``, ``(L_img, d)`` (``Flux.run_blocks`` keeps them flat)."""
     f = flat_layout(lay, vec.shape[0], img)
-    txt_f, img_f, vec = _dynamic(lay.txt.flat(txt)), _dynamic(lay.img.flat(img)), _dynamic(vec)
+    txt_f, img_f, vec = _dynamic(txt), _dynamic(img), _dynamic(vec)
     q, k, v = _compiled(DoubleStreamBlock.attn_in)(
         block, txt_f, img_f, vec, f.txt_sel, f.img_sel, f.img_rot, f.cat_src, f.cat_inv
     )
     txt_f, img_f = _compiled(DoubleStreamBlock.attn_out)(
         block, txt_f, img_f, vec, f.attend(lay, q, k, v), f.txt_sel, f.img_sel, f.cat_src, f.cat_inv
     )
-    return lay.txt.group(txt_f), lay.img.group(img_f)
+    return txt_f, img_f
 
 
 def single_block(block: SingleStreamBlock, x: Tensor, vec: Tensor, lay: Layout) -> Tensor:
+    """The block on the flat pack ``(L, d)``."""
     f = flat_layout(lay, vec.shape[0], x)
-    x_f, vec = _dynamic(lay.all.flat(x)), _dynamic(vec)
+    x_f, vec = _dynamic(x), _dynamic(vec)
     q, k, v, mlp = _compiled(SingleStreamBlock.attn_in)(block, x_f, vec, f.all_sel, f.all_rot, f.all_src, f.all_inv)
     out = _compiled(SingleStreamBlock.attn_out)(
         block, x_f, vec, f.attend(lay, q, k, v), _dynamic(mlp), f.all_sel, f.all_src, f.all_inv
     )
-    return lay.all.group(out)
+    return out

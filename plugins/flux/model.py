@@ -105,6 +105,16 @@ class Flux(nn.Module):
 
         A sequence balancer that re-routes samples wraps this call with its own layout.
         """
+        if self.blocks[0].compiled:  # set from cfg.compile in __init__
+            # Compiled blocks take and return flat streams (plugins/flux/compiled.py): no
+            # block output is a view (FSDP2 hooks its backward on each block's output).
+            txt, img = lay.txt.flat(txt), lay.img.flat(img)
+            for block in self.double_blocks:
+                txt, img = block(txt, img, cond, lay)
+            x = lay.merge_flat(txt, img)
+            for block in self.single_blocks:
+                x = block(x, cond, lay)
+            return lay.img.group(x.index_select(0, lay.img_index))
         for block in self.double_blocks:
             txt, img = block(txt, img, cond, lay)
         x = lay.all.group(lay.merge(txt, img))
