@@ -9,8 +9,12 @@ Why this shape:
 - **Attention eager, between two compiled halves.** The backends need Python-side work
   per pack (sdpa's length buckets, flash-attn's ``max_seqlen``, a balancer's all-to-alls)
   and have their own backward; a graph break there keeps every backend and its native
-  backward as they are. ``bench/compile_quickstart.py --attention-op`` measures the
-  alternative (one opaque custom op with a recomputing backward): see docs/performance.md.
+  backward as they are (a custom op would need either a recomputing backward, one more
+  attention forward per layer, or each backend's own saved-state backward re-wrapped).
+  Measured: the eager attention between the halves costs what it costs in an eager model
+  (docs/performance.md, "Compiled blocks").
+- **Padding fused.** Where the backend runs in a padded layout (sdpa on CPU/fp32), the
+  first half gathers q/k/v straight into it and the second reads the output back from it.
 - **Lengths are tensor sizes, never Python ints.** The halves take flat streams and
   tensors only (per-token sample maps, interleaving permutations, RoPE tables as real
   cos/sin pairs); their token and sample dimensions are marked dynamic before the first
@@ -29,11 +33,11 @@ from torch import Tensor
 from .layers import DoubleStreamBlock, SingleStreamBlock
 from .layout import Layout
 
-#: Per-sample modulation reaches the tokens through a one-hot matmul ("onehot") or a
-#: gather ("index"). The one-hot's backward is a GEMM (deterministic, fast for the few
-#: samples of a micro-batch); a gather's backward is a scatter-add, which inductor on CPU
-#: turns into atomic adds (order-dependent sums: resumed runs would not be bitwise equal).
-#: One-hot costs L x n per stream, so many-sample packs (n above the limit) gather instead.
+#: Per-sample modulation reaches the tokens through a gather whose backward is a one-hot
+#: GEMM ("onehot": deterministic, fast for the few samples of a micro-batch) or a plain
+#: gather ("index"), whose backward is a scatter-add that inductor on CPU turns into atomic
+#: adds (slow; order-dependent sums, so resumed runs would not be bitwise equal). The
+#: one-hot costs L x n per stream, so packs of many samples (above the limit) gather.
 SELECT = "onehot"
 ONEHOT_MAX_SAMPLES = 64
 
