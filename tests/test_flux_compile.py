@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch._dynamo.utils import counters
-
 from engine_helpers import losses, tiny
 from flux_helpers import make_batch
-from minfm_core.engine.runtime import init_runtime, shutdown_runtime
-from minfm_core.engine.train import Trainer, train
 from minfm_plugins.attention.backends import Sdpa
 from minfm_plugins.flux.config import FluxConfig
 from minfm_plugins.flux.model import build_flux
+from torch._dynamo.utils import counters
+
+from minfm_core.engine.runtime import init_runtime, shutdown_runtime
+from minfm_core.engine.train import Trainer, train
 
 # tests/recipes/tiny.toml's denoiser (the resume test trains exactly this model).
-TINY = dict(flavor="flux-debug", d_model=32, d_head=16, rope_axes=(2, 6, 8), n_ds_blocks=1, n_ss_blocks=1,
-            d_txt=16, d_vec=16, d_img=12)
+TINY = {"flavor": "flux-debug", "d_model": 32, "d_head": 16, "rope_axes": (2, 6, 8), "n_ds_blocks": 1,
+        "n_ss_blocks": 1, "d_txt": 16, "d_vec": 16, "d_img": 12}
 # Mixed packs: different image grids and prompt lengths (a 0-word prompt included), and a
 # uniform one (the eager model groups it as (n, l, d); the compiled one stays flat).
 PACKS = [
