@@ -167,7 +167,10 @@ def test_a_browser_plays_the_served_clips(clips, tmp_path):
                     const v = document.createElement('video');
                     v.muted = true; v.preload = 'auto';
                     v.onerror = () => bad('cannot play ' + n);
-                    v.onloadeddata = () => {
+                    // 'loadeddata' may come before a busy browser has decoded the first frame
+                    // into something a canvas can draw (it reads black then): seek, draw on 'seeked'.
+                    v.onloadeddata = () => { v.currentTime = 0; };
+                    v.onseeked = () => {
                         const c = document.createElement('canvas');
                         c.width = v.videoWidth; c.height = v.videoHeight;
                         const g = c.getContext('2d'); g.drawImage(v, 0, 0);

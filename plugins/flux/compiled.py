@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import functools
 import weakref
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from .layers import DoubleStreamBlock, SingleStreamBlock
 from .layout import Layout
+
+if TYPE_CHECKING:  # layers.py calls into this module: no import back at run time
+    from .layers import DoubleStreamBlock, SingleStreamBlock
 
 #: Per-sample modulation reaches the tokens through a gather whose backward is a one-hot
 #: GEMM ("onehot": deterministic, fast for the few samples of a micro-batch) or a plain
@@ -120,10 +123,10 @@ def double_block(block: DoubleStreamBlock, txt: Tensor, img: Tensor, vec: Tensor
     """The block on flat streams ``(L_txt, d)``, ``(L_img, d)`` (``Flux.run_blocks`` keeps them flat)."""
     f = flat_layout(lay, vec.shape[0], img)
     txt_f, img_f, vec = _dynamic(txt), _dynamic(img), _dynamic(vec)
-    q, k, v = _compiled(DoubleStreamBlock.attn_in)(
+    q, k, v = _compiled(type(block).attn_in)(
         block, txt_f, img_f, vec, f.txt_sel, f.img_sel, f.img_rot, f.cat_src, f.cat_inv
     )
-    txt_f, img_f = _compiled(DoubleStreamBlock.attn_out)(
+    txt_f, img_f = _compiled(type(block).attn_out)(
         block, txt_f, img_f, vec, f.attend(lay, q, k, v), f.txt_sel, f.img_sel, f.cat_src, f.cat_inv
     )
     return txt_f, img_f
@@ -133,8 +136,8 @@ def single_block(block: SingleStreamBlock, x: Tensor, vec: Tensor, lay: Layout) 
     """The block on the flat pack ``(L, d)``."""
     f = flat_layout(lay, vec.shape[0], x)
     x_f, vec = _dynamic(x), _dynamic(vec)
-    q, k, v, mlp = _compiled(SingleStreamBlock.attn_in)(block, x_f, vec, f.all_sel, f.all_rot, f.all_src, f.all_inv)
-    out = _compiled(SingleStreamBlock.attn_out)(
+    q, k, v, mlp = _compiled(type(block).attn_in)(block, x_f, vec, f.all_sel, f.all_rot, f.all_src, f.all_inv)
+    out = _compiled(type(block).attn_out)(
         block, x_f, vec, f.attend(lay, q, k, v), _dynamic(mlp), f.all_sel, f.all_src, f.all_inv
     )
     return out
