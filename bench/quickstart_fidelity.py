@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 from minfm_core.engine.generate import generate
 from minfm_core.engine.pipeline import build_pipeline
