@@ -21,7 +21,7 @@ from minfm_core.engine.pipeline import build_pipeline
 from minfm_core.engine.runtime import init_runtime, shutdown_runtime
 from minfm_core.engine.sample import load_denoiser_weights, locate
 from minfm_core.recipe import load_recipe
-from minfm_core.registry import import_object
+from minfm_core.registry import get_registry, import_object
 from minfm_core.sources import resolve_source
 
 
@@ -42,7 +42,8 @@ def main() -> None:
         overrides.append(f"sample.guidance.scale={args.cfg}")
     resolved = load_recipe(recipe_path, overrides)
     classify = import_object("minfm_plugins.data.shapes:classify_image")
-    data_cfg = resolved.config("data")
+    # The [data] table itself, or the shapes source of a mix (the video quickstart's pictures).
+    data_cfg = import_object("minfm_plugins.data.mix:dataset_config")(resolved.get("data"), "shapes")
     rt = init_runtime("cpu")
     try:
         pipe = build_pipeline(resolved, rt.device)
@@ -50,7 +51,8 @@ def main() -> None:
         s = resolved.recipe.sample
         pairs = [(c, k) for c in data_cfg.colours for k in data_cfg.shapes]
         prompts = [f"a {c} {k}" for c, k in pairs for _ in range(args.seeds)]
-        sizes = [tuple(s.size)] * len(prompts)
+        size = tuple(s.size) if s.size[0] == 1 else (1, *data_cfg.sizes[0])  # pictures, also from a video model
+        sizes = [size] * len(prompts)
         t0 = time.perf_counter()
         images = []
         for i in range(0, len(prompts), 32):
@@ -73,7 +75,7 @@ def main() -> None:
             row = confusion.setdefault(w[1], {})
             row[g["shape"]] = row.get(g["shape"], 0) + 1
         print("shapes read back (prompted -> read): " + "; ".join(f"{k}: {v}" for k, v in confusion.items()))
-        ds = resolved.build("data", split="val")
+        ds = get_registry().get("dataset", "shapes").build(data_cfg, split="val")
         items = [ds[i] for i in range(200)]
         reads = [classify(it["image"]) for it in items]
         ok = sum(r["colour"] in it["prompt"] and r["shape"] in it["prompt"] for r, it in zip(reads, items)) / 200

@@ -24,27 +24,9 @@ from minfm_core.engine.generate import generate
 from minfm_core.engine.pipeline import build_pipeline
 from minfm_core.engine.runtime import init_runtime, shutdown_runtime
 from minfm_core.engine.sample import load_denoiser_weights, locate
-from minfm_core.errors import MinfmError
 from minfm_core.recipe import load_recipe
 from minfm_core.registry import get_registry, import_object
 from minfm_core.sources import resolve_source
-
-
-def moving_shapes_config(resolved):
-    """The recipe's moving_shapes config: the [data] table itself or a mix source's."""
-    slot = resolved.get("data")
-    if slot is None:
-        raise MinfmError("the recipe has no [data] table")
-    if slot.component.name == "moving_shapes":
-        return slot.config
-    if slot.component.name == "mix":
-        from minfm_core.config import structure
-
-        for src in slot.config.sources:
-            table = dict(src.dataset)
-            if table.pop("name") == "moving_shapes":
-                return structure(table, get_registry().get("dataset", "moving_shapes").config)
-    raise MinfmError(f"data: {slot.component.name!r} holds no moving_shapes clips to score")
 
 
 def prompts_for(cfg, seeds: int) -> list[tuple[str, str, str]]:
@@ -105,7 +87,7 @@ def main() -> None:
     resolved = load_recipe(recipe_path, overrides)
     classify = import_object("minfm_plugins.data.moving_shapes:classify_clip")
     caption = import_object("minfm_plugins.data.moving_shapes:caption")
-    cfg = moving_shapes_config(resolved)
+    cfg = import_object("minfm_plugins.data.mix:dataset_config")(resolved.get("data"), "moving_shapes")
     rt = init_runtime("cpu")
     try:
         pipe = build_pipeline(resolved, rt.device)

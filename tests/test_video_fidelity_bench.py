@@ -9,6 +9,7 @@ from pathlib import Path
 from minfm_core.config import structure
 from minfm_core.recipe import load_recipe
 from minfm_core.registry import get_registry
+from minfm_plugins.data.mix import dataset_config
 from minfm_plugins.data.moving_shapes import classify_clip
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,7 +24,7 @@ def bench():
 
 def test_the_quickstart_prompt_set_covers_every_motion():
     b = bench()
-    cfg = b.moving_shapes_config(load_recipe(ROOT / "recipes" / "quickstart_video.toml"))
+    cfg = dataset_config(load_recipe(ROOT / "recipes" / "quickstart_video.toml").get("data"), "moving_shapes")
     assert cfg.frames == 5 and tuple(cfg.sizes) == ((16, 16),)
     wants = b.prompts_for(cfg, 4)
     prompts = {w for w in wants}
@@ -44,3 +45,16 @@ def test_scoring_real_clips():
                     [("red", "square", "left"), ("blue", "circle", "still")])
     assert (wrong["colour"], wrong["shape"], wrong["motion"]) == (0.5, 0.5, 0.5)
     assert wrong["motion_confusion"] == {"left": {"left": 1}, "still": {"left": 1}}
+
+
+def test_dataset_config_finds_a_mix_source_or_says_what_is_missing():
+    import pytest
+
+    from minfm_core.errors import MinfmError
+
+    mix = load_recipe(ROOT / "recipes" / "quickstart_video.toml").get("data")
+    assert tuple(dataset_config(mix, "shapes").sizes) == ((32, 32),)
+    plain = load_recipe(ROOT / "recipes" / "quickstart.toml").get("data")
+    assert dataset_config(plain, "shapes") is plain.config
+    with pytest.raises(MinfmError, match="data: 'shapes' holds no moving_shapes data"):
+        dataset_config(plain, "moving_shapes")

@@ -120,3 +120,21 @@ def build(cfg: MixConfig, *, split: str = "train") -> torch.utils.data.Dataset:
 
 
 __all__ = ["MixDataset", "build", "pattern", "quotas"]
+
+
+def dataset_config(slot, name: str):
+    """The config of dataset ``name`` in a recipe's resolved ``data`` slot: the slot's own when
+    it is that dataset, else the first ``mix`` source of that name (benches score one source)."""
+    if slot is None:
+        raise MinfmError("the recipe has no [data] table")
+    if slot.component.name == name:
+        return slot.config
+    if slot.component.name == "mix":
+        from minfm_core.config import structure
+        from minfm_core.registry import get_registry
+
+        for k, src in enumerate(slot.config.sources):
+            table = dict(src.dataset)
+            if table.pop("name") == name:
+                return structure(table, get_registry().get("dataset", name).config, path=f"data.sources[{k}].dataset")
+    raise MinfmError(f"data: {slot.component.name!r} holds no {name} data")
