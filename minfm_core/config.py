@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -154,6 +155,9 @@ def _expect_mapping(value: Any) -> dict:
 converter = _make_converter()
 
 
+_FIELD_PREFIX = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*): (.+)$", re.DOTALL)
+
+
 def _format(exc: BaseException, tp: Any) -> str:
     if isinstance(exc, RangeError):
         # Raised from the config's __init__, so cattrs files it under the table: the field
@@ -171,8 +175,11 @@ def _format(exc: BaseException, tp: Any) -> str:
     if isinstance(exc, (TypeError, ValueError)) and tp is not None:
         return f"expected {_type_name(tp)}"
     if isinstance(exc, (TypeError, ValueError)):
-        # attrs validators raise these from __init__; their text is the useful part.
-        return str(exc)
+        # attrs validators raise these from __init__; their text is the useful part. By
+        # convention it starts with the field's name ("sizes: ..."): that moves into the path
+        # (data.sizes: ...), as for a RangeError.
+        m = _FIELD_PREFIX.match(str(exc))
+        return f"{m[1]}\x00{m[2]}" if m else str(exc)
     return f"{type(exc).__name__}: {exc}"
 
 

@@ -69,7 +69,7 @@ def test_the_default_mix_is_shapes_and_moving_shapes():
 
 
 @pytest.mark.parametrize(("value", "where"), [
-    ("{name = 'mix', sources = []}", "data: sources: list at least one"),
+    ("{name = 'mix', sources = []}", "data.sources: list at least one"),
     ("{name = 'mix', sources = [{weight = 0.0, dataset = {name = 'shapes'}}]}", "data.sources[0].weight: "),
     ("{name = 'mix', sources = [{weight = -1, dataset = {name = 'shapes'}}]}", "data.sources[0].weight: "),
     ("{name = 'mix', sources = [{dataset = {name = 'shapes'}}, {dataset = {name = 'moving_shapes', frames = 0}}]}",

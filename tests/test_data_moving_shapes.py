@@ -92,7 +92,7 @@ def test_motions_can_be_restricted():
 
 @pytest.mark.parametrize(("setting", "where"), [
     ("frames = 1", "data.frames: "), ("frames = 300", "data.frames: "), ("travel = 0.0", "data.travel: "),
-    ("motions = ['sideways']", "data: motions: "), ("sizes = [[30, 32]]", "data: sizes: "),
+    ("motions = ['sideways']", "data.motions: "), ("sizes = [[30, 32]]", "data.sizes: "),
 ])
 def test_bad_settings_name_their_recipe_path(setting, where, capsys):
     key, _, value = setting.partition(" = ")

@@ -101,7 +101,7 @@ def test_classifier_reads_back_every_attribute():
 
 def test_config_errors_name_the_field():
     comp = get_registry().get("dataset", "shapes")
-    with pytest.raises(RecipeError, match=r"data: sizes: .*\(40, 32\).*size_multiple=16"):
+    with pytest.raises(RecipeError, match=r"data.sizes: .*\(40, 32\).*size_multiple=16"):
         structure({"sizes": [[40, 32]]}, comp.config, "data")
     with pytest.raises(RecipeError, match="unknown 'pink'"):
         structure({"colours": ["pink"]}, comp.config, "data")

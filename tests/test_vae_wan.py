@@ -88,7 +88,7 @@ def test_bad_inputs_are_clear_errors():
 
 def test_config_is_strict_and_names_paths():
     comp = get_registry().get("vae", "wan")
-    with pytest.raises(RecipeError, match="model.vae: temperal_downsample: 2 flags for 3 downsampling levels"):
+    with pytest.raises(RecipeError, match="model.vae.temperal_downsample: 2 flags for 3 downsampling levels"):
         structure({"temperal_downsample": [True, True]}, comp.config, path="model.vae")
     with pytest.raises(RecipeError, match="model.vae.base_dim: "):
         structure({"base_dim": 0}, comp.config, path="model.vae")
