@@ -21,7 +21,9 @@ from minfm_core.engine.pipeline import build_pipeline
 from minfm_core.engine.runtime import init_runtime, shutdown_runtime
 from minfm_core.engine.sample import load_denoiser_weights, locate
 from minfm_core.recipe import load_recipe
-from minfm_core.registry import get_registry, import_object
+from minfm_core.registry import get_registry
+from minfm_plugins.data.mix import dataset_config
+from minfm_plugins.data.shapes import classify_image
 from minfm_core.sources import resolve_source
 
 
@@ -41,9 +43,8 @@ def main() -> None:
     if args.cfg is not None:
         overrides.append(f"sample.guidance.scale={args.cfg}")
     resolved = load_recipe(recipe_path, overrides)
-    classify = import_object("minfm_plugins.data.shapes:classify_image")
     # The [data] table itself, or the shapes source of a mix (the video quickstart's pictures).
-    data_cfg = import_object("minfm_plugins.data.mix:dataset_config")(resolved.get("data"), "shapes")
+    data_cfg = dataset_config(resolved.get("data"), "shapes")
     rt = init_runtime("cpu")
     try:
         pipe = build_pipeline(resolved, rt.device)
@@ -59,7 +60,7 @@ def main() -> None:
             images += generate(pipe, prompts[i : i + 32], sizes=sizes[i : i + 32], seeds=list(range(i, min(i + 32, len(prompts)))),
                                steps=s.steps, neg_prompt=s.neg_prompt)
         dt = time.perf_counter() - t0
-        got = [classify(im) for im in images]
+        got = [classify_image(im) for im in images]
         want = [p for p in pairs for _ in range(args.seeds)]
         colour = sum(g["colour"] == w[0] for g, w in zip(got, want)) / len(want)
         shape = sum(g["shape"] == w[1] for g, w in zip(got, want)) / len(want)
@@ -77,7 +78,7 @@ def main() -> None:
         print("shapes read back (prompted -> read): " + "; ".join(f"{k}: {v}" for k, v in confusion.items()))
         ds = get_registry().get("dataset", "shapes").build(data_cfg, split="val")
         items = [ds[i] for i in range(200)]
-        reads = [classify(it["image"]) for it in items]
+        reads = [classify_image(it["image"]) for it in items]
         ok = sum(r["colour"] in it["prompt"] and r["shape"] in it["prompt"] for r, it in zip(reads, items)) / 200
         print(f"reference: the classifier on 200 real val pictures: {ok:.1%}")
     finally:

@@ -25,7 +25,9 @@ from minfm_core.engine.pipeline import build_pipeline
 from minfm_core.engine.runtime import init_runtime, shutdown_runtime
 from minfm_core.engine.sample import load_denoiser_weights, locate
 from minfm_core.recipe import load_recipe
-from minfm_core.registry import get_registry, import_object
+from minfm_core.registry import get_registry
+from minfm_plugins.data.mix import dataset_config
+from minfm_plugins.data.moving_shapes import caption, classify_clip
 from minfm_core.sources import resolve_source
 
 
@@ -85,9 +87,7 @@ def main() -> None:
     if args.cfg is not None:
         overrides.append(f"sample.guidance.scale={args.cfg}")
     resolved = load_recipe(recipe_path, overrides)
-    classify = import_object("minfm_plugins.data.moving_shapes:classify_clip")
-    caption = import_object("minfm_plugins.data.moving_shapes:caption")
-    cfg = import_object("minfm_plugins.data.mix:dataset_config")(resolved.get("data"), "moving_shapes")
+    cfg = dataset_config(resolved.get("data"), "moving_shapes")
     rt = init_runtime("cpu")
     try:
         pipe = build_pipeline(resolved, rt.device)
@@ -103,7 +103,7 @@ def main() -> None:
             clips += generate(pipe, prompts[i:j], sizes=[size] * (j - i), seeds=list(range(i, j)),
                               steps=s.steps, neg_prompt=s.neg_prompt)
         dt = time.perf_counter() - t0
-        res = score([classify(c) for c in clips], wants)
+        res = score([classify_clip(c) for c in clips], wants)
         print(f"{len(prompts)} clips of {size[0]}x{size[1]}x{size[2]} for {len(set(prompts))} prompts "
               f"({used} weights, {s.steps} steps, {dt / len(prompts) * 1000:.0f} ms/clip)")
         print(f"motion accuracy {res['motion']:.1%}  colour accuracy {res['colour']:.1%}  shape accuracy {res['shape']:.1%}")
@@ -112,7 +112,7 @@ def main() -> None:
         ds = get_registry().get("dataset", "moving_shapes").build(cfg, split="val")
         n = min(200, len(ds))
         real = [ds.spec(i) for i in range(n)]
-        ref = score([classify(ds[i]["image"]) for i in range(n)], [(r.colour, r.shape, r.motion) for r in real])
+        ref = score([classify_clip(ds[i]["image"]) for i in range(n)], [(r.colour, r.shape, r.motion) for r in real])
         print(f"reference: the classifier on {n} real val clips: motion {ref['motion']:.1%}, colour "
               f"{ref['colour']:.1%}, shape {ref['shape']:.1%}")
         if args.grid:

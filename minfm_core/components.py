@@ -10,7 +10,7 @@ This module knows nothing of plugin loading (``minfm_core.plugins`` fills regist
 
 from __future__ import annotations
 
-import importlib
+import importlib.metadata
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -48,13 +48,10 @@ KINDS: dict[str, str] = {
 FACTORY_KWARGS = protocols.FACTORY_KWARGS
 
 
-def import_object(ref: str) -> Any:
-    """Import ``"package.module:attr.sub"``."""
-    module, _, qual = ref.partition(":")
-    obj = importlib.import_module(module)
-    for part in qual.split(".") if qual else ():
-        obj = getattr(obj, part)
-    return obj
+def _load_declared(ref: str) -> Any:
+    """A lazily declared factory, ``"package.module:attr"``, loaded the way an entry point is
+    (the one mechanism by which the core reaches plugin code: what a plugin declared)."""
+    return importlib.metadata.EntryPoint(name="factory", value=ref, group="minfm").load()
 
 
 @attrs.frozen
@@ -74,7 +71,7 @@ class Component:
         if not isinstance(self.factory, str):
             return self.factory
         try:
-            return import_object(self.factory)
+            return _load_declared(self.factory)
         except Exception as exc:  # ImportError, AttributeError, or whatever the module raises
             raise PluginError(
                 f"{self.describe()}: factory {self.factory!r} does not import: {type(exc).__name__}: {exc}"

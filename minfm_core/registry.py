@@ -9,9 +9,9 @@ other way round, and keeps no state of its own: the loaded plugins are the state
 from __future__ import annotations
 
 from . import plugins
-from .components import FACTORY_KWARGS, KINDS, Component, Registry, import_object
+from .components import FACTORY_KWARGS, KINDS, Component, Registry
 
-__all__ = ["FACTORY_KWARGS", "KINDS", "Component", "Registry", "get_registry", "import_object", "reset_registry"]
+__all__ = ["FACTORY_KWARGS", "KINDS", "Component", "Registry", "get_registry", "reset_registry"]
 
 
 def get_registry() -> Registry:
