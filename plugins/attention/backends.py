@@ -86,11 +86,13 @@ class Sdpa:
 
     def attend_padded(self, q: Tensor, k: Tensor, v: Tensor, plan: _PaddingPlan) -> Tensor:
         """Attention on ``(plan.rows, H, D)`` blocks laid out as ``plan`` says (padding rows: anything)."""
-        outs, start = [], 0
-        for n, longest, keep in plan.buckets:
-            qb, kb, vb = (x[start : start + n * longest].unflatten(0, (n, longest)).transpose(1, 2) for x in (q, k, v))
+        # split, not slices: the backward of a split is one cat of the buckets' gradients,
+        # where every slice's backward zero-fills a whole (rows, H, D) buffer and adds it up.
+        sizes = [n * longest for n, longest, _ in plan.buckets]
+        outs = []
+        for (n, longest, keep), qb, kb, vb in zip(plan.buckets, *(x.split(sizes) for x in (q, k, v))):
+            qb, kb, vb = (x.unflatten(0, (n, longest)).transpose(1, 2) for x in (qb, kb, vb))
             outs.append(F.scaled_dot_product_attention(qb, kb, vb, attn_mask=keep).transpose(1, 2).flatten(0, 1))
-            start += n * longest
         return torch.cat(outs)
 
 

@@ -54,9 +54,10 @@ class FlatLayout:
 
     def __init__(self, lay: Layout, n_rows: int, like: Tensor):
         self.txt_sel, self.img_sel, self.all_sel = (_selector(s.seg, n_rows) for s in (lay.txt, lay.img, lay.all))
-        # Complex tables as real (cos, sin) pairs, flat (the image table is grouped when uniform).
-        self.img_rot = torch.view_as_real(lay.img.flat(lay.img_rope)).contiguous()
-        self.all_rot = torch.view_as_real(lay.all.flat(lay.all_rope)).contiguous()
+        # Complex tables as real (cos, sin) halves for rope_split, flat (the image table is
+        # grouped when uniform).
+        self.img_rot, self.all_rot = (torch.view_as_real(s.flat(r)).transpose(-1, -2).contiguous()
+                                      for s, r in ((lay.img, lay.img_rope), (lay.all, lay.all_rope)))
         # Where pack token p sits in the backend's layout: its padded row, or p itself.
         planner = getattr(lay.attention, "padding_plan", None)
         self.plan = planner(lay.cu_seqlens, _q_like(like)) if planner is not None else None

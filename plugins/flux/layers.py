@@ -69,6 +69,20 @@ class _PerToken(torch.autograd.Function):
         return onehot.to(g.dtype).t() @ g, None, None
 
 
+class _BiasAdd(torch.autograd.Function):
+    """``y + b`` whose bias gradient is the GEMM ``ones @ g``: inductor's CPU code sums a
+    column at a time (strided, 2-3x slower than a GEMM of the same size reads it)."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, b: Tensor) -> Tensor:
+        return y + b
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        flat = g.flatten(0, -2)
+        return g, (flat.new_ones((1, flat.shape[0])) @ flat).view(g.shape[-1])
+
+
 def per_token(m: Tensor, sel: tuple[Tensor, Tensor | None]) -> Tensor:
     """Per-sample rows ``m`` ``(n, k)`` for every token of a flat stream (the compiled blocks' form).
 
@@ -80,15 +94,65 @@ def per_token(m: Tensor, sel: tuple[Tensor, Tensor | None]) -> Tensor:
     return m.index_select(0, seg) if onehot is None else _PerToken.apply(m, seg, onehot)
 
 
-def rope_real(x: Tensor, rot: Tensor) -> Tensor:
-    """:func:`apply_rope` in real arithmetic, ``rot`` = ``view_as_real`` of its table ``(L, 1, D/2, 2)``.
+def pair_split_order(n_rows: int, n_heads: int, d_head: int, device) -> tuple[Tensor, Tensor]:
+    """Row order of a q|k|rest projection that lists every q and k head's RoPE pairs
+    ``(2i, 2i + 1)`` as halves, ``[0, 2, ..., D - 2, 1, 3, ..., D - 1]`` per head, and its inverse.
 
-    The same products as the complex multiply (inductor does not fuse complex tensors),
-    so the compiled blocks can fuse RoPE with the q/k norms around it.
+    The compiled blocks project q and k in this order (the weight rows gathered, the
+    parameters untouched), so RoPE reads two contiguous halves, which inductor vectorises;
+    the interleaved pairs compile to a scalar loop. Attention only sums ``q . k`` over each
+    head's dimensions, so q and k permuted alike give the same scores and v (not
+    permuted) the same output.
     """
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = rot.unbind(-1)
-    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).to(x.dtype)
+    d, ar = n_heads * d_head, torch.arange(n_heads * d_head, device=device)
+    split = ar.view(n_heads, d_head // 2, 2).transpose(1, 2).reshape(d)
+    back = ar.view(n_heads, 2, d_head // 2).transpose(1, 2).reshape(d)
+    rest = torch.arange(2 * d, n_rows, device=device)
+    return torch.cat([split, d + split, rest]), torch.cat([back, d + back, rest])
+
+
+def rope_split(x: Tensor, rot: Tensor) -> Tensor:
+    """:func:`apply_rope` on heads in :func:`pair_split_order`, ``rot`` ``(L, 1, 2, D/2)``: cos, then sin.
+
+    The same products as the complex multiply, in real arithmetic (inductor does not fuse
+    complex tensors), so the compiled blocks fuse RoPE with the q/k norms around it.
+    """
+    x0, x1 = x.float().chunk(2, dim=-1)
+    cos, sin = rot.unbind(-2)
+    return torch.cat([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).to(x.dtype)
+
+
+def qk_norm_split(norm: QKNorm, q: Tensor, k: Tensor, v: Tensor, order: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """:class:`QKNorm` on heads in :func:`pair_split_order` (``order``: its first head's part)."""
+    def one(n: RMSNorm, x: Tensor) -> Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=1e-6).to(x.dtype) * relayout(n.scale, *order)
+
+    return one(norm.query_norm, q).to(v.dtype), one(norm.key_norm, k).to(v.dtype)
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    """``GELU(approximate="tanh")`` as ``x * sigmoid(2 z)`` (= ``x/2 (1 + tanh z)``), the compiled blocks' form.
+
+    Inductor's CPU code evaluates ``tanh`` with an accurate but slow vector routine (the
+    eager kernel too): this form is the same function, within float rounding (< 1e-6 here),
+    at a third of the cost forward and half backward.
+    """
+    return x * torch.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
+
+
+def linear(lin: nn.Linear, x: Tensor, rows: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """``lin(x)``, the compiled blocks' form; ``rows``: an order of its output features and
+    the inverse (the weight rows are gathered with :func:`relayout`: no scatter-add backward).
+
+    A GEMM and a separate bias add: where the add is not fused back into an addmm, inductor
+    folds the bias into the elementwise kernel that reads the GEMM's output anyway, rather
+    than addmm writing it into the output first.
+    """
+    w, b = lin.weight, lin.bias
+    if rows is not None:
+        w, b = relayout(w, *rows), None if b is None else relayout(b, *rows)
+    y = x @ w.t()
+    return y if b is None else _BiasAdd.apply(y, b)
 
 
 def _init_linear(lin: nn.Linear, zero: bool = False) -> None:
@@ -166,13 +230,20 @@ class SelfAttention(nn.Module):
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         return q, k, v
 
-    def qkv_heads_real(self, x: Tensor, rot: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """:meth:`qkv_heads` with :func:`rope_real` (compiled blocks)."""
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.n_heads, self.d_head)).unbind(-3)
-        q, k = self.norm(q, k, v)
+    def qkv_heads_split(self, x: Tensor, rot: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`qkv_heads` for the compiled blocks: q and k in :func:`pair_split_order`."""
+        H, D = self.n_heads, self.d_head
+        order = pair_split_order(3 * H * D, H, D, x.device)
+        q, k, v = linear(self.qkv, x, order).unflatten(-1, (3, H, D)).unbind(-3)
+        q, k = qk_norm_split(self.norm, q, k, v, (order[0][:D], order[1][:D]))
         if rot is not None:
-            q, k = rope_real(q, rot), rope_real(k, rot)
+            q, k = rope_split(q, rot), rope_split(k, rot)
         return q, k, v
+
+
+def mlp_split(mlp: nn.Sequential, x: Tensor) -> Tensor:
+    """The MLP in the compiled blocks' form (:func:`linear`, :func:`gelu_tanh`)."""
+    return linear(mlp[2], gelu_tanh(linear(mlp[0], x)))
 
 
 def _mlp(d_model: int, d_mlp: int) -> nn.Sequential:
@@ -219,8 +290,8 @@ class DoubleStreamBlock(nn.Module):
         (``inv``: the row of every text-then-image token, src's inverse)."""
         im = per_token(self.img_mod.lin(F.silu(vec)), img_sel).chunk(6, dim=-1)
         tm = per_token(self.txt_mod.lin(F.silu(vec)), txt_sel).chunk(6, dim=-1)
-        qi, ki, vi = self.img_attn.qkv_heads_real(modulate(self.img_norm1(img), im[0], im[1]), img_rot)
-        qt, kt, vt = self.txt_attn.qkv_heads_real(modulate(self.txt_norm1(txt), tm[0], tm[1]), None)
+        qi, ki, vi = self.img_attn.qkv_heads_split(modulate(self.img_norm1(img), im[0], im[1]), img_rot)
+        qt, kt, vt = self.txt_attn.qkv_heads_split(modulate(self.txt_norm1(txt), tm[0], tm[1]), None)
         return tuple(relayout(torch.cat([t, i]), src, inv) for t, i in ((qt, qi), (kt, ki), (vt, vi)))
 
     def attn_out(self, txt, img, vec, attn, txt_sel, img_sel, src, inv) -> tuple[Tensor, Tensor]:
@@ -230,10 +301,10 @@ class DoubleStreamBlock(nn.Module):
         im = per_token(self.img_mod.lin(F.silu(vec)), img_sel).chunk(6, dim=-1)
         tm = per_token(self.txt_mod.lin(F.silu(vec)), txt_sel).chunk(6, dim=-1)
         out_t, out_i = relayout(attn, inv, src).split([txt.shape[0], img.shape[0]])
-        img = img + im[2] * self.img_attn.proj(out_i)
-        img = img + im[5] * self.img_mlp(modulate(self.img_norm2(img), im[3], im[4]))
-        txt = txt + tm[2] * self.txt_attn.proj(out_t)
-        txt = txt + tm[5] * self.txt_mlp(modulate(self.txt_norm2(txt), tm[3], tm[4]))
+        img = img + im[2] * linear(self.img_attn.proj, out_i)
+        img = img + im[5] * mlp_split(self.img_mlp, modulate(self.img_norm2(img), im[3], im[4]))
+        txt = txt + tm[2] * linear(self.txt_attn.proj, out_t)
+        txt = txt + tm[5] * mlp_split(self.txt_mlp, modulate(self.txt_norm2(txt), tm[3], tm[4]))
         return txt, img
 
     def init_weights(self) -> None:
@@ -284,15 +355,21 @@ class SingleStreamBlock(nn.Module):
     # Compiled halves on the flat pack (see DoubleStreamBlock.attn_in).
     def attn_in(self, x, vec, sel, rot, src, inv) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         shift, scale, _ = per_token(self.modulation.lin(F.silu(vec)), sel).chunk(3, dim=-1)
-        qkv, mlp = self.linear1(modulate(self.pre_norm(x), shift, scale)).split([3 * self.d_model, self.d_mlp], dim=-1)
-        q, k, v = qkv.unflatten(-1, (3, self.n_heads, self.d_head)).unbind(-3)
-        q, k = self.norm(q, k, v)
-        q, k = rope_real(q, rot), rope_real(k, rot)
-        return relayout(q, src, inv), relayout(k, src, inv), relayout(v, src, inv), self.mlp_act(mlp)
+        H, D = self.n_heads, self.d_head
+        order = pair_split_order(3 * self.d_model + self.d_mlp, H, D, x.device)
+        h = modulate(self.pre_norm(x), shift, scale)
+        qkv, mlp = linear(self.linear1, h, order).split([3 * self.d_model, self.d_mlp], dim=-1)
+        q, k, v = qkv.unflatten(-1, (3, H, D)).unbind(-3)
+        q, k = qk_norm_split(self.norm, q, k, v, (order[0][:D], order[1][:D]))
+        q, k = rope_split(q, rot), rope_split(k, rot)
+        return relayout(q, src, inv), relayout(k, src, inv), relayout(v, src, inv), gelu_tanh(mlp)
 
     def attn_out(self, x, vec, attn, mlp, sel, src, inv) -> Tensor:
         gate = per_token(self.modulation.lin(F.silu(vec)).chunk(3, dim=-1)[2], sel)
-        return x + gate * self.linear2(torch.cat([relayout(attn, inv, src), mlp], dim=-1))
+        # linear2 of cat([attn, mlp]) as two GEMMs over its column blocks: no concatenated copy.
+        w_attn, w_mlp = self.linear2.weight.split([self.d_model, self.d_mlp], dim=1)
+        out = relayout(attn, inv, src) @ w_attn.t() + mlp @ w_mlp.t()
+        return x + gate * _BiasAdd.apply(out, self.linear2.bias)
 
     def init_weights(self) -> None:
         _init_linear(self.linear1)
