@@ -42,12 +42,20 @@ class _Relayout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, fwd: Tensor, bwd: Tensor) -> Tensor:
         ctx.save_for_backward(bwd)
-        return torch.cat([x, x.new_zeros((1, *x.shape[1:]))]).index_select(0, fwd)
+        return _rows(x, fwd)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         (bwd,) = ctx.saved_tensors
-        return torch.cat([g, g.new_zeros((1, *g.shape[1:]))]).index_select(0, bwd), None, None
+        return _rows(g, bwd), None, None
+
+
+def _rows(x: Tensor, index: Tensor) -> Tensor:
+    """``cat([x, 0])[index]`` without the concatenation, which inductor would write out
+    in full before gathering from it: a masked gather, one fused loop."""
+    n = x.shape[0]
+    picked = x.index_select(0, index.clamp(max=max(n - 1, 0)))
+    return torch.where((index < n).view(-1, *(1,) * (x.dim() - 1)), picked, 0)
 
 
 def relayout(x: Tensor, fwd: Tensor, bwd: Tensor) -> Tensor:
