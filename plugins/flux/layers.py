@@ -222,6 +222,15 @@ class Modulation(nn.Module):
         # One gather of all k vectors per token (a view when the stream is uniform).
         return stream.tok(self.lin(F.silu(vec))).chunk(self.k, dim=-1)
 
+    def tokens(self, vec: Tensor, sel: tuple[Tensor, Tensor | None], start: int, stop: int) -> tuple[Tensor, ...]:
+        """Vectors ``start .. stop - 1`` for every token of a flat stream (the compiled blocks' form).
+
+        Only those are gathered: the backward sums per sample (a one-hot GEMM, see
+        :func:`per_token`) over the vectors this half uses, not all ``k``.
+        """
+        d = self.lin.out_features // self.k
+        return per_token(self.lin(F.silu(vec))[:, start * d : stop * d], sel).chunk(stop - start, dim=-1)
+
 
 class SelfAttention(nn.Module):
     def __init__(self, d_model: int, d_head: int, qkv_bias: bool):
@@ -296,8 +305,7 @@ class DoubleStreamBlock(nn.Module):
     def attn_in(self, txt, img, vec, txt_sel, img_sel, img_rot, src, inv) -> tuple[Tensor, Tensor, Tensor]:
         """q, k, v in the attention backend's layout: row r is ``cat([txt, img, 0])[src[r]]``
         (``inv``: the row of every text-then-image token, src's inverse)."""
-        im = per_token(self.img_mod.lin(F.silu(vec)), img_sel).chunk(6, dim=-1)
-        tm = per_token(self.txt_mod.lin(F.silu(vec)), txt_sel).chunk(6, dim=-1)
+        im, tm = self.img_mod.tokens(vec, img_sel, 0, 2), self.txt_mod.tokens(vec, txt_sel, 0, 2)
         qi, ki, vi = self.img_attn.qkv_heads_split(modulate(self.img_norm1(img), im[0], im[1]), img_rot)
         qt, kt, vt = self.txt_attn.qkv_heads_split(modulate(self.txt_norm1(txt), tm[0], tm[1]), None)
         return tuple(relayout(torch.cat([t, i]), src, inv) for t, i in ((qt, qi), (kt, ki), (vt, vi)))
@@ -305,14 +313,13 @@ class DoubleStreamBlock(nn.Module):
     def attn_out(self, txt, img, vec, attn, txt_sel, img_sel, src, inv) -> tuple[Tensor, Tensor]:
         """The rest of the block, reading the attention output back from the backend's layout."""
         # The modulation linears are recomputed here (n rows: nothing) rather than passed
-        # as (L, 6 d) tensors between the halves.
-        im = per_token(self.img_mod.lin(F.silu(vec)), img_sel).chunk(6, dim=-1)
-        tm = per_token(self.txt_mod.lin(F.silu(vec)), txt_sel).chunk(6, dim=-1)
+        # as (L, 4 d) tensors between the halves.
+        im, tm = self.img_mod.tokens(vec, img_sel, 2, 6), self.txt_mod.tokens(vec, txt_sel, 2, 6)
         out_t, out_i = relayout(attn, inv, src).split([txt.shape[0], img.shape[0]])
-        img = img + im[2] * linear(self.img_attn.proj, out_i)
-        img = img + im[5] * mlp_split(self.img_mlp, modulate(self.img_norm2(img), im[3], im[4]))
-        txt = txt + tm[2] * linear(self.txt_attn.proj, out_t)
-        txt = txt + tm[5] * mlp_split(self.txt_mlp, modulate(self.txt_norm2(txt), tm[3], tm[4]))
+        img = img + im[0] * linear(self.img_attn.proj, out_i)
+        img = img + im[3] * mlp_split(self.img_mlp, modulate(self.img_norm2(img), im[1], im[2]))
+        txt = txt + tm[0] * linear(self.txt_attn.proj, out_t)
+        txt = txt + tm[3] * mlp_split(self.txt_mlp, modulate(self.txt_norm2(txt), tm[1], tm[2]))
         return txt, img
 
     def init_weights(self) -> None:
@@ -362,7 +369,7 @@ class SingleStreamBlock(nn.Module):
 
     # Compiled halves on the flat pack (see DoubleStreamBlock.attn_in).
     def attn_in(self, x, vec, sel, rot, src, inv) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        shift, scale, _ = per_token(self.modulation.lin(F.silu(vec)), sel).chunk(3, dim=-1)
+        shift, scale = self.modulation.tokens(vec, sel, 0, 2)
         H, D = self.n_heads, self.d_head
         order = pair_split_order(3 * self.d_model + self.d_mlp, H, D, x.device)
         h = modulate(self.pre_norm(x), shift, scale)
@@ -373,7 +380,7 @@ class SingleStreamBlock(nn.Module):
         return relayout(q, src, inv), relayout(k, src, inv), relayout(v, src, inv), gelu_tanh(mlp)
 
     def attn_out(self, x, vec, attn, mlp, sel, src, inv) -> Tensor:
-        gate = per_token(self.modulation.lin(F.silu(vec)).chunk(3, dim=-1)[2], sel)
+        (gate,) = self.modulation.tokens(vec, sel, 2, 3)
         # linear2 of cat([attn, mlp]) as two GEMMs over its column blocks: no concatenated copy.
         w_attn, w_mlp = self.linear2.weight.split([self.d_model, self.d_mlp], dim=1)
         out = relayout(attn, inv, src) @ w_attn.t() + mlp @ w_mlp.t()
