@@ -107,3 +107,14 @@ def test_serve_shows_a_run_directory(tmp_path):
 def test_serve_missing_dir_exit_2(minfm, tmp_path):
     res = minfm("serve", str(tmp_path / "nope"))
     assert res.returncode == 2 and "no such run directory" in res.stderr
+
+
+def test_omp_waiters_sleep_only_on_a_busy_machine():
+    # entry() sets OMP_WAIT_POLICY=PASSIVE when other work already holds half the CPUs
+    # (sleeping waiters: 1.5x faster there, 1.3x slower on an idle machine).
+    from minfm_core.cli.main import busy_machine
+
+    assert not busy_machine(0.1, 2) and not busy_machine(0.9, 2)
+    assert busy_machine(1.0, 2) and busy_machine(5.0, 2)
+    assert not busy_machine(7.0, 16) and busy_machine(8.0, 16)
+    assert busy_machine(0.5, 0)  # an unknown CPU count counts as one

@@ -15,6 +15,7 @@ and torch's ``CheckpointException``, which derives from ``BaseException`` and so
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -125,12 +126,24 @@ def checkpoint_error_line(exc: BaseException) -> str:
     return f"{head}: could not be read or written ({'; '.join(parts) or 'no detail'})"
 
 
+def busy_machine(load: float, cpus: int) -> bool:
+    """Whether other work already holds at least half of the CPUs (1-minute load average)."""
+    return load >= max(cpus, 1) / 2
+
+
 def entry() -> None:
-    # OpenMP threads that finish a parallel region spin-wait for the next by default; next
-    # to data-loader workers or other jobs on a small CPU that spinning took 60% of the time
-    # (the video quickstart: 40 min instead of 6). Sleeping waiters cost little here. A
-    # user's own setting wins; it must be set before torch loads libgomp.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OpenMP threads that finish a parallel region spin a while before they sleep. On a
+    # machine other jobs share, that spinning fights them for the cores: the video
+    # quickstart took 40 min instead of 6 next to four other jobs, and a quickstart step
+    # ran 1.5x slower next to one busy process. On an idle machine the spinning is what
+    # makes the many short parallel regions cheap: sleeping waiters made the same steps
+    # 1.3x slower (docs/performance.md, "OpenMP wait policy"). So sleeping waiters
+    # (PASSIVE) only where the machine is already busy when minfm starts; a user's own
+    # OMP_WAIT_POLICY or GOMP_SPINCOUNT wins. Set before torch loads libgomp.
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        with contextlib.suppress(OSError, AttributeError):  # no load average on this OS
+            if busy_machine(os.getloadavg()[0], os.cpu_count() or 1):
+                os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     sys.exit(main())
 
 
