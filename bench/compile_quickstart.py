@@ -15,7 +15,9 @@ both alike. Reported:
   after all steps, and the frames it recompiled.
 
 ``--e2e`` also runs the whole quickstart (500 steps, validations, galleries, checkpoints)
-as ``minfm run`` subprocesses, eager then compiled (cold cache), and prints both wall times.
+as ``minfm run`` subprocesses, eager then compiled (cold cache), and prints both wall times;
+both runs get the OpenMP wait policy ``minfm`` would pick when the bench starts (see
+``wait_policy``). ``--e2e-only`` skips the interleaved steps.
 """
 
 from __future__ import annotations
@@ -46,31 +48,42 @@ def trainer(exp_dir: Path, compile_: bool):
     return Trainer(resolved, init_runtime(resolved.recipe.run.device))
 
 
-def e2e(compile_: bool, out: Path) -> float:
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="inductor_e2e_"))
+def wait_policy() -> dict[str, str]:
+    """The OpenMP wait policy ``minfm`` would pick now, spelled out for both end-to-end runs.
+
+    Decided once, before this bench loads the machine: ``minfm`` decides from the load
+    average at its start, which the interleaved steps just before would push up.
+    """
+    from minfm_core.cli.main import busy_machine
+
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        return {}
+    if busy_machine(os.getloadavg()[0], os.cpu_count() or 1):
+        return {"OMP_WAIT_POLICY": "PASSIVE"}
+    return {"GOMP_SPINCOUNT": "300000"}  # libgomp's default when no policy is set
+
+
+def e2e(compile_: bool, out: Path, policy: dict[str, str]) -> float:
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="inductor_e2e_"), **policy)
     cmd = [sys.executable, "-m", "minfm_core.cli.main", "run", str(RECIPE), "--set", f'run.exp_dir="{out}"',
            "--set", f"model.denoiser.compile={str(compile_).lower()}"]
-    t0 = time.perf_counter()
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    dt = time.perf_counter() - t0
+    # Output to a file, not a pipe: waiting on a pipe also waits for any child process that
+    # inherited it (one compiled run timed 7:36 that way, 6:33 to minfm's own exit).
+    log = out.with_suffix(".log")
+    with open(log, "w") as f:
+        t0 = time.perf_counter()
+        res = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, check=False)
+        dt = time.perf_counter() - t0
     if res.returncode:
-        sys.exit(f"{' '.join(cmd)} failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+        sys.exit(f"{' '.join(cmd)} failed:\n{log.read_text()[-4000:]}")
     return dt
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=200, help="optimizer steps each (compilations are counted over these)")
-    ap.add_argument("--warmup", type=int, default=5, help="steps left out of the tokens/s medians")
-    ap.add_argument("--warm-cache", action="store_true", help="keep inductor's usual cache folder")
-    ap.add_argument("--e2e", action="store_true", help="also time `minfm run` of the whole quickstart, both ways")
-    args = ap.parse_args()
-    if not args.warm_cache:  # before torch is imported: inductor reads it once
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor_bench_")
+def interleaved_steps(args, tmp: Path) -> None:
+    """Both trainers, alternating optimizer steps; prints the step-level figures."""
     import torch
     from torch._dynamo.utils import counters
 
-    tmp = Path(tempfile.mkdtemp(prefix="compile_quickstart_"))
     eager, compiled = trainer(tmp / "eager", False), trainer(tmp / "compiled", True)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.steps} steps each, interleaved")
     counters.clear()
@@ -100,9 +113,26 @@ def main() -> None:
     print(f"compiled {tps['compiled']:8.0f} tokens/s  (median step {med['compiled']:.3f} s)")
     print(f"compiled / eager: {tps['compiled'] / tps['eager']:.2f}x (median of per-step ratios {pair:.2f}x)")
     print(f"compilations over {args.steps} steps (dynamo unique_graphs): {graphs}")
-    if args.e2e:
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=200, help="optimizer steps each (compilations are counted over these)")
+    ap.add_argument("--warmup", type=int, default=5, help="steps left out of the tokens/s medians")
+    ap.add_argument("--warm-cache", action="store_true", help="keep inductor's usual cache folder")
+    ap.add_argument("--e2e", action="store_true", help="also time `minfm run` of the whole quickstart, both ways")
+    ap.add_argument("--e2e-only", action="store_true", help="only the end-to-end runs")
+    args = ap.parse_args()
+    policy = wait_policy()
+    if not args.warm_cache:  # before torch is imported: inductor reads it once
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor_bench_")
+    tmp = Path(tempfile.mkdtemp(prefix="compile_quickstart_"))
+    if not args.e2e_only:
+        interleaved_steps(args, tmp)
+    if args.e2e or args.e2e_only:
+        print(f"end to end with {policy or 'the OpenMP settings of this shell'}", flush=True)
         for flag in (False, True):
-            dt = e2e(flag, tmp / f"e2e_{'compiled' if flag else 'eager'}")
+            dt = e2e(flag, tmp / f"e2e_{'compiled' if flag else 'eager'}", policy)
             print(f"minfm run recipes/quickstart.toml, compile={str(flag).lower()}: {dt / 60:.0f} min {dt % 60:.0f} s",
                   flush=True)
 

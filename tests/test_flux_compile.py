@@ -117,3 +117,21 @@ def test_fsdp2_two_processes_match_one_with_compile_on(tmp_path):
     l1, l2 = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(l1) == len(l2) == 4
     assert l1 == pytest.approx(l2, rel=1e-5)
+
+
+def test_a_missing_cpp_compiler_is_a_clear_error():
+    # Inductor compiles CPU kernels with a C++ compiler; without one, the first compiled
+    # block says what is missing and how to go on, instead of inductor's build traceback.
+    import torch._inductor.config as inductor_config
+    from minfm_plugins.flux import compiled
+
+    from minfm_core.errors import MinfmError
+
+    compiled._check_cpu_compiler.cache_clear()
+    try:
+        with inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",)}), pytest.raises(MinfmError) as err:
+            compiled._check_cpu_compiler()
+    finally:
+        compiled._check_cpu_compiler.cache_clear()
+    assert "needs a C++ compiler" in str(err.value) and "compile = false" in str(err.value)
+    compiled._check_cpu_compiler()  # the real g++ is found again

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from minfm_core.errors import MinfmError, first_line
+
 from .layout import Layout
 
 if TYPE_CHECKING:  # layers.py calls into this module: no import back at run time
@@ -120,8 +122,24 @@ def _compiled(fn):
     return torch.compile(fn, fullgraph=True)
 
 
+@functools.cache
+def _check_cpu_compiler() -> None:
+    """Inductor builds CPU kernels with a C++ compiler: say so plainly, before the first compile."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception as exc:  # inductor's InvalidCxxCompiler, or an OSError probing it
+        raise MinfmError(
+            "model.denoiser.compile = true on CPU needs a C++ compiler for torch.compile "
+            f"(inductor: {first_line(exc)}); install gcc (or set CXX), or set compile = false"
+        ) from None
+
+
 def double_block(block: DoubleStreamBlock, txt: Tensor, img: Tensor, vec: Tensor, lay: Layout):
     """The block on flat streams ``(L_txt, d)``, ``(L_img, d)`` (``Flux.run_blocks`` keeps them flat)."""
+    if img.device.type == "cpu":
+        _check_cpu_compiler()
     f = flat_layout(lay, vec.shape[0], img)
     txt_f, img_f, vec = _dynamic(txt), _dynamic(img), _dynamic(vec)
     q, k, v = _compiled(type(block).attn_in)(
@@ -135,6 +153,8 @@ def double_block(block: DoubleStreamBlock, txt: Tensor, img: Tensor, vec: Tensor
 
 def single_block(block: SingleStreamBlock, x: Tensor, vec: Tensor, lay: Layout) -> Tensor:
     """The block on the flat pack ``(L, d)``."""
+    if x.device.type == "cpu":
+        _check_cpu_compiler()
     f = flat_layout(lay, vec.shape[0], x)
     x_f, vec = _dynamic(x), _dynamic(vec)
     q, k, v, mlp = _compiled(type(block).attn_in)(block, x_f, vec, f.all_sel, f.all_rot, f.all_src, f.all_inv)
