@@ -119,9 +119,6 @@ def build(cfg: MixConfig, *, split: str = "train") -> torch.utils.data.Dataset:
     return MixDataset(cfg, split)
 
 
-__all__ = ["MixDataset", "build", "pattern", "quotas"]
-
-
 def dataset_config(slot, name: str):
     """The config of dataset ``name`` in a recipe's resolved ``data`` slot: the slot's own when
     it is that dataset, else the first ``mix`` source of that name (benches score one source)."""
@@ -138,3 +135,6 @@ def dataset_config(slot, name: str):
             if table.pop("name") == name:
                 return structure(table, get_registry().get("dataset", name).config, path=f"data.sources[{k}].dataset")
     raise MinfmError(f"data: {slot.component.name!r} holds no {name} data")
+
+
+__all__ = ["MixDataset", "build", "dataset_config", "pattern", "quotas"]

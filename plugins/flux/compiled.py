@@ -113,6 +113,8 @@ def flat_layout(lay: Layout, n_rows: int, like: Tensor) -> FlatLayout:
     """The layout's flat view, made once per forward (every block of the forward shares it)."""
     flat = _FLAT.get(lay)
     if flat is None:
+        if like.device.type == "cpu":
+            _check_cpu_compiler()
         flat = _FLAT[lay] = FlatLayout(lay, n_rows, like)
     return flat
 
@@ -138,8 +140,6 @@ def _check_cpu_compiler() -> None:
 
 def double_block(block: DoubleStreamBlock, txt: Tensor, img: Tensor, vec: Tensor, lay: Layout):
     """The block on flat streams ``(L_txt, d)``, ``(L_img, d)`` (``Flux.run_blocks`` keeps them flat)."""
-    if img.device.type == "cpu":
-        _check_cpu_compiler()
     f = flat_layout(lay, vec.shape[0], img)
     txt_f, img_f, vec = _dynamic(txt), _dynamic(img), _dynamic(vec)
     q, k, v = _compiled(type(block).attn_in)(
@@ -153,8 +153,6 @@ def double_block(block: DoubleStreamBlock, txt: Tensor, img: Tensor, vec: Tensor
 
 def single_block(block: SingleStreamBlock, x: Tensor, vec: Tensor, lay: Layout) -> Tensor:
     """The block on the flat pack ``(L, d)``."""
-    if x.device.type == "cpu":
-        _check_cpu_compiler()
     f = flat_layout(lay, vec.shape[0], x)
     x_f, vec = _dynamic(x), _dynamic(vec)
     q, k, v, mlp = _compiled(type(block).attn_in)(block, x_f, vec, f.all_sel, f.all_rot, f.all_src, f.all_inv)

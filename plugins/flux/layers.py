@@ -131,11 +131,10 @@ def rope_split(x: Tensor, rot: Tensor) -> Tensor:
 
 
 def qk_norm_split(norm: QKNorm, q: Tensor, k: Tensor, v: Tensor, order: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """:class:`QKNorm` on heads in :func:`pair_split_order` (``order``: its first head's part)."""
-    def one(n: RMSNorm, x: Tensor) -> Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=1e-6).to(x.dtype) * relayout(n.scale, *order)
-
-    return one(norm.query_norm, q).to(v.dtype), one(norm.key_norm, k).to(v.dtype)
+    """:class:`QKNorm` on heads in :func:`pair_split_order` (``order``: as it returned it)."""
+    head = tuple(o[: q.shape[-1]] for o in order)  # the first head's part: the norm scales' order
+    return (rms_norm(q, relayout(norm.query_norm.scale, *head)).to(v.dtype),
+            rms_norm(k, relayout(norm.key_norm.scale, *head)).to(v.dtype))
 
 
 def gelu_tanh(x: Tensor) -> Tensor:
@@ -195,8 +194,12 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalised in float32 even under bf16, scaled after the cast back (as BFL).
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=1e-6).to(x.dtype) * self.scale
+        return rms_norm(x, self.scale)
+
+
+def rms_norm(x: Tensor, scale: Tensor) -> Tensor:
+    # Normalised in float32 even under bf16, scaled after the cast back (as BFL).
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=1e-6).to(x.dtype) * scale
 
 
 class QKNorm(nn.Module):
@@ -251,7 +254,7 @@ class SelfAttention(nn.Module):
         H, D = self.n_heads, self.d_head
         order = pair_split_order(3 * H * D, H, D, x.device)
         q, k, v = linear(self.qkv, x, order).unflatten(-1, (3, H, D)).unbind(-3)
-        q, k = qk_norm_split(self.norm, q, k, v, (order[0][:D], order[1][:D]))
+        q, k = qk_norm_split(self.norm, q, k, v, order)
         if rot is not None:
             q, k = rope_split(q, rot), rope_split(k, rot)
         return q, k, v
@@ -374,7 +377,7 @@ class SingleStreamBlock(nn.Module):
         h = modulate(self.pre_norm(x), shift, scale)
         qkv, mlp = linear(self.linear1, h, order).split([3 * self.d_model, self.d_mlp], dim=-1)
         q, k, v = qkv.unflatten(-1, (3, H, D)).unbind(-3)
-        q, k = qk_norm_split(self.norm, q, k, v, (order[0][:D], order[1][:D]))
+        q, k = qk_norm_split(self.norm, q, k, v, order)
         q, k = rope_split(q, rot), rope_split(k, rot)
         return relayout(q, src, inv), relayout(k, src, inv), relayout(v, src, inv), gelu_tanh(mlp)
 
