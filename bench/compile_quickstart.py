@@ -3,8 +3,9 @@
     python bench/compile_quickstart.py                 # 200 steps each, interleaved; < 15 min on 2 cores
     python bench/compile_quickstart.py --steps 40      # a quicker look
     python bench/compile_quickstart.py --e2e           # then `minfm run recipes/quickstart.toml` both ways
+    python bench/compile_quickstart.py --recipe recipes/quickstart_video.toml --steps 60   # another recipe
 
-Two trainers from recipes/quickstart.toml (same seed, so the same batches), one eager and
+Two trainers from recipes/quickstart.toml, or ``--recipe`` (same seed, so the same batches), one eager and
 one compiled, take alternating optimizer steps so that load from other processes hits
 both alike. Reported:
 
@@ -35,11 +36,11 @@ ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "quickstart.toml"
 
 
-def trainer(exp_dir: Path, compile_: bool):
+def trainer(recipe: Path, exp_dir: Path, compile_: bool):
     from minfm_core.engine.train import Trainer
     from minfm_core.recipe import load_recipe
 
-    resolved = load_recipe(RECIPE, [
+    resolved = load_recipe(recipe, [
         f'run.exp_dir="{exp_dir}"', f"model.denoiser.compile={str(compile_).lower()}",
         "train.max_steps=100000", "logging.loggers=[]",
     ])
@@ -63,9 +64,9 @@ def wait_policy() -> dict[str, str]:
     return {"GOMP_SPINCOUNT": "300000"}  # libgomp's default when no policy is set
 
 
-def e2e(compile_: bool, out: Path, policy: dict[str, str]) -> float:
+def e2e(recipe: Path, compile_: bool, out: Path, policy: dict[str, str]) -> float:
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="inductor_e2e_"), **policy)
-    cmd = [sys.executable, "-m", "minfm_core.cli.main", "run", str(RECIPE), "--set", f'run.exp_dir="{out}"',
+    cmd = [sys.executable, "-m", "minfm_core.cli.main", "run", str(recipe), "--set", f'run.exp_dir="{out}"',
            "--set", f"model.denoiser.compile={str(compile_).lower()}"]
     # Output to a file, not a pipe: waiting on a pipe also waits for any child process that
     # inherited it (one compiled run timed 7:36 that way, 6:33 to minfm's own exit).
@@ -84,7 +85,7 @@ def interleaved_steps(args, tmp: Path) -> None:
     import torch
     from torch._dynamo.utils import counters
 
-    eager, compiled = trainer(tmp / "eager", False), trainer(tmp / "compiled", True)
+    eager, compiled = trainer(args.recipe, tmp / "eager", False), trainer(args.recipe, tmp / "compiled", True)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.steps} steps each, interleaved")
     counters.clear()
     times: dict[str, list[float]] = {"eager": [], "compiled": []}
@@ -117,6 +118,7 @@ def interleaved_steps(args, tmp: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipe", type=Path, default=RECIPE, help="the training recipe (default: the quickstart)")
     ap.add_argument("--steps", type=int, default=200, help="optimizer steps each (compilations are counted over these)")
     ap.add_argument("--warmup", type=int, default=5, help="steps left out of the tokens/s medians")
     ap.add_argument("--warm-cache", action="store_true", help="keep inductor's usual cache folder")
@@ -132,8 +134,8 @@ def main() -> None:
     if args.e2e or args.e2e_only:
         print(f"end to end with {policy or 'the OpenMP settings of this shell'}", flush=True)
         for flag in (False, True):
-            dt = e2e(flag, tmp / f"e2e_{'compiled' if flag else 'eager'}", policy)
-            print(f"minfm run recipes/quickstart.toml, compile={str(flag).lower()}: {dt / 60:.0f} min {dt % 60:.0f} s",
+            dt = e2e(args.recipe, flag, tmp / f"e2e_{'compiled' if flag else 'eager'}", policy)
+            print(f"minfm run {args.recipe}, compile={str(flag).lower()}: {dt / 60:.0f} min {dt % 60:.0f} s",
                   flush=True)
 
 

@@ -39,3 +39,17 @@ def test_print_round_trips(recipe, tmp_path):
     again = run_minfm("check", str(out), "--print")
     assert again.returncode == 0, again.stderr
     assert again.stdout == res.stdout
+
+
+@pytest.mark.parametrize("recipe, compiled", [
+    ("recipes/quickstart.toml", True),  # wins end to end, compile time included
+    ("recipes/quickstart_video.toml", False),  # half the tokens: the compile outweighs the faster steps
+    ("recipes/flux_tiny_imagenet.toml", False),  # unmeasured on a GPU
+    ("tests/recipes/tiny.toml", False),  # a few CI steps
+])
+def test_compile_is_on_only_where_it_wins(recipe, compiled):
+    """The table in docs/performance.md ("Compiled blocks") is what the recipes resolve to."""
+    from minfm_core.recipe import load_recipe
+
+    assert load_recipe(ROOT / recipe).config("model.denoiser").compile is compiled
+    assert f"| {recipe} | {'**on**' if compiled else 'off'} |" in (ROOT / "docs" / "performance.md").read_text()
