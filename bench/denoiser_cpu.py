@@ -3,6 +3,7 @@
     python bench/denoiser_cpu.py                           # the issue's workloads on flux-debug
     python bench/denoiser_cpu.py --scale 0.5 --repeat 2    # a quick run (half the token counts)
     python bench/denoiser_cpu.py --d-model 256 --d-head 64 --blocks 2 4   # a wider model
+    python bench/denoiser_cpu.py --profile                 # + where ours' time goes (GEMMs, attention, rest)
 
 Same process, identical weights (through the state-dict adapter), fp32, sdpa attention.
 Workloads: (a) uniform: 8 samples x (256 image + 32 text) tokens; (b) mixed: image token
@@ -80,6 +81,25 @@ def timed(steps, repeat: int) -> list[float]:
     return best
 
 
+def time_split(step, passes: int) -> str:
+    """ms per pass in GEMMs, in attention (sdpa's kernels, forward and backward) and in everything else."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        for _ in range(passes):
+            step()
+    ms = {"gemm": 0.0, "attention": 0.0, "total": 0.0}
+    for ev in prof.key_averages():
+        t = ev.self_cpu_time_total / 1e3 / passes
+        ms["total"] += t
+        if ev.key in ("aten::mm", "aten::addmm", "aten::bmm"):
+            ms["gemm"] += t
+        elif "scaled_dot_product" in ev.key:
+            ms["attention"] += t
+    rest = ms["total"] - ms["gemm"] - ms["attention"]
+    return f"GEMMs {ms['gemm']:.0f} + attention {ms['attention']:.0f} + rest {rest:.0f} = {ms['total']:.0f} ms"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--flavor", default="flux-debug")
@@ -90,6 +110,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--no-compile", action="store_true", help="leave out the compiled column")
+    ap.add_argument("--profile", action="store_true",
+                    help="also split a pass of ours (and compiled) into GEMMs, attention and the rest (torch.profiler)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -153,6 +175,10 @@ def main() -> None:
         if t_comp:
             line += f"; compiled {real / t_comp[0]:9.0f} tok/s, compiled / ours {t_ours / t_comp[0]:.2f}x"
         print(line)
+        if args.profile:
+            for label, step in (("ours", step_ours), ("compiled", step_comp if comp is not None else None)):
+                if step is not None:
+                    print(f"{'':8s} {label:8s} per pass: {time_split(step, args.repeat)}")
 
 
 if __name__ == "__main__":
