@@ -135,3 +135,16 @@ def test_a_missing_cpp_compiler_is_a_clear_error():
         compiled._check_cpu_compiler.cache_clear()
     assert "needs a C++ compiler" in str(err.value) and "compile = false" in str(err.value)
     compiled._check_cpu_compiler()  # the real g++ is found again
+
+
+def test_the_compile_is_announced_once(capsys):
+    """A compiling run says so before its silent first minute, once per process."""
+    from minfm_plugins.flux import compiled
+
+    model = _model(True)
+    batch = make_batch(model.cfg, *PACKS[0], seed=0)
+    compiled._announce.cache_clear()
+    model(**batch)
+    model(**batch)
+    out = capsys.readouterr().out
+    assert out.count("minfm: compiling the FLUX blocks (model.denoiser.compile = true)") == 1

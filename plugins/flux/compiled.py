@@ -115,6 +115,7 @@ def flat_layout(lay: Layout, n_rows: int, like: Tensor) -> FlatLayout:
     if flat is None:
         if like.device.type == "cpu":
             _check_cpu_compiler()
+        _announce()
         flat = _FLAT[lay] = FlatLayout(lay, n_rows, like)
     return flat
 
@@ -122,6 +123,15 @@ def flat_layout(lay: Layout, n_rows: int, like: Tensor) -> FlatLayout:
 @functools.cache
 def _compiled(fn):
     return torch.compile(fn, fullgraph=True)
+
+
+@functools.cache
+def _announce() -> None:
+    """Say once (rank 0) why the first steps are slow: otherwise a run is silent while it compiles."""
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return
+    print("minfm: compiling the FLUX blocks (model.denoiser.compile = true): the first steps wait for it, "
+          "about a minute on a small CPU; inductor's cache makes later runs start faster", flush=True)
 
 
 @functools.cache
