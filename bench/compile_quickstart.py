@@ -68,8 +68,9 @@ def e2e(recipe: Path, compile_: bool, out: Path, policy: dict[str, str]) -> floa
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="inductor_e2e_"), **policy)
     cmd = [sys.executable, "-m", "minfm_core.cli.main", "run", str(recipe), "--set", f'run.exp_dir="{out}"',
            "--set", f"model.denoiser.compile={str(compile_).lower()}"]
-    # Output to a file, not a pipe: waiting on a pipe also waits for any child process that
-    # inherited it (one compiled run timed 7:36 that way, 6:33 to minfm's own exit).
+    # Output to a file, not a pipe: waiting on a pipe also waits for any process that
+    # inherited it. (Some compiled runs timed here still ended a minute after their last
+    # file: docs/performance.md, "An intermittent exit delay".)
     log = out.with_suffix(".log")
     with open(log, "w") as f:
         t0 = time.perf_counter()

@@ -176,9 +176,8 @@ def main() -> None:
             line += f"; compiled {real / t_comp[0]:9.0f} tok/s, compiled / ours {t_ours / t_comp[0]:.2f}x"
         print(line)
         if args.profile:
-            for label, step in (("ours", step_ours), ("compiled", step_comp if comp is not None else None)):
-                if step is not None:
-                    print(f"{'':8s} {label:8s} per pass: {time_split(step, args.repeat)}")
+            for label, step in [("ours", step_ours)] + ([("compiled", step_comp)] if comp is not None else []):
+                print(f"{'':8s} {label:8s} per pass: {time_split(step, args.repeat)}")
 
 
 if __name__ == "__main__":
