@@ -55,13 +55,9 @@ def wait_policy() -> dict[str, str]:
     Decided once, before this bench loads the machine: ``minfm`` decides from the load
     average at its start, which the interleaved steps just before would push up.
     """
-    from minfm_core.cli.main import busy_machine
+    from minfm_core.cli.main import omp_wait_policy
 
-    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
-        return {}
-    if busy_machine(os.getloadavg()[0], os.cpu_count() or 1):
-        return {"OMP_WAIT_POLICY": "PASSIVE"}
-    return {"GOMP_SPINCOUNT": "300000"}  # libgomp's default when no policy is set
+    return omp_wait_policy(idle={"GOMP_SPINCOUNT": "300000"})  # libgomp's default when no policy is set
 
 
 def e2e(recipe: Path, compile_: bool, out: Path, policy: dict[str, str]) -> float:

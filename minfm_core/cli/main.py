@@ -140,11 +140,23 @@ def entry() -> None:
     # 1.3x slower (docs/performance.md, "OpenMP wait policy"). So sleeping waiters
     # (PASSIVE) only where the machine is already busy when minfm starts; a user's own
     # OMP_WAIT_POLICY or GOMP_SPINCOUNT wins. Set before torch loads libgomp.
-    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-        with contextlib.suppress(OSError, AttributeError):  # no load average on this OS
-            if busy_machine(os.getloadavg()[0], os.cpu_count() or 1):
-                os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ.update(omp_wait_policy())
     sys.exit(main())
+
+
+def omp_wait_policy(idle: dict[str, str] | None = None) -> dict[str, str]:
+    """The OpenMP settings ``minfm`` adds to its environment at start (see ``entry``).
+
+    Nothing where the user set ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``; PASSIVE waiters
+    where the machine is already busy; else ``idle`` (by default nothing: libgomp's own
+    spinning). A bench pins ``idle`` to spell the choice out for runs it starts later.
+    """
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        return {}
+    with contextlib.suppress(OSError, AttributeError):  # no load average on this OS
+        if busy_machine(os.getloadavg()[0], os.cpu_count() or 1):
+            return {"OMP_WAIT_POLICY": "PASSIVE"}
+    return dict(idle or {})
 
 
 if __name__ == "__main__":
