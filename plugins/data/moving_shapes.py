@@ -13,15 +13,12 @@ import attrs
 import numpy as np
 import torch
 
-from minfm_core import protocols
-from minfm_core.errors import MinfmError
 
 from .configs import MovingShapesConfig
-from .images import rng_for, to_tensor
+from .images import to_tensor
 from .latents import CachedLatentsDataset
-from .shapes import BACKGROUNDS, PALETTE, SCALE_RADIUS, ShapeSpec, _nearest, classify_image, draw
+from .shapes import BACKGROUNDS, PALETTE, SCALE_RADIUS, ShapeSpec, SyntheticSplit, _nearest, classify_image, draw
 
-_SPLIT_CODE = {"train": 0, "val": 1}
 #: Unit step of each motion in image coordinates (x right, y down).
 STEP = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0), "still": (0.0, 0.0)}
 #: A clip whose fitted displacement stays under this fraction of the side reads as "still". The
@@ -58,16 +55,8 @@ class ClipSpec:
                          caption=self.caption, label=self.label)
 
 
-class MovingShapesDataset(torch.utils.data.Dataset, protocols.Dataset):
-    def __init__(self, cfg: MovingShapesConfig, split: str = "train") -> None:
-        if split not in _SPLIT_CODE:
-            raise MinfmError(f"moving_shapes: unknown split {split!r}; expected 'train' or 'val'")
-        self.cfg = cfg
-        self.split = split
-        self._len = cfg.num_samples if split == "train" else cfg.num_val_samples
-
-    def __len__(self) -> int:
-        return self._len
+class MovingShapesDataset(SyntheticSplit):
+    name, unit = "moving_shapes", "clips"
 
     def short_prompts(self) -> list[str]:
         """Every caption this dataset draws (e.g. for a sample gallery or a fidelity bench)."""
@@ -75,12 +64,10 @@ class MovingShapesDataset(torch.utils.data.Dataset, protocols.Dataset):
 
     def spec(self, index: int) -> ClipSpec:
         """The attributes of clip ``index`` (cheap: nothing is drawn)."""
-        if not 0 <= index < self._len:
-            raise IndexError(f"moving_shapes: index {index} out of range for {self._len} clips")
         cfg = self.cfg
         # 7: a stream apart from `shapes` (keys (seed, split, index)), so mixing the two never
         # pairs an image with the clip of the same draw.
-        rng = rng_for(cfg.seed, 7, _SPLIT_CODE[self.split], index)
+        rng = self._rng(index, 7)
         height, width = (int(v) for v in cfg.sizes[rng.integers(len(cfg.sizes))])
         ci, si, mi = (int(rng.integers(n)) for n in (len(cfg.colours), len(cfg.shapes), len(cfg.motions)))
         colour, shape, motion = cfg.colours[ci], cfg.shapes[si], cfg.motions[mi]

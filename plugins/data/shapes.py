@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from minfm_core import protocols
+from minfm_core.errors import MinfmError
 
 from .configs import SHAPE_BACKGROUNDS, SHAPE_COLOURS, SHAPE_KINDS, ShapesConfig
 from .images import rng_for, to_tensor
@@ -59,12 +60,15 @@ class ShapeSpec:
     label: int
 
 
-class ShapesDataset(torch.utils.data.Dataset, protocols.Dataset):  # its set_epoch / prompt defaults
-    def __init__(self, cfg: ShapesConfig, split: str = "train") -> None:
-        if split not in _SPLIT_CODE:
-            from minfm_core.errors import MinfmError
+class SyntheticSplit(torch.utils.data.Dataset, protocols.Dataset):  # protocols: set_epoch / prompt defaults
+    """A drawn split: ``cfg.num_samples`` items (train) or ``cfg.num_val_samples`` (val), each a
+    pure function of (seed, split, index); subclasses name themselves and draw an item."""
 
-            raise MinfmError(f"shapes: unknown split {split!r}; expected 'train' or 'val'")
+    name, unit = "shapes", "samples"  # for errors: "<name>: index 9 out of range for 8 <unit>"
+
+    def __init__(self, cfg, split: str = "train") -> None:
+        if split not in _SPLIT_CODE:
+            raise MinfmError(f"{self.name}: unknown split {split!r}; expected 'train' or 'val'")
         self.cfg = cfg
         self.split = split
         self._len = cfg.num_samples if split == "train" else cfg.num_val_samples
@@ -72,16 +76,22 @@ class ShapesDataset(torch.utils.data.Dataset, protocols.Dataset):  # its set_epo
     def __len__(self) -> int:
         return self._len
 
+    def _rng(self, index: int, *stream: int) -> np.random.Generator:
+        """The generator of item ``index`` (``stream``: keys that keep another dataset's draws apart)."""
+        if not 0 <= index < self._len:
+            raise IndexError(f"{self.name}: index {index} out of range for {self._len} {self.unit}")
+        return rng_for(self.cfg.seed, *stream, _SPLIT_CODE[self.split], index)
+
+
+class ShapesDataset(SyntheticSplit):
     def short_prompts(self) -> list[str]:
         """Every "a {colour} {shape}" this dataset draws (e.g. for a sample gallery)."""
         return [f"a {c} {s}" for c in self.cfg.colours for s in self.cfg.shapes]
 
     def spec(self, index: int) -> ShapeSpec:
         """The attributes of sample ``index`` (cheap: nothing is drawn)."""
-        if not 0 <= index < self._len:
-            raise IndexError(f"shapes: index {index} out of range for {self._len} samples")
         cfg = self.cfg
-        rng = rng_for(cfg.seed, _SPLIT_CODE[self.split], index)
+        rng = self._rng(index)
         height, width = cfg.sizes[rng.integers(len(cfg.sizes))]
         ci = int(rng.integers(len(cfg.colours)))
         si = int(rng.integers(len(cfg.shapes)))
