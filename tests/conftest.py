@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 pytest.register_assert_rewrite("hub_fixtures")
+from checkpoint_helpers import trained_run  # noqa: E402, F401  (fixtures)
 from hub_fixtures import hub_env, hub_server  # noqa: E402, F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent

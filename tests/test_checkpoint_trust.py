@@ -13,7 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from checkpoint_helpers import copy_run, refresh_record, rewrite_manifest, trained_run  # noqa: F401
+from checkpoint_helpers import copy_run, refresh_record, rewrite_manifest
 from engine_helpers import TINY
 from minfm_core import checkpoint as ck
 from minfm_core.checkpoint_format import CheckpointError, read_manifest

@@ -118,3 +118,32 @@ def test_omp_waiters_sleep_only_on_a_busy_machine():
     assert busy_machine(1.0, 2) and busy_machine(5.0, 2)
     assert not busy_machine(7.0, 16) and busy_machine(8.0, 16)
     assert busy_machine(0.5, 0)  # an unknown CPU count counts as one
+
+
+def test_a_worker_of_a_multi_process_run_exits_with_its_code_output_and_atexit_handlers(tmp_path):
+    # entry() ends each process of a multi-process run with os._exit (see exit_worker):
+    # the exit code, buffered output and atexit handlers must all survive that.
+    import os
+    import subprocess
+    import sys
+
+    marker = tmp_path / "atexit-ran"
+    script = textwrap.dedent(f"""
+        import atexit, pathlib, sys
+        atexit.register(lambda: pathlib.Path({str(marker)!r}).write_text("yes"))
+        sys.argv = ["minfm", *sys.argv[1:]]
+        from minfm_core.cli.main import entry
+        entry()
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout a buffered pipe
+    env["WORLD_SIZE"] = "2"
+    alone = subprocess.run([sys.executable, "-m", "minfm_core.cli.main", "plugins"], capture_output=True, text=True,
+                           env={k: v for k, v in env.items() if k != "WORLD_SIZE"}, timeout=120)
+    ok = subprocess.run([sys.executable, "-c", script, "plugins"], capture_output=True, text=True, env=env, timeout=120)
+    assert ok.returncode == 0 and marker.read_text() == "yes"
+    assert ok.stdout == alone.stdout and len(ok.stdout) > 1000  # every buffered line arrived
+    marker.unlink()
+    bad = subprocess.run([sys.executable, "-c", script, "check", str(tmp_path / "nope.toml")], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and marker.read_text() == "yes"
+    assert bad.stderr.strip() == f"minfm: error: recipe file not found: {tmp_path / 'nope.toml'}"

@@ -22,6 +22,7 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
+from typing import NoReturn
 
 from .. import __version__
 from ..errors import MinfmError, first_line
@@ -141,7 +142,31 @@ def entry() -> None:
     # (PASSIVE) only where the machine is already busy when minfm starts; a user's own
     # OMP_WAIT_POLICY or GOMP_SPINCOUNT wins. Set before torch loads libgomp.
     os.environ.update(omp_wait_policy())
-    sys.exit(main())
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        exit_worker(code)
+    sys.exit(code)
+
+
+def exit_worker(code: int) -> NoReturn:
+    """End one process of a multi-process run: atexit handlers, flushed output, then
+    ``os._exit``, without the interpreter's own teardown.
+
+    Why: once FSDP2 has sharded a module, the gloo process group outlives
+    ``destroy_process_group`` (torch 2.13 holds it outside Python's reach), so its threads
+    still run while the interpreter tears itself down, and about one 2-process run in 20
+    had a worker abort there ("terminate called without an active exception", SIGABRT):
+    torchrun then reported a finished run as failed (docs/reliability.md, measured by
+    bench/worker_exit.py). Nothing is left to that teardown: files are closed, the process
+    group destroyed, and Python's atexit handlers (loggers, compile workers) run here first.
+    """
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed or broken stream: nothing left to say
+            stream.flush()
+    os._exit(code)
 
 
 def omp_wait_policy(idle: dict[str, str] | None = None) -> dict[str, str]:
