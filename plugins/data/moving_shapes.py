@@ -13,7 +13,6 @@ import attrs
 import numpy as np
 import torch
 
-
 from .configs import MovingShapesConfig
 from .images import to_tensor
 from .latents import CachedLatentsDataset

@@ -64,7 +64,9 @@ class SyntheticSplit(torch.utils.data.Dataset, protocols.Dataset):  # protocols:
     """A drawn split: ``cfg.num_samples`` items (train) or ``cfg.num_val_samples`` (val), each a
     pure function of (seed, split, index); subclasses name themselves and draw an item."""
 
-    name, unit = "shapes", "samples"  # for errors: "<name>: index 9 out of range for 8 <unit>"
+    #: For errors: "<name>: index 9 out of range for 8 <unit>".
+    name: str
+    unit: str
 
     def __init__(self, cfg, split: str = "train") -> None:
         if split not in _SPLIT_CODE:
@@ -84,6 +86,8 @@ class SyntheticSplit(torch.utils.data.Dataset, protocols.Dataset):  # protocols:
 
 
 class ShapesDataset(SyntheticSplit):
+    name, unit = "shapes", "samples"
+
     def short_prompts(self) -> list[str]:
         """Every "a {colour} {shape}" this dataset draws (e.g. for a sample gallery)."""
         return [f"a {c} {s}" for c in self.cfg.colours for s in self.cfg.shapes]
