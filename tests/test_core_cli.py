@@ -122,25 +122,35 @@ def test_omp_waiters_sleep_only_on_a_busy_machine():
 
 def test_a_worker_of_a_multi_process_run_exits_with_its_code_output_and_atexit_handlers(tmp_path):
     # entry() ends each process of a multi-process run with os._exit (see exit_worker):
-    # the exit code, buffered output and atexit handlers must all survive that.
+    # the exit code, buffered output, running non-daemon threads and atexit handlers must
+    # all be dealt with as at a normal exit.
     import os
     import subprocess
     import sys
 
-    marker = tmp_path / "atexit-ran"
+    marker, late = tmp_path / "atexit-ran", tmp_path / "thread-finished"
     script = textwrap.dedent(f"""
-        import atexit, pathlib, sys
+        import atexit, pathlib, sys, threading, time
         atexit.register(lambda: pathlib.Path({str(marker)!r}).write_text("yes"))
         sys.argv = ["minfm", *sys.argv[1:]]
-        from minfm_core.cli.main import entry
-        entry()
+        import minfm_core.cli.main as cli
+
+        def command_then_a_writer(real=cli.main):
+            code = real()
+            # A non-daemon thread still writing when the command returns (say, a checkpoint).
+            write = lambda: (time.sleep(0.5), pathlib.Path({str(late)!r}).write_text("done"))
+            threading.Thread(target=write).start()
+            return code
+
+        cli.main = command_then_a_writer
+        cli.entry()
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout a buffered pipe
     env["WORLD_SIZE"] = "2"
     alone = subprocess.run([sys.executable, "-m", "minfm_core.cli.main", "plugins"], capture_output=True, text=True,
                            env={k: v for k, v in env.items() if k != "WORLD_SIZE"}, timeout=120)
     ok = subprocess.run([sys.executable, "-c", script, "plugins"], capture_output=True, text=True, env=env, timeout=120)
-    assert ok.returncode == 0 and marker.read_text() == "yes"
+    assert ok.returncode == 0 and marker.read_text() == "yes" and late.read_text() == "done"
     assert ok.stdout == alone.stdout and len(ok.stdout) > 1000  # every buffered line arrived
     marker.unlink()
     bad = subprocess.run([sys.executable, "-c", script, "check", str(tmp_path / "nope.toml")], capture_output=True,

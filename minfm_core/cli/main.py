@@ -149,8 +149,9 @@ def entry() -> None:
 
 
 def exit_worker(code: int) -> NoReturn:
-    """End one process of a multi-process run: atexit handlers, flushed output, then
-    ``os._exit``, without the interpreter's own teardown.
+    """End one process of a multi-process run as the interpreter would, up to its teardown:
+    wait for the other non-daemon threads (as ``threading`` does at exit: executors shut
+    down first), run the atexit handlers, flush stdout and stderr; then ``os._exit``.
 
     Why: once FSDP2 has sharded a module, the gloo process group outlives
     ``destroy_process_group`` (torch 2.13 holds it outside Python's reach), so its threads
@@ -161,7 +162,10 @@ def exit_worker(code: int) -> NoReturn:
     group destroyed, and Python's atexit handlers (loggers, compile workers) run here first.
     """
     import atexit
+    import threading
 
+    # The first two steps of Py_FinalizeEx, which has no public spelling of either.
+    threading._shutdown()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):  # a closed or broken stream: nothing left to say
