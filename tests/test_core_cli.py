@@ -120,7 +120,7 @@ def test_omp_waiters_sleep_only_on_a_busy_machine():
     assert busy_machine(0.5, 0)  # an unknown CPU count counts as one
 
 
-def test_a_worker_of_a_multi_process_run_exits_with_its_code_output_and_atexit_handlers(tmp_path):
+def test_a_worker_ends_as_a_normal_exit_would(tmp_path):
     # entry() ends each process of a multi-process run with os._exit (see exit_worker):
     # the exit code, buffered output, running non-daemon threads and atexit handlers must
     # all be dealt with as at a normal exit.
