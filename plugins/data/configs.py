@@ -74,21 +74,34 @@ def _backgrounds():
     return field(("white",), doc="plain background colours to draw from", validator=_choices(SHAPE_BACKGROUNDS))
 
 
+# Fields the two drawn datasets share (their docs name a sample or a clip).
+def _sizes(per: str):
+    return field(((32, 32), (32, 48), (48, 32)), doc=f"(height, width) canvases drawn from at random per {per}",
+                 validator=[positive, _multiple_of_size_multiple])
+
+
+def _num_samples(what: str):
+    return field(10_000, doc=f"{what} in the train split", validator=_positive)
+
+
+def _num_val_samples(what: str):
+    return field(512, doc=f"{what} in the val split (drawn with a disjoint seed)", validator=_positive)
+
+
+def _seed(item: str):
+    return field(0, doc=f"seed of the whole dataset; the same (seed, split, index) draws the same {item}",
+                 validator=non_negative)
+
+
 @config
 class ShapesConfig:
     """Built-in synthetic text-image data: coloured shapes on plain backgrounds (no downloads)."""
 
-    sizes: tuple[tuple[int, int], ...] = field(
-        ((32, 32), (32, 48), (48, 32)),
-        doc="(height, width) canvases drawn from at random per sample; mixed aspect ratios exercise packing",
-        validator=[positive, _multiple_of_size_multiple],
-    )
+    sizes: tuple[tuple[int, int], ...] = _sizes("sample; mixed aspect ratios exercise packing")
     size_multiple: int = _size_multiple()
-    num_samples: int = field(10_000, doc="samples in the train split", validator=_positive)
-    num_val_samples: int = field(512, doc="samples in the val split (drawn with a disjoint seed)", validator=_positive)
-    seed: int = field(
-        0, doc="seed of the whole dataset; the same (seed, split, index) draws the same picture", validator=non_negative
-    )
+    num_samples: int = _num_samples("samples")
+    num_val_samples: int = _num_val_samples("samples")
+    seed: int = _seed("picture")
     colours: tuple[str, ...] = _colours()
     shapes: tuple[str, ...] = _kinds()
     backgrounds: tuple[str, ...] = _backgrounds()
@@ -167,17 +180,11 @@ class MovingShapesConfig:
         9, doc="frames per clip (a video VAE with 4x time compression wants 1 + 4k: 5, 9, 17, ...)",
         validator=Range(2, 257),
     )
-    sizes: tuple[tuple[int, int], ...] = field(
-        ((32, 32), (32, 48), (48, 32)),
-        doc="(height, width) canvases drawn from at random per clip",
-        validator=[positive, _multiple_of_size_multiple],
-    )
+    sizes: tuple[tuple[int, int], ...] = _sizes("clip")
     size_multiple: int = _size_multiple()
-    num_samples: int = field(10_000, doc="clips in the train split", validator=_positive)
-    num_val_samples: int = field(512, doc="clips in the val split (drawn with a disjoint seed)", validator=_positive)
-    seed: int = field(
-        0, doc="seed of the whole dataset; the same (seed, split, index) draws the same clip", validator=non_negative
-    )
+    num_samples: int = _num_samples("clips")
+    num_val_samples: int = _num_val_samples("clips")
+    seed: int = _seed("clip")
     colours: tuple[str, ...] = _colours()
     shapes: tuple[str, ...] = _kinds()
     motions: tuple[str, ...] = field(MOTIONS, doc="motions to draw from", validator=_choices(MOTIONS))
