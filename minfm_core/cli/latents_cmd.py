@@ -23,6 +23,7 @@ from typing import Any
 
 from ..config import Dtype
 from ..errors import MinfmError
+from ..launch_env import launch_env
 from ..protocols import CachedLatentsConfig, FlipConfig
 from ..recipe import load_recipe
 
@@ -128,8 +129,9 @@ def run(args) -> int:
     if cached is not None and cached.use_cached_latents:
         raise MinfmError("data.use_cached_latents: set it to false to encode the images (--set data.use_cached_latents=false)")
     out = Path(args.out or (cached.latents_dir if cached else "") or Path(resolved.recipe.run.exp_dir) / "latents")
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu")
+    env = launch_env()
+    rank, world = env.rank, env.world_size
+    device = torch.device(f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu")
     vae = resolved.build("model.vae").to(device)
     for split in args.splits or ["train"]:
         dataset = data.build(split=split)

@@ -26,6 +26,7 @@ from typing import NoReturn
 
 from .. import __version__
 from ..errors import MinfmError, first_line
+from ..launch_env import is_multi_process
 from .argtypes import Parser as _Parser
 
 
@@ -143,7 +144,7 @@ def entry() -> None:
     # OMP_WAIT_POLICY or GOMP_SPINCOUNT wins. Set before torch loads libgomp.
     os.environ.update(omp_wait_policy())
     code = main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if is_multi_process():
         exit_worker(code)
     sys.exit(code)
 

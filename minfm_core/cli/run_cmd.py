@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .. import runlock
 from ..errors import MinfmError, RecipeError
+from ..launch_env import launch_env
 from ..recipe import load_recipe
 from ..recipe.checks import job_checks
 from .argtypes import MAX_SEED, add_allow_pickle_flag, finite_float, int_in, nprocs, sample_size
@@ -190,7 +191,8 @@ def run(args) -> int:
     under_launcher = "LOCAL_RANK" in os.environ
     if under_launcher and runlock.LAUNCHER_ENV in os.environ:
         runlock.die_with_launcher()
-    world = int(os.environ.get("WORLD_SIZE", args.nproc_per_node if not under_launcher else 1))
+    env = launch_env()  # a malformed RANK / WORLD_SIZE / LOCAL_RANK stops here, before anything starts
+    world = env.world_size if under_launcher or "WORLD_SIZE" in os.environ else args.nproc_per_node
     resolved = load_recipe(args.recipe, args.overrides, world_size=world)  # fail fast, before spawning
     job = args.job or resolved.recipe.job
     problems = job_checks(resolved, job, world)  # what `minfm check` refuses, refused before spawning

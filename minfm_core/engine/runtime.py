@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..launch_env import launch_env
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -37,9 +39,8 @@ def pick_device(choice: str, local_rank: int) -> torch.device:
 
 def init_runtime(device: str = "auto") -> Runtime:
     """Initialise torch.distributed from torchrun's environment (or as a world of one)."""
-    rank = int(os.environ.get("RANK", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    env = launch_env()
+    rank, world, local_rank = env.rank, env.world_size, env.local_rank
     dev = pick_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)

@@ -13,18 +13,12 @@ import os
 from typing import Any
 
 from ..errors import MinfmError, RecipeError
+from ..launch_env import world_size_from_env
 
 
 def _attr(resolved, path: str, name: str) -> Any:
     cfg = resolved.config(path)
     return getattr(cfg, name, None) if cfg is not None else None
-
-
-def world_size_from_env() -> int:
-    raw = os.environ.get("WORLD_SIZE", "1")
-    if not raw.strip().isdigit() or int(raw) < 1:
-        raise MinfmError(f"WORLD_SIZE={raw!r}: expected a positive integer")
-    return int(raw)
 
 
 def accumulation_steps(total_batch_size: int, batch_size: int, world_size: int) -> int:

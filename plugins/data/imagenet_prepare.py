@@ -33,6 +33,7 @@ from typing import Any
 from minfm_core.cli.groups import command_group
 from minfm_core.config import Dtype
 from minfm_core.errors import MinfmError
+from minfm_core.launch_env import launch_env
 
 UNCONDITIONAL = ""
 #: The class_embedding file format: the table under this tensor name, {prompt: row} JSON under this metadata key.
@@ -174,8 +175,9 @@ def run(args) -> int:
     classes = list(imagenet_classes())
     labels = {wnid: i for i, (wnid, _) in enumerate(classes)}
     counts = split_counts(root, labels)
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu")
+    env = launch_env()
+    rank, world = env.rank, env.world_size
+    device = torch.device(f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu")
     out.mkdir(parents=True, exist_ok=True)
 
     if rank == 0:

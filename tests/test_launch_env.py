@@ -1,0 +1,60 @@
+"""The launcher's environment is input too: a malformed RANK / WORLD_SIZE / LOCAL_RANK is refused
+by name, before any work starts (minfm_core/launch_env.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from minfm_core.errors import MinfmError
+from minfm_core.launch_env import MAX_WORLD_SIZE, LaunchEnv, is_multi_process, launch_env
+
+VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+# Malformed anywhere, plus each variable's own out-of-range values (with WORLD_SIZE=2 beside them).
+MALFORMED = ["", "two", "1.0", "-1", "+1", "0x2", "1e3", "٣", "2 3"]
+OUT_OF_RANGE = {"RANK": ["2", "7"], "WORLD_SIZE": ["0", str(MAX_WORLD_SIZE + 1)], "LOCAL_RANK": ["2"]}
+
+
+@pytest.fixture
+def env(monkeypatch):
+    for name in VARS:
+        monkeypatch.delenv(name, raising=False)
+
+    def set_env(**values):
+        for name, value in values.items():
+            monkeypatch.setenv(name, value)
+
+    return set_env
+
+
+def test_no_launcher_is_rank_0_of_1(env):
+    assert launch_env() == LaunchEnv(rank=0, world_size=1, local_rank=0)
+    assert not is_multi_process()
+
+
+def test_torchrun_values_are_read(env):
+    env(RANK="3", WORLD_SIZE="4", LOCAL_RANK="1")
+    assert launch_env() == LaunchEnv(rank=3, world_size=4, local_rank=1)
+    assert is_multi_process()
+    env(RANK="1", WORLD_SIZE=" 2\n")  # surrounding whitespace (a shell's echo) is not an error
+    assert launch_env().world_size == 2
+
+
+@pytest.mark.parametrize("name,value", [(n, v) for n in VARS for v in MALFORMED + OUT_OF_RANGE[n]])
+def test_bad_values_are_refused_by_name(env, name, value):
+    env(**{"WORLD_SIZE": "2", name: value})
+    with pytest.raises(MinfmError) as err:
+        launch_env()
+    assert str(err.value).startswith(f"{name}={value!r} (environment): expected an integer from ")
+    # The exit path never fails on it: the error was already reported, the process is not one of many.
+    assert is_multi_process() == (name != "WORLD_SIZE")
+
+
+@pytest.mark.parametrize("name", VARS)
+def test_cli_refuses_before_any_work(minfm, tmp_path, name):
+    exp = tmp_path / "run"
+    res = minfm("run", "tests/recipes/tiny.toml", "--set", f"run.exp_dir={exp}",
+                env={"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", name: "x1"})
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"minfm: error: {name}='x1' (environment): expected an integer from ")
+    assert not exp.exists()
