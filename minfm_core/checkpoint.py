@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from .checkpoint_format import MANIFEST, CheckpointError, Manifest, ManifestReader, ManifestWriter
 from .checkpoint_format import read_manifest, split_state, verify
-from .errors import MinfmError, RecipeError, first_line
+from .errors import MinfmError, RecipeError, checkpoint_failures, first_line, os_error_line
 from .safepath import came_from_outside, is_inside, recipe_root, write_text_atomic
 from .suggest import did_you_mean
 
@@ -151,13 +151,13 @@ class Checkpoint:
 
 def _explain(path: Path, exc: CheckpointException) -> MinfmError:
     """One MinfmError for DCP's per-rank failure map (ours passes through unchanged)."""
-    failures = list(getattr(exc, "failures", {}).values())
+    failures = [e for _, e in checkpoint_failures(exc)]
     for f in failures:
         if isinstance(f, MinfmError):
             return f
     first = failures[0] if failures else exc
     if isinstance(first, OSError):
-        return CheckpointError(f"{path}: {first.strerror or first_line(first)}")
+        return CheckpointError(f"{path}: {os_error_line(first)}")
     return CheckpointError(f"{path}: does not fit: {first_line(first)}")
 
 
@@ -329,10 +329,9 @@ class Checkpointer:
 
 def _save_error(tmp: Path, exc: CheckpointException) -> MinfmError:
     """A failed save (a full disk, a read-only folder) as one line; nothing complete is touched."""
-    failures = list(getattr(exc, "failures", {}).values())
+    failures = [e for _, e in checkpoint_failures(exc)]
     first = failures[0] if failures else exc
-    return _write_failed(tmp, first.strerror if isinstance(first, OSError) and first.strerror
-                         else first_line(first))
+    return _write_failed(tmp, os_error_line(first) if isinstance(first, OSError) else first_line(first))
 
 
 def _write_failed(tmp: Path, why: str) -> CheckpointError:

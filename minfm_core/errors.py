@@ -7,12 +7,34 @@ Every other exception is a bug and keeps its traceback (exit code 1).
 
 from __future__ import annotations
 
+import errno
+
 
 def first_line(exc: BaseException, limit: int = 300) -> str:
     """The first non-blank line of ``exc``'s message (at most ``limit`` characters), else its
     type's name: what a one-line error quotes from a library's multi-line exception."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     return lines[0][:limit] if lines else type(exc).__name__
+
+
+def os_error_line(exc: OSError) -> str:
+    """``FILE: reason`` for an OSError (``reason`` alone when it names no file)."""
+    reason = exc.strerror or (errno.errorcode.get(exc.errno, "") if exc.errno else "") or str(exc) or type(exc).__name__
+    names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]
+    return f"{' -> '.join(names)}: {reason}" if names else reason
+
+
+def checkpoint_failures(exc: BaseException) -> list[tuple[int, BaseException | str]]:
+    """The per-rank errors of torch's ``CheckpointException``, in rank order.
+
+    Its ``failures`` maps each failing rank to an ``(error, traceback summary)`` pair: the
+    error is what a message should quote (never the pair, whose repr is a list of frames).
+    Torch-free (matched by shape), so the CLI can explain one without importing torch.
+    """
+    out = []
+    for rank, pair in sorted((getattr(exc, "failures", None) or {}).items()):
+        out.append((rank, pair[0] if isinstance(pair, tuple) and pair else pair))
+    return out
 
 
 class MinfmError(Exception):

@@ -4,6 +4,7 @@ continues bitwise-equal to one that never saw the fault."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -182,9 +183,43 @@ def test_full_disk_is_one_error_and_loses_nothing(small_disk, capsys, async_save
         with pytest.raises(CheckpointError, match="No space left on device") as info:
             trainer.save()
             trainer.checkpointer.wait()
-        assert "\n" not in str(info.value) and "previous checkpoints are intact" in str(info.value)
+        # One line: where, the reason, and that nothing complete was touched.
+        assert re.fullmatch(r"\S+/\.tmp-step_00000003: cannot write checkpoint: (\S+: )?No space left on device "
+                            r"\(the previous checkpoints are intact\)", str(info.value)), str(info.value)
         trainer.checkpointer._pending = None
     finally:
         shutdown_runtime()
     assert ck.list_checkpoints(run) == good
     ck.open_checkpoint(good[0])  # still verifies
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_load_failures_quote_the_error_not_dcps_wrapping(runtime, tmp_path):
+    """DCP reports a rank's failure as an (error, traceback summary) pair: the message quotes the error."""
+    saver = ck.Checkpointer(tmp_path, async_save=False)
+    saver.save(1, {"model": {"w": torch.ones(4, 4)}}, {}, {})
+    path = ck.list_checkpoints(tmp_path)[-1]
+
+    with pytest.raises(CheckpointError) as info:  # DCP's own ValueError, one line, after the checkpoint
+        ck.open_checkpoint(path).load({"model": {"w": torch.zeros(5, 5)}})
+    assert str(info.value) == (f"{path}: does not fit: Size mismatch between saved torch.Size([4, 4]) and "
+                               "current: torch.Size([5, 5]) for model.w")
+
+    data = _file(path, "distcp")
+    data.write_bytes(b"not safetensors")  # past the file check (verify_files=False): the reader refuses it
+    with pytest.raises(CheckpointError) as info:  # ours passes through unchanged
+        ck.open_checkpoint(path, verify_files=False).load({"model": {"w": torch.zeros(4, 4)}})
+    assert str(info.value).startswith(f"{data}: unreadable tensor data (")
+    assert "FrameSummary" not in str(info.value)
+
+
+def test_a_failed_dcp_write_names_the_reason():
+    """The full-disk test above fails in our own first write; a failure inside DCP's writer arrives wrapped."""
+    from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
+
+    try:
+        raise OSError(28, "No space left on device")
+    except OSError as exc:
+        wrapped = CheckpointException("save failed", {0: _wrap_exception(exc)})
+    assert str(ck._save_error(Path("/r/.tmp-step_00000003"), wrapped)) == (
+        "/r/.tmp-step_00000003: cannot write checkpoint: No space left on device (the previous checkpoints are intact)")

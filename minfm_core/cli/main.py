@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import json
 import os
 import sys
@@ -25,7 +24,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from .. import __version__
-from ..errors import MinfmError, first_line
+from ..errors import MinfmError, checkpoint_failures, first_line, os_error_line
 from ..launch_env import is_multi_process
 from .argtypes import Parser as _Parser
 
@@ -99,13 +98,6 @@ def _silence_stdout() -> None:
         pass
 
 
-def os_error_line(exc: OSError) -> str:
-    """``FILE: reason`` for an OSError (``reason`` alone when it names no file)."""
-    reason = exc.strerror or (errno.errorcode.get(exc.errno, "") if exc.errno else "") or str(exc) or type(exc).__name__
-    names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]
-    return f"{' -> '.join(names)}: {reason}" if names else reason
-
-
 def _is_checkpoint_exception(exc: BaseException) -> bool:
     # Matched by name: importing torch here would slow every command down.
     return any(c.__name__ == "CheckpointException" for c in type(exc).__mro__)
@@ -115,8 +107,7 @@ def checkpoint_error_line(exc: BaseException) -> str:
     """One line for a DCP failure: the checkpoint (when known) and each failing rank's first error."""
     where = getattr(exc, "checkpoint_path", None) or getattr(exc, "path", None)
     parts = []
-    for rank, pair in sorted((getattr(exc, "failures", None) or {}).items()):
-        inner = pair[0] if isinstance(pair, tuple) and pair else pair
+    for rank, inner in checkpoint_failures(exc):
         if isinstance(inner, OSError):
             text = os_error_line(inner)
         elif isinstance(inner, BaseException):
