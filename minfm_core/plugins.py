@@ -30,6 +30,7 @@ import attrs
 import pluggy
 
 from . import hookspecs
+from .cli.groups import command_paths, drop_command
 from .components import KINDS, Component, Registry, component
 from .errors import PluginError
 from .suggest import did_you_mean
@@ -184,26 +185,21 @@ def _guarded(state: PluginState, name: str, hook_name: str, function: Callable[.
 
     def call(*args: Any) -> Any:
         subparsers = args[0] if hook_name == "register_commands" else None
-        before = set(subparsers.choices) if subparsers is not None else set()
+        before = command_paths(subparsers) if subparsers is not None else set()
         try:
             result = function(*args)
         except Exception as exc:
-            for added in set(subparsers.choices) - before if subparsers is not None else ():
-                _drop_command(subparsers, added)
+            if subparsers is not None:  # what it added before it raised goes with it
+                for added in command_paths(subparsers) - before:
+                    drop_command(subparsers, added)
             _fail(state, name, f"hook {hook_name} raised {_one_line(exc)}")
             return None  # pluggy collects no result from this plugin
         if subparsers is not None:
-            state.commands[name] = sorted(set(subparsers.choices) - before)
+            state.commands[name] = sorted(" ".join(p) for p in command_paths(subparsers) - before)
             state.commands_added = True
         return result
 
     return call
-
-
-def _drop_command(subparsers: Any, command: str) -> None:
-    # argparse has no API to remove a subcommand: its name table and its help entries.
-    subparsers.choices.pop(command, None)
-    subparsers._choices_actions[:] = [a for a in subparsers._choices_actions if a.dest != command]
 
 
 def _components_of(state: PluginState, name: str) -> list[Component]:

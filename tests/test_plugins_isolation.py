@@ -36,6 +36,13 @@ BROKEN = {
         "    subparsers.add_parser('half-added')\n    raise KeyError('oops')\n",
         "hook register_commands raised KeyError: 'oops'",
     ),
+    # Under a shared group (an existing one and one of its own), then raises.
+    "raising_group_command": (
+        HEAD + "from minfm_core.cli.groups import command_group\n@hookimpl\ndef register_commands(subparsers):\n"
+        "    command_group(subparsers, 'data').add_parser('half-data')\n"
+        "    command_group(subparsers, 'half-group').add_parser('inner')\n    raise KeyError('oops')\n",
+        "hook register_commands raised KeyError: 'oops'",
+    ),
     # Sorts before `flow`, yet the built-in keeps its name: minFM's own plugins load first.
     "aaa_clash": (
         HEAD + "@hookimpl\ndef register_time_samplers(register):\n    register('uniform', 'os:getcwd')\n",
@@ -57,6 +64,17 @@ def install(site: Path, name: str, source: str) -> None:
 #: Only `minfm check` calls check_recipe, so only it can find this one broken.
 RAISING_CHECK = HEAD + "@hookimpl\ndef check_recipe(recipe, world_size):\n    raise RuntimeError('check crashed')\n"
 
+#: A working plugin that adds a command to the group a built-in makes. pluggy calls the plugin
+#: registered last first: named to sort after raising_group_command, its hook runs before
+#: that one's, so the group already exists when raising_group_command adds to it and raises.
+GROUP_MEMBER = HEAD + textwrap.dedent("""
+    from minfm_core.cli.groups import command_group
+
+    @hookimpl
+    def register_commands(subparsers):
+        command_group(subparsers, "data").add_parser("extra", help="a third party's dataset")
+""")
+
 TYPO_FACTORY = HEAD + textwrap.dedent("""
     @hookimpl
     def register_time_samplers(register):
@@ -72,6 +90,7 @@ def broken_env(tmp_path_factory):
     for name, (source, _) in BROKEN.items():
         install(site, name, source)
     install(site, "typo_factory", TYPO_FACTORY)
+    install(site, "zz_group_member", GROUP_MEMBER)
     install(site, "raising_check", RAISING_CHECK)
     return {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
 
@@ -83,6 +102,12 @@ def test_version_survives_broken_siblings(minfm, broken_env):
     # The command a raising register_commands added before it raised went with its plugin.
     res = minfm("half-added", env=broken_env)
     assert res.returncode == 2 and "invalid choice: 'half-added'" in res.stderr
+    # Also what it added under groups: the built-in group keeps its own commands, its own group goes.
+    for argv, gone in ((["data", "half-data"], "half-data"), (["half-group", "inner"], "half-group")):
+        res = minfm(*argv, env=broken_env)
+        assert res.returncode == 2 and f"invalid choice: '{gone}'" in res.stderr, res.stderr
+    res = minfm("data", "extra", "--help", env=broken_env)
+    assert res.returncode == 0 and "usage: minfm data extra" in res.stdout, res.stderr
 
 
 def test_plugins_lists_each_broken_plugin_with_its_reason(minfm, broken_env):
@@ -105,7 +130,11 @@ def test_plugins_lists_each_broken_plugin_with_its_reason(minfm, broken_env):
     (typo,) = [c for c in info["kinds"]["time_sampler"] if c["name"] == "typo"]
     assert "factory 'minfm_typo_factory.sampler:Nope' does not import: ModuleNotFoundError" in typo["broken"]
     assert uniform["broken"] is None
+    # Each plugin's commands, group members named under their group: whose is whose.
+    commands = {p["name"]: p["commands"] for p in info["plugins"]}
+    assert commands["zz_group_member"] == ["data extra"] and commands["data"] == ["data imagenet"]
     human = minfm("plugins", env=broken_env).stdout
+    assert "      commands: minfm data extra" in human.splitlines()
     assert "BROKEN: ModuleNotFoundError: No module named 'minfm_no_such_module'" in human
 
 
@@ -117,7 +146,7 @@ def test_autoload_off_loads_only_minfms_own_plugins(minfm, broken_env):
     assert info["failed"] == [] and "warning" not in res.stderr
     loaded = {p["name"] for p in info["plugins"]}
     assert {"flow", "flux", "hub", "loggers"} <= loaded
-    assert not loaded & (set(BROKEN) | {"typo_factory", "raising_check"})
+    assert not loaded & (set(BROKEN) | {"typo_factory", "raising_check", "zz_group_member"})
 
 
 def test_only_sets_the_plugins_and_restores_them():

@@ -38,3 +38,29 @@ def command_group(subparsers, name: str, help: str | None = None):
         raise PluginError(f"'minfm {name}' is a command, not a command group; pick another group name")
     return _GROUPS[parser]
 
+
+
+def command_paths(subparsers) -> set[tuple[str, ...]]:
+    """Every command under ``subparsers``, groups opened: ``("hub",)``, ``("data", "mydata")``, ...
+
+    A group with nothing under it yet is listed as itself.
+    """
+    paths: set[tuple[str, ...]] = set()
+    for name, parser in subparsers.choices.items():
+        inner = command_paths(_GROUPS[parser]) if parser in _GROUPS else set()
+        paths |= {(name, *p) for p in inner} or {(name,)}
+    return paths
+
+
+def drop_command(subparsers, path: tuple[str, ...]) -> None:
+    """Remove the command at ``path``, and a group it leaves empty."""
+    parser = subparsers.choices.get(path[0])
+    if parser is None:
+        return
+    if len(path) > 1 and parser in _GROUPS:
+        drop_command(_GROUPS[parser], path[1:])
+        if _GROUPS[parser].choices:
+            return
+    # argparse has no API to remove a subcommand: its name table and its help entries.
+    subparsers.choices.pop(path[0], None)
+    subparsers._choices_actions[:] = [a for a in subparsers._choices_actions if a.dest != path[0]]
