@@ -91,11 +91,14 @@ class Limits:
         """Arguments win, then ``MINFM_HUB_MAX_FILES`` / ``MINFM_HUB_MAX_BYTES``, then the defaults."""
         files = max_files if max_files is not None else os.environ.get("MINFM_HUB_MAX_FILES") or DEFAULT_MAX_FILES
         size = max_bytes if max_bytes is not None else os.environ.get("MINFM_HUB_MAX_BYTES") or DEFAULT_MAX_BYTES
-        try:
-            files = int(files)
-        except ValueError:
-            raise MinfmError(f"invalid file count {files!r} (MINFM_HUB_MAX_FILES / --max-files)") from None
-        return cls(files, parse_size(size))
+        count = int(files) if isinstance(files, int) or files.strip().isdigit() else 0
+        if count < 1:  # a limit of none or fewer would refuse every pull after listing it: a typo
+            raise MinfmError(f"invalid file count {files!r} (MINFM_HUB_MAX_FILES / --max-files): "
+                             "expected a positive integer")
+        nbytes = parse_size(size)
+        if nbytes < 1:
+            raise MinfmError(f"invalid size {size!r} (MINFM_HUB_MAX_BYTES / --max-bytes): expected at least 1 byte")
+        return cls(count, nbytes)
 
     def check(self, n_files: int, n_bytes: int, what: str) -> None:
         if n_files > self.max_files:

@@ -4,6 +4,7 @@ gradio; the real command serves."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -14,6 +15,7 @@ import pytest
 from conftest import ROOT, stop_process
 from engine_helpers import tiny
 from minfm_core.cli.main import main
+from minfm_core.errors import MinfmError
 from ports import free_port
 
 
@@ -34,17 +36,19 @@ def test_demo_command_is_added_with_its_options(capsys):
     assert "default: loopback only" in text
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--max-batch", "0"], "--max-batch must be >= 1, got 0"),
-    (["--queue-limit", "0"], "--queue-limit must be >= 1, got 0"),
-    (["--batch-window-ms", "-5"], "--batch-window-ms must be >= 0"),
-    (["--port", "70000"], "--port must be in 1..65535, got 70000"),
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_batch": 0}, "--max-batch must be >= 1, got 0"),
+    ({"queue_limit": 0}, "--queue-limit must be >= 1, got 0"),
+    ({"window_ms": -5.0}, "--batch-window-ms must be >= 0"),
+    ({"port": 70000}, "--port must be in 1..65535, got 70000"),
 ])
-def test_bad_options_exit_2_with_a_message(args, message, capsys, tmp_path):
+def test_serve_checks_its_numbers_before_loading(kwargs, message, tmp_path):
+    """The Python entry point checks what the CLI's flags check as they are parsed (test_cli_numbers.py)."""
     pytest.importorskip("gradio")
-    rc = main(["demo", str(tmp_path), *args])
-    assert rc == 2
-    assert message in capsys.readouterr().err
+    from minfm_apps.demo import serve
+
+    with pytest.raises(MinfmError, match=re.escape(message)):
+        serve(str(tmp_path / "never-opened"), **kwargs)
 
 
 def test_missing_source_exits_2(capsys, tmp_path):

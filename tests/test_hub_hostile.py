@@ -95,6 +95,17 @@ def test_pull_bounds_are_checked_before_downloading(hub_server, tmp_path):
     (env_few,) = main_in_process({**env, "MINFM_HUB_MAX_FILES": "1"}, ["hub", "pull", "org/big"])
     assert "more than the limit of 1 " in one_error_line(env_few)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    # A limit that would refuse every pull is a typo: refused before the Hub is asked.
+    n_before = len(hub_server.requests)
+    (zero_files,) = main_in_process({**env, "MINFM_HUB_MAX_FILES": "0"}, ["hub", "pull", "org/big"])
+    zero_bytes, junk = main_in_process(env, ["hub", "pull", "org/big", "--max-bytes", "0"],
+                                       ["hub", "pull", "org/big", "--max-files", "2e3"])
+    assert one_error_line(zero_files) == ("minfm: error: invalid file count '0' (MINFM_HUB_MAX_FILES / --max-files): "
+                                          "expected a positive integer")
+    assert one_error_line(zero_bytes) == ("minfm: error: invalid size '0' (MINFM_HUB_MAX_BYTES / --max-bytes): "
+                                          "expected at least 1 byte")
+    assert one_error_line(junk) == "minfm: error: --max-files: expected an integer, got '2e3'"
+    assert hub_server.requests[n_before:] == []
 
 
 @pytest.mark.parametrize("victim", ["model.safetensors", "minfm_source.json"])

@@ -47,13 +47,13 @@ def test_recipe_samples_become_clips(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "args,message",
-    [(["--synthetic", "video", "--world-size", "0"], "--world-size must be a whole number > 0, got 0"),
-     (["--synthetic", "video", "--bags", "g1n2", "--steps", "0"], "--steps must be a whole number > 0, got 0"),
-     (["--synthetic", "video", "--bags", "g1n2", "--tolerance", "-1"], "--tolerance must be >= 0"),
+    [(["--synthetic", "video", "--world-size", "0"], "--world-size: expected a positive integer, got 0"),
+     (["--synthetic", "video", "--bags", "g1n2", "--steps", "0"], "--steps: expected a positive integer, got 0"),
+     (["--synthetic", "video", "--bags", "g1n2", "--tolerance", "-1"], "--tolerance: expected a number >= 0.0, got -1"),
      (["--synthetic", "video", "--bags", "g1n2", "--clips", "0.5"], "--clips mixes clips into a RECIPE"),
-     ([QUICKSTART, "--bags", "g1n2", "--clips", "1.5"], "--clips must be in [0, 1], got 1.5"),
-     ([QUICKSTART, "--bags", "g1n2", "--clips", "0.5", "--clip-frames", "0"], "--clip-frames must be a whole number > 0"),
-     ([QUICKSTART, "--bags", "g1n2", "--text-range", "9", "3"], "--text-range MAX must be a whole number >= 9")],
+     ([QUICKSTART, "--bags", "g1n2", "--clips", "1.5"], "--clips: expected a number <= 1.0, got 1.5"),
+     ([QUICKSTART, "--bags", "g1n2", "--clips", "0.5", "--clip-frames", "0"], "--clip-frames: expected a positive integer, got 0"),
+     ([QUICKSTART, "--bags", "g1n2", "--text-range", "9", "3"], "--text-range: MAX 3 is below MIN 9")],
 )
 def test_numbers_are_checked(args, message, capsys):
     assert main(["balance", "simulate", *args]) == 2

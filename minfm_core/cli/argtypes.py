@@ -45,10 +45,10 @@ def int_in(flag: str, lo: int, hi: int | None = None) -> Callable[[str], int]:
             raise MinfmError(f"{flag}: expected at most {hi}, got {value}")
         return value
 
-    return parse
+    return _ranged(parse, flag, lo, hi)
 
 
-def finite_float(flag: str, lo: float | None = None) -> Callable[[str], float]:
+def finite_float(flag: str, lo: float | None = None, hi: float | None = None) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -58,8 +58,16 @@ def finite_float(flag: str, lo: float | None = None) -> Callable[[str], float]:
             raise MinfmError(f"{flag}: expected a finite number, got {text}")
         if lo is not None and value < lo:
             raise MinfmError(f"{flag}: expected a number >= {lo}, got {text}")
+        if hi is not None and value > hi:
+            raise MinfmError(f"{flag}: expected a number <= {hi}, got {text}")
         return value
 
+    return _ranged(parse, flag, lo, hi)
+
+
+def _ranged(parse, flag: str, lo, hi):
+    # The range, readable from the parser tree: tests go over every numeric flag of every command.
+    parse.flag, parse.lo, parse.hi = flag, lo, hi
     return parse
 
 

@@ -30,17 +30,17 @@ from ..recipe import load_recipe
 
 
 def register(what) -> None:
-    from .argtypes import add_recipe_args
+    from .argtypes import add_recipe_args, int_in
 
     p = what.add_parser("latents", help="encode the recipe's dataset with its VAE into safetensors shards")
     add_recipe_args(p)
     p.add_argument("--out", help="output folder (default: data.latents_dir if the dataset has one, else <exp_dir>/latents)")
     p.add_argument("--split", action="append", dest="splits", metavar="SPLIT",
                    help="dataset split to encode (repeatable; default: train)")
-    p.add_argument("--shard-size", type=int, default=1024, metavar="N", help="items per shard (default 1024)")
-    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per VAE call (default 32)")
+    p.add_argument("--shard-size", type=int_in("--shard-size", 1), default=1024, metavar="N", help="items per shard (default 1024)")
+    p.add_argument("--batch-size", type=int_in("--batch-size", 1), default=32, metavar="N", help="images per VAE call (default 32)")
     p.add_argument("--dtype", choices=typing.get_args(Dtype), default="fp32", help="dtype the latents are stored in (default fp32)")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="encode only the first N items of each split")
+    p.add_argument("--limit", type=int_in("--limit", 1), default=None, metavar="N", help="encode only the first N items of each split")
     p.set_defaults(func=run)
 
 
@@ -114,8 +114,6 @@ def encode_split(vae, dataset, out: Path, split: str, *, shard_size: int, batch_
 def run(args) -> int:
     import torch
 
-    if args.shard_size < 1 or args.batch_size < 1:
-        raise MinfmError("--shard-size and --batch-size must be positive")
     # Ranks here only split the shards: the recipe's training parallelism is not checked.
     resolved = load_recipe(args.recipe, args.overrides, world_size=1)
     data = resolved.get("data")

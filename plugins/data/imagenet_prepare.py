@@ -30,6 +30,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from minfm_core.cli.argtypes import int_in
 from minfm_core.cli.groups import command_group
 from minfm_core.config import Dtype
 from minfm_core.errors import MinfmError
@@ -58,8 +59,8 @@ def register(sub) -> None:
     q.add_argument("--latents", action="store_true", help="also encode the images with the recipe's VAE")
     q.add_argument("--split", action="append", dest="splits", choices=("train", "val"),
                    help="splits to encode with --latents (default: those present under ROOT)")
-    q.add_argument("--shard-size", type=int, default=1024, metavar="N", help="latents per shard (default 1024)")
-    q.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per VAE / prompts per encoder call")
+    q.add_argument("--shard-size", type=int_in("--shard-size", 1), default=1024, metavar="N", help="latents per shard (default 1024)")
+    q.add_argument("--batch-size", type=int_in("--batch-size", 1), default=32, metavar="N", help="images per VAE / prompts per encoder call")
     q.add_argument("--dtype", choices=typing.get_args(Dtype), default="fp32", help="stored latent dtype")
     q.set_defaults(func=run)
 
@@ -167,8 +168,6 @@ def run(args) -> int:
     from .imagenet import imagenet_classes
 
     root, out = Path(args.root).expanduser(), Path(args.out).expanduser()
-    if args.batch_size < 1 or args.shard_size < 1:
-        raise MinfmError("--batch-size and --shard-size must be positive")
     resolved = load_recipe(args.recipe, args.overrides, world_size=1)
     data = resolved.get("data")
     template = getattr(data.config, "prompt_template", "{name}") if data is not None else "{name}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from minfm_core.cli.argtypes import int_in
 from minfm_core.cli.groups import command_group
 from minfm_core.errors import MinfmError
 
@@ -32,7 +33,7 @@ def register(sub) -> None:
                        help="Inception weights (torch-fidelity's .pth or a .safetensors; a path or org/name/file Hub "
                             "reference); default $MINFM_INCEPTION_WEIGHTS, else the torch hub cache")
         q.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the network runs")
-        q.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per network call (default 64)")
+        q.add_argument("--batch-size", type=int_in("--batch-size", 1), default=64, metavar="N", help="images per network call (default 64)")
         q.add_argument("--out", metavar="JSON", help="also write the metrics to this JSON file")
         q.add_argument("--extractor", metavar="MODULE:ATTR",
                        help="use another feature extractor: a callable returning one (see minfm_plugins.eval.evaluate.Extractor)")
@@ -42,8 +43,6 @@ def register(sub) -> None:
 def run(args) -> int:
     from .evaluate import evaluate, format_table, load_extractor
 
-    if args.batch_size < 1:
-        raise MinfmError(f"--batch-size: expected a positive integer, got {args.batch_size}")
     samples = Path(args.samples)
     if args.eval_what == "imagenet":
         if samples.suffix != ".npz" or not samples.is_file():
