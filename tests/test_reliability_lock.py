@@ -215,3 +215,14 @@ def test_lock_refuses_a_planted_symlink(tmp_path):
     with pytest.raises(MinfmError, match="cannot open the run lock"):
         runlock.acquire(exp)
     assert target.read_text() == "precious"
+
+
+def test_exp_dir_below_a_file_exits_2(tmp_path, capsys):
+    from minfm_core.cli.main import main
+
+    f = tmp_path / "afile"
+    f.write_text("keep me")
+    assert main(["check", str(TINY), "--set", f"run.exp_dir={str(f / 'runs' / 'a')!r}"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"minfm: error: {TINY}: run.exp_dir: {f / 'runs' / 'a'} cannot be made: {f} is not a folder")
+    assert f.read_text() == "keep me"

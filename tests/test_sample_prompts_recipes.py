@@ -53,3 +53,38 @@ def test_flux_dev_inference_checks_with_11_90b_denoiser(capsys):
 @pytest.mark.parametrize("recipe", ["flux_tiny_imagenet.toml", "quickstart.toml"])
 def test_other_recipes_check(recipe, capsys):
     assert main(["check", str(ROOT / "recipes" / recipe)]) == 0
+
+
+def _bad_prompt_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (file, the reason the check must give)."""
+    from minfm_core.engine.prompts import MAX_PROMPT_FILE_BYTES
+
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    with open(tmp_path / "huge.txt", "wb") as f:  # sparse: no disk used
+        f.truncate(MAX_PROMPT_FILE_BYTES + 1)
+    return {
+        "missing": (tmp_path / "missing.txt", "prompt file not found"),
+        "not utf-8": (tmp_path / "latin1.txt", "prompt file is not UTF-8 text"),
+        "no prompts": (tmp_path / "blank.txt", "prompt file has no prompts"),
+        "too large": (tmp_path / "huge.txt", "too large for a prompt file"),
+        "a folder": (tmp_path, "prompt file not found"),
+    }
+
+
+def test_a_prompt_file_the_job_will_read_is_read_by_the_check(tmp_path, capsys):
+    """A training run meets its gallery prompt file at the first gallery, hours in: the check reads it first."""
+    from engine_helpers import TINY
+
+    galleries = ["--set", "train.sample_every=2", "--set", "sample.prompts=[]"]
+    for name, (path, reason) in _bad_prompt_files(tmp_path).items():
+        file = ["--set", f"sample.prompt_file={str(path)!r}"]
+        for job in (["--set", 'job="sample"'], []):
+            assert main(["check", str(TINY), *galleries, *file, *job]) == 2, name
+            err = capsys.readouterr().err.strip()
+            assert err.startswith(f"minfm: error: {TINY}: sample.prompt_file: {path}: ") and reason in err, (name, err)
+            assert "\n" not in err
+        # A training run that never reads it: no galleries, or sample.prompts (which a gallery prefers).
+        assert main(["check", str(TINY), *file]) == 0, name
+        assert main(["check", str(TINY), "--set", "train.sample_every=2", *file]) == 0, name
+        capsys.readouterr()

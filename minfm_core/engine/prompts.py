@@ -7,10 +7,17 @@ from pathlib import Path
 from ..errors import MinfmError
 
 
+#: A prompt file is a list of prompts (ImageNet's 1,000 class names: 14 KB); beyond this it is a wrong file.
+MAX_PROMPT_FILE_BYTES = 64 << 20
+
+
 def read_prompt_file(path: str | Path) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise MinfmError(f"{path}: prompt file not found")
+    if p.stat().st_size > MAX_PROMPT_FILE_BYTES:
+        raise MinfmError(f"{path}: {p.stat().st_size:,} bytes is too large for a prompt file "
+                         f"(at most {MAX_PROMPT_FILE_BYTES:,})")
     try:
         prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
     except UnicodeDecodeError:

@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 from ..errors import MinfmError, RecipeError
+from ..engine.prompts import read_prompt_file
 from ..launch_env import world_size_from_env
 
 
@@ -52,6 +53,12 @@ def job_checks(resolved, job: str, world_size: int | None = None) -> list[str]:
     exp = recipe.run.exp_dir
     if os.path.lexists(exp) and not os.path.isdir(exp):
         problems.append(f"run.exp_dir: {exp} exists and is not a folder")
+    else:  # the nearest existing folder above it must be one (not /dev/null for /dev/null/run)
+        above = os.path.dirname(os.path.abspath(exp))
+        while not os.path.lexists(above):
+            above = os.path.dirname(above)
+        if not os.path.isdir(above):
+            problems.append(f"run.exp_dir: {exp} cannot be made: {above} is not a folder")
     if job == "train":
         try:
             accumulation_steps(train.total_batch_size, train.batch_size, world)
@@ -65,6 +72,16 @@ def job_checks(resolved, job: str, world_size: int | None = None) -> list[str]:
         s = recipe.sample
         if not s.prompts and not s.prompt_file:
             problems.append("sample.prompts / sample.prompt_file: a sample job needs prompts")
+    # Read now what the job would read later: a training run meets its gallery prompts at the
+    # first gallery, hours in (a sample job adds the file to sample.prompts; a gallery uses it
+    # only where sample.prompts is empty).
+    s = recipe.sample
+    galleries = job == "train" and (train.sample_every > 0 or train.sample_at_start) and not s.prompts
+    if s.prompt_file and (job == "sample" or galleries):
+        try:
+            read_prompt_file(s.prompt_file)
+        except MinfmError as exc:
+            problems.append(f"sample.prompt_file: {exc}")
     return problems
 
 
