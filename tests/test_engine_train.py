@@ -144,3 +144,27 @@ def test_fused_adamw_equals_reference():
         plain.step()
     for p, q in zip(a, b):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_a_val_split_that_cannot_be_read_fails_before_step_1(tmp_path, runtime):
+    """Validation every 1000 steps on a folder with nothing held out used to fail at step 1000."""
+    import json
+
+    from PIL import Image
+
+    from minfm_core.errors import MinfmError
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(4):
+        Image.new("RGB", (16, 16), (60 * i, 0, 0)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"picture {i}")
+    data = f'data={{name = "image_folder", root = {json.dumps(str(folder))}, val_fraction = 0.0, size_multiple = 8}}'
+    with pytest.raises(MinfmError) as err:
+        Trainer(tiny(tmp_path / "run", data, "train.val_every=1000"), runtime)
+    assert str(err.value) == (
+        f"train.val_every = 1000 validates on the data's 'val' split: image_folder: no captioned images for split "
+        f"'val' under {str(folder)!r} (train.val_every = 0 trains without validation)")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    trainer = Trainer(tiny(tmp_path / "run2", data, "train.val_every=0"), runtime)  # without validation: fine
+    trainer.close()

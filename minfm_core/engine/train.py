@@ -134,6 +134,12 @@ class Trainer:
             lg.set_total(self.cfg.max_steps)  # a declared Logger member (protocols.Logger's default: no-op)
         self.n_params = sum(p.numel() for p in self.params)
         self._val_set = None
+        if self.cfg.val_every:  # built now: a val split that cannot be read fails before step 1, not at step val_every
+            try:
+                self.val_dataset()
+            except MinfmError as exc:
+                raise MinfmError(f"train.val_every = {self.cfg.val_every} validates on the data's 'val' split: {exc} "
+                                 "(train.val_every = 0 trains without validation)") from None
         self.fid = None
         if self.cfg.fid_every:
             from .fid import TrainingFid
