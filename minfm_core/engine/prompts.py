@@ -7,7 +7,7 @@ from pathlib import Path
 from ..errors import MinfmError
 
 
-#: A prompt file is a list of prompts (ImageNet's 1,000 class names: 14 KB); beyond this it is a wrong file.
+#: A prompt file is a list of prompts (a thousand class names: ~14 KB); beyond this it is a wrong file.
 MAX_PROMPT_FILE_BYTES = 64 << 20
 
 
