@@ -2,8 +2,8 @@
 
 One reader for every command, so that a malformed value is refused the same way
 everywhere, before any work starts: ``minfm: error: WORLD_SIZE='two' (environment):
-expected an integer >= 1``, exit code 2, rather than a traceback from ``int()`` or a
-process group that waits for ranks that never come. Torch-free: the CLI reads it first.
+expected an integer from 1 to 1048576``, exit code 2, rather than a traceback from ``int()``
+or a process group that waits for ranks that never come. Torch-free: the CLI reads it first.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ def _read(name: str, default: int, low: int, high: int, what: str) -> int:
     return value
 
 
-def world_size_from_env(default: int = 1) -> int:
-    """``WORLD_SIZE`` (``default`` where unset)."""
-    return _read("WORLD_SIZE", default, 1, MAX_WORLD_SIZE, f"an integer from 1 to {MAX_WORLD_SIZE}")
+def world_size_from_env() -> int:
+    """``WORLD_SIZE`` (1 where unset)."""
+    return _read("WORLD_SIZE", 1, 1, MAX_WORLD_SIZE, f"an integer from 1 to {MAX_WORLD_SIZE}")
 
 
 def launch_env() -> LaunchEnv:

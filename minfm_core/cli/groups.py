@@ -39,7 +39,6 @@ def command_group(subparsers, name: str, help: str | None = None):
     return _GROUPS[parser]
 
 
-
 def command_paths(subparsers) -> set[tuple[str, ...]]:
     """Every command under ``subparsers``, groups opened: ``("hub",)``, ``("data", "mydata")``, ...
 
