@@ -240,7 +240,11 @@ def die_with_launcher() -> None:
     waiting on the launcher itself (a pidfd, no pid-reuse race; polling where there is none).
     Kill is safe here: checkpoints and images are only ever renamed into place complete.
     """
-    pid = int(os.environ[LAUNCHER_ENV])
+    raw = os.environ[LAUNCHER_ENV].strip()
+    if not (raw.isascii() and raw.isdigit()):  # minfm's launcher writes a pid; anything else came from elsewhere
+        raise MinfmError(f"{LAUNCHER_ENV}={raw!r} (environment): minfm's launcher sets it to its pid for its workers; "
+                         "unset it")
+    pid = int(raw)
     parent = os.getppid()
     set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != parent or not _alive(pid):

@@ -58,3 +58,14 @@ def test_cli_refuses_before_any_work(minfm, tmp_path, name):
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"minfm: error: {name}='x1' (environment): expected an integer from ")
     assert not exp.exists()
+
+
+def test_a_launcher_pid_not_set_by_minfm_is_refused(minfm, tmp_path):
+    """Workers of ``--nproc-per-node`` watch the pid their launcher leaves in MINFM_LAUNCHER_PID."""
+    from minfm_core.runlock import LAUNCHER_ENV
+
+    res = minfm("run", "tests/recipes/tiny.toml", "--set", f"run.exp_dir={tmp_path / 'run'}",
+                env={"LOCAL_RANK": "0", LAUNCHER_ENV: "12ab"})
+    assert res.returncode == 2 and res.stderr.strip() == (
+        f"minfm: error: {LAUNCHER_ENV}='12ab' (environment): minfm's launcher sets it to its pid for its workers; unset it")
+    assert not (tmp_path / "run").exists()
