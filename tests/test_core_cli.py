@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import textwrap
 
+import pytest
+
 import minfm_core
 from ports import free_port
 
@@ -75,8 +77,9 @@ def test_nproc_must_be_positive(minfm, tmp_path):
     assert res.returncode == 2 and "--nproc-per-node: expected a positive integer, got 0" in res.stderr
 
 
-def test_serve_shows_a_run_directory(tmp_path):
-    """`minfm serve` serves the run folder on loopback (galleries are plain files)."""
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+def test_serve_shows_a_run_directory(tmp_path, host):
+    """`minfm serve` serves the run folder, on loopback unless told (galleries are plain files)."""
     import os
     import signal
     import subprocess
@@ -87,7 +90,8 @@ def test_serve_shows_a_run_directory(tmp_path):
     (tmp_path / "samples").mkdir()
     (tmp_path / "samples" / "index.html").write_text("<h1>gallery</h1>")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "minfm_core.cli.main", "serve", str(tmp_path), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "minfm_core.cli.main", "serve", str(tmp_path), "--port", str(port),
+                             "--host", host],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.time() + 30
@@ -102,6 +106,8 @@ def test_serve_shows_a_run_directory(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=10)
+    warning = f"minfm serve: warning: listening on {host}: other machines can read this run's files"
+    assert (warning in proc.stderr.read()) == (host == "0.0.0.0")
 
 
 def test_serve_missing_dir_exit_2(minfm, tmp_path):

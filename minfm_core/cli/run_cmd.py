@@ -56,8 +56,8 @@ def register(sub) -> None:
 
     p = sub.add_parser("serve", help="browse a run's galleries on a loopback web server")
     p.add_argument("exp_dir", help="run directory")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int_in("--port", 0, 65535), default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int_in("--port", 0, 65535), default=8000, help="port (0: any free one; default 8000)")
     p.set_defaults(func=serve)
 
 
@@ -150,6 +150,8 @@ def serve(args) -> int:
     root = Path(args.exp_dir)
     if not root.is_dir():
         raise MinfmError(f"{args.exp_dir}: no such run directory")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"minfm serve: warning: listening on {args.host}: other machines can read this run's files", file=sys.stderr)
     with gallery_server(root, args.host, args.port) as httpd:
         print(f"minfm: serving {root} at http://{args.host}:{httpd.server_address[1]}/samples/", flush=True)
         httpd.serve_forever()
