@@ -116,6 +116,18 @@ def _strict(tp: type, accept: Callable[[Any], bool]):
     return hook
 
 
+#: TOML's integers are 64-bit; Python's parser (and ``--set``) take any size. Beyond this a
+#: value overflows the tensors and JSON it is stored in (a step count in a checkpoint).
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _int_hook(value: Any, _: Any) -> int:
+    value = _strict(int, lambda v: isinstance(v, int) and not isinstance(v, bool))(value, _)
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise ExpectedType(f"expected a 64-bit integer (as TOML has), got {short_repr(value)}")
+    return value
+
+
 def _literal_hook(value: Any, tp: Any) -> Any:
     choices = typing.get_args(tp)
     if value in choices and type(value) in {type(c) for c in choices}:
@@ -128,7 +140,7 @@ def _literal_hook(value: Any, tp: Any) -> Any:
 
 def _make_converter() -> cattrs.Converter:
     conv = cattrs.Converter(forbid_extra_keys=True)
-    conv.register_structure_hook(int, _strict(int, lambda v: isinstance(v, int) and not isinstance(v, bool)))
+    conv.register_structure_hook(int, _int_hook)
     conv.register_structure_hook(
         float, _strict(float, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool))
     )

@@ -20,6 +20,13 @@ import math
 from typing import Any
 
 
+#: Pixels per side of a picture anyone asks for (a recipe's sizes, --size, the demo): 16k is
+#: past any model's training size (and the WebP format's limit).
+MAX_SIDE = 16384
+#: Frames per clip anyone asks for.
+MAX_FRAMES = 1024
+
+
 class RangeError(ValueError):
     """A value outside its field's declared range (carries the field name for the error path)."""
 
@@ -180,3 +187,9 @@ def range_of(validator: Any) -> Range | None:
         if found is not None:
             return found
     return None
+
+
+def non_blank(instance: Any, attribute: Any, value: Any) -> None:
+    """A string setting that names something (a folder) cannot be empty: ``""`` would mean the current folder."""
+    if isinstance(value, str) and not value.strip():
+        raise RangeError(attribute.name, f"must not be empty, got {value!r}")

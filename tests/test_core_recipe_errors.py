@@ -43,11 +43,28 @@ def test_wrong_type(toy_registry):
         (1.5, "train.max_steps: expected int, got 1.5"),
         (True, "train.max_steps: expected int, got True"),
         ("100", "train.max_steps: expected int, got '100'"),
+        # TOML's integers are 64-bit; Python's TOML parser (and --set) take any size.
+        (2**63, "train.max_steps: expected a 64-bit integer (as TOML has), got 9223372036854775808"),
     ],
 )
 def test_ints_are_strict(toy_registry, value, message):
     raw = {"model": {"denoiser": "flux"}, "train": {"max_steps": value}}
     assert problems(raw, toy_registry) == [message]
+
+
+def test_64_bit_bounds_hold_for_every_int(toy_registry):
+    raw = {"model": {"denoiser": "flux"}, "run": {"seed": -(2**63) - 1}, "sample": {"size": [1, 2**64, 16]}}
+    assert problems(raw, toy_registry) == [
+        "run.seed: expected a 64-bit integer (as TOML has), got -9223372036854775809",
+        "sample.size[1]: expected a 64-bit integer (as TOML has), got 18446744073709551616",
+    ]
+
+
+def test_exp_dir_cannot_be_empty(toy_registry):
+    # "" would be the current folder: checkpoints and samples spread over wherever minfm started.
+    for blank in ("", "  "):
+        raw = {"model": {"denoiser": "flux"}, "run": {"exp_dir": blank}}
+        assert problems(raw, toy_registry) == [f"run.exp_dir: must not be empty, got {blank!r}"]
 
 
 def test_literal_choice(toy_registry):

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable
 
 from ..errors import MinfmError
+from ..validators import MAX_FRAMES, MAX_SIDE
 
 
 class Parser(argparse.ArgumentParser):
@@ -98,8 +99,6 @@ def sample_size(flag: str) -> Callable[[str], tuple[int, int, int]]:
 # Ranges shared by several commands.
 MAX_PROCS = 1024  # local processes: more is a typo, not a machine
 MAX_SEED = 2**63 - 1  # manual_seed takes < 2**64: seed + the per-image offsets stays inside
-MAX_SIDE = 16384  # pixels per side: 16k is past any model's training size (and the WebP format's limit)
-MAX_FRAMES = 1024  # frames per clip (minfm_core.engine.video_io.MAX_FRAMES)
 nprocs = int_in("--nproc-per-node", 1, MAX_PROCS)
 
 

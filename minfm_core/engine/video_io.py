@@ -27,12 +27,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import MinfmError
+from ..validators import MAX_FRAMES
 
 #: Frames per second of written clips unless told otherwise (8 fps: 125 ms, a whole number of ms).
 DEFAULT_FPS = 8
 MAX_FPS = 60
-#: Upper bound on frames per clip a command line or a demo request may ask for.
-MAX_FRAMES = 1024
 #: H.264 constant rate factor: 12 is far below visible loss; samples are small, size matters little.
 MP4_CRF = 12
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import attrs
 
 from ..config import ExpectedType, config, converter, field, short_repr
-from ..validators import Range, decay, finite, non_negative, positive, probability
+from ..validators import MAX_SIDE, Range, decay, finite, non_blank, non_negative, positive, probability
 
 
 @attrs.frozen
@@ -58,7 +58,8 @@ def _spec(name: str, doc: str):
 class RunSection:
     """Where a run lives and how it is seeded."""
 
-    exp_dir: str = field("experiments/default", doc="run directory: checkpoints, samples, logs, resolved recipe")
+    exp_dir: str = field("experiments/default", doc="run directory: checkpoints, samples, logs, resolved recipe",
+                         validator=non_blank)
     seed: int = field(0, doc="global seed; each rank derives its own from it", validator=non_negative)
     device: Literal["auto", "cpu", "cuda"] = field("auto", doc="'auto' picks cuda when available")
     deterministic: bool = field(False, doc="torch deterministic algorithms: bitwise-repeatable runs, a little slower")
@@ -97,7 +98,8 @@ class SampleSection:
         None, doc="checkpoint, run dir or hf://org/name to sample from (job = 'sample')", file="ref"
     )
     steps: int = field(50, doc="number of solver steps", validator=positive)
-    size: tuple[int, int, int] = field((1, 256, 256), doc="frames, height, width of generated images", validator=positive)
+    size: tuple[int, int, int] = field((1, 256, 256), doc="frames, height, width of generated images",
+                                       validator=Range(1, MAX_SIDE))
     prompts: tuple[str, ...] = field((), doc="prompts to sample")
     prompt_file: str | None = field(None, doc="text file with one prompt per line", file="file")
     neg_prompt: str = field("", doc="negative prompt for the unconditional branch")

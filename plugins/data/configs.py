@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from minfm_core.config import config, field
-from minfm_core.validators import Range, non_negative, positive, probability
+from minfm_core.validators import MAX_SIDE, Range, non_negative, positive, probability
 
 #: Colours and shapes the ``shapes`` dataset knows how to draw (the palette is in shapes.py).
 SHAPE_COLOURS = ("red", "green", "blue", "yellow", "orange", "purple", "cyan", "magenta")
@@ -77,7 +77,7 @@ def _backgrounds():
 # Fields the two drawn datasets share (their docs name a sample or a clip).
 def _sizes(per: str):
     return field(((32, 32), (32, 48), (48, 32)), doc=f"(height, width) canvases drawn from at random per {per}",
-                 validator=[positive, _multiple_of_size_multiple])
+                 validator=[Range(1, MAX_SIDE), _multiple_of_size_multiple])
 
 
 def _num_samples(what: str):
