@@ -10,7 +10,6 @@ frame count, in the steps its VAE and patchifier can cut; an image model draws o
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 import warnings
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from minfm_core.errors import MinfmError
+from minfm_core.jsonio import parse_json
 
 #: (height, width) aspect ratios offered at the model's base pixel count.
 ASPECTS = ((1, 1), (4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (9, 16))
@@ -106,8 +106,8 @@ def last_metrics(folder: Path) -> dict[str, Any]:
     last: dict[str, Any] = {}
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            rec = json.loads(line)
-        except ValueError:
+            rec = parse_json(line, str(path))
+        except MinfmError:
             continue
         if isinstance(rec, dict) and "loss" in rec:
             last = rec

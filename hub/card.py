@@ -12,7 +12,6 @@ animated PNG for clips) plays on the card as an animated preview.
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 
 from minfm_core.engine.video_io import recipe_makes_clips
 from minfm_core.errors import MinfmError
+from minfm_core.jsonio import parse_json
 from minfm_core.recipe.toml import tomllib
 from minfm_core.weights import open_safetensors
 
@@ -50,8 +50,8 @@ def last_metrics(folder: Path, max_items: int = 8) -> dict[str, Any]:
     last: dict[str, Any] = {}
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
+            rec = parse_json(line, str(path))
+        except MinfmError:
             continue  # a half-written last line of a live run
         if isinstance(rec, dict) and "step" in rec:
             last = rec

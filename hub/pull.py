@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from minfm_core.errors import MinfmError, first_line
+from minfm_core.jsonio import parse_json
 from minfm_core.safepath import contained, is_inside, write_text_atomic
 
 from .errors import hub_errors, scrub, translate
@@ -363,10 +364,10 @@ def source_info(path: str | Path) -> dict | None:
     f = folder / SOURCE_INFO
     if f.is_file() and f.stat().st_size < 1 << 16:
         try:  # a repo may ship its own (hostile) file under this name: only a well-formed record counts
-            info = json.loads(f.read_text())
+            info = parse_json(f.read_bytes(), str(f))
             if isinstance(info, dict) and all(isinstance(info.get(k), str) for k in ("repo_id", "commit", "uri")):
                 return info
-        except (ValueError, OSError):
+        except (MinfmError, OSError):
             pass
     m = _SNAPSHOT_RE.search(folder.resolve().as_posix())
     if m:

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from .errors import MinfmError
+from .jsonio import parse_json
 
 LOCK_NAME = ".minfm.lock"
 LAUNCHER_ENV = "MINFM_LAUNCHER_PID"
@@ -60,9 +61,9 @@ _held_guard = threading.Lock()
 
 def holder(path: Path) -> dict:
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = parse_json(Path(path).read_bytes(), str(path))
         return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
+    except (OSError, MinfmError):
         return {}  # being written, or not ours: the message then says "unknown"
 
 

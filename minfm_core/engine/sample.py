@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from .. import checkpoint as ckpt_mod
 from ..errors import MinfmError
+from ..jsonio import parse_json
 from ..safepath import recipe_root, trust_boundary, write_bytes_atomic, write_text_atomic
 from ..weights import check_weights_folder, has_weights, load_safetensors_into
 from .gallery import write_sample_index
@@ -232,10 +233,10 @@ def prepare_out(out: Path, settings: dict, *, overwrite: bool, flag: str) -> Non
     stale: str | None = None
     if meta.is_file():
         try:
-            old = json.loads(meta.read_text(encoding="utf-8")).get("settings", {})
+            old = parse_json(meta.read_bytes(), str(meta)).get("settings", {})
             if not isinstance(old, dict):
                 raise ValueError
-        except (ValueError, UnicodeDecodeError, AttributeError):
+        except (ValueError, MinfmError, AttributeError):
             old = None
         if old is None:
             stale = f"{meta} is not a minFM sampling record"

@@ -27,6 +27,7 @@ from .. import checkpoint as ckpt_mod
 from .. import runlock
 from ..data_loader import BatchIterator
 from ..errors import MinfmError, RecipeError
+from ..jsonio import parse_json
 from ..recipe.checks import accumulation_steps, job_checks
 from ..schedule import lr_at
 from ..sources import resolve_source
@@ -211,8 +212,8 @@ class Trainer:
                 tensors, meta = extras
                 try:
                     self.generator.set_state(tensors["generator"])
-                    self.batches.load_state_dict(json.loads(meta["data"]))
-                except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+                    self.batches.load_state_dict(parse_json(meta["data"], "data position"))
+                except (KeyError, ValueError, TypeError, RuntimeError, MinfmError) as exc:
                     raise MinfmError(f"{ckpt.path}/rank_{self.rt.rank}.safetensors: bad per-rank state ({exc})") from None
             else:
                 # Another world size: per-rank streams cannot continue exactly; reseed by step.

@@ -11,7 +11,6 @@ latents ``minfm cache latents`` wrote (latents.py), flipped by ``p_flip`` as the
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import warnings
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from minfm_core.errors import MinfmError
+from minfm_core.jsonio import parse_json
 
 from .configs import ImageFolderConfig
 from .images import Flips, budget_size, open_rgb, resize_and_center_crop, to_tensor
@@ -107,10 +107,7 @@ def _read_metadata(meta: Path, column: str) -> list[tuple[Path, str]]:
         if not line.strip():
             continue
         where = f"{meta}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise MinfmError(f"image_folder: {where}: not JSON ({exc.msg})") from None
+        row = parse_json(line, f"image_folder: {where}")
         if not isinstance(row, dict) or "file_name" not in row or column not in row:
             raise MinfmError(f"image_folder: {where}: expected keys 'file_name' and {column!r}")
         path = meta.parent / row["file_name"]

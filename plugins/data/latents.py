@@ -11,7 +11,6 @@ the flipped image. Shards are resolved relative to the index file.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from minfm_core.errors import MinfmError
+from minfm_core.jsonio import parse_json
 from minfm_core.safepath import contained
 
 from .images import Flips
@@ -120,10 +120,7 @@ def _find_index(name: str, latents_dir: str | None, split: str) -> Path:
 
 
 def _read_entries(name: str, index: Path) -> list[dict]:
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise MinfmError(f"{name}: {index}: not JSON ({exc.msg})") from None
+    data = parse_json(index.read_bytes(), f"{name}: {index}")
     entries = data.get("entries") if isinstance(data, dict) else data
     if not isinstance(entries, list):
         raise MinfmError(f"{name}: {index}: expected a list of entries (or {{'entries': [...]}})")

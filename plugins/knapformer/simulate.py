@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from minfm_core.errors import MinfmError
+from minfm_core.jsonio import parse_json
 from minfm_core.validators import positive
 
 from . import original, planner
@@ -150,9 +151,10 @@ def synthetic(name: str, world: int, steps: int = 4, seed: int = 0) -> Trace:
 
 def read_trace(path: str | Path) -> Trace:
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise MinfmError(f"trace {path}: {exc}") from None
+        text = Path(path).read_bytes()
+    except OSError as exc:
+        raise MinfmError(f"trace {path}: {exc.strerror or exc}") from None
+    data = parse_json(text, f"trace {path}")
     if isinstance(data, list) and data and isinstance(data[0], list) and data[0] and all(isinstance(v, int) for v in data[0]):
         data = [data]  # one step given without the outer list
     ok = isinstance(data, list) and all(

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from minfm_core.errors import MinfmError
+from minfm_core.jsonio import parse_json
 from minfm_core.pretrained import resolve_pretrained
 from minfm_core.weights import DTYPES
 
@@ -65,10 +66,7 @@ class ClassEmbedding(nn.Module):
             text, where = meta[LABELS_KEY], f"{cfg.embeddings} (metadata)"
         else:
             raise MinfmError(f"class_embedding: {cfg.embeddings} has no '{LABELS_KEY}' metadata; set labels to a JSON file")
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise MinfmError(f"class_embedding: labels in {where} are not valid JSON: {exc}") from None
+        rows = parse_json(text, f"class_embedding: labels in {where}")
         if not isinstance(rows, dict) or not all(isinstance(v, int) and 0 <= v < cfg.num_rows for v in rows.values()):
             raise MinfmError(f"class_embedding: labels in {where} must be a JSON object of prompt -> row in [0, {cfg.num_rows})")
         if UNCONDITIONAL not in rows:
