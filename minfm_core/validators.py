@@ -20,10 +20,10 @@ import math
 from typing import Any
 
 
-#: Pixels per side of a picture anyone asks for (a recipe's sizes, --size, the demo): 16k is
-#: past any model's training size (and the WebP format's limit).
+#: Pixels per side a recipe's sizes or ``minfm sample --size`` may ask for: 16k is past any
+#: model's training size (and the WebP format's limit).
 MAX_SIDE = 16384
-#: Frames per clip anyone asks for.
+#: Frames per clip a recipe, a command line or a demo request may ask for.
 MAX_FRAMES = 1024
 
 
