@@ -39,15 +39,13 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from .checkpoint_format import MANIFEST, CheckpointError, Manifest, ManifestReader, ManifestWriter
 from .checkpoint_format import read_manifest, split_state, verify
-from .errors import MinfmError, RecipeError, checkpoint_failures, first_line, os_error_line
+from .errors import MinfmError, checkpoint_failures, first_line, os_error_line
 from .safepath import came_from_outside, is_inside, recipe_root, write_text_atomic
-from .suggest import did_you_mean
 
 CKPT_DIR = "checkpoints"
 HUB_STATE_DIR = "checkpoint"  # the DCP training state inside an exported (Hub) folder
 LEGACY_METADATA = ".metadata"  # DCP's pickled metadata: only in checkpoints of older minFMs / other tools
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
-PARTS = ("model", "ema", "optimizer", "scheduler", "step")
 PICKLE_OPT_IN = "--allow-pickle-checkpoint (train.allow_pickle_checkpoint = true)"
 
 
@@ -222,27 +220,6 @@ def resume_point(root: Path, *, allow_pickle: bool = False) -> tuple[Checkpoint 
     if found is None:
         return None, skipped
     return open_checkpoint(found, allow_pickle=allow_pickle, verify_files=rank0), skipped
-
-
-def parse_load_plan(text: str) -> dict[str, str]:
-    """``"ema:model,optimizer:optimizer"`` -> {target: source}; errors name ``train.init_load_plan``."""
-    plan: dict[str, str] = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        src, sep, dst = item.partition(":")
-        if not sep:
-            raise RecipeError(f"train.init_load_plan: {item!r} is not source:target (e.g. ema:model)")
-        for part in (src, dst):
-            if part not in PARTS:
-                raise RecipeError(
-                    f"train.init_load_plan: unknown part {part!r}{did_you_mean(part, PARTS)}; parts: {', '.join(PARTS)}"
-                )
-        weights = {"model", "ema"}
-        if (src in weights) != (dst in weights) or (src not in weights and src != dst):
-            raise RecipeError(f"train.init_load_plan: cannot load {src!r} into {dst!r}")
-        if dst in plan:
-            raise RecipeError(f"train.init_load_plan: {dst!r} is loaded twice")
-        plan[dst] = src
-    return plan
 
 
 class Checkpointer:

@@ -197,3 +197,12 @@ def test_sample_frames_the_model_cannot_draw_are_refused_before_work(minfm, tmp_
     assert not (tmp_path / "exp").exists()
     recipe.write_text(recipe.read_text().replace("size = [3, 32, 32]", "size = [4, 32, 32]"))
     assert minfm("check", str(recipe)).returncode == 0
+
+
+def test_a_load_plan_is_checked_without_init_from(toy_registry):
+    # Unused until init_from is set, but a typo all the same: refused with the recipe, not when it is first needed.
+    raw = {"model": {"denoiser": "flux"}, "train": {"init_load_plan": "ema:model,optimiser:optimizer"}}
+    assert problems(raw, toy_registry) == [
+        "train.init_load_plan: unknown part 'optimiser' (did you mean 'optimizer'?); "
+        "parts: model, ema, optimizer, scheduler, step"
+    ]

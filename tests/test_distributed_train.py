@@ -133,11 +133,13 @@ def test_partial_directories_are_never_complete(tmp_path):
 
 
 def test_load_plan_parsing():
-    assert ck.parse_load_plan("ema:model, optimizer:optimizer") == {"model": "ema", "optimizer": "optimizer"}
+    from minfm_core.recipe.schema import parse_load_plan
+
+    assert parse_load_plan("ema:model, optimizer:optimizer") == {"model": "ema", "optimizer": "optimizer"}
     with pytest.raises(Exception, match=r"train.init_load_plan: unknown part 'optimiser' \(did you mean 'optimizer'\?\)"):
-        ck.parse_load_plan("optimiser:optimizer")
+        parse_load_plan("optimiser:optimizer")
     with pytest.raises(Exception, match="cannot load 'optimizer' into 'model'"):
-        ck.parse_load_plan("optimizer:model")
+        parse_load_plan("optimizer:model")
 
 
 def test_init_from_ema_into_model(tmp_path):

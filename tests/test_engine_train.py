@@ -101,6 +101,7 @@ def test_loss_decreases_and_resume_is_exact(tmp_path):
     assert sum(full[-3:]) / 3 < 0.8 * sum(full[:3]) / 3  # it learns
 
     from minfm_core import checkpoint as ck
+    from minfm_core.recipe.schema import CHECKPOINT_PARTS
 
     a, b = ck.list_checkpoints(full_dir)[-1], ck.list_checkpoints(split_dir)[-1]
     assert a.name == b.name == "step_00000012"
@@ -111,9 +112,9 @@ def test_loss_decreases_and_resume_is_exact(tmp_path):
     rt = init_runtime("cpu")
     try:
         ma = Trainer(tiny(tmp_path / "x", *common), rt)
-        ma._load(a, {p: p for p in ck.PARTS}, exact=False)
+        ma._load(a, {p: p for p in CHECKPOINT_PARTS}, exact=False)
         pa, ea = _params(ma.model), dict(ma.ema.shadow)
-        ma._load(b, {p: p for p in ck.PARTS}, exact=False)
+        ma._load(b, {p: p for p in CHECKPOINT_PARTS}, exact=False)
         pb, eb = _params(ma.model), dict(ma.ema.shadow)
         for n in pa:
             assert torch.equal(pa[n], pb[n]), n

@@ -28,6 +28,7 @@ from .. import runlock
 from ..data_loader import BatchIterator
 from ..errors import MinfmError, RecipeError
 from ..jsonio import parse_json
+from ..recipe.schema import CHECKPOINT_PARTS, parse_load_plan
 from ..recipe.checks import accumulation_steps, job_checks
 from ..schedule import lr_at
 from ..sources import resolve_source
@@ -228,13 +229,13 @@ class Trainer:
             self._log_line(f"warning: skipping checkpoint {path.name}: {why}")
             self.checkpointer.keep.add(path)
         if latest is not None:
-            self._load(latest, {p: p for p in ckpt_mod.PARTS if p != "ema" or self.ema is not None}, exact=True)
+            self._load(latest, {p: p for p in CHECKPOINT_PARTS if p != "ema" or self.ema is not None}, exact=True)
             self._log_line(f"resumed from {latest.path} at step {self.step}")
         elif skipped:
             raise MinfmError(f"{self.exp_dir}: no checkpoint verifies (newest: {skipped[0][1]}); "
                              "move the checkpoints away to start afresh")
         elif self.cfg.init_from:
-            plan = ckpt_mod.parse_load_plan(self.cfg.init_load_plan)
+            plan = parse_load_plan(self.cfg.init_load_plan)
             weights_only = set(plan) <= {"model", "ema"}
             root = resolve_source(self.cfg.init_from, training_state=not weights_only)
             if weights_only and has_weights(root):

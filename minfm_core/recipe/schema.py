@@ -18,7 +18,9 @@ from typing import Any, Literal
 import attrs
 
 from ..config import ExpectedType, config, converter, field, short_repr
-from ..validators import MAX_SIDE, Range, decay, finite, non_blank, non_negative, positive, probability
+from ..errors import RecipeError
+from ..suggest import did_you_mean
+from ..validators import MAX_SIDE, Range, RangeError, decay, finite, non_blank, non_negative, positive, probability
 
 
 @attrs.frozen
@@ -52,6 +54,39 @@ converter.register_unstructure_hook(Spec, lambda s: s.to_table())
 
 def _spec(name: str, doc: str):
     return field(factory=lambda: Spec(name), doc=doc)
+
+
+#: The parts of a training checkpoint, as ``train.init_load_plan`` names them.
+CHECKPOINT_PARTS = ("model", "ema", "optimizer", "scheduler", "step")
+
+
+def parse_load_plan(text: str) -> dict[str, str]:
+    """``"ema:model,optimizer:optimizer"`` -> {target: source}; errors name ``train.init_load_plan``."""
+    plan: dict[str, str] = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        src, sep, dst = item.partition(":")
+        if not sep:
+            raise RecipeError(f"train.init_load_plan: {item!r} is not source:target (e.g. ema:model)")
+        for part in (src, dst):
+            if part not in CHECKPOINT_PARTS:
+                raise RecipeError(f"train.init_load_plan: unknown part {part!r}{did_you_mean(part, CHECKPOINT_PARTS)}; "
+                                  f"parts: {', '.join(CHECKPOINT_PARTS)}")
+        weights = {"model", "ema"}
+        if (src in weights) != (dst in weights) or (src not in weights and src != dst):
+            raise RecipeError(f"train.init_load_plan: cannot load {src!r} into {dst!r}")
+        if dst in plan:
+            raise RecipeError(f"train.init_load_plan: {dst!r} is loaded twice")
+        plan[dst] = src
+    return plan
+
+
+def _load_plan(instance: Any, attribute: Any, value: Any) -> None:
+    # Checked with the recipe, init_from or not: a plan that cannot parse is a typo wherever it sits.
+    if isinstance(value, str):
+        try:
+            parse_load_plan(value)
+        except RecipeError as exc:
+            raise RangeError(attribute.name, str(exc).removeprefix("train.init_load_plan: ")) from None
 
 
 @config
@@ -151,7 +186,7 @@ class TrainSection:
     init_from: str | None = field(None, doc="checkpoint, run dir or hf:// source to initialise from", file="ref")
     init_load_plan: str = field(
         "model:model,ema:ema,optimizer:optimizer,scheduler:scheduler,step:step",
-        doc="which parts of init_from to load into what, as source:target pairs",
+        doc="which parts of init_from to load into what, as source:target pairs", validator=_load_plan,
     )
     allow_pickle_checkpoint: bool = field(
         False, doc="also load checkpoints without a manifest (older minFM, other tools): their DCP .metadata "
