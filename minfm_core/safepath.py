@@ -54,18 +54,26 @@ def is_inside(path: Path, root: Path) -> bool:
     return real == boundary or boundary in real.parents
 
 
-def contained(root: Path, name: str, *, what: str) -> Path:
-    """``root / name`` for a ``name`` read from untrusted text, or a MinfmError naming ``what``.
+def relative_inside(root: Path, name: str, *, what: str) -> Path:
+    """``root / name`` for a ``name`` read from untrusted text that must name a place below
+    ``root`` as written, or a MinfmError naming ``what``.
 
     Refused: a non-string or empty name, an absolute path, a ``..`` component, a NUL or
-    backslash, and a path whose symlinks lead outside ``root`` (see :func:`trust_boundary`).
+    backslash. Symlinks are not looked at (a dataset folder of one's own may link its images
+    in from elsewhere); :func:`contained` refuses those too.
     """
     if not isinstance(name, str) or not name or "\x00" in name or "\\" in name:
         raise MinfmError(f"{what}: refusing path {name!r}: not a plain relative path")
     pure = PurePosixPath(name)
     if pure.is_absolute() or name.startswith("~") or any(part == ".." for part in pure.parts):
         raise MinfmError(f"{what}: refusing path {name!r}: it leaves {root}")
-    path = Path(root) / pure
+    return Path(root) / pure
+
+
+def contained(root: Path, name: str, *, what: str) -> Path:
+    """:func:`relative_inside`, and a path whose symlinks lead outside ``root`` is refused too
+    (see :func:`trust_boundary`)."""
+    path = relative_inside(root, name, what=what)
     if not is_inside(path, root):
         raise MinfmError(f"{what}: refusing path {name!r}: a symlink leads outside {root}")
     return path

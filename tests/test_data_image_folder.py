@@ -110,3 +110,29 @@ def test_errors_are_clear(tmp_path):
 def test_budget_size(w, h, budget, m, expected):
     got = budget_size(w, h, budget, m)
     assert got == expected and got[0] * got[1] <= budget
+
+
+@pytest.mark.parametrize("name", ["../outside.png", "/tmp/outside.png", "imgs/../../outside.png", "~/outside.png",
+                                  "imgs\\a.png", "", 5, None])
+def test_metadata_file_names_stay_below_the_metadata(tmp_path, name):
+    """A downloaded dataset's metadata.jsonl cannot point its loader at files outside its folder."""
+    _image(tmp_path / "outside.png", (32, 32))
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "metadata.jsonl").write_text(json.dumps({"file_name": name, "text": "a picture"}) + "\n")
+    with pytest.raises(MinfmError) as err:
+        make(root=str(root), val_fraction=0.0)
+    assert str(err.value).startswith(f"image_folder: {root / 'metadata.jsonl'}:1: file_name: refusing path {name!r}: ")
+
+
+def test_images_linked_in_from_elsewhere_still_load(tmp_path):
+    """Links of one's own are not an attack: a folder may symlink its images from another disk."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    _image(elsewhere / "a.png", (32, 32))
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "imgs").symlink_to(elsewhere)
+    (root / "metadata.jsonl").write_text(json.dumps({"file_name": "imgs/a.png", "text": "a picture"}) + "\n")
+    ds = make(root=str(root), val_fraction=0.0)
+    assert len(ds) == 1 and ds[0]["prompt"] == "a picture"

@@ -19,6 +19,7 @@ import torch
 
 from minfm_core.errors import MinfmError
 from minfm_core.jsonio import parse_json
+from minfm_core.safepath import relative_inside
 
 from .configs import ImageFolderConfig
 from .images import Flips, budget_size, open_rgb, resize_and_center_crop, to_tensor
@@ -110,7 +111,9 @@ def _read_metadata(meta: Path, column: str) -> list[tuple[Path, str]]:
         row = parse_json(line, f"image_folder: {where}")
         if not isinstance(row, dict) or "file_name" not in row or column not in row:
             raise MinfmError(f"image_folder: {where}: expected keys 'file_name' and {column!r}")
-        path = meta.parent / row["file_name"]
+        # Relative to the metadata file and below it, as Hugging Face's imagefolder layout says:
+        # a downloaded dataset cannot reach /home/you/private.png (links of your own still work).
+        path = relative_inside(meta.parent, row["file_name"], what=f"image_folder: {where}: file_name")
         if not path.is_file():
             raise MinfmError(f"image_folder: {where}: image {row['file_name']!r} not found")
         items.append((path, str(row[column])))
