@@ -26,12 +26,12 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from minfm_core.cli.argtypes import LOOPBACK  # noqa: E402
 from minfm_core.errors import MinfmError  # noqa: E402
 
 from .batcher import Batcher  # noqa: E402
 from .model import DemoModel, size_label  # noqa: E402
 
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 _POLL_S = 0.1  # how often a waiting request refreshes its progress bar
 # Paths and names hold underscores and stars: escape them so markdown shows them as typed.
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]<>#|])")

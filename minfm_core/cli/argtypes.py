@@ -96,6 +96,9 @@ def sample_size(flag: str) -> Callable[[str], tuple[int, int, int]]:
     return parse
 
 
+#: Addresses only this machine reaches: a server bound elsewhere says so (serve, demo).
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
 # Ranges shared by several commands.
 MAX_PROCS = 1024  # local processes: more is a typo, not a machine
 MAX_SEED = 2**63 - 1  # manual_seed takes < 2**64: seed + the per-image offsets stays inside

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import tomli_w
 
-from ..errors import MinfmError, RecipeError
+from ..errors import RecipeError
 from ..recipe import load_recipe
 from ..recipe.checks import job_checks
 from ..summary import meta_parameter_counts, summary_table
@@ -53,8 +53,6 @@ def section_file_warnings(resolved) -> list[str]:
 
 
 def run(args) -> int:
-    if args.world_size is not None and args.world_size < 1:
-        raise MinfmError(f"--world-size: expected a positive integer, got {args.world_size}")
     resolved = load_recipe(args.recipe, args.overrides, world_size=args.world_size)
     # The job's own start-up rules (factories included): check accepts exactly what run accepts.
     problems = job_checks(resolved, resolved.recipe.job, world_size=args.world_size)

@@ -19,7 +19,7 @@ from ..errors import MinfmError, RecipeError
 from ..launch_env import launch_env
 from ..recipe import load_recipe
 from ..recipe.checks import job_checks
-from .argtypes import MAX_SEED, add_allow_pickle_flag, finite_float, int_in, nprocs, sample_size
+from .argtypes import LOOPBACK, MAX_SEED, add_allow_pickle_flag, finite_float, int_in, nprocs, sample_size
 
 
 def register(sub) -> None:
@@ -150,7 +150,7 @@ def serve(args) -> int:
     root = Path(args.exp_dir)
     if not root.is_dir():
         raise MinfmError(f"{args.exp_dir}: no such run directory")
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
+    if args.host not in LOOPBACK:
         print(f"minfm serve: warning: listening on {args.host}: other machines can read this run's files", file=sys.stderr)
     with gallery_server(root, args.host, args.port) as httpd:
         print(f"minfm: serving {root} at http://{args.host}:{httpd.server_address[1]}/samples/", flush=True)

@@ -49,7 +49,7 @@ def job_checks(resolved, job: str, world_size: int | None = None) -> list[str]:
                 if (problem := slot.component.factory_problem())]
     world = world_size if world_size is not None else world_size_from_env()
     recipe = resolved.recipe
-    train = recipe.train
+    train, s = recipe.train, recipe.sample
     exp = recipe.run.exp_dir
     if os.path.lexists(exp) and not os.path.isdir(exp):
         problems.append(f"run.exp_dir: {exp} exists and is not a folder")
@@ -69,13 +69,11 @@ def job_checks(resolved, job: str, world_size: int | None = None) -> list[str]:
         if recipe.data is None:
             problems.append('data: a train job needs a [data] table (e.g. name = "shapes")')
     elif job == "sample":
-        s = recipe.sample
         if not s.prompts and not s.prompt_file:
             problems.append("sample.prompts / sample.prompt_file: a sample job needs prompts")
     # Read now what the job would read later: a training run meets its gallery prompts at the
     # first gallery, hours in (a sample job adds the file to sample.prompts; a gallery uses it
     # only where sample.prompts is empty).
-    s = recipe.sample
     galleries = job == "train" and (train.sample_every > 0 or train.sample_at_start) and not s.prompts
     if s.prompt_file and (job == "sample" or galleries):
         try:
