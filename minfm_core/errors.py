@@ -8,6 +8,7 @@ Every other exception is a bug and keeps its traceback (exit code 1).
 from __future__ import annotations
 
 import errno
+import re
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:
@@ -22,6 +23,24 @@ def os_error_line(exc: OSError) -> str:
     reason = exc.strerror or (errno.errorcode.get(exc.errno, "") if exc.errno else "") or str(exc) or type(exc).__name__
     names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]
     return f"{' -> '.join(names)}: {reason}" if names else reason
+
+
+def out_of_memory_line(exc: BaseException) -> str | None:
+    """One line for a failed allocation, or None when ``exc`` is something else.
+
+    torch reports CPU allocations the machine refuses as a plain RuntimeError
+    ("DefaultCPUAllocator: can't allocate memory: you tried to allocate N bytes") and CUDA
+    ones as ``torch.OutOfMemoryError``; both are a model, batch or size too big for the
+    machine, not a bug.
+    """
+    text = str(exc)
+    cpu = isinstance(exc, RuntimeError) and "can't allocate memory" in text
+    if not (isinstance(exc, MemoryError) or cpu or type(exc).__name__ == "OutOfMemoryError"):
+        return None
+    asked = re.search(r"tried to allocate (\d+) bytes", text)
+    what = f"an allocation of {int(asked[1]) / 2**30:,.1f} GiB failed" if asked else first_line(exc, 200)
+    return (f"out of memory: {what} (a smaller model, train.batch_size, sample.batch_size or size "
+            "fits; or more GPUs with parallel = fsdp2)")
 
 
 def checkpoint_failures(exc: BaseException) -> list[tuple[int, BaseException | str]]:

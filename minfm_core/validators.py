@@ -25,6 +25,24 @@ from typing import Any
 MAX_SIDE = 16384
 #: Frames per clip a recipe, a command line or a demo request may ask for.
 MAX_FRAMES = 1024
+#: Seeds: what TOML's 64-bit integers and ``torch.Generator.manual_seed`` (< 2**64, with the
+#: per-image offsets added) both hold.
+MAX_SEED = 2**63 - 1
+#: Optimizer steps, and every "each N steps" period: a billion steps is years at any speed.
+MAX_STEPS = 10**9
+#: Samples in one batch (per rank or in total).
+MAX_BATCH = 2**20
+#: Samples in a split, a draw or a synthetic dataset (ImageNet-21k holds 14 M images); a
+#: shuffled epoch keeps 8 bytes per sample.
+MAX_SAMPLES = 10**8
+#: A width: hidden size, embedding size, channels (FLUX.1-dev's widest is 4096).
+MAX_WIDTH = 2**16
+#: Blocks or layers of one kind (FLUX.1-dev: 19 + 38).
+MAX_DEPTH = 1024
+#: Tokens of one sequence (a 16k x 16k image in 16-pixel patches is 2**20).
+MAX_TOKENS = 2**24
+#: Solver steps of one sampling run.
+MAX_SOLVER_STEPS = 10_000
 
 
 class RangeError(ValueError):
@@ -133,6 +151,10 @@ def in_range(lo: float | None = None, hi: float | None = None, *, lo_open: bool 
 positive = Range(0, lo_open=True)
 #: >= 0: counts where 0 has a documented meaning ("off", "at the end only", "keep all").
 non_negative = Range(0)
+#: A seed: [0, MAX_SEED].
+SEED = Range(0, MAX_SEED)
+#: A step number or an "every N steps" period (0 where the field documents it).
+EVERY = Range(0, MAX_STEPS)
 #: Any finite number (no range beyond "not NaN, not infinite").
 finite = Range()
 #: A probability or fraction: [0, 1].

@@ -163,3 +163,31 @@ def test_a_worker_ends_as_a_normal_exit_would(tmp_path):
                          text=True, env=env, timeout=120)
     assert bad.returncode == 2 and marker.read_text() == "yes"
     assert bad.stderr.strip() == f"minfm: error: recipe file not found: {tmp_path / 'nope.toml'}"
+
+
+def test_a_failed_allocation_is_one_line_not_a_bug(capsys, monkeypatch):
+    """torch's CPU allocator refuses what the machine cannot hold with a plain RuntimeError;
+    minfm's error boundary names it as what it is (exit 2), not as a bug in minFM."""
+    import torch
+
+    from minfm_core.cli import main as cli_main
+    from minfm_core.errors import out_of_memory_line
+
+    with pytest.raises(RuntimeError) as real:
+        torch.empty(2**47, dtype=torch.uint8)  # 128 TiB: past any overcommit heuristic
+    line = out_of_memory_line(real.value)
+    assert line is not None and line.startswith("out of memory: an allocation of 131,072.0 GiB failed")
+    assert out_of_memory_line(MemoryError()).startswith("out of memory: MemoryError")
+    assert out_of_memory_line(RuntimeError("shape mismatch")) is None
+    assert out_of_memory_line(ValueError("can't allocate memory")) is None
+
+    def command(args):
+        torch.empty(2**47, dtype=torch.uint8)
+
+    parser = cli_main.build_parser()
+    parser.set_defaults(func=command)  # a command that asks for too much, as a huge model would
+    monkeypatch.setattr(cli_main, "build_parser", lambda: parser)
+    assert cli_main.main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("minfm: error: out of memory: an allocation of 131,072.0 GiB failed")
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1

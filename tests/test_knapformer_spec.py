@@ -32,6 +32,16 @@ def test_parse_errors_name_the_form(text):
         parse_bags(text)
 
 
+def test_a_spec_holds_at_most_a_launch_of_ranks():
+    """A spec names ranks one by one (bag_ranks), so a spec of 10**35 ranks used to hang whatever read it."""
+    from minfm_core.launch_env import MAX_WORLD_SIZE
+
+    assert parse_bags(f"g{MAX_WORLD_SIZE // 2}n2").size == MAX_WORLD_SIZE
+    for text in (f"g{MAX_WORLD_SIZE}n2", "g1000000000000000n100000000000000000000", f"g1n{MAX_WORLD_SIZE}+g2n1"):
+        with pytest.raises(MinfmError, match=f"more than {MAX_WORLD_SIZE} ranks"):
+            parse_bags(text)
+
+
 def test_config_validates_bags():
     with pytest.raises(ValueError, match="expected 'g\\{G\\}n\\{N\\}'"):
         KnapformerConfig(bags="1x4")

@@ -43,6 +43,16 @@ def test_flux_ae_config_is_strict():
         structure({"latent_channel": 4}, comp.config, path="model.vae")
 
 
+@pytest.mark.parametrize("name", ["flux_ae", "wan"])
+def test_resolution_levels_are_bounded(name):
+    """Each level halves H and W: 9 levels (256x) or none is no VAE anyone has."""
+    comp = get_registry().get("vae", name)
+    field = "block_out_channels" if name == "flux_ae" else "dim_mult"
+    for levels in ([], [1] * 9):
+        with pytest.raises(RecipeError, match=f"model.vae.{field}: expected 1 to 8 levels, got {len(levels)}"):
+            structure({field: levels, "pretrained": None}, comp.config, path="model.vae")
+
+
 def test_flux_ae_builds_from_registry_on_meta_without_files():
     comp = get_registry().get("vae", "flux_ae")
     cfg = structure({"pretrained": "someone/uncached-repo/vae"}, comp.config)

@@ -132,6 +132,15 @@ def test_every_numeric_field_has_a_range():
     assert not missing, f"numeric fields without a declared range (minfm_core.validators): {missing}"
 
 
+def test_every_range_has_an_upper_bound():
+    """'> 0' let `d_model = 2**40` or `sample.steps = 10**12` through to an allocator error or a
+    gallery that never ends; every range names its largest sensible value (or inf, documented)."""
+    open_ended = [f"{label}.{a.name} ({range_of(a.validator)!r})" for _, label, _, _, a, _ in FIELDS
+                  if f"{label}.{a.name}" not in UNBOUNDED and range_of(a.validator) is not None
+                  and (range_of(a.validator).hi is None or range_of(a.validator).lo is None)]
+    assert not open_ended, f"numeric fields with a half-open range: {open_ended}"
+
+
 def test_the_sweep_covers_sections_and_components():
     labels = {label for _, label, *_ in FIELDS}
     assert {"[run]", "[train]", "[sample]"} <= labels
@@ -152,13 +161,14 @@ def test_out_of_range_value_is_refused_by_check(prefix, cls, comp, attribute, ba
 
 def test_range_error_reads_well(capsys):
     assert main(["check", RECIPE, "--set", "train.lr=nan"]) == 2
-    assert capsys.readouterr().err.strip() == f"minfm: error: {RECIPE}: train.lr: must be finite and >= 0, got nan"
+    assert capsys.readouterr().err.strip() == f"minfm: error: {RECIPE}: train.lr: must be finite and in [0, 1], got nan"
     assert main(["check", RECIPE, "--set", "train.adam_betas=[2.0, 0.5]"]) == 2
     assert "train.adam_betas: each element must be in [0, 1), got 2.0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("setting", ["train.total_batch_size=-1", "parallel={name = \"fsdp2\", shard_size = -1}",
-                                     "train.ema_decay=0.0", "train.ckpt_every=0", "train.grad_clip_norm=inf"])
+                                     "train.ema_decay=0.0", "train.ckpt_every=0", "train.grad_clip_norm=inf",
+                                     "train.grad_spike_threshold=inf"])
 def test_documented_sentinels_are_accepted(setting, capsys):
     """'-1: all ranks', '0 disables', 'inf: no clipping' are in the field docs, so they pass."""
     assert main(["check", RECIPE, "--set", setting]) == 0, capsys.readouterr().err
@@ -170,9 +180,9 @@ def test_ranges_are_listed_by_minfm_plugins(capsys):
     assert main(["plugins", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     train = {f["name"]: f for f in info["sections"]["train"]}
-    assert train["lr"]["range"] == ">= 0" and train["ema_decay"]["range"] == "in [0, 1)"
+    assert train["lr"]["range"] == "in [0, 1]" and train["ema_decay"]["range"] == "in [0, 1)"
     (flux,) = [c for c in info["kinds"]["denoiser"] if c["name"] == "flux"]
-    assert {f["name"]: f["range"] for f in flux["fields"]}["n_ds_blocks"] == ">= 0"
+    assert {f["name"]: f["range"] for f in flux["fields"]}["n_ds_blocks"] == "in [0, 1024]"
     assert main(["plugins"]) == 0
     assert "text_dropout: float = 0.1  # probability of dropping a prompt" in capsys.readouterr().out
 
@@ -182,3 +192,32 @@ def test_range_violations_are_outside_the_range():
         for integer in (True, False):
             for v in rng.violations(integer):
                 assert not rng.ok(v)
+
+
+def _arch_cases():
+    from minfm_plugins.text_encoders.configs import MAX_ARCH_INT
+    from minfm_plugins.text_encoders.presets import CLIP_PRESETS, T5_PRESETS
+
+    for encoder, presets in (("t5", T5_PRESETS), ("clip", CLIP_PRESETS)):
+        example = {k: v for preset in presets.values() for k, v in preset.items()}
+        for key, like in sorted(example.items()):
+            if isinstance(like, bool):
+                bad = ["1", '"yes"']
+            elif isinstance(like, str):
+                bad = ["1", '"' + "x" * 65 + '"']
+            elif isinstance(like, float):
+                bad = ["-0.5", "2.0", "nan", "true"]
+            else:
+                bad = ["-1", str(MAX_ARCH_INT + 1), "1.5", '"8"']
+            for value in bad:
+                yield pytest.param(encoder, key, value, id=f"{encoder}.arch.{key}={value}")
+
+
+@pytest.mark.parametrize(("encoder", "key", "value"), list(_arch_cases()))
+def test_encoder_arch_overrides_are_typed_and_bounded(encoder, key, value, capsys):
+    """A T5 / CLIP `arch` table is free-form, so each value is held to its preset's type and a range:
+    `arch = {d_model = 2**40}` used to reach transformers' allocator."""
+    slot = "model.text_encoder"
+    assert main(["check", RECIPE, "--set", f'{slot}={{name = "{encoder}", arch = {{{key} = {value}}}}}']) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{slot}.arch.{key}: expected " in err, err

@@ -101,7 +101,6 @@ LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
 # Ranges shared by several commands.
 MAX_PROCS = 1024  # local processes: more is a typo, not a machine
-MAX_SEED = 2**63 - 1  # manual_seed takes < 2**64: seed + the per-image offsets stays inside
 nprocs = int_in("--nproc-per-node", 1, MAX_PROCS)
 
 

@@ -66,6 +66,7 @@ def encode_split(vae, dataset, out: Path, split: str, *, shard_size: int, batch_
     import torch
     from safetensors.torch import save_file
 
+    from ..engine.runtime import indexed_seed
     from ..weights import DTYPES
 
     takes_generator = "generator" in inspect.signature(vae.encode).parameters
@@ -84,7 +85,7 @@ def encode_split(vae, dataset, out: Path, split: str, *, shard_size: int, batch_
         tensors: dict[str, Any] = {}
         entries = []
         # per-shard generator: a resumed or re-sharded run draws the same posterior samples
-        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + s)
+        gen = torch.Generator(device=device).manual_seed(indexed_seed(seed, s))
         for start in range(lo, hi, batch_size):
             items = [dataset[i] for i in range(start, min(start + batch_size, hi))]
             if any("image" not in it for it in items):

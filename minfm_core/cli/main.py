@@ -6,9 +6,9 @@ no traceback); 1 unexpected failure (traceback kept).
 :func:`main` is the one error boundary: an exception leaving a command is either a
 :class:`MinfmError` (the user's to fix: one line, exit 2) or a bug (traceback, a request to
 report it, exit 1). Errors are translated into MinfmErrors where they arise, naming the
-file; two kinds are translated here as a last resort because any command can meet them:
-``OSError`` (a full or read-only disk, a missing permission: ``minfm: error: FILE: reason``)
-and torch's ``CheckpointException``, which derives from ``BaseException`` and so slips past
+file; three kinds are translated here as a last resort because any command can meet them:
+``OSError`` (a full or read-only disk, a missing permission: ``minfm: error: FILE: reason``),
+a failed allocation (``minfm: error: out of memory: ...``) and torch's ``CheckpointException``, which derives from ``BaseException`` and so slips past
 ``except Exception``.
 """
 
@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from .. import __version__
-from ..errors import MinfmError, checkpoint_failures, first_line, os_error_line
+from ..errors import MinfmError, checkpoint_failures, first_line, os_error_line, out_of_memory_line
 from ..launch_env import is_multi_process
 from .argtypes import Parser as _Parser
 
@@ -72,8 +72,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"minfm: error: {os_error_line(exc)}", file=sys.stderr)
         return 2
-    except Exception:
-        return _bug()
+    except Exception as exc:
+        oom = out_of_memory_line(exc)
+        if oom is None:
+            return _bug()
+        print(f"minfm: error: {oom}", file=sys.stderr)
+        return 2
     except BaseException as exc:
         if _is_checkpoint_exception(exc):
             print(f"minfm: error: {checkpoint_error_line(exc)}", file=sys.stderr)

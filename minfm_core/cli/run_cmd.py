@@ -19,7 +19,8 @@ from ..errors import MinfmError, RecipeError
 from ..launch_env import launch_env
 from ..recipe import load_recipe
 from ..recipe.checks import job_checks
-from .argtypes import LOOPBACK, MAX_SEED, add_allow_pickle_flag, finite_float, int_in, nprocs, sample_size
+from ..validators import MAX_SEED
+from .argtypes import LOOPBACK, add_allow_pickle_flag, finite_float, int_in, nprocs, sample_size
 
 
 def register(sub) -> None:

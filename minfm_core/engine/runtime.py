@@ -66,6 +66,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def indexed_seed(seed: int, index: int) -> int:
+    """Item ``index``'s seed of a numbered stream (validation noise, a latents shard).
+
+    Kept below 2**64, the most ``torch.Generator.manual_seed`` takes, so any recipe seed
+    (up to 2**63 - 1) works; for seeds below ~9e12 it equals ``seed * 1_000_003 + index``.
+    """
+    return (seed * 1_000_003 + index) % 2**64
+
+
 def rank_seed(seed: int, rank: int, stream: int = 0) -> int:
     """Distinct, reproducible seeds per (rank, stream) derived from one run seed."""
     return int(np.random.SeedSequence([seed, rank, stream]).generate_state(1)[0])

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from .pipeline import per_sample_loss, prepare_batch
+from .runtime import indexed_seed
 
 
 @torch.no_grad()
@@ -29,7 +30,7 @@ def validation_loss(pipe, dataset, *, num_samples: int, batch_size: int, seed: i
         idx = idx or [0]
         samples = [dataset[g] for g in idx]
         t = torch.tensor([(g + 0.5) / n for g in idx])
-        seeds = [seed * 1_000_003 + g for g in idx]
+        seeds = [indexed_seed(seed, g) for g in idx]
         batch = prepare_batch(pipe, samples, torch.Generator(), text_dropout=0.0, t=t, noise_seeds=seeds)
         losses = per_sample_loss(pipe, batch)[:real]
         total += torch.stack([losses.sum().double(), torch.tensor(float(real), dtype=torch.float64, device=device)])

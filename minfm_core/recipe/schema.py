@@ -12,6 +12,7 @@ Contract paths: ``job``, ``run.exp_dir``, ``run.seed``, ``model.denoiser``,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -20,7 +21,10 @@ import attrs
 from ..config import ExpectedType, config, converter, field, short_repr
 from ..errors import RecipeError
 from ..suggest import did_you_mean
-from ..validators import MAX_SIDE, Range, RangeError, decay, finite, non_blank, non_negative, positive, probability
+from ..validators import (
+    EVERY, MAX_BATCH, MAX_SAMPLES, MAX_SIDE, MAX_SOLVER_STEPS, MAX_STEPS, SEED, Range, RangeError, decay, non_blank,
+    probability,
+)
 
 
 @attrs.frozen
@@ -95,7 +99,7 @@ class RunSection:
 
     exp_dir: str = field("experiments/default", doc="run directory: checkpoints, samples, logs, resolved recipe",
                          validator=non_blank)
-    seed: int = field(0, doc="global seed; each rank derives its own from it", validator=non_negative)
+    seed: int = field(0, doc="global seed; each rank derives its own from it", validator=SEED)
     device: Literal["auto", "cpu", "cuda"] = field("auto", doc="'auto' picks cuda when available")
     deterministic: bool = field(False, doc="torch deterministic algorithms: bitwise-repeatable runs, a little slower")
 
@@ -132,57 +136,62 @@ class SampleSection:
     source: str | None = field(
         None, doc="checkpoint, run dir or hf://org/name to sample from (job = 'sample')", file="ref"
     )
-    steps: int = field(50, doc="number of solver steps", validator=positive)
+    steps: int = field(50, doc="number of solver steps", validator=Range(1, MAX_SOLVER_STEPS))
     size: tuple[int, int, int] = field((1, 256, 256), doc="frames, height, width of generated images",
                                        validator=Range(1, MAX_SIDE))
     prompts: tuple[str, ...] = field((), doc="prompts to sample")
     prompt_file: str | None = field(None, doc="text file with one prompt per line", file="file")
     neg_prompt: str = field("", doc="negative prompt for the unconditional branch")
     distilled_guidance: float | None = field(
-        None, doc="FLUX-dev guidance-embedding scalar (None: not used)", validator=finite
+        None, doc="FLUX-dev guidance-embedding scalar (None: not used; FLUX.1-dev is trained on 1 to 10)",
+        validator=Range(0, 100)
     )
-    samples_per_prompt: int = field(1, doc="images per prompt", validator=positive)
-    batch_size: int = field(16, doc="samples per rank per sampler call", validator=positive)
+    samples_per_prompt: int = field(1, doc="images per prompt", validator=Range(1, MAX_SAMPLES))
+    batch_size: int = field(16, doc="samples per rank per sampler call", validator=Range(1, MAX_BATCH))
     use_ema: bool = field(True, doc="sample with EMA weights when the checkpoint has them")
     out_dir: str | None = field(None, doc="output folder (default: <exp_dir>/samples)")
     file_ext: Literal["png", "jpg"] = field("png", doc="image file format")
     save_npz: bool = field(False, doc="also write .npz batches (ADM evaluation layout)")
-    seed: int = field(0, doc="sampling seed", validator=non_negative)
+    seed: int = field(0, doc="sampling seed", validator=SEED)
 
 
 @config
 class TrainSection:
     """Optimisation, schedule, checkpoints and in-training evaluation (the seed's trainer)."""
 
-    max_steps: int = field(1000, doc="optimizer steps to train", validator=positive)
+    max_steps: int = field(1000, doc="optimizer steps to train", validator=Range(1, MAX_STEPS))
     total_batch_size: int = field(
-        -1, doc="global samples per optimizer step (-1: one micro-batch per rank)", validator=Range(1, also=(-1,))
+        -1, doc="global samples per optimizer step (-1: one micro-batch per rank)", validator=Range(1, MAX_BATCH, also=(-1,))
     )
-    batch_size: int = field(8, doc="micro-batch per rank; accumulation fills total_batch_size", validator=positive)
+    batch_size: int = field(8, doc="micro-batch per rank; accumulation fills total_batch_size",
+                            validator=Range(1, MAX_BATCH))
     lr: float = field(
-        3e-4, doc="peak learning rate (AdamW); 0 keeps the weights as loaded (tests of loading)", validator=non_negative
+        3e-4, doc="peak learning rate (AdamW; beyond 1 a step outruns any weight's scale); 0 keeps the weights as "
+        "loaded (tests of loading)", validator=Range(0, 1)
     )
-    min_lr: float = field(1e-5, doc="final learning rate of the cosine decay (at most lr)", validator=non_negative)
-    warmup_steps: int = field(1000, doc="linear warm-up steps (0: none)", validator=non_negative)
-    weight_decay: float = field(0.0, doc="AdamW weight decay", validator=non_negative)
+    min_lr: float = field(1e-5, doc="final learning rate of the cosine decay (at most lr)", validator=Range(0, 1))
+    warmup_steps: int = field(1000, doc="linear warm-up steps (0: none)", validator=EVERY)
+    weight_decay: float = field(
+        0.0, doc="AdamW weight decay (each step scales the weights by 1 - lr * weight_decay)", validator=Range(0, 1)
+    )
     adam_betas: tuple[float, float] = field((0.9, 0.95), doc="AdamW betas", validator=decay)
     grad_clip_norm: float = field(
         1.0, doc="clip the global gradient norm to this value (inf: no clipping)",
-        validator=Range(0, lo_open=True, allow_inf=True),
+        validator=Range(0, math.inf, lo_open=True, allow_inf=True),
     )
     grad_spike_threshold: float = field(
         2.0, doc="skip a step whose grad norm exceeds this multiple of the running mean (inf: never)",
-        validator=Range(1, lo_open=True, allow_inf=True),
+        validator=Range(1, math.inf, lo_open=True, allow_inf=True),
     )
-    grad_spike_start_step: int = field(1000, doc="spike detection starts after this step", validator=non_negative)
+    grad_spike_start_step: int = field(1000, doc="spike detection starts after this step", validator=EVERY)
     ema_decay: float = field(0.999, doc="EMA decay per optimizer step (0 disables EMA)", validator=decay)
     text_dropout: float = field(
         0.1, doc="probability of dropping a prompt (trains the unconditional branch for CFG)", validator=probability
     )
     ckpt_every: int = field(
-        2000, doc="save a checkpoint every N steps and at the end (0: at the end only)", validator=non_negative
+        2000, doc="save a checkpoint every N steps and at the end (0: at the end only)", validator=EVERY
     )
-    keep_last: int = field(3, doc="keep the last N checkpoints (0 keeps all)", validator=non_negative)
+    keep_last: int = field(3, doc="keep the last N checkpoints (0 keeps all)", validator=EVERY)
     init_from: str | None = field(None, doc="checkpoint, run dir or hf:// source to initialise from", file="ref")
     init_load_plan: str = field(
         "model:model,ema:ema,optimizer:optimizer,scheduler:scheduler,step:step",
@@ -192,15 +201,15 @@ class TrainSection:
         False, doc="also load checkpoints without a manifest (older minFM, other tools): their DCP .metadata "
         "is a pickle that can run code; only for checkpoints you trust (never honoured for downloads)",
     )
-    log_every: int = field(20, doc="log metrics every N steps (0: at the end only)", validator=non_negative)
-    val_every: int = field(10_000, doc="validation loss every N steps (0 disables)", validator=non_negative)
-    val_num_samples: int = field(10_000, doc="samples in the validation set", validator=positive)
-    sample_every: int = field(2000, doc="in-training sample gallery every N steps (0 disables)", validator=non_negative)
+    log_every: int = field(20, doc="log metrics every N steps (0: at the end only)", validator=EVERY)
+    val_every: int = field(10_000, doc="validation loss every N steps (0 disables)", validator=EVERY)
+    val_num_samples: int = field(10_000, doc="samples in the validation set", validator=Range(1, MAX_SAMPLES))
+    sample_every: int = field(2000, doc="in-training sample gallery every N steps (0 disables)", validator=EVERY)
     fid_every: int = field(
-        0, doc="FID of EMA samples against train.fid_ref every N steps (0 disables)", validator=non_negative
+        0, doc="FID of EMA samples against train.fid_ref every N steps (0 disables)", validator=EVERY
     )
     fid_num_samples: int = field(
-        1000, doc="images drawn for the in-training FID (prompts of the data's val split)", validator=Range(2)
+        1000, doc="images drawn for the in-training FID (prompts of the data's val split)", validator=Range(2, MAX_SAMPLES)
     )
     fid_ref: str | None = field(
         None, doc="reference images for the in-training FID: an .npz (ADM layout) or a folder", file="file"
@@ -212,8 +221,8 @@ class TrainSection:
         None, doc="Inception weights for the in-training FID (as minfm eval --inception)", file="ref"
     )
     sample_at_start: bool = field(False, doc="render a gallery before the first step")
-    profile_steps: tuple[int, ...] = field((), doc="steps to capture a profiler trace for", validator=non_negative)
-    gc_every: int = field(100, doc="run Python's garbage collector every N steps (0: never)", validator=non_negative)
+    profile_steps: tuple[int, ...] = field((), doc="steps to capture a profiler trace for", validator=EVERY)
+    gc_every: int = field(100, doc="run Python's garbage collector every N steps (0: never)", validator=EVERY)
 
 
 @config

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from minfm_core.config import config, field
-from minfm_core.validators import MAX_SIDE, Range, non_negative, positive, probability
+from minfm_core.validators import MAX_SAMPLES, MAX_SIDE, SEED, Range, probability
 
 #: Colours and shapes the ``shapes`` dataset knows how to draw (the palette is in shapes.py).
 SHAPE_COLOURS = ("red", "green", "blue", "yellow", "orange", "purple", "cyan", "magenta")
@@ -16,7 +16,7 @@ SHAPE_SIZES = ("small", "large")
 
 def _multiple_of_size_multiple(inst, attribute, value) -> None:
     m = inst.size_multiple
-    if not isinstance(m, int) or m <= 0:
+    if not (isinstance(m, int) and SIDE.ok(m)):
         return  # size_multiple's own range check names it (attrs validates fields in order)
     for hw in value:
         if len(hw) != 2 or any(v <= 0 or v % m for v in hw):
@@ -38,7 +38,7 @@ def _choices(allowed: tuple[str, ...]):
 
 
 def _multiple(inst, attribute, value) -> None:
-    if not isinstance(inst.size_multiple, int) or inst.size_multiple <= 0:
+    if not (isinstance(inst.size_multiple, int) and SIDE.ok(inst.size_multiple)):
         return  # size_multiple's own range check names it
     if value % inst.size_multiple:
         raise ValueError(f"{attribute.name}: {value} is not a multiple of size_multiple={inst.size_multiple}")
@@ -54,12 +54,17 @@ def _latents_dir():
     )
 
 
-_positive = positive
+#: A height, width or "multiple of" in pixels.
+SIDE = Range(1, MAX_SIDE)
+#: A pixel budget: at most a MAX_SIDE square.
+PIXELS = Range(1, MAX_SIDE**2)
+#: Samples in a split.
+SAMPLES = Range(1, MAX_SAMPLES)
 _probability = probability
 
 
 def _size_multiple():
-    return field(16, doc="every height and width must divide by this (VAE x patch)", validator=_positive)
+    return field(16, doc="every height and width must divide by this (VAE x patch)", validator=SIDE)
 
 
 def _colours():
@@ -81,16 +86,16 @@ def _sizes(per: str):
 
 
 def _num_samples(what: str):
-    return field(10_000, doc=f"{what} in the train split", validator=_positive)
+    return field(10_000, doc=f"{what} in the train split", validator=SAMPLES)
 
 
 def _num_val_samples(what: str):
-    return field(512, doc=f"{what} in the val split (drawn with a disjoint seed)", validator=_positive)
+    return field(512, doc=f"{what} in the val split (drawn with a disjoint seed)", validator=SAMPLES)
 
 
 def _seed(item: str):
     return field(0, doc=f"seed of the whole dataset; the same (seed, split, index) draws the same {item}",
-                 validator=non_negative)
+                 validator=SEED)
 
 
 @config
@@ -131,17 +136,17 @@ class ImageFolderConfig:
     )
     caption_column: str = field("text", doc="metadata.jsonl key that holds the caption")
     max_pixels: int = field(
-        256 * 256, doc="token budget: images are resized (aspect kept) to about this many pixels", validator=_positive
+        256 * 256, doc="token budget: images are resized (aspect kept) to about this many pixels", validator=PIXELS
     )
     size_multiple: int = field(
-        16, doc="height and width are center-cropped to multiples of this (VAE x patch)", validator=_positive
+        16, doc="height and width are center-cropped to multiples of this (VAE x patch)", validator=SIDE
     )
     p_flip: float = field(0.0, doc="probability of a horizontal flip (train split only)", validator=_probability)
     val_fraction: float = field(
         0.01, doc="share of images held out for 'val' when the root has no split folders",
         validator=Range(0, 1, hi_open=True),
     )
-    seed: int = field(0, doc="seed of the flips and the held-out selection", validator=non_negative)
+    seed: int = field(0, doc="seed of the flips and the held-out selection", validator=SEED)
     use_cached_latents: bool = _use_cached_latents()
     latents_dir: str | None = _latents_dir()
 
@@ -153,8 +158,8 @@ class ImagenetConfig:
     root: str = field(
         "", doc="ILSVRC root holding train/<wnid>/*.JPEG and val/ (unused with cached latents)", file="file"
     )
-    resolution: int = field(256, doc="side of the square crop", validator=[positive, _multiple])
-    size_multiple: int = field(16, doc="the resolution must divide by this (VAE x patch)", validator=_positive)
+    resolution: int = field(256, doc="side of the square crop", validator=[SIDE, _multiple])
+    size_multiple: int = field(16, doc="the resolution must divide by this (VAE x patch)", validator=SIDE)
     p_flip: float = field(0.5, doc="probability of a horizontal flip (train split only)", validator=_probability)
     val_labels: str = field(
         "",
@@ -163,7 +168,7 @@ class ImagenetConfig:
         file="file",
     )
     prompt_template: str = field("{name}", doc="prompt made from the class; {name} is its first WordNet lemma")
-    seed: int = field(0, doc="seed of the flips", validator=non_negative)
+    seed: int = field(0, doc="seed of the flips", validator=SEED)
     use_cached_latents: bool = _use_cached_latents()
     latents_dir: str | None = _latents_dir()
 
@@ -240,7 +245,7 @@ def _dataset_table(inst, attribute, value) -> None:
 class MixSource:
     """One dataset of a mix and its share of the samples."""
 
-    weight: float = field(1.0, doc="relative share of this dataset's samples in the mix", validator=Range(0, lo_open=True))
+    weight: float = field(1.0, doc="relative share of this dataset's samples in the mix", validator=Range(0, 1e6, lo_open=True))
     dataset: dict = field(
         factory=lambda: {"name": "shapes"}, doc="the dataset's own table: name = '<dataset>' and its fields",
         validator=_dataset_table, component="dataset",
@@ -258,7 +263,7 @@ class MixConfig:
 
     num_samples: int | None = field(
         None, doc="samples per epoch of the mix (None: enough that every source is seen whole once)",
-        validator=Range(1),
+        validator=SAMPLES,
     )
     period: int = field(
         1000, doc="the weights are met exactly in every run of this many consecutive indices",
@@ -292,16 +297,16 @@ class VideoFolderConfig:
     )
     max_pixels: int = field(
         128 * 128, doc="token budget per frame: frames are resized (aspect kept) to about this many pixels",
-        validator=_positive,
+        validator=PIXELS,
     )
     size_multiple: int = field(
-        16, doc="height and width are center-cropped to multiples of this (VAE x patch)", validator=_positive
+        16, doc="height and width are center-cropped to multiples of this (VAE x patch)", validator=SIDE
     )
     p_flip: float = field(0.0, doc="probability of flipping a clip horizontally (train split only)", validator=_probability)
     val_fraction: float = field(
         0.01, doc="share of videos held out for 'val' when the root has no split folders",
         validator=Range(0, 1, hi_open=True),
     )
-    seed: int = field(0, doc="seed of the clip starts, the flips and the held-out selection", validator=non_negative)
+    seed: int = field(0, doc="seed of the clip starts, the flips and the held-out selection", validator=SEED)
     use_cached_latents: bool = _use_cached_latents()
     latents_dir: str | None = _latents_dir()

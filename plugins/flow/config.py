@@ -5,7 +5,16 @@ from __future__ import annotations
 
 
 from minfm_core.config import Dtype, config, field
-from minfm_core.validators import finite, non_negative, positive
+from minfm_core.validators import MAX_SOLVER_STEPS, MAX_TOKENS, Range
+
+#: A patch or compression side in latent cells (FLUX: 2; Wan's VAE: 4 in time, 8 in space).
+PATCH = Range(1, 64)
+#: The mean of a logit-normal (or a log-shift): at +-10 the median t is within 5e-5 of 0 or 1.
+LOGIT_MEAN = Range(-10, 10)
+#: Its spread, on the same logit scale.
+LOGIT_STD = Range(0, 10, lo_open=True)
+#: A guidance scale (CFG's usual values are 1 to 15).
+GUIDANCE = Range(0, 100)
 
 
 def _positive_ints(instance, attribute, value) -> None:
@@ -20,11 +29,11 @@ class Patch3DConfig:
     """Cut (C, F, H, W) latents into frames x height x width patches; mixed sizes per batch."""
 
     patch_size: tuple[int, int, int] = field(
-        (1, 2, 2), doc="patch extent in latent cells as (frames, height, width)", validator=[positive, _positive_ints]
+        (1, 2, 2), doc="patch extent in latent cells as (frames, height, width)", validator=[PATCH, _positive_ints]
     )
     vae_compression: tuple[int, int, int] | None = field(
         None, doc="the VAE's (frames, height, width) compression; checked against the VAE when set",
-        validator=[positive, _positive_ints],
+        validator=[PATCH, _positive_ints],
     )
 
 
@@ -44,8 +53,8 @@ class UniformTimeConfig:
 class LogitNormalTimeConfig:
     """t = sigmoid(mu + sigma * z), z ~ N(0, 1) (SD3's logit-normal sampling)."""
 
-    mu: float = field(0.0, doc="mean of the normal before the sigmoid (> 0 favours noisier t)", validator=finite)
-    sigma: float = field(1.0, doc="std of the normal before the sigmoid", validator=positive)
+    mu: float = field(0.0, doc="mean of the normal before the sigmoid (> 0 favours noisier t)", validator=LOGIT_MEAN)
+    sigma: float = field(1.0, doc="std of the normal before the sigmoid", validator=LOGIT_STD)
 
 
 def _lens_differ(instance, attribute, value) -> None:
@@ -57,10 +66,10 @@ def _lens_differ(instance, attribute, value) -> None:
 class ResolutionShiftConfig:
     """Shift t towards noise for larger images: mu linear in token count, t' = e^mu / (e^mu + 1/t - 1) (FLUX)."""
 
-    base_len: int = field(256, doc="token count at which the shift is base_shift", validator=positive)
-    base_shift: float = field(0.5, doc="mu at base_len", validator=finite)
-    max_len: int = field(4096, doc="token count at which the shift is max_shift", validator=[positive, _lens_differ])
-    max_shift: float = field(1.15, doc="mu at max_len (extrapolated linearly beyond)", validator=finite)
+    base_len: int = field(256, doc="token count at which the shift is base_shift", validator=Range(1, MAX_TOKENS))
+    base_shift: float = field(0.5, doc="mu at base_len (the shift is e^mu)", validator=LOGIT_MEAN)
+    max_len: int = field(4096, doc="token count at which the shift is max_shift", validator=[Range(1, MAX_TOKENS), _lens_differ])
+    max_shift: float = field(1.15, doc="mu at max_len (extrapolated linearly beyond)", validator=LOGIT_MEAN)
 
 
 @config
@@ -77,8 +86,8 @@ class UniformWeightConfig:
 class LogitNormalWeightConfig:
     """Weight the loss by the logit-normal pdf at t (its mean under t ~ U(0, 1) is 1)."""
 
-    mu: float = field(0.0, doc="mean of the normal before the sigmoid", validator=finite)
-    sigma: float = field(1.0, doc="std of the normal before the sigmoid", validator=positive)
+    mu: float = field(0.0, doc="mean of the normal before the sigmoid", validator=LOGIT_MEAN)
+    sigma: float = field(1.0, doc="std of the normal before the sigmoid", validator=LOGIT_STD)
 
 
 @config
@@ -95,7 +104,8 @@ class HeunConfig:
 class DDIMSDEConfig:
     """The seed's eta-controlled DDIM step: eta = 0 is deterministic DDIM (= Euler), eta = 1 stochastic."""
 
-    eta: float = field(1.0, doc="share of fresh noise injected per step (0: deterministic)", validator=non_negative)
+    eta: float = field(1.0, doc="share of fresh noise injected per step (0: deterministic; a step saturates to all fresh "
+                     "noise near eta = steps)", validator=Range(0, MAX_SOLVER_STEPS))
 
 
 @config
@@ -103,7 +113,7 @@ class CFGConfig:
     """Classifier-free guidance: v = v_u + s (v_c - v_u)."""
 
     scale: float = field(5.0, doc="guidance scale s (1: conditional only, no unconditional pass)",
-                         validator=non_negative)
+                         validator=GUIDANCE)
 
 
 @config
@@ -111,4 +121,4 @@ class EPCFGConfig:
     """Energy-preserving CFG: CFG rescaled per sample to the conditional velocity's energy (arXiv 2412.09966)."""
 
     scale: float = field(5.0, doc="guidance scale s (1: conditional only, no unconditional pass)",
-                         validator=non_negative)
+                         validator=GUIDANCE)

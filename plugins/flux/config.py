@@ -14,7 +14,7 @@ from typing import Literal
 import attrs
 
 from minfm_core.config import config, field
-from minfm_core.validators import non_negative, positive
+from minfm_core.validators import MAX_DEPTH, MAX_WIDTH, Range
 
 #: Flavor name -> the value of every model field (parameter counts are pinned by tests).
 FLAVORS: dict[str, dict] = {
@@ -35,7 +35,9 @@ FLAVORS: dict[str, dict] = {
     ),
 }
 
-_pos = positive  # None (unset: the flavor's value) passes every range
+# None (unset: the flavor's value) passes every range.
+WIDTH = Range(1, MAX_WIDTH)
+DEPTH = Range(0, MAX_DEPTH)
 
 
 @config
@@ -45,21 +47,21 @@ class FluxConfig:
     flavor: Literal["flux-debug", "flux-tiny", "flux-dev"] | None = field(
         None, doc="named defaults for every field left unset (flux-debug, flux-tiny, flux-dev)"
     )
-    d_model: int | None = field(None, doc="hidden width (heads = d_model / d_head)", validator=_pos)
-    d_head: int | None = field(None, doc="width of one attention head", validator=_pos)
-    n_ds_blocks: int | None = field(None, doc="double-stream blocks (separate text/image weights)", validator=non_negative)
+    d_model: int | None = field(None, doc="hidden width (heads = d_model / d_head)", validator=WIDTH)
+    d_head: int | None = field(None, doc="width of one attention head", validator=WIDTH)
+    n_ds_blocks: int | None = field(None, doc="double-stream blocks (separate text/image weights)", validator=DEPTH)
     n_ss_blocks: int | None = field(
-        None, doc="single-stream blocks (shared weights, fused linear1/linear2)", validator=non_negative
+        None, doc="single-stream blocks (shared weights, fused linear1/linear2)", validator=DEPTH
     )
-    d_txt: int | None = field(None, doc="width of the text encoder's token embeddings", validator=_pos)
-    d_vec: int | None = field(None, doc="width of the pooled conditioning vector (CLIP / class embedding)", validator=_pos)
-    d_img: int | None = field(None, doc="width of one image token = latent channels x patch volume", validator=_pos)
+    d_txt: int | None = field(None, doc="width of the text encoder's token embeddings", validator=WIDTH)
+    d_vec: int | None = field(None, doc="width of the pooled conditioning vector (CLIP / class embedding)", validator=WIDTH)
+    d_img: int | None = field(None, doc="width of one image token = latent channels x patch volume", validator=WIDTH)
     rope_axes: tuple[int, ...] | None = field(
-        None, doc="RoPE dims per position axis (t, y, x); sum = d_head, each even", validator=positive
+        None, doc="RoPE dims per position axis (t, y, x); sum = d_head, each even", validator=WIDTH
     )
-    rope_theta: int | None = field(None, doc="RoPE base frequency", validator=_pos)
+    rope_theta: int | None = field(None, doc="RoPE base frequency (FLUX: 10,000)", validator=Range(1, 10**9))
     guidance_embed: bool | None = field(None, doc="add a distilled-guidance embedding (FLUX.1-dev)")
-    mlp_ratio: float | None = field(None, doc="MLP hidden width / d_model", validator=_pos)
+    mlp_ratio: float | None = field(None, doc="MLP hidden width / d_model", validator=Range(0, 64, lo_open=True))
     qkv_bias: bool | None = field(None, doc="bias in the q/k/v projections")
     pretrained: str | None = field(
         None, doc="weights to load: a BFL .safetensors file, a folder holding one (or a diffusers transformer), or a Hub id",

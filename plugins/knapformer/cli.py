@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from minfm_core.cli.argtypes import MAX_SEED, finite_float, int_in
+from minfm_core.cli.argtypes import finite_float, int_in
+from minfm_core.validators import MAX_SEED
+
+from .config import MAX_GAMMA, MAX_TOLERANCE
 
 SYNTHETIC_NAMES = ("bucket", "few", "imagenet", "long_tail", "mixed", "near_balanced", "video", "with2048")
 
@@ -33,8 +36,8 @@ def add_parser(sub) -> None:
                    help="frames of such a clip, drawn per clip (default 17 33 49), through the VAE's time compression")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="recipe override")
     s.add_argument("--d", type=int_in("--d", 1), default=None, help="hidden width (default: the recipe denoiser's d_model, else 3072)")
-    s.add_argument("--gamma", type=finite_float("--gamma", 0.0), default=None, help="attention weight in the workload model (default: recipe's, else 0.5)")
-    s.add_argument("--tolerance", type=finite_float("--tolerance", 0.0), default=None, help="locality tolerance of our planner (default: recipe's, else 0)")
+    s.add_argument("--gamma", type=finite_float("--gamma", 0.0, MAX_GAMMA), default=None, help="attention weight in the workload model (default: recipe's, else 0.5)")
+    s.add_argument("--tolerance", type=finite_float("--tolerance", 0.0, MAX_TOLERANCE), default=None, help="locality tolerance of our planner (default: recipe's, else 0)")
     s.add_argument("--trace-out", help="write the trace used as JSON")
     s.set_defaults(func=_simulate)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])

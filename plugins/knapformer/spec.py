@@ -13,6 +13,7 @@ import re
 import attrs
 
 from minfm_core.errors import MinfmError
+from minfm_core.launch_env import MAX_WORLD_SIZE
 
 _TERM = re.compile(r"g([1-9][0-9]*)n([1-9][0-9]*)")
 FORM = "'g{G}n{N}' terms joined by '+', e.g. 'g1n8' or 'g1n2+g2n1+g4n1' (N bags of G GPUs each)"
@@ -65,4 +66,6 @@ def parse_bags(text: str) -> BagSpec:
         if g in terms:
             raise MinfmError(f"bag spec {text!r}: G={g} appears twice; write it once as g{g}n{terms[g] + n}")
         terms[g] = n
+        if sum(g * n for g, n in terms.items()) > MAX_WORLD_SIZE:
+            raise MinfmError(f"bag spec {text!r}: more than {MAX_WORLD_SIZE} ranks (the most a launch may have)")
     return BagSpec(tuple(sorted(terms.items())))

@@ -5,9 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from minfm_core.config import config, field
-from minfm_core.validators import non_negative
-
-_non_negative = non_negative
+from minfm_core.validators import EVERY, Range
 
 
 @config
@@ -15,7 +13,7 @@ class ConsoleConfig:
     """One plain-text progress line per log call: step, loss, lr, grad-norm, tokens/s, MFU, ETA."""
 
     stream: Literal["stdout", "stderr"] = field("stdout", doc="where the lines go")
-    bar_width: int = field(20, doc="characters of the text progress bar (0 hides it)", validator=_non_negative)
+    bar_width: int = field(20, doc="characters of the text progress bar (0 hides it)", validator=Range(0, 1000))
 
 
 @config
@@ -23,7 +21,7 @@ class JsonlConfig:
     """Appends each log call to <run_dir>/metrics.jsonl and draws <run_dir>/loss.png."""
 
     plot_every: int = field(
-        50, doc="redraw loss.png every this many log calls (0: only when the run closes)", validator=_non_negative
+        50, doc="redraw loss.png every this many log calls (0: only when the run closes)", validator=EVERY
     )
 
 

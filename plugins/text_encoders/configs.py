@@ -13,16 +13,36 @@ import re
 from typing import Any, Literal
 
 from minfm_core.config import Dtype, config, field
-from minfm_core.validators import Range, non_negative, positive
+from minfm_core.validators import MAX_WIDTH, SEED, Range, RangeError
 
 from .presets import CLIP_PRESETS, T5_PRESETS
 from .words import SHAPES_WORDS
 
-_positive = positive
+#: An embedding width.
+WIDTH = Range(1, MAX_WIDTH)
+#: Tokens per prompt (FLUX-dev's T5: 512).
+MAX_PROMPT_TOKENS = 65536
+TOKENS = Range(1, MAX_PROMPT_TOKENS)
+#: Integer architecture fields (widths, layers, vocabularies: mT5's is 250,112, token ids).
+MAX_ARCH_INT = 2**20
+
+
+def _arch_value_error(value: Any, like: Any) -> str | None:
+    """Why ``value`` cannot stand where the preset has ``like`` (None: it can)."""
+    if isinstance(like, bool):
+        return None if isinstance(value, bool) else "expected true or false"
+    if isinstance(like, str):
+        return None if isinstance(value, str) and len(value) <= 64 else "expected a short string"
+    if isinstance(like, float):  # epsilons and dropout rates
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1
+        return None if ok else "expected a number in [0, 1]"
+    ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_ARCH_INT
+    return None if ok else f"expected an integer in [0, {MAX_ARCH_INT}]"
 
 
 def _known_keys(presets: dict[str, dict[str, Any]]):
     keys = set().union(*presets.values())
+    example = {k: v for preset in presets.values() for k, v in preset.items()}
 
     def check(inst, attribute, value) -> None:
         bad = [k for k in value if not isinstance(k, str)]
@@ -31,6 +51,10 @@ def _known_keys(presets: dict[str, dict[str, Any]]):
         unknown = [k for k in value if k not in keys and k not in _EXTRA_ARCH_KEYS]
         if unknown:
             raise ValueError(f"{attribute.name}: unknown architecture key(s) {', '.join(unknown)}; known: {', '.join(sorted(keys))}")
+        for k, v in value.items():
+            why = _arch_value_error(v, example.get(k, 0))  # the extra keys are token ids
+            if why:
+                raise RangeError(f"{attribute.name}.{k}", f"{why}, got {v!r}"[:200])
 
     return check
 
@@ -84,7 +108,7 @@ class T5EncoderConfig(_HubTextEncoder):
     )
     arch: dict = field(factory=dict, doc="overrides of the preset's transformers T5Config fields (e.g. tiny test models)",
                        validator=_known_keys(T5_PRESETS))
-    max_length: int = field(256, doc="tokens per prompt, truncated beyond (FLUX-dev: 512, schnell: 256)", validator=_positive)
+    max_length: int = field(256, doc="tokens per prompt, truncated beyond (FLUX-dev: 512, schnell: 256)", validator=TOKENS)
     mask_padding: bool = field(True, doc="hide padding tokens from T5's attention (False: BFL FLUX, pads to max_length)")
     keep_padding: bool = field(False, doc="return the padding tokens too (every prompt max_length tokens)")
     dtype: Dtype = field("bf16", doc="weights and compute dtype")
@@ -115,7 +139,7 @@ class ClipEncoderConfig(_HubTextEncoder):
     )
     arch: dict = field(factory=dict, doc="overrides of the preset's transformers CLIPTextConfig fields",
                        validator=_known_keys(CLIP_PRESETS))
-    max_length: int = field(77, doc="tokens per prompt, truncated beyond (CLIP's position table: 77)", validator=_positive)
+    max_length: int = field(77, doc="tokens per prompt, truncated beyond (CLIP's position table: 77)", validator=TOKENS)
     dtype: Dtype = field("bf16", doc="weights and compute dtype")
     compile: bool = field(True, doc="torch.compile the encoder when it runs on CUDA (never on CPU)")
 
@@ -140,8 +164,8 @@ class ClassEmbeddingConfig:
     )
     tensor: str = field("embeddings", doc="name of the table inside the safetensors file")
     num_rows: int = field(1001, doc="rows of the table: classes plus the unconditional row (ImageNet: 1000 + 1)",
-                          validator=_positive)
-    dim: int = field(768, doc="embedding width", validator=_positive)
+                          validator=Range(1, 2**24))  # ImageNet-21k: 21,841 classes
+    dim: int = field(768, doc="embedding width", validator=WIDTH)
     pooled: bool = field(False, doc="True: one (n, dim) vector per prompt (vec input); False: one token per prompt")
     unknown: Literal["error", "unconditional"] = field(
         "error", doc="what an unknown prompt gets: an error, or the unconditional row"
@@ -157,9 +181,9 @@ class ClassEmbeddingConfig:
 class VocabEncoderConfig:
     """Frozen word-vocabulary encoder for the built-in shapes captions: fixed seeded embeddings, no files."""
 
-    dim: int = field(64, doc="embedding width", validator=_positive)
+    dim: int = field(64, doc="embedding width", validator=WIDTH)
     pooled: bool = field(False, doc="True: the mean over a prompt's tokens (n, dim); False: packed per-token")
     words: tuple[str, ...] = field(SHAPES_WORDS, doc="vocabulary (lower-case); other words map to <unk>")
-    max_length: int = field(32, doc="tokens per prompt including the closing <eos>", validator=Range(2))
-    seed: int = field(0, doc="seed of the embeddings; each word's row depends only on (seed, word)", validator=non_negative)
+    max_length: int = field(32, doc="tokens per prompt including the closing <eos>", validator=Range(2, MAX_PROMPT_TOKENS))
+    seed: int = field(0, doc="seed of the embeddings; each word's row depends only on (seed, word)", validator=SEED)
     dtype: Dtype = field("fp32", doc="dtype of the table")

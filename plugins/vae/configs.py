@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from minfm_core.config import Dtype, config, field
-from minfm_core.validators import finite, positive
+from minfm_core.validators import MAX_DEPTH, MAX_FRAMES, MAX_WIDTH, Range
 from minfm_core.pretrained import is_local, parse_hub_ref
 
-_positive = positive
+#: Channels of a level, an image or the latents.
+CHANNELS = Range(1, MAX_WIDTH)
+#: Blocks per level.
+BLOCKS = Range(1, MAX_DEPTH)
+#: Resolution levels: each after the first halves H and W, so 8 levels downsample 128x.
+MAX_LEVELS = 8
 #: FLUX's latent scale and shift: what an original ``ae.safetensors`` (which records none) uses.
 FLUX_SCALE, FLUX_SHIFT = 0.3611, 0.1159
 
@@ -17,9 +22,9 @@ def _groups_divide_channels(inst, attribute, value) -> None:
         raise ValueError(f"{attribute.name}: {value} does not divide block_out_channels {bad}")
 
 
-def _non_empty(inst, attribute, value) -> None:
-    if not value or any(c <= 0 for c in value):
-        raise ValueError(f"{attribute.name}: expected one or more positive channel counts, got {value}")
+def _levels(inst, attribute, value) -> None:
+    if not 1 <= len(value) <= MAX_LEVELS:
+        raise ValueError(f"{attribute.name}: expected 1 to {MAX_LEVELS} levels, got {len(value)}")
 
 
 def vae_source(pretrained: str) -> str:
@@ -43,22 +48,24 @@ class FluxAEConfig:
     scale: float | None = field(
         None, doc="latent = scale * (z - shift) on encode, undone on decode; None: the weights' own (a diffusers "
         "folder's config.json scaling_factor, else FLUX's 0.3611); a value the folder contradicts is an error",
-        validator=positive,
+        validator=Range(0, 100, lo_open=True),
     )
     shift: float | None = field(
         None, doc="latent shift; None: the weights' own (config.json shift_factor, else FLUX's 0.1159)",
-        validator=finite,
+        validator=Range(-100, 100),
     )
-    chunk_size: int = field(64, doc="frames per encoder/decoder call (bounds activation memory)", validator=_positive)
-    image_channels: int = field(3, doc="channels of the images", validator=_positive)
-    latent_channels: int = field(16, doc="channels of the latents (FLUX: 16)", validator=_positive)
+    chunk_size: int = field(
+        64, doc="frames per encoder/decoder call (bounds activation memory)", validator=Range(1, MAX_FRAMES)
+    )
+    image_channels: int = field(3, doc="channels of the images", validator=CHANNELS)
+    latent_channels: int = field(16, doc="channels of the latents (FLUX: 16)", validator=CHANNELS)
     block_out_channels: tuple[int, ...] = field(
         (128, 256, 512, 512), doc="channels per resolution level; each level after the first halves H and W",
-        validator=[positive, _non_empty],
+        validator=[CHANNELS, _levels],
     )
-    layers_per_block: int = field(2, doc="ResNet blocks per encoder level (the decoder has one more)", validator=_positive)
+    layers_per_block: int = field(2, doc="ResNet blocks per encoder level (the decoder has one more)", validator=BLOCKS)
     norm_num_groups: int = field(32, doc="GroupNorm groups; must divide every block_out_channels entry",
-                                 validator=[_positive, _groups_divide_channels])
+                                 validator=[CHANNELS, _groups_divide_channels])
 
     @property
     def compression(self) -> tuple[int, int, int]:
@@ -75,7 +82,7 @@ class FluxAEConfig:
 class IdentityVAEConfig:
     """No autoencoder: train on pixels (small data); compression 1, latent channels = image channels."""
 
-    channels: int = field(3, doc="channels of the images (and so of the 'latents')", validator=_positive)
+    channels: int = field(3, doc="channels of the images (and so of the 'latents')", validator=CHANNELS)
 
     @property
     def latent_channels(self) -> int:
@@ -108,18 +115,18 @@ class WanVAEConfig:
     sample_posterior: bool = field(
         False, doc="encode to a sample of the posterior; false: its mean (what diffusers' Wan pipelines use)"
     )
-    base_dim: int = field(96, doc="channels of the first level (Wan 2.1: 96)", validator=_positive)
-    z_dim: int = field(16, doc="latent channels (Wan 2.1: 16)", validator=_positive)
+    base_dim: int = field(96, doc="channels of the first level (Wan 2.1: 96)", validator=CHANNELS)
+    z_dim: int = field(16, doc="latent channels (Wan 2.1: 16)", validator=CHANNELS)
     dim_mult: tuple[int, ...] = field(
         (1, 2, 4, 4), doc="channel multiplier per level; each level after the first halves H and W",
-        validator=[positive, _non_empty],
+        validator=[Range(1, 64), _levels],
     )
-    num_res_blocks: int = field(2, doc="residual blocks per level", validator=_positive)
+    num_res_blocks: int = field(2, doc="residual blocks per level", validator=BLOCKS)
     temperal_downsample: tuple[bool, ...] = field(
         (False, True, True), doc="per downsampling level, whether it also halves time (diffusers' spelling)",
         validator=_one_flag_per_level,
     )
-    image_channels: int = field(3, doc="channels of the images", validator=_positive)
+    image_channels: int = field(3, doc="channels of the images", validator=CHANNELS)
 
     @property
     def latent_channels(self) -> int:
