@@ -105,6 +105,17 @@ def test_latents_cache_equals_on_the_fly_encoding(tmp_path, vae_folder, minfm):
     assert len(val) == 3 and {e["split"] for e in val} == {"val"}
 
 
+def test_the_largest_seed_draws_posterior_samples(tmp_path, vae_folder, minfm):
+    """Shard s draws with seed * 1_000_003 + s, which overflowed torch's generator past ~1.8e13."""
+    from minfm_core.validators import MAX_SEED
+
+    path = recipe(tmp_path, vae_folder, sample_posterior=True)
+    out = tmp_path / "latents"
+    res = minfm("cache", "latents", str(path), "--out", str(out), "--shard-size", "4", "--set", f"run.seed={MAX_SEED}")
+    assert res.returncode == 0, res.stderr
+    assert len(json.loads((out / "train" / "index.json").read_text())["entries"]) == 10
+
+
 @pytest.mark.slow
 def test_interrupted_run_resumes_without_re_encoding_finished_shards(tmp_path, vae_folder, minfm):
     path = recipe(tmp_path, vae_folder, sample_posterior=True)
