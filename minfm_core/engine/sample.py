@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from .. import checkpoint as ckpt_mod
 from ..errors import MinfmError
+from ..images import read_rgb
 from ..jsonio import parse_json
 from ..safepath import recipe_root, trust_boundary, write_bytes_atomic, write_text_atomic
 from ..weights import check_weights_folder, has_weights, load_safetensors_into
@@ -377,7 +378,7 @@ def write_npz(path: Path, files: list[Path], fps: int | None = None) -> None:
     import tempfile
     import zipfile
 
-    load = (lambda p: read_webp(p, fps)) if fps else (lambda p: np.asarray(_open(p), dtype=np.uint8))  # noqa: E731
+    load = (lambda p: read_webp(p, fps)) if fps else (lambda p: np.asarray(read_rgb(p), dtype=np.uint8))  # noqa: E731
     first = load(files[0])
     shape = (len(files), *first.shape)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # never a planted link
@@ -394,8 +395,3 @@ def write_npz(path: Path, files: list[Path], fps: int | None = None) -> None:
     os.replace(tmp, path)
 
 
-def _open(path: Path):
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return im.convert("RGB").copy()

@@ -22,7 +22,9 @@ from minfm_core.jsonio import parse_json
 from minfm_core.safepath import relative_inside
 
 from .configs import ImageFolderConfig
-from .images import Flips, budget_size, open_rgb, resize_and_center_crop, to_tensor
+from minfm_core.images import read_rgb
+
+from .images import Flips, budget_size, resize_and_center_crop, to_tensor
 from .latents import CachedLatentsDataset
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -63,7 +65,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         path, caption = self.items[index]
-        image = open_rgb(path)
+        image = read_rgb(path)
         w, h = budget_size(image.width, image.height, self.cfg.max_pixels, self.cfg.size_multiple)
         image = resize_and_center_crop(image, w, h)
         pixels = to_tensor(image)

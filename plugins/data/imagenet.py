@@ -29,7 +29,9 @@ from PIL import Image
 from minfm_core.errors import MinfmError
 
 from .configs import ImagenetConfig
-from .images import Flips, center_square, open_rgb, to_tensor
+from minfm_core.images import read_rgb
+
+from .images import Flips, center_square, to_tensor
 from .latents import CachedLatentsDataset
 
 CLASSES_FILE = Path(__file__).with_name("imagenet_classes.txt")
@@ -89,7 +91,7 @@ class ImagenetDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         path, label = self.items[index]
         r = self.cfg.resolution
-        image = center_square(open_rgb(path)).resize((r, r), Image.Resampling.LANCZOS)
+        image = center_square(read_rgb(path)).resize((r, r), Image.Resampling.LANCZOS)
         pixels = to_tensor(image)
         if self.flips(index):
             pixels = pixels.flip(-1)

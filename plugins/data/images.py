@@ -8,8 +8,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from minfm_core.errors import MinfmError
-
 
 def budget_size(width: int, height: int, max_pixels: int, multiple: int) -> tuple[int, int]:
     """(width, height) of the crop for an image under a pixel budget, both multiples of ``multiple``.
@@ -55,14 +53,6 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     """PIL RGB image -> float tensor (3, 1, H, W) in [-1, 1] (one frame)."""
     array = np.asarray(image.convert("RGB"), dtype=np.float32)
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(1).div(127.5).sub(1.0).clamp(-1.0, 1.0)
-
-
-def open_rgb(path) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, ValueError) as exc:
-        raise MinfmError(f"cannot read image {path}: {exc}") from None
 
 
 def rng_for(seed: int, *keys: int) -> np.random.Generator:

@@ -83,15 +83,11 @@ def image_batches(source: str | Path, batch_size: int) -> tuple[int, Iterator[np
 
 
 def _folder_batches(files: list[Path], batch_size: int) -> Iterator[np.ndarray]:
-    from PIL import Image
+    from minfm_core.images import read_rgb
 
     batch: list[np.ndarray] = []
     for p in files:
-        try:
-            with Image.open(p) as im:
-                a = np.asarray(im.convert("RGB"))
-        except OSError as exc:
-            raise MinfmError(f"{p}: not a readable image ({exc})") from None
+        a = np.asarray(read_rgb(p))
         if batch and (len(batch) == batch_size or a.shape != batch[0].shape):
             yield np.stack(batch)
             batch = []

@@ -1,0 +1,30 @@
+"""Reading image files that come from outside (datasets, folders to evaluate) as RGB.
+
+One reader so that every such file gets the same treatment: a missing, truncated or
+undecodable file, and one larger than PIL's decompression-bomb limit (about 179 M pixels:
+a few-KB PNG can declare 20,000 x 20,000 pixels, gigabytes once decoded), is a one-line
+error naming the file, never a traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import MinfmError, first_line
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+
+def read_rgb(path: str | Path) -> Image:
+    """The image at ``path``, decoded and converted to RGB."""
+    from PIL import Image as PILImage
+
+    try:
+        with PILImage.open(path) as im:
+            return im.convert("RGB")
+    except PILImage.DecompressionBombError as exc:
+        raise MinfmError(f"{path}: image too large to decode safely ({first_line(exc, 120)})") from None
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL raises SyntaxError for some malformed headers
+        raise MinfmError(f"{path}: not a readable image ({first_line(exc, 200)})") from None

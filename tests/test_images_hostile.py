@@ -1,0 +1,78 @@
+"""Image files from outside (a dataset folder, a folder to evaluate) that are not what they claim:
+one line naming the file, exit 2, never a traceback and never a multi-GB decode."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from minfm_core.cli.main import main
+from minfm_core.config import structure
+from minfm_core.errors import MinfmError
+from minfm_core.images import read_rgb
+from minfm_core.registry import get_registry
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def bomb_png(side: int = 20_000) -> bytes:
+    """A 100-byte PNG that declares side x side RGB pixels (1.2 GB decoded at 20,000)."""
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(b"\0" * 64)) + _chunk(b"IEND", b"")
+
+
+def _good_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+HOSTILE = {
+    "bomb": (bomb_png(), "image too large to decode safely"),
+    "truncated": (_good_png()[:60], "not a readable image"),
+    "garbage": (b"GIF89a" + b"\xff" * 40, "not a readable image"),
+    "empty": (b"", "not a readable image"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE))
+def test_read_rgb_names_the_file(tmp_path, kind):
+    data, message = HOSTILE[kind]
+    path = tmp_path / f"{kind}.png"
+    path.write_bytes(data)
+    with pytest.raises(MinfmError) as err:
+        read_rgb(path)
+    assert str(err.value).startswith(f"{path}: {message}") and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE))
+def test_an_image_folder_item_names_the_file(tmp_path, kind):
+    data, message = HOSTILE[kind]
+    (tmp_path / "a.png").write_bytes(data)
+    (tmp_path / "a.txt").write_text("a picture")
+    comp = get_registry().get("dataset", "image_folder")
+    ds = comp.build(structure({"root": str(tmp_path), "val_fraction": 0.0, "size_multiple": 8}, comp.config))
+    with pytest.raises(MinfmError, match=f"a.png: {message}"):
+        ds[0]
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE))
+def test_eval_folder_refuses_in_one_line(tmp_path, capsys, kind):
+    data, message = HOSTILE[kind]
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(folder / "00000.png")
+    (folder / "00001.png").write_bytes(data)
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, arr_0=np.zeros((2, 16, 16, 3), np.uint8))
+    assert main(["eval", "folder", str(folder), "--ref", str(ref), "--extractor", "eval_helpers:make_extractor"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"minfm: error: {folder / '00001.png'}: {message}"), err
