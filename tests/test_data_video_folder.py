@@ -86,6 +86,33 @@ def test_a_too_short_video_names_the_file_and_settings(folder):
         ds[1]
 
 
+def _hostile_video(kind: str, path: Path) -> None:
+    if kind == "wide":  # a 337-byte GIF of 17,000 x 2 frames: past MAX_SIDE
+        from PIL import Image
+
+        Image.new("RGB", (17_000, 2), (255, 0, 0)).save(path.with_suffix(".gif"))
+    elif kind == "truncated":
+        write_video(path, 20)
+        path.write_bytes(path.read_bytes()[:300])
+    else:
+        path.write_bytes({"garbage": b"\x00\x00\x00\x18ftypmp42" + b"\xff" * 64, "empty": b""}[kind])
+
+
+@pytest.mark.parametrize(("kind", "message"), [
+    ("wide", r"x\.gif has 17000x2 frames; at most 16384 pixels a side are read"),
+    ("truncated", r"x\.mp4: not a readable video \(|x\.mp4 decoded to fewer frames"),
+    ("garbage", r"x\.mp4: not a readable video \("),
+    ("empty", r"x\.mp4: not a readable video \("),
+])
+def test_a_hostile_video_is_one_error_naming_it(tmp_path, kind, message):
+    """Reading a clip used to let PyAV's errors (and, for a frame count, all of them) escape as tracebacks."""
+    _hostile_video(kind, tmp_path / "x.mp4")
+    (tmp_path / "x.txt").write_text("a clip")
+    ds = make(root=str(tmp_path), frames=1, val_fraction=0.0)
+    with pytest.raises(MinfmError, match=message):
+        ds[0]
+
+
 def test_splits_and_missing_captions(folder, tmp_path):
     (folder / "val").mkdir()
     write_video(folder / "val" / "v.mp4", 6)

@@ -12,11 +12,13 @@ stable hash of each path holds out ``val_fraction``. PyAV is the ``video`` extra
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
 
-from minfm_core.errors import MinfmError
+from minfm_core.errors import MinfmError, first_line
+from minfm_core.validators import MAX_SIDE
 
 from .configs import VideoFolderConfig
 from .image_folder import _hold_out
@@ -35,11 +37,35 @@ def _av():
     return av
 
 
+def _check_size(path: Path, w: int, h: int) -> None:
+    if max(w, h) > MAX_SIDE:
+        raise MinfmError(f"video_folder: {path} has {w}x{h} frames; at most {MAX_SIDE} pixels a side are read")
+
+
+@contextlib.contextmanager
+def _first_video_stream(path: Path):
+    """(container, stream) of ``path``'s first video stream; whatever goes wrong reading it inside
+    the block (not a video, no video stream, undecodable data) is one error naming the file.
+
+    Frames wider or taller than MAX_SIDE are refused before they are converted (and, where the
+    container's header gives the size, before any is decoded): a small file can declare
+    65,535 x 65,535 frames, 12 GB each once decoded.
+    """
+    av = _av()
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise MinfmError(f"video_folder: {path} has no video stream")
+            stream = container.streams.video[0]
+            _check_size(path, stream.codec_context.width, stream.codec_context.height)
+            yield container, stream
+    except (av.error.FFmpegError, IndexError, ValueError) as exc:
+        raise MinfmError(f"video_folder: {path}: not a readable video ({first_line(exc, 200)})") from None
+
+
 def count_frames(path: Path) -> int:
     """Frames in the first video stream: the container's count, else counted by demuxing (no decoding)."""
-    av = _av()
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
+    with _first_video_stream(path) as (container, stream):
         if stream.frames:
             return int(stream.frames)
         return sum(1 for packet in container.demux(stream) if packet.size)
@@ -47,20 +73,16 @@ def count_frames(path: Path) -> int:
 
 def read_frames(path: Path, indices: list[int]):
     """The PIL frames at ``indices`` (sorted, distinct) of the first video stream, decoded in one pass."""
-    av = _av()
     want = set(indices)
     out = {}
-    try:
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            for i, frame in enumerate(container.decode(stream)):
-                if i in want:
-                    out[i] = frame.to_image()
-                    if len(out) == len(want):
-                        break
-    except (av.error.FFmpegError, IndexError) as exc:
-        raise MinfmError(f"video_folder: cannot read {path}: {exc}") from None
+    with _first_video_stream(path) as (container, stream):
+        stream.thread_type = "AUTO"
+        for i, frame in enumerate(container.decode(stream)):
+            _check_size(path, frame.width, frame.height)  # some headers (GIF) leave the size to the frames
+            if i in want:
+                out[i] = frame.to_image()
+                if len(out) == len(want):
+                    break
     return [out[i] for i in indices if i in out]
 
 
