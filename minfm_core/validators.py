@@ -32,8 +32,8 @@ MAX_SEED = 2**63 - 1
 MAX_STEPS = 10**9
 #: Samples in one batch (per rank or in total).
 MAX_BATCH = 2**20
-#: Samples in a split, a draw or a synthetic dataset (the largest public image sets hold ~10**7); a
-#: shuffled epoch keeps 8 bytes per sample.
+#: Samples in a split, a draw or a synthetic dataset: a shuffled epoch keeps 8 bytes per
+#: sample (800 MB at this limit).
 MAX_SAMPLES = 10**8
 #: A width: hidden size, embedding size, channels (FLUX.1-dev's widest is 4096).
 MAX_WIDTH = 2**16
