@@ -186,6 +186,9 @@ def test_serve_answers_byte_ranges(tmp_path):
         assert get("bytes=1020-5000") == (206, "bytes 1020-1023/1024", "video/mp4", data[1020:])
         assert get("bytes=2000-2010")[:2] == (416, "bytes */1024")
         assert get("bytes=0-1,5-6") == (200, None, "video/mp4", data)  # several ranges: the whole file
+        # Invalid ranges are ignored (RFC 9110), as is a bound too long for any file (int() of it raised)
+        assert get("bytes=20-10") == (200, None, "video/mp4", data)
+        assert get("bytes=" + "9" * 5000 + "-") == (200, None, "video/mp4", data)
     finally:
         httpd.shutdown()
         httpd.server_close()

@@ -107,7 +107,9 @@ def gallery_server(root, host: str, port: int):
     import re
 
     base = http.server.SimpleHTTPRequestHandler
-    one_range = re.compile(r"bytes=(\d*)-(\d*)")
+    # At most 18 digits a bound (a file's size fits in 63 bits): a longer number is no range we
+    # can serve, and int() of a 5,000-digit one raises.
+    one_range = re.compile(r"bytes=(\d{0,18})-(\d{0,18})")
 
     class Handler(base):
         extensions_map = {**base.extensions_map, **SERVE_TYPES}
@@ -115,8 +117,10 @@ def gallery_server(root, host: str, port: int):
         def send_head(self):
             m = one_range.fullmatch((self.headers.get("Range") or "").strip())
             path = self.translate_path(self.path)
-            if not m or not (m[1] or m[2]) or not os.path.isfile(path) or self.path.endswith("/"):
-                return super().send_head()  # no range, several ranges, or a folder: the whole answer
+            backwards = m is not None and bool(m[1] and m[2]) and int(m[2]) < int(m[1])
+            if not m or not (m[1] or m[2]) or backwards or not os.path.isfile(path) or self.path.endswith("/"):
+                # No range, several, an invalid one (RFC 9110: ignored), or a folder: the whole answer.
+                return super().send_head()
             try:
                 f = open(path, "rb")
             except OSError:
