@@ -75,9 +75,7 @@ def _export(src: Path, out: Path, include_training_state: bool, allow_pickle: bo
 def _shard(path: Path, stem: str, max_bytes: int, out: Path) -> dict[str, Path]:
     """``stem-0000i-of-0000n.safetensors`` + index (transformers layout) for one big weights file."""
     from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
-
-    from minfm_core.weights import load_safetensors_file
+    from minfm_core.weights import load_safetensors_file, save_safetensors_file
 
     state = load_safetensors_file(path)
     split = split_torch_state_dict_into_shards(
@@ -87,7 +85,7 @@ def _shard(path: Path, stem: str, max_bytes: int, out: Path) -> dict[str, Path]:
         return {f"{stem}.safetensors": path}
     files: dict[str, Path] = {}
     for name, tensors in split.filename_to_tensors.items():
-        save_file({t: state[t].contiguous() for t in tensors}, out / name, metadata={"format": "pt"})
+        save_safetensors_file({t: state[t].contiguous() for t in tensors}, out / name, metadata={"format": "pt"})
         files[name] = out / name
     index = {"metadata": dict(split.metadata), "weight_map": dict(sorted(split.tensor_to_filename.items()))}
     write_text_atomic(out / f"{stem}.safetensors.index.json", json.dumps(index, indent=2, sort_keys=True) + "\n")

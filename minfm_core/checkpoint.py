@@ -386,7 +386,7 @@ def export_for_hub(src: Path, out_dir: Path, *, include_training_state: bool = F
     ``metrics.jsonl`` and the newest sample grid as ``samples.png``; with
     ``include_training_state`` the DCP checkpoint itself under ``checkpoint/``.
     """
-    from safetensors.torch import save_file
+    from .weights import save_safetensors_file
 
     path = find_checkpoint(Path(src))
     ckpt = open_checkpoint(path, allow_pickle=allow_pickle)
@@ -397,13 +397,13 @@ def export_for_hub(src: Path, out_dir: Path, *, include_training_state: bool = F
     load_weights(ckpt, model, source="model")
     # One metadata key only: safetensors writes its metadata map in no fixed order, and a
     # re-export must give identical bytes (the Hub push then uploads nothing).
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_safetensors_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors",
+                          metadata={"format": "pt"})
     if ckpt.has_part("ema"):
         load_weights(ckpt, model, source="ema")
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         ema = {k: v.contiguous() for k, v in model.state_dict().items() if k in trainable}
-        save_file(ema, str(out / "ema.safetensors"), metadata={"format": "pt"})
+        save_safetensors_file(ema, out / "ema.safetensors", metadata={"format": "pt"})
     run_dir = path.parent.parent
     _copy_regular(recipe, out / "recipe.toml", recipe.parent)
     _copy_regular(run_dir / "metrics.jsonl", out / "metrics.jsonl", run_dir)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 from .errors import MinfmError
@@ -79,15 +80,21 @@ def contained(root: Path, name: str, *, what: str) -> Path:
     return path
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``path`` whole or not at all, replacing (never writing through) a symlink there."""
+def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """Have ``write`` fill a fresh temporary file beside ``path``, then rename it into place:
+    ``path`` ends up whole or untouched (an interrupted write, a full disk), and a symlink
+    there is replaced, never written through. The temporary name is unpredictable
+    (``mkstemp``), so no link can be planted at it either."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write(Path(tmp))
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the data is on disk before the name points at it
+        finally:
+            os.close(fd)
         os.replace(tmp, path)  # rename replaces a symlink itself, never its target
     except BaseException:
         try:
@@ -95,6 +102,11 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         except OSError:
             pass
         raise
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all (:func:`write_atomic`)."""
+    write_atomic(path, lambda tmp: tmp.write_bytes(data))
 
 
 def write_text_atomic(path: Path, text: str) -> None:

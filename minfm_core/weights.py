@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from .errors import MinfmError, first_line
-from .safepath import contained
+from .safepath import contained, write_atomic
 
 #: Recipe dtype names (``minfm_core.config.Dtype``) -> torch dtypes.
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -60,6 +60,14 @@ def check_header(path: Path) -> None:
                 raise MinfmError(f"{path}: not a safetensors file (the header is not a JSON object)")
     except OSError as exc:
         raise MinfmError(f"{path}: cannot read weights ({exc.strerror or type(exc).__name__})") from None
+
+
+def save_safetensors_file(tensors: dict[str, torch.Tensor], path: str | Path,
+                          metadata: dict[str, str] | None = None) -> None:
+    """safetensors' ``save_file``, atomically: an existing file is replaced whole or kept."""
+    from safetensors.torch import save_file
+
+    write_atomic(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def load_safetensors_file(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:

@@ -124,3 +124,23 @@ def test_export_diffusers_cli_file_with_flavor_and_errors(tmp_path, capsys):
 
     with safe_open(str(tmp_path / "ok" / "diffusion_pytorch_model.safetensors"), "pt") as f:
         assert f.get_tensor("x_embedder.weight").dtype == torch.bfloat16
+
+
+def test_export_replaces_links_in_its_output_folder_never_writing_through(tmp_path, capsys):
+    """An export over an old one replaces each file whole (temp file + rename): a link planted at
+    an output name is replaced, and the file it pointed at keeps its bytes."""
+    model = random_flux()
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    out = tmp_path / "out"
+    out.mkdir()
+    victims = {}
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        victims[name] = tmp_path / f"victim-{name}"
+        victims[name].write_text("precious")
+        (out / name).symlink_to(victims[name])
+    assert main(["export", "diffusers", str(path), str(out), "--flavor", "flux-debug"]) == 0, capsys.readouterr().err
+    for name, victim in victims.items():
+        assert victim.read_text() == "precious"
+        assert not (out / name).is_symlink() and (out / name).stat().st_size > 8
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]

@@ -101,3 +101,19 @@ def test_a_failed_push_leaves_the_repo_as_it_was(hub_server, tmp_path):
     line = one_error_line(hub_cli(env, "hub", "push", str(make_model_folder(tmp_path / "b", seed=2)), "org/f"))
     assert "HTTP 500" in line
     assert hub_server.files("org/f") == before and len(hub_server.commits("org/f")) == 2
+
+
+def test_an_atomic_write_that_fails_leaves_the_old_file(tmp_path):
+    """write_atomic: the writer raising half-way (a full disk) leaves the old bytes and no temp file."""
+    from minfm_core.safepath import write_atomic
+
+    target = tmp_path / "model.safetensors"
+    target.write_bytes(b"old")
+
+    def half(tmp):
+        tmp.write_bytes(b"half of the new")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        write_atomic(target, half)
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]

@@ -15,7 +15,6 @@ finished shards. Under torchrun (``RANK``/``WORLD_SIZE``) rank ``r`` encodes the
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 import typing
@@ -26,6 +25,7 @@ from ..errors import MinfmError
 from ..launch_env import launch_env
 from ..protocols import CachedLatentsConfig, FlipConfig
 from ..recipe import load_recipe
+from ..safepath import write_text_atomic
 
 
 
@@ -44,14 +44,8 @@ def register(what) -> None:
     p.set_defaults(func=run)
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    _atomic_write(path, lambda p: p.write_text(json.dumps(obj, ensure_ascii=False, indent=1)))
+    write_text_atomic(path, json.dumps(obj, ensure_ascii=False, indent=1))
 
 
 def _shard_name(i: int) -> str:
@@ -64,10 +58,9 @@ def encode_split(vae, dataset, out: Path, split: str, *, shard_size: int, batch_
     import inspect
 
     import torch
-    from safetensors.torch import save_file
 
     from ..engine.runtime import indexed_seed
-    from ..weights import DTYPES
+    from ..weights import DTYPES, save_safetensors_file
 
     takes_generator = "generator" in inspect.signature(vae.encode).parameters
     torch_dtype = DTYPES[dtype]
@@ -100,7 +93,7 @@ def encode_split(vae, dataset, out: Path, split: str, *, shard_size: int, batch_
                 if item.get("label") is not None:
                     entry["label"] = int(item["label"])
                 entries.append(entry)
-        _atomic_write(out / f"{_shard_name(s)}.safetensors", lambda p: save_file(tensors, str(p)))
+        save_safetensors_file(tensors, out / f"{_shard_name(s)}.safetensors")
         _write_json(done, entries)  # last: its presence marks the shard finished
         stats["encoded"] += 1
         log(f"{split}: shard {s + 1}/{n_shards} ({hi - lo} items)")

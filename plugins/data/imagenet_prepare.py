@@ -24,7 +24,6 @@ encoder is ``--encoder`` (a TOML inline table naming a text encoder) or the reci
 from __future__ import annotations
 
 import json
-import os
 import sys
 import typing
 from pathlib import Path
@@ -35,6 +34,7 @@ from minfm_core.cli.groups import command_group
 from minfm_core.config import Dtype
 from minfm_core.errors import MinfmError
 from minfm_core.launch_env import launch_env
+from minfm_core.safepath import write_text_atomic
 
 UNCONDITIONAL = ""
 #: The class_embedding file format: the table under this tensor name, {prompt: row} JSON under this metadata key.
@@ -148,16 +148,14 @@ def check_table_fits(resolved, dim: int, rows: int) -> None:
 
 def save_class_table(table, rows: dict[str, int], path: Path) -> None:
     """The (rows, dim) table with its {prompt: row} map, as the class_embedding encoder reads it."""
-    from safetensors.torch import save_file
+    from minfm_core.weights import save_safetensors_file
 
     meta = {LABELS_KEY: json.dumps(rows, ensure_ascii=False, sort_keys=True)}
-    save_file({TABLE_TENSOR: table.detach().cpu().contiguous()}, str(path), metadata=meta)
+    save_safetensors_file({TABLE_TENSOR: table.detach().cpu().contiguous()}, path, metadata=meta)
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, ensure_ascii=False, indent=1) + "\n")
 
 
 def run(args) -> int:
@@ -191,9 +189,7 @@ def run(args) -> int:
         for label, prompt in enumerate(prompts):
             rows.setdefault(prompt.strip(), label)  # "crane", "maillot": two classes, one text, one row
         rows[UNCONDITIONAL] = len(prompts)
-        tmp = out / ".class_embeddings.safetensors.tmp"
-        save_class_table(table, rows, tmp)
-        os.replace(tmp, out / "class_embeddings.safetensors")
+        save_class_table(table, rows, out / "class_embeddings.safetensors")  # atomically
         _write_json(out / "class_embeddings.json", rows)
         _write_json(out / "classes.json", [{"label": i, "wnid": w, "name": n, "prompt": p}
                                           for i, ((w, n), p) in enumerate(zip(classes, prompts))])

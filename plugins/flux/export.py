@@ -52,9 +52,8 @@ def _source(src: Path, flavor: str | None, ema: bool) -> tuple[Path, FluxConfig]
 
 def export_diffusers(src: str, out_dir: str, *, flavor: str | None = None, ema: bool = False, dtype: str = "keep") -> Path:
     """Write ``diffusion_pytorch_model.safetensors`` + ``config.json`` to ``out_dir``."""
-    from safetensors.torch import save_file
-
-    from minfm_core.weights import load_safetensors_file
+    from minfm_core.safepath import write_text_atomic
+    from minfm_core.weights import load_safetensors_file, save_safetensors_file
 
     from .state_dict import diffusers_config
 
@@ -68,12 +67,12 @@ def export_diffusers(src: str, out_dir: str, *, flavor: str | None = None, ema: 
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     converted = {k: v.contiguous() for k, v in bfl_to_diffusers(sd).items()}
-    save_file(converted, str(out / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    save_safetensors_file(converted, out / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
     try:
         import diffusers
 
         conf["_diffusers_version"] = diffusers.__version__
     except ImportError:
         pass
-    (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
+    write_text_atomic(out / "config.json", json.dumps(conf, indent=2) + "\n")
     return out

@@ -28,12 +28,12 @@ LABELS_KEY = "labels"
 
 def save_class_table(table: Tensor, labels: Mapping[str, int], path: str | Path, tensor: str = "embeddings") -> None:
     """Write a class-embedding table with its prompt -> row map (``""`` must name a row) in the metadata."""
-    from safetensors.torch import save_file
+    from minfm_core.weights import save_safetensors_file
 
     if UNCONDITIONAL not in labels:
         raise MinfmError("a class table needs a row for the empty prompt '' (the unconditional row)")
     meta = {LABELS_KEY: json.dumps(dict(labels), ensure_ascii=False, sort_keys=True)}
-    save_file({tensor: table.detach().cpu().contiguous()}, str(path), metadata=meta)
+    save_safetensors_file({tensor: table.detach().cpu().contiguous()}, path, metadata=meta)
 
 
 class ClassEmbedding(nn.Module):
