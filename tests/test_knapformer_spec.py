@@ -95,6 +95,18 @@ def test_simulate_cli_errors(tmp_path, capsys):
     assert main(["balance", "simulate", "--bags", "g1n4", "--trace", str(bad)]) == 2
     bad.write_text("[[[1, 2]], [[3]]]")
     assert main(["balance", "simulate", "--bags", "g1n4", "--trace", str(bad)]) == 2
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("lengths", ["[10, 100000000000000000000000000000]", "[10, true]", "[10, -1]", "[10, 2.5]",
+                                     "[10, 16777217]"])
+def test_a_trace_length_is_a_whole_number_of_tokens_within_bounds(tmp_path, capsys, lengths):
+    """A length of 1e29 ended in numpy's OverflowError (a traceback); JSON true counted as 1 token."""
+    bad = tmp_path / "t.json"
+    bad.write_text(f"[[{lengths}, [3]]]")
+    assert main(["balance", "simulate", "--bags", "g1n2", "--trace", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "(whole numbers from 0 to 16777216)" in err[0], err
 
 
 def test_simulate_recipe(tmp_path, capsys):

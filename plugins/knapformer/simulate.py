@@ -25,7 +25,7 @@ import numpy as np
 
 from minfm_core.errors import MinfmError
 from minfm_core.jsonio import parse_json
-from minfm_core.validators import positive
+from minfm_core.validators import MAX_TOKENS, positive
 
 from . import original, planner
 from .spec import parse_bags
@@ -149,20 +149,26 @@ def synthetic(name: str, world: int, steps: int = 4, seed: int = 0) -> Trace:
     return [SYNTHETIC[name](rng, world) for _ in range(steps)]
 
 
+def _is_length(v) -> bool:
+    # bool is an int subclass (JSON true would count as 1); numbers past MAX_TOKENS overflowed numpy
+    return type(v) is int and 0 <= v <= MAX_TOKENS
+
+
 def read_trace(path: str | Path) -> Trace:
     try:
         text = Path(path).read_bytes()
     except OSError as exc:
         raise MinfmError(f"trace {path}: {exc.strerror or exc}") from None
     data = parse_json(text, f"trace {path}")
-    if isinstance(data, list) and data and isinstance(data[0], list) and data[0] and all(isinstance(v, int) for v in data[0]):
+    if isinstance(data, list) and data and isinstance(data[0], list) and data[0] and all(_is_length(v) for v in data[0]):
         data = [data]  # one step given without the outer list
     ok = isinstance(data, list) and all(
-        isinstance(step, list) and all(isinstance(r, list) and all(isinstance(v, int) and v >= 0 for v in r) for r in step)
+        isinstance(step, list) and all(isinstance(r, list) and all(_is_length(v) for v in r) for r in step)
         for step in data
     )
     if not ok or not data:
-        raise MinfmError(f"trace {path}: expected a JSON list of steps, each a list of per-rank lists of lengths")
+        raise MinfmError(f"trace {path}: expected a JSON list of steps, each a list of per-rank lists of lengths "
+                         f"(whole numbers from 0 to {MAX_TOKENS})")
     return data
 
 
