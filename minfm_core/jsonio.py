@@ -9,9 +9,10 @@ in a traceback. Size bounds stay with the callers: they know what a sane file of
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
-from .errors import MinfmError, first_line
+from .errors import MinfmError, first_line, os_error_line
 
 
 def parse_json(text: str | bytes, where: str) -> Any:
@@ -22,3 +23,16 @@ def parse_json(text: str | bytes, where: str) -> Any:
         raise MinfmError(f"{where}: not valid JSON (nested too deeply)") from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError of bytes
         raise MinfmError(f"{where}: not valid JSON ({first_line(exc, 120)})") from None
+
+
+def read_json_file(path: str | Path, where: str, max_bytes: int) -> Any:
+    """:func:`parse_json` of a file of at most ``max_bytes`` (checked before it is read)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise MinfmError(f"{where}: {size:,} bytes is more than the {max_bytes:,} accepted")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise MinfmError(f"{where}: {os_error_line(exc)}") from None
+    return parse_json(data, where)

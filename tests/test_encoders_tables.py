@@ -70,6 +70,30 @@ def test_class_embedding_checks_its_files(table_files, tmp_path):
         build_class_embedding(class_cfg(table_files, embeddings=str(tmp_path / "missing.safetensors")))
 
 
+@pytest.mark.parametrize(("content", "message"), [
+    (b"\xff\xfe\x00 not text", "not valid JSON"),  # was a UnicodeDecodeError traceback
+    (json.dumps({"": 3, "tench": True}).encode(), "must be a JSON object of prompt -> row in \\[0, 4\\)"),
+    (json.dumps({"": 3, "tench": 4}).encode(), "must be a JSON object of prompt -> row"),
+    (b"[" * 100_000, "nested too deeply"),
+])
+def test_class_embedding_labels_from_outside_are_checked(table_files, tmp_path, content, message):
+    """A labels file can come with a downloaded model: any bytes are one error naming it."""
+    labels = tmp_path / "labels.json"
+    labels.write_bytes(content)
+    with pytest.raises(MinfmError, match=f"class_embedding: labels in {labels}.*{message}"):
+        build_class_embedding(class_cfg(table_files, labels=str(labels)))
+
+
+def test_class_embedding_labels_file_is_bounded(table_files, tmp_path, monkeypatch):
+    from minfm_plugins.text_encoders import class_embedding
+
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps(CLASSES) + " " * 100)
+    monkeypatch.setattr(class_embedding, "MAX_LABELS_BYTES", 64)
+    with pytest.raises(MinfmError, match="bytes is more than the 64 accepted"):
+        build_class_embedding(class_cfg(table_files, labels=str(labels)))
+
+
 def test_class_embedding_on_meta_reads_no_file():
     cfg = ClassEmbeddingConfig(embeddings="/nope/t.safetensors")
     with torch.device("meta"):

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from minfm_core.errors import MinfmError
-from minfm_core.jsonio import parse_json
+from minfm_core.jsonio import parse_json, read_json_file
 from minfm_core.pretrained import resolve_pretrained
 from minfm_core.weights import DTYPES
 
@@ -24,6 +24,8 @@ from .configs import ClassEmbeddingConfig
 
 UNCONDITIONAL = ""
 LABELS_KEY = "labels"
+#: A labels file maps prompts to rows (21,841 ImageNet-21k classes: ~1 MB); it may come with a download.
+MAX_LABELS_BYTES = 64 << 20
 
 
 def save_class_table(table: Tensor, labels: Mapping[str, int], path: str | Path, tensor: str = "embeddings") -> None:
@@ -61,13 +63,14 @@ class ClassEmbedding(nn.Module):
                 f"num_rows = {cfg.num_rows}, dim = {cfg.dim}"
             )
         if cfg.labels:
-            text, where = resolve_pretrained(cfg.labels).read_text(), cfg.labels
+            where = cfg.labels
+            rows = read_json_file(resolve_pretrained(cfg.labels), f"class_embedding: labels in {where}", MAX_LABELS_BYTES)
         elif LABELS_KEY in meta:
-            text, where = meta[LABELS_KEY], f"{cfg.embeddings} (metadata)"
+            where = f"{cfg.embeddings} (metadata)"
+            rows = parse_json(meta[LABELS_KEY], f"class_embedding: labels in {where}")
         else:
             raise MinfmError(f"class_embedding: {cfg.embeddings} has no '{LABELS_KEY}' metadata; set labels to a JSON file")
-        rows = parse_json(text, f"class_embedding: labels in {where}")
-        if not isinstance(rows, dict) or not all(isinstance(v, int) and 0 <= v < cfg.num_rows for v in rows.values()):
+        if not isinstance(rows, dict) or not all(type(v) is int and 0 <= v < cfg.num_rows for v in rows.values()):
             raise MinfmError(f"class_embedding: labels in {where} must be a JSON object of prompt -> row in [0, {cfg.num_rows})")
         if UNCONDITIONAL not in rows:
             raise MinfmError(f"class_embedding: labels in {where} have no row for the empty prompt '' (unconditional)")
