@@ -15,11 +15,10 @@ import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from minfm_core.errors import MinfmError
-from minfm_core.jsonio import parse_json
+from minfm_core.jsonio import last_jsonl_record
 
 #: (height, width) aspect ratios offered at the model's base pixel count.
 ASPECTS = ((1, 1), (4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (9, 16))
@@ -96,22 +95,6 @@ def size_presets(base: tuple[int, int], trained: Sequence[tuple[int, int]], mult
         if hw not in out:
             out.append(hw)
     return out
-
-
-def last_metrics(folder: Path) -> dict[str, Any]:
-    """The last ``metrics.jsonl`` record with a loss (empty if there is none)."""
-    path = folder / "metrics.jsonl"
-    if not path.is_file():
-        return {}
-    last: dict[str, Any] = {}
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            rec = parse_json(line, str(path))
-        except MinfmError:
-            continue
-        if isinstance(rec, dict) and "loss" in rec:
-            last = rec
-    return last
 
 
 class DemoModel:
@@ -210,9 +193,9 @@ class DemoModel:
         if kind == "dcp" and where.name.startswith("step_") and where.name[5:].isdigit():
             step = int(where.name[5:])
         run_dir = where.parent.parent if kind == "dcp" else where
-        metrics = last_metrics(run_dir)
-        if step is None and "step" in metrics:
-            step = int(metrics["step"])
+        metrics = last_jsonl_record(run_dir / "metrics.jsonl", "loss")
+        if step is None and type(metrics.get("step")) is int and metrics["step"] >= 0:  # a download's file: any JSON
+            step = metrics["step"]
         return cls(pipe, resolved, source=src, weights=loaded, step=step, metrics=metrics,
                    recipe_text=recipe_path.read_text(encoding="utf-8"), **limits)
 

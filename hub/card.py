@@ -19,7 +19,7 @@ from typing import Any
 
 from minfm_core.engine.video_io import recipe_makes_clips
 from minfm_core.errors import MinfmError
-from minfm_core.jsonio import parse_json
+from minfm_core.jsonio import last_jsonl_record
 from minfm_core.recipe.toml import tomllib
 from minfm_core.weights import open_safetensors
 
@@ -44,17 +44,7 @@ def read_recipe(folder: Path) -> dict[str, Any]:
 
 def last_metrics(folder: Path, max_items: int = 8) -> dict[str, Any]:
     """Scalars of the last ``metrics.jsonl`` record that has a step (empty if none)."""
-    path = folder / "metrics.jsonl"
-    if not path.exists():
-        return {}
-    last: dict[str, Any] = {}
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            rec = parse_json(line, str(path))
-        except MinfmError:
-            continue  # a half-written last line of a live run
-        if isinstance(rec, dict) and "step" in rec:
-            last = rec
+    last = last_jsonl_record(folder / "metrics.jsonl", "step")
     scalars = {k: v for k, v in last.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return dict(list(scalars.items())[:max_items])
 

@@ -36,3 +36,30 @@ def read_json_file(path: str | Path, where: str, max_bytes: int) -> Any:
     except OSError as exc:
         raise MinfmError(f"{where}: {os_error_line(exc)}") from None
     return parse_json(data, where)
+
+
+def last_jsonl_record(path: str | Path, key: str, tail_bytes: int = 1 << 20) -> dict[str, Any]:
+    """The last line of a JSON Lines file that is an object holding ``key`` (``{}`` if none).
+
+    For a run's ``metrics.jsonl``, which can be a live run's (its last line half-written) or a
+    download's: lines that do not parse are passed over, and only the last ``tail_bytes`` are
+    read, so a long run's file costs no more than a short one's.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            f.seek(max(0, size - tail_bytes))
+            lines = f.read(tail_bytes).decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        return {}
+    if size > tail_bytes:
+        lines = lines[1:]  # the first line read is (most likely) the end of a cut one
+    for line in reversed(lines):
+        try:
+            record = parse_json(line, str(path))
+        except MinfmError:
+            continue
+        if isinstance(record, dict) and key in record:
+            return record
+    return {}

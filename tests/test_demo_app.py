@@ -78,6 +78,19 @@ def test_model_card_and_presets(model, run_dir):
     assert (model.default_steps, model.default_cfg, model.default_sampler) == (4, 3.0, "euler")
 
 
+@pytest.mark.parametrize("step", ['"4"', "4.5", "-4", "NaN", "1e400", "true", "[4]"])
+def test_a_downloaded_folder_with_a_junk_step_still_loads(run_dir, tmp_path, step):
+    """An exported (or pulled) folder's step comes from its metrics.jsonl, which is anyone's JSON:
+    `"step": "4"` used to end DemoModel.load in int()'s ValueError."""
+    from minfm_apps.model import DemoModel
+    from minfm_core.checkpoint import export_for_hub
+
+    folder = export_for_hub(run_dir, tmp_path / "exported")
+    (folder / "metrics.jsonl").write_text(f'{{"step": {step}, "loss": 0.25}}\n')
+    loaded = DemoModel.load(str(folder), device="cpu")
+    assert loaded.step is None and dict(loaded.card())["weights"].startswith("EMA weights")
+
+
 @pytest.mark.parametrize("change, message", [
     ({"prompt": "   "}, "Enter a prompt."),
     ({"prompt": "x" * 501}, "Prompt is 501 characters long; the limit is 500."),

@@ -69,7 +69,7 @@ def test_a_trace_file(tmp_path, capsys):
 
 def test_records_a_reader_may_skip_are_skipped(tmp_path):
     """A pulled repo's minfm_source.json is only believed when well-formed; metrics lines that do not parse are passed over."""
-    from minfm_apps.model import last_metrics as demo_metrics
+    from minfm_core.jsonio import last_jsonl_record
     from minfm_hub.card import last_metrics as card_metrics
     from minfm_hub.pull import source_info
 
@@ -77,5 +77,18 @@ def test_records_a_reader_may_skip_are_skipped(tmp_path):
     assert source_info(tmp_path) is None
     good = {"step": 3, "loss": 0.5}
     (tmp_path / "metrics.jsonl").write_text(json.dumps(good) + "\n" + DEEP + "\n")
-    assert demo_metrics(tmp_path) == good
+    assert last_jsonl_record(tmp_path / "metrics.jsonl", "loss") == good
     assert card_metrics(tmp_path) == good
+
+
+def test_a_metrics_file_is_read_from_its_tail(tmp_path):
+    """Only the last MiB is read (a long run's file costs what a short one's does); the cut first line is skipped."""
+    from minfm_core.jsonio import last_jsonl_record
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": i, "loss": 1.0 / (i + 1)}) for i in range(60_000)]
+    path.write_text("\n".join(lines) + "\n" + '{"step": 60000, "lo')  # a live run's half-written line
+    assert path.stat().st_size > 2 << 20
+    assert last_jsonl_record(path, "loss") == {"step": 59_999, "loss": 1.0 / 60_000}
+    assert last_jsonl_record(path, "loss", tail_bytes=40) == {}  # one cut line only: nothing whole
+    assert last_jsonl_record(tmp_path / "missing.jsonl", "loss") == {}
