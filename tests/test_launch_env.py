@@ -69,3 +69,14 @@ def test_a_launcher_pid_not_set_by_minfm_is_refused(minfm, tmp_path):
     assert res.returncode == 2 and res.stderr.strip() == (
         f"minfm: error: {LAUNCHER_ENV}='12ab' (environment): minfm's launcher sets it to its pid for its workers; unset it")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("value", ["junk", '{"a": 1}', "[1, 2]", "[" * 50_000])
+def test_a_relaunch_argv_not_set_by_minfm_is_refused(minfm, value):
+    """Workers of ``--nproc-per-node`` read their arguments from MINFM_RELAUNCH_ARGV; junk there was a traceback."""
+    from minfm_core.cli.run_cmd import ARGV_ENV
+
+    res = minfm(env={ARGV_ENV: value})
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"minfm: error: {ARGV_ENV} (environment): ")
+    assert minfm(env={ARGV_ENV: '["--version"]'}).stdout.startswith("minfm ")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import traceback
@@ -49,10 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from .run_cmd import ARGV_ENV
 
-    if argv is None and ARGV_ENV in os.environ:  # re-launched by --nproc-per-node
-        argv = json.loads(os.environ[ARGV_ENV])
-        sys.argv = [sys.argv[0], *argv]
     try:
+        if argv is None and ARGV_ENV in os.environ:  # re-launched by --nproc-per-node
+            argv = _relaunch_argv(os.environ[ARGV_ENV])
+            sys.argv = [sys.argv[0], *argv]
         parser = build_parser()
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
@@ -83,6 +82,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"minfm: error: {checkpoint_error_line(exc)}", file=sys.stderr)
             return 2
         raise  # SystemExit and the like keep their meaning
+
+
+def _relaunch_argv(text: str) -> list[str]:
+    """The arguments ``minfm run --nproc-per-node`` hands its workers (a JSON list of strings)."""
+    from ..jsonio import parse_json
+    from .run_cmd import ARGV_ENV
+
+    argv = parse_json(text, f"{ARGV_ENV} (environment)")
+    if not (isinstance(argv, list) and all(isinstance(a, str) for a in argv)):
+        raise MinfmError(f"{ARGV_ENV} (environment): expected a JSON list of arguments; "
+                         f"minfm sets it for its own workers, unset it")
+    return argv
 
 
 REPORT = "minfm: this is a bug in minFM or one of its plugins; please report it with the traceback above"
