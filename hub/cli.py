@@ -7,6 +7,8 @@ import sys
 
 from minfm_core.cli.argtypes import add_allow_pickle_flag, int_in
 
+from .pull import MAX_FILES_LIMIT
+
 
 def register(sub) -> None:
     hub = sub.add_parser(
@@ -41,7 +43,7 @@ def register(sub) -> None:
     p.add_argument("--local-dir", metavar="DIR", help="download into DIR instead of the Hugging Face cache")
     p.add_argument("--include-training-state", action="store_true",
                    help="also download the DCP training state (checkpoint/), needed to resume training")
-    p.add_argument("--max-files", type=int_in("--max-files", 1), metavar="N",
+    p.add_argument("--max-files", type=int_in("--max-files", 1, MAX_FILES_LIMIT), metavar="N",
                    help="refuse a pull of more than N files (default 10000, or MINFM_HUB_MAX_FILES)")
     p.add_argument("--max-bytes", metavar="SIZE",
                    help="refuse a pull of more than SIZE bytes, e.g. 200GB (default 1TiB, or MINFM_HUB_MAX_BYTES)")

@@ -34,6 +34,8 @@ SOURCE_INFO = "minfm_source.json"
 #: Default bounds on one pull (override: --max-files/--max-bytes, MINFM_HUB_MAX_FILES/_BYTES).
 DEFAULT_MAX_FILES = 10_000
 DEFAULT_MAX_BYTES = 2**40  # 1 TiB
+#: The most files a pull may be allowed (a repo of more is no model repo).
+MAX_FILES_LIMIT = 10_000_000
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -93,9 +95,9 @@ class Limits:
         files = max_files if max_files is not None else os.environ.get("MINFM_HUB_MAX_FILES") or DEFAULT_MAX_FILES
         size = max_bytes if max_bytes is not None else os.environ.get("MINFM_HUB_MAX_BYTES") or DEFAULT_MAX_BYTES
         count = int(files) if isinstance(files, int) or files.strip().isdigit() else 0
-        if count < 1:  # a limit of none or fewer would refuse every pull after listing it: a typo
+        if not 1 <= count <= MAX_FILES_LIMIT:  # below 1 every pull would be refused after listing it: a typo
             raise MinfmError(f"invalid file count {files!r} (MINFM_HUB_MAX_FILES / --max-files): "
-                             "expected a positive integer")
+                             f"expected an integer from 1 to {MAX_FILES_LIMIT}")
         nbytes = parse_size(size)
         if nbytes < 1:
             raise MinfmError(f"invalid size {size!r} (MINFM_HUB_MAX_BYTES / --max-bytes): expected at least 1 byte")

@@ -43,6 +43,8 @@ MAX_DEPTH = 1024
 MAX_TOKENS = 2**24
 #: Solver steps of one sampling run.
 MAX_SOLVER_STEPS = 10_000
+#: A guidance scale (CFG's usual values are 1 to 15; FLUX.1-dev's distilled guidance 1 to 10).
+MAX_GUIDANCE = 100
 
 
 class RangeError(ValueError):

@@ -31,6 +31,13 @@ def test_no_number_is_parsed_without_a_range():
     assert len(RANGED) >= 20  # the walk reached the commands (run, sample, serve, plugins' own)
 
 
+def test_every_flag_range_has_both_ends():
+    """'>= 1' let `--steps 10**12` or `--world-size 10**15` through to the work itself."""
+    open_ended = [f"minfm {' '.join(path)} {a.option_strings[0]}" for path, a in RANGED
+                  if a.type.lo is None or a.type.hi is None]
+    assert not open_ended, "give these an upper bound (minfm_core.validators has the shared ones): " + ", ".join(open_ended)
+
+
 def _bad_values(parse) -> list[str]:
     bad = ["x", "nan", "inf"]
     if parse.lo is not None:

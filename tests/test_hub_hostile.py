@@ -101,7 +101,7 @@ def test_pull_bounds_are_checked_before_downloading(hub_server, tmp_path):
     zero_bytes, junk = main_in_process(env, ["hub", "pull", "org/big", "--max-bytes", "0"],
                                        ["hub", "pull", "org/big", "--max-files", "2e3"])
     assert one_error_line(zero_files) == ("minfm: error: invalid file count '0' (MINFM_HUB_MAX_FILES / --max-files): "
-                                          "expected a positive integer")
+                                          "expected an integer from 1 to 10000000")
     assert one_error_line(zero_bytes) == ("minfm: error: invalid size '0' (MINFM_HUB_MAX_BYTES / --max-bytes): "
                                           "expected at least 1 byte")
     assert one_error_line(junk) == "minfm: error: --max-files: expected an integer, got '2e3'"

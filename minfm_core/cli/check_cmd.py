@@ -8,6 +8,7 @@ from pathlib import Path
 import tomli_w
 
 from ..errors import RecipeError
+from ..launch_env import MAX_WORLD_SIZE
 from ..recipe import load_recipe
 from ..recipe.checks import job_checks
 from ..summary import meta_parameter_counts, summary_table
@@ -20,7 +21,7 @@ def register(sub) -> None:
     p = sub.add_parser("check", help="validate a recipe and print its components with parameter counts")
     add_recipe_args(p)
     p.add_argument("--print", dest="print_recipe", action="store_true", help="print the fully resolved recipe")
-    p.add_argument("--world-size", type=int_in("--world-size", 1), default=None, help="check against this many ranks (default: $WORLD_SIZE or 1)")
+    p.add_argument("--world-size", type=int_in("--world-size", 1, MAX_WORLD_SIZE), default=None, help="check against this many ranks (default: $WORLD_SIZE or 1)")
     p.set_defaults(func=run)
 
 

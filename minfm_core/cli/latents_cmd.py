@@ -26,6 +26,7 @@ from ..launch_env import launch_env
 from ..protocols import CachedLatentsConfig, FlipConfig
 from ..recipe import load_recipe
 from ..safepath import write_text_atomic
+from ..validators import MAX_BATCH, MAX_SAMPLES
 
 
 
@@ -37,10 +38,10 @@ def register(what) -> None:
     p.add_argument("--out", help="output folder (default: data.latents_dir if the dataset has one, else <exp_dir>/latents)")
     p.add_argument("--split", action="append", dest="splits", metavar="SPLIT",
                    help="dataset split to encode (repeatable; default: train)")
-    p.add_argument("--shard-size", type=int_in("--shard-size", 1), default=1024, metavar="N", help="items per shard (default 1024)")
-    p.add_argument("--batch-size", type=int_in("--batch-size", 1), default=32, metavar="N", help="images per VAE call (default 32)")
+    p.add_argument("--shard-size", type=int_in("--shard-size", 1, MAX_BATCH), default=1024, metavar="N", help="items per shard (default 1024)")
+    p.add_argument("--batch-size", type=int_in("--batch-size", 1, MAX_BATCH), default=32, metavar="N", help="images per VAE call (default 32)")
     p.add_argument("--dtype", choices=typing.get_args(Dtype), default="fp32", help="dtype the latents are stored in (default fp32)")
-    p.add_argument("--limit", type=int_in("--limit", 1), default=None, metavar="N", help="encode only the first N items of each split")
+    p.add_argument("--limit", type=int_in("--limit", 1, MAX_SAMPLES), default=None, metavar="N", help="encode only the first N items of each split")
     p.set_defaults(func=run)
 
 

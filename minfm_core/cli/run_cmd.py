@@ -19,7 +19,7 @@ from ..errors import MinfmError, RecipeError
 from ..launch_env import launch_env
 from ..recipe import load_recipe
 from ..recipe.checks import job_checks
-from ..validators import MAX_SEED
+from ..validators import MAX_GUIDANCE, MAX_SAMPLES, MAX_SEED, MAX_SOLVER_STEPS
 from .argtypes import LOOPBACK, add_allow_pickle_flag, finite_float, int_in, nprocs, sample_size
 
 
@@ -40,12 +40,12 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the samples in --out even when they were drawn for another request")
     p.add_argument("--seed", type=int_in("--seed", 0, MAX_SEED), help="base seed (image k of prompt i uses seed + i * n + k)")
-    p.add_argument("--steps", type=int_in("--steps", 1), help="solver steps")
-    p.add_argument("--cfg", type=finite_float("--cfg"), help="guidance scale")
+    p.add_argument("--steps", type=int_in("--steps", 1, MAX_SOLVER_STEPS), help="solver steps")
+    p.add_argument("--cfg", type=finite_float("--cfg", 0.0, MAX_GUIDANCE), help="guidance scale")
     p.add_argument("--size", type=sample_size("--size"),
                    help="HEIGHTxWIDTH for images, FRAMESxHEIGHTxWIDTH for clips, e.g. 256x256 or 17x256x256")
     p.add_argument("--fps", type=int_in("--fps", 1, 60), help="frames per second of written clips (default 8; images ignore it)")
-    p.add_argument("--n", type=int_in("--n", 1), help="samples per prompt")
+    p.add_argument("--n", type=int_in("--n", 1, MAX_SAMPLES), help="samples per prompt")
     p.add_argument("--npz", action="store_true",
                    help="also write samples.npz: uint8 (N, H, W, 3) images or (N, F, H, W, 3) clips, prompt-major")
     p.add_argument("--no-ema", action="store_true", help="use raw weights even when EMA weights exist")

@@ -22,7 +22,7 @@ from ..config import ExpectedType, config, converter, field, short_repr
 from ..errors import RecipeError
 from ..suggest import did_you_mean
 from ..validators import (
-    EVERY, MAX_BATCH, MAX_SAMPLES, MAX_SIDE, MAX_SOLVER_STEPS, MAX_STEPS, SEED, Range, RangeError, decay, non_blank,
+    EVERY, MAX_BATCH, MAX_GUIDANCE, MAX_SAMPLES, MAX_SIDE, MAX_SOLVER_STEPS, MAX_STEPS, SEED, Range, RangeError, decay, non_blank,
     probability,
 )
 
@@ -144,7 +144,7 @@ class SampleSection:
     neg_prompt: str = field("", doc="negative prompt for the unconditional branch")
     distilled_guidance: float | None = field(
         None, doc="FLUX-dev guidance-embedding scalar (None: not used; FLUX.1-dev is trained on 1 to 10)",
-        validator=Range(0, 100)
+        validator=Range(0, MAX_GUIDANCE)
     )
     samples_per_prompt: int = field(1, doc="images per prompt", validator=Range(1, MAX_SAMPLES))
     batch_size: int = field(16, doc="samples per rank per sampler call", validator=Range(1, MAX_BATCH))

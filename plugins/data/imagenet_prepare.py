@@ -35,6 +35,7 @@ from minfm_core.config import Dtype
 from minfm_core.errors import MinfmError
 from minfm_core.launch_env import launch_env
 from minfm_core.safepath import write_text_atomic
+from minfm_core.validators import MAX_BATCH
 
 UNCONDITIONAL = ""
 #: The class_embedding file format: the table under this tensor name, {prompt: row} JSON under this metadata key.
@@ -59,8 +60,8 @@ def register(sub) -> None:
     q.add_argument("--latents", action="store_true", help="also encode the images with the recipe's VAE")
     q.add_argument("--split", action="append", dest="splits", choices=("train", "val"),
                    help="splits to encode with --latents (default: those present under ROOT)")
-    q.add_argument("--shard-size", type=int_in("--shard-size", 1), default=1024, metavar="N", help="latents per shard (default 1024)")
-    q.add_argument("--batch-size", type=int_in("--batch-size", 1), default=32, metavar="N", help="images per VAE / prompts per encoder call")
+    q.add_argument("--shard-size", type=int_in("--shard-size", 1, MAX_BATCH), default=1024, metavar="N", help="latents per shard (default 1024)")
+    q.add_argument("--batch-size", type=int_in("--batch-size", 1, MAX_BATCH), default=32, metavar="N", help="images per VAE / prompts per encoder call")
     q.add_argument("--dtype", choices=typing.get_args(Dtype), default="fp32", help="stored latent dtype")
     q.set_defaults(func=run)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from minfm_core.cli.argtypes import int_in
 from minfm_core.cli.groups import command_group
 from minfm_core.errors import MinfmError
+from minfm_core.validators import MAX_BATCH
 
 #: The seed's table was computed on 50,000 samples (1000 classes x 50).
 IMAGENET_SAMPLES = 50_000
@@ -33,7 +34,7 @@ def register(sub) -> None:
                        help="Inception weights (torch-fidelity's .pth or a .safetensors; a path or org/name/file Hub "
                             "reference); default $MINFM_INCEPTION_WEIGHTS, else the torch hub cache")
         q.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the network runs")
-        q.add_argument("--batch-size", type=int_in("--batch-size", 1), default=64, metavar="N", help="images per network call (default 64)")
+        q.add_argument("--batch-size", type=int_in("--batch-size", 1, MAX_BATCH), default=64, metavar="N", help="images per network call (default 64)")
         q.add_argument("--out", metavar="JSON", help="also write the metrics to this JSON file")
         q.add_argument("--extractor", metavar="MODULE:ATTR",
                        help="use another feature extractor: a callable returning one (see minfm_plugins.eval.evaluate.Extractor)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 
 from minfm_core.config import Dtype, config, field
-from minfm_core.validators import MAX_SOLVER_STEPS, MAX_TOKENS, Range
+from minfm_core.validators import MAX_GUIDANCE, MAX_SOLVER_STEPS, MAX_TOKENS, Range
 
 #: A patch or compression side in latent cells (FLUX: 2; Wan's VAE: 4 in time, 8 in space).
 PATCH = Range(1, 64)
@@ -13,8 +13,8 @@ PATCH = Range(1, 64)
 LOGIT_MEAN = Range(-10, 10)
 #: Its spread, on the same logit scale.
 LOGIT_STD = Range(0, 10, lo_open=True)
-#: A guidance scale (CFG's usual values are 1 to 15).
-GUIDANCE = Range(0, 100)
+#: A guidance scale.
+GUIDANCE = Range(0, MAX_GUIDANCE)
 
 
 def _positive_ints(instance, attribute, value) -> None:
