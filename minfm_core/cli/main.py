@@ -1,7 +1,8 @@
 """``minfm``: entry point, subcommand table and exit codes.
 
 Exit codes (contract): 0 success; 2 bad usage, recipe or input (one clear message,
-no traceback); 1 unexpected failure (traceback kept).
+no traceback); 1 unexpected failure (traceback kept); 130 Ctrl-C; 143 a training run
+that SIGTERM stopped after saving a checkpoint (engine/stop_signal.py).
 
 :func:`main` is the one error boundary: an exception leaving a command is either a
 :class:`MinfmError` (the user's to fix: one line, exit 2) or a bug (traceback, a request to

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from ..errors import MinfmError, RecipeError
 from ..launch_env import launch_env
 from ..recipe import load_recipe
 from ..recipe.checks import job_checks
+from ..engine.stop_signal import STOPPED_EXIT_CODE
 from ..validators import MAX_GUIDANCE, MAX_SAMPLES, MAX_SEED, MAX_SOLVER_STEPS
 from .argtypes import LOOPBACK, add_allow_pickle_flag, finite_float, int_in, nprocs, sample_size
 
@@ -175,11 +177,24 @@ def relaunch(nproc: int, argv: list[str]) -> int:
     # LAUNCHER_ENV tells the workers who their launcher is: they die with it, and accept
     # that it holds the run-dir lock on their behalf.
     env = {**os.environ, ARGV_ENV: json.dumps(argv), runlock.LAUNCHER_ENV: str(os.getpid())}
+    terminated = []
+
+    def forward(signum, frame) -> None:
+        # A scheduler's SIGTERM reaches this process only: torchrun passes it on to the workers,
+        # which stop after their step with a checkpoint (engine/stop_signal.py) while this waits.
+        terminated.append(signum)
+        proc.send_signal(signum)
+
     with subprocess.Popen(cmd, env=env, preexec_fn=runlock.launcher_child_setup) as proc:
+        previous = signal.signal(signal.SIGTERM, forward)
         try:
-            return proc.wait()
-        except KeyboardInterrupt:  # torchrun got the Ctrl-C too and stops its workers
-            return proc.wait()
+            try:
+                rc = proc.wait()
+            except KeyboardInterrupt:  # torchrun got the Ctrl-C too and stops its workers
+                rc = proc.wait()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    return STOPPED_EXIT_CODE if terminated else rc
 
 
 def strip_nproc(argv: list[str]) -> list[str]:

@@ -6,7 +6,8 @@
 Gradient accumulation fills ``train.total_batch_size`` (global, over all ranks);
 non-finite or spiking gradient norms skip the step (weights and EMA untouched);
 checkpoints are DCP, asynchronous and atomic; a run resumes from its latest complete
-checkpoint automatically.
+checkpoint automatically. SIGTERM (a scheduler's preemption or time limit) stops a run after
+its current step with a checkpoint (stop_signal.py).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from ..weights import has_weights
 from .ema import EMA
 from .pipeline import build_pipeline, denoiser_kwargs, per_sample_loss, prepare_batch, shard, sharded_denoiser
 from .runtime import Runtime, init_runtime, rank_seed, seed_everything, shutdown_runtime
+from .stop_signal import STOPPED_EXIT_CODE, StopRequest
 
 
 def _check_param_groups(loaded, fresh: list[dict], where) -> None:
@@ -92,6 +94,9 @@ class Trainer:
         self.cfg = resolved.recipe.train
         self.rt = rt
         self.exp_dir = Path(self.recipe.run.exp_dir)
+        #: Set by train(): a SIGTERM stops fit() after its step, with a checkpoint (stopped = True).
+        self.stop_request: StopRequest | None = None
+        self.stopped = False
         problems = job_checks(resolved, "train", rt.world_size)  # what `minfm check` applies, no more
         if problems:
             raise RecipeError(problems, resolved.source)
@@ -356,12 +361,31 @@ class Trainer:
                     self._log({"fid": fid})
             if cfg.sample_every and (self.step % cfg.sample_every == 0 or self.step == cfg.max_steps):
                 self.gallery()
-            if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == cfg.max_steps:
+            saved = (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == cfg.max_steps
+            if saved:
                 self.save()
+            if self._stop_agreed():
+                if not saved:
+                    self.save()
+                self.stopped = True
+                self._log_line(f"stopped by SIGTERM after step {self.step}, its checkpoint saved; "
+                               "the same command resumes the run")
+                break
             self.checkpointer.poll()
             if cfg.gc_every and self.step % cfg.gc_every == 0:
                 gc.collect()
         self.checkpointer.wait()
+
+    def _stop_agreed(self) -> bool:
+        """Whether a stop was requested (on any rank: all of them stop after the same step)."""
+        if self.stop_request is None:
+            return False
+        flag = self.stop_request.requested
+        if self.rt.world_size > 1:
+            t = torch.tensor([float(flag)], device=self.rt.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = bool(t.item())
+        return flag
 
     def close(self) -> None:
         self.checkpointer.wait()
@@ -399,14 +423,19 @@ class Trainer:
 
 
 def train(resolved) -> int:
+    """Train a resolved recipe; 0 when it reached ``train.max_steps``, STOPPED_EXIT_CODE when
+    SIGTERM stopped it (with a checkpoint to resume from)."""
     rt = init_runtime(resolved.recipe.run.device)
     try:
         trainer = Trainer(resolved, rt)
         try:
-            trainer.fit()
+            stop = StopRequest()
+            with stop.installed():
+                trainer.stop_request = stop
+                trainer.fit()
         finally:
             trainer.close()
     finally:
         runlock.release(resolved.recipe.run.exp_dir)
         shutdown_runtime()
-    return 0
+    return STOPPED_EXIT_CODE if trainer.stopped else 0

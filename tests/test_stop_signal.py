@@ -1,0 +1,113 @@
+"""SIGTERM (a scheduler's preemption or time limit, `kill`) stops a training run after its step,
+with a checkpoint, exit code 143; the same command resumes from that step (docs/reliability.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from engine_helpers import TINY
+
+STOPPED = 128 + signal.SIGTERM
+
+
+def start(exp: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "minfm_core.cli.main", "run", str(TINY), "--set", f"run.exp_dir={exp}",
+         "--set", "train.max_steps=100000", "--set", "train.ckpt_every=0", *args],
+        cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+
+
+def logged_steps(exp: Path, finished: bool = False) -> list[int]:
+    path = exp / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    if not finished:
+        lines = lines[:-1]  # a live run's last line may be half-written
+    return [json.loads(line)["step"] for line in lines if '"loss"' in line]
+
+
+def wait_until_training(exp: Path, proc: subprocess.Popen, steps: int = 2, timeout: float = 240) -> None:
+    end = time.monotonic() + timeout
+    while len(logged_steps(exp)) < steps:
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (rc {proc.returncode}) before training: {proc.stdout.read()[-2000:]}")
+        if time.monotonic() > end:
+            proc.kill()
+            pytest.fail("timed out waiting for the run to train")
+        time.sleep(0.2)
+
+
+def stop_and_check(exp: Path, proc: subprocess.Popen) -> int:
+    """SIGTERM ``proc``; it must exit 143 with one complete checkpoint at the step it names."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the run did not stop within 120 s of SIGTERM")
+    assert proc.returncode == STOPPED, out[-3000:]
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("minfm: stopped by SIGTERM")]
+    step = int(line.split("after step ")[1].split(",")[0])
+    ckpts = sorted((exp / "checkpoints").iterdir())
+    assert [p.name for p in ckpts] == [f"step_{step:08d}"]  # ckpt_every = 0: only the stop wrote one
+    assert (ckpts[0] / "manifest.json").is_file()
+    assert max(logged_steps(exp) or [0]) <= step
+    return step
+
+
+def test_sigterm_saves_the_step_and_the_same_command_resumes(tmp_path):
+    exp = tmp_path / "run"
+    proc = start(exp)
+    wait_until_training(exp, proc)
+    step = stop_and_check(exp, proc)
+
+    res = subprocess.run([sys.executable, "-m", "minfm_core.cli.main", "run", str(TINY), "--set", f"run.exp_dir={exp}",
+                          "--set", f"train.max_steps={step + 2}", "--set", "train.ckpt_every=0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"resumed from {exp / 'checkpoints' / f'step_{step:08d}'} at step {step}" in res.stdout
+    assert [s for s in logged_steps(exp, finished=True) if s > step] == [step + 1, step + 2]
+
+
+def test_the_first_sigterm_is_a_request_the_second_the_default():
+    """The grace period may run out: after the first SIGTERM the default action is back, so a
+    second one ends the process at once; leaving the block restores the previous handler."""
+    from minfm_core.engine.stop_signal import StopRequest
+
+    def previous(signum, frame):
+        raise AssertionError("the previous handler must not run inside the block")
+
+    old = signal.signal(signal.SIGTERM, previous)
+    try:
+        stop = StopRequest()
+        with stop.installed():
+            assert not stop.requested
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)  # the handler runs between bytecodes
+            assert stop.requested and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGTERM) is previous
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_stops_every_worker_after_the_same_step(tmp_path):
+    """`minfm run --nproc-per-node 2`: the launcher passes SIGTERM to torchrun, which passes it to
+    the workers; they agree on the step (one all-reduce per step) and save one checkpoint."""
+    exp = tmp_path / "run"
+    proc = start(exp, "--nproc-per-node", "2", "--set", "parallel.name=fsdp2")
+    wait_until_training(exp, proc)
+    step = stop_and_check(exp, proc)
+    ckpt = exp / "checkpoints" / f"step_{step:08d}"
+    assert sorted(p.name for p in ckpt.glob("rank_*.safetensors")) == ["rank_0.safetensors", "rank_1.safetensors"]
