@@ -9,7 +9,8 @@ that SIGTERM stopped after saving a checkpoint (engine/stop_signal.py).
 report it, exit 1). Errors are translated into MinfmErrors where they arise, naming the
 file; three kinds are translated here as a last resort because any command can meet them:
 ``OSError`` (a full or read-only disk, a missing permission: ``minfm: error: FILE: reason``),
-a failed allocation (``minfm: error: out of memory: ...``) and torch's ``CheckpointException``, which derives from ``BaseException`` and so slips past
+a failed allocation (``minfm: error: out of memory: ...``) and torch's
+``CheckpointException``, which derives from ``BaseException`` and so slips past
 ``except Exception``.
 """
 
