@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ROOT, run_minfm, stop_process
 from engine_helpers import TINY, tiny
@@ -226,3 +227,20 @@ def test_exp_dir_below_a_file_exits_2(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         f"minfm: error: {TINY}: run.exp_dir: {f / 'runs' / 'a'} cannot be made: {f} is not a folder")
     assert f.read_text() == "keep me"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("command", ["run", "sample"])
+def test_a_cuda_run_on_a_machine_without_cuda_is_one_line(tmp_path, command):
+    """run.device = 'cuda' without a GPU was torch's AttributeError from deep inside set_device."""
+    exp = tmp_path / "run"
+    if command == "sample":
+        assert run_minfm("run", str(TINY), "--set", f"run.exp_dir={exp}", "--set", "train.max_steps=1").returncode == 0
+        res = run_minfm("sample", str(exp), "--prompt", "a red circle", "--set", 'run.device="cuda"')
+    else:
+        res = run_minfm("run", str(TINY), "--set", f"run.exp_dir={exp}", "--set", 'run.device="cuda"')
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip().startswith("minfm: error: run.device = 'cuda', but torch sees no CUDA device")
+    assert "\n" not in res.stderr.strip()
+    if command == "run":
+        assert not (exp / "metrics.jsonl").exists()

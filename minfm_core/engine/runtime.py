@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..errors import MinfmError
 from ..launch_env import launch_env
 
 
@@ -32,8 +33,18 @@ class Runtime:
 
 
 def pick_device(choice: str, local_rank: int) -> torch.device:
+    """``run.device`` for the process of ``local_rank``: one GPU per local process."""
     if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
+    if not torch.cuda.is_available():
+        build = "" if torch.version.cuda else f" (torch {torch.__version__} is a build without CUDA)"
+        raise MinfmError(f"run.device = 'cuda', but torch sees no CUDA device{build}; "
+                         "set run.device = 'auto' or 'cpu'")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise MinfmError(f"local rank {local_rank} needs GPU {local_rank}, but this machine shows {count} "
+                         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): "
+                         f"run at most {count} processes per node")
     return torch.device("cuda", local_rank)
 
 
