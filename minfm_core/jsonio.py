@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import MinfmError, first_line, os_error_line
+from .errors import MinfmError, first_line
+from .textfiles import read_bounded
 
 
 def parse_json(text: str | bytes, where: str) -> Any:
@@ -27,15 +28,7 @@ def parse_json(text: str | bytes, where: str) -> Any:
 
 def read_json_file(path: str | Path, where: str, max_bytes: int) -> Any:
     """:func:`parse_json` of a file of at most ``max_bytes`` (checked before it is read)."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise MinfmError(f"{where}: {size:,} bytes is more than the {max_bytes:,} accepted")
-        data = path.read_bytes()
-    except OSError as exc:
-        raise MinfmError(f"{where}: {os_error_line(exc)}") from None
-    return parse_json(data, where)
+    return parse_json(read_bounded(path, where, max_bytes), where)
 
 
 def last_jsonl_record(path: str | Path, key: str, tail_bytes: int = 1 << 20) -> dict[str, Any]:

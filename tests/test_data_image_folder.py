@@ -136,3 +136,17 @@ def test_images_linked_in_from_elsewhere_still_load(tmp_path):
     (root / "metadata.jsonl").write_text(json.dumps({"file_name": "imgs/a.png", "text": "a picture"}) + "\n")
     ds = make(root=str(root), val_fraction=0.0)
     assert len(ds) == 1 and ds[0]["prompt"] == "a picture"
+
+
+@pytest.mark.parametrize(("layout", "content", "message"), [
+    ("sidecar", b"\xff\xfe a caption in UTF-16", "a.txt: not UTF-8 text (byte 0)"),
+    ("sidecar", b"x" * ((1 << 20) + 1), "a.txt: 1,048,577 bytes is more than the 1,048,576 accepted"),
+    ("metadata", b'{"file_name": "a.png", "text": "\xff"}\n', "metadata.jsonl: not UTF-8 text (byte 32)"),
+])
+def test_caption_files_are_utf8_and_bounded(tmp_path, layout, content, message):
+    """A non-UTF-8 caption was a UnicodeDecodeError traceback; a huge one was read into memory whole."""
+    _image(tmp_path / "a.png", (32, 32))
+    (tmp_path / ("a.txt" if layout == "sidecar" else "metadata.jsonl")).write_bytes(content)
+    with pytest.raises(MinfmError) as err:
+        make(root=str(tmp_path), val_fraction=0.0)
+    assert str(err.value).startswith("image_folder: ") and str(err.value).endswith(message), str(err.value)

@@ -128,3 +128,16 @@ def test_errors_are_clear(tree):
         make(use_cached_latents=True, latents_dir=str(tree), prompt_template="{label}")
     with pytest.raises(MinfmError, match="latent shard .* not found"):
         make(use_cached_latents=True, latents_dir=str(tree))[0]
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("labels.csv", b"a,b\n1,2\n", r"labels.csv:2: expected columns ImageId and PredictionString"),
+    ("labels.csv", b"ImageId,PredictionString\nILSVRC2012_val_00000001,\n", r"labels.csv:2: expected columns"),
+    ("labels.txt", b"ILSVRC2012_val_00000001.JPEG\n", r"labels.txt:1: expected '<file> <wnid or label>'"),
+    ("labels.txt", b"\xff\xfeI\x00L\x00", r"labels.txt: not UTF-8 text \(byte 0\)"),
+])
+def test_a_malformed_val_labels_file_names_its_line(tree, name, content, message):
+    """A headerless CSV, a line of one token or a UTF-16 file were KeyError / ValueError / UnicodeDecodeError tracebacks."""
+    (tree / name).write_bytes(content)
+    with pytest.raises(MinfmError, match=f"imagenet: .*{message}"):
+        make("val", root=str(tree), resolution=16, val_labels=str(tree / name))

@@ -113,6 +113,13 @@ def test_a_hostile_video_is_one_error_naming_it(tmp_path, kind, message):
         ds[0]
 
 
+def test_a_caption_that_is_not_utf8_names_its_file(tmp_path):
+    write_video(tmp_path / "x.mp4", 4)
+    (tmp_path / "x.txt").write_bytes(b"\xff\xfe c\x00l\x00i\x00p\x00")
+    with pytest.raises(MinfmError, match=r"video_folder: .*x\.txt: not UTF-8 text \(byte 0\)"):
+        make(root=str(tmp_path), frames=1, val_fraction=0.0)
+
+
 def test_splits_and_missing_captions(folder, tmp_path):
     (folder / "val").mkdir()
     write_video(folder / "val" / "v.mp4", 6)

@@ -18,17 +18,21 @@ from pathlib import Path
 import torch
 
 from minfm_core.errors import MinfmError
+from minfm_core.images import read_rgb
 from minfm_core.jsonio import parse_json
 from minfm_core.safepath import relative_inside
+from minfm_core.textfiles import read_text
 
 from .configs import ImageFolderConfig
-from minfm_core.images import read_rgb
-
 from .images import Flips, budget_size, resize_and_center_crop, to_tensor
 from .latents import CachedLatentsDataset
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _SPLIT_DIRS = {"train": ("train",), "val": ("val", "validation")}
+#: A caption is a sentence or a paragraph: a larger sidecar is not one.
+MAX_CAPTION_BYTES = 1 << 20
+#: A metadata.jsonl is read whole: a line (~200 bytes) per image, 10 M images in 2 GiB.
+MAX_METADATA_BYTES = 2 << 30
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
@@ -91,7 +95,7 @@ def _scan(folder: Path, cfg: ImageFolderConfig) -> list[tuple[Path, str]]:
     for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
         sidecar = path.with_suffix(".txt")
         if sidecar.is_file():
-            items.append((path, sidecar.read_text(encoding="utf-8").strip()))
+            items.append((path, read_caption(sidecar, "image_folder")))
         else:
             missing.append(path.name)
     if missing and items:
@@ -104,9 +108,14 @@ def _scan(folder: Path, cfg: ImageFolderConfig) -> list[tuple[Path, str]]:
     return items
 
 
+def read_caption(sidecar: Path, dataset: str) -> str:
+    """The caption in a ``.txt`` sidecar (UTF-8, at most MAX_CAPTION_BYTES)."""
+    return read_text(sidecar, f"{dataset}: {sidecar}", MAX_CAPTION_BYTES).strip()
+
+
 def _read_metadata(meta: Path, column: str) -> list[tuple[Path, str]]:
     items = []
-    for lineno, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_text(meta, f"image_folder: {meta}", MAX_METADATA_BYTES).splitlines(), 1):
         if not line.strip():
             continue
         where = f"{meta}:{lineno}"

@@ -19,6 +19,7 @@ prompt of its ``"label"``, and flips follow ``p_flip`` as for images.
 from __future__ import annotations
 
 import csv
+import io
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -27,14 +28,16 @@ import torch
 from PIL import Image
 
 from minfm_core.errors import MinfmError
+from minfm_core.images import read_rgb
+from minfm_core.textfiles import read_text
 
 from .configs import ImagenetConfig
-from minfm_core.images import read_rgb
-
 from .images import Flips, center_square, to_tensor
 from .latents import CachedLatentsDataset
 
 CLASSES_FILE = Path(__file__).with_name("imagenet_classes.txt")
+#: The val labels list (LOC_val_solution.csv is ~2 MB for 50,000 images).
+MAX_LABELS_BYTES = 64 << 20
 _IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 
 
@@ -123,15 +126,21 @@ def _flat_val(folder: Path, labels_file: Path) -> list[tuple[Path, int]]:
         raise MinfmError(f"imagenet: val_labels {str(labels_file)!r} not found")
     by_wnid = _label_of_wnid()
     pairs: list[tuple[str, str]] = []
+    text = read_text(labels_file, f"imagenet: {labels_file}", MAX_LABELS_BYTES)
     if labels_file.suffix.lower() == ".csv":  # Kaggle LOC_val_solution.csv: ImageId,PredictionString
-        with labels_file.open(newline="", encoding="utf-8") as f:
-            for row in csv.DictReader(f):
-                pairs.append((row["ImageId"], row["PredictionString"].split()[0]))
+        for lineno, row in enumerate(csv.DictReader(io.StringIO(text, newline="")), 2):
+            box = (row.get("PredictionString") or "").split()
+            if not row.get("ImageId") or not box:
+                raise MinfmError(f"imagenet: {labels_file}:{lineno}: expected columns ImageId and PredictionString "
+                                 "(Kaggle's LOC_val_solution.csv)")
+            pairs.append((row["ImageId"], box[0]))
     else:  # "<file> <wnid or label index>" per line
-        for line in labels_file.read_text(encoding="utf-8").splitlines():
+        for lineno, line in enumerate(text.splitlines(), 1):
             if line.strip():
-                name, token = line.split()[:2]
-                pairs.append((name, token))
+                parts = line.split()
+                if len(parts) < 2:
+                    raise MinfmError(f"imagenet: {labels_file}:{lineno}: expected '<file> <wnid or label>', got {line[:80]!r}")
+                pairs.append((parts[0], parts[1]))
     files = {p.stem: p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES}
     items = []
     for name, token in sorted(pairs):

@@ -21,7 +21,7 @@ from minfm_core.errors import MinfmError, first_line
 from minfm_core.validators import MAX_SIDE
 
 from .configs import VideoFolderConfig
-from .image_folder import _hold_out
+from .image_folder import _hold_out, read_caption
 from .images import Flips, budget_size, resize_and_center_crop, rng_for, to_tensor
 from .latents import CachedLatentsDataset
 
@@ -148,7 +148,7 @@ def _scan(folder: Path) -> list[tuple[Path, str]]:
     for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES):
         sidecar = path.with_suffix(".txt")
         if sidecar.is_file():
-            items.append((path, sidecar.read_text(encoding="utf-8").strip()))
+            items.append((path, read_caption(sidecar, "video_folder")))
         else:
             missing.append(path.name)
     if missing and not items:
