@@ -41,6 +41,8 @@ MAX_WIDTH = 2**16
 MAX_DEPTH = 1024
 #: Tokens of one sequence (a 16k x 16k image in 16-pixel patches is 2**20).
 MAX_TOKENS = 2**24
+#: Tokens of one prompt (FLUX.1-dev's T5 reads 512).
+MAX_PROMPT_TOKENS = 65536
 #: Solver steps of one sampling run.
 MAX_SOLVER_STEPS = 10_000
 #: A guidance scale (CFG's usual values are 1 to 15; FLUX.1-dev's distilled guidance 1 to 10).

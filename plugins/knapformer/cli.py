@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from minfm_core.cli.argtypes import finite_float, int_in
 from minfm_core.launch_env import MAX_WORLD_SIZE
-from minfm_core.validators import MAX_BATCH, MAX_FRAMES, MAX_SEED, MAX_WIDTH
+from minfm_core.validators import MAX_BATCH, MAX_FRAMES, MAX_PROMPT_TOKENS, MAX_SEED, MAX_WIDTH
+
+from .config import MAX_GAMMA, MAX_TOLERANCE
 
 #: Steps one simulation draws (each is planned by both planners: seconds per thousand at 512 ranks).
 MAX_SIMULATED_STEPS = 100_000
-#: Text tokens per sample (T5 reads at most 512; its position scheme takes more).
-MAX_PROMPT_TOKENS = 65536
-
-from .config import MAX_GAMMA, MAX_TOLERANCE
 
 SYNTHETIC_NAMES = ("bucket", "few", "imagenet", "long_tail", "mixed", "near_balanced", "video", "with2048")
 

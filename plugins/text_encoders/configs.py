@@ -13,15 +13,14 @@ import re
 from typing import Any, Literal
 
 from minfm_core.config import Dtype, config, field
-from minfm_core.validators import MAX_WIDTH, SEED, Range, RangeError
+from minfm_core.validators import MAX_PROMPT_TOKENS, MAX_WIDTH, SEED, Range, RangeError
 
 from .presets import CLIP_PRESETS, T5_PRESETS
 from .words import SHAPES_WORDS
 
 #: An embedding width.
 WIDTH = Range(1, MAX_WIDTH)
-#: Tokens per prompt (FLUX-dev's T5: 512).
-MAX_PROMPT_TOKENS = 65536
+#: Tokens per prompt.
 TOKENS = Range(1, MAX_PROMPT_TOKENS)
 #: Integer architecture fields (widths, layers, vocabularies: mT5's is 250,112, token ids).
 MAX_ARCH_INT = 2**20
