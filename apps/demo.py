@@ -31,6 +31,7 @@ from minfm_core.errors import MinfmError  # noqa: E402
 
 from .batcher import Batcher  # noqa: E402
 from .model import DemoModel, size_label  # noqa: E402
+from .plugin import NUMBERS  # noqa: E402
 
 _POLL_S = 0.1  # how often a waiting request refreshes its progress bar
 # Paths and names hold underscores and stars: escape them so markdown shows them as typed.
@@ -184,13 +185,10 @@ def launch(app: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None, 
 def serve(src: str, *, host: str = "127.0.0.1", port: int | None = None, share: bool = False, queue_limit: int = 32,
           max_batch: int = 8, window_ms: float = 100.0, use_ema: bool = True, max_steps: int = 100) -> int:
     """``minfm demo``: load the model once, then serve until interrupted."""
-    for name, value, low in (("--queue-limit", queue_limit, 1), ("--max-batch", max_batch, 1), ("--max-steps", max_steps, 1)):
-        if value < low:
-            raise MinfmError(f"{name} must be >= {low}, got {value}")
-    if window_ms < 0:
-        raise MinfmError(f"--batch-window-ms must be >= 0, got {window_ms}")
-    if port is not None and not 1 <= port <= 65535:
-        raise MinfmError(f"--port must be in 1..65535, got {port}")
+    for flag, value in (("--queue-limit", queue_limit), ("--max-batch", max_batch), ("--batch-window-ms", window_ms),
+                        ("--max-steps", max_steps), ("--port", port)):
+        if value is not None:  # the CLI's own parsers: one range per number
+            NUMBERS[flag](repr(value) if isinstance(value, float) else str(value))
     model = DemoModel.load(src, use_ema=use_ema, max_images=min(max_batch, 8), max_steps=max_steps)
     if model.makes_clips:
         from minfm_core.engine.video_io import require_av

@@ -13,6 +13,16 @@ from minfm_core.cli.argtypes import finite_float, int_in
 from minfm_core.errors import MinfmError
 from minfm_core.validators import MAX_BATCH, MAX_SOLVER_STEPS
 
+#: The demo's numbers and their ranges: the CLI parses its flags with these, and the Python
+#: entry point ``minfm_apps.demo.serve`` checks its arguments with the same ones.
+NUMBERS = {
+    "--port": int_in("--port", 1, 65535),
+    "--queue-limit": int_in("--queue-limit", 1, 100_000),
+    "--max-batch": int_in("--max-batch", 1, MAX_BATCH),
+    "--batch-window-ms": finite_float("--batch-window-ms", 0.0, 60_000.0),
+    "--max-steps": int_in("--max-steps", 1, MAX_SOLVER_STEPS),
+}
+
 
 @hookimpl
 def register_commands(subparsers):
@@ -24,14 +34,14 @@ def register_commands(subparsers):
     )
     p.add_argument("source", metavar="SRC", help="run directory, checkpoint directory or hf://org/name[@rev]")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int_in("--port", 1, 65535), default=None, help="port (default: the first free one from 7860)")
+    p.add_argument("--port", type=NUMBERS["--port"], default=None, help="port (default: the first free one from 7860)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
-    p.add_argument("--queue-limit", type=int_in("--queue-limit", 1, 100_000), default=32, metavar="N", help="requests allowed to wait in the queue")
-    p.add_argument("--max-batch", type=int_in("--max-batch", 1, MAX_BATCH), default=8, metavar="N",
+    p.add_argument("--queue-limit", type=NUMBERS["--queue-limit"], default=32, metavar="N", help="requests allowed to wait in the queue")
+    p.add_argument("--max-batch", type=NUMBERS["--max-batch"], default=8, metavar="N",
                    help="images per batched sampler call (and handlers running at once)")
-    p.add_argument("--batch-window-ms", type=finite_float("--batch-window-ms", 0.0, 60_000.0), default=100.0, metavar="MS",
+    p.add_argument("--batch-window-ms", type=NUMBERS["--batch-window-ms"], default=100.0, metavar="MS",
                    help="how long the first request waits for others to join its batch")
-    p.add_argument("--max-steps", type=int_in("--max-steps", 1, MAX_SOLVER_STEPS), default=100, metavar="N", help="upper bound on sampler steps per request")
+    p.add_argument("--max-steps", type=NUMBERS["--max-steps"], default=100, metavar="N", help="upper bound on sampler steps per request")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has EMA weights")
     p.set_defaults(func=_demo)
 

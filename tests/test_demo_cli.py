@@ -37,10 +37,14 @@ def test_demo_command_is_added_with_its_options(capsys):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"max_batch": 0}, "--max-batch must be >= 1, got 0"),
-    ({"queue_limit": 0}, "--queue-limit must be >= 1, got 0"),
-    ({"window_ms": -5.0}, "--batch-window-ms must be >= 0"),
-    ({"port": 70000}, "--port must be in 1..65535, got 70000"),
+    ({"max_batch": 0}, "--max-batch: expected a positive integer, got 0"),
+    ({"max_batch": 2**21}, "--max-batch: expected at most 1048576, got 2097152"),
+    ({"queue_limit": 0}, "--queue-limit: expected a positive integer, got 0"),
+    ({"queue_limit": 2.5}, "--queue-limit: expected an integer, got '2.5'"),
+    ({"window_ms": -5.0}, "--batch-window-ms: expected a number >= 0.0, got -5.0"),
+    ({"window_ms": float("nan")}, "--batch-window-ms: expected a finite number, got nan"),
+    ({"max_steps": 10**5}, "--max-steps: expected at most 10000, got 100000"),
+    ({"port": 70000}, "--port: expected at most 65535, got 70000"),
 ])
 def test_serve_checks_its_numbers_before_loading(kwargs, message, tmp_path):
     """The Python entry point checks what the CLI's flags check as they are parsed (test_cli_numbers.py)."""
