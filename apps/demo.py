@@ -31,7 +31,7 @@ from minfm_core.errors import MinfmError  # noqa: E402
 
 from .batcher import Batcher  # noqa: E402
 from .model import DemoModel, size_label  # noqa: E402
-from .plugin import NUMBERS  # noqa: E402
+from .numbers import NUMBERS  # noqa: E402
 
 _POLL_S = 0.1  # how often a waiting request refreshes its progress bar
 # Paths and names hold underscores and stars: escape them so markdown shows them as typed.

@@ -9,19 +9,9 @@ from __future__ import annotations
 import importlib.util
 
 from minfm_core import hookimpl
-from minfm_core.cli.argtypes import finite_float, int_in
 from minfm_core.errors import MinfmError
-from minfm_core.validators import MAX_BATCH, MAX_SOLVER_STEPS
 
-#: The demo's numbers and their ranges: the CLI parses its flags with these, and the Python
-#: entry point ``minfm_apps.demo.serve`` checks its arguments with the same ones.
-NUMBERS = {
-    "--port": int_in("--port", 1, 65535),
-    "--queue-limit": int_in("--queue-limit", 1, 100_000),
-    "--max-batch": int_in("--max-batch", 1, MAX_BATCH),
-    "--batch-window-ms": finite_float("--batch-window-ms", 0.0, 60_000.0),
-    "--max-steps": int_in("--max-steps", 1, MAX_SOLVER_STEPS),
-}
+from .numbers import NUMBERS
 
 
 @hookimpl
