@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if argv is None and ARGV_ENV in os.environ:  # re-launched by --nproc-per-node
-            argv = _relaunch_argv(os.environ[ARGV_ENV])
+            argv = _relaunch_argv(ARGV_ENV, os.environ[ARGV_ENV])
             sys.argv = [sys.argv[0], *argv]
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -86,14 +86,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise  # SystemExit and the like keep their meaning
 
 
-def _relaunch_argv(text: str) -> list[str]:
-    """The arguments ``minfm run --nproc-per-node`` hands its workers (a JSON list of strings)."""
+def _relaunch_argv(name: str, text: str) -> list[str]:
+    """The arguments ``minfm run --nproc-per-node`` hands its workers in ``name`` (a JSON list of strings)."""
     from ..jsonio import parse_json
-    from .run_cmd import ARGV_ENV
 
-    argv = parse_json(text, f"{ARGV_ENV} (environment)")
+    argv = parse_json(text, f"{name} (environment)")
     if not (isinstance(argv, list) and all(isinstance(a, str) for a in argv)):
-        raise MinfmError(f"{ARGV_ENV} (environment): expected a JSON list of arguments; "
+        raise MinfmError(f"{name} (environment): expected a JSON list of arguments; "
                          f"minfm sets it for its own workers, unset it")
     return argv
 
