@@ -139,3 +139,19 @@ def test_bad_settings_name_their_path(setting, where, capsys):
     rc = main(["check", "recipes/quickstart.toml", "--set", f"data={{name = 'video_folder', root = 'x', {setting}}}"])
     err = capsys.readouterr().err
     assert rc == 2 and where in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".webm"])  # mp4's header counts frames, webm's does not
+def test_read_clip_picks_from_the_true_count_in_either_container(tmp_path, suffix):
+    from minfm_plugins.data.video_folder import count_frames, read_clip
+
+    path = tmp_path / f"v{suffix}"
+    write_video(path, 9)
+    with av.open(str(path)) as container:
+        header = container.streams.video[0].frames
+    assert (header == 9) if suffix == ".mp4" else (header == 0)
+    seen = []
+    indices, frames = read_clip(path, lambda n: seen.append(n) or [1, 4, 8])
+    assert seen == [9] == [count_frames(path)] and indices == [1, 4, 8]
+    arr = [round((np.asarray(f, np.float32).mean() - 16) / LEVEL) for f in frames]
+    assert arr == [1, 4, 8]

@@ -66,24 +66,44 @@ def _first_video_stream(path: Path):
 def count_frames(path: Path) -> int:
     """Frames in the first video stream: the container's count, else counted by demuxing (no decoding)."""
     with _first_video_stream(path) as (container, stream):
-        if stream.frames:
-            return int(stream.frames)
-        return sum(1 for packet in container.demux(stream) if packet.size)
+        return _frame_count(container, stream)
+
+
+def _frame_count(container, stream) -> int:
+    if stream.frames:
+        return int(stream.frames)
+    return sum(1 for packet in container.demux(stream) if packet.size)
+
+
+def _decode(path: Path, container, stream, indices: list[int]) -> list:
+    want = set(indices)
+    out = {}
+    stream.thread_type = "AUTO"
+    for i, frame in enumerate(container.decode(stream)):
+        _check_size(path, frame.width, frame.height)  # some headers (GIF) leave the size to the frames
+        if i in want:
+            out[i] = frame.to_image()
+            if len(out) == len(want):
+                break
+    return [out[i] for i in indices if i in out]
 
 
 def read_frames(path: Path, indices: list[int]):
     """The PIL frames at ``indices`` (sorted, distinct) of the first video stream, decoded in one pass."""
-    want = set(indices)
-    out = {}
     with _first_video_stream(path) as (container, stream):
-        stream.thread_type = "AUTO"
-        for i, frame in enumerate(container.decode(stream)):
-            _check_size(path, frame.width, frame.height)  # some headers (GIF) leave the size to the frames
-            if i in want:
-                out[i] = frame.to_image()
-                if len(out) == len(want):
-                    break
-    return [out[i] for i in indices if i in out]
+        return _decode(path, container, stream, indices)
+
+
+def read_clip(path: Path, pick) -> tuple[list[int], list]:
+    """``(indices, frames)`` with ``indices = pick(frame_count)``, opening the file once where the
+    container's header gives the frame count (mp4, mkv, webm...). Without one, counting demuxes the
+    stream to its end, and the file is opened again to decode."""
+    with _first_video_stream(path) as (container, stream):
+        if stream.frames:
+            indices = pick(int(stream.frames))
+            return indices, _decode(path, container, stream, indices)
+        indices = pick(_frame_count(container, stream))
+    return indices, read_frames(path, indices)
 
 
 class VideoFolderDataset(torch.utils.data.Dataset):
@@ -131,8 +151,7 @@ class VideoFolderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         path, caption = self.items[index]
-        indices = self.frame_indices(index, count_frames(path))
-        frames = read_frames(path, indices)
+        indices, frames = read_clip(path, lambda available: self.frame_indices(index, available))
         if len(frames) < len(indices):  # the container over-counted
             raise MinfmError(f"video_folder: {path} decoded to fewer frames than its header says ({len(frames)} of "
                              f"frame {indices[-1]} needed)")
@@ -169,4 +188,4 @@ def build(cfg: VideoFolderConfig, *, split: str = "train") -> torch.utils.data.D
     return VideoFolderDataset(cfg, split)
 
 
-__all__ = ["VIDEO_SUFFIXES", "VideoFolderDataset", "build", "count_frames", "read_frames"]
+__all__ = ["VIDEO_SUFFIXES", "VideoFolderDataset", "build", "count_frames", "read_clip", "read_frames"]
