@@ -42,6 +42,7 @@ from torch.futures import Future
 
 from .errors import MinfmError
 from .safepath import contained, is_inside, write_bytes_atomic
+from .textfiles import read_bounded
 
 MANIFEST = "manifest.json"
 SELF_CRC = "manifest_crc32"
@@ -204,9 +205,7 @@ def read_manifest(folder: Path) -> Manifest:
         # a symlink only where it stays inside (the HF cache: snapshot entries link into blobs/)
         if not path.is_file() or (path.is_symlink() and not is_inside(path, folder)):
             raise CheckpointError(f"{folder}: no {MANIFEST} (not a complete minFM checkpoint)")
-        if path.stat().st_size > MAX_MANIFEST_BYTES:
-            raise CheckpointError(f"{path}: larger than {MAX_MANIFEST_BYTES >> 20} MiB; refusing to read it")
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = json.loads(read_bounded(path, str(path), MAX_MANIFEST_BYTES).decode("utf-8"))
         _check_schema(folder, data)
     except CheckpointError:
         raise

@@ -6,21 +6,38 @@ naming the file (never a UnicodeDecodeError traceback, never a gigabyte read int
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 from .errors import MinfmError, os_error_line
 
 
 def read_bounded(path: str | Path, where: str, max_bytes: int) -> bytes:
-    """The bytes of ``path``, refused unread when it holds more than ``max_bytes``."""
-    path = Path(path)
+    """The bytes of ``path``, refused unread when it holds more than ``max_bytes``.
+
+    Only a regular file is read (a link to one is followed): a FIFO would block the reader
+    forever and ``/dev/zero`` reports size 0 yet never ends. The file is opened without
+    blocking and checked on its descriptor, and at most ``max_bytes + 1`` bytes are read,
+    so a file swapped or grown after the check still cannot hang or flood the reader.
+    """
     try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise MinfmError(f"{where}: {size:,} bytes is more than the {max_bytes:,} accepted")
-        return path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise MinfmError(f"{where}: not a regular file")
+            if info.st_size > max_bytes:
+                raise MinfmError(f"{where}: {info.st_size:,} bytes is more than the {max_bytes:,} accepted")
+            with os.fdopen(os.dup(fd), "rb") as f:
+                data = f.read(max_bytes + 1)
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise MinfmError(f"{where}: {os_error_line(exc)}") from None
+    if len(data) > max_bytes:
+        raise MinfmError(f"{where}: more than the {max_bytes:,} bytes accepted (the file grew while it was read)")
+    return data
 
 
 def read_text(path: str | Path, where: str, max_bytes: int) -> str:

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from .errors import MinfmError, first_line
 from .safepath import contained, write_atomic
+from .textfiles import read_bounded
 
 #: Recipe dtype names (``minfm_core.config.Dtype``) -> torch dtypes.
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -109,12 +110,9 @@ def index_shards(index: Path) -> list[Path]:
     ``.safetensors`` file are refused with one MinfmError naming the index.
     """
     index = Path(index)
+    raw = read_bounded(index, f"{index}: shard index", MAX_INDEX_BYTES)
     try:
-        if index.stat().st_size > MAX_INDEX_BYTES:
-            raise MinfmError(f"{index}: shard index larger than {MAX_INDEX_BYTES} bytes")
-        data = json.loads(index.read_bytes())
-    except OSError as exc:
-        raise MinfmError(f"{index}: cannot read the shard index ({exc.strerror or type(exc).__name__})") from None
+        data = json.loads(raw)
     except (ValueError, RecursionError) as exc:
         raise MinfmError(f"{index}: not a valid shard index (bad JSON: {first_line(exc)})") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None

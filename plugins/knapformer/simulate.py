@@ -24,11 +24,15 @@ from pathlib import Path
 import numpy as np
 
 from minfm_core.errors import MinfmError
-from minfm_core.jsonio import parse_json
+from minfm_core.jsonio import read_json_file
+from minfm_core.safepath import write_text_atomic
 from minfm_core.validators import MAX_TOKENS, positive
 
 from . import original, planner
 from .spec import parse_bags
+
+#: Largest ``--trace`` file read: 256 MiB is tens of millions of lengths, far past any run's trace.
+MAX_TRACE_BYTES = 256 << 20
 
 Trace = list[list[list[int]]]  # steps x ranks x sequences
 
@@ -155,11 +159,7 @@ def _is_length(v) -> bool:
 
 
 def read_trace(path: str | Path) -> Trace:
-    try:
-        text = Path(path).read_bytes()
-    except OSError as exc:
-        raise MinfmError(f"trace {path}: {exc.strerror or exc}") from None
-    data = parse_json(text, f"trace {path}")
+    data = read_json_file(path, f"trace {path}", MAX_TRACE_BYTES)
     if isinstance(data, list) and data and isinstance(data[0], list) and data[0] and all(_is_length(v) for v in data[0]):
         data = [data]  # one step given without the outer list
     ok = isinstance(data, list) and all(
@@ -327,7 +327,7 @@ def run(args) -> int:
         trace = recipe_trace(resolved, world, args.steps, args.seed, args.batch_size, tuple(args.text_range),
                              args.clips, tuple(args.clip_frames))
     if args.trace_out:
-        Path(args.trace_out).write_text(json.dumps(trace))
+        write_text_atomic(Path(args.trace_out), json.dumps(trace))
     results = {b: evaluate(trace, b, d, gamma, tolerance) for b in specs}
     lens = [v for step in trace for r in step for v in r]
     source = args.recipe or args.trace or args.synthetic
