@@ -89,3 +89,20 @@ def test_jsonl_resume_drops_lines_from_the_interrupted_run(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 13))
     assert [r["loss"] for r in rows] == [float(s) for s in range(1, 7)] + [100.0 + s for s in range(7, 13)]
+
+
+def test_jsonl_resume_drops_lines_no_logger_wrote(tmp_path):
+    # a run folder from elsewhere (a download, a hand edit): junk lines went through
+    # row.get / row["step"] and ended the resumed run in a traceback
+    junk = [b"[1]", b'"text"', b"{}", b'{"step": "3"}', b'{"step": true}', b"\xff\xfe{", b"[" * 70000,
+            b'{"step": 2, "loss": 2.0}']
+    (tmp_path / "metrics.jsonl").write_bytes(b"\n".join([b'{"step": 1, "loss": 1.0}', *junk]) + b"\n")
+    (tmp_path / "evil").write_text("keep")
+    again = make("jsonl", tmp_path, plot_every=1)
+    (tmp_path / ".metrics.jsonl.tmp").symlink_to(tmp_path / "evil")  # the old fixed temp names
+    (tmp_path / "loss.tmp.png").symlink_to(tmp_path / "evil")
+    again.log(3, {"loss": 3.0})
+    again.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    assert (tmp_path / "evil").read_text() == "keep" and (tmp_path / "loss.png").stat().st_size > 0

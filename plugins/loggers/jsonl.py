@@ -13,10 +13,11 @@ metrics are still written and a warning says the plot is skipped.
 from __future__ import annotations
 
 import json
-import os
 import time
 import warnings
 from pathlib import Path
+
+from minfm_core.safepath import write_atomic, write_text_atomic
 
 from .base import Logger, is_finite
 from .configs import JsonlConfig
@@ -40,18 +41,18 @@ class JsonlLogger(Logger):
     def _open(self, first_step: int) -> None:
         kept = []
         if self.path.exists():
-            lines = self.path.read_text(encoding="utf-8").splitlines()
+            # the file may hold what no logger wrote (a download, a hand edit): only object lines
+            # with an integer step are kept, everything else is dropped like a line a crash cut short
+            lines = self.path.read_bytes().decode("utf-8", errors="replace").splitlines()
             for line in lines:
                 try:
                     row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut short by a crash
-                if row.get("step", -1) < first_step:
+                except (ValueError, RecursionError):
+                    continue
+                if isinstance(row, dict) and type(row.get("step")) is int and row["step"] < first_step:
                     kept.append(row)
             if len(kept) != len(lines):
-                tmp = self.path.with_suffix(".jsonl.tmp")
-                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-                os.replace(tmp, self.path)
+                write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         for row in kept:
             self._remember(row["step"], row)
         self._file = self.path.open("a", encoding="utf-8")
@@ -103,9 +104,8 @@ class JsonlLogger(Logger):
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        tmp = self.plot_path.with_suffix(".tmp.png")
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, self.plot_path)  # readers (the gallery server) never see half a file
+        # readers (the gallery server) never see half a file
+        write_atomic(self.plot_path, lambda tmp: fig.savefig(tmp, format="png"))
         return self.plot_path
 
     def close(self) -> None:
