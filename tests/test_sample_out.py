@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import run_minfm
 from engine_helpers import tiny
 from minfm_core.cli.main import main
+from minfm_core.errors import MinfmError
 
 ARGS = ["--steps", "2", "--n", "2"]
 
@@ -153,3 +155,21 @@ def test_bad_cli_numbers_exit_2_one_line(argv, message, capsys, tmp_path):
 def test_bad_cli_number_in_a_real_process(tmp_path):
     res = run_minfm("sample", str(tmp_path / "nothing"), "--cfg=-inf")  # "=": argparse reads a bare -inf as a flag
     one_error_line(res, "minfm: error: --cfg: expected a finite number, got -inf")
+
+
+def test_write_npz_of_mixed_sizes_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    from PIL import Image
+
+    from minfm_core.engine.sample import write_npz
+
+    files = [tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"]
+    for f, size in zip(files, (8, 8, 12)):
+        Image.new("RGB", (size, size), (size, 0, 0)).save(f)
+    out = tmp_path / "samples.npz"
+    write_npz(out, files[:2])
+    before = out.read_bytes()
+    assert np.load(out)["arr_0"].shape == (2, 8, 8, 3)
+    with pytest.raises(MinfmError, match=r"c\.png: is 12x12, the others 8x8; \.npz needs one size"):
+        write_npz(out, files)
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.png", "b.png", "c.png", "samples.npz"]

@@ -33,7 +33,7 @@ from .. import checkpoint as ckpt_mod
 from ..errors import MinfmError
 from ..images import read_rgb
 from ..jsonio import parse_json
-from ..safepath import recipe_root, trust_boundary, write_bytes_atomic, write_text_atomic
+from ..safepath import recipe_root, trust_boundary, write_atomic, write_bytes_atomic, write_text_atomic
 from ..weights import check_weights_folder, has_weights, load_safetensors_into
 from .gallery import write_sample_index
 from .prompts import read_prompt_file
@@ -375,23 +375,23 @@ def write_npz(path: Path, files: list[Path], fps: int | None = None) -> None:
     Streamed into the zip one sample at a time (50k samples at 256x256 are ~10 GB), then
     renamed into place.
     """
-    import tempfile
     import zipfile
 
     load = (lambda p: read_webp(p, fps)) if fps else (lambda p: np.asarray(read_rgb(p), dtype=np.uint8))  # noqa: E731
     first = load(files[0])
     shape = (len(files), *first.shape)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # never a planted link
-    os.close(fd)
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
-            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
-            for p in files:
-                arr = first if p == files[0] else load(p)
-                if arr.shape != first.shape:
-                    dims = lambda a: "x".join(map(str, a.shape[:-1]))  # noqa: E731
-                    raise MinfmError(f"{p}: is {dims(arr)}, the others {dims(first)}; .npz needs one size")
-                f.write(np.ascontiguousarray(arr).tobytes())
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+                for p in files:
+                    arr = first if p == files[0] else load(p)
+                    if arr.shape != first.shape:
+                        dims = lambda a: "x".join(map(str, a.shape[:-1]))  # noqa: E731
+                        raise MinfmError(f"{p}: is {dims(arr)}, the others {dims(first)}; .npz needs one size")
+                    f.write(np.ascontiguousarray(arr).tobytes())
+
+    write_atomic(path, write)
 
 

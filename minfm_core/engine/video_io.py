@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import MinfmError
+from ..safepath import write_atomic
 from ..validators import MAX_FRAMES
 
 #: Frames per second of written clips unless told otherwise (8 fps: 125 ms, a whole number of ms).
@@ -130,14 +131,7 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int = DEFAULT_FPS, crf: int =
     path = Path(path)
     # The muxer rewrites the file's head at the end (faststart: playable while it downloads),
     # so it needs a real file: encode next to the target, then rename into place.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        _mux_mp4(tmp, frames, fps, crf)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda tmp: _mux_mp4(str(tmp), frames, fps, crf))
 
 
 def encode_mp4(frames: np.ndarray, fps: int = DEFAULT_FPS, crf: int = MP4_CRF) -> bytes:
