@@ -99,3 +99,20 @@ def test_balance_simulate_writes_its_trace_out_atomically_never_through_a_link(t
                  "--trace-out", str(tmp_path / "out.json")]) == 0
     assert target.read_text() == "keep" and not (tmp_path / "out.json").is_symlink()
     assert len(json.loads((tmp_path / "out.json").read_text())) == 2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_minfm_check_refuses_a_recipe_that_is_not_a_file(tmp_path, capsys, kind):
+    recipe = special(tmp_path, kind, "r.toml")
+    assert within(20, main, ["check", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"minfm: error: recipe file is not a file: {recipe}", err
+
+
+def test_a_recipe_over_the_bound_is_refused_unread(tmp_path, capsys, monkeypatch):
+    from minfm_core.recipe import load
+
+    monkeypatch.setattr(load, "MAX_RECIPE_BYTES", 64)
+    (tmp_path / "r.toml").write_text("# " + "x" * 100 + "\n")
+    assert main(["check", str(tmp_path / "r.toml")]) == 2
+    assert capsys.readouterr().err.strip().endswith("r.toml: 103 bytes is more than the 64 accepted")

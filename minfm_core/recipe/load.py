@@ -29,6 +29,7 @@ from typing import Any
 
 from ..errors import MinfmError, RecipeError
 from ..suggest import did_you_mean
+from ..textfiles import read_bounded
 from .toml import tomllib
 
 
@@ -83,12 +84,10 @@ MAX_RECIPE_BYTES = 16 * 1024 * 1024
 
 def _parse(path: Path) -> dict[str, Any]:
     """The TOML table of one file, with every way a file can be unreadable as a RecipeError."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise RecipeError(f"cannot read the recipe: {exc.strerror or exc}", str(path)) from None
-    if len(raw) > MAX_RECIPE_BYTES:
-        raise RecipeError(f"{len(raw):,} bytes is too large for a recipe (at most {MAX_RECIPE_BYTES:,})", str(path))
+    try:  # bounded before it is read: /dev/zero or a FIFO named as a recipe must not hang the check
+        raw = read_bounded(path, str(path), MAX_RECIPE_BYTES)
+    except MinfmError as exc:
+        raise RecipeError(str(exc)) from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
