@@ -207,7 +207,12 @@ def resume_point(root: Path, *, allow_pickle: bool = False) -> tuple[Checkpoint 
         cands = sorted(p for p in ckpts.iterdir() if _STEP_DIR.match(p.name)) if ckpts.is_dir() else []
         for cand in reversed(cands):
             try:
-                open_checkpoint(cand, allow_pickle=allow_pickle)
+                if cand.is_symlink():  # list_checkpoints and pruning never follow one either
+                    raise CheckpointError(f"{cand}: is a symlink, not a checkpoint folder of this run")
+                opened = open_checkpoint(cand, allow_pickle=allow_pickle)
+                step = opened.manifest.step if opened.manifest is not None else None
+                if step is not None and step != int(cand.name[5:]):  # renamed: it would resume elsewhere
+                    raise CheckpointError(f"{cand}: holds step {step}, not the step its name says")
             except CheckpointError as exc:
                 skipped.append((cand, str(exc)))
                 continue
@@ -297,11 +302,11 @@ class Checkpointer:
     def _prune(self) -> None:
         if self.keep_last <= 0:
             return
-        # The newest is the one just written (complete, verified by construction): it is
-        # always among the last keep_last kept.
-        for old in list_checkpoints(self.root)[: -self.keep_last]:
-            if old not in self.keep:
-                shutil.rmtree(old, ignore_errors=True)
+        # Checkpoints that failed verification are kept and not counted: a corrupt newer one
+        # must not push the one just written (or the last good one) out of the keep_last.
+        good = [p for p in list_checkpoints(self.root) if p not in self.keep]
+        for old in good[: -self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _save_error(tmp: Path, exc: CheckpointException) -> MinfmError:
@@ -324,8 +329,12 @@ def barrier() -> None:
 def recipe_for(src: Path) -> Path:
     """The recipe.toml that belongs to a checkpoint or run directory."""
     src = Path(src)
-    for cand in (src / "recipe.toml", src.parent.parent / "recipe.toml", src.parent / "recipe.toml"):
-        if cand.is_file():
+    # beside a checkpoint: its own, else its run's (run/checkpoints/step_N) or Hub folder's
+    # (folder/checkpoint); a downloaded checkpoint never takes one from outside the download
+    owner = src.parent.parent if _STEP_DIR.match(src.name) and src.parent.name == CKPT_DIR else src.parent
+    downloaded = came_from_outside(src)
+    for cand in (src / "recipe.toml", owner / "recipe.toml"):
+        if cand.is_file() and (not downloaded or came_from_outside(cand.parent)):
             return cand
     raise MinfmError(f"{src}: no recipe.toml found beside this checkpoint or run")
 
@@ -390,6 +399,10 @@ def export_for_hub(src: Path, out_dir: Path, *, include_training_state: bool = F
 
     path = find_checkpoint(Path(src))
     ckpt = open_checkpoint(path, allow_pickle=allow_pickle)
+    if include_training_state and ckpt.manifest is None:  # its .metadata and data files are pickles
+        raise MinfmError(f"{path}: a legacy checkpoint's training state is pickled and is never exported; "
+                         "export without the training state (its weights are converted), or resume the run "
+                         "once to write a checkpoint in minFM's format")
     recipe = recipe_for(path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -416,8 +429,6 @@ def export_for_hub(src: Path, out_dir: Path, *, include_training_state: bool = F
             shutil.rmtree(dest)
         dest.mkdir()
         # Exactly the verified files (and the manifest): nothing else in the folder travels.
-        names = [*ckpt.manifest.files, MANIFEST] if ckpt.manifest is not None else \
-            [p.name for p in path.iterdir() if p.is_file()]
-        for name in names:
+        for name in [*ckpt.manifest.files, MANIFEST]:
             _copy_regular(path / name, dest / name, path)
     return out

@@ -184,17 +184,22 @@ class Manifest:
         return Metadata(state_dict_metadata=sdm, storage_data=storage, storage_meta=StorageMeta())
 
     def set_objects(self, state: dict[str, Any]) -> None:
-        """Put the JSON-stored values under ``state``'s top-level keys back in place."""
+        """Put the JSON-stored values under ``state``'s top-level keys back in place.
+
+        An object only replaces a value ``state`` already holds that is not a tensor (the
+        optimizer's param_groups): a manifest can neither add keys (they would reach
+        ``load_state_dict`` as unexpected ones) nor put JSON where a tensor belongs."""
         for path, value in self.objects:
             if path[0] not in state:
                 continue
             node = state
             for key in path[:-1]:
-                node = node.setdefault(key, {})
-                if not isinstance(node, dict):
-                    raise CheckpointError(f"{self.folder}: object {'.'.join(path)} runs through a non-table")
-            if isinstance(node.get(path[-1]), torch.Tensor):  # JSON never stands in for a tensor
-                raise CheckpointError(f"{self.folder}: object {'.'.join(path)} would replace a tensor")
+                node = node.get(key) if isinstance(node, dict) else None
+            name = ".".join(path)
+            if not isinstance(node, dict) or path[-1] not in node:
+                raise CheckpointError(f"{self.folder}: object {name} has no place in what is loaded")
+            if isinstance(node[path[-1]], (torch.Tensor, dict)):  # JSON never stands in for a tensor
+                raise CheckpointError(f"{self.folder}: object {name} would replace a tensor")
             node[path[-1]] = _from_json(value)
 
 
@@ -243,6 +248,8 @@ def _check_schema(folder: Path, data: Any) -> None:
                     and all(o + s <= n for o, s, n in zip(c["offsets"], c["sizes"], t["shape"]))
         if not ok:
             raise CheckpointError(f"{where}: bad entry for tensor {fqn!r}")
+        if not _tiles(t["shape"], t["chunks"]):  # a gap would load as whatever memory held
+            raise CheckpointError(f"{where}: the chunks of tensor {fqn!r} do not cover it exactly once")
     for item in objects:
         if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], list) and item[0]
                 and all(isinstance(k, str) for k in item[0])):
@@ -254,6 +261,26 @@ def _check_schema(folder: Path, data: Any) -> None:
     for key in ("step", "world_size"):
         if key in data and not _is_uint(data[key]):
             raise CheckpointError(f"{where}: {key} must be a non-negative integer")
+
+
+def _tiles(shape: list[int], chunks: list[dict[str, Any]]) -> bool:
+    """Whether the chunks (each inside ``shape``) cover every element exactly once: their
+    sizes add up to the whole and no two overlap. Chunks are swept in order of their offset
+    along dim 0, each compared only with those still open there: FSDP's row shards are
+    one open chunk at a time, so this stays O(n log n) for a checkpoint of many ranks."""
+    if sum(math.prod(c["sizes"]) for c in chunks) != math.prod(shape):
+        return False
+    boxes = sorted((c["offsets"], c["sizes"]) for c in chunks if math.prod(c["sizes"]))
+    open_: list[tuple[list[int], list[int]]] = []
+    for offsets, sizes in boxes:
+        if not shape:
+            return len(boxes) == 1
+        open_ = [(o, z) for o, z in open_ if o[0] + z[0] > offsets[0]]
+        for o, z in open_:
+            if all(a < b + m and b < a + n for a, n, b, m in zip(o, z, offsets, sizes)):
+                return False
+        open_.append((offsets, sizes))
+    return True
 
 
 def _is_uint(x: Any) -> bool:

@@ -169,7 +169,16 @@ class BatchIterator:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        consumed = int(state["consumed"])
+        """Continue from :meth:`state_dict`'s position. ``state`` comes from a checkpoint file, so
+        each count is checked to be a whole number in range before it is used."""
+        if not isinstance(state, dict):
+            raise MinfmError(f"data position: expected an object, got {type(state).__name__}")
+        consumed = _count(state, "consumed", None)
+        for key in ("epoch", "dataset_len", "world_size", "position", "batch_size"):
+            _count(state, key, 0)
+        _count(state, "seed", 0, 2**64 - 1)  # derived seeds (runtime.indexed_seed) stay below 2**64
+        if state.get("world_size") == 0:
+            raise MinfmError("data position: world_size must be at least 1")
         if int(state.get("dataset_len", self._n)) != self._n:
             # Another dataset: no position in the old order means anything; restart its epoch.
             warnings.warn(
@@ -185,6 +194,20 @@ class BatchIterator:
             warnings.warn(f"data: resuming with seed {self.seed} instead of {state['seed']}", stacklevel=2)
         self.close()
         self._consumed = consumed
+
+
+#: Largest count a saved data position may hold: far past any run, small enough that
+#: products with a world size or an epoch length stay exact and fit numpy's seeds.
+MAX_COUNT = 2**62
+
+
+def _count(state: dict[str, Any], key: str, default: int | None, most: int = MAX_COUNT) -> int:
+    value = state.get(key, default)
+    if value is None:
+        raise MinfmError(f"data position: {key} is missing")
+    if type(value) is not int or not 0 <= value <= most:
+        raise MinfmError(f"data position: {key} must be a whole number in [0, {most}], got {str(value)[:40]}")
+    return value
 
 
 class _Batches:

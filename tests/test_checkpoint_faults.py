@@ -223,3 +223,74 @@ def test_a_failed_dcp_write_names_the_reason():
         wrapped = CheckpointException("save failed", {0: _wrap_exception(exc)})
     assert str(ck._save_error(Path("/r/.tmp-step_00000003"), wrapped)) == (
         "/r/.tmp-step_00000003: cannot write checkpoint: No space left on device (the previous checkpoints are intact)")
+
+
+def _fit(run: Path, *overrides: str) -> None:
+    from minfm_core.engine.runtime import init_runtime, shutdown_runtime
+    from minfm_core.engine.train import Trainer
+
+    rt = init_runtime("cpu")
+    try:
+        trainer = Trainer(tiny(run, *overrides), rt)
+        try:
+            trainer.fit()
+        finally:
+            trainer.close()
+    finally:
+        shutdown_runtime()
+
+
+def test_keep_last_counts_only_checkpoints_that_verify(stopped, tmp_path):
+    # resumed at 2 behind a corrupt 4, the run saves 3: the corrupt one must not count as
+    # one of the keep_last, or step 3 (just written) and step 2 (last good) both go
+    run = copy_run(stopped, tmp_path / "run")
+    flip(next((run / "checkpoints" / "step_00000004").glob("*.distcp")))
+    _fit(run, "train.max_steps=3", "train.ckpt_every=1", "train.keep_last=1")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000003", "step_00000004"]
+    found, skipped = ck.resume_point(run)
+    assert found.path.name == "step_00000003" and [p.name for p, _ in skipped] == ["step_00000004"]
+
+
+def test_a_symlinked_or_renamed_step_folder_is_skipped(stopped, tmp_path):
+    run = copy_run(stopped, tmp_path / "run")
+    elsewhere = copy_run(stopped, tmp_path / "elsewhere")
+    (run / "checkpoints" / "step_00000009").symlink_to(elsewhere / "checkpoints" / "step_00000004")
+    shutil.copytree(run / "checkpoints" / "step_00000002", run / "checkpoints" / "step_00000007")
+    found, skipped = ck.resume_point(run)
+    assert found.path.name == "step_00000004"
+    assert [(p.name, why.split(": ", 1)[1]) for p, why in skipped] == [
+        ("step_00000009", "is a symlink, not a checkpoint folder of this run"),
+        ("step_00000007", "holds step 2, not the step its name says")]
+
+
+@pytest.mark.parametrize("position, why", [
+    ({"consumed": -5}, "consumed must be a whole number in [0, 4611686018427387904], got -5"),
+    ({"consumed": 1e400}, "consumed must be a whole number in [0, 4611686018427387904], got inf"),
+    ({"consumed": 3, "epoch": 1e400, "dataset_len": 7}, "epoch must be a whole number"),
+    ({"consumed": 3, "world_size": 0}, "world_size must be at least 1"),
+    ({"consumed": True}, "consumed must be a whole number"),
+    ({"consumed": None}, "consumed is missing"),
+    ([1, 2], "expected an object, got list"),
+], ids=["negative", "inf", "epoch-inf", "world-0", "bool", "null", "list"])
+def test_a_hostile_data_position_is_one_line(stopped, tmp_path, capsys, position, why):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from checkpoint_helpers import refresh_record
+    from engine_helpers import TINY
+    from minfm_core.cli.main import main
+
+    run = copy_run(stopped, tmp_path / "run")
+    newest = run / "checkpoints" / "step_00000004"
+    with safe_open(str(newest / "rank_0.safetensors"), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    data = json.loads(meta["data"])
+    meta["data"] = json.dumps({**data, **position} if isinstance(position, dict) else position)
+    save_file(tensors, newest / "rank_0.safetensors", metadata=meta)
+    refresh_record(newest, "rank_0.safetensors")
+    code = main(["run", str(TINY), "--set", f"run.exp_dir={run}", *(f"--set={s}" for s in STEPS)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err, err
+    assert "rank_0.safetensors: bad per-rank state (data position: " in err and why in err, err

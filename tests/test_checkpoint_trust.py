@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from engine_helpers import TINY
 from minfm_core import checkpoint as ck
 from minfm_core.checkpoint_format import CheckpointError, read_manifest
 from minfm_core.cli.main import main
+from minfm_core.errors import MinfmError
 
 #: Modules the old allow-listed unpickler admitted whole, or by name: each imports ``os``,
 #: so a protocol-4 STACK_GLOBAL can name ``os.mkdir`` *through* them.
@@ -214,3 +216,81 @@ def test_hostile_param_groups_are_one_line(trained_run, tmp_path, capsys, edit):
     err = one_line_exit_2(capsys, ["run", str(TINY), "--set", f"run.exp_dir={tmp_path / 'new'}",
                                    "--set", f"train.init_from={ckpt}", "--set", "train.max_steps=5"])
     assert "param groups do not fit" in err
+
+
+@pytest.mark.parametrize("forge, why", [
+    (lambda c: c[0]["sizes"].__setitem__(0, 1), "do not cover it exactly once"),  # rows 1.. would be garbage
+    (lambda c: c.append(dict(c[0])), "do not cover it exactly once"),  # every element twice
+    (lambda c: c.__setitem__(0, {**c[0], "sizes": [c[0]["sizes"][0] // 2, c[0]["sizes"][1]]})
+     or c.append({**c[0], "offsets": [1, 0]}), "do not cover it exactly once"),  # overlapping halves
+], ids=["gap", "twice", "overlap"])
+def test_chunks_must_tile_their_tensor(trained_run, tmp_path, forge, why):
+    run = copy_run(trained_run, tmp_path / "run")
+    ckpt = ck.list_checkpoints(run)[-1]
+    name = next(f for f, t in read_manifest(ckpt).tensors.items() if f.startswith("model.") and len(t["shape"]) == 2)
+    rewrite_manifest(ckpt, lambda m: forge(m["tensors"][name]["chunks"]))
+    with pytest.raises(CheckpointError, match=f"chunks of tensor '{name}' {why}"):
+        ck.open_checkpoint(ckpt)
+
+
+def test_chunk_tiling_accepts_row_and_grid_shards():
+    from minfm_core.checkpoint_format import _tiles
+
+    rows = [{"offsets": [o, 0], "sizes": [2, 6]} for o in range(0, 1000, 2)]  # 500 ranks' row shards
+    assert _tiles([1000, 6], rows[::-1])
+    grid = [{"offsets": [r, c], "sizes": [2, 3]} for r in (0, 2) for c in (0, 3)]
+    assert _tiles([4, 6], grid) and not _tiles([4, 6], grid[:3]) and not _tiles([4, 6], [*grid[:3], grid[0]])
+    assert _tiles([], [{"offsets": [], "sizes": []}]) and not _tiles([], [{"offsets": [], "sizes": []}] * 2)
+    assert _tiles([0, 4], [{"offsets": [0, 0], "sizes": [0, 4]}])  # an empty tensor, an empty chunk
+
+
+@pytest.mark.parametrize("path", [["model", "evil"], ["model", "a", "b"], ["ema", "evil"], ["optimizer", "nope"]])
+def test_an_object_with_no_place_in_the_state_is_refused(trained_run, tmp_path, capsys, path):
+    run = copy_run(trained_run, tmp_path / "run")
+    ckpt = ck.list_checkpoints(run)[-1]
+    rewrite_manifest(ckpt, lambda m: m["objects"].append([path, 5]))
+    argv = {"model": ["sample", str(ckpt), "--prompt", "x", "--n", "1", "--steps", "1", "--out", str(tmp_path / "o"),
+                      "--no-ema"],
+            "ema": ["run", str(TINY), "--set", f"run.exp_dir={tmp_path / 'new'}", "--set", f"train.init_from={ckpt}",
+                    "--set", "train.init_load_plan=model:model,ema:ema", "--set", "train.max_steps=5"],
+            "optimizer": ["run", str(TINY), "--set", f"run.exp_dir={run}", "--set", "train.max_steps=5"]}[path[0]]
+    err = one_line_exit_2(capsys, argv)
+    assert f"object {'.'.join(path)} has no place in what is loaded" in err
+
+
+def test_a_legacy_checkpoint_never_exports_its_pickled_training_state(trained_run, tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    run = copy_run(trained_run, tmp_path / "run")
+    ckpt = ck.list_checkpoints(run)[-1]
+    model = ck.build_denoiser(run / "recipe.toml")
+    ck.load_weights(ckpt, model)
+    legacy = run / "checkpoints" / "step_00000009"
+    legacy.mkdir()
+    (legacy / "recipe.toml").write_text((ckpt / "recipe.toml").read_text())
+    dcp.save({"model": model.state_dict()}, checkpoint_id=str(legacy), no_dist=True)
+    with pytest.raises(MinfmError, match="a legacy checkpoint's training state is pickled and is never exported"):
+        ck.export_for_hub(legacy, tmp_path / "out", include_training_state=True, allow_pickle=True)
+    assert not (tmp_path / "out").exists()
+    out = ck.export_for_hub(legacy, tmp_path / "out", allow_pickle=True)  # the weights are converted
+    names = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "recipe.toml"} <= names and "checkpoint" not in names
+
+
+def test_a_downloaded_checkpoint_takes_no_recipe_from_outside_the_download(trained_run, tmp_path):
+    pulled = tmp_path / "mine" / "pulled"
+    pulled.mkdir(parents=True)
+    shutil.copytree(ck.list_checkpoints(trained_run)[-1], pulled / "checkpoint")
+    (pulled / "minfm_source.json").write_text("{}")
+    (pulled / "checkpoint" / "recipe.toml").unlink()
+    (tmp_path / "mine" / "recipe.toml").write_text("the user's own file")
+    with pytest.raises(MinfmError, match="no recipe.toml found"):
+        ck.recipe_for(pulled / "checkpoint")
+    (pulled / "recipe.toml").write_text("x")
+    assert ck.recipe_for(pulled / "checkpoint") == pulled / "recipe.toml"
+    # a run of the user's own: the step folder's recipe, else the run's
+    run = copy_run(trained_run, tmp_path / "run")
+    step = ck.list_checkpoints(run)[-1]
+    assert ck.recipe_for(step) == step / "recipe.toml"
+    (step / "recipe.toml").unlink()
+    assert ck.recipe_for(step) == run / "recipe.toml"
