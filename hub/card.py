@@ -22,7 +22,7 @@ from minfm_core.errors import MinfmError
 from minfm_core.jsonio import last_jsonl_record
 from minfm_core.recipe.load import MAX_RECIPE_BYTES
 from minfm_core.recipe.toml import tomllib
-from minfm_core.textfiles import read_text
+from minfm_core.textfiles import read_bounded
 from minfm_core.weights import open_safetensors
 
 from .uri import SCHEME
@@ -38,8 +38,8 @@ def read_recipe(folder: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
     try:
-        return tomllib.loads(read_text(path, str(path), MAX_RECIPE_BYTES))
-    except (tomllib.TOMLDecodeError, RecursionError) as exc:
+        return tomllib.loads(read_bounded(path, str(path), MAX_RECIPE_BYTES).decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise MinfmError(f"{path}: not a valid recipe ({first[:200]})") from None
 

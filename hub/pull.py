@@ -126,7 +126,7 @@ def pull(ref: str | HubRef, local_dir: str | Path | None = None, *, training_sta
 
     ref = parse_ref(ref) if isinstance(ref, str) else ref
     limits = Limits.resolve(max_files, max_bytes)
-    patterns = list(SAFE_PATTERNS) + (list(TRAINING_STATE_PATTERNS) if training_state else [])
+    patterns = file_filters(training_state)
     what = f"Hub repo {ref}"
     commit = None
     with hub_errors("pull", str(ref)):
@@ -155,10 +155,21 @@ def pull(ref: str | HubRef, local_dir: str | Path | None = None, *, training_sta
     return pulled
 
 
-def _wanted(siblings: list, patterns: list[str]) -> list:
+def file_filters(training_state: bool) -> dict[str, list[str]]:
+    """``snapshot_download``'s ``allow_patterns`` / ``ignore_patterns`` for a pull.
+
+    ``*`` crosses folders, so ``*.json`` alone would also take ``checkpoint/manifest.json``
+    and ``checkpoint/rank_0.safetensors``: without the training state its folder is ignored
+    whole (half of it reads as a broken checkpoint, and it can be large)."""
+    if training_state:
+        return {"allow_patterns": [*SAFE_PATTERNS, *TRAINING_STATE_PATTERNS], "ignore_patterns": []}
+    return {"allow_patterns": list(SAFE_PATTERNS), "ignore_patterns": list(TRAINING_STATE_PATTERNS)}
+
+
+def _wanted(siblings: list, patterns: dict[str, list[str]]) -> list:
     from huggingface_hub.utils import filter_repo_objects
 
-    return list(filter_repo_objects(siblings, allow_patterns=patterns, key=lambda s: s.rfilename))
+    return list(filter_repo_objects(siblings, **patterns, key=lambda s: s.rfilename))
 
 
 _DRIVE_RE = re.compile(r"^[A-Za-z]:")
@@ -221,7 +232,7 @@ def _verify(folder: Path, limits: Limits, what: str, *, local_dir: bool = False)
     limits.check(n_files, n_bytes, what)
 
 
-def _pull_to_cache(ref: HubRef, patterns: list[str], commit: str | None, limits: Limits) -> Path:
+def _pull_to_cache(ref: HubRef, patterns: dict[str, list[str]], commit: str | None, limits: Limits) -> Path:
     """snapshot_download into the HF cache; on failure, remove the snapshot (and blobs) this pull created."""
     from huggingface_hub import constants
 
@@ -233,7 +244,7 @@ def _pull_to_cache(ref: HubRef, patterns: list[str], commit: str | None, limits:
     try:
         # The asked revision (not the sha) is passed on so the cache records the branch/tag
         # and a later offline `hf://org/name` finds it.
-        path = Path(_snapshot(f"Hub repo {ref}", ref.repo_id, revision=ref.revision, allow_patterns=patterns))
+        path = Path(_snapshot(f"Hub repo {ref}", ref.repo_id, revision=ref.revision, **patterns))
         _verify(path, limits, f"Hub repo {ref}")
         return path
     except BaseException:
@@ -275,7 +286,7 @@ def _remove_partial(snapshot: Path, blobs: Path, blobs_before: set[str]) -> None
             os.unlink(blobs / name)
 
 
-def _pull_to_local_dir(pulled: Pulled, patterns: list[str], limits: Limits) -> None:
+def _pull_to_local_dir(pulled: Pulled, patterns: dict[str, list[str]], limits: Limits) -> None:
     """Download into a fresh folder beside the target, verify it, then move the files in.
 
     Nothing is written into the target before every check passed, and every move replaces
@@ -293,7 +304,7 @@ def _pull_to_local_dir(pulled: Pulled, patterns: list[str], limits: Limits) -> N
     try:
         if target.is_dir():
             _seed(target, tmp)
-        _snapshot(what, pulled.repo_id, revision=pulled.revision, local_dir=tmp, allow_patterns=patterns)
+        _snapshot(what, pulled.repo_id, revision=pulled.revision, local_dir=tmp, **patterns)
         _verify(tmp, limits, what, local_dir=True)
         _record(pulled, tmp)
         with _os_errors(pulled.path):

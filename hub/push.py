@@ -111,6 +111,7 @@ def _regular(folder: Path, rel: str) -> Path:
 
 def collect(folder: Path, stage: Path, *, include_training_state: bool, max_shard_size: int) -> dict[str, Path]:
     """Repo path -> local file for everything a push of ``folder`` uploads (shards written to ``stage``)."""
+    from minfm_core.checkpoint_format import MANIFEST, read_manifest, verify
     from minfm_core.weights import index_shards
 
     refuse_pickles([p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and is_pickle(p.name)],
@@ -141,10 +142,13 @@ def collect(folder: Path, stage: Path, *, include_training_state: bool, max_shar
         if not ckpt.is_dir() or not any(ckpt.rglob("*")):
             raise MinfmError(f"{folder}: --include-training-state needs the DCP training state in {ckpt}/")
         contained(folder, TRAINING_STATE_DIR, what=f"{ckpt}")  # the folder itself must not lead outside
-        for p in sorted(ckpt.rglob("*")):
-            if p.is_symlink() or p.is_file():
-                rel = p.relative_to(folder).as_posix()
-                files[rel] = _regular(folder, rel)
+        # Only a checkpoint in minFM's format travels, verified, and exactly the files its
+        # manifest lists: a legacy one's .metadata and data files are pickles (never pushed).
+        manifest = read_manifest(ckpt)
+        verify(manifest)
+        for name in [*manifest.files, MANIFEST]:
+            rel = f"{TRAINING_STATE_DIR}/{name}"
+            files[rel] = _regular(folder, rel)
     return files
 
 

@@ -169,10 +169,13 @@ def read_safetensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def check_keys(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: str, *, partial: bool = False) -> None:
-    """Refuse to load on missing/unexpected keys or shape mismatches, naming them."""
+def check_keys(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: str, *, params_only: bool = False) -> None:
+    """Refuse to load on missing/unexpected keys or shape mismatches, naming them.
+
+    ``params_only``: ``sd`` holds the parameters only (an EMA file), so buffers may be
+    missing and keep their values; every parameter must still be there."""
     own = model.state_dict()
-    missing = [] if partial else set(own) - set(sd)
+    missing = (set(dict(model.named_parameters())) if params_only else set(own)) - set(sd)
     unexpected = set(sd) - set(own)
     shapes = [f"{k} {tuple(sd[k].shape)} (model wants {tuple(own[k].shape)})"
               for k in sorted(set(sd) & set(own)) if sd[k].shape != own[k].shape]
@@ -192,7 +195,7 @@ def first_names(items, limit: int = 10) -> str:
 def load_safetensors_into(model: torch.nn.Module, folder: Path, name: str = "model") -> None:
     sd = read_safetensors(Path(folder), name)
     # EMA files hold the trainable parameters only; buffers keep their values.
-    check_keys(model, sd, f"{folder}/{name}.safetensors", partial=(name == "ema"))
+    check_keys(model, sd, f"{folder}/{name}.safetensors", params_only=(name == "ema"))
     if any(hasattr(p, "full_tensor") for p in model.parameters()):
         # A sharded (FSDP2) model: each rank keeps only its shards of the full tensors.
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict

@@ -119,23 +119,41 @@ def test_large_weights_are_sharded_with_an_index(hub_server, tmp_path):
     assert not any(f.startswith("model-") or f.endswith("index.json") for f in hub_server.files("org/big"))
 
 
-def test_training_state_only_on_request(hub_server, tmp_path):
-    src = make_model_folder(tmp_path / "src", extras=False)
-    (src / "checkpoint").mkdir()
-    (src / "checkpoint" / ".metadata").write_bytes(b"dcp-metadata")
-    (src / "checkpoint" / "__0_0.distcp").write_bytes(b"\x00" * 64)
+def test_training_state_only_on_request(hub_server, tmp_path, trained_run):
+    from minfm_core.checkpoint import export_for_hub
+
+    src = export_for_hub(trained_run, tmp_path / "src", include_training_state=True)
+    state = {f"checkpoint/{p.name}" for p in (src / "checkpoint").iterdir()}
+    # manifest.json, rank_0.safetensors and recipe.toml match the plain pull's patterns too
+    assert {"checkpoint/manifest.json", "checkpoint/rank_0.safetensors", "checkpoint/recipe.toml"} <= state
+    (src / "checkpoint" / "notes.txt").write_text("not in the manifest: never pushed")
     env = env_for(hub_server, tmp_path)
     assert hub_cli(env, "hub", "push", str(src), "org/t").returncode == 0
     assert not any(f.startswith("checkpoint/") for f in hub_server.files("org/t"))
     assert hub_cli(env, "hub", "push", str(src), "org/t", "--include-training-state").returncode == 0
-    assert {"checkpoint/.metadata", "checkpoint/__0_0.distcp"} <= set(hub_server.files("org/t"))
+    assert {f for f in hub_server.files("org/t") if f.startswith("checkpoint/")} == state
     assert "checkpoint/" in hub_server.files("org/t")["README.md"].decode()
 
     plain, full = tmp_path / "plain", tmp_path / "full"
     assert hub_cli(env, "hub", "pull", "org/t", "--local-dir", str(plain)).returncode == 0
-    assert not (plain / "checkpoint").exists()
+    assert not (plain / "checkpoint").exists() and (plain / "model.safetensors").is_file()
     assert hub_cli(env, "hub", "pull", "org/t", "--local-dir", str(full), "--include-training-state").returncode == 0
-    assert (full / "checkpoint" / "__0_0.distcp").read_bytes() == b"\x00" * 64
+    assert tree_bytes(full / "checkpoint") == tree_bytes(src / "checkpoint", exclude=("notes.txt",))
+
+
+def test_a_training_state_that_is_not_a_minfm_checkpoint_is_never_pushed(hub_server, tmp_path):
+    src = make_model_folder(tmp_path / "src", extras=False)
+    (src / "checkpoint").mkdir()
+    (src / "checkpoint" / ".metadata").write_bytes(b"\x80\x04pickled dcp metadata")
+    (src / "checkpoint" / "__0_0.distcp").write_bytes(b"\x00" * 64)
+    env = env_for(hub_server, tmp_path)
+    res = hub_cli(env, "hub", "push", str(src), "org/legacy", "--include-training-state")
+    assert res.returncode == 2 and "no manifest.json (not a complete minFM checkpoint)" in one_error_line(res)
+    try:
+        pushed = hub_server.files("org/legacy")
+    except Exception:  # noqa: BLE001 - the repo was never created
+        pushed = {}
+    assert not any(f.startswith("checkpoint/") for f in pushed)
 
 
 def test_the_card_parses_and_says_how_to_sample(hub_server, tmp_path):

@@ -197,3 +197,44 @@ def test_a_folder_is_vetted_before_a_library_reads_it(tmp_path):
     with pytest.raises(MinfmError) as exc:
         check_weights_folder(tmp_path)
     _one_line(exc, "diffusion_pytorch_model.safetensors", "not a safetensors file")
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run, tmp_path_factory):
+    from minfm_core.checkpoint import export_for_hub
+
+    return export_for_hub(trained_run, tmp_path_factory.mktemp("exported") / "folder")
+
+
+def _ema_edited(exported, tmp_path, edit):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "folder"
+    shutil.copytree(exported, folder)
+    sd = load_file(folder / "ema.safetensors")
+    edit(sd)
+    save_file(sd, folder / "ema.safetensors")
+    return folder
+
+
+@pytest.mark.parametrize("edit, why", [
+    (lambda sd: sd.pop("img_in.bias"), "missing keys: img_in.bias"),
+    (lambda sd: sd.__setitem__("img_in.bias", torch.ones(1)), "shape mismatches: img_in.bias (1,)"),
+], ids=["missing", "broadcastable"])
+@pytest.mark.parametrize("how", ["init_from", "sample"])
+def test_ema_weights_of_an_exported_folder_must_all_fit(exported, tmp_path, capsys, edit, why, how):
+    # a [1] bias was broadcast into the EMA by copy_; a missing parameter kept its random init
+    from engine_helpers import TINY
+    from minfm_core.cli.main import main
+
+    folder = _ema_edited(exported, tmp_path, edit)
+    argv = (["run", str(TINY), "--set", f"run.exp_dir={tmp_path / 'run'}", "--set", f"train.init_from={folder}",
+             "--set", "train.init_load_plan=model:model,ema:ema", "--set", "train.max_steps=1"]
+            if how == "init_from" else
+            ["sample", str(folder), "--prompt", "x", "--n", "1", "--steps", "1", "--out", str(tmp_path / "o")])
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err, err
+    assert "ema.safetensors: weights do not fit the model: " in err and why in err, err
