@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import inspect
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +42,9 @@ KINDS: dict[str, str] = {
     "source": "register_sources",
     "metric": "register_metrics",
 }
+
+#: What a component may be named (it is written in recipes and on command lines).
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 
 #: Kind -> every keyword the engine may pass its factory (name -> default), declared with the
 #: protocols. The one table: ``Component.build`` refuses any other keyword, and ``minfm check``
@@ -105,7 +109,7 @@ class Component:
             cfg = self.config()
         factory = self.load_factory()
         try:
-            return factory(cfg, **kwargs) if self.config is not None else factory(**kwargs)
+            built = factory(cfg, **kwargs) if self.config is not None else factory(**kwargs)
         except TypeError:
             # A factory that cannot take what the engine passes is the plugin's error, said in
             # one line as `minfm check` says it; any other TypeError stays a bug with its traceback.
@@ -113,6 +117,15 @@ class Component:
             if problem is None:
                 raise
             raise PluginError(problem) from None
+        # The engine calls every member, optional ones too: one missing is the plugin's error,
+        # said here by name, not as an AttributeError deep in a training step.
+        missing = [m for m in protocols.members(self.kind) if not hasattr(built, m)]
+        if missing:
+            raise PluginError(
+                f"{self.describe()}: built {type(built).__name__} lacks {', '.join(missing)} (inherit "
+                f"minfm_core.protocols.{protocols.PROTOCOLS[self.kind].__name__} for the optional members' defaults)"
+            )
+        return built
 
 
 def _name(factory: Any) -> str:
@@ -129,16 +142,32 @@ class Registry:
 
     def check_new(self, component: Component) -> None:
         """Raise the PluginError :meth:`add` would raise for ``component``."""
-        old = self._by_kind[component.kind].get(component.name)
+        kind, name = component.kind, component.name
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise PluginError(f"{kind} name {name!r}: expected 1-64 letters, digits, '_', '-', '.' or '+', "
+                              "starting with a letter or digit")
+        factory = component.factory
+        if not (callable(factory) or (isinstance(factory, str) and ":" in factory)):
+            raise PluginError(f"{kind} {name!r}: the factory must be callable or a 'module:attribute' string, "
+                              f"not {type(factory).__name__}")
+        old = self._by_kind[kind].get(name)
         if old is not None:
+            if old.plugin == component.plugin:
+                raise PluginError(f"{kind} {name!r} is registered twice by plugin {old.plugin!r}")
             raise PluginError(
-                f"{component.kind} {component.name!r} is registered by both plugin {old.plugin!r} "
+                f"{kind} {name!r} is registered by both plugin {old.plugin!r} "
                 f"and plugin {component.plugin!r}; disable one with MINFM_DISABLE_PLUGINS"
             )
+        # (Its defaults are not tried here: many are valid only in a recipe, e.g. flux's
+        # fields that a flavor fills, or a mix naming datasets of other plugins.)
         if component.config is not None and not attrs.has(component.config):
-            raise PluginError(
-                f"plugin {component.plugin!r}: config of {component.kind} {component.name!r} must be an attrs class"
-            )
+            raise PluginError(f"config of {kind} {name!r} must be an attrs class")
+
+    def drop_plugin(self, plugin: str) -> None:
+        """Forget every component of ``plugin`` (a plugin skipped after it joined the registry)."""
+        for table in self._by_kind.values():
+            for name in [n for n, c in table.items() if c.plugin == plugin]:
+                del table[name]
 
     def registrar(self, kind: str, plugin: str) -> Callable[..., None]:
         """The ``register`` callback handed to one plugin's hook for one kind."""

@@ -140,6 +140,7 @@ def _fail(state: PluginState, name: str, reason: str, *, obj: Any = None) -> Non
         state.pm.unregister(name=name)  # half-registered: pluggy stopped at a bad hook
     state.origins.pop(name, None)
     state.commands.pop(name, None)
+    state.registry.drop_plugin(name)  # skipped whole: its components go too
     state.failures[name] = reason
     _warn(f"plugin {name!r} skipped: {reason}")
 
@@ -184,6 +185,8 @@ def _guarded(state: PluginState, name: str, hook_name: str, function: Callable[.
     """``function`` (a hook of plugin ``name``), skipping the plugin if it raises."""
 
     def call(*args: Any) -> Any:
+        if hook_name == "check_recipe":
+            return _checked_problems(state, name, function, args)
         subparsers = args[0] if hook_name == "register_commands" else None
         before = command_paths(subparsers) if subparsers is not None else set()
         try:
@@ -200,6 +203,21 @@ def _guarded(state: PluginState, name: str, hook_name: str, function: Callable[.
         return result
 
     return call
+
+
+def _checked_problems(state: PluginState, name: str, function: Callable[..., Any], args: tuple) -> list[str] | None:
+    """A ``check_recipe`` hook's problems. One that raises, or returns anything but a list of
+    strings, skips its plugin (and its components: a recipe that uses them then fails its
+    check, see ``recipe.checks``); other plugins' checks go on."""
+    try:
+        result = function(*args)
+    except Exception as exc:
+        _fail(state, name, f"hook check_recipe raised {_one_line(exc)}")
+        return None
+    if result is not None and (not isinstance(result, (list, tuple)) or not all(isinstance(p, str) for p in result)):
+        _fail(state, name, f"hook check_recipe returned {type(result).__name__}, not a list of strings")
+        return None
+    return list(result or [])
 
 
 def _components_of(state: PluginState, name: str) -> list[Component]:

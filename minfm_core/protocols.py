@@ -116,8 +116,8 @@ class ProbabilityPath(Protocol):
 @runtime_checkable
 class TimeSampler(Protocol):
     """Training times ``t (n,)`` in (0, 1). The trainer calls it once per sample (``n = 1``) with
-    that sample's own generator, so a sample's t does not depend on its batch; validation calls
-    it with the whole batch."""
+    that sample's own generator, so a sample's t does not depend on its batch. Validation does
+    not call it (it uses fixed, stratified times)."""
 
     def __call__(self, n: int, *, generator: torch.Generator | None = None,
                  device: torch.device | str | None = None) -> Tensor: ...

@@ -137,6 +137,7 @@ def _torch():
 
 
 def _n(t: Any, n: int, what: str) -> None:
+    assert hasattr(t, "shape"), f"{what}: expected a tensor of shape ({n},), got {type(t).__name__}"
     assert tuple(t.shape) == (n,), f"{what}: expected shape ({n},), got {tuple(t.shape)}"
 
 
@@ -319,10 +320,14 @@ def check_dataset(component, config=None, *, split: str = "train") -> Any:
     assert len(ds) > 0, "an empty dataset"
     item = ds[0]
     assert isinstance(item, dict) and ("image" in item or "latent" in item), "items hold 'image' or 'latent'"
-    assert isinstance(item["prompt"], str) and ds.prompt(0) == item["prompt"], "prompt(i) is item i's prompt"
+    assert isinstance(item.get("prompt"), str), f"items hold a 'prompt' string, got {type(item.get('prompt')).__name__}"
+    assert ds.prompt(0) == item["prompt"], "prompt(i) is item i's prompt"
     if "image" in item:
         x = item["image"]
-        assert x.dim() == 4 and x.shape[0] == 3 and float(x.min()) >= -1 and float(x.max()) <= 1
+        assert hasattr(x, "dim") and x.dim() == 4 and x.shape[0] == 3, \
+            f"'image' is a (3, F, H, W) tensor, got {tuple(getattr(x, 'shape', ())) or type(x).__name__}"
+        assert float(x.min()) >= -1 and float(x.max()) <= 1, \
+            f"'image' values lie in [-1, 1], got [{float(x.min()):.3g}, {float(x.max()):.3g}]"
     ds.set_epoch(1)
     return ds
 

@@ -58,6 +58,8 @@ class RangeError(ValueError):
 
 
 def _num(x: float) -> str:
+    if isinstance(x, int):  # exact: 2**63 - 1 is not 9.223372036854776e+18
+        return str(x)
     return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else repr(float(x))
 
 

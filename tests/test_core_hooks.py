@@ -8,7 +8,7 @@ from pathlib import Path
 import pluggy
 import pytest
 
-from minfm_core import config, field, hookimpl, hookspecs
+from minfm_core import config, field, hookimpl, hookspecs, protocols
 from minfm_core.cli.main import main
 from minfm_core.errors import RecipeError
 from minfm_core.plugins import plugin
@@ -37,8 +37,12 @@ def test_register_hook_of_each_kind(kind):
     class Probe:
         pass
 
+    # what the factory builds has every member of the kind's protocol (build checks that)
+    members = {m: (lambda *a, **k: None) for m in protocols.members(kind)}
+    Built = type("Built", (), {**members, "__init__": lambda self, value: setattr(self, "value", value)})
+
     def impl(register):
-        register(f"probe_{kind}", lambda cfg: ("probe", cfg.value), ProbeConfig)
+        register(f"probe_{kind}", lambda cfg: Built(cfg.value), ProbeConfig)
 
     impl.__name__ = hook_name
     setattr(Probe, hook_name, staticmethod(hookimpl(impl)))
@@ -46,7 +50,7 @@ def test_register_hook_of_each_kind(kind):
         comp = get_registry().get(kind, f"probe_{kind}")
         assert comp.plugin == "probe"
         assert comp.doc == "A probe component for hook tests."
-        assert comp.build(ProbeConfig(value=3)) == ("probe", 3)
+        assert comp.build(ProbeConfig(value=3)).value == 3
     assert f"probe_{kind}" not in get_registry().names(kind)
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from minfm_core import hookimpl
-from minfm_core.errors import PluginError
+from minfm_core.errors import PluginError, RecipeError
 from minfm_core.plugins import load_plugins, plugin
 from minfm_core.registry import Registry, get_registry
 
@@ -204,3 +204,85 @@ def test_each_plugins_commands_are_listed_under_it(minfm):
     human = minfm("plugins").stdout
     hub_line = human.splitlines().index(next(line for line in human.splitlines() if line.startswith("  hub ")))
     assert human.splitlines()[hub_line + 1].strip() == "commands: minfm hub"
+
+
+@pytest.mark.parametrize("name, factory, why", [
+    (123, "os:getcwd", "time_sampler name 123: expected 1-64 letters"),
+    ("", "os:getcwd", "time_sampler name '': expected"),
+    ("has space", "os:getcwd", "time_sampler name 'has space': expected"),
+    ("x" * 65, "os:getcwd", "expected 1-64 letters"),
+    ("num", 42, "time_sampler 'num': the factory must be callable or a 'module:attribute' string, not int"),
+    ("nocolon", "os.getcwd", "the factory must be callable or a 'module:attribute' string, not str"),
+], ids=["int", "empty", "space", "long", "number-factory", "no-colon"])
+def test_a_bad_name_or_factory_skips_the_plugin_at_registration(name, factory, why):
+    class Bad:
+        @hookimpl
+        def register_time_samplers(self, register):
+            register(name, factory)
+
+    with plugin(Bad(), "bad") as state:
+        assert why in state.failures["bad"], state.failures
+        assert "uniform" in get_registry().names("time_sampler")  # the others still load
+    assert all(isinstance(n, str) for n in get_registry().names("time_sampler"))
+
+
+def test_a_name_registered_twice_by_one_plugin_says_so():
+    reg = Registry()
+    reg.registrar("time_sampler", "probe")("twice", lambda cfg: None)
+    with pytest.raises(PluginError, match=r"^time_sampler 'twice' is registered twice by plugin 'probe'$"):
+        reg.registrar("time_sampler", "probe")("twice", lambda cfg: None)
+
+
+def test_a_built_object_missing_a_member_names_its_plugin():
+    class PlainDataset:  # does not inherit protocols.Dataset: no set_epoch, no prompt
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            return {"prompt": "x"}
+
+    class Plain:
+        @hookimpl
+        def register_datasets(self, register):
+            register("plain", lambda *, split="train": PlainDataset())
+
+    with plugin(Plain(), "probe"):
+        with pytest.raises(PluginError) as info:
+            get_registry().get("dataset", "plain").build(split="train")
+    assert str(info.value) == ("dataset 'plain' of plugin 'probe': built PlainDataset lacks prompt, set_epoch "
+                               "(inherit minfm_core.protocols.Dataset for the optional members' defaults)")
+
+
+@pytest.mark.parametrize("hook_body, why", [
+    ("raise RuntimeError('check crashed')", "hook check_recipe raised RuntimeError: check crashed"),
+    ("return 'data: a string, not a list'", "hook check_recipe returned str, not a list of strings"),
+], ids=["raises", "returns-a-string"])
+def test_a_broken_check_recipe_skips_its_plugin_and_fails_recipes_using_it(hook_body, why):
+    from engine_helpers import TINY
+    from minfm_core.recipe import load_recipe
+
+    namespace: dict = {}
+    exec(f"def check_recipe(recipe, world_size):\n    {hook_body}\n", namespace)
+
+    class Probe:
+        check_recipe = staticmethod(hookimpl(namespace["check_recipe"]))
+
+        @hookimpl
+        def register_time_samplers(self, register):
+            register("probe_uniform", get_registry().get("time_sampler", "uniform").factory,
+                     get_registry().get("time_sampler", "uniform").config)
+
+    with plugin(Probe(), "probe") as state:
+        load_recipe(TINY)  # a recipe without its components: loads, with a warning
+        assert state.failures["probe"] == why
+        assert "probe_uniform" not in get_registry().names("time_sampler")  # skipped whole
+    with plugin(Probe(), "probe"):
+        with pytest.raises(RecipeError) as info:
+            load_recipe(TINY, ["flow.time_sampler.name=probe_uniform"])
+    assert f"flow.time_sampler: time_sampler 'probe_uniform' of plugin 'probe' was skipped: {why}" in str(info.value)
+
+
+def test_seed_ranges_are_printed_exactly():
+    from minfm_core.validators import MAX_SEED, SEED
+
+    assert SEED.range_text == f"in [0, {MAX_SEED}]" == "in [0, 9223372036854775807]"

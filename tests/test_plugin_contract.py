@@ -121,3 +121,45 @@ def test_isolated_registry_holds_only_the_plugins_under_test():
         assert reg.names("denoiser") == []
         testing.check_time_sampler(reg.get("time_sampler", "uniform"))
     assert get_registry() is before
+
+
+def _dataset_of(item):
+    class DS(protocols.Dataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            return item
+
+    def build(cfg, *, split="train"):
+        return DS()
+
+    return build
+
+
+@pytest.mark.parametrize("item, message", [
+    ({"image": "x"}, "items hold a 'prompt' string, got NoneType"),
+    ({"image": "x", "prompt": 3}, "items hold a 'prompt' string, got int"),
+    ({"image": "pixels", "prompt": "p"}, "'image' is a (3, F, H, W) tensor, got str"),
+    ({"image": (3, 8, 8), "prompt": "p"}, "'image' is a (3, F, H, W) tensor, got (3, 8, 8)"),
+    ({"image": (3, 1, 8, 8, 5.0), "prompt": "p"}, "'image' values lie in [-1, 1], got [5, 5]"),
+], ids=["no-prompt", "int-prompt", "not-a-tensor", "three-dims", "out-of-range"])
+def test_the_dataset_check_says_what_is_wrong(item, message):
+    import torch
+
+    if isinstance(item["image"], tuple):
+        shape, fill = (item["image"][:4], item["image"][4]) if len(item["image"]) == 5 else (item["image"], 0.0)
+        item = {**item, "image": torch.full(shape, fill)}
+    with pytest.raises(AssertionError) as info:
+        testing.check_dataset(_dataset_of(item), object())
+    assert str(info.value).splitlines()[0] == message
+
+
+def test_the_time_sampler_check_says_a_list_is_not_a_tensor():
+    class ListSampler(protocols.TimeSampler):
+        def __call__(self, n, *, generator=None, device="cpu"):
+            return [0.5] * n
+
+    with pytest.raises(AssertionError) as info:
+        testing.check_time_sampler(lambda cfg: ListSampler(), object())
+    assert str(info.value).splitlines()[0] == "time_sampler(64): expected a tensor of shape (64,), got list"

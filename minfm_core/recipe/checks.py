@@ -152,6 +152,12 @@ def cross_checks(resolved, world_size: int | None = None) -> list[str]:
 
     from ..plugins import load_plugins
 
-    for extra in load_plugins().pm.hook.check_recipe(recipe=resolved, world_size=world):
+    state = load_plugins()
+    for extra in state.pm.hook.check_recipe(recipe=resolved, world_size=world):
         problems.extend(extra or [])
+    # a plugin skipped while checking (its check_recipe broke) cannot vouch for its components
+    for path, slot in resolved.slots.items():
+        why = state.failures.get(slot.component.plugin)
+        if why is not None:
+            problems.append(f"{path}: {slot.component.describe()} was skipped: {why}")
     return problems
