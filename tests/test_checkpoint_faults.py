@@ -294,3 +294,23 @@ def test_a_hostile_data_position_is_one_line(stopped, tmp_path, capsys, position
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err, err
     assert "rank_0.safetensors: bad per-rank state (data position: " in err and why in err, err
+
+
+def test_a_refused_start_leaves_the_runs_recipe_and_links_are_replaced(stopped, tmp_path, capsys):
+    from engine_helpers import TINY
+    from minfm_core.cli.main import main
+
+    run = copy_run(stopped, tmp_path / "run")
+    before = (run / "recipe.toml").read_bytes()
+    argv = ["run", str(TINY), "--set", f"run.exp_dir={run}", *(f"--set={s}" for s in STEPS)]
+    assert main([*argv, "--set", "model.denoiser.d_model=64"]) == 2  # the checkpoints do not fit
+    assert "does not fit" in capsys.readouterr().err
+    assert (run / "recipe.toml").read_bytes() == before
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "recipe.toml").symlink_to(notes)
+    assert main(["run", str(TINY), "--set", f"run.exp_dir={fresh}", "--set", "train.max_steps=1"]) == 0
+    assert notes.read_text() == "mine" and not (fresh / "recipe.toml").is_symlink()
+    assert "max_steps = 1" in (fresh / "recipe.toml").read_text()

@@ -206,3 +206,33 @@ def test_a_load_plan_is_checked_without_init_from(toy_registry):
         "train.init_load_plan: unknown part 'optimiser' (did you mean 'optimizer'?); "
         "parts: model, ema, optimizer, scheduler, step"
     ]
+
+
+@pytest.mark.parametrize("override", [
+    "train.max_steps=5\n[other]\nx=1",
+    'sample.neg_prompt="x"\nv2 = 1',
+    "run.exp_dir=a\nb",
+], ids=["table-after", "key-after", "bare-lines"])
+def test_a_set_value_is_one_value_not_a_toml_document(override):
+    from minfm_core.recipe.load import parse_override
+
+    with pytest.raises(RecipeError, match="VALUE is one TOML value"):
+        parse_override(override)
+    assert parse_override('sample.neg_prompt="""two\nlines"""')[1] == "two\nlines"  # a quoted one may span lines
+    assert parse_override("train.x=[1,\n2]")[1] == [1, 2]
+
+
+@pytest.mark.parametrize("where, text", [
+    ("--set", 'run.exp_dir="a\\u0000b"'),
+    ("file", 'name = "x\\u0000"'),
+])
+def test_a_nul_in_a_recipe_string_is_refused_with_its_path(tmp_path, capsys, where, text):
+    from minfm_core.cli.main import main
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('extends = "minfm:quickstart.toml"\n' + ("[sample.guidance]\n" + text + "\n" if where == "file" else ""))
+    argv = ["check", str(recipe)] + (["--set", text] if where == "--set" else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    path = "run.exp_dir" if where == "--set" else "sample.guidance.name"
+    assert f"{path}: a NUL character in" in err and "Traceback" not in err, err

@@ -80,3 +80,22 @@ def test_a_relaunch_argv_not_set_by_minfm_is_refused(minfm, value):
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"minfm: error: {ARGV_ENV} (environment): ")
     assert minfm(env={ARGV_ENV: '["--version"]'}).stdout.startswith("minfm ")
+
+
+def test_the_launchers_exit_code_is_the_workers():
+    from minfm_core.cli.torchrun import exit_code
+
+    assert exit_code([2, 2]) == 2  # bad input on every rank: the user's error, not a crash
+    assert exit_code([2, 1]) == 1 and exit_code([0, 143]) == 143 and exit_code([-9]) == 137
+    assert exit_code([]) == 1
+
+
+def test_a_recipe_error_under_the_launcher_is_exit_2_without_torchruns_traceback(tmp_path):
+    from conftest import run_minfm
+    from engine_helpers import TINY
+
+    res = run_minfm("run", str(TINY), "--nproc-per-node", "2", "--set", "parallel.name=fsdp2",
+                    "--set", f"run.exp_dir={tmp_path / 'run'}", "--set", 'data={name="image_folder", root="/nonexistent"}')
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr and "ChildFailedError" not in res.stderr, res.stderr
+    assert res.stderr.count("minfm: error: image_folder: root '/nonexistent' is not a folder") == 2

@@ -173,3 +173,13 @@ def test_write_npz_of_mixed_sizes_keeps_the_old_file_and_leaves_no_temp(tmp_path
         write_npz(out, files)
     assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [
         "a.png", "b.png", "c.png", "samples.npz"]
+
+
+def test_a_request_that_failed_before_drawing_does_not_hold_its_out_folder(run_dir, tmp_path):
+    out = tmp_path / "out"
+    failed = sample(run_dir, out, "--prompt", "a red circle", "--set", "model.denoiser.d_model=64")
+    one_error_line(failed, "does not fit")
+    assert not list((out / "images").iterdir())  # its record only
+    ok = sample(run_dir, out, "--prompt", "a red circle")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads((out / "metadata.json").read_text())["complete"]

@@ -116,3 +116,21 @@ def test_a_recipe_over_the_bound_is_refused_unread(tmp_path, capsys, monkeypatch
     (tmp_path / "r.toml").write_text("# " + "x" * 100 + "\n")
     assert main(["check", str(tmp_path / "r.toml")]) == 2
     assert capsys.readouterr().err.strip().endswith("r.toml: 103 bytes is more than the 64 accepted")
+
+
+def test_a_fifo_named_metrics_jsonl_is_refused_not_waited_on(tmp_path, capsys):
+    from engine_helpers import TINY
+
+    (tmp_path / "run").mkdir()
+    os.mkfifo(tmp_path / "run" / "metrics.jsonl")
+    code = within(120, main, ["run", str(TINY), "--set", f"run.exp_dir={tmp_path / 'run'}", "--set", "train.max_steps=1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.endswith("metrics.jsonl: not a regular file"), err
+
+
+@pytest.mark.parametrize("trace", ["[[]]", "[[[1, 2]], [[3]], [[4], [5]]]"], ids=["no-ranks", "ragged"])
+def test_balance_simulate_refuses_steps_without_ranks_or_of_uneven_ranks(tmp_path, capsys, trace):
+    (tmp_path / "t.json").write_text(trace)
+    assert main(["balance", "simulate", "--bags", "g1n2", "--trace", str(tmp_path / "t.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"minfm: error: trace {tmp_path / 't.json'}: expected") and "same number of ranks" in err

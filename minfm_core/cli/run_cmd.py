@@ -170,7 +170,8 @@ ARGV_ENV = "MINFM_RELAUNCH_ARGV"
 
 def relaunch(nproc: int, argv: list[str]) -> int:
     """Run ``minfm <argv>`` under torch.distributed.run with ``nproc`` local processes."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    # torchrun, whose failures end in exit codes rather than its traceback (cli/torchrun.py)
+    cmd = [sys.executable, "-m", "minfm_core.cli.torchrun", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "minfm_core.cli.main"]
     # The arguments travel in the environment: torchrun's own parser would otherwise take
     # abbreviations of its flags (``--n`` for ``--nnodes``) from our command line.

@@ -246,7 +246,9 @@ def prepare_out(out: Path, settings: dict, *, overwrite: bool, flag: str) -> Non
             # checkpoint another way ("run" vs "./run"): the resolved checkpoint decides.
             diff = _differences(*({k: v for k, v in d.items() if k not in ("weights", "source")} for d in (old, settings)))
             diff = [k for k in diff if k not in _ALIASES]
-            if diff:
+            # a request that failed before its first image (weights that did not load) left
+            # only its record: nothing to protect, so it does not hold the folder
+            if diff and (ours or (out / "samples.npz").exists()):
                 shown = ", ".join(diff[:8]) + (f" and {len(diff) - 8} more" if len(diff) > 8 else "")
                 stale = f"holds samples of another request (different {shown})"
     elif ours or (out / "samples.npz").exists() or (out / "index.html").exists():

@@ -31,6 +31,7 @@ from ..errors import MinfmError, RecipeError
 from ..jsonio import parse_json
 from ..recipe.schema import CHECKPOINT_PARTS, parse_load_plan
 from ..recipe.checks import accumulation_steps, job_checks
+from ..safepath import write_text_atomic
 from ..schedule import lr_at
 from ..sources import resolve_source
 from ..weights import has_weights
@@ -107,7 +108,6 @@ class Trainer:
         self.recipe_text = tomli_w.dumps(resolved.to_dict())
         if rt.is_main:
             self.exp_dir.mkdir(parents=True, exist_ok=True)
-            (self.exp_dir / "recipe.toml").write_text(self.recipe_text)
 
         # Some CPU/GPU kernels (index_put with accumulate, ...) sum in a racy order; ask for
         # the deterministic ones when the recipe wants bitwise-repeatable runs.
@@ -153,6 +153,8 @@ class Trainer:
 
             self.fid = TrainingFid(self.cfg, self.recipe.sample, self.val_dataset(), self.rt)
         self._resume_or_init()
+        if rt.is_main:  # the run's record, once the start is accepted: a refused one leaves it as it was
+            write_text_atomic(self.exp_dir / "recipe.toml", self.recipe_text)
 
     # ---- state ------------------------------------------------------------------
     def app_state(self) -> dict[str, Any]:

@@ -198,10 +198,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not eq or not key or not re.fullmatch(r"[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*\+?", key):
         raise RecipeError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. train.max_steps=100")
     try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        doc = tomllib.loads(f"v = {raw.strip()}")
     except tomllib.TOMLDecodeError:
-        value = raw.strip()  # bare words (paths, names) need no quotes on the command line
-    return key.split("."), value
+        doc = {"v": raw.strip()}  # bare words (paths, names) need no quotes on the command line
+    # a newline in VALUE would start a second TOML line, whose keys were silently dropped
+    if set(doc) != {"v"} or (not raw.strip().startswith(('"', "'", "[", "{")) and "\n" in raw.strip()):
+        raise RecipeError(f"--set {text[:200]!r}: VALUE is one TOML value (a line break inside belongs in a "
+                          "quoted string)")
+    return key.split("."), doc["v"]
 
 
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
@@ -223,6 +227,21 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
             node.clear()  # another component: the previous one's options do not apply
         node[keys[-1]] = value
     return data
+
+
+def _refuse_nul(data: Any, source: str, path: str = "") -> None:
+    """No key or string holds a NUL: no path, name or prompt can, and os calls raise on one."""
+    if isinstance(data, dict):
+        for k, v in data.items():
+            here = f"{path}.{k}" if path else k
+            if "\0" in k:
+                raise RecipeError(f"{here!r}: a key with a NUL character", source)
+            _refuse_nul(v, source, here)
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            _refuse_nul(v, source, f"{path}[{i}]")
+    elif isinstance(data, str) and "\0" in data:
+        raise RecipeError(f"{path}: a NUL character in {data[:60]!r}", source)
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -270,9 +289,8 @@ def load_recipe_dict(
     where = recipe_file(path)
     root = None if untrusted_root is None else Path(os.path.abspath(untrusted_root))
     try:
-        data = _read(where, (), root)
-        if root is not None:
-            return apply_overrides(data, overrides)
-        return expand_env(apply_overrides(data, overrides))
+        data = apply_overrides(_read(where, (), root), overrides)
+        _refuse_nul(data, str(where))
+        return data if root is not None else expand_env(data)
     except RecursionError:
         raise RecipeError("arrays or tables nested too deeply", str(path)) from None

@@ -166,9 +166,9 @@ def read_trace(path: str | Path) -> Trace:
         isinstance(step, list) and all(isinstance(r, list) and all(_is_length(v) for v in r) for r in step)
         for step in data
     )
-    if not ok or not data:
+    if not ok or not data or not all(data) or len({len(step) for step in data}) != 1:
         raise MinfmError(f"trace {path}: expected a JSON list of steps, each a list of per-rank lists of lengths "
-                         f"(whole numbers from 0 to {MAX_TOKENS})")
+                         f"(whole numbers from 0 to {MAX_TOKENS}), every step with the same number of ranks")
     return data
 
 

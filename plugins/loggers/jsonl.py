@@ -18,11 +18,14 @@ import warnings
 from pathlib import Path
 
 from minfm_core.safepath import write_atomic, write_text_atomic
+from minfm_core.textfiles import read_bounded
 
 from .base import Logger, is_finite
 from .configs import JsonlConfig
 
 METRICS_FILE = "metrics.jsonl"
+#: Largest metrics.jsonl a resumed run reads back (a line per step: ~100 M steps).
+MAX_METRICS_BYTES = 16 << 30
 PLOT_FILE = "loss.png"
 
 
@@ -43,7 +46,8 @@ class JsonlLogger(Logger):
         if self.path.exists():
             # the file may hold what no logger wrote (a download, a hand edit): only object lines
             # with an integer step are kept, everything else is dropped like a line a crash cut short
-            lines = self.path.read_bytes().decode("utf-8", errors="replace").splitlines()
+            raw = read_bounded(self.path, str(self.path), MAX_METRICS_BYTES)  # a FIFO there hung the run
+            lines = raw.decode("utf-8", errors="replace").splitlines()
             for line in lines:
                 try:
                     row = json.loads(line)

@@ -1,0 +1,41 @@
+"""torch.distributed.run for ``minfm ... --nproc-per-node N``: torchrun's own launcher, whose
+way out is an exit code, not a traceback.
+
+Plain torchrun ends a run whose workers failed with its ``ChildFailedError`` traceback and
+exit code 1, whatever the workers said: a recipe error (each worker printed one line and
+exited 2) read as a crash, and Ctrl-C as exit 1. Here the workers' own lines stay what
+the user reads, and the exit code is theirs: 2 when every failed worker exited 2 (bad
+input), 128 + the signal when torchrun itself was signalled (130 for Ctrl-C, 143 for
+SIGTERM), else the first failed worker's code other than 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def exit_code(codes: list[int]) -> int:
+    """The launcher's exit code for the failed workers' exit codes (a negative one: killed by
+    that signal, as subprocess reports it)."""
+    codes = [128 - c if c < 0 else c for c in codes]
+    if codes and all(c == 2 for c in codes):
+        return 2
+    return next((c for c in codes if c not in (0, 2)), 1)  # a crash on one rank outweighs bad input on another
+
+
+def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(argv))  # not torchrun's main: its @record prints the failure table again
+    except ChildFailedError as exc:
+        return exit_code([f.exitcode for f in exc.failures.values()])
+    except SignalException as exc:
+        return 128 + int(exc.sigval)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
