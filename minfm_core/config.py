@@ -81,6 +81,8 @@ class ExpectedType(ValueError):
 
 
 def _type_name(tp: Any) -> str:
+    if attrs.has(tp):  # a section or config class: in TOML, a table
+        return f"a table ({tp.__name__})"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -179,12 +181,13 @@ def _format(exc: BaseException, tp: Any) -> str:
         return str(exc)
     if isinstance(exc, ForbiddenExtraKeysError):
         known = [a.name for a in attrs.fields(exc.cl)] if attrs.has(exc.cl) else []
-        return "; ".join(
-            f"unknown key {k!r}{did_you_mean(k, known)}" for k in sorted(exc.extra_fields)
+        return "; ".join(  # a key is quoted whole up to 80 characters (100 KB of key is one line's worth)
+            f"unknown key {k[:80]!r}{'...' if len(k) > 80 else ''}{did_you_mean(k, known)}"
+            for k in sorted(exc.extra_fields)
         )
     if isinstance(exc, KeyError):
         return "missing required key"
-    if isinstance(exc, (TypeError, ValueError)) and tp is not None:
+    if isinstance(exc, (TypeError, ValueError, AttributeError)) and tp is not None:  # a list where a table goes
         return f"expected {_type_name(tp)}"
     if isinstance(exc, (TypeError, ValueError)):
         # attrs validators raise these from __init__; their text is the useful part. By

@@ -28,6 +28,7 @@ import select
 import shutil
 import signal
 import socket
+import stat
 import tempfile
 import threading
 import time
@@ -94,6 +95,9 @@ def acquire(exp_dir: str | Path) -> RunLock:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise MinfmError(f"{path}: cannot open the run lock: {exc.strerror}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or device there: not ours to write
+            os.close(fd)
+            raise MinfmError(f"{path}: the run lock is not a regular file; remove it or choose another run.exp_dir")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

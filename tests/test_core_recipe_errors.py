@@ -236,3 +236,29 @@ def test_a_nul_in_a_recipe_string_is_refused_with_its_path(tmp_path, capsys, whe
     err = capsys.readouterr().err
     path = "run.exp_dir" if where == "--set" else "sample.guidance.name"
     assert f"{path}: a NUL character in" in err and "Traceback" not in err, err
+
+
+def test_init_from_problems_are_found_by_check(tmp_path, capsys):
+    from minfm_core.cli.main import main
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'extends = "minfm:quickstart.toml"\n[run]\nexp_dir = "{tmp_path / "run"}"\n')
+    assert main(["check", str(recipe), "--set", "train.init_from=org/name"]) == 2
+    assert "train.init_from: org/name: no such file or folder (a Hub repo is hf://org/name)" in capsys.readouterr().err
+    assert main(["check", str(recipe), "--set", f"train.init_from={tmp_path}", "--set", 'train.init_load_plan=""']) == 2
+    assert "train.init_load_plan: empty, so nothing would be loaded" in capsys.readouterr().err
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)  # resuming: init_from is not read
+    assert main(["check", str(recipe), "--set", "train.init_from=org/name"]) == 0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model=[1,2]", "model: expected a table (ModelSection)"),
+    ("train=5", "train: expected a table (TrainSection)"),
+    ("train." + "k" * 300 + "=1", "unknown key '" + "k" * 80 + "'..."),
+])
+def test_structure_errors_read_well(override, message):
+    from minfm_core.recipe.load import apply_overrides
+
+    with pytest.raises(RecipeError) as info:
+        resolve_recipe(apply_overrides(load_recipe_dict("minfm:quickstart.toml"), [override]))
+    assert message in str(info.value) and len(str(info.value)) < 400

@@ -134,3 +134,13 @@ def test_balance_simulate_refuses_steps_without_ranks_or_of_uneven_ranks(tmp_pat
     assert main(["balance", "simulate", "--bags", "g1n2", "--trace", str(tmp_path / "t.json")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"minfm: error: trace {tmp_path / 't.json'}: expected") and "same number of ranks" in err
+
+
+def test_a_fifo_at_the_run_lock_is_named(tmp_path, capsys):
+    from engine_helpers import TINY
+
+    (tmp_path / "run").mkdir()
+    os.mkfifo(tmp_path / "run" / ".minfm.lock")
+    assert within(60, main, ["run", str(TINY), "--set", f"run.exp_dir={tmp_path / 'run'}"]) == 2
+    assert capsys.readouterr().err.strip().endswith(".minfm.lock: the run lock is not a regular file; remove it "
+                                                    "or choose another run.exp_dir")

@@ -15,6 +15,7 @@ from typing import Any
 from ..errors import MinfmError, RecipeError
 from ..engine.prompts import read_prompt_file
 from ..launch_env import world_size_from_env
+from .schema import parse_load_plan
 
 
 def _attr(resolved, path: str, name: str) -> Any:
@@ -68,6 +69,13 @@ def job_checks(resolved, job: str, world_size: int | None = None) -> list[str]:
             problems.append(f"train.min_lr: {train.min_lr} is above the peak train.lr = {train.lr}")
         if recipe.data is None:
             problems.append('data: a train job needs a [data] table (e.g. name = "shapes")')
+        if train.init_from and not parse_load_plan(train.init_load_plan):  # (its syntax: the schema's check)
+            problems.append("train.init_load_plan: empty, so nothing would be loaded from train.init_from")
+        resuming = os.path.isdir(os.path.join(exp, "checkpoints"))  # a resume does not read init_from
+        if train.init_from and "://" not in train.init_from and not resuming \
+                and not os.path.exists(os.path.expanduser(train.init_from)):
+            problems.append(f"train.init_from: {train.init_from}: no such file or folder"
+                            + (" (a Hub repo is hf://org/name)" if train.init_from.count("/") == 1 else ""))
     elif job == "sample":
         if not s.prompts and not s.prompt_file:
             problems.append("sample.prompts / sample.prompt_file: a sample job needs prompts")
