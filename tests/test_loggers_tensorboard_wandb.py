@@ -112,3 +112,15 @@ def test_wandb_disabled_and_other_ranks_need_no_wandb(tmp_path, monkeypatch):
 def test_wandb_start_failure_is_a_user_error(tmp_path, fake_wandb):
     with pytest.raises(MinfmError, match="WANDB_API_KEY"):
         make("wandb", tmp_path, project="nokey")
+
+
+@pytest.mark.parametrize("subdir", ["../x", "/abs", "", "~/x", "a/../../b"])
+def test_tensorboard_subdir_stays_inside_the_run_directory(subdir):
+    from minfm_core.config import structure
+    from minfm_core.errors import RecipeError
+    from minfm_core.registry import get_registry
+
+    comp = get_registry().get("logger", "tensorboard")
+    with pytest.raises(RecipeError, match="subdir: .* is not a folder inside the run directory"):
+        structure({"subdir": subdir}, comp.config, path="logging.loggers[0]")
+    assert structure({"subdir": "tb/run1"}, comp.config).subdir == "tb/run1"

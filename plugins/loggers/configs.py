@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
 from typing import Literal
 
 from minfm_core.config import config, field
@@ -25,11 +26,18 @@ class JsonlConfig:
     )
 
 
+def _inside_run_dir(name: str, value: str) -> None:
+    path = PurePosixPath(value)
+    if not value or "\\" in value or path.is_absolute() or value.startswith("~") or ".." in path.parts:
+        raise ValueError(f"{name}: {value!r} is not a folder inside the run directory (a relative path without '..')")
+
+
 @config
 class TensorboardConfig:
     """TensorBoard event files under <run_dir>/<subdir> (needs the 'logging' extra)."""
 
-    subdir: str = field("tensorboard", doc="folder inside the run directory for the event files")
+    subdir: str = field("tensorboard", doc="folder inside the run directory for the event files",
+                        validator=lambda _, a, v: _inside_run_dir(a.name, v))
 
 
 @config
