@@ -192,3 +192,30 @@ def test_serve_answers_byte_ranges(tmp_path):
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_serve_listens_on_ipv6_loopback_and_names_a_busy_port(tmp_path):
+    import socket
+
+    from minfm_core.cli.run_cmd import gallery_server
+
+    (tmp_path / "a.png").write_bytes(b"png")
+    if socket.has_ipv6:
+        try:
+            httpd = gallery_server(tmp_path, "::1", 0)  # was an IPv4 socket: "Address family ... not supported"
+        except MinfmError as exc:
+            pytest.skip(f"no IPv6 loopback here: {exc}")
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        try:
+            with urllib.request.urlopen(f"http://[::1]:{httpd.server_address[1]}/a.png", timeout=10) as r:
+                assert r.read() == b"png"
+        finally:
+            httpd.shutdown()
+            httpd.server_close()
+    busy = gallery_server(tmp_path, "127.0.0.1", 0)
+    try:
+        port = busy.server_address[1]
+        with pytest.raises(MinfmError, match=rf"^--host 127.0.0.1 --port {port}: cannot listen there \("):
+            gallery_server(tmp_path, "127.0.0.1", port)
+    finally:
+        busy.server_close()

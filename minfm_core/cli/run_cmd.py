@@ -150,7 +150,17 @@ def gallery_server(root, host: str, port: int):
             return _Slice(f, end - start + 1)
 
     handler = functools.partial(Handler, directory=str(root))
-    return http.server.ThreadingHTTPServer((host, port), handler)
+    import socket
+
+    try:  # the host's own family: "::1" or another IPv6 address needs an AF_INET6 socket
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise MinfmError(f"--host {host}: not an address of this machine ({exc})") from None
+    server_class = type("Server", (http.server.ThreadingHTTPServer,), {"address_family": family})
+    try:
+        return server_class((host, port), handler)
+    except OSError as exc:
+        raise MinfmError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc})") from None
 
 
 def serve(args) -> int:
@@ -160,7 +170,8 @@ def serve(args) -> int:
     if args.host not in LOOPBACK:
         print(f"minfm serve: warning: listening on {args.host}: other machines can read this run's files", file=sys.stderr)
     with gallery_server(root, args.host, args.port) as httpd:
-        print(f"minfm: serving {root} at http://{args.host}:{httpd.server_address[1]}/samples/", flush=True)
+        host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address in a URL
+        print(f"minfm: serving {root} at http://{host}:{httpd.server_address[1]}/samples/", flush=True)
         httpd.serve_forever()
     return 0
 
