@@ -86,7 +86,10 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     there is replaced, never written through. The temporary name is unpredictable
     (``mkstemp``), so no link can be planted at it either."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:  # named for the file asked for, not the temporary one
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     os.close(fd)
     try:
         write(Path(tmp))
@@ -95,7 +98,10 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
             os.fsync(fd)  # the data is on disk before the name points at it
         finally:
             os.close(fd)
-        os.replace(tmp, path)  # rename replaces a symlink itself, never its target
+        try:
+            os.replace(tmp, path)  # rename replaces a symlink itself, never its target
+        except OSError as exc:  # e.g. a folder there
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
     except BaseException:
         try:
             os.unlink(tmp)

@@ -61,6 +61,8 @@ def _bad_prompt_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
 
     (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
     (tmp_path / "blank.txt").write_text("\n  \n")
+    zero = tmp_path / "zero.txt"
+    zero.symlink_to("/dev/zero")  # size 0, never ends
     with open(tmp_path / "huge.txt", "wb") as f:  # sparse: no disk used
         f.truncate(MAX_PROMPT_FILE_BYTES + 1)
     return {
@@ -68,7 +70,8 @@ def _bad_prompt_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
         "not utf-8": (tmp_path / "latin1.txt", "prompt file is not UTF-8 text"),
         "no prompts": (tmp_path / "blank.txt", "prompt file has no prompts"),
         "too large": (tmp_path / "huge.txt", "too large for a prompt file"),
-        "a folder": (tmp_path, "prompt file not found"),
+        "a folder": (tmp_path, "prompt file is not a regular file"),
+        "a link to /dev/zero": (zero, "prompt file is not a regular file"),
     }
 
 
