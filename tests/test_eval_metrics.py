@@ -145,11 +145,16 @@ def test_cli_imagenet_and_folder(tmp_path, capsys):
     (["eval", "imagenet", "{s}", "--ref", "nowhere.npz"], "--ref nowhere.npz"),
     (["eval", "imagenet", "{s}", "--ref", "{s}", "--extractor", "nomodule"], "expected MODULE:ATTR"),
     (["eval", "imagenet", "{bad}", "--ref", "{s}", "--extractor", "eval_helpers:make_extractor"], "uint8 (N, H, W, 3)"),
+    # found before the reference set goes through the network (minutes with Inception on 10k images)
+    (["eval", "imagenet", "{one}", "--ref", "{s}"], "at least 2 images are needed for FID statistics, found 1"),
+    (["eval", "imagenet", "{s}", "--ref", "{s}", "--out", "{tmp}"], "is a folder; name a JSON file to write"),
+    (["eval", "imagenet", "{s}", "--ref", "{s}", "--out", "{s}/x.json"], "s.npz is not a folder; name a JSON file"),
 ])
 def test_cli_bad_input_exits_2(tmp_path, capsys, argv, message):
     s = save_npz(tmp_path / "s.npz", images(4, 0))
+    one = save_npz(tmp_path / "one.npz", images(1, 0))
     np.savez(tmp_path / "bad.npz", arr_0=np.zeros((4, 8, 8), np.float32))
-    argv = [a.format(s=s, bad=tmp_path / "bad.npz") for a in argv]
+    argv = [a.format(s=s, one=one, tmp=tmp_path, bad=tmp_path / "bad.npz") for a in argv]
     assert cli(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]

@@ -14,6 +14,7 @@ from pathlib import Path
 from minfm_core.cli.argtypes import int_in
 from minfm_core.cli.groups import command_group
 from minfm_core.errors import MinfmError
+from minfm_core.safepath import write_text_atomic
 from minfm_core.validators import MAX_BATCH
 
 #: The seed's table was computed on 50,000 samples (1000 classes x 50).
@@ -52,6 +53,11 @@ def run(args) -> int:
         raise MinfmError(f"{args.samples}: no such folder")
     if not Path(args.ref).exists():
         raise MinfmError(f"--ref {args.ref}: no such file or folder")
+    if args.out:  # before the work: a metrics file that cannot be written would lose it
+        out = Path(args.out)
+        if out.is_dir() or not out.parent.is_dir():
+            why = "is a folder" if out.is_dir() else f"{out.parent} is not a folder"
+            raise MinfmError(f"--out {args.out}: {why}; name a JSON file to write")
     extractor = load_extractor(args.extractor) if args.extractor else None
     metrics = evaluate(samples, args.ref, extractor=extractor, weights=args.inception, device=args.device,
                        batch_size=args.batch_size)
@@ -60,5 +66,5 @@ def run(args) -> int:
     print(f"{args.samples} vs {args.ref} ({metrics['num_samples']} vs {metrics['num_reference']} images)")
     print(format_table(metrics))
     if args.out:
-        Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
+        write_text_atomic(Path(args.out), json.dumps(metrics, indent=2) + "\n")
     return 0

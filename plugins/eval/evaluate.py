@@ -114,8 +114,10 @@ def evaluate(samples: str | Path, ref: str | Path, *, extractor: Extractor | Non
     from .inception import InceptionFeatures
 
     dev = pick_device(device)
-    for source in (samples, ref):  # bad input fails before any network is built or run
-        image_batches(source, batch_size)
+    for name, source in (("samples", samples), ("reference", ref)):  # bad input fails before any network runs
+        n, _ = image_batches(source, batch_size)
+        if n < 2:
+            raise MinfmError(f"{name} {source}: at least 2 images are needed for FID statistics, found {n}")
     if log is None:
         log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     extractor = extractor or InceptionFeatures(weights, device=dev)
