@@ -149,9 +149,9 @@ def test_set_appends_with_plus_equals(tmp_path):
     ("parent", "child", "message"),
     [
         ("", '[logging]\n"loggers+" = [{name = "x"}]\n',
-         "logging.loggers+: nothing to append to: the extended recipe has no array at logging.loggers"),
+         "logging.loggers+: nothing to append to: the recipe so far has no array at logging.loggers"),
         ("[logging]\nloggers = 3\n", '[logging]\n"loggers+" = [{name = "x"}]\n',
-         "logging.loggers+: nothing to append to: the extended recipe has a int, not an array at logging.loggers"),
+         "logging.loggers+: nothing to append to: the recipe so far has int 3, not an array at logging.loggers"),
         (BASE_LOGGERS, '[logging]\n"loggers+" = {name = "x"}\n', "logging.loggers+: expected an array to append, got dict"),
         (BASE_LOGGERS, '[logging]\nloggers = []\n"loggers+" = [{name = "x"}]\n',
          "logging.loggers+: set either 'loggers' (replace) or 'loggers+' (append), not both"),
@@ -162,7 +162,7 @@ def test_bad_appends_are_one_line_errors(tmp_path, parent, child, message):
     path = write(tmp_path / "c.toml", 'extends = "base.toml"\n' + child)
     with pytest.raises(RecipeError) as info:
         load_recipe_dict(path)
-    assert str(info.value) == message
+    assert str(info.value) == f"{path}: {message}"  # the file whose keys they are
 
 
 def test_plus_key_without_extends_has_nothing_to_append_to(tmp_path):
@@ -297,3 +297,10 @@ def test_file_references_inside_nested_component_tables(tmp_path):
     # The same recipe trusted: paths stay as written (relative to the cwd), minfm: resolves.
     src = load_recipe(repo / "recipe.toml").config("data").sources[0].dataset
     assert src["root"] == "images" and src["latents_dir"] == str(ROOT / "recipes" / "prompts")
+
+
+def test_a_bad_shipped_extends_names_the_file_that_says_it(tmp_path):
+    path = write(tmp_path / "c.toml", 'extends = "minfm:nope.toml"\n')
+    with pytest.raises(RecipeError) as info:
+        load_recipe_dict(path)
+    assert str(info.value).startswith(f"{path}: extends: minfm:nope.toml: no such shipped recipe")

@@ -66,10 +66,9 @@ def _appended(out: Mapping[str, Any], over: Mapping[str, Any], key: str, value: 
     if not isinstance(value, list):
         raise RecipeError(f"{where}: expected an array to append, got {type(value).__name__}")
     if not isinstance(out.get(key), list):
-        what = "no array" if key not in out else f"a {type(out[key]).__name__}, not an array"
-        raise RecipeError(
-            f"{where}: nothing to append to: the extended recipe has {what} at {where[: -len(APPEND)]}"
-        )
+        what = "no array" if key not in out else f"{type(out[key]).__name__} {out[key]!r:.40}, not an array"
+        # (from a file: what it extends holds; from --set: the recipe as loaded)
+        raise RecipeError(f"{where}: nothing to append to: the recipe so far has {what} at {where[: -len(APPEND)]}")
     return [*out[key], *copy.deepcopy(value)]
 
 
@@ -151,7 +150,10 @@ def recipe_file(ref: str | os.PathLike) -> Path:
 def _extended(path: Path, parent: str, untrusted_root: Path | None) -> Path:
     """The file ``extends = parent`` in ``path`` names, relative to ``path``'s folder."""
     if parent.startswith(SHIPPED):
-        return recipe_file(parent)  # shipped with minFM: trusted, like the package itself
+        try:
+            return recipe_file(parent)  # shipped with minFM: trusted, like the package itself
+        except RecipeError as exc:
+            raise RecipeError(f"extends: {exc}", str(path)) from None
     if untrusted_root is None:
         return Path(os.path.normpath(path.parent / parent))
     from ..safepath import contained
@@ -181,14 +183,24 @@ def _read(path: Path, chain: tuple[Path, ...], untrusted_root: Path | None = Non
     data = _parse(path)
     parent = data.pop("extends", None)
     if parent is None:
-        return deep_merge({}, data)  # a `key+` with nothing extended is an error, as anywhere
+        return _merged({}, data, path)  # a `key+` with nothing extended is an error, as anywhere
     if not isinstance(parent, str) or not parent:
         raise RecipeError(f"extends: expected a file name, got {parent!r}", str(path))
     parent_path = _extended(path, parent, untrusted_root)
     # A shipped recipe is minFM's own: its own extends resolve beside it, whoever named it.
     trusted = parent.startswith(SHIPPED)
     base = _read(parent_path, (*chain, path), None if trusted else untrusted_root)
-    return deep_merge(base, data)
+    return _merged(base, data, path)
+
+
+def _merged(base: dict[str, Any], data: dict[str, Any], path: Path) -> dict[str, Any]:
+    """:func:`deep_merge`, its errors naming the file whose keys they are about."""
+    try:
+        return deep_merge(base, data)
+    except RecipeError as exc:
+        if exc.source is not None:
+            raise
+        raise RecipeError(exc.problems, str(path)) from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -219,7 +231,10 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
                 raise RecipeError(f"--set {text!r}: {'.'.join(keys[: i + 1])} is not a table")
             node = child
         if keys[-1].endswith(APPEND):  # --set logging.loggers+=[...]: append, as in a file
-            merged = deep_merge(node, {keys[-1]: value}, ".".join(keys[:-1]))
+            try:
+                merged = deep_merge(node, {keys[-1]: value}, ".".join(keys[:-1]))
+            except RecipeError as exc:
+                raise RecipeError(f"--set {text[:200]!r}: " + "; ".join(exc.problems)) from None
             node.clear()
             node.update(merged)
             continue
