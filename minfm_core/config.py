@@ -217,7 +217,25 @@ def structure(data: Any, cls: type[T], path: str = "", source: str | None = None
     try:
         return converter.structure(data, cls)
     except Exception as exc:  # cattrs raises ExceptionGroups and plain errors alike
-        raise RecipeError(error_lines(exc, path), source) from None
+        lines = [_mark_default(line, data, path) for line in error_lines(exc, path)]
+        raise RecipeError(lines, source) from None
+
+
+def _mark_default(line: str, data: Any, path: str) -> str:
+    """A value the recipe never set is the config class's default: say so, or the user hunts
+    their recipe for a key that is not there (a plugin's default outside its own range)."""
+    where, _, msg = line.partition(": ")
+    rel = where[len(path) + 1:] if path and where.startswith(path + ".") else ("" if where == path else where)
+    if not rel or "[" in rel or msg.startswith(("missing required key", "unknown key")):
+        return line
+    node = data
+    for key in rel.split("."):
+        if not isinstance(node, dict):
+            return line
+        if key not in node:
+            return f"{line} (the default: the recipe does not set it)"
+        node = node[key]
+    return line
 
 
 def unstructure(obj: Any) -> Any:

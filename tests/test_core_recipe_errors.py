@@ -262,3 +262,19 @@ def test_structure_errors_read_well(override, message):
     with pytest.raises(RecipeError) as info:
         resolve_recipe(apply_overrides(load_recipe_dict("minfm:quickstart.toml"), [override]))
     assert message in str(info.value) and len(str(info.value)) < 400
+
+
+def test_an_invalid_default_is_called_the_default():
+    from minfm_core.config import config, field, structure
+    from minfm_core.validators import Range
+
+    @config
+    class Probe:
+        k: int = field(0, doc="a plugin's default outside its own range", validator=Range(1, 10))
+
+    with pytest.raises(RecipeError) as info:
+        structure({}, Probe, path="data")
+    assert str(info.value) == "data.k: must be in [1, 10], got 0 (the default: the recipe does not set it)"
+    with pytest.raises(RecipeError) as info:
+        structure({"k": 0}, Probe, path="data")
+    assert str(info.value) == "data.k: must be in [1, 10], got 0"
