@@ -185,3 +185,36 @@ def test_latents_of_an_image_folder(tmp_path, vae_folder, minfm):
     for e in entries:
         f, h, w = e["size"]
         assert tuple(shard[e["key"]].shape) == (4, f, h // 2, w // 2)
+
+
+def test_a_dataset_that_cannot_read_the_cache_is_warned_about(tmp_path, capsys):
+    import torch
+
+    from engine_helpers import TINY
+    from minfm_core import config, field, hookimpl, protocols
+    from minfm_core.cli.main import main
+    from minfm_core.plugins import plugin
+
+    @config
+    class PlainConfig:
+        """Two grey pictures, no cache fields."""
+
+        n: int = field(2, doc="items")
+
+    class Plain(protocols.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return {"image": torch.zeros(3, 1, 16, 16), "prompt": f"grey {i}"}
+
+    class Probe:
+        @hookimpl
+        def register_datasets(self, register):
+            register("plainset", lambda cfg, *, split="train": Plain(), PlainConfig)
+
+    with plugin(Probe(), "probe"):
+        assert main(["cache", "latents", str(TINY), "--set", 'data={name="plainset"}', "--out", str(tmp_path / "l")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: dataset 'plainset' of plugin 'probe' has no use_cached_latents / latents_dir" in err
+    assert (tmp_path / "l" / "train" / "index.json").is_file()

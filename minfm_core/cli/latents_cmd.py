@@ -121,6 +121,10 @@ def run(args) -> int:
     cached = data.config if isinstance(data.config, CachedLatentsConfig) else None
     if cached is not None and cached.use_cached_latents:
         raise MinfmError("data.use_cached_latents: set it to false to encode the images (--set data.use_cached_latents=false)")
+    if cached is None:  # the cache would be written, and no setting of this dataset reads it
+        print(f"minfm: warning: {data.component.describe()} has no use_cached_latents / latents_dir "
+              "(protocols.CachedLatentsConfig): training will not read these latents unless the dataset "
+              "reads them itself (layout: docs/data.md, 'Cached latents')", file=sys.stderr)
     out = Path(args.out or (cached.latents_dir if cached else "") or Path(resolved.recipe.run.exp_dir) / "latents")
     env = launch_env()
     rank, world = env.rank, env.world_size
