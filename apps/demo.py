@@ -26,7 +26,7 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from minfm_core.cli.argtypes import LOOPBACK  # noqa: E402
+from minfm_core.cli.argtypes import LOOPBACK, listen_family  # noqa: E402
 from minfm_core.errors import MinfmError  # noqa: E402
 
 from .batcher import Batcher  # noqa: E402
@@ -189,6 +189,7 @@ def serve(src: str, *, host: str = "127.0.0.1", port: int | None = None, share: 
                         ("--max-steps", max_steps), ("--port", port)):
         if value is not None:  # the CLI's own parsers: one range per number
             NUMBERS[flag](repr(value) if isinstance(value, float) else str(value))
+    listen_family(host, port)  # a busy port is one line now, not gradio's advice after the model loaded
     model = DemoModel.load(src, use_ema=use_ema, max_images=min(max_batch, 8), max_steps=max_steps)
     if model.makes_clips:
         from minfm_core.engine.video_io import require_av

@@ -96,3 +96,17 @@ def test_minfm_demo_serves_the_api_on_loopback(tmp_path):
     finally:
         stop_process(proc)
     assert proc.returncode in (0, 130), "".join(lines)
+
+
+def test_a_busy_port_is_one_line_before_the_model_loads(tmp_path, capsys):
+    import socket
+
+    pytest.importorskip("gradio")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # the source does not exist: a port check after loading would report that instead
+        assert main(["demo", str(tmp_path / "no_model"), "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"minfm: error: --host 127.0.0.1 --port {port}: cannot listen there (Address already in use)", err

@@ -99,6 +99,23 @@ def sample_size(flag: str) -> Callable[[str], tuple[int, int, int]]:
 #: Addresses only this machine reaches: a server bound elsewhere says so (serve, demo).
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
+
+def listen_family(host: str, port: int | None) -> int:
+    """The socket family to listen on ``host`` with (``::1``: AF_INET6); checked now, so that a
+    server that would fail to bind says so in one line naming the flags before its model loads.
+    ``port`` None or 0: any free port."""
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port or 0, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do
+            probe.bind((host, port or 0))
+    except (OSError, UnicodeError) as exc:
+        why = getattr(exc, "strerror", None) or str(exc)
+        raise MinfmError(f"--host {host} --port {port if port else 'any'}: cannot listen there ({why})") from None
+    return family
+
 # Ranges shared by several commands.
 MAX_PROCS = 1024  # local processes: more is a typo, not a machine
 nprocs = int_in("--nproc-per-node", 1, MAX_PROCS)

@@ -22,7 +22,7 @@ from ..recipe import load_recipe
 from ..recipe.checks import job_checks
 from ..engine.stop_signal import STOPPED_EXIT_CODE
 from ..validators import MAX_GUIDANCE, MAX_SAMPLES, MAX_SEED, MAX_SOLVER_STEPS
-from .argtypes import LOOPBACK, add_allow_pickle_flag, finite_float, int_in, nprocs, sample_size
+from .argtypes import LOOPBACK, add_allow_pickle_flag, finite_float, int_in, listen_family, nprocs, sample_size
 
 
 def register(sub) -> None:
@@ -150,16 +150,11 @@ def gallery_server(root, host: str, port: int):
             return _Slice(f, end - start + 1)
 
     handler = functools.partial(Handler, directory=str(root))
-    import socket
-
-    try:  # the host's own family: "::1" or another IPv6 address needs an AF_INET6 socket
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-    except (socket.gaierror, UnicodeError) as exc:
-        raise MinfmError(f"--host {host}: not an address of this machine ({exc})") from None
-    server_class = type("Server", (http.server.ThreadingHTTPServer,), {"address_family": family})
+    # the host's own family: "::1" or another IPv6 address needs an AF_INET6 socket
+    server_class = type("Server", (http.server.ThreadingHTTPServer,), {"address_family": listen_family(host, port)})
     try:
         return server_class((host, port), handler)
-    except OSError as exc:
+    except OSError as exc:  # taken between the check and now
         raise MinfmError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc})") from None
 
 
