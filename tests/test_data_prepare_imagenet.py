@@ -138,3 +138,12 @@ def test_bad_tree_exits_2(ilsvrc, tmp_path, capsys):
     assert "n99999999" in capsys.readouterr().err
     assert cli(["data", "imagenet", "prepare", str(tmp_path / "nowhere"), "--recipe", str(TINY),
                 "--out", str(tmp_path / "o")]) == 2
+
+
+def test_a_split_without_images_is_refused_before_anything_is_written(tmp_path, capsys):
+    root = tmp_path / "ilsvrc"
+    (root / "train" / "n01440764").mkdir(parents=True)  # a class folder, no pictures
+    out = tmp_path / "o"
+    assert cli(["data", "imagenet", "prepare", str(root), "--recipe", str(TINY), "--out", str(out)]) == 2
+    assert f"{root}: train/ holds no images" in capsys.readouterr().err
+    assert not out.exists()

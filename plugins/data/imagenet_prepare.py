@@ -86,6 +86,10 @@ def split_counts(root: Path, labels: dict[str, int]) -> dict[str, int]:
         counts[split] = n
     if not counts:
         raise MinfmError(f"{root}: has neither train/ nor val/ (expected <root>/train/<wnid>/*.JPEG)")
+    empty = [split for split, n in counts.items() if not n]
+    if empty:  # preparing nothing would write tables a run then trains on nothing with
+        raise MinfmError(f"{root}: {' and '.join(f'{s}/' for s in empty)} holds no images "
+                         "(expected <wnid>/*.JPEG folders, or a flat val/)")
     return counts
 
 
