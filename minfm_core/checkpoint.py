@@ -344,6 +344,8 @@ def load_weights(ckpt: Checkpoint | Path, model: torch.nn.Module, *, source: str
     verify) into an (unsharded) module."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
+    from .weights import check_finite
+
     if not isinstance(ckpt, Checkpoint):
         ckpt = open_checkpoint(ckpt)
 
@@ -357,6 +359,7 @@ def load_weights(ckpt: Checkpoint | Path, model: torch.nn.Module, *, source: str
         box = {"model": sd}
         ckpt.load(box)
         sd = box["model"]
+    check_finite(sd, f"{ckpt.path} ({source} weights)")
     set_model_state_dict(model, sd)
 
 

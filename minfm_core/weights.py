@@ -192,8 +192,19 @@ def first_names(items, limit: int = 10) -> str:
     return ", ".join(items[:limit]) + more
 
 
+def check_finite(sd: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse weights holding NaN or infinity (a run that diverged): sampling from them draws
+    noise, and training from them skips every step. Sharded tensors (DTensors) are left to
+    their full-tensor loaders: one rank refusing alone would leave the others waiting."""
+    bad = [k for k, v in sd.items() if isinstance(v, torch.Tensor) and not hasattr(v, "full_tensor")
+           and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise MinfmError(f"{where}: NaN or infinite values in {first_names(bad, 5)} (a run that diverged?)")
+
+
 def load_safetensors_into(model: torch.nn.Module, folder: Path, name: str = "model") -> None:
     sd = read_safetensors(Path(folder), name)
+    check_finite(sd, f"{folder}/{name}.safetensors")
     # EMA files hold the trainable parameters only; buffers keep their values.
     check_keys(model, sd, f"{folder}/{name}.safetensors", params_only=(name == "ema"))
     if any(hasattr(p, "full_tensor") for p in model.parameters()):

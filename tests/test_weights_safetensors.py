@@ -238,3 +238,33 @@ def test_ema_weights_of_an_exported_folder_must_all_fit(exported, tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err, err
     assert "ema.safetensors: weights do not fit the model: " in err and why in err, err
+
+
+@pytest.mark.parametrize("how", ["exported", "checkpoint"])
+def test_weights_holding_nan_are_refused_for_sampling(trained_run, exported, tmp_path, capsys, how):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from checkpoint_helpers import copy_run
+    from minfm_core import checkpoint as ck
+    from minfm_core.cli.main import main
+
+    if how == "exported":
+        src = tmp_path / "folder"
+        shutil.copytree(exported, src)
+        for name in ("model", "ema"):
+            sd = load_file(src / f"{name}.safetensors")
+            sd["img_in.bias"] = torch.full_like(sd["img_in.bias"], float("nan"))
+            save_file(sd, src / f"{name}.safetensors")
+    else:  # a diverged run: its own checkpoint holds the NaN, checksums and all
+        run = copy_run(trained_run, tmp_path / "run")
+        model = ck.build_denoiser(run / "recipe.toml")
+        ck.load_weights(ck.list_checkpoints(run)[-1], model)
+        model.img_in.bias.data.fill_(float("nan"))
+        saver = ck.Checkpointer(tmp_path / "diverged", async_save=False, recipe_text=(run / "recipe.toml").read_text())
+        saver.save(7, {"model": model.state_dict()}, {}, {})
+        src = tmp_path / "diverged" / "checkpoints" / "step_00000007"
+    code = main(["sample", str(src), "--prompt", "x", "--n", "1", "--steps", "1", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "NaN or infinite values in img_in.bias (a run that diverged?)" in err, err

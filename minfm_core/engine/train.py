@@ -254,7 +254,7 @@ class Trainer:
 
     def _load_exported(self, folder: Path, plan: dict[str, str]) -> None:
         """Model / EMA from an exported folder's model / ema safetensors (single file or shards)."""
-        from ..weights import check_keys, load_safetensors_into, read_safetensors
+        from ..weights import check_finite, check_keys, load_safetensors_into, read_safetensors
 
         for target, source in plan.items():
             if target == "model":  # checked key by key; an FSDP2 model keeps only its shards
@@ -264,6 +264,7 @@ class Trainer:
                 # the EMA holds the trainable parameters: each must be there, in its shape
                 # (copy_ would broadcast a [1] into a [12, 32] without a word)
                 check_keys(self.model, sd, f"{folder}/{source}.safetensors", params_only=True)
+                check_finite(sd, f"{folder}/{source}.safetensors")
                 self.ema.load_state_dict({n: sd[n] for n in self.ema.names})
 
     # ---- one optimizer step ---------------------------------------------------------
