@@ -139,6 +139,9 @@ def tiny_denoiser_weights(recipe_text: str, tmp: Path) -> bytes:
     from minfm_core.checkpoint import build_denoiser
 
     (tmp / "recipe.toml").write_text(recipe_text)
-    model = build_denoiser(tmp / "recipe.toml")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "w.safetensors")
+    model = build_denoiser(tmp / "recipe.toml")  # uninitialised storage: may hold NaN, which loaders refuse
+    g = torch.Generator().manual_seed(0)
+    weights = {k: (torch.randn(v.shape, generator=g) * 0.02).to(v.dtype) if v.is_floating_point() else v
+               for k, v in model.state_dict().items()}
+    save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "w.safetensors")
     return (tmp / "w.safetensors").read_bytes()

@@ -5,8 +5,9 @@ Plain torchrun ends a run whose workers failed with its ``ChildFailedError`` tra
 exit code 1, whatever the workers said: a recipe error (each worker printed one line and
 exited 2) read as a crash, and Ctrl-C as exit 1. Here the workers' own lines stay what
 the user reads, and the exit code is theirs: 2 when every failed worker exited 2 (bad
-input), 128 + the signal when torchrun itself was signalled (130 for Ctrl-C, 143 for
-SIGTERM), else the first failed worker's code other than 2.
+input; the workers torchrun then stopped do not count), 128 + the signal when torchrun
+itself was signalled (130 for Ctrl-C, 143 for SIGTERM), else the first failed worker's code
+(see :func:`exit_code`).
 """
 
 from __future__ import annotations
@@ -16,11 +17,17 @@ import sys
 
 def exit_code(codes: list[int]) -> int:
     """The launcher's exit code for the failed workers' exit codes (a negative one: killed by
-    that signal, as subprocess reports it)."""
+    that signal, as subprocess reports it).
+
+    When one worker fails, torchrun SIGTERMs the others: they end with 143 (stopped) or -15,
+    which says nothing about the failure, so those count only when nothing else failed."""
     codes = [128 - c if c < 0 else c for c in codes]
-    if codes and all(c == 2 for c in codes):
+    real = [c for c in codes if c not in (0, 143)]
+    if not real:
+        return 143 if codes else 1
+    if all(c == 2 for c in real):
         return 2
-    return next((c for c in codes if c not in (0, 2)), 1)  # a crash on one rank outweighs bad input on another
+    return next(c for c in real if c != 2)  # a crash on one rank outweighs bad input on another
 
 
 def main(argv: list[str] | None = None) -> int:
