@@ -8,19 +8,33 @@ error naming the file, never a traceback.
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import MinfmError, first_line
+from .errors import MinfmError, first_line, os_error_line
 
 if TYPE_CHECKING:
     from PIL.Image import Image
+
+
+def require_regular_file(path: str | Path) -> None:
+    """A MinfmError unless ``path`` is a regular file (a link to one counts): a FIFO named
+    ``x.png`` would block its reader forever, a device never ends."""
+    try:
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+    except OSError as exc:
+        raise MinfmError(f"{path}: {os_error_line(exc)}") from None
+    if not regular:
+        raise MinfmError(f"{path}: not a regular file")
 
 
 def read_rgb(path: str | Path) -> Image:
     """The image at ``path``, decoded and converted to RGB."""
     from PIL import Image as PILImage
 
+    require_regular_file(path)
     try:
         with PILImage.open(path) as im:
             return im.convert("RGB")

@@ -76,3 +76,34 @@ def test_eval_folder_refuses_in_one_line(tmp_path, capsys, kind):
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith(f"minfm: error: {folder / '00001.png'}: {message}"), err
+
+
+def test_a_thin_image_is_cropped_before_it_is_scaled():
+    # 1 x 2,000,000 pixels (a few KB as PNG): scaling it to cover 16 px across made a
+    # 16 x 32,000,000 image (1.5 GB) before the crop. Measured in a fresh process, whose peak
+    # memory is its own.
+    import subprocess
+    import sys
+
+    code = (
+        "import resource\n"
+        "from PIL import Image\n"
+        "from minfm_plugins.data.images import resize_and_center_crop\n"
+        "strip = Image.new('RGB', (1, 2_000_000), (200, 0, 0))\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "out = resize_and_center_crop(strip, 16, 32)\n"
+        "grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024\n"
+        "print(out.size, out.getpixel((8, 16)), grown)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    grown_mb = int(res.stdout.split()[-1]) if res.returncode == 0 else -1
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("(16, 32) (200, 0, 0) ") and grown_mb < 200, res.stdout
+
+
+def test_the_usual_resize_path_is_unchanged():
+    from minfm_plugins.data.images import resize_and_center_crop
+
+    small = Image.new("RGB", (40, 20), (0, 90, 0))
+    out = resize_and_center_crop(small, 16, 16)
+    assert out.size == (16, 16) and out.getpixel((8, 8)) == (0, 90, 0)

@@ -155,3 +155,19 @@ def test_an_atomic_write_that_cannot_happen_names_the_file_asked_for(tmp_path, c
     err = capsys.readouterr().err.strip()
     assert err == f"minfm: error: {tmp_path / why}", err
     assert sorted(p.name for p in (tmp_path / "dd").iterdir()) == []  # no temporary file left
+
+
+@pytest.mark.parametrize("suffix", [".png", ".mp4"])
+def test_a_fifo_named_like_a_picture_or_clip_is_refused_not_waited_on(tmp_path, suffix):
+    from minfm_core.config import structure
+    from minfm_core.registry import get_registry
+
+    if suffix == ".mp4":
+        pytest.importorskip("av")
+    os.mkfifo(tmp_path / f"z{suffix}")
+    (tmp_path / "z.txt").write_text("a fifo")
+    name = "image_folder" if suffix == ".png" else "video_folder"
+    comp = get_registry().get("dataset", name)
+    ds = comp.build(structure({"root": str(tmp_path), "val_fraction": 0.0}, comp.config, path="data"))
+    with pytest.raises(MinfmError, match=rf"z\{suffix}: not a regular file$"):
+        within(20, ds.__getitem__, 0)

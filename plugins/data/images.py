@@ -28,11 +28,22 @@ def budget_size(width: int, height: int, max_pixels: int, multiple: int) -> tupl
     return w, h
 
 
+#: Above this many pixels, the scaled image is not made whole before the crop (~48 MB in RGB).
+MAX_RESIZED_PIXELS = 1 << 24
+
+
 def resize_and_center_crop(image: Image.Image, width: int, height: int) -> Image.Image:
     """Resize with the aspect kept so the image covers (width, height), then crop the centre."""
     scale = max(width / image.width, height / image.height)
     new_w = max(width, round(image.width * scale))
     new_h = max(height, round(image.height * scale))
+    if new_w * new_h > MAX_RESIZED_PIXELS:
+        # A thin image scaled to cover would be huge before the crop (a 1 x 2,000,000 PNG of a
+        # few KB: 16 x 32 M pixels, 4 GB): resize only the centre region the crop keeps.
+        src_w, src_h = width / scale, height / scale
+        left, top = (image.width - src_w) / 2, (image.height - src_h) / 2
+        return image.resize((width, height), Image.Resampling.BICUBIC if scale > 1 else Image.Resampling.LANCZOS,
+                            box=(left, top, left + src_w, top + src_h))
     if (new_w, new_h) != image.size:
         # Box reduces aliasing when shrinking a lot; bicubic when enlarging.
         resample = Image.Resampling.BICUBIC if scale > 1 else Image.Resampling.LANCZOS

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from minfm_core.errors import MinfmError, first_line
+from minfm_core.images import require_regular_file
 from minfm_core.validators import MAX_SIDE
 
 from .configs import VideoFolderConfig
@@ -52,6 +53,7 @@ def _first_video_stream(path: Path):
     65,535 x 65,535 frames, 12 GB each once decoded.
     """
     av = _av()
+    require_regular_file(path)  # a FIFO named x.mp4 would block av.open forever
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
