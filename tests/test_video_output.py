@@ -219,3 +219,38 @@ def test_serve_listens_on_ipv6_loopback_and_names_a_busy_port(tmp_path):
             gallery_server(tmp_path, "127.0.0.1", port)
     finally:
         busy.server_close()
+
+
+def test_serve_keeps_to_its_folder_and_answers_odd_requests(tmp_path):
+    import os
+
+    from minfm_core.cli.run_cmd import gallery_server
+
+    run, outside = tmp_path / "run", tmp_path / "outside"
+    run.mkdir()
+    outside.mkdir()
+    (outside / "secret.txt").write_text("SECRET")
+    (run / "ok.txt").write_text("fine")
+    (run / "link.txt").symlink_to(outside / "secret.txt")
+    (run / "linkdir").symlink_to(outside)
+    (run / "inner.txt").symlink_to(run / "ok.txt")  # a link that stays inside is served
+    os.mkfifo(run / "fifo")
+    httpd = gallery_server(run, "127.0.0.1", 0)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+
+    def status(path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{httpd.server_address[1]}{path}", timeout=10) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, b""
+
+    try:
+        got = {p: status(p) for p in ("/ok.txt", "/inner.txt", "/link.txt", "/linkdir/secret.txt", "/linkdir/",
+                                       "/fifo", "/ok.txt%00.png")}
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert got == {"/ok.txt": (200, b"fine"), "/inner.txt": (200, b"fine"), "/link.txt": (404, b""),
+                   "/linkdir/secret.txt": (404, b""), "/linkdir/": (404, b""), "/fifo": (404, b""),
+                   "/ok.txt%00.png": (400, b"")}

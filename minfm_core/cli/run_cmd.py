@@ -119,6 +119,16 @@ def gallery_server(root, host: str, port: int):
         def send_head(self):
             m = one_range.fullmatch((self.headers.get("Range") or "").strip())
             path = self.translate_path(self.path)
+            if "\0" in path:  # an encoded NUL: open() would raise in the handler thread
+                self.send_error(400, "Bad request")
+                return None
+            real = os.path.realpath(path)
+            # Nothing outside the run folder, followed links included; nothing but files and
+            # folders (a FIFO would hold this thread forever).
+            if (real != top and not real.startswith(top + os.sep)) or (
+                    os.path.exists(real) and not (os.path.isfile(real) or os.path.isdir(real))):
+                self.send_error(404, "File not found")
+                return None
             backwards = m is not None and bool(m[1] and m[2]) and int(m[2]) < int(m[1])
             if not m or not (m[1] or m[2]) or backwards or not os.path.isfile(path) or self.path.endswith("/"):
                 # No range, several, an invalid one (RFC 9110: ignored), or a folder: the whole answer.
@@ -149,6 +159,7 @@ def gallery_server(root, host: str, port: int):
             f.seek(start)
             return _Slice(f, end - start + 1)
 
+    top = os.path.realpath(root)
     handler = functools.partial(Handler, directory=str(root))
     # the host's own family: "::1" or another IPv6 address needs an AF_INET6 socket
     server_class = type("Server", (http.server.ThreadingHTTPServer,), {"address_family": listen_family(host, port)})
@@ -162,6 +173,7 @@ def serve(args) -> int:
     root = Path(args.exp_dir)
     if not root.is_dir():
         raise MinfmError(f"{args.exp_dir}: no such run directory")
+    listen_family(args.host, args.port)  # a host it cannot listen on: its error alone, no warning first
     if args.host not in LOOPBACK:
         print(f"minfm serve: warning: listening on {args.host}: other machines can read this run's files", file=sys.stderr)
     with gallery_server(root, args.host, args.port) as httpd:
