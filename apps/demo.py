@@ -122,15 +122,15 @@ def build_app(model: DemoModel, batcher: Batcher, *, queue_limit: int = 32) -> g
                     size = gr.Dropdown([size_label(*s) for s in model.presets], value=size_label(*model.default_size),
                                        allow_custom_value=True, label="Size (height x width)", elem_id="size",
                                        info=f"a preset, or HxW in multiples of {lim.multiple}")
-                    num_images = gr.Slider(1, lim.max_images, value=min(2, lim.max_images), step=1,
-                                           label="Clips" if clips else "Images")
+                    num_images = _slider(1, lim.max_images, value=min(2, lim.max_images), step=1,
+                                         label="Clips" if clips else "Images")
                 frames = None
                 if clips:  # only a video model is offered a frame count (and only counts it can cut)
-                    frames = gr.Slider(model.min_frames, lim.max_frames, value=model.default_frames,
-                                       step=model.frame_step, label="Frames", elem_id="frames",
-                                       info=f"clips play at 8 fps; counts this model can draw: {model.frame_choices()}")
+                    frames = _slider(model.min_frames, lim.max_frames, value=model.default_frames,
+                                     step=model.frame_step, label="Frames", elem_id="frames",
+                                     info=f"clips play at 8 fps; counts this model can draw: {model.frame_choices()}")
                 with gr.Row():
-                    steps = gr.Slider(1, lim.max_steps, value=model.default_steps, step=1, label="Steps")
+                    steps = _slider(1, lim.max_steps, value=model.default_steps, step=1, label="Steps")
                     cfg_scale = gr.Slider(0.0, lim.max_cfg, value=model.default_cfg, step=0.1, label="CFG scale")
                 with gr.Row():
                     sampler = gr.Dropdown(model.samplers(), value=model.default_sampler, label="Sampler")
@@ -170,6 +170,15 @@ def build_app(model: DemoModel, batcher: Batcher, *, queue_limit: int = 32) -> g
     # Handlers only wait on the batcher, so as many may run as one batch can hold.
     app.queue(max_size=queue_limit, default_concurrency_limit=batcher.max_batch)
     return app
+
+
+def _slider(lo: float, hi: float, **kwargs):
+    """``gr.Slider(lo, hi)``, or a fixed number where only one value is allowed (gradio refuses a
+    slider whose ends meet: ``--max-batch 1`` or ``--max-steps 1`` ended the demo at start)."""
+    if hi > lo:
+        return gr.Slider(lo, hi, **kwargs)
+    kwargs.pop("step", None)
+    return gr.Number(minimum=lo, maximum=lo, precision=0, interactive=False, **kwargs)
 
 
 def launch(app: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None, share: bool = False,

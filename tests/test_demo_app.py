@@ -245,3 +245,20 @@ def _save_artifact(shot: Path) -> None:
     if dest:
         Path(dest).mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, Path(dest) / "demo.png")
+
+
+def test_one_image_at_most_still_builds_and_draws(run_dir):
+    # gradio refuses a slider whose ends meet: --max-batch 1 (and --max-steps 1 where the
+    # recipe samples in one step) ended the demo at start
+    import gradio as gr
+    from gradio_client import Client
+
+    from minfm_apps.demo import _slider
+    from minfm_apps.model import DemoModel
+
+    assert isinstance(_slider(1, 1, value=1, step=1, label="Steps"), gr.Number)
+    assert isinstance(_slider(1, 2, value=1, step=1, label="Steps"), gr.Slider)
+    one = DemoModel.load(str(run_dir), device="cpu", max_images=1)
+    with serving(one, window_s=0.05) as (_, _, url):
+        result = Client(url, verbose=False).predict(**BASE, api_name="/generate")
+    assert len(result[0]) == 1
