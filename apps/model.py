@@ -190,7 +190,7 @@ class DemoModel:
             loaded = load_denoiser_weights(pipe.denoiser, kind, where, use_ema=use_ema)
         pipe.denoiser.eval().requires_grad_(False)
         step = None
-        if kind == "dcp" and where.name.startswith("step_") and where.name[5:].isdigit():
+        if kind == "dcp" and where.name.startswith("step_") and where.name[5:].isascii() and where.name[5:].isdigit():
             step = int(where.name[5:])
         run_dir = where.parent.parent if kind == "dcp" else where
         metrics = last_jsonl_record(run_dir / "metrics.jsonl", "loss")

@@ -94,7 +94,7 @@ class Limits:
         """Arguments win, then ``MINFM_HUB_MAX_FILES`` / ``MINFM_HUB_MAX_BYTES``, then the defaults."""
         files = max_files if max_files is not None else os.environ.get("MINFM_HUB_MAX_FILES") or DEFAULT_MAX_FILES
         size = max_bytes if max_bytes is not None else os.environ.get("MINFM_HUB_MAX_BYTES") or DEFAULT_MAX_BYTES
-        count = int(files) if isinstance(files, int) or files.strip().isdigit() else 0
+        count = int(files) if isinstance(files, int) or (files.strip().isascii() and files.strip().isdigit()) else 0
         if not 1 <= count <= MAX_FILES_LIMIT:  # below 1 every pull would be refused after listing it: a typo
             raise MinfmError(f"invalid file count {files!r} (MINFM_HUB_MAX_FILES / --max-files): "
                              f"expected an integer from 1 to {MAX_FILES_LIMIT}")

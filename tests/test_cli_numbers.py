@@ -60,3 +60,14 @@ def test_out_of_range_is_one_line_naming_the_flag(path, action, capsys):
     for edge in (parse.lo, parse.hi):
         if edge is not None and not (isinstance(edge, float) and math.isinf(edge)):
             assert parse(str(edge)) == edge
+
+
+@pytest.mark.parametrize("text", ["\u00b2x16", "\uff11\uff16x16", "16x\u0661\u0666"])
+def test_sizes_take_ascii_digits_only(text):
+    # str.isdigit() is true for '²' (int() then raised past argparse's handler) and for
+    # full-width or Arabic-Indic digits (silently read as 16)
+    from minfm_core.cli.argtypes import sample_size
+    from minfm_core.errors import MinfmError
+
+    with pytest.raises(MinfmError, match="expected HEIGHTxWIDTH"):
+        sample_size("--size")(text)

@@ -135,6 +135,9 @@ def test_errors_are_clear(tree):
     ("labels.csv", b"ImageId,PredictionString\nILSVRC2012_val_00000001,\n", r"labels.csv:2: expected columns"),
     ("labels.txt", b"ILSVRC2012_val_00000001.JPEG\n", r"labels.txt:1: expected '<file> <wnid or label>'"),
     ("labels.txt", b"\xff\xfeI\x00L\x00", r"labels.txt: not UTF-8 text \(byte 0\)"),
+    ("labels.txt", "ILSVRC2012_val_00000001.JPEG \u00b2\n".encode(), r"labels.txt: '\u00b2' is neither a WordNet id"),
+    ("labels.txt", b"ILSVRC2012_val_00000001.JPEG 0\nILSVRC2012_val_00000001.JPEG 5\n",
+     r"labels.txt: image 'ILSVRC2012_val_00000001' is labelled more than once"),
 ])
 def test_a_malformed_val_labels_file_names_its_line(tree, name, content, message):
     """A headerless CSV, a line of one token or a UTF-16 file were KeyError / ValueError / UnicodeDecodeError tracebacks."""

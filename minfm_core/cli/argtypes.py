@@ -81,7 +81,7 @@ def sample_size(flag: str) -> Callable[[str], tuple[int, int, int]]:
 
     def parse(text: str) -> tuple[int, int, int]:
         parts = text.lower().split("x")
-        if len(parts) not in (2, 3) or not all(p.isdigit() for p in parts):
+        if len(parts) not in (2, 3) or not all(p.isascii() and p.isdigit() for p in parts):
             raise MinfmError(f"{flag} {text!r}: expected HEIGHTxWIDTH or FRAMESxHEIGHTxWIDTH, e.g. 256x256 or 17x256x256")
         nums = [int(p) for p in parts]
         f, h, w = nums if len(nums) == 3 else [1, *nums]

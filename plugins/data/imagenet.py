@@ -143,13 +143,17 @@ def _flat_val(folder: Path, labels_file: Path) -> list[tuple[Path, int]]:
                 pairs.append((parts[0], parts[1]))
     files = {p.stem: p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES}
     items = []
+    stems = [Path(name).stem for name, _ in pairs]
+    twice = sorted({s for s in stems if stems.count(s) > 1}) if len(set(stems)) < len(stems) else []
+    if twice:  # the same picture in the split twice, perhaps under two labels
+        raise MinfmError(f"imagenet: {labels_file}: image {twice[0]!r} is labelled more than once")
     for name, token in sorted(pairs):
         path = files.get(Path(name).stem)
         if path is None:
             raise MinfmError(f"imagenet: {labels_file}: image {name!r} not found in {str(folder)!r}")
         if token in by_wnid:
             label = by_wnid[token]
-        elif token.isdigit() and int(token) < 1000:
+        elif token.isascii() and token.isdigit() and int(token) < 1000:
             label = int(token)
         else:
             raise MinfmError(f"imagenet: {labels_file}: {token!r} is neither a WordNet id nor a label 0-999")
