@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -144,3 +145,30 @@ def test_a_malformed_val_labels_file_names_its_line(tree, name, content, message
     (tree / name).write_bytes(content)
     with pytest.raises(MinfmError, match=f"imagenet: .*{message}"):
         make("val", root=str(tree), resolution=16, val_labels=str(tree / name))
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{nme}", "may use {name} only, not {nme}"),
+    ("{name.upper}", "may use {name} only, not {name.upper}"),  # made prompts of a method's repr
+    ("{name[0]}", "may use {name} only, not {name[0]}"),
+    ("{", "is not a template of {name}"),
+    ("{name:d}", "is not a template of {name}"),
+])
+def test_a_prompt_template_uses_the_name_plainly(template, message):
+    from minfm_core.config import structure
+    from minfm_core.errors import RecipeError
+
+    comp = get_registry().get("dataset", "imagenet")
+    with pytest.raises(RecipeError, match=re.escape(f"data.prompt_template: {template!r} {message}")):
+        structure({"root": "/x", "prompt_template": template}, comp.config, path="data")
+    assert structure({"root": "/x", "prompt_template": "a photo of a {name}"}, comp.config).prompt_template
+
+
+def test_shapes_need_at_least_one_size():
+    from minfm_core.config import structure
+    from minfm_core.errors import RecipeError
+
+    for name in ("shapes", "moving_shapes"):
+        comp = get_registry().get("dataset", name)
+        with pytest.raises(RecipeError, match=r"data.sizes: give at least one \(height, width\)"):
+            structure({"sizes": []}, comp.config, path="data")

@@ -18,12 +18,32 @@ def _multiple_of_size_multiple(inst, attribute, value) -> None:
     m = inst.size_multiple
     if not (isinstance(m, int) and SIDE.ok(m)):
         return  # size_multiple's own range check names it (attrs validates fields in order)
+    if not value:  # an empty list passed the loop, and the dataset then drew from nothing
+        raise ValueError(f"{attribute.name}: give at least one (height, width)")
     for hw in value:
         if len(hw) != 2 or any(v <= 0 or v % m for v in hw):
             raise ValueError(
                 f"{attribute.name}: {tuple(hw)} must be (height, width), both positive multiples "
                 f"of size_multiple={m}"
             )
+
+
+def _class_template(inst, attribute, value) -> None:
+    """Only ``{name}``, plainly: ``{nme}`` raised at prepare, ``{name.upper}`` made prompts of a
+    method's repr (different in every process)."""
+    import string
+
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(value) if f is not None]
+    except ValueError as exc:
+        raise ValueError(f"{attribute.name}: {value!r} is not a template of {{name}} ({exc})") from None
+    bad = [f for f in fields if f != "name"]
+    if bad:
+        raise ValueError(f"{attribute.name}: {value!r} may use {{name}} only, not {{{bad[0]}}}")
+    try:
+        value.format(name="x")  # a format spec or conversion that cannot apply to text
+    except ValueError as exc:
+        raise ValueError(f"{attribute.name}: {value!r} is not a template of {{name}} ({exc})") from None
 
 
 def _choices(allowed: tuple[str, ...]):
@@ -167,7 +187,8 @@ class ImagenetConfig:
         "empty when val/ has class folders",
         file="file",
     )
-    prompt_template: str = field("{name}", doc="prompt made from the class; {name} is its first WordNet lemma")
+    prompt_template: str = field("{name}", doc="prompt made from the class; {name} is its first WordNet lemma",
+                                 validator=_class_template)
     seed: int = field(0, doc="seed of the flips", validator=SEED)
     use_cached_latents: bool = _use_cached_latents()
     latents_dir: str | None = _latents_dir()
