@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -150,3 +151,22 @@ def test_caption_files_are_utf8_and_bounded(tmp_path, layout, content, message):
     with pytest.raises(MinfmError) as err:
         make(root=str(tmp_path), val_fraction=0.0)
     assert str(err.value).startswith("image_folder: ") and str(err.value).endswith(message), str(err.value)
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"file_name": "a.png", "text": None}], "'text' must be text, got NoneType"),
+    ([{"file_name": "a.png", "text": ["a", "b"]}], "'text' must be text, got list"),
+    ([{"file_name": "a.png", "text": "one"}, {"file_name": "a.png", "text": "two"}],
+     "metadata.jsonl:2: 'a.png' is listed again (first at line 1)"),
+], ids=["null", "list", "twice"])
+def test_metadata_rows_must_hold_one_text_caption_per_image(tmp_path, rows, message):
+    _image(tmp_path / "a.png", (32, 32))
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(MinfmError, match=re.escape(message)):
+        make(root=str(tmp_path), val_fraction=0.0)
+
+
+def test_metadata_captions_are_stripped_like_sidecars(tmp_path):
+    _image(tmp_path / "a.png", (32, 32))
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "  a red square \n"}) + "\n")
+    assert make(root=str(tmp_path), val_fraction=0.0).prompt(0) == "a red square"

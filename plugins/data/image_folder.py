@@ -114,7 +114,7 @@ def read_caption(sidecar: Path, dataset: str) -> str:
 
 
 def _read_metadata(meta: Path, column: str) -> list[tuple[Path, str]]:
-    items = []
+    items, seen = [], {}
     for lineno, line in enumerate(read_text(meta, f"image_folder: {meta}", MAX_METADATA_BYTES).splitlines(), 1):
         if not line.strip():
             continue
@@ -124,10 +124,15 @@ def _read_metadata(meta: Path, column: str) -> list[tuple[Path, str]]:
             raise MinfmError(f"image_folder: {where}: expected keys 'file_name' and {column!r}")
         # Relative to the metadata file and below it, as Hugging Face's imagefolder layout says:
         # a downloaded dataset cannot reach /home/you/private.png (links of your own still work).
+        if not isinstance(row[column], str):  # null or a list would train on "None" or its repr
+            raise MinfmError(f"image_folder: {where}: {column!r} must be text, got {type(row[column]).__name__}")
         path = relative_inside(meta.parent, row["file_name"], what=f"image_folder: {where}: file_name")
         if not path.is_file():
             raise MinfmError(f"image_folder: {where}: image {row['file_name']!r} not found")
-        items.append((path, str(row[column])))
+        if path in seen:  # one picture twice: drawn twice as often, maybe under two captions
+            raise MinfmError(f"image_folder: {where}: {row['file_name']!r} is listed again (first at line {seen[path]})")
+        seen[path] = lineno
+        items.append((path, row[column].strip()))  # stripped, as sidecar captions are
     return items
 
 
