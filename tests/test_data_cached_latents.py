@@ -165,3 +165,61 @@ def test_cli_names_the_missing_cache(tmp_path, minfm):
     sets = (f"run.exp_dir={json.dumps(str(tmp_path))}", *cached((), tmp_path / "nope"))
     res = minfm("run", str(TINY), *(a for o in sets for a in ("--set", o)))
     assert res.returncode == 2 and "no index.json" in res.stderr and "Traceback" not in res.stderr
+
+
+def _cache_of(folder: Path, entry: dict, tensor: torch.Tensor | None = None, raw: bytes | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if raw is not None:
+        (folder / "s.safetensors").write_bytes(raw)
+    else:
+        save_file({"k": torch.zeros(3, 1, 4, 4) if tensor is None else tensor}, folder / "s.safetensors")
+    (folder / "index.json").write_text(json.dumps([{"shard": "s.safetensors", "key": "k", "prompt": "p", **entry}]))
+    return folder
+
+
+def _header_only() -> bytes:
+    # a header of sane length whose offsets the file does not cover: past check_header, refused by safe_open
+    import struct
+
+    head = json.dumps({"k": {"dtype": "F32", "shape": [3, 1, 8, 8], "data_offsets": [0, 768]}}).encode()
+    head += b" " * (-len(head) % 8)
+    return struct.pack("<Q", len(head)) + head
+
+
+@pytest.mark.parametrize("entry, tensor, raw, message", [
+    ({"label": "abc"}, None, None, "entry 0: label abc is not a class number"),
+    ({"label": -5}, None, None, "entry 0: label -5 is not a class number"),
+    ({"label": 2.7}, None, None, "entry 0: label 2.7 is not a class number"),
+    ({"label": True}, None, None, "entry 0: label True is not a class number"),
+    ({"prompt": 12345}, None, None, "entry 0: 'prompt' must be text, got int"),
+    ({}, torch.zeros(3, 1, 0, 4), None, "not a latent (C, [F,] h, w) of finite numbers: (3, 1, 0, 4)"),
+    ({}, torch.full((3, 1, 4, 4), float("nan")), None, "not a latent (C, [F,] h, w) of finite numbers"),
+    ({}, torch.zeros(7), None, "not a latent (C, [F,] h, w) of finite numbers: (7,)"),
+    ({}, None, _header_only(), "is not a readable safetensors file"),
+], ids=["label-text", "label-negative", "label-float", "label-bool", "prompt-int", "empty", "nan", "1d", "offsets"])
+def test_a_hostile_cache_entry_or_latent_is_one_line(tmp_path, entry, tensor, raw, message):
+    folder = _cache_of(tmp_path / "c", entry, tensor, raw)
+    with pytest.raises(MinfmError) as info:
+        CachedLatentsDataset("shapes", str(folder), "train")[0]
+    assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+def test_a_label_outside_the_class_table_is_refused(tmp_path):
+    folder = _cache_of(tmp_path / "c", {"label": 5000})
+    with pytest.raises(MinfmError, match=r"label 5000 is not a class number in 0\.\.999"):
+        CachedLatentsDataset("imagenet", str(folder), "train", label_prompts=["x"] * 1000)
+
+
+def test_a_corrupt_shard_record_of_cache_latents_is_one_line(tmp_path, capsys):
+    from engine_helpers import TINY
+
+    out = tmp_path / "l"
+    args = ["cache", "latents", str(TINY), "--out", str(out), "--set", "data.num_samples=16", "--shard-size", "8"]
+    assert main(args) == 0
+    (out / "train" / "index.json").unlink()
+    (out / "train" / "part-00001.json").write_text('[{"shard": "part-0')
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "part-00001.json: not valid JSON" in err, err

@@ -22,6 +22,7 @@ from typing import Any
 
 from ..config import Dtype
 from ..errors import MinfmError
+from ..jsonio import read_json_file
 from ..launch_env import launch_env
 from ..protocols import CachedLatentsConfig, FlipConfig
 from ..recipe import load_recipe
@@ -100,10 +101,18 @@ def encode_split(vae, dataset, out: Path, split: str, *, shard_size: int, batch_
         log(f"{split}: shard {s + 1}/{n_shards} ({hi - lo} items)")
     parts = [out / f"{_shard_name(s)}.json" for s in range(n_shards)]
     if all(p.exists() for p in parts):
-        entries = [e for p in parts for e in json.loads(p.read_text())]
+        entries = [e for p in parts for e in _shard_entries(p)]
         _write_json(out / "index.json", {"entries": entries, "num_items": len(entries), "dtype": dtype})
         stats["indexed"] = len(entries)
     return stats
+
+
+def _shard_entries(part: Path) -> list[dict]:
+    """A finished shard's entries (its ``part-*.json``), read as the data on disk it is."""
+    entries = read_json_file(part, f"cache latents: {part}", 1 << 30)
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise MinfmError(f"cache latents: {part}: not a shard's list of entries; remove it to encode that shard again")
+    return entries
 
 
 def run(args) -> int:

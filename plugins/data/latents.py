@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from minfm_core.errors import MinfmError
+from minfm_core.errors import MinfmError, first_line
 from minfm_core.jsonio import read_json_file
 from minfm_core.safepath import contained
 
@@ -48,10 +48,17 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
             if "shard" not in e or "key" not in e:
                 raise MinfmError(f"{name}: {index}: entry {i} needs 'shard' and 'key'")
             label, prompt = e.get("label"), e.get("prompt")
+            # a label is a class number (not 2.7, true or -5: -5 picked class 995's prompt)
+            if label is not None and (type(label) is not int or not 0 <= label < (
+                    len(label_prompts) if label_prompts is not None else 2**31)):
+                raise MinfmError(f"{name}: {index}: entry {i}: label {str(label)[:40]} is not a class number"
+                                 + (f" in 0..{len(label_prompts) - 1}" if label_prompts is not None else ""))
             if prompt is None:
                 if label is None or label_prompts is None:
                     raise MinfmError(f"{name}: {index}: entry {i} has no 'prompt'")
-                prompt = label_prompts[int(label)]
+                prompt = label_prompts[label]
+            if not isinstance(prompt, str):
+                raise MinfmError(f"{name}: {index}: entry {i}: 'prompt' must be text, got {type(prompt).__name__}")
             shard = shards.get(e["shard"]) if isinstance(e["shard"], str) else None
             if shard is None:  # a few shards, a million entries: each name checked once
                 shard = shards[e["shard"]] = str(contained(index.parent, e["shard"], what=f"{name}: {index}: entry {i}"))
@@ -82,11 +89,20 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
             if not os.path.isfile(shard):
                 raise MinfmError(f"{self.name}: latent shard {shard!r} not found")
             check_header(Path(shard))  # a dataset file is data: bounded header, one clear error
-            handle = self._handles[shard] = safe_open(shard, framework="pt")
+            try:  # offsets that do not cover the file, an unknown dtype: safetensors' own errors
+                handle = self._handles[shard] = safe_open(shard, framework="pt")
+            except Exception as exc:
+                raise MinfmError(f"{self.name}: {shard!r} is not a readable safetensors file ({first_line(exc, 160)})") from None
         try:
-            return handle.get_tensor(key)
+            latent = handle.get_tensor(key)
         except Exception:  # safetensors raises its own error types for a missing key
             raise MinfmError(f"{self.name}: key {key!r} not found in {shard!r}") from None
+        # what an encoder gives: (C, h, w) or (C, F, h, w) of finite numbers, none of it empty
+        if latent.dim() not in (3, 4) or not latent.numel() or not latent.is_floating_point() \
+                or not bool(torch.isfinite(latent).all()):
+            what = f"{latent.dtype} {tuple(latent.shape)}" if latent.numel() and latent.dim() in (3, 4) else tuple(latent.shape)
+            raise MinfmError(f"{self.name}: {shard!r} key {key!r}: not a latent (C, [F,] h, w) of finite numbers: {what}")
+        return latent
 
     def prompt(self, index: int) -> str:
         """The entry's prompt without reading its latent."""
