@@ -170,3 +170,20 @@ def test_metadata_captions_are_stripped_like_sidecars(tmp_path):
     _image(tmp_path / "a.png", (32, 32))
     (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "  a red square \n"}) + "\n")
     assert make(root=str(tmp_path), val_fraction=0.0).prompt(0) == "a red square"
+
+
+def test_a_split_folder_lends_none_of_its_images_to_the_other_split(tmp_path):
+    (tmp_path / "train").mkdir()
+    for i in range(20):
+        _image(tmp_path / "train" / f"{i}.png", (32, 32))
+        (tmp_path / "train" / f"{i}.txt").write_text(f"train {i}")
+    assert len(make("train", root=str(tmp_path), val_fraction=0.1)) == 20
+    with pytest.raises(MinfmError, match="no captioned images for split 'val'"):
+        make("val", root=str(tmp_path), val_fraction=0.1)  # was 2 of train/'s pictures
+    (tmp_path / "val").mkdir()
+    for i in range(4):
+        _image(tmp_path / "val" / f"v{i}.png", (32, 32))
+        (tmp_path / "val" / f"v{i}.txt").write_text(f"val {i}")
+    (tmp_path / "train").rename(tmp_path / "loose")  # val/ plus pictures elsewhere under the root
+    train = make("train", root=str(tmp_path), val_fraction=0.1)
+    assert not any(train.prompt(i).startswith("val") for i in range(len(train)))

@@ -137,7 +137,13 @@ def _read_metadata(meta: Path, column: str) -> list[tuple[Path, str]]:
 
 
 def _hold_out(items: list[tuple[Path, str]], root: Path, split: str, fraction: float) -> list[tuple[Path, str]]:
-    """Split one folder: a stable hash of each file name picks the held-out share for 'val'."""
+    """Split one folder: a stable hash of each file name picks the held-out share for 'val'.
+
+    Files inside a split folder that exists (``train/``, ``val/``) belong to that split only:
+    with ``train/`` alone, hashing the whole root put some of its pictures in 'val' too."""
+    taken = [root / d for names in _SPLIT_DIRS.values() for d in names if (root / d).is_dir()]
+    if taken:
+        items = [it for it in items if not any(d in it[0].parents for d in taken)]
     if fraction <= 0:
         return items if split == "train" else []
     n_val = max(1, math.ceil(fraction * len(items))) if len(items) > 1 else 0
