@@ -30,6 +30,26 @@ def require_regular_file(path: str | Path) -> None:
         raise MinfmError(f"{path}: not a regular file")
 
 
+def _to_rgb(im: Image) -> Image:
+    """RGB as the picture is meant to be seen: turned upright by its EXIF orientation (a phone
+    photo stored sideways), and with 16-bit or float samples scaled into 8 bits rather than
+    clipped (PIL's convert clips a 16-bit mid-grey of 32768 to white)."""
+    import numpy as np
+    from PIL import Image as PILImage
+    from PIL import ImageOps
+
+    im = ImageOps.exif_transpose(im)
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode == "F":
+            scale = 255.0 if a.size and float(np.nanmax(a)) <= 1.0 else 1.0  # [0, 1] floats, else 8-bit values
+        else:
+            scale = 255.0 / 65535.0 if a.size and a.max() > 255 or im.mode.startswith("I;16") else 1.0
+        a = np.clip(np.nan_to_num(a * scale), 0, 255).round().astype(np.uint8)
+        im = PILImage.fromarray(a, mode="L")
+    return im.convert("RGB")
+
+
 def read_rgb(path: str | Path) -> Image:
     """The image at ``path``, decoded and converted to RGB."""
     from PIL import Image as PILImage
@@ -37,7 +57,7 @@ def read_rgb(path: str | Path) -> Image:
     require_regular_file(path)
     try:
         with PILImage.open(path) as im:
-            return im.convert("RGB")
+            return _to_rgb(im)
     except PILImage.DecompressionBombError as exc:
         raise MinfmError(f"{path}: image too large to decode safely ({first_line(exc, 120)})") from None
     except (OSError, ValueError, SyntaxError) as exc:  # PIL raises SyntaxError for some malformed headers

@@ -107,3 +107,19 @@ def test_the_usual_resize_path_is_unchanged():
     small = Image.new("RGB", (40, 20), (0, 90, 0))
     out = resize_and_center_crop(small, 16, 16)
     assert out.size == (16, 16) and out.getpixel((8, 8)) == (0, 90, 0)
+
+
+def test_pictures_are_read_upright_and_deep_ones_scaled_not_clipped(tmp_path):
+    # a phone photo stored sideways (EXIF orientation 6) trained sideways; a 16-bit mid-grey
+    # (32768) was clipped to white, a float 0.5 to black
+    photo = Image.new("RGB", (64, 32), (10, 200, 10))
+    exif = photo.getexif()
+    exif[0x0112] = 6
+    photo.save(tmp_path / "o6.jpg", exif=exif)
+    assert read_rgb(tmp_path / "o6.jpg").size == (32, 64)
+    Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(tmp_path / "grey16.png")
+    Image.fromarray(np.full((8, 8), 0.5, np.float32), mode="F").save(tmp_path / "half.tif")
+    for name in ("grey16.png", "half.tif"):
+        assert read_rgb(tmp_path / name).getpixel((3, 3)) == (128, 128, 128), name
+    Image.new("RGB", (5, 3), (1, 2, 3)).save(tmp_path / "plain.png")
+    assert read_rgb(tmp_path / "plain.png").getpixel((0, 0)) == (1, 2, 3)
