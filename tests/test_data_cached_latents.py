@@ -223,3 +223,20 @@ def test_a_corrupt_shard_record_of_cache_latents_is_one_line(tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "part-00001.json: not valid JSON" in err, err
+
+
+def test_cache_latents_reuses_shards_only_for_the_same_request(tmp_path, capsys):
+    from engine_helpers import TINY
+
+    out = tmp_path / "l"
+    base = ["cache", "latents", str(TINY), "--out", str(out), "--shard-size", "8"]
+    assert main([*base, "--set", "data.num_samples=16"]) == 0
+    assert main([*base, "--set", "data.num_samples=16"]) == 0  # the same: every shard reused
+    assert "skipped 2 finished" in capsys.readouterr().out
+    # more items, or another shard size: the old shards would be reused stale, or duplicated
+    assert main([*base, "--set", "data.num_samples=32"]) == 2
+    assert "holds a cache of another request (different items, request)" in capsys.readouterr().err
+    assert main(["cache", "latents", str(TINY), "--out", str(out), "--shard-size", "4", "--set", "data.num_samples=16"]) == 2
+    assert "(different shard_size)" in capsys.readouterr().err
+    entries = json.loads((out / "train" / "index.json").read_text())["entries"]
+    assert len(entries) == 16 and len({e["key"] for e in entries}) == 16

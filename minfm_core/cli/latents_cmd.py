@@ -5,6 +5,8 @@ Output, per split (the layout the datasets' ``use_cached_latents`` reads, docs/d
     OUT/<split>/part-00000.safetensors   latents (C, F, h, w) keyed by item index "00000042"
     OUT/<split>/part-00000.json          that shard's entries (written last: marks it done)
     OUT/<split>/index.json               {"entries": [{shard, key, prompt, label?, split, size}]}
+    OUT/<split>/cache.json               what was encoded (items, shard size, dtype, seed, data and
+                                         VAE settings): a rerun reuses finished shards only if it matches
 
 Shard ``i`` holds items ``[i * shard_size, (i + 1) * shard_size)``. Every file is written
 to a temporary name and renamed, so an interrupted run leaves no half shard; a rerun skips
@@ -55,8 +57,13 @@ def _shard_name(i: int) -> str:
 
 
 def encode_split(vae, dataset, out: Path, split: str, *, shard_size: int, batch_size: int, dtype: str,
-                 limit: int | None = None, rank: int = 0, world: int = 1, seed: int = 0, log=print) -> dict[str, int]:
-    """Encode this rank's unfinished shards of one split; write the index when all are done."""
+                 limit: int | None = None, rank: int = 0, world: int = 1, seed: int = 0, log=print,
+                 request: dict | None = None) -> dict[str, int]:
+    """Encode this rank's unfinished shards of one split; write the index when all are done.
+
+    ``request`` (the dataset and VAE settings) is kept in ``cache.json`` with the item count,
+    shard size, dtype and seed: finished shards are reused only by the same request (another
+    dataset size or shard size would mix stale or duplicated items into the index)."""
     import inspect
 
     import torch
@@ -69,6 +76,20 @@ def encode_split(vae, dataset, out: Path, split: str, *, shard_size: int, batch_
     n = len(dataset) if limit is None else min(limit, len(dataset))
     n_shards = (n + shard_size - 1) // shard_size
     out.mkdir(parents=True, exist_ok=True)
+    record = json.loads(json.dumps({"items": n, "shard_size": shard_size, "dtype": dtype, "seed": seed,
+                                    "request": request or {}}))
+    kept = out / "cache.json"
+    if kept.exists():
+        old = read_json_file(kept, f"cache latents: {kept}", 1 << 24)
+        diff = sorted(k for k in record if not isinstance(old, dict) or old.get(k) != record[k])
+        if diff:
+            raise MinfmError(f"cache latents: {out} holds a cache of another request (different {', '.join(diff)}); "
+                             "remove it or choose another --out")
+    elif any(out.glob("part-*.json")):
+        raise MinfmError(f"cache latents: {out} holds shards without a cache.json record, so they cannot be "
+                         "matched to this request; remove them or choose another --out")
+    else:
+        _write_json(kept, record)
     stats = {"encoded": 0, "skipped": 0}
     device = next(iter(vae.parameters()), torch.empty(0)).device
     for s in range(rank, n_shards, world):
@@ -143,7 +164,8 @@ def run(args) -> int:
         dataset = data.build(split=split)
         stats = encode_split(vae, dataset, out / split, split, shard_size=args.shard_size, batch_size=args.batch_size,
                              dtype=args.dtype, limit=args.limit, rank=rank, world=world,
-                             seed=resolved.recipe.run.seed, log=lambda m: print(m, file=sys.stderr))
+                             seed=resolved.recipe.run.seed, log=lambda m: print(m, file=sys.stderr),
+                             request={"data": resolved.to_dict().get("data"), "vae": resolved.to_dict()["model"]["vae"]})
         done = f"; index of {stats['indexed']} items written" if "indexed" in stats else "; waiting for other ranks' shards"
         print(f"{out / split}: encoded {stats['encoded']} shard(s), skipped {stats['skipped']} finished{done}")
     return 0
