@@ -56,6 +56,9 @@ def make_handler(model: DemoModel, batcher: Batcher, cache_dir: str | None = Non
 
     def draw(prompt, negative_prompt, size, steps, cfg_scale, ep_cfg, sampler, seed, random_seed, num_images,
              frames, progress):
+        if not isinstance(random_seed, bool):  # "yes" or "false" from an API caller: both truthy
+            raise gr.Error(f"Random seed must be true or false, got {str(random_seed)[:40]!r}.", title="Invalid input",
+                           print_exception=False)
         if random_seed:
             seed = secrets.randbelow(2**31 - model.limits.max_images)
         try:
@@ -136,7 +139,9 @@ def build_app(model: DemoModel, batcher: Batcher, *, queue_limit: int = 32) -> g
                     sampler = gr.Dropdown(model.samplers(), value=model.default_sampler, label="Sampler")
                     ep_cfg = gr.Checkbox(value=model.default_ep_cfg, label="EP-CFG (energy-preserving guidance)")
                 with gr.Row():
-                    seed = gr.Number(value=0, precision=0, minimum=0, maximum=2**31 - lim.max_images, label="Seed")
+                    # precision None: a seed of 1.5 reaches check_request (and is refused) instead of
+                    # being rounded to 2 by gradio
+                    seed = gr.Number(value=0, minimum=0, maximum=2**31 - lim.max_images, label="Seed")
                     random_seed = gr.Checkbox(value=True, label="Random seed")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
                 if examples:

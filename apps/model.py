@@ -209,8 +209,11 @@ class DemoModel:
                       sampler: str, seed: int, n_images: Any, frames: Any = 1) -> tuple[Settings, list[Job]]:
         """Validate one request; raise MinfmError with a message meant for the person typing."""
         lim = self.limits
-        prompt = "" if prompt is None else str(prompt)
-        neg_prompt = "" if neg_prompt is None else str(neg_prompt)
+        prompt = "" if prompt is None else prompt
+        neg_prompt = "" if neg_prompt is None else neg_prompt
+        for name, text in (("Prompt", prompt), ("Negative prompt", neg_prompt)):
+            if not isinstance(text, str):  # an API caller's list or number was drawn as its repr
+                raise _err(f"{name} must be text, got {type(text).__name__}.")
         if not prompt.strip():
             raise _err("Enter a prompt.")
         for name, text in (("Prompt", prompt), ("Negative prompt", neg_prompt)):
@@ -241,7 +244,9 @@ class DemoModel:
         if not 0 <= seed_i <= 2**31 - n:
             raise _err(f"Seed must be between 0 and {2**31 - n}, got {seed_i}.")
         f = self.check_frames(frames)
-        settings = Settings(steps=steps_i, sampler=str(sampler), cfg_scale=scale, ep_cfg=bool(ep_cfg))
+        if not isinstance(ep_cfg, bool):  # bool("false") is True
+            raise _err(f"EP-CFG must be true or false, got {str(ep_cfg)[:40]!r}.")
+        settings = Settings(steps=steps_i, sampler=str(sampler), cfg_scale=scale, ep_cfg=ep_cfg)
         jobs = [Job(prompt, neg_prompt, (f, h, w), seed_i + i) for i in range(n)]
         return settings, jobs
 
@@ -325,6 +330,8 @@ class DemoModel:
 
 
 def _as_int(value: Any, name: str) -> int:
+    if isinstance(value, (bool, str)):  # true is not 1, "4" is not 4: an API caller's mistake
+        raise _err(f"{name} must be a whole number, got {value!r}.")
     try:
         f = float(value)
     except (TypeError, ValueError):

@@ -104,6 +104,13 @@ def test_a_downloaded_folder_with_a_junk_step_still_loads(run_dir, tmp_path, ste
     ({"cfg_scale": float("nan")}, "CFG scale must be between 0 and 20"),
     ({"sampler": "rk45"}, "Unknown sampler 'rk45'; choose one of ddim_sde, euler, heun."),
     ({"seed": -1}, "Seed must be between 0 and"),
+    # an API caller's wrong types: drawn as their repr, or bool("false") read as true
+    ({"prompt": ["a", "b"]}, "Prompt must be text, got list."),
+    ({"negative_prompt": 3}, "Negative prompt must be text, got int."),
+    ({"ep_cfg": "false"}, "EP-CFG must be true or false, got 'false'."),
+    ({"seed": 1.5}, "Seed must be a whole number, got 1.5."),
+    ({"steps": True}, "Steps must be a whole number, got True."),
+    ({"num_images": "2"}, "Number of images must be a whole number, got '2'."),
 ])
 def test_bad_requests_are_refused_with_a_message(model, change, message):
     args = {**BASE, **change}
