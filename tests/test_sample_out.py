@@ -183,3 +183,15 @@ def test_a_request_that_failed_before_drawing_does_not_hold_its_out_folder(run_d
     ok = sample(run_dir, out, "--prompt", "a red circle")
     assert ok.returncode == 0, ok.stderr
     assert json.loads((out / "metadata.json").read_text())["complete"]
+
+
+def test_a_size_past_one_sequence_is_refused_and_overwrite_drops_the_old_gallery(run_dir, tmp_path):
+    huge = sample(run_dir, tmp_path / "huge", "--prompt", "a", "--size", "16384x16384")
+    one_error_line(huge, "sample.size: 1x16384x16384 is 67,108,864 tokens a sample, more than the 16,777,216")
+    out = tmp_path / "out"
+    assert sample(run_dir, out, "--prompt", "a red circle").returncode == 0
+    assert (out / "index.html").is_file()
+    # another request with --overwrite that fails before drawing: the old page would link to nothing
+    failed = sample(run_dir, out, "--prompt", "a green triangle", "--overwrite", "--set", "model.denoiser.d_model=64")
+    one_error_line(failed, "does not fit")
+    assert not (out / "index.html").exists() and not list((out / "images").iterdir())

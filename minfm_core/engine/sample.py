@@ -262,8 +262,9 @@ def prepare_out(out: Path, settings: dict, *, overwrite: bool, flag: str) -> Non
         # replacing another request, its images (by our naming) and npz.
         for p in [q for q in images.iterdir() if _IMAGE_TMP.match(q.name)] + (ours if stale else []):
             p.unlink(missing_ok=True)
-        if stale:
+        if stale:  # its gallery page too: it would link to the images just removed
             (out / "samples.npz").unlink(missing_ok=True)
+            (out / "index.html").unlink(missing_ok=True)
         write_text_atomic(meta, json.dumps({"settings": settings, "complete": False, "images": []}, indent=2))
     except OSError as exc:
         raise MinfmError(f"{flag} {out}: cannot write: {exc.strerror}") from None

@@ -15,6 +15,7 @@ from typing import Any
 from ..errors import MinfmError, RecipeError
 from ..engine.prompts import read_prompt_file
 from ..launch_env import world_size_from_env
+from ..validators import MAX_TOKENS
 from .schema import parse_load_plan
 
 
@@ -144,6 +145,14 @@ def cross_checks(resolved, world_size: int | None = None) -> list[str]:
                 f"sample.size: height and width {h}x{w} must be multiples of the VAE's compression x patch "
                 f"= {mh}x{mw}"
             )
+        # a sample is one packed sequence: 16384x16384 pixels unpatched is 268 M tokens, which
+        # the system's out-of-memory killer answers with SIGKILL, not a message
+        pf = patch[0] if patch is not None and len(patch) == 3 else 1
+        frames = max(1, math.ceil(recipe.sample.size[0] / (comp[0] * pf)))
+        tokens = frames * (h // mh) * (w // mw)
+        if tokens > MAX_TOKENS:
+            problems.append(f"sample.size: {'x'.join(map(str, recipe.sample.size))} is {tokens:,} tokens a sample, "
+                            f"more than the {MAX_TOKENS:,} one sequence may hold")
         # Training galleries sample this size too: a frame count the model cannot draw
         # would otherwise fail at the first gallery, hours in.
         from ..engine.video_io import check_frames
