@@ -278,3 +278,10 @@ def test_an_invalid_default_is_called_the_default():
     with pytest.raises(RecipeError) as info:
         structure({"k": 0}, Probe, path="data")
     assert str(info.value) == "data.k: must be in [1, 10], got 0"
+
+
+def test_check_refuses_cached_latents_without_their_folder(capsys):
+    from minfm_core.cli.main import main
+
+    assert main(["check", "minfm:quickstart.toml", "--set", "data.use_cached_latents=true"]) == 2
+    assert "data.latents_dir: use_cached_latents = true needs the folder" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from typing import Any
 from ..errors import MinfmError, RecipeError
 from ..engine.prompts import read_prompt_file
 from ..launch_env import world_size_from_env
+from ..protocols import CachedLatentsConfig
 from ..validators import MAX_TOKENS
 from .schema import parse_load_plan
 
@@ -70,6 +71,9 @@ def job_checks(resolved, job: str, world_size: int | None = None) -> list[str]:
             problems.append(f"train.min_lr: {train.min_lr} is above the peak train.lr = {train.lr}")
         if recipe.data is None:
             problems.append('data: a train job needs a [data] table (e.g. name = "shapes")')
+        data_cfg = resolved.config("data") if recipe.data is not None else None
+        if isinstance(data_cfg, CachedLatentsConfig) and data_cfg.use_cached_latents and not data_cfg.latents_dir:
+            problems.append("data.latents_dir: use_cached_latents = true needs the folder minfm cache latents wrote")
         if train.init_from and not parse_load_plan(train.init_load_plan):  # (its syntax: the schema's check)
             problems.append("train.init_load_plan: empty, so nothing would be loaded from train.init_from")
         resuming = os.path.isdir(os.path.join(exp, "checkpoints"))  # a resume does not read init_from
