@@ -99,18 +99,24 @@ def test_every_payload_is_never_unpickled(trained_run, tmp_path):
         assert not canary.exists(), kind
 
 
-def test_legacy_checkpoint_loads_only_on_opt_in_and_never_from_a_download(trained_run, tmp_path):
+def legacy_checkpoint(run: Path) -> tuple[Path, torch.nn.Module]:
+    """What an older minFM wrote beside ``run``'s newest checkpoint: DCP's default format
+    (torch.save shards, pickled .metadata) of its weights; (its folder, the model)."""
     import torch.distributed.checkpoint as dcp
 
-    run = copy_run(trained_run, tmp_path / "run")
     ckpt = ck.list_checkpoints(run)[-1]
     model = ck.build_denoiser(run / "recipe.toml")
     ck.load_weights(ckpt, model)
-    # What an older minFM wrote: DCP's default format (torch.save shards, pickled .metadata).
     legacy = run / "checkpoints" / "step_00000009"
     legacy.mkdir()
     (legacy / "recipe.toml").write_text((ckpt / "recipe.toml").read_text())
     dcp.save({"model": model.state_dict()}, checkpoint_id=str(legacy), no_dist=True)
+    return legacy, model
+
+
+def test_legacy_checkpoint_loads_only_on_opt_in_and_never_from_a_download(trained_run, tmp_path):
+    run = copy_run(trained_run, tmp_path / "run")
+    legacy, model = legacy_checkpoint(run)
     with pytest.raises(CheckpointError, match="--allow-pickle-checkpoint"):
         ck.open_checkpoint(legacy)
     other = ck.build_denoiser(run / "recipe.toml")
@@ -259,16 +265,7 @@ def test_an_object_with_no_place_in_the_state_is_refused(trained_run, tmp_path, 
 
 
 def test_a_legacy_checkpoint_never_exports_its_pickled_training_state(trained_run, tmp_path):
-    import torch.distributed.checkpoint as dcp
-
-    run = copy_run(trained_run, tmp_path / "run")
-    ckpt = ck.list_checkpoints(run)[-1]
-    model = ck.build_denoiser(run / "recipe.toml")
-    ck.load_weights(ckpt, model)
-    legacy = run / "checkpoints" / "step_00000009"
-    legacy.mkdir()
-    (legacy / "recipe.toml").write_text((ckpt / "recipe.toml").read_text())
-    dcp.save({"model": model.state_dict()}, checkpoint_id=str(legacy), no_dist=True)
+    legacy, _ = legacy_checkpoint(copy_run(trained_run, tmp_path / "run"))
     with pytest.raises(MinfmError, match="a legacy checkpoint's training state is pickled and is never exported"):
         ck.export_for_hub(legacy, tmp_path / "out", include_training_state=True, allow_pickle=True)
     assert not (tmp_path / "out").exists()
