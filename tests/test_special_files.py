@@ -171,3 +171,13 @@ def test_a_fifo_named_like_a_picture_or_clip_is_refused_not_waited_on(tmp_path, 
     ds = comp.build(structure({"root": str(tmp_path), "val_fraction": 0.0}, comp.config, path="data"))
     with pytest.raises(MinfmError, match=rf"z\{suffix}: not a regular file$"):
         within(20, ds.__getitem__, 0)
+
+
+def test_balance_simulate_says_when_a_trace_and_its_flags_disagree(tmp_path, capsys):
+    trace = tmp_path / "t.json"
+    trace.write_text("[[[1, 2], [3]], [[4], [5, 6]]]")  # two ranks a step
+    assert main(["balance", "simulate", "--bags", "g1n2", "--world-size", "4", "--trace", str(trace)]) == 2
+    assert f"--world-size 4: the trace {trace} has 2 ranks per step" in capsys.readouterr().err
+    assert main(["balance", "simulate", "--bags", "g1n4", "--trace", str(trace)]) == 2
+    assert f"trace {trace}: 2 ranks per step, not a multiple of bag spec g1n4's S = 4" in capsys.readouterr().err
+    assert main(["balance", "simulate", "--bags", "g1n2", "--trace", str(trace)]) == 0

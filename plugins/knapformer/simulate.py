@@ -319,6 +319,13 @@ def run(args) -> int:
     world = args.world_size or parse_bags(specs[0]).size
     if args.trace:
         trace = read_trace(args.trace)
+        ranks = len(trace[0])
+        if args.world_size and args.world_size != ranks:  # the trace decides the ranks: say so, do not ignore
+            raise MinfmError(f"--world-size {args.world_size}: the trace {args.trace} has {ranks} ranks per step")
+        for b in specs:
+            if ranks % parse_bags(b).size:
+                raise MinfmError(f"trace {args.trace}: {ranks} ranks per step, not a multiple of bag spec {b}'s "
+                                 f"S = {parse_bags(b).size}")
     elif args.synthetic:
         trace = synthetic(args.synthetic, world, args.steps, args.seed)
     else:
