@@ -41,10 +41,11 @@ def _to_rgb(im: Image) -> Image:
     im = ImageOps.exif_transpose(im)
     if im.mode.startswith("I;16") or im.mode in ("I", "F"):
         a = np.asarray(im, dtype=np.float64)
+        peak = float(np.nanmax(a)) if a.size else 0.0
         if im.mode == "F":
-            scale = 255.0 if a.size and float(np.nanmax(a)) <= 1.0 else 1.0  # [0, 1] floats, else 8-bit values
-        else:
-            scale = 255.0 / 65535.0 if a.size and a.max() > 255 or im.mode.startswith("I;16") else 1.0
+            scale = 255.0 if peak <= 1.0 else 1.0  # [0, 1] floats, else 8-bit values
+        else:  # 16-bit samples ("I" holds them too once past 255), else 8-bit values
+            scale = 255.0 / 65535.0 if im.mode.startswith("I;16") or peak > 255 else 1.0
         a = np.clip(np.nan_to_num(a * scale), 0, 255).round().astype(np.uint8)
         im = PILImage.fromarray(a, mode="L")
     return im.convert("RGB")

@@ -76,6 +76,7 @@ def encode_split(vae, dataset, out: Path, split: str, *, shard_size: int, batch_
     n = len(dataset) if limit is None else min(limit, len(dataset))
     n_shards = (n + shard_size - 1) // shard_size
     out.mkdir(parents=True, exist_ok=True)
+    # as it reads back from cache.json (tuples as lists), so that equal requests compare equal
     record = json.loads(json.dumps({"items": n, "shard_size": shard_size, "dtype": dtype, "seed": seed,
                                     "request": request or {}}))
     kept = out / "cache.json"
@@ -160,12 +161,14 @@ def run(args) -> int:
     rank, world = env.rank, env.world_size
     device = torch.device(f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu")
     vae = resolved.build("model.vae").to(device)
+    settings = resolved.to_dict()
+    request = {"data": settings.get("data"), "vae": settings["model"]["vae"]}
     for split in args.splits or ["train"]:
         dataset = data.build(split=split)
         stats = encode_split(vae, dataset, out / split, split, shard_size=args.shard_size, batch_size=args.batch_size,
                              dtype=args.dtype, limit=args.limit, rank=rank, world=world,
                              seed=resolved.recipe.run.seed, log=lambda m: print(m, file=sys.stderr),
-                             request={"data": resolved.to_dict().get("data"), "vae": resolved.to_dict()["model"]["vae"]})
+                             request=request)
         done = f"; index of {stats['indexed']} items written" if "indexed" in stats else "; waiting for other ranks' shards"
         print(f"{out / split}: encoded {stats['encoded']} shard(s), skipped {stats['skipped']} finished{done}")
     return 0

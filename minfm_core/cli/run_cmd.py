@@ -173,10 +173,10 @@ def serve(args) -> int:
     root = Path(args.exp_dir)
     if not root.is_dir():
         raise MinfmError(f"{args.exp_dir}: no such run directory")
-    listen_family(args.host, args.port)  # a host it cannot listen on: its error alone, no warning first
+    httpd = gallery_server(root, args.host, args.port)  # a host it cannot listen on: its error alone, no warning
     if args.host not in LOOPBACK:
         print(f"minfm serve: warning: listening on {args.host}: other machines can read this run's files", file=sys.stderr)
-    with gallery_server(root, args.host, args.port) as httpd:
+    with httpd:
         host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address in a URL
         print(f"minfm: serving {root} at http://{host}:{httpd.server_address[1]}/samples/", flush=True)
         httpd.serve_forever()

@@ -142,7 +142,7 @@ def cross_checks(resolved, world_size: int | None = None) -> list[str]:
     if comp is not None:
         # The sampler meets this only after loading every weight: say it now.
         _, h, w = recipe.sample.size
-        ph, pw = (patch[1], patch[2]) if patch is not None and len(patch) == 3 else (1, 1)
+        pf, ph, pw = patch if patch is not None and len(patch) == 3 else (1, 1, 1)
         mh, mw = comp[1] * ph, comp[2] * pw
         if h % mh or w % mw:
             problems.append(
@@ -151,7 +151,6 @@ def cross_checks(resolved, world_size: int | None = None) -> list[str]:
             )
         # a sample is one packed sequence: 16384x16384 pixels unpatched is 268 M tokens, which
         # the system's out-of-memory killer answers with SIGKILL, not a message
-        pf = patch[0] if patch is not None and len(patch) == 3 else 1
         frames = max(1, math.ceil(recipe.sample.size[0] / (comp[0] * pf)))
         tokens = frames * (h // mh) * (w // mw)
         if tokens > MAX_TOKENS:
