@@ -81,6 +81,7 @@ def test_the_default_mix_is_shapes_and_moving_shapes():
      "data.sources[0].dataset: unknown key 'colour' (did you mean 'colours'?)"),
     ("{name = 'mix', sources = [{wieght = 2, dataset = {name = 'shapes'}}]}", "data.sources[0]: unknown key 'wieght'"),
     ("{name = 'mix', period = 0}", "data.period: "),
+    ("{name = 'mix', period = 1}", "data.period: 1 is shorter than the 2 sources"),
     ("{name = 'mix', num_samples = 0}", "data.num_samples: "),
 ])
 def test_bad_mixes_are_one_line_naming_the_path(value, where, capsys):

@@ -299,6 +299,11 @@ class MixConfig:
     use_cached_latents: bool = _use_cached_latents()
     latents_dir: str | None = _latents_dir()
 
+    def __attrs_post_init__(self) -> None:
+        if self.period < len(self.sources):
+            raise ValueError(f"period: {self.period} is shorter than the {len(self.sources)} sources "
+                             "(every source needs a slot in each period)")
+
 
 @config
 class VideoFolderConfig:
