@@ -33,7 +33,9 @@ def require_regular_file(path: str | Path) -> None:
 def _to_rgb(im: Image) -> Image:
     """RGB as the picture is meant to be seen: turned upright by its EXIF orientation (a phone
     photo stored sideways), and with 16-bit or float samples scaled into 8 bits rather than
-    clipped (PIL's convert clips a 16-bit mid-grey of 32768 to white)."""
+    clipped (PIL's convert clips a 16-bit mid-grey of 32768 to white), and transparent
+    pixels laid on white (PIL's convert drops alpha and keeps whatever colour a transparent
+    pixel happens to store: often black, sometimes noise)."""
     import numpy as np
     from PIL import Image as PILImage
     from PIL import ImageOps
@@ -48,6 +50,10 @@ def _to_rgb(im: Image) -> Image:
             scale = 255.0 / 65535.0 if im.mode.startswith("I;16") or peak > 255 else 1.0
         a = np.clip(np.nan_to_num(a * scale), 0, 255).round().astype(np.uint8)
         im = PILImage.fromarray(a, mode="L")
+    if im.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        im = PILImage.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im.alpha_composite(rgba)
     return im.convert("RGB")
 
 

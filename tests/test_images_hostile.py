@@ -123,3 +123,25 @@ def test_pictures_are_read_upright_and_deep_ones_scaled_not_clipped(tmp_path):
         assert read_rgb(tmp_path / name).getpixel((3, 3)) == (128, 128, 128), name
     Image.new("RGB", (5, 3), (1, 2, 3)).save(tmp_path / "plain.png")
     assert read_rgb(tmp_path / "plain.png").getpixel((0, 0)) == (1, 2, 3)
+
+
+def test_transparent_pixels_are_laid_on_white(tmp_path):
+    # PIL's convert("RGB") keeps what a transparent pixel stores (here red): a logo on a
+    # transparent background trained as a logo on red
+    a = np.zeros((4, 4, 4), np.uint8)
+    a[..., 0] = 255  # red everywhere ...
+    a[0, 0, 3], a[0, 1, 3], a[0, 2, 3] = 0, 128, 255  # ... clear, half, opaque
+    Image.fromarray(a, mode="RGBA").save(tmp_path / "rgba.png")
+    im = read_rgb(tmp_path / "rgba.png")
+    assert [im.getpixel((x, 0)) for x in range(3)] == [(255, 255, 255), (255, 127, 127), (255, 0, 0)]
+    la = Image.fromarray(np.stack([np.zeros((2, 2), np.uint8), np.full((2, 2), 0, np.uint8)], -1), mode="LA")
+    la.save(tmp_path / "la.png")
+    assert read_rgb(tmp_path / "la.png").getpixel((1, 1)) == (255, 255, 255)
+    pal = Image.new("P", (2, 2), 0)
+    pal.putpalette([0, 0, 0, 9, 9, 9])
+    pal.info["transparency"] = 0
+    pal.save(tmp_path / "p.png", transparency=0)
+    assert read_rgb(tmp_path / "p.png").getpixel((0, 0)) == (255, 255, 255)
+    pal.putpixel((1, 1), 1)
+    pal.save(tmp_path / "p.png", transparency=0)
+    assert read_rgb(tmp_path / "p.png").getpixel((1, 1)) == (9, 9, 9)
