@@ -33,8 +33,8 @@ def read_bounded(path: str | Path, where: str, max_bytes: int) -> bytes:
                 data = f.read(max_bytes + 1)
         finally:
             os.close(fd)
-    except OSError as exc:
-        raise MinfmError(f"{where}: {os_error_line(exc)}") from None
+    except OSError as exc:  # ``where`` names the file already: the reason alone
+        raise MinfmError(f"{where}: {exc.strerror or os_error_line(exc)}") from None
     if len(data) > max_bytes:
         raise MinfmError(f"{where}: more than the {max_bytes:,} bytes accepted (the file grew while it was read)")
     return data

@@ -46,7 +46,7 @@ def test_sample_bad_prompt_file_exit_2(tmp_path):
     train(tiny(run, "train.max_steps=1"))
     res = run_minfm("sample", str(run), "--prompt-file", str(tmp_path / "missing.txt"))
     assert res.returncode == 2
-    assert res.stderr.strip() == f"minfm: error: {tmp_path / 'missing.txt'}: prompt file not found"
+    assert res.stderr.strip() == f"minfm: error: {tmp_path / 'missing.txt'}: prompt file: No such file or directory"
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     res = run_minfm("sample", str(run), "--prompt-file", str(empty))

@@ -66,12 +66,12 @@ def _bad_prompt_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     with open(tmp_path / "huge.txt", "wb") as f:  # sparse: no disk used
         f.truncate(MAX_PROMPT_FILE_BYTES + 1)
     return {
-        "missing": (tmp_path / "missing.txt", "prompt file not found"),
-        "not utf-8": (tmp_path / "latin1.txt", "prompt file is not UTF-8 text"),
+        "missing": (tmp_path / "missing.txt", "prompt file: No such file or directory"),
+        "not utf-8": (tmp_path / "latin1.txt", "prompt file: not UTF-8 text"),
         "no prompts": (tmp_path / "blank.txt", "prompt file has no prompts"),
-        "too large": (tmp_path / "huge.txt", "too large for a prompt file"),
-        "a folder": (tmp_path, "prompt file is not a regular file"),
-        "a link to /dev/zero": (zero, "prompt file is not a regular file"),
+        "too large": (tmp_path / "huge.txt", "is more than the 67,108,864 accepted"),
+        "a folder": (tmp_path, "prompt file: not a regular file"),
+        "a link to /dev/zero": (zero, "prompt file: not a regular file"),
     }
 
 
