@@ -9,6 +9,7 @@ frame count, in the steps its VAE and patchifier can cut; an image model draws o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -169,6 +170,13 @@ class DemoModel:
     @classmethod
     def load(cls, src: str, *, use_ema: bool = True, device: str | None = None, **limits: Any) -> DemoModel:
         """Resolve ``src`` (run dir, checkpoint, exported folder or ``hf://``) and load it once."""
+        from minfm_core.sources import resolve_source
+
+        with contextlib.ExitStack() as stack:  # the checkpoint is kept from pruning until it is read
+            return cls._load(resolve_source(src), stack, src, use_ema, device, limits)
+
+    @classmethod
+    def _load(cls, path, stack: contextlib.ExitStack, src: str, use_ema: bool, device: str | None, limits: dict) -> DemoModel:
         import torch
 
         from minfm_core.engine.pipeline import build_pipeline
@@ -176,10 +184,8 @@ class DemoModel:
         from minfm_core.engine.sample import load_denoiser_weights, locate
         from minfm_core.recipe import load_recipe
         from minfm_core.safepath import recipe_root
-        from minfm_core.sources import resolve_source
 
-        path = resolve_source(src)
-        recipe_path, kind, where = locate(path)
+        recipe_path, kind, where = locate(path, stack)
         # A recipe downloaded with a model is data: no ${VAR} expansion (the demo shows it on
         # /config) and its file references stay in its folder.
         resolved = load_recipe(recipe_path, untrusted_root=recipe_root(recipe_path))

@@ -20,15 +20,24 @@ when it came from a Hub repo.
 
 The same format serves one process and many: DCP reshards on load, so a run saved
 with 2 processes resumes with 1 or 4.
+
+Reading a live run: ``keep_last`` pruning must not delete a checkpoint that ``minfm sample``,
+``export``, ``hub push`` or the demo is reading. A reader holds a shared ``flock`` on the
+checkpoint's directory while it reads (:func:`held`); the pruner deletes a directory only
+when it gets the exclusive lock at once, and otherwise leaves it to the next save.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import json
+import os
 import re
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +93,47 @@ def find_checkpoint(src: Path) -> Path:
     if not found:
         raise MinfmError(f"{src}: no complete checkpoint found (expected {CKPT_DIR}/step_NNNNNNNN/ with a {MANIFEST})")
     return found[-1]
+
+
+def _lock_dir(path: Path, how: int) -> int | None:
+    """A descriptor of directory ``path`` holding ``flock(how)``; None when the directory is
+    gone (or, for a non-blocking lock, when someone else holds it). A filesystem without
+    locks gives an unlocked descriptor: readers and the pruner then behave as without this."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, how)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except OSError:  # ENOLCK, EOPNOTSUPP: no locks on this filesystem
+        pass
+    return fd
+
+
+@contextlib.contextmanager
+def held(src: Path) -> Iterator[Path]:
+    """:func:`find_checkpoint`'s answer, kept from ``keep_last`` pruning while the block reads it.
+
+    The newest checkpoint of a live run can be pruned between finding it and locking it: then
+    the next newest is taken, a few times at most."""
+    for _ in range(5):
+        path = find_checkpoint(src)
+        fd = _lock_dir(path, fcntl.LOCK_SH)
+        if fd is not None and not _has_index(path):  # deleted between the open and the lock
+            os.close(fd)
+            fd = None
+        if fd is None:
+            continue
+        try:
+            yield path
+        finally:
+            os.close(fd)
+        return
+    raise MinfmError(f"{src}: its checkpoints were deleted while minfm tried to open one (keep_last pruning "
+                     "by a live run?); try again")
 
 
 class Checkpoint:
@@ -306,7 +356,13 @@ class Checkpointer:
         # must not push the one just written (or the last good one) out of the keep_last.
         good = [p for p in list_checkpoints(self.root) if p not in self.keep]
         for old in good[: -self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            fd = _lock_dir(old, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if fd is None:  # a reader (sample, export, push, the demo) holds it: the next save prunes it
+                continue
+            try:
+                shutil.rmtree(old, ignore_errors=True)
+            finally:
+                os.close(fd)
 
 
 def _save_error(tmp: Path, exc: CheckpointException) -> MinfmError:
@@ -398,9 +454,13 @@ def export_for_hub(src: Path, out_dir: Path, *, include_training_state: bool = F
     ``metrics.jsonl`` and the newest sample grid as ``samples.png``; with
     ``include_training_state`` the DCP checkpoint itself under ``checkpoint/``.
     """
+    with held(Path(src)) as path:
+        return _export_checkpoint(path, out_dir, include_training_state, allow_pickle)
+
+
+def _export_checkpoint(path: Path, out_dir: Path, include_training_state: bool, allow_pickle: bool) -> Path:
     from .weights import save_safetensors_file
 
-    path = find_checkpoint(Path(src))
     ckpt = open_checkpoint(path, allow_pickle=allow_pickle)
     if include_training_state and ckpt.manifest is None:  # its .metadata and data files are pickles
         raise MinfmError(f"{path}: a legacy checkpoint's training state is pickled and is never exported; "

@@ -15,6 +15,7 @@ from checkpoint_helpers import copy_run
 from engine_helpers import losses, tiny
 from minfm_core import checkpoint as ck
 from minfm_core.checkpoint_format import CheckpointError
+from minfm_core.errors import MinfmError
 
 STEPS = ("train.max_steps=6", "train.ckpt_every=2", "train.keep_last=0")
 
@@ -250,6 +251,32 @@ def test_keep_last_counts_only_checkpoints_that_verify(stopped, tmp_path):
     found, skipped = ck.resume_point(run)
     assert found.path.name == "step_00000003" and [p.name for p, _ in skipped] == ["step_00000004"]
 
+
+
+def test_keep_last_leaves_a_checkpoint_that_is_being_read(stopped, tmp_path):
+    """minfm sample / export / push / the demo read a live run's newest checkpoint while
+    the run may prune it: a reader's shared lock keeps it until the reader lets go."""
+    run = copy_run(stopped, tmp_path / "run")
+    with ck.held(run) as reading:
+        assert reading.name == "step_00000004"
+        _fit(run, "train.max_steps=8", "train.ckpt_every=2", "train.keep_last=1")
+        # step 2 went at the save of 6, step 6 at the save of 8; 4 stayed, readable
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000004", "step_00000008"]
+        assert ck.open_checkpoint(reading).path == reading
+    _fit(run, "train.max_steps=10", "train.ckpt_every=2", "train.keep_last=1")  # let go: pruned as usual
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000010"]
+
+
+def test_a_reader_takes_the_next_newest_when_its_pick_is_pruned_first(stopped, tmp_path, monkeypatch):
+    run = copy_run(stopped, tmp_path / "run")
+    newest = ck.find_checkpoint(run)
+    picks = iter([run / "checkpoints" / "step_00000006"])  # found, then pruned before the lock
+    monkeypatch.setattr(ck, "find_checkpoint", lambda src: next(picks, newest))
+    with ck.held(run) as reading:
+        assert reading == newest
+    monkeypatch.setattr(ck, "find_checkpoint", lambda src: run / "checkpoints" / "step_00000006")
+    with pytest.raises(MinfmError, match="deleted while minfm tried to open one"), ck.held(run):
+        pass
 
 def test_a_symlinked_or_renamed_step_folder_is_skipped(stopped, tmp_path):
     run = copy_run(stopped, tmp_path / "run")

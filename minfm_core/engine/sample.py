@@ -19,6 +19,7 @@ exist are skipped, so an interrupted run resumes. Every file is written atomical
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -43,11 +44,12 @@ from .pipeline import build_pipeline, sharded_denoiser
 from .runtime import init_runtime, shutdown_runtime
 
 
-def locate(src_path: Path, *, allow_pickle: bool = False) -> tuple[Path, str, Path]:
+def locate(src_path: Path, stack: contextlib.ExitStack, *, allow_pickle: bool = False) -> tuple[Path, str, Path]:
     """(recipe.toml, kind, weights location) for a run dir, a checkpoint, or an exported folder.
 
     kind is "safetensors" (a Hub-style folder with model.safetensors) or "dcp". A checkpoint
-    is opened and verified here, before anything is written (see checkpoint.open_checkpoint).
+    is opened and verified here, before anything is written (see checkpoint.open_checkpoint),
+    and kept from a live run's ``keep_last`` pruning until ``stack`` closes (checkpoint.held).
     """
     if has_weights(src_path):
         recipe = src_path / "recipe.toml"
@@ -55,7 +57,7 @@ def locate(src_path: Path, *, allow_pickle: bool = False) -> tuple[Path, str, Pa
             raise MinfmError(f"{src_path}: has model weights but no recipe.toml")
         check_weights_folder(src_path)  # headers, index and links, before anything is written
         return recipe, "safetensors", src_path
-    ckpt = ckpt_mod.find_checkpoint(src_path)
+    ckpt = stack.enter_context(ckpt_mod.held(src_path))
     ckpt_mod.open_checkpoint(ckpt, allow_pickle=allow_pickle)
     return ckpt_mod.recipe_for(ckpt), "dcp", ckpt
 
@@ -74,11 +76,16 @@ def load_denoiser_weights(model: torch.nn.Module, kind: str, where: Path, use_em
 
 
 def sample_cli(args) -> int:
-    from ..recipe import load_recipe
     from ..sources import resolve_source
 
-    src = resolve_source(args.source)
-    recipe_path, kind, where = locate(src, allow_pickle=args.allow_pickle_checkpoint)
+    with contextlib.ExitStack() as stack:
+        return _sample_cli(args, resolve_source(args.source), stack)
+
+
+def _sample_cli(args, src: Path, stack: contextlib.ExitStack) -> int:
+    from ..recipe import load_recipe
+
+    recipe_path, kind, where = locate(src, stack, allow_pickle=args.allow_pickle_checkpoint)
     overrides = ["job=sample", *args.overrides]
     if args.steps is not None:
         overrides.append(f"sample.steps={args.steps}")
@@ -136,14 +143,12 @@ def sample_recipe(resolved) -> int:
     prompts = list(s.prompts) + (read_prompt_file(s.prompt_file) if s.prompt_file else [])
     if not prompts:
         raise MinfmError("sample.prompts / sample.prompt_file: a sample job needs prompts")
-    weights = None
-    if s.source:
-        allow_pickle = resolved.recipe.train.allow_pickle_checkpoint
-        _, kind, where = locate(resolve_source(s.source), allow_pickle=allow_pickle)
-        weights = (kind, where)
+    allow_pickle = resolved.recipe.train.allow_pickle_checkpoint
     out = Path(s.out_dir) if s.out_dir else Path(resolved.recipe.run.exp_dir) / "samples"
-    return run_sampling(resolved, prompts, out, weights=weights, source=s.source, out_flag="sample.out_dir",
-                        allow_pickle=resolved.recipe.train.allow_pickle_checkpoint)
+    with contextlib.ExitStack() as stack:
+        weights = locate(resolve_source(s.source), stack, allow_pickle=allow_pickle)[1:] if s.source else None
+        return run_sampling(resolved, prompts, out, weights=weights, source=s.source, out_flag="sample.out_dir",
+                            allow_pickle=allow_pickle)
 
 
 def plan_batches(n_prompts: int, samples_per_prompt: int, batch_size: int) -> list[list[tuple[int, int]]]:

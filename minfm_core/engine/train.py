@@ -248,8 +248,8 @@ class Trainer:
             if weights_only and has_weights(root):
                 self._load_exported(root, plan)  # a Hub folder: the weights are enough
             else:
-                ckpt = ckpt_mod.open_checkpoint(ckpt_mod.find_checkpoint(root), allow_pickle=allow_pickle)
-                self._load(ckpt, plan, exact=False)
+                with ckpt_mod.held(root) as path:  # another live run's keep_last must not prune it meanwhile
+                    self._load(ckpt_mod.open_checkpoint(path, allow_pickle=allow_pickle), plan, exact=False)
             self._log_line(f"initialised from {self.cfg.init_from} with plan {self.cfg.init_load_plan!r}")
 
     def _load_exported(self, folder: Path, plan: dict[str, str]) -> None:
