@@ -151,6 +151,8 @@ def test_init_from_ema_into_model(tmp_path):
         "--set", "train.ckpt_every=1")
     # lr 0: the model after one step is exactly the source's EMA; the optimizer started fresh.
     assert_same(weights(ck.list_checkpoints(dst)[-1]), weights(src_ckpt, "ema"))
+    # and so is the new run's EMA: it starts from the loaded model, not from the random init
+    assert_same(weights(ck.list_checkpoints(dst)[-1], "ema"), weights(src_ckpt, "ema"))
     assert losses(dst)  # it trained from there
 
 

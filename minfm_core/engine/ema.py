@@ -27,6 +27,14 @@ class EMA:
         current = [params[n].detach().float() for n in self.names]
         torch._foreach_lerp_(shadow, current, 1.0 - self.decay)
 
+    @torch.no_grad()
+    def reset(self, model: torch.nn.Module) -> None:
+        """Start over from ``model``'s parameters (after they were loaded from elsewhere)."""
+        _reshard(model)
+        params = dict(model.named_parameters())
+        for n in self.names:
+            self.shadow[n].copy_(params[n].detach())
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.shadow)
 

@@ -250,6 +250,10 @@ class Trainer:
             else:
                 with ckpt_mod.held(root) as path:  # another live run's keep_last must not prune it meanwhile
                     self._load(ckpt_mod.open_checkpoint(path, allow_pickle=allow_pickle), plan, exact=False)
+            if self.ema is not None and "ema" not in plan and "model" in plan:
+                # The EMA was cloned from the random initialisation: left there, it would hold
+                # 0.999^N of it after N steps, and galleries, FID and exports use the EMA.
+                self.ema.reset(self.model)
             self._log_line(f"initialised from {self.cfg.init_from} with plan {self.cfg.init_load_plan!r}")
 
     def _load_exported(self, folder: Path, plan: dict[str, str]) -> None:
