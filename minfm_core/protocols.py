@@ -140,10 +140,15 @@ class TimeWeighter(Protocol):
 @runtime_checkable
 class Sampler(Protocol):
     """Integrates from t = 1 to 0; ``velocity(x_t, t_per_sample)`` returns packed velocities;
-    ``callback(step, steps)`` after each step."""
+    ``callback(step, steps)`` after each step.
+
+    ``generators`` holds one CPU ``torch.Generator`` per sample, in pack order (None: torch's
+    global one). A stochastic sampler draws each sample's fresh noise from that sample's own
+    generator (on the CPU, then moved to the tokens' device), so an image depends on its seed
+    alone, not on which other images share its pack or in which order."""
 
     def __call__(self, velocity: Callable[[Tensor, Tensor], Tensor], noise: Tensor, seq_lens: Tensor, *,
-                 steps: int, warper: TimeWarper | None = None, generator: torch.Generator | None = None,
+                 steps: int, warper: TimeWarper | None = None, generators: Sequence[torch.Generator] | None = None,
                  callback: Callable[[int, int], None] | None = None) -> Tensor: ...
 
 

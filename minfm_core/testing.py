@@ -274,7 +274,7 @@ def check_sampler(component, config=None) -> Any:
     noise, lens = torch.randn(6, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([2, 4])
     steps: list[int] = []
     x0 = sampler(lambda x, t: torch.zeros_like(x), noise.clone(), lens, steps=3, warper=None,
-                 generator=torch.Generator().manual_seed(0), callback=lambda k, n: steps.append(k))
+                 generators=[torch.Generator().manual_seed(s) for s in (0, 1)], callback=lambda k, n: steps.append(k))
     assert x0.shape == noise.shape and steps[-1] == 3, "integrates in `steps` steps, calling back after each"
     return sampler
 

@@ -108,7 +108,7 @@ def test_samplers_reach_data_mean_and_variance(solver, steps):
     g = torch.Generator().manual_seed(0)
     lens = torch.tensor([12_000, 8_000])
     noise = torch.randn(int(lens.sum()), 3, generator=g)
-    out = solver(gaussian_velocity(lens), noise, lens, steps=steps, generator=g).double()
+    out = solver(gaussian_velocity(lens), noise, lens, steps=steps, generators=[g, torch.Generator().manual_seed(1)]).double()
     assert (out.mean(0) - M).abs().max().item() < 0.05
     assert (out.var(0) / S**2 - 1).abs().max().item() < 0.06
 
@@ -125,10 +125,30 @@ def test_ddim_sde_is_reproducible_from_its_generator_and_stochastic_across_seeds
     lens = torch.tensor([50])
     noise = torch.randn(50, 2, generator=torch.Generator().manual_seed(2))
     run = lambda seed: DDIMSDE()(  # noqa: E731
-        toy_velocity(lens), noise, lens, steps=8, generator=torch.Generator().manual_seed(seed)
+        toy_velocity(lens), noise, lens, steps=8, generators=[torch.Generator().manual_seed(seed)]
     )
     assert torch.equal(run(0), run(0))
     assert not torch.allclose(run(0), run(1))
+
+
+def test_ddim_sde_sample_depends_on_its_own_seed_not_on_its_pack():
+    """The demo packs concurrent requests; sample.batch_size packs prompts: either way an
+    image must come out the same as when drawn alone (it did not: one generator per pack)."""
+    def solve(lens, noise, seeds):
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        return DDIMSDE(DDIMSDEConfig(eta=1.0))(toy_velocity(torch.tensor(lens)), noise, torch.tensor(lens),
+                                                steps=6, generators=gens)
+
+    a = torch.randn(30, 2, generator=torch.Generator().manual_seed(5))
+    b = torch.randn(50, 2, generator=torch.Generator().manual_seed(6))
+    alone = solve([50], b, [6])
+    first, second = solve([30, 50], torch.cat([a, b]), [5, 6]).split([30, 50])
+    swapped = solve([50, 30], torch.cat([b, a]), [6, 5])[:50]
+    torch.testing.assert_close(second, alone, rtol=0, atol=1e-6)
+    torch.testing.assert_close(swapped, alone, rtol=0, atol=1e-6)
+    assert not torch.allclose(first, solve([30], a, [6]))  # and the seed matters
+    with pytest.raises(ValueError, match="1 generators for 2 samples"):
+        solve([30, 50], torch.cat([a, b]), [5])
 
 
 def test_per_sample_shift_and_callback():

@@ -63,7 +63,7 @@ def generate(
         return guidance(v[:L], v[L:], lens)
 
     x0 = sampler(velocity, x, lens, steps=steps, warper=pipe.sample_warper,
-                 generator=torch.Generator().manual_seed(int(seeds[0])), callback=callback)
+                 generators=[torch.Generator().manual_seed(int(seed)) for seed in seeds], callback=callback)
     latents = pipe.patchifier.unpatchify(x0, lens, patched.shapes)
     images = pipe.vae.decode(latents)
     return [img.float().clamp(-1, 1).cpu() for img in images]

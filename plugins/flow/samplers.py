@@ -8,7 +8,7 @@ one batch are each shifted as if sampled alone. ``velocity(x_t, t)`` takes per-s
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -38,7 +38,7 @@ class _Solver:
     def __init__(self, cfg=None) -> None:
         self.cfg = cfg
 
-    def step(self, velocity: Velocity, x: Tensor, t: Tensor, t_next: Tensor, lens: Tensor, generator) -> Tensor:
+    def step(self, velocity: Velocity, x: Tensor, t: Tensor, t_next: Tensor, lens: Tensor, generators) -> Tensor:
         raise NotImplementedError
 
     def __call__(
@@ -49,7 +49,7 @@ class _Solver:
         *,
         steps: int,
         warper=None,
-        generator: torch.Generator | None = None,
+        generators: Sequence[torch.Generator] | None = None,
         callback: Callable[[int, int], None] | None = None,
     ) -> Tensor:
         if steps < 1:
@@ -57,12 +57,14 @@ class _Solver:
         seq_lens = seq_lens.to(noise.device).long()
         if int(seq_lens.sum()) != noise.shape[0]:
             raise ValueError(f"seq_lens sum to {int(seq_lens.sum())} but noise has {noise.shape[0]} tokens")
+        if generators is not None and len(generators) != seq_lens.numel():
+            raise ValueError(f"{len(generators)} generators for {seq_lens.numel()} samples (one per sample)")
         # Integrate in at least fp32 whatever the model runs in (the error accumulates over steps).
         dtype = torch.promote_types(noise.dtype, torch.float32)
         ts = time_grid(steps, seq_lens, warper, dtype=dtype, device=noise.device)
         x = noise.to(dtype)
         for k in range(steps):
-            x = self.step(velocity, x, ts[k], ts[k + 1], seq_lens, generator)
+            x = self.step(velocity, x, ts[k], ts[k + 1], seq_lens, generators)
             if callback is not None:
                 callback(k + 1, steps)
         return x
@@ -71,6 +73,15 @@ class _Solver:
 def _tok(t: Tensor, lens: Tensor, x: Tensor) -> Tensor:
     """Per-sample ``(n,)`` -> per-token, broadcastable over x."""
     return expand_per_token(t, lens).view(-1, *([1] * (x.dim() - 1)))
+
+
+def fresh_noise(x: Tensor, lens: Tensor, generators) -> Tensor:
+    """N(0, I) like ``x``, each sample's rows from its own generator (drawn on the CPU, where
+    the generators live): a sample's noise does not depend on its pack."""
+    if generators is None:
+        return torch.randn_like(x)
+    parts = [torch.randn((int(n), *x.shape[1:]), generator=g, dtype=x.dtype) for n, g in zip(lens.tolist(), generators)]
+    return torch.cat(parts).to(x.device)
 
 
 def _v(velocity: Velocity, x: Tensor, t: Tensor) -> Tensor:
@@ -83,7 +94,7 @@ class Euler(_Solver):
     def __init__(self, cfg: EulerConfig | None = None) -> None:
         super().__init__(cfg or EulerConfig())
 
-    def step(self, velocity, x, t, t_next, lens, generator):
+    def step(self, velocity, x, t, t_next, lens, generators):
         return x + _tok(t_next - t, lens, x) * _v(velocity, x, t)
 
 
@@ -97,7 +108,7 @@ class Heun(_Solver):
     def __init__(self, cfg: HeunConfig | None = None) -> None:
         super().__init__(cfg or HeunConfig())
 
-    def step(self, velocity, x, t, t_next, lens, generator):
+    def step(self, velocity, x, t, t_next, lens, generators):
         dt = _tok(t_next - t, lens, x)
         v0 = _v(velocity, x, t)
         v1 = _v(velocity, x + dt * v0, t_next)
@@ -117,7 +128,7 @@ class DDIMSDE(_Solver):
     def __init__(self, cfg: DDIMSDEConfig | None = None) -> None:
         super().__init__(cfg or DDIMSDEConfig())
 
-    def step(self, velocity, x, t, t_next, lens, generator):
+    def step(self, velocity, x, t, t_next, lens, generators):
         eta = self.cfg.eta
         beta, beta_next = _tok(t, lens, x), _tok(t_next, lens, x)
         x0, eps = split_velocity(x, _v(velocity, x, t), beta)
@@ -125,6 +136,5 @@ class DDIMSDE(_Solver):
         out = (1 - beta_next) * x0 + b * eps
         if eta > 0:
             std = (beta_next.square() - b.square()).clamp_min(0.0).sqrt()
-            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            out = out + std * z
+            out = out + std * fresh_noise(x, lens, generators)
         return out
