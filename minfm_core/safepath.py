@@ -10,8 +10,9 @@ is the boundary.
 
 from __future__ import annotations
 
+import errno
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
@@ -83,14 +84,10 @@ def contained(root: Path, name: str, *, what: str) -> Path:
 def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """Have ``write`` fill a fresh temporary file beside ``path``, then rename it into place:
     ``path`` ends up whole or untouched (an interrupted write, a full disk), and a symlink
-    there is replaced, never written through. The temporary name is unpredictable
-    (``mkstemp``), so no link can be planted at it either."""
+    there is replaced, never written through. The temporary name is unpredictable and made
+    with ``O_EXCL``, so no link can be planted at it either."""
     path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:  # named for the file asked for, not the temporary one
-        raise OSError(exc.errno, exc.strerror, str(path)) from None
-    os.close(fd)
+    tmp = _fresh_file(path)
     try:
         write(Path(tmp))
         fd = os.open(tmp, os.O_RDONLY)
@@ -108,6 +105,22 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
         except OSError:
             pass
         raise
+
+
+def _fresh_file(path: Path) -> str:
+    """A new empty file beside ``path`` under an unpredictable name, as ``mkstemp`` makes one
+    but with the permissions the user's umask gives (``mkstemp``'s 0600 would make every
+    exported model, checkpoint manifest and latent cache unreadable to the user's group)."""
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+        except OSError as exc:  # named for the file asked for, not the temporary one
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
+    raise OSError(errno.EEXIST, "no free temporary name", str(path))
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

@@ -117,3 +117,25 @@ def test_an_atomic_write_that_fails_leaves_the_old_file(tmp_path):
     with pytest.raises(OSError, match="No space left"):
         write_atomic(target, half)
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_an_atomic_write_has_the_permissions_the_umask_gives(tmp_path, umask):
+    """mkstemp's 0600 made exported models, manifests and latent caches unreadable to the
+    user's group whatever the umask; a file written in place would have had 0666 & ~umask."""
+    import os
+    import stat
+
+    from minfm_core.safepath import write_bytes_atomic
+
+    old = os.umask(umask)
+    try:
+        write_bytes_atomic(tmp_path / "new.json", b"{}")
+        (tmp_path / "old.json").write_bytes(b"[]")
+        os.chmod(tmp_path / "old.json", 0o600)
+        write_bytes_atomic(tmp_path / "old.json", b"{}")
+    finally:
+        os.umask(old)
+    for name in ("new.json", "old.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.json", "old.json"]
