@@ -13,13 +13,12 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from minfm_core.errors import MinfmError, first_line
 from minfm_core.jsonio import parse_json
-from minfm_core.safepath import contained, is_inside, write_text_atomic
+from minfm_core.safepath import contained, fresh_dir, is_inside, write_text_atomic
 
 from .errors import hub_errors, scrub, translate
 from .uri import HubRef, parse_ref
@@ -300,7 +299,7 @@ def _pull_to_local_dir(pulled: Pulled, patterns: dict[str, list[str]], limits: L
         raise MinfmError(f"{pulled.path}: exists and is not a folder")
     with _os_errors(pulled.path):
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.pull-", dir=target.parent))
+        tmp = fresh_dir(target, f".{target.name}.pull-")
     try:
         if target.is_dir():
             _seed(target, tmp)
@@ -309,7 +308,6 @@ def _pull_to_local_dir(pulled: Pulled, patterns: dict[str, list[str]], limits: L
         _record(pulled, tmp)
         with _os_errors(pulled.path):
             if not os.path.lexists(target):
-                os.chmod(tmp, 0o777 & ~_umask())
                 os.rename(tmp, target)  # one atomic step
                 return
             moves = []
@@ -351,12 +349,6 @@ def _seed(target: Path, tmp: Path) -> None:
                 os.link(src, dst)
         except OSError:
             return  # another file system, no hard links: download everything again
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _record(pulled: Pulled, folder: Path) -> None:

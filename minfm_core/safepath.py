@@ -111,10 +111,21 @@ def _fresh_file(path: Path) -> str:
     """A new empty file beside ``path`` under an unpredictable name, as ``mkstemp`` makes one
     but with the permissions the user's umask gives (``mkstemp``'s 0600 would make every
     exported model, checkpoint manifest and latent cache unreadable to the user's group)."""
+    return _fresh(path, f".{path.name}.", ".tmp",
+                  lambda tmp: os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)))
+
+
+def fresh_dir(beside: Path, prefix: str) -> Path:
+    """A new empty folder beside ``beside`` (``mkdtemp`` with the umask's permissions, not 0700:
+    it is renamed into place whole)."""
+    return Path(_fresh(beside, prefix, "", lambda tmp: os.mkdir(tmp, 0o777)))
+
+
+def _fresh(path: Path, prefix: str, suffix: str, make: Callable[[str], None]) -> str:
     for _ in range(100):
-        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        tmp = str(path.parent / f"{prefix}{secrets.token_hex(6)}{suffix}")
         try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666))
+            make(tmp)  # O_EXCL / mkdir: fails on anything already there, a planted link too
             return tmp
         except FileExistsError:
             continue
