@@ -111,3 +111,30 @@ def test_sigterm_to_the_launcher_stops_every_worker_after_the_same_step(tmp_path
     step = stop_and_check(exp, proc)
     ckpt = exp / "checkpoints" / f"step_{step:08d}"
     assert sorted(p.name for p in ckpt.glob("rank_*.safetensors")) == ["rank_0.safetensors", "rank_1.safetensors"]
+
+
+def test_sigterm_during_an_export_cleans_up_like_ctrl_c(trained_run, tmp_path):
+    """Only training handled SIGTERM: an export, a latents cache or a sample run died at once and
+    left its temporary folder (a model-sized export under /tmp) and its atomic writes'
+    temporary files behind. The signal is sent when the first temporary file exists."""
+    script = (
+        "import os, signal, sys\n"
+        "from minfm_core import safepath\n"
+        "from minfm_core.cli.main import main\n"
+        "made = safepath._fresh_file\n"
+        "def fresh(path):\n"
+        "    tmp = made(path)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return tmp\n"
+        "safepath._fresh_file = fresh\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    scratch, out = tmp_path / "scratch", tmp_path / "out"
+    scratch.mkdir()
+    res = subprocess.run([sys.executable, "-c", script, "export", "diffusers", str(trained_run), str(out)],
+                         cwd=ROOT, env={**os.environ, "TMPDIR": str(scratch)}, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == STOPPED, res.stderr
+    assert res.stderr.strip().splitlines()[-1] == "minfm: terminated (SIGTERM)", res.stderr
+    assert "Traceback" not in res.stderr
+    assert list(scratch.iterdir()) == []  # the export's temporary folder is gone
+    assert not out.exists() or list(out.rglob("*.tmp")) == []

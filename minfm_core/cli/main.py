@@ -1,8 +1,9 @@
 """``minfm``: entry point, subcommand table and exit codes.
 
 Exit codes (contract): 0 success; 2 bad usage, recipe or input (one clear message,
-no traceback); 1 unexpected failure (traceback kept); 130 Ctrl-C; 143 a training run
-that SIGTERM stopped after saving a checkpoint (engine/stop_signal.py).
+no traceback); 1 unexpected failure (traceback kept); 130 Ctrl-C; 143 SIGTERM: a
+training run stops after saving a checkpoint (engine/stop_signal.py), any other command
+at once, after the same clean-up as Ctrl-C (temporary files and folders removed).
 
 :func:`main` is the one error boundary: an exception leaving a command is either a
 :class:`MinfmError` (the user's to fix: one line, exit 2) or a bug (traceback, a request to
@@ -19,7 +20,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Sequence
 from typing import NoReturn
@@ -47,7 +50,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that clean-up runs as for Ctrl-C (``finally``
+    blocks, temporary folders, atomic writes' temporary files). A BaseException, so that no
+    ``except Exception`` swallows it."""
+
+
+def _terminate(signum, frame) -> NoReturn:
+    signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """Without this, SIGTERM (``kill``, a scheduler, torchrun stopping a failed job) ends
+    Python at once and an export, a latents cache or a sample run leaves its temporary files
+    behind (model-sized, for an export). A training run installs its own handler over this
+    one (stop after a checkpoint). Only where SIGTERM still has its default action and only
+    the main thread may set handlers: a host program's own handler is left alone."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    with _sigterm_raises():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     from .run_cmd import ARGV_ENV
 
     try:
@@ -66,6 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("minfm: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("minfm: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except BrokenPipeError:
         # The reader went away (`minfm plugins | head`): nothing is wrong with the command.
         _silence_stdout()
