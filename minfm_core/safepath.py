@@ -89,7 +89,12 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     path = Path(path)
     tmp = _fresh_file(path)
     try:
-        write(Path(tmp))
+        try:
+            write(Path(tmp))
+        except OSError as exc:
+            if exc.filename is None and exc.errno is not None:  # (matplotlib's savefig): name the file
+                raise OSError(exc.errno, exc.strerror, str(path)) from None
+            raise
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)  # the data is on disk before the name points at it

@@ -57,7 +57,7 @@ class Terminated(BaseException):
 
 
 def _terminate(signum, frame) -> NoReturn:
-    signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    signal.signal(signum, signal.SIG_IGN)  # copies of it (torchrun passes it on again) must not cut the clean-up short
     raise Terminated
 
 

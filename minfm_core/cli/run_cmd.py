@@ -209,8 +209,15 @@ def relaunch(nproc: int, argv: list[str]) -> int:
         try:
             try:
                 rc = proc.wait()
-            except KeyboardInterrupt:  # torchrun got the Ctrl-C too and stops its workers
-                rc = proc.wait()
+            except KeyboardInterrupt:
+                # A terminal's Ctrl-C reaches torchrun too, which stops its workers; a
+                # `kill -INT` of this process alone does not: then pass it on.
+                try:
+                    rc = proc.wait(timeout=3)
+                except subprocess.TimeoutExpired:
+                    proc.send_signal(signal.SIGINT)
+                    rc = proc.wait()
+                rc = rc or 130
         finally:
             signal.signal(signal.SIGTERM, previous)
     return STOPPED_EXIT_CODE if terminated else rc

@@ -7,7 +7,8 @@ since its last periodic checkpoint. With :class:`StopRequest` installed, the tra
 finishes the step it is in, all ranks agree on stopping after the same step (one tiny
 all-reduce per step), the checkpoint is written and the run exits with 128 + 15 = 143,
 the code a process killed by SIGTERM reports, so schedulers read it as such. Running the
-same command again resumes from that step. A second SIGTERM ends the process at once.
+same command again resumes from that step. Further SIGTERMs change nothing (a scheduler
+signals every process, torchrun passes the signal on again); SIGKILL or Ctrl-C end it at once.
 """
 
 from __future__ import annotations
@@ -35,11 +36,15 @@ class StopRequest:
             return
 
         def handler(signum, frame) -> None:
+            # Further SIGTERMs change nothing: a scheduler signals every process, the launcher
+            # and torchrun pass the signal on again, and a worker that died of the second
+            # copy lost the checkpoint the first one asked for. The grace period's SIGKILL,
+            # or Ctrl-C, still ends the process at once.
             self.requested = True
-            signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM ends the process at once
 
         previous = signal.signal(signal.SIGTERM, handler)
         try:
             yield self
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            # once stopping, the process only closes and exits: late copies are ignored
+            signal.signal(signal.SIGTERM, signal.SIG_IGN if self.requested else previous)

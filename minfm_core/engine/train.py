@@ -12,6 +12,7 @@ its current step with a checkpoint (stop_signal.py).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
@@ -398,9 +399,16 @@ class Trainer:
         return flag
 
     def close(self) -> None:
-        self.checkpointer.wait()
-        for lg in self.loggers:
-            lg.close()
+        """Wait for the last checkpoint and close every logger, each even when one before it
+        failed (a full disk); the first failure is raised after."""
+        failures = []
+        for finish in (self.checkpointer.wait, *(lg.close for lg in self.loggers)):
+            try:
+                finish()
+            except Exception as exc:
+                failures.append(exc)
+        if failures:
+            raise failures[0]
 
     def _profiler(self):
         out = self.exp_dir / "profile"
@@ -438,12 +446,15 @@ def train(resolved) -> int:
     rt = init_runtime(resolved.recipe.run.device)
     try:
         trainer = Trainer(resolved, rt)
-        try:
-            stop = StopRequest()
-            with stop.installed():
-                trainer.stop_request = stop
+        stop = StopRequest()
+        with stop.installed():  # also while close() waits for the stop's checkpoint
+            trainer.stop_request = stop
+            try:
                 trainer.fit()
-        finally:
+            except BaseException:
+                with contextlib.suppress(Exception):  # the error that stopped the run is the one to report
+                    trainer.close()
+                raise
             trainer.close()
     finally:
         runlock.release(resolved.recipe.run.exp_dir)
