@@ -83,6 +83,14 @@ def test_resume_at_other_world_size(tmp_path):
     res = run(exp, "--set", "train.max_steps=5", "--set", "train.ckpt_every=5")
     assert "from a checkpoint of another size" in res.stdout
     assert [c.name for c in ck.list_checkpoints(exp)] == ["step_00000003", "step_00000005"]
+    # The data goes on from the samples seen (it restarted at sample 0 of epoch 0): a step takes
+    # the same total batch at any world size, so one process has consumed 5 steps' worth.
+    def consumed(step: int) -> int:
+        position = ck.open_checkpoint(exp / "checkpoints" / f"step_{step:08d}").rank_extras(0)[1]["data"]
+        return json.loads(position)["consumed"]
+
+    per_rank_step = consumed(3) // 3  # two ranks
+    assert per_rank_step > 0 and consumed(5) == 5 * 2 * per_rank_step
     # And back: one process wrote step 5, two processes load it.
     run(exp, "--set", "train.max_steps=6", "--set", "train.ckpt_every=6", nproc=2)
     assert [m for m in (json.loads(x) for x in (exp / "metrics.jsonl").read_text().splitlines())][-1]["step"] == 6

@@ -183,3 +183,25 @@ def test_the_largest_seed_trains_validates_and_samples(tmp_path):
     assert [m["step"] for m in metrics if "val_loss" in m] == [3]
     assert all(math.isfinite(m["val_loss"]) for m in metrics if "val_loss" in m)
     assert len(list((out / "samples").rglob("*.png"))) == 2  # one gallery image per prompt
+
+
+def test_a_failure_while_closing_does_not_hide_the_error_that_stopped_the_run(tmp_path, monkeypatch):
+    """A full disk failed the checkpoint (the real error), then the jsonl logger's loss plot
+    failed too while closing: the user read only "No space left on device", with no file."""
+    from minfm_core.errors import MinfmError
+    from minfm_plugins.loggers.jsonl import JsonlLogger
+
+    closed = []
+
+    def fail_fit(self, until=None):
+        raise MinfmError("checkpoint: cannot write (the previous checkpoints are intact)")
+
+    def fail_close(self):
+        closed.append(self)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Trainer, "fit", fail_fit)
+    monkeypatch.setattr(JsonlLogger, "close", fail_close)
+    with pytest.raises(MinfmError, match="cannot write"):
+        train(tiny(tmp_path / "run"))
+    assert closed  # still closed (every logger, even after one failed)
