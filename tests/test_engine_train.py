@@ -205,3 +205,38 @@ def test_a_failure_while_closing_does_not_hide_the_error_that_stopped_the_run(tm
     with pytest.raises(MinfmError, match="cannot write"):
         train(tiny(tmp_path / "run"))
     assert closed  # still closed (every logger, even after one failed)
+
+
+def test_a_resume_takes_the_optimizer_settings_from_the_recipe(tmp_path, capsys):
+    """The moments come from the checkpoint; weight_decay / adam_betas from the recipe (a change
+    made for the resume was silently dropped while recipe.toml recorded it), and it is said."""
+    run = tmp_path / "run"
+    train(tiny(run, "train.max_steps=2", "train.ckpt_every=2"))
+    rt = init_runtime("cpu")
+    try:
+        capsys.readouterr()
+        Trainer(tiny(run, "train.max_steps=4"), rt).close()
+        assert "optimizer settings" not in capsys.readouterr().out  # the same recipe: nothing to say
+        changed = Trainer(tiny(run, "train.max_steps=4", "train.weight_decay=0.5", "train.adam_betas=[0.5, 0.6]"), rt)
+        assert all(g["weight_decay"] == 0.5 and tuple(g["betas"]) == (0.5, 0.6) for g in changed.optimizer.param_groups)
+        assert changed.optimizer.state  # the moments did come from the checkpoint
+        changed.close()
+    finally:
+        shutdown_runtime()
+    said = [ln for ln in capsys.readouterr().out.splitlines() if "optimizer settings from the recipe" in ln]
+    assert len(said) == 1 and "weight_decay 0.0 -> 0.5" in said[0] and "betas" in said[0], said
+
+
+def test_an_ema_turned_on_for_a_resume_starts_from_the_loaded_model(tmp_path, capsys):
+    """It failed with "has no 'ema' to load (train.init_load_plan)", a setting the user never wrote."""
+    run = tmp_path / "run"
+    train(tiny(run, "train.max_steps=2", "train.ckpt_every=2", "train.ema_decay=0"))
+    rt = init_runtime("cpu")
+    try:
+        trainer = Trainer(tiny(run, "train.max_steps=4", "train.ema_decay=0.9"), rt)
+        params = _params(trainer.model)
+        assert trainer.step == 2 and all(torch.equal(trainer.ema.shadow[n], params[n]) for n in trainer.ema.names)
+        trainer.close()
+    finally:
+        shutdown_runtime()
+    assert "the checkpoint holds no EMA" in capsys.readouterr().out

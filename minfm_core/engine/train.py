@@ -42,6 +42,11 @@ from .runtime import Runtime, init_runtime, rank_seed, seed_everything, shutdown
 from .stop_signal import STOPPED_EXIT_CODE, StopRequest
 
 
+def _plain(value):
+    """A param-group value as JSON gives it back (betas: a tuple in the optimizer, a list in a checkpoint)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
 def _check_param_groups(loaded, fresh: list[dict], where) -> None:
     """The optimizer's param groups come from a checkpoint's JSON: the same groups, keys and
     parameters as this run's, and values of the same types (finite numbers stay numbers)."""
@@ -205,6 +210,17 @@ class Trainer:
                 ckpt.load(box)
                 _check_param_groups(box["optimizer"].get("param_groups"), fresh, ckpt.path)
                 set_optimizer_state_dict(self.model, self.optimizer, box["optimizer"])
+                # The moments come from the checkpoint, the settings from this recipe (a
+                # weight_decay or adam_betas changed for the resume was silently ignored,
+                # while the run's recipe.toml recorded the new value). lr follows the schedule.
+                changed = set()
+                for group, want in zip(self.optimizer.param_groups, fresh):
+                    for key, value in want.items():
+                        if key not in ("params", "lr") and _plain(group.get(key)) != _plain(value):
+                            changed.add(f"{key} {group.get(key)} -> {value}")
+                            group[key] = value
+                if changed:
+                    self._log_line(f"optimizer settings from the recipe, not the checkpoint: {', '.join(sorted(changed))}")
             elif target == "scheduler":
                 ckpt.load({"scheduler": state["scheduler"]})  # lr follows the step
             elif target == "step":
@@ -246,8 +262,13 @@ class Trainer:
             self._log_line(f"warning: skipping checkpoint {path.name}: {why}")
             self.checkpointer.keep.add(path)
         if latest is not None:
-            self._load(latest, {p: p for p in CHECKPOINT_PARTS if p != "ema" or self.ema is not None}, exact=True)
+            # An EMA turned on for the resume (train.ema_decay was 0) starts from the loaded model.
+            new_ema = self.ema is not None and not latest.has_part("ema")
+            self._load(latest, {p: p for p in CHECKPOINT_PARTS if p != "ema" or (self.ema is not None and not new_ema)}, exact=True)
             self._log_line(f"resumed from {latest.path} at step {self.step}")
+            if new_ema:
+                self.ema.reset(self.model)
+                self._log_line("the checkpoint holds no EMA (train.ema_decay was 0): the EMA starts from this step's weights")
         elif skipped:
             raise MinfmError(f"{self.exp_dir}: no checkpoint verifies (newest: {skipped[0][1]}); "
                              "move the checkpoints away to start afresh")
