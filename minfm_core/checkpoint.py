@@ -54,7 +54,14 @@ from .safepath import came_from_outside, is_inside, recipe_root, write_text_atom
 CKPT_DIR = "checkpoints"
 HUB_STATE_DIR = "checkpoint"  # the DCP training state inside an exported (Hub) folder
 LEGACY_METADATA = ".metadata"  # DCP's pickled metadata: only in checkpoints of older minFMs / other tools
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
+# Eight digits, more only past step 99,999,999 (train.max_steps goes to 1e9); never a second
+# spelling of a step (step_000000002).
+_STEP_DIR = re.compile(r"^step_(\d{8}|[1-9]\d{8,})$")
+
+
+def _by_step(paths) -> list[Path]:
+    """``step_*`` folders in step order (by name, step_100000000 came before step_99999999)."""
+    return sorted(paths, key=lambda p: int(p.name[5:]))
 PICKLE_OPT_IN = "--allow-pickle-checkpoint (train.allow_pickle_checkpoint = true)"
 
 
@@ -79,7 +86,7 @@ def list_checkpoints(root: Path) -> list[Path]:
     ckpts = root / CKPT_DIR if (root / CKPT_DIR).is_dir() else root
     if not ckpts.is_dir():
         return []
-    return sorted(p for p in ckpts.iterdir() if p.is_dir() and not p.is_symlink() and is_complete(p))
+    return _by_step(p for p in ckpts.iterdir() if p.is_dir() and not p.is_symlink() and is_complete(p))
 
 
 def find_checkpoint(src: Path) -> Path:
@@ -254,7 +261,7 @@ def resume_point(root: Path, *, allow_pickle: bool = False) -> tuple[Checkpoint 
     if rank0:
         ckpts = Path(root) / CKPT_DIR
         # Every step_* folder, complete or not: one without its manifest is skipped by name.
-        cands = sorted(p for p in ckpts.iterdir() if _STEP_DIR.match(p.name)) if ckpts.is_dir() else []
+        cands = _by_step(p for p in ckpts.iterdir() if _STEP_DIR.match(p.name)) if ckpts.is_dir() else []
         for cand in reversed(cands):
             try:
                 if cand.is_symlink():  # list_checkpoints and pruning never follow one either
@@ -302,8 +309,14 @@ class Checkpointer:
         writer = ManifestWriter(tmp, objects, {"step": step, "world_size": self.world_size})
         try:
             if self.rank == 0:
-                if tmp.exists():
-                    shutil.rmtree(tmp)  # left by a crash: never complete
+                # Every .tmp-step_* is left by a crash or a failed save (the last save is done:
+                # wait() above; the run lock keeps other writers out): a checkpoint's worth of
+                # disk each, never complete.
+                for stale in self.root.glob(".tmp-step_*"):
+                    if stale.is_dir() and not stale.is_symlink():
+                        shutil.rmtree(stale)
+                    else:
+                        stale.unlink()
                 tmp.mkdir(parents=True)
                 if self.recipe_text is not None:
                     write_text_atomic(tmp / "recipe.toml", self.recipe_text)

@@ -278,6 +278,28 @@ def test_a_reader_takes_the_next_newest_when_its_pick_is_pruned_first(stopped, t
     with pytest.raises(MinfmError, match="deleted while minfm tried to open one"), ck.held(run):
         pass
 
+
+def test_steps_past_eight_digits_are_found_in_step_order(tmp_path):
+    """train.max_steps goes to 1e9: step_100000000 was invisible (eight digits only) and would
+    have sorted before step_99999999 by name."""
+    ckpts = tmp_path / "checkpoints"
+    for name in ("step_99999999", "step_100000000", "step_000000002"):  # the last: no second spelling
+        (ckpts / name).mkdir(parents=True)
+        (ckpts / name / "manifest.json").write_text("{}")
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["step_99999999", "step_100000000"]
+    assert ck.step_dir(100_000_000) == "step_100000000"
+
+
+def test_a_save_removes_every_partial_folder_a_crash_left(stopped, tmp_path):
+    """Only the .tmp- of the step being saved was removed: one left by a failed save of
+    another step (a full disk) kept a checkpoint's worth of disk for good."""
+    run = copy_run(stopped, tmp_path / "run")
+    for name in (".tmp-step_00000003", ".tmp-step_00000099"):
+        (run / "checkpoints" / name).mkdir()
+        (run / "checkpoints" / name / "__0_0.distcp").write_bytes(b"half")
+    _fit(run, "train.max_steps=6", "train.ckpt_every=2", "train.keep_last=0")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002", "step_00000004", "step_00000006"]
+
 def test_a_symlinked_or_renamed_step_folder_is_skipped(stopped, tmp_path):
     run = copy_run(stopped, tmp_path / "run")
     elsewhere = copy_run(stopped, tmp_path / "elsewhere")

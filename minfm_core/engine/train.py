@@ -172,7 +172,9 @@ class Trainer:
             "optimizer": optim_sd,
             "scheduler": {"step": torch.tensor(self.step), "lr": torch.tensor(self.cfg.lr)},
             "step": torch.tensor(self.step),
-            "trainer": {"norm_mean": torch.tensor(float("nan") if self.norm_mean is None else self.norm_mean)},
+            # float64: the running mean is a Python float; float32 made a resumed run's differ (1e-7)
+            "trainer": {"norm_mean": torch.tensor(float("nan") if self.norm_mean is None else self.norm_mean,
+                                                  dtype=torch.float64)},
         }
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
