@@ -285,3 +285,42 @@ def test_check_refuses_cached_latents_without_their_folder(capsys):
 
     assert main(["check", "minfm:quickstart.toml", "--set", "data.use_cached_latents=true"]) == 2
     assert "data.latents_dir: use_cached_latents = true needs the folder" in capsys.readouterr().err
+
+
+def _datasets_with(field: str) -> list[str]:
+    """``data = {...}`` tables (a root where the dataset has one) for every dataset with ``field``."""
+    import attrs
+
+    from minfm_core.registry import get_registry
+
+    out = []
+    for c in get_registry().components("dataset"):
+        fields = attrs.fields_dict(c.config) if attrs.has(c.config) else {}
+        if field in fields:
+            out.append(f"name = '{c.name}'" + (", root = '/tmp'" if "root" in fields else ""))
+    return out
+
+
+WAN = ["--set", 'model.vae.name="wan"', "--set", 'model.vae.pretrained=""', "--set", "model.vae.base_dim=8",
+       "--set", "model.vae.z_dim=4", "--set", "model.denoiser.d_img=16", "--set", "model.patchifier.vae_compression=[4,8,8]",
+       "--set", "sample.size=[5,16,16]"]
+
+
+@pytest.mark.parametrize("name", _datasets_with("frames"))
+def test_a_train_job_refuses_clip_lengths_the_vae_cannot_take(name, capsys):
+    """They failed at the first batch, after the run folder and its recipe.toml were written."""
+    from minfm_core.cli.main import main
+
+    data = f"data={{{name}, frames = 6}}"
+    assert main(["check", "minfm:quickstart_video.toml", "--set", data, *WAN]) == 2
+    assert "data.frames: 6 frames: this model cannot draw that" in capsys.readouterr().err
+    assert main(["check", "minfm:quickstart_video.toml", "--set", data.replace("6", "5"), *WAN]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", _datasets_with("size_multiple"))
+def test_a_train_job_refuses_a_size_multiple_off_the_vae_grid(name, capsys):
+    from minfm_core.cli.main import main
+
+    data = f"data={{{name}, size_multiple = 4}}"
+    assert main(["check", "minfm:quickstart_video.toml", "--set", data, *WAN]) == 2
+    assert "data.size_multiple: 4 is not a multiple of the VAE's compression x patch = 16x16" in capsys.readouterr().err

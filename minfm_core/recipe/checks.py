@@ -74,6 +74,8 @@ def job_checks(resolved, job: str, world_size: int | None = None) -> list[str]:
         data_cfg = resolved.config("data") if recipe.data is not None else None
         if isinstance(data_cfg, CachedLatentsConfig) and data_cfg.use_cached_latents and not data_cfg.latents_dir:
             problems.append("data.latents_dir: use_cached_latents = true needs the folder minfm cache latents wrote")
+        if data_cfg is not None:
+            problems.extend(_data_fits_the_model(resolved, data_cfg))
         if train.init_from and not parse_load_plan(train.init_load_plan):  # (its syntax: the schema's check)
             problems.append("train.init_load_plan: empty, so nothing would be loaded from train.init_from")
         resuming = os.path.isdir(os.path.join(exp, "checkpoints"))  # a resume does not read init_from
@@ -93,6 +95,31 @@ def job_checks(resolved, job: str, world_size: int | None = None) -> list[str]:
             read_prompt_file(s.prompt_file)
         except MinfmError as exc:
             problems.append(f"sample.prompt_file: {exc}")
+    return problems
+
+
+def _data_fits_the_model(resolved, data_cfg) -> list[str]:
+    """A dataset's ``frames`` and ``size_multiple`` (docs/plugins.md, "Config attributes the
+    core reads") against the VAE and patch: the first batch would refuse them, after the run
+    folder was made."""
+    comp = _attr(resolved, "model.vae", "compression")
+    patch = _attr(resolved, "model.patchifier", "patch_size")
+    if comp is None:
+        return []
+    pf, ph, pw = patch if patch is not None and len(patch) == 3 else (1, 1, 1)
+    problems = []
+    frames = getattr(data_cfg, "frames", None)
+    if isinstance(frames, int) and not isinstance(frames, bool):
+        from ..engine.video_io import check_frames
+
+        try:
+            check_frames(frames, int(comp[0]), int(pf), what="data.frames")
+        except MinfmError as exc:
+            problems.append(str(exc))
+    multiple = getattr(data_cfg, "size_multiple", None)
+    mh, mw = comp[1] * ph, comp[2] * pw
+    if isinstance(multiple, int) and not isinstance(multiple, bool) and (multiple % mh or multiple % mw):
+        problems.append(f"data.size_multiple: {multiple} is not a multiple of the VAE's compression x patch = {mh}x{mw}")
     return problems
 
 
