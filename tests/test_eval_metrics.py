@@ -92,6 +92,79 @@ def test_precision_recall_on_separable_sets():
     assert p == 1.0 and r == 0.5
 
 
+def _exact_precision_recall(real, fake, k=3):
+    """Brute force in float64: the numbers precision_recall must give."""
+    def radii(x):
+        d = ((x[:, None] - x[None]) ** 2).sum(-1)
+        return np.sort(d, axis=1)[:, k]
+
+    d = ((fake[:, None] - real[None]) ** 2).sum(-1)
+    return float((d <= radii(real)[None]).any(1).mean()), float((d.T <= radii(fake)[None]).any(1).mean())
+
+
+def test_precision_recall_of_features_far_from_the_origin():
+    """float32 distances of features offset by 1e4 are rounding noise (the old result: 1.0, 1.0)."""
+    rng = np.random.default_rng(2)
+    real, fake = rng.normal(size=(300, 64)) * 1.1, rng.normal(size=(300, 64))
+    exact = _exact_precision_recall(real, fake)
+    assert 0.85 < exact[0] < 0.99 and 0.2 < exact[1] < 0.45
+    for offset in (0.0, 1e4):
+        p, r = precision_recall(real + offset, fake + offset)
+        assert p == pytest.approx(exact[0], abs=1 / 300) and r == pytest.approx(exact[1], abs=1 / 300)
+    p, r = precision_recall((real + 1e4).astype(np.float32), (fake + 1e4).astype(np.float32))  # as extractors give
+    assert p == pytest.approx(exact[0], abs=0.02) and r == pytest.approx(exact[1], abs=0.02)
+
+
+class _Broken(TinyExtractor):
+    """TinyExtractor with NaN pool features, or pool features of another width."""
+
+    def __init__(self, nan=False, width=None):
+        super().__init__()
+        self.nan, self.width = nan, width
+
+    def __call__(self, images):
+        feats = super().__call__(images)
+        if self.nan:
+            feats["pool"][0, 0] = float("nan")
+        if self.width:
+            feats["pool"] = feats["pool"][:, : self.width]
+        return feats
+
+
+def test_non_finite_features_are_one_error_naming_the_source(tmp_path):
+    path = save_npz(tmp_path / "x.npz", images(6, 0))
+    with pytest.raises(MinfmError, match=f"the feature extractor returned non-finite features for {path}$"):
+        evaluate(path, path, extractor=_Broken(nan=True), device="cpu", log=lambda _: None)
+    good = extract_features(path, TinyExtractor())
+    bad = {**good, "spatial": np.full_like(good["spatial"], np.inf)}
+    with pytest.raises(MinfmError, match="non-finite features for reference"):
+        compute_metrics(good, bad)
+
+
+def test_features_of_different_widths_are_one_error(tmp_path):
+    path = save_npz(tmp_path / "x.npz", images(6, 0))
+    samples = extract_features(path, _Broken(width=5))
+    ref = extract_features(path, TinyExtractor())
+    with pytest.raises(MinfmError, match="returned pool features of width 5 for samples but 12 for the reference"):
+        compute_metrics(samples, ref)
+
+
+def test_in_training_fid_checks_features_too(tmp_path):
+    from minfm_plugins.eval.fid import FidMetric
+
+    ref = save_npz(tmp_path / "r.npz", images(6, 0))
+    metric = FidMetric(ref, extractor="eval_helpers:make_extractor")
+    reference = metric.stats(metric.reference_features(batch_size=4))
+    metric.extractor = _Broken(nan=True)
+    u8 = torch.from_numpy(images(3, 1)).permute(0, 3, 1, 2)
+    with pytest.raises(MinfmError, match="non-finite features for generated samples"):
+        metric.features(u8)
+    metric.extractor = _Broken(width=5)
+    samples = metric.stats(metric.features(u8))
+    with pytest.raises(MinfmError, match="features of width 5 for samples but 12 for the reference"):
+        metric.distance(samples, reference)
+
+
 def test_compute_metrics_needs_two_images():
     one = {"pool": np.zeros((1, 4)), "spatial": np.zeros((1, 4)), "logits": np.zeros((1, 3))}
     with pytest.raises(MinfmError, match="at least 2 images"):
@@ -149,15 +222,35 @@ def test_cli_imagenet_and_folder(tmp_path, capsys):
     (["eval", "imagenet", "{one}", "--ref", "{s}"], "at least 2 images are needed for FID statistics, found 1"),
     (["eval", "imagenet", "{s}", "--ref", "{s}", "--out", "{tmp}"], "is a folder; name a JSON file to write"),
     (["eval", "imagenet", "{s}", "--ref", "{s}", "--out", "{s}/x.json"], "s.npz is not a folder; name a JSON file"),
+    # --out must not replace an input, nor join a folder of them
+    (["eval", "imagenet", "{s}", "--ref", "{r}", "--out", "{r}"], "is the --ref file; write the metrics elsewhere"),
+    (["eval", "imagenet", "{s}", "--ref", "{r}", "--out", "{tmp}/sub/../s.npz"], "is the samples file"),
+    (["eval", "imagenet", "{s}", "--ref", "{r}", "--out", "{link}"], "is the --ref file"),
+    (["eval", "folder", "{folder}", "--ref", "{r}", "--out", "{folder}/m.png"], "lies inside the samples folder"),
+    (["eval", "imagenet", "{s}", "--ref", "{folder}", "--out", "{folder}/deep/../m.json"],
+     "lies inside the --ref folder"),
+    (["eval", "imagenet", "{s}", "--ref", "{r}", "--out", "/proc/m.json"], "--out /proc/m.json: cannot write in /proc"),
 ])
 def test_cli_bad_input_exits_2(tmp_path, capsys, argv, message):
+    from PIL import Image
+
     s = save_npz(tmp_path / "s.npz", images(4, 0))
+    r = save_npz(tmp_path / "r.npz", images(4, 1))
+    (tmp_path / "sub" / "deep").mkdir(parents=True)
+    (tmp_path / "folder" / "deep").mkdir(parents=True)
+    for i, a in enumerate(images(4, 2)):
+        Image.fromarray(a).save(tmp_path / "folder" / f"{i}.png")
+    (tmp_path / "link.json").symlink_to(r)
+    inputs = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     one = save_npz(tmp_path / "one.npz", images(1, 0))
     np.savez(tmp_path / "bad.npz", arr_0=np.zeros((4, 8, 8), np.float32))
-    argv = [a.format(s=s, one=one, tmp=tmp_path, bad=tmp_path / "bad.npz") for a in argv]
-    assert cli(argv) == 2
+    argv = [a.format(s=s, r=r, one=one, tmp=tmp_path, bad=tmp_path / "bad.npz", folder=tmp_path / "folder",
+                     link=tmp_path / "link.json") for a in argv]
+    assert cli([*argv, "--extractor", "eval_helpers:make_extractor"] if "--extractor" not in argv else argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p in inputs} == inputs  # nothing written over
+    assert not list(tmp_path.rglob("m.*"))
 
 
 # ---- Inception weights ------------------------------------------------------------------------

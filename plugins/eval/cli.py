@@ -9,12 +9,14 @@ Both sit in the shared ``eval`` command group, so another plugin can add its own
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 from minfm_core.cli.argtypes import int_in
 from minfm_core.cli.groups import command_group
 from minfm_core.errors import MinfmError
-from minfm_core.safepath import write_text_atomic
+from minfm_core.safepath import is_inside, write_text_atomic
 from minfm_core.validators import MAX_BATCH
 
 #: The seed's table was computed on 50,000 samples (1000 classes x 50).
@@ -54,10 +56,7 @@ def run(args) -> int:
     if not Path(args.ref).exists():
         raise MinfmError(f"--ref {args.ref}: no such file or folder")
     if args.out:  # before the work: a metrics file that cannot be written would lose it
-        out = Path(args.out)
-        if out.is_dir() or not out.parent.is_dir():
-            why = "is a folder" if out.is_dir() else f"{out.parent} is not a folder"
-            raise MinfmError(f"--out {args.out}: {why}; name a JSON file to write")
+        check_out(Path(args.out), samples, Path(args.ref))
     extractor = load_extractor(args.extractor) if args.extractor else None
     metrics = evaluate(samples, args.ref, extractor=extractor, weights=args.inception, device=args.device,
                        batch_size=args.batch_size)
@@ -68,3 +67,27 @@ def run(args) -> int:
     if args.out:
         write_text_atomic(Path(args.out), json.dumps(metrics, indent=2) + "\n")
     return 0
+
+
+def check_out(out: Path, samples: Path, ref: Path) -> None:
+    """A MinfmError unless ``out`` names a new or replaceable file that is none of the inputs.
+
+    Writing over the reference (or into the samples folder, where the file would join the
+    set next time) would corrupt the data the numbers come from.
+    """
+    if out.is_dir() or not out.parent.is_dir():
+        why = "is a folder" if out.is_dir() else f"{out.parent} is not a folder"
+        raise MinfmError(f"--out {out}: {why}; name a JSON file to write")
+    for what, source in (("the samples", samples), ("the --ref", ref)):
+        if source.is_dir() and is_inside(out, source):
+            raise MinfmError(f"--out {out}: lies inside {what} folder {source}; write the metrics elsewhere")
+        if os.path.realpath(out) == os.path.realpath(source):
+            raise MinfmError(f"--out {out}: is {what} file; write the metrics elsewhere")
+    # os.access alone says yes to root for any folder (/proc too): try making a file there.
+    try:
+        if not os.access(out.parent, os.W_OK | os.X_OK):
+            raise PermissionError("permission denied")
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as exc:
+        raise MinfmError(f"--out {out}: cannot write in {out.parent} ({exc.strerror or exc})") from None

@@ -73,19 +73,37 @@ def extract_features(source: str | Path, extractor: Extractor, *, batch_size: in
     n, batches = image_batches(source, batch_size)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in FEATURES}
     done = 0
-    for b, batch in enumerate(batches):
+    for b, batch in enumerate(batches):  # every batch is read, so an .npz's CRC is checked at its end
         if b % shard[1] != shard[0]:
             continue
-        feats = extractor(torch.from_numpy(np.array(batch)).permute(0, 3, 1, 2))  # a copy: memmaps are read-only
+        feats = extractor(torch.from_numpy(np.array(batch)).permute(0, 3, 1, 2))  # a copy: batches may be read-only
         missing = [k for k in FEATURES if k not in feats]
         if missing:
             raise MinfmError(f"feature extractor returned no {', '.join(missing)} features")
         for k in FEATURES:
-            parts[k].append(feats[k].detach().float().cpu().numpy().reshape(batch.shape[0], -1))
+            f = feats[k].detach().float().cpu().numpy().reshape(batch.shape[0], -1)
+            check_finite(f, source)
+            if parts[k] and f.shape[1] != parts[k][0].shape[1]:
+                raise MinfmError(f"the feature extractor returned {k} features of width {parts[k][0].shape[1]} "
+                                 f"and of width {f.shape[1]} for batches of {source}")
+            parts[k].append(f)
         done += batch.shape[0]
         if log is not None:
             log(f"{source}: {done}/{n} images")
     return {k: np.concatenate(v) if v else np.zeros((0, 0), np.float32) for k, v in parts.items()}
+
+
+def check_finite(features: np.ndarray, source) -> None:
+    """A MinfmError for NaN or infinite features: they would end in a linear-algebra traceback."""
+    if not np.isfinite(features).all():
+        raise MinfmError(f"the feature extractor returned non-finite features for {source}")
+
+
+def check_widths(what: str, samples: np.ndarray, ref: np.ndarray) -> None:
+    """A MinfmError unless sample and reference features have one width (say, two extractors' caches)."""
+    if samples.shape[1:] != ref.shape[1:]:
+        raise MinfmError(f"the feature extractor returned {what} of width {samples.shape[1]} for samples "
+                         f"but {ref.shape[1]} for the reference")
 
 
 def compute_metrics(samples: dict[str, np.ndarray], ref: dict[str, np.ndarray], *, device="cpu") -> dict[str, float]:
@@ -93,6 +111,10 @@ def compute_metrics(samples: dict[str, np.ndarray], ref: dict[str, np.ndarray], 
     for name, feats in (("samples", samples), ("reference", ref)):
         if feats["pool"].shape[0] < 2:
             raise MinfmError(f"{name}: at least 2 images are needed for FID statistics")
+        for k in FEATURES:
+            check_finite(feats[k], name)
+    for k in FEATURES:
+        check_widths(f"{k} features", samples[k], ref[k])
     fid = frechet_distance(*feature_stats(samples["pool"]), *feature_stats(ref["pool"]))
     sfid = frechet_distance(*feature_stats(samples["spatial"]), *feature_stats(ref["spatial"]))
     precision, recall = precision_recall(ref["pool"], samples["pool"], device=device)
@@ -114,7 +136,8 @@ def evaluate(samples: str | Path, ref: str | Path, *, extractor: Extractor | Non
     from .inception import InceptionFeatures
 
     dev = pick_device(device)
-    for name, source in (("samples", samples), ("reference", ref)):  # bad input fails before any network runs
+    # Bad input fails before any network runs; counting reads only an .npz's header or a folder's names.
+    for name, source in (("samples", samples), ("reference", ref)):
         n, _ = image_batches(source, batch_size)
         if n < 2:
             raise MinfmError(f"{name} {source}: at least 2 images are needed for FID statistics, found {n}")

@@ -14,7 +14,7 @@ import torch
 
 from minfm_core.errors import MinfmError
 
-from .evaluate import Extractor, extract_features, load_extractor
+from .evaluate import Extractor, check_finite, extract_features, load_extractor
 from .inputs import image_batches
 from .metrics import feature_stats, frechet_distance
 
@@ -25,7 +25,7 @@ class FidMetric:
     def __init__(self, ref: str | Path, *, extractor: str | None = None, weights: str | None = None,
                  device: str | torch.device = "cpu") -> None:
         self.ref = Path(ref)
-        count, _ = image_batches(self.ref, 1)  # readable images of one layout, or a clear error
+        count, _ = image_batches(self.ref, 1)  # a clear error for a bad reference; reads no pixels
         if count < 2:
             raise MinfmError(f"{self.ref}: FID needs at least 2 reference images, found {count}")
         if extractor:
@@ -37,7 +37,9 @@ class FidMetric:
 
     def features(self, images: torch.Tensor) -> np.ndarray:
         """uint8 (N, 3, H, W) images -> (N, D) float32 pool features."""
-        return self.extractor(images)["pool"].detach().float().cpu().numpy().reshape(images.shape[0], -1)
+        features = self.extractor(images)["pool"].detach().float().cpu().numpy().reshape(images.shape[0], -1)
+        check_finite(features, "generated samples")
+        return features
 
     def reference_features(self, *, batch_size: int, shard: tuple[int, int] = (0, 1)) -> np.ndarray:
         """Pool features of the reference batches ``i, i + k, ...`` for ``shard=(i, k)``."""
@@ -48,4 +50,7 @@ class FidMetric:
         return feature_stats(features)
 
     def distance(self, samples: tuple[np.ndarray, np.ndarray], reference: tuple[np.ndarray, np.ndarray]) -> float:
+        if samples[0].shape != reference[0].shape:  # the means: one entry per feature
+            raise MinfmError(f"the feature extractor returned features of width {samples[0].size} for samples "
+                             f"but {reference[0].size} for the reference")
         return frechet_distance(*samples, *reference)
