@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import MinfmError
+from .errors import MinfmError, MinfmWarning
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
@@ -184,14 +184,14 @@ class BatchIterator:
             warnings.warn(
                 f"data: the dataset changed size ({state['dataset_len']} -> {self._n}); "
                 f"resuming at the start of epoch {state.get('epoch', 0)}",
-                stacklevel=2,
+                MinfmWarning, stacklevel=2,
             )
             consumed = int(state.get("epoch", 0)) * self._share
         elif int(state.get("world_size", self.world_size)) != self.world_size:
             # Different rank count: keep the same number of samples seen in total (approximate).
             consumed = consumed * int(state["world_size"]) // self.world_size
         if int(state.get("seed", self.seed)) != self.seed:
-            warnings.warn(f"data: resuming with seed {self.seed} instead of {state['seed']}", stacklevel=2)
+            warnings.warn(f"data: resuming with seed {self.seed} instead of {state['seed']}", MinfmWarning, stacklevel=2)
         self.close()
         self._consumed = consumed
 

@@ -11,6 +11,12 @@ import errno
 import re
 
 
+class MinfmWarning(UserWarning):
+    """Something the user should know that stops nothing (a dataset changed size on resume,
+    images without captions skipped). ``minfm`` prints it as ``minfm: warning: <message>``,
+    without Python's source-line decoration."""
+
+
 def first_line(exc: BaseException, limit: int = 300) -> str:
     """The first non-blank line of ``exc``'s message (at most ``limit`` characters), else its
     type's name: what a one-line error quotes from a library's multi-line exception."""

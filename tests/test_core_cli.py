@@ -191,3 +191,19 @@ def test_a_failed_allocation_is_one_line_not_a_bug(capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.startswith("minfm: error: out of memory: an allocation of 131,072.0 GiB failed")
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_minfm_warning_is_one_plain_line(capsys):
+    """A resume with another run.seed warned in Python's format: a source path, a line number
+    and the source line of the warning call."""
+    import warnings
+
+    from minfm_core.cli.main import _plain_warnings
+    from minfm_core.errors import MinfmWarning
+
+    with _plain_warnings(), warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("data: resuming with seed 1 instead of 0", MinfmWarning)
+        with pytest.warns(UserWarning, match="a library's own"):  # goes the usual way, untouched
+            warnings.warn("a library's own", UserWarning)
+    assert capsys.readouterr().err.splitlines() == ["minfm: warning: data: resuming with seed 1 instead of 0"]

@@ -24,11 +24,12 @@ import signal
 import sys
 import threading
 import traceback
+import warnings
 from collections.abc import Sequence
 from typing import NoReturn
 
 from .. import __version__
-from ..errors import MinfmError, checkpoint_failures, first_line, os_error_line, out_of_memory_line
+from ..errors import MinfmError, MinfmWarning, checkpoint_failures, first_line, os_error_line, out_of_memory_line
 from ..launch_env import is_multi_process
 from .argtypes import Parser as _Parser
 
@@ -79,8 +80,27 @@ def _sigterm_raises():
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+@contextlib.contextmanager
+def _plain_warnings():
+    """A MinfmWarning reads ``minfm: warning: <message>`` like minfm's other lines; Python's
+    own format (file, line number, the source line) is for a library's warnings."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, MinfmWarning):
+            print(f"minfm: warning: {message}", file=sys.stderr if file is None else file)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    with _sigterm_raises():
+    with _sigterm_raises(), _plain_warnings():
         return _main(argv)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from minfm_core.errors import MinfmError
+from minfm_core.errors import MinfmError, MinfmWarning
 from minfm_core.images import read_rgb
 from minfm_core.jsonio import parse_json
 from minfm_core.safepath import relative_inside
@@ -99,7 +99,8 @@ def _scan(folder: Path, cfg: ImageFolderConfig) -> list[tuple[Path, str]]:
         else:
             missing.append(path.name)
     if missing and items:
-        warnings.warn(f"image_folder: skipping {len(missing)} images without a .txt caption under {str(folder)!r}")
+        warnings.warn(f"image_folder: skipping {len(missing)} images without a .txt caption under {str(folder)!r}",
+                      MinfmWarning)
     elif missing:
         raise MinfmError(
             f"image_folder: {len(missing)} images under {str(folder)!r} have no caption "

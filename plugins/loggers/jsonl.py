@@ -17,6 +17,7 @@ import time
 import warnings
 from pathlib import Path
 
+from minfm_core.errors import MinfmWarning
 from minfm_core.safepath import write_atomic, write_text_atomic
 from minfm_core.textfiles import read_bounded
 
@@ -87,7 +88,7 @@ class JsonlLogger(Logger):
             from matplotlib.figure import Figure
         except ImportError:
             if not self._warned:
-                warnings.warn("jsonl logger: matplotlib is not installed; loss.png is not drawn", stacklevel=2)
+                warnings.warn("jsonl logger: matplotlib is not installed; loss.png is not drawn", MinfmWarning, stacklevel=2)
                 self._warned = True
             return None
         # Figure + Agg canvas directly: no pyplot, so no global backend or state is touched.
