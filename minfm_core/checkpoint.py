@@ -54,6 +54,7 @@ from .safepath import came_from_outside, is_inside, recipe_root, write_text_atom
 CKPT_DIR = "checkpoints"
 HUB_STATE_DIR = "checkpoint"  # the DCP training state inside an exported (Hub) folder
 LEGACY_METADATA = ".metadata"  # DCP's pickled metadata: only in checkpoints of older minFMs / other tools
+PICKLE_OPT_IN = "--allow-pickle-checkpoint (train.allow_pickle_checkpoint = true)"
 # Eight digits, more only past step 99,999,999 (train.max_steps goes to 1e9); never a second
 # spelling of a step (step_000000002).
 _STEP_DIR = re.compile(r"^step_(\d{8}|[1-9]\d{8,})$")
@@ -62,7 +63,6 @@ _STEP_DIR = re.compile(r"^step_(\d{8}|[1-9]\d{8,})$")
 def _by_step(paths) -> list[Path]:
     """``step_*`` folders in step order (by name, step_100000000 came before step_99999999)."""
     return sorted(paths, key=lambda p: int(p.name[5:]))
-PICKLE_OPT_IN = "--allow-pickle-checkpoint (train.allow_pickle_checkpoint = true)"
 
 
 def step_dir(step: int) -> str:
