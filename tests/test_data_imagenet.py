@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -136,7 +137,7 @@ def test_errors_are_clear(tree):
     ("labels.csv", b"ImageId,PredictionString\nILSVRC2012_val_00000001,\n", r"labels.csv:2: expected columns"),
     ("labels.txt", b"ILSVRC2012_val_00000001.JPEG\n", r"labels.txt:1: expected '<file> <wnid or label>'"),
     ("labels.txt", b"\xff\xfeI\x00L\x00", r"labels.txt: not UTF-8 text \(byte 0\)"),
-    ("labels.txt", "ILSVRC2012_val_00000001.JPEG \u00b2\n".encode(), r"labels.txt: '\u00b2' is neither a WordNet id"),
+    ("labels.txt", "ILSVRC2012_val_00000001.JPEG \u00b2\n".encode(), r"labels.txt:1: '\u00b2' is neither a WordNet id"),
     ("labels.txt", b"ILSVRC2012_val_00000001.JPEG 0\nILSVRC2012_val_00000001.JPEG 5\n",
      r"labels.txt: image 'ILSVRC2012_val_00000001' is labelled more than once"),
 ])
@@ -147,12 +148,54 @@ def test_a_malformed_val_labels_file_names_its_line(tree, name, content, message
         make("val", root=str(tree), resolution=16, val_labels=str(tree / name))
 
 
+@pytest.mark.parametrize(("name", "content", "message"), [
+    # csv's field limit (131,072 characters) raised _csv.Error
+    ("labels.csv", "ImageId,PredictionString\nILSVRC2012_val_00000001,n01440764 1\nx," + "n" * 200_000 + "\n",
+     r"labels.csv:3: not a readable CSV row \(field larger than field limit"),
+    # an unclosed quote runs to the end of the file: the same limit, named at the line it opens
+    ("labels.csv", 'ImageId,PredictionString\nILSVRC2012_val_00000001,"n01440764 1\n' + "x,y\n" * 50_000,
+     r"labels.csv:2: not a readable CSV row \(field larger than field limit"),
+    # int() of 5000 digits raised ValueError (Python's 4300-digit limit) before the range check
+    ("labels.txt", "ILSVRC2012_val_00000001.JPEG 0\nILSVRC2012_val_00000002.JPEG " + "9" * 5000 + "\n",
+     r"labels.txt:2: '9{60}\.\.\.' is neither a WordNet id nor a label 0-999$"),
+    ("labels.txt", "ILSVRC2012_val_00000001.JPEG 1000\n", r"labels.txt:1: '1000' is neither a WordNet id"),
+], ids=["long-field", "unclosed-quote", "5000-digits", "1000"])
+def test_a_hostile_val_labels_file_is_one_error_naming_its_line(tree, name, content, message):
+    (tree / name).write_text(content)
+    with pytest.raises(MinfmError, match=f"imagenet: .*{message}"):
+        make("val", root=str(tree), resolution=16, val_labels=str(tree / name))
+
+
+def test_label_tokens_with_leading_zeros_still_read(tree):
+    (tree / "labels.txt").write_text("ILSVRC2012_val_00000001.JPEG 0001\nILSVRC2012_val_00000002.JPEG 000\n")
+    ds = make("val", root=str(tree), resolution=16, val_labels=str(tree / "labels.txt"))
+    assert [lab for _, lab in ds.items] == [1, 0]
+
+
+def test_a_long_val_labels_file_is_checked_for_duplicates_in_linear_time(tree):
+    """stems.count(s) per stem: 40,000 lines took 35 s, a 64 MiB list hours."""
+    import time
+
+    n = 30_000  # the old check: ~20 s
+    lines = [f"ILSVRC2012_val_{i:08d}.JPEG 0" for i in range(n)] + ["ILSVRC2012_val_00000007.JPEG 3"]
+    (tree / "labels.txt").write_text("\n".join(lines) + "\n")
+    start = time.perf_counter()
+    with pytest.raises(MinfmError, match=r"image 'ILSVRC2012_val_00000007' is labelled more than once"):
+        make("val", root=str(tree), resolution=16, val_labels=str(tree / "labels.txt"))
+    assert time.perf_counter() - start < 5
+
+
 @pytest.mark.parametrize("template, message", [
     ("{nme}", "may use {name} only, not {nme}"),
     ("{name.upper}", "may use {name} only, not {name.upper}"),  # made prompts of a method's repr
     ("{name[0]}", "may use {name} only, not {name[0]}"),
     ("{", "is not a template of {name}"),
     ("{name:d}", "is not a template of {name}"),
+    ("{name!r}", "is not a template of {name} (no format spec or conversion"),
+    # padded to 10 M characters: 10 GB of prompts, and 1 GB inside the old validator itself
+    ("{name:>10000000}", "is not a template of {name} (no format spec or conversion"),
+    ("{name:>1000000000}", "is not a template of {name} (no format spec or conversion"),
+    ("{name:{name}}", "is not a template of {name} (no format spec or conversion"),
 ])
 def test_a_prompt_template_uses_the_name_plainly(template, message):
     from minfm_core.config import structure
@@ -162,6 +205,36 @@ def test_a_prompt_template_uses_the_name_plainly(template, message):
     with pytest.raises(RecipeError, match=re.escape(f"data.prompt_template: {template!r} {message}")):
         structure({"root": "/x", "prompt_template": template}, comp.config, path="data")
     assert structure({"root": "/x", "prompt_template": "a photo of a {name}"}, comp.config).prompt_template
+    assert structure({"root": "/x", "prompt_template": "{{{name}}}"}, comp.config).prompt_template  # braces escaped
+
+
+@pytest.mark.skipif(not os.path.isfile("/proc/self/status"), reason="peak RSS is read from Linux's /proc")
+def test_a_prompt_template_is_refused_without_formatting_it():
+    """The validator formatted the template: {name:>1000000000} allocated 1 GB there. Peak RSS is /proc's
+    VmHWM of a fresh process (getrusage's ru_maxrss outlives exec: a child of pytest starts at its size)."""
+    import subprocess
+    import sys
+
+    code = ("import re\n"
+            "from minfm_core.config import structure\nfrom minfm_core.errors import RecipeError\n"
+            "from minfm_core.registry import get_registry\n"
+            "def peak(): return int(re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read()).group(1))\n"
+            "comp = get_registry().get('dataset', 'imagenet')\n"
+            "before = peak()\n"
+            "try:\n    structure({'root': '/x', 'prompt_template': '{name:>1000000000}'}, comp.config)\n"
+            "except RecipeError:\n    pass\n"
+            "print(peak() - before)")
+    grown_kib = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert grown_kib < 100_000, grown_kib  # the old validator: ~1,000,000 KiB
+
+
+def test_a_prompt_template_has_a_length_bound():
+    from minfm_core.config import structure
+    from minfm_core.errors import RecipeError
+
+    comp = get_registry().get("dataset", "imagenet")
+    with pytest.raises(RecipeError, match=r"data.prompt_template: 5,000 characters; at most 4,096"):
+        structure({"root": "/x", "prompt_template": "{name}" + "x" * 4994}, comp.config, path="data")
 
 
 def test_shapes_need_at_least_one_size():

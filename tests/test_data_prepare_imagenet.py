@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -147,3 +148,102 @@ def test_a_split_without_images_is_refused_before_anything_is_written(tmp_path, 
     assert cli(["data", "imagenet", "prepare", str(root), "--recipe", str(TINY), "--out", str(out)]) == 2
     assert f"{root}: train/ holds no images" in capsys.readouterr().err
     assert not out.exists()
+
+
+def _prepare(root: Path, recipe_path: Path, out: Path, *extra: str) -> int:
+    return cli(["data", "imagenet", "prepare", str(root), "--recipe", str(recipe_path), "--out", str(out),
+                "--encoder", VOCAB, *extra])
+
+
+def _flatten_val(root: Path) -> None:
+    for picture in (root / "val" / "n01440764").iterdir():
+        picture.rename(root / "val" / picture.name)
+    (root / "val" / "n01440764").rmdir()
+
+
+@pytest.mark.parametrize("inside", ["train/prepared", "train", "val/n01440764/out", "val/new"])
+def test_an_out_inside_a_split_is_refused_before_anything_is_written(ilsvrc, tmp_path, capsys, inside):
+    """--out ROOT/train/prepared wrote the tables, then failed: 'prepared' is no class folder, for good."""
+    out = ilsvrc / inside
+    before = sorted(ilsvrc.rglob("*"))
+    assert _prepare(ilsvrc, recipe(tmp_path, ilsvrc, out), out) == 2
+    err = capsys.readouterr().err
+    assert f"--out {str(out)!r}: lies inside {str(ilsvrc / inside.split('/')[0])!r}" in err
+    assert len(err.strip().splitlines()) == 1 and sorted(ilsvrc.rglob("*")) == before
+    # the tree is as it was: a prepare beside the splits works
+    assert _prepare(ilsvrc, recipe(tmp_path, ilsvrc, ilsvrc), ilsvrc) == 0
+
+
+def test_an_out_reached_through_a_symlink_into_train_is_refused(ilsvrc, tmp_path, capsys):
+    link = tmp_path / "link"
+    link.symlink_to(ilsvrc / "train")
+    assert _prepare(ilsvrc, TINY, link / "prepared") == 2
+    assert "lies inside" in capsys.readouterr().err
+    assert not (ilsvrc / "train" / "prepared").exists()
+
+
+@pytest.mark.parametrize("case", ["no-val", "not-imagenet", "flat-val-unlabelled", "bad-val-labels"])
+def test_latents_requirements_are_checked_before_anything_is_written(ilsvrc, tmp_path, capsys, case):
+    """Each of these failed after classes.json & co. were written (and not-imagenet named keys
+    the user never wrote: "data: unknown key 'p_flip'; unknown key 'root'")."""
+    out = tmp_path / "o"
+    r = recipe(tmp_path, ilsvrc, out)
+    extra = ["--latents"]
+    if case == "no-val":
+        shutil.rmtree(ilsvrc / "val")
+        extra += ["--split", "val"]
+        message = f"--split val: {ilsvrc} has no val/ folder"
+    elif case == "not-imagenet":
+        r = TINY
+        message = f"{TINY}: --latents encodes the images as the recipe's [data] reads them, and that is 'shapes', not imagenet"
+    elif case == "flat-val-unlabelled":
+        _flatten_val(ilsvrc)
+        message = f"--latents: {ilsvrc / 'val'} holds its pictures directly, which the imagenet dataset reads only with data.val_labels"
+    else:
+        _flatten_val(ilsvrc)
+        (tmp_path / "labels.txt").write_text("n01440764_0.JPEG " + "7" * 5000 + "\n")
+        extra += ["--set", f"data.val_labels={json.dumps(str(tmp_path / 'labels.txt'))}"]
+        message = "labels.txt:1: '7777"
+    assert _prepare(ilsvrc, r, out, *extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert "unknown key" not in err and not out.exists()
+
+
+def test_a_flat_val_is_counted_by_its_labels_and_encoded(ilsvrc, tmp_path):
+    _flatten_val(ilsvrc)
+    (ilsvrc / "val" / "stray.JPEG").write_bytes((ilsvrc / "val" / "n01440764_0.JPEG").read_bytes())  # not listed
+    (tmp_path / "labels.txt").write_text("n01440764_0.JPEG n01443537\n")
+    out = tmp_path / "o"
+    r = recipe(tmp_path, ilsvrc, out)
+    labels = f"data.val_labels={json.dumps(str(tmp_path / 'labels.txt'))}"
+    assert _prepare(ilsvrc, r, out, "--latents", "--set", labels) == 0
+    assert json.loads((out / "prepare.json").read_text())["splits"] == {"train": 3, "val": 1}
+    val = json.loads((out / "latents" / "val" / "index.json").read_text())["entries"]
+    assert [e["label"] for e in val] == [1]
+
+
+def test_a_flat_val_without_labels_counts_0_and_train_alone_is_encoded(ilsvrc, tmp_path, capsys):
+    """The documented run (reproduce.md): a flat val/, no val_labels, --latents --split train."""
+    _flatten_val(ilsvrc)
+    out = tmp_path / "o"
+    assert _prepare(ilsvrc, recipe(tmp_path, ilsvrc, out), out, "--latents", "--split", "train") == 0
+    assert json.loads((out / "prepare.json").read_text())["splits"] == {"train": 3, "val": 0}
+    assert (out / "latents" / "train" / "index.json").is_file() and not (out / "latents" / "val").exists()
+
+
+def test_pictures_lying_directly_in_train_are_not_counted(ilsvrc, tmp_path, capsys):
+    """split_counts said train 1 for a flat picture the dataset never reads."""
+    stray = ilsvrc / "train" / "stray.JPEG"
+    stray.write_bytes(next((ilsvrc / "train" / "n01440764").iterdir()).read_bytes())
+    out = tmp_path / "o"
+    assert _prepare(ilsvrc, TINY, out) == 0
+    assert json.loads((out / "prepare.json").read_text())["splits"] == {"train": 3, "val": 1}
+
+    flat = tmp_path / "flat"
+    (flat / "train").mkdir(parents=True)
+    stray.rename(flat / "train" / "stray.JPEG")
+    assert _prepare(flat, TINY, tmp_path / "o2") == 2
+    err = capsys.readouterr().err
+    assert f"{flat}: train/ holds no images in class folders" in err and "the 1 lying directly in train/ are not read" in err
+    assert not (tmp_path / "o2").exists()

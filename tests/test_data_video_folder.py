@@ -155,3 +155,73 @@ def test_read_clip_picks_from_the_true_count_in_either_container(tmp_path, suffi
     assert seen == [9] == [count_frames(path)] and indices == [1, 4, 8]
     arr = [round((np.asarray(f, np.float32).mean() - 16) / LEVEL) for f in frames]
     assert arr == [1, 4, 8]
+
+
+def test_frames_over_pils_pixel_limit_are_refused_like_pictures(tmp_path, monkeypatch):
+    """Only 16,384 px a side were checked: a 16384 x 16384 frame (268 M pixels) was decoded; pictures stop at
+    PIL's Image.MAX_IMAGE_PIXELS. Here the limit is lowered so small files stand in for huge ones."""
+    from PIL import Image
+
+    write_video(tmp_path / "x.mp4", 3, height=32, width=48)  # the header gives the size: refused before decoding
+    Image.new("RGB", (48, 32)).save(tmp_path / "y.gif")  # a GIF leaves it to the frames
+    for name in ("x", "y"):
+        (tmp_path / f"{name}.txt").write_text("a clip")
+    ds = make(root=str(tmp_path), frames=1, val_fraction=0.0, max_pixels=48 * 32)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 48 * 32 - 1)
+    for i, name in enumerate(("x.mp4", "y.gif")):
+        with pytest.raises(MinfmError, match=rf"{name} has 48x32 frames \(1,536 pixels\); at most 1,535 pixels a frame"):
+            ds[i]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 48 * 32)  # at the limit: read
+    assert tuple(ds[1]["image"].shape) == (3, 1, 32, 48)
+
+
+# Peak RSS from /proc (VmHWM): getrusage's ru_maxrss outlives exec, so a child of a big pytest process
+# starts out "peaked" at its parent's size and would measure nothing.
+_PEAK = """
+import json, re, sys
+def peak_kib():
+    return int(re.search(r"VmHWM:\\s*(\\d+)", open("/proc/self/status").read()).group(1))
+from minfm_core.config import structure
+from minfm_core.registry import get_registry
+comp = get_registry().get("dataset", "video_folder")
+ds = comp.build(structure({"root": sys.argv[1], "frames": 3, "clip_start": "first", "val_fraction": 0.0}, comp.config))
+import av  # loaded outside the measure
+before = peak_kib()
+clip = ds[0]["image"]
+grown = peak_kib() - before
+means = ((clip + 1) * 127.5).mean(dim=(2, 3)).T.round().int().tolist()
+print(json.dumps({"grown_mib": grown // 1024, "shape": list(clip.shape), "means": means}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="peak RSS is read from Linux's /proc")
+def test_a_big_frame_is_made_small_as_it_is_decoded(tmp_path):
+    """Every wanted frame was kept at full size (and converted at ~4 RGB copies) before the resize: a 3-frame
+    4000 x 4000 GIF grew the reader by 446 MiB for a 3 x 128 x 128 clip; now ~130 MiB (the GIF decoder's own
+    two frames). Peak RSS is measured in a fresh process."""
+    import json
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    colours = [(200, 40, 100), (40, 200, 100), (100, 40, 200)]
+    frames = [Image.new("RGB", (4000, 4000), c) for c in colours]
+    frames[0].save(tmp_path / "big.gif", save_all=True, append_images=frames[1:], duration=100)
+    del frames
+    (tmp_path / "big.txt").write_text("a big clip")
+    run = subprocess.run([sys.executable, "-c", _PEAK, str(tmp_path)], capture_output=True, text=True, check=True)
+    got = json.loads(run.stdout)
+    assert got["shape"] == [3, 3, 128, 128] and got["means"] == [list(c) for c in colours], got  # each frame, in order
+    assert got["grown_mib"] < 250, got  # the old reader: 446
+
+
+@pytest.mark.parametrize(("frames", "ok"), [(1024, True), (1025, False)])
+def test_frames_agree_with_the_command_lines_limit(frames, ok, capsys):
+    """data.frames took 1025 while --size and --clip-frames stop at MAX_FRAMES (1024)."""
+    from minfm_core.validators import MAX_FRAMES
+
+    assert MAX_FRAMES == 1024
+    rc = main(["check", "recipes/quickstart.toml", "--set", f"data={{name = 'video_folder', root = 'x', frames = {frames}}}"])
+    err = capsys.readouterr().err
+    assert (rc == 0) if ok else (rc == 2 and "data.frames: " in err and "1024" in err), err

@@ -5,7 +5,14 @@ from __future__ import annotations
 from typing import Literal
 
 from minfm_core.config import config, field
-from minfm_core.validators import MAX_SAMPLES, MAX_SIDE, SEED, Range, probability
+from minfm_core.validators import (
+    MAX_FRAMES,
+    MAX_SAMPLES,
+    MAX_SIDE,
+    SEED,
+    Range,
+    probability,
+)
 
 #: Colours and shapes the ``shapes`` dataset knows how to draw (the palette is in shapes.py).
 SHAPE_COLOURS = ("red", "green", "blue", "yellow", "orange", "purple", "cyan", "magenta")
@@ -28,22 +35,29 @@ def _multiple_of_size_multiple(inst, attribute, value) -> None:
             )
 
 
+#: Characters of a prompt template: a prompt is read by a text encoder of at most a few hundred
+#: tokens, and 1000 of them are made at once.
+MAX_TEMPLATE = 4096
+
+
 def _class_template(inst, attribute, value) -> None:
     """Only ``{name}``, plainly: ``{nme}`` raised at prepare, ``{name.upper}`` made prompts of a
-    method's repr (different in every process)."""
+    method's repr (different in every process), and a format spec such as ``{name:>1000000000}``
+    made a gigabyte per prompt (checked here without formatting anything)."""
     import string
 
+    if len(value) > MAX_TEMPLATE:
+        raise ValueError(f"{attribute.name}: {len(value):,} characters; at most {MAX_TEMPLATE:,}")
     try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(value) if f is not None]
+        parts = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(value) if f is not None]
     except ValueError as exc:
         raise ValueError(f"{attribute.name}: {value!r} is not a template of {{name}} ({exc})") from None
-    bad = [f for f in fields if f != "name"]
+    bad = [f for f, _, _ in parts if f != "name"]
     if bad:
         raise ValueError(f"{attribute.name}: {value!r} may use {{name}} only, not {{{bad[0]}}}")
-    try:
-        value.format(name="x")  # a format spec or conversion that cannot apply to text
-    except ValueError as exc:
-        raise ValueError(f"{attribute.name}: {value!r} is not a template of {{name}} ({exc})") from None
+    if any(spec or conv for _, spec, conv in parts):
+        raise ValueError(f"{attribute.name}: {value!r} is not a template of {{name}} "
+                         "(no format spec or conversion after the name: write {name} plainly)")
 
 
 def _choices(allowed: tuple[str, ...]):
@@ -314,7 +328,7 @@ class VideoFolderConfig:
     )
     frames: int = field(
         17, doc="frames per clip (a video VAE with 4x time compression wants 1 + 4k: 5, 9, 17, ...)",
-        validator=Range(1, 1025),
+        validator=Range(1, MAX_FRAMES),  # what --size and --clip-frames accept too
     )
     stride: int = field(1, doc="take every stride-th frame of the video (2 halves the frame rate)", validator=Range(1, 64))
     clip_start: Literal["first", "random"] = field(

@@ -21,6 +21,8 @@ from __future__ import annotations
 import csv
 import io
 import os
+from collections import Counter
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
@@ -108,55 +110,92 @@ def _prompts(template: str) -> list[str]:
         raise MinfmError(f"imagenet: prompt_template {template!r} is invalid ({exc}); use {{name}}") from None
 
 
-def _class_folders(folder: Path) -> list[tuple[Path, int]]:
+def is_image(name: str) -> bool:
+    return name.lower().endswith(_IMAGE_SUFFIXES)
+
+
+def _class_folder_files(folder: Path) -> Iterator[tuple[Path, int, list[str]]]:
+    """(class folder, label, sorted picture names) for each <wnid>/ under ``folder``; pictures lying
+    directly in ``folder`` are not read."""
     labels = _label_of_wnid()
-    items = []
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
         if sub.name not in labels:
             raise MinfmError(f"imagenet: {str(sub)!r} is not an ILSVRC-2012 class folder (unknown WordNet id)")
-        label = labels[sub.name]
         with os.scandir(sub) as it:
-            names = sorted(e.name for e in it if e.name.lower().endswith(_IMAGE_SUFFIXES))
-        items += [(sub / n, label) for n in names]
-    return items
+            names = sorted(e.name for e in it if is_image(e.name))
+        yield sub, labels[sub.name], names
+
+
+def _class_folders(folder: Path) -> list[tuple[Path, int]]:
+    return [(sub / n, label) for sub, label, names in _class_folder_files(folder) for n in names]
+
+
+def count_images(folder: Path, val_labels: Path | None = None) -> int:
+    """How many pictures the dataset reads from a split folder: those its ``val_labels`` list when
+    given, else those in class folders (the same walk and checks, without keeping every path)."""
+    if val_labels is not None:
+        return len(_flat_val(folder, val_labels))
+    return sum(len(names) for _, _, names in _class_folder_files(folder))
+
+
+def _shown(text: str, limit: int = 60) -> str:
+    """``text`` for an error line: a 100,000-character field would make a line nobody can read."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def _label_rows(labels_file: Path, text: str) -> list[tuple[int, str, str]]:
+    """(line, file, wnid or label) for each entry of a val labels file."""
+    rows: list[tuple[int, str, str]] = []
+    if labels_file.suffix.lower() == ".csv":  # Kaggle LOC_val_solution.csv: ImageId,PredictionString
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        start = 1
+        try:
+            while reader.fieldnames is not None:  # None: an empty file
+                start = reader.line_num + 1  # where a failing row began (an unclosed quote runs on to the end)
+                row = next(reader, None)
+                if row is None:
+                    break
+                box = (row.get("PredictionString") or "").split()
+                if not row.get("ImageId") or not box:
+                    raise MinfmError(f"imagenet: {labels_file}:{reader.line_num}: expected columns ImageId and "
+                                     "PredictionString (Kaggle's LOC_val_solution.csv)")
+                rows.append((reader.line_num, row["ImageId"], box[0]))
+        except csv.Error as exc:  # a field past csv's limit of 131,072 characters, ...
+            raise MinfmError(f"imagenet: {labels_file}:{start}: not a readable CSV row ({exc})") from None
+    else:  # "<file> <wnid or label index>" per line
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                parts = line.split()
+                if len(parts) < 2:
+                    raise MinfmError(f"imagenet: {labels_file}:{lineno}: expected '<file> <wnid or label>', "
+                                     f"got {_shown(line)}")
+                rows.append((lineno, parts[0], parts[1]))
+    return rows
 
 
 def _flat_val(folder: Path, labels_file: Path) -> list[tuple[Path, int]]:
     if not labels_file.is_file():
         raise MinfmError(f"imagenet: val_labels {str(labels_file)!r} not found")
     by_wnid = _label_of_wnid()
-    pairs: list[tuple[str, str]] = []
     text = read_text(labels_file, f"imagenet: {labels_file}", MAX_LABELS_BYTES)
-    if labels_file.suffix.lower() == ".csv":  # Kaggle LOC_val_solution.csv: ImageId,PredictionString
-        for lineno, row in enumerate(csv.DictReader(io.StringIO(text, newline="")), 2):
-            box = (row.get("PredictionString") or "").split()
-            if not row.get("ImageId") or not box:
-                raise MinfmError(f"imagenet: {labels_file}:{lineno}: expected columns ImageId and PredictionString "
-                                 "(Kaggle's LOC_val_solution.csv)")
-            pairs.append((row["ImageId"], box[0]))
-    else:  # "<file> <wnid or label index>" per line
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                parts = line.split()
-                if len(parts) < 2:
-                    raise MinfmError(f"imagenet: {labels_file}:{lineno}: expected '<file> <wnid or label>', got {line[:80]!r}")
-                pairs.append((parts[0], parts[1]))
+    rows = _label_rows(labels_file, text)
     files = {p.stem: p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES}
-    items = []
-    stems = [Path(name).stem for name, _ in pairs]
-    twice = sorted({s for s in stems if stems.count(s) > 1}) if len(set(stems)) < len(stems) else []
+    # Counted in one pass: stems.count(s) per stem took hours on a 64 MiB list.
+    twice = sorted(s for s, n in Counter(Path(name).stem for _, name, _ in rows).items() if n > 1)
     if twice:  # the same picture in the split twice, perhaps under two labels
-        raise MinfmError(f"imagenet: {labels_file}: image {twice[0]!r} is labelled more than once")
-    for name, token in sorted(pairs):
+        raise MinfmError(f"imagenet: {labels_file}: image {_shown(twice[0])} is labelled more than once")
+    items = []
+    for lineno, name, token in sorted(rows, key=lambda row: row[1]):
         path = files.get(Path(name).stem)
         if path is None:
-            raise MinfmError(f"imagenet: {labels_file}: image {name!r} not found in {str(folder)!r}")
+            raise MinfmError(f"imagenet: {labels_file}:{lineno}: image {_shown(name)} not found in {str(folder)!r}")
         if token in by_wnid:
             label = by_wnid[token]
-        elif token.isascii() and token.isdigit() and int(token) < 1000:
+        # The length first: int() of a 5000-digit token raises ValueError (Python's digit limit).
+        elif token.isascii() and token.isdigit() and len(token.lstrip("0")) <= 3:
             label = int(token)
         else:
-            raise MinfmError(f"imagenet: {labels_file}: {token!r} is neither a WordNet id nor a label 0-999")
+            raise MinfmError(f"imagenet: {labels_file}:{lineno}: {_shown(token)} is neither a WordNet id nor a label 0-999")
         items.append((path, label))
     return items
 

@@ -24,6 +24,7 @@ encoder is ``--encoder`` (a TOML inline table naming a text encoder) or the reci
 from __future__ import annotations
 
 import json
+import os
 import sys
 import typing
 from pathlib import Path
@@ -66,8 +67,27 @@ def register(sub) -> None:
     q.set_defaults(func=run)
 
 
-def split_counts(root: Path, labels: dict[str, int]) -> dict[str, int]:
-    """Images per split of an ILSVRC tree; every class folder must be a known WordNet id."""
+def check_out(root: Path, out: Path) -> None:
+    """``--out`` must not lie in ROOT's train/ or val/: its folder would be taken for a class
+    folder by every later prepare and training run (symlinks followed)."""
+    real_out = Path(os.path.realpath(out))
+    for split in ("train", "val"):
+        folder = Path(os.path.realpath(root / split))
+        if real_out == folder or folder in real_out.parents:
+            raise MinfmError(f"--out {str(out)!r}: lies inside {str(root / split)!r}, where every folder is taken "
+                             f"for an ILSVRC-2012 class; write beside the splits instead (e.g. --out {str(root)!r})")
+
+
+def split_counts(root: Path, val_labels: Path | None = None) -> dict[str, int]:
+    """Pictures per split as the ``imagenet`` dataset reads them: those in <wnid>/ class folders
+    (every one a known WordNet id), or for val those ``val_labels`` lists.
+
+    A flat val/ without ``val_labels`` counts 0: the dataset reads none of it, which only
+    --latents needs (refused there). A train/ or val/ holding no pictures at all is refused:
+    preparing nothing would write tables a run then trains on nothing with.
+    """
+    from .imagenet import count_images, is_image
+
     if not root.is_dir():
         raise MinfmError(f"{root}: no such ILSVRC-2012 folder")
     counts = {}
@@ -75,21 +95,15 @@ def split_counts(root: Path, labels: dict[str, int]) -> dict[str, int]:
         folder = root / split
         if not folder.is_dir():
             continue
-        n = 0
-        for sub in sorted(folder.iterdir()):
-            if sub.is_dir():
-                if sub.name not in labels:
-                    raise MinfmError(f"{sub}: not an ILSVRC-2012 class folder (unknown WordNet id)")
-                n += sum(1 for f in sub.iterdir() if f.suffix.lower() in (".jpeg", ".jpg", ".png"))
-            elif sub.suffix.lower() in (".jpeg", ".jpg", ".png"):
-                n += 1  # a flat val/ (labels from data.val_labels)
-        counts[split] = n
+        counts[split] = count_images(folder, val_labels if split == "val" else None)
+        if counts[split]:
+            continue
+        loose = sum(1 for f in folder.iterdir() if is_image(f.name) and f.is_file())
+        if split == "train" or not loose:
+            raise MinfmError(f"{root}: {split}/ holds no images in class folders (expected {split}/<wnid>/*.JPEG"
+                             + (f"; the {loose} lying directly in {split}/ are not read)" if loose else ")"))
     if not counts:
         raise MinfmError(f"{root}: has neither train/ nor val/ (expected <root>/train/<wnid>/*.JPEG)")
-    empty = [split for split, n in counts.items() if not n]
-    if empty:  # preparing nothing would write tables a run then trains on nothing with
-        raise MinfmError(f"{root}: {' and '.join(f'{s}/' for s in empty)} holds no images "
-                         "(expected <wnid>/*.JPEG folders, or a flat val/)")
     return counts
 
 
@@ -168,22 +182,29 @@ def run(args) -> int:
 
     from minfm_core.recipe import load_recipe
 
-    from .imagenet import imagenet_classes
+    from .imagenet import _prompts, imagenet_classes
 
+    # Everything that can be refused is refused before the first file is written.
     root, out = Path(args.root).expanduser(), Path(args.out).expanduser()
+    check_out(root, out)
     resolved = load_recipe(args.recipe, args.overrides, world_size=1)
     data = resolved.get("data")
-    template = getattr(data.config, "prompt_template", "{name}") if data is not None else "{name}"
+    inet = data.config if data is not None and data.component.name == "imagenet" else None
+    if args.latents and inet is None:
+        raise MinfmError(f"{args.recipe}: --latents encodes the images as the recipe's [data] reads them, and that "
+                         f"is {repr(data.component.name) if data is not None else 'not set'}, not imagenet")
+    template = inet.prompt_template if inet is not None else "{name}"
+    val_labels = Path(inet.val_labels).expanduser() if inet is not None and inet.val_labels else None
     classes = list(imagenet_classes())
     labels = {wnid: i for i, (wnid, _) in enumerate(classes)}
-    counts = split_counts(root, labels)
+    counts = split_counts(root, val_labels)
     env = launch_env()
     rank, world = env.rank, env.world_size
     device = torch.device(f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu")
-    out.mkdir(parents=True, exist_ok=True)
+    latents = latents_plan(args, root, counts, device) if args.latents else None
 
     if rank == 0:
-        prompts = [template.format(name=name) for _, name in classes]
+        prompts = _prompts(template)
         comp, cfg = pick_encoder(resolved, args.encoder)
         encoder = comp.build(cfg, load_weights=True)
         if isinstance(encoder, torch.nn.Module):
@@ -194,6 +215,7 @@ def run(args) -> int:
         for label, prompt in enumerate(prompts):
             rows.setdefault(prompt.strip(), label)  # "crane", "maillot": two classes, one text, one row
         rows[UNCONDITIONAL] = len(prompts)
+        out.mkdir(parents=True, exist_ok=True)
         save_class_table(table, rows, out / "class_embeddings.safetensors")  # atomically
         _write_json(out / "class_embeddings.json", rows)
         _write_json(out / "classes.json", [{"label": i, "wnid": w, "name": n, "prompt": p}
@@ -203,25 +225,34 @@ def run(args) -> int:
                                            "encoder": {"name": comp.name}, "table": list(table.shape)})
         print(f"{out}: classes.json, label_map.json, class_embeddings.safetensors ({table.shape[0]} x {table.shape[1]}, "
               f"{comp.name}); splits {', '.join(f'{k} {v}' for k, v in counts.items())}")
-    if args.latents:
-        encode_latents(args, root, out, counts, rank, world, device)
+    if latents is not None:
+        encode_latents(args, out, *latents, rank, world)
     return 0
 
 
-def encode_latents(args, root: Path, out: Path, counts: dict[str, int], rank: int, world: int, device) -> None:
-    from minfm_core.cli.latents_cmd import encode_split
+def latents_plan(args, root: Path, counts: dict[str, int], device):
+    """(recipe, VAE, {split: dataset}) for --latents: the recipe's imagenet data reading ROOT
+    unflipped, every split asked for present and readable, the VAE built."""
     from minfm_core.recipe import load_recipe
 
     resolved = load_recipe(args.recipe, [*args.overrides, f"data.root={json.dumps(str(root))}",
                                          "data.use_cached_latents=false", "data.p_flip=0.0"], world_size=1)
-    data = resolved.get("data")
-    if data is None or data.component.name != "imagenet":
-        raise MinfmError(f"{args.recipe}: --latents needs a recipe whose [data] is the imagenet dataset")
-    vae = resolved.build("model.vae").to(device)
-    for split in args.splits or list(counts):
+    datasets = {}
+    for split in dict.fromkeys(args.splits or counts):
         if split not in counts:
             raise MinfmError(f"--split {split}: {root} has no {split}/ folder")
-        stats = encode_split(vae, data.build(split=split), out / "latents" / split, split, shard_size=args.shard_size,
+        if not counts[split]:  # only a flat val/ counts 0 (split_counts refuses other empty splits)
+            raise MinfmError(f"--latents: {root / split} holds its pictures directly, which the imagenet dataset "
+                             "reads only with data.val_labels (set it, or encode --split train only)")
+        datasets[split] = resolved["data"].build(split=split)
+    return resolved, resolved.build("model.vae").to(device), datasets
+
+
+def encode_latents(args, out: Path, resolved, vae, datasets: dict, rank: int, world: int) -> None:
+    from minfm_core.cli.latents_cmd import encode_split
+
+    for split, dataset in datasets.items():
+        stats = encode_split(vae, dataset, out / "latents" / split, split, shard_size=args.shard_size,
                              batch_size=args.batch_size, dtype=args.dtype, rank=rank, world=world,
                              seed=resolved.recipe.run.seed, log=lambda m: print(m, file=sys.stderr))
         print(f"{out / 'latents' / split}: encoded {stats['encoded']} shard(s), skipped {stats['skipped']}"

@@ -2,9 +2,9 @@
 
 ``cat.mp4`` + ``cat.txt`` is one item (any container FFmpeg reads: mp4, webm, mkv, mov, avi).
 A clip is ``frames`` frames taken every ``stride``-th frame of the video, from the first frame or
-from a start drawn per (seed, epoch, index); each frame is resized (aspect kept) to about
-``max_pixels`` pixels and center-cropped to multiples of ``size_multiple``, like ``image_folder``
-does for pictures. A video too short for ``(frames - 1) * stride + 1`` frames is an error naming
+from a start drawn per (seed, epoch, index); each frame is resized (aspect kept) as it is decoded
+to about ``max_pixels`` pixels and center-cropped to multiples of ``size_multiple``, like
+``image_folder`` does for pictures. A video too short for ``(frames - 1) * stride + 1`` frames is an error naming
 the file and the two settings. Splits: ``root/train`` and ``root/val`` when they exist, else a
 stable hash of each path holds out ``val_fraction``. PyAV is the ``video`` extra
 (``pip install 'minfm[video]'``); it is imported when a clip is read.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from minfm_core.errors import MinfmError, first_line
+from minfm_core.errors import MinfmError, MinfmWarning, first_line
 from minfm_core.images import require_regular_file
 from minfm_core.validators import MAX_SIDE
 
@@ -39,8 +39,14 @@ def _av():
 
 
 def _check_size(path: Path, w: int, h: int) -> None:
+    from PIL import Image
+
     if max(w, h) > MAX_SIDE:
         raise MinfmError(f"video_folder: {path} has {w}x{h} frames; at most {MAX_SIDE} pixels a side are read")
+    limit = Image.MAX_IMAGE_PIXELS  # where PIL starts to suspect a decompression bomb (None: turned off)
+    if limit is not None and w * h > limit:
+        raise MinfmError(f"video_folder: {path} has {w}x{h} frames ({w * h:,} pixels); at most {int(limit):,} "
+                         "pixels a frame are read (PIL's Image.MAX_IMAGE_PIXELS)")
 
 
 @contextlib.contextmanager
@@ -48,9 +54,10 @@ def _first_video_stream(path: Path):
     """(container, stream) of ``path``'s first video stream; whatever goes wrong reading it inside
     the block (not a video, no video stream, undecodable data) is one error naming the file.
 
-    Frames wider or taller than MAX_SIDE are refused before they are converted (and, where the
-    container's header gives the size, before any is decoded): a small file can declare
-    65,535 x 65,535 frames, 12 GB each once decoded.
+    Frames wider or taller than MAX_SIDE, or of more pixels than PIL's decompression-bomb bound
+    for pictures (``Image.MAX_IMAGE_PIXELS``), are refused before they are converted (and, where the container's header
+    gives the size, before any is decoded): a small file can declare 65,535 x 65,535 frames,
+    12 GB each once decoded.
     """
     av = _av()
     require_regular_file(path)  # a FIFO named x.mp4 would block av.open forever
@@ -77,35 +84,58 @@ def _frame_count(container, stream) -> int:
     return sum(1 for packet in container.demux(stream) if packet.size)
 
 
-def _decode(path: Path, container, stream, indices: list[int]) -> list:
+def _decode(path: Path, container, stream, indices: list[int], budget: tuple[int, int] | None = None) -> list:
     want = set(indices)
     out = {}
+    size = None
     stream.thread_type = "AUTO"
     for i, frame in enumerate(container.decode(stream)):
         _check_size(path, frame.width, frame.height)  # some headers (GIF) leave the size to the frames
         if i in want:
-            out[i] = frame.to_image()
+            if budget is None:
+                out[i] = frame.to_image()
+            else:
+                # Each frame is made small as it comes: keeping them all at full size for a resize
+                # afterwards cost 2.6 GB for a 5-frame 8192 x 8192 GIF.
+                size = size or budget_size(frame.width, frame.height, *budget)
+                out[i] = resize_and_center_crop(_shrunk_image(frame, *size), *size)
             if len(out) == len(want):
                 break
     return [out[i] for i in indices if i in out]
 
 
-def read_frames(path: Path, indices: list[int]):
-    """The PIL frames at ``indices`` (sorted, distinct) of the first video stream, decoded in one pass."""
+def _shrunk_image(frame, width: int, height: int):
+    """The frame as an RGB PIL image, scaled down by FFmpeg while it converts (box filter) to twice
+    what a (width, height) crop needs where it is larger: PyAV's full-size conversion holds about
+    four RGB copies of the frame (840 MB for one 8192 x 8192 frame). resize_and_center_crop then
+    makes the crop from that, as it does for pictures."""
+    r = 2 * max(width / frame.width, height / frame.height)
+    if r >= 1:
+        return frame.to_image()
+    return frame.to_image(width=max(1, round(frame.width * r)), height=max(1, round(frame.height * r)),
+                          interpolation="AREA")
+
+
+def read_frames(path: Path, indices: list[int], budget: tuple[int, int] | None = None):
+    """The PIL frames at ``indices`` (sorted, distinct) of the first video stream, decoded in one pass.
+
+    With ``budget = (max_pixels, multiple)`` each frame is resized (aspect kept) and center-cropped
+    as it is decoded, to the size :func:`budget_size` gives the first one (what a dataset item holds).
+    """
     with _first_video_stream(path) as (container, stream):
-        return _decode(path, container, stream, indices)
+        return _decode(path, container, stream, indices, budget)
 
 
-def read_clip(path: Path, pick) -> tuple[list[int], list]:
+def read_clip(path: Path, pick, budget: tuple[int, int] | None = None) -> tuple[list[int], list]:
     """``(indices, frames)`` with ``indices = pick(frame_count)``, opening the file once where the
     container's header gives the frame count (mp4, mkv, webm...). Without one, counting demuxes the
-    stream to its end, and the file is opened again to decode."""
+    stream to its end, and the file is opened again to decode. ``budget``: as for :func:`read_frames`."""
     with _first_video_stream(path) as (container, stream):
         if stream.frames:
             indices = pick(int(stream.frames))
-            return indices, _decode(path, container, stream, indices)
+            return indices, _decode(path, container, stream, indices, budget)
         indices = pick(_frame_count(container, stream))
-    return indices, read_frames(path, indices)
+    return indices, read_frames(path, indices, budget)
 
 
 class VideoFolderDataset(torch.utils.data.Dataset):
@@ -153,12 +183,12 @@ class VideoFolderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         path, caption = self.items[index]
-        indices, frames = read_clip(path, lambda available: self.frame_indices(index, available))
+        indices, frames = read_clip(path, lambda available: self.frame_indices(index, available),
+                                    budget=(self.cfg.max_pixels, self.cfg.size_multiple))
         if len(frames) < len(indices):  # the container over-counted
             raise MinfmError(f"video_folder: {path} decoded to fewer frames than its header says ({len(frames)} of "
                              f"frame {indices[-1]} needed)")
-        w, h = budget_size(frames[0].width, frames[0].height, self.cfg.max_pixels, self.cfg.size_multiple)
-        clip = torch.cat([to_tensor(resize_and_center_crop(f, w, h)) for f in frames], dim=1)
+        clip = torch.cat([to_tensor(f) for f in frames], dim=1)
         if self.flips(index):
             clip = clip.flip(-1)
         return {"image": clip, "prompt": caption}
@@ -180,7 +210,8 @@ def _scan(folder: Path) -> list[tuple[Path, str]]:
     if missing:
         import warnings
 
-        warnings.warn(f"video_folder: skipping {len(missing)} videos without a .txt caption under {str(folder)!r}")
+        warnings.warn(f"video_folder: skipping {len(missing)} videos without a .txt caption under {str(folder)!r}",
+                      MinfmWarning)
     return items
 
 
