@@ -50,3 +50,24 @@ def test_registered_with_config_and_attention_backends():
     comp = reg.get("denoiser", "flux")
     assert comp.config is FluxConfig and comp.plugin == "flux"
     assert reg.get("attention", "auto").plugin == "attention"
+
+
+def test_mlp_ratio_must_give_a_hidden_unit():
+    """d_mlp = int(d_model * mlp_ratio): 128 x 0.001 gave zero-width MLPs, trained silently."""
+    for ratio in (0.001, 1 / 129):
+        with pytest.raises(RecipeError, match=r"model\.denoiser: mlp_ratio .* x d_model 128 gives MLPs of width 0"):
+            structure({"flavor": "flux-debug", "mlp_ratio": ratio}, FluxConfig, "model.denoiser")
+    assert structure({"flavor": "flux-debug", "mlp_ratio": 1 / 128}, FluxConfig, "model.denoiser").d_mlp == 1
+
+
+@pytest.mark.parametrize("args,name", [(["SRC", ""], "OUT_DIR"), (["", "out"], "SRC")])
+def test_export_refuses_an_empty_path(tmp_path, monkeypatch, capsys, args, name):
+    """`minfm export diffusers RUN ''` wrote into the current folder and printed "wrote ."."""
+    from minfm_core.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "SRC").mkdir()
+    assert main(["export", "diffusers", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"minfm: error: export diffusers: {name}: empty path"]
+    assert [p.name for p in tmp_path.iterdir()] == ["SRC"] and not any((tmp_path / "SRC").iterdir())

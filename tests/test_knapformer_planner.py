@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from fractions import Fraction
 
 import numpy as np
@@ -123,6 +124,22 @@ def test_gamma_is_exact():
     assert not_worse(p, ref)
 
 
+def test_the_finest_gamma_keeps_every_load_a_finite_float():
+    """gamma 1e-320 made denominators of 10^320 (OverflowError in load_before / gpu_load); the
+    range's worst case, the smallest gamma with the most digits, at the widest d and longest
+    sequences, stays well inside a float."""
+    from minfm_core.validators import MAX_TOKENS, MAX_WIDTH
+
+    lens = [[MAX_TOKENS, 3], [MAX_TOKENS - 1], [7, 1, MAX_TOKENS], [2]]
+    for gamma in (1.2345678901234567e-06, 1e-6, 0.0, 100.0):
+        p = planner.plan(lens, "g1n2+g2n1", MAX_WIDTH, gamma=gamma)
+        assert p.problems() == []
+        for load in (p.load_before(), p.load_after(), p.gpu_load()):
+            assert np.isfinite(load).all() and load.max() > 0
+        row = simulate.evaluate([lens], "g1n2+g2n1", MAX_WIDTH, gamma)
+        assert all(np.isfinite(v["max_mean"]) for v in row.values())
+
+
 def shuffled_rows(p: planner.Plan) -> list[tuple[int, ...]]:
     """The plan's chunks without sample ids: (src, sequence length, dst, offset, length), sorted."""
     c = p.chunks
@@ -145,8 +162,11 @@ def test_plan_ignores_the_order_within_a_rank(bags):
     "kwargs,match",
     [({"d": 0}, "hidden width d must be a whole number > 0, got 0"),
      ({"d": 1.5}, "hidden width d must be a whole number > 0"),
-     ({"gamma": -0.5}, "gamma must be >= 0, got -0.5"),
-     ({"gamma": float("nan")}, "gamma must be >= 0"),
+     ({"gamma": -0.5}, "gamma must be in [1e-06, 100] or 0, got -0.5"),
+     ({"gamma": float("nan")}, "gamma must be in [1e-06, 100] or 0"),
+     # exact as its decimal, 1e-320 is 1 / 10^320: the float loads overflowed (OverflowError)
+     ({"gamma": 1e-320}, "gamma must be in [1e-06, 100] or 0, got 1e-320"),
+     ({"gamma": 101.0}, "gamma must be in [1e-06, 100] or 0"),
      ({"tolerance": -0.01}, "tolerance must be >= 0"),
      ({"tolerance": float("inf")}, "tolerance must be >= 0")],
 )
@@ -154,7 +174,7 @@ def test_numbers_are_validated(kwargs, match):
     from minfm_core.errors import MinfmError
 
     args = {"d": 64, **kwargs}
-    with pytest.raises(MinfmError, match=match):
+    with pytest.raises(MinfmError, match=re.escape(match)):
         planner.plan([[10], [20]], "g1n2", **args)
 
 

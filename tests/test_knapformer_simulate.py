@@ -9,6 +9,7 @@ from conftest import ROOT
 from minfm_plugins.knapformer import simulate
 
 from minfm_core.cli.main import main
+from minfm_core.errors import MinfmError
 
 QUICKSTART = str(ROOT / "recipes" / "quickstart.toml")
 
@@ -58,3 +59,89 @@ def test_recipe_samples_become_clips(tmp_path, capsys):
 def test_numbers_are_checked(args, message, capsys):
     assert main(["balance", "simulate", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("minfm: error: "), err
+    return err[0]
+
+
+def test_gamma_has_one_range_for_the_flag_the_recipe_and_the_planner(capsys):
+    """gamma 1e-320 crashed the simulator (OverflowError: gamma is exact as a decimal, so
+    its denominator was 10^320), from the flag and from a recipe that `minfm check` passed."""
+    assert main(["balance", "simulate", "--synthetic", "mixed", "--world-size", "8", "--gamma", "1e-320"]) == 2
+    assert "--gamma: expected a number in [1e-06, 100] or 0, got 1e-320" in _one_line_error(capsys)
+    assert main(["check", QUICKSTART, "--set", 'balancer.name="knapformer"', "--set", "balancer.gamma=1e-320"]) == 2
+    assert "balancer.gamma" in _one_line_error(capsys)
+    assert main(["balance", "simulate", QUICKSTART, "--world-size", "2", "--steps", "1", "--batch-size", "2",
+                 "--set", 'balancer.name="knapformer"', "--set", "balancer.gamma=1e-320"]) == 2
+    assert "balancer.gamma" in _one_line_error(capsys)
+    # 0 (linear layers only) and the ends of the range still plan
+    for gamma in ("0", "1e-6", "100"):
+        assert main(["balance", "simulate", "--synthetic", "mixed", "--world-size", "8", "--steps", "1",
+                     "--gamma", gamma]) == 0
+        assert f"gamma={float(gamma)}" in capsys.readouterr().out
+
+
+def _write(path, text: str):
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "trace,message",
+    [  # one step of one more rank than a launch may have (3 MB: read, not planned)
+     ("[[" + ",".join(["[]"] * (simulate.MAX_WORLD_SIZE + 1)) + "]]", "1048577 ranks per step; at most 1048576"),
+     # per-rank lists over all steps: each costs a balance group's planning even when empty
+     ("[" + ",".join(["[" + ",".join(["[]"] * 2**19) + "]"] * 3) + "]", "3 steps x 524288 ranks = 1572864 per-rank lists"),
+     # sequences over all steps and ranks
+     ("[[[" + ",".join(["1"] * (simulate.MAX_TRACE_SEQUENCES + 1)) + "]]]", "1048577 sequences; the simulator plans at most 1048576")],
+    ids=["ranks", "rank-steps", "sequences"],
+)
+def test_a_trace_is_bounded_in_work_not_only_bytes(tmp_path, capsys, trace, message):
+    """Only the bytes were capped: 20,000 one-sequence ranks (80 KB) took 11 s, hours at the cap."""
+    path = _write(tmp_path / "w.json", trace)
+    assert main(["balance", "simulate", "--trace", path, "--bags", "g1n1"]) == 2
+    err = _one_line_error(capsys)
+    assert f"trace {path}: " in err and message in err, err
+
+
+def test_synthetic_and_recipe_draws_are_bounded_before_any_work(capsys):
+    """`--synthetic imagenet --world-size 65536 --steps 100000` allocated until memory ran out."""
+    cases = [(["--synthetic", "imagenet", "--world-size", "65536", "--steps", "100000"],
+              "--synthetic imagenet --world-size 65536 --steps 100000: 100000 steps x 65536 ranks"),
+             (["--synthetic", "imagenet", "--world-size", "65536", "--steps", "1"],  # 32 sequences a rank
+              "65536 ranks x 1 steps x up to 32 = 2097152 sequences; the simulator plans at most 1048576"),
+             ([QUICKSTART, "--world-size", "1024", "--steps", "100000", "--batch-size", "64"],
+              "--world-size 1024 --steps 100000 --batch-size 64: 100000 steps x 1024 ranks")]
+    for args, message in cases:
+        assert main(["balance", "simulate", *args]) == 2
+        assert message in _one_line_error(capsys)
+    with pytest.raises(MinfmError, match="2097152 sequences"):
+        simulate.synthetic("imagenet", 65536, steps=1)
+
+
+def test_the_bound_on_a_synthetic_draw_is_an_upper_bound():
+    for name, per_rank in simulate.PER_RANK.items():
+        for seed in range(3):
+            for world in (1, 2, 16):
+                for step in simulate.synthetic(name, world, steps=2, seed=seed):
+                    assert sum(map(len, step)) <= world * per_rank, name
+
+
+def test_the_original_rules_scan_is_bounded(capsys):
+    """It looks at every bag for every sequence: 65,536 one-GPU bags and 32,768 sequences
+    (one step) took 7 minutes; refused before planning, naming the bag spec."""
+    assert main(["balance", "simulate", "--synthetic", "few", "--world-size", "65536", "--steps", "1"]) == 2
+    err = _one_line_error(capsys)
+    assert "--bags g1n65536: --synthetic few has 32768 sequences" in err and "at most 1073741824" in err
+
+
+@pytest.mark.parametrize("flag", ["--trace-out", "--trace"])
+def test_an_empty_path_is_refused(tmp_path, monkeypatch, capsys, flag):
+    """`--trace-out ''` was taken as not given: exit 0, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["balance", "simulate", "--synthetic", "mixed", "--world-size", "2", "--steps", "1", flag, ""]) == 2
+    assert f"minfm: error: {flag}: empty path" == _one_line_error(capsys)
+    assert list(tmp_path.iterdir()) == []

@@ -48,6 +48,18 @@ def test_config_validates_bags():
     assert KnapformerConfig().gamma == 0.5
 
 
+@pytest.mark.parametrize("gamma", [1e-320, 5e-324, 1e-7, -1e-9, 100.5])
+def test_config_gamma_is_0_or_within_its_range(gamma):
+    """`[balancer] gamma = 1e-320` passed `minfm check`, then overflowed every load."""
+    from minfm_core.config import structure
+    from minfm_core.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=r"balancer\.gamma: must be in \[1e-06, 100\] or 0"):
+        structure({"gamma": gamma}, KnapformerConfig, "balancer")
+    for ok in (0.0, 1e-6, 0.5, 100.0):
+        assert structure({"gamma": ok}, KnapformerConfig, "balancer").gamma == ok
+
+
 def test_registered():
     reg = get_registry()
     assert {"knapformer", "none"} <= set(reg.names("balancer"))

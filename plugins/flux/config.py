@@ -88,6 +88,9 @@ class FluxConfig:
             raise ValueError(f"d_model {self.d_model} is not a multiple of d_head {self.d_head}")
         if len(self.rope_axes) != 3 or any(a <= 0 or a % 2 for a in self.rope_axes):
             raise ValueError(f"rope_axes {self.rope_axes} must be 3 positive even numbers (t, y, x)")
+        if self.d_mlp < 1:  # int() rounds the width down: 0 made zero-width MLPs, trained without a word
+            raise ValueError(f"mlp_ratio {self.mlp_ratio} x d_model {self.d_model} gives MLPs of width "
+                             f"{self.d_mlp}; it must give at least 1")
 
     @property
     def n_heads(self) -> int:

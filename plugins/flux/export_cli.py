@@ -29,11 +29,15 @@ def _run(args) -> int:
     from pathlib import Path
 
     from minfm_core.checkpoint import export_for_hub
+    from minfm_core.errors import MinfmError
     from minfm_core.sources import resolve_source
     from minfm_core.weights import has_weights
 
     from .export import export_diffusers
 
+    for name, value in (("SRC", args.src), ("OUT_DIR", args.out_dir)):
+        if not value:  # '' is the current folder: OUT_DIR '' wrote there and said "wrote ."
+            raise MinfmError(f"export diffusers: {name}: empty path")
     src = resolve_source(args.src)
     with tempfile.TemporaryDirectory(prefix="minfm-export-") as tmp:
         if src.is_dir() and not has_weights(src):

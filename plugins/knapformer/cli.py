@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 from minfm_core.cli.argtypes import finite_float, int_in
+from minfm_core.errors import MinfmError
 from minfm_core.launch_env import MAX_WORLD_SIZE
 from minfm_core.validators import MAX_BATCH, MAX_FRAMES, MAX_PROMPT_TOKENS, MAX_SEED, MAX_WIDTH
 
-from .config import MAX_GAMMA, MAX_TOLERANCE
+from .config import GAMMA, MAX_GAMMA, MAX_TOLERANCE
 
 #: Steps one simulation draws (each is planned by both planners: seconds per thousand at 512 ranks).
 MAX_SIMULATED_STEPS = 100_000
+
+_gamma_number = finite_float("--gamma", 0.0, MAX_GAMMA)
+
+
+def _gamma(text: str) -> float:
+    """--gamma: the recipe field's range (config.GAMMA), 0 or 1e-6 to 100; 1e-320 overflowed the loads."""
+    value = _gamma_number(text)
+    if not GAMMA.ok(value):
+        raise MinfmError(f"--gamma: expected a number {GAMMA.range_text}, got {text}")
+    return value
+
+
+# The ends, readable from the parser tree like every ranged flag's (tests/test_cli_numbers.py).
+_gamma.flag, _gamma.lo, _gamma.hi = "--gamma", 0.0, MAX_GAMMA
 
 SYNTHETIC_NAMES = ("bucket", "few", "imagenet", "long_tail", "mixed", "near_balanced", "video", "with2048")
 
@@ -40,7 +55,7 @@ def add_parser(sub) -> None:
                    help="frames of such a clip, drawn per clip (default 17 33 49), through the VAE's time compression")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="recipe override")
     s.add_argument("--d", type=int_in("--d", 1, MAX_WIDTH), default=None, help="hidden width (default: the recipe denoiser's d_model, else 3072)")
-    s.add_argument("--gamma", type=finite_float("--gamma", 0.0, MAX_GAMMA), default=None, help="attention weight in the workload model (default: recipe's, else 0.5)")
+    s.add_argument("--gamma", type=_gamma, default=None, help="attention weight in the workload model, 0 or 1e-6 to 100 (default: recipe's, else 0.5)")
     s.add_argument("--tolerance", type=finite_float("--tolerance", 0.0, MAX_TOLERANCE), default=None, help="locality tolerance of our planner (default: recipe's, else 0)")
     s.add_argument("--trace-out", help="write the trace used as JSON")
     s.set_defaults(func=_simulate)

@@ -10,6 +10,13 @@ from .spec import parse_bags
 
 #: The attention term's weight: FLUX-sized models sit near 0.5; beyond 100 attention is all that counts.
 MAX_GAMMA = 100.0
+#: The smallest non-zero gamma. The attention term is gamma L / (6 d) of the linear one: at
+#: 1e-6 that is under 0.02% for 65,536 tokens at d = 64, so a smaller gamma means nothing
+#: that 0 (linear layers only) does not say. The planner takes gamma exactly as its decimal
+#: (planner.gamma_fraction): 1e-320 made a denominator of 10^320, past any float.
+MIN_GAMMA = 1e-6
+#: gamma's range, for the recipe field, the ``--gamma`` flag and the planner alike.
+GAMMA = Range(MIN_GAMMA, MAX_GAMMA, also=(0,))
 #: A load above the longest-first max by more than 100% is no balance at all.
 MAX_TOLERANCE = 1.0
 
@@ -27,7 +34,8 @@ class KnapformerConfig:
 
     bags: str = field("g1n1", doc="bag spec: 'g{G}n{N}' terms joined by '+', N bags of G GPUs", validator=_valid_bags)
     gamma: float = field(
-        0.5, doc="weight of the attention term in w(L) = 24 L d^2 + gamma 4 L^2 d", validator=Range(0, MAX_GAMMA)
+        0.5, doc="weight of the attention term in w(L) = 24 L d^2 + gamma 4 L^2 d: 0 (linear layers only) or 1e-6 to 100",
+        validator=GAMMA,
     )
     tolerance: float = field(
         0.0,

@@ -45,6 +45,7 @@ from minfm_core.errors import MinfmError
 from minfm_core.validators import Range, non_negative, positive
 
 from . import locality as loc
+from .config import GAMMA
 from .spec import BagSpec, parse_bags
 
 #: Integer workloads stay int64 (fast, vectorised) while every sum fits with this margin;
@@ -64,9 +65,11 @@ def gamma_fraction(gamma: float) -> Fraction:
     """gamma as an exact fraction of the decimal it prints as (0.4 -> 2/5, 1e-4 -> 1/10000).
 
     The float's shortest decimal is what the user wrote in the recipe; taking it exactly
-    (rather than the float's binary expansion) keeps the denominator a power of ten.
+    (rather than the float's binary expansion) keeps the denominator a power of ten. The
+    range (0 or 1e-6 to 100, config.GAMMA) keeps that power small enough for the float
+    loads (``Plan.load_before``, ``gpu_load``): 1e-320 gave 10^320, past any float.
     """
-    check_number("gamma", gamma, non_negative)
+    check_number("gamma", gamma, GAMMA)
     return Fraction(repr(float(gamma)))
 
 

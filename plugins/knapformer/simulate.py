@@ -25,14 +25,30 @@ import numpy as np
 
 from minfm_core.errors import MinfmError
 from minfm_core.jsonio import read_json_file
+from minfm_core.launch_env import MAX_WORLD_SIZE
 from minfm_core.safepath import write_text_atomic
 from minfm_core.validators import MAX_TOKENS, positive
 
 from . import original, planner
 from .spec import parse_bags
 
-#: Largest ``--trace`` file read: 256 MiB is tens of millions of lengths, far past any run's trace.
-MAX_TRACE_BYTES = 256 << 20
+#: Most sequences one simulation plans (all steps and ranks together), and most per-rank
+#: lists (steps x ranks): planning costs tens of microseconds a sequence and a few hundred a
+#: balance group, per bag spec and method, so this keeps any trace to minutes (an 80 KB file
+#: of 20,000 one-sequence ranks took 11 s; at the byte cap it would have taken hours). One
+#: step of the largest launch (MAX_WORLD_SIZE ranks, a sequence each) fits, and so do 1,000
+#: steps of 64 ranks x 16 samples.
+MAX_TRACE_SEQUENCES = 1 << 20
+
+#: Most (sequence, bag) pairs the original rule scans for one bag spec: it looks at every bag
+#: for every sequence (original.py keeps that O(S B) shape as the yardstick), some 200 ns a
+#: pair, so 2^30 is a few minutes. A step of 65,536 one-GPU bags and 32,768 sequences alone
+#: is 2^31 (it took 7 minutes); 512 ranks x 32 samples x 64 steps are 2^29.
+MAX_ORIGINAL_SCAN = 1 << 30
+
+#: Largest ``--trace`` file read: MAX_TRACE_SEQUENCES lengths are about 10 MB of compact JSON
+#: (``--trace-out`` writes that), some 30 MB indented; 64 MiB leaves room for either.
+MAX_TRACE_BYTES = 64 << 20
 
 Trace = list[list[list[int]]]  # steps x ranks x sequences
 
@@ -132,6 +148,20 @@ def _few(rng: random.Random, world: int):
     return out
 
 
+def check_work(what: str, steps: int, ranks: int, sequences: int, count: str = "") -> None:
+    """Refuse a trace past the simulator's bounds before any planning (or drawing): one line
+    naming ``what`` (the trace file, or the flags that would draw it); ``count`` says how
+    ``sequences`` was reckoned."""
+    if ranks > MAX_WORLD_SIZE:
+        raise MinfmError(f"{what}: {ranks} ranks per step; at most {MAX_WORLD_SIZE} (the most a launch may have)")
+    if steps * ranks > MAX_TRACE_SEQUENCES:
+        raise MinfmError(f"{what}: {steps} steps x {ranks} ranks = {steps * ranks} per-rank lists; the simulator "
+                         f"plans at most {MAX_TRACE_SEQUENCES} (fewer steps)")
+    if sequences > MAX_TRACE_SEQUENCES:
+        raise MinfmError(f"{what}: {count}{sequences} sequences; the simulator plans at most "
+                         f"{MAX_TRACE_SEQUENCES} (fewer steps or ranks)")
+
+
 SYNTHETIC: dict[str, Callable[[random.Random, int], list[list[int]]]] = {
     "imagenet": _imagenet,
     "mixed": _mixed,
@@ -143,12 +173,23 @@ SYNTHETIC: dict[str, Callable[[random.Random, int], list[list[int]]]] = {
     "few": _few,
 }
 
+#: The most sequences each generator draws in one step, per rank (a step has at most
+#: ``world * PER_RANK[name]``; bounds a draw before it starts): video fills 32,768 tokens with
+#: samples of at least 256 + 77 tokens; bucket fills 16,384 with 256-token images; few draws
+#: half as many sequences as ranks (some ranks get two).
+PER_RANK: dict[str, int] = {
+    "imagenet": 32, "mixed": 8, "bucket": 16384 // _img_tokens(256), "with2048": 4, "near_balanced": 32,
+    "long_tail": 8, "video": -(-32768 // (_img_tokens(256) + 77)), "few": 1,
+}
+
 
 def synthetic(name: str, world: int, steps: int = 4, seed: int = 0) -> Trace:
     if name not in SYNTHETIC:
         raise MinfmError(f"unknown synthetic trace {name!r}; choose from {', '.join(SYNTHETIC)}")
     planner.check_number("world size", world, positive, integer=True)
     planner.check_number("steps", steps, positive, integer=True)
+    check_work(f"--synthetic {name} --world-size {world} --steps {steps}", steps, world,
+               world * steps * PER_RANK[name], f"{world} ranks x {steps} steps x up to {PER_RANK[name]} = ")
     rng = random.Random(f"{name}-{world}-{seed}")
     return [SYNTHETIC[name](rng, world) for _ in range(steps)]
 
@@ -169,6 +210,7 @@ def read_trace(path: str | Path) -> Trace:
     if not ok or not data or not all(data) or len({len(step) for step in data}) != 1:
         raise MinfmError(f"trace {path}: expected a JSON list of steps, each a list of per-rank lists of lengths "
                          f"(whole numbers from 0 to {MAX_TOKENS}), every step with the same number of ranks")
+    check_work(f"trace {path}", len(data), len(data[0]), sum(len(r) for step in data for r in step))
     return data
 
 
@@ -291,7 +333,23 @@ def _check_args(args) -> None:
                          "clips next to images use --synthetic video")
 
 
+def _count(trace: Trace) -> int:
+    return sum(len(r) for step in trace for r in step)
+
+
+def _check_scan(specs: list[str], n_seq: int, source: str) -> None:
+    """The one cost the trace's own bounds leave open grows with the bags too: refuse it before planning."""
+    for b in specs:
+        n_bags = len(parse_bags(b).bag_sizes)
+        if n_seq * n_bags > MAX_ORIGINAL_SCAN:
+            raise MinfmError(f"--bags {b}: {source} has {n_seq} sequences; the original rule scans the {n_bags} bags "
+                             f"for each, {n_seq * n_bags} steps, at most {MAX_ORIGINAL_SCAN} (fewer steps or bags)")
+
+
 def run(args) -> int:
+    for flag, value in (("RECIPE", args.recipe), ("--trace", args.trace), ("--trace-out", args.trace_out)):
+        if value == "":  # '' is no file: it was dropped as "not given" (--trace-out wrote nothing, exit 0)
+            raise MinfmError(f"{flag}: empty path")
     sources = [x for x in (args.recipe, args.trace, args.synthetic) if x]
     if len(sources) != 1:
         raise MinfmError("balance simulate: give exactly one of RECIPE, --trace FILE or --synthetic NAME")
@@ -326,11 +384,16 @@ def run(args) -> int:
             if ranks % parse_bags(b).size:
                 raise MinfmError(f"trace {args.trace}: {ranks} ranks per step, not a multiple of bag spec {b}'s "
                                  f"S = {parse_bags(b).size}")
+        _check_scan(specs, _count(trace), f"trace {args.trace}")
     elif args.synthetic:
-        trace = synthetic(args.synthetic, world, args.steps, args.seed)
+        trace = synthetic(args.synthetic, world, args.steps, args.seed)  # cheap, bounded by check_work
+        _check_scan(specs, _count(trace), f"--synthetic {args.synthetic}")
     else:
         from .data_trace import recipe_trace
 
+        bs = args.batch_size or resolved.recipe.train.batch_size  # both checks before any sample is read
+        check_work(f"--world-size {world} --steps {args.steps} --batch-size {bs}", args.steps, world, world * args.steps * bs)
+        _check_scan(specs, world * args.steps * bs, f"{args.recipe} ({world} ranks x {args.steps} steps x {bs})")
         trace = recipe_trace(resolved, world, args.steps, args.seed, args.batch_size, tuple(args.text_range),
                              args.clips, tuple(args.clip_frames))
     if args.trace_out:
