@@ -74,8 +74,9 @@ def make_handler(model: DemoModel, batcher: Batcher, cache_dir: str | None = Non
             except FutureTimeout:
                 if req.steps:
                     progress((req.step, req.steps), desc="sampling", unit="steps")
-            except MinfmError as exc:
-                raise gr.Error(str(exc)) from None
+            except MinfmError as exc:  # (out of memory, a sampler's own refusal): the page says it; no traceback
+                print(f"minfm demo: request failed: {exc}", flush=True)
+                raise gr.Error(str(exc), print_exception=False) from None
 
     if not model.makes_clips:
         def generate(prompt: str, negative_prompt: str, size: str, steps: float, cfg_scale: float, ep_cfg: bool,

@@ -82,9 +82,11 @@ def prepare_run_dir(exp_dir: Path, *, what: str = "run.exp_dir") -> Path:
     return exp_dir
 
 
-def acquire(exp_dir: str | Path) -> RunLock:
-    """Lock ``exp_dir`` for this process or raise a MinfmError naming the holder (pid, host)."""
-    exp_dir = prepare_run_dir(Path(exp_dir))
+def acquire(exp_dir: str | Path, *, what: str = "run.exp_dir") -> RunLock:
+    """Lock ``exp_dir`` for this process or raise a MinfmError naming the holder (pid, host).
+
+    ``what`` names the setting that chose the folder (``minfm sample`` locks its ``--out``)."""
+    exp_dir = prepare_run_dir(Path(exp_dir), what=what)
     path = Path(os.path.realpath(exp_dir)) / LOCK_NAME  # the folder resolved, never the lock file itself
     with _held_guard:
         if path in _held:
@@ -97,7 +99,7 @@ def acquire(exp_dir: str | Path) -> RunLock:
             raise MinfmError(f"{path}: cannot open the run lock: {exc.strerror}") from None
         if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or device there: not ours to write
             os.close(fd)
-            raise MinfmError(f"{path}: the run lock is not a regular file; remove it or choose another run.exp_dir")
+            raise MinfmError(f"{path}: the run lock is not a regular file; remove it or choose another {what}")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -110,7 +112,7 @@ def acquire(exp_dir: str | Path) -> RunLock:
             raise MinfmError(
                 f"{exp_dir}: in use by another run (pid {info.get('pid', 'unknown')} on host "
                 f"{info.get('host', 'unknown')}, since {info.get('started', 'unknown')}); "
-                "wait for it to end or choose another run.exp_dir"
+                f"wait for it to end or choose another {what}"
             ) from None
         # Written in place (not replaced): the lock lives on this inode.
         info = {"pid": os.getpid(), "host": socket.gethostname(),

@@ -165,3 +165,4 @@ def test_cache_models_names_a_missing_repo(hub_server, tmp_path, minfm):
     assert out.returncode == 2
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
     assert f"{REPO}/vae: Hub repo {REPO} not found at http://127.0.0.1" in out.stderr
+    assert "HF_HUB_OFFLINE" not in out.stdout  # offline runs would miss what failed

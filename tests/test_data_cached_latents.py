@@ -198,7 +198,12 @@ def _header_only() -> bytes:
     ({}, torch.full((3, 1, 4, 4), float("nan")), None, "not a latent (C, [F,] h, w) of finite numbers"),
     ({}, torch.zeros(7), None, "not a latent (C, [F,] h, w) of finite numbers: (7,)"),
     ({}, None, _header_only(), "is not a readable safetensors file"),
-], ids=["label-text", "label-negative", "label-float", "label-bool", "prompt-int", "empty", "nan", "1d", "offsets"])
+    # finite in float64, inf once training takes it as float32: every step then skipped
+    ({}, torch.full((3, 1, 4, 4), 1e300, dtype=torch.float64), None, "of finite numbers: torch.float32"),
+    ({}, torch.zeros(3, 1, 4, 4, dtype=torch.float8_e4m3fn), None, "of finite numbers: torch.float8_e4m3fn"),
+    ({}, torch.zeros(3, 1, 4, 4, dtype=torch.int32), None, "of finite numbers: torch.int32"),
+], ids=["label-text", "label-negative", "label-float", "label-bool", "prompt-int", "empty", "nan", "1d", "offsets",
+        "float64-past-float32", "float8", "int"])
 def test_a_hostile_cache_entry_or_latent_is_one_line(tmp_path, entry, tensor, raw, message):
     folder = _cache_of(tmp_path / "c", entry, tensor, raw)
     with pytest.raises(MinfmError) as info:
@@ -233,6 +238,11 @@ def test_cache_latents_reuses_shards_only_for_the_same_request(tmp_path, capsys)
     assert main([*base, "--set", "data.num_samples=16"]) == 0
     assert main([*base, "--set", "data.num_samples=16"]) == 0  # the same: every shard reused
     assert "skipped 2 finished" in capsys.readouterr().out
+    shard = (out / "train" / "part-00001.safetensors").read_bytes()
+    (out / "train" / "part-00001.safetensors").unlink()  # gone, its record kept: encoded again
+    assert main([*base, "--set", "data.num_samples=16"]) == 0
+    assert "encoded 1 shard(s), skipped 1 finished" in capsys.readouterr().out
+    assert (out / "train" / "part-00001.safetensors").read_bytes() == shard
     # more items, or another shard size: the old shards would be reused stale, or duplicated
     assert main([*base, "--set", "data.num_samples=32"]) == 2
     assert "holds a cache of another request (different items, request)" in capsys.readouterr().err
@@ -240,3 +250,13 @@ def test_cache_latents_reuses_shards_only_for_the_same_request(tmp_path, capsys)
     assert "(different shard_size)" in capsys.readouterr().err
     entries = json.loads((out / "train" / "index.json").read_text())["entries"]
     assert len(entries) == 16 and len({e["key"] for e in entries}) == 16
+
+
+def test_a_cache_of_another_vae_is_refused_at_the_first_batch(tmp_path):
+    """A 4-channel flux_ae cache trained with the identity VAE's 3 channels ended in a matmul
+    shape error (a traceback, exit 1)."""
+    out = tmp_path / "latents"
+    for split in ("train", "val"):
+        _cache_of(out / split, {}, torch.zeros(4, 1, 16, 16))
+    with pytest.raises(MinfmError, match="a cached latent has 4 channels, but model.vae makes 3"):
+        train(tiny(tmp_path / "run", *cached(SHAPES, out), "train.max_steps=1"))

@@ -195,3 +195,68 @@ def test_a_size_past_one_sequence_is_refused_and_overwrite_drops_the_old_gallery
     failed = sample(run_dir, out, "--prompt", "a green triangle", "--overwrite", "--set", "model.denoiser.d_model=64")
     one_error_line(failed, "does not fit")
     assert not (out / "index.html").exists() and not list((out / "images").iterdir())
+
+
+def test_a_second_sampler_on_the_same_out_is_refused(run_dir, tmp_path):
+    """Two samplers on one --out mixed their requests' images (and both exited 0): the second
+    took the folder over while the first was still loading its model."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from minfm_core import runlock; runlock.acquire(sys.argv[1], what='--out');"
+         "print('held', flush=True); time.sleep(120)", str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        res = sample(run_dir, out, "--prompt", "a red circle")
+        one_error_line(res, f"{out}: in use by another run (pid {holder.pid}", "choose another --out")
+        assert not (out / "images").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sample(run_dir, out, "--prompt", "a red circle").returncode == 0  # free once the holder is gone
+
+
+def test_overwrite_clears_three_digit_names_and_cut_writes_of_the_out_folder(tmp_path):
+    """--n 100 writes 00000_100.png, which the two-digit pattern missed: --overwrite left it and
+    the new request took it as drawn. An npz cut short by a kill stayed for good (gigabytes)."""
+    from minfm_core.engine.sample import image_name, prepare_out
+
+    out = tmp_path / "out"
+    (out / "images").mkdir(parents=True)
+    (out / "metadata.json").write_text(json.dumps({"settings": {"seed": 0}, "complete": True, "images": []}))
+    for name in (image_name(0, 100, "png"), image_name(100_000, 0, "png"), ".00000_100.png.1a2b3c.tmp"):
+        (out / "images" / name).write_bytes(b"old")
+    for name in (".samples.npz.0123456789ab.tmp", ".metadata.json.0123456789ab.tmp"):
+        (out / name).write_bytes(b"cut")
+    (out / "mine.txt").write_text("not ours")
+    with pytest.raises(MinfmError, match="holds samples of another request"):
+        prepare_out(out, {"seed": 1}, overwrite=False, flag="--out")
+    prepare_out(out, {"seed": 1}, overwrite=True, flag="--out")
+    assert list((out / "images").iterdir()) == []
+    assert sorted(p.name for p in out.iterdir()) == ["images", "metadata.json", "mine.txt"]
+
+
+def test_a_huge_metadata_json_is_refused_unread(tmp_path):
+    from minfm_core.engine.sample import MAX_METADATA_BYTES, prepare_out
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / "metadata.json", "wb") as f:  # sparse: no disk used
+        f.truncate(MAX_METADATA_BYTES + 1)
+    with pytest.raises(MinfmError, match="metadata.json is not a minFM sampling record"):  # unread: 1.6 GB it took
+        prepare_out(out, {"seed": 1}, overwrite=False, flag="--out")
+
+
+def test_what_is_planted_at_an_image_name_is_drawn_again(run_dir, tmp_path):
+    """Any existing path counted as a finished image: a link to another file, an empty file."""
+    out = tmp_path / "out"
+    assert sample(run_dir, out, "--prompt", "a red circle").returncode == 0
+    good = images(out)
+    (out / "images" / "00000_00.png").unlink()
+    (out / "images" / "00000_00.png").symlink_to(run_dir / "recipe.toml")
+    (out / "images" / "00000_01.png").write_bytes(b"")
+    res = sample(run_dir, out, "--prompt", "a red circle")
+    assert res.returncode == 0 and "1 to draw" in res.stdout, res.stdout + res.stderr
+    assert not (out / "images" / "00000_00.png").is_symlink() and images(out) == good

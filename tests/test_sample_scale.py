@@ -140,3 +140,20 @@ def test_sharded_sampling_from_an_exported_folder(run_dir, tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert digests(one) == digests(two)
     assert json.loads((two / "metadata.json").read_text())["settings"]["weights"] == "ema"
+
+
+@pytest.mark.slow
+def test_a_write_that_fails_on_one_rank_is_one_line_on_every_rank(run_dir, tmp_path):
+    """A folder at an image name one rank writes: that rank said why, the other died in the
+    barrier with a gloo traceback and "this is a bug", and the launcher exited 1."""
+    out = tmp_path / "out"
+    assert main(sample_args(run_dir, out, *FSDP)) == 0
+    planted = out / "images" / "00000_02.png"  # batch 1 (items 2, 3 of prompt 0): the one left to draw
+    planted.unlink()
+    planted.mkdir()
+    res = run_minfm(*sample_args(run_dir, out, *FSDP), "--nproc-per-node", "2")
+    assert res.returncode == 2, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and "bug" not in res.stderr, res.stderr[-3000:]
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("minfm: error:")]
+    # the rank that failed names itself; the other says the same instead of a gloo traceback
+    assert len(lines) == 2 and lines[0] == lines[1] and "00000_02.png: Is a directory" in lines[0], res.stderr[-3000:]

@@ -62,7 +62,10 @@ def run_models(args) -> int:
             continue
         fetched += 1
         print(f"{path}: {ref} -> {local}")
-    print(f"{fetched} Hub reference(s) in the Hugging Face cache; later runs can set HF_HUB_OFFLINE=1")
+    if fetched and not failed:  # offline runs would miss whatever failed
+        print(f"{fetched} Hub reference(s) in the Hugging Face cache; later runs can set HF_HUB_OFFLINE=1")
+    elif fetched:
+        print(f"{fetched} Hub reference(s) in the Hugging Face cache")
     if len(failed) == 1:
         raise MinfmError(failed[0])
     if failed:

@@ -95,7 +95,9 @@ def encode_split(vae, dataset, out: Path, split: str, *, shard_size: int, batch_
     device = next(iter(vae.parameters()), torch.empty(0)).device
     for s in range(rank, n_shards, world):
         done = out / f"{_shard_name(s)}.json"
-        if done.exists():
+        # finished: its record and its shard (a shard deleted since is encoded again, not
+        # indexed as there and found missing by training)
+        if done.exists() and (out / f"{_shard_name(s)}.safetensors").is_file():
             stats["skipped"] += 1
             continue
         lo, hi = s * shard_size, min((s + 1) * shard_size, n)

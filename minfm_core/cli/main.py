@@ -118,7 +118,7 @@ def _main(argv: Sequence[str] | None) -> int:
             return 2
         return int(args.func(args) or 0)
     except MinfmError as exc:
-        print(f"minfm: error: {exc}", file=sys.stderr)
+        _say(f"minfm: error: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:
         print("minfm: interrupted", file=sys.stderr)
@@ -131,19 +131,26 @@ def _main(argv: Sequence[str] | None) -> int:
         _silence_stdout()
         return 0
     except OSError as exc:
-        print(f"minfm: error: {os_error_line(exc)}", file=sys.stderr)
+        _say(f"minfm: error: {os_error_line(exc)}")
         return 2
     except Exception as exc:
         oom = out_of_memory_line(exc)
         if oom is None:
             return _bug()
-        print(f"minfm: error: {oom}", file=sys.stderr)
+        _say(f"minfm: error: {oom}")
         return 2
     except BaseException as exc:
         if _is_checkpoint_exception(exc):
-            print(f"minfm: error: {checkpoint_error_line(exc)}", file=sys.stderr)
+            _say(f"minfm: error: {checkpoint_error_line(exc)}")
             return 2
         raise  # SystemExit and the like keep their meaning
+
+
+def _say(line: str) -> None:
+    """One line on stderr in one write: print's separate newline let the lines of two workers
+    of one run run into each other."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _relaunch_argv(name: str, text: str) -> list[str]:

@@ -58,6 +58,11 @@ class Pipeline:
     def encode_images(self, samples: list[dict]) -> list[Tensor]:
         """Latents for a list of samples (cached ``latent`` entries pass straight through)."""
         out: list[Tensor | None] = [s.get("latent") for s in samples]
+        channels = self.resolved.config("model.vae").latent_channels
+        for x in out:  # a cache made with another VAE ended in a matmul's shape error
+            if x is not None and x.shape[0] != channels:
+                raise MinfmError(f"data: a cached latent has {x.shape[0]} channels, but model.vae makes {channels}: "
+                                 "was the cache (data.latents_dir) made with another VAE? (minfm cache latents)")
         todo = [i for i, x in enumerate(out) if x is None]
         if todo:
             images = [samples[i]["image"].to(self.device) for i in todo]

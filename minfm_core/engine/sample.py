@@ -24,6 +24,7 @@ import io
 import json
 import os
 import re
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +32,12 @@ import torch
 import torch.distributed as dist
 
 from .. import checkpoint as ckpt_mod
-from ..errors import MinfmError
+from .. import runlock
+from ..errors import MinfmError, os_error_line
 from ..images import read_rgb
 from ..jsonio import parse_json
 from ..safepath import recipe_root, trust_boundary, write_atomic, write_bytes_atomic, write_text_atomic
+from ..textfiles import read_bounded
 from ..weights import check_weights_folder, has_weights, load_safetensors_into
 from .gallery import write_sample_index
 from .prompts import read_prompt_file
@@ -187,8 +190,13 @@ def rank_share(pending: list[int], rank: int, world: int) -> tuple[list[int], in
     return pending[rank::world], -(-len(pending) // world)
 
 
-_IMAGE = re.compile(r"^\d{5}_\d{2}\.(png|jpg|jpeg|mp4|webp)$")
-_IMAGE_TMP = re.compile(r"^\.\d{5}_\d{2}\.(png|jpg|jpeg|mp4|webp)(\..+)?\.tmp$")  # a write cut short
+# image_name's widths are minimums: --n 100 writes 00000_100.png, 100,000 prompts 100000_00.png
+_IMAGE = re.compile(r"^\d{5,}_\d{2,}\.(png|jpg|jpeg|mp4|webp)$")
+_IMAGE_TMP = re.compile(r"^\.\d{5,}_\d{2,}\.(png|jpg|jpeg|mp4|webp)(\..+)?\.tmp$")  # a write cut short
+# the out folder's own files, cut short (an npz of 50k images is gigabytes)
+_OUT_TMP = re.compile(r"^\.(samples\.npz|metadata\.json|index\.html)\.[0-9a-f]+\.tmp$")
+#: metadata.json of an out folder is read back on resume: 50k records are ~10 MB.
+MAX_METADATA_BYTES = 256 << 20
 # Recipe values that do not change a single pixel: leave them out of the request.
 _NOT_PIXELS = ("prompts", "prompt_file", "out_dir", "save_npz", "source")
 # Shown at the top of the settings already: the recipe copy would only repeat them.
@@ -225,12 +233,16 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _require_folder(out: Path, flag: str) -> None:
+    if out.exists() and not out.is_dir():
+        raise MinfmError(f"{flag} {out}: is a file, not a folder")
+
+
 def prepare_out(out: Path, settings: dict, *, overwrite: bool, flag: str) -> None:
     """Refuse an out folder holding another request's samples (unless ``overwrite``: clear them)."""
     hint = "pass --overwrite to replace them, or choose another --out" if flag == "--out" else \
         f"choose another {flag} or remove that folder"
-    if out.exists() and not out.is_dir():
-        raise MinfmError(f"{flag} {out}: is a file, not a folder")
+    _require_folder(out, flag)
     images = out / "images"
     if images.exists() and not images.is_dir():
         raise MinfmError(f"{flag} {out}: {images} is a file, not a folder")
@@ -239,7 +251,7 @@ def prepare_out(out: Path, settings: dict, *, overwrite: bool, flag: str) -> Non
     stale: str | None = None
     if meta.is_file():
         try:
-            old = parse_json(meta.read_bytes(), str(meta)).get("settings", {})
+            old = parse_json(read_bounded(meta, str(meta), MAX_METADATA_BYTES), str(meta)).get("settings", {})
             if not isinstance(old, dict):
                 raise ValueError
         except (ValueError, MinfmError, AttributeError):
@@ -265,7 +277,8 @@ def prepare_out(out: Path, settings: dict, *, overwrite: bool, flag: str) -> Non
         images.mkdir(exist_ok=True)
         # Only what minFM writes ever goes: writes an interrupted run cut short, and, when
         # replacing another request, its images (by our naming) and npz.
-        for p in [q for q in images.iterdir() if _IMAGE_TMP.match(q.name)] + (ours if stale else []):
+        for p in [q for q in images.iterdir() if _IMAGE_TMP.match(q.name)] + (ours if stale else []) \
+                + [q for q in out.iterdir() if _OUT_TMP.match(q.name)]:
             p.unlink(missing_ok=True)
         if stale:  # its gallery page too: it would link to the images just removed
             (out / "samples.npz").unlink(missing_ok=True)
@@ -289,6 +302,10 @@ def run_sampling(resolved, prompts: list[str], out: Path, *, weights, source: st
         error = None
         if rt.is_main:
             try:
+                # One sampler per out folder: a second one took the folder over while the first
+                # was still loading, and the two mixed their requests' images, both exiting 0.
+                _require_folder(out, out_flag)
+                runlock.acquire(out, what=out_flag)
                 prepare_out(out, settings, overwrite=overwrite, flag=out_flag)
             except MinfmError as exc:
                 error = str(exc)
@@ -312,7 +329,7 @@ def run_sampling(resolved, prompts: list[str], out: Path, *, weights, source: st
         if rt.is_main:
             # A batch with any file missing is drawn again whole (same composition: same pixels).
             pending = [b for b, chunk in enumerate(batches)
-                       if not all((images_dir / f).exists() for i, k in chunk for f in item_files(i, k, s))]
+                       if not all(_written(images_dir / f) for i, k in chunk for f in item_files(i, k, s))]
         pending = _broadcast(pending)
         mine, rounds = rank_share(pending, rt.rank, rt.world_size)
         if rt.is_main:
@@ -327,14 +344,21 @@ def run_sampling(resolved, prompts: list[str], out: Path, *, weights, source: st
                 chunk, batch_prompts, seeds = [], [prompts[0]], [s.seed]
             imgs = generate(pipe, batch_prompts, sizes=[tuple(s.size)] * len(seeds), seeds=seeds, steps=s.steps,
                             neg_prompt=s.neg_prompt, distilled_guidance=s.distilled_guidance)
-            for (i, k), img in zip(chunk, imgs):
-                if clips:
-                    frames = to_uint8(img)
-                    mp4, webp = (images_dir / f for f in item_files(i, k, s))
-                    write_mp4(mp4, frames, fps)
-                    write_bytes_atomic(webp, encode_webp(frames, fps))
-                else:
-                    _save_atomic(to_pil(img), images_dir / item_files(i, k, s)[0])
+            failed = None
+            try:
+                for (i, k), img in zip(chunk, imgs):
+                    if clips:
+                        frames = to_uint8(img)
+                        mp4, webp = (images_dir / f for f in item_files(i, k, s))
+                        write_mp4(mp4, frames, fps)
+                        write_bytes_atomic(webp, encode_webp(frames, fps))
+                    else:
+                        _save_atomic(to_pil(img), images_dir / item_files(i, k, s)[0])
+            except (MinfmError, OSError) as exc:
+                failed = os_error_line(exc) if isinstance(exc, OSError) else str(exc)
+            # Every rank learns of a failed write before the next collective: the others
+            # otherwise met a closed connection (a gloo traceback) instead of the reason.
+            _agree(failed, rt)
             if rt.is_main:
                 print(f"minfm: round {r + 1}/{rounds}", flush=True)
         ckpt_mod.barrier()
@@ -357,8 +381,29 @@ def run_sampling(resolved, prompts: list[str], out: Path, *, weights, source: st
                           fps=fps if clips else None)
             print(f"minfm: wrote {len(items)} {'clips' if clips else 'images'} to {out}")
     finally:
+        if rt.is_main:
+            runlock.release(out)
         shutdown_runtime()
     return 0
+
+
+def _written(path: Path) -> bool:
+    """A finished item: a non-empty regular file (a folder, FIFO or link planted at its name is not)."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_size > 0
+
+
+def _agree(error: str | None, rt) -> None:
+    """Raise the first rank's error on every rank (one process: its own)."""
+    if rt.world_size > 1:
+        errors = [None] * rt.world_size
+        dist.all_gather_object(errors, error)  # our own strings, between our own ranks
+        error = next((f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None), None)
+    if error is not None:
+        raise MinfmError(error)
 
 
 def _broadcast(obj):

@@ -97,8 +97,12 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
             latent = handle.get_tensor(key)
         except Exception:  # safetensors raises its own error types for a missing key
             raise MinfmError(f"{self.name}: key {key!r} not found in {shard!r}") from None
-        # what an encoder gives: (C, h, w) or (C, F, h, w) of finite numbers, none of it empty
-        if latent.dim() not in (3, 4) or not latent.numel() or not latent.is_floating_point() \
+        # what an encoder gives: (C, h, w) or (C, F, h, w) of finite numbers, none of it empty,
+        # checked as training takes it (float32): a float64 1e300 is finite until converted, and
+        # float8 has no isfinite at all
+        if latent.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            latent = latent.float()
+        if latent.dim() not in (3, 4) or not latent.numel() or latent.dtype != torch.float32 \
                 or not bool(torch.isfinite(latent).all()):
             what = f"{latent.dtype} {tuple(latent.shape)}" if latent.numel() and latent.dim() in (3, 4) else tuple(latent.shape)
             raise MinfmError(f"{self.name}: {shard!r} key {key!r}: not a latent (C, [F,] h, w) of finite numbers: {what}")
