@@ -169,10 +169,23 @@ class Attention(Protocol):
 
 
 @runtime_checkable
+class BalancerHandle(Protocol):
+    """What a (non-``identity``) balancer's ``route`` returns last, besides anything of its own:
+    for each routed chunk, in the order of the routed ``datum_lens``, the global index of its
+    sample (chunks come in sample order) and where the chunk starts within that sample. A
+    denoiser conditions each chunk on its sample and tells its text rows from its image rows
+    with them (the built-in ``flux`` does)."""
+
+    samples: Any  # integer numpy array (n_chunks,)
+    offsets: Any  # integer numpy array (n_chunks,)
+
+
+@runtime_checkable
 class Balancer(Protocol):
     """Re-routes packed sequences across ranks (used by denoisers, see docs/balancer.md).
 
-    ``identity`` True means routing is a no-op and a denoiser may skip it.
+    ``identity`` True means routing is a no-op and a denoiser may skip it. Otherwise
+    ``route``'s handle is a :class:`BalancerHandle`.
     """
 
     identity: bool

@@ -308,6 +308,12 @@ def check_balancer(component, config=None) -> Any:
         routed, routed_lens, extras, handle = bal.route(tokens, lens, [torch.arange(7)])
         assert int(routed_lens.sum()) == routed.shape[0] == extras[0].shape[0]
         assert torch.equal(bal.reverse(routed, handle), tokens), "reverse undoes route"
+        if not bal.identity:  # what a denoiser reads from the handle (protocols.BalancerHandle)
+            from .protocols import BalancerHandle
+
+            assert isinstance(handle, BalancerHandle), "route's handle has `samples` and `offsets`"
+            assert len(handle.samples) == len(handle.offsets) == len(routed_lens), \
+                "handle.samples / handle.offsets: one entry per routed chunk"
     return bal
 
 

@@ -163,3 +163,29 @@ def test_the_time_sampler_check_says_a_list_is_not_a_tensor():
     with pytest.raises(AssertionError) as info:
         testing.check_time_sampler(lambda cfg: ListSampler(), object())
     assert str(info.value).splitlines()[0] == "time_sampler(64): expected a tensor of shape (64,), got list"
+
+
+def test_the_balancer_check_asks_for_the_handle_a_denoiser_reads(tmp_path):
+    """A balancer written from the protocol alone (a handle of its own) crashed flux's first
+    step on handle.samples; the check passed it. In a one-rank gloo group, as the check needs."""
+    import torch.distributed as dist
+
+    from minfm_core.registry import get_registry
+
+    class Shuffle(protocols.Balancer):  # routes nothing anywhere, but says it is not identity
+        identity = False
+
+        def route(self, tokens, datum_lens, extras=()):
+            return tokens, datum_lens, list(extras), ("mine",)
+
+        def reverse(self, tokens, handle):
+            return tokens
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(AssertionError, match="route's handle has `samples` and `offsets`"):
+            testing.check_balancer(lambda cfg: Shuffle(), object())
+        knapformer = get_registry().get("balancer", "knapformer")
+        assert testing.check_balancer(knapformer) is not None  # the built-in one keeps the contract
+    finally:
+        dist.destroy_process_group()
