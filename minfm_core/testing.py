@@ -15,6 +15,7 @@ pytest, add ``pytest_plugins = ["minfm_core.testing"]`` to a conftest.py and use
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -119,10 +120,19 @@ def _build(kind: str, component, config, **kwargs) -> Any:
 
 def _members(kind: str, obj: Any) -> Any:
     """Every member of the kind's protocol is there (optional ones too: the engine calls them)."""
-    missing = [m for m in protocols.members(kind) if not hasattr(obj, m)]
-    hint = f" (inherit minfm_core.protocols.{protocols.PROTOCOLS[kind].__name__} for the defaults)"
+    members = protocols.members(kind)  # name -> required
+    missing = [m for m in members if not hasattr(obj, m)]
+    proto = f"minfm_core.protocols.{protocols.PROTOCOLS[kind].__name__}"
+    hint = f" (inherit {proto} for their defaults)" if not any(members[m] for m in missing) else \
+        f" (required: define {', '.join(m for m in missing if members[m])}; inheriting {proto} gives only the optional members' defaults)"
     assert not missing, f"{kind} {type(obj).__name__} lacks {', '.join(missing)}" + hint
     assert isinstance(obj, protocols.PROTOCOLS[kind])
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.nn.Module):
+        # class Net(protocols.Denoiser, nn.Module): the protocol's __call__ stub comes first
+        # and model(...) returns None
+        assert type(obj).__call__ is torch.nn.Module.__call__, \
+            f"{kind} {type(obj).__name__}: list torch.nn.Module before {proto} in its bases, so that calling it runs forward"
     return obj
 
 

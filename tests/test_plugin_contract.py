@@ -189,3 +189,32 @@ def test_the_balancer_check_asks_for_the_handle_a_denoiser_reads(tmp_path):
         assert testing.check_balancer(knapformer) is not None  # the built-in one keeps the contract
     finally:
         dist.destroy_process_group()
+
+
+def test_a_module_listing_the_protocol_first_is_told_to_swap_its_bases():
+    """class Net(protocols.Denoiser, nn.Module): the protocol's __call__ stub won, and
+    model(...) returned None, which the check did not notice without a d_img to call with."""
+    import torch
+
+    class Net(protocols.Denoiser, torch.nn.Module):
+        def __init__(self):
+            torch.nn.Module.__init__(self)
+            self.lin = torch.nn.Linear(2, 2)
+
+        def forward(self, *args, **kwargs):
+            return self.lin.weight.sum()
+
+        def init_weights(self):
+            pass
+
+    with pytest.raises(AssertionError, match="list torch.nn.Module before minfm_core.protocols.Denoiser"):
+        testing.check_denoiser(lambda cfg, **kw: Net(), object(), smoke=False)
+
+
+def test_a_missing_required_member_is_not_blamed_on_inheritance():
+    class Half:  # a path without target
+        def noise(self, x0, eps, t):
+            return x0
+
+    with pytest.raises(AssertionError, match=r"lacks target \(required: define target"):
+        testing.check_component("path", lambda cfg: Half(), object())
