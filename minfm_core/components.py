@@ -19,7 +19,7 @@ from typing import Any
 import attrs
 
 from . import protocols
-from .errors import PluginError, UnknownComponentError
+from .errors import MinfmError, PluginError, UnknownComponentError
 from .suggest import did_you_mean
 
 #: Component kind -> the hook that registers it (contract: documented in docs/plugins.md).
@@ -117,13 +117,21 @@ class Component:
             if problem is None:
                 raise
             raise PluginError(problem) from None
+        except MinfmError:
+            raise
+        except Exception as exc:  # a bug: its traceback stays, and now says whose factory it was
+            exc.add_note(f"(raised by the factory of {self.describe()})")
+            raise
         # The engine calls every member, optional ones too: one missing is the plugin's error,
         # said here by name, not as an AttributeError deep in a training step.
-        missing = [m for m in protocols.members(self.kind) if not hasattr(built, m)]
+        members = protocols.members(self.kind)
+        missing = [m for m in members if not hasattr(built, m)]
         if missing:
+            proto = f"minfm_core.protocols.{protocols.PROTOCOLS[self.kind].__name__}"
+            required = [m for m in missing if members[m]]
             raise PluginError(
-                f"{self.describe()}: built {type(built).__name__} lacks {', '.join(missing)} (inherit "
-                f"minfm_core.protocols.{protocols.PROTOCOLS[self.kind].__name__} for the optional members' defaults)"
+                f"{self.describe()}: built {type(built).__name__} lacks {', '.join(missing)} "
+                + (f"(required: define {', '.join(required)})" if required else f"(inherit {proto} for their defaults)")
             )
         return built
 

@@ -250,7 +250,7 @@ def test_a_built_object_missing_a_member_names_its_plugin():
         with pytest.raises(PluginError) as info:
             get_registry().get("dataset", "plain").build(split="train")
     assert str(info.value) == ("dataset 'plain' of plugin 'probe': built PlainDataset lacks prompt, set_epoch "
-                               "(inherit minfm_core.protocols.Dataset for the optional members' defaults)")
+                               "(inherit minfm_core.protocols.Dataset for their defaults)")
 
 
 @pytest.mark.parametrize("hook_body, why", [
@@ -286,3 +286,22 @@ def test_seed_ranges_are_printed_exactly():
     from minfm_core.validators import MAX_SEED, SEED
 
     assert SEED.range_text == f"in [0, {MAX_SEED}]" == "in [0, 9223372036854775807]"
+
+
+def test_a_factory_that_raises_is_named_under_its_traceback():
+    """A plugin factory's own bug kept its traceback, but its last line named neither the
+    component nor the plugin."""
+    from minfm_core import hookimpl
+
+    def broken(cfg=None):
+        raise ZeroDivisionError("oops")
+
+    class Broken:
+        @hookimpl
+        def register_guidances(self, register):
+            register("broken", broken)
+
+    with plugin(Broken(), "probe"):
+        with pytest.raises(ZeroDivisionError) as info:
+            get_registry().get("guidance", "broken").build()
+    assert info.value.__notes__ == ["(raised by the factory of guidance 'broken' of plugin 'probe')"]
