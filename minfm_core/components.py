@@ -19,6 +19,7 @@ from typing import Any
 import attrs
 
 from . import protocols
+from .config import config_problems
 from .errors import MinfmError, PluginError, UnknownComponentError
 from .suggest import did_you_mean
 
@@ -168,8 +169,10 @@ class Registry:
             )
         # (Its defaults are not tried here: many are valid only in a recipe, e.g. flux's
         # fields that a flavor fills, or a mix naming datasets of other plugins.)
-        if component.config is not None and not attrs.has(component.config):
-            raise PluginError(f"config of {kind} {name!r} must be an attrs class")
+        if component.config is not None:
+            problems = config_problems(component.config)
+            if problems:
+                raise PluginError(f"config of {kind} {name!r}: {'; '.join(problems)}")
 
     def drop_plugin(self, plugin: str) -> None:
         """Forget every component of ``plugin`` (a plugin skipped after it joined the registry)."""

@@ -16,7 +16,7 @@ import re
 import types
 import typing
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, Union
 
 import attrs
 import cattrs
@@ -66,14 +66,74 @@ def field(default: Any = attrs.NOTHING, *, doc: str, validator=None, factory=Non
     if file is not None:
         metadata["file"] = file
     if component is not None:
-        from .components import KINDS
+        from .protocols import PROTOCOLS  # one protocol per kind
 
-        if component not in KINDS:
+        if component not in PROTOCOLS:
             raise ValueError(f"field(component=...): expected a component kind, got {component!r}")
         metadata["component"] = component
     if factory is not None:
         return attrs.field(factory=factory, validator=validator, converter=converter, metadata=metadata)
     return attrs.field(default=default, validator=validator, converter=converter, metadata=metadata)
+
+
+_SCALARS = (int, float, str, bool)
+
+
+def config_problems(cls: type) -> list[str]:
+    """Why ``cls`` is not a config recipes can fill as docs/plugins.md says ("How registration
+    works"): frozen, each field made with :func:`field` and of an allowed type, each default
+    of its field's type. Checked when a plugin registers: a mutable config, or a ``list``
+    field the recipe loader cannot give, otherwise met the user only as odd behaviour."""
+    if not attrs.has(cls):
+        return ["must be an attrs class (minfm_core.config)"]
+    try:
+        attrs.resolve_types(cls)
+    except Exception as exc:  # a forward reference that names nothing
+        return [f"its field types do not resolve ({type(exc).__name__}: {exc})"]
+    fields = attrs.fields(cls)
+    problems = []
+    if fields:
+        blank = object.__new__(cls)  # no __init__: defaults and checks are not run
+        try:
+            setattr(blank, fields[0].name, None)
+            problems.append("must be frozen (make it with minfm_core.config)")
+        except attrs.exceptions.FrozenInstanceError:
+            pass
+    for f in fields:
+        if "doc" not in f.metadata:
+            problems.append(f"field {f.name!r}: declare it with minfm_core.field(default, doc=...)")
+        why = _type_problem(f.type)
+        if why:
+            problems.append(f"field {f.name!r}: {why}")
+        elif f.type in _SCALARS and f.default is not attrs.NOTHING and not isinstance(f.default, attrs.Factory):
+            ok = isinstance(f.default, f.type) and not (f.type is int and isinstance(f.default, bool))
+            if f.type is float:
+                ok = isinstance(f.default, (int, float)) and not isinstance(f.default, bool)
+            if not ok:
+                problems.append(f"field {f.name!r}: default {f.default!r} is not of type {f.type.__name__}")
+    return problems
+
+
+def _type_problem(tp: Any) -> str | None:
+    """None when recipes can give a value of type ``tp``, else why not."""
+    allowed = "int, float, str, bool, Literal[...], tuple[...], dict, X | None or a nested config"
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp in _SCALARS or (attrs.has(tp) and isinstance(tp, type)):
+        return None
+    if tp is dict:  # a TOML table: a component table, or overrides its validator checks
+        return None
+    if origin is Literal:
+        return None if all(isinstance(a, (str, int, bool)) for a in args) else f"{_type_name(tp)}: Literal of str, int or bool"
+    if origin in (Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1 and len(args) == 2:
+            return _type_problem(inner[0])
+        return f"{_type_name(tp)}: only X | None unions ({allowed})"
+    if origin is tuple:
+        parts = [a for a in args if a is not Ellipsis]
+        return next((why for why in (_type_problem(a) for a in parts) if why), None) if parts else \
+            f"{_type_name(tp)}: say what the tuple holds"
+    return f"type {_type_name(tp)} is not one a recipe can give ({allowed})"
 
 
 class ExpectedType(ValueError):

@@ -305,3 +305,62 @@ def test_a_factory_that_raises_is_named_under_its_traceback():
         with pytest.raises(ZeroDivisionError) as info:
             get_registry().get("guidance", "broken").build()
     assert info.value.__notes__ == ["(raised by the factory of guidance 'broken' of plugin 'probe')"]
+
+
+def _bad_configs():
+    import attrs
+
+    from minfm_core import config, field
+
+    @attrs.define(kw_only=True)  # attrs, but mutable
+    class Mutable:
+        k: int = field(1, doc="k")
+
+    @config
+    class Listed:
+        ks: list[int] = field(factory=list, doc="a list: recipes give tuples")
+
+    @config
+    class Undocumented:
+        k: int = 3
+
+    @config
+    class WrongDefault:
+        k: int = field(2.5, doc="an int that is not")
+
+    @config
+    class Unioned:
+        k: int | str = field(1, doc="either")
+
+    return [
+        (Mutable, "must be frozen"),
+        (Listed, "field 'ks': type list is not one a recipe can give"),
+        (Undocumented, "field 'k': declare it with minfm_core.field(default, doc=...)"),
+        (WrongDefault, "field 'k': default 2.5 is not of type int"),
+        (Unioned, "field 'k': int | str: only X | None unions"),
+    ]
+
+
+@pytest.mark.parametrize("cls, why", _bad_configs(), ids=lambda v: getattr(v, "__name__", ""))
+def test_a_config_against_the_documented_rules_skips_its_plugin(cls, why):
+    """They were taken: a mutable config, a list field (a recipe's array arrived as a list), an
+    int field whose default 2.5 reached the component as is."""
+    from minfm_core import hookimpl
+
+    class Bad:
+        @hookimpl
+        def register_guidances(self, register):
+            register("bad", lambda cfg: None, cls)
+
+    with plugin(Bad(), "probe"):
+        state = load_plugins()
+        assert why in state.failures["probe"], state.failures
+        assert "bad" not in get_registry().names("guidance")
+
+
+def test_every_builtin_config_keeps_the_rules():
+    from minfm_core.config import config_problems
+
+    for comp in get_registry().all_components():
+        if comp.config is not None:
+            assert config_problems(comp.config) == [], comp.describe()
