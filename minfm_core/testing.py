@@ -286,6 +286,16 @@ def check_sampler(component, config=None) -> Any:
     x0 = sampler(lambda x, t: torch.zeros_like(x), noise.clone(), lens, steps=3, warper=None,
                  generators=[torch.Generator().manual_seed(s) for s in (0, 1)], callback=lambda k, n: steps.append(k))
     assert x0.shape == noise.shape and steps[-1] == 3, "integrates in `steps` steps, calling back after each"
+
+    def solve(order):  # the two samples in this order, each with its own seed
+        x = torch.cat([noise.split([2, 4])[i] for i in order])
+        return sampler(lambda x, t: -x, x, lens[list(order)], steps=3, warper=None,
+                       generators=[torch.Generator().manual_seed(s) for s in order]).split([int(lens[i]) for i in order])
+
+    a, b = solve((0, 1)), solve((1, 0))
+    assert torch.equal(a[0], solve((0, 1))[0]), "the same generators give the same samples (use `generators`)"
+    assert torch.allclose(a[0], b[1], atol=1e-6) and torch.allclose(a[1], b[0], atol=1e-6), \
+        "a sample depends on its own generator, not on its place in the pack"
     return sampler
 
 

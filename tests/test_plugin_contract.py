@@ -218,3 +218,19 @@ def test_a_missing_required_member_is_not_blamed_on_inheritance():
 
     with pytest.raises(AssertionError, match=r"lacks target \(required: define target"):
         testing.check_component("path", lambda cfg: Half(), object())
+
+
+def test_the_sampler_check_catches_noise_from_the_global_generator():
+    import torch
+
+    class GlobalNoise(protocols.Sampler):
+        def __call__(self, velocity, noise, seq_lens, *, steps, warper=None, generators=None, callback=None):
+            x = noise
+            for k in range(steps):
+                x = x + 0.1 * torch.randn_like(x)  # torch's global generator: not reproducible
+                if callback:
+                    callback(k + 1, steps)
+            return x
+
+    with pytest.raises(AssertionError, match="the same generators give the same samples"):
+        testing.check_sampler(lambda cfg: GlobalNoise(), object())
