@@ -144,6 +144,7 @@ def _name(factory: Any) -> str:
 class Registry:
     def __init__(self) -> None:
         self._by_kind: dict[str, dict[str, Component]] = {k: {} for k in KINDS}
+        self._dropped: dict[tuple[str, str], str] = {}  # (kind, name) -> the skipped plugin that had it
 
     def add(self, component: Component) -> None:
         self.check_new(component)
@@ -178,7 +179,12 @@ class Registry:
         """Forget every component of ``plugin`` (a plugin skipped after it joined the registry)."""
         for table in self._by_kind.values():
             for name in [n for n, c in table.items() if c.plugin == plugin]:
-                del table[name]
+                self.note_skipped(table.pop(name))
+
+    def note_skipped(self, component: Component) -> None:
+        """``component``'s plugin was skipped: :meth:`get` says so rather than "unknown"."""
+        if self._by_kind.get(component.kind, {}).get(component.name) is None:
+            self._dropped[(component.kind, component.name)] = component.plugin
 
     def registrar(self, kind: str, plugin: str) -> Callable[..., None]:
         """The ``register`` callback handed to one plugin's hook for one kind."""
@@ -202,6 +208,10 @@ class Registry:
         if name in table:
             return table[name]
         where = f"{path}: " if path else ""
+        skipped = self._dropped.get((kind, name))
+        if skipped is not None:  # not a typo: its plugin failed (the reason is in `minfm plugins`)
+            raise UnknownComponentError(f"{where}{kind} {name!r} belongs to plugin {skipped!r}, which was skipped "
+                                        "(minfm plugins says why)")
         installed = ", ".join(self.names(kind)) or "(none)"
         raise UnknownComponentError(
             f"{where}unknown {kind} {name!r}{did_you_mean(name, table)}; installed: {installed}"

@@ -239,6 +239,7 @@ def _fill(state: PluginState) -> None:
     """The registry from every registered plugin; a plugin that cannot join it is skipped whole."""
     reg = Registry()
     for name in list(state.origins):
+        comps: list = []
         try:
             comps = _components_of(state, name)
             own = Registry()
@@ -248,6 +249,8 @@ def _fill(state: PluginState) -> None:
         except Exception as exc:  # a hook that raises is that plugin's failure, not everyone's
             reason = str(exc) if isinstance(exc, PluginError) else f"a register hook raised {_one_line(exc)}"
             _fail(state, name, reason)
+            for c in comps:  # a recipe naming one is told whose they were, not "unknown"
+                reg.note_skipped(c)
             continue
         for c in comps:
             reg.add(c)

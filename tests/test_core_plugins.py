@@ -364,3 +364,21 @@ def test_every_builtin_config_keeps_the_rules():
     for comp in get_registry().all_components():
         if comp.config is not None:
             assert config_problems(comp.config) == [], comp.describe()
+
+
+def test_a_component_of_a_skipped_plugin_is_not_called_unknown():
+    """A recipe naming a good component of a plugin skipped for a name clash read 'unknown
+    guidance', as for a typo."""
+    from minfm_core import hookimpl
+    from minfm_core.errors import UnknownComponentError
+
+    class Clash:
+        @hookimpl
+        def register_guidances(self, register):
+            register("clash_ok", lambda cfg=None: None)
+            register("cfg", lambda cfg=None: None)  # the built-in's name: the plugin is skipped
+
+    with plugin(Clash(), "probe"):
+        assert "registered by both plugin" in load_plugins().failures["probe"]
+        with pytest.raises(UnknownComponentError, match="guidance 'clash_ok' belongs to plugin 'probe', which was skipped"):
+            get_registry().get("guidance", "clash_ok")
