@@ -167,3 +167,46 @@ def test_compiled_bf16_is_as_close_to_fp32_as_eager_bf16():
     err_eager, err_compiled = error(eager), error(compiled)
     assert 1e-4 < err_eager < 0.1  # bf16 rounding shows, and stays rounding
     assert err_compiled <= 2 * err_eager, (err_compiled, err_eager)
+
+
+def test_the_compiled_form_of_a_linear_keeps_autocasts_dtype():
+    """y + fp32 bias made the compiled blocks' q/k/v fp32 under bf16 autocast where eager's are
+    bf16 (an explicit flash_attn backend would then refuse them)."""
+    from minfm_plugins.flux.layers import linear
+
+    lin = torch.nn.Linear(8, 4)
+    x = torch.randn(3, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, eager = linear(lin, x), lin(x)
+    assert ours.dtype == eager.dtype == torch.bfloat16
+    ours.float().sum().backward()
+    assert lin.bias.grad.dtype == torch.float32 and torch.allclose(lin.bias.grad, torch.full((4,), 3.0))
+
+
+def test_a_compiler_that_cannot_build_is_a_clear_error(monkeypatch):
+    """A compiler that is found but cannot build (no Python headers) ended in inductor's
+    122-line traceback and "this is a bug in minFM"."""
+    from minfm_plugins.flux import compiled
+
+    from minfm_core.errors import MinfmError
+
+    class CppCompileError(RuntimeError):  # inductor's, by name
+        pass
+
+    def broken(fn, **kwargs):
+        def call(*args):
+            try:
+                raise CppCompileError("Python.h: No such file or directory")
+            except CppCompileError as exc:
+                raise RuntimeError("InductorError: backend compiler failed") from exc
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    compiled._compiled.cache_clear()
+    try:
+        with pytest.raises(MinfmError, match=r"could not build its C\+\+ kernels \(Python.h: No such file.*compile = false"):
+            compiled._compiled(lambda x: x)(1)
+    finally:
+        compiled._compiled.cache_clear()
+    # and the process may hold many graphs per half-block (train, validate, sample) before dynamo refuses
+    assert torch._dynamo.config.recompile_limit >= compiled.RECOMPILE_LIMIT

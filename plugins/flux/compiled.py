@@ -120,9 +120,43 @@ def flat_layout(lay: Layout, n_rows: int, like: Tensor) -> FlatLayout:
     return flat
 
 
+#: Graphs one half-block may hold. Dynamo's default (8) is met by a process that mixes
+#: training, validation and sampling packs (with and without gradients, one sample, one
+#: text token, past 64 samples, past 2048 tokens: each one graph more), and past it a
+#: fullgraph compile fails the call instead of falling back. Each graph is compiled once.
+RECOMPILE_LIMIT = 64
+
+
 @functools.cache
 def _compiled(fn):
-    return torch.compile(fn, fullgraph=True)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    compiled = torch.compile(fn, fullgraph=True)
+
+    @functools.wraps(fn)
+    def call(*args):
+        try:
+            return compiled(*args)
+        except Exception as exc:
+            if _cannot_build(exc):  # a compiler that runs but cannot build (no Python headers, ...)
+                raise MinfmError(
+                    "model.denoiser.compile = true: inductor could not build its C++ kernels "
+                    f"({first_line(_cannot_build(exc), 200)}); fix the compiler (CXX), or set compile = false"
+                ) from None
+            raise
+
+    return call
+
+
+def _cannot_build(exc: BaseException | None) -> BaseException | None:
+    """Inductor's CppCompileError in ``exc``'s chain (matched by name: its module moves between
+    torch releases), else None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if type(exc).__name__ == "CppCompileError":
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 @functools.cache

@@ -83,12 +83,15 @@ class _BiasAdd(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y: Tensor, b: Tensor) -> Tensor:
-        return y + b
+        # in y's dtype, as nn.Linear adds it: under bf16 autocast an fp32 bias made the
+        # output (and the attention inputs after it) fp32 where eager's are bf16
+        ctx.b_dtype = b.dtype
+        return y + b.to(y.dtype)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         flat = g.flatten(0, -2)
-        return g, (flat.new_ones((1, flat.shape[0])) @ flat).view(g.shape[-1])
+        return g, (flat.new_ones((1, flat.shape[0])) @ flat).view(g.shape[-1]).to(ctx.b_dtype)
 
 
 def per_token(m: Tensor, sel: tuple[Tensor, Tensor | None]) -> Tensor:
