@@ -324,3 +324,29 @@ def test_a_train_job_refuses_a_size_multiple_off_the_vae_grid(name, capsys):
     data = f"data={{{name}, size_multiple = 4}}"
     assert main(["check", "minfm:quickstart_video.toml", "--set", data, *WAN]) == 2
     assert "data.size_multiple: 4 is not a multiple of the VAE's compression x patch = 16x16" in capsys.readouterr().err
+
+
+def _datasets_with_a_root() -> list[str]:
+    import attrs
+
+    from minfm_core.registry import get_registry
+
+    return [c.name for c in get_registry().components("dataset")
+            if attrs.has(c.config) and "root" in attrs.fields_dict(c.config)]
+
+
+@pytest.mark.parametrize("name", _datasets_with_a_root())
+def test_a_train_job_refuses_a_dataset_without_its_root(name, capsys):
+    """`minfm check` said ok and the run failed at the first dataset build, after its folder was
+    made. A root missing on this machine stays a warning (the data may live elsewhere), and a
+    sample job, or a recipe reading cached latents, needs no root."""
+    from minfm_core.cli.main import main
+
+    assert main(["check", "minfm:quickstart.toml", "--set", f"data={{name = '{name}'}}"]) == 2
+    err = capsys.readouterr().err
+    assert "data.root: a train job needs it set" in err and len(err.strip().splitlines()) == 1, err
+    assert main(["check", "minfm:quickstart.toml", "--set", f"data={{name = '{name}', root = '/nonexistent/x'}}"]) == 0
+    assert "data.root: /nonexistent/x does not exist (yet)" in capsys.readouterr().err
+    assert main(["check", "minfm:quickstart.toml", "--set", f"data={{name = '{name}'}}", "--set", 'job="sample"']) == 0
+    cached = f"data={{name = '{name}', use_cached_latents = true, latents_dir = '/nonexistent/l'}}"
+    assert main(["check", "minfm:quickstart.toml", "--set", cached]) == 0, capsys.readouterr().err

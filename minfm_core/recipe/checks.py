@@ -76,6 +76,8 @@ def job_checks(resolved, job: str, world_size: int | None = None) -> list[str]:
             problems.append("data.latents_dir: use_cached_latents = true needs the folder minfm cache latents wrote")
         if data_cfg is not None:
             problems.extend(_data_fits_the_model(resolved, data_cfg))
+            unset = getattr(data_cfg, "unset", ())
+            problems.extend(f"data.{name}: a train job needs it set" for name in (unset if isinstance(unset, tuple) else ()))
         if train.init_from and not parse_load_plan(train.init_load_plan):  # (its syntax: the schema's check)
             problems.append("train.init_load_plan: empty, so nothing would be loaded from train.init_from")
         resuming = os.path.isdir(os.path.join(exp, "checkpoints"))  # a resume does not read init_from

@@ -158,6 +158,12 @@ class ShapesConfig:
     latents_dir: str | None = _latents_dir()
 
 
+def _unset_root(cfg) -> tuple[str, ...]:
+    """An empty root with the images themselves to read (a recipe mistake a train job refuses;
+    a recipe from outside has its roots emptied, and may still be sampled from)."""
+    return ("root",) if not cfg.root and not cfg.use_cached_latents else ()
+
+
 @config
 class ImageFolderConfig:
     """Images with captions from metadata.jsonl (HF imagefolder) or .txt sidecars."""
@@ -184,6 +190,10 @@ class ImageFolderConfig:
     use_cached_latents: bool = _use_cached_latents()
     latents_dir: str | None = _latents_dir()
 
+    @property
+    def unset(self) -> tuple[str, ...]:
+        return _unset_root(self)
+
 
 @config
 class ImagenetConfig:
@@ -206,6 +216,10 @@ class ImagenetConfig:
     seed: int = field(0, doc="seed of the flips", validator=SEED)
     use_cached_latents: bool = _use_cached_latents()
     latents_dir: str | None = _latents_dir()
+
+    @property
+    def unset(self) -> tuple[str, ...]:
+        return _unset_root(self)
 
 
 #: Motions of the ``moving_shapes`` clips ("still": the shape stands in place).
@@ -350,3 +364,7 @@ class VideoFolderConfig:
     seed: int = field(0, doc="seed of the clip starts, the flips and the held-out selection", validator=SEED)
     use_cached_latents: bool = _use_cached_latents()
     latents_dir: str | None = _latents_dir()
+
+    @property
+    def unset(self) -> tuple[str, ...]:
+        return _unset_root(self)
