@@ -125,15 +125,9 @@ class Component:
             raise
         # The engine calls every member, optional ones too: one missing is the plugin's error,
         # said here by name, not as an AttributeError deep in a training step.
-        members = protocols.members(self.kind)
-        missing = [m for m in members if not hasattr(built, m)]
-        if missing:
-            proto = f"minfm_core.protocols.{protocols.PROTOCOLS[self.kind].__name__}"
-            required = [m for m in missing if members[m]]
-            raise PluginError(
-                f"{self.describe()}: built {type(built).__name__} lacks {', '.join(missing)} "
-                + (f"(required: define {', '.join(required)})" if required else f"(inherit {proto} for their defaults)")
-            )
+        lacks = protocols.lacking(self.kind, built)
+        if lacks:
+            raise PluginError(f"{self.describe()}: built {type(built).__name__} {lacks}")
         return built
 
 

@@ -375,6 +375,19 @@ def members(kind: str) -> dict[str, bool]:
     return {n: not getattr(proto.__dict__.get(n), "__minfm_optional__", False) for n in sorted(names)}
 
 
+def lacking(kind: str, obj: Any) -> str | None:
+    """``"lacks a, b (...)"`` for the members of ``kind``'s protocol that ``obj`` does not have
+    (what to do about them in the brackets), or None when it has them all."""
+    every = members(kind)
+    missing = [m for m in every if not hasattr(obj, m)]
+    if not missing:
+        return None
+    required = [m for m in missing if every[m]]
+    why = f"required: define {', '.join(required)}" if required else \
+        f"inherit minfm_core.protocols.{PROTOCOLS[kind].__name__} for their defaults"
+    return f"lacks {', '.join(missing)} ({why})"
+
+
 def _attrs(proto: type) -> set[str]:
     # Python < 3.12 keeps the protocol's members only privately.
     from typing import _get_protocol_attrs  # type: ignore[attr-defined]

@@ -120,13 +120,10 @@ def _build(kind: str, component, config, **kwargs) -> Any:
 
 def _members(kind: str, obj: Any) -> Any:
     """Every member of the kind's protocol is there (optional ones too: the engine calls them)."""
-    members = protocols.members(kind)  # name -> required
-    missing = [m for m in members if not hasattr(obj, m)]
-    proto = f"minfm_core.protocols.{protocols.PROTOCOLS[kind].__name__}"
-    hint = f" (inherit {proto} for their defaults)" if not any(members[m] for m in missing) else \
-        f" (required: define {', '.join(m for m in missing if members[m])}; inheriting {proto} gives only the optional members' defaults)"
-    assert not missing, f"{kind} {type(obj).__name__} lacks {', '.join(missing)}" + hint
+    lacks = protocols.lacking(kind, obj)
+    assert lacks is None, f"{kind} {type(obj).__name__} {lacks}"
     assert isinstance(obj, protocols.PROTOCOLS[kind])
+    proto = f"minfm_core.protocols.{protocols.PROTOCOLS[kind].__name__}"
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(obj, torch.nn.Module):
         # class Net(protocols.Denoiser, nn.Module): the protocol's __call__ stub comes first

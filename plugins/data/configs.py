@@ -158,14 +158,20 @@ class ShapesConfig:
     latents_dir: str | None = _latents_dir()
 
 
-def _unset_root(cfg) -> tuple[str, ...]:
-    """An empty root with the images themselves to read (a recipe mistake a train job refuses;
-    a recipe from outside has its roots emptied, and may still be sampled from)."""
-    return ("root",) if not cfg.root and not cfg.use_cached_latents else ()
+class _ReadsRoot:
+    """A dataset reading files under ``root`` (or its cached latents instead)."""
+
+    __slots__ = ()
+
+    @property
+    def unset(self) -> tuple[str, ...]:
+        # An empty root with the files themselves to read: a recipe mistake a train job
+        # refuses (a recipe from outside has its roots emptied, and may still be sampled from).
+        return ("root",) if not self.root and not self.use_cached_latents else ()
 
 
 @config
-class ImageFolderConfig:
+class ImageFolderConfig(_ReadsRoot):
     """Images with captions from metadata.jsonl (HF imagefolder) or .txt sidecars."""
 
     root: str = field(
@@ -190,13 +196,9 @@ class ImageFolderConfig:
     use_cached_latents: bool = _use_cached_latents()
     latents_dir: str | None = _latents_dir()
 
-    @property
-    def unset(self) -> tuple[str, ...]:
-        return _unset_root(self)
-
 
 @config
-class ImagenetConfig:
+class ImagenetConfig(_ReadsRoot):
     """ILSVRC-2012 (folder layout or cached latents) with class-name prompts."""
 
     root: str = field(
@@ -216,10 +218,6 @@ class ImagenetConfig:
     seed: int = field(0, doc="seed of the flips", validator=SEED)
     use_cached_latents: bool = _use_cached_latents()
     latents_dir: str | None = _latents_dir()
-
-    @property
-    def unset(self) -> tuple[str, ...]:
-        return _unset_root(self)
 
 
 #: Motions of the ``moving_shapes`` clips ("still": the shape stands in place).
@@ -334,7 +332,7 @@ class MixConfig:
 
 
 @config
-class VideoFolderConfig:
+class VideoFolderConfig(_ReadsRoot):
     """Video clips (mp4, webm, ...; read with PyAV) with captions from .txt sidecars."""
 
     root: str = field(
@@ -364,7 +362,3 @@ class VideoFolderConfig:
     seed: int = field(0, doc="seed of the clip starts, the flips and the held-out selection", validator=SEED)
     use_cached_latents: bool = _use_cached_latents()
     latents_dir: str | None = _latents_dir()
-
-    @property
-    def unset(self) -> tuple[str, ...]:
-        return _unset_root(self)

@@ -14,7 +14,7 @@ import torch
 
 from minfm_core.errors import MinfmError
 
-from .evaluate import Extractor, check_finite, extract_features, load_extractor
+from .evaluate import Extractor, check_finite, check_widths, extract_features, load_extractor
 from .inputs import image_batches
 from .metrics import feature_stats, frechet_distance
 
@@ -50,7 +50,5 @@ class FidMetric:
         return feature_stats(features)
 
     def distance(self, samples: tuple[np.ndarray, np.ndarray], reference: tuple[np.ndarray, np.ndarray]) -> float:
-        if samples[0].shape != reference[0].shape:  # the means: one entry per feature
-            raise MinfmError(f"the feature extractor returned features of width {samples[0].size} for samples "
-                             f"but {reference[0].size} for the reference")
+        check_widths("features", samples[0][None], reference[0][None])  # the means: one entry per feature
         return frechet_distance(*samples, *reference)
