@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .errors import PluginError
+
 #: Slots whose components are torch modules; their factories take ``load_weights``.
 MODEL_SLOTS = ("model.denoiser", "model.vae", "model.text_encoder", "model.clip_encoder")
 
@@ -31,6 +33,8 @@ def meta_parameter_counts(resolved) -> dict[str, tuple[int, int] | str]:
             with torch.device("meta"):
                 module = slot.build(load_weights=False)
             counts[path] = count_parameters(module)
+        except PluginError:  # the plugin breaks the contract (a member missing): run would stop on it
+            raise
         except Exception as exc:  # a summary must not hide the rest of the check
             counts[path] = f"not built on meta: {type(exc).__name__}: {exc}"
     return counts

@@ -382,3 +382,31 @@ def test_a_component_of_a_skipped_plugin_is_not_called_unknown():
         assert "registered by both plugin" in load_plugins().failures["probe"]
         with pytest.raises(UnknownComponentError, match="guidance 'clash_ok' belongs to plugin 'probe', which was skipped"):
             get_registry().get("guidance", "clash_ok")
+
+
+def test_check_refuses_a_model_whose_built_module_breaks_the_contract(capsys):
+    """`minfm check` builds the model slots on meta: a module lacking a protocol member fails
+    the check (run would stop on it at start-up), it is not a footnote in the summary."""
+    import argparse
+
+    from engine_helpers import TINY
+    from minfm_core.cli import check_cmd
+
+    identity = get_registry().get("vae", "identity")
+
+    class EncodeOnly:  # no decode
+        def encode(self, images):
+            return list(images)
+
+    class Probe:
+        @hookimpl
+        def register_vaes(self, register):
+            register("encode_only", lambda cfg, **kw: EncodeOnly(), identity.config)
+
+    args = argparse.Namespace(recipe=TINY, overrides=["model.vae.name=encode_only"], world_size=None, print_recipe=False)
+    with plugin(Probe(), "probe"):
+        with pytest.raises(PluginError, match=r"^vae 'encode_only' of plugin 'probe': built EncodeOnly lacks decode"):
+            check_cmd.run(args)
+        args.overrides = []
+        assert check_cmd.run(args) == 0  # the same recipe with identity passes
+    assert "ok (job = 'train')" in capsys.readouterr().out
