@@ -146,10 +146,10 @@ def pull(ref: str | HubRef, local_dir: str | Path | None = None, *, training_sta
             _record(pulled, pulled.path)
         else:
             if commit is None:  # offline: the folder's own record of the same pull, if any, knows the commit
-                prev = source_info(Path(local_dir).expanduser()) if Path(local_dir).expanduser().is_dir() else None
+                prev = source_info(Path(os.path.expanduser(local_dir))) if Path(os.path.expanduser(local_dir)).is_dir() else None
                 if prev and prev.get("repo_id") == ref.repo_id and prev.get("revision") == ref.revision:
                     commit = prev["commit"]
-            pulled = Pulled(Path(local_dir).expanduser(), ref.repo_id, ref.revision, commit or "unknown")
+            pulled = Pulled(Path(os.path.expanduser(local_dir)), ref.repo_id, ref.revision, commit or "unknown")
             _pull_to_local_dir(pulled, patterns, limits)
     return pulled
 

@@ -210,7 +210,7 @@ def push(
 
     validate_repo_id(repo_id)
     branch = validate_revision(revision) if revision else "main"
-    src = Path(src).expanduser()
+    src = Path(os.path.expanduser(src))
     if not src.exists():
         raise MinfmError(f"{src}: no such file or directory")
     max_bytes = parse_size(max_shard_size)

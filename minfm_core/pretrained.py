@@ -64,7 +64,7 @@ def parse_hub_ref(ref: str) -> HubRef | None:
 
 
 def is_local(ref: str) -> bool:
-    return Path(ref).expanduser().exists()
+    return Path(os.path.expanduser(ref)).exists()
 
 
 def offline() -> bool:
@@ -78,7 +78,7 @@ def resolve_pretrained(ref: str, filename: str | None = None) -> Path:
     With ``filename``, the file of that name inside the referenced folder. A Hub
     reference goes to the ``hf`` source's resolver with ``subpath=`` (cache first).
     """
-    path = Path(ref).expanduser()
+    path = Path(os.path.expanduser(ref))
     if path.exists():
         target = path / filename if filename else path
         if not target.exists():

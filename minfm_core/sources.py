@@ -10,6 +10,7 @@ with ``subpath`` (see :mod:`minfm_core.pretrained`).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .errors import MinfmError
@@ -34,7 +35,7 @@ def resolve_source(src: str, *, training_state: bool = False, subpath: str | Non
         if subpath is not None:
             kwargs["subpath"] = subpath
         return Path(resolver(src, **kwargs))
-    path = Path(src).expanduser()
+    path = Path(os.path.expanduser(src))
     if not path.exists():
         raise MinfmError(f"{src}: no such file or directory")
     return path

@@ -207,3 +207,15 @@ def test_a_minfm_warning_is_one_plain_line(capsys):
         with pytest.warns(UserWarning, match="a library's own"):  # goes the usual way, untouched
             warnings.warn("a library's own", UserWarning)
     assert capsys.readouterr().err.splitlines() == ["minfm: warning: data: resuming with seed 1 instead of 0"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["hub", "push", "~no_such_user_minfm/run", "org/model"],
+    ["sample", "~no_such_user_minfm/run", "--prompt", "a"],
+    ["export", "~no_such_user_minfm/run", "--out", "x"],
+], ids=["hub-push", "sample", "export"])
+def test_a_tilde_of_an_unknown_user_is_a_missing_path_not_a_crash(minfm, argv):
+    # pathlib's expanduser raises RuntimeError for an unknown user; os.path's leaves the name
+    r = minfm(*argv)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "~no_such_user_minfm/run" in r.stderr

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -41,7 +42,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise MinfmError(f"image_folder: unknown split {split!r}; expected 'train' or 'val'")
         if not cfg.root:
             raise MinfmError("image_folder: set 'root' to the folder of images (or use_cached_latents = true)")
-        root = Path(cfg.root).expanduser()
+        root = Path(os.path.expanduser(cfg.root))
         if not root.is_dir():
             raise MinfmError(f"image_folder: root {str(root)!r} is not a folder")
         self.cfg = cfg

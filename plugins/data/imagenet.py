@@ -73,11 +73,11 @@ class ImagenetDataset(torch.utils.data.Dataset):
         self.cfg = cfg
         self.flips = Flips(cfg.p_flip, cfg.seed, split)
         self.prompts = _prompts(cfg.prompt_template)
-        folder = Path(cfg.root).expanduser() / split
+        folder = Path(os.path.expanduser(cfg.root)) / split
         if not folder.is_dir():
             raise MinfmError(f"imagenet: {str(folder)!r} is not a folder (expected <root>/{split}/<wnid>/*.JPEG)")
         if split == "val" and cfg.val_labels:
-            self.items = _flat_val(folder, Path(cfg.val_labels).expanduser())
+            self.items = _flat_val(folder, Path(os.path.expanduser(cfg.val_labels)))
         else:
             self.items = _class_folders(folder)
         if not self.items:

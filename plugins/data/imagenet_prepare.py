@@ -185,7 +185,7 @@ def run(args) -> int:
     from .imagenet import _prompts, imagenet_classes
 
     # Everything that can be refused is refused before the first file is written.
-    root, out = Path(args.root).expanduser(), Path(args.out).expanduser()
+    root, out = Path(os.path.expanduser(args.root)), Path(os.path.expanduser(args.out))
     check_out(root, out)
     resolved = load_recipe(args.recipe, args.overrides, world_size=1)
     data = resolved.get("data")
@@ -194,7 +194,7 @@ def run(args) -> int:
         raise MinfmError(f"{args.recipe}: --latents encodes the images as the recipe's [data] reads them, and that "
                          f"is {repr(data.component.name) if data is not None else 'not set'}, not imagenet")
     template = inet.prompt_template if inet is not None else "{name}"
-    val_labels = Path(inet.val_labels).expanduser() if inet is not None and inet.val_labels else None
+    val_labels = Path(os.path.expanduser(inet.val_labels)) if inet is not None and inet.val_labels else None
     classes = list(imagenet_classes())
     labels = {wnid: i for i, (wnid, _) in enumerate(classes)}
     counts = split_counts(root, val_labels)

@@ -131,7 +131,7 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
 def _find_index(name: str, latents_dir: str | None, split: str) -> Path:
     if not latents_dir:
         raise MinfmError(f"{name}: use_cached_latents = true needs 'latents_dir' (the --out of minfm cache latents)")
-    base = Path(latents_dir).expanduser()
+    base = Path(os.path.expanduser(latents_dir))
     for index in (base / split / "index.json", base / "index.json"):
         if index.is_file():
             return index

@@ -13,6 +13,7 @@ stable hash of each path holds out ``val_fraction``. PyAV is the ``video`` extra
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import torch
@@ -144,7 +145,7 @@ class VideoFolderDataset(torch.utils.data.Dataset):
             raise MinfmError(f"video_folder: unknown split {split!r}; expected 'train' or 'val'")
         if not cfg.root:
             raise MinfmError("video_folder: set data.root to the folder of videos (or use_cached_latents = true)")
-        root = Path(cfg.root).expanduser()
+        root = Path(os.path.expanduser(cfg.root))
         if not root.is_dir():
             raise MinfmError(f"video_folder: data.root {str(root)!r} is not a folder")
         self.cfg = cfg

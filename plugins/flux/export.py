@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -57,14 +58,14 @@ def export_diffusers(src: str, out_dir: str, *, flavor: str | None = None, ema: 
 
     from .state_dict import diffusers_config
 
-    weights, cfg = _source(Path(src).expanduser(), flavor, ema)
+    weights, cfg = _source(Path(os.path.expanduser(src)), flavor, ema)
     conf = diffusers_config(cfg)  # refuse before reading gigabytes
     sd = strip_prefix(load_safetensors_file(weights))
     with torch.device("meta"):
         check_state_dict(Flux(cfg, attention=None), sd, source=str(weights))
     if dtype != "keep":
         sd = {k: v.to(DTYPES[dtype]) for k, v in sd.items()}
-    out = Path(out_dir).expanduser()
+    out = Path(os.path.expanduser(out_dir))
     out.mkdir(parents=True, exist_ok=True)
     converted = {k: v.contiguous() for k, v in bfl_to_diffusers(sd).items()}
     save_safetensors_file(converted, out / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})

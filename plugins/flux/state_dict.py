@@ -8,6 +8,7 @@ loads as is. The adapter renames, splits fused projections (BFL ``qkv`` and
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -177,7 +178,7 @@ def _bfl_file(path: Path) -> Path:
 
 def read_state_dict(ref: str) -> dict[str, Tensor]:
     """Native (BFL) state dict from a file, a folder (BFL or diffusers layout) or a Hub id."""
-    path = Path(ref).expanduser()
+    path = Path(os.path.expanduser(ref))
     if not path.exists():
         from minfm_core.pretrained import resolve_pretrained
 
