@@ -14,6 +14,7 @@ dataset pictures as the reference.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 from minfm_core.engine.generate import generate
@@ -28,6 +29,11 @@ from minfm_core.sources import resolve_source
 
 
 def main() -> None:
+    with contextlib.ExitStack() as stack:  # keeps the checkpoint from a live run's pruning (locate)
+        _main(stack)
+
+
+def _main(stack: contextlib.ExitStack) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("source", help="run dir, checkpoint or hf:// model trained on shapes")
     ap.add_argument("--seeds", type=int, default=8, help="samples per prompt")
@@ -36,7 +42,7 @@ def main() -> None:
     ap.add_argument("--raw", action="store_true", help="raw weights instead of EMA")
     args = ap.parse_args()
 
-    recipe_path, kind, where = locate(resolve_source(args.source))
+    recipe_path, kind, where = locate(resolve_source(args.source), stack)
     overrides = []
     if args.steps:
         overrides.append(f"sample.steps={args.steps}")

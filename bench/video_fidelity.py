@@ -17,6 +17,7 @@ engine (`generate`) as tensors: no video files are written or read.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 
@@ -66,6 +67,11 @@ def write_grid(path: str, clips: list, cols: int, scale: int) -> None:
 
 
 def main() -> None:
+    with contextlib.ExitStack() as stack:  # keeps the checkpoint from a live run's pruning (locate)
+        _main(stack)
+
+
+def _main(stack: contextlib.ExitStack) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("source", help="run dir, checkpoint or hf:// model trained on moving_shapes")
     ap.add_argument("--seeds", type=int, default=4, help="clips per prompt")
@@ -80,7 +86,7 @@ def main() -> None:
     if not 1 <= args.seeds <= 64 or not 1 <= args.batch <= 1024 or not 1 <= args.grid_scale <= 16:
         ap.error("--seeds must be 1..64, --batch 1..1024, --grid-scale 1..16")
 
-    recipe_path, kind, where = locate(resolve_source(args.source))
+    recipe_path, kind, where = locate(resolve_source(args.source), stack)
     overrides = []
     if args.steps:
         overrides.append(f"sample.steps={args.steps}")
