@@ -22,7 +22,7 @@ def register_commands(subparsers):
                     "an exported folder or hf://org/name[@rev]). Requests arriving together are sampled in one "
                     "packed batch, even at different sizes.",
     )
-    p.add_argument("source", metavar="SRC", help="run directory, checkpoint directory or hf://org/name[@rev]")
+    p.add_argument("source", metavar="SRC", help="run directory, checkpoint directory, exported folder or hf://org/name[@rev]")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=NUMBERS["--port"], default=None, help="port (default: the first free one from 7860)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link")

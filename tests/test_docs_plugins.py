@@ -142,3 +142,15 @@ def test_every_packing_helper_is_documented():
     text = DOC.read_text()
     missing = [n for n in helpers if f"`{n}(" not in text]
     assert helpers and not missing, f"packing helpers missing from docs/plugins.md: {missing}"
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_reference_lists_every_builtin_component(kind):
+    from minfm_core.registry import get_registry
+
+    builtin = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["minfm"])
+    reg = get_registry()
+    names = {n for n in reg.names(kind) if reg.get(kind, n).plugin in builtin}
+    m = re.search(r"Built-ins?: ((?:`\w+`(?:, | and |, and )?)+)", section(kind))
+    assert m, f"{kind}: the section has no 'Built-ins: ...' list"
+    assert set(re.findall(r"`(\w+)`", m.group(1))) == names
