@@ -35,11 +35,12 @@ SOURCE_MARKER = "minfm_source.json"
 
 def came_from_outside(path: Path) -> bool:
     """Whether ``path`` lies in a folder a source resolver downloaded: a Hugging Face cache
-    snapshot, or a folder (up to three levels up) holding :data:`SOURCE_MARKER`."""
-    path = Path(path)
+    snapshot, or a folder below one holding :data:`SOURCE_MARKER` (at any depth: a pulled
+    repo's ``a/b/c/d/recipe.toml`` is as foreign as its top-level one)."""
+    path = Path(os.path.abspath(path))
     if trust_boundary(path).name.startswith(("models--", "datasets--")):
         return True
-    return any((p / SOURCE_MARKER).exists() for p in (path, *list(path.parents)[:3]))
+    return any((p / SOURCE_MARKER).exists() for p in (path, *path.parents))
 
 
 def recipe_root(recipe: Path) -> Path | None:

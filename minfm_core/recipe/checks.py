@@ -17,6 +17,7 @@ from ..engine.prompts import read_prompt_file
 from ..launch_env import world_size_from_env
 from ..protocols import CachedLatentsConfig
 from ..validators import MAX_TOKENS
+from .load import is_trusted
 from .schema import parse_load_plan
 
 
@@ -38,6 +39,21 @@ def accumulation_steps(total_batch_size: int, batch_size: int, world_size: int) 
     return total_batch_size // per_step
 
 
+def _outside_run_folder(resolved) -> list[str]:
+    """A recipe from a downloaded repo may not choose where a job writes: its ``run.exp_dir``
+    (and ``sample.out_dir``) must stay below the folder minfm runs in, unless the user's own
+    --set gave it."""
+    if resolved.outside is None:
+        return []
+    out = []
+    for key, value in (("run.exp_dir", resolved.recipe.run.exp_dir), ("sample.out_dir", resolved.recipe.sample.out_dir)):
+        if value and not is_trusted(key, resolved.trusted) and (
+                os.path.isabs(value) or value.startswith(("~", "$")) or ".." in value.replace("\\", "/").split("/")):
+            out.append(f"{key}: {value!r} leaves the current folder, and this recipe came from a download "
+                       f"({resolved.outside}); choose the folder yourself with --set {key}=DIR")
+    return out
+
+
 def job_checks(resolved, job: str, world_size: int | None = None) -> list[str]:
     """Rules of one job (``train`` or ``sample``) that the engine applies at start-up.
 
@@ -54,6 +70,7 @@ def job_checks(resolved, job: str, world_size: int | None = None) -> list[str]:
     recipe = resolved.recipe
     train, s = recipe.train, recipe.sample
     exp = recipe.run.exp_dir
+    problems += _outside_run_folder(resolved)
     if os.path.lexists(exp) and not os.path.isdir(exp):
         problems.append(f"run.exp_dir: {exp} exists and is not a folder")
     else:  # the nearest existing folder above it must be one (not /dev/null for /dev/null/run)

@@ -127,6 +127,12 @@ def shipped_file(text: str, what: str = "") -> Path:
     raise RecipeError(f"{what}: {text}: no such shipped file{did_you_mean(name, shipped)}")
 
 
+def is_trusted(key: str, trusted: Iterable[str]) -> bool:
+    """Whether the user's own --set gave ``key`` (or a table holding it)."""
+    key = key.replace("[", ".").replace("]", "")
+    return any(key == t or key.startswith(t + ".") for t in trusted)
+
+
 def recipe_file(ref: str | os.PathLike) -> Path:
     """A recipe path as given, or ``minfm:NAME.toml`` -> that shipped recipe's file."""
     text = os.fspath(ref)

@@ -12,8 +12,8 @@ import attrs
 from ..config import structure, unstructure
 from ..errors import MinfmError, RecipeError
 from ..registry import Component, Registry, get_registry
-from ..safepath import contained
-from .load import SHIPPED, load_recipe_dict, parse_override, shipped_file
+from ..safepath import contained, recipe_root
+from .load import SHIPPED, is_trusted, load_recipe_dict, parse_override, recipe_file, shipped_file
 from .schema import SLOTS, Recipe, Spec
 
 
@@ -34,6 +34,10 @@ class ResolvedRecipe:
     recipe: Recipe
     slots: dict[str, Resolved]
     source: str | None = None
+    #: The folder a recipe from outside arrived in (None: the user's own), and the keys the
+    #: user's own --set gave (trusted even then): the start-up checks of a job read them.
+    outside: str | None = None
+    trusted: frozenset[str] = frozenset()
 
     def __getitem__(self, path: str) -> Resolved:
         return self.slots[path]
@@ -141,15 +145,22 @@ def load_recipe(
     ``extends`` and every file reference (fields declared with ``field(..., file=...)``)
     must stay inside that folder and are rewritten to the contained path, relative to the
     recipe's place in it. The user's own ``overrides`` still apply and are trusted.
+
+    Without ``untrusted_root``, a recipe lying in a downloaded folder (``hf://`` snapshots,
+    ``minfm hub pull --local-dir``) is read that way too, whoever loads it: ``minfm run`` of a
+    pulled recipe expanded ``${VAR}`` into the run's recipe.toml, which a push then published.
     """
+    if untrusted_root is None:
+        untrusted_root = recipe_root(recipe_file(path))
     raw = load_recipe_dict(path, overrides, untrusted_root=untrusted_root)
     try:
         resolved = resolve_recipe(raw, source=str(path), world_size=world_size)
     except RecursionError:
         raise RecipeError("values nested too deeply", str(path)) from None
     if untrusted_root is not None:
-        trusted = {".".join(parse_override(o)[0]) for o in overrides}
+        trusted = frozenset(".".join(parse_override(o)[0]) for o in overrides)
         resolved = contain_file_references(resolved, Path(path), Path(untrusted_root), trusted)
+        resolved = attrs.evolve(resolved, outside=str(untrusted_root), trusted=trusted)
     return shipped_file_references(resolved)
 
 
@@ -170,12 +181,6 @@ def _contain(value: str, kind: str, base: Path, root: Path, what: str) -> str:
             raise MinfmError(f"{what}: refusing path {value!r}: not inside {root}")
         return value
     return str(path)
-
-
-def _is_trusted(key: str, trusted: set[str]) -> bool:
-    """Whether the user's own --set gave ``key`` (or a table holding it)."""
-    key = key.replace("[", ".").replace("]", "")
-    return any(key == t or key.startswith(t + ".") for t in trusted)
 
 
 #: Sections of a recipe that only training reads: their file references in a recipe from
@@ -225,7 +230,7 @@ def map_file_references(resolved: ResolvedRecipe, fn: Callable[[str, str, str, A
         if slot.config is not None and attrs.has(type(slot.config)) else slot
         for p, slot in resolved.slots.items()
     }
-    return ResolvedRecipe(recipe, slots, resolved.source)
+    return attrs.evolve(resolved, recipe=recipe, slots=slots)
 
 
 def contain_file_references(resolved: ResolvedRecipe, path: Path, root: Path, trusted: set[str] = frozenset()) -> ResolvedRecipe:
@@ -234,7 +239,7 @@ def contain_file_references(resolved: ResolvedRecipe, path: Path, root: Path, tr
     base = Path(os.path.abspath(path)).parent  # the recipe's place in the repo, not a blob's
 
     def contain(key: str, kind: str, value: str, a: Any) -> str:
-        if _is_trusted(key, trusted):
+        if is_trusted(key, trusted):
             return value
         try:
             return _contain(value, kind, base, root, f"{path}: {key}")

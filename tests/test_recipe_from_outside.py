@@ -1,0 +1,70 @@
+"""A recipe lying in a downloaded folder (a Hub snapshot, a ``hub pull --local-dir``, at any
+depth below it) is read as data by every command, ``minfm run`` and ``check`` included: no
+``${VAR}`` expansion, and it may not choose where a job writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from minfm_core.recipe import load_recipe
+from minfm_core.safepath import SOURCE_MARKER, came_from_outside
+
+RECIPE = """extends = "minfm:quickstart.toml"
+[run]
+exp_dir = "{exp_dir}"
+[sample]
+prompts = ["${{MINFM_TEST_SECRET}}"]
+"""
+
+
+def pulled(tmp_path, depth: int, exp_dir: str = "experiments/pulled"):
+    top = tmp_path / "pulled"
+    folder = top.joinpath(*[f"d{i}" for i in range(depth)])
+    folder.mkdir(parents=True)
+    (top / SOURCE_MARKER).write_text(json.dumps({"repo_id": "org/m", "commit": "0" * 40}))
+    recipe = folder / "recipe.toml"
+    recipe.write_text(RECIPE.format(exp_dir=exp_dir))
+    return recipe
+
+
+@pytest.mark.parametrize("depth", [0, 1, 4, 9])
+def test_a_pulled_recipe_is_never_expanded_at_any_depth(tmp_path, monkeypatch, depth):
+    monkeypatch.setenv("MINFM_TEST_SECRET", "hunter2")
+    recipe = pulled(tmp_path, depth)
+    assert came_from_outside(recipe.parent)
+    resolved = load_recipe(recipe)  # no untrusted_root given: found from the marker
+    assert resolved.recipe.sample.prompts == ("${MINFM_TEST_SECRET}",)
+    assert resolved.outside == str(tmp_path / "pulled" / "/".join(f"d{i}" for i in range(depth))).rstrip("/")
+
+
+def test_the_users_own_recipe_is_still_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINFM_TEST_SECRET", "hunter2")
+    recipe = tmp_path / "mine.toml"
+    recipe.write_text(RECIPE.format(exp_dir="experiments/mine"))
+    resolved = load_recipe(recipe)
+    assert resolved.recipe.sample.prompts == ("hunter2",) and resolved.outside is None
+
+
+@pytest.mark.parametrize("exp_dir", ["/tmp/elsewhere", "~/runs/x", "../../up", "a/../../up"])
+def test_check_refuses_a_pulled_recipes_run_folder_outside_the_current_one(minfm, tmp_path, exp_dir):
+    recipe = pulled(tmp_path, 2, exp_dir)
+    r = minfm("check", str(recipe), cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"run.exp_dir: {exp_dir!r} leaves the current folder" in r.stderr
+    assert "--set run.exp_dir=DIR" in r.stderr
+    # the user's own choice is trusted
+    r = minfm("check", str(recipe), "--set", f"run.exp_dir={json.dumps(str(tmp_path / 'runs'))}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.slow
+def test_run_of_a_pulled_recipe_writes_the_reference_not_the_secret(minfm, tmp_path):
+    recipe = pulled(tmp_path, 1)
+    r = minfm("run", str(recipe), "--set", "train.max_steps=1", "--set", "train.sample_every=0",
+              "--set", "train.val_every=0", "--set", "train.ckpt_every=0", "--set", "model.denoiser.compile=false",
+              cwd=tmp_path, env={"MINFM_TEST_SECRET": "hunter2"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    written = (tmp_path / "experiments" / "pulled" / "recipe.toml").read_text()
+    assert "${MINFM_TEST_SECRET}" in written and "hunter2" not in written
