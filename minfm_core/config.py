@@ -4,12 +4,15 @@ A component's config is an attrs class made with :func:`config`; each field is m
 with :func:`field`, which requires a one-line ``doc`` (shown by ``minfm plugins``).
 
 The converter is strict where cattrs is lenient: ``"64"`` is not an int, ``1.5`` is
-not an int, ``1`` is not a bool, and unknown keys are errors. Errors come back as
+not an int, ``1`` is not a bool, a string or a table is not an array (cattrs would split
+``"abc"`` into three elements and a table into its keys), and unknown keys are errors. Errors come back as
 ``path: message`` lines (see :func:`structure`).
 """
 
 from __future__ import annotations
 
+import collections
+import collections.abc as abc
 import enum
 import functools
 import re
@@ -20,7 +23,7 @@ from typing import Any, Literal, TypeVar, Union
 
 import attrs
 import cattrs
-from cattrs.errors import ForbiddenExtraKeysError
+from cattrs.errors import ForbiddenExtraKeysError, IterableValidationError, IterableValidationNote
 from cattrs.v import transform_error
 
 from .errors import RecipeError
@@ -200,6 +203,66 @@ def _literal_hook(value: Any, tp: Any) -> Any:
     )
 
 
+#: Collection types (bare or subscripted) a TOML array structures into, and what each becomes.
+_ARRAY_TYPES: dict[Any, type] = {
+    tuple: tuple, abc.Sequence: tuple, list: list, abc.MutableSequence: list, collections.deque: collections.deque,
+    set: set, abc.MutableSet: set, frozenset: frozenset, abc.Set: frozenset,
+}
+
+
+def _is_array_type(tp: Any) -> bool:
+    origin = typing.get_origin(tp) or tp
+    return isinstance(origin, type) and origin in _ARRAY_TYPES
+
+
+def _what(value: Any) -> str:
+    kind = {str: "a string", bytes: "bytes", dict: "a table"}.get(type(value)) or (
+        "a table" if isinstance(value, Mapping) else type(value).__name__)
+    return f"{kind} {short_repr(value)}"
+
+
+def _array_hook_factory(tp: Any, conv: cattrs.Converter) -> Callable[[Any, Any], Any]:
+    """The hook of every list/tuple/set-typed field: only a TOML array (a list, or a tuple from
+    Python) is one. cattrs' own hooks take any iterable: a string became its characters
+    (``prompts = "a red circle"``: 12 prompts) and a table its keys. Elements are structured
+    by ``conv`` (strict too) and errors keep cattrs' index paths (``sample.size[0]: ...``)."""
+    origin = typing.get_origin(tp) or tp
+    make, args = _ARRAY_TYPES[origin], typing.get_args(tp)
+    fixed = origin is tuple and bool(args) and not (len(args) == 2 and args[1] is Ellipsis)
+    elem_types = args if fixed else (args[:1] or (Any,))
+
+    def handler(elem: Any) -> Callable[[Any, Any], Any]:
+        if elem is Any:
+            return lambda v, _: v
+        try:
+            return conv.get_structure_hook(elem)
+        except RecursionError:  # a recursive type: bind late
+            return conv.structure
+
+    handlers = [handler(e) for e in elem_types]
+
+    def hook(value: Any, _: Any) -> Any:
+        if not isinstance(value, (list, tuple)):
+            raise ExpectedType(f"expected an array, got {_what(value)}")
+        if fixed and len(value) != len(args):
+            raise ExpectedType(f"expected an array of {len(args)} values ({type_text(tp)}), "
+                               f"got {len(value)}: {short_repr(value)}")
+        out, errors = [], []
+        for i, v in enumerate(value):
+            k = i if fixed else 0
+            try:
+                out.append(handlers[k](v, elem_types[k]))
+            except Exception as exc:
+                exc.__notes__ = [*getattr(exc, "__notes__", []),
+                                 IterableValidationNote(f"Structuring {tp} @ index {i}", i, elem_types[k])]
+                errors.append(exc)
+        if errors:
+            raise IterableValidationError(f"While structuring {tp!r}", errors, tp)
+        return make(out)
+
+    return hook
+
+
 def _make_converter() -> cattrs.Converter:
     conv = cattrs.Converter(forbid_extra_keys=True)
     conv.register_structure_hook(int, _int_hook)
@@ -213,6 +276,8 @@ def _make_converter() -> cattrs.Converter:
         lambda t: isinstance(t, type) and issubclass(t, enum.Enum),
         lambda v, t: _literal_hook(v, typing.Literal[tuple(m.value for m in t)]) and t(v),
     )
+    # Arrays are arrays: a string or a table is never split into elements.
+    conv.register_structure_hook_factory(_is_array_type, lambda t: _array_hook_factory(t, conv))
     # Mappings given as plain dicts (free-form options) pass through untouched.
     conv.register_structure_hook(dict, lambda v, _: _expect_mapping(v))
     conv.register_structure_hook(Any, lambda v, _: v)

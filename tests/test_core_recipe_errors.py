@@ -168,7 +168,8 @@ def test_unset_env_var(tmp_path, monkeypatch):
     with pytest.raises(RecipeError) as info:
         load_recipe_dict(tmp_path / "r.toml")
     assert str(info.value) == (
-        "run.exp_dir: environment variable MINFM_TEST_UNSET is not set (or write ${MINFM_TEST_UNSET:-default})"
+        f"{tmp_path / 'r.toml'}: run.exp_dir: environment variable MINFM_TEST_UNSET is not set "
+        "(or write ${MINFM_TEST_UNSET:-default})"
     )
 
 

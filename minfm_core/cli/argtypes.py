@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from collections.abc import Callable
 
@@ -33,12 +34,23 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+#: A number on the command line is ASCII: Python's int() and float() also take full-width and
+#: other Unicode digits (``--world-size ３``), ``_`` separators (``1_0``) and surrounding blanks.
+_INT = re.compile(r"[+-]?[0-9]+")
+
+
+def _ascii_number(text: str) -> bool:
+    return text.isascii() and "_" not in text and not any(c.isspace() for c in text)
+
+
 def int_in(flag: str, lo: int, hi: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
-        try:
+        try:  # int() alone also raises past 4300 digits
+            if not _INT.fullmatch(text):
+                raise ValueError(text)
             value = int(text, 10)
         except ValueError:
-            raise MinfmError(f"{flag}: expected an integer, got {text!r}") from None
+            raise MinfmError(f"{flag}: expected an integer, got {text[:80]!r}") from None
         if value < lo:
             want = {0: "a non-negative integer", 1: "a positive integer"}.get(lo, f"an integer >= {lo}")
             raise MinfmError(f"{flag}: expected {want}, got {value}")
@@ -52,6 +64,8 @@ def int_in(flag: str, lo: int, hi: int | None = None) -> Callable[[str], int]:
 def finite_float(flag: str, lo: float | None = None, hi: float | None = None) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
+            if not _ascii_number(text):
+                raise ValueError(text)
             value = float(text)
         except ValueError:
             raise MinfmError(f"{flag}: expected a number, got {text!r}") from None

@@ -6,9 +6,13 @@ a symlink to it leads: in the Hugging Face cache that would be a content-address
 cycles are errors. ``minfm:NAME.toml`` names a recipe shipped with minFM (installed with the
 package), wherever the naming file is, and is accepted wherever a recipe path is.
 
-Merging: tables merge key by key, every other value (arrays included) is replaced whole.
-A key ending in ``+`` appends instead: ``[[logging."loggers+"]]`` adds a logger to the
-loggers the extended recipe lists (there must be such a list to append to). ``${VAR}`` and ``${VAR:-default}`` expand environment variables in
+Merging: tables merge key by key, every other value (arrays included) is replaced whole;
+a component table whose ``name`` changes starts afresh. A key ending in ``+`` appends
+instead: ``[[logging."loggers+"]]`` adds a logger to the loggers the extended recipe lists
+(there must be such a list to append to). ``--set`` follows the same rule
+(:func:`deep_merge`): ``--set 'train={max_steps=3}'`` sets one key of ``[train]`` and keeps
+the others; ``--set KEY=[...]`` replaces an array, ``--set KEY+=[...]`` appends. Only on a
+recipe from outside does ``--set KEY={...}`` replace the table (see :func:`apply_overrides`). ``${VAR}`` and ``${VAR:-default}`` expand environment variables in
 string values; a ``${`` that opens no such reference is an error.
 
 A recipe from outside (a Hub repo, a checkpoint: ``untrusted_root`` given) is data: no
@@ -91,6 +95,9 @@ def _parse(path: Path) -> dict[str, Any]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise RecipeError(f"not a UTF-8 text file (byte {exc.start}); a recipe is TOML text", str(path)) from None
+    # A UTF-8 byte-order mark (Notepad and other editors write one) is no TOML content: tomllib
+    # refused it as "Invalid statement (line 1, column 1)". Any other U+FEFF stays an error.
+    text = text.removeprefix("\ufeff")
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -226,7 +233,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), doc["v"]
 
 
-def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str], *, merge_tables: bool = True) -> dict[str, Any]:
+    """``data`` with the ``--set`` overrides applied, in order.
+
+    ``merge_tables=False`` (a recipe from outside): ``--set T={...}`` replaces the table whole.
+    The user's ``--set`` is trusted by its key (``T`` and all under it, ``is_trusted``), so
+    no value of the download may stay under it: merged, the repo's ``run.exp_dir`` would pass
+    as the user's after ``--set run={seed=1}``.
+    """
     data = copy.deepcopy(data)
     for text in overrides:
         keys, value = parse_override(text)
@@ -236,7 +250,10 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
             if not isinstance(child, dict):
                 raise RecipeError(f"--set {text!r}: {'.'.join(keys[: i + 1])} is not a table")
             node = child
-        if keys[-1].endswith(APPEND):  # --set logging.loggers+=[...]: append, as in a file
+        # --set logging.loggers+=[...] appends, and --set train={max_steps=3} merges into the
+        # recipe's [train] (a component table whose name changes starts afresh): as in a file
+        # that extends the recipe, by the one rule, deep_merge's.
+        if keys[-1].endswith(APPEND) or (merge_tables and isinstance(value, Mapping)):
             try:
                 merged = deep_merge(node, {keys[-1]: value}, ".".join(keys[:-1]))
             except RecipeError as exc:
@@ -310,8 +327,13 @@ def load_recipe_dict(
     where = recipe_file(path)
     root = None if untrusted_root is None else Path(os.path.abspath(untrusted_root))
     try:
-        data = apply_overrides(_read(where, (), root), overrides)
+        data = apply_overrides(_read(where, (), root), overrides, merge_tables=root is None)
         _refuse_nul(data, str(where))
-        return data if root is not None else expand_env(data)
+        if root is not None:
+            return data
+        try:
+            return expand_env(data)
+        except RecipeError as exc:  # about a value of this recipe: name its file, as every recipe error does
+            raise RecipeError(exc.problems, str(path)) from None
     except RecursionError:
         raise RecipeError("arrays or tables nested too deeply", str(path)) from None
