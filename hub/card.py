@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from minfm_core.engine.video_io import recipe_makes_clips
-from minfm_core.errors import MinfmError
+from minfm_core.errors import MinfmError, first_line
 from minfm_core.jsonio import last_jsonl_record
 from minfm_core.recipe.load import MAX_RECIPE_BYTES
 from minfm_core.recipe.toml import tomllib
@@ -32,16 +32,60 @@ KNOWN_DATASETS = {"imagenet": "ILSVRC/imagenet-1k"}
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _WEIGHTS = {"model": "denoiser weights", "ema": "EMA of the denoiser weights (used for sampling by default)"}
 
+# The recipe keys the card reads, each with the shape the recipe schema gives it. Every read
+# goes through `_get`, which knows only these keys, so this table is the whole list a
+# pushed recipe.toml is checked against. A run writes its recipe.toml itself: a wrong shape
+# is a hand edit that no longer loads as a recipe, so the push is refused naming the key
+# rather than publishing a card and a recipe nobody can use.
+_SHAPES: dict[str, tuple[str, Any]] = {
+    "table": ("a table", lambda v: isinstance(v, dict)),
+    "component": ("a name or a table", lambda v: isinstance(v, (str, dict))),  # `vae = "identity"` is shorthand
+    "string": ("a string", lambda v: isinstance(v, str)),
+    "integer": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "number": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    "strings": ("an array of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
+    "integers": ("an array of integers",
+                 lambda v: isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)),
+}
+_COMPONENTS = ("denoiser", "vae", "text_encoder", "clip_encoder")
+RECIPE_KEYS: dict[str, str] = {
+    "model": "table",
+    **{f"model.{c}": "component" for c in _COMPONENTS},
+    **{f"model.{c}.{k}": "string" for c in _COMPONENTS for k in ("name", "flavor")},
+    "model.denoiser.pretrained": "string",
+    "train": "table", "train.init_from": "string", "train.max_steps": "integer", "train.total_batch_size": "integer",
+    "train.lr": "number", "train.ema_decay": "number",
+    "data": "component", "data.name": "string", "data.repo_id": "string", "data.hf_dataset": "string",
+    "sample": "table", "sample.prompts": "strings", "sample.size": "integers",
+}
+_TOML_TYPES = {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "an array", dict: "a table"}
+
+
+def _get(recipe: dict[str, Any], key: str, where: str = "recipe.toml") -> Any:
+    """``recipe[key]`` for a dotted key of :data:`RECIPE_KEYS` (None when absent, or when its
+    parent is a component given by name); a value of the wrong shape is one MinfmError."""
+    desc, ok = _SHAPES[RECIPE_KEYS[key]]  # a KeyError here is a read this table does not declare: a bug
+    parent_key, _, name = key.rpartition(".")
+    parent = _get(recipe, parent_key, where) if parent_key else recipe  # parents are checked first
+    value = parent.get(name) if isinstance(parent, dict) else None
+    if value is not None and not ok(value):
+        got = _TOML_TYPES.get(type(value), type(value).__name__)
+        raise MinfmError(f"{where}: {key} must be {desc}, not {got}; fix it (or remove the file) and push again")
+    return value
+
 
 def read_recipe(folder: Path) -> dict[str, Any]:
     path = folder / "recipe.toml"
     if not path.exists():
         return {}
     try:
-        return tomllib.loads(read_bounded(path, str(path), MAX_RECIPE_BYTES).decode("utf-8"))
+        recipe = tomllib.loads(read_bounded(path, str(path), MAX_RECIPE_BYTES).decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise MinfmError(f"{path}: not a valid recipe ({first[:200]})") from None
+    for key in RECIPE_KEYS:  # every shape the card relies on, refused here with the file's full path
+        _get(recipe, key, str(path))
+    return recipe
 
 
 def last_metrics(folder: Path, max_items: int = 8) -> dict[str, Any]:
@@ -83,19 +127,17 @@ def _hub_id(value: Any, bare: bool = True) -> str | None:
 
 def metadata(recipe: dict[str, Any], license: str) -> dict[str, Any]:
     """The card's YAML metadata (Hub keys)."""
-    model = recipe.get("model", {})
-    denoiser = model.get("denoiser", {}) if isinstance(model.get("denoiser"), dict) else {}
     # train.init_from names a local path unless it says hf://; a bare org/name in `pretrained` is a Hub id
-    init_from = _hub_id(recipe.get("train", {}).get("init_from"), bare=False)
-    base = [b for b in (init_from, _hub_id(denoiser.get("pretrained"))) if b]
-    data = recipe.get("data") or {}
-    data_name = data if isinstance(data, str) else data.get("name")
+    init_from = _hub_id(_get(recipe, "train.init_from"), bare=False)
+    base = [b for b in (init_from, _hub_id(_get(recipe, "model.denoiser.pretrained"))) if b]
+    data_name = _data_name(recipe)
     datasets = [KNOWN_DATASETS[data_name]] if data_name in KNOWN_DATASETS else []
-    datasets += [d for d in (_hub_id(data.get(k)) for k in ("repo_id", "hf_dataset")) if d] if isinstance(data, dict) else []
+    datasets += [d for d in (_hub_id(_get(recipe, f"data.{k}")) for k in ("repo_id", "hf_dataset")) if d]
     task = "text-to-video" if recipe_makes_clips(recipe) else "text-to-image"
     tags = ["minfm", "flow-matching", task]
-    if denoiser.get("name"):
-        tags.append(str(denoiser["name"]))
+    denoiser = _component_name(recipe, "denoiser")
+    if denoiser:
+        tags.append(denoiser)
     meta: dict[str, Any] = {"library_name": "minfm", "pipeline_tag": task, "license": license, "tags": tags}
     if base:
         meta["base_model"] = sorted(set(base)) if len(set(base)) > 1 else base[0]
@@ -104,14 +146,22 @@ def metadata(recipe: dict[str, Any], license: str) -> dict[str, Any]:
     return meta
 
 
-def _component(model: dict[str, Any], key: str) -> str | None:
-    spec = model.get(key)
-    if isinstance(spec, str):
-        return f"`{spec}`"
-    if isinstance(spec, dict) and "name" in spec:
-        extra = f" ({spec['flavor']})" if "flavor" in spec else ""
-        return f"`{spec['name']}`{extra}"
-    return None
+def _data_name(recipe: dict[str, Any]) -> str | None:
+    data = _get(recipe, "data")
+    return data if isinstance(data, str) else _get(recipe, "data.name")
+
+
+def _component_name(recipe: dict[str, Any], key: str) -> str | None:
+    spec = _get(recipe, f"model.{key}")
+    return spec if isinstance(spec, str) else _get(recipe, f"model.{key}.name")
+
+
+def _component(recipe: dict[str, Any], key: str) -> str | None:
+    name = _component_name(recipe, key)
+    if not name:
+        return None
+    flavor = _get(recipe, f"model.{key}.flavor")
+    return f"`{name}`" + (f" ({flavor})" if flavor is not None else "")
 
 
 def _human(n: float, unit: str = "") -> str:
@@ -123,7 +173,12 @@ def _human(n: float, unit: str = "") -> str:
 
 
 def _is_animated(path: Path | None) -> bool:
-    """Whether a pushed picture holds more than one frame (an APNG gallery of clips)."""
+    """Whether a pushed picture holds more than one frame (an APNG gallery of clips).
+
+    No pixel is decoded, only headers. A file Pillow cannot read, or one declaring more pixels than its
+    decompression-bomb limit, is refused naming it, as every image from outside is
+    (:func:`minfm_core.images.read_rgb`): the card would show it to everyone who opens it.
+    """
     if path is None:
         return False
     from PIL import Image
@@ -131,16 +186,18 @@ def _is_animated(path: Path | None) -> bool:
     try:
         with Image.open(path) as im:
             return getattr(im, "n_frames", 1) > 1
-    except (OSError, ValueError):  # not a picture Pillow reads: the card just shows it as it is
-        return False
+    except Image.DecompressionBombError as exc:
+        raise MinfmError(f"{path}: image too large to decode safely ({first_line(exc, 120)})") from None
+    # Only Pillow runs in this block, and a malformed file makes it raise many types (OSError,
+    # SyntaxError, EOFError, struct.error, IndexError for a cut GIF...): all mean a bad image.
+    except Exception as exc:
+        raise MinfmError(f"{path}: not a readable image ({first_line(exc, 200)})") from None
 
 
 def _clip_size(recipe: dict[str, Any]) -> str | None:
     """``FxHxW`` of the recipe's sample clips, for the card's sampling command (None for images)."""
-    sample = recipe.get("sample")
-    size = sample.get("size") if isinstance(sample, dict) else None
-    if (isinstance(size, list) and len(size) == 3 and all(isinstance(v, int) and not isinstance(v, bool) for v in size)
-            and size[0] > 1 and min(size) > 0):
+    size = _get(recipe, "sample.size")
+    if size and len(size) == 3 and size[0] > 1 and min(size) > 0:
         return "x".join(map(str, size))
     return None
 
@@ -152,14 +209,13 @@ def render(repo_id: str, files: dict[str, Path], folder: Path, license: str = "o
     recipe = read_recipe(folder)
     meta = metadata(recipe, license)
     yaml = ModelCardData(**meta).to_yaml()
-    model = recipe.get("model", {})
     stats = weight_stats(files)
 
     video = meta["pipeline_tag"] == "text-to-video"
     animated = _is_animated(files.get("samples.png"))
     parts = [f"---\n{yaml}\n---\n", f"# {repo_id.split('/')[-1]}\n"]
     what = [f"A {meta['pipeline_tag']} flow-matching model trained with [minFM](https://github.com/Kai-46/minFM)."]
-    comps = [(label, _component(model, key)) for label, key in (
+    comps = [(label, _component(recipe, key)) for label, key in (
         ("denoiser", "denoiser"), ("VAE", "vae"), ("text encoder", "text_encoder"), ("pooled text encoder", "clip_encoder"))]
     comps = [f"{label} {c}" for label, c in comps if c]
     if comps:
@@ -169,8 +225,8 @@ def render(repo_id: str, files: dict[str, Path], folder: Path, license: str = "o
         what.append(f"The denoiser has {_human(n)} parameters ({dtypes}).")
     parts.append(" ".join(what) + "\n")
 
-    prompts = recipe.get("sample", {}).get("prompts") or ["a photo of a cat"]
-    prompt = shlex.quote(str(prompts[0]))
+    prompts = _get(recipe, "sample.prompts") or ["a photo of a cat"]
+    prompt = shlex.quote(prompts[0])
     clip = _clip_size(recipe)
     size_flag = f" --size {clip}" if video and clip else ""
     install = "pip install 'minfm[video]'" if video else "pip install minfm"
@@ -199,16 +255,15 @@ def render(repo_id: str, files: dict[str, Path], folder: Path, license: str = "o
         rows.append(("`checkpoint/`", "the full training state (torch.distributed.checkpoint) to resume training"))
     parts.append("## Files\n\n| file | content |\n|---|---|\n" + "".join(f"| {a} | {b} |\n" for a, b in rows))
 
-    train = recipe.get("train", {})
     summary = []
-    data = recipe.get("data")
-    data_name = data if isinstance(data, str) else (data or {}).get("name")
+    data_name = _data_name(recipe)
     if data_name:
         summary.append(("dataset", f"`{data_name}`"))
     for key, label in (("max_steps", "steps"), ("total_batch_size", "global batch size"), ("lr", "peak learning rate"),
                        ("ema_decay", "EMA decay"), ("init_from", "initialised from")):
-        if key in train:
-            summary.append((label, f"`{train[key]}`"))
+        value = _get(recipe, f"train.{key}")
+        if value is not None:
+            summary.append((label, f"`{value}`"))
     for key, value in last_metrics(folder).items():
         summary.append((f"last `{key}`", f"{value:.4g}" if isinstance(value, float) else str(value)))
     if summary:

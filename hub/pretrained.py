@@ -14,14 +14,18 @@ and how to fetch it. A download is bounded like a pull (:class:`minfm_hub.pull.L
 
 from __future__ import annotations
 
+import glob
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from minfm_core.errors import MinfmError
+from minfm_core.jsonio import parse_json
 from minfm_core.pretrained import offline
 
+from .answers import check_names, checked_answers, checked_commit
+from .cache import cache_transaction, record_ref
 from .errors import HubError, hub_errors
-from .pull import Limits, check_names
+from .pull import Limits, refuse_pickles
 from .uri import HubRef
 
 #: Files of a folder reference that are worth fetching: configs, safetensors weights
@@ -60,8 +64,25 @@ def _from_cache(ref: HubRef, subpath: str) -> Path | None:
     for marker in FOLDER_MARKERS:
         found = _cached_file(ref, str(PurePosixPath(subpath, marker)) if subpath else marker)
         if found is not None:
-            return found.parent
+            return found.parent if _shards_present(found.parent) else None
     return None
+
+
+def _shards_present(folder: Path) -> bool:
+    """Whether every shard a ``*.safetensors.index.json`` of ``folder`` names is there: a download
+    killed half-way leaves the config (the marker) with only some shards, which the cache-first
+    lookup must not take for the model (it is downloaded again, only the missing files travel)."""
+    for index in folder.glob("*.safetensors.index.json"):
+        try:
+            data = parse_json(index.read_bytes(), str(index))
+        except (MinfmError, OSError):
+            continue  # unreadable: the weights loader says what is wrong with it
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        for name in weight_map.values() if isinstance(weight_map, dict) else ():
+            plain = isinstance(name, str) and not name.startswith("/") and ".." not in PurePosixPath(name).parts
+            if plain and not (folder / name).is_file():  # a name leaving the folder is the loader's to refuse
+                return False
+    return True
 
 
 def _folder_files(siblings: list, subpath: str) -> list:
@@ -77,33 +98,40 @@ def _download(ref: HubRef, subpath: str, limits: Limits) -> Path:
 
     what = _name(ref, subpath)
     info = HfApi().model_info(ref.repo_id, revision=ref.revision, files_metadata=True)
+    commit = checked_commit(info.sha, f"Hub repo {ref}")
     siblings = list(info.siblings or [])
     check_names([s.rfilename for s in siblings], f"Hub repo {ref}")  # the server may list any name
-    # The asked revision (not the listed sha) is passed on, so that the cache records the
-    # branch or tag and later offline lookups of the same reference find the files.
-    revision = ref.revision
     named = [s for s in siblings if s.rfilename == subpath]
     wanted = named or _folder_files(siblings, subpath)
     if not wanted:
         raise MinfmError(f"{what}: the Hub repo {ref.repo_id} has no files under {subpath or '/'!r}")
     limits.check(len(wanted), sum(max(int(s.size or 0), 0) for s in wanted), what)
-    if named:
-        return Path(hf_hub_download(ref.repo_id, subpath, revision=revision))
-    root = Path(snapshot_download(ref.repo_id, revision=revision, allow_patterns=[s.rfilename for s in wanted]))
-    return root / subpath if subpath else root
+    # The checked sha (not the branch, which may move meanwhile) is downloaded; the branch or
+    # tag is recorded afterwards, so later offline lookups of the same reference find the files.
+    # A failed download is taken back out of the cache, so no half of a folder is found later.
+    with cache_transaction(ref.repo_id) as repo_cache:
+        if named:
+            path = Path(hf_hub_download(ref.repo_id, subpath, revision=commit))
+        else:  # names escaped: a "*" or "[" in one must not match other files as a pattern
+            root = Path(snapshot_download(ref.repo_id, revision=commit,
+                                          allow_patterns=[glob.escape(s.rfilename) for s in wanted]))
+            path = root / subpath if subpath else root
+        record_ref(repo_cache, ref.revision, commit)
+    return path
 
 
 def resolve_pretrained_file(ref: HubRef, subpath: str, limits: Limits | None = None) -> Path:
     """The local path of file or folder ``subpath`` ("" = the root) of ``ref``: cached, else downloaded."""
+    what = _name(ref, subpath)
+    refuse_pickles([subpath], what)  # a file asked for by name is never a pickle, cached or not
     found = _from_cache(ref, subpath)
     if found is not None:
         return found
-    what = _name(ref, subpath)
     if offline():
         raise MinfmError(f"{what}: not a local path and not in the Hugging Face cache, and the Hub is offline "
                          f"(HF_HUB_OFFLINE=1); {fetch_hint(ref)}")
     try:
-        with hub_errors("download", str(ref)):
+        with hub_errors("download", str(ref)), checked_answers():
             return _download(ref, subpath, limits or Limits.resolve())
     except HubError as exc:  # says what failed for the repo; the reference says what it was for
         raise HubError(f"{what}: {exc}") from None

@@ -20,6 +20,15 @@ from minfm_core.errors import MinfmError, first_line
 from minfm_core.jsonio import parse_json
 from minfm_core.safepath import contained, fresh_dir, is_inside, write_text_atomic
 
+from .answers import (
+    SHA_RE,
+    check_name,
+    check_names,
+    checked_answers,
+    checked_commit,
+    short_name,
+)
+from .cache import cache_transaction, record_ref
 from .errors import hub_errors, scrub, translate
 from .uri import HubRef, parse_ref
 
@@ -38,7 +47,6 @@ MAX_FILES_LIMIT = 10_000_000
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-_SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 _SNAPSHOT_RE = re.compile(r"(?:^|/)models--([^/]+)--([^/]+)/snapshots/([0-9a-f]{40})$")
 
 
@@ -63,6 +71,7 @@ class Pulled:
     repo_id: str
     revision: str | None  # as asked (None: the default branch)
     commit: str  # the commit sha the files come from
+    files: tuple[str, ...] = ()  # what the pull brought (for --local-dir: what a later pull may remove)
 
     @property
     def uri(self) -> str:
@@ -111,47 +120,79 @@ class Limits:
                              "(raise it with --max-bytes or MINFM_HUB_MAX_BYTES)")
 
 
+def _listed_size(sibling, what: str) -> int:
+    """A listed file's size in bytes, as the server claims it (None: not given, 0)."""
+    size = sibling.size
+    if size is None:
+        return 0
+    if type(size) is not int or size < 0:
+        raise MinfmError(f"{what}: the Hub listed {sibling.rfilename!r} with size {str(size)[:40]!r}, "
+                         "not a byte count; refusing the listing")
+    return size
+
+
 def pull(ref: str | HubRef, local_dir: str | Path | None = None, *, training_state: bool = False,
          max_files: int | None = None, max_bytes: str | int | None = None) -> Pulled:
     """Download ``ref`` (``org/name[@rev]`` or ``hf://...``) into the HF cache or ``local_dir``.
 
     With ``training_state`` the ``checkpoint/`` folder (full DCP training state) comes too.
     Before downloading, the repo's file list is checked: no pickle, no name that leaves the
-    folder, at most ``max_files`` files and ``max_bytes`` bytes (see :class:`Limits`); the
-    downloaded tree is checked again. A failed pull leaves the target as it was.
+    folder, at most ``max_files`` files and ``max_bytes`` bytes (see :class:`Limits`); then
+    exactly that commit (its sha, not the branch, which may move meanwhile) is downloaded and
+    the tree checked again. A failed pull leaves the target as it was.
     Raises MinfmError (one line) for a bad id, a missing repo/revision, a refused repo, or no network.
     """
     from huggingface_hub import HfApi, constants
 
     ref = parse_ref(ref) if isinstance(ref, str) else ref
+    if isinstance(local_dir, str) and not local_dir:  # Path("") is ".": it would pull into the current folder
+        raise MinfmError("--local-dir: expected a folder, got an empty path")
     limits = Limits.resolve(max_files, max_bytes)
     patterns = file_filters(training_state)
     what = f"Hub repo {ref}"
-    commit = None
-    with hub_errors("pull", str(ref)):
+    commit, listed, files = None, None, ()
+    with hub_errors("pull", str(ref)), checked_answers():
         if not constants.HF_HUB_OFFLINE:
             info = HfApi().model_info(ref.repo_id, revision=ref.revision, files_metadata=True)
+            commit = checked_commit(info.sha, what)
             siblings = list(info.siblings or [])
             check_names([s.rfilename for s in siblings], what)  # the server may list any name
             refuse_pickles([s.rfilename for s in siblings], str(ref))
             wanted = _wanted(siblings, patterns)
-            limits.check(len(wanted), sum(max(int(s.size or 0), 0) for s in wanted), what)
-            # the sha names a cache folder (and one a failed pull removes): only a real sha counts
-            commit = info.sha if isinstance(info.sha, str) and _SHA_RE.match(info.sha) else None
+            limits.check(len(wanted), sum(_listed_size(s, what) for s in wanted), what)
+            listed, files = {s.rfilename for s in siblings}, tuple(sorted(s.rfilename for s in wanted))
+        brought = files  # what this pull downloads, all of which must arrive
         if local_dir is None:
-            path = _pull_to_cache(ref, patterns, commit, limits)
-            m = _SNAPSHOT_RE.search(path.as_posix())
-            commit = m.group(3) if m else commit  # the folder name is the commit actually downloaded
-            pulled = Pulled(path, ref.repo_id, ref.revision, commit or "unknown")
+            path, commit = _pull_to_cache(ref, patterns, commit, files, limits)
+            pulled = Pulled(path, ref.repo_id, ref.revision, commit, files)
             _record(pulled, pulled.path)
         else:
+            folder = Path(os.path.expanduser(local_dir))
+            prev = source_info(folder) if folder.is_dir() else None
+            prev_files = set(_recorded_files(prev))
+            stale: set[str] = set()
             if commit is None:  # offline: the folder's own record of the same pull, if any, knows the commit
-                prev = source_info(Path(os.path.expanduser(local_dir))) if Path(os.path.expanduser(local_dir)).is_dir() else None
                 if prev and prev.get("repo_id") == ref.repo_id and prev.get("revision") == ref.revision:
-                    commit = prev["commit"]
-            pulled = Pulled(Path(os.path.expanduser(local_dir)), ref.repo_id, ref.revision, commit or "unknown")
-            _pull_to_local_dir(pulled, patterns, limits)
+                    commit, files = prev["commit"], tuple(sorted(prev_files))
+            else:
+                # The previous pull's files the new commit lacks go (a dropped ema.safetensors must not
+                # be loaded with the new weights); those it still has stay on the record.
+                stale = prev_files - listed
+                files = tuple(sorted(set(files) | (prev_files & listed)))
+            pulled = Pulled(folder, ref.repo_id, ref.revision, commit or "unknown", files)
+            _pull_to_local_dir(pulled, patterns, limits, stale, brought)
     return pulled
+
+
+def _recorded_files(info: dict | None) -> list[str]:
+    """The files a previous pull recorded; names no repo could hold (``..``, absolute) are ignored."""
+    files = (info or {}).get("files")
+    out = []
+    for name in files if isinstance(files, list) else []:
+        with contextlib.suppress(MinfmError):
+            check_name(name, "")
+            out.append(name)
+    return out
 
 
 def file_filters(training_state: bool) -> dict[str, list[str]]:
@@ -171,48 +212,12 @@ def _wanted(siblings: list, patterns: dict[str, list[str]]) -> list:
     return list(filter_repo_objects(siblings, **patterns, key=lambda s: s.rfilename))
 
 
-_DRIVE_RE = re.compile(r"^[A-Za-z]:")
-MAX_NAME_SEGMENT = 200  # bytes; leaves room for the suffixes huggingface_hub adds (.incomplete, .metadata)
-
-
-def _check_name(name: str, what: str) -> None:
-    """A repo file name must be a plain relative path (checked before anything is downloaded)."""
-    def refuse(why: str):
-        raise MinfmError(f"{what}: refusing file name {_shown(name)}: {why}")
-
-    if not isinstance(name, str) or not name:
-        refuse("not a file name")
-    parts = name.split("/")
-    if name.startswith(("/", "~")) or _DRIVE_RE.match(name) or any(p in ("..", ".", "") for p in parts):
-        refuse("it leaves the repo folder")
-    # Non-printable characters: a newline in a name forges output lines, a text-direction
-    # override makes it display as another name. A backslash is a separator on Windows.
-    if not name.isprintable() or "\\" in name:
-        refuse("it holds a backslash or a non-printable character")
-    if any(len(p.encode("utf-8", "surrogatepass")) > MAX_NAME_SEGMENT for p in parts):
-        refuse(f"a path segment longer than {MAX_NAME_SEGMENT} bytes")
-    if parts[0] == ".cache":  # huggingface_hub keeps its --local-dir bookkeeping there
-        refuse(".cache/ is huggingface_hub's own folder")
-
-
-def _shown(name) -> str:
-    """A name for a one-line message: repr (control characters escaped), long ones cut."""
-    return repr(name) if not isinstance(name, str) or len(name) <= 120 else repr(name[:100]) + "..."
-
-
-def check_names(names: list[str], what: str) -> None:
-    for name in names:
-        _check_name(name, what)
-    files = set(names)
-    for name in names:  # "a.json" and "a.json/b.json": one path cannot be a file and a folder
-        parts = name.split("/")
-        for i in range(1, len(parts)):
-            if "/".join(parts[:i]) in files:
-                raise MinfmError(f"{what}: refusing file name {_shown(name)}: {'/'.join(parts[:i])!r} is also a file")
-
-
-def _verify(folder: Path, limits: Limits, what: str, *, local_dir: bool = False) -> None:
-    """The downloaded tree, checked again: no symlink out, regular files only, within the limits."""
+def _verify(folder: Path, limits: Limits, what: str, *, local_dir: bool = False, expect=None) -> None:
+    """The downloaded tree, checked again: no symlink out, regular files only, within the limits,
+    and every file of the checked listing ``expect`` (when known) arrived."""
+    for name in expect or ():
+        if not (folder / name).is_file():
+            raise MinfmError(f"{what}: {short_name(name)} did not arrive")
     n_files = n_bytes = 0
     for dirpath, dirnames, filenames in os.walk(folder):  # symlinked folders are not entered
         rel_dir = Path(dirpath).relative_to(folder)
@@ -231,25 +236,20 @@ def _verify(folder: Path, limits: Limits, what: str, *, local_dir: bool = False)
     limits.check(n_files, n_bytes, what)
 
 
-def _pull_to_cache(ref: HubRef, patterns: dict[str, list[str]], commit: str | None, limits: Limits) -> Path:
-    """snapshot_download into the HF cache; on failure, remove the snapshot (and blobs) this pull created."""
-    from huggingface_hub import constants
-
-    repo_cache = Path(constants.HF_HUB_CACHE) / ("models--" + ref.repo_id.replace("/", "--"))
-    snapshot = repo_cache / "snapshots" / commit if commit else None
-    fresh = snapshot is not None and not os.path.lexists(snapshot)
-    blobs = repo_cache / "blobs"
-    blobs_before = set(os.listdir(blobs)) if blobs.is_dir() else set()
-    try:
-        # The asked revision (not the sha) is passed on so the cache records the branch/tag
-        # and a later offline `hf://org/name` finds it.
-        path = Path(_snapshot(f"Hub repo {ref}", ref.repo_id, revision=ref.revision, **patterns))
-        _verify(path, limits, f"Hub repo {ref}")
-        return path
-    except BaseException:
-        if fresh:
-            _remove_partial(snapshot, blobs, blobs_before)
-        raise
+def _pull_to_cache(ref: HubRef, patterns: dict[str, list[str]], commit: str | None, files: tuple[str, ...],
+                   limits: Limits) -> tuple[Path, str]:
+    """snapshot_download of the checked ``commit`` into the HF cache (offline: of the cached
+    ``ref``): the snapshot folder and its commit."""
+    what = f"Hub repo {ref}"
+    with cache_transaction(ref.repo_id) as repo_cache:
+        path = Path(_snapshot(what, ref.repo_id, revision=commit or ref.revision, **patterns))
+        m = _SNAPSHOT_RE.search(path.as_posix())
+        if m is None or (commit is not None and m.group(3) != commit):
+            raise MinfmError(f"{what}: the download did not land in the snapshot of commit {commit or '(cached)'}")
+        _verify(path, limits, what, expect=files)
+        if commit is not None:
+            record_ref(repo_cache, ref.revision, commit)
+    return path, m.group(3)  # offline, the folder name is the commit the cache served
 
 
 def _snapshot(what: str, repo_id: str, **kwargs) -> str:
@@ -268,28 +268,13 @@ def _snapshot(what: str, repo_id: str, **kwargs) -> str:
         raise MinfmError(scrub(f"{what}: download failed ({why})")) from None
 
 
-def _remove_partial(snapshot: Path, blobs: Path, blobs_before: set[str]) -> None:
-    """Remove a snapshot folder this pull created and the new blobs it links to (plus unfinished
-    ``.incomplete`` downloads). Links are removed, never followed; a blob another snapshot made
-    meanwhile is left alone unless this snapshot links to it too."""
-    ours = {name for name in set(os.listdir(blobs)) - blobs_before if name.endswith(".incomplete")} \
-        if blobs.is_dir() else set()
-    for dirpath, _, filenames in os.walk(snapshot):
-        for name in filenames:
-            link = os.path.join(dirpath, name)
-            if os.path.islink(link):
-                ours.add(os.path.basename(os.readlink(link)))
-    shutil.rmtree(snapshot, ignore_errors=True)
-    for name in ours - blobs_before:
-        with contextlib.suppress(OSError):
-            os.unlink(blobs / name)
-
-
-def _pull_to_local_dir(pulled: Pulled, patterns: dict[str, list[str]], limits: Limits) -> None:
+def _pull_to_local_dir(pulled: Pulled, patterns: dict[str, list[str]], limits: Limits, stale: set[str],
+                       expect: tuple[str, ...]) -> None:
     """Download into a fresh folder beside the target, verify it, then move the files in.
 
     Nothing is written into the target before every check passed, and every move replaces
-    a file (or a symlink that stays inside) instead of writing through it.
+    a file (or a symlink that stays inside) instead of writing through it. ``stale`` are the
+    previous pull's files to remove; ``expect`` the checked listing that must arrive.
     """
     # DIR comes from the user's command line: a symlink there is theirs to follow. The temp
     # folder goes beside the real target, so the final moves are renames on one file system.
@@ -303,22 +288,72 @@ def _pull_to_local_dir(pulled: Pulled, patterns: dict[str, list[str]], limits: L
     try:
         if target.is_dir():
             _seed(target, tmp)
-        _snapshot(what, pulled.repo_id, revision=pulled.revision, local_dir=tmp, **patterns)
-        _verify(tmp, limits, what, local_dir=True)
+        # the checked sha, not the branch: what arrives is the listing that was checked
+        revision = pulled.commit if SHA_RE.match(pulled.commit) else pulled.revision
+        _snapshot(what, pulled.repo_id, revision=revision, local_dir=tmp, **patterns)
+        _verify(tmp, limits, what, local_dir=True, expect=expect)
         _record(pulled, tmp)
-        with _os_errors(pulled.path):
-            if not os.path.lexists(target):
+        if not os.path.lexists(target):
+            with _os_errors(pulled.path):
                 os.rename(tmp, target)  # one atomic step
-                return
-            moves = []
-            for src in sorted(p for p in tmp.rglob("*") if not p.is_dir()):
-                rel = src.relative_to(tmp).as_posix()
-                moves.append((src, contained(target, rel, what=f"{what}: --local-dir {pulled.path}")))
-            for src, dst in moves:  # every destination was checked before the first move
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(src, dst)
+            return
+        _move_in(tmp, target, stale, pulled.path, what)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_in(tmp: Path, target: Path, stale: set[str], shown: Path, what: str) -> None:
+    """Move the files of ``tmp`` into the existing ``target`` and remove its ``stale`` files, all
+    or nothing: each file replaced or removed is first moved aside into a folder beside the
+    target, and put back (the new files taken out) if any move fails."""
+    where = f"{what}: --local-dir {shown}"
+    moves = []
+    for src in sorted(tmp.rglob("*"), key=lambda p: (p.name == SOURCE_INFO, p)):  # the record last
+        if src.is_dir() and not src.is_symlink():
+            continue
+        dst = contained(target, src.relative_to(tmp).as_posix(), what=where)
+        if os.path.lexists(dst) and os.path.samestat(os.lstat(src), os.lstat(dst)):
+            continue  # a hard link _seed made: unchanged
+        moves.append((src, dst))
+    gone = [contained(target, name, what=where) for name in sorted(stale)]
+    olds = dict.fromkeys(p for p in [dst for _, dst in moves] + gone  # never a folder: that is the user's
+                         if os.path.lexists(p) and not (p.is_dir() and not p.is_symlink()))
+    with _os_errors(shown):
+        aside = fresh_dir(target, f".{target.name}.old-")
+    kept, placed, made, current = [], [], [], target
+    try:
+        for current in olds:
+            keep = aside / current.relative_to(target)
+            keep.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(current, keep)
+            kept.append((keep, current))
+        for src, current in moves:
+            missing = [p for p in (current.parent, *current.parent.parents) if not os.path.lexists(p)]
+            for folder in reversed(missing):
+                os.mkdir(folder)
+                made.append(folder)
+            os.rename(src, current)
+            placed.append(current)
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        try:  # undo, newest first
+            for path in reversed(placed):
+                os.unlink(path)
+            for folder in reversed(made):
+                os.rmdir(folder)
+            for keep, old in reversed(kept):
+                os.rename(keep, old)
+        except OSError:
+            raise MinfmError(f"{shown}: cannot update {current.relative_to(target)} ({why}), "
+                             f"nor put the old files back: they are in {aside}") from None
+        shutil.rmtree(aside, ignore_errors=True)
+        raise MinfmError(f"{shown}: cannot update {current.relative_to(target)} ({why}); "
+                         "the folder was left as it was") from None
+    shutil.rmtree(aside, ignore_errors=True)
+    for path in gone:  # folders the stale files leave empty (a dropped checkpoint/) go too
+        with contextlib.suppress(OSError):
+            for folder in path.relative_to(target).parents[:-1]:
+                os.rmdir(target / folder)
 
 
 @contextlib.contextmanager
@@ -367,7 +402,7 @@ def source_info(path: str | Path) -> dict | None:
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     f = folder / SOURCE_INFO
-    if f.is_file() and f.stat().st_size < 1 << 16:
+    if f.is_file() and f.stat().st_size < 1 << 26:  # it lists the pulled files: 10,000 names fit easily
         try:  # a repo may ship its own (hostile) file under this name: only a well-formed record counts
             info = parse_json(f.read_bytes(), str(f))
             if isinstance(info, dict) and all(isinstance(info.get(k), str) for k in ("repo_id", "commit", "uri")):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Callable
@@ -25,9 +26,9 @@ from minfm_core.errors import MinfmError
 from minfm_core.safepath import contained, write_text_atomic
 
 from . import card
-from .errors import hub_errors
+from .errors import HubError, endpoint, hub_errors, scrub
 from .pull import is_pickle, parse_size, refuse_pickles
-from .secrets import scan_for_tokens
+from .secrets import scan_for_tokens, scan_text
 from .uri import validate_repo_id, validate_revision
 
 WEIGHT_STEMS = ("model", "ema")
@@ -184,6 +185,15 @@ def _is_managed(path: str, include_training_state: bool) -> bool:
     return include_training_state and path.startswith(TRAINING_STATE_DIR + "/")
 
 
+def _sha(value: object, answer: str, target: str) -> str:
+    """A commit sha from a server answer: it is printed and named as the parent of the commit,
+    so anything else (missing, not hex) is refused as the server's fault, in one line."""
+    if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", value):
+        return value
+    raise HubError(scrub(f"the Hub at {endpoint()} answered a {answer} without a valid commit sha "
+                         f"for the request to push to {target}: not a valid answer"))
+
+
 def push(
     src: str | Path,
     repo_id: str,
@@ -210,6 +220,10 @@ def push(
 
     validate_repo_id(repo_id)
     branch = validate_revision(revision) if revision else "main"
+    # What the user typed is published too: the commit message and the names on the Hub,
+    # the license in the card's metadata. Checked before any work or request.
+    scan_text({"the commit message (--message)": message, "the license (--license)": license,
+               "the repo id": repo_id, "the revision (--revision)": revision}, token)
     src = Path(os.path.expanduser(src))
     if not src.exists():
         raise MinfmError(f"{src}: no such file or directory")
@@ -234,7 +248,7 @@ def push(
             api.create_repo(repo_id, private=private, exist_ok=True)
             if branch != "main":
                 api.create_branch(repo_id, branch=branch, exist_ok=True)
-            head = api.model_info(repo_id, revision=branch).sha
+            head = _sha(api.model_info(repo_id, revision=branch).sha, "repo info", target)
             remote = {
                 e.path: e for e in api.list_repo_tree(repo_id, revision=head, recursive=True) if isinstance(e, RepoFile)
             }
@@ -262,5 +276,6 @@ def push(
             # parent_commit: if someone else committed since we compared, the Hub refuses (412)
             # instead of silently mixing the two states.
             info = api.create_commit(repo_id, ops, commit_message=summary, revision=branch, parent_commit=head)
-        log(f"pushed {len(uploads)} file(s) to {target}: commit {info.oid[:12]}")
-        return PushResult(repo_id, branch, info.oid, uploads, deletes)
+            oid = _sha(info.oid, "commit", target)
+        log(f"pushed {len(uploads)} file(s) to {target}: commit {oid[:12]}")
+        return PushResult(repo_id, branch, oid, uploads, deletes)

@@ -109,6 +109,22 @@ def scan_file(path: Path, token: str | None) -> str | None:
     return f"{where}: {redact(found.decode('ascii', 'replace'))}"
 
 
+def scan_text(fields: Mapping[str, str | None], token: str | None = None) -> None:
+    """Refuse (one MinfmError) if any piece of user text a push publishes holds a token.
+
+    ``fields`` maps what the text is (``"the commit message (--message)"``) to the text: the
+    commit message, the license and the names travel outside any file, so the file scan
+    never sees them (the card quotes some of them, but would point at README.md, not at
+    the option that put the token there).
+    """
+    active = active_token(token)
+    for what, text in fields.items():
+        hit = _hit(text.encode("utf-8", "replace"), active.encode() if active else None) if text else None
+        if hit:
+            raise MinfmError(f"{what}: refusing to push: it holds a Hugging Face token, "
+                             f"{redact(hit[1].decode('utf-8', 'replace'))}; remove it and push again")
+
+
 def scan_for_tokens(files: Mapping[str, Path], token: str | None = None) -> None:
     """Refuse (one MinfmError) if any file to upload (repo path -> local file) holds a token.
 

@@ -2,7 +2,9 @@
 
 A repo id is ``namespace/name`` as the Hub allows them (letters, digits, ``-``, ``_``,
 ``.``; no ``--`` or ``..``; at most 96 characters each side). A revision is a branch,
-a tag or a commit sha; we only refuse what git itself would (spaces, ``..``, ``~^:?*[\\``).
+a tag or a commit sha; we refuse what git itself would (spaces, control characters, ``..``,
+``~^:?*[\\``, a ``.`` starting a component, ``.lock`` ending one) and any other non-printable
+character (a text-direction override shows a revision as another one).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from minfm_core.errors import MinfmError
 SCHEME = "hf://"
 _PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
 _REPO_ID_RE = re.compile(rf"^{_PART}/{_PART}$")
-_BAD_REV_RE = re.compile(r"[\s~^:?*\[\\]|\.\.|//|@\{|^[/.-]|[/.]$|\.lock$")
+_BAD_REV_RE = re.compile(r"[\s~^:?*\[\\\x00-\x1f\x7f]|\.\.|//|@\{|^[/.-]|[/.]$|/\.|\.lock(?:/|$)|^@$")
 
 
 @dataclass(frozen=True)
@@ -47,8 +49,12 @@ def validate_repo_id(repo_id: str) -> str:
 
 def validate_revision(revision: str) -> str:
     """``revision`` if it can name a branch, tag or commit, else a MinfmError."""
-    if not revision or len(revision) > 255 or _BAD_REV_RE.search(revision):
-        raise MinfmError(f"invalid Hub revision {revision!r}: expected a branch, tag or commit sha")
+    if not isinstance(revision, str) or not revision or len(revision) > 255 or not revision.isprintable() \
+            or _BAD_REV_RE.search(revision):
+        # repr: a control character in the message would act on the terminal; a long one is cut
+        shown = repr(revision) if not isinstance(revision, str) or len(revision) <= 80 else repr(revision[:60]) + "..."
+        raise MinfmError(f"invalid Hub revision {shown}: expected a branch, tag or commit sha "
+                         "(no spaces, control characters, '..' or any of ~^:?*[\\)")
     return revision
 
 

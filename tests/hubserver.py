@@ -431,7 +431,13 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class HubServer:
-    """A threaded in-process Hub on 127.0.0.1 (random port); use as a context manager."""
+    """A threaded in-process Hub on 127.0.0.1 (random port); use as a context manager.
+
+    A test's hostile variant subclasses it with its own ``handler`` (a ``_Handler`` subclass,
+    which reaches the server object as ``self.server.hub``).
+    """
+
+    handler: type[_Handler] = _Handler
 
     def __init__(self):
         self.state = HubState()
@@ -440,9 +446,10 @@ class HubServer:
 
     # -- lifecycle --------------------------------------------------------------------
     def start(self) -> HubServer:
-        httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        httpd = ThreadingHTTPServer(("127.0.0.1", 0), self.handler)
         httpd.daemon_threads = True
         httpd.state = self.state  # type: ignore[attr-defined]
+        httpd.hub = self  # type: ignore[attr-defined]
         self._httpd = httpd
         self._thread = threading.Thread(target=httpd.serve_forever, name="test-hub", daemon=True)
         self._thread.start()

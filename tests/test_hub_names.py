@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from minfm_core.errors import MinfmError
 from minfm_core.safepath import contained
-from minfm_hub.pull import check_names
+from minfm_hub.answers import check_names
 
 _PARTS = st.sampled_from(["..", ".", "", "a", "model.safetensors", "C:", "~", "\\", "\n", "\u202e", "é", "x" * 210])
 _NAMES = st.lists(st.one_of(_PARTS, st.text(max_size=12)), min_size=1, max_size=5).map("/".join)

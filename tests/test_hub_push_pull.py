@@ -35,7 +35,8 @@ def test_push_then_pull_gives_the_same_files(hub_server, tmp_path):
     assert set(pulled) == PUSHED
     assert {k: v for k, v in pulled.items() if k != "README.md"} == tree_bytes(src)
     info = json.loads((out / "minfm_source.json").read_text())
-    assert info == {"repo_id": "org/tiny", "revision": None, "commit": head, "uri": f"hf://org/tiny@{head}"}
+    assert info == {"repo_id": "org/tiny", "revision": None, "commit": head, "uri": f"hf://org/tiny@{head}",
+                    "files": sorted(PUSHED)}
 
 
 def test_repush_unchanged_is_a_noop_and_changes_send_only_changed_files(hub_server, tmp_path):

@@ -1,0 +1,144 @@
+"""What a Hub server answers, checked before anything acts on it.
+
+huggingface_hub names files after what the server says (blobs/<ETag>, snapshots/<commit>,
+refs/<rev>) and downloads the names a listing gives: a hostile server answering "../../x"
+would make it write outside the cache. Repo file names, commit shas and ETags are checked
+here, for minFM's own reading of a listing and, through a response hook, for the client's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import threading
+from urllib.parse import unquote, urljoin, urlsplit
+
+from minfm_core.errors import MinfmError
+
+SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+#: An ETag the client may name a blob after: a git blob sha1 or an LFS sha256 (quoted, maybe weak).
+_ETAG_RE = re.compile(r'^(?:W/)?"?(?:[0-9a-f]{40}|[0-9a-f]{64})"?$')
+
+
+_DRIVE_RE = re.compile(r"^[A-Za-z]:")
+MAX_NAME_SEGMENT = 200  # bytes; leaves room for the suffixes huggingface_hub adds (.incomplete, .metadata)
+#: A name deeper or longer than this is no model file; 2000 segments made the client recurse to death.
+MAX_NAME_DEPTH = 32  # path segments
+MAX_NAME_BYTES = 1024
+
+
+def check_name(name: str, what: str) -> None:
+    """A repo file name must be a plain relative path (checked before anything is downloaded)."""
+    def refuse(why: str):
+        raise MinfmError(f"{what}: refusing file name {short_name(name)}: {why}")
+
+    if not isinstance(name, str) or not name:
+        refuse("not a file name")
+    parts = name.split("/")
+    if name.startswith(("/", "~")) or _DRIVE_RE.match(name) or any(p in ("..", ".", "") for p in parts):
+        refuse("it leaves the repo folder")
+    # Non-printable characters: a newline in a name forges output lines, a text-direction
+    # override makes it display as another name. A backslash is a separator on Windows.
+    if not name.isprintable() or "\\" in name:
+        refuse("it holds a backslash or a non-printable character")
+    if any(len(p.encode("utf-8", "surrogatepass")) > MAX_NAME_SEGMENT for p in parts):
+        refuse(f"a path segment longer than {MAX_NAME_SEGMENT} bytes")
+    if len(parts) > MAX_NAME_DEPTH or len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        refuse(f"more than {MAX_NAME_DEPTH} path segments or {MAX_NAME_BYTES} bytes")
+    if parts[0] == ".cache":  # huggingface_hub keeps its --local-dir bookkeeping there
+        refuse(".cache/ is huggingface_hub's own folder")
+
+
+def short_name(name) -> str:
+    """A name for a one-line message: repr (control characters escaped), long ones cut."""
+    return repr(name) if not isinstance(name, str) or len(name) <= 120 else repr(name[:100]) + "..."
+
+
+def check_names(names: list[str], what: str) -> None:
+    for name in names:
+        check_name(name, what)
+    files = set(names)
+    for name in names:  # "a.json" and "a.json/b.json": one path cannot be a file and a folder
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in files:
+                raise MinfmError(f"{what}: refusing file name {short_name(name)}: {'/'.join(parts[:i])!r} is also a file")
+
+
+def checked_commit(sha, what: str) -> str:
+    """The repo info's commit sha, which the client names cache folders after: 40 hex digits or refused."""
+    if not isinstance(sha, str) or not SHA_RE.match(sha):
+        raise MinfmError(f"{what}: the Hub answered commit {short_name(sha)}, which is not a commit sha; refusing it")
+    return sha
+
+
+# -- answers checked before the client uses them ------------------------------------------------
+# huggingface_hub names files after what the server says: blobs/<ETag>, snapshots/<commit>,
+# .no_exist/<X-Repo-Commit>/, refs/<rev> holding the info's sha. A server answering "../../x"
+# makes it write outside the cache. A response hook on the client's shared HTTP session refuses
+# such an answer before the client reads it; it checks only while a minFM Hub call runs, so other
+# users of huggingface_hub in the same process see no difference.
+
+_API_RE = re.compile(r"/api/(?:models|datasets|spaces)/([^/]+)/([^/]+)(/revision/[^/]+|/tree/.*)?/?$")
+_RESOLVE_RE = re.compile(r"/resolve(?:-cache)?/")
+_checking = 0  # minFM Hub calls in progress, in any thread (the client downloads in a thread pool)
+_checking_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def checked_answers():
+    """Check every Hub answer inside (see :func:`_check_answer`)."""
+    global _checking
+    from huggingface_hub import get_session
+
+    session = get_session()  # recreated after a fork or set_client_factory: (re)attach each time
+    hooks = session.event_hooks["response"] if hasattr(session, "event_hooks") else session.hooks["response"]
+    with _checking_lock:
+        if _check_answer not in hooks:
+            hooks.append(_check_answer)
+        _checking += 1
+    try:
+        yield
+    finally:
+        with _checking_lock:
+            _checking -= 1
+
+
+def _check_answer(response, *args, **kwargs) -> None:
+    """httpx (and requests) response hook: refuse a commit sha or ETag that is no hash, and file
+    names in a repo listing that :func:`check_names` refuses (the listing the client downloads
+    from need not be the one minFM checked)."""
+    if not _checking:
+        return
+    url = urlsplit(str(response.url))
+
+    def refuse(field: str, value) -> None:
+        raise MinfmError(f"the Hub at {url.scheme}://{url.netloc} answered {short_name(unquote(url.path))} with "
+                         f"{field} {short_name(value)}, which is not a hash; refusing it")
+
+    location = response.headers.get("Location")
+    if location and 300 <= response.status_code < 400 and urlsplit(urljoin(str(response.url), location))[:2] == url[:2]:
+        return  # followed on the same server: the client uses the answer it leads to, checked here too
+    commit = response.headers.get("X-Repo-Commit")
+    if commit is not None and not SHA_RE.match(commit):
+        refuse("X-Repo-Commit", commit)
+    if _RESOLVE_RE.search(url.path):  # a file's metadata (a CDN's own ETags are not used as names)
+        header = "X-Linked-Etag" if "X-Linked-Etag" in response.headers else "ETag"  # as the client picks
+        value = response.headers.get(header)
+        if value is not None and not _ETAG_RE.match(value):
+            refuse(header, value)
+    m = _API_RE.search(url.path)
+    if m is None or response.status_code != 200:
+        return
+    try:  # a repo's info or listing: small, and read whole by the client anyway
+        data = json.loads(response.read() if hasattr(response, "read") else response.content)
+    except (ValueError, RecursionError):
+        return  # not JSON: the client's own error
+    if isinstance(data, dict) and "sha" in data and not (isinstance(data["sha"], str) and SHA_RE.match(data["sha"])):
+        refuse("commit", data["sha"])
+    what = f"Hub repo {unquote(m.group(1))}/{unquote(m.group(2))}"
+    entries = data.get("siblings") if isinstance(data, dict) else data
+    for entry in entries if isinstance(entries, list) else []:
+        if isinstance(entry, dict) and entry.get("type", "file") == "file":
+            check_name(entry.get("rfilename", entry.get("path")), what)
