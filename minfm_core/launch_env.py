@@ -29,7 +29,8 @@ def _read(name: str, default: int, low: int, high: int, what: str) -> int:
     if raw is None:
         return default
     text = raw.strip()
-    value = int(text) if text.isascii() and text.isdigit() else None
+    # (a number of more digits than the bound is out of range: int() of 5,000 digits raises)
+    value = int(text) if text.isascii() and text.isdigit() and len(text.lstrip("0")) <= len(str(high)) else None
     if value is None or not low <= value <= high:
         raise MinfmError(f"{name}={raw!r} (environment): expected {what}")
     return value

@@ -136,18 +136,45 @@ def check_writable(folder: Path, *, what: str) -> None:
     """Prove a file can be written in ``folder`` (mode bits alone would not do: root ignores them).
 
     A folder that does not exist yet is not created: whether it can be is the question for
-    its parent, which is probed instead (the run dir, once :func:`prepare_run_dir` made it).
+    the nearest folder above it that exists, which is probed instead (the run dir, once
+    :func:`prepare_run_dir` made it); a file on the way (``samples`` for ``samples/step_1``)
+    is refused by name.
     """
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise MinfmError(f"{what}: {folder} is a file, not a directory")
-    probe_in = folder if folder.is_dir() else folder.parent
+    probe_in = folder
+    while not probe_in.is_dir():
+        if os.path.lexists(probe_in):  # a file, or a link to nowhere
+            raise MinfmError(f"{what}: {probe_in} is a file, not a directory")
+        if probe_in.parent == probe_in:
+            break
+        probe_in = probe_in.parent
     try:
         fd, probe = tempfile.mkstemp(dir=probe_in, prefix=".minfm-probe-")
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
         raise MinfmError(f"{what}: {probe_in} is not writable: {exc.strerror}") from None
+
+
+def check_file_writable(path: Path, *, what: str) -> None:
+    """A file the run will write: its folder takes a file, and one already there is a regular
+    file that opens for writing (a read-only ``metrics.jsonl`` failed at the first log line,
+    after steps)."""
+    path = Path(path)
+    check_writable(path.parent, what=what)
+    if not os.path.lexists(path):
+        return
+    try:
+        info = os.stat(path)
+    except OSError as exc:  # a dangling link: the write would follow it
+        raise MinfmError(f"{what}: {path} cannot be written: {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):  # a folder, FIFO or device (opening a FIFO would block)
+        kind = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+        raise MinfmError(f"{what}: {path} is {kind}; the run writes a file there")
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC))  # nothing written
+    except OSError as exc:
+        raise MinfmError(f"{what}: {path} is not writable: {exc.strerror}") from None
 
 
 def checkpoint_bytes(param_bytes: int, margin: float = 1.25) -> int:
@@ -162,20 +189,55 @@ def check_room(folder: Path, need: int, *, what: str = "run.exp_dir") -> None:
                          "(model, EMA and optimizer state)")
 
 
-def preflight(exp_dir: Path, ckpt_dir: Path, param_bytes=None) -> None:
-    """Writable run and checkpoint folders and room for one checkpoint, before any work.
+def preflight(exp_dir: Path, ckpt_dir: Path, param_bytes=None, outputs=()) -> None:
+    """Writable run and checkpoint folders, every other place the run writes (``outputs``,
+    see :func:`run_outputs`) and room for one checkpoint, before any work.
 
     ``param_bytes`` is a callable (it may build the model on the meta device), asked only
     once the cheap checks have passed; None or a None result skips the room estimate.
     """
     check_writable(exp_dir, what="run.exp_dir")
     check_writable(ckpt_dir, what="checkpoints")
+    for path, folder, what in outputs:
+        if folder:
+            check_writable(path, what=what)
+        else:
+            check_file_writable(path, what=what)
     n = param_bytes() if param_bytes is not None else None
     if n:
         check_room(ckpt_dir if ckpt_dir.is_dir() else exp_dir, checkpoint_bytes(n))
 
 
-def hold_run_dir(exp_dir: Path, ckpt_dir: Path, param_bytes=None) -> RunLock | None:
+#: What the core writes in a run folder (the loggers add theirs, each config's ``run_outputs``):
+#: names a logger's own folder must not take (plugins/loggers/configs.py). A trailing "/" marks
+#: a folder.
+RUN_DIR_NAMES = (LOCK_NAME, "recipe.toml", "checkpoints/", "samples/", "samples_cli/", "profile/", "latents/")
+
+
+def run_outputs(resolved, job: str = "train") -> list[tuple[Path, bool, str]]:
+    """Where a ``job`` run of ``resolved`` writes in its run folder, as (path, is a folder,
+    the setting that sends it there), for :func:`preflight`. A logger lists its own files
+    through its config's ``run_outputs`` (relative paths, a trailing "/" for a folder); one
+    without it is not probed."""
+    if job != "train":
+        return []
+    exp = Path(resolved.recipe.run.exp_dir)
+    train = resolved.recipe.train
+    out = [(exp / "recipe.toml", False, "run.exp_dir")]
+    if train.sample_every or train.sample_at_start:
+        out.append((exp / "samples", True, "train.sample_every (galleries)"))
+    if train.profile_steps:
+        out.append((exp / "profile", True, "train.profile_steps"))
+    for path, slot in resolved.slots.items():
+        if not path.startswith("logging.loggers"):
+            continue
+        names = getattr(slot.config, "run_outputs", ())
+        for name in names if isinstance(names, (tuple, list)) else ():
+            out.append((exp / name.rstrip("/"), name.endswith("/"), f"{path} ({slot.component.name})"))
+    return out
+
+
+def hold_run_dir(exp_dir: Path, ckpt_dir: Path, param_bytes=None, outputs=()) -> RunLock | None:
     """The trainer's start: rank 0 locks ``exp_dir`` and runs :func:`preflight`.
 
     Its verdict is broadcast, so with several ranks every one of them stops with the same
@@ -189,7 +251,7 @@ def hold_run_dir(exp_dir: Path, ckpt_dir: Path, param_bytes=None) -> RunLock | N
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
             lock = acquire(exp_dir)
-            preflight(exp_dir, ckpt_dir, param_bytes)
+            preflight(exp_dir, ckpt_dir, param_bytes, outputs)
         except MinfmError as exc:
             if lock is not None:
                 lock.release()
@@ -247,16 +309,29 @@ def die_with_launcher() -> None:
     waiting on the launcher itself (a pidfd, no pid-reuse race; polling where there is none).
     Kill is safe here: checkpoints and images are only ever renamed into place complete.
     """
-    raw = os.environ[LAUNCHER_ENV].strip()
-    if not (raw.isascii() and raw.isdigit()):  # minfm's launcher writes a pid; anything else came from elsewhere
-        raise MinfmError(f"{LAUNCHER_ENV}={raw!r} (environment): minfm's launcher sets it to its pid for its workers; "
-                         "unset it")
-    pid = int(raw)
+    pid = launcher_pid()
     parent = os.getppid()
     set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != parent or not _alive(pid):
         os.kill(os.getpid(), signal.SIGKILL)
     threading.Thread(target=_watch, args=(pid,), name="minfm-launcher-watch", daemon=True).start()
+
+
+#: Process ids go up to 2**22 on Linux (PID_MAX_LIMIT); os.kill overflows beyond a C int.
+MAX_PID = 1 << 22
+
+
+def launcher_pid() -> int:
+    """``MINFM_LAUNCHER_PID``: the pid minfm's launcher leaves for its workers, checked."""
+    raw = os.environ[LAUNCHER_ENV].strip()
+    # minfm's launcher writes a pid; anything else came from elsewhere
+    if not (raw.isascii() and raw.isdigit()):
+        raise MinfmError(f"{LAUNCHER_ENV}={raw!r} (environment): minfm's launcher sets it to its pid for its workers; "
+                         "unset it")
+    if len(raw.lstrip("0")) > len(str(MAX_PID)) or not 1 <= int(raw) <= MAX_PID:  # (int() of 5,000 digits raises)
+        raise MinfmError(f"{LAUNCHER_ENV}={raw!r} (environment): expected a process id from 1 to {MAX_PID} "
+                         "(minfm's launcher sets it to its pid for its workers); unset it")
+    return int(raw)
 
 
 def _alive(pid: int) -> bool:

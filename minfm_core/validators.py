@@ -35,6 +35,10 @@ MAX_BATCH = 2**20
 #: Samples in a split, a draw or a synthetic dataset: a shuffled epoch keeps 8 bytes per
 #: sample (800 MB at this limit).
 MAX_SAMPLES = 10**8
+#: Images (or clips) of one sampling request, prompts x samples per prompt: its
+#: ``metadata.json`` holds a record for each (~200 bytes) and is read back on resume
+#: (at most 256 MiB), and its plan is made before the first image.
+MAX_DRAW = 10**6
 #: A width: hidden size, embedding size, channels (FLUX.1-dev's widest is 4096).
 MAX_WIDTH = 2**16
 #: Blocks or layers of one kind (FLUX.1-dev: 19 + 38).
@@ -221,3 +225,13 @@ def non_blank(instance: Any, attribute: Any, value: Any) -> None:
     """A string setting that names something (a folder) cannot be empty: ``""`` would mean the current folder."""
     if isinstance(value, str) and not value.strip():
         raise RangeError(attribute.name, f"must not be empty, got {value!r}")
+
+
+def draw_problem(n_prompts: int, per_prompt: int, what: str) -> str | None:
+    """A sampling request of more than :data:`MAX_DRAW` images, as one line naming ``what``
+    (``sample.samples_per_prompt``, ``--n``); None when it fits."""
+    total = n_prompts * per_prompt
+    if total <= MAX_DRAW:
+        return None
+    return (f"{what}: {n_prompts:,} prompt(s) x {per_prompt:,} samples = {total:,}, more than one sampling request "
+            f"draws (at most {MAX_DRAW:,}); split the prompts or the samples over several requests")

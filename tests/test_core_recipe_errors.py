@@ -348,6 +348,7 @@ def test_a_train_job_refuses_a_dataset_without_its_root(name, capsys):
     assert "data.root: a train job needs it set" in err and len(err.strip().splitlines()) == 1, err
     assert main(["check", "minfm:quickstart.toml", "--set", f"data={{name = '{name}', root = '/nonexistent/x'}}"]) == 0
     assert "data.root: /nonexistent/x does not exist (yet)" in capsys.readouterr().err
-    assert main(["check", "minfm:quickstart.toml", "--set", f"data={{name = '{name}'}}", "--set", 'job="sample"']) == 0
+    assert main(["check", "minfm:quickstart.toml", "--set", f"data={{name = '{name}'}}", "--set", 'job="sample"',
+                 "--set", 'model.denoiser.pretrained="org/name/flux.safetensors"']) == 0, capsys.readouterr().err
     cached = f"data={{name = '{name}', use_cached_latents = true, latents_dir = '/nonexistent/l'}}"
     assert main(["check", "minfm:quickstart.toml", "--set", cached]) == 0, capsys.readouterr().err

@@ -8,7 +8,7 @@ from pathlib import Path
 import tomli_w
 
 from ..errors import RecipeError
-from ..launch_env import MAX_WORLD_SIZE
+from ..launch_env import MAX_WORLD_SIZE, launch_env
 from ..recipe import load_recipe
 from ..recipe.checks import job_checks
 from ..summary import meta_parameter_counts, summary_table
@@ -54,6 +54,9 @@ def section_file_warnings(resolved) -> list[str]:
 
 
 def run(args) -> int:
+    # RANK / WORLD_SIZE / LOCAL_RANK as every command reads them: a malformed one is refused here
+    # too (run refuses it; check accepts exactly what run accepts)
+    launch_env()
     resolved = load_recipe(args.recipe, args.overrides, world_size=args.world_size)
     # The job's own start-up rules (factories included): check accepts exactly what run accepts.
     problems = job_checks(resolved, resolved.recipe.job, world_size=args.world_size)

@@ -69,6 +69,7 @@ def sample(args) -> int:
         return relaunch(args.nproc_per_node, strip_nproc(sys.argv[1:]))
     if runlock.LAUNCHER_ENV in os.environ and "LOCAL_RANK" in os.environ:
         runlock.die_with_launcher()
+    launch_env()  # a malformed RANK / WORLD_SIZE / LOCAL_RANK stops here, before the source is opened
     from ..engine.sample import sample_cli
 
     return sample_cli(args)
@@ -243,7 +244,8 @@ def run(args) -> int:
     world = env.world_size if under_launcher or "WORLD_SIZE" in os.environ else args.nproc_per_node
     resolved = load_recipe(args.recipe, args.overrides, world_size=world)  # fail fast, before spawning
     job = args.job or resolved.recipe.job
-    problems = job_checks(resolved, job, world)  # what `minfm check` refuses, refused before spawning
+    # what `minfm check` refuses, refused before spawning (and before the run folder is made)
+    problems = job_checks(resolved, job, world)
     if problems:
         raise RecipeError(problems, args.recipe)
     if job == "train" and not under_launcher:
@@ -254,7 +256,8 @@ def run(args) -> int:
         if args.nproc_per_node > 1:  # one process runs the same checks in its trainer, as early
             from ..checkpoint import CKPT_DIR
 
-            runlock.preflight(exp_dir, exp_dir / CKPT_DIR, lambda: runlock.denoiser_param_bytes(resolved))
+            runlock.preflight(exp_dir, exp_dir / CKPT_DIR, lambda: runlock.denoiser_param_bytes(resolved),
+                              runlock.run_outputs(resolved, job))
     if args.nproc_per_node > 1 and not under_launcher:
         return relaunch(args.nproc_per_node, strip_nproc(sys.argv[1:]))
     from ..engine import run_job

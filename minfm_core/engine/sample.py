@@ -25,6 +25,7 @@ import json
 import os
 import re
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,7 @@ from ..images import read_rgb
 from ..jsonio import parse_json
 from ..safepath import recipe_root, trust_boundary, write_atomic, write_bytes_atomic, write_text_atomic
 from ..textfiles import read_bounded
+from ..validators import draw_problem
 from ..weights import check_weights_folder, has_weights, load_safetensors_into
 from .gallery import write_sample_index
 from .prompts import read_prompt_file
@@ -88,6 +90,11 @@ def sample_cli(args) -> int:
 def _sample_cli(args, src: Path, stack: contextlib.ExitStack) -> int:
     from ..recipe import load_recipe
 
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        prompts += read_prompt_file(args.prompt_file)
+    if prompts and args.n is not None:  # refused before the source is opened and verified
+        _check_draw(len(prompts), args.n, "--n")
     recipe_path, kind, where = locate(src, stack, allow_pickle=args.allow_pickle_checkpoint)
     overrides = ["job=sample", *args.overrides]
     if args.steps is not None:
@@ -106,15 +113,14 @@ def _sample_cli(args, src: Path, stack: contextlib.ExitStack) -> int:
         overrides.append("sample.use_ema=false")
     # A recipe downloaded with the model is data (docs/security.md); --set stays the user's.
     resolved = load_recipe(recipe_path, overrides, untrusted_root=recipe_root(recipe_path))
-    prompts = list(args.prompt or [])
-    if args.prompt_file:
-        prompts += read_prompt_file(args.prompt_file)
     if not prompts:
         prompts = list(resolved.recipe.sample.prompts) or (
             read_prompt_file(resolved.recipe.sample.prompt_file) if resolved.recipe.sample.prompt_file else []
         )
     if not prompts:
         raise MinfmError("no prompts: pass --prompt or --prompt-file (or set sample.prompts in the recipe)")
+    _check_draw(len(prompts), resolved.recipe.sample.samples_per_prompt,
+                "--n" if args.n is not None else "sample.samples_per_prompt")
     out = Path(args.out) if args.out else default_out(args.source, src)
     return run_sampling(resolved, prompts, out, weights=(kind, where), source=args.source,
                         overwrite=args.overwrite, out_flag="--out", allow_pickle=args.allow_pickle_checkpoint,
@@ -139,9 +145,16 @@ def default_out(source: str, src: Path) -> Path:
 
 
 def sample_recipe(resolved) -> int:
-    """``job = "sample"``: from ``sample.source`` if set, else the recipe's pretrained weights."""
+    """``job = "sample"``: from ``sample.source`` if set, else the recipe's pretrained weights
+    (the denoiser's ``pretrained``); a recipe with neither is refused, as by ``minfm check``:
+    it would sample from random weights."""
+    from ..errors import RecipeError
+    from ..recipe.checks import start_problems
     from ..sources import resolve_source
 
+    problems = start_problems(resolved, "sample")
+    if problems:
+        raise RecipeError(problems, resolved.source)
     s = resolved.recipe.sample
     prompts = list(s.prompts) + (read_prompt_file(s.prompt_file) if s.prompt_file else [])
     if not prompts:
@@ -154,7 +167,28 @@ def sample_recipe(resolved) -> int:
                             allow_pickle=allow_pickle)
 
 
-def plan_batches(n_prompts: int, samples_per_prompt: int, batch_size: int) -> list[list[tuple[int, int]]]:
+class Batches(Sequence):
+    """The (prompt, sample) items, prompt-major, cut into batches of ``batch_size``: batch ``b``
+    is computed when asked for, so a plan costs nothing however many items it holds."""
+
+    def __init__(self, n_prompts: int, samples_per_prompt: int, batch_size: int) -> None:
+        self.per, self.size = samples_per_prompt, batch_size
+        self.items = n_prompts * samples_per_prompt
+
+    def __len__(self) -> int:
+        return -(-self.items // self.size)
+
+    def __getitem__(self, b):
+        if isinstance(b, slice):
+            return [self[i] for i in range(*b.indices(len(self)))]
+        if b < 0:
+            b += len(self)
+        if not 0 <= b < len(self):
+            raise IndexError(b)
+        return [divmod(j, self.per) for j in range(b * self.size, min((b + 1) * self.size, self.items))]
+
+
+def plan_batches(n_prompts: int, samples_per_prompt: int, batch_size: int) -> Batches:
     """All (prompt, sample) items cut into batches of ``batch_size``, independent of the world size.
 
     A batch is generated together, so fixing batches here (and handing whole batches to
@@ -162,8 +196,13 @@ def plan_batches(n_prompts: int, samples_per_prompt: int, batch_size: int) -> li
     """
     if batch_size < 1:
         raise MinfmError(f"sample.batch_size: expected a positive integer, got {batch_size}")
-    items = [(i, k) for i in range(n_prompts) for k in range(samples_per_prompt)]
-    return [items[b : b + batch_size] for b in range(0, len(items), batch_size)]
+    return Batches(n_prompts, samples_per_prompt, batch_size)
+
+
+def _check_draw(n_prompts: int, per_prompt: int, what: str) -> None:
+    problem = draw_problem(n_prompts, per_prompt, what)
+    if problem:
+        raise MinfmError(problem)
 
 
 def image_name(i: int, k: int, ext: str) -> str:
@@ -292,6 +331,7 @@ def run_sampling(resolved, prompts: list[str], out: Path, *, weights, source: st
                  overwrite: bool = False, out_flag: str = "--out", allow_pickle: bool = False,
                  fps: int = DEFAULT_FPS) -> int:
     s = resolved.recipe.sample
+    _check_draw(len(prompts), s.samples_per_prompt, "sample.samples_per_prompt")
     # (A frame count the VAE or patchifier cannot cut was refused when the recipe loaded.)
     if s.size[0] > 1:
         require_av()  # clips are written as MP4: say the extra is missing now, not after the first batch

@@ -17,6 +17,7 @@ import gc
 import json
 import math
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ import torch.distributed as dist
 from .. import checkpoint as ckpt_mod
 from .. import runlock
 from ..data_loader import BatchIterator
-from ..errors import MinfmError, RecipeError
+from ..errors import MinfmError, MinfmWarning, RecipeError
 from ..jsonio import parse_json
 from ..recipe.schema import CHECKPOINT_PARTS, parse_load_plan
 from ..recipe.checks import accumulation_steps, job_checks
@@ -104,13 +105,16 @@ class Trainer:
         #: Set by train(): a SIGTERM stops fit() after its step, with a checkpoint (stopped = True).
         self.stop_request: StopRequest | None = None
         self.stopped = False
-        problems = job_checks(resolved, "train", rt.world_size)  # what `minfm check` applies, no more
+        # what `minfm check` applies, no more
+        problems = job_checks(resolved, "train", rt.world_size)
         if problems:
             raise RecipeError(problems, resolved.source)
         self.accum = accumulation_steps(self.cfg.total_batch_size, self.cfg.batch_size, rt.world_size)
-        # One writer per run dir, and room for a checkpoint, before any work (docs/reliability.md).
+        # One writer per run dir, every place it writes writable, and room for a checkpoint,
+        # before any work (docs/reliability.md).
         self.run_lock = runlock.hold_run_dir(self.exp_dir, self.exp_dir / ckpt_mod.CKPT_DIR,
-                                             lambda: runlock.denoiser_param_bytes(resolved))
+                                             lambda: runlock.denoiser_param_bytes(resolved),
+                                             runlock.run_outputs(resolved, "train"))
         self.recipe_text = tomli_w.dumps(resolved.to_dict())
         if rt.is_main:
             self.exp_dir.mkdir(parents=True, exist_ok=True)
@@ -153,6 +157,7 @@ class Trainer:
             except MinfmError as exc:
                 raise MinfmError(f"train.val_every = {self.cfg.val_every} validates on the data's 'val' split: {exc} "
                                  "(train.val_every = 0 trains without validation)") from None
+            self._warn_small_val_set()
         self.fid = None
         if self.cfg.fid_every:
             from .fid import TrainingFid
@@ -360,6 +365,16 @@ class Trainer:
                                batch_size=self.cfg.batch_size, seed=self.recipe.run.seed, rank=self.rt.rank,
                                world_size=self.rt.world_size, device=self.rt.device)
 
+    def _warn_small_val_set(self) -> None:
+        """validation_loss uses min(val_num_samples, the split's size) items: say so when that is fewer."""
+        try:
+            size = len(self._val_set)
+        except TypeError:  # a split without a length: nothing known to compare
+            return
+        if self.cfg.val_num_samples > size and self.rt.is_main:
+            warnings.warn(f"train.val_num_samples = {self.cfg.val_num_samples} is more than the data's 'val' split "
+                          f"holds ({size}): validation uses its {size} samples", MinfmWarning, stacklevel=2)
+
     def val_dataset(self):
         if self._val_set is None:
             self._val_set = self.resolved.build("data", split="val")
@@ -382,7 +397,8 @@ class Trainer:
             self.gallery()
         window_t, window_tokens = time.perf_counter(), 0.0
         while self.step < stop:
-            prof = self._profiler() if self.step in cfg.profile_steps else nullcontext()
+            # profile_steps count as the logs and checkpoints do: step N is the N-th step (from 1)
+            prof = self._profiler() if self.step + 1 in cfg.profile_steps else nullcontext()
             with prof:
                 metrics = self.train_step()
             window_tokens += metrics.pop("tokens")
@@ -444,7 +460,7 @@ class Trainer:
 
     def _profiler(self):
         out = self.exp_dir / "profile"
-        step = self.step
+        step = self.step + 1  # the step about to run, as it will be logged
 
         def on_ready(prof):
             out.mkdir(parents=True, exist_ok=True)

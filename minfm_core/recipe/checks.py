@@ -66,6 +66,7 @@ def job_checks(resolved, job: str, world_size: int | None = None) -> list[str]:
     # fails here, not mid-run.
     problems = [f"{path}.name: {problem}" for path, slot in resolved.slots.items()
                 if (problem := slot.component.factory_problem())]
+    problems += _attention_fits_the_device(resolved, job)
     world = world_size if world_size is not None else world_size_from_env()
     recipe = resolved.recipe
     train, s = recipe.train, recipe.sample
@@ -89,12 +90,12 @@ def job_checks(resolved, job: str, world_size: int | None = None) -> list[str]:
         if recipe.data is None:
             problems.append('data: a train job needs a [data] table (e.g. name = "shapes")')
         data_cfg = resolved.config("data") if recipe.data is not None else None
-        if isinstance(data_cfg, CachedLatentsConfig) and data_cfg.use_cached_latents and not data_cfg.latents_dir:
-            problems.append("data.latents_dir: use_cached_latents = true needs the folder minfm cache latents wrote")
         if data_cfg is not None:
-            problems.extend(_data_fits_the_model(resolved, data_cfg))
-            unset = getattr(data_cfg, "unset", ())
-            problems.extend(f"data.{name}: a train job needs it set" for name in (unset if isinstance(unset, tuple) else ()))
+            problems.extend(_data_problems(resolved, data_cfg, "data"))
+            # a mix's sources, each by its own path; read only where the mix reads no cache of its own
+            mix_cached = isinstance(data_cfg, CachedLatentsConfig) and data_cfg.use_cached_latents
+            for where, source_cfg in _mix_sources(data_cfg):
+                problems.extend(_data_problems(resolved, source_cfg, where, fits_only=mix_cached))
         if train.init_from and not parse_load_plan(train.init_load_plan):  # (its syntax: the schema's check)
             problems.append("train.init_load_plan: empty, so nothing would be loaded from train.init_from")
         resuming = os.path.isdir(os.path.join(exp, "checkpoints"))  # a resume does not read init_from
@@ -105,6 +106,9 @@ def job_checks(resolved, job: str, world_size: int | None = None) -> list[str]:
     elif job == "sample":
         if not s.prompts and not s.prompt_file:
             problems.append("sample.prompts / sample.prompt_file: a sample job needs prompts")
+        if s.source and "://" not in s.source and not os.path.exists(os.path.expanduser(s.source)):
+            problems.append(f"sample.source: {s.source}: no such file or folder"
+                            + (" (a Hub repo is hf://org/name)" if s.source.count("/") == 1 else ""))
     # Read now what the job would read later: a training run meets its gallery prompts at the
     # first gallery, hours in (a sample job adds the file to sample.prompts; a gallery uses it
     # only where sample.prompts is empty).
@@ -114,10 +118,68 @@ def job_checks(resolved, job: str, world_size: int | None = None) -> list[str]:
             read_prompt_file(s.prompt_file)
         except MinfmError as exc:
             problems.append(f"sample.prompt_file: {exc}")
+    return problems or start_problems(resolved, job)
+
+
+def _attention_fits_the_device(resolved, job: str) -> list[str]:
+    """An attention backend whose config lists ``job`` in ``needs_cuda``, on the device the
+    run would pick (``run.device``, as ``engine.runtime.pick_device`` picks it): refused here,
+    not at the first attention call of the first step."""
+    needs = _attr(resolved, "model.attention", "needs_cuda")
+    if not isinstance(needs, tuple) or job not in needs:
+        return []
+    device = resolved.recipe.run.device
+    if device == "cuda":
+        return []  # without CUDA the run stops on run.device itself
+    if device == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            return []
+        where = "run.device = 'auto' and torch sees no CUDA device"
+    else:
+        where = f"run.device = {device!r}"
+    name = resolved["model.attention"].component.name
+    return [f"model.attention.name: {name!r} cannot {job} on the CPU ({where}); use 'sdpa' or 'auto'"]
+
+
+def _mix_sources(data_cfg) -> list[tuple[str, Any]]:
+    """``(path, config)`` of each source of a dataset that mixes others (a ``sources`` tuple of
+    entries with a ``dataset`` table, as ``mix`` has): the sources' fields are checked as a
+    top-level dataset's are."""
+    from ..config import structure
+    from ..registry import get_registry
+
+    sources = getattr(data_cfg, "sources", None)
+    out = []
+    for k, src in enumerate(sources if isinstance(sources, tuple) else ()):
+        table = getattr(src, "dataset", None)
+        if not isinstance(table, dict) or not isinstance(table.get("name"), str):
+            continue
+        where = f"data.sources[{k}].dataset"
+        try:
+            comp = get_registry().get("dataset", table["name"], path=f"{where}.name")
+            if comp.config is not None:
+                out.append((where, structure({k2: v for k2, v in table.items() if k2 != "name"}, comp.config,
+                                             path=where)))
+        except MinfmError:  # the mix's own validator reports a bad table
+            continue
+    return out
+
+
+def _data_problems(resolved, data_cfg, where: str, fits_only: bool = False) -> list[str]:
+    """A dataset config's problems for a train job, its fields named under ``where``."""
+    problems = _data_fits_the_model(resolved, data_cfg, where)
+    if fits_only:
+        return problems
+    if isinstance(data_cfg, CachedLatentsConfig) and data_cfg.use_cached_latents and not data_cfg.latents_dir:
+        problems.append(f"{where}.latents_dir: use_cached_latents = true needs the folder minfm cache latents wrote")
+    unset = getattr(data_cfg, "unset", ())
+    problems.extend(f"{where}.{name}: a train job needs it set" for name in (unset if isinstance(unset, tuple) else ()))
     return problems
 
 
-def _data_fits_the_model(resolved, data_cfg) -> list[str]:
+def _data_fits_the_model(resolved, data_cfg, where: str = "data") -> list[str]:
     """A dataset's ``frames`` and ``size_multiple`` (docs/plugins.md, "Config attributes the
     core reads") against the VAE and patch: the first batch would refuse them, after the run
     folder was made."""
@@ -132,14 +194,67 @@ def _data_fits_the_model(resolved, data_cfg) -> list[str]:
         from ..engine.video_io import check_frames
 
         try:
-            check_frames(frames, int(comp[0]), int(pf), what="data.frames")
+            check_frames(frames, int(comp[0]), int(pf), what=f"{where}.frames")
         except MinfmError as exc:
             problems.append(str(exc))
     multiple = getattr(data_cfg, "size_multiple", None)
     mh, mw = comp[1] * ph, comp[2] * pw
     if isinstance(multiple, int) and not isinstance(multiple, bool) and (multiple % mh or multiple % mw):
-        problems.append(f"data.size_multiple: {multiple} is not a multiple of the VAE's compression x patch = {mh}x{mw}")
+        problems.append(f"{where}.size_multiple: {multiple} is not a multiple of the VAE's compression x patch "
+                        f"= {mh}x{mw}")
     return problems
+
+
+#: Text-encoder slots, whether each must be pooled, and what the denoiser takes from it.
+_TEXT_SLOTS = (("model.text_encoder", False, "d_txt", "per-token text embeddings"),
+               ("model.clip_encoder", True, "d_vec", "one pooled vector per prompt"))
+
+
+def _is_field(cfg, name: str) -> bool:
+    import attrs
+
+    return attrs.has(type(cfg)) and name in attrs.fields_dict(type(cfg))
+
+
+def _text_encoders_fit(resolved) -> list[str]:
+    """Every run encodes its prompts (engine/pipeline.py ``encode_text``): a denoiser that takes
+    text (declares ``d_txt``) needs the per-token slot; that slot must not be pooled, the vec
+    slot must be (configs that declare ``pooled``)."""
+    problems = []
+    d_txt = _attr(resolved, "model.denoiser", "d_txt")
+    if d_txt is not None and resolved.get("model.text_encoder") is None:
+        problems.append(f"model.text_encoder: missing: the denoiser takes per-token text embeddings "
+                        f'(model.denoiser.d_txt = {d_txt}); add a [model.text_encoder] table (e.g. name = "vocab")')
+    for path, want, den_attr, what in _TEXT_SLOTS:
+        slot = resolved.get(path)
+        pooled = getattr(slot.config, "pooled", None) if slot is not None else None
+        if not isinstance(pooled, bool) or pooled == want:
+            continue
+        feeds = f"this slot gives the denoiser {what} (model.denoiser.{den_attr})"
+        if _is_field(slot.config, "pooled"):
+            problems.append(f"{path}.pooled: must be {str(want).lower()}: {feeds}")
+        else:
+            gives = "one pooled vector per prompt" if pooled else "per-token embeddings"
+            problems.append(f"{path}.name: {slot.component.name!r} returns {gives}, but {feeds}")
+    return problems
+
+
+#: Channels of the images every dataset yields and every sample is saved as (RGB).
+IMAGE_CHANNELS = 3
+
+
+def _vae_fits_the_images(resolved) -> list[str]:
+    """The VAE's image channels (its ``image_channels`` field, or the identity VAE's
+    ``channels``) against RGB images: the first batch, or the first saved sample, would fail."""
+    cfg = resolved.config("model.vae")
+    for name in ("image_channels", "channels"):
+        value = getattr(cfg, name, None) if cfg is not None else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value != IMAGE_CHANNELS:
+                return [f"model.vae.{name}: {value}, but images have {IMAGE_CHANNELS} channels (RGB: what every "
+                        "dataset yields and every sample is saved as)"]
+            return []
+    return []
 
 
 def cross_checks(resolved, world_size: int | None = None) -> list[str]:
@@ -171,6 +286,9 @@ def cross_checks(resolved, world_size: int | None = None) -> list[str]:
         want = _attr(resolved, "model.denoiser", den_attr)
         if dim is not None and want is not None and dim != want:
             problems.append(f"{enc_path}: its output dim {dim} does not match model.denoiser.{den_attr} = {want}")
+
+    problems += _text_encoders_fit(resolved)
+    problems += _vae_fits_the_images(resolved)
 
     comp = _attr(resolved, "model.vae", "compression")
     pcomp = _attr(resolved, "model.patchifier", "vae_compression")
@@ -227,3 +345,47 @@ def cross_checks(resolved, world_size: int | None = None) -> list[str]:
         if why is not None:
             problems.append(f"{path}: {slot.component.describe()} was skipped: {why}")
     return problems
+
+
+def start_problems(resolved, job: str) -> list[str]:
+    """Start-up rules of ``job`` that read what :func:`job_checks` vouched for (the prompt
+    file, the source): checked once those pass, by ``job_checks`` itself and by ``minfm
+    sample``, which takes a run's recipe for another job."""
+    from ..validators import draw_problem
+
+    recipe = resolved.recipe
+    problems = []
+    if job == "train":
+        train = recipe.train
+        outside = sorted({s for s in train.profile_steps if not 1 <= s <= train.max_steps})
+        if outside:
+            problems.append(f"train.profile_steps: {', '.join(map(str, outside))} not in 1..train.max_steps = "
+                            f"{train.max_steps} (steps count from 1, as the logs and checkpoints do)")
+    elif job == "sample":
+        s = recipe.sample
+        if not s.source and not pretrained_denoiser(resolved):
+            cfg = resolved.config("model.denoiser")
+            field = "model.denoiser.pretrained" if hasattr(cfg, "pretrained") else "the denoiser's pretrained weights"
+            problems.append(f"sample.source: a sample job needs weights: set sample.source (a run dir, checkpoint or "
+                            f"hf://org/name) or {field}; without either it would sample from random weights")
+        n_prompts = len(s.prompts)
+        if s.prompt_file:
+            try:
+                n_prompts += len(read_prompt_file(s.prompt_file))
+            except MinfmError:
+                pass  # job_checks names the file's fault
+        problem = draw_problem(n_prompts, s.samples_per_prompt, "sample.samples_per_prompt")
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def pretrained_denoiser(resolved) -> bool:
+    """Whether the recipe's denoiser names pretrained weights (its config's ``pretrained``, or
+    ``pretrained_refs``: protocols.PretrainedConfig / PretrainedRefsConfig)."""
+    cfg = resolved.config("model.denoiser")
+    refs = getattr(cfg, "pretrained_refs", None)
+    if isinstance(refs, (tuple, list)) and any(refs):
+        return True
+    ref = getattr(cfg, "pretrained", None)
+    return isinstance(ref, str) and bool(ref.strip())

@@ -221,7 +221,7 @@ class TrainSection:
         None, doc="Inception weights for the in-training FID (as minfm eval --inception)", file="ref"
     )
     sample_at_start: bool = field(False, doc="render a gallery before the first step")
-    profile_steps: tuple[int, ...] = field((), doc="steps to capture a profiler trace for", validator=EVERY)
+    profile_steps: tuple[int, ...] = field((), doc="steps (numbered from 1, as logged) to capture a profiler trace for", validator=EVERY)
     gc_every: int = field(100, doc="run Python's garbage collector every N steps (0: never)", validator=EVERY)
 
 

@@ -180,6 +180,10 @@ class TorchVarlen(_VarlenKernel):
     hint = f"torch {torch.__version__} has no varlen attention"
 
 
+#: Devices whose flex_attention has a forward but no backward (torch refuses inputs that require grad).
+_NO_FLEX_BACKWARD = ("cpu", "mps")
+
+
 @functools.cache
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
@@ -225,6 +229,11 @@ class Flex:
             from torch.nn.attention.flex_attention import flex_attention
         except ImportError:
             raise MinfmError(f"attention backend 'flex' is not available in torch {torch.__version__}") from None
+        if q.device.type in _NO_FLEX_BACKWARD and any(x.requires_grad for x in (q, k, v)):
+            if torch.is_grad_enabled():  # flex_attention's NotImplementedError, as a line to act on
+                raise MinfmError(f"attention backend 'flex' cannot train on {q.device.type} tensors "
+                                 "(flex_attention has no backward there); use 'sdpa' or 'auto'")
+            q, k, v = (x.detach() for x in (q, k, v))  # no gradient wanted: the forward runs there
         L = q.shape[0]
         mask = self._block_mask(cu_seqlens, L, q.device)
         fn = _compiled_flex() if (self.cfg is None or self.cfg.compile) else flex_attention

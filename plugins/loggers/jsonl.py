@@ -22,12 +22,10 @@ from minfm_core.safepath import write_atomic, write_text_atomic
 from minfm_core.textfiles import read_bounded
 
 from .base import Logger, is_finite
-from .configs import JsonlConfig
+from .configs import METRICS_FILE, PLOT_FILE, JsonlConfig
 
-METRICS_FILE = "metrics.jsonl"
 #: Largest metrics.jsonl a resumed run reads back (a line per step: ~100 M steps).
 MAX_METRICS_BYTES = 16 << 30
-PLOT_FILE = "loss.png"
 
 
 class JsonlLogger(Logger):

@@ -19,9 +19,10 @@ class ClipEncoder(HFTextEncoder):
             return torch.empty(0, self.dim, device=device)
         # CLIP attends causally, so pads after the end token cannot change the pooled
         # state: padding to the longest prompt gives what padding to 77 gives.
-        batch = self.tokenizer(
-            list(prompts), truncation=True, max_length=self.cfg.max_length, padding="longest", return_tensors="pt"
-        )
+        # no longer than CLIP's position table (a tiny `arch` may have fewer than max_length)
+        longest = min(self.cfg.max_length, self.model.config.max_position_embeddings)
+        batch = self.tokenizer(list(prompts), truncation=True, max_length=longest, padding="longest",
+                               return_tensors="pt")
         out = self.run(input_ids=batch["input_ids"].to(device))
         return out.pooler_output
 
