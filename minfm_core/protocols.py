@@ -323,6 +323,25 @@ class FlipConfig(Protocol):
     p_flip: float
 
 
+@runtime_checkable
+class NeedsCudaConfig(Protocol):
+    """An attention backend config naming the jobs (``"train"``, ``"sample"``) it cannot run on
+    the CPU: ``minfm check`` and a job's start refuse it there, before any work."""
+
+    @property
+    def needs_cuda(self) -> tuple[str, ...]: ...
+
+
+@runtime_checkable
+class RunOutputsConfig(Protocol):
+    """A logger config naming what it writes in the run folder (relative names, a trailing
+    ``/`` for a folder): probed before a run starts, so that a file in the way or a read-only
+    one fails then, not at the first log line hours in."""
+
+    @property
+    def run_outputs(self) -> tuple[str, ...]: ...
+
+
 #: Kind -> the protocol its built component satisfies.
 PROTOCOLS: dict[str, type] = {
     "denoiser": Denoiser,

@@ -217,7 +217,7 @@ RUN_DIR_NAMES = (LOCK_NAME, "recipe.toml", "checkpoints/", "samples/", "samples_
 def run_outputs(resolved, job: str = "train") -> list[tuple[Path, bool, str]]:
     """Where a ``job`` run of ``resolved`` writes in its run folder, as (path, is a folder,
     the setting that sends it there), for :func:`preflight`. A logger lists its own files
-    through its config's ``run_outputs`` (relative paths, a trailing "/" for a folder); one
+    through its config's ``run_outputs`` (protocols.RunOutputsConfig: relative paths, a trailing "/" for a folder); one
     without it is not probed."""
     if job != "train":
         return []

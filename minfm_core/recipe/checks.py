@@ -122,8 +122,8 @@ def job_checks(resolved, job: str, world_size: int | None = None) -> list[str]:
 
 
 def _attention_fits_the_device(resolved, job: str) -> list[str]:
-    """An attention backend whose config lists ``job`` in ``needs_cuda``, on the device the
-    run would pick (``run.device``, as ``engine.runtime.pick_device`` picks it): refused here,
+    """An attention backend whose config lists ``job`` in ``needs_cuda``
+    (``protocols.NeedsCudaConfig``), on the device the run would pick (``run.device``, as ``engine.runtime.pick_device`` picks it): refused here,
     not at the first attention call of the first step."""
     needs = _attr(resolved, "model.attention", "needs_cuda")
     if not isinstance(needs, tuple) or job not in needs:
