@@ -125,7 +125,9 @@ def test_a_fifo_named_metrics_jsonl_is_refused_not_waited_on(tmp_path, capsys):
     os.mkfifo(tmp_path / "run" / "metrics.jsonl")
     code = within(120, main, ["run", str(TINY), "--set", f"run.exp_dir={tmp_path / 'run'}", "--set", "train.max_steps=1"])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and err.endswith("metrics.jsonl: not a regular file"), err
+    # refused by the run's pre-flight, before any step (runlock.run_outputs)
+    assert code == 2 and err.endswith("metrics.jsonl is not a regular file; the run writes a file there"), err
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("trace", ["[[]]", "[[[1, 2]], [[3]], [[4], [5]]]"], ids=["no-ranks", "ragged"])
