@@ -7,6 +7,11 @@ call, whatever their image sizes: the packed-sequence model needs no padding, so
 16x16 and a 24x32 request cost one pass over their summed tokens. Requests are
 compatible when they share a ``key`` (what one call cannot vary per image: steps,
 sampler, guidance). Only this thread touches the model, so one copy serves everyone.
+
+A request whose ``future`` is cancelled (its caller left) is dropped: it is skipped when a
+batch is formed, its result is discarded, and a call whose requests are all cancelled stops
+at its next step. At most ``max_queue`` requests may wait (not cancelled, not yet in a call);
+``submit`` refuses more with :class:`QueueFull`.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +32,15 @@ log = logging.getLogger("minfm_apps.batcher")
 RunFn = Callable[[Hashable, list[Any], Callable[[int, int], None]], Sequence[Any]]
 
 
-@dataclass
+class QueueFull(RuntimeError):
+    """``submit`` was refused: ``max_queue`` requests are already waiting."""
+
+
+class _Abandoned(Exception):
+    """Raised from the progress callback: every request of the running call was cancelled."""
+
+
+@dataclass(eq=False)
 class Request:
     """A submitted request: its jobs (one per image), its batch key and where its result lands."""
 
@@ -52,7 +65,10 @@ class BatchRecord:
 class Batcher:
     """Collects requests for ``window_s`` seconds (up to ``max_batch`` images) and runs them together."""
 
-    def __init__(self, run: RunFn, *, window_s: float = 0.1, max_batch: int = 8, history: int = 64) -> None:
+    def __init__(self, run: RunFn, *, window_s: float = 0.1, max_batch: int = 8, history: int = 64,
+                 max_queue: int | None = None) -> None:
+        if max_queue is not None and max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if window_s < 0:
@@ -60,10 +76,13 @@ class Batcher:
         self.run = run
         self.window_s = window_s
         self.max_batch = max_batch
+        self.max_queue = max_queue
         self.calls = 0  # sampler calls made so far
         self.history: collections.deque[BatchRecord] = collections.deque(maxlen=history)
         self._queue: queue.Queue[Request | None] = queue.Queue()
         self._carry: collections.deque[Request] = collections.deque()  # did not fit the last batch
+        self._lock = threading.Lock()
+        self._waiting: dict[int, Request] = {}  # submitted, not yet in a call (by id)
         self._thread = threading.Thread(target=self._loop, name="minfm-batcher", daemon=True)
         self._thread.start()
 
@@ -75,8 +94,20 @@ class Batcher:
         if not self._thread.is_alive():
             raise RuntimeError("the batcher is closed")
         req = Request(list(jobs), key)
+        with self._lock:
+            for rid in [rid for rid, r in self._waiting.items() if r.future.cancelled()]:
+                del self._waiting[rid]
+            if self.max_queue is not None and len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting (the limit is {self.max_queue})")
+            self._waiting[id(req)] = req
         self._queue.put(req)
         return req
+
+    @property
+    def waiting(self) -> int:
+        """Requests submitted and not cancelled that no call has taken yet."""
+        with self._lock:
+            return sum(not r.future.cancelled() for r in self._waiting.values())
 
     def close(self, timeout: float | None = 10.0) -> None:
         self._queue.put(None)
@@ -84,9 +115,22 @@ class Batcher:
 
     # ---- worker -------------------------------------------------------------------
     def _next(self, timeout: float | None) -> Request | None:
-        if self._carry:
-            return self._carry.popleft()
-        return self._queue.get(timeout=timeout) if timeout is None or timeout > 0 else self._queue.get_nowait()
+        """The next live request (cancelled ones are dropped here), None to stop; queue.Empty on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._carry:
+                req = self._carry.popleft()
+            else:
+                left = None if deadline is None else deadline - time.monotonic()
+                req = self._queue.get(timeout=left) if left is None or left > 0 else self._queue.get_nowait()
+            if req is not None and req.future.cancelled():
+                self._forget(req)
+                continue
+            return req
+
+    def _forget(self, req: Request) -> None:
+        with self._lock:
+            self._waiting.pop(id(req), None)
 
     def _loop(self) -> None:
         stopping = False
@@ -109,18 +153,25 @@ class Batcher:
                     break
                 batch.append(req)
                 images += len(req.jobs)
+            for req in batch:
+                self._forget(req)
             groups: dict[Hashable, list[Request]] = {}
             for req in batch:
                 groups.setdefault(req.key, []).append(req)
             for key, group in groups.items():
                 self._serve(key, group)
         for req in list(self._carry):  # closing: nobody will serve these
-            req.future.set_exception(RuntimeError("the demo is shutting down"))
+            _deliver(req, exc=RuntimeError("the demo is shutting down"))
 
     def _serve(self, key: Hashable, group: list[Request]) -> None:
+        group = [req for req in group if not req.future.cancelled()]
+        if not group:
+            return
         jobs = [job for req in group for job in req.jobs]
 
         def callback(step: int, steps: int) -> None:
+            if all(req.future.cancelled() for req in group):
+                raise _Abandoned  # nobody waits for this call any more: stop sampling
             for req in group:
                 req.step, req.steps = step, steps
 
@@ -129,9 +180,12 @@ class Batcher:
             results = list(self.run(key, jobs, callback))
             if len(results) != len(jobs):
                 raise RuntimeError(f"the sampler returned {len(results)} results for {len(jobs)} jobs")
+        except _Abandoned:
+            log.info("sampler call %d stopped: every request was cancelled", self.calls + 1)
+            return
         except BaseException as exc:  # every waiting request must hear about it
             for req in group:
-                req.future.set_exception(exc)
+                _deliver(req, exc=exc)
             return
         finally:
             self.calls += 1
@@ -140,5 +194,16 @@ class Batcher:
         log.info("sampler call %d: %d requests, %d images in %.2f s", self.calls, len(group), len(jobs), seconds)
         at = 0
         for req in group:
-            req.future.set_result(results[at : at + len(req.jobs)])
+            _deliver(req, result=results[at : at + len(req.jobs)])
             at += len(req.jobs)
+
+
+def _deliver(req: Request, *, result: Any = None, exc: BaseException | None = None) -> None:
+    """Set a request's outcome unless it was cancelled meanwhile (then nobody wants it)."""
+    try:
+        if exc is not None:
+            req.future.set_exception(exc)
+        else:
+            req.future.set_result(result)
+    except InvalidStateError:
+        pass

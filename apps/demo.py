@@ -11,13 +11,13 @@ A video model's page adds a frame count and plays each clip as an MP4.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import secrets
 import signal
 import sys
 import threading
-from concurrent.futures import TimeoutError as FutureTimeout
 
 # Before gradio is imported: a demo server must not phone home.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -25,15 +25,21 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
+from starlette.middleware import Middleware  # noqa: E402
 
 from minfm_core.cli.argtypes import LOOPBACK, listen_family  # noqa: E402
 from minfm_core.errors import MinfmError  # noqa: E402
 
-from .batcher import Batcher  # noqa: E402
+from .batcher import Batcher, QueueFull  # noqa: E402
 from .model import DemoModel, size_label  # noqa: E402
 from .numbers import NUMBERS  # noqa: E402
 
 _POLL_S = 0.1  # how often a waiting request refreshes its progress bar
+#: The largest request body the server reads. A request is a few KB of JSON (prompts are at
+#: most a few thousand characters); anything bigger is refused with 413 before gradio reads it.
+MAX_BODY_BYTES = 1 << 20
+# gradio's file-taking routes: this app takes no uploads, so they answer 403.
+_UPLOAD_ROUTES = ("/upload", "/process_recording")
 # Paths and names hold underscores and stars: escape them so markdown shows them as typed.
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]<>#|])")
 
@@ -46,6 +52,78 @@ def _md_escape(text: str) -> str:
     return _MD_SPECIAL.sub(r"\\\1", text)
 
 
+class GuardRequests:
+    """ASGI middleware in front of gradio's routes: refuses the upload routes (403) and any request
+    body over ``max_body`` bytes (413), counting the bytes as they arrive (a chunked body has no
+    Content-Length), so a huge body is never held whole in memory."""
+
+    def __init__(self, app, max_body: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.max_body = max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if scope.get("path", "").rstrip("/").endswith(_UPLOAD_ROUTES):
+            return await _answer(send, 403, "This demo takes no uploads.")
+        too_big = f"Request body too large: this demo takes at most {self.max_body} bytes."
+        length = dict(scope.get("headers") or ()).get(b"content-length")
+        if length is not None and (not length.strip().isdigit() or int(length) > self.max_body):
+            return await _answer(send, 413, too_big)
+        # Read the (small) body here, then hand it to gradio in one piece.
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                return await _answer(send, 413, too_big)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # later reads: to see a disconnect
+
+        return await self.app(scope, replay, send)
+
+
+async def _answer(send, status: int, text: str) -> None:
+    body = text.encode() + b"\n"
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _event_alive():
+    """A callable saying whether the gradio event being handled still has a listener: a browser
+    that closes its tab (or a client that drops its stream) does not cancel the handler, gradio
+    only marks its event dead. Always true outside a gradio event."""
+    from gradio.context import LocalContext
+
+    blocks, event_id = LocalContext.blocks.get(None), LocalContext.event_id.get(None)
+    queue = getattr(blocks, "_queue", None)
+    if queue is None or event_id is None:
+        return lambda: True
+
+    def alive() -> bool:
+        for job in list(getattr(queue, "active_jobs", ()) or ()):
+            for event in job or ():
+                if getattr(event, "_id", None) == event_id:
+                    return getattr(event, "alive", True)
+        return True
+
+    return alive
+
+
 def make_handler(model: DemoModel, batcher: Batcher, cache_dir: str | None = None):
     """The request function behind the page and ``/generate``.
 
@@ -54,8 +132,8 @@ def make_handler(model: DemoModel, batcher: Batcher, cache_dir: str | None = Non
     MP4s go into Gradio's cache (``cache_dir``) under content-hashed names, like its images.
     """
 
-    def draw(prompt, negative_prompt, size, steps, cfg_scale, ep_cfg, sampler, seed, random_seed, num_images,
-             frames, progress):
+    async def draw(prompt, negative_prompt, size, steps, cfg_scale, ep_cfg, sampler, seed, random_seed, num_images,
+                   frames, progress):
         if not isinstance(random_seed, bool):  # "yes" or "false" from an API caller: both truthy
             raise gr.Error(f"Random seed must be true or false, got {str(random_seed)[:40]!r}.", title="Invalid input",
                            print_exception=False)
@@ -66,22 +144,36 @@ def make_handler(model: DemoModel, batcher: Batcher, cache_dir: str | None = Non
                                                  sampler, seed, num_images, frames)
         except MinfmError as exc:
             raise gr.Error(str(exc), title="Invalid input", print_exception=False) from None
-        req = batcher.submit(jobs, settings)
-        progress(0, desc="waiting for the batch")
-        while True:
-            try:
-                return req.future.result(timeout=_POLL_S), jobs
-            except FutureTimeout:
+        try:
+            req = batcher.submit(jobs, settings)
+        except QueueFull:
+            raise gr.Error("The demo is busy: too many requests are waiting. Try again shortly.",
+                           print_exception=False) from None
+        # The handler is a coroutine so that gradio's cancel (the page's Stop, a client's cancel)
+        # reaches it; a dropped listener is seen by polling. Either way the request's future is
+        # cancelled, and the batcher drops its work.
+        alive = _event_alive()
+        done = asyncio.wrap_future(req.future)
+        try:
+            progress(0, desc="waiting for the batch")
+            while not (await asyncio.wait({done}, timeout=_POLL_S))[0]:
+                if not alive():
+                    req.future.cancel()
+                    raise gr.Error("The request was dropped: nobody is waiting for it.", print_exception=False)
                 if req.steps:
                     progress((req.step, req.steps), desc="sampling", unit="steps")
+            try:
+                return done.result(), jobs
             except MinfmError as exc:  # (out of memory, a sampler's own refusal): the page says it; no traceback
                 print(f"minfm demo: request failed: {exc}", flush=True)
                 raise gr.Error(str(exc), print_exception=False) from None
+        finally:
+            req.future.cancel()  # a no-op once it has its result
 
     if not model.makes_clips:
-        def generate(prompt: str, negative_prompt: str, size: str, steps: float, cfg_scale: float, ep_cfg: bool,
-                     sampler: str, seed: float, random_seed: bool, num_images: float, progress=gr.Progress()):
-            images, jobs = draw(prompt, negative_prompt, size, steps, cfg_scale, ep_cfg, sampler, seed, random_seed,
+        async def generate(prompt: str, negative_prompt: str, size: str, steps: float, cfg_scale: float, ep_cfg: bool,
+                           sampler: str, seed: float, random_seed: bool, num_images: float, progress=gr.Progress()):
+            images, jobs = await draw(prompt, negative_prompt, size, steps, cfg_scale, ep_cfg, sampler, seed, random_seed,
                                 num_images, 1, progress)
             out = [(img, f"seed {job.seed} · {size_label(*job.size[1:])}") for img, job in zip(images, jobs)]
             return out, jobs[0].seed
@@ -92,20 +184,31 @@ def make_handler(model: DemoModel, batcher: Batcher, cache_dir: str | None = Non
 
     from minfm_core.engine.video_io import DEFAULT_FPS, encode_mp4
 
-    def generate_clips(prompt: str, negative_prompt: str, size: str, frames: float, steps: float, cfg_scale: float,
-                       ep_cfg: bool, sampler: str, seed: float, random_seed: bool, num_images: float,
-                       progress=gr.Progress()):
-        clips, jobs = draw(prompt, negative_prompt, size, steps, cfg_scale, ep_cfg, sampler, seed, random_seed,
-                           num_images, frames, progress)
-        progress(1.0, desc="encoding")
+    def encode(clips, jobs):
         paths = []
         for clip, job in zip(clips, jobs):
             arr = np.asarray(clip)[None] if isinstance(clip, Image.Image) else clip  # a 1-frame request
             paths.append(save_bytes_to_cache(encode_mp4(arr, DEFAULT_FPS), f"seed{job.seed}.mp4", cache_dir))
+        return paths
+
+    async def generate_clips(prompt: str, negative_prompt: str, size: str, frames: float, steps: float,
+                             cfg_scale: float, ep_cfg: bool, sampler: str, seed: float, random_seed: bool,
+                             num_images: float, progress=gr.Progress()):
+        clips, jobs = await draw(prompt, negative_prompt, size, steps, cfg_scale, ep_cfg, sampler, seed, random_seed,
+                                 num_images, frames, progress)
+        progress(1.0, desc="encoding")
+        paths = await asyncio.to_thread(encode, clips, jobs)  # off the event loop
         out = [(p, f"seed {job.seed} · {job.size[0]} frames · {size_label(*job.size[1:])}") for p, job in zip(paths, jobs)]
         return paths[0], out, jobs[0].seed
 
     return generate_clips
+
+
+def batcher_queue_limit(queue_limit: int, max_batch: int) -> int:
+    """How many requests may wait in the batcher: gradio runs up to ``max_batch`` handlers at once,
+    each waiting on one request, and queues ``queue_limit`` more; the batcher holds no more than
+    both together, whatever happens to gradio's own count (a cancelled request's work is dropped)."""
+    return queue_limit + max_batch
 
 
 def build_app(model: DemoModel, batcher: Batcher, *, queue_limit: int = 32) -> gr.Blocks:
@@ -115,7 +218,7 @@ def build_app(model: DemoModel, batcher: Batcher, *, queue_limit: int = 32) -> g
     task = "text-to-video" if clips else "text-to-image"
     # Generated images and clips live in gradio's cache; drop those older than an hour, hourly.
     with gr.Blocks(title=f"minFM {task}", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
-        gr.Markdown(f"## minFM {task}\n`{model.source}`")
+        gr.Markdown(f"## minFM {task}\n{_md_escape(model.source)}", elem_id="title")
         with gr.Row():
             with gr.Column(scale=2):
                 prompt = gr.Textbox(label="Prompt", lines=2, max_length=lim.max_prompt_chars, elem_id="prompt",
@@ -192,8 +295,9 @@ def launch(app: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None, 
     """Start the server; returns gradio's (app, local_url, share_url)."""
     return app.launch(
         server_name=host, server_port=port, share=share, prevent_thread_lock=not block, ssr_mode=False,
-        max_file_size="1mb",  # the app takes no uploads; keep gradio's generic upload route small
+        max_file_size="1mb",  # the app takes no uploads (GuardRequests refuses gradio's upload route)
         quiet=False, show_error=False,
+        app_kwargs={"middleware": [Middleware(GuardRequests)]},
     )
 
 
@@ -215,8 +319,8 @@ def serve(src: str, *, host: str = "127.0.0.1", port: int | None = None, share: 
         print(f"minfm demo: warning: listening on {host}: other machines can reach this server", file=sys.stderr)
     if share:
         print("minfm demo: warning: --share opens a public link: anyone with it can use this model", file=sys.stderr)
-    batcher = Batcher(lambda settings, jobs, cb: model.run(settings, jobs, cb),
-                      window_s=window_ms / 1000.0, max_batch=max_batch)
+    batcher = Batcher(lambda settings, jobs, cb: model.run(settings, jobs, cb), window_s=window_ms / 1000.0,
+                      max_batch=max_batch, max_queue=batcher_queue_limit(queue_limit, max_batch))
     app = build_app(model, batcher, queue_limit=queue_limit)
     launch(app, host=host, port=port, share=share, block=False)
     # Ctrl-C and SIGTERM both stop the server, even when the parent started us with SIGINT

@@ -238,6 +238,8 @@ class DemoModel:
         n = _as_int(n_images, "Number of images")
         if not 1 <= n <= lim.max_images:
             raise _err(f"Number of images must be between 1 and {lim.max_images}, got {n}.")
+        if isinstance(cfg_scale, (bool, str)):  # true is not 1.0, "inf" is not a number: an API caller's mistake
+            raise _err(f"CFG scale must be a number, got {cfg_scale!r:.42}.")
         try:
             scale = float(cfg_scale)
         except (TypeError, ValueError):
@@ -326,8 +328,12 @@ class DemoModel:
         t = r.recipe.train
         rows.append(("training", f"{t.max_steps:,} steps planned, global batch {t.total_batch_size}, peak lr {t.lr:g}"
                      + (f", data {r.recipe.data.name}" if r.recipe.data is not None else "")))
-        if "loss" in self.metrics:
-            rows.append(("last logged loss", f"{float(self.metrics['loss']):.4f} at step {self.metrics.get('step', '?')}"))
+        loss = self.metrics.get("loss")
+        # a download's metrics.jsonl is anyone's JSON: a loss of "abc", null or [1] is no loss
+        if type(loss) in (int, float) and math.isfinite(loss):
+            step = self.metrics.get("step")
+            step = step if type(step) is int and step >= 0 else "?"
+            rows.append(("last logged loss", f"{float(loss):.4f} at step {step}"))
         rows.append(("sizes", f"multiples of {self.multiple} px; presets " + ", ".join(size_label(*s) for s in self.presets)))
         if self.makes_clips:
             rows.append(("frames", f"{self.frame_choices()} (default {self.default_frames})"))

@@ -9,9 +9,10 @@ from contextlib import contextmanager
 def serving(model, *, window_s: float = 1.0, max_batch: int = 8, queue_limit: int = 16):
     """Yield (app, batcher, url) for ``model``; the wide default window keeps CI load from splitting a batch."""
     from minfm_apps.batcher import Batcher
-    from minfm_apps.demo import build_app, launch
+    from minfm_apps.demo import batcher_queue_limit, build_app, launch
 
-    batcher = Batcher(lambda s, jobs, cb: model.run(s, jobs, cb), window_s=window_s, max_batch=max_batch)
+    batcher = Batcher(lambda s, jobs, cb: model.run(s, jobs, cb), window_s=window_s, max_batch=max_batch,
+                      max_queue=batcher_queue_limit(queue_limit, max_batch))
     app = build_app(model, batcher, queue_limit=queue_limit)
     _, url, _ = launch(app, host="127.0.0.1", port=None, block=False)
     try:

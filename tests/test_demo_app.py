@@ -272,3 +272,114 @@ def test_one_image_at_most_still_builds_and_draws(run_dir):
     with serving(one, window_s=0.05) as (_, _, url):
         result = Client(url, verbose=False).predict(**BASE, api_name="/generate")
     assert len(result[0]) == 1
+
+
+# ---- what the server refuses, and cancelled work -----------------------------------------------
+
+
+@pytest.mark.parametrize("loss", ['"abc"', "null", "[1]", '{"a": 1}', "1e400", "true"])
+def test_a_downloaded_folder_with_a_junk_loss_still_loads(run_dir, tmp_path, loss):
+    """`float(metrics["loss"])` ended `minfm demo` at start with a traceback for a junk loss."""
+    from minfm_apps.demo import card_markdown
+    from minfm_apps.model import DemoModel
+    from minfm_core.checkpoint import export_for_hub
+
+    folder = export_for_hub(run_dir, tmp_path / "exported")
+    (folder / "metrics.jsonl").write_text(f'{{"step": 4, "loss": {loss}}}\n')
+    loaded = DemoModel.load(str(folder), device="cpu")
+    assert "last logged loss" not in dict(loaded.card()) and "weights" in card_markdown(loaded)
+
+
+def test_a_junk_cfg_scale_type_is_refused(model):
+    for bad, shown in ((True, "True"), ("inf", "'inf'"), ("3", "'3'")):
+        with pytest.raises(MinfmError, match=f"CFG scale must be a number, got {shown}"):
+            model.check_request(**{**BASE_CHECK, "cfg_scale": bad})
+
+
+@pytest.mark.slow
+def test_large_bodies_and_uploads_are_refused_before_gradio_reads_them(served, client):
+    import httpx
+
+    from minfm_apps.demo import MAX_BODY_BYTES
+
+    url = served[2].rstrip("/")
+    big = b'{"data": ["' + b"a" * (MAX_BODY_BYTES + 10) + b'"]}'
+    with httpx.Client(timeout=60) as http:
+        r = http.post(f"{url}/gradio_api/call/generate", content=big, headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and "Request body too large" in r.text
+
+        def chunked():  # no Content-Length: the bytes are counted as they come
+            for _ in range(MAX_BODY_BYTES // 65536 + 2):
+                yield b" " * 65536
+
+        r = http.post(f"{url}/gradio_api/call/generate", content=chunked(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and "Request body too large" in r.text
+        r = http.post(f"{url}/gradio_api/upload", files={"files": ("a.txt", b"hello")})
+        assert r.status_code == 403 and "no uploads" in r.text
+    # ordinary requests still pass
+    images, _ = client.predict(**BASE, api_name="/generate")
+    assert len(images) == 1
+
+
+def test_the_title_escapes_the_source_path(run_dir, tmp_path):
+    import os
+
+    import gradio as gr
+
+    from minfm_apps.batcher import Batcher
+    from minfm_apps.demo import build_app
+    from minfm_apps.model import DemoModel
+
+    odd = tmp_path / "a`<img src=x onerror=alert(9)>[link](javascript:alert(1))`"
+    os.symlink(run_dir, odd)
+    loaded = DemoModel.load(str(odd), device="cpu", max_images=1)
+    batcher = Batcher(lambda s, jobs, cb: loaded.run(s, jobs, cb), window_s=0.0, max_batch=1)
+    try:
+        app = build_app(loaded, batcher)
+    finally:
+        batcher.close()
+    title = next(b for b in app.blocks.values() if isinstance(b, gr.Markdown) and b.elem_id == "title").value
+    assert r"a\`\<img src=x onerror=alert(9)\>\[link\](javascript:alert(1))\`" in title
+
+
+@pytest.mark.slow
+def test_a_cancelled_request_stops_drawing(model):
+    """gradio's cancel used to leave the request in the batcher: its sampler call ran to the end
+    and every later request waited behind it."""
+    import threading
+    import time
+
+    from gradio_client import Client
+
+    class Slow:  # the real model, 0.2 s per sampler step
+        def __init__(self):
+            self.steps_seen: list[int] = []
+            self.started = threading.Event()
+
+        def __getattr__(self, name):
+            return getattr(model, name)
+
+        def run(self, settings, jobs, callback=None):
+            self.steps_seen.append(0)
+            self.started.set()
+
+            def slow(step, steps):
+                time.sleep(0.2)
+                self.steps_seen[-1] = step
+                if callback is not None:
+                    callback(step, steps)
+
+            return model.run(settings, jobs, slow)
+
+    slow = Slow()
+    with serving(slow, window_s=0.05, max_batch=1, queue_limit=2) as (_, batcher, url):
+        c = Client(url, verbose=False)
+        job = c.submit(**{**BASE, "steps": 60}, api_name="/generate")  # 12 s uncancelled
+        assert slow.started.wait(60)
+        time.sleep(0.5)
+        job.cancel()
+        t0 = time.monotonic()
+        images, _ = c.predict(**{**BASE, "steps": 2}, api_name="/generate")
+        assert len(images) == 1 and time.monotonic() - t0 < 8
+        assert slow.steps_seen[0] < 30 and slow.steps_seen[-1] == 2
+        assert batcher.waiting == 0

@@ -125,3 +125,51 @@ def test_close_stops_the_worker():
     b.close()
     with pytest.raises(RuntimeError, match="closed"):
         b.submit(["a"], key=0)
+
+
+def test_cancelled_requests_are_skipped_and_a_call_nobody_waits_for_stops(make):
+    """A caller that left (its future cancelled) must not keep the sampler busy: a cancelled
+    request is not drawn, and a running call whose requests are all cancelled stops."""
+    model = FakeModel(delay=0.5)  # 3 steps of 0.5 s
+    b = make(model, window_s=0.0, max_batch=1)
+    running = b.submit(["slow"], key=0)
+    deadline = time.monotonic() + 10
+    while not model.calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    queued = [b.submit([f"q{i}"], key=0) for i in range(3)]
+    for r in [running, *queued]:
+        assert r.future.cancel()
+    t0 = time.monotonic()
+    assert b.submit(["next"], key=0).future.result(timeout=10) == [("img", "next")]
+    assert time.monotonic() - t0 < 2.5  # not 0.5 + 3 x 1.5 s of abandoned work
+    assert [j for _, j in model.calls] == [["slow"], ["next"]]
+
+
+def test_a_cancelled_request_in_a_shared_call_gets_no_result_and_breaks_nothing(make):
+    model = FakeModel(delay=0.2)
+    b = make(model, window_s=0.3, max_batch=8)
+    keep, drop = b.submit(["a"], key=0), b.submit(["b"], key=0)
+    time.sleep(0.45)  # the call is running
+    assert drop.future.cancel()
+    assert keep.future.result(timeout=10) == [("img", "a")]
+    assert drop.future.cancelled()
+
+
+def test_the_queue_is_bounded_and_cancelled_requests_free_their_place(make):
+    from minfm_apps.batcher import QueueFull
+
+    model = FakeModel(delay=0.3)
+    b = make(model, window_s=0.0, max_batch=1, max_queue=2)
+    first = b.submit(["a"], key=0)
+    deadline = time.monotonic() + 10
+    while not model.calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    waiting = [b.submit(["b"], key=0), b.submit(["c"], key=0)]
+    with pytest.raises(QueueFull, match="2 requests are already waiting"):
+        b.submit(["d"], key=0)
+    assert waiting[0].future.cancel()
+    last = b.submit(["e"], key=0)  # the cancelled one's place
+    assert [r.future.result(timeout=10) for r in (first, waiting[1], last)] == [[("img", "a")], [("img", "c")],
+                                                                                 [("img", "e")]]
+    with pytest.raises(ValueError, match="max_queue"):
+        Batcher(FakeModel(), max_queue=0)
