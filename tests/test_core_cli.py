@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 
 import pytest
@@ -219,3 +220,16 @@ def test_a_tilde_of_an_unknown_user_is_a_missing_path_not_a_crash(minfm, argv):
     r = minfm(*argv)
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and "~no_such_user_minfm/run" in r.stderr
+
+
+def test_errors_show_control_characters_escaped(capsys):
+    """An error quotes what it refuses; an ESC sequence or a text-direction override in a hostile
+    value must not reach the terminal raw."""
+    from minfm_core.cli.main import main
+
+    hostile = "evil\x1b]0;owned\x07\u202etxt"
+    assert main(["check", "minfm:quickstart.toml", "--set", "job=sample",
+                 "--set", f"sample.prompt_file={json.dumps(hostile)}"]) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\x07" not in err and "\u202e" not in err
+    assert "evil\\x1b]0;owned\\x07\\u202etxt" in err

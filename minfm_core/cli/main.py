@@ -88,7 +88,7 @@ def _plain_warnings():
 
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, MinfmWarning):
-            print(f"minfm: warning: {message}", file=sys.stderr if file is None else file)
+            print(terminal_safe(f"minfm: warning: {message}"), file=sys.stderr if file is None else file)
         else:
             shown(message, category, filename, lineno, file, line)
 
@@ -148,9 +148,18 @@ def _main(argv: Sequence[str] | None) -> int:
 
 def _say(line: str) -> None:
     """One line on stderr in one write: print's separate newline let the lines of two workers
-    of one run run into each other."""
-    sys.stderr.write(line + "\n")
+    of one run run into each other. Control and format characters are shown escaped: an error
+    quotes what it refuses, and a hostile recipe value or repo name holding ESC sequences or a
+    text-direction override would otherwise drive the terminal or disguise the message."""
+    sys.stderr.write(terminal_safe(line) + "\n")
     sys.stderr.flush()
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` with every non-printable character but newlines and tabs escaped (``\\x1b``)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in "\n\t" else ascii(c)[1:-1] for c in text)
 
 
 def _relaunch_argv(name: str, text: str) -> list[str]:
