@@ -244,8 +244,9 @@ def build_app(model: DemoModel, batcher: Batcher, *, queue_limit: int = 32) -> g
                     ep_cfg = gr.Checkbox(value=model.default_ep_cfg, label="EP-CFG (energy-preserving guidance)")
                 with gr.Row():
                     # precision None: a seed of 1.5 reaches check_request (and is refused) instead of
-                    # being rounded to 2 by gradio
-                    seed = gr.Number(value=0, minimum=0, maximum=2**31 - lim.max_images, label="Seed")
+                    # being rounded to 2 by gradio; the highest seed a request may start at depends on
+                    # its image count, so check_request bounds it, not the box
+                    seed = gr.Number(value=0, minimum=0, maximum=2**31 - 1, label="Seed")
                     random_seed = gr.Checkbox(value=True, label="Random seed")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
                 if examples:

@@ -184,6 +184,11 @@ def test_generate_endpoint_reports_bad_input(client):
         client.predict(**{**BASE, "size": "17x16"}, api_name="/generate")
     with pytest.raises(AppError, match="greater than maximum value 100"):  # gradio's own slider bound
         client.predict(**{**BASE, "steps": 1000}, api_name="/generate")
+    # The highest seed one image may start at (seeds run seed .. seed + n - 1 < 2**31)
+    _, seed = client.predict(**{**BASE, "seed": 2**31 - 1}, api_name="/generate")
+    assert seed == 2**31 - 1
+    with pytest.raises(AppError, match=f"Seed must be between 0 and {2**31 - 2}"):
+        client.predict(**{**BASE, "seed": 2**31 - 1, "num_images": 2}, api_name="/generate")
     # The server is still healthy afterwards.
     images, _ = client.predict(**BASE, api_name="/generate")
     assert len(images) == 1
