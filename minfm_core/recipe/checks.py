@@ -381,11 +381,7 @@ def start_problems(resolved, job: str) -> list[str]:
 
 
 def pretrained_denoiser(resolved) -> bool:
-    """Whether the recipe's denoiser names pretrained weights (its config's ``pretrained``, or
-    ``pretrained_refs``: protocols.PretrainedConfig / PretrainedRefsConfig)."""
-    cfg = resolved.config("model.denoiser")
-    refs = getattr(cfg, "pretrained_refs", None)
-    if isinstance(refs, (tuple, list)) and any(refs):
-        return True
-    ref = getattr(cfg, "pretrained", None)
-    return isinstance(ref, str) and bool(ref.strip())
+    """Whether the recipe's denoiser names pretrained weights (what ``minfm cache models`` reads)."""
+    from ..pretrained import pretrained_refs
+
+    return bool(pretrained_refs(resolved.config("model.denoiser")))
