@@ -14,7 +14,7 @@ from encoder_fixtures import CLIP_ARCH, T5_ARCH
 from engine_helpers import TINY
 from minfm_core.cli.main import main
 from minfm_core.config import structure
-from minfm_core.errors import RecipeError
+from minfm_core.errors import MinfmError, RecipeError
 from minfm_core.recipe import load_recipe, load_recipe_dict, resolve_recipe
 from minfm_core.registry import get_registry
 from minfm_plugins.text_encoders.configs import (
@@ -212,6 +212,30 @@ def test_a_token_id_must_be_in_the_vocabulary():
     with pytest.raises(RecipeError, match=r"model.text_encoder.arch.eos_token_id: 64 is not a token of the "
                                           r"vocabulary \(vocab_size = 64\)"):
         _config("clip", {"eos_token_id": 64})
+
+
+@pytest.mark.parametrize("encoder", ["t5", "clip"])
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused_at_build(encoder, tmp_path):
+    """Token ids past vocab_size indexed outside the embedding table at the first batch (IndexError)."""
+    from encoder_fixtures import clip_tokenizer, t5_tokenizer
+    from transformers import AutoTokenizer
+
+    from minfm_plugins.text_encoders.clip import build_clip
+    from minfm_plugins.text_encoders.t5 import build_t5
+
+    make, build, cls, arch = {"t5": (t5_tokenizer, build_t5, T5EncoderConfig, T5_ARCH),
+                              "clip": (clip_tokenizer, build_clip, ClipEncoderConfig, CLIP_ARCH)}[encoder]
+    folder = make(tmp_path)
+    n = len(AutoTokenizer.from_pretrained(str(folder)))
+    small = {**arch, "vocab_size": n - 1}
+    if encoder == "clip":  # its special token ids must stay inside the smaller table
+        small.update(bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    cfg = structure({"pretrained": None, "tokenizer": str(folder), "dtype": "fp32", "arch": small}, cls)
+    with pytest.raises(MinfmError, match=rf"has {n} tokens but the encoder's vocab_size is {n - 1}"):
+        build(cfg, load_weights=True)
+    ok = structure({"pretrained": None, "tokenizer": str(folder), "dtype": "fp32", "arch": {**small, "vocab_size": n}}, cls)
+    out = build(ok, load_weights=True)(["a red circle"])  # T5: (tokens, lens); CLIP: pooled
+    assert (out[0] if encoder == "t5" else out).shape[-1] == ok.dim
 
 
 def test_clip_truncates_to_its_position_table():

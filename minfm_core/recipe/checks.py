@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 from ..errors import MinfmError, RecipeError
 from ..engine.prompts import read_prompt_file
 from ..launch_env import world_size_from_env
 from ..protocols import CachedLatentsConfig
+from ..safepath import relative_inside
 from ..validators import MAX_TOKENS
 from .load import is_trusted
 from .schema import parse_load_plan
@@ -47,8 +49,11 @@ def _outside_run_folder(resolved) -> list[str]:
         return []
     out = []
     for key, value in (("run.exp_dir", resolved.recipe.run.exp_dir), ("sample.out_dir", resolved.recipe.sample.out_dir)):
-        if value and not is_trusted(key, resolved.trusted) and (
-                os.path.isabs(value) or value.startswith(("~", "$")) or ".." in value.replace("\\", "/").split("/")):
+        if not value or is_trusted(key, resolved.trusted):
+            continue
+        try:
+            relative_inside(Path("."), value, what=key)
+        except MinfmError:
             out.append(f"{key}: {value!r} leaves the current folder, and this recipe came from a download "
                        f"({resolved.outside}); choose the folder yourself with --set {key}=DIR")
     return out

@@ -82,7 +82,14 @@ class HFTextEncoder(nn.Module):
             ref = self.cfg.tokenizer_ref
             if not ref:
                 raise MinfmError(f"{self._what}: no tokenizer (set tokenizer or pretrained)")
-            self._tokenizer = load_tokenizer(ref, self._what)
+            tokenizer = load_tokenizer(ref, self._what)
+            # A token id past the embedding table is an IndexError deep inside the first batch
+            # (or, on CUDA, a device assert): refuse the pair at build time instead.
+            vocab = getattr(self.model.config, "vocab_size", None)
+            if isinstance(vocab, int) and len(tokenizer) > vocab:
+                raise MinfmError(f"{self._what}: the tokenizer in {ref} has {len(tokenizer)} tokens but the encoder's "
+                                 f"vocab_size is {vocab}; raise arch.vocab_size or use the encoder's own tokenizer")
+            self._tokenizer = tokenizer
         return self._tokenizer
 
     @property
