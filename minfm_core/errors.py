@@ -68,12 +68,17 @@ class MinfmError(Exception):
     exit_code = 2
 
 
+def _one_line(text: str) -> str:
+    return str(text).replace("\r", "\\r").replace("\n", "\\n")
+
+
 class RecipeError(MinfmError):
     """A recipe is malformed: each line of the message names a path in the recipe."""
 
     def __init__(self, problems: str | list[str], source: str | None = None):
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
-        self.source = source
+        # one line each: a newline inside a quoted value must not start a line of its own
+        self.problems = [_one_line(p) for p in ([problems] if isinstance(problems, str) else problems)]
+        self.source = source = _one_line(source) if source else source
         head = f"{source}: " if source and len(self.problems) == 1 else ""
         body = "\n".join(self.problems)
         if source and len(self.problems) > 1:

@@ -233,3 +233,18 @@ def test_errors_show_control_characters_escaped(capsys):
     err = capsys.readouterr().err
     assert "\x1b" not in err and "\x07" not in err and "\u202e" not in err
     assert "evil\\x1b]0;owned\\x07\\u202etxt" in err
+
+
+def test_a_newline_in_a_quoted_name_cannot_start_a_line_of_its_own(tmp_path, capsys):
+    """A file name holding a newline (a dataset, a repo) could print a second line reading like
+    minfm's own ("minfm: all good"); errors are one line, a RecipeError's list one per problem."""
+    from minfm_core.cli.main import main
+    from minfm_core.errors import RecipeError
+
+    fake = "x\nminfm: all good, training finished"
+    assert main(["check", str(tmp_path / fake)]) == 2  # a MinfmError: no such recipe
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "x\\nminfm: all good" in err, err
+    both = RecipeError([f"a.b: refusing {fake!s}", "c.d: out of range"], source=f"r{fake}.toml")
+    assert str(both).count("\n") == 2 and "a.b: refusing x\\nminfm: all good" in str(both)
+    assert str(both).startswith("rx\\nminfm: all good, training finished.toml: 2 problems\n")

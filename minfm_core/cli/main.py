@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from .. import __version__
-from ..errors import MinfmError, MinfmWarning, checkpoint_failures, first_line, os_error_line, out_of_memory_line
+from ..errors import MinfmError, MinfmWarning, RecipeError, checkpoint_failures, first_line, os_error_line, out_of_memory_line
 from ..launch_env import is_multi_process
 from .argtypes import Parser as _Parser
 
@@ -118,7 +118,8 @@ def _main(argv: Sequence[str] | None) -> int:
             return 2
         return int(args.func(args) or 0)
     except MinfmError as exc:
-        _say(f"minfm: error: {exc}")
+        # a RecipeError lists its problems one per line; any other error is one line
+        _say(f"minfm: error: {exc}", lines=isinstance(exc, RecipeError))
         return exc.exit_code
     except KeyboardInterrupt:
         print("minfm: interrupted", file=sys.stderr)
@@ -146,20 +147,24 @@ def _main(argv: Sequence[str] | None) -> int:
         raise  # SystemExit and the like keep their meaning
 
 
-def _say(line: str) -> None:
+def _say(line: str, lines: bool = False) -> None:
     """One line on stderr in one write: print's separate newline let the lines of two workers
     of one run run into each other. Control and format characters are shown escaped: an error
-    quotes what it refuses, and a hostile recipe value or repo name holding ESC sequences or a
-    text-direction override would otherwise drive the terminal or disguise the message."""
-    sys.stderr.write(terminal_safe(line) + "\n")
+    quotes what it refuses, and a hostile recipe value, file name or repo name holding ESC
+    sequences, a text-direction override or a newline (a second line that reads like minfm's
+    own) would otherwise drive the terminal or disguise the message. ``lines``: the text is
+    a RecipeError's list, whose problems were escaped one by one."""
+    sys.stderr.write(terminal_safe(line, newlines=lines) + "\n")
     sys.stderr.flush()
 
 
-def terminal_safe(text: str) -> str:
-    """``text`` with every non-printable character but newlines and tabs escaped (``\\x1b``)."""
+def terminal_safe(text: str, newlines: bool = False) -> str:
+    """``text`` with every non-printable character but tabs (and newlines, if ``newlines``)
+    escaped (``\\x1b``, ``\\n``)."""
     if text.isprintable():
         return text
-    return "".join(c if c.isprintable() or c in "\n\t" else ascii(c)[1:-1] for c in text)
+    keep = "\n\t" if newlines else "\t"
+    return "".join(c if c.isprintable() or c in keep else ascii(c)[1:-1] for c in text)
 
 
 def _relaunch_argv(name: str, text: str) -> list[str]:
