@@ -29,11 +29,20 @@ import torch
 from .errors import MinfmError, MinfmWarning
 
 
+def seed_sequence(seed: int, *keys: int) -> np.random.SeedSequence:
+    """The seed of a random stream keyed by ``(seed, *keys)``, whole: keeping only the low 32 bits
+    of the seed drew the same orders for seeds 0 and 2**32. Those bits and the keys go in as
+    before (a seed below 2**32 draws exactly what it drew), the higher bits as a spawn key."""
+    high = (seed >> 32) & 0xFFFFFFFF  # seeds are below 2**64
+    return np.random.SeedSequence([seed & 0xFFFFFFFF, *(k & 0xFFFFFFFF for k in keys)],
+                                  spawn_key=(high,) if high else ())
+
+
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
     """The dataset order of one epoch (identical in every process)."""
     if not shuffle:
         return np.arange(n)
-    return np.random.default_rng([seed & 0xFFFFFFFF, epoch]).permutation(n)
+    return np.random.default_rng(seed_sequence(seed, epoch)).permutation(n)
 
 
 class _Keyed(torch.utils.data.Dataset):

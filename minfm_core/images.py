@@ -48,13 +48,32 @@ def _to_rgb(im: Image) -> Image:
             scale = 255.0 if peak <= 1.0 else 1.0  # [0, 1] floats, else 8-bit values
         else:  # 16-bit samples ("I" holds them too once past 255), else 8-bit values
             scale = 255.0 / 65535.0 if im.mode.startswith("I;16") or peak > 255 else 1.0
-        a = np.clip(np.nan_to_num(a * scale), 0, 255).round().astype(np.uint8)
-        im = PILImage.fromarray(a, mode="L")
+        grey = np.clip(np.nan_to_num(a * scale), 0, 255).round().astype(np.uint8)
+        key = im.info.get("transparency")
+        if isinstance(key, int) and im.mode != "F":
+            # A 16-bit grey PNG's tRNS names the one transparent sample value: the new 8-bit
+            # image carries no info, so its pixels would have come out black, not on white.
+            im = PILImage.fromarray(np.stack([grey, np.where(a == key, 0, 255).astype(np.uint8)], -1), mode="LA")
+        else:
+            im = PILImage.fromarray(grey, mode="L")
+    if im.mode == "LAB":
+        im = _lab_to_rgb(im)
     if im.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in im.info:
         rgba = im.convert("RGBA")
         im = PILImage.new("RGBA", rgba.size, (255, 255, 255, 255))
         im.alpha_composite(rgba)
     return im.convert("RGB")
+
+
+def _lab_to_rgb(im: Image) -> Image:
+    """A CIELab picture (a TIFF's photometric CIELab) in sRGB, through a colour transform: a
+    channel copy would read L, a and b as red, green and blue."""
+    try:
+        from PIL import ImageCms
+    except ImportError:  # Pillow built without littlecms
+        raise ValueError("a CIELab image, and this Pillow has no ImageCms (littlecms) to convert it to RGB") from None
+    transform = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB")
+    return ImageCms.applyTransform(im, transform)
 
 
 def read_rgb(path: str | Path) -> Image:

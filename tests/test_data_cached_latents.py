@@ -260,3 +260,11 @@ def test_a_cache_of_another_vae_is_refused_at_the_first_batch(tmp_path):
         _cache_of(out / split, {}, torch.zeros(4, 1, 16, 16))
     with pytest.raises(MinfmError, match="a cached latent has 4 channels, but model.vae makes 3"):
         train(tiny(tmp_path / "run", *cached(SHAPES, out), "train.max_steps=1"))
+
+
+def test_a_prompt_is_bounded_as_a_caption_is(tmp_path):
+    """An 8 MB prompt in a hand-made index went to the text encoder whole (captions: 1 MiB)."""
+    folder = _cache_of(tmp_path / "c", {"prompt": "x" * ((1 << 20) + 1)})
+    with pytest.raises(MinfmError, match=r"shapes: .*index.json: entry 0: 'prompt': a caption of 1,048,577 bytes is "
+                                         r"more than the 1,048,576 accepted"):
+        CachedLatentsDataset("shapes", str(folder), "train")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import warnings
 
 import pytest
 import torch
@@ -71,7 +73,7 @@ def test_held_out_val_is_disjoint_and_split_folders_win(tmp_path):
         (tmp_path / f"{i}.txt").write_text(f"c{i}")
     train = make(root=str(tmp_path), val_fraction=0.1)
     val = make("val", root=str(tmp_path), val_fraction=0.1)
-    assert len(val) == 2 and len(train) == 18
+    assert 1 <= len(val) <= 5 and len(train) + len(val) == 20
     assert not {p for p, _ in train.items} & {p for p, _ in val.items}
     (tmp_path / "val").mkdir()
     _image(tmp_path / "val" / "v.png", (32, 32))
@@ -187,3 +189,145 @@ def test_a_split_folder_lends_none_of_its_images_to_the_other_split(tmp_path):
     (tmp_path / "train").rename(tmp_path / "loose")  # val/ plus pictures elsewhere under the root
     train = make("train", root=str(tmp_path), val_fraction=0.1)
     assert not any(train.prompt(i).startswith("val") for i in range(len(train)))
+
+
+def _captioned(path, caption="a picture", size=(16, 16)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (200, 30, 30)).save(path)
+    path.with_suffix(".txt").write_text(caption)
+
+
+def _names(ds):
+    return sorted(p.name for p, _ in ds.items)
+
+
+def test_a_file_name_that_is_not_utf8_is_held_out_by_its_bytes(tmp_path):
+    """The held-out hash encoded the name as UTF-8: a Latin-1 name was a UnicodeEncodeError traceback."""
+    for name in (os.fsdecode(b"caf\xe9.png"), "ok.png", "other.png"):
+        _captioned(tmp_path / name)
+    train, val = make(root=str(tmp_path), val_fraction=0.3), make("val", root=str(tmp_path), val_fraction=0.3)
+    assert len(train) + len(val) == 3 and len(val) >= 1
+
+
+def test_the_held_out_split_of_a_picture_never_changes_as_pictures_are_added(tmp_path):
+    """The first ceil(fraction * n) by hash were held out: adding pictures moved trained ones into val."""
+    for i in range(40):
+        _captioned(tmp_path / f"a{i}.png", size=(8, 8))
+    val_before = set(_names(make("val", root=str(tmp_path), val_fraction=0.2)))
+    for i in range(40):
+        _captioned(tmp_path / f"b{i}.png", size=(8, 8))
+    val_after = set(_names(make("val", root=str(tmp_path), val_fraction=0.2)))
+    assert val_before and {n for n in val_after if n.startswith("a")} == val_before
+
+
+def test_metadata_in_one_folder_and_sidecars_in_another_are_refused_not_dropped(tmp_path):
+    """captions = 'auto' read the metadata and silently left out the sidecar-captioned pictures."""
+    _captioned(tmp_path / "a" / "x.png")
+    (tmp_path / "a" / "metadata.jsonl").write_text(json.dumps({"file_name": "x.png", "text": "x"}) + "\n")
+    _captioned(tmp_path / "b" / "y.png")
+    with pytest.raises(MinfmError) as err:
+        make(root=str(tmp_path), val_fraction=0.0)
+    assert f"{tmp_path / 'a' / 'metadata.jsonl'} captions this folder, but {tmp_path / 'b' / 'y.png'} has a .txt " \
+           "caption" in str(err.value)
+    assert _names(make(root=str(tmp_path), val_fraction=0.0, captions="metadata")) == ["x.png"]
+    assert _names(make(root=str(tmp_path), val_fraction=0.0, captions="sidecar")) == ["x.png", "y.png"]
+
+
+def test_sidecar_mode_follows_symlinked_folders_as_metadata_mode_does_and_stops_at_loops(tmp_path):
+    """Path.rglob skipped the linked folder's pictures in sidecar mode only."""
+    _captioned(tmp_path / "elsewhere" / "c.png")
+    root = tmp_path / "data"
+    _captioned(root / "a.png")
+    (root / "linked").symlink_to(tmp_path / "elsewhere")
+    (root / "linked" / "again").symlink_to(root)  # a loop back to the root
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = make(root=str(root), val_fraction=0.0)
+    assert [str(p.relative_to(root)) for p, _ in ds.items] == ["a.png", "linked/c.png"]
+    assert any("not reading 1 symlinked folder(s) read already" in str(w.message) for w in caught)
+
+
+def test_one_picture_in_two_metadata_files_is_refused(tmp_path):
+    _captioned(tmp_path / "sub" / "x.png")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "sub/x.png", "text": "one"}) + "\n")
+    (tmp_path / "sub" / "metadata.jsonl").write_text(json.dumps({"file_name": "x.png", "text": "two"}) + "\n")
+    with pytest.raises(MinfmError, match=re.escape(
+            f"{tmp_path / 'sub' / 'metadata.jsonl'}:1: 'x.png' is listed again (first at {tmp_path / 'metadata.jsonl'}:1)")):
+        make(root=str(tmp_path), val_fraction=0.0)
+
+
+def test_metadata_lines_end_at_newlines_only(tmp_path):
+    """str.splitlines() cut a caption at U+2028 / U+0085, valid unescaped in JSON strings."""
+    for name in ("a.png", "b.png"):
+        _image(tmp_path / name, (16, 16))
+    rows = [{"file_name": "a.png", "text": "first\u2028second"}, {"file_name": "b.png", "text": "caf\x85e"}]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows))
+    assert [c for _, c in make(root=str(tmp_path), val_fraction=0.0).items] == ["first\u2028second", "caf\x85e"]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows) + "{\n")
+    with pytest.raises(MinfmError, match=r"metadata.jsonl:3: "):
+        make(root=str(tmp_path), val_fraction=0.0)
+
+
+def test_a_metadata_caption_is_bounded_as_a_sidecar_is(tmp_path):
+    _image(tmp_path / "a.png", (16, 16))
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "x" * ((1 << 20) + 1)}) + "\n")
+    with pytest.raises(MinfmError, match=re.escape(f"{tmp_path / 'metadata.jsonl'}:1: 'text': a caption of 1,048,577 "
+                                                   "bytes is more than the 1,048,576 accepted")):
+        make(root=str(tmp_path), val_fraction=0.0)
+
+
+def test_folders_and_dead_links_named_like_pictures_are_found_by_the_scan(tmp_path):
+    """dir.png (with dir.txt) became an item, and a link loop named loop.png one too: both failed at a batch."""
+    _captioned(tmp_path / "a.png")
+    (tmp_path / "dir.png").mkdir()
+    (tmp_path / "dir.txt").write_text("a folder")
+    assert _names(make(root=str(tmp_path), val_fraction=0.0)) == ["a.png"]
+    (tmp_path / "loop.png").symlink_to("loop.png")
+    (tmp_path / "loop.txt").write_text("a loop")
+    with pytest.raises(MinfmError, match=re.escape(f"{tmp_path / 'loop.png'}: a symlink that leads nowhere")):
+        make(root=str(tmp_path), val_fraction=0.0)
+
+
+@pytest.mark.parametrize("layout", ["metadata", "sidecar"])
+def test_a_downloaded_datasets_links_may_not_lead_out_of_it(tmp_path, layout):
+    """With a source marker (a folder a resolver downloaded), m9/etc -> /etc read the host's files."""
+    outside = tmp_path / "outside"
+    _captioned(outside / "secret.png", "a secret")
+    root = tmp_path / "download"
+    root.mkdir()
+    _image(root / "a.png", (16, 16))
+    (root / "minfm_source.json").write_text("{}")
+    if layout == "metadata":
+        (root / "out").symlink_to(outside)
+        (root / "metadata.jsonl").write_text(json.dumps({"file_name": "out/secret.png", "text": "x"}) + "\n")
+        bad = root / "out"
+    else:
+        (root / "a.txt").symlink_to(outside / "secret.txt")
+        bad = root / "a.txt"
+    with pytest.raises(MinfmError, match=re.escape(f"{bad}: refusing a symlink that leads outside {root}")):
+        make(root=str(root), val_fraction=0.0)
+    (root / "minfm_source.json").unlink()  # one's own folder: links are followed
+    assert len(make(root=str(root), val_fraction=0.0)) >= 1
+
+
+def test_a_root_metadata_beside_split_folders_is_named(tmp_path):
+    """Was: "no metadata.jsonl" though there was one, at the root, where a split folder does not look."""
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
+        _image(tmp_path / split / "x.png", (16, 16))
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "train/x.png", "text": "x"}) + "\n")
+    for captions in ("auto", "metadata"):
+        with pytest.raises(MinfmError, match=re.escape(
+                f"{tmp_path / 'metadata.jsonl'} is not read: this split's pictures are in {str(tmp_path / 'train')!r}, "
+                "which needs its own metadata.jsonl")):
+            make(root=str(tmp_path), captions=captions)
+
+
+def test_a_budget_under_one_multiple_square_is_refused_by_check(capsys):
+    from minfm_core.cli.main import main
+
+    rc = main(["check", "recipes/quickstart.toml", "--set",
+               "data={name = 'image_folder', root = '/nowhere', max_pixels = 100, size_multiple = 16}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "data.max_pixels: 100 is less than one size_multiple square (16 x 16 = 256)" in err, err
+    assert len(err.strip().splitlines()) == 1

@@ -245,3 +245,45 @@ def test_shapes_need_at_least_one_size():
         comp = get_registry().get("dataset", name)
         with pytest.raises(RecipeError, match=r"data.sizes: give at least one \(height, width\)"):
             structure({"sizes": []}, comp.config, path="data")
+
+
+def test_val_labels_lines_end_at_newlines_only(tree):
+    """str.splitlines() broke a line at U+2028 / U+0085 (a file name may hold them) and moved the line numbers."""
+    (tree / "val" / "ILSVRC2012_val_00000001.JPEG").rename(tree / "val" / "odd\u2028name\x85.JPEG")
+    (tree / "labels.txt").write_text("odd\u2028name\x85.JPEG 1\r\nILSVRC2012_val_00000002.JPEG n04399382\r\n")
+    ds = make("val", root=str(tree), resolution=16, val_labels=str(tree / "labels.txt"))
+    assert [(p.name, lab) for p, lab in ds.items] == [("ILSVRC2012_val_00000002.JPEG", 850), ("odd\u2028name\x85.JPEG", 1)]
+    (tree / "labels.txt").write_text("odd\u2028name\x85.JPEG 1\nILSVRC2012_val_00000002.JPEG\n")
+    with pytest.raises(MinfmError, match=r"labels.txt:2: expected '<file> <wnid or label>'"):
+        make("val", root=str(tree), resolution=16, val_labels=str(tree / "labels.txt"))
+
+
+def test_a_label_matches_the_file_it_names_not_any_of_its_stem(tree):
+    """x.JPEG and x.png both in val/: the label of x.png went to whichever the folder listed last."""
+    Image.new("RGB", (40, 30), (0, 255, 0)).save(tree / "val" / "ILSVRC2012_val_00000001.png")
+    (tree / "labels.txt").write_text("ILSVRC2012_val_00000001.png n01443537\n")
+    ds = make("val", root=str(tree), resolution=16, val_labels=str(tree / "labels.txt"))
+    assert [(p.name, lab) for p, lab in ds.items] == [("ILSVRC2012_val_00000001.png", 1)]
+    # Kaggle's CSV names the stem alone: two pictures of that stem are refused, not picked from
+    with pytest.raises(MinfmError, match=r"LOC_val_solution.csv:3: image 'ILSVRC2012_val_00000001' could be any of "
+                                         r"ILSVRC2012_val_00000001.JPEG, ILSVRC2012_val_00000001.png"):
+        make("val", root=str(tree), resolution=16, val_labels=str(tree / "LOC_val_solution.csv"))
+
+
+@pytest.mark.parametrize("kind", ["folder", "loop"])
+def test_a_folder_or_dead_link_named_like_a_picture_is_refused_by_the_scan(tree, kind):
+    """Was: listed as a picture, and the loader failed on it at its batch."""
+    bad = tree / "train" / TENCH / f"{kind}.JPEG"
+    bad.mkdir() if kind == "folder" else bad.symlink_to(bad.name)
+    with pytest.raises(MinfmError, match=re.escape(f"imagenet: {bad}: not a picture file")):
+        make(root=str(tree), resolution=16)
+
+
+def test_a_downloaded_trees_links_may_not_lead_out_of_it(tree, tmp_path_factory):
+    outside = tmp_path_factory.mktemp("outside")
+    _jpeg(outside / "secret.JPEG")
+    (tree / "train" / TENCH / "linked.JPEG").symlink_to(outside / "secret.JPEG")
+    assert len(make(root=str(tree), resolution=16)) == 5  # one's own tree: links are followed
+    (tree / "minfm_source.json").write_text("{}")
+    with pytest.raises(MinfmError, match=re.escape(f"linked.JPEG: refusing a symlink that leads outside {tree}")):
+        make(root=str(tree), resolution=16)

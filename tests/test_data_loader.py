@@ -130,3 +130,11 @@ def test_over_the_shapes_dataset():
         x, y = next(a), next(b)
         assert [s["prompt"] for s in x] == [s["prompt"] for s in y]
         assert all(torch.equal(p["image"], q["image"]) for p, q in zip(x, y))
+
+
+def test_every_bit_of_the_seed_shapes_the_order_and_low_seeds_keep_theirs():
+    """Only the low 32 bits counted: seeds 0 and 2**32 shuffled alike, though seeds to 2**63 - 1 are accepted."""
+    assert list(epoch_order(50, 0, 0)) != list(epoch_order(50, 2**32, 0))
+    assert list(epoch_order(50, 2**32, 0)) != list(epoch_order(50, 2**33, 0))
+    assert list(epoch_order(10, 5, 3)) == [9, 1, 0, 3, 4, 2, 7, 8, 6, 5]  # the order seed 5 always drew
+    assert list(epoch_order(10, 2**63 - 1, 1)) == list(epoch_order(10, 2**63 - 1, 1))

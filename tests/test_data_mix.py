@@ -83,6 +83,15 @@ def test_the_default_mix_is_shapes_and_moving_shapes():
     ("{name = 'mix', period = 0}", "data.period: "),
     ("{name = 'mix', period = 1}", "data.period: 1 is shorter than the 2 sources"),
     ("{name = 'mix', num_samples = 0}", "data.num_samples: "),
+    # one slot in a million for 10**8 pictures: an epoch of 10**14 samples, which `minfm run` died making
+    (("{name = 'mix', period = 1000000, sources = [{weight = 1.0, dataset = {name = 'shapes', num_samples = 100000000}}, "
+      "{weight = 1000000.0, dataset = {name = 'shapes'}}]}"),
+     ("data.num_samples: unset, so an epoch covers every source whole: 100,000,000,000,000 samples, as sources[0]'s "
+      "100,000,000 train items take 1 of every 1,000,000 slots; at most 100,000,000")),
+    (("{name = 'mix', period = 1000000, sources = [{weight = 1.0, dataset = {name = 'moving_shapes', "
+      "num_samples = 50, num_val_samples = 1000}}, {weight = 1000000.0, dataset = {name = 'shapes'}}]}"),
+     ("data.num_samples: unset, so an epoch covers every source whole: 1,000,000,000 samples, as sources[0]'s "
+      "1,000 val items")),
 ])
 def test_bad_mixes_are_one_line_naming_the_path(value, where, capsys):
     rc = main(["check", RECIPE, "--set", f"data={value}"])
@@ -102,3 +111,19 @@ def test_loader_workers_see_the_same_mixed_batches():
     b = next(BatchIterator(ds, 8, seed=5, num_workers=1))
     assert [s["prompt"] for s in a] == [s["prompt"] for s in b]
     assert all(torch.equal(x["image"], y["image"]) for x, y in zip(a, b))
+
+
+def test_an_epoch_too_long_for_a_folder_source_is_refused_when_the_folder_is_read(tmp_path):
+    """The config cannot know a folder's size: the mix refuses at build, before any epoch is made."""
+    from PIL import Image
+
+    from minfm_core.errors import MinfmError
+
+    for i in range(101):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text("a picture")
+    folder = {"name": "image_folder", "root": str(tmp_path), "val_fraction": 0.0}
+    sources = [{"weight": 1.0, "dataset": folder}, {"weight": 1e6, "dataset": IMAGES}]
+    with pytest.raises(MinfmError, match=r"^data.num_samples: unset, so an epoch covers every source whole: "
+                                         r"101,000,000 samples, as sources\[0\]'s 101 train items"):
+        make(period=1_000_000, sources=sources)

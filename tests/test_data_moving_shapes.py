@@ -93,6 +93,10 @@ def test_motions_can_be_restricted():
 @pytest.mark.parametrize(("setting", "where"), [
     ("frames = 1", "data.frames: "), ("frames = 300", "data.frames: "), ("travel = 0.0", "data.travel: "),
     ("motions = ['sideways']", "data.motions: "), ("sizes = [[30, 32]]", "data.sizes: "),
+    # a large shape fills its canvas: 0 pixels to move, yet the clips were captioned "moving left"
+    ("scales = ['large']", ("data.scales: a large shape on a 32 x 32 canvas can move 0% of the side at most, "
+                            "less than the 12% that reads as motion")),
+    ("travel = 0.05", "data.travel: "), ("sizes = [[4096, 4096]]", "data.sizes: "),
 ])
 def test_bad_settings_name_their_recipe_path(setting, where, capsys):
     key, _, value = setting.partition(" = ")
@@ -106,3 +110,12 @@ def test_default_config_is_valid():
     assert cfg.frames == 9 and cfg.motions == MOTIONS
     with pytest.raises(RecipeError, match="frames"):
         structure({"frames": 0}, MovingShapesConfig, path="data")
+
+
+def test_large_shapes_with_room_to_move_are_captioned_as_they_move():
+    """The config lets scales = ['large'] through only where every clip moves as far as classify_clip reads."""
+    ds = make(num_samples=6, frames=5, sizes=[[96, 96]], shapes=["circle", "square"], scales=["large"],
+              motions=["left", "down"])
+    assert make(num_samples=1, scales=["large"], motions=["still"]).spec(0).motion == "still"  # nothing to move
+    for i in range(6):
+        assert classify_clip(ds[i]["image"])["motion"] == ds.spec(i).motion

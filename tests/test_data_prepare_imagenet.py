@@ -247,3 +247,13 @@ def test_pictures_lying_directly_in_train_are_not_counted(ilsvrc, tmp_path, caps
     err = capsys.readouterr().err
     assert f"{flat}: train/ holds no images in class folders" in err and "the 1 lying directly in train/ are not read" in err
     assert not (tmp_path / "o2").exists()
+
+
+def test_a_folder_named_like_a_picture_is_refused_before_anything_is_written(ilsvrc, tmp_path, capsys):
+    """Was: counted, the tables written, and training failed at the folder's batch."""
+    (ilsvrc / "train" / "n01440764" / "dir.JPEG").mkdir()
+    out = tmp_path / "o"
+    assert _prepare(ilsvrc, TINY, out) == 2
+    err = capsys.readouterr().err
+    assert f"{ilsvrc / 'train' / 'n01440764' / 'dir.JPEG'}: not a picture file" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()

@@ -106,3 +106,21 @@ def test_config_errors_name_the_field():
     with pytest.raises(RecipeError, match="unknown 'pink'"):
         structure({"colours": ["pink"]}, comp.config, "data")
     assert ShapesConfig(size_multiple=8, sizes=((40, 32),)).sizes == ((40, 32),)
+
+
+def test_a_canvas_past_the_drawing_bound_is_refused():
+    """16,384 x 16,384 passed: drawn 4x larger, 13 GB a sample."""
+    from minfm_plugins.data.configs import MAX_SHAPE_SIDE
+
+    with pytest.raises(RecipeError, match=r"data.sizes: "):
+        structure({"sizes": [[MAX_SHAPE_SIDE + 16, 32]]}, ShapesConfig, "data")
+    assert structure({"sizes": [[MAX_SHAPE_SIDE, 32]]}, ShapesConfig, "data").sizes == ((MAX_SHAPE_SIDE, 32),)
+
+
+def test_rng_for_counts_every_bit_of_the_seed_and_keeps_the_low_seeds_streams():
+    import numpy as np
+
+    from minfm_plugins.data.images import rng_for
+
+    assert rng_for(0, 1, 2).random() != rng_for(2**32, 1, 2).random()  # were the same stream
+    assert rng_for(7, 1, 2).random() == np.random.default_rng([7, 1, 2]).random()  # as before

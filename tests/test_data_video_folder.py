@@ -225,3 +225,18 @@ def test_frames_agree_with_the_command_lines_limit(frames, ok, capsys):
     rc = main(["check", "recipes/quickstart.toml", "--set", f"data={{name = 'video_folder', root = 'x', frames = {frames}}}"])
     err = capsys.readouterr().err
     assert (rc == 0) if ok else (rc == 2 and "data.frames: " in err and "1024" in err), err
+
+
+def test_the_scan_follows_linked_folders_and_refuses_dead_links_named_like_clips(tmp_path):
+    """Linked folders were skipped (Path.rglob), and a link loop named x.mp4 failed only at its batch."""
+    elsewhere, root = tmp_path / "elsewhere", tmp_path / "data"
+    elsewhere.mkdir()
+    root.mkdir()
+    write_video(elsewhere / "a.mp4", 3)
+    (elsewhere / "a.txt").write_text("linked in")
+    (root / "linked").symlink_to(elsewhere)
+    assert [c for _, c in make(root=str(root), frames=1, val_fraction=0.0).items] == ["linked in"]
+    (root / "loop.mp4").symlink_to("loop.mp4")
+    (root / "loop.txt").write_text("a loop")
+    with pytest.raises(MinfmError, match=f"video_folder: {root / 'loop.mp4'}: a symlink that leads nowhere"):
+        make(root=str(root), frames=1, val_fraction=0.0)

@@ -145,3 +145,25 @@ def test_transparent_pixels_are_laid_on_white(tmp_path):
     pal.putpixel((1, 1), 1)
     pal.save(tmp_path / "p.png", transparency=0)
     assert read_rgb(tmp_path / "p.png").getpixel((1, 1)) == (9, 9, 9)
+
+
+def test_a_16_bit_grey_png_with_a_transparent_value_is_laid_on_white(tmp_path):
+    """tRNS of a 16-bit grey PNG was dropped with the 8-bit conversion: transparent pixels came out black."""
+    grey = np.zeros((4, 4), ">u2")
+    grey[0] = 40000  # an opaque row
+    raw = b"".join(b"\0" + row.tobytes() for row in grey)
+    data = (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 4, 16, 0, 0, 0, 0))
+            + _chunk(b"tRNS", struct.pack(">H", 0)) + _chunk(b"IDAT", zlib.compress(raw)) + _chunk(b"IEND", b""))
+    (tmp_path / "g.png").write_bytes(data)
+    rgb = np.asarray(read_rgb(tmp_path / "g.png"))
+    assert rgb[1:].min() == 255 and (rgb[0] == round(40000 * 255 / 65535)).all()
+
+
+def test_a_cielab_tiff_is_converted_to_its_colours(tmp_path):
+    """L*a*b* must go through a colour transform: read as RGB channels, neutral grey came out green-blue."""
+    # PIL's LAB holds a* and b* offset by 128: (L 100%, 0, 0) white, (50%, 0, 0) grey, sRGB red
+    lab = Image.new("LAB", (3, 1))
+    lab.putdata([(255, 128, 128), (128, 128, 128), (136, 208, 195)])
+    lab.save(tmp_path / "lab.tif")
+    white, grey, red = np.asarray(read_rgb(tmp_path / "lab.tif"), dtype=int)[0]
+    assert (white >= 250).all() and abs(grey - 119).max() <= 3 and red[0] >= 240 and red[1:].max() <= 20

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from minfm_core.config import config, field
@@ -19,6 +20,14 @@ SHAPE_COLOURS = ("red", "green", "blue", "yellow", "orange", "purple", "cyan", "
 SHAPE_KINDS = ("circle", "square", "triangle")
 SHAPE_BACKGROUNDS = ("white", "black", "gray")
 SHAPE_SIZES = ("small", "large")
+#: Radius of a drawn shape as a fraction of the canvas's shorter side (drawn at 0.9-1.1 times this).
+SCALE_RADIUS = {"small": 0.225, "large": 0.375}
+#: A moving_shapes clip displaced less than this fraction of the side reads as standing still
+#: (``classify_clip``); the dataset's moving shapes must cover at least this much.
+STILL_BELOW = 0.12
+#: Pixels a side of a drawn canvas: shapes are drawn 4x larger and filtered down, so a 2048 x 2048
+#: picture takes 200 MB while it is drawn (16,384 a side took 13 GB a sample).
+MAX_SHAPE_SIDE = 2048
 
 
 def _multiple_of_size_multiple(inst, attribute, value) -> None:
@@ -116,7 +125,7 @@ def _backgrounds():
 # Fields the two drawn datasets share (their docs name a sample or a clip).
 def _sizes(per: str):
     return field(((32, 32), (32, 48), (48, 32)), doc=f"(height, width) canvases drawn from at random per {per}",
-                 validator=[Range(1, MAX_SIDE), _multiple_of_size_multiple])
+                 validator=[Range(1, MAX_SHAPE_SIDE), _multiple_of_size_multiple])
 
 
 def _num_samples(what: str):
@@ -158,6 +167,14 @@ class ShapesConfig:
     latents_dir: str | None = _latents_dir()
 
 
+def _budget_holds_a_multiple(cfg) -> None:
+    """The smallest crop is one size_multiple square: a budget below it gave crops over the budget."""
+    m = cfg.size_multiple
+    if m * m > cfg.max_pixels:
+        raise ValueError(f"max_pixels: {cfg.max_pixels} is less than one size_multiple square ({m} x {m} = {m * m}): "
+                         "every crop would be over the budget; raise max_pixels or lower size_multiple")
+
+
 class _ReadsRoot:
     """A dataset reading files under ``root`` (or its cached latents instead)."""
 
@@ -195,6 +212,9 @@ class ImageFolderConfig(_ReadsRoot):
     seed: int = field(0, doc="seed of the flips and the held-out selection", validator=SEED)
     use_cached_latents: bool = _use_cached_latents()
     latents_dir: str | None = _latents_dir()
+
+    def __attrs_post_init__(self) -> None:
+        _budget_holds_a_multiple(self)
 
 
 @config
@@ -247,13 +267,33 @@ class MovingShapesConfig:
     )
     travel: float = field(
         0.45, doc="distance a moving shape covers over the clip, as a fraction of the side it moves along "
-        "(shortened where the shape would leave the canvas)", validator=Range(0, 1, lo_open=True),
+        "(shortened where the shape would leave the canvas; less than 0.12 reads as standing still)",
+        validator=Range(STILL_BELOW, 1),
     )
     jitter: float = field(
         0.05, doc="random offset of the path across its direction, as a fraction of the side", validator=_probability
     )
     use_cached_latents: bool = _use_cached_latents()
     latents_dir: str | None = _latents_dir()
+
+    def __attrs_post_init__(self) -> None:
+        # A shape too large for its canvas had no room to move (0 pixels with scales = ['large']),
+        # yet its clip was captioned "moving left": the worst case of each canvas and scale must
+        # still cover what classify_clip reads as motion.
+        axes = {m: (1 if m in ("left", "right") else 0) for m in self.motions if m != "still"}
+        grow = 1.15 if "triangle" in self.shapes else 1.0  # a triangle reaches further from its centre
+        for scale in self.scales:
+            for hw in self.sizes:
+                for axis in sorted(set(axes.values())):
+                    side = hw[axis]
+                    reach = SCALE_RADIUS[scale] * min(hw) * 1.1 * grow + 1
+                    room = min(self.travel * side, side - 2 * reach)
+                    if room < STILL_BELOW * side:
+                        raise ValueError(
+                            f"scales: a {scale} shape on a {hw[0]} x {hw[1]} canvas can move "
+                            f"{max(room, 0) / side:.0%} of the side at most, less than the {STILL_BELOW:.0%} that "
+                            "reads as motion: its clips captioned 'moving' would stand still; use scales = ['small'] "
+                            "or larger sizes, or motions = ['still']")
 
 
 def _dataset_table(inst, attribute, value) -> None:
@@ -299,9 +339,66 @@ class MixSource:
     )
 
 
+def _drawn_sizes(sources, field_name: str) -> list[int | None]:
+    """Each source's size where its config says it (drawn datasets: ``num_samples``), else None."""
+    from minfm_core.config import structure
+    from minfm_core.registry import get_registry
+
+    sizes = []
+    for src in sources:
+        table = dict(src.dataset)
+        comp = get_registry().get("dataset", table.pop("name"))
+        conf = structure(table, comp.config) if comp.config is not None else None
+        cached = getattr(conf, "use_cached_latents", False)
+        n = getattr(conf, field_name, None)
+        sizes.append(n if type(n) is int and not cached else None)
+    return sizes
+
+
 def _sources(inst, attribute, value) -> None:
     if not value:
         raise ValueError(f"{attribute.name}: list at least one [[data.sources]] table")
+
+
+def quotas(weights: list[float], period: int) -> list[int]:
+    """Whole slots per period for each weight (largest remainder; every source keeps at least one)."""
+    from minfm_core.errors import MinfmError
+
+    if period < len(weights):
+        raise MinfmError(f"mix: period {period} is shorter than the {len(weights)} sources")
+    total = sum(weights)
+    exact = [w / total * period for w in weights]
+    got = [max(1, math.floor(e)) for e in exact]
+    # Hand out (or take back) the remaining slots by largest (smallest) remainder.
+    order = sorted(range(len(weights)), key=lambda k: exact[k] - math.floor(exact[k]), reverse=True)
+    i = 0
+    while sum(got) < period:
+        got[order[i % len(order)]] += 1
+        i += 1
+    while sum(got) > period:
+        k = max((k for k in range(len(got)) if got[k] > 1), key=lambda k: got[k] - exact[k])
+        got[k] -= 1
+    return got
+
+
+def mix_epoch_problem(num_samples: int | None, period: int, quota: list[int], lengths: list[int | None],
+                      split: str) -> str | None:
+    """Why a mix's epoch cannot be made (None: it can). Unset ``num_samples`` makes the epoch enough
+    whole periods to cover every source; ``lengths`` are the sources' sizes (None: not known yet).
+    A source of many items but one slot a period made that 10**14 samples: the run died making an
+    epoch's order with advice about memory."""
+    if num_samples is not None:
+        return None
+    known = [(k, n, q) for k, (n, q) in enumerate(zip(lengths, quota)) if n]
+    if not known:
+        return None
+    k, n, q = max(known, key=lambda t: math.ceil(t[1] / t[2]))
+    total = math.ceil(n / q) * period
+    if total <= MAX_SAMPLES:
+        return None
+    return (f"num_samples: unset, so an epoch covers every source whole: {total:,} samples, as sources[{k}]'s "
+            f"{n:,} {split} items take {q:,} of every {period:,} slots; at most {MAX_SAMPLES:,}: set num_samples, "
+            f"or raise sources[{k}].weight")
 
 
 @config
@@ -329,6 +426,12 @@ class MixConfig:
         if self.period < len(self.sources):
             raise ValueError(f"period: {self.period} is shorter than the {len(self.sources)} sources "
                              "(every source needs a slot in each period)")
+        if self.num_samples is None and not self.use_cached_latents:
+            quota = quotas([s.weight for s in self.sources], self.period)
+            for split, field_name in (("train", "num_samples"), ("val", "num_val_samples")):
+                problem = mix_epoch_problem(None, self.period, quota, _drawn_sizes(self.sources, field_name), split)
+                if problem:  # "num_samples: ..." names data.num_samples
+                    raise ValueError(problem)
 
 
 @config
@@ -362,3 +465,6 @@ class VideoFolderConfig(_ReadsRoot):
     seed: int = field(0, doc="seed of the clip starts, the flips and the held-out selection", validator=SEED)
     use_cached_latents: bool = _use_cached_latents()
     latents_dir: str | None = _latents_dir()
+
+    def __attrs_post_init__(self) -> None:
+        _budget_holds_a_multiple(self)

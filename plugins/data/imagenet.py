@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 from collections import Counter
 from collections.abc import Iterator
 from functools import lru_cache
@@ -31,9 +32,11 @@ from PIL import Image
 
 from minfm_core.errors import MinfmError
 from minfm_core.images import read_rgb
+from minfm_core.safepath import came_from_outside, is_inside
 from minfm_core.textfiles import read_text
 
 from .configs import ImagenetConfig
+from .image_folder import _is
 from .images import Flips, center_square, to_tensor
 from .latents import CachedLatentsDataset
 
@@ -114,16 +117,46 @@ def is_image(name: str) -> bool:
     return name.lower().endswith(_IMAGE_SUFFIXES)
 
 
+def _confine(split_folder: Path) -> Path | None:
+    """The ILSVRC root a downloaded tree's symlinks must stay in (None: a tree of one's own)."""
+    if not came_from_outside(split_folder):
+        return None
+    _stays_in(split_folder, split_folder.parent)
+    return split_folder.parent
+
+
+def _stays_in(path: Path, confine: Path | None) -> None:
+    if confine is not None and not is_inside(path, confine):
+        raise MinfmError(f"imagenet: {path}: refusing a symlink that leads outside {confine} "
+                         "(a downloaded dataset's links must stay inside it)")
+
+
+def _pictures(folder: Path, confine: Path | None) -> Iterator[os.DirEntry]:
+    """The entries of ``folder`` named like pictures, each checked to be one now: a folder or a
+    broken link named x.JPEG failed only when the loader reached it, after ``prepare`` had written
+    its tables. With ``confine`` (a downloaded tree) a symlink may not lead out of it."""
+    with os.scandir(folder) as it:
+        entries = [e for e in it if is_image(e.name)]
+    for e in entries:
+        if e.is_symlink():
+            _stays_in(Path(e.path), confine)
+        if not _is(e.is_file):
+            raise MinfmError(f"imagenet: {e.path}: not a picture file (a folder, a special file, or a symlink "
+                             "leading nowhere)")
+        yield e
+
+
 def _class_folder_files(folder: Path) -> Iterator[tuple[Path, int, list[str]]]:
     """(class folder, label, sorted picture names) for each <wnid>/ under ``folder``; pictures lying
     directly in ``folder`` are not read."""
     labels = _label_of_wnid()
+    confine = _confine(folder)
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
         if sub.name not in labels:
             raise MinfmError(f"imagenet: {str(sub)!r} is not an ILSVRC-2012 class folder (unknown WordNet id)")
-        with os.scandir(sub) as it:
-            names = sorted(e.name for e in it if is_image(e.name))
-        yield sub, labels[sub.name], names
+        if sub.is_symlink():
+            _stays_in(sub, confine)
+        yield sub, labels[sub.name], sorted(e.name for e in _pictures(sub, confine))
 
 
 def _class_folders(folder: Path) -> list[tuple[Path, int]]:
@@ -163,9 +196,11 @@ def _label_rows(labels_file: Path, text: str) -> list[tuple[int, str, str]]:
         except csv.Error as exc:  # a field past csv's limit of 131,072 characters, ...
             raise MinfmError(f"imagenet: {labels_file}:{start}: not a readable CSV row ({exc})") from None
     else:  # "<file> <wnid or label index>" per line
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                parts = line.split()
+        # Lines end at "\n" only, and fields part at ASCII blanks: str.splitlines() and str.split()
+        # also broke at U+2028, U+0085, ... (a file name may hold them), and the line numbers moved.
+        for lineno, line in enumerate(text.split("\n"), 1):
+            parts = re.split(r"[ \t\f\v]+", line.removesuffix("\r").strip(" \t\f\v"))
+            if parts != [""]:
                 if len(parts) < 2:
                     raise MinfmError(f"imagenet: {labels_file}:{lineno}: expected '<file> <wnid or label>', "
                                      f"got {_shown(line)}")
@@ -179,14 +214,27 @@ def _flat_val(folder: Path, labels_file: Path) -> list[tuple[Path, int]]:
     by_wnid = _label_of_wnid()
     text = read_text(labels_file, f"imagenet: {labels_file}", MAX_LABELS_BYTES)
     rows = _label_rows(labels_file, text)
-    files = {p.stem: p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES}
+    pictures = [Path(e.path) for e in _pictures(folder, _confine(folder))]
+    by_name = {p.name: p for p in pictures}
+    by_stem: dict[str, list[Path]] = {}
+    for p in pictures:
+        by_stem.setdefault(p.stem, []).append(p)
     # Counted in one pass: stems.count(s) per stem took hours on a 64 MiB list.
     twice = sorted(s for s, n in Counter(Path(name).stem for _, name, _ in rows).items() if n > 1)
     if twice:  # the same picture in the split twice, perhaps under two labels
         raise MinfmError(f"imagenet: {labels_file}: image {_shown(twice[0])} is labelled more than once")
     items = []
     for lineno, name, token in sorted(rows, key=lambda row: row[1]):
-        path = files.get(Path(name).stem)
+        # The file named, else (Kaggle's ImageId has no extension) the one picture of that stem:
+        # with x.JPEG and x.png both there, matching by stem alone picked either.
+        path = by_name.get(name)
+        if path is None:
+            found = sorted(by_stem.get(Path(name).stem, []))
+            if len(found) > 1:
+                raise MinfmError(f"imagenet: {labels_file}:{lineno}: image {_shown(name)} could be any of "
+                                 f"{', '.join(p.name for p in found[:3])} in {str(folder)!r}: name the file whole, "
+                                 "or keep one picture of that name")
+            path = found[0] if found else None
         if path is None:
             raise MinfmError(f"imagenet: {labels_file}:{lineno}: image {_shown(name)} not found in {str(folder)!r}")
         if token in by_wnid:

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from minfm_core.data_loader import seed_sequence
+
 
 def budget_size(width: int, height: int, max_pixels: int, multiple: int) -> tuple[int, int]:
     """(width, height) of the crop for an image under a pixel budget, both multiples of ``multiple``.
@@ -67,8 +69,9 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def rng_for(seed: int, *keys: int) -> np.random.Generator:
-    """A generator that depends only on its keys: the same sample in every process and worker."""
-    return np.random.default_rng([seed & 0xFFFFFFFF, *(k & 0xFFFFFFFF for k in keys)])
+    """A generator that depends only on its keys: the same sample in every process and worker
+    (all of the seed's bits count: :func:`minfm_core.data_loader.seed_sequence`)."""
+    return np.random.default_rng(seed_sequence(seed, *keys))
 
 
 class Flips:

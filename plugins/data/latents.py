@@ -21,6 +21,7 @@ from minfm_core.errors import MinfmError, first_line
 from minfm_core.jsonio import read_json_file
 from minfm_core.safepath import contained
 
+from .captions import bounded_caption
 from .images import Flips
 
 #: A latents index is read whole: ~150 bytes an item, ImageNet's 1.28 M in ~200 MB.
@@ -59,6 +60,7 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
                 prompt = label_prompts[label]
             if not isinstance(prompt, str):
                 raise MinfmError(f"{name}: {index}: entry {i}: 'prompt' must be text, got {type(prompt).__name__}")
+            bounded_caption(prompt, f"{name}: {index}: entry {i}: 'prompt'")
             shard = shards.get(e["shard"]) if isinstance(e["shard"], str) else None
             if shard is None:  # a few shards, a million entries: each name checked once
                 shard = shards[e["shard"]] = str(contained(index.parent, e["shard"], what=f"{name}: {index}: entry {i}"))

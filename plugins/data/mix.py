@@ -18,26 +18,7 @@ import torch
 from minfm_core import protocols
 from minfm_core.errors import MinfmError
 
-from .configs import MixConfig
-
-
-def quotas(weights: list[float], period: int) -> list[int]:
-    """Whole slots per period for each weight (largest remainder; every source keeps at least one)."""
-    if period < len(weights):
-        raise MinfmError(f"mix: period {period} is shorter than the {len(weights)} sources")
-    total = sum(weights)
-    exact = [w / total * period for w in weights]
-    got = [max(1, math.floor(e)) for e in exact]
-    # Hand out (or take back) the remaining slots by largest (smallest) remainder.
-    order = sorted(range(len(weights)), key=lambda k: exact[k] - math.floor(exact[k]), reverse=True)
-    i = 0
-    while sum(got) < period:
-        got[order[i % len(order)]] += 1
-        i += 1
-    while sum(got) > period:
-        k = max((k for k in range(len(got)) if got[k] > 1), key=lambda k: got[k] - exact[k])
-        got[k] -= 1
-    return got
+from .configs import MixConfig, mix_epoch_problem, quotas
 
 
 def pattern(quota: list[int]) -> list[int]:
@@ -70,6 +51,11 @@ class MixDataset(torch.utils.data.Dataset, protocols.Dataset):
             if len(ds) == 0:
                 raise MinfmError(f"data.sources[{k}]: the dataset has no {split} samples")
         self.quota = quotas([s.weight for s in cfg.sources], cfg.period)
+        # The config refused this already where it knew the sources' sizes (drawn data); a folder's
+        # size is known once it is read.
+        problem = mix_epoch_problem(cfg.num_samples, cfg.period, self.quota, [len(ds) for ds in self.sources], split)
+        if problem:
+            raise MinfmError(f"data.{problem}")
         self.slots = pattern(self.quota)
         # rank[r]: how many earlier slots of the period belong to slot r's source.
         seen = [0] * len(self.quota)

@@ -13,16 +13,15 @@ import attrs
 import numpy as np
 import torch
 
-from .configs import MovingShapesConfig
+from .configs import STILL_BELOW, MovingShapesConfig
 from .images import to_tensor
 from .latents import CachedLatentsDataset
 from .shapes import BACKGROUNDS, PALETTE, SCALE_RADIUS, ShapeSpec, SyntheticSplit, _nearest, classify_image, draw
 
 #: Unit step of each motion in image coordinates (x right, y down).
 STEP = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0), "still": (0.0, 0.0)}
-#: A clip whose fitted displacement stays under this fraction of the side reads as "still". The
-#: dataset's moving shapes cover >= ~0.3 of a side, so half of that splits the two with margin.
-STILL_BELOW = 0.12
+#: STILL_BELOW (configs.py): a clip whose fitted displacement stays under this fraction of the side
+#: reads as "still". The dataset's moving shapes cover at least that much (its config refuses less).
 
 
 def caption(colour: str, shape: str, motion: str) -> str:

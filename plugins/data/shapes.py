@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from minfm_core import protocols
 from minfm_core.errors import MinfmError
 
-from .configs import SHAPE_BACKGROUNDS, SHAPE_COLOURS, SHAPE_KINDS, ShapesConfig
+from .configs import SCALE_RADIUS, SHAPE_BACKGROUNDS, SHAPE_COLOURS, SHAPE_KINDS, ShapesConfig
 from .images import rng_for, to_tensor
 from .latents import CachedLatentsDataset
 
@@ -36,8 +36,6 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "magenta": (230, 0, 200),
 }
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
-#: Radius of the shape as a fraction of the shorter side.
-SCALE_RADIUS = {"small": 0.225, "large": 0.375}
 _SPLIT_CODE = {"train": 0, "val": 1}
 _SUPERSAMPLE = 4  # draw large, then box-filter down: clean anti-aliased edges
 assert set(PALETTE) == set(SHAPE_COLOURS) and set(BACKGROUNDS) == set(SHAPE_BACKGROUNDS)

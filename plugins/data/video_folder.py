@@ -20,10 +20,11 @@ import torch
 
 from minfm_core.errors import MinfmError, MinfmWarning, first_line
 from minfm_core.images import require_regular_file
+from minfm_core.safepath import came_from_outside
 from minfm_core.validators import MAX_SIDE
 
 from .configs import VideoFolderConfig
-from .image_folder import _hold_out, read_caption
+from .image_folder import _hold_out, read_caption, split_folders, walk
 from .images import Flips, budget_size, resize_and_center_crop, rng_for, to_tensor
 from .latents import CachedLatentsDataset
 
@@ -152,8 +153,13 @@ class VideoFolderDataset(torch.utils.data.Dataset):
         self.split = split
         self.flips = Flips(cfg.p_flip, cfg.seed, split)
         self.epoch = 0
+        # A downloaded dataset's symlinks must stay inside it; a folder of one's own may link in from anywhere.
+        confine = root if came_from_outside(root) else None
         split_dir = next((root / d for d in _SPLIT_DIRS[split] if (root / d).is_dir()), None)
-        items = _scan(split_dir) if split_dir is not None else _hold_out(_scan(root), root, split, cfg.val_fraction)
+        if split_dir is not None:
+            items = _scan(split_dir, confine)
+        else:
+            items = _hold_out(_scan(root, confine, split_folders(root)), root, split, cfg.val_fraction)
         if not items:
             raise MinfmError(f"video_folder: no captioned videos for split {split!r} under {str(root)!r}")
         self.items = items  # [(path, caption)] in a fixed order
@@ -195,9 +201,14 @@ class VideoFolderDataset(torch.utils.data.Dataset):
         return {"image": clip, "prompt": caption}
 
 
-def _scan(folder: Path) -> list[tuple[Path, str]]:
+def _scan(folder: Path, confine: Path | None = None, exclude: list[Path] = ()) -> list[tuple[Path, str]]:
     items, missing = [], []
-    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES):
+    files, dangling = walk(folder, confine, "video_folder", exclude)
+    videos = [p for p in files if p.suffix.lower() in VIDEO_SUFFIXES]
+    broken = sorted(dangling.intersection(videos))
+    if broken:  # found now, not by the loader at the first batch that holds it
+        raise MinfmError(f"video_folder: {broken[0]}: a symlink that leads nowhere (its target is missing, or a loop)")
+    for path in videos:
         sidecar = path.with_suffix(".txt")
         if sidecar.is_file():
             items.append((path, read_caption(sidecar, "video_folder")))
