@@ -9,7 +9,10 @@ Layout of a run directory::
 A save is written under ``.tmp-<name>`` and renamed by rank 0 only once DCP's coordinator
 has written ``manifest.json`` (after every rank's data is on disk), so a crash or SIGKILL
 at any moment leaves every ``step_*`` directory complete. Per-rank state (the trainer's
-RNG, the data position) goes to ``rank_<r>.safetensors`` beside the DCP files.
+RNG, the data position) goes to ``rank_<r>.safetensors`` beside the DCP files. Every file,
+the folder's entries and its new name are synced to the disk before ``keep_last`` prunes an
+older checkpoint, so a power cut never leaves the newest unverifiable and its predecessor gone.
+A rank that cannot write stops every rank with its line (:func:`barrier`).
 
 The format (``checkpoint_format``) holds no pickle: tensors are safetensors, the rest JSON,
 and the manifest lists every file with its size and CRC-32. Opening a checkpoint verifies
@@ -307,8 +310,12 @@ class Checkpointer:
         tmp = self.root / f".tmp-{final.name}"
         tensors, objects = split_state(state)
         writer = ManifestWriter(tmp, objects, {"step": step, "world_size": self.world_size})
-        try:
-            if self.rank == 0:
+        # Each rank's own steps end in a barrier that also agrees on failure: a rank that
+        # cannot write stops every rank there with its one line, where the others used to go
+        # on into DCP's collectives and meet a closed connection (a gloo traceback).
+        failed = None
+        if self.rank == 0:
+            try:
                 # Every .tmp-step_* is left by a crash or a failed save (the last save is done:
                 # wait() above; the run lock keeps other writers out): a checkpoint's worth of
                 # disk each, never complete.
@@ -320,8 +327,17 @@ class Checkpointer:
                 tmp.mkdir(parents=True)
                 if self.recipe_text is not None:
                     write_text_atomic(tmp / "recipe.toml", self.recipe_text)
-            barrier()
-            save_file({k: v.contiguous().cpu() for k, v in extras.items()}, tmp / f"rank_{self.rank}.safetensors", metadata=meta)
+            except OSError as exc:
+                failed = str(_write_failed(tmp, exc.strerror or str(exc)))
+        barrier(failed)
+        rank_file = tmp / f"rank_{self.rank}.safetensors"
+        try:
+            save_file({k: v.contiguous().cpu() for k, v in extras.items()}, rank_file, metadata=meta)
+            fsync_path(rank_file)  # DCP syncs its own files (sync_files); this one is ours
+        except OSError as exc:
+            failed = str(_write_failed(tmp, f"{rank_file.name}: {exc.strerror or exc}"))
+        barrier(failed)
+        try:
             if self.async_save:
                 fut = dcp.async_save(tensors, storage_writer=writer, process_group=self._group)
             else:
@@ -355,7 +371,12 @@ class Checkpointer:
                         n += 1
                     final.rename(final.with_name(f"{final.name}.superseded-{n}"))
                     self.keep.discard(final)  # the name now holds the new checkpoint
+                # Durable before anything older goes: the folder's entries (every rank's files,
+                # the manifest) and then its new name reach the disk, so a power cut after a
+                # prune never leaves the newest checkpoint unverifiable and its predecessor gone.
+                fsync_path(tmp)
                 tmp.rename(final)  # the atomic step: from here on it is complete
+                fsync_path(self.root)
                 self._prune()
         except CheckpointException as exc:
             raise _save_error(tmp, exc) from None
@@ -389,10 +410,29 @@ def _write_failed(tmp: Path, why: str) -> CheckpointError:
     return CheckpointError(f"{tmp}: cannot write checkpoint: {why} (the previous checkpoints are intact)")
 
 
-def barrier() -> None:
-    """``dist.barrier()`` when there are other ranks to wait for."""
+def barrier(failed: str | None = None) -> None:
+    """Wait for every rank, and agree on failure: each rank passes the one-line error it met
+    since the last collective (None: none), and if any rank met one, every rank raises the
+    first failed rank's as ``rank R: <error>`` (one process: its own, as it is).
+
+    A failure on one rank alone otherwise reached the others as a closed connection in their
+    next collective (a gloo traceback) instead of its reason."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+        errors: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, failed)  # our own strings, between our own ranks
+        failed = next((f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None), None)
+    if failed is not None:
+        raise MinfmError(failed)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a folder's entries, to the disk (a rename is durable only once
+    the folder holding it is synced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def recipe_for(src: Path) -> Path:

@@ -49,6 +49,29 @@ def out_of_memory_line(exc: BaseException) -> str | None:
             "fits; or more GPUs with parallel = fsdp2)")
 
 
+#: What a collective raises in a process whose peer is gone (it exited after its own error, or
+#: was killed): gloo's pair errors, NCCL's remote error, the store's lost connection.
+_PEER_LOST = re.compile(r"(Connection closed by peer|Connection reset by peer|Broken pipe|ncclRemoteError"
+                        r"|remote process exit\w*|failed to recv, got 0 bytes)( \[[^\]\s]*\]:\d+)?")
+
+
+def peer_lost_line(exc: BaseException) -> str | None:
+    """One line for a collective that failed because another process of the run went away,
+    or None when ``exc`` is something else.
+
+    In a multi-process run an error on one rank (a full disk, bad data) ends that process;
+    the others then meet a closed connection in their next collective, a RuntimeError whose
+    traceback said nothing about the cause and read as a bug in minFM. The cause is the
+    other process's own line, printed above."""
+    if not isinstance(exc, RuntimeError):  # gloo, NCCL and the store raise RuntimeError (DistError)
+        return None
+    found = _PEER_LOST.search(str(exc))
+    if found is None:
+        return None
+    return (f"lost the connection to another process of this run ({found[0]}): it failed or was stopped "
+            "(see its error above); stopping")
+
+
 def checkpoint_failures(exc: BaseException) -> list[tuple[int, BaseException | str]]:
     """The per-rank errors of torch's ``CheckpointException``, in rank order.
 

@@ -3,8 +3,10 @@
 **The lock.** ``<exp_dir>/.minfm.lock`` is held with ``fcntl.flock`` (exclusive,
 non-blocking) for the run's life, and holds JSON ``{pid, host, started}`` naming its
 holder. The kernel drops a flock when its holder dies, even by SIGKILL, so a stale file
-never blocks a new run. The file is never deleted (deleting would let a second run lock a
-fresh inode while the first still holds the old one).
+never blocks a new run. The file is deleted only by its holder, with the folders the run
+made for it, when the run wrote nothing else there (:meth:`RunLock.release`); whoever takes
+the lock checks afterwards that the path still names the file it locked and starts over if
+not, so a deleted lock file is never held by one run while another locks its successor.
 
 Who holds it: the process the user started. ``minfm run`` takes it before anything
 else (before spawning workers with ``--nproc-per-node``); its workers then see, through
@@ -36,24 +38,44 @@ from pathlib import Path
 
 from .errors import MinfmError
 from .jsonio import parse_json
+from .safepath import relative_inside
 
 LOCK_NAME = ".minfm.lock"
 LAUNCHER_ENV = "MINFM_LAUNCHER_PID"
 
 
 class RunLock:
-    """An acquired run-dir lock (or the launcher's, held on this process's behalf)."""
+    """An acquired run-dir lock (or the launcher's, held on this process's behalf).
 
-    def __init__(self, path: Path, fd: int | None):
-        self.path, self.fd, self.count = path, fd, 1
+    ``created``: the folders :func:`acquire` made for it, deepest first. A run that ends
+    having written nothing there (a component that failed to build) removes them again
+    on release, rather than leaving an empty run folder behind."""
+
+    def __init__(self, path: Path, fd: int | None, created: tuple[Path, ...] = ()):
+        self.path, self.fd, self.count, self.created = path, fd, 1, created
 
     def release(self) -> None:
         self.count -= 1
         if self.count == 0:
             _held.pop(self.path, None)
             if self.fd is not None:
+                if self.created:
+                    self._remove_unused()
                 os.close(self.fd)  # closing the last descriptor drops the flock
                 self.fd = None
+
+    def _remove_unused(self) -> None:
+        """Remove the lock file and the folders made for it when nothing else was written
+        there. Done while the lock is held; whoever opened the file meanwhile finds, once it
+        has the lock, that the path no longer names that file and starts over (:func:`acquire`)."""
+        try:
+            if os.listdir(self.path.parent) != [LOCK_NAME]:
+                return
+            os.unlink(self.path)
+            for folder in self.created:
+                os.rmdir(folder)  # only while empty: another run may have put its lock there since
+        except OSError:
+            pass  # left as it is: nothing is lost by an empty folder
 
 
 _held: dict[Path, RunLock] = {}
@@ -86,41 +108,70 @@ def acquire(exp_dir: str | Path, *, what: str = "run.exp_dir") -> RunLock:
     """Lock ``exp_dir`` for this process or raise a MinfmError naming the holder (pid, host).
 
     ``what`` names the setting that chose the folder (``minfm sample`` locks its ``--out``)."""
-    exp_dir = prepare_run_dir(Path(exp_dir), what=what)
-    path = Path(os.path.realpath(exp_dir)) / LOCK_NAME  # the folder resolved, never the lock file itself
+    exp_dir = Path(exp_dir)
     with _held_guard:
-        if path in _held:
-            _held[path].count += 1
-            return _held[path]
-        try:
-            # O_NOFOLLOW: a symlink planted at the lock path is refused, never written through.
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise MinfmError(f"{path}: cannot open the run lock: {exc.strerror}") from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or device there: not ours to write
-            os.close(fd)
-            raise MinfmError(f"{path}: the run lock is not a regular file; remove it or choose another {what}")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            info = holder(path)
-            launcher = os.environ.get(LAUNCHER_ENV)
-            if launcher and str(info.get("pid")) == launcher:
-                lock = _held[path] = RunLock(path, None)  # our own launcher holds it for us
+        held = _held.get(Path(os.path.realpath(exp_dir)) / LOCK_NAME)
+        if held is not None:
+            held.count += 1
+            return held
+        # A lock file its holder removed (RunLock._remove_unused) between our open and our
+        # flock is not the run's lock any more: open the one now at the path.
+        for _ in range(10):
+            lock = _lock(exp_dir, what)
+            if lock is not None:
                 return lock
-            raise MinfmError(
-                f"{exp_dir}: in use by another run (pid {info.get('pid', 'unknown')} on host "
-                f"{info.get('host', 'unknown')}, since {info.get('started', 'unknown')}); "
-                f"wait for it to end or choose another {what}"
-            ) from None
-        # Written in place (not replaced): the lock lives on this inode.
-        info = {"pid": os.getpid(), "host": socket.gethostname(),
-                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
-        lock = _held[path] = RunLock(path, fd)
-        return lock
+        raise MinfmError(f"{exp_dir}: its run lock keeps being replaced while minfm takes it; try again")
+
+
+def _lock(exp_dir: Path, what: str) -> RunLock | None:
+    """One attempt of :func:`acquire` (under ``_held_guard``); None when the lock file was
+    removed or replaced before it was locked."""
+    absolute = Path(os.path.abspath(exp_dir))
+    created = tuple(p for p in (absolute, *absolute.parents) if not os.path.lexists(p))
+    exp_dir = prepare_run_dir(exp_dir, what=what)
+    path = Path(os.path.realpath(exp_dir)) / LOCK_NAME  # the folder resolved, never the lock file itself
+    try:
+        # O_NOFOLLOW: a symlink planted at the lock path is refused, never written through.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise MinfmError(f"{path}: cannot open the run lock: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or device there: not ours to write
+        os.close(fd)
+        raise MinfmError(f"{path}: the run lock is not a regular file; remove it or choose another {what}")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        info = holder(path)
+        launcher = os.environ.get(LAUNCHER_ENV)
+        if launcher and str(info.get("pid")) == launcher:
+            lock = _held[path] = RunLock(path, None)  # our own launcher holds it for us
+            return lock
+        raise MinfmError(
+            f"{exp_dir}: in use by another run (pid {info.get('pid', 'unknown')} on host "
+            f"{info.get('host', 'unknown')}, since {info.get('started', 'unknown')}); "
+            f"wait for it to end or choose another {what}"
+        ) from None
+    if not _same_file(fd, path):
+        os.close(fd)
+        return None
+    # Written in place (not replaced): the lock lives on this inode.
+    info = {"pid": os.getpid(), "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(info).encode(), 0)
+    lock = _held[path] = RunLock(path, fd, created)
+    return lock
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``fd``."""
+    try:
+        now = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    mine = os.fstat(fd)
+    return (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 def release(exp_dir: str | Path) -> None:
@@ -232,8 +283,11 @@ def run_outputs(resolved, job: str = "train") -> list[tuple[Path, bool, str]]:
         if not path.startswith("logging.loggers"):
             continue
         names = getattr(slot.config, "run_outputs", ())
+        what = f"{path} ({slot.component.name})"
         for name in names if isinstance(names, (tuple, list)) else ():
-            out.append((exp / name.rstrip("/"), name.endswith("/"), f"{path} ({slot.component.name})"))
+            # A plugin's names: an absolute or ../ one would be probed (written) outside the run folder.
+            place = relative_inside(exp, name, what=f"{what}: run_outputs")
+            out.append((place, name.endswith("/"), what))
     return out
 
 

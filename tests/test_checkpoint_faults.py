@@ -181,7 +181,7 @@ def test_full_disk_is_one_error_and_loses_nothing(small_disk, capsys, async_save
             except OSError:
                 pass
         trainer.fit(until=3)
-        with pytest.raises(CheckpointError, match="No space left on device") as info:
+        with pytest.raises(MinfmError, match="No space left on device") as info:
             trainer.save()
             trainer.checkpointer.wait()
         # One line: where, the reason, and that nothing complete was touched.

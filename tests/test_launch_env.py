@@ -86,6 +86,7 @@ def test_the_launchers_exit_code_is_the_workers():
     from minfm_core.cli.torchrun import exit_code
 
     assert exit_code([2, 2]) == 2  # bad input on every rank: the user's error, not a crash
+    # (so is bad input on one rank: the other exits 2 having lost its peer, test_faults_distributed.py)
     assert exit_code([2, 143]) == 2 and exit_code([-15, 2]) == 2  # the other rank was stopped by torchrun
     assert exit_code([2, 1]) == 1 and exit_code([0, 143]) == 143 and exit_code([-9]) == 137
     assert exit_code([]) == 1
@@ -101,3 +102,4 @@ def test_a_recipe_error_under_the_launcher_is_exit_2_without_torchruns_traceback
     assert "Traceback" not in res.stderr and "ChildFailedError" not in res.stderr, res.stderr
     # each rank prints it, unless torchrun stopped it first, having seen the other fail
     assert res.stderr.count("minfm: error: image_folder: root '/nonexistent' is not a folder") in (1, 2)
+    assert list(tmp_path.iterdir()) == []  # the launcher made the run folder for nothing: removed

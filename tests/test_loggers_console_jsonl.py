@@ -106,3 +106,29 @@ def test_jsonl_resume_drops_lines_no_logger_wrote(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 3.0)]
     assert (tmp_path / "evil").read_text() == "keep" and (tmp_path / "loss.png").stat().st_size > 0
+
+
+def test_a_full_disk_names_the_logger_and_its_file(tmp_path, monkeypatch):
+    """A write or flush fails with an OSError naming no file: the run said only
+    ``minfm: error: No space left on device``."""
+    import contextlib
+    import sys
+
+    from minfm_core.errors import MinfmError
+
+    full = open("/dev/full", "w", encoding="utf-8")  # writes to it fail as on a full disk
+    try:
+        log = make("jsonl", tmp_path, plot_every=0)
+        log.log(1, {"loss": 1.0})
+        log._file.close()
+        log._file = full  # the disk fills up
+        with pytest.raises(MinfmError) as info:
+            log.log(2, {"loss": 0.5})
+        assert str(info.value) == f"logger 'jsonl': {tmp_path / 'metrics.jsonl'}: cannot write: No space left on device"
+        log._file = None
+        monkeypatch.setattr(sys, "stdout", full)  # stdout sent to a file on the full disk
+        with pytest.raises(MinfmError, match=r"^logger 'console': stdout: cannot write: No space left on device$"):
+            make("console", tmp_path).log(1, {"loss": 1.0})
+    finally:
+        with contextlib.suppress(OSError):  # what is still buffered cannot be flushed either
+            full.close()

@@ -37,6 +37,19 @@ def test_tensorboard_writes_scalars_images_and_recipe(tmp_path):
     assert (image.step, image.width, image.height) == (2, 32, 48)
 
 
+def test_tensorboard_full_disk_names_the_logger_and_its_folder(tmp_path):
+    pytest.importorskip("tensorboard")
+    from minfm_core.errors import MinfmError
+
+    log = make("tensorboard", tmp_path)
+    records = log.writer.file_writer.event_writer._async_writer._writer  # its writer thread's file
+    records._writer.close()
+    records._writer = open("/dev/full", "wb")  # the disk fills up
+    with pytest.raises(MinfmError) as info:
+        log.log(1, {"loss": 1.0})
+    assert str(info.value) == f"logger 'tensorboard': {tmp_path / 'tensorboard'}: cannot write: No space left on device"
+
+
 def test_tensorboard_rank1_is_a_no_op(tmp_path):
     make("tensorboard", tmp_path, rank=1).log(1, {"loss": 1.0})
     assert not (tmp_path / "tensorboard").exists()

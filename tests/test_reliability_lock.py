@@ -90,7 +90,9 @@ def test_second_run_on_a_busy_dir_exits_2_naming_the_holder(tmp_path):
     finally:
         stop_process(first)
     # The holder gone (even by a signal), the dir is free again: the kernel dropped the flock.
-    again = run_minfm("run", str(TINY), "--set", f"run.exp_dir={exp}", "--set", "train.max_steps=1",
+    # (one step past its last checkpoint: a max_steps below that is refused, tests/test_faults_train.py)
+    last = max((int(n[5:]) for n in checkpoints(exp)), default=0)
+    again = run_minfm("run", str(TINY), "--set", f"run.exp_dir={exp}", "--set", f"train.max_steps={last + 1}",
                       "--set", "train.ckpt_every=1")
     assert again.returncode == 0, again.stderr[-2000:]
 

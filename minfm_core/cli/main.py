@@ -12,7 +12,8 @@ file; three kinds are translated here as a last resort because any command can m
 ``OSError`` (a full or read-only disk, a missing permission: ``minfm: error: FILE: reason``),
 a failed allocation (``minfm: error: out of memory: ...``) and torch's
 ``CheckpointException``, which derives from ``BaseException`` and so slips past
-``except Exception``.
+``except Exception``. In a multi-process run, a collective that fails because another
+process went away (it printed its own error and exited) is one line too, exit 2.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import NoReturn
 
 from .. import __version__
 from ..errors import MinfmError, MinfmWarning, RecipeError, checkpoint_failures, first_line, os_error_line, out_of_memory_line
+from ..errors import peer_lost_line
 from ..launch_env import is_multi_process
 from .argtypes import Parser as _Parser
 
@@ -135,10 +137,13 @@ def _main(argv: Sequence[str] | None) -> int:
         _say(f"minfm: error: {os_error_line(exc)}")
         return 2
     except Exception as exc:
-        oom = out_of_memory_line(exc)
-        if oom is None:
+        # A failed allocation is the machine's limit; a collective that lost its peer is the
+        # other process's error (printed there), not a bug here: one line, exit 2 on this rank
+        # as on that one (cli/torchrun.exit_code).
+        line = out_of_memory_line(exc) or (peer_lost_line(exc) if is_multi_process() else None)
+        if line is None:
             return _bug()
-        _say(f"minfm: error: {oom}")
+        _say(f"minfm: error: {line}")
         return 2
     except BaseException as exc:
         if _is_checkpoint_exception(exc):

@@ -218,10 +218,20 @@ def relaunch(nproc: int, argv: list[str]) -> int:
                 except subprocess.TimeoutExpired:
                     proc.send_signal(signal.SIGINT)
                     rc = proc.wait()
-                rc = rc or 130
+                rc = rc if rc > 0 else 130  # Ctrl-C, whatever way torchrun ended
         finally:
             signal.signal(signal.SIGTERM, previous)
-    return STOPPED_EXIT_CODE if terminated else rc
+    if terminated:
+        return STOPPED_EXIT_CODE
+    if rc < 0:
+        # torchrun itself died of a signal (SIGKILL from an OOM killer or a user): its workers
+        # died with it and said nothing. Exit as a shell reports a signalled process, 128 + N
+        # (sys.exit(-9) meant 247), with a line saying what happened.
+        name = signal.Signals(-rc).name if -rc in signal.valid_signals() else f"signal {-rc}"
+        print(f"minfm: error: the launcher's torchrun (pid {proc.pid}) was killed by {name}; its workers "
+              "stopped with it", file=sys.stderr, flush=True)
+        return 128 - rc
+    return rc
 
 
 def strip_nproc(argv: list[str]) -> list[str]:
@@ -248,16 +258,25 @@ def run(args) -> int:
     problems = job_checks(resolved, job, world)
     if problems:
         raise RecipeError(problems, args.recipe)
-    if job == "train" and not under_launcher:
-        # The process the user started holds the run dir for the run's life, so a second run
-        # on it stops here, before any worker exists (see minfm_core/runlock.py).
-        exp_dir = Path(resolved.recipe.run.exp_dir)
-        runlock.acquire(exp_dir)
+    if job != "train" or under_launcher:
+        return _run_here(args, resolved, job, under_launcher)
+    # The process the user started holds the run dir for the run's life, so a second run
+    # on it stops here, before any worker exists (see minfm_core/runlock.py). Released at the
+    # end: a run folder this run made and left empty (a component failed to build) goes.
+    exp_dir = Path(resolved.recipe.run.exp_dir)
+    runlock.acquire(exp_dir)
+    try:
         if args.nproc_per_node > 1:  # one process runs the same checks in its trainer, as early
             from ..checkpoint import CKPT_DIR
 
             runlock.preflight(exp_dir, exp_dir / CKPT_DIR, lambda: runlock.denoiser_param_bytes(resolved),
                               runlock.run_outputs(resolved, job))
+        return _run_here(args, resolved, job, under_launcher)
+    finally:
+        runlock.release(exp_dir)
+
+
+def _run_here(args, resolved, job: str, under_launcher: bool) -> int:
     if args.nproc_per_node > 1 and not under_launcher:
         return relaunch(args.nproc_per_node, strip_nproc(sys.argv[1:]))
     from ..engine import run_job

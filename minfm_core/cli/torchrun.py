@@ -20,7 +20,10 @@ def exit_code(codes: list[int]) -> int:
     that signal, as subprocess reports it).
 
     When one worker fails, torchrun SIGTERMs the others: they end with 143 (stopped) or -15,
-    which says nothing about the failure, so those count only when nothing else failed."""
+    which says nothing about the failure, so those count only when nothing else failed. A
+    worker that lost its peer in a collective exits 2 with a line saying so (cli/main.py):
+    a user's error on one rank is then 2 overall, while a bug (1) or a kill by a signal on
+    one rank, the likely cause of the others' lost peer, outweighs their 2s."""
     codes = [128 - c if c < 0 else c for c in codes]
     real = [c for c in codes if c not in (0, 143)]
     if not real:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,9 +57,9 @@ def init_runtime(device: str = "auto") -> Runtime:
     if not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         if world == 1 and "MASTER_ADDR" not in os.environ:
-            # A private file store: no port to collide with another run on this host.
-            store = tempfile.mktemp(prefix="minfm-pg-")
-            dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
+            # An in-memory store: no port to collide with another run on this host, and no
+            # file left behind (the /tmp file store of a SIGKILLed run stayed there for good).
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         else:
             dist.init_process_group(backend, rank=rank, world_size=world)
     return Runtime(rank, world, local_rank, dev)

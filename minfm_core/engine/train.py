@@ -272,7 +272,14 @@ class Trainer:
             # An EMA turned on for the resume (train.ema_decay was 0) starts from the loaded model.
             new_ema = self.ema is not None and not latest.has_part("ema")
             self._load(latest, {p: p for p in CHECKPOINT_PARTS if p != "ema" or (self.ema is not None and not new_ema)}, exact=True)
-            self._log_line(f"resumed from {latest.path} at step {self.step}")
+            if self.step > self.cfg.max_steps:
+                # Refused before recipe.toml is rewritten: it exited 0 having trained nothing,
+                # its record now claiming the lower max_steps.
+                raise MinfmError(f"train.max_steps = {self.cfg.max_steps} is below step {self.step} of the checkpoint "
+                                 f"this run resumes from ({latest.path}): nothing to train; raise train.max_steps "
+                                 "to continue the run, or choose another run.exp_dir to start afresh")
+            self._log_line(f"resumed from {latest.path} at step {self.step}"
+                           + (" = train.max_steps: the run is finished, nothing to train" if self.step == self.cfg.max_steps else ""))
             if new_ema:
                 self.ema.reset(self.model)
                 self._log_line("the checkpoint holds no EMA (train.ema_decay was 0): the EMA starts from this step's weights")
@@ -423,7 +430,9 @@ class Trainer:
             saved = (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == cfg.max_steps
             if saved:
                 self.save()
-            if self._stop_agreed():
+            # Asked on every step by every rank (a collective); at train.max_steps the run is
+            # finished, its final checkpoint saved: a SIGTERM then changes nothing (exit 0).
+            if self._stop_agreed() and self.step < cfg.max_steps:
                 if not saved:
                     self.save()
                 self.stopped = True

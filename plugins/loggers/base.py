@@ -9,10 +9,13 @@ A logger is built as ``factory(cfg, *, run_dir, rank=0, recipe=None)`` and has
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 from minfm_core import protocols
+from minfm_core.errors import MinfmError
 
 
 class Logger(protocols.Logger):
@@ -53,3 +56,17 @@ class Logger(protocols.Logger):
 
 def is_finite(value: float) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+@contextlib.contextmanager
+def writing(logger: str, where: object) -> Iterator[None]:
+    """A write that fails inside the block (a full disk, a quota) is one MinfmError naming the
+    logger and the file or folder: the OSError of a write or flush names neither, and the run
+    stopped with ``minfm: error: No space left on device``. A broken pipe stays what it is
+    (``minfm ... | head``: the CLI treats it as the reader going away)."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise MinfmError(f"logger {logger!r}: {where}: cannot write: {exc.strerror or exc}") from None

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 import time
 
-from .base import Logger, is_finite
+from .base import Logger, is_finite, writing
 from .configs import ConsoleConfig
 
 #: The trainer's usual metrics, shown first, in this order, with their own formats.
@@ -70,8 +70,8 @@ class ConsoleLogger(Logger):
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         line = self.format(step, self._scalars(metrics))
-        stream = self._stream()
-        print(line, file=stream, flush=True)
+        with writing("console", self.cfg.stream):  # stdout sent to a file on a full disk
+            print(line, file=self._stream(), flush=True)
 
 
 def _short(v: float) -> str:

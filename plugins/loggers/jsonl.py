@@ -21,7 +21,7 @@ from minfm_core.errors import MinfmWarning
 from minfm_core.safepath import write_atomic, write_text_atomic
 from minfm_core.textfiles import read_bounded
 
-from .base import Logger, is_finite
+from .base import Logger, is_finite, writing
 from .configs import METRICS_FILE, PLOT_FILE, JsonlConfig
 
 #: Largest metrics.jsonl a resumed run reads back (a line per step: ~100 M steps).
@@ -68,10 +68,12 @@ class JsonlLogger(Logger):
     def log(self, step: int, metrics: dict[str, float]) -> None:
         metrics = self._scalars(metrics)
         if self._file is None:
-            self._open(step)
+            with writing("jsonl", self.path):
+                self._open(step)
         row = {"step": int(step), "time": round(time.time(), 3), **metrics}
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
+        with writing("jsonl", self.path):
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
         self._remember(step, metrics)
         self._calls += 1
         if self.cfg.plot_every and self._calls % self.cfg.plot_every == 0:
@@ -108,13 +110,15 @@ class JsonlLogger(Logger):
         ax.legend()
         fig.tight_layout()
         # readers (the gallery server) never see half a file
-        write_atomic(self.plot_path, lambda tmp: fig.savefig(tmp, format="png"))
+        with writing("jsonl", self.plot_path):
+            write_atomic(self.plot_path, lambda tmp: fig.savefig(tmp, format="png"))
         return self.plot_path
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            f, self._file = self._file, None
+            with writing("jsonl", self.path):
+                f.close()  # flushes what is buffered; the file is closed even when that fails
         self.plot()
 
 

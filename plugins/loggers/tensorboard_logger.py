@@ -9,7 +9,7 @@ import numpy as np
 
 from minfm_core.errors import MinfmError
 
-from .base import Logger
+from .base import Logger, writing
 from .configs import TensorboardConfig
 
 
@@ -22,25 +22,31 @@ class TensorboardLogger(Logger):
                 "logger 'tensorboard' needs the tensorboard package: pip install 'minfm[logging]'"
             ) from None
         self.log_dir = Path(run_dir) / cfg.subdir
-        self.writer = SummaryWriter(log_dir=str(self.log_dir))
-        if recipe is not None:
-            text = json.dumps(recipe, indent=2, default=str)
-            self.writer.add_text("recipe", "```\n" + text + "\n```", 0)
+        # Its event files are written by a thread of its own, whose OSError surfaces at the
+        # next call naming no file: each call names the folder.
+        with writing("tensorboard", self.log_dir):
+            self.writer = SummaryWriter(log_dir=str(self.log_dir))
+            if recipe is not None:
+                text = json.dumps(recipe, indent=2, default=str)
+                self.writer.add_text("recipe", "```\n" + text + "\n```", 0)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        for key, value in self._scalars(metrics).items():
-            self.writer.add_scalar(key, value, step)
-        self.writer.flush()
+        with writing("tensorboard", self.log_dir):
+            for key, value in self._scalars(metrics).items():
+                self.writer.add_scalar(key, value, step)
+            self.writer.flush()
 
     def log_images(self, step: int, name: str, images: list, captions: list[str]) -> None:
-        for i, image in enumerate(images):
-            self.writer.add_image(f"{name}/{i}", np.asarray(image.convert("RGB")), step, dataformats="HWC")
-        if captions:
-            self.writer.add_text(f"{name}/captions", "\n".join(f"{i}. {c}" for i, c in enumerate(captions)), step)
-        self.writer.flush()
+        with writing("tensorboard", self.log_dir):
+            for i, image in enumerate(images):
+                self.writer.add_image(f"{name}/{i}", np.asarray(image.convert("RGB")), step, dataformats="HWC")
+            if captions:
+                self.writer.add_text(f"{name}/captions", "\n".join(f"{i}. {c}" for i, c in enumerate(captions)), step)
+            self.writer.flush()
 
     def close(self) -> None:
-        self.writer.close()
+        with writing("tensorboard", self.log_dir):
+            self.writer.close()
 
 
 def build(cfg: TensorboardConfig, *, run_dir: str, rank: int = 0, recipe: dict | None = None) -> Logger:

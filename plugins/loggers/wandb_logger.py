@@ -10,7 +10,7 @@ from pathlib import Path
 
 from minfm_core.errors import MinfmError
 
-from .base import Logger
+from .base import Logger, writing
 from .configs import WandbConfig
 
 
@@ -28,7 +28,8 @@ class WandbLogger(Logger):
         run_dir_path.mkdir(parents=True, exist_ok=True)
         id_file = run_dir_path / "wandb_id.txt"
         run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
-        id_file.write_text(run_id + "\n")
+        with writing("wandb", id_file):
+            id_file.write_text(run_id + "\n")
         settings = wandb.Settings(base_url=cfg.host) if cfg.host else None
         try:
             self.run = wandb.init(
@@ -47,7 +48,8 @@ class WandbLogger(Logger):
             raise MinfmError(f"logger 'wandb' could not start a run: {exc}{hint}") from None
         url = getattr(self.run, "url", None)
         if cfg.mode == "online" and url:
-            (run_dir_path / "wandb_url.txt").write_text(url + "\n")
+            with writing("wandb", run_dir_path / "wandb_url.txt"):
+                (run_dir_path / "wandb_url.txt").write_text(url + "\n")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.run.log(self._scalars(metrics), step=step)

@@ -1,0 +1,72 @@
+"""Training-run faults in one process: a SIGTERM during the final step, a max_steps below the
+checkpoint, a component that fails to build in a fresh run folder, a logger's full disk."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from checkpoint_helpers import copy_run
+from engine_helpers import read_metrics, tiny
+from minfm_core import checkpoint as ck
+from minfm_core.errors import MinfmError
+
+
+@pytest.fixture
+def sigterm_restored():
+    """train() leaves SIGTERM ignored once a stop was requested (the process only exits then)."""
+    previous = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_sigterm_during_the_final_step_finishes_the_run(tmp_path, monkeypatch, capsys, sigterm_restored):
+    from minfm_core.engine import train as T
+
+    real = T.Trainer.train_step
+
+    def train_step(self):
+        if self.step + 1 == self.cfg.max_steps:  # the scheduler's signal arrives during the last step
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self)
+
+    monkeypatch.setattr(T.Trainer, "train_step", train_step)
+    run = tmp_path / "run"
+    assert T.train(tiny(run, "train.max_steps=3", "train.ckpt_every=2")) == 0  # finished, not 143
+    assert "stopped by SIGTERM" not in capsys.readouterr().out
+    assert [c.name for c in ck.list_checkpoints(run)] == ["step_00000002", "step_00000003"]
+
+
+def test_a_max_steps_below_the_checkpoint_is_refused_and_changes_nothing(trained_run, tmp_path, capsys):
+    from minfm_core.engine.train import train
+
+    run = copy_run(trained_run, tmp_path / "run")  # checkpoints at steps 2 and 4
+    def files():  # all but the run lock, which records who held it last
+        return {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".minfm.lock"}
+
+    before = files()
+    with pytest.raises(MinfmError) as info:
+        train(tiny(run, "train.max_steps=3", "train.ckpt_every=2", "train.keep_last=0"))
+    assert str(info.value).startswith(f"train.max_steps = 3 is below step 4 of the checkpoint this run resumes "
+                                      f"from ({run / 'checkpoints' / 'step_00000004'}): nothing to train; ")
+    assert files() == before  # recipe.toml still says max_steps = 4
+    # The same max_steps: nothing left to train, said so; exit 0
+    capsys.readouterr()
+    assert train(tiny(run, "train.max_steps=4", "train.ckpt_every=2", "train.keep_last=0")) == 0
+    assert "at step 4 = train.max_steps: the run is finished, nothing to train" in capsys.readouterr().out
+    assert read_metrics(run) == read_metrics(trained_run)
+
+
+def test_a_component_that_fails_to_build_leaves_no_run_folder(tmp_path):
+    from minfm_core.engine.train import train
+
+    bad = 'data={name="image_folder", root="/nonexistent"}'
+    with pytest.raises(MinfmError, match="image_folder: root '/nonexistent' is not a folder"):
+        train(tiny(tmp_path / "new" / "run", bad))
+    assert list(tmp_path.iterdir()) == []  # the folders it made for the run, and their lock, are gone
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(MinfmError):
+        train(tiny(tmp_path / "mine", bad))
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == [".minfm.lock"]  # the user's folder stays as it was
