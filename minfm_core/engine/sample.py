@@ -398,7 +398,7 @@ def run_sampling(resolved, prompts: list[str], out: Path, *, weights, source: st
                 failed = os_error_line(exc) if isinstance(exc, OSError) else str(exc)
             # Every rank learns of a failed write before the next collective: the others
             # otherwise met a closed connection (a gloo traceback) instead of the reason.
-            _agree(failed, rt)
+            ckpt_mod.barrier(failed)
             if rt.is_main:
                 print(f"minfm: round {r + 1}/{rounds}", flush=True)
         ckpt_mod.barrier()
@@ -434,16 +434,6 @@ def _written(path: Path) -> bool:
     except OSError:
         return False
     return stat.S_ISREG(info.st_mode) and info.st_size > 0
-
-
-def _agree(error: str | None, rt) -> None:
-    """Raise the first rank's error on every rank (one process: its own)."""
-    if rt.world_size > 1:
-        errors = [None] * rt.world_size
-        dist.all_gather_object(errors, error)  # our own strings, between our own ranks
-        error = next((f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None), None)
-    if error is not None:
-        raise MinfmError(error)
 
 
 def _broadcast(obj):
