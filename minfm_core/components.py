@@ -13,15 +13,16 @@ from __future__ import annotations
 import importlib.metadata
 import inspect
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
 
 from . import protocols
-from .config import config_problems
-from .errors import MinfmError, PluginError, UnknownComponentError
+from .config import config_problems, short_repr, structure
+from .errors import MinfmError, PluginError, RecipeError, UnknownComponentError
 from .suggest import did_you_mean
+from .validators import _walk, range_of
 
 #: Component kind -> the hook that registers it (contract: documented in docs/plugins.md).
 KINDS: dict[str, str] = {
@@ -111,17 +112,19 @@ class Component:
         factory = self.load_factory()
         try:
             built = factory(cfg, **kwargs) if self.config is not None else factory(**kwargs)
-        except TypeError:
+        except TypeError as exc:
             # A factory that cannot take what the engine passes is the plugin's error, said in
-            # one line as `minfm check` says it; any other TypeError stays a bug with its traceback.
+            # one line as `minfm check` says it; any other TypeError (one raised inside the
+            # factory's body) stays a bug with its traceback, noted like any other below.
             problem = self.factory_problem()
-            if problem is None:
-                raise
-            raise PluginError(problem) from None
+            if problem is not None:
+                raise PluginError(problem) from None
+            exc.add_note(self.raised_note())
+            raise
         except MinfmError:
             raise
         except Exception as exc:  # a bug: its traceback stays, and now says whose factory it was
-            exc.add_note(f"(raised by the factory of {self.describe()})")
+            exc.add_note(self.raised_note())
             raise
         # The engine calls every member, optional ones too: one missing is the plugin's error,
         # said here by name, not as an AttributeError deep in a training step.
@@ -130,15 +133,61 @@ class Component:
             raise PluginError(f"{self.describe()}: built {type(built).__name__} {lacks}")
         return built
 
+    def raised_note(self) -> str:
+        """The note added under the traceback of a bug raised by this component's factory."""
+        return f"(raised by the factory of {self.describe()})"
+
+
+@attrs.frozen
+class Resolved:
+    """A component table after resolution: the registered component, its config (structured
+    from the table's options) and the table's place in the recipe (what errors name).
+
+    A recipe's slots are these (``recipe.get("flow.time_sampler")``), and so is a nested
+    component table a plugin resolves with :meth:`Registry.resolve_table`."""
+
+    path: str
+    component: Component
+    config: Any
+
+    def build(self, **kwargs: Any) -> Any:
+        return self.component.build(self.config, **kwargs)
+
 
 def _name(factory: Any) -> str:
     return getattr(factory, "__qualname__", None) or type(factory).__name__
+
+
+def default_problems(cls: type, prefix: str = "") -> list[str]:
+    """Fields of config class ``cls`` (and of the config classes it nests) whose default lies
+    outside the field's own declared range: every recipe that leaves the field unset would be
+    refused, for a value the user never wrote. Plain defaults only: a ``factory=`` default may
+    need the registry (a mix's sources), which is being filled when this runs."""
+    problems = []
+    for a in attrs.fields(cls):
+        if isinstance(a.type, type) and attrs.has(a.type):
+            problems += default_problems(a.type, f"{prefix}{a.name}.")
+        default = a.default
+        if default is attrs.NOTHING or isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+            continue
+        # the field's Range, and attrs' own gt/ge/lt/le: checks of the value alone
+        checks = [range_of(a.validator)] + [v for v in _walk(a.validator) if getattr(v, "compare_op", None)]
+        for check in filter(None, checks):
+            try:
+                check(None, a, default)
+            except Exception as exc:  # a RangeError; a TypeError from gt(0) on a str default too
+                problems.append(f"field {prefix + a.name!r}: default {short_repr(default)} is outside its own "
+                                f"range ({exc})")
+                break
+    return problems
 
 
 class Registry:
     def __init__(self) -> None:
         self._by_kind: dict[str, dict[str, Component]] = {k: {} for k in KINDS}
         self._dropped: dict[tuple[str, str], str] = {}  # (kind, name) -> the skipped plugin that had it
+        #: (kind, name) -> the plugins (none of them minFM's own) that all claim it: no one gets it.
+        self._contested: dict[tuple[str, str], list[str]] = {}
 
     def add(self, component: Component) -> None:
         self.check_new(component)
@@ -162,10 +211,15 @@ class Registry:
                 f"{kind} {name!r} is registered by both plugin {old.plugin!r} "
                 f"and plugin {component.plugin!r}; disable one with MINFM_DISABLE_PLUGINS"
             )
-        # (Its defaults are not tried here: many are valid only in a recipe, e.g. flux's
-        # fields that a flavor fills, or a mix naming datasets of other plugins.)
-        if component.config is not None:
-            problems = config_problems(component.config)
+        config = component.config
+        if isinstance(config, str):  # register(name, factory, "its doc"): the third argument is the config
+            raise PluginError(f"{kind} {name!r}: config {short_repr(config)} is a string, not a config class; "
+                              "pass a doc by keyword: register(name, factory, doc=...)")
+        # (Its default config is not built here: many are complete only in a recipe, e.g.
+        # flux's fields that a flavor fills, or a mix naming datasets of other plugins. Each
+        # plain default is held to its own field's range, though.)
+        if config is not None:
+            problems = config_problems(config) or default_problems(config)
             if problems:
                 raise PluginError(f"config of {kind} {name!r}: {'; '.join(problems)}")
 
@@ -175,18 +229,36 @@ class Registry:
             for name in [n for n, c in table.items() if c.plugin == plugin]:
                 self.note_skipped(table.pop(name))
 
+    def contest(self, component: Component) -> None:
+        """``component``'s name is held by another plugin that is not one of minFM's own: the
+        name is withdrawn from both (from every claimant), so a recipe naming it is refused with
+        all their names rather than silently given whichever plugin loaded first."""
+        key = (component.kind, component.name)
+        holder = self._by_kind[component.kind].pop(component.name, None)
+        claimants = self._contested.setdefault(key, [holder.plugin] if holder is not None else [])
+        claimants.append(component.plugin)
+
+    def contested(self) -> dict[tuple[str, str], list[str]]:
+        """(kind, name) -> the plugins that claim it (no one gets it): see :meth:`contest`."""
+        return dict(self._contested)
+
     def note_skipped(self, component: Component) -> None:
         """``component``'s plugin was skipped: :meth:`get` says so rather than "unknown"."""
         if self._by_kind.get(component.kind, {}).get(component.name) is None:
             self._dropped[(component.kind, component.name)] = component.plugin
 
     def registrar(self, kind: str, plugin: str) -> Callable[..., None]:
-        """The ``register`` callback handed to one plugin's hook for one kind."""
+        """The ``register`` callback handed to one plugin's hook for one kind (the same
+        ``register(name, factory, config=None, doc=None)`` for every kind)."""
 
         def register(name: str, factory: Callable[..., Any] | str, config: type | None = None, doc: str | None = None):
             self.add(component(kind, name, factory, config, plugin, doc))
 
         return register
+
+    def holder(self, kind: str, name: str) -> Component | None:
+        """The component registered as ``name`` of ``kind``, or None (unlike :meth:`get`, no error)."""
+        return self._by_kind[kind].get(name)
 
     def names(self, kind: str) -> list[str]:
         return sorted(self._by_kind[kind])
@@ -202,6 +274,11 @@ class Registry:
         if name in table:
             return table[name]
         where = f"{path}: " if path else ""
+        claimants = self._contested.get((kind, name))
+        if claimants is not None:  # not a typo either: two plugins want it, the user picks one
+            named = " and ".join(f"plugin {p!r}" for p in claimants)
+            raise PluginError(f"{where}{kind} {name!r} is registered by both {named}, so by neither; keep one "
+                              f"with MINFM_DISABLE_PLUGINS={','.join(claimants[1:])} (or {claimants[0]})")
         skipped = self._dropped.get((kind, name))
         if skipped is not None:  # not a typo: its plugin failed (the reason is in `minfm plugins`)
             raise UnknownComponentError(f"{where}{kind} {name!r} belongs to plugin {skipped!r}, which was skipped "
@@ -210,6 +287,35 @@ class Registry:
         raise UnknownComponentError(
             f"{where}unknown {kind} {name!r}{did_you_mean(name, table)}; installed: {installed}"
         )
+
+
+    def configure(self, kind: str, name: str, options: Mapping[str, Any], path: str) -> Resolved:
+        """Component ``name`` of ``kind`` with ``options`` structured into its config, as the
+        recipe's ``path`` holds it: strictly (unknown keys, wrong types, values outside a
+        range are errors), every problem naming its full path. How every recipe slot and
+        every nested component table is resolved."""
+        comp = self.get(kind, name, path=f"{path}.name")
+        if comp.config is None:
+            if options:
+                raise RecipeError(f"{path}: {kind} {name!r} takes no options, got {', '.join(options)}")
+            return Resolved(path, comp, None)
+        return Resolved(path, comp, structure(dict(options), comp.config, path=path))
+
+    def resolve_table(self, kind: str, table: Any, path: str | None = None) -> Resolved:
+        """A whole component table, ``{name = "...", options...}`` (the value of a config field
+        declared ``field(..., component=kind)``), resolved as a recipe slot is: the public way
+        for a plugin to build the component such a table names
+        (``get_registry().resolve_table("denoiser", cfg.inner).build(load_weights=...)``).
+        ``path``: where the recipe holds the table, for errors (default: the kind)."""
+        path = path or kind
+        if not isinstance(table, Mapping):
+            raise RecipeError(f"{path}: expected a {kind} table (name = '<{kind}>' and its options), "
+                              f"got {short_repr(table)}")
+        name = table.get("name")
+        if not isinstance(name, str):
+            raise RecipeError(f"{path}.name: a {kind} table needs name = '<{kind}>', got "
+                              f"{'nothing' if name is None else short_repr(name)}")
+        return self.configure(kind, name, {k: v for k, v in table.items() if k != "name"}, path)
 
 
 def component(kind: str, name: str, factory: Any, config: type | None, plugin: str, doc: str | None) -> Component:

@@ -1,8 +1,9 @@
 """The plugin contract: one hook per component kind, plus CLI and recipe-check hooks.
 
-Each ``register_*`` hook receives ``register(name, factory, config=None, doc=None)``:
-``factory`` is a callable or a lazy ``"module:attribute"`` string, ``config`` an attrs
-class made with :func:`minfm_core.config`. What each kind's factory receives and what the
+Each ``register_*`` hook receives ``register(name, factory, config=None, doc=None)``, the
+same for every kind: ``factory`` is a callable or a lazy ``"module:attribute"`` string,
+``config`` an attrs class made with :func:`minfm_core.config` (none for sources and metrics:
+pass their ``doc`` by keyword). What each kind's factory receives and what the
 built object provides is declared in :mod:`minfm_core.protocols` (``PROTOCOLS[kind]``,
 ``FACTORY_KWARGS[kind]``); :mod:`minfm_core.testing` checks a component against it. See
 docs/plugins.md.
@@ -144,14 +145,26 @@ def register_sources(register):
 
 @hookspec
 def register_metrics(register):
-    """Register image metrics: ``register(name, factory, doc=None)`` (see minfm_core.metrics; ``fid`` is the in-training FID's)."""
+    """Register image metrics: ``register(name, factory, doc=...)`` (no config: the doc by keyword;
+    the callback is ``register(name, factory, config=None, doc=None)`` as for every kind).
+
+    Built objects: :class:`minfm_core.protocols.Metric` (see minfm_core.metrics; ``fid`` is the
+    in-training FID's).
+    """
 
 
 @hookspec
 def register_commands(subparsers):
-    """Add subcommands to the ``minfm`` CLI (an argparse subparsers object)."""
+    """Add subcommands to the ``minfm`` CLI (an argparse subparsers object); each command's
+    ``func(args)`` returns its exit code (an int, or None for 0)."""
 
 
 @hookspec
 def check_recipe(recipe, world_size):
-    """Return a list of ``path: problem`` strings for a resolved recipe at a world size."""
+    """Return a list of ``path: problem`` strings for a resolved recipe at a world size.
+
+    ``recipe.get(path)`` is a slot (None when absent): ``.component.name`` and
+    ``.component.plugin`` say which component fills it, ``.config`` is its config. Return None
+    or an empty list for no problems; anything but a list (or tuple) of strings, or raising,
+    skips the plugin (docs/plugins.md).
+    """

@@ -7,9 +7,11 @@ so there is one list of built-ins, not two.
 
 A broken plugin never takes the others (or ``minfm --version``) down. Whatever goes
 wrong with one plugin -- its import raises, pluggy rejects a hook implementation (a wrong
-argument name), a hook name is unknown, one of its hooks raises, or it registers a name
-another plugin already holds -- that plugin is unregistered, named in one warning on
-stderr, and listed in :attr:`PluginState.failures` (``minfm plugins`` shows the reason).
+argument name), a hook name is unknown, one of its hooks raises, it registers a name one of
+minFM's own plugins holds, or its entry point is named like a plugin already loaded -- that
+plugin is unregistered, named in one warning on stderr, and listed in
+:attr:`PluginState.failures` (``minfm plugins`` shows the reason). Two third-party plugins
+claiming one component name both stay, but neither gets that name (see ``_fill``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import importlib.machinery
 import importlib.metadata
 import importlib.util
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,7 +33,7 @@ import attrs
 import pluggy
 
 from . import hookspecs
-from .cli.groups import command_paths, drop_command
+from .cli.groups import command_paths, drop_command, guard_commands
 from .components import KINDS, Component, Registry, component
 from .errors import PluginError
 from .suggest import did_you_mean
@@ -60,13 +63,27 @@ class PluginState:
     #: plugin name -> the ``minfm`` subcommands its ``register_commands`` added (once called).
     commands: dict[str, list[str]] = attrs.field(factory=dict)
     commands_added: bool = False
+    #: minFM's own plugins (from its own distribution): a name one of them holds is never contested.
+    builtin: set[str] = attrs.field(factory=set)
+    #: plugin name -> the distribution its entry point came from (the qualified name's part).
+    dists: dict[str, str] = attrs.field(factory=dict)
 
 
 _STATE: PluginState | None = None
 
 
 def disabled_plugins() -> set[str]:
-    return {n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()}
+    """The plugins MINFM_DISABLE_PLUGINS names: ``name`` blocks every entry point of that name,
+    ``distribution:name`` (e.g. ``minfm-foo:loggers``, ``minfm:loggers`` for minFM's own) only
+    that distribution's: two distributions may declare one entry point name."""
+    return {_qualified(*n.strip().rpartition(":")[::2]) if ":" in n else n.strip()
+            for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()}
+
+
+def _qualified(dist: str, name: str) -> str:
+    """``distribution:name``, the distribution's name normalized as pip does (``minfm_foo`` and
+    ``Minfm.Foo`` are ``minfm-foo``)."""
+    return f"{re.sub(r'[-_.]+', '-', dist.strip()).lower()}:{name.strip()}"
 
 
 def autoload_disabled() -> bool:
@@ -103,23 +120,28 @@ def _checkout_entry_points() -> list[tuple[str, str]]:
     return list(table.items())
 
 
-def _entry_points() -> list[tuple[str, str, Any]]:
-    """``(name, module, load)`` of every plugin: minFM's own first, then the others by name
-    (none with autoload disabled).
+def _entry_points() -> list[tuple[str, str, Any, str, bool]]:
+    """``(name, module, load, distribution, minFM's own)`` of every plugin: minFM's own first,
+    then the others by name (none with autoload disabled).
 
-    The order decides clashes: a plugin registering a name an earlier one holds is skipped,
-    so a third party cannot knock out a built-in (MINFM_DISABLE_PLUGINS replaces one).
+    The order decides which of two entry points of one name loads (the second is skipped), and
+    that minFM's own hold their component names first: a third party cannot knock out a
+    built-in (MINFM_DISABLE_PLUGINS replaces one). Names two others claim: see ``_fill``.
     """
     eps = importlib.metadata.entry_points(group=GROUP)
-    found = [(ep.dist is not None and ep.dist.name == "minfm", ep.name, ep.value, ep.load) for ep in eps]
-    seen = {name for _, name, _, _ in found}
+    found = []
+    for ep in eps:
+        dist = ep.dist.name if ep.dist is not None else "?"
+        found.append((dist == "minfm", ep.name, ep.value, ep.load, dist))
+    seen = {name for own, name, *_ in found if own}
     for name, module in _checkout_entry_points():
         if name not in seen:  # the same entry point an install declares, loaded the same way
             ep = importlib.metadata.EntryPoint(name=name, value=module, group=GROUP)
-            found.append((True, name, module, ep.load))
+            found.append((True, name, module, ep.load, "minfm"))
     if autoload_disabled():
         found = [f for f in found if f[0]]
-    return [(name, value, load) for _, name, value, load in sorted(found, key=lambda t: (not t[0], t[1]))]
+    return [(name, value, load, dist, own)
+            for own, name, value, load, dist in sorted(found, key=lambda t: (not t[0], t[1], t[4]))]
 
 
 def _warn(msg: str) -> None:
@@ -154,10 +176,21 @@ def _unknown_hooks(pm: pluggy.PluginManager, plugin: Any) -> list[str]:
     return bad
 
 
-def _register(state: PluginState, name: str, obj: Any, origin: str) -> bool:
+def _register(state: PluginState, name: str, obj: Any, origin: str, dist: str | None = None) -> bool:
     pm = state.pm
     if pm.has_plugin(name) or name in state.origins:
-        _warn(f"plugin {name!r} ({origin}) skipped: another plugin is already named {name!r}")
+        if not dist:  # an object registered in-process (plugin(), only()): its caller's mistake
+            _warn(f"plugin {name!r} ({origin}) skipped: another plugin is already named {name!r}")
+            return False
+        # An entry point: listed (minfm plugins, --json failed) under its distribution-qualified
+        # name, the one MINFM_DISABLE_PLUGINS takes to block just this entry point (or the other).
+        key = _qualified(dist, name)
+        other = "one of minFM's own plugins" if name in state.builtin else "another plugin"
+        theirs = _qualified(state.dists.get(name, "<its distribution>"), name)
+        reason = (f"{other} is already named {name!r}; this entry point needs another name (to load this one "
+                  f"instead, block the other: MINFM_DISABLE_PLUGINS={theirs})")
+        state.failures[key] = reason
+        _warn(f"plugin {key!r} ({origin}) skipped: {reason}")
         return False
     try:
         pm.register(obj, name=name)
@@ -178,6 +211,8 @@ def _register(state: PluginState, name: str, obj: Any, origin: str) -> bool:
                 # HookImpl has no public way to wrap its function; pluggy calls this attribute.
                 impl.function = _guarded(state, name, hook.name, impl.function)  # type: ignore[misc]
     state.origins[name] = origin
+    if dist:
+        state.dists[name] = dist
     return True
 
 
@@ -198,7 +233,9 @@ def _guarded(state: PluginState, name: str, hook_name: str, function: Callable[.
             _fail(state, name, f"hook {hook_name} raised {_one_line(exc)}")
             return None  # pluggy collects no result from this plugin
         if subparsers is not None:
-            state.commands[name] = sorted(" ".join(p) for p in command_paths(subparsers) - before)
+            added = command_paths(subparsers) - before
+            guard_commands(subparsers, added, name)  # what its commands return or raise names it
+            state.commands[name] = sorted(" ".join(p) for p in added)
             state.commands_added = True
         return result
 
@@ -206,23 +243,36 @@ def _guarded(state: PluginState, name: str, hook_name: str, function: Callable[.
 
 
 def _checked_problems(state: PluginState, name: str, function: Callable[..., Any], args: tuple) -> list[str] | None:
-    """A ``check_recipe`` hook's problems. One that raises, or returns anything but a list of
-    strings, skips its plugin (and its components: a recipe that uses them then fails its
-    check, see ``recipe.checks``); other plugins' checks go on."""
+    """A ``check_recipe`` hook's problems: a list (or tuple) of strings, None meaning none (a
+    hook that ends without ``return``). One that raises, or returns anything else, skips its
+    plugin (and its components: a recipe that uses them then fails its check, see
+    ``recipe.checks``); other plugins' checks go on."""
     try:
         result = function(*args)
     except Exception as exc:
         _fail(state, name, f"hook check_recipe raised {_one_line(exc)}")
         return None
-    if result is not None and (not isinstance(result, (list, tuple)) or not all(isinstance(p, str) for p in result)):
+    if result is None:
+        return []
+    if not isinstance(result, (list, tuple)):
         _fail(state, name, f"hook check_recipe returned {type(result).__name__}, not a list of strings")
         return None
-    return list(result or [])
+    odd = [p for p in result if not isinstance(p, str)]
+    if odd:
+        _fail(state, name, f"hook check_recipe returned a {type(result).__name__} holding "
+                           f"{type(odd[0]).__name__} {_short(odd[0])}, not only strings")
+        return None
+    return list(result)
 
 
-def _components_of(state: PluginState, name: str) -> list[Component]:
-    """What plugin ``name``'s ``register_*`` hooks register, in a list (not yet the registry)."""
-    found: list[Component] = []
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _components_of(state: PluginState, name: str, found: list[Component]) -> None:
+    """What plugin ``name``'s ``register_*`` hooks register, appended to ``found`` (not yet the
+    registry); a hook that raises is a PluginError naming that hook."""
     for kind, hook_name in KINDS.items():
         for impl in getattr(state.pm.hook, hook_name).get_hookimpls():
             if impl.plugin_name != name:
@@ -231,30 +281,56 @@ def _components_of(state: PluginState, name: str) -> list[Component]:
             def register(cname, factory, config=None, doc=None, *, _kind=kind):
                 found.append(component(_kind, cname, factory, config, name, doc))
 
-            impl.function(register=register)
-    return found
+            try:
+                impl.function(register=register)
+            except Exception as exc:
+                raise PluginError(f"hook {hook_name} raised {_one_line(exc)}") from None
 
 
 def _fill(state: PluginState) -> None:
-    """The registry from every registered plugin; a plugin that cannot join it is skipped whole."""
+    """The registry from every registered plugin; a plugin that cannot join it is skipped whole.
+
+    A name one of minFM's own plugins holds skips the later plugin whole (a third party cannot
+    knock out a built-in). A name two other plugins claim goes to neither: given to the one
+    that loaded first (by entry-point name) it let any plugin squat another's names, and the
+    other was skipped whole. Both keep their other components; a recipe naming the contested
+    one is refused naming both, and MINFM_DISABLE_PLUGINS picks one.
+    """
     reg = Registry()
     for name in list(state.origins):
         comps: list = []
+        contested = []
         try:
-            comps = _components_of(state, name)
+            _components_of(state, name, comps)
             own = Registry()
             for c in comps:
                 own.add(c)  # one plugin naming a component twice, a config that is not attrs
-                reg.check_new(c)  # a name another plugin already holds
+                if _contested(state, reg, c):
+                    contested.append(c)
+                else:
+                    reg.check_new(c)  # a name one of minFM's own plugins holds
         except Exception as exc:  # a hook that raises is that plugin's failure, not everyone's
-            reason = str(exc) if isinstance(exc, PluginError) else f"a register hook raised {_one_line(exc)}"
-            _fail(state, name, reason)
+            _fail(state, name, str(exc) if isinstance(exc, PluginError) else f"registering raised {_one_line(exc)}")
             for c in comps:  # a recipe naming one is told whose they were, not "unknown"
                 reg.note_skipped(c)
             continue
         for c in comps:
-            reg.add(c)
+            if c in contested:
+                reg.contest(c)
+                _warn(f"{c.kind} {c.name!r} is registered by both plugin "
+                      f"{' and plugin '.join(repr(p) for p in reg.contested()[(c.kind, c.name)])}: neither gets it "
+                      "(MINFM_DISABLE_PLUGINS picks one)")
+            else:
+                reg.add(c)
     state.registry = reg
+
+
+def _contested(state: PluginState, reg: Registry, c: Component) -> bool:
+    """Whether ``c``'s name is already held, or contested, by plugins that are not minFM's own."""
+    if (c.kind, c.name) in reg.contested():
+        return True
+    held = reg.holder(c.kind, c.name)
+    return held is not None and held.plugin not in state.builtin and c.plugin not in state.builtin
 
 
 def load_plugins() -> PluginState:
@@ -266,17 +342,22 @@ def load_plugins() -> PluginState:
     pm.add_hookspecs(hookspecs)
     state = PluginState(pm=pm)
     blocked = disabled_plugins()
-    for name, value, load in _entry_points():
+    for name, value, load, dist, own in _entry_points():
         if name in blocked:
             pm.set_blocked(name)
+            continue
+        if _qualified(dist, name) in blocked:  # this distribution's only: another may use the name
             continue
         try:
             obj = load()
         except Exception as exc:  # a broken plugin must not take the others down
-            state.failures[name] = _one_line(exc)
-            _warn(f"plugin {name!r} ({value}) failed to import and was skipped: {_one_line(exc)}")
+            # qualified when a loaded plugin has its name: that one's components are not skipped
+            key = _qualified(dist, name) if name in state.origins else name
+            state.failures[key] = _one_line(exc)
+            _warn(f"plugin {key!r} ({value}) failed to import and was skipped: {_one_line(exc)}")
             continue
-        _register(state, name, obj, value)
+        if _register(state, name, obj, value, dist) and own:
+            state.builtin.add(name)
     _fill(state)
     _STATE = state
     return state
@@ -299,6 +380,9 @@ def only(*plugins: tuple[str, Any]) -> Iterator[PluginState]:
         _fill(state)
     if state.failures:
         raise PluginError("plugins failed to register: " + "; ".join(f"{n}: {r}" for n, r in state.failures.items()))
+    if state.registry.contested():  # a test of several plugins wants to know, not to meet it in a recipe
+        raise PluginError("plugins register the same names: " + "; ".join(
+            f"{kind} {cname!r} by {', '.join(who)}" for (kind, cname), who in state.registry.contested().items()))
     saved, _STATE = _STATE, state
     try:
         yield state

@@ -62,7 +62,8 @@ class Denoiser(Protocol):
 
     ``img (L_img, d_img)``, ``img_pos (L_img, 3)`` long (t, y, x), ``img_lens (n,)``,
     ``txt (L_txt, d_txt)``, ``txt_lens (n,)``, ``t (n,)`` in [0, 1] (1 = noise),
-    ``vec (n, d_vec)`` or None, ``guidance (n,)`` or None -> a fresh ``(L_img, d_img)`` tensor.
+    ``vec (n, d_vec)`` or None, ``guidance (n,)`` or None -> a fresh floating-point
+    ``(L_img, d_img)`` tensor, not ``img`` or a view of it (checked by the engine on every call).
     """
 
     def __call__(self, img: Tensor, img_pos: Tensor, img_lens: Tensor, txt: Tensor, txt_lens: Tensor,
@@ -115,9 +116,10 @@ class ProbabilityPath(Protocol):
 
 @runtime_checkable
 class TimeSampler(Protocol):
-    """Training times ``t (n,)`` in (0, 1). The trainer calls it once per sample (``n = 1``) with
-    that sample's own generator, so a sample's t does not depend on its batch. Validation does
-    not call it (it uses fixed, stratified times)."""
+    """Training times ``t (n,)``: a float tensor, every value finite and in [0, 1] (the engine
+    refuses anything else, naming the sampler). The trainer calls it once per sample
+    (``n = 1``) with that sample's own generator, so a sample's t does not depend on its batch.
+    Validation does not call it (it uses fixed, stratified times)."""
 
     def __call__(self, n: int, *, generator: torch.Generator | None = None,
                  device: torch.device | str | None = None) -> Tensor: ...
@@ -125,14 +127,16 @@ class TimeSampler(Protocol):
 
 @runtime_checkable
 class TimeWarper(Protocol):
-    """A per-sample shift of ``t (n,)`` from each sample's image token count ``seq_lens (n,)``."""
+    """A per-sample shift of ``t (n,)`` from each sample's image token count ``seq_lens (n,)``;
+    returns a float tensor ``(n,)`` in [0, 1] (checked by the engine, as a sampler's t)."""
 
     def __call__(self, t: Tensor, seq_lens: Tensor) -> Tensor: ...
 
 
 @runtime_checkable
 class TimeWeighter(Protocol):
-    """Loss weights ``w (n,)`` for times ``t (n,)``."""
+    """Loss weights ``w (n,)`` for times ``t (n,)``: a float tensor (not a number), every value
+    finite and >= 0 (checked by the engine: a negative weight trains away from the target)."""
 
     def __call__(self, t: Tensor) -> Tensor: ...
 
@@ -217,8 +221,11 @@ class Parallelizer(Protocol):
 
 @runtime_checkable
 class Dataset(Protocol):
-    """Map-style: items are dicts with ``"image"`` ``(3, F, H, W)`` in [-1, 1] or ``"latent"``
-    ``(C, F, h, w)``, and ``"prompt"``."""
+    """Map-style: items are dicts with ``"prompt"`` (a string) and either ``"image"``, a
+    floating-point torch tensor ``(3, F, H, W)`` (RGB, frames, height, width) with every value
+    in [-1, 1], or ``"latent"``, a floating-point ``(C, F, h, w)`` tensor. The engine checks each
+    item it trains or validates on and refuses one that breaks these rules, naming the dataset,
+    its plugin and the item's index."""
 
     def __len__(self) -> int: ...
 
@@ -336,7 +343,9 @@ class NeedsCudaConfig(Protocol):
 class RunOutputsConfig(Protocol):
     """A logger config naming what it writes in the run folder (relative names, a trailing
     ``/`` for a folder): probed before a run starts, so that a file in the way or a read-only
-    one fails then, not at the first log line hours in."""
+    one fails then, not at the first log line hours in. A name that is absolute, starts with
+    ``~`` or holds a ``..`` is refused by ``minfm check`` and before the run (it would leave the
+    run folder)."""
 
     @property
     def run_outputs(self) -> tuple[str, ...]: ...
@@ -384,6 +393,29 @@ FACTORY_KWARGS: dict[str, dict[str, Any]] = {
     "logger": {"run_dir": _REQUIRED, "rank": 0, "recipe": None},
     "source": {"training_state": False, "subpath": None},
     "metric": {"extractor": None, "weights": None, "device": "cpu"},
+}
+
+
+#: Kind -> how ``minfm check`` builds the component a recipe selects (docs/plugins.md, "What
+#: ``minfm check`` builds"), so that what the factory itself refuses (a ``MinfmError``) fails
+#: the check as it would fail the run: ``"meta"``: ``factory(cfg, load_weights=False)`` inside
+#: ``torch.device("meta")`` (structure only: no weights read, no memory; a denoiser gets no
+#: ``attention`` and no ``balancer``); ``"plain"``: ``factory(cfg)`` as the engine calls it
+#: (cheap kinds that read no data and no weights). Kinds not listed are never built by check:
+#: a dataset reads data, a logger writes in the run folder, a balancer and a parallelizer are
+#: built after the process group exists, sources and metrics fill no recipe slot.
+CHECK_BUILDS: dict[str, str] = {
+    "denoiser": "meta",
+    "vae": "meta",
+    "text_encoder": "meta",
+    "patchifier": "plain",
+    "path": "plain",
+    "time_sampler": "plain",
+    "time_warper": "plain",
+    "time_weighter": "plain",
+    "sampler": "plain",
+    "guidance": "plain",
+    "attention": "plain",
 }
 
 

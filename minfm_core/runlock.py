@@ -284,7 +284,10 @@ def run_outputs(resolved, job: str = "train") -> list[tuple[Path, bool, str]]:
             continue
         names = getattr(slot.config, "run_outputs", ())
         what = f"{path} ({slot.component.name})"
-        for name in names if isinstance(names, (tuple, list)) else ():
+        if not isinstance(names, (tuple, list)):
+            raise MinfmError(f"{what}: run_outputs: expected a tuple of names in the run folder, "
+                             f"got {type(names).__name__}")
+        for name in names:
             # A plugin's names: an absolute or ../ one would be probed (written) outside the run folder.
             place = relative_inside(exp, name, what=f"{what}: run_outputs")
             out.append((place, name.endswith("/"), what))

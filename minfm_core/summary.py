@@ -1,13 +1,12 @@
-"""Component summary with exact parameter counts, built on the meta device (no weights read)."""
+"""What ``minfm check`` builds, and its summary: exact parameter counts, built on the meta device
+(no weights read)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from .errors import PluginError
-
-#: Slots whose components are torch modules; their factories take ``load_weights``.
-MODEL_SLOTS = ("model.denoiser", "model.vae", "model.text_encoder", "model.clip_encoder")
+from .errors import MinfmError, RecipeError, first_line
+from .protocols import CHECK_BUILDS
 
 
 def count_parameters(module: Any) -> tuple[int, int]:
@@ -20,24 +19,43 @@ def count_parameters(module: Any) -> tuple[int, int]:
     return total, trainable
 
 
-def meta_parameter_counts(resolved) -> dict[str, tuple[int, int] | str]:
-    """Build each model slot on the meta device and count its parameters."""
+def check_builds(resolved) -> tuple[dict[str, tuple[int, int]], list[str]]:
+    """Build what ``minfm check`` builds (``protocols.CHECK_BUILDS``: the model slots on the meta
+    device with ``load_weights=False``, the cheap kinds as the engine builds them): the
+    parameter counts of the model slots, and the problems, each naming its recipe path.
+
+    A factory's ``MinfmError`` (a value its config cannot check alone, a missing file) is the
+    user's to fix: a check problem, as the run would stop on it. Anything else it raises is a
+    bug of its plugin: also a problem (the run would stop on it too), naming the component and
+    the plugin; ``minfm run`` shows its traceback. A slot whose factory does not import or
+    bind is skipped here: ``job_checks`` reports that already.
+    """
     import torch
 
-    counts: dict[str, tuple[int, int] | str] = {}
-    for path in MODEL_SLOTS:
-        slot = resolved.get(path)
-        if slot is None:
+    counts: dict[str, tuple[int, int]] = {}
+    problems: list[str] = []
+    for path, slot in resolved.slots.items():
+        comp = slot.component
+        how = CHECK_BUILDS.get(comp.kind)
+        if how is None or comp.factory_problem() is not None:
             continue
         try:
-            with torch.device("meta"):
-                module = slot.build(load_weights=False)
-            counts[path] = count_parameters(module)
-        except PluginError:  # the plugin breaks the contract (a member missing): run would stop on it
-            raise
-        except Exception as exc:  # a summary must not hide the rest of the check
-            counts[path] = f"not built on meta: {type(exc).__name__}: {exc}"
-    return counts
+            if how == "meta":
+                with torch.device("meta"):
+                    counts[path] = count_parameters(slot.build(load_weights=False))
+            else:
+                slot.build()
+        except MinfmError as exc:
+            lines = exc.problems if isinstance(exc, RecipeError) else [str(exc)]
+            # a line naming its own place under the slot (flow.time_sampler.a: ...) keeps it
+            problems.extend(line if line.startswith((f"{path}.", f"{path}:", f"{path}[")) else f"{path}: {line}"
+                            for line in lines)
+        except Exception as exc:
+            built = " on the meta device" if how == "meta" else ""
+            problems.append(f"{path}: the factory of {comp.describe()} raised {type(exc).__name__}: "
+                            f"{first_line(exc, 200)} when built{built} (a bug in plugin {comp.plugin!r}; "
+                            "minfm run stops on it too, with its traceback)")
+    return counts, problems
 
 
 def human(n: int) -> str:

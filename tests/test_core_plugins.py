@@ -405,8 +405,10 @@ def test_check_refuses_a_model_whose_built_module_breaks_the_contract(capsys):
 
     args = argparse.Namespace(recipe=TINY, overrides=["model.vae.name=encode_only"], world_size=None, print_recipe=False)
     with plugin(Probe(), "probe"):
-        with pytest.raises(PluginError, match=r"^vae 'encode_only' of plugin 'probe': built EncodeOnly lacks decode"):
+        with pytest.raises(RecipeError) as info:
             check_cmd.run(args)
+        assert info.value.problems == ["model.vae: vae 'encode_only' of plugin 'probe': built EncodeOnly lacks decode "
+                                       "(required: define decode)"]
         args.overrides = []
         assert check_cmd.run(args) == 0  # the same recipe with identity passes
     assert "ok (job = 'train')" in capsys.readouterr().out

@@ -138,11 +138,12 @@ def _dataset_of(item):
 
 
 @pytest.mark.parametrize("item, message", [
-    ({"image": "x"}, "items hold a 'prompt' string, got NoneType"),
-    ({"image": "x", "prompt": 3}, "items hold a 'prompt' string, got int"),
-    ({"image": "pixels", "prompt": "p"}, "'image' is a (3, F, H, W) tensor, got str"),
-    ({"image": (3, 8, 8), "prompt": "p"}, "'image' is a (3, F, H, W) tensor, got (3, 8, 8)"),
-    ({"image": (3, 1, 8, 8, 5.0), "prompt": "p"}, "'image' values lie in [-1, 1], got [5, 5]"),
+    ({"image": "x"}, "item 0: expected a 'prompt' string, got no 'prompt'"),
+    ({"image": "x", "prompt": 3}, "item 0: 'prompt': expected a string, got int"),
+    ({"image": "pixels", "prompt": "p"}, "item 0: 'image': expected a torch tensor (3, F, H, W), got str"),
+    ({"image": (3, 8, 8), "prompt": "p"},
+     "item 0: 'image': expected shape (3, F, H, W) (RGB, frames, height, width), got (3, 8, 8)"),
+    ({"image": (3, 1, 8, 8, 5.0), "prompt": "p"}, "item 0: 'image': expected values in [-1, 1], got [5, 5]"),
 ], ids=["no-prompt", "int-prompt", "not-a-tensor", "three-dims", "out-of-range"])
 def test_the_dataset_check_says_what_is_wrong(item, message):
     import torch
@@ -163,6 +164,30 @@ def test_the_time_sampler_check_says_a_list_is_not_a_tensor():
     with pytest.raises(AssertionError) as info:
         testing.check_time_sampler(lambda cfg: ListSampler(), object())
     assert str(info.value).splitlines()[0] == "time_sampler(64): expected a tensor of shape (64,), got list"
+
+
+def test_the_denoiser_check_says_a_tuple_is_not_a_tensor():
+    """It raised AttributeError ('tuple' object has no attribute 'shape'), not the kit's
+    AssertionError."""
+    import torch
+
+    class Tupled(torch.nn.Module, protocols.Denoiser):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, img, img_pos, img_lens, txt, txt_lens, t, vec=None, guidance=None):
+            return (self.lin(img),)
+
+        def init_weights(self):
+            pass
+
+    class Cfg:
+        d_img, d_txt, d_vec = 4, 4, None
+
+    with pytest.raises(AssertionError) as info:
+        testing.check_denoiser(lambda cfg, **kw: Tupled(), Cfg())
+    assert str(info.value) == "denoiser output: expected a tensor of shape (10, 4) (the input's), got tuple"
 
 
 def test_the_balancer_check_asks_for_the_handle_a_denoiser_reads(tmp_path):

@@ -29,7 +29,7 @@ BROKEN = {
     ),
     "raising_hook": (
         HEAD + "@hookimpl\ndef register_loggers(register):\n    raise ValueError('no loggers today')\n",
-        "a register hook raised ValueError: no loggers today",
+        "hook register_loggers raised ValueError: no loggers today",
     ),
     "raising_command": (
         HEAD + "@hookimpl\ndef register_commands(subparsers):\n"
@@ -243,7 +243,7 @@ class _RaisingRegister:
 
 def test_a_raising_register_hook_leaves_no_component_behind():
     with plugin(_RaisingRegister(), "halfway") as state:
-        assert state.failures["halfway"] == "a register hook raised ZeroDivisionError: halfway"
+        assert state.failures["halfway"] == "hook register_paths raised ZeroDivisionError: halfway"
         assert "fine" not in get_registry().names("path")
         assert "halfway" not in state.origins
     assert "halfway" not in load_plugins().failures

@@ -11,7 +11,7 @@ from ..errors import RecipeError
 from ..launch_env import MAX_WORLD_SIZE, launch_env
 from ..recipe import load_recipe
 from ..recipe.checks import job_checks
-from ..summary import meta_parameter_counts, summary_table
+from ..summary import check_builds, summary_table
 from .argtypes import int_in
 
 
@@ -60,6 +60,10 @@ def run(args) -> int:
     resolved = load_recipe(args.recipe, args.overrides, world_size=args.world_size)
     # The job's own start-up rules (factories included): check accepts exactly what run accepts.
     problems = job_checks(resolved, resolved.recipe.job, world_size=args.world_size)
+    # What the run would build first and cheaply, built: a factory's own refusal fails here too
+    # (protocols.CHECK_BUILDS, docs/plugins.md "What minfm check builds").
+    counts, refused = check_builds(resolved)
+    problems += refused
     if problems:
         raise RecipeError(problems, args.recipe)
     if args.print_recipe:
@@ -68,5 +72,5 @@ def run(args) -> int:
     for w in data_path_warnings(resolved) + section_file_warnings(resolved):
         print(f"minfm: warning: {w}", file=sys.stderr)
     print(f"{args.recipe}: ok (job = {resolved.recipe.job!r})")
-    print(summary_table(resolved, meta_parameter_counts(resolved)))
+    print(summary_table(resolved, counts))
     return 0

@@ -14,9 +14,12 @@ core needs no list of groups and knows nothing of what plugins put under them.
 
 from __future__ import annotations
 
+import functools
 import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
 
-from ..errors import PluginError
+from ..errors import MinfmError, PluginError
 
 # group parser -> its subparsers action; weak so a parser built in a test goes away with it
 _GROUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -63,3 +66,47 @@ def drop_command(subparsers, path: tuple[str, ...]) -> None:
     # argparse has no API to remove a subcommand: its name table and its help entries.
     subparsers.choices.pop(path[0], None)
     subparsers._choices_actions[:] = [a for a in subparsers._choices_actions if a.dest != path[0]]
+
+
+def _parser_at(subparsers, path: tuple[str, ...]):
+    parser = subparsers.choices.get(path[0])
+    if parser is None or len(path) == 1:
+        return parser
+    return _parser_at(_GROUPS[parser], path[1:]) if parser in _GROUPS else None
+
+
+def guard_commands(subparsers, paths: Iterable[tuple[str, ...]], plugin: str) -> None:
+    """Wrap the ``func`` of each command at ``paths`` (what plugin ``plugin`` added) so that what
+    it returns and raises names the plugin (see :func:`guarded_command`)."""
+    for path in paths:
+        parser = _parser_at(subparsers, path)
+        func = parser.get_default("func") if parser is not None else None
+        if callable(func) and not getattr(func, "__minfm_guarded__", False):
+            parser.set_defaults(func=guarded_command(func, f"'minfm {' '.join(path)}' of plugin {plugin!r}"))
+
+
+def guarded_command(func: Callable[[Any], Any], who: str) -> Callable[[Any], int]:
+    """``func`` (a plugin's command) as the CLI calls it: its return is the exit code, an int or
+    None (0); anything else (``"junk"``) is a one-line PluginError naming ``who`` instead of a
+    traceback from ``int()``. A bug it raises keeps its traceback, with a note naming ``who``;
+    a MinfmError stays the user's one line."""
+
+    @functools.wraps(func)
+    def call(args) -> int:
+        try:
+            code = func(args)
+        except MinfmError:
+            raise
+        except Exception as exc:
+            exc.add_note(f"(raised by the command {who})")
+            raise
+        if code is None:
+            return 0
+        if isinstance(code, bool) or not isinstance(code, int):  # True is not an exit code either
+            text = repr(code)
+            raise PluginError(f"the command {who} returned {text if len(text) <= 60 else text[:57] + '...'}, "
+                              "not an exit code (an int, or None for 0)")
+        return code
+
+    call.__minfm_guarded__ = True  # type: ignore[attr-defined]
+    return call

@@ -1,8 +1,10 @@
 """``minfm plugins``: every plugin with its commands, every component with its config fields.
 
-Broken plugins are listed with the reason they were skipped; a component whose lazy
-``"module:attr"`` factory does not import, or cannot take the keywords the engine passes,
-is listed as broken with the reason (``minfm check`` refuses a recipe that selects it).
+Broken plugins are listed with the reason they were skipped (an entry point named like a
+plugin already loaded by its distribution-qualified name, ``dist:name``); a component whose
+lazy ``"module:attr"`` factory does not import, or cannot take the keywords the engine
+passes, is listed as broken with the reason (``minfm check`` refuses a recipe that selects
+it); a name several plugins claim, which none of them gets, is listed as contested.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def collect() -> dict:
     return {
         "plugins": [{"name": n, "origin": o, "commands": commands.get(n, [])} for n, o in sorted(state.origins.items())],
         "failed": [{"name": n, "error": e} for n, e in sorted(state.failures.items())],
+        "contested": [{"kind": k, "name": n, "plugins": who} for (k, n), who in sorted(state.registry.contested().items())],
         "kinds": kinds,
         # The recipe's own numeric sections carry ranges too; listed so one command shows them all.
         "sections": {name: describe_fields(cls) for name, cls in
@@ -75,6 +78,9 @@ def run(args) -> int:
             print(f"      commands: {', '.join('minfm ' + c for c in p['commands'])}")
     for f in info["failed"]:
         print(f"  {f['name']:<18} BROKEN: {f['error']}")
+    for c in info["contested"]:
+        print(f"  {c['kind']} {c['name']!r} CONTESTED: registered by {', '.join(c['plugins'])}, so by none of them "
+              "(MINFM_DISABLE_PLUGINS picks one)")
     for kind, comps in info["kinds"].items():
         print(f"\n[{kind}]")
         if not comps:

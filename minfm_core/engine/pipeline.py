@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import packing
-from ..errors import MinfmError
+from .. import boundary, packing
+from ..errors import MinfmError, PluginError
 
 
 @dataclass
@@ -42,6 +42,48 @@ class Pipeline:
     sample_warper: Any
     device: torch.device
     resolved: Any = field(repr=False, default=None)
+    #: What the engine read the values of on a device other than the CPU (see read_values).
+    _values_read: set[str] = field(repr=False, default_factory=set)
+
+    # ---- what components hand the engine (minfm_core.boundary) ------------------------
+    def who(self, path: str) -> str:
+        """``time_sampler 'beta' of plugin 'x'``: the component in slot ``path`` (what an error names)."""
+        slot = self.resolved.get(path) if self.resolved is not None else None
+        return slot.component.describe() if slot is not None else path
+
+    def read_values(self, x: Any, key: str) -> bool:
+        """Whether to check ``x``'s values now: always on the CPU, where it costs a pass over a
+        small tensor; on a GPU only the first time per ``key``, as reading them there waits
+        for the device (and every step would)."""
+        if not isinstance(x, Tensor) or x.device.type == "cpu":
+            return True
+        if key in self._values_read:
+            return False
+        self._values_read.add(key)
+        return True
+
+    def refuse(self, path: str, what: str, problem: str | None) -> None:
+        """Raise the one-line error naming the component (and its plugin) in ``path`` when a
+        value it returned breaks its protocol (``problem`` from :mod:`minfm_core.boundary`)."""
+        if problem is not None:
+            raise PluginError(f"{self.who(path)}: {what}: {problem}")
+
+    def check_samples(self, samples: list[dict], indices: list[int] | None = None) -> None:
+        """Every dataset item of a batch keeps protocols.Dataset's rules, named by its dataset
+        index (``indices``, else the key the training loader adds), before anything reads it:
+        a uint8 image in 0..255 trained on garbage, a (3, H, W) one was blamed on the VAE as
+        "image 0" (its place in the batch)."""
+        for k, s in enumerate(samples):
+            image = s.get("image") if isinstance(s, dict) else None
+            problem = boundary.item_problem(s, values=self.read_values(image, "data"))
+            if problem is not None:
+                if indices is not None:
+                    where = f"item {indices[k]}"
+                elif isinstance(s, dict) and "index" in s:
+                    where = f"item {s['index']}"
+                else:
+                    where = f"item {k} of a batch"
+                self.refuse("data", where, problem)
 
     # ---- frozen operators -------------------------------------------------------
     @torch.no_grad()
@@ -84,7 +126,11 @@ class Pipeline:
 
     # ---- denoiser calls ---------------------------------------------------------
     def velocity(self, x: Tensor, pos: Tensor, lens: Tensor, text: TextBatch, t: Tensor, guidance: Tensor | None = None):
-        return self.denoiser(x, pos, lens, text.txt, text.txt_lens, t, vec=text.vec, guidance=guidance)
+        v = self.denoiser(x, pos, lens, text.txt, text.txt_lens, t, vec=text.vec, guidance=guidance)
+        # type, shape and storage only (free): a tuple or a short tensor crashed in the loss
+        # with a traceback, the input handed back failed in backward
+        self.refuse("model.denoiser", "v = model(img, ...)", boundary.velocity_problem(v, x))
+        return v
 
 
 def shard(resolved, module: torch.nn.Module, *, world_size: int, device: torch.device, trainable: bool):
@@ -218,13 +264,16 @@ def prepare_batch(
     t: Tensor | None = None,
     noise_seeds: list[int] | None = None,
     seed: int = 0,
+    indices: list[int] | None = None,
 ) -> TrainInputs:
     """Frozen ops -> patchify -> time sampling and warping -> noising, for one micro-batch.
 
     All randomness comes from ``generator`` (a CPU generator owned by the trainer), so
-    a resumed run draws exactly what an uninterrupted one would.
+    a resumed run draws exactly what an uninterrupted one would. ``indices``: the samples'
+    dataset indices, for errors only, where the samples carry none (validation's).
     """
     n = len(samples)
+    p.check_samples(samples, indices)
     prompts = [s["prompt"] for s in samples]
     keyed = noise_seeds is None and t is None and all("index" in s for s in samples)
     if keyed:
@@ -240,11 +289,17 @@ def prepare_batch(
     x0 = patched.tokens.to(p.device, torch.float32)
     lens = patched.lens.to(p.device)
     if t is None and keyed:
-        t = torch.cat([p.time_sampler(1, generator=g).cpu() for g in gens]).to(p.device)
-        t = p.time_warper(t, lens) if p.time_warper is not None else t
-    elif t is None:  # fixed t (validation) is used as given, unwarped
-        t = p.time_sampler(n, generator=generator).to(p.device)
-        t = p.time_warper(t, lens) if p.time_warper is not None else t
+        drawn = [p.time_sampler(1, generator=g) for g in gens]
+        for one in drawn:  # type and shape: free
+            p.refuse("flow.time_sampler", "t = sampler(1)", boundary.times_problem(one, 1, values=False))
+        t = torch.cat([one.cpu() for one in drawn])
+        p.refuse("flow.time_sampler", "t = sampler(1)", boundary.times_problem(t, n))  # values, on the CPU
+        t = _warped(p, t.to(p.device), lens)
+    elif t is None:  # (a fixed t, validation's, is used as given, unwarped)
+        t = p.time_sampler(n, generator=generator)
+        p.refuse("flow.time_sampler", f"t = sampler({n})",
+                 boundary.times_problem(t, n, values=p.read_values(t, "flow.time_sampler")))
+        t = _warped(p, t.to(p.device), lens)
     t = t.to(p.device, torch.float32)
     if keyed:
         eps = torch.cat([torch.randn((int(l), x0.shape[1]), generator=g) for l, g in zip(lens.tolist(), gens)])
@@ -259,11 +314,26 @@ def prepare_batch(
     t_tok = packing.expand_per_token(t, lens).unsqueeze(-1)
     x_t = p.path.noise(x0, eps, t_tok)
     target = p.path.target(x0, eps)
-    weight = p.time_weighter(t) if p.time_weighter is not None else torch.ones_like(t)
+    if p.time_weighter is not None:
+        weight = p.time_weighter(t)
+        p.refuse("flow.time_weighter", "w = weighter(t)",
+                 boundary.weights_problem(weight, n, values=p.read_values(weight, "flow.time_weighter")))
+    else:
+        weight = torch.ones_like(t)
     return TrainInputs(
         x_t=x_t, pos=patched.pos.to(p.device), lens=lens, target=target, t=t, weight=weight, text=text,
         n_tokens=int(lens.sum()) + int(text.txt_lens.sum()),
     )
+
+
+def _warped(p: Pipeline, t: Tensor, lens: Tensor) -> Tensor:
+    """The recipe's time warper applied to training times, its output checked."""
+    if p.time_warper is None:
+        return t
+    out = p.time_warper(t, lens)
+    p.refuse("flow.time_warper", "t = warper(t, seq_lens)",
+             boundary.times_problem(out, len(t), values=p.read_values(out, "flow.time_warper")))
+    return out
 
 
 def per_sample_loss(p: Pipeline, batch: TrainInputs) -> Tensor:

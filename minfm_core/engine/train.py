@@ -31,7 +31,7 @@ from .. import runlock
 from ..data_loader import BatchIterator
 from ..errors import MinfmError, MinfmWarning, RecipeError
 from ..jsonio import parse_json
-from ..recipe.schema import CHECKPOINT_PARTS, parse_load_plan
+from ..recipe.schema import CHECKPOINT_PARTS, DEFAULT_LOAD_PLAN, init_plan
 from ..recipe.checks import accumulation_steps, job_checks
 from ..safepath import write_text_atomic
 from ..schedule import lr_at
@@ -201,8 +201,6 @@ class Trainer:
                 raise MinfmError(f"{ckpt.path}: has no {source!r} to load (train.init_load_plan)")
             state = self.app_state()
             if target in ("model", "ema"):
-                if target == "ema" and self.ema is None:
-                    raise MinfmError("train.init_load_plan: this run keeps no EMA (train.ema_decay = 0)")
                 base = state[target]
                 # EMA holds trainable parameters only: loading from it leaves buffers as they are.
                 box = {source: {k: v for k, v in base.items() if source == "model" or k in trainable}}
@@ -287,14 +285,22 @@ class Trainer:
             raise MinfmError(f"{self.exp_dir}: no checkpoint verifies (newest: {skipped[0][1]}); "
                              "move the checkpoints away to start afresh")
         elif self.cfg.init_from:
-            plan = parse_load_plan(self.cfg.init_load_plan)
+            plan = init_plan(self.cfg, keeps_ema=self.ema is not None)
             weights_only = set(plan) <= {"model", "ema"}
             root = resolve_source(self.cfg.init_from, training_state=not weights_only)
+            # The default plan's ema:ema is "the EMA too, where there is one": a source that
+            # kept none starts this run's EMA from the loaded model, as a resume does.
+            default = self.cfg.init_load_plan == DEFAULT_LOAD_PLAN
             if weights_only and has_weights(root):
+                if default and not has_weights(root, "ema"):
+                    plan.pop("ema", None)
                 self._load_exported(root, plan)  # a Hub folder: the weights are enough
             else:
                 with ckpt_mod.held(root) as path:  # another live run's keep_last must not prune it meanwhile
-                    self._load(ckpt_mod.open_checkpoint(path, allow_pickle=allow_pickle), plan, exact=False)
+                    ckpt = ckpt_mod.open_checkpoint(path, allow_pickle=allow_pickle)
+                    if default and not ckpt.has_part("ema"):
+                        plan.pop("ema", None)
+                    self._load(ckpt, plan, exact=False)
             if self.ema is not None and "ema" not in plan and "model" in plan:
                 # The EMA was cloned from the random initialisation: left there, it would hold
                 # 0.999^N of it after N steps, and galleries, FID and exports use the EMA.
@@ -308,7 +314,7 @@ class Trainer:
         for target, source in plan.items():
             if target == "model":  # checked key by key; an FSDP2 model keeps only its shards
                 load_safetensors_into(self.model, folder, source)
-            elif self.ema is not None:
+            else:  # "ema": init_plan kept it only for a run that keeps one
                 sd = read_safetensors(folder, source)
                 # the EMA holds the trainable parameters: each must be there, in its shape
                 # (copy_ would broadcast a [1] into a [12, 32] without a word)

@@ -17,10 +17,11 @@ from ..errors import MinfmError, RecipeError
 from ..engine.prompts import read_prompt_file
 from ..launch_env import world_size_from_env
 from ..protocols import CachedLatentsConfig
+from ..runlock import run_outputs
 from ..safepath import relative_inside
 from ..validators import MAX_TOKENS
 from .load import is_trusted
-from .schema import parse_load_plan
+from .schema import init_plan, parse_load_plan
 
 
 def _attr(resolved, path: str, name: str) -> Any:
@@ -101,8 +102,14 @@ def job_checks(resolved, job: str, world_size: int | None = None) -> list[str]:
             mix_cached = isinstance(data_cfg, CachedLatentsConfig) and data_cfg.use_cached_latents
             for where, source_cfg in _mix_sources(data_cfg):
                 problems.extend(_data_problems(resolved, source_cfg, where, fits_only=mix_cached))
+        problems.extend(_run_outputs_problems(resolved))
         if train.init_from and not parse_load_plan(train.init_load_plan):  # (its syntax: the schema's check)
             problems.append("train.init_load_plan: empty, so nothing would be loaded from train.init_from")
+        elif train.init_from:
+            try:  # what the trainer loads: a plan into an EMA the run does not keep is refused
+                init_plan(train, keeps_ema=train.ema_decay > 0)
+            except RecipeError as exc:
+                problems.extend(exc.problems)
         resuming = os.path.isdir(os.path.join(exp, "checkpoints"))  # a resume does not read init_from
         if train.init_from and "://" not in train.init_from and not resuming \
                 and not os.path.exists(os.path.expanduser(train.init_from)):
@@ -124,6 +131,16 @@ def job_checks(resolved, job: str, world_size: int | None = None) -> list[str]:
         except MinfmError as exc:
             problems.append(f"sample.prompt_file: {exc}")
     return problems or start_problems(resolved, job)
+
+
+def _run_outputs_problems(resolved) -> list[str]:
+    """Each logger's ``run_outputs`` (``protocols.RunOutputsConfig``) must name places inside the
+    run folder: the run probes (writes) every one of them before it starts."""
+    try:
+        run_outputs(resolved)
+    except MinfmError as exc:
+        return [str(exc)]
+    return []
 
 
 def _attention_fits_the_device(resolved, job: str) -> list[str]:
@@ -152,23 +169,19 @@ def _mix_sources(data_cfg) -> list[tuple[str, Any]]:
     """``(path, config)`` of each source of a dataset that mixes others (a ``sources`` tuple of
     entries with a ``dataset`` table, as ``mix`` has): the sources' fields are checked as a
     top-level dataset's are."""
-    from ..config import structure
     from ..registry import get_registry
 
     sources = getattr(data_cfg, "sources", None)
     out = []
     for k, src in enumerate(sources if isinstance(sources, tuple) else ()):
         table = getattr(src, "dataset", None)
-        if not isinstance(table, dict) or not isinstance(table.get("name"), str):
-            continue
         where = f"data.sources[{k}].dataset"
         try:
-            comp = get_registry().get("dataset", table["name"], path=f"{where}.name")
-            if comp.config is not None:
-                out.append((where, structure({k2: v for k2, v in table.items() if k2 != "name"}, comp.config,
-                                             path=where)))
-        except MinfmError:  # the mix's own validator reports a bad table
+            config = get_registry().resolve_table("dataset", table, where).config
+        except MinfmError:  # resolving the recipe reported a bad table by its path
             continue
+        if config is not None:
+            out.append((where, config))
     return out
 
 

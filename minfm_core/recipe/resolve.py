@@ -9,24 +9,13 @@ from typing import Any
 
 import attrs
 
+from ..components import Resolved
 from ..config import structure, unstructure
 from ..errors import MinfmError, RecipeError
-from ..registry import Component, Registry, get_registry
+from ..registry import Registry, get_registry
 from ..safepath import contained, recipe_root
 from .load import SHIPPED, is_trusted, load_recipe_dict, parse_override, recipe_file, shipped_file
 from .schema import SLOTS, Recipe, Spec
-
-
-@attrs.frozen
-class Resolved:
-    """A component slot after resolution: the registered component and its config."""
-
-    path: str
-    component: Component
-    config: Any
-
-    def build(self, **kwargs: Any) -> Any:
-        return self.component.build(self.config, **kwargs)
 
 
 @attrs.frozen
@@ -43,9 +32,13 @@ class ResolvedRecipe:
         return self.slots[path]
 
     def get(self, path: str) -> Resolved | None:
+        """The slot at ``path`` (its ``component``: ``.name``, ``.plugin``; its ``config``), or
+        None when the recipe leaves the slot out."""
         return self.slots.get(path)
 
     def config(self, path: str) -> Any:
+        """The config of the slot at ``path``; None both when the slot is absent and when its
+        component takes no config (:meth:`get` tells them apart)."""
         slot = self.slots.get(path)
         return None if slot is None else slot.config
 
@@ -109,17 +102,11 @@ def resolve_recipe(
     slots: dict[str, Resolved] = {}
     for path, kind, spec in iter_slots(recipe):
         try:
-            comp = registry.get(kind, spec.name, path=f"{path}.name")
-            cfg = structure(spec.options, comp.config, path=path) if comp.config is not None else None
-            if comp.config is None and spec.options:
-                raise RecipeError(f"{path}: {kind} {spec.name!r} takes no options, got {', '.join(spec.options)}")
-        except RecipeError as exc:
-            problems.extend(exc.problems)
-            continue
+            slots[path] = slot = registry.configure(kind, spec.name, spec.options, path)
         except MinfmError as exc:
-            problems.append(str(exc))
+            problems.extend(_problems(exc))
             continue
-        slots[path] = Resolved(path, comp, cfg)
+        problems.extend(_nested_problems(registry, slot.config, path))
     if problems:
         raise RecipeError(problems, source)
     resolved = ResolvedRecipe(recipe, slots, source)
@@ -129,6 +116,43 @@ def resolve_recipe(
     if problems:
         raise RecipeError(problems, source)
     return resolved
+
+
+def _problems(exc: MinfmError) -> list[str]:
+    return list(exc.problems) if isinstance(exc, RecipeError) else [str(exc)]
+
+
+def nested_tables(cfg: Any, prefix: str) -> Iterator[tuple[str, str, Any]]:
+    """``(path, kind, table)`` of every nested component table in config ``cfg`` (fields
+    declared ``field(..., component=kind)``, also inside nested configs and tuples of them, as
+    a mix's sources), the config being at ``prefix`` in the recipe."""
+    if cfg is None or not attrs.has(type(cfg)):
+        return
+    for a in attrs.fields(type(cfg)):
+        value, key = getattr(cfg, a.name), f"{prefix}.{a.name}"
+        if a.metadata.get("component") and value is not None:
+            yield key, a.metadata["component"], value
+        elif attrs.has(type(value)):
+            yield from nested_tables(value, key)
+        elif isinstance(value, tuple):
+            for i, v in enumerate(value):
+                yield from nested_tables(v, f"{key}[{i}]")
+
+
+def _nested_problems(registry: Registry, cfg: Any, prefix: str) -> list[str]:
+    """Each nested component table resolved as a slot is (its name, its options against that
+    component's config, strictly), and the tables nested in it: in ``minfm check`` and before
+    every run, each problem by its full path. Only ``name`` was checked (while mapping file
+    references), so an unknown key or a wrong type crashed the run inside the plugin."""
+    problems = []
+    for key, kind, table in nested_tables(cfg, prefix):
+        try:
+            inner = registry.resolve_table(kind, table, key)
+        except MinfmError as exc:
+            problems.extend(_problems(exc))
+            continue
+        problems.extend(_nested_problems(registry, inner.config, key))
+    return problems
 
 
 def load_recipe(
@@ -193,13 +217,13 @@ def map_file_references(resolved: ResolvedRecipe, fn: Callable[[str, str, str, A
     (fields declared with ``field(..., file=kind)``) of the run/sample/train sections and slots."""
 
     def table(value: dict, kind: str, key: str) -> dict:
-        # A nested component table (field(component=kind)): its component's file fields.
-        comp = get_registry().get(kind, value.get("name"), path=f"{key}.name")
+        # A nested component table (field(component=kind)), which resolve_recipe checked: its
+        # component's file fields, and the component tables nested in it, as written.
+        comp = get_registry().get(kind, value["name"], path=f"{key}.name")
         out = dict(value)
         for a in attrs.fields(comp.config) if comp.config is not None else ():
-            v = value.get(a.name)
-            if a.metadata.get("file") is not None and isinstance(v, str) and v:
-                out[a.name] = fn(f"{key}.{a.name}", a.metadata["file"], v, a)
+            if a.name in value:
+                out[a.name] = value_of(a, value[a.name], f"{key}.{a.name}")
         return out
 
     def value_of(a: Any, value: Any, key: str) -> Any:

@@ -62,6 +62,8 @@ def _spec(name: str, doc: str):
 
 #: The parts of a training checkpoint, as ``train.init_load_plan`` names them.
 CHECKPOINT_PARTS = ("model", "ema", "optimizer", "scheduler", "step")
+#: Each part into itself; its ema:ema means "the EMA too, where both runs keep one" (init_plan).
+DEFAULT_LOAD_PLAN = ",".join(f"{p}:{p}" for p in CHECKPOINT_PARTS)
 
 
 def parse_load_plan(text: str) -> dict[str, str]:
@@ -81,6 +83,21 @@ def parse_load_plan(text: str) -> dict[str, str]:
         if dst in plan:
             raise RecipeError(f"train.init_load_plan: {dst!r} is loaded twice")
         plan[dst] = src
+    return plan
+
+
+def init_plan(train: Any, *, keeps_ema: bool) -> dict[str, str]:
+    """The parts a run initialised from ``train.init_from`` loads ({target: source}).
+
+    A run that keeps no EMA (``train.ema_decay = 0``) drops the default plan's ``ema:ema``;
+    a plan of the user's own that loads into ``ema`` there is refused (nothing would hold it).
+    """
+    plan = parse_load_plan(train.init_load_plan)
+    if "ema" in plan and not keeps_ema:
+        if train.init_load_plan != DEFAULT_LOAD_PLAN:
+            raise RecipeError(f"train.init_load_plan: loads {plan['ema']!r} into 'ema', but this run keeps no EMA "
+                              "(train.ema_decay = 0); leave 'ema' out of the plan, or set train.ema_decay")
+        del plan["ema"]
     return plan
 
 
@@ -194,7 +211,7 @@ class TrainSection:
     keep_last: int = field(3, doc="keep the last N checkpoints (0 keeps all)", validator=EVERY)
     init_from: str | None = field(None, doc="checkpoint, run dir or hf:// source to initialise from", file="ref")
     init_load_plan: str = field(
-        "model:model,ema:ema,optimizer:optimizer,scheduler:scheduler,step:step",
+        DEFAULT_LOAD_PLAN,
         doc="which parts of init_from to load into what, as source:target pairs", validator=_load_plan,
     )
     allow_pickle_checkpoint: bool = field(

@@ -1,0 +1,137 @@
+"""What plugin components hand the engine, checked where they hand it.
+
+One implementation for two callers: the engine (``engine/pipeline.py``, on every batch) and
+the conformance kit (``minfm_core.testing.check_*``). The rules are the protocols'
+(``minfm_core.protocols``, docs/plugins.md): a dataset item is a dict with a ``"prompt"``
+string and an ``"image"`` float tensor ``(3, F, H, W)`` in [-1, 1] (or a ``"latent"``
+``(C, F, h, w)``); a time sampler's and a time warper's ``t`` is a float tensor ``(n,)`` in
+[0, 1]; a time weighter's ``w`` a float tensor ``(n,)``, finite and >= 0; a denoiser's
+velocity a fresh float tensor of its input's shape.
+
+Each function returns None when the value keeps the rule, else what is wrong as
+``expected ..., got ...`` (the caller says whose value it was). ``values=False`` checks
+type, shape and dtype only: those are free, while reading the values of a tensor on a GPU
+waits for it (the engine reads those once, on the first batch; values on the CPU always).
+No torch at module top: the kit imports this.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+#: Where a dataset's image values lie (protocols.Dataset).
+IMAGE_RANGE = (-1.0, 1.0)
+#: Where training times lie (protocols.TimeSampler, protocols.TimeWarper): 0 clean, 1 noise.
+TIME_RANGE = (0.0, 1.0)
+
+
+def _tensor_type():
+    import torch
+
+    return torch.Tensor
+
+
+def _type(x: Any) -> str:
+    cls = type(x)
+    module = cls.__module__.split(".")[0]
+    return cls.__name__ if module == "builtins" else f"{module}.{cls.__name__}"
+
+
+def _num(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def values_problem(x: Any, lo: float | None, hi: float | None) -> str | None:
+    """Whether every value of tensor ``x`` is finite and in ``[lo, hi]`` (None: unbounded)."""
+    if x.numel() == 0:
+        return None
+    # two plain reductions (NaN propagates through both): torch.aminmax, one pass, measured
+    # several times slower on a CPU image (its parallel kernel)
+    x = x.detach()
+    least, most = float(x.amin()), float(x.amax())
+    if math.isnan(least) or math.isnan(most):
+        return "expected finite values, got NaN"
+    if math.isinf(least) or math.isinf(most):
+        return "expected finite values, got an infinity"
+    if (lo is not None and least < lo) or (hi is not None and most > hi):
+        want = f"[{_num(lo)}, {_num(hi)}]" if lo is not None and hi is not None else \
+            (f">= {_num(lo)}" if lo is not None else f"<= {_num(hi)}")
+        return f"expected values {'in ' if lo is not None and hi is not None else ''}{want}, " \
+               f"got [{_num(least)}, {_num(most)}]"
+    return None
+
+
+def vector_problem(x: Any, n: int, lo: float | None = None, hi: float | None = None, *,
+                   values: bool = True) -> str | None:
+    """A float tensor of shape ``(n,)`` with finite values in ``[lo, hi]``."""
+    if not isinstance(x, _tensor_type()):
+        return f"expected a tensor of shape ({n},), got {_type(x)}"
+    if tuple(x.shape) != (n,):
+        return f"expected shape ({n},), got {tuple(x.shape)}"
+    if not x.is_floating_point():
+        return f"expected a floating-point tensor, got {x.dtype}"
+    return values_problem(x, lo, hi) if values else None
+
+
+def times_problem(t: Any, n: int, *, values: bool = True) -> str | None:
+    """Training times ``(n,)`` in [0, 1] (a time sampler's or a time warper's)."""
+    return vector_problem(t, n, *TIME_RANGE, values=values)
+
+
+def weights_problem(w: Any, n: int, *, values: bool = True) -> str | None:
+    """Loss weights ``(n,)``, finite and >= 0 (a time weighter's): a negative weight would
+    train the denoiser away from the target."""
+    return vector_problem(w, n, 0.0, None, values=values)
+
+
+def image_problem(x: Any, *, values: bool = True) -> str | None:
+    """A dataset item's ``"image"``: a float tensor ``(3, F, H, W)`` in [-1, 1]."""
+    if not isinstance(x, _tensor_type()):
+        return f"'image': expected a torch tensor (3, F, H, W), got {_type(x)}"
+    if x.dim() != 4 or x.shape[0] != 3:
+        return f"'image': expected shape (3, F, H, W) (RGB, frames, height, width), got {tuple(x.shape)}"
+    if not x.is_floating_point():
+        return f"'image': expected floating-point values in [-1, 1], got {x.dtype}"
+    why = values_problem(x, *IMAGE_RANGE) if values else None
+    return None if why is None else f"'image': {why}"
+
+
+def latent_problem(x: Any) -> str | None:
+    """A dataset item's cached ``"latent"``: a float tensor ``(C, F, h, w)``."""
+    if not isinstance(x, _tensor_type()):
+        return f"'latent': expected a torch tensor (C, F, h, w), got {_type(x)}"
+    if x.dim() != 4:
+        return f"'latent': expected shape (C, F, h, w), got {tuple(x.shape)}"
+    if not x.is_floating_point():
+        return f"'latent': expected a floating-point tensor, got {x.dtype}"
+    return None
+
+
+def item_problem(item: Any, *, values: bool = True) -> str | None:
+    """A dataset item: a dict with a ``"prompt"`` string and an ``"image"`` or a ``"latent"``."""
+    if not isinstance(item, dict):
+        return f"expected a dict with 'image' (or 'latent') and 'prompt', got {_type(item)}"
+    if "prompt" not in item:
+        return "expected a 'prompt' string, got no 'prompt'"
+    if not isinstance(item["prompt"], str):
+        return f"'prompt': expected a string, got {_type(item['prompt'])}"
+    if "image" in item:
+        return image_problem(item["image"], values=values)
+    if "latent" in item:
+        return latent_problem(item["latent"])
+    return f"expected an 'image' or a 'latent', got only {', '.join(map(repr, item)) or 'nothing'}"
+
+
+def velocity_problem(v: Any, x: Any) -> str | None:
+    """A denoiser's output for input tokens ``x``: a fresh float tensor of ``x``'s shape (not
+    ``x`` itself, nor a view of it: training differentiates the output)."""
+    if not isinstance(v, _tensor_type()):
+        return f"expected a tensor of shape {tuple(x.shape)} (the input's), got {_type(v)}"
+    if v.shape != x.shape:
+        return f"expected shape {tuple(x.shape)} (the input's), got {tuple(v.shape)}"
+    if not v.is_floating_point():
+        return f"expected a floating-point tensor, got {v.dtype}"
+    if v is x or (v.device.type != "meta" and v.numel() and v.data_ptr() == x.data_ptr()):
+        return "expected a fresh tensor, got its input (or a view of it)"
+    return None
