@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .boundary import item_problem
 from .errors import MinfmError, MinfmWarning
 
 
@@ -54,9 +55,12 @@ class _Keyed(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, index = key
         self.dataset.set_epoch(epoch)
+        item = self.dataset[index]
+        if not isinstance(item, dict):  # the rest of an item is checked where it is read (boundary)
+            raise MinfmError(f"data: item {index}: {item_problem(item)}")
         # The key travels with the sample: the trainer derives the sample's noise and time
         # from it, so a sample is noised the same whichever rank or micro-batch draws it.
-        return {**self.dataset[index], "epoch": epoch, "index": index}
+        return {**item, "epoch": epoch, "index": index}
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -138,3 +138,22 @@ def test_every_bit_of_the_seed_shapes_the_order_and_low_seeds_keep_theirs():
     assert list(epoch_order(50, 2**32, 0)) != list(epoch_order(50, 2**33, 0))
     assert list(epoch_order(10, 5, 3)) == [9, 1, 0, 3, 4, 2, 7, 8, 6, 5]  # the order seed 5 always drew
     assert list(epoch_order(10, 2**63 - 1, 1)) == list(epoch_order(10, 2**63 - 1, 1))
+
+
+def test_an_item_that_is_not_a_dict_is_one_line_naming_its_index():
+    """A dataset yielding tuples crashed in the loader's {**item} with a TypeError."""
+    from minfm_core.data_loader import _Keyed
+    from minfm_core.errors import MinfmError
+
+    class Tuples:
+        def set_epoch(self, epoch):
+            pass
+
+        def __getitem__(self, i):
+            return ("a prompt", i)
+
+        def __len__(self):
+            return 5
+
+    with pytest.raises(MinfmError, match=r"^data: item 3: expected a dict with 'image' \(or 'latent'\) and 'prompt', got tuple$"):
+        _Keyed(Tuples())[(0, 3)]

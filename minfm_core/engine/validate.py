@@ -31,7 +31,8 @@ def validation_loss(pipe, dataset, *, num_samples: int, batch_size: int, seed: i
         samples = [dataset[g] for g in idx]
         t = torch.tensor([(g + 0.5) / n for g in idx])
         seeds = [indexed_seed(seed, g) for g in idx]
-        batch = prepare_batch(pipe, samples, torch.Generator(), text_dropout=0.0, t=t, noise_seeds=seeds)
+        batch = prepare_batch(pipe, samples, torch.Generator(), text_dropout=0.0, t=t, noise_seeds=seeds,
+                              indices=idx)
         losses = per_sample_loss(pipe, batch)[:real]
         total += torch.stack([losses.sum().double(), torch.tensor(float(real), dtype=torch.float64, device=device)])
     if dist.is_initialized() and dist.get_world_size() > 1:

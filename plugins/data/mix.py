@@ -36,17 +36,13 @@ def pattern(quota: list[int]) -> list[int]:
 
 class MixDataset(torch.utils.data.Dataset, protocols.Dataset):
     def __init__(self, cfg: MixConfig, split: str = "train") -> None:
-        from minfm_core.config import structure
         from minfm_core.registry import get_registry
 
         self.cfg = cfg
-        self.sources = []
-        for k, src in enumerate(cfg.sources):
-            # Structured again here (the config keeps the raw table, as the recipe wrote it).
-            table = dict(src.dataset)
-            comp = get_registry().get("dataset", table.pop("name"), path=f"data.sources[{k}].dataset.name")
-            conf = structure(table, comp.config, path=f"data.sources[{k}].dataset") if comp.config else None
-            self.sources.append(comp.build(conf, split=split))
+        # the config keeps each source's table as the recipe wrote it: resolved as any nested
+        # component table is (docs/plugins.md, "Nested component tables")
+        self.sources = [get_registry().resolve_table("dataset", src.dataset, f"data.sources[{k}].dataset").build(split=split)
+                        for k, src in enumerate(cfg.sources)]
         for k, ds in enumerate(self.sources):
             if len(ds) == 0:
                 raise MinfmError(f"data.sources[{k}]: the dataset has no {split} samples")
@@ -113,13 +109,11 @@ def dataset_config(slot, name: str):
     if slot.component.name == name:
         return slot.config
     if slot.component.name == "mix":
-        from minfm_core.config import structure
         from minfm_core.registry import get_registry
 
         for k, src in enumerate(slot.config.sources):
-            table = dict(src.dataset)
-            if table.pop("name") == name:
-                return structure(table, get_registry().get("dataset", name).config, path=f"data.sources[{k}].dataset")
+            if src.dataset.get("name") == name:
+                return get_registry().resolve_table("dataset", src.dataset, f"data.sources[{k}].dataset").config
     raise MinfmError(f"data: {slot.component.name!r} holds no {name} data")
 
 
