@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import stat
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
@@ -86,8 +87,11 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """Have ``write`` fill a fresh temporary file beside ``path``, then rename it into place:
     ``path`` ends up whole or untouched (an interrupted write, a full disk), and a symlink
     there is replaced, never written through. The temporary name is unpredictable and made
-    with ``O_EXCL``, so no link can be planted at it either."""
+    with ``O_EXCL``, so no link can be planted at it either. A device, FIFO or socket at
+    ``path`` is refused: the rename would replace it (``--out /dev/null`` run as root
+    replaced /dev/null with a plain file)."""
     path = Path(path)
+    _refuse_special(path)
     tmp = _fresh_file(path)
     try:
         try:
@@ -111,6 +115,16 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
         except OSError:
             pass
         raise
+
+
+def _refuse_special(path: Path) -> None:
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return  # nothing there (or not reachable: the write names the problem)
+    if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode) or stat.S_ISDIR(mode)):  # (a folder: the rename says so)
+        kind = "FIFO" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "device"
+        raise MinfmError(f"{path}: is a {kind}, not a file; refusing to replace it (choose a file name)")
 
 
 def _fresh_file(path: Path) -> str:

@@ -16,7 +16,9 @@ def read_prompt_file(path: str | Path) -> list[str]:
     # read_text refuses a missing file, a folder, a FIFO or /dev/zero, an oversized file and
     # bytes that are not UTF-8, each naming the file
     text = read_text(path, f"{path}: prompt file", MAX_PROMPT_FILE_BYTES)
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    # lines end at "\n" only: str.splitlines() also broke a prompt at U+2028, a form feed, ...
+    # which shifted every later prompt's index (and seed) against the same file read elsewhere
+    prompts = [line.strip() for line in text.split("\n") if line.strip()]
     if not prompts:
         raise MinfmError(f"{path}: prompt file has no prompts (one per line)")
     return prompts
