@@ -453,15 +453,27 @@ def load_weights(ckpt: Checkpoint | Path, model: torch.nn.Module, *, source: str
     verify) into an (unsharded) module."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-    from .weights import check_finite
+    from .weights import check_finite, first_names
 
     if not isinstance(ckpt, Checkpoint):
         ckpt = open_checkpoint(ckpt)
 
     sd = get_model_state_dict(model)
+    # DCP reads only the keys asked for: weights the checkpoint holds and the model lacks (a
+    # block the recipe override removed) were dropped in silence, where an exported folder
+    # refuses them (weights.check_keys). The checkpoint's own tensor list says what it holds.
+    if ckpt.manifest is not None:
+        held_names = set(ckpt.manifest.tensors)
+    else:
+        held_names = set(dcp.FileSystemReader(str(ckpt.path)).read_metadata().state_dict_metadata)
+    wanted = {n for n, p in model.named_parameters() if p.requires_grad} if source == "ema" else set(sd)
+    prefix = f"{source}."
+    unexpected = {k[len(prefix):] for k in held_names if k.startswith(prefix)} - wanted
+    if unexpected:
+        raise CheckpointError(f"{ckpt.path} ({source} weights): weights do not fit the model: "
+                              f"unexpected keys: {first_names(unexpected)}")
     if source == "ema":
-        names = {n for n, p in model.named_parameters() if p.requires_grad}
-        box = {"ema": {k: v for k, v in sd.items() if k in names}}
+        box = {"ema": {k: v for k, v in sd.items() if k in wanted}}
         ckpt.load(box)
         sd.update(box["ema"])
     else:

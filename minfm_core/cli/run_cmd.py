@@ -38,7 +38,8 @@ def register(sub) -> None:
     p.add_argument("source", help="run dir, checkpoint dir, exported folder, or hf://org/name[@rev]")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompt-file", help="text file, one prompt per line")
-    p.add_argument("--out", help="output folder (default: <source>/samples_cli; ./samples/<org>--<name> for hf://)")
+    p.add_argument("--out", help="output folder (default: <source>/samples_cli; <run>/samples_cli for a checkpoint "
+                   "<run>/checkpoints/step_N; ./samples/<org>--<name> for hf://)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the samples in --out even when they were drawn for another request")
     p.add_argument("--seed", type=int_in("--seed", 0, MAX_SEED), help="base seed (image k of prompt i uses seed + i * n + k)")

@@ -128,12 +128,16 @@ def _sample_cli(args, src: Path, stack: contextlib.ExitStack) -> int:
 
 
 def default_out(source: str, src: Path) -> Path:
-    """``<source>/samples_cli`` for a local source; ``./samples/<org>--<name>[@rev]`` for a remote one.
+    """``<source>/samples_cli`` for a local source (``<run>/samples_cli`` for a checkpoint
+    ``<run>/checkpoints/step_N``); ``./samples/<org>--<name>[@rev]`` for a remote one.
 
     A remote source resolves into a download cache (the Hub cache's snapshot folder), which
-    must never be written to: other runs read it as the model.
+    must never be written to: other runs read it as the model. A checkpoint folder is no
+    place for samples either: the run's ``keep_last`` deletes it whole, samples included.
     """
     base = src if src.is_dir() else src.parent
+    if base.parent.name == ckpt_mod.CKPT_DIR and ckpt_mod._STEP_DIR.match(base.name):
+        base = base.parent.parent  # beside the run's other outputs, as for the run folder itself
     cache = trust_boundary(base)  # models--org--name for a path inside a Hub cache snapshot
     if "://" in source:
         name = source.split("://", 1)[1].strip("/").replace("/", "--")
@@ -283,6 +287,11 @@ def prepare_out(out: Path, settings: dict, *, overwrite: bool, flag: str) -> Non
         f"choose another {flag} or remove that folder"
     _require_folder(out, flag)
     images = out / "images"
+    # lstat, not is_dir: an images/ linking elsewhere would have --overwrite delete, and the
+    # run write, files in a folder outside the out folder.
+    if images.is_symlink():
+        raise MinfmError(f"{flag} {out}: {images} is a symlink; refusing to write or delete through it "
+                         f"(remove the link or choose another {flag})")
     if images.exists() and not images.is_dir():
         raise MinfmError(f"{flag} {out}: {images} is a file, not a folder")
     meta = out / "metadata.json"

@@ -9,6 +9,9 @@ A clip is a uint8 array ``(F, H, W, 3)``. It is written twice:
   player, and scales up pixelated like a PNG), and the exact copy that ``samples.npz`` is
   rebuilt from. Encoders merge a frame identical to the one before it into a longer
   frame; :func:`read_webp` undoes that from the frame times, so the count stays exact.
+  A clip whose frames are *all* identical collapses further: libwebp turns a one-frame
+  animation into a still image with no frame times (no encoder option stops it), so the
+  frame count is also written into the file's XMP and a still is repeated to that count.
 
 Nothing here imports torch or PyAV at module level: the hub's card renderer reads
 :func:`recipe_makes_clips` without either.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import io
 import itertools
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,6 +37,9 @@ from ..validators import MAX_FRAMES
 #: Frames per second of written clips unless told otherwise (8 fps: 125 ms, a whole number of ms).
 DEFAULT_FPS = 8
 MAX_FPS = 60
+#: The largest height or width a WebP can hold (14-bit sizes in its header): a clip is also
+#: written as a WebP, so a larger side is refused before drawing, not by the encoder after it.
+WEBP_MAX_SIDE = 16383
 #: H.264 constant rate factor: 12 is far below visible loss; samples are small, size matters little.
 MP4_CRF = 12
 
@@ -69,16 +76,39 @@ def _check_fps(fps: int) -> int:
     return fps
 
 
+#: XMP packet carrying the clip's frame count. libwebp writes a clip of identical frames as a
+#: single still image (its animation encoder merges repeats, then converts a one-frame result,
+#: and neither step can be switched off), and a still has no frame times to split it by.
+_XMP_FRAMES = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+               '<rdf:Description xmlns:minfm="https://github.com/minfm/ns/1.0/" minfm:frames="{n}"/>'
+               '</rdf:RDF></x:xmpmeta>')
+_XMP_FRAMES_RE = re.compile(rb'minfm:frames="(\d{1,7})"')
+
+
 def encode_webp(frames: np.ndarray, fps: int = DEFAULT_FPS) -> bytes:
-    """An endlessly looping lossless animated WebP."""
+    """An endlessly looping lossless animated WebP (a still WebP when every frame is the same)."""
     from PIL import Image
 
     frames = check_clip(frames)
     pics = [Image.fromarray(f, "RGB") for f in frames]
     buf = io.BytesIO()
     pics[0].save(buf, format="WEBP", save_all=True, append_images=pics[1:], duration=frame_durations_ms(len(pics), fps),
-                 loop=0, lossless=True, quality=100, method=4)
+                 loop=0, lossless=True, quality=100, method=4, xmp=_XMP_FRAMES.format(n=len(pics)).encode())
     return buf.getvalue()
+
+
+def _recorded_frames(path: Path | str, xmp: Any) -> int | None:
+    """The frame count encode_webp wrote into the XMP, or None when there is none (another writer)."""
+    if isinstance(xmp, str):
+        xmp = xmp.encode("utf-8", "replace")
+    m = _XMP_FRAMES_RE.search(xmp) if isinstance(xmp, bytes) else None
+    if m is None:
+        return None
+    n = int(m.group(1))
+    # The file may come from anywhere: a huge count would repeat one frame into all memory.
+    if not 1 <= n <= MAX_FRAMES:
+        raise MinfmError(f"{path}: its WebP metadata says {n} frames: expected 1..{MAX_FRAMES}")
+    return n
 
 
 def read_webp(path: Path | str, fps: int = DEFAULT_FPS) -> np.ndarray:
@@ -88,6 +118,8 @@ def read_webp(path: Path | str, fps: int = DEFAULT_FPS) -> np.ndarray:
     out: list[np.ndarray] = []
     step = 1000 / _check_fps(fps)
     with Image.open(path) as im:
+        recorded = _recorded_frames(path, im.info.get("xmp"))
+        animated = bool(getattr(im, "is_animated", False))
         for frame in ImageSequence.Iterator(im):
             arr = np.asarray(frame.convert("RGB"))  # decoding the frame is what fills in its times
             start, dur = int(frame.info.get("timestamp", 0)), int(frame.info.get("duration", step))
@@ -97,6 +129,9 @@ def read_webp(path: Path | str, fps: int = DEFAULT_FPS) -> np.ndarray:
             while round((first + 1) * step) < end:
                 out.append(arr)
                 first += 1
+    if not animated and len(out) == 1 and recorded is not None:
+        # A still clip that libwebp stored as one image: only the XMP knows how many frames it had.
+        out *= recorded
     return np.stack(out)
 
 

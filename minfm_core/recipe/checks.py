@@ -121,6 +121,11 @@ def job_checks(resolved, job: str, world_size: int | None = None) -> list[str]:
         if s.source and "://" not in s.source and not os.path.exists(os.path.expanduser(s.source)):
             problems.append(f"sample.source: {s.source}: no such file or folder"
                             + (" (a Hub repo is hf://org/name)" if s.source.count("/") == 1 else ""))
+        # The sampler refuses this only at start-up (engine/sample.py _require_folder): same rule, same words.
+        out = s.out_dir or os.path.join(exp, "samples")
+        flag = "sample.out_dir" if s.out_dir else "sample.out_dir (default run.exp_dir/samples)"
+        if os.path.exists(out) and not os.path.isdir(out):
+            problems.append(f"{flag} {out}: is a file, not a folder")
     # Read now what the job would read later: a training run meets its gallery prompts at the
     # first gallery, hours in (a sample job adds the file to sample.prompts; a gallery uses it
     # only where sample.prompts is empty).
@@ -347,6 +352,16 @@ def cross_checks(resolved, world_size: int | None = None) -> list[str]:
                          what=f"sample.size {'x'.join(map(str, recipe.sample.size))}")
         except MinfmError as exc:
             problems.append(str(exc))
+
+    f, h, w = recipe.sample.size
+    if f > 1:
+        from ..engine.video_io import WEBP_MAX_SIDE
+
+        # Clips are written as WebP too, whose format caps a side at 16383: the encoder would
+        # fail only after the whole clip was drawn (and its MP4 already written).
+        if max(h, w) > WEBP_MAX_SIDE:
+            problems.append(f"sample.size: {f}x{h}x{w}: a clip's height and width must be at most "
+                            f"{WEBP_MAX_SIDE} (the WebP limit; clips are saved as WebP)")
 
     shard = _attr(resolved, "parallel", "shard_size")
     if shard is not None and shard > 0 and world % shard:

@@ -55,21 +55,44 @@ def resolve_inception_weights(ref: str | None = None) -> Path:
     return cached
 
 
+#: Largest Inception weights file read (torch-fidelity's is 95 MB): it is read whole into memory.
+MAX_WEIGHTS_BYTES = 1 << 30
+
+
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of an Inception weights file (``.safetensors``, else a ``weights_only`` pickle).
+
+    The file may come from anywhere (docs/security.md): only a regular file is read, bounded
+    and through one descriptor (a FIFO would block ``open`` forever, and safetensors' loader
+    ignores SIGTERM while it waits), and what it holds must be a flat name -> tensor mapping.
+    """
+    import io
+
+    from minfm_core.textfiles import read_bounded
+
+    data = read_bounded(path, f"{path}: Inception weights", MAX_WEIGHTS_BYTES)
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from safetensors.torch import load as load_safetensors_bytes
 
-            return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
+            state = load_safetensors_bytes(data)
+        else:
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise MinfmError(f"{path}: not a readable Inception state dict ({type(exc).__name__}: {exc})") from None
+        raise MinfmError(f"{path}: not a readable Inception state dict ({type(exc).__name__}: "
+                         f"{first_line(exc)})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise MinfmError(f"{path}: not an Inception state dict (expected a mapping of names to tensors)")
+    return state
 
 
 class InceptionFeatures:
     """torch-fidelity's ``FeatureExtractorInceptionV3`` plus the sFID spatial tap."""
 
     def __init__(self, weights: str | Path | None = None, device: str | torch.device = "cpu") -> None:
+        from minfm_core.weights import check_keys
+
         path = resolve_inception_weights(str(weights) if weights else None)
         state = load_state_dict(path)
         try:
@@ -77,10 +100,18 @@ class InceptionFeatures:
         except ImportError as exc:
             raise MinfmError(f"minfm eval needs torch-fidelity and a torchvision matching torch "
                              f"(pip install 'minfm[eval]'): {exc}") from None
+
+        class Checked(fe.FeatureExtractorInceptionV3):
+            # torch's strict load says "Error(s) in loading state_dict" over many lines, as a
+            # traceback: name the file and the keys that do not fit, on one line, first.
+            def load_state_dict(self, sd, *args, **kwargs):
+                check_keys(self, sd, f"{path}: Inception weights")
+                return super().load_state_dict(sd, *args, **kwargs)
+
         original = fe.load_state_dict_from_url
         fe.load_state_dict_from_url = lambda *a, **k: state  # our safely loaded tensors, no download
         try:
-            self.net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"])
+            self.net = Checked("inception-v3-compat", ["2048", "logits_unbiased"])
         finally:
             fe.load_state_dict_from_url = original
         self.device = torch.device(device)

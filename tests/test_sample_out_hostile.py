@@ -1,0 +1,81 @@
+"""Sampling's out folder and inputs under a hostile tester: nothing written or deleted through a
+symlink, sizes the writer cannot hold refused up front, check refusing what run refuses,
+checkpoints with leftover weights refused, and default outputs out of keep_last's reach."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine_helpers import tiny
+from minfm_core.errors import MinfmError, RecipeError
+
+
+def test_overwrite_never_deletes_or_writes_through_a_symlinked_images(tmp_path):
+    from minfm_core.engine.sample import prepare_out
+
+    victim, out = tmp_path / "victim", tmp_path / "out"
+    victim.mkdir()
+    out.mkdir()
+    (victim / "00007_03.jpg").write_text("precious")
+    (out / "images").symlink_to(victim)
+    (out / "metadata.json").write_text(json.dumps({"settings": {"seed": 5}}))
+    with pytest.raises(MinfmError, match=r"--out .*out: .*images is a symlink"):
+        prepare_out(out, {"seed": 1}, overwrite=True, flag="--out")
+    assert (victim / "00007_03.jpg").read_text() == "precious"
+
+
+def test_a_clip_side_past_the_webp_limit_is_refused_when_the_recipe_loads(tmp_path):
+    """16384 passed every check, then the WebP encoder failed after the clip was drawn."""
+    with pytest.raises(RecipeError, match=r"sample.size: 2x16x16384: a clip's height and width must be at most 16383"):
+        tiny(tmp_path, "sample.size=[2, 16, 16384]")
+
+
+def test_check_refuses_an_out_dir_that_is_a_file(tmp_path):
+    from minfm_core.recipe.checks import job_checks
+
+    f = tmp_path / "huge.txt"
+    f.write_text("x")
+    resolved = tiny(tmp_path / "run", "job=sample", f"sample.out_dir={json.dumps(str(f))}",
+                    f"sample.source={json.dumps(str(tmp_path))}", 'sample.prompts=["a"]')
+    assert f"sample.out_dir {f}: is a file, not a folder" in job_checks(resolved, "sample")
+
+
+def test_default_out_of_a_checkpoint_is_beside_the_run_not_inside_the_checkpoint(tmp_path):
+    from minfm_core.engine.sample import default_out
+
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step_00000004"
+    step.mkdir(parents=True)
+    assert default_out(str(step), step) == run / "samples_cli"
+    assert default_out(str(run), run) == run / "samples_cli"
+    other = tmp_path / "x" / "step_00000004"  # a step_ folder that is not in a checkpoints/ one
+    other.mkdir(parents=True)
+    assert default_out(str(other), other) == other / "samples_cli"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    from minfm_core.engine.train import train
+
+    run = tmp_path_factory.mktemp("extra_keys") / "run"
+    train(tiny(run, "train.max_steps=1"))
+    return run
+
+
+def test_a_checkpoint_with_weights_the_model_lacks_is_refused(trained, tmp_path):
+    """n_ds_blocks=0 over a checkpoint with one double block loaded the rest in silence."""
+    from minfm_core import checkpoint as ckpt_mod
+
+    ckpt = ckpt_mod.open_checkpoint(ckpt_mod.find_checkpoint(trained))
+    for source in sorted(ckpt.parts() & {"model", "ema"}):
+        small = tiny(tmp_path, "model.denoiser.n_ds_blocks=0")["model.denoiser"].build(load_weights=False)
+        with pytest.raises(MinfmError, match=rf"\({source} weights\): weights do not fit the model: "
+                                             r"unexpected keys: double_blocks\.0\."):
+            ckpt_mod.load_weights(ckpt, small, source=source)
+        same = tiny(tmp_path)["model.denoiser"].build(load_weights=False)
+        ckpt_mod.load_weights(ckpt, same, source=source)  # the model it was saved from still loads
+        assert all(torch.isfinite(p).all() for p in same.parameters())
