@@ -72,6 +72,14 @@ def step_dir(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def run_folder(path: Path) -> Path | None:
+    """The run folder of a checkpoint ``<run>/checkpoints/step_N``; None for any other path."""
+    path = Path(path)
+    if _STEP_DIR.match(path.name) and path.parent.name == CKPT_DIR:
+        return path.parent.parent
+    return None
+
+
 def _has_index(path: Path) -> bool:
     return (path / MANIFEST).is_file() or (path / LEGACY_METADATA).is_file()
 
@@ -440,7 +448,7 @@ def recipe_for(src: Path) -> Path:
     src = Path(src)
     # beside a checkpoint: its own, else its run's (run/checkpoints/step_N) or Hub folder's
     # (folder/checkpoint); a downloaded checkpoint never takes one from outside the download
-    owner = src.parent.parent if _STEP_DIR.match(src.name) and src.parent.name == CKPT_DIR else src.parent
+    owner = run_folder(src) or src.parent
     downloaded = came_from_outside(src)
     for cand in (src / "recipe.toml", owner / "recipe.toml"):
         if cand.is_file() and (not downloaded or came_from_outside(cand.parent)):

@@ -20,9 +20,10 @@ import math
 from typing import Any
 
 
-#: Pixels per side a recipe's sizes or ``minfm sample --size`` may ask for: 16k is past any
-#: model's training size (and the WebP format's limit).
-MAX_SIDE = 16384
+#: Pixels per side a recipe's sizes or ``minfm sample --size`` may ask for: past any model's
+#: training size, and the most a WebP holds (14-bit sides), which clips are also written as;
+#: a larger side would fail in the encoder only after the whole clip was drawn.
+MAX_SIDE = 16383
 #: Frames per clip a recipe, a command line or a demo request may ask for.
 MAX_FRAMES = 1024
 #: Seeds: what TOML's 64-bit integers and ``torch.Generator.manual_seed`` (< 2**64, with the

@@ -131,7 +131,7 @@ BAD_NUMBERS = [
     (["sample", "SRC", "--size", "0x16x16"], "--size '0x16x16': frames must be in 1..1024"),
     (["sample", "SRC", "--size", "1025x16x16"], "--size '1025x16x16': frames must be in 1..1024"),
     (["sample", "SRC", "--size", "9x0x16"], "--size '9x0x16': height and width must be positive"),
-    (["sample", "SRC", "--size", "20000x16"], "--size '20000x16': height and width must be at most 16384"),
+    (["sample", "SRC", "--size", "20000x16"], "--size '20000x16': height and width must be at most 16383"),
     (["sample", "SRC", "--fps", "0"], "--fps: expected a positive integer, got 0"),
     (["sample", "SRC", "--fps", "61"], "--fps: expected at most 60, got 61"),
     (["sample", "SRC", "--seed", "-1"], "--seed: expected a non-negative integer, got -1"),
@@ -186,8 +186,8 @@ def test_a_request_that_failed_before_drawing_does_not_hold_its_out_folder(run_d
 
 
 def test_a_size_past_one_sequence_is_refused_and_overwrite_drops_the_old_gallery(run_dir, tmp_path):
-    huge = sample(run_dir, tmp_path / "huge", "--prompt", "a", "--size", "16384x16384")
-    one_error_line(huge, "sample.size: 1x16384x16384 is 67,108,864 tokens a sample, more than the 16,777,216")
+    huge = sample(run_dir, tmp_path / "huge", "--prompt", "a", "--size", "16382x16382")
+    one_error_line(huge, "sample.size: 1x16382x16382 is 67,092,481 tokens a sample, more than the 16,777,216")
     out = tmp_path / "out"
     assert sample(run_dir, out, "--prompt", "a red circle").returncode == 0
     assert (out / "index.html").is_file()

@@ -136,8 +136,7 @@ def default_out(source: str, src: Path) -> Path:
     place for samples either: the run's ``keep_last`` deletes it whole, samples included.
     """
     base = src if src.is_dir() else src.parent
-    if base.parent.name == ckpt_mod.CKPT_DIR and ckpt_mod._STEP_DIR.match(base.name):
-        base = base.parent.parent  # beside the run's other outputs, as for the run folder itself
+    base = ckpt_mod.run_folder(base) or base  # beside the run's other outputs, as for the run folder itself
     cache = trust_boundary(base)  # models--org--name for a path inside a Hub cache snapshot
     if "://" in source:
         name = source.split("://", 1)[1].strip("/").replace("/", "--")

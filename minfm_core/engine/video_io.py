@@ -37,9 +37,6 @@ from ..validators import MAX_FRAMES
 #: Frames per second of written clips unless told otherwise (8 fps: 125 ms, a whole number of ms).
 DEFAULT_FPS = 8
 MAX_FPS = 60
-#: The largest height or width a WebP can hold (14-bit sizes in its header): a clip is also
-#: written as a WebP, so a larger side is refused before drawing, not by the encoder after it.
-WEBP_MAX_SIDE = 16383
 #: H.264 constant rate factor: 12 is far below visible loss; samples are small, size matters little.
 MP4_CRF = 12
 

@@ -353,16 +353,6 @@ def cross_checks(resolved, world_size: int | None = None) -> list[str]:
         except MinfmError as exc:
             problems.append(str(exc))
 
-    f, h, w = recipe.sample.size
-    if f > 1:
-        from ..engine.video_io import WEBP_MAX_SIDE
-
-        # Clips are written as WebP too, whose format caps a side at 16383: the encoder would
-        # fail only after the whole clip was drawn (and its MP4 already written).
-        if max(h, w) > WEBP_MAX_SIDE:
-            problems.append(f"sample.size: {f}x{h}x{w}: a clip's height and width must be at most "
-                            f"{WEBP_MAX_SIDE} (the WebP limit; clips are saved as WebP)")
-
     shard = _attr(resolved, "parallel", "shard_size")
     if shard is not None and shard > 0 and world % shard:
         problems.append(f"parallel.shard_size: world size {world} is not divisible by shard_size {shard}")

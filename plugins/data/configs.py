@@ -297,35 +297,22 @@ class MovingShapesConfig:
 
 
 def _dataset_table(inst, attribute, value) -> None:
-    """A mix source's ``dataset`` table is a whole dataset table: structured by its own config now,
+    """A mix source's ``dataset`` table is a whole dataset table: resolved as a recipe slot is now,
     so ``minfm check`` names a bad nested field by its full path (data.sources[1].dataset.frames)."""
-    from minfm_core.config import structure
-    from minfm_core.errors import MinfmError, RecipeError
+    from minfm_core.errors import MinfmError
     from minfm_core.registry import get_registry
     from minfm_core.validators import RangeError
 
-    name = value.get("name")
-    if not isinstance(name, str):
-        raise RangeError("dataset.name", "the dataset table needs name = '<dataset>' (e.g. 'shapes')")
-    if name == "mix":
+    if isinstance(value, dict) and value.get("name") == "mix":
         raise RangeError("dataset.name", "a mix cannot hold another mix: list its sources here instead")
     try:
-        comp = get_registry().get("dataset", name, path="dataset.name")
-    except MinfmError as exc:
-        msg = str(exc).removeprefix("dataset.name: ")
-        raise RangeError("dataset.name", msg) from None
-    options = {k: v for k, v in value.items() if k != "name"}
-    if comp.config is None:
-        if options:
-            raise RangeError("dataset", f"dataset {name!r} takes no options, got {', '.join(options)}")
-        return
-    try:
-        structure(options, comp.config)
-    except RecipeError as exc:
-        # Keep each problem's own path, under this source's dataset table.
-        where, _, msg = exc.problems[0].partition(": ")
-        more = f" (and {len(exc.problems) - 1} more)" if len(exc.problems) > 1 else ""
-        raise RangeError("dataset" if where == "<root>" else f"dataset.{where}", msg + more) from None
+        get_registry().resolve_table("dataset", value, "dataset")
+    except MinfmError as exc:  # a RecipeError lists its problems; an unknown name is one line
+        # Keep each problem's own path, under this source.
+        problems = getattr(exc, "problems", None) or [str(exc)]
+        where, _, msg = problems[0].partition(": ")
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise RangeError(where, msg + more) from None
 
 
 @config
@@ -341,14 +328,11 @@ class MixSource:
 
 def _drawn_sizes(sources, field_name: str) -> list[int | None]:
     """Each source's size where its config says it (drawn datasets: ``num_samples``), else None."""
-    from minfm_core.config import structure
     from minfm_core.registry import get_registry
 
     sizes = []
     for src in sources:
-        table = dict(src.dataset)
-        comp = get_registry().get("dataset", table.pop("name"))
-        conf = structure(table, comp.config) if comp.config is not None else None
+        conf = get_registry().resolve_table("dataset", src.dataset).config
         cached = getattr(conf, "use_cached_latents", False)
         n = getattr(conf, field_name, None)
         sizes.append(n if type(n) is int and not cached else None)
