@@ -44,7 +44,10 @@ class ClassEmbedding(nn.Module):
         self.cfg = cfg
         self.dim = cfg.dim
         self.pooled = cfg.pooled
-        self.table = nn.Embedding(cfg.num_rows, cfg.dim)
+        rows = torch.empty(cfg.num_rows, cfg.dim)
+        if rows.device.type != "meta":  # nn.Embedding's own init; on meta (minfm check) normal_
+            nn.init.normal_(rows)  # imports torch._dynamo: 2 s for values no one reads
+        self.table = nn.Embedding(cfg.num_rows, cfg.dim, _weight=rows)
         self.rows: dict[str, int] = {}
 
     def load(self) -> None:

@@ -44,7 +44,9 @@ class VocabEncoder(nn.Module):
         self.pooled = cfg.pooled
         self.vocab = [EOS, UNK, *dict.fromkeys(w.lower() for w in cfg.words)]
         self.index = {w: i for i, w in enumerate(self.vocab)}
-        self.table = nn.Embedding(len(self.vocab), cfg.dim)
+        # fill() writes every row: nn.Embedding's own random init would be wasted work (and
+        # normal_ on the meta device imports torch._dynamo, 2 s of every `minfm check`)
+        self.table = nn.Embedding(len(self.vocab), cfg.dim, _weight=torch.empty(len(self.vocab), cfg.dim))
 
     def fill(self) -> None:
         rows = torch.stack([word_embedding(w, self.cfg.dim, self.cfg.seed) for w in self.vocab])
