@@ -27,6 +27,37 @@ def run_minfm(*args: str, env: dict | None = None, cwd: str | Path | None = None
     )
 
 
+def minfm_in_process(*args: str, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+    """``minfm ARGS`` run by ``minfm_core.cli.main.main`` in this process, its output captured:
+    what :func:`run_minfm` returns, without a fresh interpreter's 3-5 s of imports. For
+    commands whose outcome does not hang on the process (its environment, signals, exit
+    path); a test about those uses :func:`run_minfm`."""
+    import contextlib
+    import io
+
+    from minfm_core.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    here = os.getcwd()
+    os.chdir(cwd or ROOT)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exc:  # argparse's usage errors
+                code = exc.code if isinstance(exc.code, int) else 2
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess(["minfm", *args], code, out.getvalue(), err.getvalue())
+
+
+def minfm_call(*args: str, env: dict | None = None, cwd: str | Path | None = None, timeout: float = 300):
+    """:func:`minfm_in_process` where the call sets no environment of its own, else :func:`run_minfm`."""
+    if env:
+        return run_minfm(*args, env=env, cwd=cwd, timeout=timeout)
+    return minfm_in_process(*args, cwd=cwd)
+
+
 @pytest.fixture
 def runtime():
     """A CPU world of one (gloo), shut down after the test."""

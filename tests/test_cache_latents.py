@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import minfm_call
+
 VAE = dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4)
+
+
+@pytest.fixture
+def minfm():
+    return minfm_call  # the commands in this process; the two-rank ones (env) as processes
 
 
 @pytest.fixture(scope="module")

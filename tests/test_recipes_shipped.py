@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from conftest import ROOT, run_minfm
+from conftest import ROOT, minfm_in_process
 
 
 def params(stdout: str, slot: str) -> int:
@@ -16,13 +16,13 @@ def params(stdout: str, slot: str) -> int:
 
 
 def test_quickstart_checks():
-    res = run_minfm("check", str(ROOT / "recipes" / "quickstart.toml"))
+    res = minfm_in_process("check", str(ROOT / "recipes" / "quickstart.toml"))
     assert res.returncode == 0, res.stderr
     assert params(res.stdout, "model.denoiser") == 1_800_844
 
 
 def test_flux_tiny_imagenet_checks_at_eight_ranks():
-    res = run_minfm("check", str(ROOT / "recipes" / "flux_tiny_imagenet.toml"), "--world-size", "8")
+    res = minfm_in_process("check", str(ROOT / "recipes" / "flux_tiny_imagenet.toml"), "--world-size", "8")
     assert res.returncode == 0, res.stderr
     assert params(res.stdout, "model.denoiser") == 560_246_848  # the seed's flux-tiny
     assert params(res.stdout, "model.vae") == 83_819_683  # the FLUX autoencoder
@@ -32,11 +32,11 @@ def test_flux_tiny_imagenet_checks_at_eight_ranks():
 @pytest.mark.parametrize("recipe", ["quickstart.toml", "flux_tiny_imagenet.toml", "flux_dev_inference.toml"])
 def test_print_round_trips(recipe, tmp_path):
     """`--print` gives the fully resolved recipe, which itself checks."""
-    res = run_minfm("check", str(ROOT / "recipes" / recipe), "--print")
+    res = minfm_in_process("check", str(ROOT / "recipes" / recipe), "--print")
     assert res.returncode == 0, res.stderr
     out = tmp_path / "resolved.toml"
     out.write_text(res.stdout)
-    again = run_minfm("check", str(out), "--print")
+    again = minfm_in_process("check", str(out), "--print")
     assert again.returncode == 0, again.stderr
     assert again.stdout == res.stdout
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_minfm
+from conftest import minfm_in_process, run_minfm
 from engine_helpers import tiny
 from minfm_core.cli.main import main
 from minfm_core.errors import MinfmError
@@ -25,8 +25,8 @@ def run_dir(tmp_path_factory) -> Path:
     return run
 
 
-def sample(run: Path, out: Path, *args: str, **kw):
-    return run_minfm("sample", str(run), "--out", str(out), *ARGS, *args, **kw)
+def sample(run: Path, out: Path, *args: str):
+    return minfm_in_process("sample", str(run), "--out", str(out), *ARGS, *args)
 
 
 def images(out: Path) -> dict[str, bytes]:
@@ -59,7 +59,7 @@ def test_same_request_resumes_another_is_refused_then_overwritten(run_dir, tmp_p
     one_error_line(other, f"--out {out}: holds samples of another request (different prompts)", "--overwrite")
     seeded = sample(run_dir, out, "--prompt", "a red circle", "--prompt", "a blue square", "--seed", "7")
     one_error_line(seeded, "(different seed)")
-    steps = run_minfm("sample", str(run_dir), "--out", str(out), "--steps", "3", "--n", "2", "--cfg", "1.5",
+    steps = minfm_in_process("sample", str(run_dir), "--out", str(out), "--steps", "3", "--n", "2", "--cfg", "1.5",
                       "--prompt", "a red circle", "--prompt", "a blue square")
     one_error_line(steps, "guidance_scale", "steps")
     assert images(out) == old

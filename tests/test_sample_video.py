@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_minfm
+from conftest import minfm_in_process
 from engine_helpers import tiny
 from minfm_core.cli.main import main
 
@@ -103,11 +103,11 @@ def test_a_clip_is_the_same_however_it_is_batched_and_resumes(run_dir, clips, tm
         assert (out / "images" / f"{n}.webp").read_bytes() == (clips / "images" / f"{n}.webp").read_bytes()
     # A clip missing its WebP is drawn again (its whole batch); the rest stays.
     (out / "images" / "00001_01.webp").unlink()
-    res = run_minfm(*base[:])
+    res = minfm_in_process(*base[:])
     assert res.returncode == 0 and "2 batches, 1 already done, 1 to draw" in res.stdout, res.stdout + res.stderr
     assert (out / "samples.npz").read_bytes() == (clips / "samples.npz").read_bytes()
     # Another frame rate is another request (the files hold their timing).
-    other = run_minfm(*[a if a != "10" else "12" for a in base])
+    other = minfm_in_process(*[a if a != "10" else "12" for a in base])
     assert other.returncode == 2 and "different fps" in other.stderr, other.stderr
 
 
@@ -124,7 +124,7 @@ def test_images_stay_png_and_npz_stays_four_dimensional(run_dir, tmp_path):
 
 def test_frames_the_model_cannot_cut_exit_2_before_anything_is_written(run_dir, tmp_path):
     # Patches two latent frames deep (and a denoiser sized for them): only even frame counts.
-    res = run_minfm("sample", str(run_dir), "--out", str(tmp_path / "o"), "--prompt", "x", "--size", "3x16x16",
+    res = minfm_in_process("sample", str(run_dir), "--out", str(tmp_path / "o"), "--prompt", "x", "--size", "3x16x16",
                     "--set", "model.patchifier.patch_size=[2, 2, 2]", "--set", "model.denoiser.d_img=24",
                     "--set", "model.denoiser.rope_axes=[4, 6, 6]")
     assert res.returncode == 2, res.stdout + res.stderr
