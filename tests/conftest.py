@@ -112,3 +112,9 @@ def site_without_minfm(tmp_path: Path) -> Path:
             (deps / entry).symlink_to(os.path.join(sp, entry))
     return deps
 
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tests marked slow first (in their own order): with pytest-xdist's workers, one left
+    running a minute-long test at the end of the suite while the others wait is the suite's tail."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
