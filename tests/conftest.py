@@ -10,6 +10,13 @@ from pathlib import Path
 
 import pytest
 
+# pytest-xdist runs a worker per core; next to each other, OpenMP's spinning waiters (libgomp's
+# default) fight for the cores: tests/test_engine_train.py + test_checkpoint_faults.py +
+# test_core_recipe_errors.py took 61 s on 2 workers, 36 s with sleeping waiters. Set before
+# anything loads torch (and libgomp with it); the subprocesses inherit it. One process: kept.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 pytest.register_assert_rewrite("hub_fixtures")
 from checkpoint_helpers import trained_run  # noqa: E402, F401  (fixtures)
 from hub_fixtures import hub_env, hub_server  # noqa: E402, F401  (fixtures)
