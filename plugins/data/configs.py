@@ -209,7 +209,7 @@ class ImageFolderConfig(_ReadsRoot):
         0.01, doc="share of images held out for 'val' when the root has no split folders",
         validator=Range(0, 1, hi_open=True),
     )
-    seed: int = field(0, doc="seed of the flips and the held-out selection", validator=SEED)
+    seed: int = field(0, doc="seed of the flips (the held-out split is a hash of each path: no seed moves it)", validator=SEED)
     use_cached_latents: bool = _use_cached_latents()
     latents_dir: str | None = _latents_dir()
 
@@ -446,7 +446,8 @@ class VideoFolderConfig(_ReadsRoot):
         0.01, doc="share of videos held out for 'val' when the root has no split folders",
         validator=Range(0, 1, hi_open=True),
     )
-    seed: int = field(0, doc="seed of the clip starts, the flips and the held-out selection", validator=SEED)
+    seed: int = field(0, doc="seed of the clip starts and the flips (the held-out split is a hash of each path)",
+                      validator=SEED)
     use_cached_latents: bool = _use_cached_latents()
     latents_dir: str | None = _latents_dir()
 
