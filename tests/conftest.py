@@ -120,7 +120,6 @@ def site_without_minfm(tmp_path: Path) -> Path:
     return deps
 
 
-
 def pytest_collection_modifyitems(config, items):
     """The tests marked slow first (in their own order): with pytest-xdist's workers, one left
     running a minute-long test at the end of the suite while the others wait is the suite's tail."""

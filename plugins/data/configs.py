@@ -209,7 +209,8 @@ class ImageFolderConfig(_ReadsRoot):
         0.01, doc="share of images held out for 'val' when the root has no split folders",
         validator=Range(0, 1, hi_open=True),
     )
-    seed: int = field(0, doc="seed of the flips (the held-out split is a hash of each path: no seed moves it)", validator=SEED)
+    seed: int = field(0, doc="seed of the flips (the held-out split is a hash of each path: no seed moves it)",
+                      validator=SEED)
     use_cached_latents: bool = _use_cached_latents()
     latents_dir: str | None = _latents_dir()
 
