@@ -123,7 +123,9 @@ def test_the_page_plays_the_clip_in_a_browser(model, tmp_path):
                 page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
                 page.on("pageerror", lambda exc: errors.append(str(exc)))
                 page.goto(url, wait_until="networkidle", timeout=60_000)
-                assert page.locator("#frames").is_visible()
+                # networkidle can come before Gradio's app has drawn (seen under CI's load): wait for
+                # the Frames box (a timeout fails the test: a video model's page must show it)
+                page.locator("#frames").wait_for(state="visible", timeout=60_000)
                 page.locator("#frames input[type=number]").fill("7")
                 page.locator("#frames input[type=number]").press("Enter")
                 page.locator("#prompt textarea").fill("a blue square")
