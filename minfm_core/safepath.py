@@ -51,6 +51,13 @@ def recipe_root(recipe: Path) -> Path | None:
     return recipe.parent if came_from_outside(recipe.parent) else None
 
 
+def file_in_the_way(path: Path | str, where: str) -> str | None:
+    """``"<where> is a file, not a folder"`` where something other than a folder is at ``path``
+    (None where it is a folder or absent): one rule, one wording, for the job that writes
+    there and for ``minfm check``, which reports it before the job starts."""
+    return f"{where} is a file, not a folder" if os.path.exists(path) and not os.path.isdir(path) else None
+
+
 def is_inside(path: Path, root: Path) -> bool:
     """Whether ``path`` (symlinks followed) lies inside ``root``'s trust boundary."""
     boundary = trust_boundary(root)

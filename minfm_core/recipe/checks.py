@@ -18,7 +18,7 @@ from ..engine.prompts import read_prompt_file
 from ..launch_env import world_size_from_env
 from ..protocols import CachedLatentsConfig
 from ..runlock import run_outputs
-from ..safepath import relative_inside
+from ..safepath import file_in_the_way, relative_inside
 from ..validators import MAX_TOKENS
 from .load import is_trusted
 from .schema import init_plan, parse_load_plan
@@ -121,11 +121,11 @@ def job_checks(resolved, job: str, world_size: int | None = None) -> list[str]:
         if s.source and "://" not in s.source and not os.path.exists(os.path.expanduser(s.source)):
             problems.append(f"sample.source: {s.source}: no such file or folder"
                             + (" (a Hub repo is hf://org/name)" if s.source.count("/") == 1 else ""))
-        # The sampler refuses this only at start-up (engine/sample.py _require_folder): same rule, same words.
+        # The sampler refuses this only at start-up (engine/sample.py): the same rule.
         out = s.out_dir or os.path.join(exp, "samples")
         flag = "sample.out_dir" if s.out_dir else "sample.out_dir (default run.exp_dir/samples)"
-        if os.path.exists(out) and not os.path.isdir(out):
-            problems.append(f"{flag} {out}: is a file, not a folder")
+        if problem := file_in_the_way(out, f"{flag} {out}:"):
+            problems.append(problem)
     # Read now what the job would read later: a training run meets its gallery prompts at the
     # first gallery, hours in (a sample job adds the file to sample.prompts; a gallery uses it
     # only where sample.prompts is empty).
