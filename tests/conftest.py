@@ -39,23 +39,15 @@ def minfm_in_process(*args: str, cwd: str | Path | None = None) -> subprocess.Co
     what :func:`run_minfm` returns, without a fresh interpreter's 3-5 s of imports. For
     commands whose outcome does not hang on the process (its environment, signals, exit
     path); a test about those uses :func:`run_minfm`."""
-    import contextlib
-    import io
+    from cli_capture import call_main
 
-    from minfm_core.cli.main import main
-
-    out, err = io.StringIO(), io.StringIO()
     here = os.getcwd()
     os.chdir(cwd or ROOT)
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = main(list(args))
-            except SystemExit as exc:  # argparse's usage errors
-                code = exc.code if isinstance(exc.code, int) else 2
+        code, out, err = call_main(list(args))
     finally:
         os.chdir(here)
-    return subprocess.CompletedProcess(["minfm", *args], code, out.getvalue(), err.getvalue())
+    return subprocess.CompletedProcess(["minfm", *args], code, out, err)
 
 
 def minfm_call(*args: str, env: dict | None = None, cwd: str | Path | None = None, timeout: float = 300):

@@ -88,19 +88,10 @@ def env_for(server, tmp_path: Path, name: str = "home") -> dict:
 
 
 _RUNNER = r"""
-import contextlib, io, json, sys, traceback
-from minfm_core.cli.main import main
-results = []
-for args in json.loads(sys.argv[1]):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = main(args)
-        except BaseException:  # noqa: BLE001 - a traceback is what the tests look for
-            traceback.print_exc()
-            rc = 1
-    results.append([rc, out.getvalue(), err.getvalue()])
-print("MINFM-RESULTS " + json.dumps(results))
+import json, sys
+sys.path.insert(0, "tests")
+from cli_capture import call_main
+print("MINFM-RESULTS " + json.dumps([call_main(args) for args in json.loads(sys.argv[1])]))
 """
 
 
