@@ -165,11 +165,20 @@ class Checkpoint:
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r})"
 
+    @functools.cached_property
+    def _legacy_names(self) -> frozenset[str]:
+        # A legacy checkpoint's .metadata is a pickle (the user chose to trust it): read it once.
+        return frozenset(dcp.FileSystemReader(str(self.path)).read_metadata().state_dict_metadata)
+
+    def tensor_names(self) -> set[str]:
+        """The flat names (``model.x.weight``) of the tensors it holds (a legacy checkpoint's
+        metadata does not tell tensors from other saved objects: all of its names)."""
+        return set(self.manifest.tensors) if self.manifest is not None else set(self._legacy_names)
+
     def parts(self) -> set[str]:
         if self.manifest is not None:
             return self.manifest.parts()
-        reader = dcp.FileSystemReader(str(self.path))
-        return {k.split(".", 1)[0] for k in reader.read_metadata().state_dict_metadata}
+        return {k.split(".", 1)[0] for k in self._legacy_names}
 
     def has_part(self, part: str) -> bool:
         return part in self.parts()
@@ -307,13 +316,16 @@ class Checkpointer:
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.keep: set[Path] = set()  # checkpoints that failed verification: evidence, never pruned
         self._pending: tuple[Any, Path, Path] | None = None
+        # A save that failed to finish here (poll, many processes), not yet raised: rank 0 alone
+        # renames and prunes, so raising at once would leave its peers only a lost connection.
+        self.failure: str | None = None
         # Async saves run collectives from a background thread: give them their own group.
         self._group = dist.new_group(backend="gloo") if dist.is_initialized() else None
 
     def save(self, step: int, state: dict[str, Any], extras: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
         from safetensors.torch import save_file
 
-        self.wait()
+        self.finish()
         final = self.root / step_dir(step)
         tmp = self.root / f".tmp-{final.name}"
         tensors, objects = split_state(state)
@@ -360,9 +372,29 @@ class Checkpointer:
             self.wait()
 
     def poll(self) -> None:
-        """Finish a pending save if it is done (cheap; call every step)."""
+        """Finish a pending save if it is done (cheap; call every step). With many processes a
+        failure is kept in :attr:`failure` for :meth:`finish` to raise on every rank."""
         if self._pending is not None and (self._pending[0] is None or self._pending[0].done()):
+            if self.world_size == 1:
+                self.wait()
+                return
+            try:
+                self.wait()
+            except MinfmError as exc:
+                self.failure = self.failure or str(exc)
+
+    def finish(self) -> None:
+        """Collective (every rank calls it): finish the pending save; if it failed to finish
+        on any rank, now or in an earlier :meth:`poll`, every rank raises the first one's line."""
+        if self.world_size == 1:
             self.wait()
+            return
+        failed, self.failure = self.failure, None
+        try:
+            self.wait()
+        except MinfmError as exc:
+            failed = failed or str(exc)
+        barrier(failed)
 
     def wait(self) -> None:
         if self._pending is None:
@@ -470,10 +502,7 @@ def load_weights(ckpt: Checkpoint | Path, model: torch.nn.Module, *, source: str
     # DCP reads only the keys asked for: weights the checkpoint holds and the model lacks (a
     # block the recipe override removed) were dropped in silence, where an exported folder
     # refuses them (weights.check_keys). The checkpoint's own tensor list says what it holds.
-    if ckpt.manifest is not None:
-        held_names = set(ckpt.manifest.tensors)
-    else:
-        held_names = set(dcp.FileSystemReader(str(ckpt.path)).read_metadata().state_dict_metadata)
+    held_names = ckpt.tensor_names()
     wanted = {n for n, p in model.named_parameters() if p.requires_grad} if source == "ema" else set(sd)
     prefix = f"{source}."
     unexpected = {k[len(prefix):] for k in held_names if k.startswith(prefix)} - wanted

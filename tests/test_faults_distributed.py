@@ -14,7 +14,16 @@ from minfm_core import checkpoint as ck
 
 INJECT = '''
 import os
-if os.environ.get("RANK") == "1" and "LOCAL_RANK" in os.environ:
+if os.environ.get("RANK") == "0" and "LOCAL_RANK" in os.environ and os.environ["MINFM_TEST_FAULT"] == "finish":
+    # rank 0 alone names the finished checkpoint: step 2's rename fails (after every rank's write)
+    import errno
+    real_rename = os.rename
+    def rename(src, dst, **kw):
+        if str(src).endswith(".tmp-step_00000002"):
+            raise OSError(errno.EIO, "Input/output error", str(src))
+        return real_rename(src, dst, **kw)
+    os.rename = rename
+elif os.environ.get("RANK") == "1" and "LOCAL_RANK" in os.environ:
     if os.environ["MINFM_TEST_FAULT"] == "save":  # a full disk writing rank 1's file of step 2
         import errno
         import safetensors.torch as st
@@ -24,7 +33,7 @@ if os.environ.get("RANK") == "1" and "LOCAL_RANK" in os.environ:
                 raise OSError(errno.ENOSPC, "No space left on device", str(filename))
             return real_save(tensors, filename, metadata=metadata)
         st.save_file = save_file
-    else:  # bad input met by rank 1 alone, in the middle of step 2 (rank 0 is in a collective)
+    elif os.environ["MINFM_TEST_FAULT"] == "step":  # bad input met by rank 1 alone, in step 2 (rank 0: in a collective)
         from minfm_core.engine import train as T
         from minfm_core.errors import MinfmError
         real_step = T.Trainer.make_batch
@@ -37,7 +46,7 @@ if os.environ.get("RANK") == "1" and "LOCAL_RANK" in os.environ:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fault", ["save", "step"])
+@pytest.mark.parametrize("fault", ["save", "finish", "step"])
 def test_a_fault_on_one_rank_is_one_line_on_every_rank_and_exit_2(tmp_path, fault):
     inject = tmp_path / "inject"
     inject.mkdir()
@@ -54,6 +63,9 @@ def test_a_fault_on_one_rank_is_one_line_on_every_rank_and_exit_2(tmp_path, faul
     if fault == "save":  # found at the save's own barrier: the same line on both ranks
         want = {f"minfm: error: rank 1: {exp}/checkpoints/.tmp-step_00000002: cannot write checkpoint: "
                 "rank_1.safetensors: No space left on device (the previous checkpoints are intact)"}
+    elif fault == "finish":  # rank 0's failure, kept until every rank next meets: the same line on both
+        want = {f"minfm: error: rank 0: {exp}/checkpoints/.tmp-step_00000002: cannot write checkpoint: "
+                "Input/output error (the previous checkpoints are intact)"}
     else:  # rank 0 meets the closed connection in its collective and names it
         want = {"minfm: error: test: bad data on rank 1 only",
                 "minfm: error: lost the connection to another process of this run"}

@@ -448,17 +448,23 @@ class Trainer:
             self.checkpointer.poll()
             if cfg.gc_every and self.step % cfg.gc_every == 0:
                 gc.collect()
-        self.checkpointer.wait()
+        self.checkpointer.finish()
 
     def _stop_agreed(self) -> bool:
-        """Whether a stop was requested (on any rank: all of them stop after the same step)."""
+        """Whether a stop was requested (on any rank: all of them stop after the same step).
+
+        The same collective says whether a checkpoint failed to finish on some rank (rank 0
+        renames and prunes alone): then every rank stops with that rank's line."""
         if self.stop_request is None:
             return False
         flag = self.stop_request.requested
         if self.rt.world_size > 1:
-            t = torch.tensor([float(flag)], device=self.rt.device)
+            t = torch.tensor([float(flag), float(self.checkpointer.failure is not None)], device=self.rt.device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = bool(t.item())
+            stop, failed = t.tolist()
+            if failed:
+                self.checkpointer.finish()  # raises the failure on every rank
+            flag = bool(stop)
         return flag
 
     def close(self) -> None:
