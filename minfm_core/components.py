@@ -215,6 +215,9 @@ class Registry:
         if isinstance(config, str):  # register(name, factory, "its doc"): the third argument is the config
             raise PluginError(f"{kind} {name!r}: config {short_repr(config)} is a string, not a config class; "
                               "pass a doc by keyword: register(name, factory, doc=...)")
+        if config is not None and kind in protocols.CONFIGLESS_KINDS:
+            raise PluginError(f"{kind} {name!r}: a {kind} is registered without a config (the engine never "
+                              f"configures one), got config {short_repr(config)}; pass only name, factory and doc=")
         # (Its default config is not built here: many are complete only in a recipe, e.g.
         # flux's fields that a flavor fills, or a mix naming datasets of other plugins. Each
         # plain default is held to its own field's range, though.)

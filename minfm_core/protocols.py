@@ -395,6 +395,11 @@ FACTORY_KWARGS: dict[str, dict[str, Any]] = {
     "metric": {"extractor": None, "weights": None, "device": "cpu"},
 }
 
+#: Kinds registered without a config: the engine calls the factory itself (a source is the
+#: resolver, a metric is built from ``FACTORY_KWARGS`` alone) and never structures a config
+#: for it, so a config class given with one would be ignored; registering one is refused.
+CONFIGLESS_KINDS: frozenset[str] = frozenset({"source", "metric"})
+
 
 #: Kind -> how ``minfm check`` builds the component a recipe selects (docs/plugins.md, "What
 #: ``minfm check`` builds"), so that what the factory itself refuses (a ``MinfmError``) fails

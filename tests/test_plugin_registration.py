@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from minfm_core import MinfmError, config, field, hookimpl
+from minfm_core import MinfmError, config, field, hookimpl, protocols
+from minfm_core.components import KINDS
 from minfm_core.errors import PluginError, RecipeError
 from minfm_core.plugins import load_plugins, plugin
 from minfm_core.registry import get_registry
@@ -172,6 +173,29 @@ def test_a_metric_doc_passed_as_the_third_argument_is_explained():
             "keyword: register(name, factory, doc=...)")
     with plugin(Keyword(), "probe"):
         assert get_registry().get("metric", "probe_metric").doc == "A probe metric."
+
+
+@pytest.mark.parametrize("kind", sorted(protocols.CONFIGLESS_KINDS))
+def test_a_config_given_to_a_configless_kind_skips_the_plugin(kind):
+    """A source or metric is never configured: a config class registered with one would be
+    silently ignored, so it is refused by name."""
+    @config
+    class Cfg:
+        """A config the engine would never structure."""
+
+        x: int = field(1, doc="x", validator=Range(0, 9))
+
+    class P:
+        pass
+
+    def hook(self, register):
+        register("probe_thing", "os:getcwd", Cfg)
+
+    setattr(P, KINDS[kind], hookimpl(hook))
+    with plugin(P(), "probe"):
+        why = load_plugins().failures["probe"]
+        assert why.startswith(f"{kind} 'probe_thing': a {kind} is registered without a config"), why
+        assert "probe_thing" not in get_registry().names(kind)
 
 
 def test_a_raising_register_hook_is_named():
