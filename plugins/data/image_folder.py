@@ -36,19 +36,10 @@ MAX_METADATA_BYTES = 2 << 30
 
 class ImageFolderDataset(torch.utils.data.Dataset):
     def __init__(self, cfg: ImageFolderConfig, split: str = "train") -> None:
-        if split not in _SPLIT_DIRS:
-            raise MinfmError(f"image_folder: unknown split {split!r}; expected 'train' or 'val'")
-        if not cfg.root:
-            raise MinfmError("image_folder: set 'root' to the folder of images (or use_cached_latents = true)")
-        root = Path(os.path.expanduser(cfg.root))
-        if not root.is_dir():
-            raise MinfmError(f"image_folder: root {str(root)!r} is not a folder")
+        root, confine, split_dir = open_root("image_folder", cfg.root, split, "images")
         self.cfg = cfg
         self.split = split
         self.flips = Flips(cfg.p_flip, cfg.seed, split)
-        # A downloaded dataset's symlinks must stay inside it; a folder of one's own may link in from anywhere.
-        confine = root if came_from_outside(root) else None
-        split_dir = next((root / d for d in _SPLIT_DIRS[split] if (root / d).is_dir()), None)
         if split_dir is not None:
             items = _scan(split_dir, cfg, confine, beside=root / "metadata.jsonl")
         else:  # the rest of the root: another split's folder is not entered (a link to it neither)
@@ -85,6 +76,21 @@ def _is(test) -> bool:
         return test()
     except OSError:
         return False
+
+
+def open_root(dataset: str, root: str, split: str, what: str) -> tuple[Path, Path | None, Path | None]:
+    """A folder dataset's ``root``, checked; the folder its symlinks must stay in (None:
+    anywhere); and ``split``'s own folder (None: the split is held out of the whole root)."""
+    if split not in _SPLIT_DIRS:
+        raise MinfmError(f"{dataset}: unknown split {split!r}; expected 'train' or 'val'")
+    if not root:
+        raise MinfmError(f"{dataset}: set 'root' to the folder of {what} (or use_cached_latents = true)")
+    path = Path(os.path.expanduser(root))
+    if not path.is_dir():
+        raise MinfmError(f"{dataset}: root {str(path)!r} is not a folder")
+    # A downloaded dataset's symlinks must stay inside it; a folder of one's own may link in from anywhere.
+    confine = path if came_from_outside(path) else None
+    return path, confine, next((path / d for d in _SPLIT_DIRS[split] if (path / d).is_dir()), None)
 
 
 def split_folders(root: Path) -> list[Path]:

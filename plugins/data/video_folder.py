@@ -13,23 +13,20 @@ stable hash of each path holds out ``val_fraction``. PyAV is the ``video`` extra
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
 import torch
 
 from minfm_core.errors import MinfmError, MinfmWarning, first_line
 from minfm_core.images import require_regular_file
-from minfm_core.safepath import came_from_outside
 from minfm_core.validators import MAX_SIDE
 
 from .configs import VideoFolderConfig
-from .image_folder import _hold_out, read_caption, split_folders, walk
+from .image_folder import _hold_out, open_root, read_caption, split_folders, walk
 from .images import Flips, budget_size, resize_and_center_crop, rng_for, to_tensor
 from .latents import CachedLatentsDataset
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v", ".gif")
-_SPLIT_DIRS = {"train": ("train",), "val": ("val", "validation")}
 
 
 def _av():
@@ -142,20 +139,11 @@ def read_clip(path: Path, pick, budget: tuple[int, int] | None = None) -> tuple[
 
 class VideoFolderDataset(torch.utils.data.Dataset):
     def __init__(self, cfg: VideoFolderConfig, split: str = "train") -> None:
-        if split not in _SPLIT_DIRS:
-            raise MinfmError(f"video_folder: unknown split {split!r}; expected 'train' or 'val'")
-        if not cfg.root:
-            raise MinfmError("video_folder: set data.root to the folder of videos (or use_cached_latents = true)")
-        root = Path(os.path.expanduser(cfg.root))
-        if not root.is_dir():
-            raise MinfmError(f"video_folder: data.root {str(root)!r} is not a folder")
+        root, confine, split_dir = open_root("video_folder", cfg.root, split, "videos")
         self.cfg = cfg
         self.split = split
         self.flips = Flips(cfg.p_flip, cfg.seed, split)
         self.epoch = 0
-        # A downloaded dataset's symlinks must stay inside it; a folder of one's own may link in from anywhere.
-        confine = root if came_from_outside(root) else None
-        split_dir = next((root / d for d in _SPLIT_DIRS[split] if (root / d).is_dir()), None)
         if split_dir is not None:
             items = _scan(split_dir, confine)
         else:
