@@ -135,6 +135,8 @@ def _known_keys(presets: dict[str, dict[str, Any]], between=None):
     return check
 
 
+PRETRAINED_DOC = ("folder with config.json and safetensors weights, or a Hub reference org/name[@rev][/path]; "
+                  "None: random weights (tests)")
 TOKENIZER_DOC = (
     "tokenizer folder or Hub reference; None: the pretrained folder, or its sibling tokenizer[_N] "
     "when pretrained is a diffusers pipeline's text_encoder[_N] folder"
@@ -174,8 +176,7 @@ class T5EncoderConfig(_HubTextEncoder):
 
     pretrained: str | None = field(
         "black-forest-labs/FLUX.1-schnell/text_encoder_2",
-        doc="folder with config.json and safetensors weights, or a Hub reference org/name[@rev][/path]; "
-        "None: random weights (tests)",
+        doc=PRETRAINED_DOC,
         file="ref",
     )
     tokenizer: str | None = field(None, doc=TOKENIZER_DOC, file="ref")
@@ -205,8 +206,7 @@ class ClipEncoderConfig(_HubTextEncoder):
 
     pretrained: str | None = field(
         "black-forest-labs/FLUX.1-schnell/text_encoder",
-        doc="folder with config.json and safetensors weights, or a Hub reference org/name[@rev][/path]; "
-        "None: random weights (tests)",
+        doc=PRETRAINED_DOC,
         file="ref",
     )
     tokenizer: str | None = field(None, doc=TOKENIZER_DOC, file="ref")
