@@ -8,8 +8,10 @@ error naming the file, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -76,15 +78,31 @@ def _lab_to_rgb(im: Image) -> Image:
     return ImageCms.applyTransform(im, transform)
 
 
-def read_rgb(path: str | Path) -> Image:
-    """The image at ``path``, decoded and converted to RGB."""
+@contextlib.contextmanager
+def _opened(path: str | Path) -> Iterator[Image]:
+    """PIL's lazy open (the header read, the size held to the bomb limit); what PIL raises
+    there or in the body, one line naming the file."""
     from PIL import Image as PILImage
 
     require_regular_file(path)
     try:
         with PILImage.open(path) as im:
-            return _to_rgb(im)
+            yield im
     except PILImage.DecompressionBombError as exc:
         raise MinfmError(f"{path}: image too large to decode safely ({first_line(exc, 120)})") from None
     except (OSError, ValueError, SyntaxError) as exc:  # PIL raises SyntaxError for some malformed headers
         raise MinfmError(f"{path}: not a readable image ({first_line(exc, 200)})") from None
+
+
+def read_rgb(path: str | Path) -> Image:
+    """The image at ``path``, decoded and converted to RGB."""
+    with _opened(path) as im:
+        return _to_rgb(im)
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """``(width, height)`` from the file's header alone: a cheap first check of a large set
+    (a file that is no image, or too large, is refused before hours of work on the others;
+    damage past the header shows only when :func:`read_rgb` decodes it)."""
+    with _opened(path) as im:
+        return im.size

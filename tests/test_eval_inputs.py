@@ -6,6 +6,7 @@ from __future__ import annotations
 import struct
 import tracemalloc
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -207,6 +208,33 @@ def test_hidden_files_and_folders_are_not_part_of_the_set(tmp_path):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(images(1, 0)[0]).save(root / name)
     assert [p.relative_to(root).as_posix() for p in folder_images(root)] == ["a.png", "sub/b.png"]
+
+
+@pytest.mark.parametrize("bad", [b"not a picture", None])  # garbage named .png; a PNG declaring a bomb
+def test_a_bad_image_last_in_a_folder_fails_before_any_feature(tmp_path, bad):
+    """Headers are read first: 'zz.png' (sorted last) is refused before the extractor sees an image."""
+    for i, a in enumerate(images(4, 0)):
+        Image.fromarray(a).save(tmp_path / f"{i}.png")
+    last = tmp_path / "zz.png"
+    if bad is None:
+        with Image.new("RGB", (1, 1)) as im:
+            im.save(last)
+        data = bytearray(last.read_bytes())  # IHDR's width and height: 40,000 x 40,000, and its CRC to match
+        data[16:24] = struct.pack(">II", 40_000, 40_000)
+        data[29:33] = struct.pack(">I", zlib.crc32(data[12:29]))
+        last.write_bytes(bytes(data))
+    else:
+        last.write_bytes(bad)
+    seen = []
+
+    class Counting(TinyExtractor):
+        def __call__(self, batch):
+            seen.append(batch.shape[0])
+            return super().__call__(batch)
+
+    message = one_line_error(lambda: evaluate(tmp_path, tmp_path, extractor=Counting(), batch_size=2), last)
+    assert ("too large" if bad is None else "not a readable image") in message
+    assert seen == []
 
 
 def test_cli_eval_of_a_bomb_npz_is_one_line(tmp_path, capsys):

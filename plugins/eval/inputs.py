@@ -175,14 +175,18 @@ def folder_images(path: str | Path) -> list[Path]:
 def image_batches(source: str | Path, batch_size: int) -> tuple[int, Iterator[np.ndarray]]:
     """(count, iterator of uint8 (B, H, W, 3) batches) for an .npz file or an image folder.
 
-    The count and every check that needs no pixels come first; images are read only as the
-    iterator is. A batch holds at most ``batch_size`` images and :data:`BATCH_PIXELS` pixels
+    The count and every check that needs no pixels come first (a folder's: every file's
+    header); images are decoded only as the iterator is. A batch holds at most ``batch_size`` images and :data:`BATCH_PIXELS` pixels
     (one image alone always); folder images of different sizes go in separate batches (the
     network resizes each to 299). Batches may be read-only (memory-mapped).
     """
     source = Path(source)
     if source.is_dir():
+        from minfm_core.images import image_size
+
         files = folder_images(source)
+        for p in files:  # headers only: a non-image at the end fails now, not after the rest's features
+            image_size(p)
         return len(files), _folder_batches(files, batch_size)
     images = npz_images(source)
     n, h, w, _ = images.shape
