@@ -167,6 +167,8 @@ class Manifest:
         self.objects: list[list[Any]] = data["objects"]
         self.step: int | None = data.get("step")
         self.world_size: int | None = data.get("world_size")
+        #: Its own checksum: it covers every file's CRC-32, so it names the checkpoint's content.
+        self.crc32: str = data[SELF_CRC]
 
     def parts(self) -> set[str]:
         return {fqn.split(".", 1)[0] for fqn in self.tensors} | {path[0] for path, _ in self.objects}

@@ -75,6 +75,26 @@ def test_same_request_resumes_another_is_refused_then_overwritten(run_dir, tmp_p
     assert [r["prompt"] for r in meta["images"]] == ["a green triangle"]
 
 
+def test_weights_trained_again_at_the_same_path_are_another_request(run_dir, tmp_path):
+    """A run deleted and trained again to the same step leaves its checkpoint at the same path:
+    its samples must not be mixed with the old weights' (the manifest's CRC tells them apart);
+    the same checkpoint copied there again resumes."""
+    import shutil
+
+    from minfm_core.engine.train import train
+
+    run, out, prompts = tmp_path / "run", tmp_path / "out", ("--prompt", "a red circle")
+    shutil.copytree(run_dir, run)
+    assert sample(run, out, *prompts).returncode == 0
+    shutil.rmtree(run)
+    shutil.copytree(run_dir, run)  # the same weights again (new files, new times)
+    again = sample(run, out, *prompts)
+    assert again.returncode == 0 and "0 to draw" in again.stdout, again.stdout + again.stderr
+    shutil.rmtree(run)
+    train(tiny(run, "train.max_steps=1", "run.seed=1"))  # other weights, same step, same path
+    one_error_line(sample(run, out, *prompts), "holds samples of another request (different weights_content)")
+
+
 def test_out_that_is_a_file_or_holds_unknown_images(run_dir, tmp_path):
     f = tmp_path / "afile"
     f.write_text("keep")

@@ -20,6 +20,7 @@ exist are skipped, so an interrupted run resumes. Every file is written atomical
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -34,6 +35,7 @@ import torch.distributed as dist
 
 from .. import checkpoint as ckpt_mod
 from .. import runlock
+from ..checkpoint_format import MANIFEST, read_manifest
 from ..errors import MinfmError, os_error_line
 from ..images import read_rgb
 from ..jsonio import parse_json
@@ -252,6 +254,7 @@ def request_settings(resolved, prompts: list[str], *, source: str | None, weight
     d = resolved.to_dict()
     sample_recipe_part = {k: v for k, v in d.get("sample", {}).items() if k not in _NOT_PIXELS + _SHOWN}
     settings = {"source": source, "checkpoint": None if weights is None else str(Path(weights[1]).resolve()),
+                "weights_content": None if weights is None else weights_identity(*weights),
                 "prompts": list(prompts), "steps": s.steps, "size": list(s.size),
                 "sampler": resolved["sample.sampler"].component.name,
                 "guidance": resolved["sample.guidance"].component.name,
@@ -262,6 +265,17 @@ def request_settings(resolved, prompts: list[str], *, source: str | None, weight
     if s.size[0] > 1:  # the clips' timing is in their files: another fps is another request
         settings["fps"] = fps
     return json.loads(json.dumps(settings))  # as metadata.json will hold it (tuples -> lists)
+
+
+def weights_identity(kind: str, where: Path) -> str:
+    """What tells these weights from others found at the same path later (a run deleted and
+    trained again to the same step, a folder exported again): a checkpoint's manifest CRC,
+    which covers every file's CRC-32, else the weight files' names, sizes and mtimes."""
+    if kind == "dcp" and (Path(where) / MANIFEST).is_file():
+        return f"manifest crc32 {read_manifest(Path(where)).crc32}"
+    stats = sorted((p.name, (st := p.stat()).st_size, st.st_mtime_ns) for p in Path(where).iterdir()
+                   if p.is_file() and p.name.endswith((".safetensors", ".index.json", ".distcp", ".metadata")))
+    return "files sha256 " + hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
