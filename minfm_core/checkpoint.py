@@ -375,24 +375,22 @@ class Checkpointer:
         """Finish a pending save if it is done (cheap; call every step). With many processes a
         failure is kept in :attr:`failure` for :meth:`finish` to raise on every rank."""
         if self._pending is not None and (self._pending[0] is None or self._pending[0].done()):
-            if self.world_size == 1:
-                self.wait()
-                return
             try:
                 self.wait()
             except MinfmError as exc:
+                if self.world_size == 1:
+                    raise
                 self.failure = self.failure or str(exc)
 
     def finish(self) -> None:
         """Collective (every rank calls it): finish the pending save; if it failed to finish
         on any rank, now or in an earlier :meth:`poll`, every rank raises the first one's line."""
-        if self.world_size == 1:
-            self.wait()
-            return
         failed, self.failure = self.failure, None
         try:
             self.wait()
         except MinfmError as exc:
+            if self.world_size == 1:
+                raise
             failed = failed or str(exc)
         barrier(failed)
 

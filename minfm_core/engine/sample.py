@@ -254,7 +254,7 @@ def request_settings(resolved, prompts: list[str], *, source: str | None, weight
     d = resolved.to_dict()
     sample_recipe_part = {k: v for k, v in d.get("sample", {}).items() if k not in _NOT_PIXELS + _SHOWN}
     settings = {"source": source, "checkpoint": None if weights is None else str(Path(weights[1]).resolve()),
-                "weights_content": None if weights is None else weights_identity(*weights),
+                "weights_content": None if weights is None else weights_content(*weights),
                 "prompts": list(prompts), "steps": s.steps, "size": list(s.size),
                 "sampler": resolved["sample.sampler"].component.name,
                 "guidance": resolved["sample.guidance"].component.name,
@@ -267,7 +267,7 @@ def request_settings(resolved, prompts: list[str], *, source: str | None, weight
     return json.loads(json.dumps(settings))  # as metadata.json will hold it (tuples -> lists)
 
 
-def weights_identity(kind: str, where: Path) -> str:
+def weights_content(kind: str, where: Path) -> str:
     """What tells these weights from others found at the same path later (a run deleted and
     trained again to the same step, a folder exported again): a checkpoint's manifest CRC,
     which covers every file's CRC-32, else the weight files' names, sizes and mtimes."""
