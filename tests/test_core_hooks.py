@@ -41,8 +41,13 @@ def test_register_hook_of_each_kind(kind):
     members = {m: (lambda *a, **k: None) for m in protocols.members(kind)}
     Built = type("Built", (), {**members, "__init__": lambda self, value: setattr(self, "value", value)})
 
+    configless = kind in protocols.CONFIGLESS_KINDS  # a source or metric: its factory is called as it is
+
     def impl(register):
-        register(f"probe_{kind}", lambda cfg: Built(cfg.value), ProbeConfig)
+        if configless:
+            register(f"probe_{kind}", lambda *a, **k: Built(3), doc=ProbeConfig.__doc__)
+        else:
+            register(f"probe_{kind}", lambda cfg: Built(cfg.value), ProbeConfig)
 
     impl.__name__ = hook_name
     setattr(Probe, hook_name, staticmethod(hookimpl(impl)))
@@ -50,7 +55,8 @@ def test_register_hook_of_each_kind(kind):
         comp = get_registry().get(kind, f"probe_{kind}")
         assert comp.plugin == "probe"
         assert comp.doc == "A probe component for hook tests."
-        assert comp.build(ProbeConfig(value=3)).value == 3
+        built = comp.load_factory()("ref") if configless else comp.build(ProbeConfig(value=3))
+        assert built.value == 3
     assert f"probe_{kind}" not in get_registry().names(kind)
 
 
