@@ -10,10 +10,11 @@ This module knows nothing of plugin loading (``minfm_core.plugins`` fills regist
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import inspect
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -136,6 +137,18 @@ class Component:
     def raised_note(self) -> str:
         """The note added under the traceback of a bug raised by this component's factory."""
         return f"(raised by the factory of {self.describe()})"
+
+    @contextlib.contextmanager
+    def calling(self, member: str) -> Iterator[None]:
+        """Around the engine's call of ``member`` on what this component built: a bug raised
+        there keeps its traceback and says whose it is (a MinfmError is the user's: as it is)."""
+        try:
+            yield
+        except MinfmError:
+            raise
+        except Exception as exc:
+            exc.add_note(f"(raised by {member} of {self.describe()})")
+            raise
 
 
 @attrs.frozen

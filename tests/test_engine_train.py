@@ -240,3 +240,32 @@ def test_an_ema_turned_on_for_a_resume_starts_from_the_loaded_model(tmp_path, ca
     finally:
         shutdown_runtime()
     assert "the checkpoint holds no EMA" in capsys.readouterr().out
+
+
+def test_a_bug_in_a_plugins_logger_names_the_plugin(tmp_path):
+    """A logger's log raising keeps its traceback (a bug), noted with whose logger it was."""
+    from minfm_core import hookimpl, protocols
+    from minfm_core.plugins import plugin
+
+    class Broken(protocols.Logger):
+        def __init__(self, *, run_dir, rank=0, recipe=None):
+            pass
+
+        def log(self, step, metrics):
+            raise ZeroDivisionError("oops")
+
+        def log_images(self, step, name, images, captions):
+            pass
+
+        def close(self):
+            pass
+
+    class P:
+        @hookimpl
+        def register_loggers(self, register):
+            register("broken", Broken, doc="A logger with a bug.")
+
+    with plugin(P(), "probe_plugin"):
+        with pytest.raises(ZeroDivisionError) as info:
+            train(tiny(tmp_path / "run", "train.max_steps=1", 'logging.loggers+=[{name = "broken"}]'))
+    assert info.value.__notes__ == ["(raised by log of logger 'broken' of plugin 'probe_plugin')"]

@@ -143,12 +143,12 @@ class Trainer:
         self.checkpointer = ckpt_mod.Checkpointer(
             self.exp_dir, keep_last=self.cfg.keep_last, recipe_text=self.recipe_text
         )
+        # (component, logger): a bug a plugin's logger raises is noted with whose it is
         self.loggers = [
-            slot.build(run_dir=str(self.exp_dir), rank=rt.rank, recipe=resolved.to_dict())
+            (slot.component, slot.build(run_dir=str(self.exp_dir), rank=rt.rank, recipe=resolved.to_dict()))
             for path, slot in resolved.slots.items() if path.startswith("logging.loggers")
         ]
-        for lg in self.loggers:
-            lg.set_total(self.cfg.max_steps)  # a declared Logger member (protocols.Logger's default: no-op)
+        self._to_loggers("set_total", self.cfg.max_steps)  # declared (protocols.Logger's default: no-op)
         self.n_params = sum(p.numel() for p in self.params)
         self._val_set = None
         if self.cfg.val_every:  # built now: a val split that cannot be read fails before step 1, not at step val_every
@@ -398,8 +398,7 @@ class Trainer:
 
         made = training_gallery(self.pipe, self.model, self.ema, self.recipe, self.step, is_main=self.rt.is_main)
         for name, (images, prompts) in made.items():
-            for lg in self.loggers:
-                lg.log_images(self.step, f"samples/{name}", images, prompts)
+            self._to_loggers("log_images", self.step, f"samples/{name}", images, prompts)
 
     # ---- the loop -----------------------------------------------------------------------
     def fit(self, until: int | None = None) -> None:
@@ -471,9 +470,14 @@ class Trainer:
         """Wait for the last checkpoint and close every logger, each even when one before it
         failed (a full disk); the first failure is raised after."""
         failures = []
-        for finish in (self.checkpointer.wait, *(lg.close for lg in self.loggers)):
+        try:
+            self.checkpointer.wait()
+        except Exception as exc:
+            failures.append(exc)
+        for comp, lg in self.loggers:
             try:
-                finish()
+                with comp.calling("close"):
+                    lg.close()
             except Exception as exc:
                 failures.append(exc)
         if failures:
@@ -501,8 +505,12 @@ class Trainer:
         return None if peak is None else 6.0 * self.n_params * tokens_per_s / (peak * self.rt.world_size)
 
     def _log(self, metrics: dict[str, float]) -> None:
-        for lg in self.loggers:
-            lg.log(self.step, metrics)
+        self._to_loggers("log", self.step, metrics)
+
+    def _to_loggers(self, member: str, *args) -> None:
+        for comp, lg in self.loggers:
+            with comp.calling(member):
+                getattr(lg, member)(*args)
 
     def _log_line(self, text: str) -> None:
         if self.rt.is_main:
