@@ -269,6 +269,20 @@ def test_a_huge_metadata_json_is_refused_unread(tmp_path):
         prepare_out(out, {"seed": 1}, overwrite=False, flag="--out")
 
 
+def test_a_request_whose_own_record_passes_the_read_limit_still_resumes(run_dir, tmp_path, monkeypatch):
+    """The read limit is the larger of MAX_METADATA_BYTES and what the request itself writes:
+    a finished request near the million-image cap wrote more than the fixed limit, then read
+    its own record back as "not a minFM sampling record" (and --overwrite would delete it all)."""
+    from minfm_core.engine import sample as sample_mod
+
+    out = tmp_path / "out"
+    assert sample(run_dir, out, "--prompt", "a red circle", "--prompt", "a blue square").returncode == 0
+    size = (out / "metadata.json").stat().st_size
+    monkeypatch.setattr(sample_mod, "MAX_METADATA_BYTES", size // 4)  # as if 4x the cap's worth
+    again = sample(run_dir, out, "--prompt", "a red circle", "--prompt", "a blue square")
+    assert again.returncode == 0 and "0 to draw" in again.stdout, again.stdout + again.stderr
+
+
 def test_what_is_planted_at_an_image_name_is_drawn_again(run_dir, tmp_path):
     """Any existing path counted as a finished image: a link to another file, an empty file."""
     out = tmp_path / "out"

@@ -239,8 +239,12 @@ _IMAGE = re.compile(r"^\d{5,}_\d{2,}\.(png|jpg|jpeg|mp4|webp)$")
 _IMAGE_TMP = re.compile(r"^\.\d{5,}_\d{2,}\.(png|jpg|jpeg|mp4|webp)(\..+)?\.tmp$")  # a write cut short
 # the out folder's own files, cut short (an npz of 50k images is gigabytes)
 _OUT_TMP = re.compile(r"^\.(samples\.npz|metadata\.json|index\.html)\.[0-9a-f]+\.tmp$")
-#: metadata.json of an out folder is read back on resume: 50k records are ~10 MB.
+#: metadata.json of an out folder is read back on resume: 50k records are ~10 MB. A request
+#: whose own record can be larger (up to 10**6 images, each record repeating its prompt) may
+#: read back as much as it writes (_metadata_limit).
 MAX_METADATA_BYTES = 256 << 20
+#: A record's bytes besides its prompt: keys, numbers, indentation, a clip's preview, frames and fps.
+_RECORD_BYTES = 512
 # Recipe values that do not change a single pixel: leave them out of the request.
 _NOT_PIXELS = ("prompts", "prompt_file", "out_dir", "save_npz", "source")
 # Shown at the top of the settings already: the recipe copy would only repeat them.
@@ -278,6 +282,15 @@ def weights_content(kind: str, where: Path) -> str:
     return "files sha256 " + hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
 
 
+def _metadata_limit(settings: dict) -> int:
+    """The most ``metadata.json`` to read back for ``settings``: what this request itself
+    writes at most, where that is over :data:`MAX_METADATA_BYTES` (its own finished record
+    must resume; a larger file is no record of it)."""
+    per_sample = sum(len(json.dumps(p)) + _RECORD_BYTES for p in settings.get("prompts", ()))
+    own = 2 * len(json.dumps(settings, indent=2)) + settings.get("samples_per_prompt", 1) * per_sample
+    return max(MAX_METADATA_BYTES, own)
+
+
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     out = []
     for k in sorted(set(old) | set(new), key=str):
@@ -311,7 +324,7 @@ def prepare_out(out: Path, settings: dict, *, overwrite: bool, flag: str) -> Non
     stale: str | None = None
     if meta.is_file():
         try:
-            old = parse_json(read_bounded(meta, str(meta), MAX_METADATA_BYTES), str(meta)).get("settings", {})
+            old = parse_json(read_bounded(meta, str(meta), _metadata_limit(settings)), str(meta)).get("settings", {})
             if not isinstance(old, dict):
                 raise ValueError
         except (ValueError, MinfmError, AttributeError):
