@@ -176,9 +176,10 @@ def image_batches(source: str | Path, batch_size: int) -> tuple[int, Iterator[np
     """(count, iterator of uint8 (B, H, W, 3) batches) for an .npz file or an image folder.
 
     The count and every check that needs no pixels come first (a folder's: every file's
-    header); images are decoded only as the iterator is. A batch holds at most ``batch_size`` images and :data:`BATCH_PIXELS` pixels
-    (one image alone always); folder images of different sizes go in separate batches (the
-    network resizes each to 299). Batches may be read-only (memory-mapped).
+    header); images are decoded only as the iterator is. A batch holds at most
+    ``batch_size`` images and :data:`BATCH_PIXELS` pixels (one image alone always); folder
+    images of different sizes go in separate batches (the network resizes each to 299).
+    Batches may be read-only (memory-mapped).
     """
     source = Path(source)
     if source.is_dir():
