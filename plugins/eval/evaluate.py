@@ -65,12 +65,13 @@ def load_extractor(spec: str, where: str = "--extractor") -> Extractor:
 
 
 def extract_features(source: str | Path, extractor: Extractor, *, batch_size: int = 64, log=None,
-                     shard: tuple[int, int] = (0, 1)) -> dict[str, np.ndarray]:
+                     shard: tuple[int, int] = (0, 1), opened=None) -> dict[str, np.ndarray]:
     """Features of every image of an .npz or a folder, as float32 arrays (N, D).
 
     ``shard=(i, k)``: only batches ``i, i + k, ...`` (one process's share of k).
+    ``opened``: what ``image_batches(source, batch_size)`` returned already (its checks done).
     """
-    n, batches = image_batches(source, batch_size)
+    n, batches = opened or image_batches(source, batch_size)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in FEATURES}
     done = 0
     for b, batch in enumerate(batches):  # every batch is read, so an .npz's CRC is checked at its end
@@ -137,15 +138,16 @@ def evaluate(samples: str | Path, ref: str | Path, *, extractor: Extractor | Non
 
     dev = pick_device(device)
     # Bad input fails before any network runs; counting reads only an .npz's header or a folder's names.
+    opened = {}
     for name, source in (("samples", samples), ("reference", ref)):
-        n, _ = image_batches(source, batch_size)
+        n, _ = opened[name] = image_batches(source, batch_size)
         if n < 2:
             raise MinfmError(f"{name} {source}: at least 2 images are needed for FID statistics, found {n}")
     if log is None:
         log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     extractor = extractor or InceptionFeatures(weights, device=dev)
-    ref_feats = extract_features(ref, extractor, batch_size=batch_size, log=log)
-    sample_feats = extract_features(samples, extractor, batch_size=batch_size, log=log)
+    ref_feats = extract_features(ref, extractor, batch_size=batch_size, log=log, opened=opened["reference"])
+    sample_feats = extract_features(samples, extractor, batch_size=batch_size, log=log, opened=opened["samples"])
     out = compute_metrics(sample_feats, ref_feats, device=dev)
     return {**out, "num_samples": int(sample_feats["pool"].shape[0]), "num_reference": int(ref_feats["pool"].shape[0])}
 
