@@ -18,7 +18,7 @@ from pathlib import Path
 
 from minfm_core.errors import MinfmError, first_line
 from minfm_core.jsonio import parse_json
-from minfm_core.safepath import contained, fresh_dir, is_inside, write_text_atomic
+from minfm_core.safepath import contained, fresh_dir, is_inside, require_folder_room, write_text_atomic
 
 from .answers import (
     SHA_RE,
@@ -280,8 +280,7 @@ def _pull_to_local_dir(pulled: Pulled, patterns: dict[str, list[str]], limits: L
     # folder goes beside the real target, so the final moves are renames on one file system.
     target = Path(os.path.realpath(pulled.path))
     what = f"Hub repo {HubRef(pulled.repo_id, pulled.revision)}"
-    if os.path.lexists(target) and not target.is_dir():
-        raise MinfmError(f"{pulled.path}: exists and is not a folder")
+    require_folder_room(target, "--local-dir")
     with _os_errors(pulled.path):
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = fresh_dir(target, f".{target.name}.pull-")

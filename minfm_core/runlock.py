@@ -38,7 +38,7 @@ from pathlib import Path
 
 from .errors import MinfmError
 from .jsonio import parse_json
-from .safepath import relative_inside
+from .safepath import relative_inside, require_folder_room
 
 LOCK_NAME = ".minfm.lock"
 LAUNCHER_ENV = "MINFM_LAUNCHER_PID"
@@ -93,8 +93,7 @@ def holder(path: Path) -> dict:
 def prepare_run_dir(exp_dir: Path, *, what: str = "run.exp_dir") -> Path:
     """Create ``exp_dir`` if needed; a file or an uncreatable folder is a MinfmError."""
     exp_dir = Path(exp_dir)
-    if exp_dir.exists() and not exp_dir.is_dir():
-        raise MinfmError(f"{what}: {exp_dir} is a file, not a directory")
+    require_folder_room(exp_dir, what)
     try:
         exp_dir.mkdir(parents=True, exist_ok=True)
     except FileExistsError:  # e.g. a dangling symlink in its place
@@ -194,8 +193,7 @@ def check_writable(folder: Path, *, what: str) -> None:
     folder = Path(folder)
     probe_in = folder
     while not probe_in.is_dir():
-        if os.path.lexists(probe_in):  # a file, or a link to nowhere
-            raise MinfmError(f"{what}: {probe_in} is a file, not a directory")
+        require_folder_room(probe_in, what)
         if probe_in.parent == probe_in:
             break
         probe_in = probe_in.parent

@@ -52,10 +52,20 @@ def recipe_root(recipe: Path) -> Path | None:
 
 
 def file_in_the_way(path: Path | str, where: str) -> str | None:
-    """``"<where> is a file, not a folder"`` where something other than a folder is at ``path``
-    (None where it is a folder or absent): one rule, one wording, for the job that writes
-    there and for ``minfm check``, which reports it before the job starts."""
-    return f"{where} is a file, not a folder" if os.path.exists(path) and not os.path.isdir(path) else None
+    """``"<where>: <path> is a file, not a folder"`` (or ``is a link to nothing``) where
+    anything but a folder is at ``path``, a folder that is to be written into; None where a
+    folder or nothing is. One rule, one wording, for every command that writes into a folder
+    and for ``minfm check``, which reports it before the job starts."""
+    if not os.path.lexists(path) or os.path.isdir(path):
+        return None
+    what = "a link to nothing" if os.path.islink(path) and not os.path.exists(path) else "a file"
+    return f"{where}: {path} is {what}, not a folder"
+
+
+def require_folder_room(path: Path | str, where: str) -> None:
+    """Raise :func:`file_in_the_way`'s problem as a MinfmError."""
+    if problem := file_in_the_way(path, where):
+        raise MinfmError(problem)
 
 
 def is_inside(path: Path, root: Path) -> bool:

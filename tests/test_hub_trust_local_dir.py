@@ -72,3 +72,18 @@ def test_an_empty_local_dir_is_refused(hub_server, tmp_path):
                           capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
     assert one_error_line(proc) == "minfm: error: --local-dir: expected a folder, got an empty path"
     assert list(cwd.iterdir()) == []
+
+
+def test_a_file_or_a_dangling_link_as_local_dir_is_refused_and_kept(hub_server, tmp_path):
+    env = env_for(hub_server, tmp_path)
+    hub_server.upload("org/m", {"model.safetensors": b"x"})
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    (res,) = main_in_process(env, ["hub", "pull", "org/m", "--local-dir", str(f)])
+    assert one_error_line(res) == f"minfm: error: --local-dir: {f} is a file, not a folder"
+    assert f.read_text() == "mine"
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "gone")  # pulled through, the link's target would be made: it is the user's
+    (res,) = main_in_process(env, ["hub", "pull", "org/m", "--local-dir", str(link)])
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "gone" / "model.safetensors").read_bytes() == b"x"

@@ -69,7 +69,7 @@ def test_a_file_named_samples_is_found_at_start(tmp_path, capsys):
     exp.mkdir()
     (exp / "samples").write_text("x")
     line = _refused_before_step_1(capsys, exp, "train.sample_every=2")
-    assert line == f"minfm: error: train.sample_every (galleries): {exp / 'samples'} is a file, not a directory"
+    assert line == f"minfm: error: train.sample_every (galleries): {exp / 'samples'} is a file, not a folder"
     assert (exp / "samples").read_text() == "x"
     assert not (exp / "metrics.jsonl").exists()
 
@@ -90,7 +90,7 @@ def test_a_logger_folder_below_a_file_is_found_at_start(tmp_path, capsys):
     exp.mkdir()
     (exp / "tb").write_text("x")
     line = _refused_before_step_1(capsys, exp, _tb("tb/events"))
-    assert line == f"minfm: error: logging.loggers[0] (tensorboard): {exp / 'tb'} is a file, not a directory"
+    assert line == f"minfm: error: logging.loggers[0] (tensorboard): {exp / 'tb'} is a file, not a folder"
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only files and folders")
@@ -129,4 +129,4 @@ def test_the_launcher_probes_them_before_spawning(tmp_path):
     res = run_minfm("run", str(TINY), "--set", f"run.exp_dir={exp}", "--set", "train.sample_every=2",
                     "--nproc-per-node", "2", "--set", "parallel.name=fsdp2")
     assert res.returncode == 2 and "OMP_NUM_THREADS" not in res.stderr  # torchrun never started
-    assert res.stderr.strip() == f"minfm: error: train.sample_every (galleries): {exp / 'samples'} is a file, not a directory"
+    assert res.stderr.strip() == f"minfm: error: train.sample_every (galleries): {exp / 'samples'} is a file, not a folder"

@@ -161,7 +161,7 @@ def test_exp_dir_that_is_a_file_exits_2(tmp_path):
     res = run_minfm("run", str(TINY), "--set", f"run.exp_dir={f}")
     assert res.returncode == 2
     # the recipe's job checks (shared with `minfm check`) catch it before the lock is tried
-    assert res.stderr.strip() == f"minfm: error: {TINY}: run.exp_dir: {f} exists and is not a folder"
+    assert res.stderr.strip() == f"minfm: error: {TINY}: run.exp_dir: {f} is a file, not a folder"
     assert f.read_text() == "keep me"
 
 
@@ -174,7 +174,7 @@ def test_unwritable_checkpoints_found_at_start(tmp_path, procs):
     (exp / "checkpoints").write_text("not a folder")
     res = run_minfm("run", str(TINY), "--set", f"run.exp_dir={exp}", *procs)
     assert res.returncode == 2 and "OMP_NUM_THREADS" not in res.stderr  # torchrun never started
-    assert res.stderr.strip() == f"minfm: error: checkpoints: {exp / 'checkpoints'} is a file, not a directory"
+    assert res.stderr.strip() == f"minfm: error: checkpoints: {exp / 'checkpoints'} is a file, not a folder"
     assert not (exp / "metrics.jsonl").exists()
 
 

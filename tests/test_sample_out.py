@@ -98,7 +98,7 @@ def test_weights_trained_again_at_the_same_path_are_another_request(run_dir, tmp
 def test_out_that_is_a_file_or_holds_unknown_images(run_dir, tmp_path):
     f = tmp_path / "afile"
     f.write_text("keep")
-    one_error_line(sample(run_dir, f, "--prompt", "x"), f"--out {f}: is a file, not a folder")
+    one_error_line(sample(run_dir, f, "--prompt", "x"), f"--out: {f} is a file, not a folder")
     assert f.read_text() == "keep"
 
     foreign = tmp_path / "foreign"

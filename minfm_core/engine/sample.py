@@ -39,7 +39,7 @@ from ..checkpoint_format import MANIFEST, read_manifest
 from ..errors import MinfmError, os_error_line
 from ..images import read_rgb
 from ..jsonio import parse_json
-from ..safepath import file_in_the_way, recipe_root, trust_boundary, write_atomic, write_bytes_atomic, write_text_atomic
+from ..safepath import recipe_root, require_folder_room, trust_boundary, write_atomic, write_bytes_atomic, write_text_atomic
 from ..textfiles import read_bounded
 from ..validators import draw_problem
 from ..weights import check_weights_folder, has_weights, load_safetensors_into
@@ -302,23 +302,18 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _require_folder(path: Path, where: str) -> None:
-    if problem := file_in_the_way(path, where):
-        raise MinfmError(problem)
-
-
 def prepare_out(out: Path, settings: dict, *, overwrite: bool, flag: str) -> None:
     """Refuse an out folder holding another request's samples (unless ``overwrite``: clear them)."""
     hint = "pass --overwrite to replace them, or choose another --out" if flag == "--out" else \
         f"choose another {flag} or remove that folder"
-    _require_folder(out, f"{flag} {out}:")
+    require_folder_room(out, flag)
     images = out / "images"
     # lstat, not is_dir: an images/ linking elsewhere would have --overwrite delete, and the
     # run write, files in a folder outside the out folder.
     if images.is_symlink():
         raise MinfmError(f"{flag} {out}: {images} is a symlink; refusing to write or delete through it "
                          f"(remove the link or choose another {flag})")
-    _require_folder(images, f"{flag} {out}: {images}")
+    require_folder_room(images, f"{flag} {out}")
     meta = out / "metadata.json"
     ours = [p for p in images.iterdir() if _IMAGE.match(p.name)] if images.is_dir() else []
     stale: str | None = None
@@ -378,7 +373,7 @@ def run_sampling(resolved, prompts: list[str], out: Path, *, weights, source: st
             try:
                 # One sampler per out folder: a second one took the folder over while the first
                 # was still loading, and the two mixed their requests' images, both exiting 0.
-                _require_folder(out, f"{out_flag} {out}:")
+                require_folder_room(out, out_flag)
                 runlock.acquire(out, what=out_flag)
                 prepare_out(out, settings, overwrite=overwrite, flag=out_flag)
             except MinfmError as exc:

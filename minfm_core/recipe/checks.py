@@ -78,8 +78,8 @@ def job_checks(resolved, job: str, world_size: int | None = None) -> list[str]:
     train, s = recipe.train, recipe.sample
     exp = recipe.run.exp_dir
     problems += _outside_run_folder(resolved)
-    if os.path.lexists(exp) and not os.path.isdir(exp):
-        problems.append(f"run.exp_dir: {exp} exists and is not a folder")
+    if problem := file_in_the_way(exp, "run.exp_dir"):
+        problems.append(problem)
     else:  # the nearest existing folder above it must be one (not /dev/null for /dev/null/run)
         above = os.path.dirname(os.path.abspath(exp))
         while not os.path.lexists(above):
@@ -124,7 +124,7 @@ def job_checks(resolved, job: str, world_size: int | None = None) -> list[str]:
         # The sampler refuses this only at start-up (engine/sample.py): the same rule.
         out = s.out_dir or os.path.join(exp, "samples")
         flag = "sample.out_dir" if s.out_dir else "sample.out_dir (default run.exp_dir/samples)"
-        if problem := file_in_the_way(out, f"{flag} {out}:"):
+        if problem := file_in_the_way(out, flag):
             problems.append(problem)
     # Read now what the job would read later: a training run meets its gallery prompts at the
     # first gallery, hours in (a sample job adds the file to sample.prompts; a gallery uses it
