@@ -25,8 +25,11 @@ import importlib.util
 import os
 import re
 import sys
+import traceback
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import attrs
@@ -388,6 +391,49 @@ def only(*plugins: tuple[str, Any]) -> Iterator[PluginState]:
         yield state
     finally:
         _STATE = saved
+
+
+def whose_code(tb: TracebackType | None) -> str | None:
+    """Who wrote the code that raised: ``"plugin 'acme' (distribution acme-minfm)"`` or
+    ``"minFM"``, from the innermost frame of ``tb`` that lies in minFM's own packages or in a
+    loaded third-party plugin's package (frames of torch, the standard library and other
+    libraries are passed over: what called them is what went wrong); None when no frame is
+    either. A bug report then goes to the plugin's authors rather than to minFM's."""
+    own, theirs = ("minfm_core",), {}
+    if _STATE is not None:
+        for name, obj in _STATE.pm.list_name_plugin():
+            if obj is None:  # blocked
+                continue
+            package = _package_of(obj)
+            if name in _STATE.builtin:
+                own += (package,)
+            elif package:
+                dist = _STATE.dists.get(name)
+                theirs[package] = f"plugin {name!r}" + (f" (distribution {dist})" if dist else "")
+    for frame, _ in reversed(list(traceback.walk_tb(tb))):
+        module = frame.f_globals.get("__name__") or ""
+        if any(_within(module, p) for p in own):
+            return "minFM"
+        for package, who in theirs.items():
+            if _within(module, package):
+                return who
+    return None
+
+
+def _package_of(obj: Any) -> str:
+    """The package a plugin object comes from: a module's own package (itself for a top-level
+    module), or the package of the module that defines the class (or the object's class)."""
+    if isinstance(obj, types.ModuleType):
+        module = obj
+    else:
+        module = sys.modules.get((obj if isinstance(obj, type) else type(obj)).__module__)
+    if module is None:
+        return ""
+    return getattr(module, "__package__", None) or module.__name__
+
+
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
 
 
 def reset() -> None:

@@ -186,9 +186,21 @@ def _relaunch_argv(name: str, text: str) -> list[str]:
 REPORT = "minfm: this is a bug in minFM or one of its plugins; please report it with the traceback above"
 
 
+def bug_report_line(exc: BaseException) -> str:
+    """The request that closes a bug's traceback, naming whose code raised it where that is known."""
+    from ..plugins import whose_code
+
+    who = whose_code(exc.__traceback__)
+    if who is None:
+        return REPORT
+    if who == "minFM":
+        return "minfm: this is a bug in minFM; please report it with the traceback above"
+    return f"minfm: this is a bug in {who}, whose code raised it; please report it to its authors with the traceback above"
+
+
 def _bug() -> int:
     traceback.print_exc()
-    print(REPORT, file=sys.stderr)
+    print(bug_report_line(sys.exc_info()[1]), file=sys.stderr)
     return 1
 
 

@@ -1,0 +1,85 @@
+"""A bug's last line says whose code raised it (``plugins.whose_code``), so that the report
+goes to a third-party plugin's authors rather than to minFM's, and the other way round."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+from conftest import ROOT, run_minfm
+
+from minfm_core import plugins
+from minfm_plugins.attention.backends import length_buckets
+from minfm_core.cli.main import bug_report_line
+from minfm_core.safepath import file_in_the_way
+
+
+TINY = ROOT / "tests" / "recipes" / "tiny.toml"
+
+
+class _Probe:
+    """A plugin object: this test module is its package."""
+
+
+def _raised(fn, *args) -> BaseException:
+    try:
+        fn(*args)
+    except Exception as exc:
+        return exc
+    raise AssertionError("nothing raised")
+
+
+def test_the_innermost_frame_of_minfm_or_of_a_plugin_decides():
+    in_core = _raised(file_in_the_way, None, "x")  # TypeError raised in os.path, called by minFM
+    in_library = _raised(json.loads, "{")  # raised in json, called by this module
+    in_builtin = _raised(length_buckets, None)  # raised in one of minFM's own plugins
+    with plugins.plugin(_Probe(), "probe"):
+        assert plugins.whose_code(in_core.__traceback__) == "minFM"
+        assert plugins.whose_code(in_builtin.__traceback__) == "minFM"
+        assert plugins.whose_code(in_library.__traceback__) == "plugin 'probe'"
+        assert bug_report_line(in_library) == (
+            "minfm: this is a bug in plugin 'probe', whose code raised it; please report it to its authors "
+            "with the traceback above")
+    # no longer a plugin: this module is nobody's code
+    assert plugins.whose_code(in_library.__traceback__) is None
+    assert bug_report_line(in_library).endswith("a bug in minFM or one of its plugins; please report it with "
+                                                "the traceback above")
+    assert bug_report_line(in_core) == "minfm: this is a bug in minFM; please report it with the traceback above"
+
+
+def test_an_installed_plugins_bug_mid_run_names_it_and_its_distribution(tmp_path):
+    """A bug in a component's method (here a time sampler's ``__call__``, at the first step) has
+    no note naming its plugin; the last line does."""
+    pkg = tmp_path / "acme_minfm"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(textwrap.dedent('''
+        import pluggy
+
+        hookimpl = pluggy.HookimplMarker("minfm")
+
+
+        @hookimpl
+        def register_time_samplers(register):
+            register("acme_bad", "acme_minfm.parts:BadSampler")
+    '''))
+    (pkg / "parts.py").write_text(textwrap.dedent('''
+        import torch
+
+
+        class BadSampler:
+            def __call__(self, n, *, generator=None, device=None):
+                return torch.rand(n, generator=generator).view(n + 1)  # the bug: raised inside torch
+    '''))
+    info = tmp_path / "acme_minfm-0.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-minfm\nVersion: 0.3\n")
+    (info / "entry_points.txt").write_text("[minfm]\nacme = acme_minfm\n")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f"extends = {str(TINY)!r}\n[run]\nexp_dir = {str(tmp_path / 'exp')!r}\n"
+                      "[flow.time_sampler]\nname = \"acme_bad\"\n[train]\nmax_steps = 1\nckpt_every = 0\n")
+    res = run_minfm("run", str(recipe), env={"PYTHONPATH": str(tmp_path)})
+    assert res.returncode == 1, res.stderr[-2000:]
+    *_, error, last = res.stderr.strip().splitlines()
+    assert error.startswith("RuntimeError: shape") and "acme_minfm/parts.py" in res.stderr
+    assert last == ("minfm: this is a bug in plugin 'acme' (distribution acme-minfm), whose code raised it; "
+                    "please report it to its authors with the traceback above")
