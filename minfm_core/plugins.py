@@ -29,7 +29,6 @@ import traceback
 import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import attrs
@@ -393,47 +392,66 @@ def only(*plugins: tuple[str, Any]) -> Iterator[PluginState]:
         _STATE = saved
 
 
-def whose_code(tb: TracebackType | None) -> str | None:
-    """Who wrote the code that raised: ``"plugin 'acme' (distribution acme-minfm)"`` or
-    ``"minFM"``, from the innermost frame of ``tb`` that lies in minFM's own packages or in a
-    loaded third-party plugin's package (frames of torch, the standard library and other
-    libraries are passed over: what called them is what went wrong); None when no frame is
-    either. A bug report then goes to the plugin's authors rather than to minFM's."""
-    own, theirs = ("minfm_core",), {}
+def whose_code(exc: BaseException) -> str | None:
+    """Who wrote the code that raised ``exc``: ``"plugin 'acme' (distribution acme-minfm)"``
+    or ``"minFM"``, from the innermost frame that lies in minFM's own packages or in a loaded
+    third-party plugin's package (frames of torch, the standard library and other libraries
+    are passed over: what called them is what went wrong); None when no frame is either. A
+    bug report then goes to the plugin's authors rather than to minFM's.
+
+    An exception a DataLoader worker raised reaches this process re-raised by torch, its
+    traceback then only torch's and the loader's: the worker's own traceback, in its message
+    (``Original Traceback ...``), is read instead."""
+    own = [os.path.dirname(os.path.abspath(__file__))]
+    theirs: list[tuple[str, str]] = []
     if _STATE is not None:
         for name, obj in _STATE.pm.list_name_plugin():
             if obj is None:  # blocked
                 continue
-            package = _package_of(obj)
-            if name in _STATE.builtin:
-                own += (package,)
-            elif package:
-                dist = _STATE.dists.get(name)
-                theirs[package] = f"plugin {name!r}" + (f" (distribution {dist})" if dist else "")
-    for frame, _ in reversed(list(traceback.walk_tb(tb))):
-        module = frame.f_globals.get("__name__") or ""
-        if any(_within(module, p) for p in own):
+            dist = _STATE.dists.get(name)
+            who = f"plugin {name!r}" + (f" (distribution {dist})" if dist else "")
+            for place in _places_of(obj):
+                (own.append(place) if name in _STATE.builtin else theirs.append((place, who)))
+    for filename in reversed(_files_raising(exc)):
+        filename = os.path.abspath(filename)
+        if any(_within(filename, place) for place in own):
             return "minFM"
-        for package, who in theirs.items():
-            if _within(module, package):
+        for place, who in theirs:
+            if _within(filename, place):
                 return who
     return None
 
 
-def _package_of(obj: Any) -> str:
-    """The package a plugin object comes from: a module's own package (itself for a top-level
-    module), or the package of the module that defines the class (or the object's class)."""
+_WORKER_TRACEBACK = "\nOriginal Traceback (most recent call last):\n"
+_FRAME_LINE = re.compile(r'^  File "(.+)", line \d+, in ', re.M)
+
+
+def _files_raising(exc: BaseException) -> list[str]:
+    """The source file of each frame of ``exc``'s traceback, outermost first."""
+    text = str(exc)
+    if _WORKER_TRACEBACK in text:
+        return _FRAME_LINE.findall(text.split(_WORKER_TRACEBACK, 1)[1])
+    return [frame.f_code.co_filename for frame, _ in traceback.walk_tb(exc.__traceback__)]
+
+
+def _places_of(obj: Any) -> list[str]:
+    """Where a plugin object's code lies: its package's folders (a module inside a package,
+    or a package), or its own file (a top-level module); for an object, its class's module."""
     if isinstance(obj, types.ModuleType):
         module = obj
     else:
         module = sys.modules.get((obj if isinstance(obj, type) else type(obj)).__module__)
     if module is None:
-        return ""
-    return getattr(module, "__package__", None) or module.__name__
+        return []
+    package = sys.modules.get(module.__package__ or "") or module
+    folders = getattr(package, "__path__", None)
+    if folders is not None:
+        return [os.path.abspath(f) for f in folders]
+    return [os.path.abspath(module.__file__)] if getattr(module, "__file__", None) else []
 
 
-def _within(module: str, package: str) -> bool:
-    return module == package or module.startswith(package + ".")
+def _within(filename: str, place: str) -> bool:
+    return filename == place or filename.startswith(place.rstrip(os.sep) + os.sep)
 
 
 def reset() -> None:

@@ -11,6 +11,7 @@ from conftest import ROOT, run_minfm
 from minfm_core import plugins
 from minfm_plugins.attention.backends import length_buckets
 from minfm_core.cli.main import bug_report_line
+from minfm_core.data_loader import BatchIterator
 from minfm_core.safepath import file_in_the_way
 
 
@@ -34,17 +35,38 @@ def test_the_innermost_frame_of_minfm_or_of_a_plugin_decides():
     in_library = _raised(json.loads, "{")  # raised in json, called by this module
     in_builtin = _raised(length_buckets, None)  # raised in one of minFM's own plugins
     with plugins.plugin(_Probe(), "probe"):
-        assert plugins.whose_code(in_core.__traceback__) == "minFM"
-        assert plugins.whose_code(in_builtin.__traceback__) == "minFM"
-        assert plugins.whose_code(in_library.__traceback__) == "plugin 'probe'"
+        assert plugins.whose_code(in_core) == "minFM"
+        assert plugins.whose_code(in_builtin) == "minFM"
+        assert plugins.whose_code(in_library) == "plugin 'probe'"
         assert bug_report_line(in_library) == (
             "minfm: this is a bug in plugin 'probe', whose code raised it; please report it to its authors "
             "with the traceback above")
     # no longer a plugin: this module is nobody's code
-    assert plugins.whose_code(in_library.__traceback__) is None
+    assert plugins.whose_code(in_library) is None
     assert bug_report_line(in_library).endswith("a bug in minFM or one of its plugins; please report it with "
                                                 "the traceback above")
     assert bug_report_line(in_core) == "minfm: this is a bug in minFM; please report it with the traceback above"
+
+
+class _BuggyData:
+    def __len__(self):
+        return 2
+
+    def set_epoch(self, epoch):
+        pass
+
+    def __getitem__(self, i):
+        return {}["image"]  # the bug, raised in a DataLoader worker
+
+
+def test_a_bug_in_a_dataloader_worker_is_read_from_the_workers_traceback():
+    """torch re-raises a worker's exception from its own frames, minFM's loader under them (the
+    innermost code of minFM's or a plugin's there): the worker's traceback, kept in the message,
+    says whose code it was."""
+    exc = _raised(next, BatchIterator(_BuggyData(), 1, shuffle=False, num_workers=1))
+    assert "Original Traceback" in str(exc)
+    with plugins.plugin(_Probe(), "probe"):
+        assert plugins.whose_code(exc) == "plugin 'probe'"
 
 
 def test_an_installed_plugins_bug_mid_run_names_it_and_its_distribution(tmp_path):

@@ -190,7 +190,7 @@ def bug_report_line(exc: BaseException) -> str:
     """The request that closes a bug's traceback, naming whose code raised it where that is known."""
     from ..plugins import whose_code
 
-    who = whose_code(exc.__traceback__)
+    who = whose_code(exc)
     if who is None:
         return REPORT
     if who == "minFM":
