@@ -410,8 +410,11 @@ def whose_code(exc: BaseException) -> str | None:
                 continue
             dist = _STATE.dists.get(name)
             who = f"plugin {name!r}" + (f" (distribution {dist})" if dist else "")
-            for place in _places_of(obj):
-                (own.append(place) if name in _STATE.builtin else theirs.append((place, who)))
+            places = _places_of(obj)
+            if name in _STATE.builtin:
+                own += places
+            else:
+                theirs += [(place, who) for place in places]
     for filename in reversed(_files_raising(exc)):
         filename = os.path.abspath(filename)
         if any(_within(filename, place) for place in own):

@@ -96,7 +96,7 @@ def prepare_run_dir(exp_dir: Path, *, what: str = "run.exp_dir") -> Path:
     require_folder_room(exp_dir, what)
     try:
         exp_dir.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:  # e.g. a dangling symlink in its place
+    except FileExistsError:  # a link to nothing above it (or a file made there meanwhile)
         raise MinfmError(f"{what}: cannot create {exp_dir}: something that is not a folder is in the way") from None
     except OSError as exc:
         raise MinfmError(f"{what}: cannot create {exp_dir}: {exc.strerror}") from None
