@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, run_minfm
+from conftest import ROOT, minfm_in_process, run_minfm
 from engine_helpers import TINY, losses, read_metrics
 from minfm_core import checkpoint as ck
 from minfm_core.recipe import load_recipe
@@ -22,8 +22,10 @@ FSDP = ["--set", "parallel.name=fsdp2", "--set", "parallel.param_dtype=fp32", "-
 
 
 def run(exp: Path, *args: str, nproc: int = 1, check: bool = True):
-    res = run_minfm("run", str(TINY), "--set", f"run.exp_dir={exp}", *FSDP, *args,
-                    *(["--nproc-per-node", str(nproc)] if nproc > 1 else []))
+    """``minfm run`` of the tiny recipe with FSDP2: in this process for one rank (the single-rank
+    reference the multi-process runs are compared with needs no interpreter of its own)."""
+    argv = ["run", str(TINY), "--set", f"run.exp_dir={exp}", *FSDP, *args]
+    res = run_minfm(*argv, "--nproc-per-node", str(nproc)) if nproc > 1 else minfm_in_process(*argv)
     if check:
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
