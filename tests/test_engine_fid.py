@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from conftest import run_minfm
+from conftest import minfm_in_process, run_minfm
 from engine_helpers import TINY, read_metrics, tiny
 from minfm_core.cli.main import main
 from minfm_core.engine.train import train
@@ -46,9 +46,9 @@ def test_fid_without_reference_is_a_recipe_error():
 
 
 def test_missing_reference_exits_2_before_training(tmp_path):
-    res = run_minfm("run", str(TINY), "--set", f"run.exp_dir={json.dumps(str(tmp_path / 'run'))}",
-                    "--set", "train.fid_every=2", "--set", f"train.fid_ref={json.dumps(str(tmp_path / 'nope.npz'))}",
-                    "--set", EXTRACTOR)
+    res = minfm_in_process("run", str(TINY), "--set", f"run.exp_dir={json.dumps(str(tmp_path / 'run'))}",
+                           "--set", "train.fid_every=2", "--set", f"train.fid_ref={json.dumps(str(tmp_path / 'nope.npz'))}",
+                           "--set", EXTRACTOR)
     assert res.returncode == 2, res.stderr
     assert "train.fid_ref:" in res.stderr and "nope.npz: no such file or folder" in res.stderr
     assert "Traceback" not in res.stderr
@@ -72,7 +72,8 @@ def test_two_processes_log_the_fid_of_one(tmp_path):
                 "--set", "parallel.param_dtype=fp32", "--set", "train.max_steps=4", "--set", "train.fid_every=2",
                 "--set", "train.fid_num_samples=7", "--set", f"train.fid_ref={json.dumps(ref)}", "--set", EXTRACTOR,
                 "--set", "sample.batch_size=3"]
-        res = run_minfm(*args, *(["--nproc-per-node", "2"] if nproc == 2 else []), env=env)
+        # one rank in this process (eval_helpers imports here already), two through the launcher
+        res = run_minfm(*args, "--nproc-per-node", "2", env=env) if nproc == 2 else minfm_in_process(*args)
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
         fid[nproc] = [m["fid"] for m in read_metrics(exp) if "fid" in m]
     assert len(fid[1]) == 2 and fid[2] == pytest.approx(fid[1], rel=1e-4)
