@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, run_minfm, stop_process
+from conftest import ROOT, minfm_in_process, run_minfm, stop_process
 from engine_helpers import TINY, tiny
 from minfm_core import runlock
 from minfm_core.errors import MinfmError
@@ -158,7 +158,7 @@ def written(root: Path) -> dict[str, tuple[int, int]]:
 def test_exp_dir_that_is_a_file_exits_2(tmp_path):
     f = tmp_path / "afile"
     f.write_text("keep me")
-    res = run_minfm("run", str(TINY), "--set", f"run.exp_dir={f}")
+    res = minfm_in_process("run", str(TINY), "--set", f"run.exp_dir={f}")
     assert res.returncode == 2
     # the recipe's job checks (shared with `minfm check`) catch it before the lock is tried
     assert res.stderr.strip() == f"minfm: error: {TINY}: run.exp_dir: {f} is a file, not a folder"
@@ -172,7 +172,7 @@ def test_unwritable_checkpoints_found_at_start(tmp_path, procs):
     exp = tmp_path / "run"
     exp.mkdir()
     (exp / "checkpoints").write_text("not a folder")
-    res = run_minfm("run", str(TINY), "--set", f"run.exp_dir={exp}", *procs)
+    res = (run_minfm if procs else minfm_in_process)("run", str(TINY), "--set", f"run.exp_dir={exp}", *procs)
     assert res.returncode == 2 and "OMP_NUM_THREADS" not in res.stderr  # torchrun never started
     assert res.stderr.strip() == f"minfm: error: checkpoints: {exp / 'checkpoints'} is a file, not a folder"
     assert not (exp / "metrics.jsonl").exists()
@@ -237,10 +237,10 @@ def test_a_cuda_run_on_a_machine_without_cuda_is_one_line(tmp_path, command):
     """run.device = 'cuda' without a GPU was torch's AttributeError from deep inside set_device."""
     exp = tmp_path / "run"
     if command == "sample":
-        assert run_minfm("run", str(TINY), "--set", f"run.exp_dir={exp}", "--set", "train.max_steps=1").returncode == 0
-        res = run_minfm("sample", str(exp), "--prompt", "a red circle", "--set", 'run.device="cuda"')
+        assert minfm_in_process("run", str(TINY), "--set", f"run.exp_dir={exp}", "--set", "train.max_steps=1").returncode == 0
+        res = minfm_in_process("sample", str(exp), "--prompt", "a red circle", "--set", 'run.device="cuda"')
     else:
-        res = run_minfm("run", str(TINY), "--set", f"run.exp_dir={exp}", "--set", 'run.device="cuda"')
+        res = minfm_in_process("run", str(TINY), "--set", f"run.exp_dir={exp}", "--set", 'run.device="cuda"')
     assert res.returncode == 2, res.stderr
     assert res.stderr.strip().startswith("minfm: error: run.device = 'cuda', but torch sees no CUDA device")
     assert "\n" not in res.stderr.strip()
