@@ -196,7 +196,9 @@ def test_flux_ae_fields_as_listed():
     assert fields["block_out_channels"] == "tuple[int, ...]"
 
 
-def test_each_plugins_commands_are_listed_under_it(minfm):
+def test_each_plugins_commands_are_listed_under_it():
+    from conftest import minfm_in_process as minfm
+
     res = minfm("plugins", "--json")
     assert res.returncode == 0, res.stderr
     commands = {p["name"]: p["commands"] for p in json.loads(res.stdout)["plugins"]}

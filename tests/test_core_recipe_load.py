@@ -208,7 +208,9 @@ def test_unknown_shipped_recipe_is_a_clean_error(ref, message):
     assert str(info.value).startswith(message)
 
 
-def test_cli_runs_a_shipped_recipe_by_name(minfm, tmp_path):
+def test_cli_runs_a_shipped_recipe_by_name(tmp_path):
+    from conftest import minfm_in_process as minfm
+
     res = minfm("check", "minfm:quickstart.toml", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "minfm:quickstart.toml: ok (job = 'train')" in res.stdout

@@ -159,7 +159,8 @@ def test_missing_cache_is_a_clear_error(tmp_path, overrides):
         tiny(tmp_path, *cached(overrides, tmp_path / "half")).build("data")
 
 
-def test_cli_names_the_missing_cache(tmp_path, minfm):
+def test_cli_names_the_missing_cache(tmp_path):
+    from conftest import minfm_in_process as minfm
     from engine_helpers import TINY
 
     sets = (f"run.exp_dir={json.dumps(str(tmp_path))}", *cached((), tmp_path / "nope"))

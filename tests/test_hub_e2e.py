@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import run_minfm
+from conftest import minfm_in_process, run_minfm
 from engine_helpers import tiny
 from minfm_core.engine.train import train
 
@@ -44,12 +44,12 @@ def test_push_run_then_sample_from_hub_gives_identical_images(hub_server, tmp_pa
 def test_sample_bad_prompt_file_exit_2(tmp_path):
     run = tmp_path / "run"
     train(tiny(run, "train.max_steps=1"))
-    res = run_minfm("sample", str(run), "--prompt-file", str(tmp_path / "missing.txt"))
+    res = minfm_in_process("sample", str(run), "--prompt-file", str(tmp_path / "missing.txt"))
     assert res.returncode == 2
     assert res.stderr.strip() == f"minfm: error: {tmp_path / 'missing.txt'}: prompt file: No such file or directory"
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
-    res = run_minfm("sample", str(run), "--prompt-file", str(empty))
+    res = minfm_in_process("sample", str(run), "--prompt-file", str(empty))
     assert res.returncode == 2 and "prompt file has no prompts" in res.stderr
 
 
