@@ -92,6 +92,40 @@ def test_the_launchers_exit_code_is_the_workers():
     assert exit_code([]) == 1
 
 
+def test_torchruns_agent_acts_on_the_first_sigterm_only():
+    """torchrun's handler raised for every copy of SIGTERM, the later ones inside its shutdown,
+    whose wait for the workers they cut short: the workers, saving their stop checkpoint,
+    died with the agent (tests/test_stop_signal.py signals every process twice)."""
+    import os
+    import signal
+    import time
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.run import parse_args
+
+    from minfm_core.cli.torchrun import take_sigterm
+
+    mine = parse_args(["--signals-to-handle=SIGINT,SIGUSR1", "-m", "x"])
+    take_sigterm(mine)  # a user who leaves SIGTERM out of torchrun's hands keeps it that way
+    assert mine.signals_to_handle == "SIGINT,SIGUSR1"
+
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        args = parse_args(["--standalone", "--nproc-per-node=2", "-m", "x"])
+        take_sigterm(args)
+        assert args.signals_to_handle == "SIGINT,SIGHUP,SIGQUIT"  # torchrun installs these, not SIGTERM
+        with pytest.raises(SignalException) as raised:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs between bytecodes
+        assert raised.value.sigval == signal.SIGTERM
+        for _ in range(3):
+            os.kill(os.getpid(), signal.SIGTERM)  # ignored: the test process lives on
+        time.sleep(0.05)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def test_a_recipe_error_under_the_launcher_is_exit_2_without_torchruns_traceback(tmp_path):
     from conftest import run_minfm
     from engine_helpers import TINY

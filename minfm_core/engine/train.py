@@ -440,6 +440,7 @@ class Trainer:
             if self._stop_agreed() and self.step < cfg.max_steps:
                 if not saved:
                     self.save()
+                self.checkpointer.finish()  # written and renamed into place before the line says so
                 self.stopped = True
                 self._log_line(f"stopped by SIGTERM after step {self.step}, its checkpoint saved; "
                                "the same command resumes the run")
