@@ -19,6 +19,7 @@ staying a pure function of (seed, epoch, index).
 
 from __future__ import annotations
 
+import signal
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -152,6 +153,7 @@ class BatchIterator:
             # DataLoader draws its worker base seed from this generator; without one it would
             # consume the global torch RNG and shift the trainer's random stream on resume.
             generator=torch.Generator().manual_seed(self.seed & 0x7FFFFFFF),
+            worker_init_fn=_leave_signals_to_the_trainer,
         )
         return iter(loader)
 
@@ -221,6 +223,15 @@ def _count(state: dict[str, Any], key: str, default: int | None, most: int = MAX
     if type(value) is not int or not 0 <= value <= most:
         raise MinfmError(f"data position: {key} must be a whole number in [0, {most}], got {str(value)[:40]}")
     return value
+
+
+def _leave_signals_to_the_trainer(worker_id: int) -> None:
+    """A worker ignores SIGINT and SIGTERM: a terminal's Ctrl-C and a scheduler's SIGTERM reach
+    every process of the job, and a worker dying of one made the trainer's next batch raise
+    (torch reports a killed worker at once) instead of stopping after the step with its
+    checkpoint. Workers end with the trainer: it shuts them down, or they see it gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class _Batches:

@@ -225,7 +225,9 @@ class Dataset(Protocol):
     floating-point torch tensor ``(3, F, H, W)`` (RGB, frames, height, width) with every value
     in [-1, 1], or ``"latent"``, a floating-point ``(C, F, h, w)`` tensor. The engine checks each
     item it trains or validates on and refuses one that breaks these rules, naming the dataset,
-    its plugin and the item's index."""
+    its plugin and the item's index. With ``train.dataloader_num_workers > 0``, ``__getitem__``
+    and ``set_epoch`` run in processes forked after the dataset was built: an item depends only
+    on its index, its epoch and the dataset's state at build time."""
 
     def __len__(self) -> int: ...
 

@@ -31,6 +31,9 @@ MAX_FRAMES = 1024
 MAX_SEED = 2**63 - 1
 #: Optimizer steps, and every "each N steps" period: a billion steps is years at any speed.
 MAX_STEPS = 10**9
+#: Data-loading processes per training process: each holds a copy of the dataset's state,
+#: and past one per core they only compete for it (a GPU node has ~8-32 cores per GPU).
+MAX_DATALOADER_WORKERS = 64
 #: Samples in one batch (per rank or in total).
 MAX_BATCH = 2**20
 #: Samples in a split, a draw or a synthetic dataset: a shuffled epoch keeps 8 bytes per

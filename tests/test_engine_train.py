@@ -83,18 +83,20 @@ def test_grad_spike_skips(tmp_path, runtime):
 
 
 def test_loss_decreases_and_resume_is_exact(tmp_path):
-    """An uninterrupted 12-step run vs 6 steps + resume to 12: identical losses and weights."""
+    """An uninterrupted 12-step run vs 6 steps + resume to 12: identical losses and weights.
+    The interrupted run loads its data in 2 worker processes: the same batches."""
     full_dir, split_dir = tmp_path / "full", tmp_path / "split"
     common = ["train.max_steps=12", "train.ckpt_every=6", "train.lr=3e-3", "train.warmup_steps=1"]
+    workers = [*common, "train.dataloader_num_workers=2"]
     train(tiny(full_dir, *common))
     rt = init_runtime("cpu")
     try:
-        interrupted = Trainer(tiny(split_dir, *common), rt)
+        interrupted = Trainer(tiny(split_dir, *workers), rt)
         interrupted.fit(until=6)  # saves at step 6 (ckpt_every), then stops as if killed
         interrupted.close()
     finally:
         shutdown_runtime()
-    train(tiny(split_dir, *common))  # resumes from step 6
+    train(tiny(split_dir, *workers))  # resumes from step 6
     full, split = losses(full_dir), losses(split_dir)
     assert len(full) == 12 and len(split) == 12
     assert split == full

@@ -135,7 +135,8 @@ class Trainer:
         self.ema = EMA(self.model, self.cfg.ema_decay) if self.cfg.ema_decay > 0 else None
         self.dataset = resolved.build("data", split="train")
         self.batches = BatchIterator(
-            self.dataset, self.cfg.batch_size, rank=rt.rank, world_size=rt.world_size, seed=self.recipe.run.seed
+            self.dataset, self.cfg.batch_size, rank=rt.rank, world_size=rt.world_size, seed=self.recipe.run.seed,
+            num_workers=self.cfg.dataloader_num_workers,
         )
         self.generator = torch.Generator().manual_seed(rank_seed(self.recipe.run.seed, rt.rank))
         self.step = 0
@@ -468,8 +469,10 @@ class Trainer:
         return flag
 
     def close(self) -> None:
-        """Wait for the last checkpoint and close every logger, each even when one before it
-        failed (a full disk); the first failure is raised after."""
+        """Stop the data workers, wait for the last checkpoint and close every logger, each even
+        when one before it failed (a full disk); the first failure is raised after."""
+        if isinstance(self.batches, BatchIterator):  # (a test may hand the trainer its own batches)
+            self.batches.close()  # joins its workers (they ignore SIGTERM: the trainer ends them)
         failures = []
         try:
             self.checkpointer.wait()

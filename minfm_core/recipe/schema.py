@@ -22,8 +22,8 @@ from ..config import ExpectedType, config, converter, field, short_repr
 from ..errors import RecipeError
 from ..suggest import did_you_mean
 from ..validators import (
-    EVERY, MAX_BATCH, MAX_GUIDANCE, MAX_SAMPLES, MAX_SIDE, MAX_SOLVER_STEPS, MAX_STEPS, SEED, Range, RangeError, decay, non_blank,
-    probability,
+    EVERY, MAX_BATCH, MAX_DATALOADER_WORKERS, MAX_GUIDANCE, MAX_SAMPLES, MAX_SIDE, MAX_SOLVER_STEPS, MAX_STEPS, SEED,
+    Range, RangeError, decay, non_blank, probability,
 )
 
 
@@ -182,6 +182,11 @@ class TrainSection:
     )
     batch_size: int = field(8, doc="micro-batch per rank; accumulation fills total_batch_size",
                             validator=Range(1, MAX_BATCH))
+    dataloader_num_workers: int = field(
+        0, doc="processes per rank that load and decode training samples ahead of the steps (0: the training "
+        "process loads them between steps); batches and resumes are the same for any value",
+        validator=Range(0, MAX_DATALOADER_WORKERS),
+    )
     lr: float = field(
         3e-4, doc="peak learning rate (AdamW; beyond 1 a step outruns any weight's scale); 0 keeps the weights as "
         "loaded (tests of loading)", validator=Range(0, 1)
