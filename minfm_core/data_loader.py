@@ -19,8 +19,10 @@ staying a pure function of (seed, epoch, index).
 
 from __future__ import annotations
 
+import atexit
 import signal
 import warnings
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -71,6 +73,40 @@ def _as_list(batch: list[dict]) -> list[dict]:
     return batch  # module level so spawned workers can pickle it
 
 
+class _Raised:
+    """A user's error met in a data worker (a MinfmError: an unreadable image; an OSError: a
+    file that went away), sent to the training process as a value and raised there as
+    itself. DataLoader re-raises a worker's exception as a new one whose message is the
+    worker's whole traceback: a bad file read as a bug, one line of escaped traceback."""
+
+    def __init__(self, exc: MinfmError | OSError) -> None:
+        # Built from plain values: a plugin's own error class may not survive pickling.
+        self.kind = "minfm" if isinstance(exc, MinfmError) else "os"
+        self.args = (str(exc),) if isinstance(exc, MinfmError) else (exc.errno, exc.strerror, exc.filename)
+
+    def raise_(self) -> None:
+        if self.kind == "minfm":
+            raise MinfmError(*self.args)
+        errno, strerror, filename = self.args
+        raise OSError(errno, strerror, filename) if errno is not None else OSError(strerror)  # subclass by errno
+
+
+class _InWorker(torch.utils.data.Dataset):
+    """:class:`_Keyed` as a data worker fetches it: a user's error comes back as :class:`_Raised`."""
+
+    def __init__(self, keyed: _Keyed) -> None:
+        self.keyed = keyed
+
+    def __getitem__(self, key: tuple[int, int]) -> dict | _Raised:
+        try:
+            return self.keyed[key]
+        except (MinfmError, OSError) as exc:
+            return _Raised(exc)
+
+    def __len__(self) -> int:
+        return len(self.keyed)
+
+
 class BatchIterator:
     """Micro-batches (``list[dict]``) of ``batch_size`` samples for one rank, forever.
 
@@ -109,6 +145,11 @@ class BatchIterator:
         self._keyed = _Keyed(dataset)
         self._source: Iterator[list[dict]] | None = None
         self._order_cache: tuple[int, np.ndarray] | None = None
+        if num_workers > 0:
+            # Before multiprocessing's own exit hook, which SIGTERMs the workers (they ignore
+            # it) and then waits for them, forever: an error's traceback can keep the loader
+            # alive past close(). atexit runs the later registration first.
+            atexit.register(_stop_workers, weakref.ref(self))
 
     # -- position -------------------------------------------------------------------------
     @property
@@ -146,7 +187,7 @@ class BatchIterator:
         if self.num_workers <= 0:
             return ([self._keyed[k] for k in keys] for keys in self._keys(self._consumed))
         loader = torch.utils.data.DataLoader(
-            self._keyed,
+            _InWorker(self._keyed),
             batch_sampler=_Batches(self, self._consumed),
             num_workers=self.num_workers,
             collate_fn=_as_list,
@@ -164,12 +205,21 @@ class BatchIterator:
         if self._source is None:
             self._source = self._start()
         batch = next(self._source)
+        for item in batch:
+            if isinstance(item, _Raised):
+                self.close()
+                item.raise_()
         self._consumed += len(batch)
         return batch
 
     def close(self) -> None:
-        """Stop prefetching workers (a later ``next`` restarts them at the right place)."""
-        self._source = None
+        """Stop prefetching workers, now (a later ``next`` restarts them at the right place)."""
+        source, self._source = self._source, None
+        # DataLoader's iterator stops its workers when collected; an error's traceback may
+        # hold it, so stop them here (the call PyTorch Lightning makes too).
+        stop = getattr(source, "_shutdown_workers", None)
+        if stop is not None:
+            stop()
 
     # -- checkpointing --------------------------------------------------------------------
     def state_dict(self) -> dict[str, int]:
@@ -223,6 +273,12 @@ def _count(state: dict[str, Any], key: str, default: int | None, most: int = MAX
     if type(value) is not int or not 0 <= value <= most:
         raise MinfmError(f"data position: {key} must be a whole number in [0, {most}], got {str(value)[:40]}")
     return value
+
+
+def _stop_workers(ref: weakref.ref) -> None:
+    it = ref()
+    if it is not None:
+        it.close()
 
 
 def _leave_signals_to_the_trainer(worker_id: int) -> None:

@@ -110,6 +110,59 @@ def test_workers_leave_the_global_rng_alone():
     assert torch.equal(before, torch.get_rng_state())
 
 
+class Failing(Indexed):
+    """Item 3 raises what ``error`` makes."""
+
+    def __init__(self, n: int, error) -> None:
+        super().__init__(n)
+        self.error = error
+
+    def __getitem__(self, i: int) -> dict:
+        if i == 3:
+            raise self.error()
+        return super().__getitem__(i)
+
+
+@pytest.mark.parametrize("error", [
+    lambda: MinfmError("data/3.jpg: not a readable image (truncated)"),
+    lambda: FileNotFoundError(2, "No such file or directory", "data/3.jpg"),
+], ids=["MinfmError", "OSError"])
+def test_a_users_error_in_a_data_worker_is_raised_as_itself_and_the_workers_stop(error):
+    """DataLoader re-raised a worker's error as a new one whose message was the worker's whole
+    traceback (`minfm: error: Caught MinfmError in DataLoader worker process 0. Original
+    Traceback ...`, on one line) for an unreadable image."""
+    import multiprocessing
+
+    expected = error()
+    it = BatchIterator(Failing(8, error), 2, shuffle=False, num_workers=1)
+    next(it)
+    with pytest.raises(type(expected)) as raised:
+        next(it)
+    assert str(raised.value) == str(expected)
+    if isinstance(expected, OSError):
+        assert raised.value.filename == expected.filename  # what `minfm: error: FILE: reason` names
+    assert "Traceback" not in str(raised.value)
+    assert multiprocessing.active_children() == []  # stopped, though the traceback holds the loader
+
+
+def test_a_process_whose_data_worker_failed_exits():
+    """The workers ignore SIGTERM, which multiprocessing's exit hook sends them before it waits
+    for them: a process that ended with a worker's error in flight (its traceback holding the
+    loader) waited forever."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    script = ("import sys; sys.path.insert(0, 'tests')\n"
+              "from test_data_loader import Failing\n"
+              "from minfm_core.data_loader import BatchIterator\n"
+              "it = BatchIterator(Failing(8, lambda: ValueError('a bug')), 2, shuffle=False, num_workers=1)\n"
+              "next(it); next(it)\n")
+    res = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and res.stderr.rstrip().endswith("ValueError: a bug"), res.stderr[-2000:]
+
+
 def test_bad_arguments():
     with pytest.raises(MinfmError, match="fewer than the 4 ranks"):
         BatchIterator(Indexed(3), 1, world_size=4)

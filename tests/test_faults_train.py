@@ -1,5 +1,6 @@
-"""Training-run faults in one process: a SIGTERM during the final step, a max_steps below the
-checkpoint, a component that fails to build in a fresh run folder, a logger's full disk."""
+"""Training-run faults: a SIGTERM during the final step, a max_steps below the checkpoint,
+a component that fails to build in a fresh run folder, a logger's full disk, an unreadable
+image in a data worker."""
 
 from __future__ import annotations
 
@@ -70,3 +71,31 @@ def test_a_component_that_fails_to_build_leaves_no_run_folder(tmp_path):
     with pytest.raises(MinfmError):
         train(tiny(tmp_path / "mine", bad))
     assert [p.name for p in (tmp_path / "mine").iterdir()] == [".minfm.lock"]  # the user's folder stays as it was
+
+
+def test_an_unreadable_image_in_a_data_worker_is_one_line(tmp_path):
+    """With train.dataloader_num_workers, a corrupt picture read `minfm: error: Caught
+    MinfmError in DataLoader worker process 0. Original Traceback ...` (the worker's
+    traceback, escaped onto one line), and the run then never exited."""
+    import json
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from conftest import ROOT
+    from engine_helpers import TINY
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(8):
+        Image.new("RGB", (16, 16), (30 * i, 0, 0)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"picture {i}")
+    (folder / "3.png").write_bytes(b"not a picture")
+    data = f'data={{name = "image_folder", root = {json.dumps(str(folder))}, val_fraction = 0.0, size_multiple = 8}}'
+    res = subprocess.run([sys.executable, "-m", "minfm_core.cli.main", "run", str(TINY), "--set", f"run.exp_dir={tmp_path / 'run'}",
+                          "--set", data, "--set", "train.val_every=0", "--set", "train.dataloader_num_workers=1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.splitlines()[-1] == (f"minfm: error: {folder / '3.png'}: not a readable image "
+                                           f"(cannot identify image file '{folder / '3.png'}')")
