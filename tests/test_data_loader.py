@@ -210,3 +210,49 @@ def test_an_item_that_is_not_a_dict_is_one_line_naming_its_index():
 
     with pytest.raises(MinfmError, match=r"^data: item 3: expected a dict with 'image' \(or 'latent'\) and 'prompt', got tuple$"):
         _Keyed(Tuples())[(0, 3)]
+
+
+@pytest.mark.parametrize(("sig", "why"), [
+    ("SIGKILL", "Killed; most often the out-of-memory killer"),
+    ("SIGBUS", "Bus error; out of shared memory (/dev/shm"),
+])
+def test_a_killed_data_worker_is_one_line_naming_the_likely_cause(sig, why, capsys, monkeypatch):
+    """A worker the kernel's out-of-memory killer ended (SIGKILL), or one that ran out of
+    /dev/shm (SIGBUS, a container's 64 MB default), raised torch's RuntimeError from its
+    SIGCHLD handler, anywhere in the training process: a traceback and "a bug in minFM"."""
+    import multiprocessing
+    import os
+    import signal
+    import time
+
+    from minfm_core.cli import main as cli_main
+
+    pids = []
+
+    def command(args):
+        before = {p.pid for p in multiprocessing.active_children()}
+        it = BatchIterator(Indexed(64), 2, num_workers=1)
+        next(it)
+        pids.extend(p.pid for p in multiprocessing.active_children() if p.pid not in before)
+        os.kill(pids[0], getattr(signal, sig))
+        for _ in range(100):  # torch raises from its SIGCHLD handler, or at the next batch
+            time.sleep(0.05)
+            next(it)
+
+    parser = cli_main.build_parser()
+    parser.set_defaults(func=command)
+    monkeypatch.setattr(cli_main, "build_parser", lambda: parser)
+    assert cli_main.main([]) == 2
+    err = capsys.readouterr().err
+    assert f"minfm: error: data worker (pid {pids[0]}) of the training process was killed by signal: {why}" in err
+    assert "Traceback" not in err and "bug" not in err
+
+
+def test_a_data_worker_found_gone_is_one_line():
+    from minfm_core.errors import data_worker_lost_line
+
+    line = data_worker_lost_line(RuntimeError("DataLoader worker (pid(s) 12, 13) exited unexpectedly"))
+    assert line.startswith("data workers (pid 12, 13) of the training process exited unexpectedly; "
+                           "train.dataloader_num_workers = 0")
+    assert data_worker_lost_line(RuntimeError("shape mismatch")) is None
+    assert data_worker_lost_line(ValueError("DataLoader worker (pid 1) exited unexpectedly")) is None

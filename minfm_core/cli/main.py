@@ -30,7 +30,8 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from .. import __version__
-from ..errors import MinfmError, MinfmWarning, RecipeError, checkpoint_failures, first_line, os_error_line, out_of_memory_line
+from ..errors import MinfmError, MinfmWarning, RecipeError, checkpoint_failures, data_worker_lost_line, first_line, os_error_line
+from ..errors import out_of_memory_line
 from ..errors import peer_lost_line
 from ..launch_env import is_multi_process
 from .argtypes import Parser as _Parser
@@ -137,10 +138,11 @@ def _main(argv: Sequence[str] | None) -> int:
         _say(f"minfm: error: {os_error_line(exc)}")
         return 2
     except Exception as exc:
-        # A failed allocation is the machine's limit; a collective that lost its peer is the
-        # other process's error (printed there), not a bug here: one line, exit 2 on this rank
-        # as on that one (cli/torchrun.exit_code).
-        line = out_of_memory_line(exc) or (peer_lost_line(exc) if is_multi_process() else None)
+        # A failed allocation, or a data worker the machine killed, is the machine's limit; a
+        # collective that lost its peer is the other process's error (printed there), not a
+        # bug here: one line, exit 2 on this rank as on that one (cli/torchrun.exit_code).
+        line = (out_of_memory_line(exc) or data_worker_lost_line(exc)
+                or (peer_lost_line(exc) if is_multi_process() else None))
         if line is None:
             return _bug()
         _say(f"minfm: error: {line}")
