@@ -80,15 +80,12 @@ class _Raised:
     worker's whole traceback: a bad file read as a bug, one line of escaped traceback."""
 
     def __init__(self, exc: MinfmError | OSError) -> None:
-        # Built from plain values: a plugin's own error class may not survive pickling.
-        self.kind = "minfm" if isinstance(exc, MinfmError) else "os"
-        self.args = (str(exc),) if isinstance(exc, MinfmError) else (exc.errno, exc.strerror, exc.filename)
-
-    def raise_(self) -> None:
-        if self.kind == "minfm":
-            raise MinfmError(*self.args)
-        errno, strerror, filename = self.args
-        raise OSError(errno, strerror, filename) if errno is not None else OSError(strerror)  # subclass by errno
+        # Rebuilt as minFM's or Python's own class (OSError picks its subclass by errno): a
+        # plugin's error class may not survive pickling.
+        if isinstance(exc, MinfmError):
+            self.error: Exception = MinfmError(str(exc))
+        else:
+            self.error = OSError(exc.errno, exc.strerror, exc.filename) if exc.errno is not None else OSError(str(exc))
 
 
 class _InWorker(torch.utils.data.Dataset):
@@ -208,7 +205,7 @@ class BatchIterator:
         for item in batch:
             if isinstance(item, _Raised):
                 self.close()
-                item.raise_()
+                raise item.error
         self._consumed += len(batch)
         return batch
 
