@@ -20,6 +20,7 @@ staying a pure function of (seed, epoch, index).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import signal
 import warnings
 import weakref
@@ -89,19 +90,47 @@ class _Raised:
 
 
 class _InWorker(torch.utils.data.Dataset):
-    """:class:`_Keyed` as a data worker fetches it: a user's error comes back as :class:`_Raised`."""
+    """A dataset as a data worker fetches it: a user's error comes back as :class:`_Raised`."""
 
-    def __init__(self, keyed: _Keyed) -> None:
-        self.keyed = keyed
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
 
-    def __getitem__(self, key: tuple[int, int]) -> dict | _Raised:
+    def __getitem__(self, key: Any) -> dict | _Raised:
         try:
-            return self.keyed[key]
+            return self.dataset[key]
         except (MinfmError, OSError) as exc:
             return _Raised(exc)
 
     def __len__(self) -> int:
-        return len(self.keyed)
+        return len(self.dataset)
+
+
+def _raise_from_workers(batch: list) -> list:
+    for item in batch:
+        if isinstance(item, _Raised):
+            raise item.error
+    return batch
+
+
+@contextlib.contextmanager
+def loaded_ahead(dataset: Any, batches: list[list[int]], num_workers: int) -> Iterator[Iterator[list]]:
+    """An iterator of ``dataset``'s items for each list of indices in ``batches``, in order:
+    read in this process when ``num_workers`` is 0, else by that many worker processes ahead of
+    the caller, under a training run's rules for its data workers (they ignore SIGINT and
+    SIGTERM; a MinfmError or OSError raised in one is raised here as itself; they end with the
+    block, whatever ends it)."""
+    if num_workers <= 0:
+        yield ([dataset[i] for i in batch] for batch in batches)
+        return
+    loader = torch.utils.data.DataLoader(
+        _InWorker(dataset), batch_sampler=batches, num_workers=num_workers, collate_fn=_as_list,
+        generator=torch.Generator().manual_seed(0),  # (else it draws from the global RNG)
+        worker_init_fn=_leave_signals_to_the_trainer)
+    it = iter(loader)
+    try:
+        yield (_raise_from_workers(batch) for batch in it)
+    finally:
+        it._shutdown_workers()  # now, not when an error's traceback lets go of the loader
 
 
 class BatchIterator:
@@ -202,10 +231,11 @@ class BatchIterator:
         if self._source is None:
             self._source = self._start()
         batch = next(self._source)
-        for item in batch:
-            if isinstance(item, _Raised):
-                self.close()
-                raise item.error
+        try:
+            _raise_from_workers(batch)
+        except (MinfmError, OSError):
+            self.close()
+            raise
         self._consumed += len(batch)
         return batch
 

@@ -194,6 +194,39 @@ def test_latents_of_an_image_folder(tmp_path, vae_folder, minfm):
         assert tuple(shard[e["key"]].shape) == (4, f, h // 2, w // 2)
 
 
+def test_data_workers_encode_the_same_shards_and_report_a_bad_image_in_one_line(tmp_path, vae_folder, minfm):
+    """`--dataloader-num-workers N`: N processes decode the pictures ahead of the VAE (an
+    ImageNet-sized cache is bound by JPEG decoding in one process)."""
+    from PIL import Image
+
+    root = tmp_path / "images"
+    root.mkdir()
+    for i in range(7):
+        Image.new("RGB", (32, 32), (30 * i, 200, 30)).save(root / f"img{i}.png")
+        (root / f"img{i}.txt").write_text(f"picture number {i}")
+    path = recipe(tmp_path, vae_folder, sample_posterior=True)
+    path.write_text(path.read_text().split("[data]")[0]
+                    + f'[data]\nname = "image_folder"\nroot = "{root}"\nval_fraction = 0.0\n')
+    files = {}
+    for workers in ("0", "2"):
+        out = tmp_path / f"latents{workers}"
+        res = minfm("cache", "latents", str(path), "--out", str(out), "--shard-size", "3", "--batch-size", "2",
+                    "--dataloader-num-workers", workers)
+        assert res.returncode == 0, res.stderr
+        assert "encoded 3 shard(s), skipped 0 finished; index of 7 items written" in res.stdout
+        files[workers] = {p.name: p.read_bytes() for p in (out / "train").iterdir()}
+    assert files["2"] == files["0"]  # shards, their records, the index and the request record
+
+    (root / "img4.png").write_bytes(b"not a picture")
+    res = minfm("cache", "latents", str(path), "--out", str(tmp_path / "bad"), "--shard-size", "3",
+                "--dataloader-num-workers", "2")
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.splitlines()[-1] == (f"minfm: error: {root / 'img4.png'}: not a readable image "
+                                           f"(cannot identify image file '{root / 'img4.png'}')")
+    assert sorted(p.name for p in (tmp_path / "bad" / "train").iterdir()) == ["cache.json", "part-00000.json",
+                                                                              "part-00000.safetensors"]
+
+
 def test_a_dataset_that_cannot_read_the_cache_is_warned_about(tmp_path, capsys):
     import torch
 

@@ -29,7 +29,7 @@ from ..launch_env import launch_env
 from ..protocols import CachedLatentsConfig, FlipConfig
 from ..recipe import load_recipe
 from ..safepath import write_text_atomic
-from ..validators import MAX_BATCH, MAX_SAMPLES
+from ..validators import MAX_BATCH, MAX_DATALOADER_WORKERS, MAX_SAMPLES
 
 
 
@@ -44,6 +44,9 @@ def register(what) -> None:
     p.add_argument("--shard-size", type=int_in("--shard-size", 1, MAX_BATCH), default=1024, metavar="N", help="items per shard (default 1024)")
     p.add_argument("--batch-size", type=int_in("--batch-size", 1, MAX_BATCH), default=32, metavar="N", help="images per VAE call (default 32)")
     p.add_argument("--dtype", choices=typing.get_args(Dtype), default="fp32", help="dtype the latents are stored in (default fp32)")
+    p.add_argument("--dataloader-num-workers", type=int_in("--dataloader-num-workers", 0, MAX_DATALOADER_WORKERS), default=0,
+                   metavar="N", help="processes that read and decode the images ahead of the VAE (default 0: this one "
+                   "does; as train.dataloader_num_workers)")
     p.add_argument("--limit", type=int_in("--limit", 1, MAX_SAMPLES), default=None, metavar="N", help="encode only the first N items of each split")
     p.set_defaults(func=run)
 
@@ -58,8 +61,9 @@ def _shard_name(i: int) -> str:
 
 def encode_split(vae, dataset, out: Path, split: str, *, shard_size: int, batch_size: int, dtype: str,
                  limit: int | None = None, rank: int = 0, world: int = 1, seed: int = 0, log=print,
-                 request: dict | None = None) -> dict[str, int]:
+                 request: dict | None = None, num_workers: int = 0) -> dict[str, int]:
     """Encode this rank's unfinished shards of one split; write the index when all are done.
+    ``num_workers`` processes read (decode) the items ahead of the VAE (0: this one does).
 
     ``request`` (the dataset and VAE settings) is kept in ``cache.json`` with the item count,
     shard size, dtype and seed: finished shards are reused only by the same request (another
@@ -68,8 +72,8 @@ def encode_split(vae, dataset, out: Path, split: str, *, shard_size: int, batch_
 
     import torch
 
-    from ..engine.runtime import indexed_seed
-    from ..weights import DTYPES, save_safetensors_file
+    from ..data_loader import loaded_ahead
+    from ..weights import DTYPES
 
     takes_generator = "generator" in inspect.signature(vae.encode).parameters
     torch_dtype = DTYPES[dtype]
@@ -91,44 +95,58 @@ def encode_split(vae, dataset, out: Path, split: str, *, shard_size: int, batch_
                          "matched to this request; remove them or choose another --out")
     else:
         _write_json(kept, record)
-    stats = {"encoded": 0, "skipped": 0}
     device = next(iter(vae.parameters()), torch.empty(0)).device
-    for s in range(rank, n_shards, world):
-        done = out / f"{_shard_name(s)}.json"
-        # finished: its record and its shard (a shard deleted since is encoded again, not
-        # indexed as there and found missing by training)
-        if done.exists() and (out / f"{_shard_name(s)}.safetensors").is_file():
-            stats["skipped"] += 1
-            continue
-        lo, hi = s * shard_size, min((s + 1) * shard_size, n)
-        tensors: dict[str, Any] = {}
-        entries = []
-        # per-shard generator: a resumed or re-sharded run draws the same posterior samples
-        gen = torch.Generator(device=device).manual_seed(indexed_seed(seed, s))
-        for start in range(lo, hi, batch_size):
-            items = [dataset[i] for i in range(start, min(start + batch_size, hi))]
-            if any("image" not in it for it in items):
-                raise MinfmError("cache latents: the dataset already yields latents (is use_cached_latents set?)")
-            images = [it["image"] for it in items]
-            latents = vae.encode(images, generator=gen) if takes_generator else vae.encode(images)
-            for i, item, z in zip(range(start, hi), items, latents):
-                key = f"{i:08d}"
-                tensors[key] = z.detach().to("cpu", torch_dtype).contiguous()
-                entry = {"shard": f"{_shard_name(s)}.safetensors", "key": key, "prompt": item.get("prompt", ""),
-                         "split": split, "size": list(item["image"].shape[1:])}
-                if item.get("label") is not None:
-                    entry["label"] = int(item["label"])
-                entries.append(entry)
-        save_safetensors_file(tensors, out / f"{_shard_name(s)}.safetensors")
-        _write_json(done, entries)  # last: its presence marks the shard finished
-        stats["encoded"] += 1
-        log(f"{split}: shard {s + 1}/{n_shards} ({hi - lo} items)")
+    # finished: its record and its shard (a shard deleted since is encoded again, not
+    # indexed as there and found missing by training)
+    mine = range(rank, n_shards, world)
+    todo = [s for s in mine if not ((out / f"{_shard_name(s)}.json").exists()
+                                    and (out / f"{_shard_name(s)}.safetensors").is_file())]
+    stats = {"encoded": 0, "skipped": len(mine) - len(todo)}
+    spans = {s: range(s * shard_size, min((s + 1) * shard_size, n)) for s in todo}
+    batches = [list(span[i:i + batch_size]) for span in spans.values() for i in range(0, len(span), batch_size)]
+    with loaded_ahead(dataset, batches, num_workers) as loaded:
+        for s, span in spans.items():
+            _encode_shard(vae, loaded, out, s, span, split, batch_size, torch_dtype, takes_generator, seed, device)
+            stats["encoded"] += 1
+            log(f"{split}: shard {s + 1}/{n_shards} ({len(span)} items)")
     parts = [out / f"{_shard_name(s)}.json" for s in range(n_shards)]
     if all(p.exists() for p in parts):
         entries = [e for p in parts for e in _shard_entries(p)]
         _write_json(out / "index.json", {"entries": entries, "num_items": len(entries), "dtype": dtype})
         stats["indexed"] = len(entries)
     return stats
+
+
+def _encode_shard(vae, loaded, out: Path, s: int, span: range, split: str, batch_size: int, torch_dtype,
+                  takes_generator: bool, seed: int, device) -> None:
+    """Encode shard ``s``, items ``span``, whose batches of ``batch_size`` come next from
+    ``loaded``, and write it."""
+    import torch
+
+    from ..engine.runtime import indexed_seed
+    from ..weights import save_safetensors_file
+
+    tensors: dict[str, Any] = {}
+    entries = []
+    # per-shard generator: a resumed or re-sharded run draws the same posterior samples
+    gen = torch.Generator(device=device).manual_seed(indexed_seed(seed, s))
+    for start in range(span.start, span.stop, batch_size):
+        hi = min(start + batch_size, span.stop)
+        items = next(loaded)
+        if any("image" not in it for it in items):
+            raise MinfmError("cache latents: the dataset already yields latents (is use_cached_latents set?)")
+        images = [it["image"] for it in items]
+        latents = vae.encode(images, generator=gen) if takes_generator else vae.encode(images)
+        for i, item, z in zip(range(start, hi), items, latents):
+            key = f"{i:08d}"
+            tensors[key] = z.detach().to("cpu", torch_dtype).contiguous()
+            entry = {"shard": f"{_shard_name(s)}.safetensors", "key": key, "prompt": item.get("prompt", ""),
+                     "split": split, "size": list(item["image"].shape[1:])}
+            if item.get("label") is not None:
+                entry["label"] = int(item["label"])
+            entries.append(entry)
+    save_safetensors_file(tensors, out / f"{_shard_name(s)}.safetensors")
+    _write_json(out / f"{_shard_name(s)}.json", entries)  # last: its presence marks the shard finished
 
 
 def _shard_entries(part: Path) -> list[dict]:
@@ -170,7 +188,7 @@ def run(args) -> int:
         stats = encode_split(vae, dataset, out / split, split, shard_size=args.shard_size, batch_size=args.batch_size,
                              dtype=args.dtype, limit=args.limit, rank=rank, world=world,
                              seed=resolved.recipe.run.seed, log=lambda m: print(m, file=sys.stderr),
-                             request=request)
+                             request=request, num_workers=args.dataloader_num_workers)
         done = f"; index of {stats['indexed']} items written" if "indexed" in stats else "; waiting for other ranks' shards"
         print(f"{out / split}: encoded {stats['encoded']} shard(s), skipped {stats['skipped']} finished{done}")
     return 0
