@@ -105,6 +105,22 @@ class _InWorker(torch.utils.data.Dataset):
         return len(self.dataset)
 
 
+def _worker_batches(dataset: Any, batch_sampler: Any, num_workers: int, *, seed: int):
+    """DataLoader's iterator over ``dataset``'s batches (lists of items) in ``num_workers``
+    data workers, which ignore SIGINT and SIGTERM and send a user's error back as a value."""
+    loader = torch.utils.data.DataLoader(
+        _InWorker(dataset),
+        batch_sampler=batch_sampler,
+        num_workers=num_workers,
+        collate_fn=_as_list,
+        # DataLoader draws its worker base seed from this generator; without one it would
+        # consume the global torch RNG and shift the trainer's random stream on resume.
+        generator=torch.Generator().manual_seed(seed & 0x7FFFFFFF),
+        worker_init_fn=_leave_signals_to_the_trainer,
+    )
+    return iter(loader)
+
+
 def _raise_from_workers(batch: list) -> list:
     for item in batch:
         if isinstance(item, _Raised):
@@ -122,11 +138,7 @@ def loaded_ahead(dataset: Any, batches: list[list[int]], num_workers: int) -> It
     if num_workers <= 0:
         yield ([dataset[i] for i in batch] for batch in batches)
         return
-    loader = torch.utils.data.DataLoader(
-        _InWorker(dataset), batch_sampler=batches, num_workers=num_workers, collate_fn=_as_list,
-        generator=torch.Generator().manual_seed(0),  # (else it draws from the global RNG)
-        worker_init_fn=_leave_signals_to_the_trainer)
-    it = iter(loader)
+    it = _worker_batches(dataset, batches, num_workers, seed=0)
     try:
         yield (_raise_from_workers(batch) for batch in it)
     finally:
@@ -212,17 +224,7 @@ class BatchIterator:
     def _start(self) -> Iterator[list[dict]]:
         if self.num_workers <= 0:
             return ([self._keyed[k] for k in keys] for keys in self._keys(self._consumed))
-        loader = torch.utils.data.DataLoader(
-            _InWorker(self._keyed),
-            batch_sampler=_Batches(self, self._consumed),
-            num_workers=self.num_workers,
-            collate_fn=_as_list,
-            # DataLoader draws its worker base seed from this generator; without one it would
-            # consume the global torch RNG and shift the trainer's random stream on resume.
-            generator=torch.Generator().manual_seed(self.seed & 0x7FFFFFFF),
-            worker_init_fn=_leave_signals_to_the_trainer,
-        )
-        return iter(loader)
+        return _worker_batches(self._keyed, _Batches(self, self._consumed), self.num_workers, seed=self.seed)
 
     def __iter__(self) -> BatchIterator:
         return self
