@@ -56,27 +56,27 @@ _WORKER_LOST = re.compile(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\) "
 
 
 def data_worker_lost_line(exc: BaseException) -> str | None:
-    """One line for a data worker (``train.dataloader_num_workers``) that died, or None when
-    ``exc`` is something else. The usual killer is the machine: the kernel's out-of-memory
-    killer (SIGKILL), or a container's small ``/dev/shm`` (SIGBUS), through which workers hand
-    over their batches; torch's message and traceback read as a bug in minFM."""
+    """One line for a data worker (``train.dataloader_num_workers``, ``cache latents
+    --dataloader-num-workers``) that died, or None when ``exc`` is something else. The usual
+    killer is the machine: the kernel's out-of-memory killer (SIGKILL), or a container's small
+    ``/dev/shm`` (SIGBUS), through which workers hand over their batches; torch's message and
+    traceback read as a bug in minFM."""
     found = _WORKER_LOST.search(str(exc)) if isinstance(exc, RuntimeError) else None
     if found is None:
         return None
     pids, signal_name = found[1].strip(), found[2]
     who = f"data worker{'s' if ',' in pids else ''} (pid {pids})"
+    without = "with no data workers (dataloader_num_workers 0) the items load in this process, where a crash shows its cause"
     if signal_name is None:  # a dataset's error in a worker comes back as itself: this is a crash
-        return (f"{who} of the training process exited unexpectedly; train.dataloader_num_workers = 0 "
-                "loads in the training process, where a crash shows its cause")
+        return f"{who} exited unexpectedly; {without}"
     if signal_name == "Bus error":
         why = "out of shared memory (/dev/shm, through which workers hand over batches: raise its size, " \
               "e.g. docker run --shm-size=8g)"
     elif signal_name == "Killed":
-        why = "most often the out-of-memory killer (fewer train.dataloader_num_workers or a smaller " \
-              "train.batch_size need less memory)"
+        why = "most often the out-of-memory killer (fewer data workers or smaller batches need less memory)"
     else:
-        why = "train.dataloader_num_workers = 0 loads in the training process, where a crash shows its cause"
-    return f"{who} of the training process was killed by signal: {signal_name}; {why}"
+        why = without
+    return f"{who} killed by signal: {signal_name}; {why}"
 
 
 #: What a collective raises in a process whose peer is gone (it exited after its own error, or

@@ -244,7 +244,7 @@ def test_a_killed_data_worker_is_one_line_naming_the_likely_cause(sig, why, caps
     monkeypatch.setattr(cli_main, "build_parser", lambda: parser)
     assert cli_main.main([]) == 2
     err = capsys.readouterr().err
-    assert f"minfm: error: data worker (pid {pids[0]}) of the training process was killed by signal: {why}" in err
+    assert f"minfm: error: data worker (pid {pids[0]}) killed by signal: {why}" in err
     assert "Traceback" not in err and "bug" not in err
 
 
@@ -252,7 +252,7 @@ def test_a_data_worker_found_gone_is_one_line():
     from minfm_core.errors import data_worker_lost_line
 
     line = data_worker_lost_line(RuntimeError("DataLoader worker (pid(s) 12, 13) exited unexpectedly"))
-    assert line.startswith("data workers (pid 12, 13) of the training process exited unexpectedly; "
-                           "train.dataloader_num_workers = 0")
+    assert line.startswith("data workers (pid 12, 13) exited unexpectedly; with no data workers "
+                           "(dataloader_num_workers 0) the items load in this process")
     assert data_worker_lost_line(RuntimeError("shape mismatch")) is None
     assert data_worker_lost_line(ValueError("DataLoader worker (pid 1) exited unexpectedly")) is None
