@@ -103,12 +103,12 @@ def encode_split(vae, dataset, out: Path, split: str, *, shard_size: int, batch_
                                     and (out / f"{_shard_name(s)}.safetensors").is_file())]
     stats = {"encoded": 0, "skipped": len(mine) - len(todo)}
     spans = {s: range(s * shard_size, min((s + 1) * shard_size, n)) for s in todo}
-    batches = [list(span[i:i + batch_size]) for span in spans.values() for i in range(0, len(span), batch_size)]
-    with loaded_ahead(dataset, batches, num_workers) as loaded:
-        for s, span in spans.items():
-            _encode_shard(vae, loaded, out, s, span, split, batch_size, torch_dtype, takes_generator, seed, device)
+    shard_batches = {s: [list(span[i:i + batch_size]) for i in range(0, len(span), batch_size)] for s, span in spans.items()}
+    with loaded_ahead(dataset, [b for bs in shard_batches.values() for b in bs], num_workers) as loaded:
+        for s, batches in shard_batches.items():
+            _encode_shard(vae, loaded, batches, out, s, split, torch_dtype, takes_generator, seed, device)
             stats["encoded"] += 1
-            log(f"{split}: shard {s + 1}/{n_shards} ({len(span)} items)")
+            log(f"{split}: shard {s + 1}/{n_shards} ({len(spans[s])} items)")
     parts = [out / f"{_shard_name(s)}.json" for s in range(n_shards)]
     if all(p.exists() for p in parts):
         entries = [e for p in parts for e in _shard_entries(p)]
@@ -117,10 +117,9 @@ def encode_split(vae, dataset, out: Path, split: str, *, shard_size: int, batch_
     return stats
 
 
-def _encode_shard(vae, loaded, out: Path, s: int, span: range, split: str, batch_size: int, torch_dtype,
+def _encode_shard(vae, loaded, batches: list[list[int]], out: Path, s: int, split: str, torch_dtype,
                   takes_generator: bool, seed: int, device) -> None:
-    """Encode shard ``s``, items ``span``, whose batches of ``batch_size`` come next from
-    ``loaded``, and write it."""
+    """Encode shard ``s``, whose ``batches`` of item indices come next from ``loaded``, and write it."""
     import torch
 
     from ..engine.runtime import indexed_seed
@@ -130,14 +129,13 @@ def _encode_shard(vae, loaded, out: Path, s: int, span: range, split: str, batch
     entries = []
     # per-shard generator: a resumed or re-sharded run draws the same posterior samples
     gen = torch.Generator(device=device).manual_seed(indexed_seed(seed, s))
-    for start in range(span.start, span.stop, batch_size):
-        hi = min(start + batch_size, span.stop)
+    for indices in batches:
         items = next(loaded)
         if any("image" not in it for it in items):
             raise MinfmError("cache latents: the dataset already yields latents (is use_cached_latents set?)")
         images = [it["image"] for it in items]
         latents = vae.encode(images, generator=gen) if takes_generator else vae.encode(images)
-        for i, item, z in zip(range(start, hi), items, latents):
+        for i, item, z in zip(indices, items, latents):
             key = f"{i:08d}"
             tensors[key] = z.detach().to("cpu", torch_dtype).contiguous()
             entry = {"shard": f"{_shard_name(s)}.safetensors", "key": key, "prompt": item.get("prompt", ""),

@@ -30,8 +30,10 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from .. import __version__
-from ..errors import MinfmError, MinfmWarning, RecipeError, checkpoint_failures, data_worker_lost_line, first_line, os_error_line
-from ..errors import out_of_memory_line
+from ..errors import (
+    MinfmError, MinfmWarning, RecipeError, checkpoint_failures, data_worker_lost_line, first_line, os_error_line,
+    out_of_memory_line,
+)
 from ..errors import peer_lost_line
 from ..launch_env import is_multi_process
 from .argtypes import Parser as _Parser
