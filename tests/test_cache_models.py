@@ -166,3 +166,53 @@ def test_cache_models_names_a_missing_repo(hub_server, tmp_path, minfm):
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
     assert f"{REPO}/vae: Hub repo {REPO} not found at http://127.0.0.1" in out.stderr
     assert "HF_HUB_OFFLINE" not in out.stdout  # offline runs would miss what failed
+
+
+LOAD_DENOISER = textwrap.dedent(
+    """
+    import sys
+    from safetensors.torch import save_file
+    from minfm_core.recipe import load_recipe
+    model = load_recipe(sys.argv[1])["model.denoiser"].build(load_weights=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, sys.argv[2])
+    """
+)
+
+
+@pytest.mark.parametrize("ref", ["tiny-org/bfl", "tiny-org/bfl/flux1-dev.safetensors"], ids=["repo", "file"])
+def test_a_flux_repo_or_its_file_is_fetched_then_loads_offline(hub_server, tmp_path, minfm, ref):
+    """recipes/flux_dev_inference.toml names `black-forest-labs/FLUX.1-dev/flux1-dev.safetensors`:
+    `cache models` fetched that file, then loading asked the Hub for
+    `flux1-dev.safetensors/flux1-dev.safetensors`, online and offline alike."""
+    from conftest import ROOT
+    from minfm_plugins.flux.model import build_flux
+    from safetensors.torch import load_file, save
+
+    from minfm_core.recipe import load_recipe
+
+    tiny = ROOT / "tests" / "recipes" / "tiny.toml"
+    torch.manual_seed(0)
+    model = build_flux(load_recipe(tiny).slots["model.denoiser"].config)
+    want = {k: v.contiguous() for k, v in model.state_dict().items()}
+    hub_server.upload("tiny-org/bfl", {
+        "flux1-dev.safetensors": save(want),
+        "ae.safetensors": b"the rest of a FLUX.1 repo, never fetched for the denoiser",
+    })
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(f'extends = "{tiny}"\n[model.denoiser]\npretrained = "{ref}"\n')
+    hf_home = tmp_path / "hf_home"
+
+    out = minfm("cache", "models", str(recipe), env=hub_server.env(hf_home))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count(": tiny-org/bfl/flux1-dev.safetensors -> ") == 1
+    assert not any("ae.safetensors" in p for m, p in hub_server.requests if m == "GET")
+
+    offline = hub_server.env(hf_home, HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9")
+    got = tmp_path / "got.safetensors"
+    run = subprocess.run([sys.executable, "-c", LOAD_DENOISER, str(recipe), str(got)], env=offline,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    loaded = load_file(got)
+    assert loaded.keys() == want.keys()
+    for k in want:
+        assert torch.equal(loaded[k], want[k]), k

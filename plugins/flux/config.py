@@ -14,7 +14,20 @@ from typing import Literal
 import attrs
 
 from minfm_core.config import config, field
+from minfm_core.pretrained import is_local, parse_hub_ref
 from minfm_core.validators import MAX_DEPTH, MAX_WIDTH, Range
+
+#: The file a Hub repo's root stands for (black-forest-labs' FLUX.1 repos hold it at the top).
+BFL_FILE = "flux1-dev.safetensors"
+
+
+def flux_source(pretrained: str) -> str:
+    """A Hub repo root means its ``flux1-dev.safetensors`` (not the whole repo: FLUX.1-dev's
+    holds the VAE, both text encoders and a diffusers copy besides); a reference with a path
+    in the repo, a file or a folder, and a local path are taken as they are."""
+    hub = None if is_local(pretrained) else parse_hub_ref(pretrained)
+    return f"{pretrained}/{BFL_FILE}" if hub is not None and not hub.subpath else pretrained
+
 
 #: Flavor name -> the value of every model field (parameter counts are pinned by tests).
 FLAVORS: dict[str, dict] = {
@@ -70,6 +83,11 @@ class FluxConfig:
     compile: bool = field(
         False, doc="torch.compile each double/single block (packed lengths dynamic; see docs/flux.md)"
     )
+
+    @property
+    def pretrained_refs(self) -> tuple[str, ...]:
+        """What ``minfm cache models`` fetches: the file that loading reads, not the repo."""
+        return (flux_source(self.pretrained),) if self.pretrained else ()
 
     def __attrs_post_init__(self) -> None:
         base = FLAVORS.get(self.flavor, {}) if self.flavor else {}

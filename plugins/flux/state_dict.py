@@ -182,7 +182,9 @@ def read_state_dict(ref: str) -> dict[str, Tensor]:
     if not path.exists():
         from minfm_core.pretrained import resolve_pretrained
 
-        path = resolve_pretrained(ref, "flux1-dev.safetensors")
+        from .config import flux_source
+
+        path = resolve_pretrained(flux_source(ref))
     diffusers = [f for f in (path, path / "transformer") if path.is_dir() and has_weights(f, "diffusion_pytorch_model")]
     if diffusers:  # one file or the shards of its index (never a variant such as .fp16)
         sd = read_safetensors(diffusers[0], "diffusion_pytorch_model")
