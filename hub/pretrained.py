@@ -44,8 +44,10 @@ def _name(ref: HubRef, subpath: str) -> str:
 
 
 def fetch_hint(ref: HubRef) -> str:
-    return (f"fetch it first with `minfm cache models RECIPE`, `minfm hub pull {ref.repo_id}` "
-            f"or `hf download {ref.repo_id}`")
+    # "with the Hub reachable": `minfm cache models` run offline says this too, and must not
+    # send its user round in a circle.
+    return (f"fetch it first, with the Hub reachable, by `minfm cache models RECIPE`, "
+            f"`minfm hub pull {ref.repo_id}` or `hf download {ref.repo_id}`")
 
 
 def _cached_file(ref: HubRef, path: str) -> Path | None:

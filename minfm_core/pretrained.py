@@ -93,6 +93,26 @@ def resolve_pretrained(ref: str, filename: str | None = None) -> Path:
     return resolve_source(f"{HUB_SCHEME}://{hub.repo_id}{rev}", subpath=hub.join(filename))
 
 
+def recipe_refs(resolved) -> list[tuple[str, str]]:
+    """(slot path, reference) for every pretrained reference in a resolved recipe, in slot order."""
+    out: list[tuple[str, str]] = []
+    for path, slot in resolved.slots.items():
+        for ref in pretrained_refs(slot.config):
+            if (path, ref) not in out:
+                out.append((path, ref))
+    return out
+
+
+def resolve_recipe_refs(resolved) -> None:
+    """Every pretrained reference of ``resolved``, local or fetched (from the cache, else the
+    Hub): a job calls it before it writes anything, so that missing weights leave no trace."""
+    for path, ref in recipe_refs(resolved):
+        try:
+            resolve_pretrained(ref)
+        except MinfmError as exc:
+            raise MinfmError(f"{path}: {exc}") from None
+
+
 def pretrained_refs(cfg: Any) -> tuple[str, ...]:
     """The pretrained references a component config names.
 

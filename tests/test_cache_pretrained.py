@@ -182,3 +182,20 @@ def test_a_source_without_subpath_fails_the_conformance_check():
 
     with pytest.raises(AssertionError, match="subpath="):
         check_source(old_resolver)
+
+
+def test_missing_weights_leave_no_sample_folder(tmp_path, minfm):
+    """A sample job claimed its out folder (lock, metadata.json, images/) before it built the
+    models, so unreachable weights left a half-made folder behind (`minfm sample` draws
+    through the same code)."""
+    from conftest import ROOT
+
+    tiny, exp = ROOT / "tests" / "recipes" / "tiny.toml", tmp_path / "exp"
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'extends = "{tiny}"\njob = "sample"\n[run]\nexp_dir = "{exp}"\n'
+                      '[model.denoiser]\npretrained = "nobody/flux-not-cached"\n')
+    res = minfm("run", str(recipe), env=offline_env(tmp_path))
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.startswith("minfm: error: model.denoiser: nobody/flux-not-cached/flux1-dev.safetensors: "
+                                 "not a local path and not in the Hugging Face cache"), res.stderr
+    assert not exp.exists()

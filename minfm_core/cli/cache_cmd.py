@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from ..errors import MinfmError
-from ..pretrained import is_local, pretrained_refs, resolve_pretrained
+from ..pretrained import is_local, recipe_refs, resolve_pretrained
 from ..recipe import load_recipe
 from . import latents_cmd
 
@@ -32,16 +32,6 @@ def register(sub) -> None:
     m.set_defaults(func=run_models)
 
     latents_cmd.register(what)
-
-
-def recipe_refs(resolved) -> list[tuple[str, str]]:
-    """(slot path, reference) for every pretrained reference in a resolved recipe, in slot order."""
-    out: list[tuple[str, str]] = []
-    for path, slot in resolved.slots.items():
-        for ref in pretrained_refs(slot.config):
-            if (path, ref) not in out:
-                out.append((path, ref))
-    return out
 
 
 def run_models(args) -> int:

@@ -39,6 +39,7 @@ from ..checkpoint_format import MANIFEST, read_manifest
 from ..errors import MinfmError, os_error_line
 from ..images import read_rgb
 from ..jsonio import parse_json
+from ..pretrained import resolve_recipe_refs
 from ..safepath import recipe_root, require_folder_room, trust_boundary, write_atomic, write_bytes_atomic, write_text_atomic
 from ..textfiles import read_bounded
 from ..validators import draw_problem
@@ -371,6 +372,9 @@ def run_sampling(resolved, prompts: list[str], out: Path, *, weights, source: st
         error = None
         if rt.is_main:
             try:
+                # Missing weights are found before the out folder is touched (the models are
+                # built after it is claimed): a failed request leaves nothing behind.
+                resolve_recipe_refs(resolved)
                 # One sampler per out folder: a second one took the folder over while the first
                 # was still loading, and the two mixed their requests' images, both exiting 0.
                 require_folder_room(out, out_flag)
