@@ -34,11 +34,13 @@ import stat
 import tempfile
 import threading
 import time
+import tomllib
 from pathlib import Path
 
 from .errors import MinfmError
 from .jsonio import parse_json
 from .safepath import relative_inside, require_folder_room
+from .textfiles import read_text
 
 LOCK_NAME = ".minfm.lock"
 LAUNCHER_ENV = "MINFM_LAUNCHER_PID"
@@ -247,6 +249,7 @@ def preflight(exp_dir: Path, ckpt_dir: Path, param_bytes=None, outputs=()) -> No
     """
     check_writable(exp_dir, what="run.exp_dir")
     check_writable(ckpt_dir, what="checkpoints")
+    check_run_record(exp_dir / "recipe.toml")
     for path, folder, what in outputs:
         if folder:
             check_writable(path, what=what)
@@ -255,6 +258,32 @@ def preflight(exp_dir: Path, ckpt_dir: Path, param_bytes=None, outputs=()) -> No
     n = param_bytes() if param_bytes is not None else None
     if n:
         check_room(ckpt_dir if ckpt_dir.is_dir() else exp_dir, checkpoint_bytes(n))
+
+
+#: A run's recorded recipe is a few KB; anything far larger there is not one.
+MAX_RECORD_BYTES = 1 << 20
+
+
+def check_run_record(path: Path) -> None:
+    """``path``, a run folder's ``recipe.toml``, is the run's record, rewritten at every start:
+    refuse one a person wrote (comments, ``extends``: a recorded recipe is resolved and has
+    neither), which the start would replace. A folder holding its own hand-written recipe
+    (``exp_dir = "."``) lost it, with every comment, to the resolved dump."""
+    if not path.is_file():
+        return  # none yet (a folder there is check_file_writable's to refuse)
+    why = None
+    try:
+        text = read_text(path, str(path), MAX_RECORD_BYTES)
+        if any(line.lstrip().startswith("#") for line in text.splitlines()):
+            why = "it has comments"
+        elif "extends" in tomllib.loads(text):
+            why = "it extends another recipe"
+    except (MinfmError, OSError, tomllib.TOMLDecodeError):
+        why = "it is not a recipe minfm recorded"
+    if why is not None:
+        raise MinfmError(f"run.exp_dir: {path} looks written by hand ({why}); a run records its resolved "
+                         "recipe there at every start, which would replace it: keep the recipe outside "
+                         "run.exp_dir, or choose another run.exp_dir")
 
 
 #: What the core writes in a run folder (the loggers add theirs, each config's ``run_outputs``):

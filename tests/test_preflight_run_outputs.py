@@ -130,3 +130,34 @@ def test_the_launcher_probes_them_before_spawning(tmp_path):
                     "--nproc-per-node", "2", "--set", "parallel.name=fsdp2")
     assert res.returncode == 2 and "OMP_NUM_THREADS" not in res.stderr  # torchrun never started
     assert res.stderr.strip() == f"minfm: error: train.sample_every (galleries): {exp / 'samples'} is a file, not a folder"
+
+
+# ---- the run's recipe.toml ----------------------------------------------------------------
+@pytest.mark.parametrize("head, why", [
+    ("# lr sweep, second try\n", "it has comments"),
+    ("", "it extends another recipe"),
+])
+def test_a_hand_written_recipe_in_the_run_folder_is_not_replaced(tmp_path, capsys, monkeypatch, head, why):
+    """A folder holding its own recipe (``exp_dir = "."``, run from there) had it replaced by the
+    resolved dump, comments and ``extends`` gone, and the run went on (exit 0)."""
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    mine = exp / "recipe.toml"
+    text = f'{head}extends = "{TINY}"\n\n[run]\nexp_dir = "."\n\n[train]\nmax_steps = 2\n'
+    mine.write_text(text)
+    monkeypatch.chdir(exp)
+    assert main(["run", "recipe.toml"]) == 2
+    assert _one_error_line(capsys).endswith(
+        f"run.exp_dir: recipe.toml looks written by hand ({why}); a run records its resolved recipe there at every "
+        "start, which would replace it: keep the recipe outside run.exp_dir, or choose another run.exp_dir")
+    assert mine.read_text() == text and not (exp / "checkpoints").exists()
+
+
+def test_a_recorded_recipe_is_rewritten_on_resume(tmp_path):
+    """The run's own record (resolved: no comments, no extends) is what a resume rewrites."""
+    exp = tmp_path / "exp"
+    assert main(["run", str(TINY), "--set", f"run.exp_dir={exp}", "--set", "train.max_steps=2"]) == 0
+    recorded = (exp / "recipe.toml").read_text()
+    assert "extends" not in recorded and "#" not in recorded
+    assert main(["run", str(exp / "recipe.toml"), "--set", "train.max_steps=3"]) == 0
+    assert "max_steps = 3" in (exp / "recipe.toml").read_text()
