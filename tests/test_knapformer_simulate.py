@@ -145,3 +145,36 @@ def test_an_empty_path_is_refused(tmp_path, monkeypatch, capsys, flag):
     assert main(["balance", "simulate", "--synthetic", "mixed", "--world-size", "2", "--steps", "1", flag, ""]) == 2
     assert f"minfm: error: {flag}: empty path" == _one_line_error(capsys)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, ignored", [
+    (["--synthetic", "few", "--world-size", "2", "--set", "train.lr=5"], "--set would be ignored with --synthetic few"),
+    (["--synthetic", "few", "--world-size", "2", "--batch-size", "7", "--text-range", "1", "2"],
+     "--batch-size, --text-range would be ignored with --synthetic few"),
+    (["--synthetic", "few", "--world-size", "2", "--clip-frames", "9"], "--clip-frames would be ignored"),
+    (["--trace", "{trace}", "--steps", "7"], "--steps would be ignored with --trace"),
+    (["--trace", "{trace}", "--seed", "0"], "--seed would be ignored with --trace"),
+])
+def test_a_flag_the_source_does_not_read_is_refused(tmp_path, capsys, args, ignored):
+    """They were accepted and ignored (exit 0): a user's --set train.lr=5 even went unchecked."""
+    trace = tmp_path / "t.json"
+    trace.write_text("[[[64, 32], [96]]]")
+    assert main(["balance", "simulate", *(a.format(trace=trace) for a in args)]) == 2
+    assert ignored in _one_line_error(capsys)
+
+
+def test_trace_out_replaces_a_trace_and_nothing_else(tmp_path, capsys):
+    """It wrote JSON over whatever it was given: its own recipe, a user's notes, /etc/passwd."""
+    recipe = tmp_path / "r.toml"
+    recipe.write_text((ROOT / "tests" / "recipes" / "tiny.toml").read_text().replace("../../", f"{ROOT}/"))
+    notes, trace = tmp_path / "notes.txt", tmp_path / "t.json"
+    notes.write_text("mine\n")
+    before = recipe.read_text()
+    assert main(["balance", "simulate", str(recipe), "--world-size", "1", "--steps", "1", "--trace-out", str(recipe)]) == 2
+    assert f"--trace-out {recipe}: that is the input {recipe}" in _one_line_error(capsys)
+    synthetic = ["balance", "simulate", "--synthetic", "few", "--world-size", "2", "--trace-out"]
+    assert main([*synthetic, str(notes)]) == 2
+    assert "is not a trace this command wrote; refusing to replace it" in _one_line_error(capsys)
+    assert recipe.read_text() == before and notes.read_text() == "mine\n"
+    assert main([*synthetic, str(trace)]) == 0 and main([*synthetic, str(trace)]) == 0  # a trace: replaced
+    assert simulate.read_trace(trace)

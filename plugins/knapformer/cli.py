@@ -43,21 +43,21 @@ def add_parser(sub) -> None:
     s.add_argument("--synthetic", choices=SYNTHETIC_NAMES, help="a seeded synthetic trace")
     s.add_argument("--bags", action="append", help="bag spec, e.g. g1n8 (repeatable; default: the recipe's, else g1n{W})")
     s.add_argument("--world-size", type=int_in("--world-size", 1, MAX_WORLD_SIZE), default=None, help="ranks (default: the first bag spec's S)")
-    s.add_argument("--steps", type=int_in("--steps", 1, MAX_SIMULATED_STEPS), default=4, help="steps drawn from the recipe or a synthetic trace")
-    s.add_argument("--seed", type=int_in("--seed", 0, MAX_SEED), default=0, help="seed of the draw")
+    s.add_argument("--steps", type=int_in("--steps", 1, MAX_SIMULATED_STEPS), default=None, help="steps drawn from the recipe or a synthetic trace (default: 4)")
+    s.add_argument("--seed", type=int_in("--seed", 0, MAX_SEED), default=None, help="seed of the draw (default: 0)")
     s.add_argument("--batch-size", type=int_in("--batch-size", 1, MAX_BATCH), default=None, help="samples per rank per step (default: the recipe's train.batch_size)")
-    s.add_argument("--text-range", type=int_in("--text-range", 0, MAX_PROMPT_TOKENS), nargs=2, default=(77, 512), metavar=("MIN", "MAX"),
-                   help="text tokens per prompt when the text encoder's tokenizer is unavailable")
+    s.add_argument("--text-range", type=int_in("--text-range", 0, MAX_PROMPT_TOKENS), nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="with RECIPE: text tokens per prompt when the text encoder's tokenizer is unavailable (default: 77 512)")
     s.add_argument("--clips", type=finite_float("--clips", 0.0, 1.0), default=0.0, metavar="SHARE",
                    help="with RECIPE: this share of samples become video clips of their own picture size "
                    "(0-1; the synthetic trace 'video' has clips next to images too)")
-    s.add_argument("--clip-frames", type=int_in("--clip-frames", 1, MAX_FRAMES), nargs="+", default=[17, 33, 49], metavar="F",
+    s.add_argument("--clip-frames", type=int_in("--clip-frames", 1, MAX_FRAMES), nargs="+", default=None, metavar="F",
                    help="frames of such a clip, drawn per clip (default 17 33 49), through the VAE's time compression")
-    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="recipe override")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="with RECIPE: a recipe override")
     s.add_argument("--d", type=int_in("--d", 1, MAX_WIDTH), default=None, help="hidden width (default: the recipe denoiser's d_model, else 3072)")
     s.add_argument("--gamma", type=_gamma, default=None, help="attention weight in the workload model, 0 or 1e-6 to 100 (default: recipe's, else 0.5)")
     s.add_argument("--tolerance", type=finite_float("--tolerance", 0.0, MAX_TOLERANCE), default=None, help="locality tolerance of our planner (default: recipe's, else 0)")
-    s.add_argument("--trace-out", help="write the trace used as JSON")
+    s.add_argument("--trace-out", help="write the trace used as JSON (a new file, or a trace file to replace)")
     s.set_defaults(func=_simulate)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 

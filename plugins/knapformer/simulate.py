@@ -15,6 +15,7 @@ original longest-first rule and ours.
 from __future__ import annotations
 
 import json
+import os
 import random
 import statistics
 import time
@@ -323,14 +324,49 @@ def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
+#: Flags that only a RECIPE's draw reads, and those a --trace file makes moot (it is the draw).
+RECIPE_ONLY = (("overrides", "--set"), ("batch_size", "--batch-size"), ("text_range", "--text-range"),
+               ("clip_frames", "--clip-frames"))
+NOT_WITH_TRACE = (("steps", "--steps"), ("seed", "--seed"))
+
+
 def _check_args(args) -> None:
-    """What the flags' own ranges (checked as they are parsed, cli.py) cannot say: how they relate."""
-    lo, hi = args.text_range
-    if hi < lo:
-        raise MinfmError(f"--text-range: MAX {hi} is below MIN {lo}")
+    """What the flags' own ranges (checked as they are parsed, cli.py) cannot say: how they relate.
+    A flag the chosen source does not read is refused, not ignored; then the defaults are filled in."""
     if args.clips and not args.recipe:
         raise MinfmError("balance simulate: --clips mixes clips into a RECIPE's data; for a synthetic trace with "
                          "clips next to images use --synthetic video")
+    source = f"--trace {args.trace}" if args.trace else f"--synthetic {args.synthetic}"
+    unread = [] if args.recipe else [flag for key, flag in RECIPE_ONLY if getattr(args, key)]
+    unread += [flag for key, flag in NOT_WITH_TRACE if args.trace and getattr(args, key) is not None]
+    if unread:
+        raise MinfmError(f"balance simulate: {', '.join(unread)} would be ignored with {source} "
+                         f"({'the trace file holds the steps' if args.trace else 'read only when drawing from a RECIPE'})")
+    args.steps = 4 if args.steps is None else args.steps
+    args.seed = 0 if args.seed is None else args.seed
+    args.text_range = tuple(args.text_range or (77, 512))
+    args.clip_frames = tuple(args.clip_frames or (17, 33, 49))
+    lo, hi = args.text_range
+    if hi < lo:
+        raise MinfmError(f"--text-range: MAX {hi} is below MIN {lo}")
+    if args.trace_out:
+        _check_trace_out(Path(args.trace_out), [x for x in (args.recipe, args.trace) if x])
+
+
+def _check_trace_out(out: Path, inputs: list[str]) -> None:
+    """--trace-out replaces a trace file, and nothing else: it overwrote its own RECIPE (and, run
+    as root, /etc/passwd) with JSON."""
+    for given in inputs:
+        if out.exists() and Path(given).exists() and os.path.samefile(out, given):
+            raise MinfmError(f"--trace-out {out}: that is the input {given}; name another file")
+    if out.is_dir():
+        raise MinfmError(f"--trace-out {out}: a folder, not a file")
+    if out.exists():
+        try:
+            read_trace(out)
+        except MinfmError:
+            raise MinfmError(f"--trace-out {out}: the file exists and is not a trace this command wrote; "
+                             "refusing to replace it (name a new file, or remove it first)") from None
 
 
 def _count(trace: Trace) -> int:
@@ -394,8 +430,8 @@ def run(args) -> int:
         bs = args.batch_size or resolved.recipe.train.batch_size  # both checks before any sample is read
         check_work(f"--world-size {world} --steps {args.steps} --batch-size {bs}", args.steps, world, world * args.steps * bs)
         _check_scan(specs, world * args.steps * bs, f"{args.recipe} ({world} ranks x {args.steps} steps x {bs})")
-        trace = recipe_trace(resolved, world, args.steps, args.seed, args.batch_size, tuple(args.text_range),
-                             args.clips, tuple(args.clip_frames))
+        trace = recipe_trace(resolved, world, args.steps, args.seed, args.batch_size, args.text_range,
+                             args.clips, args.clip_frames)
     if args.trace_out:
         write_text_atomic(Path(args.trace_out), json.dumps(trace))
     results = {b: evaluate(trace, b, d, gamma, tolerance) for b in specs}
