@@ -36,6 +36,9 @@ EXTRA_FILES = ("recipe.toml", "samples.png", "metrics.jsonl")
 TRAINING_STATE_DIR = "checkpoint"
 DIFFUSERS_DIR = "transformer"  # diffusers' FluxTransformer2DModel folder (optional)
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # as transformers and huggingface_hub
+#: A shard size's range: below 1 KB every tensor is a file of its own (0 staged a repo of one
+#: file per tensor); above 50 GB the Hub refuses the file.
+SHARD_SIZE_RANGE = (1_000, 50_000_000_000)
 
 
 
@@ -108,6 +111,18 @@ def _regular(folder: Path, rel: str) -> Path:
     if not real.is_file():
         raise MinfmError(f"{folder}/{rel}: refusing to push: not a regular file")
     return real
+
+
+def parse_shard_size(size: str | int) -> int:
+    """``--max-shard-size`` in bytes, within :data:`SHARD_SIZE_RANGE`."""
+    try:
+        n = parse_size(size)
+    except MinfmError as exc:
+        raise MinfmError(f"--max-shard-size: {exc}") from None
+    lo, hi = SHARD_SIZE_RANGE
+    if not lo <= n <= hi:
+        raise MinfmError(f"--max-shard-size {size}: expected from 1KB to 50GB")
+    return n
 
 
 def collect(folder: Path, stage: Path, *, include_training_state: bool, max_shard_size: int) -> dict[str, Path]:
@@ -227,7 +242,7 @@ def push(
     src = Path(os.path.expanduser(src))
     if not src.exists():
         raise MinfmError(f"{src}: no such file or directory")
-    max_bytes = parse_size(max_shard_size)
+    max_bytes = parse_shard_size(max_shard_size)
     target = f"{repo_id}@{branch}"
 
     with tempfile.TemporaryDirectory(prefix="minfm-push-") as tmp:

@@ -39,6 +39,10 @@ def test_a_repo_holding_a_pickle_is_refused_on_pull(hub_server, tmp_path):
     (("hub", "pull", "org/absent"), "Hub repo org/absent not found"),
     (("hub", "pull", "org/there@nope"), "org/there@nope: no such revision"),
     (("hub", "push", "does/not/exist", "org/there"), "does/not/exist: no such file or directory"),
+    # checked before any export or request (0 staged one shard per tensor)
+    (("hub", "push", ".", "org/there", "--max-shard-size", "0"), "--max-shard-size 0: expected from 1KB to 50GB"),
+    (("hub", "push", ".", "org/there", "--max-shard-size", "100GB"), "--max-shard-size 100GB: expected from 1KB"),
+    (("hub", "push", ".", "org/there", "--max-shard-size", "5XB"), "--max-shard-size: invalid size '5XB'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(hub_server, tmp_path, args, expect):
     hub_server.upload("org/there", {"model.safetensors": b"x"})
