@@ -71,3 +71,28 @@ def test_export_refuses_an_empty_path(tmp_path, monkeypatch, capsys, args, name)
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"minfm: error: export diffusers: {name}: empty path"]
     assert [p.name for p in tmp_path.iterdir()] == ["SRC"] and not any((tmp_path / "SRC").iterdir())
+
+
+def test_export_flavor_is_for_weights_without_a_recipe(trained_run, tmp_path, capsys):
+    """--flavor was used over a run's recipe.toml (the run's own flavor then broke the export), and a
+    wrong one named a temporary file: `/tmp/minfm-export-XXXX/model.safetensors (FLUX model as
+    configured): weights do not fit the model: ...`, never --flavor."""
+    import shutil
+
+    from minfm_core.checkpoint import export_for_hub
+    from minfm_core.cli.main import main
+
+    out = tmp_path / "out"
+    assert main(["export", "diffusers", str(trained_run), str(out), "--flavor", "flux-debug"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"minfm: error: --flavor flux-debug: {trained_run} has a recipe.toml, which names the model; "
+                   "leave --flavor out (it is for weights without one)"]
+    assert not out.exists()
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(export_for_hub(trained_run, tmp_path / "exported") / "model.safetensors", bare / "weights.safetensors")
+    weights = bare / "weights.safetensors"
+    assert main(["export", "diffusers", str(weights), str(out), "--flavor", "flux-debug"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"minfm: error: {weights} as --flavor flux-debug (FLUX model as "
+                                               "configured): "), err

@@ -32,7 +32,7 @@ def config_from_recipe(path: Path) -> FluxConfig:
     return structure(table, FluxConfig, path="model.denoiser", source=str(path))
 
 
-def _source(src: Path, flavor: str | None, ema: bool) -> tuple[Path, FluxConfig]:
+def _source(src: Path, flavor: str | None, ema: bool, name: str) -> tuple[Path, FluxConfig]:
     if src.is_dir():
         weights = weights_file(src, "ema" if ema else "model")  # refused if a symlink leaves src
         recipe = src / "recipe.toml"
@@ -43,6 +43,9 @@ def _source(src: Path, flavor: str | None, ema: bool) -> tuple[Path, FluxConfig]
     else:
         raise MinfmError(f"{src}: expected a .safetensors file or a folder holding model.safetensors")
     if flavor is not None:
+        if recipe.exists():  # it was used over the recipe, and the run's weights did not fit it
+            raise MinfmError(f"--flavor {flavor}: {name} has a recipe.toml, which names the model; leave "
+                             "--flavor out (it is for weights without one)")
         cfg = FluxConfig(flavor=flavor)
     elif recipe.exists():
         cfg = config_from_recipe(recipe)
@@ -51,18 +54,22 @@ def _source(src: Path, flavor: str | None, ema: bool) -> tuple[Path, FluxConfig]
     return weights, cfg
 
 
-def export_diffusers(src: str, out_dir: str, *, flavor: str | None = None, ema: bool = False, dtype: str = "keep") -> Path:
-    """Write ``diffusion_pytorch_model.safetensors`` + ``config.json`` to ``out_dir``."""
+def export_diffusers(src: str, out_dir: str, *, flavor: str | None = None, ema: bool = False, dtype: str = "keep",
+                     name: str | None = None) -> Path:
+    """Write ``diffusion_pytorch_model.safetensors`` + ``config.json`` to ``out_dir``.
+
+    ``name``: what errors call the weights (the user's SRC, when ``src`` is a consolidated copy)."""
     from minfm_core.safepath import write_text_atomic
     from minfm_core.weights import load_safetensors_file, save_safetensors_file
 
     from .state_dict import diffusers_config
 
-    weights, cfg = _source(Path(os.path.expanduser(src)), flavor, ema)
+    weights, cfg = _source(Path(os.path.expanduser(src)), flavor, ema, name or src)
     conf = diffusers_config(cfg)  # refuse before reading gigabytes
     sd = strip_prefix(load_safetensors_file(weights))
     with torch.device("meta"):
-        check_state_dict(Flux(cfg, attention=None), sd, source=str(weights))
+        check_state_dict(Flux(cfg, attention=None), sd,
+                         source=(name or str(weights)) + (f" as --flavor {flavor}" if flavor else ""))
     if dtype != "keep":
         sd = {k: v.to(DTYPES[dtype]) for k, v in sd.items()}
     out = Path(os.path.expanduser(out_dir))

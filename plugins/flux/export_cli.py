@@ -43,6 +43,6 @@ def _run(args) -> int:
         if src.is_dir() and not has_weights(src):
             # A run or DCP checkpoint directory: consolidate its weights first.
             src = export_for_hub(src, Path(tmp), allow_pickle=args.allow_pickle_checkpoint)
-        out = export_diffusers(src, args.out_dir, flavor=args.flavor, ema=args.ema, dtype=args.dtype)
+        out = export_diffusers(src, args.out_dir, flavor=args.flavor, ema=args.ema, dtype=args.dtype, name=args.src)
     print(f"wrote {out}")
     return 0
