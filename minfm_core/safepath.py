@@ -111,12 +111,18 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     _refuse_special(path)
     tmp = _fresh_file(path)
     try:
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)
         try:
             write(Path(tmp))
         except OSError as exc:
             if exc.filename is None and exc.errno is not None:  # (matplotlib's savefig): name the file
                 raise OSError(exc.errno, exc.strerror, str(path)) from None
             raise
+        if stat.S_IMODE(os.stat(tmp).st_mode) != mode:
+            # A writer that renames its own temporary file over ours (safetensors' save_file
+            # does) leaves mkstemp's 0600: exported weights, checkpoints and latent caches
+            # were unreadable to the user's group whatever the umask.
+            os.chmod(tmp, mode)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)  # the data is on disk before the name points at it

@@ -130,7 +130,10 @@ def test_an_atomic_write_has_the_permissions_the_umask_gives(tmp_path, umask):
     import os
     import stat
 
+    import torch
+
     from minfm_core.safepath import write_bytes_atomic
+    from minfm_core.weights import save_safetensors_file
 
     old = os.umask(umask)
     try:
@@ -138,8 +141,11 @@ def test_an_atomic_write_has_the_permissions_the_umask_gives(tmp_path, umask):
         (tmp_path / "old.json").write_bytes(b"[]")
         os.chmod(tmp_path / "old.json", 0o600)
         write_bytes_atomic(tmp_path / "old.json", b"{}")
+        # safetensors' save_file renames a 0600 file of its own over the one it is given
+        save_safetensors_file({"w": torch.zeros(2)}, tmp_path / "model.safetensors")
     finally:
         os.umask(old)
-    for name in ("new.json", "old.json"):
+    names = ["model.safetensors", "new.json", "old.json"]
+    for name in names:
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.json", "old.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
