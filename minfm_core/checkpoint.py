@@ -323,7 +323,7 @@ class Checkpointer:
         self._group = dist.new_group(backend="gloo") if dist.is_initialized() else None
 
     def save(self, step: int, state: dict[str, Any], extras: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-        from safetensors.torch import save_file
+        from .weights import save_safetensors_file
 
         self.finish()
         final = self.root / step_dir(step)
@@ -352,8 +352,8 @@ class Checkpointer:
         barrier(failed)
         rank_file = tmp / f"rank_{self.rank}.safetensors"
         try:
-            save_file({k: v.contiguous().cpu() for k, v in extras.items()}, rank_file, metadata=meta)
-            fsync_path(rank_file)  # DCP syncs its own files (sync_files); this one is ours
+            # synced, as DCP syncs its own files (sync_files), with the umask's permissions
+            save_safetensors_file({k: v.contiguous().cpu() for k, v in extras.items()}, rank_file, metadata=meta)
         except OSError as exc:
             failed = str(_write_failed(tmp, f"{rank_file.name}: {exc.strerror or exc}"))
         barrier(failed)

@@ -269,8 +269,8 @@ def check_run_record(path: Path) -> None:
     refuse one a person wrote (comments, ``extends``: a recorded recipe is resolved and has
     neither), which the start would replace. A folder holding its own hand-written recipe
     (``exp_dir = "."``) lost it, with every comment, to the resolved dump."""
-    if not path.is_file():
-        return  # none yet (a folder there is check_file_writable's to refuse)
+    if path.is_symlink() or not path.is_file():
+        return  # none yet (a folder there is check_file_writable's to refuse); a link is replaced, its target kept
     why = None
     try:
         text = read_text(path, str(path), MAX_RECORD_BYTES)
