@@ -269,3 +269,19 @@ def test_a_prompt_is_bounded_as_a_caption_is(tmp_path):
     with pytest.raises(MinfmError, match=r"shapes: .*index.json: entry 0: 'prompt': a caption of 1,048,577 bytes is "
                                          r"more than the 1,048,576 accepted"):
         CachedLatentsDataset("shapes", str(folder), "train")
+
+
+@pytest.mark.parametrize("files", [["index.json", "part-00000.safetensors"], ["index.json"], ["part-00000.safetensors"]])
+def test_cache_latents_does_not_replace_files_without_a_record(tmp_path, capsys, files):
+    """A folder holding an index.json or shards but no cache.json (no part-*.json either) had
+    them overwritten, exit 0."""
+    from engine_helpers import TINY
+
+    out = tmp_path / "l"
+    (out / "train").mkdir(parents=True)
+    for name in files:
+        (out / "train" / name).write_text("mine")
+    assert main(["cache", "latents", str(TINY), "--out", str(out), "--set", "data.num_samples=4"]) == 2
+    assert "holds shards or an index.json without a cache.json record" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "train").iterdir()) == sorted(files)
+    assert all((out / "train" / name).read_text() == "mine" for name in files)

@@ -90,9 +90,9 @@ def encode_split(vae, dataset, out: Path, split: str, *, shard_size: int, batch_
         if diff:
             raise MinfmError(f"cache latents: {out} holds a cache of another request (different {', '.join(diff)}); "
                              "remove it or choose another --out")
-    elif any(out.glob("part-*.json")):
-        raise MinfmError(f"cache latents: {out} holds shards without a cache.json record, so they cannot be "
-                         "matched to this request; remove them or choose another --out")
+    elif any(out.glob("part-*")) or (out / "index.json").exists():  # any name this writes: not ours to replace
+        raise MinfmError(f"cache latents: {out} holds shards or an index.json without a cache.json record, so "
+                         "they cannot be matched to this request; remove them or choose another --out")
     else:
         _write_json(kept, record)
     device = next(iter(vae.parameters()), torch.empty(0)).device
