@@ -198,8 +198,8 @@ class Flux(nn.Module):
 def build_flux(cfg: FluxConfig, *, load_weights: bool = True, attention=None, balancer=None) -> Flux:
     """The registered ``flux`` denoiser factory.
 
-    ``load_weights=False`` only builds the structure (on the meta device under
-    ``torch.device("meta")``: no memory, no files). Otherwise the weights come from
+    ``load_weights=False`` only builds the structure on the default device (no files read,
+    no init; under ``torch.device("meta")`` no memory either). Otherwise the weights come from
     ``cfg.pretrained`` (checked key by key) or from :meth:`Flux.init_weights`.
     ``balancer``: a built sequence balancer (the engine passes the recipe's
     ``[balancer]`` when it is not ``none``); None keeps the plain forward.
