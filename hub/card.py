@@ -89,9 +89,11 @@ def read_recipe(folder: Path) -> dict[str, Any]:
 
 
 def last_metrics(folder: Path, max_items: int = 8) -> dict[str, Any]:
-    """Scalars of the last ``metrics.jsonl`` record that has a step (empty if none)."""
+    """Scalars of the last ``metrics.jsonl`` record that has a step (empty if none), but its wall
+    clock ``time`` (a Unix timestamp said nothing in a card: `1.796e+09`)."""
     last = last_jsonl_record(folder / "metrics.jsonl", "step")
-    scalars = {k: v for k, v in last.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    scalars = {k: v for k, v in last.items()
+               if k != "time" and isinstance(v, (int, float)) and not isinstance(v, bool)}
     return dict(list(scalars.items())[:max_items])
 
 

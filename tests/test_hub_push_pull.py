@@ -187,3 +187,13 @@ def test_offline_pull_serves_the_cache(hub_server, tmp_path):
     assert len(hub_server.requests) == n_requests  # nothing asked of the Hub
     line = one_error_line(hub_cli(offline, "hub", "pull", "org/other"))
     assert "HF_HUB_OFFLINE is set and org/other is not in the local cache" in line
+
+
+def test_the_cards_metrics_leave_out_the_wall_clock(tmp_path):
+    """A run's records carry `time` (Unix seconds): the card showed `| last `time` | 1.796e+09 |`."""
+    from minfm_hub.card import last_metrics
+
+    record = {"step": 500, "time": 1796075121.67, "loss": 0.25, "grad_norm": 1.1, "lr": 1e-3, "skipped": 0.0,
+              "tokens_per_sec": 7242.5}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+    assert last_metrics(tmp_path) == {k: v for k, v in record.items() if k != "time"}

@@ -27,7 +27,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_recipe_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", help="path to a TOML recipe")
+    p.add_argument("recipe", help="path to a TOML recipe, or minfm:NAME.toml for a shipped one")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a recipe value (TOML literal), e.g. --set train.max_steps=100; repeatable",

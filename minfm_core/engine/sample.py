@@ -407,7 +407,7 @@ def run_sampling(resolved, prompts: list[str], out: Path, *, weights, source: st
         mine, rounds = rank_share(pending, rt.rank, rt.world_size)
         if rt.is_main:
             done = len(batches) - len(pending)
-            print(f"minfm: {len(batches)} batches, {done} already done, {len(pending)} to draw on "
+            print(f"minfm: {len(batches)} batch{'es' * (len(batches) != 1)}, {done} already done, {len(pending)} to draw on "
                   f"{rt.world_size} rank(s)", flush=True)
         for r in range(rounds):
             if r < len(mine):
@@ -452,7 +452,7 @@ def run_sampling(resolved, prompts: list[str], out: Path, *, weights, source: st
             if s.save_npz:
                 write_npz(out / "samples.npz", [out / r.get("preview", r["path"]) for r in records],
                           fps=fps if clips else None)
-            print(f"minfm: wrote {len(items)} {'clips' if clips else 'images'} to {out}")
+            print(f"minfm: wrote {len(items)} {'clip' if clips else 'image'}{'s' * (len(items) != 1)} to {out}")
     finally:
         if rt.is_main:
             runlock.release(out)
