@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from minfm_core.cli.argtypes import add_allow_pickle_flag, int_in
+from minfm_core.cli.argtypes import add_allow_pickle_flag, int_in, non_empty
 
 from .pull import MAX_FILES_LIMIT
 
@@ -25,7 +25,7 @@ def register(sub) -> None:
     p = cmds.add_parser("push", help="upload a trained model as one commit (no-op when nothing changed)")
     p.add_argument("src", metavar="SRC", help="run dir, checkpoint dir, or a folder holding model.safetensors")
     p.add_argument("repo_id", metavar="REPO_ID", help="namespace/name on the Hub (created if missing)")
-    p.add_argument("--revision", metavar="R", help="branch to push to (created from main if missing)")
+    p.add_argument("--revision", metavar="R", type=non_empty("--revision"), help="branch to push to (created from main if missing)")
     p.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its visibility)")
     p.add_argument("--include-training-state", action="store_true",
                    help="also push the full DCP training state (checkpoint/) so the run can be resumed")

@@ -34,6 +34,17 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def non_empty(flag: str) -> Callable[[str], str]:
+    """A path or name that must be given as something: ``--out ''`` was taken as "not given"
+    and the default used, where other commands refuse it."""
+    def parse(text: str) -> str:
+        if not text:
+            raise MinfmError(f"{flag}: empty value")
+        return text
+
+    return parse
+
+
 #: A number on the command line is ASCII: Python's int() and float() also take full-width and
 #: other Unicode digits (``--world-size ３``), ``_`` separators (``1_0``) and surrounding blanks.
 _INT = re.compile(r"[+-]?[0-9]+")

@@ -28,18 +28,18 @@ from ..jsonio import read_json_file
 from ..launch_env import launch_env
 from ..protocols import CachedLatentsConfig, FlipConfig
 from ..recipe import load_recipe
-from ..safepath import write_text_atomic
+from ..safepath import require_folder_room, write_text_atomic
 from ..validators import MAX_BATCH, MAX_DATALOADER_WORKERS, MAX_SAMPLES
 
 
 
 def register(what) -> None:
-    from .argtypes import add_recipe_args, int_in
+    from .argtypes import add_recipe_args, int_in, non_empty
 
     p = what.add_parser("latents", help="encode the recipe's dataset with its VAE into safetensors shards")
     add_recipe_args(p)
-    p.add_argument("--out", help="output folder (default: data.latents_dir if the dataset has one, else <exp_dir>/latents)")
-    p.add_argument("--split", action="append", dest="splits", metavar="SPLIT",
+    p.add_argument("--out", type=non_empty("--out"), help="output folder (default: data.latents_dir if the dataset has one, else <exp_dir>/latents)")
+    p.add_argument("--split", action="append", dest="splits", metavar="SPLIT", type=non_empty("--split"),
                    help="dataset split to encode (repeatable; default: train)")
     p.add_argument("--shard-size", type=int_in("--shard-size", 1, MAX_BATCH), default=1024, metavar="N", help="items per shard (default 1024)")
     p.add_argument("--batch-size", type=int_in("--batch-size", 1, MAX_BATCH), default=32, metavar="N", help="images per VAE call (default 32)")
@@ -158,6 +158,9 @@ def _shard_entries(part: Path) -> list[dict]:
 def run(args) -> int:
     import torch
 
+    twice = sorted({s for s in args.splits or () if args.splits.count(s) > 1})
+    if twice:  # (it encoded the split twice over)
+        raise MinfmError(f"--split {twice[0]}: given more than once")
     # Ranks here only split the shards: the recipe's training parallelism is not checked.
     resolved = load_recipe(args.recipe, args.overrides, world_size=1)
     data = resolved.get("data")
@@ -175,6 +178,7 @@ def run(args) -> int:
               "(protocols.CachedLatentsConfig): training will not read these latents unless the dataset "
               "reads them itself (layout: docs/data.md, 'Cached latents')", file=sys.stderr)
     out = Path(args.out or (cached.latents_dir if cached else "") or Path(resolved.recipe.run.exp_dir) / "latents")
+    require_folder_room(out, "--out" if args.out else "data.latents_dir" if cached and cached.latents_dir else "run.exp_dir")
     env = launch_env()
     rank, world = env.rank, env.world_size
     device = torch.device(f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu")

@@ -22,7 +22,7 @@ from ..recipe import load_recipe
 from ..recipe.checks import job_checks
 from ..engine.stop_signal import STOPPED_EXIT_CODE
 from ..validators import MAX_GUIDANCE, MAX_SAMPLES, MAX_SEED, MAX_SOLVER_STEPS
-from .argtypes import LOOPBACK, add_allow_pickle_flag, finite_float, int_in, listen_family, nprocs, sample_size
+from .argtypes import LOOPBACK, add_allow_pickle_flag, finite_float, int_in, listen_family, non_empty, nprocs, sample_size
 
 
 def register(sub) -> None:
@@ -38,7 +38,7 @@ def register(sub) -> None:
     p.add_argument("source", help="run dir, checkpoint dir, exported folder, or hf://org/name[@rev]")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompt-file", help="text file, one prompt per line")
-    p.add_argument("--out", help="output folder (default: <source>/samples_cli; <run>/samples_cli for a checkpoint "
+    p.add_argument("--out", type=non_empty("--out"), help="output folder (default: <source>/samples_cli; <run>/samples_cli for a checkpoint "
                    "<run>/checkpoints/step_N; ./samples/<org>--<name> for hf://)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the samples in --out even when they were drawn for another request")

@@ -35,7 +35,7 @@ from minfm_core.cli.groups import command_group
 from minfm_core.config import Dtype
 from minfm_core.errors import MinfmError
 from minfm_core.launch_env import launch_env
-from minfm_core.safepath import write_text_atomic
+from minfm_core.safepath import require_folder_room, write_text_atomic
 from minfm_core.validators import MAX_BATCH
 
 UNCONDITIONAL = ""
@@ -70,6 +70,7 @@ def register(sub) -> None:
 def check_out(root: Path, out: Path) -> None:
     """``--out`` must not lie in ROOT's train/ or val/: its folder would be taken for a class
     folder by every later prepare and training run (symlinks followed)."""
+    require_folder_room(out, "--out")
     real_out = Path(os.path.realpath(out))
     for split in ("train", "val"):
         folder = Path(os.path.realpath(root / split))

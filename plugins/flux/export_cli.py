@@ -30,6 +30,7 @@ def _run(args) -> int:
 
     from minfm_core.checkpoint import export_for_hub
     from minfm_core.errors import MinfmError
+    from minfm_core.safepath import require_folder_room
     from minfm_core.sources import resolve_source
     from minfm_core.weights import has_weights
 
@@ -38,6 +39,7 @@ def _run(args) -> int:
     for name, value in (("SRC", args.src), ("OUT_DIR", args.out_dir)):
         if not value:  # '' is the current folder: OUT_DIR '' wrote there and said "wrote ."
             raise MinfmError(f"export diffusers: {name}: empty path")
+    require_folder_room(args.out_dir, "OUT_DIR")
     src = resolve_source(args.src)
     with tempfile.TemporaryDirectory(prefix="minfm-export-") as tmp:
         if src.is_dir() and not has_weights(src):
