@@ -62,6 +62,14 @@ def file_in_the_way(path: Path | str, where: str) -> str | None:
     return f"{where}: {path} is {what}, not a folder"
 
 
+def missing_folder(path: Path | str) -> str | None:
+    """What is wrong with ``path`` as a folder to read (``no such folder``, ``a file, not a
+    folder``), or None for a folder: a file given where a folder goes was reported missing."""
+    if os.path.isdir(path):
+        return None
+    return "no such folder" if not os.path.lexists(path) else "a file, not a folder"
+
+
 def require_folder_room(path: Path | str, where: str) -> None:
     """Raise :func:`file_in_the_way`'s problem as a MinfmError."""
     if problem := file_in_the_way(path, where):

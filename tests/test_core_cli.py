@@ -113,7 +113,10 @@ def test_serve_shows_a_run_directory(tmp_path, host):
 
 def test_serve_missing_dir_exit_2(minfm, tmp_path):
     res = minfm("serve", str(tmp_path / "nope"))
-    assert res.returncode == 2 and "no such run directory" in res.stderr
+    assert res.returncode == 2 and f"{tmp_path / 'nope'}: no such folder (a run directory)" in res.stderr
+    (tmp_path / "t.sh").write_text("echo")  # a file was reported missing too
+    res = minfm("serve", str(tmp_path / "t.sh"))
+    assert res.returncode == 2 and f"{tmp_path / 't.sh'}: a file, not a folder (a run directory)" in res.stderr
 
 
 def test_omp_waiters_sleep_only_on_a_busy_machine():

@@ -139,6 +139,17 @@ def test_missing_recipe_file(tmp_path):
     assert str(info.value) == f"recipe file not found: {tmp_path / 'nope.toml'}"
 
 
+def test_a_recipe_link_to_nothing_says_so(tmp_path):
+    """A dangling link or a loop of links was "not found", though `ls` lists it."""
+    (tmp_path / "a.toml").symlink_to(tmp_path / "b.toml")
+    (tmp_path / "b.toml").symlink_to(tmp_path / "a.toml")
+    (tmp_path / "c.toml").symlink_to(tmp_path / "gone.toml")
+    for name in ("a.toml", "c.toml"):
+        with pytest.raises(RecipeError) as info:
+            load_recipe_dict(tmp_path / name)
+        assert str(info.value) == f"recipe file is a link to nothing (or a loop of links): {tmp_path / name}"
+
+
 def test_missing_extended_file(tmp_path):
     write(tmp_path, "a.toml", 'extends = "base.toml"\n')
     with pytest.raises(RecipeError) as info:

@@ -152,8 +152,11 @@ def test_train_runs_on_cached_shapes(tmp_path):
 def test_missing_cache_is_a_clear_error(tmp_path, overrides):
     with pytest.raises(MinfmError, match="needs 'latents_dir'"):
         tiny(tmp_path, *overrides, "data.use_cached_latents=true").build("data")
-    with pytest.raises(MinfmError, match=r"no index.json in .*nope.*the folder does not exist.*minfm cache latents"):
+    with pytest.raises(MinfmError, match=r"no index.json in .*nope.*no such folder.*minfm cache latents"):
         tiny(tmp_path, *cached(overrides, tmp_path / "nope")).build("data")
+    (tmp_path / "afile").write_text("x")  # reported missing too
+    with pytest.raises(MinfmError, match=r"no index.json in .*afile.*: a file, not a folder; write it"):
+        tiny(tmp_path, *cached(overrides, tmp_path / "afile")).build("data")
     (tmp_path / "half" / "train").mkdir(parents=True)  # an interrupted run: shards but no index yet
     with pytest.raises(MinfmError, match=r"no index.json .*missing or unfinished.*--split train"):
         tiny(tmp_path, *cached(overrides, tmp_path / "half")).build("data")

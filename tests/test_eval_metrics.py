@@ -215,6 +215,7 @@ def test_cli_imagenet_and_folder(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["eval", "imagenet", "missing.npz", "--ref", "r.npz"], "expected an .npz file"),
     (["eval", "folder", "no_such_dir", "--ref", "r.npz"], "no such folder"),
+    (["eval", "folder", "{s}", "--ref", "{s}"], "s.npz: a file, not a folder"),  # it said "no such folder"
     (["eval", "imagenet", "{s}", "--ref", "nowhere.npz"], "--ref nowhere.npz"),
     (["eval", "imagenet", "{s}", "--ref", "{s}", "--extractor", "nomodule"], "expected MODULE:ATTR"),
     (["eval", "imagenet", "{bad}", "--ref", "{s}", "--extractor", "eval_helpers:make_extractor"], "uint8 (N, H, W, 3)"),

@@ -20,6 +20,7 @@ from ..errors import MinfmError, RecipeError
 from ..launch_env import launch_env
 from ..recipe import load_recipe
 from ..recipe.checks import job_checks
+from ..safepath import missing_folder
 from ..engine.stop_signal import STOPPED_EXIT_CODE
 from ..validators import MAX_GUIDANCE, MAX_SAMPLES, MAX_SEED, MAX_SOLVER_STEPS
 from .argtypes import LOOPBACK, add_allow_pickle_flag, finite_float, int_in, listen_family, non_empty, nprocs, sample_size
@@ -173,8 +174,8 @@ def gallery_server(root, host: str, port: int):
 
 def serve(args) -> int:
     root = Path(args.exp_dir)
-    if not root.is_dir():
-        raise MinfmError(f"{args.exp_dir}: no such run directory")
+    if problem := missing_folder(root):
+        raise MinfmError(f"{args.exp_dir}: {problem} (a run directory)")
     httpd = gallery_server(root, args.host, args.port)  # a host it cannot listen on: its error alone, no warning
     if args.host not in LOOPBACK:
         print(f"minfm serve: warning: listening on {args.host}: other machines can read this run's files", file=sys.stderr)

@@ -191,7 +191,8 @@ def _read(path: Path, chain: tuple[Path, ...], untrusted_root: Path | None = Non
         raise RecipeError(f"circular extends: {cycle}", str(chain[0]))
     if not path.is_file():
         where = f" (extended from {chain[-1]})" if chain else ""
-        what = "is not a file" if path.exists() else "not found"
+        what = ("is not a file" if path.exists() else "is a link to nothing (or a loop of links)"
+                if os.path.islink(path) else "not found")
         raise RecipeError(f"recipe file {what}: {path}{where}")
     data = _parse(path)
     parent = data.pop("extends", None)

@@ -19,7 +19,7 @@ import torch
 
 from minfm_core.errors import MinfmError, first_line
 from minfm_core.jsonio import read_json_file
-from minfm_core.safepath import contained
+from minfm_core.safepath import contained, missing_folder
 
 from .captions import bounded_caption
 from .images import Flips
@@ -137,7 +137,7 @@ def _find_index(name: str, latents_dir: str | None, split: str) -> Path:
     for index in (base / split / "index.json", base / "index.json"):
         if index.is_file():
             return index
-    missing = "the folder does not exist" if not base.is_dir() else "the cache is missing or unfinished"
+    missing = problem if (problem := missing_folder(base)) else "the cache is missing or unfinished"
     raise MinfmError(
         f"{name}: use_cached_latents = true but there is no index.json in {str(base)!r} (or its {split}/ folder): "
         f"{missing}; write it with `minfm cache latents RECIPE --out {base} --split {split}`"

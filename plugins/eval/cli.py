@@ -16,7 +16,7 @@ from pathlib import Path
 from minfm_core.cli.argtypes import int_in
 from minfm_core.cli.groups import command_group
 from minfm_core.errors import MinfmError
-from minfm_core.safepath import is_inside, write_text_atomic
+from minfm_core.safepath import is_inside, missing_folder, write_text_atomic
 from minfm_core.validators import MAX_BATCH
 
 #: The seed's table was computed on 50,000 samples (1000 classes x 50).
@@ -51,8 +51,8 @@ def run(args) -> int:
     if args.eval_what == "imagenet":
         if samples.suffix != ".npz" or not samples.is_file():
             raise MinfmError(f"{args.samples}: expected an .npz file of samples (minfm sample --npz writes one)")
-    elif not samples.is_dir():
-        raise MinfmError(f"{args.samples}: no such folder")
+    elif problem := missing_folder(samples):
+        raise MinfmError(f"{args.samples}: {problem}")
     if not Path(args.ref).exists():
         raise MinfmError(f"--ref {args.ref}: no such file or folder")
     if args.out:  # before the work: a metrics file that cannot be written would lose it

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from minfm_core.errors import MinfmError, first_line
+from minfm_core.safepath import missing_folder
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -163,8 +164,8 @@ def npz_images(path: str | Path, key: str = "arr_0") -> NpzImages:
 def folder_images(path: str | Path) -> list[Path]:
     """The images below ``path``, sorted; hidden files and folders (.ipynb_checkpoints/, .Trash-0/) are not the set's."""
     root = Path(path)
-    if not root.is_dir():
-        raise MinfmError(f"{path}: no such folder")
+    if problem := missing_folder(root):
+        raise MinfmError(f"{path}: {problem}")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
                    and not any(part.startswith(".") for part in p.relative_to(root).parts))
     if not files:
