@@ -113,7 +113,7 @@ def test_a_vae_must_take_rgb_images(vae, field):
     assert problems(3) == []
     for channels in (1, 4):
         assert problems(channels) == [f"model.vae.{field}: {channels}, but images have 3 channels (RGB: what every "
-                                      "dataset yields and every sample is saved as)"]
+                                      "dataset yields and every sample is saved as) (from --set model.vae)"]
 
 
 def test_an_identity_vae_of_one_channel_fails_check_not_the_run(tmp_path, capsys):

@@ -74,7 +74,7 @@ def test_each_text_slot_takes_only_its_kind_of_output(name, settable, pooled, sl
     elif settable:
         assert problems == [f"{slot}.pooled: must be {str(want).lower()}: this slot gives the denoiser "
                             + ("one pooled vector per prompt" if want else "per-token text embeddings")
-                            + f" (model.denoiser.{width})"]
+                            + f" (model.denoiser.{width}) (from --set {slot})"]
     else:
         assert len(problems) == 1 and problems[0].startswith(f"{slot}.name: {name!r} returns "), problems
 

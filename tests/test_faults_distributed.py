@@ -29,7 +29,8 @@ elif os.environ.get("RANK") == "1" and "LOCAL_RANK" in os.environ:
         import safetensors.torch as st
         real_save = st.save_file
         def save_file(tensors, filename, metadata=None):
-            if str(filename).endswith("step_00000002/rank_1.safetensors"):
+            # (written under a temporary name beside it, then renamed)
+            if "step_00000002/" in str(filename) and "rank_1.safetensors" in str(filename):
                 raise OSError(errno.ENOSPC, "No space left on device", str(filename))
             return real_save(tensors, filename, metadata=metadata)
         st.save_file = save_file

@@ -148,14 +148,15 @@ def test_a_fifo_at_the_run_lock_is_named(tmp_path, capsys):
                                                     "or choose another run.exp_dir")
 
 
-@pytest.mark.parametrize("target, why", [("efile/x.json", "efile/x.json: Not a directory"), ("dd", "dd: Is a directory")])
+@pytest.mark.parametrize("target, why", [("efile/x.json", "{tmp}/efile/x.json: Not a directory"),
+                                         ("dd", "--trace-out {tmp}/dd: a folder, not a file")])
 def test_an_atomic_write_that_cannot_happen_names_the_file_asked_for(tmp_path, capsys, target, why):
     (tmp_path / "efile").write_text("")
     (tmp_path / "dd").mkdir()
     assert main(["balance", "simulate", "--bags", "g1n2", "--synthetic", "few", "--steps", "2",
                  "--trace-out", str(tmp_path / target)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"minfm: error: {tmp_path / why}", err
+    assert err == f"minfm: error: {why.format(tmp=tmp_path)}", err
     assert sorted(p.name for p in (tmp_path / "dd").iterdir()) == []  # no temporary file left
 
 

@@ -161,9 +161,23 @@ def test_out_of_range_value_is_refused_by_check(prefix, cls, comp, attribute, ba
 
 def test_range_error_reads_well(capsys):
     assert main(["check", RECIPE, "--set", "train.lr=nan"]) == 2
-    assert capsys.readouterr().err.strip() == f"minfm: error: {RECIPE}: train.lr: must be finite and in [0, 1], got nan"
+    assert capsys.readouterr().err.strip() == (f"minfm: error: {RECIPE}: train.lr: must be finite and in [0, 1], "
+                                               "got nan (from --set train.lr)")
     assert main(["check", RECIPE, "--set", "train.adam_betas=[2.0, 0.5]"]) == 2
     assert "train.adam_betas: each element must be in [0, 1), got 2.0" in capsys.readouterr().err
+
+
+def test_a_problem_from_a_set_names_it(tmp_path, capsys):
+    """The line named only the recipe file, which may not even hold the key (`tiny.toml: <root>:
+    unknown key 'nosuch'`); a problem of the file's own is not blamed on an unrelated --set."""
+    assert main(["check", RECIPE, "--set", "nosuch.key=1"]) == 2
+    assert capsys.readouterr().err.strip().endswith("<root>: unknown key 'nosuch' (from --set nosuch.key)")
+    assert main(["check", RECIPE, "--set", "train.nosuch=1"]) == 2
+    assert capsys.readouterr().err.strip().endswith("train: unknown key 'nosuch' (from --set train.nosuch)")
+    bad = tmp_path / "bad.toml"
+    bad.write_text(f'extends = "{RECIPE}"\n[train]\nlr = 5.0\n')
+    assert main(["check", str(bad), "--set", "train.max_steps=10", "--set", "run.seed=1"]) == 2
+    assert capsys.readouterr().err.strip().endswith("bad.toml: train.lr: must be in [0, 1], got 5.0")
 
 
 @pytest.mark.parametrize("setting", ["train.total_batch_size=-1", "parallel={name = \"fsdp2\", shard_size = -1}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -181,11 +182,30 @@ def load_recipe(
         resolved = resolve_recipe(raw, source=str(path), world_size=world_size)
     except RecursionError:
         raise RecipeError("values nested too deeply", str(path)) from None
+    except RecipeError as exc:
+        if not overrides:
+            raise
+        raise RecipeError([_blame_override(p, overrides) for p in exc.problems], exc.source) from None
     if untrusted_root is not None:
         trusted = frozenset(".".join(parse_override(o)[0]) for o in overrides)
         resolved = contain_file_references(resolved, Path(path), Path(untrusted_root), trusted)
         resolved = attrs.evolve(resolved, outside=str(untrusted_root), trusted=trusted)
     return shipped_file_references(resolved)
+
+
+_UNKNOWN_KEY = re.compile(r"(?P<path>[^:]+): unknown key '(?P<name>[^']+)'")
+
+
+def _blame_override(problem: str, overrides: Iterable[str]) -> str:
+    """``problem`` with the ``--set`` that caused it named: the message's source is the recipe
+    file, which may not hold the value at all (`tiny.toml: <root>: unknown key 'nosuch'`)."""
+    m = _UNKNOWN_KEY.match(problem)
+    where = (m["name"] if m["path"] == "<root>" else f"{m['path']}.{m['name']}") if m else problem.split(":", 1)[0]
+    for o in overrides:
+        key = ".".join(parse_override(o)[0])
+        if where == key or key.startswith(where + ".") or where.startswith((key + ".", key + "[")):
+            return f"{problem} (from --set {key})"
+    return problem
 
 
 def _contain(value: str, kind: str, base: Path, root: Path, what: str) -> str:
