@@ -31,6 +31,7 @@ def test_an_empty_value_is_refused(argv, flag, capsys):
     (["cache", "latents", str(TINY), "--out", "{file}"], "--out"),
     (["export", "diffusers", "run", "{file}"], "OUT_DIR"),
     (["data", "imagenet", "prepare", "{root}", "--recipe", str(TINY), "--out", "{file}"], "--out"),
+    (["hub", "pull", "org/name", "--local-dir", "{file}"], "--local-dir"),  # (no Hub here: found before any request)
 ])
 def test_a_file_where_a_folder_goes_is_refused_by_the_flags_name(tmp_path, capsys, argv, flag):
     """They ended in the OS's word for it (`/etc/passwd/train: Not a directory`, `File exists`),
