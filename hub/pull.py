@@ -147,8 +147,9 @@ def pull(ref: str | HubRef, local_dir: str | Path | None = None, *, training_sta
     ref = parse_ref(ref) if isinstance(ref, str) else ref
     if isinstance(local_dir, str) and not local_dir:  # Path("") is ".": it would pull into the current folder
         raise MinfmError("--local-dir: expected a folder, got an empty path")
-    if local_dir is not None:  # before any request (a file there was found after the download)
-        require_folder_room(os.path.expanduser(local_dir), "--local-dir")
+    if local_dir is not None:  # before any request (a file there was found after the listing);
+        # a link is followed, as the pull itself does (a dangling one: its target is made)
+        require_folder_room(os.path.realpath(os.path.expanduser(local_dir)), "--local-dir")
     limits = Limits.resolve(max_files, max_bytes)
     patterns = file_filters(training_state)
     what = f"Hub repo {ref}"
