@@ -121,6 +121,31 @@ def _worker_batches(dataset: Any, batch_sampler: Any, num_workers: int, *, seed:
     return iter(loader)
 
 
+def _next_batch(it: Iterator[list]) -> list:
+    """``next(it)``, with a data worker killed by a signal reported as such. torch notices a dead
+    worker either in its SIGCHLD handler ("is killed by signal: Killed.") or first in its own
+    liveness check ("exited unexpectedly", no signal): one SIGKILL got either line, by a race.
+    The worker's exit code (that check has just collected it) says which signal it was."""
+    try:
+        return next(it)
+    except RuntimeError as exc:
+        if "exited unexpectedly" in str(exc):
+            for w in getattr(it, "_workers", ()):  # DataLoader's iterator: its worker processes
+                if w.exitcode is not None and w.exitcode < 0:
+                    raise RuntimeError(f"DataLoader worker (pid {w.pid}) is killed by signal: "
+                                       f"{signal.strsignal(-w.exitcode)}.") from None
+        raise
+
+
+def _each_batch(it: Iterator[list]) -> Iterator[list]:
+    while True:
+        try:
+            batch = _next_batch(it)
+        except StopIteration:
+            return
+        yield _raise_from_workers(batch)
+
+
 def _raise_from_workers(batch: list) -> list:
     for item in batch:
         if isinstance(item, _Raised):
@@ -140,7 +165,7 @@ def loaded_ahead(dataset: Any, batches: list[list[int]], num_workers: int) -> It
         return
     it = _worker_batches(dataset, batches, num_workers, seed=0)
     try:
-        yield (_raise_from_workers(batch) for batch in it)
+        yield _each_batch(it)
     finally:
         it._shutdown_workers()  # now, not when an error's traceback lets go of the loader
 
@@ -232,7 +257,7 @@ class BatchIterator:
     def __next__(self) -> list[dict]:
         if self._source is None:
             self._source = self._start()
-        batch = next(self._source)
+        batch = _next_batch(self._source)
         try:
             _raise_from_workers(batch)
         except (MinfmError, OSError):
