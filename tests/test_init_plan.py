@@ -69,3 +69,14 @@ def test_the_default_plan_starts_the_ema_from_the_model_of_a_source_without_one(
     with pytest.raises(MinfmError, match="has no 'ema' to load"):  # a plan of one's own still needs its source
         _initialised(tiny(tmp_path / "new2", f"train.init_from={json.dumps(str(src))}",
                           "train.init_load_plan='ema:model'", "train.max_steps=3"), lambda trainer: None)
+
+
+def test_a_source_that_does_not_fit_is_named_by_the_setting(trained_run, tmp_path, capsys):
+    """It named only the checkpoint's folder, which reads as the run's own on a resume."""
+    new = tmp_path / "new"
+    sets = ["--set", f"run.exp_dir={json.dumps(str(new))}", "--set", f"train.init_from={json.dumps(str(trained_run))}",
+            "--set", "model.denoiser.d_model=64", "--set", "train.max_steps=1"]
+    assert main(["run", str(TINY), *sets]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"minfm: error: train.init_from = {trained_run}: "), err
+    assert "does not fit" in err and "Traceback" not in err, err

@@ -286,27 +286,34 @@ class Trainer:
             raise MinfmError(f"{self.exp_dir}: no checkpoint verifies (newest: {skipped[0][1]}); "
                              "move the checkpoints away to start afresh")
         elif self.cfg.init_from:
-            plan = init_plan(self.cfg, keeps_ema=self.ema is not None)
-            weights_only = set(plan) <= {"model", "ema"}
-            root = resolve_source(self.cfg.init_from, training_state=not weights_only)
-            # The default plan's ema:ema is "the EMA too, where there is one": a source that
-            # kept none starts this run's EMA from the loaded model, as a resume does.
-            default = self.cfg.init_load_plan == DEFAULT_LOAD_PLAN
-            if weights_only and has_weights(root):
-                if default and not has_weights(root, "ema"):
-                    plan.pop("ema", None)
-                self._load_exported(root, plan)  # a Hub folder: the weights are enough
-            else:
-                with ckpt_mod.held(root) as path:  # another live run's keep_last must not prune it meanwhile
-                    ckpt = ckpt_mod.open_checkpoint(path, allow_pickle=allow_pickle)
-                    if default and not ckpt.has_part("ema"):
-                        plan.pop("ema", None)
-                    self._load(ckpt, plan, exact=False)
-            if self.ema is not None and "ema" not in plan and "model" in plan:
-                # The EMA was cloned from the random initialisation: left there, it would hold
-                # 0.999^N of it after N steps, and galleries, FID and exports use the EMA.
-                self.ema.reset(self.model)
+            try:
+                self._init_from()
+            except MinfmError as exc:  # a resume's errors name the checkpoint; these name the setting too
+                raise MinfmError(f"train.init_from = {self.cfg.init_from}: {exc}") from None
             self._log_line(f"initialised from {self.cfg.init_from} with plan {self.cfg.init_load_plan!r}")
+
+    def _init_from(self) -> None:
+        """Loads what ``train.init_load_plan`` names from ``train.init_from``."""
+        plan = init_plan(self.cfg, keeps_ema=self.ema is not None)
+        weights_only = set(plan) <= {"model", "ema"}
+        root = resolve_source(self.cfg.init_from, training_state=not weights_only)
+        # The default plan's ema:ema is "the EMA too, where there is one": a source that
+        # kept none starts this run's EMA from the loaded model, as a resume does.
+        default = self.cfg.init_load_plan == DEFAULT_LOAD_PLAN
+        if weights_only and has_weights(root):
+            if default and not has_weights(root, "ema"):
+                plan.pop("ema", None)
+            self._load_exported(root, plan)  # a Hub folder: the weights are enough
+        else:
+            with ckpt_mod.held(root) as path:  # another live run's keep_last must not prune it meanwhile
+                ckpt = ckpt_mod.open_checkpoint(path, allow_pickle=self.cfg.allow_pickle_checkpoint)
+                if default and not ckpt.has_part("ema"):
+                    plan.pop("ema", None)
+                self._load(ckpt, plan, exact=False)
+        if self.ema is not None and "ema" not in plan and "model" in plan:
+            # The EMA was cloned from the random initialisation: left there, it would hold
+            # 0.999^N of it after N steps, and galleries, FID and exports use the EMA.
+            self.ema.reset(self.model)
 
     def _load_exported(self, folder: Path, plan: dict[str, str]) -> None:
         """Model / EMA from an exported folder's model / ema safetensors (single file or shards)."""
