@@ -288,3 +288,14 @@ def test_cache_latents_does_not_replace_files_without_a_record(tmp_path, capsys,
     assert "holds shards or an index.json without a cache.json record" in capsys.readouterr().err
     assert sorted(p.name for p in (out / "train").iterdir()) == sorted(files)
     assert all((out / "train" / name).read_text() == "mine" for name in files)
+
+
+def test_a_cache_the_patch_cannot_cut_is_named_at_the_first_batch(tmp_path):
+    """A cache made at a size the recipe no longer has failed with the patchifier's "pick an
+    image size", naming neither the cache nor the fix."""
+    out = tmp_path / "latents"
+    for split in ("train", "val"):
+        _cache_of(out / split, {}, torch.zeros(3, 1, 15, 15))  # tiny's patch is 2x2
+    with pytest.raises(MinfmError, match=r"^data: a cached latent \(data.latents_dir\) does not fit model.patchifier: "
+                                         r"patch3d: .*\(3, 1, 15, 15\).*remake it: minfm cache latents"):
+        train(tiny(tmp_path / "run", *cached(SHAPES, out), "train.max_steps=1"))

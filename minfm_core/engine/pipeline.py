@@ -285,7 +285,14 @@ def prepare_batch(
         drop = torch.rand(n, generator=generator) < text_dropout
     prompts = ["" if d else pr for pr, d in zip(prompts, drop.tolist())]
     text = p.encode_text(prompts)
-    patched = p.patchifier.patchify(p.encode_images(samples))
+    try:
+        patched = p.patchifier.patchify(p.encode_images(samples))
+    except MinfmError as exc:
+        if not any("latent" in s for s in samples):
+            raise
+        # the recipe's sizes were checked against the patch; a cache made before they changed was not
+        raise MinfmError(f"data: a cached latent (data.latents_dir) does not fit model.patchifier: {exc}; "
+                         "was the cache made at other sizes? (remake it: minfm cache latents)") from None
     x0 = patched.tokens.to(p.device, torch.float32)
     lens = patched.lens.to(p.device)
     if t is None and keyed:
