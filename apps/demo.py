@@ -238,7 +238,7 @@ def build_app(model: DemoModel, batcher: Batcher, *, queue_limit: int = 32) -> g
                                      info=f"clips play at 8 fps; counts this model can draw: {model.frame_choices()}")
                 with gr.Row():
                     steps = _slider(1, lim.max_steps, value=model.default_steps, step=1, label="Steps")
-                    cfg_scale = gr.Slider(0.0, lim.max_cfg, value=model.default_cfg, step=0.1, label="CFG scale")
+                    cfg_scale = _quiet_bounds(gr.Slider(0.0, lim.max_cfg, value=model.default_cfg, step=0.1, label="CFG scale"))
                 with gr.Row():
                     sampler = gr.Dropdown(model.samplers(), value=model.default_sampler, label="Sampler")
                     ep_cfg = gr.Checkbox(value=model.default_ep_cfg, label="EP-CFG (energy-preserving guidance)")
@@ -246,7 +246,7 @@ def build_app(model: DemoModel, batcher: Batcher, *, queue_limit: int = 32) -> g
                     # precision None: a seed of 1.5 reaches check_request (and is refused) instead of
                     # being rounded to 2 by gradio; the highest seed a request may start at depends on
                     # its image count, so check_request bounds it, not the box
-                    seed = gr.Number(value=0, minimum=0, maximum=2**31 - 1, label="Seed")
+                    seed = _quiet_bounds(gr.Number(value=0, minimum=0, maximum=2**31 - 1, label="Seed"))
                     random_seed = gr.Checkbox(value=True, label="Random seed")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
                 if examples:
@@ -282,13 +282,30 @@ def build_app(model: DemoModel, batcher: Batcher, *, queue_limit: int = 32) -> g
     return app
 
 
+def _quiet_bounds(component):
+    """``component``, whose refusal of a value outside its range no longer prints a traceback in
+    the server log: gradio raises it with ``print_exception=True``, but it is bad input, not a
+    fault of the server. The client gets the same message either way. (Wrapped on the instance:
+    a subclass of a gradio component writes a ``.pyi`` file beside its module at import.)"""
+    preprocess = component.preprocess
+
+    def quiet(payload):
+        try:
+            return preprocess(payload)
+        except gr.Error as exc:
+            raise gr.Error(exc.message, title=exc.title, print_exception=False) from None
+
+    component.preprocess = quiet
+    return component
+
+
 def _slider(lo: float, hi: float, **kwargs):
     """``gr.Slider(lo, hi)``, or a fixed number where only one value is allowed (gradio refuses a
     slider whose ends meet: ``--max-batch 1`` or ``--max-steps 1`` ended the demo at start)."""
     if hi > lo:
-        return gr.Slider(lo, hi, **kwargs)
+        return _quiet_bounds(gr.Slider(lo, hi, **kwargs))
     kwargs.pop("step", None)
-    return gr.Number(minimum=lo, maximum=lo, precision=0, interactive=False, **kwargs)
+    return _quiet_bounds(gr.Number(minimum=lo, maximum=lo, precision=0, interactive=False, **kwargs))
 
 
 def launch(app: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None, share: bool = False,

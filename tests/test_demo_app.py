@@ -175,7 +175,7 @@ def test_an_image_models_api_takes_no_frame_count(client):
 
 
 @pytest.mark.slow
-def test_generate_endpoint_reports_bad_input(client):
+def test_generate_endpoint_reports_bad_input(client, capfd):
     from gradio_client.exceptions import AppError
 
     with pytest.raises(AppError, match="Prompt is 600 characters long; the limit is 500."):
@@ -184,6 +184,10 @@ def test_generate_endpoint_reports_bad_input(client):
         client.predict(**{**BASE, "size": "17x16"}, api_name="/generate")
     with pytest.raises(AppError, match="greater than maximum value 100"):  # gradio's own slider bound
         client.predict(**{**BASE, "steps": 1000}, api_name="/generate")
+    with pytest.raises(AppError, match="less than minimum value 0"):
+        client.predict(**{**BASE, "seed": -1}, api_name="/generate")
+    # bad input is the client's to fix: the server's log shows no traceback for it
+    assert "Traceback" not in capfd.readouterr().err
     # The highest seed one image may start at (seeds run seed .. seed + n - 1 < 2**31)
     _, seed = client.predict(**{**BASE, "seed": 2**31 - 1}, api_name="/generate")
     assert seed == 2**31 - 1
