@@ -314,7 +314,8 @@ def launch(app: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None, 
     return app.launch(
         server_name=host, server_port=port, share=share, prevent_thread_lock=not block, ssr_mode=False,
         max_file_size="1mb",  # the app takes no uploads (GuardRequests refuses gradio's upload route)
-        quiet=False, show_error=False,
+        # quiet: its banner advises "set `share=True` in `launch()`"; serve prints the URLs itself
+        quiet=True, show_error=False,
         app_kwargs={"middleware": [Middleware(GuardRequests)]},
     )
 
@@ -340,7 +341,13 @@ def serve(src: str, *, host: str = "127.0.0.1", port: int | None = None, share: 
     batcher = Batcher(lambda settings, jobs, cb: model.run(settings, jobs, cb), window_s=window_ms / 1000.0,
                       max_batch=max_batch, max_queue=batcher_queue_limit(queue_limit, max_batch))
     app = build_app(model, batcher, queue_limit=queue_limit)
-    launch(app, host=host, port=port, share=share, block=False)
+    _, local_url, share_url = launch(app, host=host, port=port, share=share, block=False)
+    print(f"minfm demo: serving on {local_url}" + ("" if share else " (--share opens a public link too)"))
+    if share_url:
+        print(f"minfm demo: public link {share_url}")
+    elif share:
+        print("minfm demo: warning: --share made no public link (gradio's reason above)", file=sys.stderr)
+    print("minfm demo: Ctrl-C stops it", file=sys.stderr)
     # Ctrl-C and SIGTERM both stop the server, even when the parent started us with SIGINT
     # ignored (as a non-interactive shell does for background jobs).
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -96,6 +96,9 @@ def test_minfm_demo_serves_the_api_on_loopback(tmp_path):
     finally:
         stop_process(proc)
     assert proc.returncode in (0, 130), "".join(lines)
+    # our flag is --share; gradio's banner advised "set `share=True` in `launch()`"
+    assert any("(--share opens a public link too)" in x for x in lines), "".join(lines)
+    assert not any("share=True" in x for x in lines), "".join(lines)
 
 
 def test_a_busy_port_is_one_line_before_the_model_loads(tmp_path, capsys):
