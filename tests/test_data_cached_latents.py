@@ -147,6 +147,29 @@ def test_train_runs_on_cached_shapes(tmp_path):
     assert len(got) == 2 and all(0 < x < 10 for x in got)
 
 
+def test_training_names_settings_changed_since_the_cache_was_made(tmp_path, runtime):
+    """They took no effect (the run reads the cached latents), and nothing said so."""
+    import warnings
+
+    from minfm_core.errors import MinfmWarning
+
+    out = tmp_path / "latents"
+    cache(tmp_path / "exp", SHAPES, out)
+    # the record has use_cached_latents = false and no latents_dir: where the cache is read is not what it holds
+    for i, (changes, named) in enumerate([((), None),
+                                          (("data.jitter=0.2", "data.caption='short'"), "data.caption, data.jitter")]):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            Trainer(tiny(tmp_path / f"run{i}", *cached(SHAPES, out), *changes), runtime).close()
+        said = [str(w.message) for w in caught if issubclass(w.category, MinfmWarning)]
+        if named is None:
+            assert not said, said
+        else:
+            assert said == [f"data.latents_dir: {out / 'train'} was cached with other {named}: this run trains on "
+                            "the cached latents, so the recipe's values take no effect until `minfm cache latents` "
+                            "makes the cache again"], said
+
+
 @pytest.mark.parametrize("overrides", [SHAPES, ("data.name=image_folder",), ("data.name=imagenet",)],
                          ids=["shapes", "image_folder", "imagenet"])
 def test_missing_cache_is_a_clear_error(tmp_path, overrides):

@@ -25,6 +25,7 @@ from typing import Any
 from ..config import Dtype
 from ..errors import MinfmError
 from ..jsonio import read_json_file
+from ..latents_record import RECORD, cache_request, read_record
 from ..launch_env import launch_env
 from ..protocols import CachedLatentsConfig, FlipConfig
 from ..recipe import load_recipe
@@ -80,12 +81,12 @@ def encode_split(vae, dataset, out: Path, split: str, *, shard_size: int, batch_
     n = len(dataset) if limit is None else min(limit, len(dataset))
     n_shards = (n + shard_size - 1) // shard_size
     out.mkdir(parents=True, exist_ok=True)
-    # as it reads back from cache.json (tuples as lists), so that equal requests compare equal
+    # as it reads back (tuples as lists), so that equal requests compare equal
     record = json.loads(json.dumps({"items": n, "shard_size": shard_size, "dtype": dtype, "seed": seed,
                                     "request": request or {}}))
-    kept = out / "cache.json"
+    kept = out / RECORD
     if kept.exists():
-        old = read_json_file(kept, f"cache latents: {kept}", 1 << 24)
+        old = read_record(out, "cache latents")
         diff = sorted(k for k in record if not isinstance(old, dict) or old.get(k) != record[k])
         if diff:
             raise MinfmError(f"cache latents: {out} holds a cache of another request (different {', '.join(diff)}); "
@@ -183,8 +184,7 @@ def run(args) -> int:
     rank, world = env.rank, env.world_size
     device = torch.device(f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu")
     vae = resolved.build("model.vae").to(device)
-    settings = resolved.to_dict()
-    request = {"data": settings.get("data"), "vae": settings["model"]["vae"]}
+    request = cache_request(resolved)
     for split in args.splits or ["train"]:
         dataset = data.build(split=split)
         stats = encode_split(vae, dataset, out / split, split, shard_size=args.shard_size, batch_size=args.batch_size,

@@ -16,6 +16,7 @@ import contextlib
 import gc
 import json
 import math
+import os
 import time
 import warnings
 from contextlib import nullcontext
@@ -134,6 +135,7 @@ class Trainer:
         self.optimizer = make_adamw(self.params, self.cfg)
         self.ema = EMA(self.model, self.cfg.ema_decay) if self.cfg.ema_decay > 0 else None
         self.dataset = resolved.build("data", split="train")
+        self._warn_stale_cache()
         self.batches = BatchIterator(
             self.dataset, self.cfg.batch_size, rank=rt.rank, world_size=rt.world_size, seed=self.recipe.run.seed,
             num_workers=self.cfg.dataloader_num_workers,
@@ -395,6 +397,22 @@ class Trainer:
         if self.cfg.val_num_samples > size and self.rt.is_main:
             warnings.warn(f"train.val_num_samples = {self.cfg.val_num_samples} is more than the data's 'val' split "
                           f"holds ({size}): validation uses its {size} samples", MinfmWarning, stacklevel=2)
+
+    def _warn_stale_cache(self) -> None:
+        """Names the data and VAE settings changed since the cache this run reads was made: it
+        trains on the cached latents, so their recipe values would pass unused, unsaid."""
+        from ..latents_record import changed_settings
+        from ..protocols import CachedLatentsConfig
+
+        data = self.resolved.config("data")
+        if not (isinstance(data, CachedLatentsConfig) and data.use_cached_latents and data.latents_dir):
+            return
+        folder = Path(os.path.expanduser(data.latents_dir)) / "train"
+        changed = changed_settings(self.resolved, folder)
+        if changed and self.rt.is_main:
+            warnings.warn(f"data.latents_dir: {folder} was cached with other {', '.join(changed)}: this run trains "
+                          "on the cached latents, so the recipe's values take no effect until `minfm cache latents` "
+                          "makes the cache again", MinfmWarning, stacklevel=2)
 
     def val_dataset(self):
         if self._val_set is None:
