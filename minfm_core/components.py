@@ -164,7 +164,17 @@ class Resolved:
     config: Any
 
     def build(self, **kwargs: Any) -> Any:
-        return self.component.build(self.config, **kwargs)
+        try:
+            return self.component.build(self.config, **kwargs)
+        except (PluginError, RecipeError):  # they name the component, or the recipe's paths, already
+            raise
+        except MinfmError as exc:
+            # What a factory refuses is a value in this table: name its place, as `minfm check`
+            # does (a message naming its own place under the path keeps it).
+            text = str(exc)
+            if not text.startswith((f"{self.path}.", f"{self.path}:", f"{self.path}[")):
+                exc.args = (f"{self.path}: {text}", *exc.args[1:])
+            raise
 
 
 def _name(factory: Any) -> str:

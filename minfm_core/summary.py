@@ -26,8 +26,8 @@ def check_builds(resolved) -> tuple[dict[str, tuple[int, int]], list[str]]:
 
     A factory's ``MinfmError`` (a value its config cannot check alone, a missing file) is the
     user's to fix: a check problem, as the run would stop on it. Anything else it raises is a
-    bug of its plugin: also a problem (the run would stop on it too), naming the component and
-    the plugin; ``minfm run`` shows its traceback. A slot whose factory does not import or
+    bug of its plugin: also a problem, naming the component and the plugin (the run stops on
+    it too, with its traceback; a model slot's meta build is the contract's, the run's is not). A slot whose factory does not import or
     bind is skipped here: ``job_checks`` reports that already.
     """
     import torch
@@ -51,10 +51,13 @@ def check_builds(resolved) -> tuple[dict[str, tuple[int, int]], list[str]]:
             problems.extend(line if line.startswith((f"{path}.", f"{path}:", f"{path}[")) else f"{path}: {line}"
                             for line in lines)
         except Exception as exc:
+            # The run builds model slots on their device: there, only the contract says that
+            # a meta build must work (the parameter counts, a sharded start are built so)
+            why = ("its kind must build on the meta device with load_weights=False, docs/plugins.md"
+                   if how == "meta" else "minfm run stops on it too, with its traceback")
             built = " on the meta device" if how == "meta" else ""
             problems.append(f"{path}: the factory of {comp.describe()} raised {type(exc).__name__}: "
-                            f"{first_line(exc, 200)} when built{built} (a bug in plugin {comp.plugin!r}; "
-                            "minfm run stops on it too, with its traceback)")
+                            f"{first_line(exc, 200)} when built{built} (a bug in plugin {comp.plugin!r}; {why})")
     return counts, problems
 
 

@@ -38,6 +38,10 @@ def _refuse(cfg):
 
 
 def _denoiser(cfg, *, load_weights=True, attention=None, balancer=None):
+    if cfg.mode == "meta_bug":  # works on a real device only
+        import torch
+
+        return torch.nn.Linear(2, 2).weight.sum().item()
     raise MinfmError("model.denoiser.pretrained: /nope.safetensors does not exist")
 
 
@@ -111,6 +115,27 @@ def test_check_reports_a_model_factorys_refusal_on_meta():
     """It was "not built on meta: ..." in the summary, and exit 0."""
     assert _check('model.denoiser={name = "probe_den"}') == [
         "model.denoiser.pretrained: /nope.safetensors does not exist"]
+
+
+def test_a_model_factory_that_fails_only_on_meta_is_named_as_breaking_the_contract():
+    """The problem said "minfm run stops on it too", which builds on the real device, where it works."""
+    assert _check('model.denoiser={name = "probe_den", mode = "meta_bug"}') == [
+        "model.denoiser: the factory of denoiser 'probe_den' of plugin 'probe' raised RuntimeError: Tensor.item() "
+        "cannot be called on meta tensors when built on the meta device (a bug in plugin 'probe'; its kind must "
+        "build on the meta device with load_weights=False, docs/plugins.md)"]
+
+
+def test_the_run_names_the_slot_whose_factory_refused_as_check_does(tmp_path, capsys):
+    """`minfm run` said only "minfm: error: a and b must differ"."""
+    import json
+
+    from engine_helpers import TINY
+    from minfm_core.cli.main import main
+
+    with plugin(Probe(), "probe"):
+        assert main(["run", str(TINY), "--set", f"run.exp_dir={json.dumps(str(tmp_path / 'run'))}",
+                     "--set", 'flow.time_sampler={name = "probe_ts", mode = "minfm"}']) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "minfm: error: flow.time_sampler: a and b must differ"
 
 
 def test_a_type_error_inside_a_factory_body_names_the_factory():
