@@ -248,6 +248,11 @@ class Registry:
             problems = config_problems(config) or default_problems(config)
             if problems:
                 raise PluginError(f"config of {kind} {name!r}: {'; '.join(problems)}")
+        lacks = protocols.config_lacks(kind, config)
+        if lacks:
+            raise PluginError(f"{kind} {name!r}: its config must have {' and '.join(lacks)}, as a field or a "
+                              f"property (protocols.{protocols.CONFIG_PROTOCOLS[kind].__name__}): the engine reads "
+                              f"{'it' if len(lacks) == 1 else 'them'}" + ("" if config is not None else "; it has no config"))
 
     def drop_plugin(self, plugin: str) -> None:
         """Forget every component of ``plugin`` (a plugin skipped after it joined the registry)."""

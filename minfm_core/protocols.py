@@ -402,6 +402,23 @@ FACTORY_KWARGS: dict[str, dict[str, Any]] = {
 #: for it, so a config class given with one would be ignored; registering one is refused.
 CONFIGLESS_KINDS: frozenset[str] = frozenset({"source", "metric"})
 
+#: Kinds whose config the engine reads attributes of (fields or properties): checked when the
+#: plugin registers, as without them the first batch failed with an AttributeError.
+CONFIG_PROTOCOLS: dict[str, type] = {"vae": VaeConfig}
+
+
+def config_lacks(kind: str, config: type | None) -> list[str]:
+    """The attributes of ``kind``'s :data:`CONFIG_PROTOCOLS` entry that config class ``config``
+    declares neither as a field nor as a class attribute (a property)."""
+    import attrs
+
+    proto = CONFIG_PROTOCOLS.get(kind)
+    if proto is None:
+        return []
+    fields = attrs.fields_dict(config) if config is not None and attrs.has(config) else {}
+    return [name for name in proto.__annotations__
+            if name not in fields and (config is None or inspect.getattr_static(config, name, None) is None)]
+
 
 #: Kind -> how ``minfm check`` builds the component a recipe selects (docs/plugins.md, "What
 #: ``minfm check`` builds"), so that what the factory itself refuses (a ``MinfmError``) fails

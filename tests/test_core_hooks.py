@@ -30,6 +30,19 @@ class ProbeConfig:
     value: int = field(1, doc="a number")
 
 
+@config
+class ProbeVaeConfig:
+    """A probe component for hook tests."""
+
+    value: int = field(1, doc="a number")
+    latent_channels: int = field(4, doc="what protocols.VaeConfig asks of a VAE's config")
+    compression: tuple[int, int, int] = field((1, 8, 8), doc="what protocols.VaeConfig asks of a VAE's config")
+
+
+#: Kinds whose config the engine reads (protocols.CONFIG_PROTOCOLS) register the probe with one that has it.
+PROBE_CONFIGS = {"vae": ProbeVaeConfig}
+
+
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_register_hook_of_each_kind(kind):
     hook_name = KINDS[kind]
@@ -42,12 +55,14 @@ def test_register_hook_of_each_kind(kind):
     Built = type("Built", (), {**members, "__init__": lambda self, value: setattr(self, "value", value)})
 
     configless = kind in protocols.CONFIGLESS_KINDS  # a source or metric: its factory is called as it is
+    cfg_cls = PROBE_CONFIGS.get(kind, ProbeConfig)
+    assert set(protocols.CONFIG_PROTOCOLS) <= set(PROBE_CONFIGS)
 
     def impl(register):
         if configless:
             register(f"probe_{kind}", lambda *a, **k: Built(3), doc=ProbeConfig.__doc__)
         else:
-            register(f"probe_{kind}", lambda cfg: Built(cfg.value), ProbeConfig)
+            register(f"probe_{kind}", lambda cfg: Built(cfg.value), cfg_cls)
 
     impl.__name__ = hook_name
     setattr(Probe, hook_name, staticmethod(hookimpl(impl)))
@@ -55,7 +70,7 @@ def test_register_hook_of_each_kind(kind):
         comp = get_registry().get(kind, f"probe_{kind}")
         assert comp.plugin == "probe"
         assert comp.doc == "A probe component for hook tests."
-        built = comp.load_factory()("ref") if configless else comp.build(ProbeConfig(value=3))
+        built = comp.load_factory()("ref") if configless else comp.build(cfg_cls(value=3))
         assert built.value == 3
     assert f"probe_{kind}" not in get_registry().names(kind)
 

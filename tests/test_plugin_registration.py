@@ -198,6 +198,36 @@ def test_a_config_given_to_a_configless_kind_skips_the_plugin(kind):
         assert "probe_thing" not in get_registry().names(kind)
 
 
+@pytest.mark.parametrize("kind", sorted(protocols.CONFIG_PROTOCOLS))
+def test_a_config_without_what_the_engine_reads_skips_the_plugin(kind):
+    """A VAE config without latent_channels registered, passed `minfm check`, then failed the
+    first batch with an AttributeError blamed on minFM."""
+    needed = list(protocols.CONFIG_PROTOCOLS[kind].__annotations__)
+
+    @config
+    class Cfg:
+        """Has all but the first attribute the engine reads (the rest as properties)."""
+
+        x: int = field(1, doc="x")
+
+    for name in needed[1:]:
+        setattr(Cfg, name, property(lambda self: (1, 1, 1)))
+
+    for cfg, lacks in ((Cfg, needed[:1]), (None, needed)):
+        class P:
+            pass
+
+        def hook(self, register, cfg=cfg):
+            register("probe_thing", "os:getcwd", cfg)
+
+        setattr(P, KINDS[kind], hookimpl(hook))
+        with plugin(P(), "probe"):
+            why = load_plugins().failures["probe"]
+            assert why.startswith(f"{kind} 'probe_thing': its config must have {' and '.join(lacks)}, as a field or "
+                                  "a property"), why
+            assert "probe_thing" not in get_registry().names(kind)
+
+
 def test_a_raising_register_hook_is_named():
     class Raising:
         @hookimpl

@@ -29,6 +29,7 @@ class ToyVaeConfig:
     """A toy VAE."""
 
     latent_channels: int = field(16, doc="latent channels")
+    compression: tuple[int, int, int] = field((1, 8, 8), doc="(frames, height, width) per latent cell")
 
 
 @config
