@@ -6,7 +6,8 @@ the conformance kit (``minfm_core.testing.check_*``). The rules are the protocol
 string and an ``"image"`` float tensor ``(3, F, H, W)`` in [-1, 1] (or a ``"latent"``
 ``(C, F, h, w)``); a time sampler's and a time warper's ``t`` is a float tensor ``(n,)`` in
 [0, 1]; a time weighter's ``w`` a float tensor ``(n,)``, finite and >= 0; a denoiser's
-velocity a fresh float tensor of its input's shape.
+velocity a fresh float tensor of its input's shape; a sampler's result and guidance's
+velocity a float tensor of its input's shape.
 
 Each function returns None when the value keeps the rule, else what is wrong as
 ``expected ..., got ...`` (the caller says whose value it was). ``values=False`` checks
@@ -123,15 +124,24 @@ def item_problem(item: Any, *, values: bool = True) -> str | None:
     return f"expected an 'image' or a 'latent', got only {', '.join(map(repr, item)) or 'nothing'}"
 
 
-def velocity_problem(v: Any, x: Any) -> str | None:
-    """A denoiser's output for input tokens ``x``: a fresh float tensor of ``x``'s shape (not
-    ``x`` itself, nor a view of it: training differentiates the output)."""
+def shaped_like_problem(v: Any, x: Any) -> str | None:
+    """A float tensor of ``x``'s shape: what a sampler returns for its noise ``x``, and what
+    guidance returns for its velocities."""
     if not isinstance(v, _tensor_type()):
         return f"expected a tensor of shape {tuple(x.shape)} (the input's), got {_type(v)}"
     if v.shape != x.shape:
         return f"expected shape {tuple(x.shape)} (the input's), got {tuple(v.shape)}"
     if not v.is_floating_point():
         return f"expected a floating-point tensor, got {v.dtype}"
+    return None
+
+
+def velocity_problem(v: Any, x: Any) -> str | None:
+    """A denoiser's output for input tokens ``x``: a fresh float tensor of ``x``'s shape (not
+    ``x`` itself, nor a view of it: training differentiates the output)."""
+    problem = shaped_like_problem(v, x)
+    if problem is not None:
+        return problem
     if v is x or (v.device.type != "meta" and v.numel() and v.data_ptr() == x.data_ptr()):
         return "expected a fresh tensor, got its input (or a view of it)"
     return None

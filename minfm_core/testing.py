@@ -281,7 +281,8 @@ def check_sampler(component, config=None) -> Any:
     steps: list[int] = []
     x0 = sampler(lambda x, t: torch.zeros_like(x), noise.clone(), lens, steps=3, warper=None,
                  generators=[torch.Generator().manual_seed(s) for s in (0, 1)], callback=lambda k, n: steps.append(k))
-    assert x0.shape == noise.shape and steps[-1] == 3, "integrates in `steps` steps, calling back after each"
+    _ok(boundary.shaped_like_problem(x0, noise), "x0 = sampler(velocity, x, lens, ...)")
+    assert steps and steps[-1] == 3, "integrates in `steps` steps, calling back after each"
 
     def solve(order):  # the two samples in this order, each with its own seed
         x = torch.cat([noise.split([2, 4])[i] for i in order])
@@ -300,7 +301,7 @@ def check_guidance(component, config=None) -> Any:
     g = _members("guidance", _build("guidance", component, config))
     assert isinstance(g.needs_uncond, bool)
     v = torch.randn(6, 4)
-    assert g(v, v.clone(), torch.tensor([2, 4])).shape == v.shape
+    _ok(boundary.shaped_like_problem(g(v, v.clone(), torch.tensor([2, 4])), v), "v = guidance(v_cond, v_uncond, lens)")
     return g
 
 

@@ -259,3 +259,23 @@ def test_the_sampler_check_catches_noise_from_the_global_generator():
 
     with pytest.raises(AssertionError, match="the same generators give the same samples"):
         testing.check_sampler(lambda cfg: GlobalNoise(), object())
+
+
+def test_the_sampler_and_guidance_checks_say_a_list_is_not_a_tensor():
+    """They raised AttributeError ('list' object has no attribute 'shape'), not the kit's AssertionError."""
+
+    class ListSampler(protocols.Sampler):
+        def __call__(self, velocity, noise, seq_lens, *, steps, warper=None, generators=None, callback=None):
+            return [noise]
+
+    class ListGuidance(protocols.Guidance):
+        needs_uncond = True
+
+        def __call__(self, v_cond, v_uncond, lens):
+            return [v_cond]
+
+    for check, built, what in ((testing.check_sampler, ListSampler(), "x0 = sampler(velocity, x, lens, ...)"),
+                               (testing.check_guidance, ListGuidance(), "v = guidance(v_cond, v_uncond, lens)")):
+        with pytest.raises(AssertionError) as info:
+            check(lambda cfg, built=built: built, object())
+        assert str(info.value).splitlines()[0] == f"{what}: expected a tensor of shape (6, 4) (the input's), got list"

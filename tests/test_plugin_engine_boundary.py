@@ -86,7 +86,37 @@ class ProbeDenoiser(torch.nn.Module, protocols.Denoiser):
         return {"ok": lambda: v, "tuple": lambda: (v,), "short": lambda: v[:-1], "input": lambda: img}[self.mode]()
 
 
+class ProbeSampler:
+    """One Euler step from t = 1, then returns what its mode says."""
+
+    def __init__(self, cfg):
+        self.mode = cfg.mode
+
+    def __call__(self, velocity, noise, seq_lens, *, steps, warper=None, generators=None, callback=None):
+        x0 = noise - velocity(noise, torch.ones(len(seq_lens)))
+        return {"ok": lambda: x0, "list": lambda: [x0], "short": lambda: x0[:-1], "int": lambda: x0.long()}[self.mode]()
+
+
+class ProbeGuidance:
+    needs_uncond = True
+
+    def __init__(self, cfg):
+        self.mode = cfg.mode
+
+    def __call__(self, v_cond, v_uncond, lens):
+        v = v_uncond + 2.0 * (v_cond - v_uncond)
+        return {"ok": lambda: v, "list": lambda: [v], "short": lambda: v[:-1], "int": lambda: v.long()}[self.mode]()
+
+
 class Probe:
+    @hookimpl
+    def register_samplers(self, register):
+        register("probe_smp", ProbeSampler, ModeConfig)
+
+    @hookimpl
+    def register_guidances(self, register):
+        register("probe_cfg", ProbeGuidance, ModeConfig)
+
     @hookimpl
     def register_datasets(self, register):
         register("probe_ds", ProbeDataset, ModeConfig)
@@ -186,3 +216,30 @@ def test_validation_items_are_named_by_their_index_when_given(tmp_path):
         for given, named in ((idx, f"item {BAD_INDEX}:"), (None, "item 1 of a batch:")):
             with pytest.raises(PluginError, match=f"^dataset 'probe_ds' of plugin 'probe': {named}"):
                 prepare_batch(pipe, samples, torch.Generator(), 0.0, t=t, noise_seeds=idx, indices=given)
+
+
+SAMPLING_CASES = [(slot, name, mode, problem) for slot, name, what in (
+    ("sample.sampler", "probe_smp", "x0 = sampler(velocity, x, lens, ...)"),
+    ("sample.guidance", "probe_cfg", "v = guidance(v_cond, v_uncond, lens)"),
+) for mode, problem in (("list", f"{what}: expected a tensor of shape (16, 12) (the input's), got list"),
+                        ("short", f"{what}: expected shape (16, 12) (the input's), got (15, 12)"),
+                        ("int", f"{what}: expected a floating-point tensor, got torch.int64"))]
+
+
+@pytest.mark.parametrize("slot, name, mode, problem", SAMPLING_CASES, ids=[f"{c[1]}-{c[2]}" for c in SAMPLING_CASES])
+def test_what_a_sampler_or_guidance_returns_is_refused_naming_it(tmp_path, slot, name, mode, problem):
+    """A sampler returning a list failed in unpatchify with an AttributeError blamed on minFM."""
+    from engine_helpers import tiny
+    from minfm_core.engine.generate import generate
+
+    with plugin(Probe(), "probe"):
+        for m in ("ok", mode):
+            pipe = build_pipeline(tiny(tmp_path, f'{slot}={{name = "{name}", mode = "{m}"}}'), torch.device("cpu"))
+            run = lambda: generate(pipe, ["a red circle"], sizes=[(1, 8, 8)], seeds=[0], steps=1)  # noqa: E731
+            if m == "ok":
+                assert run()[0].shape == (3, 1, 8, 8)
+                continue
+            with pytest.raises(PluginError) as info:
+                run()
+    kind = slot.split(".")[1]
+    assert str(info.value) == f"{kind} {name!r} of plugin 'probe': {problem}"

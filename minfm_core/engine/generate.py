@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from .. import boundary
+from ..errors import PluginError
 from .pipeline import Pipeline, TextBatch
 
 
@@ -41,6 +43,9 @@ def generate(
         raise ValueError("prompts, sizes and seeds must have the same length")
     guidance = guidance or pipe.guidance
     sampler = sampler or pipe.sampler
+    # what errors name: the recipe's component, or the one a caller (the demo) passed
+    guidance_is = pipe.who("sample.guidance") if guidance is pipe.guidance else "guidance"
+    sampler_is = pipe.who("sample.sampler") if sampler is pipe.sampler else "sampler"
     noise = [torch.randn(pipe.latent_shape(tuple(s)), generator=torch.Generator().manual_seed(int(seed)))
              for s, seed in zip(sizes, seeds)]
     patched = pipe.patchifier.patchify(noise)
@@ -60,13 +65,22 @@ def generate(
             torch.cat([t, t]), None if g is None else torch.cat([g, g]),
         )
         L = x_t.shape[0]
-        return guidance(v[:L], v[L:], lens)
+        guided = guidance(v[:L], v[L:], lens)
+        _refuse(guidance_is, "v = guidance(v_cond, v_uncond, lens)", boundary.shaped_like_problem(guided, x_t))
+        return guided
 
     x0 = sampler(velocity, x, lens, steps=steps, warper=pipe.sample_warper,
                  generators=[torch.Generator().manual_seed(int(seed)) for seed in seeds], callback=callback)
+    # a list or a wrong shape failed in unpatchify, blamed on minFM
+    _refuse(sampler_is, "x0 = sampler(velocity, x, lens, ...)", boundary.shaped_like_problem(x0, x))
     latents = pipe.patchifier.unpatchify(x0, lens, patched.shapes)
     images = pipe.vae.decode(latents)
     return [img.float().clamp(-1, 1).cpu() for img in images]
+
+
+def _refuse(who: str, what: str, problem: str | None) -> None:
+    if problem is not None:
+        raise PluginError(f"{who}: {what}: {problem}")
 
 
 def to_uint8(image: Tensor) -> np.ndarray:
