@@ -410,7 +410,7 @@ def whose_code(exc: BaseException) -> str | None:
                 continue
             dist = _STATE.dists.get(name)
             who = f"plugin {name!r}" + (f" (distribution {dist})" if dist else "")
-            places = _places_of(obj)
+            places = _places_of(obj) + _factory_places(name)
             if name in _STATE.builtin:
                 own += places
             else:
@@ -451,6 +451,21 @@ def _places_of(obj: Any) -> list[str]:
     if folders is not None:
         return [os.path.abspath(f) for f in folders]
     return [os.path.abspath(module.__file__)] if getattr(module, "__file__", None) else []
+
+
+def _factory_places(plugin: str) -> list[str]:
+    """Where the factories ``plugin`` registered lie: a ``"module:attribute"`` factory may name a
+    module outside the entry point's package (a sibling top-level module), and its code, the
+    components it builds included, is the plugin's all the same. Modules not imported are
+    skipped: nothing of theirs has run; the standard library's are nobody's."""
+    modules = set()
+    for comp in _STATE.registry.all_components() if _STATE is not None else ():
+        if comp.plugin != plugin:
+            continue
+        name = comp.factory.split(":", 1)[0] if isinstance(comp.factory, str) else getattr(comp.factory, "__module__", None)
+        if name and name.split(".")[0] not in sys.stdlib_module_names and name in sys.modules:
+            modules.add(name)
+    return [place for name in sorted(modules) for place in _places_of(sys.modules[name])]
 
 
 def _within(filename: str, place: str) -> bool:

@@ -105,3 +105,32 @@ def test_an_installed_plugins_bug_mid_run_names_it_and_its_distribution(tmp_path
     assert error.startswith("RuntimeError: shape") and "acme_minfm/parts.py" in res.stderr
     assert last == ("minfm: this is a bug in plugin 'acme' (distribution acme-minfm), whose code raised it; "
                     "please report it to its authors with the traceback above")
+
+
+def test_a_bug_in_a_factorys_module_outside_the_plugins_package_is_the_plugins(tmp_path, monkeypatch):
+    """A plugin whose entry point is a top-level module (``acme_hooks``) may name a sibling
+    module in a lazy factory (``"acme_parts:Bad"``): a bug there was called minFM's."""
+    import importlib
+    import sys
+
+    from minfm_core.registry import get_registry
+
+    (tmp_path / "probe_hooks_elsewhere.py").write_text(textwrap.dedent('''
+        from minfm_core import hookimpl
+
+
+        @hookimpl
+        def register_time_samplers(register):
+            register("probe_bad", "probe_parts_elsewhere:Bad")
+    '''))
+    (tmp_path / "probe_parts_elsewhere.py").write_text(textwrap.dedent('''
+        class Bad:
+            def __call__(self, n, *, generator=None, device=None):
+                return {}["t"]  # the bug
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("probe_hooks_elsewhere", "probe_parts_elsewhere"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    with plugins.plugin(importlib.import_module("probe_hooks_elsewhere"), "probe"):
+        exc = _raised(get_registry().get("time_sampler", "probe_bad").build(), 1)
+        assert plugins.whose_code(exc) == "plugin 'probe'"
