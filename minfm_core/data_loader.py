@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .boundary import item_problem
-from .errors import MinfmError, MinfmWarning
+from .errors import MinfmError, MinfmWarning, PluginError
 
 
 def seed_sequence(seed: int, *keys: int) -> np.random.SeedSequence:
@@ -53,15 +53,16 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarr
 class _Keyed(torch.utils.data.Dataset):
     """Fetches ``(epoch, index)`` keys: sets the item's epoch first when the dataset cares."""
 
-    def __init__(self, dataset: Any) -> None:
+    def __init__(self, dataset: Any, who: str = "data") -> None:
         self.dataset = dataset
+        self.who = who
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, index = key
         self.dataset.set_epoch(epoch)
         item = self.dataset[index]
         if not isinstance(item, dict):  # the rest of an item is checked where it is read (boundary)
-            raise MinfmError(f"data: item {index}: {item_problem(item)}")
+            raise PluginError(f"{self.who}: item {index}: {item_problem(item)}")
         # The key travels with the sample: the trainer derives the sample's noise and time
         # from it, so a sample is noised the same whichever rank or micro-batch draws it.
         return {**item, "epoch": epoch, "index": index}
@@ -187,7 +188,9 @@ class BatchIterator:
         seed: int = 0,
         shuffle: bool = True,
         num_workers: int = 0,
+        who: str = "data",
     ) -> None:
+        """``who``: the dataset as errors name it (``dataset 'x' of plugin 'y'``)."""
         n = len(dataset)
         if batch_size < 1:
             raise MinfmError(f"batch size must be positive, got {batch_size}")
@@ -205,7 +208,7 @@ class BatchIterator:
         self._n = n
         self._share = len(range(rank, n, world_size))  # this rank's items per epoch
         self._consumed = 0
-        self._keyed = _Keyed(dataset)
+        self._keyed = _Keyed(dataset, who)
         self._source: Iterator[list[dict]] | None = None
         self._order_cache: tuple[int, np.ndarray] | None = None
         if num_workers > 0:

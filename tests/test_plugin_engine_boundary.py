@@ -49,6 +49,7 @@ class ProbeDataset(protocols.Dataset):
             "no_frames": lambda: {"image": img[:, 0], "prompt": prompt},
             "no_prompt": lambda: {"image": img},
             "int_prompt": lambda: {"image": img, "prompt": 7},
+            "tuple": lambda: (img, prompt),
         }[self.mode]()
 
 
@@ -243,3 +244,17 @@ def test_what_a_sampler_or_guidance_returns_is_refused_naming_it(tmp_path, slot,
                 run()
     kind = slot.split(".")[1]
     assert str(info.value) == f"{kind} {name!r} of plugin 'probe': {problem}"
+
+
+def test_a_dataset_item_that_is_not_a_dict_is_named_by_the_loader_as_the_trainer_builds_it(tmp_path):
+    """The loader said only "data: item 5: ...", where every other item error names the dataset."""
+    from engine_helpers import tiny
+
+    with plugin(Probe(), "probe"):
+        resolved = tiny(tmp_path, 'data={name = "probe_ds", mode = "tuple"}')
+        pipe = build_pipeline(resolved, torch.device("cpu"))
+        batches = BatchIterator(resolved.build("data", split="train"), 8, seed=0, who=pipe.who("data"))
+        with pytest.raises(PluginError) as info:
+            next(batches)
+    assert str(info.value) == (f"dataset 'probe_ds' of plugin 'probe': item {BAD_INDEX}: expected a dict with "
+                               "'image' (or 'latent') and 'prompt', got tuple")

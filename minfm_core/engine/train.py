@@ -138,7 +138,7 @@ class Trainer:
         self._warn_stale_cache()
         self.batches = BatchIterator(
             self.dataset, self.cfg.batch_size, rank=rt.rank, world_size=rt.world_size, seed=self.recipe.run.seed,
-            num_workers=self.cfg.dataloader_num_workers,
+            num_workers=self.cfg.dataloader_num_workers, who=self.pipe.who("data"),
         )
         self.generator = torch.Generator().manual_seed(rank_seed(self.recipe.run.seed, rt.rank))
         self.step = 0
