@@ -223,7 +223,10 @@ class Registry:
             raise PluginError(f"{kind} name {name!r}: expected 1-64 letters, digits, '_', '-', '.' or '+', "
                               "starting with a letter or digit")
         factory = component.factory
-        if not (callable(factory) or (isinstance(factory, str) and ":" in factory)):
+        if isinstance(factory, str) and ":" not in factory:
+            raise PluginError(f"{kind} {name!r}: factory {short_repr(factory)} has no ':'; a lazy factory is "
+                              "'module:attribute'")
+        if not (callable(factory) or isinstance(factory, str)):
             raise PluginError(f"{kind} {name!r}: the factory must be callable or a 'module:attribute' string, "
                               f"not {type(factory).__name__}")
         old = self._by_kind[kind].get(name)
@@ -235,6 +238,9 @@ class Registry:
                 f"and plugin {component.plugin!r}; disable one with MINFM_DISABLE_PLUGINS"
             )
         config = component.config
+        if config is not None and not isinstance(config, (type, str)):
+            raise PluginError(f"{kind} {name!r}: config must be a class, got an instance of {type(config).__name__} "
+                              "(pass the class itself)")
         if isinstance(config, str):  # register(name, factory, "its doc"): the third argument is the config
             raise PluginError(f"{kind} {name!r}: config {short_repr(config)} is a string, not a config class; "
                               "pass a doc by keyword: register(name, factory, doc=...)")

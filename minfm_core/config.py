@@ -108,13 +108,36 @@ def config_problems(cls: type) -> list[str]:
         why = _type_problem(f.type)
         if why:
             problems.append(f"field {f.name!r}: {why}")
-        elif f.type in _SCALARS and f.default is not attrs.NOTHING and not isinstance(f.default, attrs.Factory):
-            ok = isinstance(f.default, f.type) and not (f.type is int and isinstance(f.default, bool))
-            if f.type is float:
-                ok = isinstance(f.default, (int, float)) and not isinstance(f.default, bool)
-            if not ok:
-                problems.append(f"field {f.name!r}: default {f.default!r} is not of type {f.type.__name__}")
+        elif f.default is not attrs.NOTHING and not isinstance(f.default, attrs.Factory) \
+                and not _default_fits(f.type, f.default):
+            problems.append(f"field {f.name!r}: default {short_repr(f.default)} is not of type {type_text(f.type)}")
     return problems
+
+
+def _default_fits(tp: Any, value: Any) -> bool:
+    """Whether a plain default is a value of type ``tp`` as a recipe would give it: a list
+    for a tuple field stayed a list (unhashable, in a frozen config) only where the recipe
+    left the field unset."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp in _SCALARS:
+        return isinstance(value, tp)
+    if origin is Literal:
+        return any(type(value) is type(a) and value == a for a in args)
+    if origin in (Union, types.UnionType):
+        return any(a is type(None) and value is None or a is not type(None) and _default_fits(a, value) for a in args)
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_default_fits(args[0], v) for v in value)
+        return len(args) == len(value) and all(_default_fits(a, v) for a, v in zip(args, value))
+    if isinstance(tp, type) and attrs.has(tp):
+        return isinstance(value, tp)
+    return True  # dict: a table its validator checks
 
 
 def _type_problem(tp: Any) -> str | None:

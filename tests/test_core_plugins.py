@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import typing
 
 import pytest
 
@@ -150,8 +151,6 @@ def PYPROJECT_EPS():
 
 def _typed_fields():
     """(component, field name, type) of every config field of every registered component."""
-    import typing
-
     import attrs
 
     out = []
@@ -166,7 +165,6 @@ def _typed_fields():
 
 def test_listed_types_show_choices_and_inner_types():
     """Generated from the registry: no field is shown as a bare Literal, Optional or tuple."""
-    import typing
 
     from minfm_core.config import describe_fields
 
@@ -214,7 +212,8 @@ def test_each_plugins_commands_are_listed_under_it():
     ("has space", "os:getcwd", "time_sampler name 'has space': expected"),
     ("x" * 65, "os:getcwd", "expected 1-64 letters"),
     ("num", 42, "time_sampler 'num': the factory must be callable or a 'module:attribute' string, not int"),
-    ("nocolon", "os.getcwd", "the factory must be callable or a 'module:attribute' string, not str"),
+    ("nocolon", "os.getcwd", "time_sampler 'nocolon': factory 'os.getcwd' has no ':'; a lazy factory is "
+                             "'module:attribute'"),
 ], ids=["int", "empty", "space", "long", "number-factory", "no-colon"])
 def test_a_bad_name_or_factory_skips_the_plugin_at_registration(name, factory, why):
     class Bad:
@@ -226,6 +225,20 @@ def test_a_bad_name_or_factory_skips_the_plugin_at_registration(name, factory, w
         assert why in state.failures["bad"], state.failures
         assert "uniform" in get_registry().names("time_sampler")  # the others still load
     assert all(isinstance(n, str) for n in get_registry().names("time_sampler"))
+
+
+def test_a_config_instance_for_its_class_says_so():
+    """It said "its field types do not resolve (TypeError: ... is not a module, class, ...)"."""
+    from minfm_core import config, field
+
+    @config
+    class Cfg:
+        k: int = field(1, doc="k")
+
+    reg = Registry()
+    with pytest.raises(PluginError, match=r"^time_sampler 'inst': config must be a class, got an instance of Cfg "
+                                          r"\(pass the class itself\)$"):
+        reg.registrar("time_sampler", "probe")("inst", lambda cfg: None, Cfg())
 
 
 def test_a_name_registered_twice_by_one_plugin_says_so():
@@ -334,12 +347,32 @@ def _bad_configs():
     class Unioned:
         k: int | str = field(1, doc="either")
 
+    @config
+    class ListForTuple:
+        ks: tuple[int, ...] = field([1, 2], doc="a list where the recipe gives a tuple")
+
+    @config
+    class ShortTuple:
+        ks: tuple[int, int, int] = field((1, 2), doc="two of three")
+
+    @config
+    class NotAChoice:
+        k: typing.Literal["a", "b"] = field("c", doc="not one of them")
+
+    @config
+    class OptionalWrong:
+        k: float | None = field("x", doc="a float or nothing")
+
     return [
         (Mutable, "must be frozen"),
         (Listed, "field 'ks': type list is not one a recipe can give"),
         (Undocumented, "field 'k': declare it with minfm_core.field(default, doc=...)"),
         (WrongDefault, "field 'k': default 2.5 is not of type int"),
         (Unioned, "field 'k': int | str: only X | None unions"),
+        (ListForTuple, "field 'ks': default [1, 2] is not of type tuple[int, ...]"),
+        (ShortTuple, "field 'ks': default (1, 2) is not of type tuple[int, int, int]"),
+        (NotAChoice, "field 'k': default 'c' is not of type 'a' | 'b'"),
+        (OptionalWrong, "field 'k': default 'x' is not of type float | None"),
     ]
 
 
