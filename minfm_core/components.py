@@ -132,6 +132,9 @@ class Component:
         lacks = protocols.lacking(self.kind, built)
         if lacks:
             raise PluginError(f"{self.describe()}: built {type(built).__name__} {lacks}")
+        bases = protocols.bases_problem(self.kind, built)
+        if bases:  # calling it would return None: a "got NoneType" at the first step, its cause unsaid
+            raise PluginError(f"{self.describe()}: built {bases}")
         return built
 
     def raised_note(self) -> str:

@@ -463,6 +463,19 @@ def lacking(kind: str, obj: Any) -> str | None:
     return f"lacks {', '.join(missing)} ({why})"
 
 
+def bases_problem(kind: str, obj: Any) -> str | None:
+    """Why a torch module of ``kind`` would not run its ``forward`` when called: a class listing
+    the protocol before ``torch.nn.Module`` (``class Net(protocols.Denoiser, nn.Module)``) takes
+    the protocol's ``__call__`` stub, and calling it returns None. None when it is fine."""
+    import sys
+
+    torch = sys.modules.get("torch")  # a torch module exists only once torch is imported
+    if torch is None or not isinstance(obj, torch.nn.Module) or type(obj).__call__ is torch.nn.Module.__call__:
+        return None
+    return (f"{type(obj).__name__}: list torch.nn.Module before minfm_core.protocols.{PROTOCOLS[kind].__name__} "
+            "in its bases, so that calling it runs forward")
+
+
 def _attrs(proto: type) -> set[str]:
     # Python < 3.12 keeps the protocol's members only privately.
     from typing import _get_protocol_attrs  # type: ignore[attr-defined]

@@ -16,12 +16,11 @@ pytest, add ``pytest_plugins = ["minfm_core.testing"]`` to a conftest.py and use
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import boundary, protocols
-from .errors import PluginError
+from .errors import MinfmError, PluginError
 from .registry import Component, Registry
 
 __all__ = [  # a test keeps one check per kind here
@@ -104,7 +103,11 @@ def _factory(kind: str, component: Component | Callable[..., Any], config: Any) 
         factory = component.load_factory()
         has_config = component.config is not None
         if has_config and config is None:
-            config = component.config()
+            try:
+                config = component.config()
+            except TypeError as exc:  # a required field: the kit cannot make the config up
+                raise AssertionError(f"{kind} {component.name!r}: its config has no default ({exc}); pass one: "
+                                     f"check_{kind}(component, {component.config.__name__}(...))") from None
         if has_config:
             assert isinstance(config, component.config), f"config {config!r} is not a {component.config.__name__}"
     else:
@@ -124,13 +127,8 @@ def _members(kind: str, obj: Any) -> Any:
     lacks = protocols.lacking(kind, obj)
     assert lacks is None, f"{kind} {type(obj).__name__} {lacks}"
     assert isinstance(obj, protocols.PROTOCOLS[kind])
-    proto = f"minfm_core.protocols.{protocols.PROTOCOLS[kind].__name__}"
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(obj, torch.nn.Module):
-        # class Net(protocols.Denoiser, nn.Module): the protocol's __call__ stub comes first
-        # and model(...) returns None
-        assert type(obj).__call__ is torch.nn.Module.__call__, \
-            f"{kind} {type(obj).__name__}: list torch.nn.Module before {proto} in its bases, so that calling it runs forward"
+    problem = protocols.bases_problem(kind, obj)
+    assert problem is None, f"{kind} {problem}"
     return obj
 
 
@@ -170,8 +168,14 @@ def check_denoiser(component, config=None, *, smoke: bool = True, attention: Any
     backend passed to the factory (default: :func:`reference_attention`)."""
     torch = _torch()
     attention = attention or reference_attention
-    with torch.device("meta"):
-        model = _build("denoiser", component, config, load_weights=False, attention=attention, balancer=None)
+    try:
+        with torch.device("meta"):
+            model = _build("denoiser", component, config, load_weights=False, attention=attention, balancer=None)
+    except (AssertionError, MinfmError, ImportError):  # the kit's finding, or a clean refusal to build here
+        raise
+    except Exception as exc:  # the contract: structure only, on the meta device (what `minfm check` builds)
+        raise AssertionError(f"the factory raised {type(exc).__name__}: {exc} when built on the meta device with "
+                             "load_weights=False; it must build the structure there (docs/plugins.md)") from exc
     _members("denoiser", model)
     assert isinstance(model, torch.nn.Module), "a denoiser is a torch.nn.Module"
     cfg = _factory("denoiser", component, config)[1]

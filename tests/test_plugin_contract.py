@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from minfm_core import protocols, testing
-from minfm_core.errors import MinfmError
+from minfm_core.errors import MinfmError, PluginError
 from minfm_core.registry import KINDS, get_registry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -234,6 +234,13 @@ def test_a_module_listing_the_protocol_first_is_told_to_swap_its_bases():
 
     with pytest.raises(AssertionError, match="list torch.nn.Module before minfm_core.protocols.Denoiser"):
         testing.check_denoiser(lambda cfg, **kw: Net(), object(), smoke=False)
+    # and where the engine builds it (minfm check, the run): the run's error was "got NoneType"
+    from minfm_core.components import component
+
+    comp = component("denoiser", "swapped", lambda cfg=None, **kw: Net(), None, "probe", None)
+    with pytest.raises(PluginError, match=r"^denoiser 'swapped' of plugin 'probe': built Net: list torch.nn.Module "
+                                          r"before minfm_core.protocols.Denoiser in its bases"):
+        comp.build()
 
 
 def test_a_missing_required_member_is_not_blamed_on_inheritance():
@@ -279,3 +286,30 @@ def test_the_sampler_and_guidance_checks_say_a_list_is_not_a_tensor():
         with pytest.raises(AssertionError) as info:
             check(lambda cfg, built=built: built, object())
         assert str(info.value).splitlines()[0] == f"{what}: expected a tensor of shape (6, 4) (the input's), got list"
+
+
+def test_the_kit_says_what_it_cannot_build_as_an_assertion():
+    """A config with a required field, and a denoiser that fails on the meta device, raised
+    attrs' TypeError and the factory's RuntimeError: not the kit's AssertionError."""
+    import torch
+
+    from minfm_core import config, field
+    from minfm_core.components import component
+
+    @config
+    class Required:
+        """A weighter with a required slope."""
+
+        slope: float = field(doc="no default")
+
+    weighter = component("time_weighter", "sloped", lambda cfg: None, Required, "probe", None)
+    with pytest.raises(AssertionError, match=r"^time_weighter 'sloped': its config has no default \(.*slope.*\); "
+                                             r"pass one: check_time_weighter\(component, Required\(\.\.\.\)\)$"):
+        testing.check_time_weighter(weighter)
+
+    def meta_only_fails(cfg, *, load_weights=True, attention=None, balancer=None):
+        return torch.nn.Linear(2, 2).weight.sum().item()
+
+    with pytest.raises(AssertionError, match=r"^the factory raised RuntimeError: .* when built on the meta device "
+                                             r"with load_weights=False; it must build the structure there"):
+        testing.check_denoiser(meta_only_fails, object())
