@@ -238,7 +238,8 @@ def build_app(model: DemoModel, batcher: Batcher, *, queue_limit: int = 32) -> g
                                      info=f"clips play at 8 fps; counts this model can draw: {model.frame_choices()}")
                 with gr.Row():
                     steps = _slider(1, lim.max_steps, value=model.default_steps, step=1, label="Steps")
-                    cfg_scale = _quiet_bounds(gr.Slider(0.0, lim.max_cfg, value=model.default_cfg, step=0.1, label="CFG scale"))
+                    cfg_scale = _quiet_bounds(gr.Slider(0.0, lim.max_cfg, value=model.default_cfg, step=0.1,
+                                                        label="CFG scale"))
                 with gr.Row():
                     sampler = gr.Dropdown(model.samplers(), value=model.default_sampler, label="Sampler")
                     ep_cfg = gr.Checkbox(value=model.default_ep_cfg, label="EP-CFG (energy-preserving guidance)")

@@ -172,12 +172,15 @@ class Resolved:
         except (PluginError, RecipeError):  # they name the component, or the recipe's paths, already
             raise
         except MinfmError as exc:
-            # What a factory refuses is a value in this table: name its place, as `minfm check`
-            # does (a message naming its own place under the path keeps it).
-            text = str(exc)
-            if not text.startswith((f"{self.path}.", f"{self.path}:", f"{self.path}[")):
-                exc.args = (f"{self.path}: {text}", *exc.args[1:])
+            # What a factory refuses is a value in this table: name its place, as `minfm check` does.
+            exc.args = (at_path(self.path, str(exc)), *exc.args[1:])
             raise
+
+
+def at_path(path: str, line: str) -> str:
+    """``line`` under recipe ``path`` (``flow.time_sampler: ...``), unless it names its own
+    place there already (``flow.time_sampler.a: ...``)."""
+    return line if line.startswith((f"{path}.", f"{path}:", f"{path}[")) else f"{path}: {line}"
 
 
 def _name(factory: Any) -> str:
@@ -259,9 +262,10 @@ class Registry:
                 raise PluginError(f"config of {kind} {name!r}: {'; '.join(problems)}")
         lacks = protocols.config_lacks(kind, config)
         if lacks:
-            raise PluginError(f"{kind} {name!r}: its config must have {' and '.join(lacks)}, as a field or a "
-                              f"property (protocols.{protocols.CONFIG_PROTOCOLS[kind].__name__}): the engine reads "
-                              f"{'it' if len(lacks) == 1 else 'them'}" + ("" if config is not None else "; it has no config"))
+            proto = protocols.CONFIG_PROTOCOLS[kind].__name__
+            raise PluginError(f"{kind} {name!r}: its config must have {' and '.join(lacks)}, as a field or a property "
+                              f"(protocols.{proto}): the engine reads {'it' if len(lacks) == 1 else 'them'}"
+                              + ("" if config is not None else "; it has no config"))
 
     def drop_plugin(self, plugin: str) -> None:
         """Forget every component of ``plugin`` (a plugin skipped after it joined the registry)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .components import at_path
 from .errors import MinfmError, RecipeError, first_line
 from .protocols import CHECK_BUILDS
 
@@ -27,8 +28,9 @@ def check_builds(resolved) -> tuple[dict[str, tuple[int, int]], list[str]]:
     A factory's ``MinfmError`` (a value its config cannot check alone, a missing file) is the
     user's to fix: a check problem, as the run would stop on it. Anything else it raises is a
     bug of its plugin: also a problem, naming the component and the plugin (the run stops on
-    it too, with its traceback; a model slot's meta build is the contract's, the run's is not). A slot whose factory does not import or
-    bind is skipped here: ``job_checks`` reports that already.
+    it too, with its traceback, except where only the meta build fails: that one is the
+    contract's, not the run's). A slot whose factory does not import or bind is skipped
+    here: ``job_checks`` reports that already.
     """
     import torch
 
@@ -48,8 +50,7 @@ def check_builds(resolved) -> tuple[dict[str, tuple[int, int]], list[str]]:
         except MinfmError as exc:
             lines = exc.problems if isinstance(exc, RecipeError) else [str(exc)]
             # a line naming its own place under the slot (flow.time_sampler.a: ...) keeps it
-            problems.extend(line if line.startswith((f"{path}.", f"{path}:", f"{path}[")) else f"{path}: {line}"
-                            for line in lines)
+            problems.extend(at_path(path, line) for line in lines)
         except Exception as exc:
             # The run builds model slots on their device: there, only the contract says that
             # a meta build must work (the parameter counts, a sharded start are built so)
