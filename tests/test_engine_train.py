@@ -166,7 +166,7 @@ def test_a_val_split_that_cannot_be_read_fails_before_step_1(tmp_path, runtime):
     with pytest.raises(MinfmError) as err:
         Trainer(tiny(tmp_path / "run", data, "train.val_every=1000"), runtime)
     assert str(err.value) == (
-        f"train.val_every = 1000 validates on the data's 'val' split: image_folder: no captioned images for split "
+        f"train.val_every = 1000 validates on the data's 'val' split: data: image_folder: no captioned images for split "
         f"'val' under {str(folder)!r} (train.val_every = 0 trains without validation)")
     assert not (tmp_path / "run" / "checkpoints").exists()
     trainer = Trainer(tiny(tmp_path / "run2", data, "train.val_every=0"), runtime)  # without validation: fine

@@ -135,5 +135,5 @@ def test_a_recipe_error_under_the_launcher_is_exit_2_without_torchruns_traceback
     assert res.returncode == 2, res.stderr
     assert "Traceback" not in res.stderr and "ChildFailedError" not in res.stderr, res.stderr
     # each rank prints it, unless torchrun stopped it first, having seen the other fail
-    assert res.stderr.count("minfm: error: image_folder: root '/nonexistent' is not a folder") in (1, 2)
+    assert res.stderr.count("minfm: error: data: image_folder: root '/nonexistent' is not a folder") in (1, 2)
     assert list(tmp_path.iterdir()) == []  # the launcher made the run folder for nothing: removed
