@@ -408,6 +408,7 @@ class Trainer:
         if not (isinstance(data, CachedLatentsConfig) and data.use_cached_latents and data.latents_dir):
             return
         folder = Path(os.path.expanduser(data.latents_dir)) / "train"
+        # every rank reads the small record: a malformed one stops them all alike, not rank 0 alone
         changed = changed_settings(self.resolved, folder)
         if changed and self.rt.is_main:
             warnings.warn(f"data.latents_dir: {folder} was cached with other {', '.join(changed)}: this run trains "
