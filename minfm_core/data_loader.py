@@ -206,11 +206,11 @@ class BatchIterator:
         self.shuffle = shuffle
         self.num_workers = num_workers
         self._n = n
-        self._share = len(range(rank, n, world_size))  # this rank's items per epoch
         self._consumed = 0
         self._keyed = _Keyed(dataset, who)
+        self._stream = _KeyStream(n, batch_size, rank=rank, world_size=world_size, seed=seed, shuffle=shuffle)
+        self._share = self._stream.share  # this rank's items per epoch
         self._source: Iterator[list[dict]] | None = None
-        self._order_cache: tuple[int, np.ndarray] | None = None
         if num_workers > 0:
             # Before multiprocessing's own exit hook, which SIGTERMs the workers (they ignore
             # it) and then waits for them, forever: an error's traceback can keep the loader
@@ -232,27 +232,11 @@ class BatchIterator:
     def batches_per_epoch(self) -> float:
         return self._share / self.batch_size
 
-    def _order(self, epoch: int) -> np.ndarray:
-        if self._order_cache is None or self._order_cache[0] != epoch:
-            self._order_cache = (epoch, epoch_order(self._n, self.seed, epoch, self.shuffle))
-        return self._order_cache[1]
-
-    def _keys(self, start: int) -> Iterator[list[tuple[int, int]]]:
-        """Batches of (epoch, index) keys from item ``start`` of this rank's stream."""
-        item = start
-        while True:
-            keys = []
-            for _ in range(self.batch_size):
-                epoch, pos = divmod(item, self._share)
-                keys.append((epoch, int(self._order(epoch)[self.rank + pos * self.world_size])))
-                item += 1
-            yield keys
-
     # -- iteration ------------------------------------------------------------------------
     def _start(self) -> Iterator[list[dict]]:
         if self.num_workers <= 0:
-            return ([self._keyed[k] for k in keys] for keys in self._keys(self._consumed))
-        return _worker_batches(self._keyed, _Batches(self, self._consumed), self.num_workers, seed=self.seed)
+            return ([self._keyed[k] for k in keys] for keys in self._stream.batches(self._consumed))
+        return _worker_batches(self._keyed, _Batches(self._stream, self._consumed), self.num_workers, seed=self.seed)
 
     def __iter__(self) -> BatchIterator:
         return self
@@ -347,12 +331,42 @@ def _leave_signals_to_the_trainer(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+class _KeyStream:
+    """One rank's endless stream of (epoch, index) keys, in batches. Its own object, not the
+    BatchIterator's methods: the worker iterator's sampler holds it, and a sampler holding the
+    BatchIterator would close a reference cycle, which only the cyclic GC frees. It frees the
+    worker iterator's queues before the iterator's ``__del__`` can send its workers their stop,
+    and they then wait for it forever (one test hung at exit so)."""
+
+    def __init__(self, n: int, batch_size: int, *, rank: int, world_size: int, seed: int, shuffle: bool) -> None:
+        self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
+        self.seed, self.shuffle = seed, shuffle
+        self.share = len(range(rank, n, world_size))  # this rank's items per epoch
+        self._order_cache: tuple[int, np.ndarray] | None = None
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._order_cache is None or self._order_cache[0] != epoch:
+            self._order_cache = (epoch, epoch_order(self.n, self.seed, epoch, self.shuffle))
+        return self._order_cache[1]
+
+    def batches(self, start: int) -> Iterator[list[tuple[int, int]]]:
+        """Batches of keys from item ``start`` of this rank's stream."""
+        item = start
+        while True:
+            keys = []
+            for _ in range(self.batch_size):
+                epoch, pos = divmod(item, self.share)
+                keys.append((epoch, int(self._order(epoch)[self.rank + pos * self.world_size])))
+                item += 1
+            yield keys
+
+
 class _Batches:
     """The key stream as a DataLoader batch sampler (iterated in the main process)."""
 
-    def __init__(self, owner: BatchIterator, start: int) -> None:
-        self.owner = owner
+    def __init__(self, stream: _KeyStream, start: int) -> None:
+        self.stream = stream
         self.start = start
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        return self.owner._keys(self.start)
+        return self.stream.batches(self.start)

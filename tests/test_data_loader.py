@@ -110,6 +110,27 @@ def test_workers_leave_the_global_rng_alone():
     assert torch.equal(before, torch.get_rng_state())
 
 
+def test_a_dropped_iterator_stops_its_workers_at_once():
+    """The worker iterator's sampler held the BatchIterator, a cycle only the cyclic GC freed:
+    it finalized the workers' queues before the stop could go through them, so the workers
+    waited forever and the test process hung at exit (in multiprocessing's exit hook)."""
+    import gc
+    import multiprocessing
+
+    before = set(multiprocessing.active_children())
+    gc.disable()  # freed by its reference count alone, as it was not
+    try:
+        it = BatchIterator(Indexed(8), 2, num_workers=1)
+        take(it, 1)
+        workers = set(multiprocessing.active_children()) - before
+        del it
+        for w in workers:
+            w.join(timeout=20)
+    finally:
+        gc.enable()
+    assert workers and all(w.exitcode == 0 for w in workers)
+
+
 class Failing(Indexed):
     """Item 3 raises what ``error`` makes."""
 
