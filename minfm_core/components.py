@@ -217,6 +217,9 @@ class Registry:
         self._dropped: dict[tuple[str, str], str] = {}  # (kind, name) -> the skipped plugin that had it
         #: (kind, name) -> the plugins (none of them minFM's own) that all claim it: no one gets it.
         self._contested: dict[tuple[str, str], list[str]] = {}
+        #: installed plugins MINFM_DISABLE_PLUGINS kept from loading: what they register is unknown,
+        #: so an unknown name says they may hold it (the user may have blocked the one they need).
+        self.blocked: list[str] = []
 
     def add(self, component: Component) -> None:
         self.check_new(component)
@@ -328,8 +331,13 @@ class Registry:
             raise UnknownComponentError(f"{where}{kind} {name!r} belongs to plugin {skipped!r}, which was skipped "
                                         "(minfm plugins says why)")
         installed = ", ".join(self.names(kind)) or "(none)"
+        blocked = ""
+        if self.blocked:
+            them = (f"plugin {self.blocked[0]}, which" if len(self.blocked) == 1
+                    else f"plugins {', '.join(self.blocked)}; one of them")
+            blocked = f" (MINFM_DISABLE_PLUGINS blocks {them} may have it)"
         raise UnknownComponentError(
-            f"{where}unknown {kind} {name!r}{did_you_mean(name, table)}; installed: {installed}"
+            f"{where}unknown {kind} {name!r}{did_you_mean(name, table)}; installed: {installed}{blocked}"
         )
 
 

@@ -343,12 +343,14 @@ def load_plugins() -> PluginState:
     pm = pluggy.PluginManager(GROUP)
     pm.add_hookspecs(hookspecs)
     state = PluginState(pm=pm)
-    blocked = disabled_plugins()
+    blocked, kept_out = disabled_plugins(), []
     for name, value, load, dist, own in _entry_points():
         if name in blocked:
             pm.set_blocked(name)
+            kept_out.append(name)
             continue
         if _qualified(dist, name) in blocked:  # this distribution's only: another may use the name
+            kept_out.append(_qualified(dist, name))
             continue
         try:
             obj = load()
@@ -361,6 +363,7 @@ def load_plugins() -> PluginState:
         if _register(state, name, obj, value, dist) and own:
             state.builtin.add(name)
     _fill(state)
+    state.registry.blocked = sorted(set(kept_out))
     _STATE = state
     return state
 

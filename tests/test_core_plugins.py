@@ -44,6 +44,22 @@ def test_disable_plugins_env(minfm, example_plugin_env):
     assert all(c["name"] != "beta" for c in info["kinds"]["time_sampler"])
 
 
+@pytest.mark.parametrize("blocked", ["example", "minfm-example-plugin:example"])
+def test_an_unknown_name_mentions_the_blocked_plugins(minfm, example_plugin_env, blocked):
+    """A component of a plugin MINFM_DISABLE_PLUGINS blocks was a plain "unknown": what a blocked
+    plugin registers is not known (it is not imported), so the blocked plugins are named."""
+    from conftest import ROOT
+
+    recipe = str(ROOT / "recipes" / "quickstart.toml")
+    env = {**example_plugin_env, "MINFM_DISABLE_PLUGINS": f"broken,{blocked}"}
+    res = minfm("check", recipe, "--set", "flow.time_sampler.name=beta", env=env)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "unknown time_sampler 'beta'; installed: " in res.stderr
+    assert f"(MINFM_DISABLE_PLUGINS blocks plugins broken, {blocked}; one of them may have it)" in res.stderr
+    res = minfm("check", recipe, "--set", "flow.time_sampler.name=betta", env=example_plugin_env)
+    assert res.returncode == 2 and "MINFM_DISABLE_PLUGINS" not in res.stderr and "did you mean 'beta'" in res.stderr
+
+
 def test_human_listing_mentions_fields(minfm, example_plugin_env):
     out = minfm("plugins", env=example_plugin_env).stdout
     assert "beta" in out and "a: float = 2.0  # first shape parameter" in out
