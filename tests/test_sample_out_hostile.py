@@ -79,3 +79,18 @@ def test_a_checkpoint_with_weights_the_model_lacks_is_refused(trained, tmp_path)
         same = tiny(tmp_path)["model.denoiser"].build(load_weights=False)
         ckpt_mod.load_weights(ckpt, same, source=source)  # the model it was saved from still loads
         assert all(torch.isfinite(p).all() for p in same.parameters())
+
+
+@pytest.mark.parametrize("inside", ["", "mine"])
+def test_an_out_folder_inside_the_checkpoint_sampled_is_refused(trained, inside):
+    """--out <checkpoint> wrote the samples into the checkpoint, which keep_last deletes whole."""
+    from conftest import minfm_in_process
+    from minfm_core import checkpoint as ckpt_mod
+
+    ckpt = ckpt_mod.find_checkpoint(trained)
+    before = sorted(p.name for p in ckpt.iterdir())
+    out = ckpt / inside if inside else ckpt
+    res = minfm_in_process("sample", str(ckpt), "--out", str(out), "--prompt", "a", "--steps", "1")
+    assert res.returncode == 2, res.stderr
+    assert f"--out {out}: lies inside the checkpoint {ckpt}, which the run's keep_last may delete" in res.stderr
+    assert sorted(p.name for p in ckpt.iterdir()) == before

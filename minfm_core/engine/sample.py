@@ -303,6 +303,17 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _refuse_out_in_checkpoint(out: Path, weights: tuple[str, Path] | None, flag: str) -> None:
+    """Samples written into the checkpoint they came from would go with it: the run's
+    ``keep_last`` deletes old checkpoints whole (the default out folder is beside the run)."""
+    if weights is None or weights[0] != "dcp":
+        return
+    ckpt = Path(os.path.realpath(weights[1]))
+    if Path(os.path.realpath(out)).is_relative_to(ckpt):
+        raise MinfmError(f"{flag} {out}: lies inside the checkpoint {weights[1]}, which the run's keep_last may "
+                         f"delete with the samples; choose another {flag}")
+
+
 def prepare_out(out: Path, settings: dict, *, overwrite: bool, flag: str) -> None:
     """Refuse an out folder holding another request's samples (unless ``overwrite``: clear them)."""
     hint = "pass --overwrite to replace them, or choose another --out" if flag == "--out" else \
@@ -378,6 +389,7 @@ def run_sampling(resolved, prompts: list[str], out: Path, *, weights, source: st
                 # One sampler per out folder: a second one took the folder over while the first
                 # was still loading, and the two mixed their requests' images, both exiting 0.
                 require_folder_room(out, out_flag)
+                _refuse_out_in_checkpoint(out, weights, out_flag)
                 runlock.acquire(out, what=out_flag)
                 prepare_out(out, settings, overwrite=overwrite, flag=out_flag)
             except MinfmError as exc:
