@@ -88,6 +88,7 @@ def test_serve_shows_a_run_directory(tmp_path, host):
     import time
     import urllib.request
 
+    (tmp_path / "recipe.toml").write_text("job = 'train'")
     (tmp_path / "samples").mkdir()
     (tmp_path / "samples" / "index.html").write_text("<h1>gallery</h1>")
     port = free_port()
@@ -117,6 +118,10 @@ def test_serve_missing_dir_exit_2(minfm, tmp_path):
     (tmp_path / "t.sh").write_text("echo")  # a file was reported missing too
     res = minfm("serve", str(tmp_path / "t.sh"))
     assert res.returncode == 2 and f"{tmp_path / 't.sh'}: a file, not a folder (a run directory)" in res.stderr
+    # it serves every file below the folder: a home folder by a slip of the tab key is refused
+    res = minfm("serve", str(tmp_path))
+    assert res.returncode == 2 and (f"{tmp_path}: neither a run directory (no recipe.toml) nor a gallery "
+                                    "folder (no index.html); minfm serve shows only those") in res.stderr
 
 
 def test_omp_waiters_sleep_only_on_a_busy_machine():

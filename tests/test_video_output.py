@@ -194,6 +194,41 @@ def test_serve_answers_byte_ranges(tmp_path):
         httpd.server_close()
 
 
+@pytest.mark.parametrize("bind", ["127.0.0.1", "0.0.0.0"])
+def test_serve_on_loopback_answers_loopback_names_only(tmp_path, bind):
+    """DNS rebinding: a page on evil.example whose name later resolves to 127.0.0.1 could read
+    the run's files through the user's browser; its requests carry its own Host. A server the
+    user opened to the network (--host 0.0.0.0) answers every name, as they asked."""
+    import http.client
+
+    from minfm_core.cli.run_cmd import gallery_server
+
+    (tmp_path / "recipe.toml").write_text("job = 'train'")
+    httpd = gallery_server(tmp_path, bind, 0)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port = httpd.server_address[1]
+
+    def status(host: str | None) -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.putrequest("GET", "/recipe.toml", skip_host=True)
+        if host is not None:
+            conn.putheader("Host", host)
+        conn.endheaders()
+        code = conn.getresponse().status
+        conn.close()
+        return code
+
+    try:
+        local = ["localhost", f"localhost:{port}", f"127.0.0.1:{port}", "127.0.0.2", f"[::1]:{port}",
+                 "run.localhost", "LOCALHOST"]
+        assert [status(h) for h in local] == [200] * len(local)
+        foreign = ["evil.example", f"evil.example:{port}", "10.0.0.1", "[2001:db8::1]:80", "localhost.evil.example"]
+        assert [status(h) for h in foreign] == [403 if bind == "127.0.0.1" else 200] * len(foreign)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 def test_serve_listens_on_ipv6_loopback_and_names_a_busy_port(tmp_path):
     import socket
 

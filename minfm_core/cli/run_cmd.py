@@ -100,6 +100,25 @@ class _Slice:
         self.f.close()
 
 
+def _loopback_name(host_header: str) -> bool:
+    """Whether an HTTP Host header (``name[:port]``, ``[v6]:port``) names this machine's
+    loopback: ``localhost`` (or a ``*.localhost`` name) or a loopback address. None given (an
+    HTTP/1.0 client) passes: browsers always send one."""
+    import ipaddress
+
+    name = host_header.strip().lower()
+    if name.startswith("["):
+        name = name[1:].partition("]")[0]
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    if name in ("", "localhost") or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 def gallery_server(root, host: str, port: int):
     """A threading HTTP server for ``root`` (not yet serving; the caller runs serve_forever).
 
@@ -120,6 +139,11 @@ def gallery_server(root, host: str, port: int):
         extensions_map = {**base.extensions_map, **SERVE_TYPES}
 
         def send_head(self):
+            if local_only and not _loopback_name(self.headers.get("Host") or ""):
+                # A page elsewhere whose name resolves to 127.0.0.1 (DNS rebinding) would read
+                # the run's files through the user's browser: its requests carry its own name.
+                self.send_error(403, "Host not allowed: this server answers loopback names only")
+                return None
             m = one_range.fullmatch((self.headers.get("Range") or "").strip())
             path = self.translate_path(self.path)
             if "\0" in path:  # an encoded NUL: open() would raise in the handler thread
@@ -163,6 +187,7 @@ def gallery_server(root, host: str, port: int):
             return _Slice(f, end - start + 1)
 
     top = os.path.realpath(root)
+    local_only = host in LOOPBACK
     handler = functools.partial(Handler, directory=str(root))
     # the host's own family: "::1" or another IPv6 address needs an AF_INET6 socket
     server_class = type("Server", (http.server.ThreadingHTTPServer,), {"address_family": listen_family(host, port)})
@@ -176,12 +201,17 @@ def serve(args) -> int:
     root = Path(args.exp_dir)
     if problem := missing_folder(root):
         raise MinfmError(f"{args.exp_dir}: {problem} (a run directory)")
+    if not (root / "recipe.toml").is_file() and not (root / "index.html").is_file():
+        # It serves every file below the folder: not a home folder by a slip of the tab key.
+        raise MinfmError(f"{args.exp_dir}: neither a run directory (no recipe.toml) nor a gallery folder "
+                         "(no index.html); minfm serve shows only those")
     httpd = gallery_server(root, args.host, args.port)  # a host it cannot listen on: its error alone, no warning
     if args.host not in LOOPBACK:
         print(f"minfm serve: warning: listening on {args.host}: other machines can read this run's files", file=sys.stderr)
     with httpd:
         host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address in a URL
-        print(f"minfm: serving {root} at http://{host}:{httpd.server_address[1]}/samples/", flush=True)
+        page = "samples/" if (root / "samples").is_dir() else ""
+        print(f"minfm: serving {root} at http://{host}:{httpd.server_address[1]}/{page}", flush=True)
         httpd.serve_forever()
     return 0
 
