@@ -51,15 +51,19 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarr
 
 
 class _Keyed(torch.utils.data.Dataset):
-    """Fetches ``(epoch, index)`` keys: sets the item's epoch first when the dataset cares."""
+    """Fetches ``(epoch, index)`` keys: sets the item's epoch first when the dataset cares
+    (has ``set_epoch``: a registered dataset must, protocols.Dataset; any indexable will do
+    for a BatchIterator used directly)."""
 
     def __init__(self, dataset: Any, who: str = "data") -> None:
         self.dataset = dataset
         self.who = who
+        self.epochs = callable(getattr(dataset, "set_epoch", None))
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, index = key
-        self.dataset.set_epoch(epoch)
+        if self.epochs:
+            self.dataset.set_epoch(epoch)
         item = self.dataset[index]
         if not isinstance(item, dict):  # the rest of an item is checked where it is read (boundary)
             raise PluginError(f"{self.who}: item {index}: {item_problem(item)}")

@@ -285,3 +285,15 @@ def test_a_data_worker_found_gone_is_one_line():
                            "(dataloader_num_workers 0) the items load in this process")
     assert data_worker_lost_line(RuntimeError("shape mismatch")) is None
     assert data_worker_lost_line(ValueError("DataLoader worker (pid 1) exited unexpectedly")) is None
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_plain_list_of_dicts_needs_no_set_epoch(num_workers):
+    """docs/data.md: a dataset *may* define set_epoch; the loader called it always (AttributeError)."""
+    it = BatchIterator([{"i": i} for i in range(10)], 4, seed=0, num_workers=num_workers)
+    try:
+        batches = [next(it) for _ in range(3)]
+    finally:
+        it.close()
+    seen = [item["i"] for b in batches for item in b]
+    assert sorted(seen[:10]) == list(range(10)) and [item["epoch"] for b in batches for item in b][10:] == [1, 1]
