@@ -169,7 +169,7 @@ class DemoModel:
     # ---- loading -------------------------------------------------------------------
     @classmethod
     def load(cls, src: str, *, use_ema: bool = True, device: str | None = None, **limits: Any) -> DemoModel:
-        """Resolve ``src`` (run dir, checkpoint, exported folder or ``hf://``) and load it once."""
+        """Resolve ``src`` (run dir, checkpoint, model folder or ``hf://``) and load it once."""
         from minfm_core.sources import resolve_source
 
         with contextlib.ExitStack() as stack:  # the checkpoint is kept from pruning until it is read

@@ -19,10 +19,10 @@ def register_commands(subparsers):
     p = subparsers.add_parser(
         "demo", help="serve a Gradio text-to-image (or text-to-video) demo (page + /generate API) of a model",
         description="Serve a text-to-image page and a /generate API for SRC (a run directory, a checkpoint, "
-                    "an exported folder or hf://org/name[@rev]). Requests arriving together are sampled in one "
+                    "a model folder or hf://org/name[@rev]). Requests arriving together are sampled in one "
                     "packed batch, even at different sizes.",
     )
-    p.add_argument("source", metavar="SRC", help="run directory, checkpoint directory, exported folder or hf://org/name[@rev]")
+    p.add_argument("source", metavar="SRC", help="run directory, checkpoint directory, model folder or hf://org/name[@rev]")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=NUMBERS["--port"], default=None, help="port (default: the first free one from 7860)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link")

@@ -100,8 +100,9 @@ def list_checkpoints(root: Path) -> list[Path]:
     return _by_step(p for p in ckpts.iterdir() if p.is_dir() and not p.is_symlink() and is_complete(p))
 
 
-def find_checkpoint(src: Path) -> Path:
-    """A complete checkpoint directory for a checkpoint dir or a run dir (its latest)."""
+def find_checkpoint(src: Path, also: str = "") -> Path:
+    """A complete checkpoint directory for a checkpoint dir or a run dir (its latest).
+    ``also``: what else the caller would have taken, for the error when there is none."""
     src = Path(src)
     if _has_index(src):
         return src
@@ -109,7 +110,8 @@ def find_checkpoint(src: Path) -> Path:
         return src / HUB_STATE_DIR
     found = list_checkpoints(src)
     if not found:
-        raise MinfmError(f"{src}: no complete checkpoint found (expected {CKPT_DIR}/step_NNNNNNNN/ with a {MANIFEST})")
+        raise MinfmError(f"{src}: no complete checkpoint found (expected {CKPT_DIR}/step_NNNNNNNN/ with a {MANIFEST})"
+                         f"{also}")
     return found[-1]
 
 
@@ -132,13 +134,13 @@ def _lock_dir(path: Path, how: int) -> int | None:
 
 
 @contextlib.contextmanager
-def held(src: Path) -> Iterator[Path]:
+def held(src: Path, also: str = "") -> Iterator[Path]:
     """:func:`find_checkpoint`'s answer, kept from ``keep_last`` pruning while the block reads it.
 
     The newest checkpoint of a live run can be pruned between finding it and locking it: then
     the next newest is taken, a few times at most."""
     for _ in range(5):
-        path = find_checkpoint(src)
+        path = find_checkpoint(src, also)
         fd = _lock_dir(path, fcntl.LOCK_SH)
         if fd is not None and not _has_index(path):  # deleted between the open and the lock
             os.close(fd)

@@ -94,3 +94,18 @@ def test_an_out_folder_inside_the_checkpoint_sampled_is_refused(trained, inside)
     assert res.returncode == 2, res.stderr
     assert f"--out {out}: lies inside the checkpoint {ckpt}, which the run's keep_last may delete" in res.stderr
     assert sorted(p.name for p in ckpt.iterdir()) == before
+
+
+def test_a_source_that_holds_no_model_says_what_would_do(tmp_path):
+    """'an exported folder' read as `minfm export diffusers`'s output, which got only 'no complete
+    checkpoint found': the error now names the model folder too, and says what a diffusers folder is."""
+    from conftest import minfm_in_process
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    res = minfm_in_process("sample", str(tmp_path), "--prompt", "a")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert ("nor a model folder (model.safetensors with a recipe.toml, as minfm hub push and pull make); this is "
+            "a diffusers folder (minfm export diffusers writes it for diffusers): use the run or checkpoint "
+            "it was exported from") in res.stderr
+    assert not any(p.name.startswith("samples") for p in tmp_path.iterdir())

@@ -36,7 +36,8 @@ def register(sub) -> None:
         p.set_defaults(func=run, job=None if name == "run" else name)
 
     p = sub.add_parser("sample", help="sample images or clips from a run, checkpoint or hf:// model")
-    p.add_argument("source", help="run dir, checkpoint dir, exported folder, or hf://org/name[@rev]")
+    p.add_argument("source", help="run dir, checkpoint dir, model folder (model.safetensors + recipe.toml), "
+                                  "or hf://org/name[@rev]")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompt-file", help="text file, one prompt per line")
     p.add_argument("--out", type=non_empty("--out"), help="output folder (default: <source>/samples_cli; <run>/samples_cli for a checkpoint "

@@ -65,7 +65,12 @@ def locate(src_path: Path, stack: contextlib.ExitStack, *, allow_pickle: bool = 
             raise MinfmError(f"{src_path}: has model weights but no recipe.toml")
         check_weights_folder(src_path)  # headers, index and links, before anything is written
         return recipe, "safetensors", src_path
-    ckpt = stack.enter_context(ckpt_mod.held(src_path))
+    also = ", nor a model folder (model.safetensors with a recipe.toml, as minfm hub push and pull make)"
+    if any((src_path / f).is_file() for f in ("diffusion_pytorch_model.safetensors", "model_index.json",
+                                               "diffusion_pytorch_model.safetensors.index.json")):
+        also += ("; this is a diffusers folder (minfm export diffusers writes it for diffusers): "
+                 "use the run or checkpoint it was exported from")
+    ckpt = stack.enter_context(ckpt_mod.held(src_path, also))
     ckpt_mod.open_checkpoint(ckpt, allow_pickle=allow_pickle)
     return ckpt_mod.recipe_for(ckpt), "dcp", ckpt
 
