@@ -54,11 +54,13 @@ def test_a_mix_source_is_held_to_the_model_as_a_dataset_is(name, tmp_path):
     """Was: the mix passed `minfm check`, then its first batch failed 'not divisible by patch_size'."""
     table = _table(name, tmp_path, size_multiple=1)
     alone = _train_problems(tmp_path, f"data={_toml(table)}")
-    assert alone == [f"data.size_multiple: 1 is not a multiple of the VAE's compression x patch = {MULTIPLE}"]
+    assert alone == [f"data.size_multiple: 1 is not a multiple of the VAE's compression x patch = {MULTIPLE} "
+                     "(from --set data)"]
     mix = {"name": "mix", "sources": [{"weight": 1.0, "dataset": _table(name, tmp_path)},
                                       {"weight": 1.0, "dataset": table}]}
     assert _train_problems(tmp_path, f"data={_toml(mix)}") == [
-        f"data.sources[1].dataset.size_multiple: 1 is not a multiple of the VAE's compression x patch = {MULTIPLE}"]
+        f"data.sources[1].dataset.size_multiple: 1 is not a multiple of the VAE's compression x patch = {MULTIPLE} "
+        "(from --set data)"]
 
 
 @pytest.mark.parametrize("name", _datasets("frames"))
@@ -74,7 +76,8 @@ def test_a_mix_source_frame_count_is_checked(name, tmp_path):
 def test_a_mix_source_without_its_root_is_refused(tmp_path):
     mix = {"name": "mix", "sources": [{"weight": 1.0, "dataset": {"name": "shapes"}},
                                       {"weight": 1.0, "dataset": {"name": "image_folder", "size_multiple": 8}}]}
-    assert _train_problems(tmp_path, f"data={_toml(mix)}") == ["data.sources[1].dataset.root: a train job needs it set"]
+    assert _train_problems(tmp_path, f"data={_toml(mix)}") == [
+        "data.sources[1].dataset.root: a train job needs it set (from --set data)"]
 
 
 def test_the_testers_mix_recipe_fails_check(tmp_path, capsys):

@@ -271,10 +271,10 @@ def test_a_reader_takes_the_next_newest_when_its_pick_is_pruned_first(stopped, t
     run = copy_run(stopped, tmp_path / "run")
     newest = ck.find_checkpoint(run)
     picks = iter([run / "checkpoints" / "step_00000006"])  # found, then pruned before the lock
-    monkeypatch.setattr(ck, "find_checkpoint", lambda src: next(picks, newest))
+    monkeypatch.setattr(ck, "find_checkpoint", lambda src, also="": next(picks, newest))
     with ck.held(run) as reading:
         assert reading == newest
-    monkeypatch.setattr(ck, "find_checkpoint", lambda src: run / "checkpoints" / "step_00000006")
+    monkeypatch.setattr(ck, "find_checkpoint", lambda src, also="": run / "checkpoints" / "step_00000006")
     with pytest.raises(MinfmError, match="deleted while minfm tried to open one"), ck.held(run):
         pass
 

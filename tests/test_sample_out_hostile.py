@@ -41,7 +41,7 @@ def test_check_refuses_an_out_dir_that_is_a_file(tmp_path):
     f.write_text("x")
     resolved = tiny(tmp_path / "run", "job=sample", f"sample.out_dir={json.dumps(str(f))}",
                     f"sample.source={json.dumps(str(tmp_path))}", 'sample.prompts=["a"]')
-    assert f"sample.out_dir: {f} is a file, not a folder" in job_checks(resolved, "sample")
+    assert f"sample.out_dir: {f} is a file, not a folder (from --set sample.out_dir)" in job_checks(resolved, "sample")
 
 
 def test_default_out_of_a_checkpoint_is_beside_the_run_not_inside_the_checkpoint(tmp_path):

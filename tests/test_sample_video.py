@@ -132,7 +132,7 @@ def test_frames_the_model_cannot_cut_exit_2_before_anything_is_written(run_dir, 
     assert "\n" not in line and "Traceback" not in line
     assert line.startswith("minfm: error: ") and line.endswith(
         "recipe.toml: sample.size 3x16x16: 3 frames: this model cannot draw that (its patches span 2 "
-        "latent frames); valid frame counts are 2, 4, 6, 8, 10, ...")
+        "latent frames); valid frame counts are 2, 4, 6, 8, 10, ... (from --size)")
     assert not (tmp_path / "o").exists()
 
 

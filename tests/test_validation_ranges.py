@@ -180,6 +180,36 @@ def test_a_problem_from_a_set_names_it(tmp_path, capsys):
     assert capsys.readouterr().err.strip().endswith("bad.toml: train.lr: must be in [0, 1], got 5.0")
 
 
+@pytest.mark.parametrize("setting, line", [
+    ("train.total_batch_size=30", "train.total_batch_size: 30 is not a positive multiple of train.batch_size x world "
+                                  "size = 16 x 1 = 16 (from --set train.total_batch_size)"),
+    # the problem is about another setting, and names the one the user set
+    ("train.batch_size=3", "train.total_batch_size: 32 is not a positive multiple of train.batch_size x world "
+                           "size = 3 x 1 = 3 (from --set train.batch_size)"),
+    ("train.min_lr=0.01", "train.min_lr: 0.01 is above the peak train.lr = 0.0015 (from --set train.min_lr)"),
+    ("train.profile_steps=[0]", "(from --set train.profile_steps)"),
+])
+def test_a_start_up_problem_from_a_set_names_it(setting, line, capsys):
+    """The job's start-up checks (two settings together) ran after the recipe loaded, and their
+    problems lost the '(from --set ...)' every single-field problem has."""
+    assert main(["check", RECIPE, "--set", setting]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"minfm: error: {RECIPE}: ") and err.endswith(line), err
+
+
+def test_a_problem_from_a_sample_flag_names_the_flag(tmp_path):
+    """`minfm sample --size 33x32` blamed '--set sample.size', which the user never typed."""
+    from minfm_core.errors import RecipeError
+    from minfm_core.recipe import load_recipe
+
+    flags = {"job": "", "sample.size": "--size"}
+    with pytest.raises(RecipeError, match=r"sample.size: height and width 33x32 must be multiples .*\(from --size\)$"):
+        load_recipe(RECIPE, ["job=sample", "sample.size=[1, 33, 32]"], flags=flags)
+    resolved = load_recipe(RECIPE, ["job=sample", "sample.steps=3"], flags={**flags, "sample.steps": "--steps"})
+    assert resolved.blame("sample.steps: too few for this sampler") == "sample.steps: too few for this sampler (from --steps)"
+    assert resolved.blame("a sample job needs prompts") == "a sample job needs prompts"  # job=sample blames nothing
+
+
 @pytest.mark.parametrize("setting", ["train.total_batch_size=-1", "parallel={name = \"fsdp2\", shard_size = -1}",
                                      "train.ema_decay=0.0", "train.ckpt_every=0", "train.grad_clip_norm=inf",
                                      "train.grad_spike_threshold=inf"])

@@ -104,23 +104,22 @@ def _sample_cli(args, src: Path, stack: contextlib.ExitStack) -> int:
     if prompts and args.n is not None:  # refused before the source is opened and verified
         _check_draw(len(prompts), args.n, "--n")
     recipe_path, kind, where = locate(src, stack, allow_pickle=args.allow_pickle_checkpoint)
-    overrides = ["job=sample", *args.overrides]
-    if args.steps is not None:
-        overrides.append(f"sample.steps={args.steps}")
-    if args.cfg is not None:
-        overrides.append(f"sample.guidance.scale={args.cfg}")
-    if args.size is not None:  # (frames, height, width), parsed and range-checked by argparse
-        overrides.append("sample.size=[{}, {}, {}]".format(*args.size))
-    if args.n is not None:
-        overrides.append(f"sample.samples_per_prompt={args.n}")
-    if args.seed is not None:
-        overrides.append(f"sample.seed={args.seed}")
-    if args.npz:
-        overrides.append("sample.save_npz=true")
-    if args.no_ema:
-        overrides.append("sample.use_ema=false")
+    # The flags as recipe settings, each with its flag: a problem it causes names the flag.
+    given = {
+        "--steps": (args.steps, f"sample.steps={args.steps}"),
+        "--cfg": (args.cfg, f"sample.guidance.scale={args.cfg}"),
+        # (frames, height, width), parsed and range-checked by argparse
+        "--size": (args.size, "sample.size=[{}, {}, {}]".format(*(args.size or (0, 0, 0)))),
+        "--n": (args.n, f"sample.samples_per_prompt={args.n}"),
+        "--seed": (args.seed, f"sample.seed={args.seed}"),
+        "--npz": (args.npz or None, "sample.save_npz=true"),
+        "--no-ema": (args.no_ema or None, "sample.use_ema=false"),
+    }
+    flagged = {flag: override for flag, (value, override) in given.items() if value is not None}
+    overrides = ["job=sample", *args.overrides, *flagged.values()]
+    flags = {"job": "", **{override.partition("=")[0]: flag for flag, override in flagged.items()}}
     # A recipe downloaded with the model is data (docs/security.md); --set stays the user's.
-    resolved = load_recipe(recipe_path, overrides, untrusted_root=recipe_root(recipe_path))
+    resolved = load_recipe(recipe_path, overrides, untrusted_root=recipe_root(recipe_path), flags=flags)
     if not prompts:
         prompts = list(resolved.recipe.sample.prompts) or (
             read_prompt_file(resolved.recipe.sample.prompt_file) if resolved.recipe.sample.prompt_file else []
@@ -163,7 +162,7 @@ def sample_recipe(resolved) -> int:
     from ..recipe.checks import start_problems
     from ..sources import resolve_source
 
-    problems = start_problems(resolved, "sample")
+    problems = [resolved.blame(p) for p in start_problems(resolved, "sample")]
     if problems:
         raise RecipeError(problems, resolved.source)
     s = resolved.recipe.sample

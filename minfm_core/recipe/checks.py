@@ -135,7 +135,7 @@ def job_checks(resolved, job: str, world_size: int | None = None) -> list[str]:
             read_prompt_file(s.prompt_file)
         except MinfmError as exc:
             problems.append(f"sample.prompt_file: {exc}")
-    return problems or start_problems(resolved, job)
+    return [resolved.blame(p) for p in problems or start_problems(resolved, job)]
 
 
 def _run_outputs_problems(resolved) -> list[str]:

@@ -28,6 +28,13 @@ class ResolvedRecipe:
     #: user's own --set gave (trusted even then): the start-up checks of a job read them.
     outside: str | None = None
     trusted: frozenset[str] = frozenset()
+    #: (key, what set it: ``--set KEY`` or a command's own flag, e.g. ``--size``) for each
+    #: value the command line gave: a problem found later (a job's start-up checks) names it.
+    set_by: tuple[tuple[str, str], ...] = ()
+
+    def blame(self, problem: str) -> str:
+        """``problem`` with the command-line setting that caused it named, if one did."""
+        return _blame(problem, self.set_by)
 
     def __getitem__(self, path: str) -> Resolved:
         return self.slots[path]
@@ -162,8 +169,13 @@ def load_recipe(
     world_size: int | None = None,
     *,
     untrusted_root: str | os.PathLike | None = None,
+    flags: dict[str, str] | None = None,
 ) -> ResolvedRecipe:
     """Load, merge, override, expand, structure and check a recipe file.
+
+    ``flags``: override key -> the command's flag that gave it (``{"sample.size": "--size"}``),
+    named instead of ``--set KEY`` in a problem it caused; an empty name blames nothing (an
+    override the command adds itself, e.g. ``job=sample``).
 
     ``untrusted_root``: the recipe came from outside (a Hub repo, a checkpoint folder) and
     this is the folder it arrived in. It is then read as data: no ``${VAR}`` expansion, its
@@ -177,7 +189,10 @@ def load_recipe(
     """
     if untrusted_root is None:
         untrusted_root = recipe_root(recipe_file(path))
+    overrides = list(overrides)
     raw = load_recipe_dict(path, overrides, untrusted_root=untrusted_root)
+    keys = [".".join(parse_override(o)[0]) for o in overrides]
+    set_by = tuple((k, (flags or {}).get(k, f"--set {k}")) for k in keys)
     try:
         resolved = resolve_recipe(raw, source=str(path), world_size=world_size)
     except RecursionError:
@@ -185,9 +200,10 @@ def load_recipe(
     except RecipeError as exc:
         if not overrides:
             raise
-        raise RecipeError([_blame_override(p, overrides) for p in exc.problems], exc.source) from None
+        raise RecipeError([_blame(p, set_by) for p in exc.problems], exc.source) from None
+    resolved = attrs.evolve(resolved, set_by=set_by)
     if untrusted_root is not None:
-        trusted = frozenset(".".join(parse_override(o)[0]) for o in overrides)
+        trusted = frozenset(keys)
         resolved = contain_file_references(resolved, Path(path), Path(untrusted_root), trusted)
         resolved = attrs.evolve(resolved, outside=str(untrusted_root), trusted=trusted)
     return shipped_file_references(resolved)
@@ -196,15 +212,20 @@ def load_recipe(
 _UNKNOWN_KEY = re.compile(r"(?P<path>[^:]+): unknown key '(?P<name>[^']+)'")
 
 
-def _blame_override(problem: str, overrides: Iterable[str]) -> str:
-    """``problem`` with the ``--set`` that caused it named: the message's source is the recipe
-    file, which may not hold the value at all (`tiny.toml: <root>: unknown key 'nosuch'`)."""
+def _blame(problem: str, set_by: Iterable[tuple[str, str]]) -> str:
+    """``problem`` with the ``--set`` (or flag) that caused it named: the message's source is
+    the recipe file, which may not hold the value at all (`tiny.toml: <root>: unknown key
+    'nosuch'`). The setting the problem is about counts first; else one the problem names
+    (`train.total_batch_size: ... multiple of train.batch_size ...` after `--set train.batch_size`)."""
+    set_by = [(key, label) for key, label in reversed(list(set_by)) if label]  # the last one set it
     m = _UNKNOWN_KEY.match(problem)
     where = (m["name"] if m["path"] == "<root>" else f"{m['path']}.{m['name']}") if m else problem.split(":", 1)[0]
-    for o in overrides:
-        key = ".".join(parse_override(o)[0])
+    for key, label in set_by:
         if where == key or key.startswith(where + ".") or where.startswith((key + ".", key + "[")):
-            return f"{problem} (from --set {key})"
+            return f"{problem} (from {label})"
+    for key, label in set_by:
+        if "." in key and re.search(rf"(?<![\w.]){re.escape(key)}(?![\w\[])", problem):
+            return f"{problem} (from {label})"
     return problem
 
 
