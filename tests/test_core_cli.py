@@ -22,6 +22,47 @@ def test_missing_recipe_exit_2(minfm, tmp_path):
     assert res.stderr.strip() == f"minfm: error: recipe file not found: {tmp_path / 'nope.toml'}"
 
 
+def _commands(parser, prefix=()):
+    """(words, parser) of every command and subcommand, from the parser minfm builds."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*prefix, name), sub
+                yield from _commands(sub, (*prefix, name))
+
+
+def test_a_mistyped_flag_is_refused_by_its_command_with_the_flag_meant():
+    """`minfm sample SRC --promt x` showed `minfm`'s usage and no suggestion."""
+    from minfm_core.cli.main import build_parser
+
+    checked = 0
+    for words, sub in _commands(build_parser()):
+        flags = [f for f in sub._option_string_actions if f.startswith("--") and f != "--help" and len(f) > 5]
+        for flag in flags:
+            typo = flag[:3] + flag[4:]  # one letter dropped
+            if not any(typo in other for other in flags):  # not an abbreviation argparse takes
+                assert sub._meant([typo, "x"]) == f" (did you mean {flag}?)", (words, typo)
+                checked += 1
+    assert checked > 50
+
+
+@pytest.mark.parametrize("argv, usage, line", [
+    (["sample", "run", "--promt", "x"], "usage: minfm sample ", "unrecognized arguments: --promt x (did you mean --prompt?)"),
+    (["plugins", "--jsn"], "usage: minfm plugins ", "unrecognized arguments: --jsn (did you mean --json?)"),
+    (["hub", "push", "src", "org/name", "--revison", "v1"], "usage: minfm hub push ",
+     "unrecognized arguments: --revison v1 (did you mean --revision?)"),
+    (["check", "r.toml", "--zzz"], "usage: minfm check ", "unrecognized arguments: --zzz"),
+])
+def test_unknown_arguments_get_the_commands_usage(argv, usage, line, capsys):
+    from minfm_core.cli.main import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(usage) and err.rstrip().endswith(f"minfm: error: {line}"), err
+
+
 def test_bad_set_exit_2(minfm, tmp_path):
     p = tmp_path / "r.toml"
     p.write_text("")

@@ -25,6 +25,26 @@ class Parser(argparse.ArgumentParser):
         self.print_usage(sys.stderr)
         raise MinfmError(message)
 
+    def parse_known_args(self, args=None, namespace=None):
+        # A command's unknown flag is refused by the command's own parser, with its usage and
+        # the flag it may have meant: argparse passed it up to `minfm`'s, which showed
+        # `usage: minfm COMMAND` and no suggestion. (No caller wants unknown arguments back.)
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}{self._meant(extras)}")
+        return namespace, extras
+
+    def _meant(self, extras: list[str]) -> str:
+        import difflib
+
+        flags = [f for f in self._option_string_actions if f.startswith("--")]
+        for extra in extras:
+            if extra.startswith("--"):
+                close = difflib.get_close_matches(extra.partition("=")[0], flags, n=1, cutoff=0.6)
+                if close:
+                    return f" (did you mean {close[0]}?)"
+        return ""
+
 
 def add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="path to a TOML recipe, or minfm:NAME.toml for a shipped one")
