@@ -168,6 +168,19 @@ def test_cache_models_names_a_missing_repo(hub_server, tmp_path, minfm):
     assert "HF_HUB_OFFLINE" not in out.stdout  # offline runs would miss what failed
 
 
+def test_cache_models_offline_names_what_is_not_cached_once(tmp_path, minfm):
+    """Each uncached reference's error advised `minfm cache models RECIPE`, the command that
+    failed, in one ~2 KB line: now one sentence lists them and says to unset HF_HUB_OFFLINE."""
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(recipe_text())
+    out = minfm("cache", "models", str(recipe), env={"HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    refs = ", ".join(f"{REPO}/{sub}" for sub in ("vae", "text_encoder_2", "tokenizer_2", "text_encoder", "tokenizer"))
+    assert out.stderr.strip() == (f"minfm: error: not in the Hugging Face cache, and the Hub is offline "
+                                  f"(HF_HUB_OFFLINE=1): {refs}; unset HF_HUB_OFFLINE for minfm cache models "
+                                  "to fetch them")
+
+
 LOAD_DENOISER = textwrap.dedent(
     """
     import sys

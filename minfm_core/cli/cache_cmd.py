@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from ..errors import MinfmError
-from ..pretrained import is_local, recipe_refs, resolve_pretrained
+from ..pretrained import is_local, offline, parse_hub_ref, recipe_refs, resolve_pretrained
 from ..recipe import load_recipe
 from . import latents_cmd
 
@@ -40,7 +40,7 @@ def run_models(args) -> int:
     if not refs:
         print(f"{args.recipe}: names no pretrained weights; nothing to fetch")
         return 0
-    fetched, failed = 0, []
+    fetched, failed, uncached = 0, [], []
     for path, ref in refs:
         if is_local(ref):
             print(f"{path}: {ref} (local, skipped)")
@@ -48,6 +48,11 @@ def run_models(args) -> int:
         try:  # one missing reference (e.g. a file another command writes) does not stop the others
             local = resolve_pretrained(ref)
         except MinfmError as exc:
+            if offline() and parse_hub_ref(ref) is not None:
+                # Not cached. Each one's error advises this very command: say once what is
+                # missing, and why.
+                uncached.append(ref)
+                continue
             failed.append(f"{exc}" + (" (nor is it an existing local file)" if Path(ref).suffix else ""))
             continue
         fetched += 1
@@ -56,6 +61,10 @@ def run_models(args) -> int:
         print(f"{fetched} Hub reference(s) in the Hugging Face cache; later runs can set HF_HUB_OFFLINE=1")
     elif fetched:
         print(f"{fetched} Hub reference(s) in the Hugging Face cache")
+    if uncached:
+        failed.append(f"not in the Hugging Face cache, and the Hub is offline (HF_HUB_OFFLINE=1): "
+                      f"{', '.join(uncached)}; unset HF_HUB_OFFLINE for minfm cache models to fetch "
+                      f"{'it' if len(uncached) == 1 else 'them'}")
     if len(failed) == 1:
         raise MinfmError(failed[0])
     if failed:
