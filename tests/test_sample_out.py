@@ -52,6 +52,7 @@ def test_same_request_resumes_another_is_refused_then_overwritten(run_dir, tmp_p
     # The same request again: nothing left to draw, nothing changed.
     again = sample(run_dir, out, "--prompt", "a red circle", "--prompt", "a blue square")
     assert again.returncode == 0 and "1 batch, 1 already done, 0 to draw" in again.stdout
+    assert f"minfm: {out} holds all 4 images: 0 drawn now, 4 already there" in again.stdout  # was "wrote 4 images"
     assert images(out) == old
 
     # Another prompt, another seed: refused, naming what differs; nothing touched.

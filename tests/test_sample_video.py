@@ -105,6 +105,7 @@ def test_a_clip_is_the_same_however_it_is_batched_and_resumes(run_dir, clips, tm
     (out / "images" / "00001_01.webp").unlink()
     res = minfm_in_process(*base[:])
     assert res.returncode == 0 and "2 batches, 1 already done, 1 to draw" in res.stdout, res.stdout + res.stderr
+    assert "holds all 4 clips: 1 drawn now, 3 already there" in res.stdout  # a batch of 3 and one of 1
     assert (out / "samples.npz").read_bytes() == (clips / "samples.npz").read_bytes()
     # Another frame rate is another request (the files hold their timing).
     other = minfm_in_process(*[a if a != "10" else "12" for a in base])

@@ -468,7 +468,12 @@ def run_sampling(resolved, prompts: list[str], out: Path, *, weights, source: st
             if s.save_npz:
                 write_npz(out / "samples.npz", [out / r.get("preview", r["path"]) for r in records],
                           fps=fps if clips else None)
-            print(f"minfm: wrote {len(items)} {'clip' if clips else 'image'}{'s' * (len(items) != 1)} to {out}")
+            kind = f"{'clip' if clips else 'image'}{'s' * (len(items) != 1)}"
+            drawn = sum(len(batches[b]) for b in pending)
+            if drawn == len(items):
+                print(f"minfm: wrote {len(items)} {kind} to {out}")
+            else:  # a resumed request: say what this call added
+                print(f"minfm: {out} holds all {len(items)} {kind}: {drawn} drawn now, {len(items) - drawn} already there")
     finally:
         if rt.is_main:
             runlock.release(out)
