@@ -153,7 +153,7 @@ def test_a_logger_naming_a_file_outside_the_run_folder_is_refused():
     wrote outside it. check and run (job_checks) refuse it before anything is written."""
     problems = _check('logging.loggers=[{name = "probe_log"}]')
     assert problems == ["logging.loggers[0] (probe_log): run_outputs: refusing path "
-                        "'/tmp/outside.csv': it leaves experiments/tiny"]
+                        "'/tmp/outside.csv': it leaves experiments/tiny (from --set logging.loggers)"]
     assert _check('logging.loggers=[{name = "probe_log", filename = "../up.csv"}]')[0].endswith(
-        "refusing path '../up.csv': it leaves experiments/tiny")
+        "refusing path '../up.csv': it leaves experiments/tiny (from --set logging.loggers)")
     assert _check('logging.loggers=[{name = "probe_log", filename = "mine/metrics.csv"}]') == []

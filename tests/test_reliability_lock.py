@@ -161,7 +161,7 @@ def test_exp_dir_that_is_a_file_exits_2(tmp_path):
     res = minfm_in_process("run", str(TINY), "--set", f"run.exp_dir={f}")
     assert res.returncode == 2
     # the recipe's job checks (shared with `minfm check`) catch it before the lock is tried
-    assert res.stderr.strip() == f"minfm: error: {TINY}: run.exp_dir: {f} is a file, not a folder"
+    assert res.stderr.strip() == f"minfm: error: {TINY}: run.exp_dir: {f} is a file, not a folder (from --set run.exp_dir)"
     assert f.read_text() == "keep me"
 
 
@@ -227,7 +227,8 @@ def test_exp_dir_below_a_file_exits_2(tmp_path, capsys):
     f.write_text("keep me")
     assert main(["check", str(TINY), "--set", f"run.exp_dir={str(f / 'runs' / 'a')!r}"]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"minfm: error: {TINY}: run.exp_dir: {f / 'runs' / 'a'} cannot be made: {f} is not a folder")
+        f"minfm: error: {TINY}: run.exp_dir: {f / 'runs' / 'a'} cannot be made: {f} is not a folder "
+        "(from --set run.exp_dir)")
     assert f.read_text() == "keep me"
 
 

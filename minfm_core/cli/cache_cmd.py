@@ -51,7 +51,7 @@ def run_models(args) -> int:
             if offline() and parse_hub_ref(ref) is not None:
                 # Not cached. Each one's error advises this very command: say once what is
                 # missing, and why.
-                uncached.append(ref)
+                uncached.append(ref + (" (nor a local file)" if Path(ref).suffix else ""))
                 continue
             failed.append(f"{exc}" + (" (nor is it an existing local file)" if Path(ref).suffix else ""))
             continue
