@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from starlette.middleware import Middleware  # noqa: E402
 
-from minfm_core.cli.argtypes import LOOPBACK, listen_family  # noqa: E402
+from minfm_core.cli.argtypes import LOOPBACK, listen_family, loopback_name  # noqa: E402
 from minfm_core.errors import MinfmError  # noqa: E402
 
 from .batcher import Batcher, QueueFull  # noqa: E402
@@ -55,13 +55,25 @@ def _md_escape(text: str) -> str:
 class GuardRequests:
     """ASGI middleware in front of gradio's routes: refuses the upload routes (403) and any request
     body over ``max_body`` bytes (413), counting the bytes as they arrive (a chunked body has no
-    Content-Length), so a huge body is never held whole in memory."""
+    Content-Length), so a huge body is never held whole in memory. ``local_only`` (a server on
+    loopback, no share link): a request whose Host is not a loopback name is refused (403),
+    HTTP and websocket alike: a page elsewhere re-pointed at 127.0.0.1 (DNS rebinding) would
+    otherwise drive the model from the user's browser."""
 
-    def __init__(self, app, max_body: int = MAX_BODY_BYTES) -> None:
+    def __init__(self, app, max_body: int = MAX_BODY_BYTES, local_only: bool = False) -> None:
         self.app = app
         self.max_body = max_body
+        self.local_only = local_only
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        if self.local_only:
+            host = dict(scope.get("headers") or ()).get(b"host", b"").decode("latin-1")
+            if not loopback_name(host):
+                if scope["type"] == "websocket":
+                    return await send({"type": "websocket.close", "code": 1008})
+                return await _answer(send, 403, "Host not allowed: this server answers loopback names only.")
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         if scope.get("path", "").rstrip("/").endswith(_UPLOAD_ROUTES):
@@ -317,7 +329,7 @@ def launch(app: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None, 
         max_file_size="1mb",  # the app takes no uploads (GuardRequests refuses gradio's upload route)
         # quiet: its banner advises "set `share=True` in `launch()`"; serve prints the URLs itself
         quiet=True, show_error=False,
-        app_kwargs={"middleware": [Middleware(GuardRequests)]},
+        app_kwargs={"middleware": [Middleware(GuardRequests, local_only=host in LOOPBACK and not share)]},
     )
 
 

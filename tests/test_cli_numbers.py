@@ -71,3 +71,12 @@ def test_sizes_take_ascii_digits_only(text):
 
     with pytest.raises(MinfmError, match="expected HEIGHTxWIDTH"):
         sample_size("--size")(text)
+
+
+@pytest.mark.parametrize("text", ["-16x16", "-1x16x16", "-.5"])
+def test_a_value_starting_minus_digit_reaches_its_flag(text, capsys):
+    """argparse reads only plain negative numbers as values: `--size -16x16` got "argument
+    --size: expected one argument" and the usage, not the size's own message."""
+    assert main(["sample", "run", "--prompt", "a", "--size", text]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"minfm: error: --size {text!r}: expected HEIGHTxWIDTH or FRAMESxHEIGHTxWIDTH, e.g. 256x256 or 17x256x256"

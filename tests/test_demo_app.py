@@ -330,6 +330,22 @@ def test_large_bodies_and_uploads_are_refused_before_gradio_reads_them(served, c
     assert len(images) == 1
 
 
+def test_on_loopback_only_loopback_names_are_answered(served):
+    """DNS rebinding: a page on evil.example re-pointed at 127.0.0.1 would drive the model (and
+    read its answers) from the user's browser; its requests carry its own Host."""
+    import httpx
+
+    url = served[2].rstrip("/")
+    port = url.rsplit(":", 1)[1]
+    with httpx.Client(timeout=60) as http:
+        for host in ("evil.example", f"evil.example:{port}", "10.0.0.1"):
+            for method, path in (("GET", "/"), ("POST", "/gradio_api/call/generate")):
+                r = http.request(method, f"{url}{path}", headers={"Host": host}, content=b"{}")
+                assert r.status_code == 403 and "loopback names only" in r.text, (host, path, r.status_code)
+        for host in (f"localhost:{port}", f"127.0.0.1:{port}"):
+            assert http.get(f"{url}/", headers={"Host": host}).status_code == 200
+
+
 def test_the_title_escapes_the_source_path(run_dir, tmp_path):
     import os
 

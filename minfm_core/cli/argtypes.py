@@ -21,6 +21,13 @@ from ..validators import MAX_FRAMES, MAX_SIDE
 
 
 class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # Anything starting "-<digit>" is a value, not a flag (no flag of ours looks so):
+        # argparse took only plain numbers, so `--size -16x16` got "expected one argument"
+        # instead of the size's own message.
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
+
     def error(self, message: str):  # argparse's own usage errors: exit 2, like ours
         self.print_usage(sys.stderr)
         raise MinfmError(message)
@@ -143,6 +150,27 @@ def sample_size(flag: str) -> Callable[[str], tuple[int, int, int]]:
 
 #: Addresses only this machine reaches: a server bound elsewhere says so (serve, demo).
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def loopback_name(host_header: str) -> bool:
+    """Whether an HTTP Host header (``name[:port]``, ``[v6]:port``) names this machine's
+    loopback: ``localhost`` (or a ``*.localhost`` name) or a loopback address. A server on
+    loopback answers only these: a page elsewhere whose name an attacker re-points at
+    127.0.0.1 (DNS rebinding) sends its own name. None given (an HTTP/1.0 client) passes:
+    browsers always send one."""
+    import ipaddress
+
+    name = host_header.strip().lower()
+    if name.startswith("["):
+        name = name[1:].partition("]")[0]
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    if name in ("", "localhost") or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def listen_family(host: str, port: int | None) -> int:

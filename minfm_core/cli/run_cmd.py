@@ -23,7 +23,8 @@ from ..recipe.checks import job_checks
 from ..safepath import missing_folder
 from ..engine.stop_signal import STOPPED_EXIT_CODE
 from ..validators import MAX_GUIDANCE, MAX_SAMPLES, MAX_SEED, MAX_SOLVER_STEPS
-from .argtypes import LOOPBACK, add_allow_pickle_flag, finite_float, int_in, listen_family, non_empty, nprocs, sample_size
+from .argtypes import (LOOPBACK, add_allow_pickle_flag, finite_float, int_in, listen_family, loopback_name, non_empty,
+                       nprocs, sample_size)
 
 
 def register(sub) -> None:
@@ -101,25 +102,6 @@ class _Slice:
         self.f.close()
 
 
-def _loopback_name(host_header: str) -> bool:
-    """Whether an HTTP Host header (``name[:port]``, ``[v6]:port``) names this machine's
-    loopback: ``localhost`` (or a ``*.localhost`` name) or a loopback address. None given (an
-    HTTP/1.0 client) passes: browsers always send one."""
-    import ipaddress
-
-    name = host_header.strip().lower()
-    if name.startswith("["):
-        name = name[1:].partition("]")[0]
-    elif name.count(":") == 1:
-        name = name.partition(":")[0]
-    if name in ("", "localhost") or name.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
-
-
 def gallery_server(root, host: str, port: int):
     """A threading HTTP server for ``root`` (not yet serving; the caller runs serve_forever).
 
@@ -140,9 +122,7 @@ def gallery_server(root, host: str, port: int):
         extensions_map = {**base.extensions_map, **SERVE_TYPES}
 
         def send_head(self):
-            if local_only and not _loopback_name(self.headers.get("Host") or ""):
-                # A page elsewhere whose name resolves to 127.0.0.1 (DNS rebinding) would read
-                # the run's files through the user's browser: its requests carry its own name.
+            if local_only and not loopback_name(self.headers.get("Host") or ""):  # DNS rebinding
                 self.send_error(403, "Host not allowed: this server answers loopback names only")
                 return None
             m = one_range.fullmatch((self.headers.get("Range") or "").strip())
