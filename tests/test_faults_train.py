@@ -56,8 +56,24 @@ def test_a_max_steps_below_the_checkpoint_is_refused_and_changes_nothing(trained
     # The same max_steps: nothing left to train, said so; exit 0
     capsys.readouterr()
     assert train(tiny(run, "train.max_steps=4", "train.ckpt_every=2", "train.keep_last=0")) == 0
-    assert "at step 4 = train.max_steps: the run is finished, nothing to train" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "at step 4 = train.max_steps: the run is finished, nothing to train" in out
+    assert "trained to step" not in out  # nothing was
     assert read_metrics(run) == read_metrics(trained_run)
+
+
+def test_a_finished_run_says_where_its_results_are(trained_run, tmp_path, capsys):
+    """The progress lines ended at the last step; nothing named the checkpoint or what to do next."""
+    import re
+
+    from minfm_core.engine.train import train
+
+    run = copy_run(trained_run, tmp_path / "run")
+    assert train(tiny(run, "train.max_steps=5", "train.ckpt_every=2", "train.keep_last=0")) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(rf"minfm: trained to step 5 in 0:00:\d\d: checkpoint {re.escape(str(run))}/checkpoints/"
+                        rf"step_00000005(, galleries \S+index.html)?; sample it with: minfm sample "
+                        rf'{re.escape(str(run))} --prompt "\.\.\."', last), last
 
 
 def test_a_component_that_fails_to_build_leaves_no_run_folder(tmp_path):

@@ -13,6 +13,7 @@ its current step with a checkpoint (stop_signal.py).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import gc
 import json
 import math
@@ -542,6 +543,18 @@ class Trainer:
             with comp.calling(member):
                 getattr(lg, member)(*args)
 
+    def finished_line(self, seconds: float) -> None:
+        """Where a finished run's results are: the progress lines end at the last step and
+        said nothing of them."""
+        exp = self.exp_dir
+        gallery = exp / "samples" / "index.html"
+        where = f"checkpoint {exp / ckpt_mod.CKPT_DIR / ckpt_mod.step_dir(self.step)}"
+        if self.rt.is_main and gallery.is_file():
+            where += f", galleries {gallery}"
+        elapsed = str(datetime.timedelta(seconds=round(seconds)))
+        self._log_line(f"trained to step {self.step} in {elapsed}: {where}; "
+                       f"sample it with: minfm sample {exp} --prompt \"...\"")
+
     def _log_line(self, text: str) -> None:
         if self.rt.is_main:
             print(f"minfm: {text}", flush=True)
@@ -556,6 +569,7 @@ def train(resolved) -> int:
         stop = StopRequest()
         with stop.installed():  # also while close() waits for the stop's checkpoint
             trainer.stop_request = stop
+            first, started = trainer.step, time.perf_counter()
             try:
                 trainer.fit()
             except BaseException:
@@ -563,6 +577,8 @@ def train(resolved) -> int:
                     trainer.close()
                 raise
             trainer.close()
+        if not trainer.stopped and trainer.step > first:
+            trainer.finished_line(time.perf_counter() - started)
     finally:
         runlock.release(resolved.recipe.run.exp_dir)
         shutdown_runtime()
