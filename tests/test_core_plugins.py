@@ -42,6 +42,9 @@ def test_disable_plugins_env(minfm, example_plugin_env):
     names = {p["name"] for p in info["plugins"]}
     assert "example" not in names and info["failed"] == []
     assert all(c["name"] != "beta" for c in info["kinds"]["time_sampler"])
+    assert info["blocked"] == ["broken", "example"]  # listed, not silently gone
+    assert "  example            blocked (MINFM_DISABLE_PLUGINS)" in minfm("plugins", env=env).stdout.splitlines()
+    assert json.loads(minfm("plugins", "--json", env=example_plugin_env).stdout)["blocked"] == []
 
 
 @pytest.mark.parametrize("blocked", ["example", "minfm-example-plugin:example"])

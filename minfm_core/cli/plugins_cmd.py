@@ -1,7 +1,8 @@
 """``minfm plugins``: every plugin with its commands, every component with its config fields.
 
 Broken plugins are listed with the reason they were skipped (an entry point named like a
-plugin already loaded by its distribution-qualified name, ``dist:name``); a component whose
+plugin already loaded by its distribution-qualified name, ``dist:name``), and the plugins
+MINFM_DISABLE_PLUGINS blocks as blocked; a component whose
 lazy ``"module:attr"`` factory does not import, or cannot take the keywords the engine
 passes, is listed as broken with the reason (``minfm check`` refuses a recipe that selects
 it); a name several plugins claim, which none of them gets, is listed as contested.
@@ -52,6 +53,8 @@ def collect() -> dict:
     return {
         "plugins": [{"name": n, "origin": o, "commands": commands.get(n, [])} for n, o in sorted(state.origins.items())],
         "failed": [{"name": n, "error": e} for n, e in sorted(state.failures.items())],
+        # installed but kept from loading by MINFM_DISABLE_PLUGINS (not imported: what they register is unknown)
+        "blocked": list(state.registry.blocked),
         "contested": [{"kind": k, "name": n, "plugins": who} for (k, n), who in sorted(state.registry.contested().items())],
         "kinds": kinds,
         # The recipe's own numeric sections carry ranges too; listed so one command shows them all.
@@ -78,6 +81,8 @@ def run(args) -> int:
             print(f"      commands: {', '.join('minfm ' + c for c in p['commands'])}")
     for f in info["failed"]:
         print(f"  {f['name']:<18} BROKEN: {f['error']}")
+    for name in info["blocked"]:
+        print(f"  {name:<18} blocked (MINFM_DISABLE_PLUGINS)")
     for c in info["contested"]:
         print(f"  {c['kind']} {c['name']!r} CONTESTED: registered by {', '.join(c['plugins'])}, so by none of them "
               "(MINFM_DISABLE_PLUGINS picks one)")
