@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from starlette.middleware import Middleware  # noqa: E402
 
-from minfm_core.cli.argtypes import LOOPBACK, listen_family, loopback_name  # noqa: E402
+from minfm_core.cli.argtypes import LOOPBACK, host_allowed, host_name, listen_family  # noqa: E402
 from minfm_core.errors import MinfmError  # noqa: E402
 
 from .batcher import Batcher, QueueFull  # noqa: E402
@@ -60,20 +60,23 @@ class GuardRequests:
     HTTP and websocket alike: a page elsewhere re-pointed at 127.0.0.1 (DNS rebinding) would
     otherwise drive the model from the user's browser."""
 
-    def __init__(self, app, max_body: int = MAX_BODY_BYTES, local_only: bool = False) -> None:
+    def __init__(self, app, max_body: int = MAX_BODY_BYTES, local_only: bool = False,
+                 allowed_hosts: tuple[str, ...] = ()) -> None:
         self.app = app
         self.max_body = max_body
         self.local_only = local_only
+        self.allowed_hosts = allowed_hosts
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
         if self.local_only:
             host = dict(scope.get("headers") or ()).get(b"host", b"").decode("latin-1")
-            if not loopback_name(host):
+            if not host_allowed(host, self.allowed_hosts):
                 if scope["type"] == "websocket":
                     return await send({"type": "websocket.close", "code": 1008})
-                return await _answer(send, 403, "Host not allowed: this server answers loopback names only.")
+                return await _answer(send, 403, f"Host {host_name(host)!r} not allowed: this server answers loopback "
+                                                "names only (minfm demo --allowed-host NAME adds one).")
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         if scope.get("path", "").rstrip("/").endswith(_UPLOAD_ROUTES):
@@ -322,19 +325,21 @@ def _slider(lo: float, hi: float, **kwargs):
 
 
 def launch(app: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
-           block: bool = True):
+           block: bool = True, allowed_hosts: tuple[str, ...] = ()):
     """Start the server; returns gradio's (app, local_url, share_url)."""
     return app.launch(
         server_name=host, server_port=port, share=share, prevent_thread_lock=not block, ssr_mode=False,
         max_file_size="1mb",  # the app takes no uploads (GuardRequests refuses gradio's upload route)
         # quiet: its banner advises "set `share=True` in `launch()`"; serve prints the URLs itself
         quiet=True, show_error=False,
-        app_kwargs={"middleware": [Middleware(GuardRequests, local_only=host in LOOPBACK and not share)]},
+        app_kwargs={"middleware": [Middleware(GuardRequests, local_only=host in LOOPBACK and not share,
+                                              allowed_hosts=tuple(allowed_hosts))]},
     )
 
 
 def serve(src: str, *, host: str = "127.0.0.1", port: int | None = None, share: bool = False, queue_limit: int = 32,
-          max_batch: int = 8, window_ms: float = 100.0, use_ema: bool = True, max_steps: int = 100) -> int:
+          max_batch: int = 8, window_ms: float = 100.0, use_ema: bool = True, max_steps: int = 100,
+          allowed_hosts: tuple[str, ...] = ()) -> int:
     """``minfm demo``: load the model once, then serve until interrupted."""
     for flag, value in (("--queue-limit", queue_limit), ("--max-batch", max_batch), ("--batch-window-ms", window_ms),
                         ("--max-steps", max_steps), ("--port", port)):
@@ -354,7 +359,7 @@ def serve(src: str, *, host: str = "127.0.0.1", port: int | None = None, share: 
     batcher = Batcher(lambda settings, jobs, cb: model.run(settings, jobs, cb), window_s=window_ms / 1000.0,
                       max_batch=max_batch, max_queue=batcher_queue_limit(queue_limit, max_batch))
     app = build_app(model, batcher, queue_limit=queue_limit)
-    _, local_url, share_url = launch(app, host=host, port=port, share=share, block=False)
+    _, local_url, share_url = launch(app, host=host, port=port, share=share, block=False, allowed_hosts=allowed_hosts)
     print(f"minfm demo: serving on {local_url}" + ("" if share else " (--share opens a public link too)"))
     if share_url:
         print(f"minfm demo: public link {share_url}")

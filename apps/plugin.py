@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 
 from minfm_core import hookimpl
+from minfm_core.cli.argtypes import add_allowed_host_flag
 from minfm_core.errors import MinfmError
 
 from .numbers import NUMBERS
@@ -26,6 +27,7 @@ def register_commands(subparsers):
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=NUMBERS["--port"], default=None, help="port (default: the first free one from 7860)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    add_allowed_host_flag(p)
     p.add_argument("--queue-limit", type=NUMBERS["--queue-limit"], default=32, metavar="N", help="requests allowed to wait in the queue")
     p.add_argument("--max-batch", type=NUMBERS["--max-batch"], default=8, metavar="N",
                    help="images per batched sampler call (and handlers running at once)")
@@ -43,4 +45,4 @@ def _demo(args) -> int:
 
     return serve(args.source, host=args.host, port=args.port, share=args.share, queue_limit=args.queue_limit,
                  max_batch=args.max_batch, window_ms=args.batch_window_ms, use_ema=not args.no_ema,
-                 max_steps=args.max_steps)
+                 max_steps=args.max_steps, allowed_hosts=tuple(args.allowed_hosts))

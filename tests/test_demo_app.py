@@ -341,7 +341,8 @@ def test_on_loopback_only_loopback_names_are_answered(served):
         for host in ("evil.example", f"evil.example:{port}", "10.0.0.1"):
             for method, path in (("GET", "/"), ("POST", "/gradio_api/call/generate")):
                 r = http.request(method, f"{url}{path}", headers={"Host": host}, content=b"{}")
-                assert r.status_code == 403 and "loopback names only" in r.text, (host, path, r.status_code)
+                assert r.status_code == 403 and "not allowed: this server answers loopback names only" in r.text and (
+                    "--allowed-host NAME" in r.text), (host, path, r.status_code)
         for host in (f"localhost:{port}", f"127.0.0.1:{port}"):
             assert http.get(f"{url}/", headers={"Host": host}).status_code == 200
 

@@ -71,7 +71,8 @@ def test_minfm_demo_serves_the_api_on_loopback(tmp_path):
 
     train(tiny(tmp_path / "run", "train.max_steps=2"))
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "minfm_core.cli.main", "demo", str(tmp_path / "run"), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "minfm_core.cli.main", "demo", str(tmp_path / "run"), "--port", str(port),
+                             "--allowed-host", "proxy.example"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     lines: list[str] = []
@@ -93,6 +94,19 @@ def test_minfm_demo_serves_the_api_on_loopback(tmp_path):
             prompt="a red circle", negative_prompt="", size="16x16", steps=2, cfg_scale=2.0, ep_cfg=True,
             sampler="heun", seed=3, random_seed=False, num_images=1, api_name="/generate")
         assert seed == 3 and len(images) == 1
+        # on loopback: another Host name is refused (DNS rebinding) unless --allowed-host names it
+        import urllib.error
+        import urllib.request
+
+        def status(host: str) -> int:
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/", headers={"Host": host})
+            try:
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    return r.status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
+        assert (status("evil.example"), status("proxy.example:443"), status(f"localhost:{port}")) == (403, 200, 200)
     finally:
         stop_process(proc)
     assert proc.returncode in (0, 130), "".join(lines)

@@ -152,25 +152,35 @@ def sample_size(flag: str) -> Callable[[str], tuple[int, int, int]]:
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
-def loopback_name(host_header: str) -> bool:
-    """Whether an HTTP Host header (``name[:port]``, ``[v6]:port``) names this machine's
-    loopback: ``localhost`` (or a ``*.localhost`` name) or a loopback address. A server on
-    loopback answers only these: a page elsewhere whose name an attacker re-points at
-    127.0.0.1 (DNS rebinding) sends its own name. None given (an HTTP/1.0 client) passes:
-    browsers always send one."""
-    import ipaddress
-
+def host_name(host_header: str) -> str:
+    """The name of an HTTP Host header (``name[:port]``, ``[v6]:port``), lower-cased."""
     name = host_header.strip().lower()
     if name.startswith("["):
-        name = name[1:].partition("]")[0]
-    elif name.count(":") == 1:
-        name = name.partition(":")[0]
-    if name in ("", "localhost") or name.endswith(".localhost"):
+        return name[1:].partition("]")[0]
+    return name.partition(":")[0] if name.count(":") == 1 else name
+
+
+def host_allowed(host_header: str, allowed: tuple[str, ...] | list[str] = ()) -> bool:
+    """Whether a server on loopback answers a request with this Host header: a loopback name
+    (``localhost``, ``*.localhost``, a loopback address) or one of ``allowed`` (the user's
+    ``--allowed-host``, e.g. the name a proxy on this machine forwards). A page elsewhere whose
+    name an attacker re-points at 127.0.0.1 (DNS rebinding) sends its own name, and is
+    refused. None given (an HTTP/1.0 client) passes: browsers always send one."""
+    import ipaddress
+
+    name = host_name(host_header)
+    if name in ("", "localhost") or name.endswith(".localhost") or name in {a.lower() for a in allowed}:
         return True
     try:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
         return False
+
+
+def add_allowed_host_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allowed-host", dest="allowed_hosts", action="append", default=[], metavar="NAME",
+                   help="on loopback, also answer requests for this host name (e.g. a proxy's); repeatable. "
+                        "Other names are refused: a web page re-pointed at 127.0.0.1 must not read the server")
 
 
 def listen_family(host: str, port: int | None) -> int:

@@ -23,8 +23,8 @@ from ..recipe.checks import job_checks
 from ..safepath import missing_folder
 from ..engine.stop_signal import STOPPED_EXIT_CODE
 from ..validators import MAX_GUIDANCE, MAX_SAMPLES, MAX_SEED, MAX_SOLVER_STEPS
-from .argtypes import (LOOPBACK, add_allow_pickle_flag, finite_float, int_in, listen_family, loopback_name, non_empty,
-                       nprocs, sample_size)
+from .argtypes import (LOOPBACK, add_allow_pickle_flag, add_allowed_host_flag, finite_float, host_allowed, host_name,
+                       int_in, listen_family, non_empty, nprocs, sample_size)
 
 
 def register(sub) -> None:
@@ -65,6 +65,7 @@ def register(sub) -> None:
     p.add_argument("exp_dir", help="run directory")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int_in("--port", 0, 65535), default=8000, help="port (0: any free one; default 8000)")
+    add_allowed_host_flag(p)
     p.set_defaults(func=serve)
 
 
@@ -102,7 +103,7 @@ class _Slice:
         self.f.close()
 
 
-def gallery_server(root, host: str, port: int):
+def gallery_server(root, host: str, port: int, allowed_hosts: tuple[str, ...] | list[str] = ()):
     """A threading HTTP server for ``root`` (not yet serving; the caller runs serve_forever).
 
     Files are served as by ``python -m http.server``, with the types above and single byte
@@ -122,8 +123,10 @@ def gallery_server(root, host: str, port: int):
         extensions_map = {**base.extensions_map, **SERVE_TYPES}
 
         def send_head(self):
-            if local_only and not loopback_name(self.headers.get("Host") or ""):  # DNS rebinding
-                self.send_error(403, "Host not allowed: this server answers loopback names only")
+            host_header = self.headers.get("Host") or ""
+            if local_only and not host_allowed(host_header, allowed_hosts):  # DNS rebinding
+                self.send_error(403, f"Host {host_name(host_header)!r} not allowed: this server answers loopback "
+                                     "names only (minfm serve --allowed-host NAME adds one)")
                 return None
             m = one_range.fullmatch((self.headers.get("Range") or "").strip())
             path = self.translate_path(self.path)
@@ -186,7 +189,7 @@ def serve(args) -> int:
         # It serves every file below the folder: not a home folder by a slip of the tab key.
         raise MinfmError(f"{args.exp_dir}: neither a run directory (no recipe.toml) nor a gallery folder "
                          "(no index.html); minfm serve shows only those")
-    httpd = gallery_server(root, args.host, args.port)  # a host it cannot listen on: its error alone, no warning
+    httpd = gallery_server(root, args.host, args.port, args.allowed_hosts)  # a host it cannot listen on: its error alone
     if args.host not in LOOPBACK:
         print(f"minfm serve: warning: listening on {args.host}: other machines can read this run's files", file=sys.stderr)
     with httpd:
