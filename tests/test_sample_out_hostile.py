@@ -109,3 +109,18 @@ def test_a_source_that_holds_no_model_says_what_would_do(tmp_path):
             "a diffusers folder (minfm export diffusers writes it for diffusers): use the run or checkpoint "
             "it was exported from") in res.stderr
     assert not any(p.name.startswith("samples") for p in tmp_path.iterdir())
+
+
+def test_a_checkpoint_outside_a_run_samples_into_its_default_folder(trained, tmp_path):
+    """The refusal above is about keep_last, which prunes only a run's own checkpoints: a copied
+    step_N (no run around it) was refused its own default out folder, <ckpt>/samples_cli."""
+    import shutil
+
+    from conftest import minfm_in_process
+    from minfm_core import checkpoint as ckpt_mod
+
+    copy = tmp_path / "x" / "step_00000004"
+    shutil.copytree(ckpt_mod.find_checkpoint(trained), copy)
+    res = minfm_in_process("sample", str(copy), "--prompt", "a", "--steps", "1", "--size", "16x16")
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in (copy / "samples_cli" / "images").iterdir()) == ["00000_00.png"]

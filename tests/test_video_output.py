@@ -204,7 +204,8 @@ def test_serve_on_loopback_answers_loopback_names_only(tmp_path, bind):
     from minfm_core.cli.run_cmd import gallery_server
 
     (tmp_path / "recipe.toml").write_text("job = 'train'")
-    httpd = gallery_server(tmp_path, bind, 0, allowed_hosts=["Proxy.Example"])  # a proxy's name, let in by the user
+    # names a user lets in (a proxy's), written as a Host header would carry them
+    httpd = gallery_server(tmp_path, bind, 0, allowed_hosts=["Proxy.Example:8443", "[2001:db8::2]"])
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     port = httpd.server_address[1]
 
@@ -220,7 +221,7 @@ def test_serve_on_loopback_answers_loopback_names_only(tmp_path, bind):
 
     try:
         local = ["localhost", f"localhost:{port}", f"127.0.0.1:{port}", "127.0.0.2", f"[::1]:{port}",
-                 "run.localhost", "LOCALHOST", "proxy.example", "proxy.example:443"]
+                 "run.localhost", "LOCALHOST", "proxy.example", "proxy.example:443", "[2001:db8::2]:80"]
         assert [status(h) for h in local] == [200] * len(local)
         foreign = ["evil.example", f"evil.example:{port}", "10.0.0.1", "[2001:db8::1]:80", "localhost.evil.example"]
         assert [status(h) for h in foreign] == [403 if bind == "127.0.0.1" else 200] * len(foreign)

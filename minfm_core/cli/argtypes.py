@@ -169,7 +169,7 @@ def host_allowed(host_header: str, allowed: tuple[str, ...] | list[str] = ()) ->
     import ipaddress
 
     name = host_name(host_header)
-    if name in ("", "localhost") or name.endswith(".localhost") or name in {a.lower() for a in allowed}:
+    if name in ("", "localhost") or name.endswith(".localhost") or name in {host_name(a) for a in allowed}:
         return True
     try:
         return ipaddress.ip_address(name).is_loopback

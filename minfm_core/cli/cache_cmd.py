@@ -48,9 +48,9 @@ def run_models(args) -> int:
         try:  # one missing reference (e.g. a file another command writes) does not stop the others
             local = resolve_pretrained(ref)
         except MinfmError as exc:
-            if offline() and parse_hub_ref(ref) is not None:
-                # Not cached. Each one's error advises this very command: say once what is
-                # missing, and why.
+            if offline() and parse_hub_ref(ref) is not None and "HF_HUB_OFFLINE" in str(exc):
+                # Not cached, and offline. Each one's error advises this very command: say
+                # once what is missing, and why. (Any other error is kept as it is.)
                 uncached.append(ref + (" (nor a local file)" if Path(ref).suffix else ""))
                 continue
             failed.append(f"{exc}" + (" (nor is it an existing local file)" if Path(ref).suffix else ""))

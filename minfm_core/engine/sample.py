@@ -309,8 +309,10 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 def _refuse_out_in_checkpoint(out: Path, weights: tuple[str, Path] | None, flag: str) -> None:
     """Samples written into the checkpoint they came from would go with it: the run's
-    ``keep_last`` deletes old checkpoints whole (the default out folder is beside the run)."""
-    if weights is None or weights[0] != "dcp":
+    ``keep_last`` deletes old checkpoints whole (the default out folder is beside the run).
+    A checkpoint outside a run (a copied ``step_N``) is pruned by nothing: its default out
+    folder is inside it, as for any other source."""
+    if weights is None or weights[0] != "dcp" or ckpt_mod.run_folder(weights[1]) is None:
         return
     ckpt = Path(os.path.realpath(weights[1]))
     if Path(os.path.realpath(out)).is_relative_to(ckpt):
