@@ -213,7 +213,6 @@ class BatchIterator:
         self._consumed = 0
         self._keyed = _Keyed(dataset, who)
         self._stream = _KeyStream(n, batch_size, rank=rank, world_size=world_size, seed=seed, shuffle=shuffle)
-        self._share = self._stream.share  # this rank's items per epoch
         self._source: Iterator[list[dict]] | None = None
         if num_workers > 0:
             # Before multiprocessing's own exit hook, which SIGTERMs the workers (they ignore
@@ -225,16 +224,16 @@ class BatchIterator:
     @property
     def epoch(self) -> int:
         """Epoch of the next item this rank will yield."""
-        return self._consumed // self._share
+        return self._consumed // self._stream.share
 
     @property
     def position(self) -> int:
         """Offset of the next item within this rank's share of its epoch."""
-        return self._consumed % self._share
+        return self._consumed % self._stream.share
 
     @property
     def batches_per_epoch(self) -> float:
-        return self._share / self.batch_size
+        return self._stream.share / self.batch_size
 
     # -- iteration ------------------------------------------------------------------------
     def _start(self) -> Iterator[list[dict]]:
@@ -296,7 +295,7 @@ class BatchIterator:
                 f"resuming at the start of epoch {state.get('epoch', 0)}",
                 MinfmWarning, stacklevel=2,
             )
-            consumed = int(state.get("epoch", 0)) * self._share
+            consumed = int(state.get("epoch", 0)) * self._stream.share
         elif int(state.get("world_size", self.world_size)) != self.world_size:
             # Different rank count: keep the same number of samples seen in total (approximate).
             consumed = consumed * int(state["world_size"]) // self.world_size

@@ -105,19 +105,23 @@ def _sample_cli(args, src: Path, stack: contextlib.ExitStack) -> int:
         _check_draw(len(prompts), args.n, "--n")
     recipe_path, kind, where = locate(src, stack, allow_pickle=args.allow_pickle_checkpoint)
     # The flags as recipe settings, each with its flag: a problem it causes names the flag.
-    given = {
-        "--steps": (args.steps, f"sample.steps={args.steps}"),
-        "--cfg": (args.cfg, f"sample.guidance.scale={args.cfg}"),
-        # (frames, height, width), parsed and range-checked by argparse
-        "--size": (args.size, "sample.size=[{}, {}, {}]".format(*(args.size or (0, 0, 0)))),
-        "--n": (args.n, f"sample.samples_per_prompt={args.n}"),
-        "--seed": (args.seed, f"sample.seed={args.seed}"),
-        "--npz": (args.npz or None, "sample.save_npz=true"),
-        "--no-ema": (args.no_ema or None, "sample.use_ema=false"),
-    }
-    flagged = {flag: override for flag, (value, override) in given.items() if value is not None}
-    overrides = ["job=sample", *args.overrides, *flagged.values()]
-    flags = {"job": "", **{override.partition("=")[0]: flag for flag, override in flagged.items()}}
+    flagged: dict[str, str] = {}  # override -> flag
+    if args.steps is not None:
+        flagged[f"sample.steps={args.steps}"] = "--steps"
+    if args.cfg is not None:
+        flagged[f"sample.guidance.scale={args.cfg}"] = "--cfg"
+    if args.size is not None:  # (frames, height, width), parsed and range-checked by argparse
+        flagged["sample.size=[{}, {}, {}]".format(*args.size)] = "--size"
+    if args.n is not None:
+        flagged[f"sample.samples_per_prompt={args.n}"] = "--n"
+    if args.seed is not None:
+        flagged[f"sample.seed={args.seed}"] = "--seed"
+    if args.npz:
+        flagged["sample.save_npz=true"] = "--npz"
+    if args.no_ema:
+        flagged["sample.use_ema=false"] = "--no-ema"
+    overrides = ["job=sample", *args.overrides, *flagged]
+    flags = {"job": "", **{override.partition("=")[0]: flag for override, flag in flagged.items()}}
     # A recipe downloaded with the model is data (docs/security.md); --set stays the user's.
     resolved = load_recipe(recipe_path, overrides, untrusted_root=recipe_root(recipe_path), flags=flags)
     if not prompts:
