@@ -112,7 +112,8 @@ class Component:
             cfg = self.config()
         factory = self.load_factory()
         try:
-            built = factory(cfg, **kwargs) if self.config is not None else factory(**kwargs)
+            with frozen_build_rng() if self.kind in protocols.FROZEN_KINDS else contextlib.nullcontext():
+                built = factory(cfg, **kwargs) if self.config is not None else factory(**kwargs)
         except TypeError as exc:
             # A factory that cannot take what the engine passes is the plugin's error, said in
             # one line as `minfm check` says it; any other TypeError (one raised inside the
@@ -175,6 +176,17 @@ class Resolved:
             # What a factory refuses is a value in this table: name its place, as `minfm check` does.
             exc.args = (at_path(self.path, str(exc)), *exc.args[1:])
             raise
+
+
+@contextlib.contextmanager
+def frozen_build_rng() -> Iterator[None]:
+    """Torch's global CPU generator seeded with 0 inside, restored after: the factories of
+    ``protocols.FROZEN_KINDS`` run in it, so their random weights are a function of the config."""
+    import torch  # only when a component is built: the CLI's start stays light
+
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(0)
+        yield
 
 
 def at_path(path: str, line: str) -> str:

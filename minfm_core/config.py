@@ -26,7 +26,7 @@ import cattrs
 from cattrs.errors import ForbiddenExtraKeysError, IterableValidationError, IterableValidationNote
 from cattrs.v import transform_error
 
-from .errors import RecipeError
+from .errors import MinfmError, RecipeError
 from .validators import RangeError, range_text
 from .suggest import did_you_mean
 
@@ -337,10 +337,11 @@ def _format(exc: BaseException, tp: Any) -> str:
         return "missing required key"
     if isinstance(exc, (TypeError, ValueError, AttributeError)) and tp is not None:  # a list where a table goes
         return f"expected {_type_name(tp)}"
-    if isinstance(exc, (TypeError, ValueError)):
-        # attrs validators raise these from __init__; their text is the useful part. By
-        # convention it starts with the field's name ("sizes: ..."): that moves into the path
-        # (data.sizes: ...), as for a RangeError.
+    if isinstance(exc, (TypeError, ValueError, MinfmError)):
+        # attrs validators raise these from __init__, and a config's __attrs_post_init__ may
+        # raise any of them (docs/plugins.md); their text is the useful part. By convention it
+        # starts with the field's name ("sizes: ..."): that moves into the path (data.sizes:
+        # ...), as for a RangeError.
         m = _FIELD_PREFIX.match(str(exc))
         return f"{m[1]}\x00{m[2]}" if m else str(exc)
     return f"{type(exc).__name__}: {exc}"

@@ -64,12 +64,14 @@ class Denoiser(Protocol):
     ``txt (L_txt, d_txt)``, ``txt_lens (n,)``, ``t (n,)`` in [0, 1] (1 = noise),
     ``vec (n, d_vec)`` or None, ``guidance (n,)`` or None -> a fresh floating-point
     ``(L_img, d_img)`` tensor, not ``img`` or a view of it (checked by the engine on every call).
+
+    Initialisation is the factory's: ``factory(cfg, load_weights=True)`` returns the starting
+    weights (pretrained, or the denoiser's own init drawn from torch's global generator, which
+    the trainer seeds with ``run.seed``); the engine never re-initialises a built module.
     """
 
     def __call__(self, img: Tensor, img_pos: Tensor, img_lens: Tensor, txt: Tensor, txt_lens: Tensor,
                  t: Tensor, vec: Tensor | None = None, guidance: Tensor | None = None) -> Tensor: ...
-
-    def init_weights(self) -> None: ...
 
     @optional
     def pretrained_state_dict(self) -> dict[str, Tensor] | None:
@@ -373,6 +375,13 @@ PROTOCOLS: dict[str, type] = {
     "source": Source,
     "metric": Metric,
 }
+
+#: Kinds whose built weights stay frozen and are never saved in a checkpoint: training,
+#: sampling and every process of a run build them anew from the config, so what they hold
+#: must be a pure function of it. Their factories run with torch's global CPU generator
+#: seeded with 0 (and restored after): a randomly initialised one (no ``pretrained``) comes
+#: out the same everywhere, whatever was drawn before it.
+FROZEN_KINDS = frozenset({"vae", "text_encoder"})
 
 #: Kind -> every keyword the engine may pass the factory (name -> default; ``_REQUIRED`` when
 #: the engine always passes it). The config instance comes first, positionally, when the

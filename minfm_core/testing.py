@@ -21,6 +21,7 @@ from typing import Any
 
 from . import boundary, protocols
 from .errors import MinfmError, PluginError
+from .components import frozen_build_rng
 from .registry import Component, Registry
 
 __all__ = [  # a test keeps one check per kind here
@@ -119,7 +120,8 @@ def _factory(kind: str, component: Component | Callable[..., Any], config: Any) 
 
 def _build(kind: str, component, config, **kwargs) -> Any:
     factory, config = _factory(kind, component, config)
-    return factory(config, **kwargs) if config is not None else factory(**kwargs)
+    with frozen_build_rng() if kind in protocols.FROZEN_KINDS else contextlib.nullcontext():  # as Component.build
+        return factory(config, **kwargs) if config is not None else factory(**kwargs)
 
 
 def _members(kind: str, obj: Any) -> Any:
@@ -213,6 +215,9 @@ def check_vae(component, config=None, *, smoke: bool = False) -> Any:
     assert len(latents) == 2 and all(x.dim() == 4 for x in latents), "encode gives one (C, F, h, w) per image"
     back = vae.decode(latents)
     assert [tuple(x.shape) for x in back] == [tuple(x.shape) for x in images], "decode inverts encode's shapes"
+    again = _rebuilt("vae", component, config)
+    same = all(torch.equal(a, b) for a, b in zip(back, again.decode(latents)))
+    _ok(None if same else _FROZEN_RULE, "vae")
     return vae
 
 
@@ -228,7 +233,23 @@ def check_text_encoder(component, config=None, *, smoke: bool = False) -> Any:
     else:
         tokens, lens = out
         assert lens.shape == (2,) and int(lens.sum()) == tokens.shape[0], "tokens (L, dim) packed with lens (n,)"
+    again = _rebuilt("text_encoder", component, config)(["a red circle", "a blue square on a white background"])
+    same = torch.equal(out, again) if enc.pooled else all(torch.equal(a, b) for a, b in zip(out, again))
+    _ok(None if same else _FROZEN_RULE, "text_encoder")
     return enc
+
+
+_FROZEN_RULE = ("two builds of one config differ: a frozen component is built anew by every process and "
+                "every job (a checkpoint does not hold its weights), so its weights must be a pure function "
+                "of its config (docs/plugins.md, register_text_encoders)")
+
+
+def _rebuilt(kind: str, component, config) -> Any:
+    """A second build of a frozen component, after other random numbers were drawn (as a
+    trainer does before it builds the encoders, and a sampler does not)."""
+    torch = _torch()
+    torch.rand(7)
+    return _build(kind, component, config, load_weights=True)
 
 
 def check_patchifier(component, config=None) -> Any:

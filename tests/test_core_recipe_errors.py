@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from minfm_core.errors import RecipeError
+from minfm_core.errors import MinfmError, RecipeError
 from minfm_core.recipe import load_recipe_dict, resolve_recipe
 
 
@@ -290,6 +290,26 @@ def test_an_invalid_default_is_called_the_default():
     with pytest.raises(RecipeError) as info:
         structure({"k": 0}, Probe, path="data")
     assert str(info.value) == "data.k: must be in [1, 10], got 0"
+
+
+@pytest.mark.parametrize("error", [ValueError, MinfmError])
+def test_a_rule_between_fields_reads_as_its_fields_path(error):
+    """docs/plugins.md: __attrs_post_init__ raises ValueError or MinfmError, its message led
+    by the field's name. A MinfmError read `data: MinfmError: sizes: ...`."""
+    from minfm_core.config import config, field, structure
+
+    @config
+    class Probe:
+        size: int = field(32, doc="a side")
+        multiple: int = field(16, doc="what sides are multiples of")
+
+        def __attrs_post_init__(self):
+            if self.size % self.multiple:
+                raise error(f"size: {self.size} is not a multiple of multiple={self.multiple}")
+
+    with pytest.raises(RecipeError) as info:
+        structure({"size": 40}, Probe, path="data")
+    assert str(info.value) == "data.size: 40 is not a multiple of multiple=16"
 
 
 def test_check_refuses_cached_latents_without_their_folder(capsys):

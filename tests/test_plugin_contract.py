@@ -313,3 +313,66 @@ def test_the_kit_says_what_it_cannot_build_as_an_assertion():
     with pytest.raises(AssertionError, match=r"^the factory raised RuntimeError: .* when built on the meta device "
                                              r"with load_weights=False; it must build the structure there"):
         testing.check_denoiser(meta_only_fails, object())
+
+
+class _DefaultInitEncoder:
+    """A text encoder left at torch's default initialisation (no seed, no pretrained weights):
+    what a plugin written from the protocol alone easily does."""
+
+    @staticmethod
+    def build(cfg=None, *, load_weights=True):
+        import torch
+
+        class Enc(torch.nn.Module, protocols.TextEncoder):
+            pooled = True
+
+            def __init__(self):
+                super().__init__()
+                self.table = torch.nn.Embedding(256, 8)
+
+            def forward(self, prompts):
+                return torch.stack([self.table(torch.tensor(list(p.encode()[:16]) or [0])).mean(0) for p in prompts])
+
+        return Enc()
+
+
+def test_a_frozen_component_left_at_default_init_builds_alike_whatever_was_drawn_before():
+    """Text encoders and VAEs are not in checkpoints: the trainer built an unseeded encoder
+    after drawing the denoiser's init, `minfm sample` without, so samples came from other text
+    embeddings than training used (and ranks of a sharded run, of which only rank 0 draws the
+    full init, disagreed). Their factories now run with the global generator seeded, and the
+    caller's random stream goes on as if nothing had been built."""
+    import torch
+
+    from minfm_core.components import component
+
+    comp = component("text_encoder", "plain", _DefaultInitEncoder.build, None, "probe", None)
+    torch.manual_seed(1)
+    first = comp.build().table.weight
+    after_first = torch.rand(3)
+    torch.manual_seed(1)
+    torch.rand(100)  # a trainer's denoiser init
+    second = comp.build().table.weight
+    assert torch.equal(first, second)
+    torch.manual_seed(1)
+    assert torch.equal(torch.rand(3), after_first)  # the build drew nothing from the caller's stream
+    # the denoiser's init is the caller's to seed: it follows run.seed
+    assert protocols.FROZEN_KINDS == {"vae", "text_encoder"}
+
+
+def test_the_kit_passes_a_default_init_encoder_and_refuses_one_built_from_other_randomness():
+    import numpy as np
+    import torch
+
+    testing.check_text_encoder(_DefaultInitEncoder.build, smoke=True)  # seeded as the engine builds it
+
+    def numpy_random(cfg=None, *, load_weights=True):  # weights from numpy's unseeded generator
+        enc = _DefaultInitEncoder.build()
+        with torch.no_grad():
+            enc.table.weight.copy_(torch.from_numpy(np.random.default_rng().standard_normal((256, 8))))
+        return enc
+
+    with pytest.raises(AssertionError) as info:
+        testing.check_text_encoder(numpy_random, smoke=True)
+    assert str(info.value).startswith("text_encoder: two builds of one config differ: "
+                                      "a frozen component is built anew by every process")
