@@ -136,6 +136,9 @@ class Component:
         bases = protocols.bases_problem(self.kind, built)
         if bases:  # calling it would return None: a "got NoneType" at the first step, its cause unsaid
             raise PluginError(f"{self.describe()}: built {bases}")
+        keywords = protocols.keywords_problem(self.kind, built)
+        if keywords:  # a TypeError at the first call, mid-run
+            raise PluginError(f"{self.describe()}: built {keywords}")
         return built
 
     def raised_note(self) -> str:

@@ -82,9 +82,14 @@ class Denoiser(Protocol):
 
 @runtime_checkable
 class Vae(Protocol):
-    """Frozen autoencoder: images ``(3, F, H, W)`` in [-1, 1] <-> latents ``(C, F, h, w)``, sizes may mix."""
+    """Frozen autoencoder: images ``(3, F, H, W)`` in [-1, 1] <-> latents ``(C, F, h, w)``, sizes may mix.
 
-    def encode(self, images: Sequence[Tensor]) -> list[Tensor]: ...
+    ``encode`` draws any randomness (a posterior sample) for image ``i`` from ``generators[i]``
+    (CPU ``torch.Generator``s, one per image; the engine always passes them, seeded per
+    sample, so a resumed run, another world size or micro-batch split encodes alike).
+    """
+
+    def encode(self, images: Sequence[Tensor], generators: Sequence[Any] | None = None) -> list[Tensor]: ...
 
     def decode(self, latents: Sequence[Tensor]) -> list[Tensor]: ...
 
@@ -470,6 +475,35 @@ def lacking(kind: str, obj: Any) -> str | None:
     why = f"required: define {', '.join(required)}" if required else \
         f"inherit minfm_core.protocols.{PROTOCOLS[kind].__name__} for their defaults"
     return f"lacks {', '.join(missing)} ({why})"
+
+
+def keywords_problem(kind: str, obj: Any) -> str | None:
+    """The keywords a method of ``kind``'s protocol declares (with a default, or keyword-only:
+    ``Vae.encode``'s ``generators``, ``TimeSampler.__call__``'s ``generator``) that ``obj``'s
+    method does not take: the engine passes them by name, so such a method would fail at its
+    first call, mid-run. None when all are taken (or a signature cannot be read)."""
+    proto = PROTOCOLS[kind]
+    missing = []
+    for name in members(kind):
+        declared = proto.__dict__.get(name)
+        if not callable(declared):
+            continue
+        wanted = [p.name for p in list(inspect.signature(declared).parameters.values())[1:]
+                  if p.kind is p.KEYWORD_ONLY or (p.kind is p.POSITIONAL_OR_KEYWORD and p.default is not p.empty)]
+        method = getattr(obj, name, None)
+        if name == "__call__" and hasattr(obj, "forward"):  # a torch module: called through forward
+            method = obj.forward
+        try:
+            params = inspect.signature(method).parameters
+        except (TypeError, ValueError):
+            continue
+        if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            continue
+        missing += [f"{name}({k}=)" for k in wanted if k not in params or params[k].kind is inspect.Parameter.POSITIONAL_ONLY]
+    if not missing:
+        return None
+    return (f"{type(obj).__name__} does not take the keyword{'s' if len(missing) > 1 else ''} "
+            f"{', '.join(missing)} that minfm_core.protocols.{proto.__name__} declares and the engine passes")
 
 
 def bases_problem(kind: str, obj: Any) -> str | None:

@@ -131,6 +131,8 @@ def _members(kind: str, obj: Any) -> Any:
     assert isinstance(obj, protocols.PROTOCOLS[kind])
     problem = protocols.bases_problem(kind, obj)
     assert problem is None, f"{kind} {problem}"
+    problem = protocols.keywords_problem(kind, obj)
+    assert problem is None, f"{kind} {problem}"
     return obj
 
 
@@ -211,8 +213,15 @@ def check_vae(component, config=None, *, smoke: bool = False) -> Any:
             return _members("vae", _build("vae", component, config, load_weights=False))
     vae = _members("vae", _build("vae", component, config, load_weights=True))
     images = [torch.rand(3, 1, 16, 16) * 2 - 1, torch.rand(3, 1, 16, 24) * 2 - 1]
-    latents = vae.encode(images)
+
+    def gens():
+        return [torch.Generator().manual_seed(i) for i in range(len(images))]
+
+    latents = vae.encode(images, generators=gens())
     assert len(latents) == 2 and all(x.dim() == 4 for x in latents), "encode gives one (C, F, h, w) per image"
+    torch.rand(7)
+    assert all(torch.equal(a, b) for a, b in zip(latents, vae.encode(images, generators=gens()))), (
+        "vae: encode with equally seeded generators differs: draw every random number from generators[i]")
     back = vae.decode(latents)
     assert [tuple(x.shape) for x in back] == [tuple(x.shape) for x in images], "decode inverts encode's shapes"
     again = _rebuilt("vae", component, config)

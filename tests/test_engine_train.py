@@ -271,3 +271,19 @@ def test_a_bug_in_a_plugins_logger_names_the_plugin(tmp_path):
         with pytest.raises(ZeroDivisionError) as info:
             train(tiny(tmp_path / "run", "train.max_steps=1", 'logging.loggers+=[{name = "broken"}]'))
     assert info.value.__notes__ == ["(raised by log of logger 'broken' of plugin 'probe_plugin')"]
+
+
+def test_a_vae_sampling_its_posterior_resumes_exactly(tmp_path):
+    """The posterior noise came from torch's global generator, which no checkpoint holds: a
+    resumed run encoded its images with other noise, and its losses parted from the
+    uninterrupted run's at the first step after the resume. Now it is drawn per sample."""
+    vae = ("model.vae={name = 'wan', pretrained = '', base_dim = 8, z_dim = 4, dim_mult = [1, 1, 1, 1], "
+           "num_res_blocks = 1, temperal_downsample = [false, true, true], sample_posterior = true}")
+    common = [vae, "model.denoiser.d_img=16", "data.sizes=[[16, 16], [16, 32]]", "data.size_multiple=16",
+              "train.ckpt_every=2"]
+    full, split = tmp_path / "full", tmp_path / "split"
+    train(tiny(full, *common, "train.max_steps=4"))
+    train(tiny(split, *common, "train.max_steps=2"))
+    train(tiny(split, *common, "train.max_steps=4"))  # resumes from step 2
+    assert len(losses(full)) == 4
+    assert losses(split) == losses(full)

@@ -193,7 +193,7 @@ def reference_step(trainer: Trainer, model: torch.nn.Module, samples: list[dict]
     out = {"loss": 0.0, "per_sample": [], "t": [], "x0": [], "txt": []}
     for s, t_raw, e in zip(samples, raw_t, eps, strict=True):
         text = pipe.encode_text([s["prompt"]])  # this prompt alone
-        (latent,) = pipe.encode_images([s])
+        (latent,) = pipe.encode_images([s], [torch.Generator()])  # identity VAE: nothing drawn
         x0, pos = _patchify_one(latent, patch)
         n = x0.shape[0]
         assert e.shape == x0.shape
@@ -268,7 +268,7 @@ def test_packed_step_equals_per_sample_reference(tmp_path, cpu_world, weighter):
             assert torch.equal(x0_pack, torch.cat(ref["x0"][mine])), f"micro-batch {m}: x0"
             assert torch.equal(img_lens, torch.tensor(lens[mine]))
             assert torch.equal(img_pos, torch.cat([_patchify_one(pl, patch)[1] for pl in
-                                                   trainer.pipe.encode_images(batch)]))
+                                                   trainer.pipe.encode_images(batch, [torch.Generator()] * len(batch))]))
             # text: each prompt encoded alone, packed in order (exact)
             assert torch.equal(txt, torch.cat([x.txt for x in ref["txt"][mine]]))
             assert torch.equal(fed_txt_lens, torch.cat([x.txt_lens for x in ref["txt"][mine]]))

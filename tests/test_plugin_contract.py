@@ -376,3 +376,48 @@ def test_the_kit_passes_a_default_init_encoder_and_refuses_one_built_from_other_
         testing.check_text_encoder(numpy_random, smoke=True)
     assert str(info.value).startswith("text_encoder: two builds of one config differ: "
                                       "a frozen component is built anew by every process")
+
+
+def test_the_kit_refuses_a_vae_whose_noise_ignores_the_generators():
+    """Posterior noise from torch's global generator: a resumed run encoded its images with other
+    noise than the run it continues (flux_ae did so before encode took one generator per image)."""
+    import torch
+
+    class GlobalNoise(torch.nn.Module, protocols.Vae):
+        def encode(self, images, generators=None):
+            return [x + torch.randn(x.shape) for x in images]
+
+        def decode(self, latents):
+            return [z.clamp(-1, 1) for z in latents]
+
+    class Cfg:
+        latent_channels, compression = 3, (1, 1, 1)
+
+    with pytest.raises(AssertionError, match="draw every random number from generators"):
+        testing.check_vae(lambda cfg, *, load_weights=True: GlobalNoise(), Cfg(), smoke=True)
+
+
+def test_a_method_without_a_keyword_its_protocol_declares_is_refused_when_built():
+    """A VAE written against the older protocol, `encode(self, images)`, met the engine's
+    `generators=` as a TypeError at the first batch; now its build says so, by name."""
+    from minfm_core.components import component
+
+    class OldVae(protocols.Vae):
+        def encode(self, images):
+            return list(images)
+
+        def decode(self, latents):
+            return list(latents)
+
+    comp = component("vae", "old", lambda cfg=None, **kw: OldVae(), None, "probe", None)
+    with pytest.raises(PluginError) as info:
+        comp.build()
+    assert str(info.value) == ("vae 'old' of plugin 'probe': built OldVae does not take the keyword encode(generators=) "
+                               "that minfm_core.protocols.Vae declares and the engine passes")
+
+    class OldSampler(protocols.TimeSampler):  # two missing, and a module's forward is what is read
+        def __call__(self, n):
+            return None
+
+    with pytest.raises(AssertionError, match=r"does not take the keywords __call__\(generator=\), __call__\(device=\)"):
+        testing.check_component("time_sampler", lambda cfg: OldSampler(), object())

@@ -122,14 +122,23 @@ def test_grouping_does_not_change_results(vae_folder):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_posterior_sampling_uses_the_generator(vae_folder):
-    vae = build_flux_ae(tiny_cfg(pretrained=str(vae_folder), sample_posterior=True))
-    xs = images((3, 1, 16, 16))
-    a = vae.encode(xs, generator=torch.Generator().manual_seed(3))[0]
-    b = vae.encode(xs, generator=torch.Generator().manual_seed(3))[0]
-    c = vae.encode(xs, generator=torch.Generator().manual_seed(4))[0]
-    torch.testing.assert_close(a, b)
-    assert not torch.equal(a, c)
+def test_posterior_noise_comes_from_each_images_own_generator(vae_folder):
+    """One generator per image (protocols.Vae): an image's sample does not depend on the
+    batch around it or on how its frames fall into chunks, so a resumed run, another world
+    size or micro-batch split encodes alike."""
+    vae = build_flux_ae(tiny_cfg(pretrained=str(vae_folder), sample_posterior=True, chunk_size=2))
+
+    def gen(seed):
+        return torch.Generator().manual_seed(seed)
+
+    clip, other = images((3, 3, 16, 16), (3, 1, 16, 16))  # 3 frames: chunks of 2 + 1
+    a = vae.encode([clip], generators=[gen(3)])[0]
+    b = vae.encode([other, clip, other], generators=[gen(7), gen(3), gen(8)])[1]
+    c = vae.encode([clip], generators=[gen(4)])[0]
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert (a - c).abs().max() > 1e-2  # another generator, another sample
+    mode = build_flux_ae(tiny_cfg(pretrained=str(vae_folder), sample_posterior=False)).encode([clip], generators=[gen(3)])[0]
+    assert (a - mode).abs().max() > 1e-2  # and a sample, not the mean
 
 
 def test_bad_image_size_is_a_user_error():
@@ -207,3 +216,9 @@ def test_single_file_of_another_architecture_is_a_user_error(diffusers_vae, tmp_
     save_file(to_bfl_layout(diffusers_vae.state_dict(), levels=2), tmp_path / "ae.safetensors")
     with pytest.raises(MinfmError, match="does not fit the configured architecture"):
         build_flux_ae(tiny_cfg(pretrained=str(tmp_path / "ae.safetensors"), block_out_channels=(8, 16, 16)))
+
+
+def test_a_sampling_flux_ae_passes_the_kits_vae_check(vae_folder):
+    from minfm_core import testing
+
+    testing.check_vae(build_flux_ae, tiny_cfg(pretrained=str(vae_folder), sample_posterior=True), smoke=True)

@@ -64,7 +64,7 @@ def test_training_steps_on_wan_latents_of_pictures_and_clips(tmp_path, runtime):
             "model.denoiser.compile=false"]  # two steps: compiling would cost more than the test
     trainer = Trainer(load_recipe(recipe, sets), runtime)
     batch = next(iter(trainer.batches))
-    latents = trainer.pipe.encode_images(batch)
+    latents = trainer.pipe.encode_images(batch, [torch.Generator()] * len(batch))
     assert sorted({z.shape[1] for z in latents}) == [1, 3]
     before = [p.detach().clone() for p in trainer.params]
     trainer.batches = iter([batch, batch])

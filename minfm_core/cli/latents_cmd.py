@@ -69,14 +69,9 @@ def encode_split(vae, dataset, out: Path, split: str, *, shard_size: int, batch_
     ``request`` (the dataset and VAE settings) is kept in ``cache.json`` with the item count,
     shard size, dtype and seed: finished shards are reused only by the same request (another
     dataset size or shard size would mix stale or duplicated items into the index)."""
-    import inspect
-
-    import torch
-
     from ..data_loader import loaded_ahead
     from ..weights import DTYPES
 
-    takes_generator = "generator" in inspect.signature(vae.encode).parameters
     torch_dtype = DTYPES[dtype]
     n = len(dataset) if limit is None else min(limit, len(dataset))
     n_shards = (n + shard_size - 1) // shard_size
@@ -96,7 +91,6 @@ def encode_split(vae, dataset, out: Path, split: str, *, shard_size: int, batch_
                          "they cannot be matched to this request; remove them or choose another --out")
     else:
         _write_json(kept, record)
-    device = next(iter(vae.parameters()), torch.empty(0)).device
     # finished: its record and its shard (a shard deleted since is encoded again, not
     # indexed as there and found missing by training)
     mine = range(rank, n_shards, world)
@@ -107,7 +101,7 @@ def encode_split(vae, dataset, out: Path, split: str, *, shard_size: int, batch_
     shard_batches = {s: [list(span[i:i + batch_size]) for i in range(0, len(span), batch_size)] for s, span in spans.items()}
     with loaded_ahead(dataset, [b for bs in shard_batches.values() for b in bs], num_workers) as loaded:
         for s, batches in shard_batches.items():
-            _encode_shard(vae, loaded, batches, out, s, split, torch_dtype, takes_generator, seed, device)
+            _encode_shard(vae, loaded, batches, out, s, split, torch_dtype, seed)
             stats["encoded"] += 1
             log(f"{split}: shard {s + 1}/{n_shards} ({len(spans[s])} items)")
     parts = [out / f"{_shard_name(s)}.json" for s in range(n_shards)]
@@ -119,7 +113,7 @@ def encode_split(vae, dataset, out: Path, split: str, *, shard_size: int, batch_
 
 
 def _encode_shard(vae, loaded, batches: list[list[int]], out: Path, s: int, split: str, torch_dtype,
-                  takes_generator: bool, seed: int, device) -> None:
+                  seed: int) -> None:
     """Encode shard ``s``, whose ``batches`` of item indices come next from ``loaded``, and write it."""
     import torch
 
@@ -128,14 +122,14 @@ def _encode_shard(vae, loaded, batches: list[list[int]], out: Path, s: int, spli
 
     tensors: dict[str, Any] = {}
     entries = []
-    # per-shard generator: a resumed or re-sharded run draws the same posterior samples
-    gen = torch.Generator(device=device).manual_seed(indexed_seed(seed, s))
     for indices in batches:
         items = next(loaded)
         if any("image" not in it for it in items):
             raise MinfmError("cache latents: the dataset already yields latents (is use_cached_latents set?)")
         images = [it["image"] for it in items]
-        latents = vae.encode(images, generator=gen) if takes_generator else vae.encode(images)
+        # per-item generators: any shard size, batch size or number of ranks, and a resumed
+        # run, draw the same posterior samples
+        latents = vae.encode(images, generators=[torch.Generator().manual_seed(indexed_seed(seed, i)) for i in indices])
         for i, item, z in zip(indices, items, latents):
             key = f"{i:08d}"
             tensors[key] = z.detach().to("cpu", torch_dtype).contiguous()

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .. import boundary, packing
 from ..errors import MinfmError, PluginError
+from .runtime import indexed_seed
 
 
 @dataclass
@@ -97,8 +98,9 @@ class Pipeline:
         )
 
     @torch.no_grad()
-    def encode_images(self, samples: list[dict]) -> list[Tensor]:
-        """Latents for a list of samples (cached ``latent`` entries pass straight through)."""
+    def encode_images(self, samples: list[dict], generators: list[torch.Generator]) -> list[Tensor]:
+        """Latents for a list of samples (cached ``latent`` entries pass straight through);
+        sample i's posterior noise, if the VAE draws any, from ``generators[i]``."""
         out: list[Tensor | None] = [s.get("latent") for s in samples]
         channels = self.resolved.config("model.vae").latent_channels
         for x in out:  # a cache made with another VAE ended in a matmul's shape error
@@ -108,7 +110,7 @@ class Pipeline:
         todo = [i for i, x in enumerate(out) if x is None]
         if todo:
             images = [samples[i]["image"].to(self.device) for i in todo]
-            for i, lat in zip(todo, self.vae.encode(images)):
+            for i, lat in zip(todo, self.vae.encode(images, generators=[generators[i] for i in todo])):
                 out[i] = lat
         return [x.to(self.device, torch.float32) for x in out]  # type: ignore[union-attr]
 
@@ -281,12 +283,16 @@ def prepare_batch(
         # micro-batch split, and a resumed run needs no generator state to continue exactly.
         gens = [torch.Generator().manual_seed(sample_seed(seed, s["epoch"], s["index"])) for s in samples]
         drop = torch.cat([torch.rand(1, generator=g) for g in gens]) < text_dropout
+        vae_gens = gens
     else:
         drop = torch.rand(n, generator=generator) < text_dropout
+        # validation's fixed noise seeds, shifted: its posterior noise is not its path noise
+        vae_gens = ([generator] * n if noise_seeds is None else
+                    [torch.Generator().manual_seed(indexed_seed(s, 1)) for s in noise_seeds])
     prompts = ["" if d else pr for pr, d in zip(prompts, drop.tolist())]
     text = p.encode_text(prompts)
     try:
-        patched = p.patchifier.patchify(p.encode_images(samples))
+        patched = p.patchifier.patchify(p.encode_images(samples, vae_gens))
     except MinfmError as exc:
         if not any("latent" in s for s in samples):
             raise

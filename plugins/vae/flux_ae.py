@@ -14,6 +14,7 @@ not a silent re-scaling of every latent.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import math
@@ -27,6 +28,7 @@ from minfm_core.pretrained import resolve_pretrained
 from minfm_core.weights import DTYPES
 
 from .configs import FLUX_SCALE, FLUX_SHIFT, FluxAEConfig, vae_source
+from .posterior import posterior_sample
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
@@ -81,8 +83,9 @@ class FluxAE(nn.Module):
         return list(y.reshape(b, bf // b, c, h, w).permute(0, 2, 1, 3, 4).unbind(0))
 
     @torch.no_grad()
-    def encode(self, images: list[Tensor], generator: torch.Generator | None = None) -> list[Tensor]:
-        """Images in [-1, 1], each (3, F, H, W) with H, W multiples of the compression -> latents."""
+    def encode(self, images: list[Tensor], generators: Sequence[torch.Generator] | None = None) -> list[Tensor]:
+        """Images in [-1, 1], each (3, F, H, W) with H, W multiples of the compression -> latents.
+        With ``sample_posterior``, image i's noise comes from ``generators[i]`` (all its frames)."""
         out: list[Tensor | None] = [None] * len(images)
         p = self._param
         s = self.compression[1]
@@ -91,10 +94,16 @@ class FluxAE(nn.Module):
             if h % s or w % s:
                 raise MinfmError(f"flux_ae: image size {h}x{w} is not a multiple of the VAE's downsampling {s}")
             x = self._frames(images, idx, self.cfg.image_channels, "image")
+            frames = x.shape[0] // len(idx)  # rows are image-major: each image's frames in turn
+            rows = None if generators is None else [generators[i] for i in idx for _ in range(frames)]
             zs = []
-            for chunk in x.split(self.cfg.chunk_size):
-                dist = self.model.encode(chunk.to(p.device, p.dtype)).latent_dist
-                zs.append(dist.sample(generator) if self.cfg.sample_posterior else dist.mode())
+            for start in range(0, x.shape[0], self.cfg.chunk_size):
+                end = start + self.cfg.chunk_size
+                dist = self.model.encode(x[start:end].to(p.device, p.dtype)).latent_dist
+                if not self.cfg.sample_posterior:
+                    zs.append(dist.mode())
+                else:
+                    zs.append(posterior_sample(dist, None if rows is None else rows[start:end]))
             z = (torch.cat(zs) - self.shift) * self.scale
             for i, zi in zip(idx, self._unfold(z, len(idx))):
                 out[i] = zi.to(images[i].dtype)

@@ -26,7 +26,7 @@ class IdentityVAE(nn.Module):
                 )
         return list(xs)
 
-    def encode(self, images: list[Tensor], generator=None) -> list[Tensor]:
+    def encode(self, images: list[Tensor], generators=None) -> list[Tensor]:
         return self._check(images, "image")
 
     def decode(self, latents: list[Tensor]) -> list[Tensor]:

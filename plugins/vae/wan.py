@@ -11,6 +11,8 @@ so ``minfm check`` builds the exact structure without any file and a loaded mode
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -20,6 +22,7 @@ from minfm_core.pretrained import resolve_pretrained
 from minfm_core.weights import DTYPES
 
 from .configs import WanVAEConfig, vae_source
+from .posterior import posterior_sample
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
@@ -68,8 +71,9 @@ class WanVAE(nn.Module):
             raise MinfmError(f"wan VAE: {what} {i} has shape {tuple(x.shape)}, expected ({channels}, F, H, W)")
 
     @torch.no_grad()
-    def encode(self, images: list[Tensor], generator: torch.Generator | None = None) -> list[Tensor]:
-        """Images/clips in [-1, 1], each (3, F, H, W) with F = 1 + 4k and H, W multiples of 8 -> latents."""
+    def encode(self, images: list[Tensor], generators: Sequence[torch.Generator] | None = None) -> list[Tensor]:
+        """Images/clips in [-1, 1], each (3, F, H, W) with F = 1 + 4k and H, W multiples of 8 -> latents.
+        With ``sample_posterior``, clip i's noise comes from ``generators[i]``."""
         ct, s = self.compression[0], self.compression[1]
         for i, x in enumerate(images):
             self._check(x, i, self.cfg.image_channels, "image")
@@ -84,7 +88,10 @@ class WanVAE(nn.Module):
         for idx in group_by_shape([x.shape for x in images]).values():
             x = torch.stack([images[i] for i in idx]).to(p.device, p.dtype)
             dist = self.model.encode(x).latent_dist
-            z = dist.sample(generator) if self.cfg.sample_posterior else dist.mode()
+            if not self.cfg.sample_posterior:
+                z = dist.mode()
+            else:
+                z = posterior_sample(dist, None if generators is None else [generators[i] for i in idx])
             z = (z.float() - self.mean) / self.std
             for i, zi in zip(idx, z.unbind(0)):
                 out[i] = zi.to(images[i].dtype)
