@@ -222,3 +222,22 @@ def test_a_sampling_flux_ae_passes_the_kits_vae_check(vae_folder):
     from minfm_core import testing
 
     testing.check_vae(build_flux_ae, tiny_cfg(pretrained=str(vae_folder), sample_posterior=True), smoke=True)
+
+
+def test_loading_a_folder_without_accelerate_says_nothing(vae_folder):
+    """diffusers warned on every load that `accelerate` is "strongly recommended" (and went on
+    without it): noise in every run's log for a package nothing here needs."""
+    import importlib.util
+    import logging
+
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logger = logging.getLogger("diffusers")  # diffusers' own handler holds whatever stderr was at import
+    logger.addHandler(handler)
+    try:
+        build_flux_ae(tiny_cfg(pretrained=str(vae_folder)))
+    finally:
+        logger.removeHandler(handler)
+    if importlib.util.find_spec("accelerate") is None:
+        assert not [m for m in said if "accelerate" in m]

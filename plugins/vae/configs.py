@@ -27,6 +27,15 @@ def _levels(inst, attribute, value) -> None:
         raise ValueError(f"{attribute.name}: expected 1 to {MAX_LEVELS} levels, got {len(value)}")
 
 
+def from_pretrained_kwargs() -> dict:
+    """``low_cpu_mem_usage`` for diffusers' ``from_pretrained``: on only where ``accelerate`` is
+    installed. Without it diffusers turns the option off anyway, after a warning on every load
+    that asks to install a package a CPU or a single-GPU run does not need."""
+    import importlib.util
+
+    return {"low_cpu_mem_usage": importlib.util.find_spec("accelerate") is not None}
+
+
 def vae_source(pretrained: str) -> str:
     """A Hub repo root means its diffusers ``vae/`` folder (FLUX repos are diffusers pipelines)."""
     hub = None if is_local(pretrained) else parse_hub_ref(pretrained)

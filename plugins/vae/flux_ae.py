@@ -27,7 +27,7 @@ from minfm_core.packing import group_by_shape
 from minfm_core.pretrained import resolve_pretrained
 from minfm_core.weights import DTYPES
 
-from .configs import FLUX_SCALE, FLUX_SHIFT, FluxAEConfig, vae_source
+from .configs import FLUX_SCALE, FLUX_SHIFT, FluxAEConfig, from_pretrained_kwargs, vae_source
 from .posterior import posterior_sample
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -194,7 +194,8 @@ def _load(cfg: FluxAEConfig) -> tuple[nn.Module, float, float]:
     from minfm_core.weights import check_weights_folder
 
     check_weights_folder(path)  # shard names and links stay inside, headers bounded: before diffusers reads
-    model = AutoencoderKL.from_pretrained(str(path), use_safetensors=True, torch_dtype=DTYPES[cfg.dtype])
+    model = AutoencoderKL.from_pretrained(str(path), use_safetensors=True, torch_dtype=DTYPES[cfg.dtype],
+                                  **from_pretrained_kwargs())
     _check_architecture(cfg, model, cfg.pretrained)
     return model, *latent_affine(cfg, model, f"{cfg.pretrained} ({path / 'config.json'})")
 

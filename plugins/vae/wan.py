@@ -21,7 +21,7 @@ from minfm_core.packing import group_by_shape
 from minfm_core.pretrained import resolve_pretrained
 from minfm_core.weights import DTYPES
 
-from .configs import WanVAEConfig, vae_source
+from .configs import WanVAEConfig, from_pretrained_kwargs, vae_source
 from .posterior import posterior_sample
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -138,7 +138,8 @@ def _load(cfg: WanVAEConfig) -> nn.Module:
     if not (path / WEIGHTS_NAME).exists() and not (path / f"{WEIGHTS_NAME}.index.json").exists():
         raise MinfmError(f"wan VAE: {cfg.pretrained} ({path}) has no {WEIGHTS_NAME} (only safetensors are read)")
     check_weights_folder(path)  # shard names and links stay inside, headers bounded: before diffusers reads
-    model = AutoencoderKLWan.from_pretrained(str(path), use_safetensors=True, torch_dtype=DTYPES[cfg.dtype])
+    model = AutoencoderKLWan.from_pretrained(str(path), use_safetensors=True, torch_dtype=DTYPES[cfg.dtype],
+                                     **from_pretrained_kwargs())
     _check_architecture(cfg, model, cfg.pretrained)
     return model
 
