@@ -157,3 +157,32 @@ def test_a_write_that_fails_on_one_rank_is_one_line_on_every_rank(run_dir, tmp_p
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("minfm: error:")]
     # the rank that failed names itself; the other says the same instead of a gloo traceback
     assert len(lines) == 2 and lines[0] == lines[1] and "00000_02.png: Is a directory" in lines[0], res.stderr[-3000:]
+
+
+def test_a_stochastic_samplers_fresh_noise_is_not_its_starting_noise(tmp_path):
+    """generate() seeded the starting noise and the sampler's generators with the same seed, so
+    ddim_sde's first fresh noise was the starting noise again."""
+    import torch
+
+    from minfm_core import protocols
+    from minfm_core.engine.generate import generate
+    from minfm_core.engine.pipeline import build_pipeline
+
+    seen = {}
+
+    class Recorder(protocols.Sampler):
+        def __call__(self, velocity, noise, seq_lens, *, steps, warper=None, generators=None, callback=None):
+            seen["start"] = noise.clone()
+            seen["fresh"] = torch.cat([torch.randn((int(n), noise.shape[1]), generator=g)
+                                       for n, g in zip(seq_lens.tolist(), generators)])
+            return noise
+
+    pipe = build_pipeline(tiny(tmp_path / "run"), torch.device("cpu"))
+    generate(pipe, ["a red circle", "a blue square"], sizes=[(1, 16, 16)] * 2, seeds=[0, 1], steps=2,
+             sampler=Recorder())
+    start, fresh = seen["start"], seen["fresh"]
+    assert start.shape == fresh.shape
+    n = start.shape[0] // 2  # image 0's tokens: neither its own start nor image 1's (seed 1)
+    for block in (start[:n], start[n:]):
+        assert not torch.isclose(fresh[:n].flatten().sort().values, block.flatten().sort().values).all()
+    assert abs(float(torch.corrcoef(torch.stack([fresh.flatten(), start.flatten()]))[0, 1])) < 0.1

@@ -16,6 +16,7 @@ from torch import Tensor
 from .. import boundary
 from ..errors import PluginError
 from .pipeline import Pipeline, TextBatch
+from .runtime import SAMPLER_STREAM, derived_seed
 
 
 def _cat_text(a: TextBatch, b: TextBatch) -> TextBatch:
@@ -69,8 +70,11 @@ def generate(
         _refuse(guidance_is, "v = guidance(v_cond, v_uncond, lens)", boundary.shaped_like_problem(guided, x_t))
         return guided
 
+    # A stochastic sampler's fresh noise: a stream of its own (seeded with the image's seed
+    # itself, its first draw was the starting noise again)
     x0 = sampler(velocity, x, lens, steps=steps, warper=pipe.sample_warper,
-                 generators=[torch.Generator().manual_seed(int(seed)) for seed in seeds], callback=callback)
+                 generators=[torch.Generator().manual_seed(derived_seed(int(seed), SAMPLER_STREAM)) for seed in seeds],
+                 callback=callback)
     # a list or a wrong shape failed in unpatchify, blamed on minFM
     _refuse(sampler_is, "x0 = sampler(velocity, x, lens, ...)", boundary.shaped_like_problem(x0, x))
     latents = pipe.patchifier.unpatchify(x0, lens, patched.shapes)

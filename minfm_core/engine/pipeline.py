@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .. import boundary, packing
 from ..errors import MinfmError, PluginError
-from .runtime import indexed_seed
+from .runtime import POSTERIOR_STREAM, derived_seed
 
 
 @dataclass
@@ -286,9 +286,9 @@ def prepare_batch(
         vae_gens = gens
     else:
         drop = torch.rand(n, generator=generator) < text_dropout
-        # validation's fixed noise seeds, shifted: its posterior noise is not its path noise
+        # from validation's fixed noise seeds, another stream: its posterior noise is not its path noise
         vae_gens = ([generator] * n if noise_seeds is None else
-                    [torch.Generator().manual_seed(indexed_seed(s, 1)) for s in noise_seeds])
+                    [torch.Generator().manual_seed(derived_seed(s, POSTERIOR_STREAM)) for s in noise_seeds])
     prompts = ["" if d else pr for pr, d in zip(prompts, drop.tolist())]
     text = p.encode_text(prompts)
     try:

@@ -85,6 +85,17 @@ def indexed_seed(seed: int, index: int) -> int:
     return (seed * 1_000_003 + index) % 2**64
 
 
+#: Streams of :func:`derived_seed`: randomness that must not repeat another's numbers.
+POSTERIOR_STREAM, SAMPLER_STREAM = 1, 2
+
+
+def derived_seed(seed: int, stream: int) -> int:
+    """The seed of another stream of ``seed``'s randomness (a VAE's posterior noise next to a
+    sample's path noise, a sampler's fresh noise next to its starting noise): hashed, so it
+    repeats neither ``seed`` nor any nearby seed (``seed + 1`` is the next image's)."""
+    return int(np.random.SeedSequence([seed, 0x5EED, stream]).generate_state(1)[0])
+
+
 def rank_seed(seed: int, rank: int, stream: int = 0) -> int:
     """Distinct, reproducible seeds per (rank, stream) derived from one run seed."""
     return int(np.random.SeedSequence([seed, rank, stream]).generate_state(1)[0])
