@@ -12,6 +12,7 @@ A video model's page adds a frame count and plays each clip as an MP4.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import secrets
@@ -337,6 +338,20 @@ def launch(app: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None, 
     )
 
 
+_CALLS = logging.StreamHandler(sys.stderr)
+_CALLS.setFormatter(logging.Formatter("minfm demo: %(message)s"))
+
+
+def _log_calls() -> None:
+    """The batcher's line per sampler call ("sampler call 3: 2 requests, 5 images in 1.20 s",
+    docs/demo.md) on the server's stderr: Python's default shows warnings only."""
+    log = logging.getLogger("minfm_apps.batcher")
+    if _CALLS not in log.handlers:
+        log.addHandler(_CALLS)
+    log.setLevel(logging.INFO)
+    log.propagate = False  # a host application's root handler would print it twice
+
+
 def serve(src: str, *, host: str = "127.0.0.1", port: int | None = None, share: bool = False, queue_limit: int = 32,
           max_batch: int = 8, window_ms: float = 100.0, use_ema: bool = True, max_steps: int = 100,
           allowed_hosts: tuple[str, ...] = ()) -> int:
@@ -356,6 +371,7 @@ def serve(src: str, *, host: str = "127.0.0.1", port: int | None = None, share: 
         print(f"minfm demo: warning: listening on {host}: other machines can reach this server", file=sys.stderr)
     if share:
         print("minfm demo: warning: --share opens a public link: anyone with it can use this model", file=sys.stderr)
+    _log_calls()
     batcher = Batcher(lambda settings, jobs, cb: model.run(settings, jobs, cb), window_s=window_ms / 1000.0,
                       max_batch=max_batch, max_queue=batcher_queue_limit(queue_limit, max_batch))
     app = build_app(model, batcher, queue_limit=queue_limit)

@@ -94,6 +94,10 @@ def test_minfm_demo_serves_the_api_on_loopback(tmp_path):
             prompt="a red circle", negative_prompt="", size="16x16", steps=2, cfg_scale=2.0, ep_cfg=True,
             sampler="heun", seed=3, random_seed=False, num_images=1, api_name="/generate")
         assert seed == 3 and len(images) == 1
+        deadline = time.monotonic() + 10  # docs/demo.md: each sampler call is logged
+        while not any("sampler call 1: 1 requests, 1 images" in x for x in lines) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert any(x.startswith("minfm demo: sampler call 1: 1 requests, 1 images in ") for x in lines), "".join(lines)
         # on loopback: another Host name is refused (DNS rebinding) unless --allowed-host names it
         import urllib.error
         import urllib.request
