@@ -92,8 +92,24 @@ def test_an_out_folder_inside_the_checkpoint_sampled_is_refused(trained, inside)
     out = ckpt / inside if inside else ckpt
     res = minfm_in_process("sample", str(ckpt), "--out", str(out), "--prompt", "a", "--steps", "1")
     assert res.returncode == 2, res.stderr
-    assert f"--out {out}: lies inside the checkpoint {ckpt}, which the run's keep_last may delete" in res.stderr
+    assert f"--out {out}: lies inside the checkpoint {ckpt}, which its run's keep_last may delete" in res.stderr
     assert sorted(p.name for p in ckpt.iterdir()) == before
+
+
+def test_an_out_folder_inside_another_runs_checkpoint_is_refused(trained, tmp_path):
+    """Only the checkpoint sampled was refused: samples went into another checkpoint of a run,
+    where keep_last would delete them with it. A checkpoint outside a run stays a folder like any."""
+    from conftest import minfm_in_process
+
+    other = tmp_path / "other" / "checkpoints" / "step_00000005"
+    other.mkdir(parents=True)
+    res = minfm_in_process("sample", str(trained), "--out", str(other / "mine"), "--prompt", "a", "--steps", "1")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"lies inside the checkpoint {other}, which its run's keep_last may delete" in res.stderr
+    assert list(other.iterdir()) == []
+    loose = tmp_path / "copied" / "step_00000005"  # not under a run's checkpoints/
+    res = minfm_in_process("sample", str(trained), "--out", str(loose), "--prompt", "a", "--steps", "1")
+    assert res.returncode == 0, res.stderr
 
 
 def test_a_source_that_holds_no_model_says_what_would_do(tmp_path):
