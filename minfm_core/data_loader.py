@@ -1,13 +1,17 @@
 """A resumable, per-rank, infinite iterator of micro-batches over a map-style dataset.
 
 Each epoch is one permutation of the whole dataset drawn from (seed, epoch), the same on every
-rank; rank r takes items r, r + W, r + 2W, ... of it, so the ranks split every epoch exactly
-(no padding, no dropped samples). A rank's items form one endless stream across epochs and
-batches are cut from that stream, so every batch is full and may straddle an epoch boundary.
+rank, and the epochs follow each other in one endless global stream; rank r takes its items
+r, r + W, r + 2W, ... So W ranks together read exactly what one process reads, in the same
+order, whether or not W divides the dataset's length: the first k items of every rank are the
+first k·W items of the global stream (no padding, no dropped samples, every sample once per
+epoch). Batches are cut from a rank's stream, so every batch is full and may straddle an
+epoch boundary.
 
 The whole position is one number, the count of items this rank has yielded; it is the same on
 every rank (all ranks take the same number of batches), so the trainer can save rank 0's
-:meth:`BatchIterator.state_dict` and load it on all ranks. Prefetching workers
+:meth:`BatchIterator.state_dict` and load it on all ranks. Times the world size it is the
+global position: another world size continues from the same place when it divides it. Prefetching workers
 (``num_workers > 0``) run ahead, but the state counts only what was handed out, so resuming
 reproduces the remaining batches exactly.
 
@@ -224,16 +228,16 @@ class BatchIterator:
     @property
     def epoch(self) -> int:
         """Epoch of the next item this rank will yield."""
-        return self._consumed // self._stream.share
+        return self._stream.place(self._consumed)[0]
 
     @property
     def position(self) -> int:
-        """Offset of the next item within this rank's share of its epoch."""
-        return self._consumed % self._stream.share
+        """Place of the next item this rank will yield within its epoch's order."""
+        return self._stream.place(self._consumed)[1]
 
     @property
     def batches_per_epoch(self) -> float:
-        return self._stream.share / self.batch_size
+        return self._n / (self.world_size * self.batch_size)
 
     # -- iteration ------------------------------------------------------------------------
     def _start(self) -> Iterator[list[dict]]:
@@ -295,9 +299,10 @@ class BatchIterator:
                 f"resuming at the start of epoch {state.get('epoch', 0)}",
                 MinfmWarning, stacklevel=2,
             )
-            consumed = int(state.get("epoch", 0)) * self._stream.share
+            consumed = int(state.get("epoch", 0)) * self._n // self.world_size
         elif int(state.get("world_size", self.world_size)) != self.world_size:
-            # Different rank count: keep the same number of samples seen in total (approximate).
+            # Different rank count: the same global position (exact when this world size
+            # divides it, as it does at a checkpoint when it divides the total batch size).
             consumed = consumed * int(state["world_size"]) // self.world_size
         if int(state.get("seed", self.seed)) != self.seed:
             warnings.warn(f"data: resuming with seed {self.seed} instead of {state['seed']}", MinfmWarning, stacklevel=2)
@@ -344,8 +349,12 @@ class _KeyStream:
     def __init__(self, n: int, batch_size: int, *, rank: int, world_size: int, seed: int, shuffle: bool) -> None:
         self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
         self.seed, self.shuffle = seed, shuffle
-        self.share = len(range(rank, n, world_size))  # this rank's items per epoch
         self._order_cache: tuple[int, np.ndarray] | None = None
+
+    def place(self, item: int) -> tuple[int, int]:
+        """(epoch, place in its order) of item ``item`` of this rank: item ``rank + item * W``
+        of the global stream."""
+        return divmod(self.rank + item * self.world_size, self.n)
 
     def _order(self, epoch: int) -> np.ndarray:
         if self._order_cache is None or self._order_cache[0] != epoch:
@@ -358,8 +367,8 @@ class _KeyStream:
         while True:
             keys = []
             for _ in range(self.batch_size):
-                epoch, pos = divmod(item, self.share)
-                keys.append((epoch, int(self._order(epoch)[self.rank + pos * self.world_size])))
+                epoch, pos = self.place(item)
+                keys.append((epoch, int(self._order(epoch)[pos])))
                 item += 1
             yield keys
 

@@ -34,21 +34,49 @@ def take(it, k):
     return [next(it) for _ in range(k)]
 
 
-@pytest.mark.parametrize(("n", "world_size", "batch_size"), [(24, 3, 4), (23, 3, 4), (10, 4, 3), (7, 1, 2)])
-def test_ranks_partition_every_epoch_exactly(n, world_size, batch_size):
-    streams = []
-    for rank in range(world_size):
-        it = BatchIterator(Indexed(n), batch_size, rank=rank, world_size=world_size, seed=5)
-        streams.append([k for b in keys(take(it, 3 * n // batch_size + 3)) for k in b])
+@pytest.mark.parametrize(("n", "world_size", "batch_size"), [(24, 3, 4), (23, 3, 4), (10, 4, 3), (7, 1, 2), (7, 2, 2)])
+def test_ranks_read_exactly_the_stream_of_one_process(n, world_size, batch_size):
+    """Rank r's k-th item is item r + k·W of the one-process stream, also when W does not
+    divide the dataset: each rank wrapped its own share of an epoch, so 2 processes on 7
+    samples trained on other batches than 1 process from the second epoch on."""
+    def stream(rank, world, items):
+        it = BatchIterator(Indexed(n), batch_size, rank=rank, world_size=world, seed=5)
+        return [k for b in keys(take(it, -(-items // batch_size))) for k in b][:items]
+
+    per_rank = 3 * n // world_size + 3
+    one = stream(0, 1, per_rank * world_size)
+    ranks = [stream(r, world_size, per_rank) for r in range(world_size)]
+    assert [ranks[g % world_size][g // world_size] for g in range(per_rank * world_size)] == one
     for epoch in range(3):
-        per_rank = [[i for e, i in s if e == epoch] for s in streams]
-        flat = [i for r in per_rank for i in r]
-        assert sorted(flat) == list(range(n)), epoch  # every sample once per epoch, no padding
-        order = epoch_order(n, 5, epoch)
-        for rank, items in enumerate(per_rank):
-            assert items == [int(x) for x in order[rank::world_size]]  # the same permutation on all ranks
+        assert [i for e, i in one if e == epoch] == [int(x) for x in epoch_order(n, 5, epoch)]  # once each
     if n > 2:
         assert list(epoch_order(n, 5, 0)) != list(epoch_order(n, 5, 1))  # a new shuffle each epoch
+
+
+def test_another_world_size_resumes_at_the_same_global_place():
+    """A checkpoint after 2 steps of total batch 4 on 2 ranks of 7 samples, resumed on 1 rank
+    (and the reverse): the batches go on as the uninterrupted run's."""
+    def batches(world, skip, count):
+        out = []
+        for rank in range(world):
+            it = BatchIterator(Indexed(7), 4 // world, rank=rank, world_size=world, seed=2)
+            take(it, skip)
+            out.append((it.state_dict(), keys(take(it, count))))
+        return out
+
+    (state_two, _), _ = batches(2, 2, 0)
+    one = BatchIterator(Indexed(7), 4, seed=2)
+    one.load_state_dict(state_two)
+    (_, straight), = batches(1, 2, 3)
+    assert keys(take(one, 3)) == straight
+    (state_one, _), = batches(1, 2, 0)
+    resumed = []
+    for rank in range(2):
+        it = BatchIterator(Indexed(7), 2, rank=rank, world_size=2, seed=2)
+        it.load_state_dict(state_one)
+        resumed.append(keys(take(it, 3)))
+    assert [k for step in zip(*resumed) for k in sorted(step[0] + step[1])] == \
+        [k for b in straight for k in sorted(b)]
 
 
 def test_batches_are_full_lists_of_dicts_and_cross_epochs():

@@ -78,24 +78,28 @@ def test_hsdp_four_processes_shard_two(tmp_path):
 
 @pytest.mark.slow
 def test_resume_at_other_world_size(tmp_path):
-    """Saved by 2 processes, resumed by 1 (and the reverse): weights load exactly; the run continues."""
-    exp = tmp_path / "a"
-    run(exp, "--set", "train.max_steps=3", "--set", "train.ckpt_every=3", nproc=2)
+    """Saved by 2 processes, resumed by 1 (and the reverse): weights load exactly, and the run
+    goes on as the uninterrupted one: the data from the same global place, each sample's noise
+    from (seed, epoch, index). 7 samples: 2 ranks do not split an epoch evenly (each wrapped
+    its own share, so 2 processes trained on other batches than 1 from the second epoch)."""
+    flat = ["--set", "data.num_samples=7", "--set", "train.min_lr=1.5e-3"]  # no decay: max_steps may change
+    exp, straight = tmp_path / "a", tmp_path / "straight"
+    run(exp, *flat, "--set", "train.max_steps=3", "--set", "train.ckpt_every=3", nproc=2)
     saved = weights(ck.list_checkpoints(exp)[-1])
-    res = run(exp, "--set", "train.max_steps=5", "--set", "train.ckpt_every=5")
-    assert "from a checkpoint of another size" in res.stdout
+    res = run(exp, *flat, "--set", "train.max_steps=5", "--set", "train.ckpt_every=5")
+    assert "resumed at world size 1 from a checkpoint of world size 2: the data goes on from the same place" in res.stdout
     assert [c.name for c in ck.list_checkpoints(exp)] == ["step_00000003", "step_00000005"]
-    # The data goes on from the samples seen (it restarted at sample 0 of epoch 0): a step takes
-    # the same total batch at any world size, so one process has consumed 5 steps' worth.
+
     def consumed(step: int) -> int:
         position = ck.open_checkpoint(exp / "checkpoints" / f"step_{step:08d}").rank_extras(0)[1]["data"]
         return json.loads(position)["consumed"]
 
-    per_rank_step = consumed(3) // 3  # two ranks
-    assert per_rank_step > 0 and consumed(5) == 5 * 2 * per_rank_step
+    assert consumed(3) == 3 * 8 // 2 and consumed(5) == 5 * 8  # per rank: the same global place
     # And back: one process wrote step 5, two processes load it.
-    run(exp, "--set", "train.max_steps=6", "--set", "train.ckpt_every=6", nproc=2)
-    assert [m for m in (json.loads(x) for x in (exp / "metrics.jsonl").read_text().splitlines())][-1]["step"] == 6
+    run(exp, *flat, "--set", "train.max_steps=6", "--set", "train.ckpt_every=6", nproc=2)
+    run(straight, *flat, "--set", "train.max_steps=6", "--set", "train.ckpt_every=6")
+    assert losses(exp) == pytest.approx(losses(straight), rel=1e-5) and len(losses(exp)) == 6
+    assert_same(weights(exp / "checkpoints" / "step_00000006"), weights(straight / "checkpoints" / "step_00000006"))
     assert_same(saved, weights(exp / "checkpoints" / "step_00000003"))
 
 

@@ -250,10 +250,11 @@ class Trainer:
                 except (KeyError, ValueError, TypeError, RuntimeError, MinfmError) as exc:
                     raise MinfmError(f"{ckpt.path}/rank_{self.rt.rank}.safetensors: bad per-rank state ({exc})") from None
             else:
-                # Another world size: per-rank streams cannot continue exactly; the noise is
-                # reseeded by step, and the data goes on from the samples seen so far (every
-                # rank consumed as many as rank 0; load_state_dict rescales to this world
-                # size) rather than from sample 0 of epoch 0 again.
+                # Another world size: the data goes on from the same global place (every rank
+                # consumed as many as rank 0; load_state_dict rescales to this world size), and
+                # a sample's noise comes from (seed, epoch, index): the run continues as it
+                # would have at the old size. Only the per-rank generator (batches whose
+                # samples carry no index) cannot continue: it is reseeded by step.
                 self.generator.manual_seed(rank_seed(self.recipe.run.seed, self.rt.rank, self.step))
                 first = ckpt.rank_extras(0)
                 if first is not None:
@@ -261,8 +262,9 @@ class Trainer:
                         self.batches.load_state_dict(parse_json(first[1]["data"], "data position"))
                     except (KeyError, ValueError, TypeError, MinfmError) as exc:
                         raise MinfmError(f"{ckpt.path}/rank_0.safetensors: bad per-rank state ({exc})") from None
-                self._log_line(f"resumed at world size {self.rt.world_size} from a checkpoint of another size: "
-                               "the noise is re-seeded, the data goes on from the samples seen")
+                self._log_line(f"resumed at world size {self.rt.world_size} from a checkpoint of world size "
+                               f"{ckpt.world_size}: the data goes on from the same place, each sample with its "
+                               "own noise, as at the old size")
 
     def _resume_or_init(self) -> None:
         allow_pickle = self.cfg.allow_pickle_checkpoint
