@@ -166,3 +166,23 @@ def test_registered_encoders_have_documented_configs_and_dims():
     assert structure({"dim": 32}, reg.get("text_encoder", "vocab").config).dim == 32
     with pytest.raises(RecipeError, match="model.text_encoder.pooled: expected bool"):
         structure({"pooled": 1}, reg.get("text_encoder", "vocab").config, path="model.text_encoder")
+
+
+def test_a_sharded_frozen_encoder_computes_in_its_own_dtype(runtime, tmp_path):
+    """With several processes the text encoders are sharded with the recipe's parallelizer; FSDP2
+    gave them the training's mixed precision too, so the fp32 `vocab` tables ran in bf16 on 2
+    processes and in fp32 on 1: a world-size-dependent input to the model."""
+    import copy
+
+    import torch
+
+    from engine_helpers import tiny
+
+    resolved = tiny(tmp_path, "parallel.name=fsdp2", "parallel.param_dtype=bf16")
+    enc = resolved["model.text_encoder"].build()
+    prompts = ["a red circle", "a large blue square on a white background"]
+    want, want_lens = enc(prompts)
+    parallel = resolved["parallel"].build()
+    got, lens = parallel.parallelize(copy.deepcopy(enc), world_size=1, device=torch.device("cpu"), trainable=False)(prompts)
+    assert torch.equal(lens, want_lens) and got.dtype == want.dtype == torch.float32
+    assert torch.equal(got, want)

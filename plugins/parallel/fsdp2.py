@@ -43,7 +43,12 @@ class Fsdp2:
     def __init__(self, cfg):
         self.cfg = cfg
 
-    def policy(self) -> MixedPrecisionPolicy:
+    def policy(self, trainable: bool = True) -> MixedPrecisionPolicy:
+        """The recipe's mixed precision for the model trained; none for a frozen encoder, sharded
+        for memory only: it computes in its own dtype (its recipe's ``dtype``), as it does
+        unsharded in a world of one (the ``vocab`` tables ran in bf16 on 2 processes only)."""
+        if not trainable:
+            return MixedPrecisionPolicy()
         return MixedPrecisionPolicy(param_dtype=DTYPES[self.cfg.param_dtype], reduce_dtype=DTYPES[self.cfg.reduce_dtype])
 
     def parallelize(self, model: nn.Module, *, world_size: int = 1, device=None, trainable: bool = True) -> nn.Module:
@@ -61,8 +66,8 @@ class Fsdp2:
         for k, group in enumerate(groups):
             # The last group is needed again first in backward: keep it gathered by default.
             reshard = policy if policy is not None else (k < len(groups) - 1 or not trainable)
-            fully_shard(group if len(group) > 1 else group[0], mesh=mesh, mp_policy=self.policy(),
+            fully_shard(group if len(group) > 1 else group[0], mesh=mesh, mp_policy=self.policy(trainable),
                         reshard_after_forward=reshard)
-        fully_shard(model, mesh=mesh, mp_policy=self.policy(),
+        fully_shard(model, mesh=mesh, mp_policy=self.policy(trainable),
                     reshard_after_forward=True if not trainable else bool(policy))
         return model
