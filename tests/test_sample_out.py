@@ -295,3 +295,24 @@ def test_what_is_planted_at_an_image_name_is_drawn_again(run_dir, tmp_path):
     res = sample(run_dir, out, "--prompt", "a red circle")
     assert res.returncode == 0 and "1 to draw" in res.stdout, res.stdout + res.stderr
     assert not (out / "images" / "00000_00.png").is_symlink() and images(out) == good
+
+
+def test_a_training_gallery_cell_is_redrawn_by_sampling_its_checkpoint(tmp_path):
+    """The gallery numbered its seeds over its own list (at most 4 per prompt), `minfm sample`
+    as seed + prompt * samples_per_prompt + k: with 5 per prompt every prompt after the first
+    got other seeds, so no gallery picture could be drawn again from its checkpoint."""
+    from PIL import Image
+
+    from minfm_core.engine.train import train
+
+    run = tmp_path / "run"
+    train(tiny(run, "train.max_steps=1", "train.sample_every=1", "sample.samples_per_prompt=5", "sample.steps=2"))
+    assert main(["sample", str(run), "--out", str(tmp_path / "out")]) == 0
+    meta = json.loads((tmp_path / "out" / "metadata.json").read_text())
+    drawn = [r for r in meta["images"] if r["sample"] < 4]  # the gallery draws the first 4 of each prompt
+    assert len(drawn) == 8 and {r["seed"] for r in drawn} == {0, 1, 2, 3, 5, 6, 7, 8}
+    gallery = np.asarray(Image.open(run / "samples" / "step_00000001" / "ema.png").convert("RGB")).astype(int)
+    for cell, r in enumerate(drawn):
+        x, y = 2 + (cell % 8) * 18, 2 + (cell // 8) * 18  # 16x16 cells, 2-pixel padding, 8 to a row
+        image = np.asarray(Image.open(tmp_path / "out" / r["path"]).convert("RGB")).astype(int)
+        assert np.abs(image - gallery[y:y + 16, x:x + 16]).max() == 0, r

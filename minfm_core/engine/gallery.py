@@ -16,7 +16,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from ..safepath import write_bytes_atomic, write_text_atomic
-from .generate import generate, grid, grid_frames, to_pil, to_uint8
+from .generate import generate, grid, grid_frames, image_seed, to_pil, to_uint8
 from .video_io import DEFAULT_FPS, frame_durations_ms
 from .prompts import read_prompt_file
 
@@ -38,7 +38,8 @@ def training_gallery(pipe, model, ema, recipe, step: int, *, is_main: bool) -> d
     prompts = gallery_prompts(recipe)
     per = max(1, min(s.samples_per_prompt, 4))
     all_prompts = [p for p in prompts for _ in range(per)]
-    seeds = [s.seed + i for i in range(len(all_prompts))]
+    # as `minfm sample` numbers them, so a gallery cell is redrawn by sampling its checkpoint
+    seeds = [image_seed(s.seed, p, k, s.samples_per_prompt) for p in range(len(prompts)) for k in range(per)]
     sizes = [tuple(s.size)] * len(all_prompts)
     out = Path(recipe.run.exp_dir) / "samples" / f"step_{step:08d}"
     variants = [("raw", None)] + ([("ema", ema)] if ema is not None else [])

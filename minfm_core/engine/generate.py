@@ -24,6 +24,12 @@ def _cat_text(a: TextBatch, b: TextBatch) -> TextBatch:
     return TextBatch(torch.cat([a.txt, b.txt]), torch.cat([a.txt_lens, b.txt_lens]), vec)
 
 
+def image_seed(seed: int, prompt: int, k: int, samples_per_prompt: int) -> int:
+    """The seed of image ``k`` of prompt number ``prompt``: ``seed + prompt * samples_per_prompt
+    + k``, in ``minfm sample`` and in the training gallery alike (which draws at most 4 of them)."""
+    return seed + prompt * samples_per_prompt + k
+
+
 @torch.no_grad()
 def generate(
     pipe: Pipeline,

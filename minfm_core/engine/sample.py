@@ -46,7 +46,7 @@ from ..validators import draw_problem
 from ..weights import check_weights_folder, has_weights, load_safetensors_into
 from .gallery import write_sample_index
 from .prompts import read_prompt_file
-from .generate import generate, to_pil, to_uint8
+from .generate import generate, image_seed, to_pil, to_uint8
 from .video_io import DEFAULT_FPS, encode_webp, read_webp, require_av, write_mp4
 from .pipeline import build_pipeline, sharded_denoiser
 from .runtime import init_runtime, shutdown_runtime
@@ -418,7 +418,7 @@ def run_sampling(resolved, prompts: list[str], out: Path, *, weights, source: st
         batches = plan_batches(len(prompts), s.samples_per_prompt, s.batch_size)
         images_dir = out / "images"
         clips = s.size[0] > 1
-        seed_of = lambda i, k: s.seed + i * s.samples_per_prompt + k  # noqa: E731
+        seed_of = lambda i, k: image_seed(s.seed, i, k, s.samples_per_prompt)  # noqa: E731
         pending = None
         if rt.is_main:
             # A batch with any file missing is drawn again whole (same composition: same pixels).
