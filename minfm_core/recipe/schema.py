@@ -224,7 +224,8 @@ class TrainSection:
         "is a pickle that can run code; only for checkpoints you trust (never honoured for downloads)",
     )
     log_every: int = field(20, doc="log metrics every N steps (0: at the end only)", validator=EVERY)
-    val_every: int = field(10_000, doc="validation loss every N steps (0 disables)", validator=EVERY)
+    val_every: int = field(10_000, doc="validation loss of the raw (not EMA) weights every N steps (0 disables)",
+                           validator=EVERY)
     val_num_samples: int = field(10_000, doc="samples in the validation set", validator=Range(1, MAX_SAMPLES))
     sample_every: int = field(2000, doc="in-training sample gallery every N steps (0 disables)", validator=EVERY)
     fid_every: int = field(
