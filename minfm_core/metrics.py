@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import MinfmError
+from . import protocols
+from .errors import MinfmError, PluginError
 from .protocols import Metric
 
 
@@ -28,4 +29,14 @@ def build_metric(name: str, ref: str, **kwargs: Any) -> Metric:
         installed = ", ".join(registry.names("metric")) or "none"
         raise MinfmError(f"no plugin registers the image metric {name!r} (installed: {installed}; "
                          f"minFM's own is the 'eval' plugin)")
-    return registry.get("metric", name).load_factory()(ref, **kwargs)
+    component = registry.get("metric", name)
+    built = component.load_factory()(ref, **kwargs)
+    # as Component.build checks what it builds: a metric lacking `distance` trained through
+    # every step up to the first FID, then died of an AttributeError blamed on minFM
+    lacks = protocols.lacking("metric", built)
+    if lacks:
+        raise PluginError(f"{component.describe()}: built {type(built).__name__} {lacks}")
+    keywords = protocols.keywords_problem("metric", built)
+    if keywords:
+        raise PluginError(f"{component.describe()}: built {keywords}")
+    return built

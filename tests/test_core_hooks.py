@@ -105,17 +105,55 @@ def test_check_recipe_hook(toy_registry):
     assert info.value.problems == ["train.max_steps: too many for three ranks (probe)"]
 
 
+class _ProbeMetric(protocols.Metric):
+    def __init__(self, ref, **kw):
+        self.made = (ref, kw)
+
+    def features(self, images):
+        return images
+
+    def reference_features(self, *, batch_size, shard=(0, 1)):
+        return None
+
+    def stats(self, features):
+        return features
+
+    def distance(self, a, b):
+        return 0.0
+
+
+class _NoDistance:  # a metric written without the protocol, lacking one member
+    def __init__(self, ref, **kw):
+        pass
+
+    def features(self, images):
+        return images
+
+    def reference_features(self, *, batch_size, shard=(0, 1)):
+        return None
+
+    def stats(self, features):
+        return features
+
+
 class _Metric:
     @hookimpl
     def register_metrics(self, register):
-        register("probe_metric", lambda ref, **kw: ("metric", ref, kw))
+        register("probe_metric", _ProbeMetric)
+        register("no_distance", _NoDistance)
 
 
 def test_register_metrics_hook():
+    """What the factory builds is checked as Component.build checks any kind: a metric lacking
+    `distance` trained up to its first FID, then died of an AttributeError blamed on minFM."""
+    from minfm_core.errors import PluginError
     from minfm_core.metrics import build_metric
 
     with plugin(_Metric(), "metric"):
-        assert build_metric("probe_metric", "ref.npz", device="cpu") == ("metric", "ref.npz", {"device": "cpu"})
+        assert build_metric("probe_metric", "ref.npz", device="cpu").made == ("ref.npz", {"device": "cpu"})
+        with pytest.raises(PluginError, match=r"^metric 'no_distance' of plugin 'metric': built _NoDistance lacks "
+                                              r"distance \(required: define distance\)"):
+            build_metric("no_distance", "ref.npz")
 
 
 def test_every_hook_is_tested_and_documented():
