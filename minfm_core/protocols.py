@@ -220,7 +220,11 @@ class Balancer(Protocol):
 
 @runtime_checkable
 class Parallelizer(Protocol):
-    """Shards a module over the ranks (and may bring mixed precision)."""
+    """Shards a module over the ranks (and may bring mixed precision). With several processes
+    the trained module arrives on the meta device; the engine then calls ``to_empty`` on what
+    is returned and loads rank 0's weights into it, so return the module itself with its own
+    state-dict names, and leave each rank's gradients the mean over the ranks
+    (docs/plugins.md, register_parallelizers)."""
 
     def parallelize(self, module: torch.nn.Module, *, world_size: int, device: torch.device,
                     trainable: bool) -> torch.nn.Module: ...

@@ -182,3 +182,40 @@ def test_hookspec_bodies_are_docstrings_only():
 def test_project_name_is_minfm():
     assert isinstance(hookspecs.hookspec, pluggy.HookspecMarker)
     assert hookspecs.hookspec.project_name == "minfm" and hookspecs.hookimpl.project_name == "minfm"
+
+
+class _Wrapping:
+    """A parallelizer wrapping the model as DDP does: its names gain `module.`."""
+
+    def parallelize(self, module, *, world_size, device, trainable):
+        import torch
+
+        class Wrapper(torch.nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.module = inner
+
+        return Wrapper(module)
+
+
+class _WrapPlugin:
+    @hookimpl
+    def register_parallelizers(self, register):
+        register("wrapping", lambda cfg=None: _Wrapping(), None)
+
+
+def test_a_parallelizer_that_renames_the_state_dict_is_refused(tmp_path):
+    """Training ran with a wrapper's names, then `minfm sample` failed on every EMA key
+    (`unexpected keys: module.double_blocks.0...`): checkpoints, the EMA and rank 0's
+    broadcast are keyed by the module's own names."""
+    import torch
+
+    from engine_helpers import tiny
+    from minfm_core.engine.pipeline import shard
+    from minfm_core.errors import PluginError
+
+    with plugin(_WrapPlugin(), "wrap"):
+        resolved = tiny(tmp_path, "parallel={name = 'wrapping'}")
+        with pytest.raises(PluginError, match=r"^parallelizer 'wrapping' of plugin 'wrap': parallelize changed the "
+                                              r"state-dict names \('module\.[^']+', \.\.\.\); it must return the module"):
+            shard(resolved, torch.nn.Linear(2, 2), world_size=1, device=torch.device("cpu"), trainable=True)
