@@ -20,6 +20,10 @@ from .errors import MinfmError, PluginError
 from .protocols import Metric
 
 
+#: The metric the trainer's in-training FID (``train.fid_every``) asks the registry for.
+METRIC_FID = "fid"
+
+
 def build_metric(name: str, ref: str, **kwargs: Any) -> Metric:
     """The metric ``name`` for the reference images ``ref`` (kwargs: extractor, weights, device)."""
     from .registry import get_registry

@@ -28,12 +28,10 @@ import torch
 import torch.distributed as dist
 
 from ..errors import MinfmError
-from ..metrics import build_metric
+from ..metrics import METRIC_FID, build_metric
 from ..protocols import Metric
 from .generate import generate, to_pil
 from .sample import plan_batches, rank_share
-
-METRIC = "fid"
 
 
 class TrainingFid:
@@ -49,7 +47,7 @@ class TrainingFid:
         if not ref.exists():
             raise MinfmError(f"train.fid_ref: {ref}: no such file or folder")
         try:
-            self.metric: Metric = build_metric(METRIC, str(ref), extractor=train.fid_extractor,
+            self.metric: Metric = build_metric(METRIC_FID, str(ref), extractor=train.fid_extractor,
                                                     weights=train.fid_inception, device=rt.device)
         except MinfmError as exc:  # the plugin's message names the file or setting; the path says whose
             raise MinfmError(f"train.fid: {exc}") from None
