@@ -144,14 +144,17 @@ def shard(resolved, module: torch.nn.Module, *, world_size: int, device: torch.d
     slot = resolved.get("parallel")
     if slot is None or slot.component.name == "none" or (world_size == 1 and not trainable):
         return module
-    names = list(module.state_dict())
+    names = set(module.state_dict())
     out = slot.build().parallelize(module, world_size=world_size, device=device, trainable=trainable)
     # Checkpoints, the EMA and the weights broadcast from rank 0 are keyed by the module's
     # own names: a wrapper adding `module.` trained, then could not be sampled from.
-    got = list(out.state_dict()) if isinstance(out, torch.nn.Module) else None
+    got = set(out.state_dict()) if isinstance(out, torch.nn.Module) else None
     if got != names:
-        what = f"returned {type(out).__name__}" if got is None else \
-            f"changed the state-dict names ({(sorted(set(got) - set(names)) or sorted(set(names) - set(got)) or got)[0]!r}, ...)"
+        if got is None:
+            what = f"returned {type(out).__name__}, not a module"
+        else:
+            first = min(got - names) if got - names else min(names - got)
+            what = f"changed the state-dict names ({first!r}, ...)"
         raise PluginError(f"{slot.component.describe()}: parallelize {what}; it must return the module with the "
                           "names it had (shard it in place, as fully_shard does; docs/plugins.md, register_parallelizers)")
     return out
