@@ -34,14 +34,16 @@ def test_data_and_eval_commands_come_from_their_plugins():
     assert res.returncode == 2 and "invalid choice: 'eval'" in res.stderr, res.stderr
 
 
-def test_in_training_fid_needs_a_plugin_with_the_fid_metric(tmp_path):
+@pytest.mark.parametrize("command", ["run", "check"])
+def test_in_training_fid_needs_a_plugin_with_the_fid_metric(tmp_path, command):
+    """Refused before any work, and by `minfm check` too (it said ok, then the run stopped)."""
     ref = save_npz(tmp_path / "ref.npz", images(4, seed=1, size=16))
-    res = run_minfm("run", str(TINY), "--set", f"run.exp_dir={json.dumps(str(tmp_path / 'run'))}",
+    res = run_minfm(command, str(TINY), "--set", f"run.exp_dir={json.dumps(str(tmp_path / 'run'))}",
                     "--set", "train.fid_every=2", "--set", f"train.fid_ref={json.dumps(ref)}",
                     env={"MINFM_DISABLE_PLUGINS": "eval"})
     assert res.returncode == 2, res.stderr
-    assert "train.fid: no plugin registers the image metric 'fid'" in res.stderr
-    assert "Traceback" not in res.stderr
+    assert "train.fid_every: no plugin registers the image metric 'fid' that the in-training FID uses" in res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "run").exists()
 
 
 class _Mydata:
