@@ -128,17 +128,13 @@ class Component:
         except Exception as exc:  # a bug: its traceback stays, and now says whose factory it was
             exc.add_note(self.raised_note())
             raise
-        # The engine calls every member, optional ones too: one missing is the plugin's error,
-        # said here by name, not as an AttributeError deep in a training step.
-        lacks = protocols.lacking(self.kind, built)
-        if lacks:
-            raise PluginError(f"{self.describe()}: built {type(built).__name__} {lacks}")
-        bases = protocols.bases_problem(self.kind, built)
-        if bases:  # calling it would return None: a "got NoneType" at the first step, its cause unsaid
-            raise PluginError(f"{self.describe()}: built {bases}")
-        keywords = protocols.keywords_problem(self.kind, built)
-        if keywords:  # a TypeError at the first call, mid-run
-            raise PluginError(f"{self.describe()}: built {keywords}")
+        # The engine calls every member, optional ones too, with the keywords its protocol
+        # declares: a member missing (an AttributeError deep in a training step), bases that
+        # hide forward (a "got NoneType" at the first step) or a keyword not taken (a
+        # TypeError mid-run) is the plugin's error, said here by name.
+        problem = protocols.built_problem(self.kind, built)
+        if problem:
+            raise PluginError(f"{self.describe()}: {problem}")
         return built
 
     def raised_note(self) -> str:

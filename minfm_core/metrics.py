@@ -37,10 +37,7 @@ def build_metric(name: str, ref: str, **kwargs: Any) -> Metric:
     built = component.load_factory()(ref, **kwargs)
     # as Component.build checks what it builds: a metric lacking `distance` trained through
     # every step up to the first FID, then died of an AttributeError blamed on minFM
-    lacks = protocols.lacking("metric", built)
-    if lacks:
-        raise PluginError(f"{component.describe()}: built {type(built).__name__} {lacks}")
-    keywords = protocols.keywords_problem("metric", built)
-    if keywords:
-        raise PluginError(f"{component.describe()}: built {keywords}")
+    problem = protocols.built_problem("metric", built)
+    if problem:
+        raise PluginError(f"{component.describe()}: {problem}")
     return built

@@ -481,6 +481,17 @@ def lacking(kind: str, obj: Any) -> str | None:
     return f"lacks {', '.join(missing)} ({why})"
 
 
+def built_problem(kind: str, obj: Any) -> str | None:
+    """``"built X ..."``: why what a factory of ``kind`` built cannot serve the engine (a
+    member missing, bases that hide ``forward``, a keyword its methods do not take); None
+    when it can. The one check of everything a factory builds."""
+    lacks = lacking(kind, obj)
+    if lacks:
+        return f"built {type(obj).__name__} {lacks}"
+    problem = bases_problem(kind, obj) or keywords_problem(kind, obj)
+    return f"built {problem}" if problem else None
+
+
 def keywords_problem(kind: str, obj: Any) -> str | None:
     """The keywords a method of ``kind``'s protocol declares (with a default, or keyword-only:
     ``Vae.encode``'s ``generators``, ``TimeSampler.__call__``'s ``generator``) that ``obj``'s
