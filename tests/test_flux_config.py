@@ -35,8 +35,8 @@ def test_no_flavor_means_every_dimension_is_required():
         ({"flavor": "flux-tny"}, "model.denoiser.flavor: expected one of 'flux-debug', 'flux-tiny', 'flux-dev', got 'flux-tny' (did you mean 'flux-tiny'?)"),
         ({"flavor": "flux-tiny", "d_hed": 64}, "model.denoiser: unknown key 'd_hed' (did you mean 'd_head'?)"),
         ({"flavor": "flux-tiny", "d_head": "64"}, "model.denoiser.d_head: expected int, got '64'"),
-        ({"flavor": "flux-tiny", "d_head": 60}, "model.denoiser: d_model 1024 is not a multiple of d_head 60"),
-        ({"flavor": "flux-tiny", "rope_axes": [8, 28, 27]}, "rope_axes (8, 28, 27) must be 3 positive even numbers"),
+        ({"flavor": "flux-tiny", "d_head": 60}, "model.denoiser.d_head: d_model 1024 is not a multiple of d_head 60"),
+        ({"flavor": "flux-tiny", "rope_axes": [8, 28, 27]}, "model.denoiser.rope_axes: (8, 28, 27) must be 3 positive even numbers"),
     ],
 )
 def test_errors_name_the_field(table, message):
@@ -55,7 +55,7 @@ def test_registered_with_config_and_attention_backends():
 def test_mlp_ratio_must_give_a_hidden_unit():
     """d_mlp = int(d_model * mlp_ratio): 128 x 0.001 gave zero-width MLPs, trained silently."""
     for ratio in (0.001, 1 / 129):
-        with pytest.raises(RecipeError, match=r"model\.denoiser: mlp_ratio .* x d_model 128 gives MLPs of width 0"):
+        with pytest.raises(RecipeError, match=r"model\.denoiser\.mlp_ratio: .* x d_model 128 gives MLPs of width 0"):
             structure({"flavor": "flux-debug", "mlp_ratio": ratio}, FluxConfig, "model.denoiser")
     assert structure({"flavor": "flux-debug", "mlp_ratio": 1 / 128}, FluxConfig, "model.denoiser").d_mlp == 1
 

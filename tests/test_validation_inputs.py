@@ -88,7 +88,7 @@ def test_check_refuses_what_run_refuses(capsys, setting, path):
 def test_flux_without_blocks(capsys):
     line = one_line_error(capsys, ["check", QUICKSTART, "--set", "model.denoiser.n_ds_blocks=0",
                                    "--set", "model.denoiser.n_ss_blocks=0"])
-    assert "model.denoiser: n_ds_blocks + n_ss_blocks must be at least 1" in line
+    assert "model.denoiser.n_ss_blocks: n_ds_blocks + n_ss_blocks must be at least 1" in line
 
 
 def test_train_job_without_data(tmp_path, capsys):

@@ -180,6 +180,31 @@ def test_a_problem_from_a_set_names_it(tmp_path, capsys):
     assert capsys.readouterr().err.strip().endswith("bad.toml: train.lr: must be in [0, 1], got 5.0")
 
 
+@pytest.mark.parametrize("settings, line", [
+    (["model.denoiser.rope_axes=[2,3,3]", "model.denoiser.compile=false"],
+     "model.denoiser.rope_axes: (2, 3, 3) must be 3 positive even numbers (t, y, x) (from --set model.denoiser.rope_axes)"),
+    (["model.denoiser.d_head=48", "model.denoiser.compile=false"],
+     "model.denoiser.d_head: d_model 128 is not a multiple of d_head 48 (from --set model.denoiser.d_head)"),
+])
+def test_a_config_check_blames_the_set_it_names(settings, line, capsys):
+    """A config's own check (__attrs_post_init__) was filed under its table, so the last --set
+    into that table was blamed: rope_axes [2,3,3] read '(from --set model.denoiser.compile)'."""
+    args = ["check", RECIPE]
+    for setting in settings:
+        args += ["--set", setting]
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip().endswith(line)
+
+
+def test_a_table_problem_blames_only_a_set_it_names():
+    from minfm_core.recipe.resolve import _blame
+
+    set_by = [("model.denoiser.flavor", "--set model.denoiser.flavor"), ("model.denoiser.compile", "--set model.denoiser.compile")]
+    problem = "model.denoiser: no flavor given, so these must be set: d_model"
+    assert _blame(problem, set_by) == problem + " (from --set model.denoiser.flavor)"
+    assert _blame(problem, set_by[1:]) == problem
+
+
 @pytest.mark.parametrize("setting, line", [
     ("train.total_batch_size=30", "train.total_batch_size: 30 is not a positive multiple of train.batch_size x world "
                                   "size = 16 x 1 = 16 (from --set train.total_batch_size)"),

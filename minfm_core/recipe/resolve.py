@@ -221,7 +221,13 @@ def _blame(problem: str, set_by: Iterable[tuple[str, str]]) -> str:
     m = _UNKNOWN_KEY.match(problem)
     where = (m["name"] if m["path"] == "<root>" else f"{m['path']}.{m['name']}") if m else problem.split(":", 1)[0]
     for key, label in set_by:
-        if where == key or key.startswith(where + ".") or where.startswith((key + ".", key + "[")):
+        if where == key or where.startswith((key + ".", key + "[")):
+            return f"{problem} (from {label})"
+    # A problem filed under a table (a config's cross-field check) blames a setting inside
+    # it only if the message names that setting: the last one set there may be unrelated.
+    message = problem.split(":", 1)[-1]
+    for key, label in set_by:
+        if key.startswith(where + ".") and re.search(rf"(?<![\w.]){re.escape(key[len(where) + 1:])}(?![\w\[])", message):
             return f"{problem} (from {label})"
     for key, label in set_by:
         if "." in key and re.search(rf"(?<![\w.]){re.escape(key)}(?![\w\[])", problem):

@@ -21,7 +21,7 @@ def _positive_ints(instance, attribute, value) -> None:
     if value is None:
         return
     if len(value) != 3 or any(v < 1 for v in value):
-        raise ValueError(f"{attribute.name} must be three positive ints (frames, height, width), got {value!r}")
+        raise ValueError(f"{attribute.name}: must be three positive ints (frames, height, width), got {value!r}")
 
 
 @config
@@ -59,7 +59,7 @@ class LogitNormalTimeConfig:
 
 def _lens_differ(instance, attribute, value) -> None:
     if value == instance.base_len:
-        raise ValueError(f"max_len must differ from base_len ({value})")
+        raise ValueError(f"{attribute.name}: must differ from base_len ({value})")
 
 
 @config

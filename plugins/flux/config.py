@@ -101,13 +101,13 @@ class FluxConfig:
         if missing:
             raise ValueError(f"no flavor given, so these must be set: {', '.join(missing)}")
         if self.n_ds_blocks + self.n_ss_blocks < 1:
-            raise ValueError("n_ds_blocks + n_ss_blocks must be at least 1 (a denoiser without blocks learns nothing)")
+            raise ValueError("n_ss_blocks: n_ds_blocks + n_ss_blocks must be at least 1 (a denoiser without blocks learns nothing)")
         if self.d_model % self.d_head:
-            raise ValueError(f"d_model {self.d_model} is not a multiple of d_head {self.d_head}")
+            raise ValueError(f"d_head: d_model {self.d_model} is not a multiple of d_head {self.d_head}")
         if len(self.rope_axes) != 3 or any(a <= 0 or a % 2 for a in self.rope_axes):
-            raise ValueError(f"rope_axes {self.rope_axes} must be 3 positive even numbers (t, y, x)")
+            raise ValueError(f"rope_axes: {self.rope_axes} must be 3 positive even numbers (t, y, x)")
         if self.d_mlp < 1:  # int() rounds the width down: 0 made zero-width MLPs, trained without a word
-            raise ValueError(f"mlp_ratio {self.mlp_ratio} x d_model {self.d_model} gives MLPs of width "
+            raise ValueError(f"mlp_ratio: {self.mlp_ratio} x d_model {self.d_model} gives MLPs of width "
                              f"{self.d_mlp}; it must give at least 1")
 
     @property
