@@ -2,10 +2,12 @@
 
 Shared by every component that loads pretrained weights (T5, CLIP, VAE, FLUX).
 
-A reference is either a local path (file or folder) or a Hub reference
-``org/name[@revision][/path/in/repo]``, e.g. ``black-forest-labs/FLUX.1-schnell/vae``
-(a folder of the repo) or ``black-forest-labs/FLUX.1-schnell/ae.safetensors`` (a file).
-A local path that exists always wins.
+A reference is a local path (file or folder), a Hub reference
+``[hf://]org/name[@revision][/path/in/repo]``, e.g. ``black-forest-labs/FLUX.1-schnell/vae``
+(a folder of the repo) or ``black-forest-labs/FLUX.1-schnell/ae.safetensors`` (a file), or
+the URI of another registered source (``s3://bucket/t5``), handed to that scheme's resolver
+whole with ``subpath=""`` (or the file a component asks for in it). A local path that
+exists always wins.
 
 The core never talks to the Hub itself: a Hub reference is handed to the source
 registered for the ``hf`` scheme (the hub plugin), as
@@ -51,7 +53,8 @@ class HubRef:
 
 
 def parse_hub_ref(ref: str) -> HubRef | None:
-    """``org/name[@rev][/path]`` -> :class:`HubRef`, or None when ``ref`` cannot be a Hub id."""
+    """``[hf://]org/name[@rev][/path]`` -> :class:`HubRef`, or None when ``ref`` cannot be a Hub id."""
+    ref = ref.removeprefix(f"{HUB_SCHEME}://")
     if ref.startswith(("/", ".", "~")) or "\\" in ref or "//" in ref:
         return None
     m = _HUB_RE.match(ref)
@@ -73,11 +76,15 @@ def offline() -> bool:
 
 
 def resolve_pretrained(ref: str, filename: str | None = None) -> Path:
-    """A local file or folder for a path or ``org/name[@rev][/path]`` Hub reference.
+    """A local file or folder for a path, an ``[hf://]org/name[@rev][/path]`` Hub reference or
+    another source's ``scheme://...`` URI.
 
     With ``filename``, the file of that name inside the referenced folder. A Hub
-    reference goes to the ``hf`` source's resolver with ``subpath=`` (cache first).
+    reference goes to the ``hf`` source's resolver with ``subpath=`` (cache first); another
+    URI to its scheme's resolver, whole, with ``subpath=filename`` (``""``: what it names).
     """
+    from .sources import resolve_source
+
     path = Path(os.path.expanduser(ref))
     if path.exists():
         target = path / filename if filename else path
@@ -85,10 +92,10 @@ def resolve_pretrained(ref: str, filename: str | None = None) -> Path:
             raise MinfmError(f"{ref}: has no {filename}")
         return target
     hub = parse_hub_ref(ref)
+    if hub is None and "://" in ref:
+        return resolve_source(ref, subpath=filename or "")
     if hub is None:
         raise MinfmError(f"{ref}: no such file or directory (and not a Hub id of the form org/name)")
-    from .sources import resolve_source
-
     rev = f"@{hub.revision}" if hub.revision else ""
     return resolve_source(f"{HUB_SCHEME}://{hub.repo_id}{rev}", subpath=hub.join(filename))
 

@@ -174,6 +174,60 @@ def test_hub_references_go_through_the_hf_source(tmp_path):
                      ("hf://org/name", False, "")]
 
 
+def test_a_uri_reference_goes_to_its_schemes_source(tmp_path):
+    """`pretrained = "mirror://..."` was taken for a Hub id and refused ("no such file or
+    directory"), so a third party's source could serve checkpoints but not pretrained weights.
+    Another scheme's URI goes to that scheme's resolver whole, with subpath= the file asked
+    for ("" for what it names); hf:// is the Hub reference without its scheme."""
+    from minfm_core import hookimpl
+    from minfm_core.pretrained import resolve_pretrained
+    from minfm_core.testing import isolated_registry
+
+    calls = []
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text("{}")
+
+    def resolve(uri, *, training_state=False, subpath=None):
+        calls.append((uri, subpath))
+        return tmp_path / "vae" / subpath
+
+    class Mirror:
+        @hookimpl
+        def register_sources(self, register):
+            register("mirror", resolve)
+            register("hf", resolve)
+
+    with isolated_registry(("mirror", Mirror())):
+        assert resolve_pretrained("mirror://models/flux-vae") == tmp_path / "vae"
+        assert resolve_pretrained("mirror://models/flux-vae", "config.json") == tmp_path / "vae" / "config.json"
+        assert resolve_pretrained("hf://org/name@v1/sub", "config.json") == tmp_path / "vae" / "sub/config.json"
+        with pytest.raises(MinfmError, match="nosuch"):
+            resolve_pretrained("nosuch://x/y")
+    assert calls == [("mirror://models/flux-vae", ""), ("mirror://models/flux-vae", "config.json"),
+                     ("hf://org/name@v1", "sub/config.json")]
+
+
+def test_a_recipe_from_outside_names_hf_sources_only(tmp_path):
+    """A pulled recipe is hostile: a plugin's resolver is not held to the hf source's rules
+    (safetensors only, bounded sizes), so only the user's own --set may name one."""
+    from minfm_core.recipe import load_recipe
+
+    from conftest import ROOT
+
+    recipe = (ROOT / "recipes" / "quickstart.toml").read_text().replace("[sample]\n", "[sample]\nsource = \"{}\"\n")
+    pulled = tmp_path / "pulled"
+    pulled.mkdir()
+    for source in ("mirror://evil/ckpt", "s3://bucket/x"):
+        (pulled / "recipe.toml").write_text(recipe.format(source))
+        with pytest.raises(MinfmError, match=rf"sample.source: refusing source '{source}': a recipe from outside "
+                                              r"may name hf:// sources only"):
+            load_recipe(pulled / "recipe.toml", untrusted_root=pulled)
+    ok = load_recipe(pulled / "recipe.toml", ["sample.source='mirror://mine/ckpt'"], untrusted_root=pulled)
+    assert ok.recipe.sample.source == "mirror://mine/ckpt"
+    (pulled / "recipe.toml").write_text(recipe.format("hf://org/name"))
+    assert load_recipe(pulled / "recipe.toml", untrusted_root=pulled).recipe.sample.source == "hf://org/name"
+
+
 def test_a_source_without_subpath_fails_the_conformance_check():
     import pytest
 

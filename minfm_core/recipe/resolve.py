@@ -239,6 +239,11 @@ def _contain(value: str, kind: str, base: Path, root: Path, what: str) -> str:
     """``value`` (a file reference from an untrusted recipe) as a path inside ``root``, or an error."""
     if kind == "ref" and value.startswith("hf://"):
         return value  # names a Hub repo, not a local file: fetched into its own snapshot
+    if kind == "ref" and "://" in value:
+        # Another scheme's resolver (a plugin's) is not held to the hf source's rules (no
+        # pickle, bounded sizes, its own cache folder): only the user may point one at a URI.
+        raise MinfmError(f"{what}: refusing source {value[:200]!r}: a recipe from outside may name hf:// "
+                         "sources only (give another with --set)")
     if value.startswith(SHIPPED):
         return value  # a file shipped with minFM (shipped_file_references checks the name)
     if os.path.isabs(value) or value.startswith("~"):
