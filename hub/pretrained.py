@@ -18,7 +18,7 @@ import glob
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from minfm_core.errors import MinfmError
+from minfm_core.errors import MinfmError, NotCachedError
 from minfm_core.jsonio import parse_json
 from minfm_core.pretrained import offline
 
@@ -130,7 +130,7 @@ def resolve_pretrained_file(ref: HubRef, subpath: str, limits: Limits | None = N
     if found is not None:
         return found
     if offline():
-        raise MinfmError(f"{what}: not a local path and not in the Hugging Face cache, and the Hub is offline "
+        raise NotCachedError(f"{what}: not a local path and not in the Hugging Face cache, and the Hub is offline "
                          f"(HF_HUB_OFFLINE=1); {fetch_hint(ref)}")
     try:
         with hub_errors("download", str(ref)), checked_answers():

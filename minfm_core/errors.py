@@ -139,6 +139,11 @@ class RecipeError(MinfmError):
         super().__init__(head + body)
 
 
+class NotCachedError(MinfmError):
+    """A source (:class:`minfm_core.protocols.Source`) has no local copy of what it was asked
+    for and may not download it (offline); ``minfm cache models`` gathers these into one line."""
+
+
 class PluginError(MinfmError):
     """A plugin is broken in a way that stops the run (e.g. two plugins claim one name)."""
 

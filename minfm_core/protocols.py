@@ -278,7 +278,9 @@ class Source(Protocol):
     ``training_state``: also the full training state (optimizer included), to resume.
     ``subpath``: not a checkpoint but one file or folder of the source ("" = its root), as
     pretrained weights are fetched; a folder brings its direct configs, safetensors and
-    tokenizer files. A resolver that cannot do this raises :class:`MinfmError` saying so.
+    tokenizer files. A resolver that cannot do this raises :class:`MinfmError` saying so;
+    one that has no local copy and may not download (offline) raises
+    :class:`~minfm_core.errors.NotCachedError`.
     The hub plugin's ``hf`` source is how the core resolves ``org/name[@rev][/path]``."""
 
     def __call__(self, uri: str, *, training_state: bool = False, subpath: str | None = None) -> str | Path: ...

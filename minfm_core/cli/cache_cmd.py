@@ -14,8 +14,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..errors import MinfmError
-from ..pretrained import is_local, offline, parse_hub_ref, recipe_refs, resolve_pretrained
+from ..errors import MinfmError, NotCachedError
+from ..pretrained import is_local, parse_hub_ref, recipe_refs, resolve_pretrained
 from ..recipe import load_recipe
 from . import latents_cmd
 
@@ -47,12 +47,15 @@ def run_models(args) -> int:
             continue
         try:  # one missing reference (e.g. a file another command writes) does not stop the others
             local = resolve_pretrained(ref)
-        except MinfmError as exc:
-            if offline() and parse_hub_ref(ref) is not None and "HF_HUB_OFFLINE" in str(exc):
-                # Not cached, and offline. Each one's error advises this very command: say
-                # once what is missing, and why. (Any other error is kept as it is.)
-                uncached.append(ref + (" (nor a local file)" if Path(ref).suffix else ""))
+        except NotCachedError as exc:
+            if parse_hub_ref(ref) is None:  # another source's: its own words
+                failed.append(str(exc))
                 continue
+            # Not in the Hugging Face cache, and offline. Each one's error advises this very
+            # command: say once what is missing, and why. (Any other error is kept as it is.)
+            uncached.append(ref + (" (nor a local file)" if Path(ref).suffix else ""))
+            continue
+        except MinfmError as exc:
             failed.append(f"{exc}" + (" (nor is it an existing local file)" if Path(ref).suffix else ""))
             continue
         fetched += 1
