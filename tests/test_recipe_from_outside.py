@@ -70,3 +70,33 @@ def test_run_of_a_pulled_recipe_writes_the_reference_not_the_secret(minfm, tmp_p
     assert r.returncode == 0, r.stderr[-2000:]
     written = (tmp_path / "experiments" / "pulled" / "recipe.toml").read_text()
     assert "${MINFM_TEST_SECRET}" in written and "hunter2" not in written
+
+
+def test_a_recipe_that_extends_a_pulled_one_reads_that_one_as_from_outside(tmp_path, monkeypatch, capsys):
+    """`extends = "pulled/recipe.toml"` in the user's own recipe read the pulled one as the
+    user's: its `${SECRET}` was expanded into the run's recipe.toml (which a push publishes),
+    its run.exp_dir chose where the run wrote, and its files could lie anywhere. Now only what
+    the user's own files (and --set) give is trusted; the rest is held to the rules of
+    a recipe from outside, and references in it are the repo's (beside its recipe)."""
+    from minfm_core.cli.main import main
+
+    monkeypatch.setenv("MINFM_TEST_SECRET", "hunter2")
+    monkeypatch.chdir(tmp_path)
+    recipe = pulled(tmp_path, 0, "/tmp/elsewhere")
+    (recipe.parent / "prompts.txt").write_text("a red circle\n")
+    mine = tmp_path / "mine.toml"
+    mine.write_text(f'extends = "{recipe}"\n[train]\nmax_steps = 3\n[sample]\nneg_prompt = "${{MINFM_TEST_SECRET}}"\n')
+    assert main(["check", str(mine)]) == 2
+    assert "run.exp_dir: '/tmp/elsewhere' leaves the current folder" in capsys.readouterr().err
+    mine.write_text(mine.read_text().replace("[train]", '[run]\nexp_dir = "/tmp/mine"\n[train]'))
+    resolved = load_recipe(mine)
+    assert resolved.outside == str(recipe.parent)
+    assert resolved.recipe.sample.prompts == ("${MINFM_TEST_SECRET}",)  # the repo's: as written
+    assert resolved.recipe.sample.neg_prompt == "hunter2"  # the user's own: expanded
+    assert resolved.recipe.run.exp_dir == "/tmp/mine" and resolved.recipe.train.max_steps == 3
+    # a file the repo names lies beside its recipe (not beside the user's), and may not leave it
+    recipe.write_text(recipe.read_text() + 'prompt_file = "prompts.txt"\n')
+    assert load_recipe(mine).recipe.sample.prompt_file == str(recipe.parent / "prompts.txt")
+    recipe.write_text(recipe.read_text().replace('"prompts.txt"', '"/etc/hostname"'))
+    with pytest.raises(Exception, match=r"sample.prompt_file: refusing path '/etc/hostname': it leaves"):
+        load_recipe(mine)

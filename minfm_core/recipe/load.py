@@ -183,7 +183,29 @@ def _extended(path: Path, parent: str, untrusted_root: Path | None) -> Path:
         raise RecipeError(f"extends: refusing path {parent!r}: it leaves {root}", str(path)) from None
 
 
-def _read(path: Path, chain: tuple[Path, ...], untrusted_root: Path | None = None) -> dict[str, Any]:
+class _Outside:
+    """What :func:`_read` found of a recipe from outside that the user's own recipe extends:
+    that recipe's folder (``root``) and the keys the user's own files set (``trusted``)."""
+
+    def __init__(self) -> None:
+        self.root: Path | None = None
+        self.trusted: set[str] = set()
+
+
+def _leaf_keys(data: dict[str, Any], prefix: str = "") -> set[str]:
+    """Dotted keys of every value a file sets. An appended array (``key+``) is not among them:
+    it holds the extended recipe's items too, and trusting its key would trust those."""
+    out: set[str] = set()
+    for key, value in data.items():
+        if key.endswith(APPEND):
+            continue
+        where = f"{prefix}.{key}" if prefix else key
+        out |= _leaf_keys(value, where) if isinstance(value, dict) and value else {where}
+    return out
+
+
+def _read(path: Path, chain: tuple[Path, ...], untrusted_root: Path | None = None,
+          outside: _Outside | None = None) -> dict[str, Any]:
     # Cycles by real file: two names (a symlink, a relative detour) for one file are one file.
     reals = [os.path.realpath(p) for p in chain]
     if os.path.realpath(path) in reals:
@@ -203,7 +225,22 @@ def _read(path: Path, chain: tuple[Path, ...], untrusted_root: Path | None = Non
     parent_path = _extended(path, parent, untrusted_root)
     # A shipped recipe is minFM's own: its own extends resolve beside it, whoever named it.
     trusted = parent.startswith(SHIPPED)
-    base = _read(parent_path, (*chain, path), None if trusted else untrusted_root)
+    root = None if trusted else untrusted_root
+    if root is None and not trusted and outside is not None:
+        from ..safepath import recipe_root
+
+        # The user's recipe extends one that came with a downloaded model: that one is read
+        # as from outside (no ${VAR}, references kept inside its folder), and only what the
+        # user's own files set is trusted. Read as the user's, a pulled recipe's
+        # `neg_prompt = "${SECRET}"` was expanded into the run's recipe.toml, which a push publishes.
+        root = outside.root = recipe_root(parent_path) or outside.root
+    base = _read(parent_path, (*chain, path), root, outside)
+    if untrusted_root is None and outside is not None and outside.root is not None:
+        outside.trusted |= _leaf_keys(data)
+        try:
+            data = expand_env(data)  # the user's own file, expanded as always
+        except RecipeError as exc:
+            raise RecipeError(exc.problems, str(path)) from None
     return _merged(base, data, path)
 
 
@@ -324,16 +361,27 @@ def load_recipe_dict(
     ``untrusted_root``: the folder a recipe from outside arrived in (a Hub snapshot, a
     checkpoint); see the module doc. Nothing is expanded then, and ``extends`` stays inside it.
     """
+    return load_recipe_parts(path, overrides, untrusted_root=untrusted_root)[0]
+
+
+def load_recipe_parts(
+    path: str | os.PathLike, overrides: Iterable[str] = (), *, untrusted_root: str | os.PathLike | None = None
+) -> tuple[dict[str, Any], Path | None, frozenset[str]]:
+    """:func:`load_recipe_dict`, and where the recipe came from outside: that folder, and the
+    keys the user's own files set when their recipe extends one from outside (else none)."""
     # abspath, not resolve(): a recipe's place is where it sits, not where its symlink leads.
     where = recipe_file(path)
     root = None if untrusted_root is None else Path(os.path.abspath(untrusted_root))
+    outside = _Outside()
     try:
-        data = apply_overrides(_read(where, (), root), overrides, merge_tables=root is None)
+        data = _read(where, (), root, outside)
+        root = root or outside.root
+        data = apply_overrides(data, overrides, merge_tables=root is None)
         _refuse_nul(data, str(where))
         if root is not None:
-            return data
+            return data, root, frozenset(outside.trusted)
         try:
-            return expand_env(data)
+            return expand_env(data), None, frozenset()
         except RecipeError as exc:  # about a value of this recipe: name its file, as every recipe error does
             raise RecipeError(exc.problems, str(path)) from None
     except RecursionError:

@@ -15,7 +15,7 @@ from ..config import structure, unstructure
 from ..errors import MinfmError, RecipeError
 from ..registry import Registry, get_registry
 from ..safepath import contained, recipe_root
-from .load import SHIPPED, is_trusted, load_recipe_dict, parse_override, recipe_file, shipped_file
+from .load import SHIPPED, is_trusted, load_recipe_parts, parse_override, recipe_file, shipped_file
 from .schema import SLOTS, Recipe, Spec
 
 
@@ -183,6 +183,9 @@ def load_recipe(
     must stay inside that folder and are rewritten to the contained path, relative to the
     recipe's place in it. The user's own ``overrides`` still apply and are trusted.
 
+    A recipe of the user's that ``extends`` one from outside is read as from outside, with
+    what the user's own files set trusted (as their ``--set`` is).
+
     Without ``untrusted_root``, a recipe lying in a downloaded folder (``hf://`` snapshots,
     ``minfm hub pull --local-dir``) is read that way too, whoever loads it: ``minfm run`` of a
     pulled recipe expanded ``${VAR}`` into the run's recipe.toml, which a push then published.
@@ -190,7 +193,7 @@ def load_recipe(
     if untrusted_root is None:
         untrusted_root = recipe_root(recipe_file(path))
     overrides = list(overrides)
-    raw = load_recipe_dict(path, overrides, untrusted_root=untrusted_root)
+    raw, untrusted_root, own_keys = load_recipe_parts(path, overrides, untrusted_root=untrusted_root)
     keys = [".".join(parse_override(o)[0]) for o in overrides]
     set_by = tuple((k, (flags or {}).get(k, f"--set {k}")) for k in keys)
     try:
@@ -203,7 +206,7 @@ def load_recipe(
         raise RecipeError([_blame(p, set_by) for p in exc.problems], exc.source) from None
     resolved = attrs.evolve(resolved, set_by=set_by)
     if untrusted_root is not None:
-        trusted = frozenset(keys)
+        trusted = frozenset(keys) | own_keys
         resolved = contain_file_references(resolved, Path(path), Path(untrusted_root), trusted)
         resolved = attrs.evolve(resolved, outside=str(untrusted_root), trusted=trusted)
     return shipped_file_references(resolved)
@@ -313,6 +316,8 @@ def contain_file_references(resolved: ResolvedRecipe, path: Path, root: Path, tr
     """Every file reference of a recipe from outside, checked and made a path inside ``root``."""
     root = Path(os.path.abspath(root))
     base = Path(os.path.abspath(path)).parent  # the recipe's place in the repo, not a blob's
+    if not base.is_relative_to(root):  # the user's recipe, extending one from outside: the repo's references are the repo's
+        base = root
 
     def contain(key: str, kind: str, value: str, a: Any) -> str:
         if is_trusted(key, trusted):
