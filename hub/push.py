@@ -193,11 +193,19 @@ def _diffusers_folder(folder: Path, out: Path) -> dict[str, Path]:
     return {f"{DIFFUSERS_DIR}/{p.relative_to(out).as_posix()}": p for p in sorted(out.rglob("*")) if p.is_file()}
 
 
-def _is_managed(path: str, include_training_state: bool) -> bool:
-    """Remote files a push owns: stale ones (e.g. old shards) are deleted in the same commit."""
-    if "/" not in path:
-        return path.endswith((".safetensors", ".safetensors.index.json"))
-    return include_training_state and path.startswith(TRAINING_STATE_DIR + "/")
+#: A top-level weights file a push writes: ``model.safetensors``, its shards and index.
+_WEIGHTS_RE = re.compile(rf"^(?:{'|'.join(WEIGHT_STEMS)})(?:-\d{{5}}-of-\d{{5}})?\.safetensors(?:\.index\.json)?$")
+
+
+def _is_managed(path: str) -> bool:
+    """Remote files a push writes. One it did not write this time is stale, and deleted in
+    the same commit, so that the repo is one model: left behind, an older push's
+    ``checkpoint/`` made ``train.init_from`` resume a step the weights are not from, and its
+    ``transformer/`` or ``samples.png`` showed another model. Files a push never writes (a
+    LoRA someone uploaded, their own notes) stay."""
+    if "/" in path:
+        return path.startswith((TRAINING_STATE_DIR + "/", DIFFUSERS_DIR + "/"))
+    return path in EXTRA_FILES or _WEIGHTS_RE.match(path) is not None
 
 
 def _sha(value: object, answer: str, target: str) -> str:
@@ -275,7 +283,7 @@ def push(
             remote_hash = (lfs.sha256 if lfs else entry.blob_id) if entry else None
             if remote_hash not in (sha1, sha256):
                 uploads.append(path)
-        deletes = sorted(p for p in remote if p not in files and _is_managed(p, include_training_state))
+        deletes = sorted(p for p in remote if p not in files and _is_managed(p))
         if not uploads and not deletes:
             log(f"nothing to push: {target} is up to date (commit {head[:12]})")
             return PushResult(repo_id, branch, head)

@@ -142,6 +142,31 @@ def test_training_state_only_on_request(hub_server, tmp_path, trained_run):
     assert tree_bytes(full / "checkpoint") == tree_bytes(src / "checkpoint", exclude=("notes.txt",))
 
 
+def test_a_push_deletes_what_an_earlier_push_wrote_and_nothing_else(hub_server, tmp_path, trained_run):
+    """A weights-only push left an earlier push's checkpoint/ beside the new weights, and
+    `train.init_from = "hf://..."` then resumed that older step; samples.png of another
+    model stayed too. And every top-level *.safetensors counted as minFM's: someone's LoRA
+    in the repo was deleted by the next push."""
+    from huggingface_hub import HfApi
+    from minfm_core.checkpoint import export_for_hub
+
+    env = env_for(hub_server, tmp_path)
+    full = export_for_hub(trained_run, tmp_path / "full", include_training_state=True)
+    assert hub_cli(env, "hub", "push", str(full), "org/one", "--include-training-state").returncode == 0
+    assert any(f.startswith("checkpoint/") for f in hub_server.files("org/one"))
+    api = HfApi(endpoint=env["HF_ENDPOINT"], token=env.get("HF_TOKEN"))
+    for name in ("my_lora.safetensors", "NOTES.md"):
+        api.upload_file(path_or_fileobj=b"someone else's", path_in_repo=name, repo_id="org/one")
+
+    plain = make_model_folder(tmp_path / "plain", extras=False)
+    res = hub_cli(env, "hub", "push", str(plain), "org/one")
+    assert res.returncode == 0, res.stderr
+    files = set(hub_server.files("org/one"))
+    assert files == {"README.md", "model.safetensors", "ema.safetensors", "my_lora.safetensors", "NOTES.md"}
+    assert "  - checkpoint/manifest.json" in res.stderr and "  - recipe.toml" in res.stderr
+    assert "my_lora" not in res.stderr
+
+
 def test_a_training_state_that_is_not_a_minfm_checkpoint_is_never_pushed(hub_server, tmp_path):
     src = make_model_folder(tmp_path / "src", extras=False)
     (src / "checkpoint").mkdir()
