@@ -261,7 +261,7 @@ def render(repo_id: str, files: dict[str, Path], folder: Path, license: str = "o
     data_name = _data_name(recipe)
     if data_name:
         summary.append(("dataset", f"`{data_name}`"))
-    for key, label in (("max_steps", "steps"), ("total_batch_size", "global batch size"), ("lr", "peak learning rate"),
+    for key, label in (("max_steps", "planned steps"), ("total_batch_size", "global batch size"), ("lr", "peak learning rate"),
                        ("ema_decay", "EMA decay"), ("init_from", "initialised from")):
         value = _get(recipe, f"train.{key}")
         if value is not None:

@@ -548,12 +548,31 @@ def _copy_regular(src: Path, dst: Path, root: Path) -> bool:
     return True
 
 
+def _copy_metrics(src: Path, dst: Path, root: Path, step: int) -> None:
+    """``metrics.jsonl`` up to ``step``: a record of a later step is left out (a line that is
+    not a record with a step, e.g. one cut short by a crash, stays as it was)."""
+    if not src.is_file():
+        return
+    if src.is_symlink() and not is_inside(src, root):
+        raise MinfmError(f"{src}: refusing to export a symlink that leads outside {root}")
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        for line in fin:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            later = isinstance(record, dict) and type(record.get("step")) is int and record["step"] > step
+            if not later:
+                fout.write(line)
+
+
 def export_for_hub(src: Path, out_dir: Path, *, include_training_state: bool = False, allow_pickle: bool = False) -> Path:
     """Write a Hub folder from a run or checkpoint directory.
 
     ``model.safetensors`` (and ``ema.safetensors`` when the run keeps an EMA) consolidated
     from the (possibly sharded) DCP checkpoint, ``recipe.toml``, and when the run has them
-    ``metrics.jsonl`` and the newest sample grid as ``samples.png``; with
+    ``metrics.jsonl`` up to the checkpoint's step and the newest sample grid of a step no
+    later than it as ``samples.png``; with
     ``include_training_state`` the DCP checkpoint itself under ``checkpoint/``.
     """
     with held(Path(src)) as path:
@@ -582,12 +601,21 @@ def _export_checkpoint(path: Path, out_dir: Path, include_training_state: bool, 
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         ema = {k: v.contiguous() for k, v in model.state_dict().items() if k in trainable}
         save_safetensors_file(ema, out / "ema.safetensors", metadata={"format": "pt"})
-    run_dir = path.parent.parent
     _copy_regular(recipe, out / "recipe.toml", recipe.parent)
-    _copy_regular(run_dir / "metrics.jsonl", out / "metrics.jsonl", run_dir)
-    grids = sorted((run_dir / "samples").glob("step_*/ema.png")) or sorted((run_dir / "samples").glob("step_*/raw.png"))
-    if grids:
-        _copy_regular(grids[-1], out / "samples.png", run_dir)
+    run_dir = run_folder(path)
+    step = ckpt.manifest.step if ckpt.manifest is not None and ckpt.manifest.step is not None else None
+    if step is None and run_dir is not None:
+        step = int(path.name[5:])
+    if run_dir is not None and step is not None:
+        # What the run had by this checkpoint's step: pushed while training went on, or an
+        # older checkpoint, its card showed the later steps' metrics and gallery.
+        _copy_metrics(run_dir / "metrics.jsonl", out / "metrics.jsonl", run_dir, step)
+        for kind in ("ema", "raw"):
+            grids = [g for g in _by_step(p.parent for p in (run_dir / "samples").glob(f"step_*/{kind}.png")
+                                         if _STEP_DIR.match(p.parent.name)) if int(g.name[5:]) <= step]
+            if grids:
+                _copy_regular(grids[-1] / f"{kind}.png", out / "samples.png", run_dir)
+                break
     if include_training_state:
         dest = out / HUB_STATE_DIR
         if dest.exists():

@@ -291,3 +291,32 @@ def test_a_downloaded_checkpoint_takes_no_recipe_from_outside_the_download(train
     assert ck.recipe_for(step) == step / "recipe.toml"
     (step / "recipe.toml").unlink()
     assert ck.recipe_for(step) == run / "recipe.toml"
+
+
+def test_an_older_checkpoint_exports_what_the_run_had_by_its_step(tmp_path, trained_run):
+    """`minfm hub push run/checkpoints/step_2` published the metrics and the sample grid of
+    steps after 2 (the card's "last step" 4, the step-4 gallery): a push made while
+    training goes on, or of an older checkpoint, described another model than its weights."""
+    from checkpoint_helpers import copy_run
+    from PIL import Image
+
+    from minfm_core.checkpoint import export_for_hub
+
+    run = copy_run(trained_run, tmp_path / "run")
+    for step, color in ((2, (255, 0, 0)), (4, (0, 0, 255))):
+        (run / "samples" / f"step_{step:08d}").mkdir(parents=True)
+        Image.new("RGB", (4, 4), color).save(run / "samples" / f"step_{step:08d}" / "ema.png")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 1.0\n')  # cut short by a crash: kept as it was
+    steps = [json.loads(x).get("step") for x in (run / "metrics.jsonl").read_text().splitlines()[:-1]]
+    assert max(steps) == 4
+
+    old = export_for_hub(run / "checkpoints" / "step_00000002", tmp_path / "old")
+    kept = (old / "metrics.jsonl").read_text().splitlines()
+    assert kept[-1] == '{"step": 3, "loss": 1.0' and 2 in steps
+    assert [json.loads(x).get("step") for x in kept[:-1]] == [s for s in steps if s is None or s <= 2]
+    assert Image.open(old / "samples.png").getpixel((0, 0)) == (255, 0, 0)
+
+    new = export_for_hub(run, tmp_path / "new")  # the run: its newest checkpoint, step 4
+    assert (new / "metrics.jsonl").read_bytes() == (run / "metrics.jsonl").read_bytes()
+    assert Image.open(new / "samples.png").getpixel((0, 0)) == (0, 0, 255)
