@@ -158,12 +158,31 @@ def _component_name(recipe: dict[str, Any], key: str) -> str | None:
     return spec if isinstance(spec, str) else _get(recipe, f"model.{key}.name")
 
 
+#: The most of one recipe value a card shows.
+MAX_SHOWN = 120
+
+
+def _code(value: Any, cell: bool = False) -> str:
+    """``value`` as one inline code span, whatever it holds: a pushed recipe is text someone
+    wrote (a pulled repo re-published), and a raw value in a card is markdown and HTML that
+    the Hub renders (a heading, a script tag, a `javascript:` link). Control characters are
+    escaped, backticks outfenced, and in a table cell ``|`` is escaped (GFM splits cells there
+    even inside code)."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(value))
+    text = text[:MAX_SHOWN] + ("..." if len(text) > MAX_SHOWN else "")
+    if cell:
+        text = text.replace("|", "\\|")
+    fence = "`" * (max(map(len, re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def _component(recipe: dict[str, Any], key: str) -> str | None:
     name = _component_name(recipe, key)
     if not name:
         return None
     flavor = _get(recipe, f"model.{key}.flavor")
-    return f"`{name}`" + (f" ({flavor})" if flavor is not None else "")
+    return _code(name) + (f" ({_code(flavor)})" if flavor is not None else "")
 
 
 def _human(n: float, unit: str = "") -> str:
@@ -227,8 +246,8 @@ def render(repo_id: str, files: dict[str, Path], folder: Path, license: str = "o
         what.append(f"The denoiser has {_human(n)} parameters ({dtypes}).")
     parts.append(" ".join(what) + "\n")
 
-    prompts = _get(recipe, "sample.prompts") or ["a photo of a cat"]
-    prompt = shlex.quote(prompts[0])
+    prompts = [p for p in _get(recipe, "sample.prompts") or () if p.isprintable() and len(p) <= MAX_SHOWN]
+    prompt = shlex.quote(prompts[0] if prompts else "a photo of a cat")  # one line: a line break ends the code block
     clip = _clip_size(recipe)
     size_flag = f" --size {clip}" if video and clip else ""
     install = "pip install 'minfm[video]'" if video else "pip install minfm"
@@ -260,14 +279,14 @@ def render(repo_id: str, files: dict[str, Path], folder: Path, license: str = "o
     summary = []
     data_name = _data_name(recipe)
     if data_name:
-        summary.append(("dataset", f"`{data_name}`"))
+        summary.append(("dataset", _code(data_name, cell=True)))
     for key, label in (("max_steps", "planned steps"), ("total_batch_size", "global batch size"), ("lr", "peak learning rate"),
                        ("ema_decay", "EMA decay"), ("init_from", "initialised from")):
         value = _get(recipe, f"train.{key}")
         if value is not None:
-            summary.append((label, f"`{value}`"))
+            summary.append((label, _code(value, cell=True)))
     for key, value in last_metrics(folder).items():
-        summary.append((f"last `{key}`", f"{value:.4g}" if isinstance(value, float) else str(value)))
+        summary.append((f"last {_code(key, cell=True)}", f"{value:.4g}" if isinstance(value, float) else str(value)))
     if summary:
         parts.append("## Training\n\n| | |\n|---|---|\n" + "".join(f"| {a} | {b} |\n" for a, b in summary))
 

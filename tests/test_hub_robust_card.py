@@ -7,6 +7,7 @@ samples.png Pillow cannot read (or a decompression bomb) is refused naming the f
 
 from __future__ import annotations
 
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -143,3 +144,34 @@ def test_push_of_a_hand_edited_recipe_or_a_bad_samples_png_is_one_line(hub_serve
     for proc, want in zip(results, expect):
         assert want in one_error_line(proc)
     assert hub_server.requests == []  # refused before the first request
+
+
+HOSTILE = "x\n```\n## Injected heading\n<script>alert(1)</script> [click](javascript:alert(1)) | cell ` tick"
+
+
+@pytest.mark.parametrize("key", [k for k, shape in card.RECIPE_KEYS.items() if shape in ("string", "strings")])
+def test_a_recipe_value_never_becomes_markup_in_the_card(tmp_path, key):
+    """A pushed recipe is text someone wrote (a pulled repo, re-published): its values went
+    into the card raw, so a prompt broke out of the code block and a data name or flavor
+    became a heading, a script tag, a link. Every string the card reads, and a metric's name."""
+    import json
+
+    folder = make_model_folder(tmp_path / "m", extras=False)
+    recipe = _full_recipe()
+    value = [HOSTILE] if card.RECIPE_KEYS[key] == "strings" else HOSTILE
+    node = recipe
+    *parents, last = key.split(".")
+    for p in parents:
+        node = node[p]
+    node[last] = value
+    (folder / "recipe.toml").write_text(tomli_w.dumps(recipe))
+    (folder / "metrics.jsonl").write_text(json.dumps({"step": 1, HOSTILE: 0.5}) + "\n")
+    text = card.render("org/m", {p.name: p for p in folder.iterdir()}, folder)
+    body = text.split("\n---\n", 1)[1]
+    lines = body.splitlines()
+    assert "## Injected heading" not in lines and sum(x.startswith("```") for x in lines) == 2
+    bare = re.sub(r"(`+)(?!`).*?(?<!`)\1(?!`)", "", body)  # what is not inside a code span
+    assert "<script" not in bare and "javascript:" not in bare, bare
+    for line in lines:
+        if line.startswith("| "):  # a table row keeps its two cells
+            assert len(re.findall(r"(?<!\\)\|", line)) == 3, line
