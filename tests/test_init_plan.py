@@ -80,3 +80,17 @@ def test_a_source_that_does_not_fit_is_named_by_the_setting(trained_run, tmp_pat
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"minfm: error: train.init_from = {trained_run}: "), err
     assert "does not fit" in err and "Traceback" not in err, err
+
+
+def test_weights_only_source_under_the_default_plan_says_which_plan_takes_it(trained_run, tmp_path, capsys):
+    """A Hub folder pushed without --include-training-state under the default plan (which
+    also wants the optimizer and the step) failed with 'no complete checkpoint found', no
+    word on the plan that takes its weights; that plan then works."""
+    folder = ck.export_for_hub(trained_run, tmp_path / "exported")
+    sets = ["--set", f"run.exp_dir={json.dumps(str(tmp_path / 'new'))}", "--set", f"train.init_from={json.dumps(str(folder))}",
+            "--set", "train.max_steps=1"]
+    assert main(["run", str(TINY), *sets]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "holds weights only (pushed without --include-training-state): " \
+           'train.init_load_plan = "model:model,ema:ema" starts from them' in err, err
+    assert main(["run", str(TINY), *sets, "--set", "train.init_load_plan=model:model,ema:ema"]) == 0

@@ -310,7 +310,12 @@ class Trainer:
                 plan.pop("ema", None)
             self._load_exported(root, plan)  # a Hub folder: the weights are enough
         else:
-            with ckpt_mod.held(root) as path:  # another live run's keep_last must not prune it meanwhile
+            # A Hub folder pushed without --include-training-state holds weights only: the
+            # default plan also wants the optimizer and the step, so say how to take the weights.
+            also = ("; it holds weights only (pushed without --include-training-state): "
+                    'train.init_load_plan = "model:model,ema:ema" starts from them with a fresh optimizer at step 0'
+                    if has_weights(root) else "")
+            with ckpt_mod.held(root, also) as path:  # another live run's keep_last must not prune it meanwhile
                 ckpt = ckpt_mod.open_checkpoint(path, allow_pickle=self.cfg.allow_pickle_checkpoint)
                 if default and not ckpt.has_part("ema"):
                     plan.pop("ema", None)
