@@ -548,6 +548,31 @@ def _copy_regular(src: Path, dst: Path, root: Path) -> bool:
     return True
 
 
+def _export_recipe(src: Path, dst: Path) -> None:
+    """The run's recipe, but an absolute (or ``..``) ``run.exp_dir`` becomes
+    ``experiments/<its name>``: published, it told everyone the trainer's folders
+    (``/home/<user>/...``), and a recipe from outside may not choose such a folder anyway."""
+    import tomli_w
+
+    from .recipe.load import MAX_RECIPE_BYTES
+    from .recipe.toml import tomllib
+    from .textfiles import read_bounded
+
+    if src.is_symlink() and not is_inside(src, src.parent):
+        raise MinfmError(f"{src}: refusing to export a symlink that leads outside {src.parent}")
+    text = read_bounded(src, str(src), MAX_RECIPE_BYTES).decode("utf-8", errors="replace")
+    try:
+        recipe = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        recipe = None  # not ours to mend: the card's reader refuses it, naming the file
+    run = recipe.get("run") if isinstance(recipe, dict) else None
+    exp_dir = run.get("exp_dir") if isinstance(run, dict) else None
+    if isinstance(exp_dir, str) and (os.path.isabs(exp_dir) or exp_dir.startswith("~") or ".." in Path(exp_dir).parts):
+        run["exp_dir"] = f"experiments/{Path(exp_dir).name or 'run'}"
+        text = tomli_w.dumps(recipe)
+    write_text_atomic(dst, text)
+
+
 def _copy_metrics(src: Path, dst: Path, root: Path, step: int) -> None:
     """``metrics.jsonl`` up to ``step``: a record of a later step is left out (a line that is
     not a record with a step, e.g. one cut short by a crash, stays as it was)."""
@@ -601,7 +626,7 @@ def _export_checkpoint(path: Path, out_dir: Path, include_training_state: bool, 
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         ema = {k: v.contiguous() for k, v in model.state_dict().items() if k in trainable}
         save_safetensors_file(ema, out / "ema.safetensors", metadata={"format": "pt"})
-    _copy_regular(recipe, out / "recipe.toml", recipe.parent)
+    _export_recipe(recipe, out / "recipe.toml")
     run_dir = run_folder(path)
     step = ckpt.manifest.step if ckpt.manifest is not None and ckpt.manifest.step is not None else None
     if step is None and run_dir is not None:

@@ -320,3 +320,16 @@ def test_an_older_checkpoint_exports_what_the_run_had_by_its_step(tmp_path, trai
     new = export_for_hub(run, tmp_path / "new")  # the run: its newest checkpoint, step 4
     assert (new / "metrics.jsonl").read_bytes() == (run / "metrics.jsonl").read_bytes()
     assert Image.open(new / "samples.png").getpixel((0, 0)) == (0, 0, 255)
+
+
+def test_an_exported_recipe_names_no_folder_of_the_trainers(tmp_path, trained_run):
+    """The pushed recipe.toml held the run's absolute run.exp_dir (/home/<user>/...): it told
+    everyone the trainer's folders, and `minfm run` of the pulled recipe refused it anyway."""
+    from minfm_core.checkpoint import export_for_hub
+    from minfm_core.recipe.toml import tomllib
+
+    before = tomllib.loads((trained_run / "recipe.toml").read_text())
+    assert os.path.isabs(before["run"]["exp_dir"])
+    after = tomllib.loads((export_for_hub(trained_run, tmp_path / "out") / "recipe.toml").read_text())
+    assert after["run"]["exp_dir"] == f"experiments/{trained_run.name}"
+    assert {**after, "run": before["run"]} == before  # nothing else changed
