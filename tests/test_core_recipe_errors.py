@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 
 import pytest
@@ -383,3 +384,25 @@ def test_a_train_job_refuses_a_dataset_without_its_root(name, capsys):
                  "--set", 'model.denoiser.pretrained="org/name/flux.safetensors"']) == 0, capsys.readouterr().err
     cached = f"data={{name = '{name}', use_cached_latents = true, latents_dir = '/nonexistent/l'}}"
     assert main(["check", "minfm:quickstart.toml", "--set", cached]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("val_every, fid_every, missing", [(0, 0, []), (5, 0, ["val"]), (0, 5, ["val"]),
+                                                           (5, 0, ["train", "val"])])
+def test_check_warns_of_a_latent_split_the_run_reads_and_the_cache_lacks(tmp_path, capsys, val_every, fid_every,
+                                                                          missing):
+    """reproduce.md's prepare encoded the train split only, and the recipe validates on val:
+    `minfm check` said ok, then `minfm run` stopped at start-up on the missing val/index.json."""
+    from minfm_core.cli.main import main
+
+    for split in {"train", "val"} - set(missing):
+        (tmp_path / split).mkdir()
+        (tmp_path / split / "index.json").write_text('{"entries": []}')
+    fid = ["--set", f"train.fid_every={fid_every}", "--set", "train.fid_ref='ref.npz'"] if fid_every else []
+    assert main(["check", "minfm:quickstart.toml", "--set", "data.use_cached_latents=true",
+                 "--set", f"data.latents_dir={json.dumps(str(tmp_path))}", "--set", f"train.val_every={val_every}",
+                 *fid]) == 0
+    err = capsys.readouterr().err
+    said = [s for s in ("train", "val") if f"has no {s}/index.json" in err]
+    assert said == missing, err
+    if missing:
+        assert f"write it with `minfm cache latents RECIPE --out {tmp_path} --split {missing[-1]}`" in err

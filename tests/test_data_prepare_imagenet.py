@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 
 from engine_helpers import TINY
 from minfm_core.cli.main import main as cli
+from minfm_core.errors import MinfmWarning
 from minfm_core.recipe import load_recipe
 
 VOCAB = '{name = "vocab", dim = 16}'  # per-token: mean-pooled into one row per class
@@ -104,8 +106,15 @@ def test_prepared_data_trains(ilsvrc, tmp_path):
     assert not (out / "latents" / "val").exists()
     resolved = load_recipe(r, ["data.use_cached_latents=true", f"data.latents_dir={json.dumps(str(out / 'latents'))}",
                                "train.max_steps=1", "train.total_batch_size=-1", "train.batch_size=3"])
-    train(resolved)
+    # The cache records what it was made from, as `minfm cache latents` does: it recorded
+    # nothing, so every run from it warned that all its settings had changed ...
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MinfmWarning)
+        train(resolved)
     assert (tmp_path / "exp" / "metrics.jsonl").read_text().count('"loss"') == 1
+    # ... and a rerun with other settings took the old shards as finished
+    assert cli(["data", "imagenet", "prepare", str(ilsvrc), "--recipe", str(r), "--out", str(out),
+                "--encoder", VOCAB, "--latents", "--split", "train", "--set", "data.resolution=24"]) == 2
 
 
 def test_recipe_encoder_is_used_when_it_is_not_the_table(ilsvrc, tmp_path):

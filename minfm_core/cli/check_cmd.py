@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -41,7 +42,26 @@ def data_path_warnings(resolved) -> list[str]:
         value = getattr(cfg, name, None)
         if isinstance(value, str) and value and not Path(value.split("::")[0]).exists():
             out.append(f"data.{name}: {value} does not exist (yet)")
-    return out
+    return out + _latent_split_warnings(resolved, cfg)
+
+
+def _latent_split_warnings(resolved, cfg) -> list[str]:
+    """A latent cache without a split the run reads: `minfm run` stops at start-up on it (the
+    documented prepare once encoded train only, and the recipe validates on val)."""
+    from ..protocols import CachedLatentsConfig
+
+    if not (isinstance(cfg, CachedLatentsConfig) and cfg.use_cached_latents and cfg.latents_dir):
+        return []
+    base = Path(os.path.expanduser(cfg.latents_dir))
+    train = resolved.recipe.train
+    readers = {"train": "training"}
+    if train.val_every or train.fid_every:
+        readers["val"] = "train.val_every" if train.val_every else "train.fid_every"
+    if not base.is_dir() or (base / "index.json").is_file():  # missing: said above; one index: every split
+        return []
+    return [f"data.latents_dir: {base} has no {split}/index.json, and {who} reads the {split!r} split; write it "
+            f"with `minfm cache latents RECIPE --out {base} --split {split}`"
+            for split, who in readers.items() if not (base / split / "index.json").is_file()]
 
 
 def section_file_warnings(resolved) -> list[str]:

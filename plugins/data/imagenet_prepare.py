@@ -251,11 +251,16 @@ def latents_plan(args, root: Path, counts: dict[str, int], device):
 
 def encode_latents(args, out: Path, resolved, vae, datasets: dict, rank: int, world: int) -> None:
     from minfm_core.cli.latents_cmd import encode_split
+    from minfm_core.latents_record import cache_request
 
+    # The request is recorded as `minfm cache latents` records it: without it, a rerun with
+    # other data or VAE settings took the old shards as finished, and every training run
+    # from the cache warned that all its settings had changed.
+    request = cache_request(resolved)
     for split, dataset in datasets.items():
         stats = encode_split(vae, dataset, out / "latents" / split, split, shard_size=args.shard_size,
                              batch_size=args.batch_size, dtype=args.dtype, rank=rank, world=world,
-                             seed=resolved.recipe.run.seed, log=lambda m: print(m, file=sys.stderr))
+                             seed=resolved.recipe.run.seed, log=lambda m: print(m, file=sys.stderr), request=request)
         print(f"{out / 'latents' / split}: encoded {stats['encoded']} shard(s), skipped {stats['skipped']}"
               + (f"; index of {stats['indexed']} items" if "indexed" in stats else ""))
     print(f"train with: --set data.use_cached_latents=true --set data.latents_dir=\"{out / 'latents'}\"")
