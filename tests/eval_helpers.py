@@ -36,3 +36,23 @@ def images(n: int, seed: int, size: int = 16, shift: int = 0) -> np.ndarray:
 def save_npz(path, arr) -> str:
     np.savez(path, arr_0=arr)
     return str(path)
+
+
+class ReferenceOnlyExtractor(TinyExtractor):
+    """Featurises the reference (its first call), then refuses: a failure at an FID step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.calls += 1
+        if self.calls > 1:
+            from minfm_core.errors import MinfmError
+
+            raise MinfmError("the extractor refuses the samples")
+        return super().__call__(images)
+
+
+def make_reference_only_extractor() -> ReferenceOnlyExtractor:
+    return ReferenceOnlyExtractor()

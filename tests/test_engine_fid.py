@@ -10,6 +10,7 @@ import pytest
 from conftest import minfm_in_process, run_minfm
 from engine_helpers import TINY, read_metrics, tiny
 from minfm_core.cli.main import main
+from minfm_core.engine.fid import val_item
 from minfm_core.engine.train import train
 from minfm_plugins.eval.evaluate import evaluate
 from minfm_core.recipe import load_recipe
@@ -23,7 +24,8 @@ def test_fid_is_logged_and_equals_minfm_eval_of_the_same_samples(tmp_path):
     run = tmp_path / "run"
     recipe = tiny(run, "train.fid_every=3", "train.fid_num_samples=6", f"train.fid_ref={json.dumps(ref)}", EXTRACTOR,
                   "sample.batch_size=8")
-    prompts = [recipe.build("data", split="val")[g]["prompt"] for g in range(6)]
+    val = recipe.build("data", split="val")
+    prompts = [val[val_item(g, 6, len(val))]["prompt"] for g in range(6)]
     train(recipe)
     fids = [(m["step"], m["fid"]) for m in read_metrics(run) if "fid" in m]
     assert [step for step, _ in fids] == [3, 6]
@@ -78,3 +80,40 @@ def test_two_processes_log_the_fid_of_one(tmp_path):
         fid[nproc] = [m["fid"] for m in read_metrics(exp) if "fid" in m]
     assert len(fid[1]) == 2 and fid[2] == pytest.approx(fid[1], rel=1e-4)
 
+
+
+def test_the_samples_prompts_spread_over_the_whole_val_split():
+    """The first N val items of a class-ordered split are its first classes only (5,000 of
+    ImageNet's 50,000: 100 of 1,000 classes)."""
+    assert [val_item(g, 5, 50) for g in range(5)] == [0, 10, 20, 30, 40]
+    assert [val_item(g, 4, 4) for g in range(4)] == [0, 1, 2, 3]
+    assert [val_item(g, 6, 4) for g in range(6)] == [0, 1, 2, 3, 0, 1]  # more samples than items: round again
+
+
+def test_a_damaged_reference_stops_the_run_before_step_1(tmp_path):
+    """The reference was read at the first FID step: a cut-off .npz stopped the run there,
+    hours in; its header alone was read at start-up."""
+    ref = tmp_path / "ref.npz"
+    save_npz(ref, images(12, seed=1, size=16))
+    data = bytearray(ref.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte of pixels: its CRC-32 fails
+    ref.write_bytes(bytes(data))
+    res = minfm_in_process("run", str(TINY), "--set", f"run.exp_dir={json.dumps(str(tmp_path / 'run'))}",
+                           "--set", "train.fid_every=2", "--set", f"train.fid_ref={json.dumps(str(ref))}",
+                           "--set", EXTRACTOR)
+    assert res.returncode == 2 and "CRC" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    assert not metrics.exists() or '"loss"' not in metrics.read_text()  # not one step trained
+
+
+def test_a_failure_at_an_fid_step_keeps_that_steps_checkpoint(tmp_path):
+    """The FID ran before the step's checkpoint was saved: a failure in it lost the step."""
+    from minfm_core.checkpoint import list_checkpoints
+
+    ref = save_npz(tmp_path / "ref.npz", images(12, seed=1, size=16))
+    run = tmp_path / "run"
+    res = minfm_in_process("run", str(TINY), "--set", f"run.exp_dir={json.dumps(str(run))}", "--set", "train.fid_every=3",
+                           "--set", "train.ckpt_every=3", "--set", f"train.fid_ref={json.dumps(ref)}",
+                           "--set", 'train.fid_extractor="eval_helpers:make_reference_only_extractor"')
+    assert res.returncode == 2 and "the extractor refuses the samples" in res.stderr, res.stderr
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000003"]

@@ -5,8 +5,10 @@
     fid_num_samples = 5000
     fid_ref = "reference_images.npz"
 
-Sample ``g`` (of ``fid_num_samples``) takes the prompt of val item ``g`` and seed
-``sample.seed + g``, with the recipe's sampler, guidance and ``sample.size``. Those are
+Sample ``g`` (of ``N = fid_num_samples``) takes the prompt of val item :func:`val_item`
+``(g, N, V)`` (``g * V // N`` of the ``V`` val items: spread over the whole split, which is
+in class order, not its first ``N``) and seed ``sample.seed + g``, with the recipe's sampler,
+guidance and ``sample.size``. Those are
 the seeds ``minfm sample --prompt-file P --n 1 --npz`` gives the same prompts, so the
 returned number is the FID ``minfm eval`` (the eval plugin) reports for a
 checkpoint of that step: samples are batched as it batches them, at any world size (a batch
@@ -34,6 +36,13 @@ from .generate import generate, to_pil
 from .sample import plan_batches, rank_share
 
 
+def val_item(g: int, n: int, size: int) -> int:
+    """The val item whose prompt sample ``g`` of ``n`` takes, of a split of ``size`` items:
+    evenly spread. The first ``n`` items of an ImageNet val split in class order were the
+    first ``n / 50`` classes only (5,000 samples: 100 of 1,000 classes, all fish and birds)."""
+    return g * size // n if n <= size else g % size
+
+
 class TrainingFid:
     """Built when the trainer starts, so a bad reference or extractor fails before step 1.
 
@@ -57,9 +66,15 @@ class TrainingFid:
         # `Dataset.prompt(i)` (no picture decoded for thousands of prompts).
         self.batches = [[g for g, _ in b] for b in plan_batches(train.fid_num_samples, 1, sample.batch_size)]
         self.mine, self.rounds = rank_share(list(range(len(self.batches))), rt.rank, rt.world_size)
-        self.prompts = {g: dataset.prompt(g % len(dataset)) for g in [0, *(g for b in self.mine for g in self.batches[b])]}
-        self.ref_stats = None  # rank 0, once the reference is featurised
-        self.ref_ready = False
+        n, size = train.fid_num_samples, len(dataset)
+        self.prompts = {g: dataset.prompt(val_item(g, n, size))
+                        for g in [0, *(g for b in self.mine for g in self.batches[b])]}
+        # The reference is read and featurised now, each rank a share: read first at the first
+        # FID step, a damaged file stopped the run there, hours in (features are needed then
+        # anyway, so this moves the cost, it adds none).
+        ref = _gather(self.metric.reference_features(batch_size=max(sample.batch_size, 16),
+                                                     shard=(rt.rank, rt.world_size)))
+        self.ref_stats = self.metric.stats(np.concatenate([r for r in ref if r.shape[0]])) if rt.is_main else None
 
     def features(self, images: list[torch.Tensor]) -> np.ndarray:
         # Through PIL like `minfm sample`: the same uint8 pixels as the files it writes.
@@ -88,12 +103,6 @@ class TrainingFid:
                     feats.append(self.features(images))
         model.train()
         parts = _gather((index, np.concatenate(feats) if feats else None))
-        if not self.ref_ready:  # every rank, once: each featurises a share of the reference
-            ref = _gather(self.metric.reference_features(batch_size=max(s.batch_size, 16),
-                                                         shard=(rt.rank, rt.world_size)))
-            if rt.is_main:
-                self.ref_stats = self.metric.stats(np.concatenate([r for r in ref if r.shape[0]]))
-            self.ref_ready = True
         if not rt.is_main:
             return None
         order = np.argsort(np.concatenate([np.asarray(i, dtype=np.int64) for i, _ in parts]))

@@ -459,6 +459,12 @@ class Trainer:
                     metrics["mfu"] = mfu
                 self._log(metrics)
                 window_t, window_tokens = time.perf_counter(), 0.0
+            # The checkpoint first: what follows only reads the weights (each with its own
+            # generators), and a failure in it (a damaged FID reference, a full disk for the
+            # gallery) then loses no step.
+            saved = (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == cfg.max_steps
+            if saved:
+                self.save()
             if cfg.val_every and self.step % cfg.val_every == 0:
                 self._log({"val_loss": self.validation_loss()})
             if self.fid is not None and self.step % cfg.fid_every == 0:
@@ -467,9 +473,6 @@ class Trainer:
                     self._log({"fid": fid})
             if cfg.sample_every and (self.step % cfg.sample_every == 0 or self.step == cfg.max_steps):
                 self.gallery()
-            saved = (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == cfg.max_steps
-            if saved:
-                self.save()
             # Asked on every step by every rank (a collective); at train.max_steps the run is
             # finished, its final checkpoint saved: a SIGTERM then changes nothing (exit 0).
             if self._stop_agreed() and self.step < cfg.max_steps:
