@@ -165,10 +165,14 @@ def test_in_training_fid_checks_features_too(tmp_path):
         metric.distance(samples, reference)
 
 
-def test_compute_metrics_needs_two_images():
-    one = {"pool": np.zeros((1, 4)), "spatial": np.zeros((1, 4)), "logits": np.zeros((1, 3))}
-    with pytest.raises(MinfmError, match="at least 2 images"):
-        compute_metrics(one, one)
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_compute_metrics_needs_more_images_than_the_neighbours_it_counts(n):
+    """Precision and recall take each image's 3rd nearest neighbour in its own set: with 3
+    images they quietly took a nearer one (and gave 1.0 / 1.0)."""
+    few = {"pool": np.zeros((n, 4)), "spatial": np.zeros((n, 4)), "logits": np.zeros((n, 3))}
+    with pytest.raises(MinfmError, match=rf"at least 4 images are needed \(precision and recall use each image's "
+                                         rf"3rd nearest neighbour\), found {n}"):
+        compute_metrics(few, few)
 
 
 # ---- inputs and the CLI -----------------------------------------------------------------------
@@ -220,7 +224,7 @@ def test_cli_imagenet_and_folder(tmp_path, capsys):
     (["eval", "imagenet", "{s}", "--ref", "{s}", "--extractor", "nomodule"], "expected MODULE:ATTR"),
     (["eval", "imagenet", "{bad}", "--ref", "{s}", "--extractor", "eval_helpers:make_extractor"], "uint8 (N, H, W, 3)"),
     # found before the reference set goes through the network (minutes with Inception on 10k images)
-    (["eval", "imagenet", "{one}", "--ref", "{s}"], "at least 2 images are needed for FID statistics, found 1"),
+    (["eval", "imagenet", "{one}", "--ref", "{s}"], "at least 4 images are needed (precision and recall use each image's 3rd nearest neighbour), found 1"),
     (["eval", "imagenet", "{s}", "--ref", "{s}", "--out", "{tmp}"], "is a folder; name a JSON file to write"),
     (["eval", "imagenet", "{s}", "--ref", "{s}", "--out", "{s}/x.json"], "s.npz is not a folder; name a JSON file"),
     # --out must not replace an input, nor join a folder of them

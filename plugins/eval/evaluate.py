@@ -107,18 +107,27 @@ def check_widths(what: str, samples: np.ndarray, ref: np.ndarray) -> None:
                          f"but {ref.shape[1]} for the reference")
 
 
+#: Precision and recall measure each image's distance to its PR_K-th nearest neighbour in its
+#: own set (the ADM suite's k); with PR_K images or fewer there is no such neighbour, and a
+#: smaller k gave numbers of another metric (3 samples: precision and recall 1.0).
+PR_K = 3
+#: The fewest images of each set the table is computed from.
+MIN_IMAGES = PR_K + 1
+_TOO_FEW = f"at least {MIN_IMAGES} images are needed (precision and recall use each image's {PR_K}rd nearest neighbour)"
+
+
 def compute_metrics(samples: dict[str, np.ndarray], ref: dict[str, np.ndarray], *, device="cpu") -> dict[str, float]:
     """The seed's table from sample and reference features."""
     for name, feats in (("samples", samples), ("reference", ref)):
-        if feats["pool"].shape[0] < 2:
-            raise MinfmError(f"{name}: at least 2 images are needed for FID statistics")
+        if feats["pool"].shape[0] < MIN_IMAGES:
+            raise MinfmError(f"{name}: {_TOO_FEW}, found {feats['pool'].shape[0]}")
         for k in FEATURES:
             check_finite(feats[k], name)
     for k in FEATURES:
         check_widths(f"{k} features", samples[k], ref[k])
     fid = frechet_distance(*feature_stats(samples["pool"]), *feature_stats(ref["pool"]))
     sfid = frechet_distance(*feature_stats(samples["spatial"]), *feature_stats(ref["spatial"]))
-    precision, recall = precision_recall(ref["pool"], samples["pool"], device=device)
+    precision, recall = precision_recall(ref["pool"], samples["pool"], k=PR_K, device=device)
     return {"inception_score": inception_score(samples["logits"]), "fid": fid, "sfid": sfid,
             "precision": precision, "recall": recall}
 
@@ -141,8 +150,8 @@ def evaluate(samples: str | Path, ref: str | Path, *, extractor: Extractor | Non
     opened = {}
     for name, source in (("samples", samples), ("reference", ref)):
         n, _ = opened[name] = image_batches(source, batch_size)
-        if n < 2:
-            raise MinfmError(f"{name} {source}: at least 2 images are needed for FID statistics, found {n}")
+        if n < MIN_IMAGES:
+            raise MinfmError(f"{name} {source}: {_TOO_FEW}, found {n}")
     if log is None:
         log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     extractor = extractor or InceptionFeatures(weights, device=dev)

@@ -68,7 +68,7 @@ def manifold_radii(x: torch.Tensor, k: int = 3, batch: int = 2048) -> torch.Tens
     for i in range(0, x.shape[0], batch):
         d = _sq_dists(x[i : i + batch], x)
         # The point itself is its own nearest neighbour (distance 0): take the (k+1)-th smallest.
-        out.append(d.kthvalue(min(k + 1, x.shape[0]), dim=1).values)
+        out.append(d.kthvalue(k + 1, dim=1).values)  # (callers hold k + 1 points or more)
     return torch.cat(out)
 
 
