@@ -266,3 +266,17 @@ def test_a_folder_named_like_a_picture_is_refused_before_anything_is_written(ils
     err = capsys.readouterr().err
     assert f"{ilsvrc / 'train' / 'n01440764' / 'dir.JPEG'}: not a picture file" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_val_labels_listing_none_of_the_pictures_are_named_as_the_problem(ilsvrc, tmp_path, capsys):
+    """An empty labels file read 'holds its pictures directly ... reads only with
+    data.val_labels (set it ...)', though it was set."""
+    _flatten_val(ilsvrc)
+    (tmp_path / "labels.txt").write_text("")
+    out = tmp_path / "o"
+    labels = tmp_path / "labels.txt"
+    assert _prepare(ilsvrc, recipe(tmp_path, ilsvrc, out), out, "--latents", "--set",
+                    f"data.val_labels={json.dumps(str(labels))}") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"--latents: data.val_labels = {labels} lists none of the pictures lying in {ilsvrc / 'val'} "
+                        "(an empty file, or the labels of another copy of ImageNet?)"), err

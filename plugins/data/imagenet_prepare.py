@@ -243,6 +243,10 @@ def latents_plan(args, root: Path, counts: dict[str, int], device):
         if split not in counts:
             raise MinfmError(f"--split {split}: {root} has no {split}/ folder")
         if not counts[split]:  # only a flat val/ counts 0 (split_counts refuses other empty splits)
+            labels = getattr(resolved.config("data"), "val_labels", None)
+            if labels:  # set, yet it names none of the pictures: its own problem, not a missing setting
+                raise MinfmError(f"--latents: data.val_labels = {labels} lists none of the pictures lying in "
+                                 f"{root / split} (an empty file, or the labels of another copy of ImageNet?)")
             raise MinfmError(f"--latents: {root / split} holds its pictures directly, which the imagenet dataset "
                              "reads only with data.val_labels (set it, or encode --split train only)")
         datasets[split] = resolved["data"].build(split=split)
