@@ -85,10 +85,10 @@ def test_a_recipe_that_extends_a_pulled_one_reads_that_one_as_from_outside(tmp_p
     recipe = pulled(tmp_path, 0, "/tmp/elsewhere")
     (recipe.parent / "prompts.txt").write_text("a red circle\n")
     mine = tmp_path / "mine.toml"
-    mine.write_text(f'extends = "{recipe}"\n[train]\nmax_steps = 3\n[sample]\nneg_prompt = "${{MINFM_TEST_SECRET}}"\n')
-    assert main(["check", str(mine)]) == 2
+    mine.write_text(f'extends = "{recipe}"\n[run]\n[train]\nmax_steps = 3\n[sample]\nneg_prompt = "${{MINFM_TEST_SECRET}}"\n')
+    assert main(["check", str(mine)]) == 2  # (an empty [run] of the user's vouches for none of the repo's run.*)
     assert "run.exp_dir: '/tmp/elsewhere' leaves the current folder" in capsys.readouterr().err
-    mine.write_text(mine.read_text().replace("[train]", '[run]\nexp_dir = "/tmp/mine"\n[train]'))
+    mine.write_text(mine.read_text().replace("[run]\n", '[run]\nexp_dir = "/tmp/mine"\n'))
     resolved = load_recipe(mine)
     assert resolved.outside == str(recipe.parent)
     assert resolved.recipe.sample.prompts == ("${MINFM_TEST_SECRET}",)  # the repo's: as written

@@ -200,7 +200,8 @@ def _leaf_keys(data: dict[str, Any], prefix: str = "") -> set[str]:
         if key.endswith(APPEND):
             continue
         where = f"{prefix}.{key}" if prefix else key
-        out |= _leaf_keys(value, where) if isinstance(value, dict) and value else {where}
+        # a table is its keys (an empty `[run]` of the user's must not vouch for the repo's run.*)
+        out |= _leaf_keys(value, where) if isinstance(value, dict) else {where}
     return out
 
 
