@@ -185,6 +185,18 @@ def test_a_problem_from_a_set_names_it(tmp_path, capsys):
      "model.denoiser.rope_axes: (2, 3, 3) must be 3 positive even numbers (t, y, x) (from --set model.denoiser.rope_axes)"),
     (["model.denoiser.d_head=48", "model.denoiser.compile=false"],
      "model.denoiser.d_head: d_model 128 is not a multiple of d_head 48 (from --set model.denoiser.d_head)"),
+    # a typo in a middle part of the key: the unknown key is the one the --set reached into
+    (["model.denoisr.d_model=64"], "model: unknown key 'denoisr' (did you mean 'denoiser'?) "
+                                   "(from --set model.denoisr.d_model)"),
+    (["trian.lr=0.1"], "<root>: unknown key 'trian' (did you mean 'train'?) (from --set trian.lr)"),
+    # filed under another field of the same table, which names the one set
+    (["model.denoiser.d_head=16"], "model.denoiser.rope_axes: sum 32 must equal d_head = 16 "
+                                   "(from --set model.denoiser.d_head)"),
+    (["flow.time_warper.base_len=1024"], "flow.time_warper.max_len: must differ from base_len (1024) "
+                                         "(from --set flow.time_warper.base_len)"),
+    # found while the value is read (expanded), before the schema sees it
+    (['sample.prompts=["${MINFM_SURELY_UNSET}"]'], "sample.prompts[0]: environment variable MINFM_SURELY_UNSET is not "
+                                                   "set (or write ${MINFM_SURELY_UNSET:-default}) (from --set sample.prompts)"),
 ])
 def test_a_config_check_blames_the_set_it_names(settings, line, capsys):
     """A config's own check (__attrs_post_init__) was filed under its table, so the last --set

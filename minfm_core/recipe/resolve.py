@@ -193,9 +193,14 @@ def load_recipe(
     if untrusted_root is None:
         untrusted_root = recipe_root(recipe_file(path))
     overrides = list(overrides)
-    raw, untrusted_root, own_keys = load_recipe_parts(path, overrides, untrusted_root=untrusted_root)
     keys = [".".join(parse_override(o)[0]) for o in overrides]
     set_by = tuple((k, (flags or {}).get(k, f"--set {k}")) for k in keys)
+    try:
+        raw, untrusted_root, own_keys = load_recipe_parts(path, overrides, untrusted_root=untrusted_root)
+    except RecipeError as exc:  # a value an override gave (${VAR} unset, a NUL) names that --set too
+        if not overrides:
+            raise
+        raise RecipeError([_blame(p, set_by) for p in exc.problems], exc.source) from None
     try:
         resolved = resolve_recipe(raw, source=str(path), world_size=world_size)
     except RecursionError:
@@ -224,14 +229,18 @@ def _blame(problem: str, set_by: Iterable[tuple[str, str]]) -> str:
     m = _UNKNOWN_KEY.match(problem)
     where = (m["name"] if m["path"] == "<root>" else f"{m['path']}.{m['name']}") if m else problem.split(":", 1)[0]
     for key, label in set_by:
-        if where == key or where.startswith((key + ".", key + "[")):
+        # (an unknown key blames the --set that reached into it: `model.denoisr.d_model`)
+        if where == key or where.startswith((key + ".", key + "[")) or (m and key.startswith(where + ".")):
             return f"{problem} (from {label})"
-    # A problem filed under a table (a config's cross-field check) blames a setting inside
-    # it only if the message names that setting: the last one set there may be unrelated.
+    # A problem filed under a table (a config's cross-field check) or under one field of it
+    # (`max_len: must differ from base_len`) blames a setting of that table only if the
+    # message names it: the last one set there may be unrelated.
     message = problem.split(":", 1)[-1]
-    for key, label in set_by:
-        if key.startswith(where + ".") and re.search(rf"(?<![\w.]){re.escape(key[len(where) + 1:])}(?![\w\[])", message):
-            return f"{problem} (from {label})"
+    for table in (where, where.rpartition(".")[0]):
+        for key, label in set_by:
+            if table and key.startswith(table + ".") and \
+                    re.search(rf"(?<![\w.]){re.escape(key[len(table) + 1:])}(?![\w\[])", message):
+                return f"{problem} (from {label})"
     for key, label in set_by:
         if "." in key and re.search(rf"(?<![\w.]){re.escape(key)}(?![\w\[])", problem):
             return f"{problem} (from {label})"
