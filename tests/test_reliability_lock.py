@@ -243,7 +243,11 @@ def test_a_cuda_run_on_a_machine_without_cuda_is_one_line(tmp_path, command):
     else:
         res = minfm_in_process("run", str(TINY), "--set", f"run.exp_dir={exp}", "--set", 'run.device="cuda"')
     assert res.returncode == 2, res.stderr
-    assert res.stderr.strip().startswith("minfm: error: run.device = 'cuda', but torch sees no CUDA device")
+    assert res.stderr.strip().startswith("minfm: error: ") and \
+        "run.device: 'cuda', but torch sees no CUDA device" in res.stderr, res.stderr
+    # refused as the recipe is checked: `minfm check` says it too
+    check = minfm_in_process("check", str(TINY), "--set", 'run.device="cuda"')
+    assert check.returncode == 2 and "run.device: 'cuda', but torch sees no CUDA device" in check.stderr
     assert "\n" not in res.stderr.strip()
     if command == "run":
         assert not (exp / "metrics.jsonl").exists()

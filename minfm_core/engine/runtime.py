@@ -37,7 +37,7 @@ def pick_device(choice: str, local_rank: int) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         build = "" if torch.version.cuda else f" (torch {torch.__version__} is a build without CUDA)"
-        raise MinfmError(f"run.device = 'cuda', but torch sees no CUDA device{build}; "
+        raise MinfmError(f"run.device: 'cuda', but torch sees no CUDA device{build}; "
                          "set run.device = 'auto' or 'cpu'")
     count = torch.cuda.device_count()
     if local_rank >= count:

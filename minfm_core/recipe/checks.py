@@ -73,6 +73,13 @@ def job_checks(resolved, job: str, world_size: int | None = None) -> list[str]:
     problems = [f"{path}.name: {problem}" for path, slot in resolved.slots.items()
                 if (problem := slot.component.factory_problem())]
     problems += _attention_fits_the_device(resolved, job)
+    if resolved.recipe.run.device == "cuda":  # checked as the run checks it, not at its first step
+        from ..engine.runtime import pick_device
+
+        try:
+            pick_device("cuda", 0)
+        except MinfmError as exc:
+            problems.append(str(exc))
     world = world_size if world_size is not None else world_size_from_env()
     recipe = resolved.recipe
     train, s = recipe.train, recipe.sample
@@ -317,7 +324,7 @@ def cross_checks(resolved, world_size: int | None = None) -> list[str]:
         dim = _attr(resolved, enc_path, "dim")
         want = _attr(resolved, "model.denoiser", den_attr)
         if dim is not None and want is not None and dim != want:
-            problems.append(f"{enc_path}: its output dim {dim} does not match model.denoiser.{den_attr} = {want}")
+            problems.append(f"{enc_path}.dim: its output dim {dim} does not match model.denoiser.{den_attr} = {want}")
 
     problems += _text_encoders_fit(resolved)
     problems += _vae_fits_the_images(resolved)

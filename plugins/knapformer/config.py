@@ -21,11 +21,11 @@ GAMMA = Range(MIN_GAMMA, MAX_GAMMA, also=(0,))
 MAX_TOLERANCE = 1.0
 
 
-def _valid_bags(_inst, _attr, value: str) -> None:
+def _valid_bags(_inst, attribute, value: str) -> None:
     try:
         parse_bags(value)
     except MinfmError as exc:  # attrs validators speak ValueError; the text is kept
-        raise ValueError(str(exc)) from None
+        raise ValueError(f"{attribute.name}: {exc}") from None
 
 
 @config

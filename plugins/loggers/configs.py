@@ -53,9 +53,10 @@ def _inside_run_dir(name: str, value: str) -> None:
     # plain segments: "a//b", "./a" and "a/" name a folder another way; "." segments and hidden
     # names are where the run keeps its lock, probes and temporary files
     segments = value.split("/")
-    if any(not seg or seg.startswith(".") or "\0" in seg for seg in segments):
+    if any(not seg.strip() or seg != seg.strip() or seg.startswith(".") or not seg.isprintable() for seg in segments):
         raise ValueError(f"{name}: {value!r} is not a plain folder path inside the run directory "
-                         "(names separated by single '/', none empty or starting with '.')")
+                         "(names separated by single '/', none blank, starting with '.', with a space at "
+                         "either end or holding a control character)")
     owner = _taken().get(segments[0])
     if owner is not None:
         raise ValueError(f"{name}: {value!r} would write into {segments[0]!r}, {owner} file or folder "
