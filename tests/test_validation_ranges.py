@@ -302,3 +302,24 @@ def test_encoder_arch_overrides_are_typed_and_bounded(encoder, key, value, capsy
     assert main(["check", RECIPE, "--set", f'{slot}={{name = "{encoder}", arch = {{{key} = {value}}}}}']) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{slot}.arch.{key}: expected " in err, err
+
+
+@pytest.mark.parametrize("setting, line", [
+    ("model.denoiser.pretrained=bogus://x", "model.denoiser.pretrained: bogus://x: no plugin resolves the source "
+                                            "scheme 'bogus' (installed: hf) (from --set model.denoiser.pretrained)"),
+    ("model.denoiser.pretrained=hf://a", "model.denoiser.pretrained: hf://a: not a Hub reference of the form "
+                                         "hf://org/name[@revision][/path] (from --set model.denoiser.pretrained)"),
+    ("model.denoiser.pretrained=/nonexistent/zz", "model.denoiser.pretrained: /nonexistent/zz: no such file or "
+                                                  "directory (and not a Hub id of the form org/name) "
+                                                  "(from --set model.denoiser.pretrained)"),
+    ("model.denoiser.pretrained='   '", "model.denoiser.pretrained: '   ' is blank; leave it unset (or name a path "
+                                        "or a Hub reference) (from --set model.denoiser.pretrained)"),
+    ("train.init_from=bogus://x", "train.init_from: bogus://x: no plugin resolves the source scheme 'bogus' "
+                                  "(installed: hf) (from --set train.init_from)"),
+    ("train.init_from=hf://a", "train.init_from: hf://a: not a Hub reference of the form hf://org/name[@revision] "
+                               "(from --set train.init_from)"),
+])
+def test_check_refuses_references_the_run_refuses_without_a_request(setting, line, capsys):
+    """`minfm check` said ok to these; `minfm run` then refused each at start-up."""
+    assert main(["check", RECIPE, "--set", setting]) == 2
+    assert capsys.readouterr().err.strip().endswith(line)

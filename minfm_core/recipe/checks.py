@@ -142,6 +142,7 @@ def job_checks(resolved, job: str, world_size: int | None = None) -> list[str]:
         flag = "sample.out_dir" if s.out_dir else "sample.out_dir (default run.exp_dir/samples)"
         if problem := file_in_the_way(out, flag):
             problems.append(problem)
+    problems += _reference_problems(resolved, job)
     # Read now what the job would read later: a training run meets its gallery prompts at the
     # first gallery, hours in (a sample job adds the file to sample.prompts; a gallery uses it
     # only where sample.prompts is empty).
@@ -152,6 +153,44 @@ def job_checks(resolved, job: str, world_size: int | None = None) -> list[str]:
         except MinfmError as exc:
             problems.append(f"sample.prompt_file: {exc}")
     return [resolved.blame(p) for p in problems or start_problems(resolved, job)]
+
+
+def _reference_problems(resolved, job: str) -> list[str]:
+    """What a job's start refuses of its sources and pretrained references without reading
+    them: a blank one, a URI of a scheme no plugin resolves, an ``hf://`` that is no Hub id,
+    and a pretrained reference that is neither a local path nor ``org/name``. (Whether a
+    remote one exists is the run's to find: `minfm check` makes no request.)"""
+    from ..pretrained import HUB_SCHEME, is_local, parse_hub_ref, recipe_refs
+    from ..registry import get_registry
+
+    import attrs
+
+    def field_of(path: str, ref: str) -> str:  # the setting that holds it, for the --set blame
+        cfg = resolved.slots[path].config
+        names = [a.name for a in attrs.fields(type(cfg)) if getattr(cfg, a.name) == ref] if attrs.has(type(cfg)) else []
+        return f"{path}.{names[0]}" if names else path
+
+    r = resolved.recipe
+    refs = [(field_of(path, ref), ref, True) for path, ref in recipe_refs(resolved)]
+    if job == "train" and r.train.init_from is not None:
+        refs.append(("train.init_from", r.train.init_from, False))
+    if job == "sample" and r.sample.source is not None:
+        refs.append(("sample.source", r.sample.source, False))
+    sources = get_registry().names("source")
+    problems = []
+    for where, ref, pretrained in refs:
+        scheme = ref.split("://", 1)[0] if "://" in ref else None
+        if not ref.strip():
+            problems.append(f"{where}: {ref!r} is blank; leave it unset (or name a path or a Hub reference)")
+        elif scheme is not None and scheme not in sources:
+            problems.append(f"{where}: {ref}: no plugin resolves the source scheme {scheme!r} (installed: "
+                            f"{', '.join(sources) or 'none'})")
+        elif scheme == HUB_SCHEME and parse_hub_ref(ref) is None:
+            problems.append(f"{where}: {ref}: not a Hub reference of the form hf://org/name[@revision]"
+                            + ("[/path]" if pretrained else ""))
+        elif pretrained and scheme is None and not is_local(ref) and parse_hub_ref(ref) is None:
+            problems.append(f"{where}: {ref}: no such file or directory (and not a Hub id of the form org/name)")
+    return problems
 
 
 def _run_outputs_problems(resolved) -> list[str]:
