@@ -106,7 +106,10 @@ class Limits:
         if not 1 <= count <= MAX_FILES_LIMIT:  # below 1 every pull would be refused after listing it: a typo
             raise MinfmError(f"invalid file count {files!r} (MINFM_HUB_MAX_FILES / --max-files): "
                              f"expected an integer from 1 to {MAX_FILES_LIMIT}")
-        nbytes = parse_size(size)
+        try:
+            nbytes = parse_size(size)
+        except MinfmError as exc:
+            raise MinfmError(f"{exc} (MINFM_HUB_MAX_BYTES / --max-bytes)") from None
         if nbytes < 1:
             raise MinfmError(f"invalid size {size!r} (MINFM_HUB_MAX_BYTES / --max-bytes): expected at least 1 byte")
         return cls(count, nbytes)

@@ -43,6 +43,8 @@ def test_a_repo_holding_a_pickle_is_refused_on_pull(hub_server, tmp_path):
     (("hub", "push", ".", "org/there", "--max-shard-size", "0"), "--max-shard-size 0: expected from 1KB to 50GB"),
     (("hub", "push", ".", "org/there", "--max-shard-size", "100GB"), "--max-shard-size 100GB: expected from 1KB"),
     (("hub", "push", ".", "org/there", "--max-shard-size", "5XB"), "--max-shard-size: invalid size '5XB'"),
+    (("hub", "pull", "org/there", "--max-bytes", "-5GB"), "invalid size '-5GB': expected e.g. 5GB, 500MB or a number "
+                                                          "of bytes (MINFM_HUB_MAX_BYTES / --max-bytes)"),
 ])
 def test_bad_input_is_one_line_and_exit_2(hub_server, tmp_path, args, expect):
     hub_server.upload("org/there", {"model.safetensors": b"x"})

@@ -178,3 +178,17 @@ def test_trace_out_replaces_a_trace_and_nothing_else(tmp_path, capsys):
     assert recipe.read_text() == before and notes.read_text() == "mine\n"
     assert main([*synthetic, str(trace)]) == 0 and main([*synthetic, str(trace)]) == 0  # a trace: replaced
     assert simulate.read_trace(trace)
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--bags", "g0n1"], "minfm: error: --bags: bag spec 'g0n1': bad term 'g0n1'"),
+    (["--bags", "g1n3", "--world-size", "2"], "minfm: error: --bags g1n3: its 3 GPUs do not divide the 2 ranks "
+                                              "(--world-size): a rank would be in no bag"),
+    (["--world-size", "2", "--trace-out", "/dev/null/x"], "minfm: error: --trace-out /dev/null/x: Not a directory"),
+])
+def test_a_flags_problem_names_the_flag(args, line, capsys):
+    """These named no flag: 'bag spec ...', 'trace step has 2 ranks ...', '/dev/null/x: Not a directory'."""
+    from minfm_core.cli.main import main
+
+    assert main(["balance", "simulate", "--synthetic", "few", *args]) == 2
+    assert capsys.readouterr().err.strip().startswith(line)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minfm_core.errors import MinfmError
+from minfm_core.errors import MinfmError, os_error_line
 from minfm_core.jsonio import read_json_file
 from minfm_core.launch_env import MAX_WORLD_SIZE
 from minfm_core.safepath import write_text_atomic
@@ -412,8 +412,17 @@ def run(args) -> int:
         if not args.world_size:
             raise MinfmError("balance simulate: give --bags SPEC or --world-size W")
         bags = [f"g1n{args.world_size}"]
-    specs = [str(parse_bags(b)) for b in bags]
+    specs = []
+    for b in bags:
+        try:
+            specs.append(str(parse_bags(b)))
+        except MinfmError as exc:  # the recipe's own spec was checked when it loaded: this is the flag's
+            raise MinfmError(f"--bags: {exc}") from None
     world = args.world_size or parse_bags(specs[0]).size
+    for b in specs if not args.trace else ():  # (a trace's own ranks are checked below)
+        if world % parse_bags(b).size:
+            raise MinfmError(f"--bags {b}: its {parse_bags(b).size} GPUs do not divide the {world} ranks "
+                             f"({'--world-size' if args.world_size else 'the first --bags'}): a rank would be in no bag")
     if args.trace:
         trace = read_trace(args.trace)
         ranks = len(trace[0])
@@ -436,7 +445,10 @@ def run(args) -> int:
         trace = recipe_trace(resolved, world, args.steps, args.seed, args.batch_size, args.text_range,
                              args.clips, args.clip_frames)
     if args.trace_out:
-        write_text_atomic(Path(args.trace_out), json.dumps(trace))
+        try:
+            write_text_atomic(Path(args.trace_out), json.dumps(trace))
+        except OSError as exc:
+            raise MinfmError(f"--trace-out {os_error_line(exc)}") from None
     results = {b: evaluate(trace, b, d, gamma, tolerance) for b in specs}
     lens = [v for step in trace for r in step for v in r]
     source = args.recipe or args.trace or args.synthetic
