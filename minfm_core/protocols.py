@@ -355,6 +355,14 @@ class NeedsCudaConfig(Protocol):
 
 
 @runtime_checkable
+class GuidanceEmbedConfig(Protocol):
+    """A denoiser config saying whether it embeds a distilled guidance scale (FLUX.1-dev's
+    ``guidance_in``): without one, ``sample.distilled_guidance`` would be ignored, so it is refused."""
+
+    guidance_embed: bool
+
+
+@runtime_checkable
 class RunOutputsConfig(Protocol):
     """A logger config naming what it writes in the run folder (relative names, a trailing
     ``/`` for a folder): probed before a run starts, so that a file in the way or a read-only

@@ -323,3 +323,13 @@ def test_check_refuses_references_the_run_refuses_without_a_request(setting, lin
     """`minfm check` said ok to these; `minfm run` then refused each at start-up."""
     assert main(["check", RECIPE, "--set", setting]) == 2
     assert capsys.readouterr().err.strip().endswith(line)
+
+
+def test_a_distilled_guidance_the_denoiser_would_ignore_is_refused(capsys):
+    """The quickstart FLUX embeds no guidance scale: sample.distilled_guidance = 5 drew images
+    as if it were unset, without a word."""
+    assert main(["check", RECIPE, "--set", "sample.distilled_guidance=5"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "sample.distilled_guidance: the denoiser embeds no guidance scale (model.denoiser.guidance_embed = false), "
+        "so the value would be ignored; leave it unset (from --set sample.distilled_guidance)")
+    assert main(["check", RECIPE, "--set", "sample.distilled_guidance=5", "--set", "model.denoiser.guidance_embed=true"]) == 0

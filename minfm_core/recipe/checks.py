@@ -352,6 +352,14 @@ def cross_checks(resolved, world_size: int | None = None) -> list[str]:
                 f"patch {tuple(patch)} = {want}"
             )
 
+    if resolved.recipe.sample.distilled_guidance is not None:
+        from ..protocols import GuidanceEmbedConfig
+
+        den = resolved.config("model.denoiser")
+        if isinstance(den, GuidanceEmbedConfig) and not den.guidance_embed:
+            problems.append("sample.distilled_guidance: the denoiser embeds no guidance scale (model.denoiser."
+                            "guidance_embed = false), so the value would be ignored; leave it unset")
+
     d_head = _attr(resolved, "model.denoiser", "d_head")
     axes = _attr(resolved, "model.denoiser", "rope_axes")
     if d_head is not None and axes is not None and sum(axes) != d_head:
