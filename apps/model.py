@@ -182,13 +182,13 @@ class DemoModel:
         from minfm_core.engine.pipeline import build_pipeline
         from minfm_core.engine.runtime import pick_device
         from minfm_core.engine.sample import load_denoiser_weights, locate
-        from minfm_core.recipe import load_recipe
+        from minfm_core.recipe import ONE_PROCESS, load_recipe
         from minfm_core.safepath import recipe_root
 
         recipe_path, kind, where = locate(path, stack)
         # A recipe downloaded with a model is data: no ${VAR} expansion (the demo shows it on
         # /config) and its file references stay in its folder.
-        resolved = load_recipe(recipe_path, untrusted_root=recipe_root(recipe_path))
+        resolved = load_recipe(recipe_path, list(ONE_PROCESS), untrusted_root=recipe_root(recipe_path))
         dev = torch.device(device) if device else pick_device(resolved.recipe.run.device, 0)
         pipe = build_pipeline(resolved, dev, load_weights=True)
         with warnings.catch_warnings():  # DCP notes it loads in one process: that is the intent

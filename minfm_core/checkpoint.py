@@ -528,9 +528,9 @@ def write_json_atomic(path: Path, data: Any) -> None:
 def build_denoiser(recipe_path: Path) -> torch.nn.Module:
     """The denoiser of a checkpoint's recipe on CPU with uninitialised storage (weights come
     from the checkpoint). A recipe that was downloaded with it is read as untrusted data."""
-    from .recipe import load_recipe
+    from .recipe import ONE_PROCESS, load_recipe
 
-    resolved = load_recipe(recipe_path, ["parallel.name=none", "balancer.name=none"],
+    resolved = load_recipe(recipe_path, list(ONE_PROCESS),
                            untrusted_root=recipe_root(recipe_path))
     with torch.device("meta"):
         model = resolved["model.denoiser"].build(load_weights=False)

@@ -192,3 +192,18 @@ def test_a_flags_problem_names_the_flag(args, line, capsys):
 
     assert main(["balance", "simulate", "--synthetic", "few", *args]) == 2
     assert capsys.readouterr().err.strip().startswith(line)
+
+
+def test_a_recipe_with_multi_gpu_bags_is_simulated_at_their_ranks(tmp_path, capsys):
+    """`minfm balance simulate RECIPE` checked the recipe at this process's world size 1, so
+    every [balancer] with bags of more than one GPU was refused ('world size 1 is not divisible')."""
+    from minfm_core.cli.main import main
+
+    recipe = tmp_path / "bal.toml"
+    recipe.write_text('extends = "minfm:quickstart.toml"\n[balancer]\nname = "knapformer"\nbags = "g1n2"\n')
+    assert main(["balance", "simulate", str(recipe), "--steps", "1"]) == 0, capsys.readouterr().err
+    assert "1 steps x 2 ranks" in capsys.readouterr().out
+    assert main(["balance", "simulate", str(recipe), "--steps", "1", "--world-size", "4"]) == 0
+    assert "1 steps x 4 ranks" in capsys.readouterr().out
+    # the commands that run no training read it in one process too
+    assert main(["cache", "models", str(recipe)]) == 0

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import MinfmError, NotCachedError
 from ..pretrained import is_local, parse_hub_ref, recipe_refs, resolve_pretrained
-from ..recipe import load_recipe
+from ..recipe import ONE_PROCESS, load_recipe
 from . import latents_cmd
 
 
@@ -35,7 +35,7 @@ def register(sub) -> None:
 
 
 def run_models(args) -> int:
-    resolved = load_recipe(args.recipe, args.overrides)
+    resolved = load_recipe(args.recipe, [*ONE_PROCESS, *args.overrides])
     refs = recipe_refs(resolved)
     if not refs:
         print(f"{args.recipe}: names no pretrained weights; nothing to fetch")

@@ -28,7 +28,7 @@ from ..jsonio import read_json_file
 from ..latents_record import RECORD, cache_request, read_record
 from ..launch_env import launch_env
 from ..protocols import CachedLatentsConfig, FlipConfig
-from ..recipe import load_recipe
+from ..recipe import ONE_PROCESS, load_recipe
 from ..safepath import require_folder_room, write_text_atomic
 from ..validators import MAX_BATCH, MAX_DATALOADER_WORKERS, MAX_SAMPLES
 
@@ -157,13 +157,13 @@ def run(args) -> int:
     if twice:  # (it encoded the split twice over)
         raise MinfmError(f"--split {twice[0]}: given more than once")
     # Ranks here only split the shards: the recipe's training parallelism is not checked.
-    resolved = load_recipe(args.recipe, args.overrides, world_size=1)
+    resolved = load_recipe(args.recipe, [*ONE_PROCESS, *args.overrides], world_size=1)
     data = resolved.get("data")
     if data is None:
         raise MinfmError(f"{args.recipe}: has no [data] section to encode")
     if isinstance(data.config, FlipConfig) and data.config.p_flip:
         # Flips are drawn per epoch when the cache is read: store the images unflipped.
-        resolved = load_recipe(args.recipe, [*args.overrides, "data.p_flip=0.0"], world_size=1)
+        resolved = load_recipe(args.recipe, [*ONE_PROCESS, *args.overrides, "data.p_flip=0.0"], world_size=1)
         data = resolved.get("data")
     cached = data.config if isinstance(data.config, CachedLatentsConfig) else None
     if cached is not None and cached.use_cached_latents:

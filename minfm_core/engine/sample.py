@@ -96,7 +96,8 @@ def sample_cli(args) -> int:
 
 
 def _sample_cli(args, src: Path, stack: contextlib.ExitStack) -> int:
-    from ..recipe import load_recipe
+    from ..launch_env import launch_env
+    from ..recipe import ONE_PROCESS, load_recipe
 
     prompts = list(args.prompt or [])
     if args.prompt_file:
@@ -120,8 +121,12 @@ def _sample_cli(args, src: Path, stack: contextlib.ExitStack) -> int:
         flagged["sample.save_npz=true"] = "--npz"
     if args.no_ema:
         flagged["sample.use_ema=false"] = "--no-ema"
-    overrides = ["job=sample", *args.overrides, *flagged]
-    flags = {"job": "", **{override.partition("=")[0]: flag for override, flag in flagged.items()}}
+    # In one process nothing is sharded or balanced: a run trained on 2 GPUs with
+    # balancer.bags = "g1n2" samples here as it would there (the user's --set still wins).
+    one = list(ONE_PROCESS) if launch_env().world_size == 1 else []
+    overrides = ["job=sample", *one, *args.overrides, *flagged]
+    flags = {"job": "", **{o.partition("=")[0]: "" for o in one},
+             **{override.partition("=")[0]: flag for override, flag in flagged.items()}}
     # A recipe downloaded with the model is data (docs/security.md); --set stays the user's.
     resolved = load_recipe(recipe_path, overrides, untrusted_root=recipe_root(recipe_path), flags=flags)
     if not prompts:

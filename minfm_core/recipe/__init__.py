@@ -6,7 +6,7 @@ file references stay inside FOLDER.
 """
 
 from .load import load_recipe_dict
-from .resolve import ResolvedRecipe, load_recipe, resolve_recipe
+from .resolve import ONE_PROCESS, ResolvedRecipe, load_recipe, resolve_recipe
 from .schema import Recipe, Spec
 
-__all__ = ["Recipe", "ResolvedRecipe", "Spec", "load_recipe", "load_recipe_dict", "resolve_recipe"]
+__all__ = ["ONE_PROCESS", "Recipe", "ResolvedRecipe", "Spec", "load_recipe", "load_recipe_dict", "resolve_recipe"]

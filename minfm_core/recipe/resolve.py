@@ -163,6 +163,13 @@ def _nested_problems(registry: Registry, cfg: Any, prefix: str) -> list[str]:
     return problems
 
 
+#: Overrides for a command that runs a recipe's model in one process (sampling, the demo,
+#: caching, an export): no sharding and no balancing there, and the training's
+#: ``parallel.shard_size`` or ``balancer.bags`` (made for its world size) must not refuse it.
+#: The results are the same (tests/test_distributed_train.py compares them).
+ONE_PROCESS = ("parallel.name=none", "balancer.name=none")
+
+
 def load_recipe(
     path: str | os.PathLike,
     overrides: Iterable[str] = (),

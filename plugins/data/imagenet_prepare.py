@@ -181,14 +181,14 @@ def _write_json(path: Path, obj: Any) -> None:
 def run(args) -> int:
     import torch
 
-    from minfm_core.recipe import load_recipe
+    from minfm_core.recipe import ONE_PROCESS, load_recipe
 
     from .imagenet import _prompts, imagenet_classes
 
     # Everything that can be refused is refused before the first file is written.
     root, out = Path(os.path.expanduser(args.root)), Path(os.path.expanduser(args.out))
     check_out(root, out)
-    resolved = load_recipe(args.recipe, args.overrides, world_size=1)
+    resolved = load_recipe(args.recipe, [*ONE_PROCESS, *args.overrides], world_size=1)
     data = resolved.get("data")
     inet = data.config if data is not None and data.component.name == "imagenet" else None
     if args.latents and inet is None:
@@ -234,9 +234,9 @@ def run(args) -> int:
 def latents_plan(args, root: Path, counts: dict[str, int], device):
     """(recipe, VAE, {split: dataset}) for --latents: the recipe's imagenet data reading ROOT
     unflipped, every split asked for present and readable, the VAE built."""
-    from minfm_core.recipe import load_recipe
+    from minfm_core.recipe import ONE_PROCESS, load_recipe
 
-    resolved = load_recipe(args.recipe, [*args.overrides, f"data.root={json.dumps(str(root))}",
+    resolved = load_recipe(args.recipe, [*ONE_PROCESS, *args.overrides, f"data.root={json.dumps(str(root))}",
                                          "data.use_cached_latents=false", "data.p_flip=0.0"], world_size=1)
     datasets = {}
     for split in dict.fromkeys(args.splits or counts):

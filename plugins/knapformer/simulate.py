@@ -385,6 +385,14 @@ def _check_scan(specs: list[str], n_seq: int, source: str) -> None:
                              f"for each, {n_seq * n_bags} steps, at most {MAX_ORIGINAL_SCAN} (fewer steps or bags)")
 
 
+def _spec_size(text: str | None) -> int | None:
+    """A bag spec's GPU count S; None for none or a bad one (refused where it is read)."""
+    try:
+        return parse_bags(text).size if isinstance(text, str) else None
+    except MinfmError:
+        return None
+
+
 def run(args) -> int:
     for flag, value in (("RECIPE", args.recipe), ("--trace", args.trace), ("--trace-out", args.trace_out)):
         if value == "":  # '' is no file: it was dropped as "not given" (--trace-out wrote nothing, exit 0)
@@ -396,11 +404,18 @@ def run(args) -> int:
     d, gamma, tolerance, bags = args.d, args.gamma, args.tolerance, list(args.bags or [])
     resolved = None
     if args.recipe:
-        from minfm_core.recipe import load_recipe
+        from minfm_core.recipe import load_recipe, load_recipe_dict
 
         from .config import KnapformerConfig
 
-        resolved = load_recipe(args.recipe, args.overrides)
+        # Read at the simulated ranks (the recipe's balancer and parallel are checked against a
+        # world size): at this process's own 1, any multi-GPU bag spec was refused.
+        raw = load_recipe_dict(args.recipe, args.overrides)
+        table = raw.get("balancer") if isinstance(raw.get("balancer"), dict) else {}
+        world = args.world_size or _spec_size(bags[0] if bags else table.get("bags"))
+        # (a one-process recipe, such as the quickstart, stands for its multi-GPU form here)
+        multi = ["parallel.name=fsdp2"] if (world or 1) > 1 and (raw.get("parallel") or {}).get("name") == "none" else []
+        resolved = load_recipe(args.recipe, [*args.overrides, *multi], world_size=world)
         den, bal = resolved.config("model.denoiser"), resolved.config("balancer")
         d = d or getattr(den, "d_model", None)
         if isinstance(bal, KnapformerConfig):
