@@ -17,6 +17,7 @@ It raises :class:`RangeError`, which the recipe error formatter turns into
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 
@@ -109,8 +110,10 @@ class Range:
         return f"<range {self.range_text}>"
 
     def ok(self, v: Any) -> bool:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
             return True  # types are the converter's business; a range speaks about numbers only
+        # numpy's scalars too (np.int64(-5) passed every range): as the Python number they are
+        v = int(v) if isinstance(v, numbers.Integral) else float(v)
         if v in self.also and not (isinstance(v, float) and math.isnan(v)):
             return True
         if isinstance(v, float) and (math.isnan(v) or (math.isinf(v) and not self.allow_inf)):

@@ -232,3 +232,16 @@ def test_last_resort_is_the_renamed_longest_first_plan(monkeypatch):
             assert p.strategy == "longest_first" and p.problems() == []
             assert exact_max(p)[0] * exact_max(ref)[1] == exact_max(ref)[0] * exact_max(p)[1]
             assert p.moved_tokens <= ref.moved_tokens
+
+
+@pytest.mark.parametrize("kw, why", [(dict(d=np.int64(-5)), "hidden width d must be a whole number > 0"),
+                                     (dict(d=64, gamma=np.float32(-1)), "gamma must be in"),
+                                     (dict(d=64, gamma=np.float32("nan")), "gamma must be in"),
+                                     (dict(d=64, tolerance=np.float32(-0.5)), "tolerance must be >= 0")])
+def test_numpy_scalars_are_held_to_the_ranges(kw, why):
+    """A range passed every value that was not a Python int or float: np.int64(-5) gave
+    negative workloads, a NaN gamma a bare ValueError."""
+    from minfm_core.errors import MinfmError
+
+    with pytest.raises(MinfmError, match=why):
+        planner.plan([[1, 9, 4], [2]], "g1n2", **kw)

@@ -120,6 +120,16 @@ def test_single_rank_without_process_group():
     assert torch.equal(bal.reverse(y, h), x)
 
 
+@pytest.mark.parametrize("lens, why", [([6], "sum to 6"), ([2.5, 2.5], "one integer length per sequence"),
+                                       ([8, -1], "a negative length -1"), ([[3, 4]], "shape")])
+def test_lengths_that_do_not_cut_the_rows_exactly_are_refused(lens, why):
+    """10 rows with datum_lens [6] lost 4 of them, and [2.5, 2.5] truncated to 2 + 2."""
+    bal = KnapformerBalancer(KnapformerConfig(bags="g1n1"))
+    rows = 7 if why != "sum to 6" else 10
+    with pytest.raises(ValueError, match=why):
+        bal.route(torch.randn(rows, D), torch.tensor(lens) if not isinstance(lens[0], list) else lens)
+
+
 def test_multi_rank_spec_needs_process_group():
     from minfm_core.errors import MinfmError
 

@@ -85,7 +85,17 @@ def test_check_recipe():
     problems = check_recipe(_Recipe("g1n3"), 8)
     assert len(problems) == 1 and "world size 8 is not divisible by the 3 GPUs" in problems[0]
     problems = check_recipe(_Recipe("g1n1+g8n1"), 9)
-    assert len(problems) == 1 and "4 attention heads are not divisible by the largest bag's G = 8" in problems[0]
+    assert len(problems) == 1 and "4 attention heads are not divisible by the G = 8 GPUs of a bag in" in problems[0]
+    # every bag's G counts, not the largest's alone (3 heads: g3 fits, g2 does not)
+    problems = check_recipe(_Recipe("g2n1+g3n1", _Den(d_model=24, d_head=8)), 5)
+    assert len(problems) == 1 and "3 attention heads are not divisible by the G = 2 GPUs of a bag" in problems[0]
+
+
+def test_a_bag_spec_of_thousands_of_digits_is_one_short_line():
+    """int() of a 5,000-digit G raised its own ValueError: a traceback, 'a bug in minFM'."""
+    with pytest.raises(MinfmError, match=r"more than \d+ ranks") as exc:
+        parse_bags("g" + "1" * 5000 + "n1")
+    assert len(str(exc.value)) < 400
 
 
 def test_simulate_cli(tmp_path, capsys):

@@ -50,9 +50,13 @@ def check_recipe(recipe, world_size):
             f"{cfg.bags!r} (S = sum of G x N)"
         )
     heads = _heads(recipe.config("model.denoiser"))
-    if heads is not None and heads % spec.max_gpus:
+    # Every bag's G, not the largest's alone: with g2n1+g3n1 and 3 heads the G=2 bag failed at
+    # its first forward, on its ranks only, while the others waited in collectives.
+    bad = sorted({g for g in spec.bag_sizes if heads is not None and heads % g})
+    if bad:
         problems.append(
-            f"balancer.bags: the denoiser's {heads} attention heads are not divisible by the largest bag's "
-            f"G = {spec.max_gpus} (Ulysses splits heads across a bag's GPUs)"
+            f"balancer.bags: the denoiser's {heads} attention heads are not divisible by the G = "
+            f"{', '.join(map(str, bad))} GPUs of {'a bag' if len(bad) == 1 else 'bags'} in {cfg.bags!r} "
+            "(Ulysses splits heads across a bag's GPUs)"
         )
     return problems

@@ -388,7 +388,9 @@ def plan(
 
 
 def lower_bound_moved(p: Plan) -> float:
-    """Tokens any plan within ``p.target`` must move, at least (see ``locality.moved_lower_bound``)."""
+    """Tokens any plan within ``p.target`` that chunks as ours does (near-equal chunks per bag
+    GPU) must move, at least (see ``locality.moved_lower_bound``); the original rule's other
+    cuts can move fewer."""
     if p.lens.size == 0 or p.target <= 0:
         return 0.0
     order = canonical_order(p.work)

@@ -167,6 +167,15 @@ class KnapformerBalancer:
         for e in extras:
             if e.shape[0] != tokens.shape[0]:
                 raise ValueError(f"extra of shape {tuple(e.shape)} does not have {tokens.shape[0]} rows")
+        # The lengths must cut the rows exactly: more rows were dropped without a word, and
+        # float lengths were truncated (a token lost).
+        lens = np.asarray(datum_lens.detach().cpu() if isinstance(datum_lens, Tensor) else datum_lens)
+        if lens.ndim != 1 or (lens.size and lens.dtype.kind not in "iu"):
+            raise ValueError(f"route expects one integer length per sequence, got {lens.dtype} of shape {lens.shape}")
+        if (lens < 0).any():
+            raise ValueError(f"datum_lens holds a negative length {int(lens.min())}")
+        if int(lens.sum()) != tokens.shape[0]:
+            raise ValueError(f"datum_lens sum to {int(lens.sum())}, but tokens have {tokens.shape[0]} rows")
         p = self.plan(datum_lens, tokens.shape[1])
         me, S = self._rank(), self.spec.size
         c = p.chunks

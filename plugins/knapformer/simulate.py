@@ -46,6 +46,10 @@ MAX_TRACE_SEQUENCES = 1 << 20
 #: pair, so 2^30 is a few minutes. A step of 65,536 one-GPU bags and 32,768 sequences alone
 #: is 2^31 (it took 7 minutes); 512 ranks x 32 samples x 64 steps are 2^29.
 MAX_ORIGINAL_SCAN = 1 << 30
+#: Both planners cut every sequence into one chunk per GPU of its bag before dropping the
+#: empty ones: sequences x G rows of five int64s. 2^24 rows peak near 2 GB (512 ranks of
+#: ImageNet in one g512n1 bag: 1.2 GB); a g4096n1 step needed tens of GB.
+MAX_CHUNK_ROWS = 1 << 24
 
 #: Largest ``--trace`` file read: MAX_TRACE_SEQUENCES lengths are about 10 MB of compact JSON
 #: (``--trace-out`` writes that), some 30 MB indented; 64 MiB leaves room for either.
@@ -250,8 +254,8 @@ def _none_metrics(lens: list[list[int]], d: int, gamma: float) -> dict[str, floa
 
 def plan_metrics(p: planner.Plan, d: int, ms: float, lower_bound: bool = False) -> dict[str, float]:
     """One plan's scores: max/mean per bag share and per GPU (from the chunks), max/min per
-    GPU, tokens moved (and, with ``lower_bound``, the fewest that any plan within the
-    target must move), Ulysses MB per layer, planning ms, zero-length chunks."""
+    GPU, tokens moved (and, with ``lower_bound``, the fewest that a plan within the
+    target, chunked as ours, must move), Ulysses MB per layer, planning ms, zero-length chunks."""
     gpu = p.gpu_load()
     gpu_max_mean, max_min = _ratios(gpu)
     total = p.total_tokens
@@ -383,6 +387,10 @@ def _check_scan(specs: list[str], n_seq: int, source: str) -> None:
         if n_seq * n_bags > MAX_ORIGINAL_SCAN:
             raise MinfmError(f"--bags {b}: {source} has {n_seq} sequences; the original rule scans the {n_bags} bags "
                              f"for each, {n_seq * n_bags} steps, at most {MAX_ORIGINAL_SCAN} (fewer steps or bags)")
+        g = parse_bags(b).max_gpus
+        if n_seq * g > MAX_CHUNK_ROWS:
+            raise MinfmError(f"--bags {b}: {source} has {n_seq} sequences; cut for bags of {g} GPUs they are "
+                             f"{n_seq * g} chunk rows, at most {MAX_CHUNK_ROWS} (fewer steps, or smaller bags)")
 
 
 def _spec_size(text: str | None) -> int | None:
@@ -470,7 +478,7 @@ def run(args) -> int:
     print(f"trace: {source}, {len(trace)} steps x {len(trace[0])} ranks, {len(lens)} sequences of "
           f"{min(lens, default=0)}-{max(lens, default=0)} tokens; d={d}, gamma={gamma}, tolerance={tolerance}")
     print("none = before balancing; max/mean = bag loads shared by their GPUs, per GPU = from the chunks; "
-          ">= moved = the fewest tokens any plan within the longest-first max must move; "
+          ">= moved = the fewest tokens a plan within the longest-first max, chunked as ours, must move; "
           "ulysses MB = bytes all GPUs send per layer in Ulysses all-to-alls (bf16)")
     print(format_table(results))
     return 0

@@ -61,7 +61,11 @@ def parse_bags(text: str) -> BagSpec:
     for part in text.split("+"):
         m = _TERM.fullmatch(part)
         if m is None:
-            raise MinfmError(f"bag spec {text!r}: bad term {part!r}; expected {FORM}")
+            shown = repr(part) if len(part) <= 40 else repr(part[:30]) + f"... ({len(part):,} characters)"
+            raise MinfmError(f"bag spec {text[:80]!r}{'...' if len(text) > 80 else ''}: bad term {shown}; expected {FORM}")
+        if max(len(m.group(1)), len(m.group(2))) > len(str(MAX_WORLD_SIZE)):  # (int() of 5,000 digits raises)
+            raise MinfmError(f"bag spec {text[:80]!r}{'...' if len(text) > 80 else ''}: more than "
+                             f"{MAX_WORLD_SIZE} ranks (the most a launch may have)")
         g, n = int(m.group(1)), int(m.group(2))
         if g in terms:
             raise MinfmError(f"bag spec {text!r}: G={g} appears twice; write it once as g{g}n{terms[g] + n}")
