@@ -44,7 +44,7 @@ def add_parser(sub) -> None:
     s.add_argument("--bags", action="append", help="bag spec, e.g. g1n8 (repeatable; default: the recipe's, else g1n{W})")
     s.add_argument("--world-size", type=int_in("--world-size", 1, MAX_WORLD_SIZE), default=None, help="ranks (default: the first bag spec's S)")
     s.add_argument("--steps", type=int_in("--steps", 1, MAX_SIMULATED_STEPS), default=None, help="steps drawn from the recipe or a synthetic trace (default: 4)")
-    s.add_argument("--seed", type=int_in("--seed", 0, MAX_SEED), default=None, help="seed of the draw (default: 0)")
+    s.add_argument("--seed", type=int_in("--seed", 0, MAX_SEED), default=None, help="seed of the draw (default: the recipe's run.seed, else 0)")
     s.add_argument("--batch-size", type=int_in("--batch-size", 1, MAX_BATCH), default=None, help="samples per rank per step (default: the recipe's train.batch_size)")
     s.add_argument("--text-range", type=int_in("--text-range", 0, MAX_PROMPT_TOKENS), nargs=2, default=None, metavar=("MIN", "MAX"),
                    help="with RECIPE: text tokens per prompt when the text encoder's tokenizer is unavailable (default: 77 512)")

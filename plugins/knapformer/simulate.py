@@ -347,7 +347,8 @@ def _check_args(args) -> None:
         raise MinfmError(f"balance simulate: {', '.join(unread)} would be ignored with {source} "
                          f"({'the trace file holds the steps' if args.trace else 'read only when drawing from a RECIPE'})")
     args.steps = 4 if args.steps is None else args.steps
-    args.seed = 0 if args.seed is None else args.seed
+    if args.seed is None and not args.recipe:  # (a recipe's data is dealt as its run.seed deals it)
+        args.seed = 0
     args.text_range = tuple(args.text_range or (77, 512))
     args.clip_frames = tuple(args.clip_frames or (17, 33, 49))
     lo, hi = args.text_range
@@ -465,7 +466,8 @@ def run(args) -> int:
         bs = args.batch_size or resolved.recipe.train.batch_size  # both checks before any sample is read
         check_work(f"--world-size {world} --steps {args.steps} --batch-size {bs}", args.steps, world, world * args.steps * bs)
         _check_scan(specs, world * args.steps * bs, f"{args.recipe} ({world} ranks x {args.steps} steps x {bs})")
-        trace = recipe_trace(resolved, world, args.steps, args.seed, args.batch_size, args.text_range,
+        seed = resolved.recipe.run.seed if args.seed is None else args.seed
+        trace = recipe_trace(resolved, world, args.steps, seed, args.batch_size, args.text_range,
                              args.clips, args.clip_frames)
     if args.trace_out:
         try:
