@@ -68,10 +68,11 @@ def test_eval_folder_refuses_in_one_line(tmp_path, capsys, kind):
     data, message = HOSTILE[kind]
     folder = tmp_path / "samples"
     folder.mkdir()
-    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(folder / "00000.png")
+    for i in (0, 2, 3):  # four images: the fewest precision and recall (k = 3) are computed from
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(folder / f"{i:05d}.png")
     (folder / "00001.png").write_bytes(data)
     ref = tmp_path / "ref.npz"
-    np.savez(ref, arr_0=np.zeros((2, 16, 16, 3), np.uint8))
+    np.savez(ref, arr_0=np.zeros((4, 16, 16, 3), np.uint8))
     assert main(["eval", "folder", str(folder), "--ref", str(ref), "--extractor", "eval_helpers:make_extractor"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err

@@ -148,7 +148,7 @@ def test_a_fifo_at_the_run_lock_is_named(tmp_path, capsys):
                                                     "or choose another run.exp_dir")
 
 
-@pytest.mark.parametrize("target, why", [("efile/x.json", "{tmp}/efile/x.json: Not a directory"),
+@pytest.mark.parametrize("target, why", [("efile/x.json", "--trace-out {tmp}/efile/x.json: Not a directory"),
                                          ("dd", "--trace-out {tmp}/dd: a folder, not a file")])
 def test_an_atomic_write_that_cannot_happen_names_the_file_asked_for(tmp_path, capsys, target, why):
     (tmp_path / "efile").write_text("")

@@ -38,8 +38,8 @@ from .sample import plan_batches, rank_share
 
 def val_item(g: int, n: int, size: int) -> int:
     """The val item whose prompt sample ``g`` of ``n`` takes, of a split of ``size`` items:
-    evenly spread. The first ``n`` items of an ImageNet val split in class order were the
-    first ``n / 50`` classes only (5,000 samples: 100 of 1,000 classes, all fish and birds)."""
+    evenly spread. The first ``n`` items of a val split in class order are its first classes
+    only (5,000 of 50,000 items at 50 per class: 100 of 1,000 classes)."""
     return g * size // n if n <= size else g % size
 
 
