@@ -12,6 +12,10 @@ A request whose ``future`` is cancelled (its caller left) is dropped: it is skip
 batch is formed, its result is discarded, and a call whose requests are all cancelled stops
 at its next step. At most ``max_queue`` requests may wait (not cancelled, not yet in a call);
 ``submit`` refuses more with :class:`QueueFull`.
+
+A call that fails is retried one request at a time: one request's fault (a prompt the
+encoder refuses, a size that runs out of memory) reaches that request only, and its
+batch-mates get their images (and never its error, which may quote its prompt).
 """
 
 from __future__ import annotations
@@ -167,6 +171,34 @@ class Batcher:
         group = [req for req in group if not req.future.cancelled()]
         if not group:
             return
+        try:
+            results = self._call(key, group)
+        except _Abandoned:
+            log.info("sampler call %d stopped: every request was cancelled", self.calls)
+            return
+        except Exception as exc:
+            if len(group) > 1:
+                # One request may be what failed (a prompt the encoder refuses, one size too big
+                # for memory): its batch-mates must not get its error, which would also show them
+                # its prompt. Each is served alone, so each hears of its own fault only.
+                log.info("sampler call %d failed (%s): serving its %d requests one by one",
+                         self.calls, type(exc).__name__, len(group))
+                for req in group:
+                    self._serve(key, [req])
+                return
+            _deliver(group[0], exc=exc)
+            return
+        except BaseException as exc:  # not a request's fault: every waiting request must hear about it
+            for req in group:
+                _deliver(req, exc=exc)
+            return
+        at = 0
+        for req in group:
+            _deliver(req, result=results[at : at + len(req.jobs)])
+            at += len(req.jobs)
+
+    def _call(self, key: Hashable, group: list[Request]) -> list[Any]:
+        """One sampler call for ``group``'s jobs; raises :class:`_Abandoned` when all were cancelled."""
         jobs = [job for req in group for job in req.jobs]
 
         def callback(step: int, steps: int) -> None:
@@ -176,26 +208,14 @@ class Batcher:
                 req.step, req.steps = step, steps
 
         start = time.perf_counter()
-        try:
-            results = list(self.run(key, jobs, callback))
-            if len(results) != len(jobs):
-                raise RuntimeError(f"the sampler returned {len(results)} results for {len(jobs)} jobs")
-        except _Abandoned:
-            log.info("sampler call %d stopped: every request was cancelled", self.calls + 1)
-            return
-        except BaseException as exc:  # every waiting request must hear about it
-            for req in group:
-                _deliver(req, exc=exc)
-            return
-        finally:
-            self.calls += 1
+        self.calls += 1
+        results = list(self.run(key, jobs, callback))
+        if len(results) != len(jobs):
+            raise RuntimeError(f"the sampler returned {len(results)} results for {len(jobs)} jobs")
         seconds = time.perf_counter() - start
         self.history.append(BatchRecord(len(group), len(jobs), key, tuple(jobs), seconds))
         log.info("sampler call %d: %d requests, %d images in %.2f s", self.calls, len(group), len(jobs), seconds)
-        at = 0
-        for req in group:
-            _deliver(req, result=results[at : at + len(req.jobs)])
-            at += len(req.jobs)
+        return results
 
 
 def _deliver(req: Request, *, result: Any = None, exc: BaseException | None = None) -> None:

@@ -12,6 +12,7 @@ A video model's page adds a frame count and plays each clip as an MP4.
 from __future__ import annotations
 
 import asyncio
+import html
 import logging
 import os
 import re
@@ -19,6 +20,7 @@ import secrets
 import signal
 import sys
 import threading
+from dataclasses import dataclass
 
 # Before gradio is imported: a demo server must not phone home.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -28,7 +30,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from starlette.middleware import Middleware  # noqa: E402
 
-from minfm_core.cli.argtypes import LOOPBACK, host_allowed, host_name, listen_family  # noqa: E402
+from minfm_core.cli.argtypes import host_allowed, host_name, is_loopback, listen_family  # noqa: E402
 from minfm_core.errors import MinfmError  # noqa: E402
 
 from .batcher import Batcher, QueueFull  # noqa: E402
@@ -53,27 +55,35 @@ def _md_escape(text: str) -> str:
     return _MD_SPECIAL.sub(r"\\\1", text)
 
 
+@dataclass
+class HostCheck:
+    """Whether the server answers loopback Host names (and ``allowed``) only. On for a server on
+    loopback; off while a share link is being made (the tunnel forwards the link's own name)
+    and after, if one was made."""
+
+    on: bool
+    allowed: tuple[str, ...] = ()
+
+
 class GuardRequests:
     """ASGI middleware in front of gradio's routes: refuses the upload routes (403) and any request
     body over ``max_body`` bytes (413), counting the bytes as they arrive (a chunked body has no
-    Content-Length), so a huge body is never held whole in memory. ``local_only`` (a server on
-    loopback, no share link): a request whose Host is not a loopback name is refused (403),
-    HTTP and websocket alike: a page elsewhere re-pointed at 127.0.0.1 (DNS rebinding) would
-    otherwise drive the model from the user's browser."""
+    Content-Length), so a huge body is never held whole in memory. With ``hosts.on``, a request
+    whose Host is not a loopback name is refused (403), HTTP and websocket alike: a page
+    elsewhere re-pointed at 127.0.0.1 (DNS rebinding) would otherwise drive the model from the
+    user's browser."""
 
-    def __init__(self, app, max_body: int = MAX_BODY_BYTES, local_only: bool = False,
-                 allowed_hosts: tuple[str, ...] = ()) -> None:
+    def __init__(self, app, hosts: HostCheck, max_body: int = MAX_BODY_BYTES) -> None:
         self.app = app
         self.max_body = max_body
-        self.local_only = local_only
-        self.allowed_hosts = allowed_hosts
+        self.hosts = hosts
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
-        if self.local_only:
+        if self.hosts.on:
             host = dict(scope.get("headers") or ()).get(b"host", b"").decode("latin-1")
-            if not host_allowed(host, self.allowed_hosts):
+            if not host_allowed(host, self.hosts.allowed):
                 if scope["type"] == "websocket":
                     return await send({"type": "websocket.close", "code": 1008})
                 return await _answer(send, 403, f"Host {host_name(host)!r} not allowed: this server answers loopback "
@@ -151,20 +161,18 @@ def make_handler(model: DemoModel, batcher: Batcher, cache_dir: str | None = Non
     async def draw(prompt, negative_prompt, size, steps, cfg_scale, ep_cfg, sampler, seed, random_seed, num_images,
                    frames, progress):
         if not isinstance(random_seed, bool):  # "yes" or "false" from an API caller: both truthy
-            raise gr.Error(f"Random seed must be true or false, got {str(random_seed)[:40]!r}.", title="Invalid input",
-                           print_exception=False)
+            raise _refusal(f"Random seed must be true or false, got {str(random_seed)[:40]!r}.", "Invalid input")
         if random_seed:
             seed = secrets.randbelow(2**31 - model.limits.max_images)
         try:
             settings, jobs = model.check_request(prompt, negative_prompt, size, steps, cfg_scale, ep_cfg,
                                                  sampler, seed, num_images, frames)
         except MinfmError as exc:
-            raise gr.Error(str(exc), title="Invalid input", print_exception=False) from None
+            raise _refusal(str(exc), "Invalid input") from None
         try:
             req = batcher.submit(jobs, settings)
         except QueueFull:
-            raise gr.Error("The demo is busy: too many requests are waiting. Try again shortly.",
-                           print_exception=False) from None
+            raise _refusal("The demo is busy: too many requests are waiting. Try again shortly.") from None
         # The handler is a coroutine so that gradio's cancel (the page's Stop, a client's cancel)
         # reaches it; a dropped listener is seen by polling. Either way the request's future is
         # cancelled, and the batcher drops its work.
@@ -175,14 +183,14 @@ def make_handler(model: DemoModel, batcher: Batcher, cache_dir: str | None = Non
             while not (await asyncio.wait({done}, timeout=_POLL_S))[0]:
                 if not alive():
                     req.future.cancel()
-                    raise gr.Error("The request was dropped: nobody is waiting for it.", print_exception=False)
+                    raise _refusal("The request was dropped: nobody is waiting for it.")
                 if req.steps:
                     progress((req.step, req.steps), desc="sampling", unit="steps")
             try:
                 return done.result(), jobs
             except MinfmError as exc:  # (out of memory, a sampler's own refusal): the page says it; no traceback
                 print(f"minfm demo: request failed: {exc}", flush=True)
-                raise gr.Error(str(exc), print_exception=False) from None
+                raise _refusal(str(exc)) from None
         finally:
             req.future.cancel()  # a no-op once it has its result
 
@@ -218,6 +226,13 @@ def make_handler(model: DemoModel, batcher: Batcher, cache_dir: str | None = Non
         return paths[0], out, jobs[0].seed
 
     return generate_clips
+
+
+def _refusal(message: str, title: str = "Error") -> gr.Error:
+    """The error a request gets: its text is HTML-escaped, because the page's toast renders HTML
+    and the message may quote what the caller typed (a prompt, a size, a sampler name); logged
+    without a traceback (it is the caller's to fix)."""
+    return gr.Error(html.escape(message, quote=False), title=title, print_exception=False)
 
 
 def batcher_queue_limit(queue_limit: int, max_batch: int) -> int:
@@ -257,7 +272,7 @@ def build_app(model: DemoModel, batcher: Batcher, *, queue_limit: int = 32) -> g
                     cfg_scale = _quiet_bounds(gr.Slider(0.0, lim.max_cfg, value=model.default_cfg, step=0.1,
                                                         label="CFG scale"))
                 with gr.Row():
-                    sampler = gr.Dropdown(model.samplers(), value=model.default_sampler, label="Sampler")
+                    sampler = _quiet_bounds(gr.Dropdown(model.samplers(), value=model.default_sampler, label="Sampler"))
                     ep_cfg = gr.Checkbox(value=model.default_ep_cfg, label="EP-CFG (energy-preserving guidance)")
                 with gr.Row():
                     # precision None: a seed of 1.5 reaches check_request (and is refused) instead of
@@ -294,23 +309,30 @@ def build_app(model: DemoModel, batcher: Batcher, *, queue_limit: int = 32) -> g
             outputs=outputs,
             api_name="generate",
         )
-    # Handlers only wait on the batcher, so as many may run as one batch can hold.
-    app.queue(max_size=queue_limit, default_concurrency_limit=batcher.max_batch)
+    # Handlers only wait on the batcher, so as many may run as one batch can hold. api_open=False:
+    # gradio's direct REST route (/gradio_api/run/generate) skipped the queue, its size limit
+    # and the cancel on disconnect; every caller now joins the queue (gradio_client does).
+    app.queue(max_size=queue_limit, default_concurrency_limit=batcher.max_batch, api_open=False)
     return app
 
 
 def _quiet_bounds(component):
-    """``component``, whose refusal of a value outside its range no longer prints a traceback in
-    the server log: gradio raises it with ``print_exception=True``, but it is bad input, not a
-    fault of the server. The client gets the same message either way. (Wrapped on the instance:
-    a subclass of a gradio component writes a ``.pyi`` file beside its module at import.)"""
+    """``component``, whose own input check no longer prints a traceback in the server log or
+    shows the caller's text as HTML: gradio raises its refusal (a number out of range, a
+    sampler not offered) with ``print_exception=True``, unescaped, but it is bad input, not a
+    fault of the server. A value that is no number at all (``"3"``, null) made gradio's range
+    check fail with a TypeError (an empty error and a traceback); it passes through to
+    ``check_request``, which refuses it by name. (Wrapped on the instance: a subclass of a
+    gradio component writes a ``.pyi`` file beside its module at import.)"""
     preprocess = component.preprocess
 
     def quiet(payload):
         try:
             return preprocess(payload)
         except gr.Error as exc:
-            raise gr.Error(exc.message, title=exc.title, print_exception=False) from None
+            raise _refusal(exc.message, exc.title or "Error") from None
+        except (TypeError, ValueError):
+            return payload
 
     component.preprocess = quiet
     return component
@@ -328,14 +350,16 @@ def _slider(lo: float, hi: float, **kwargs):
 def launch(app: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
            block: bool = True, allowed_hosts: tuple[str, ...] = ()):
     """Start the server; returns gradio's (app, local_url, share_url)."""
-    return app.launch(
+    hosts = HostCheck(on=is_loopback(host) and not share, allowed=tuple(allowed_hosts))
+    started = app.launch(
         server_name=host, server_port=port, share=share, prevent_thread_lock=not block, ssr_mode=False,
         max_file_size="1mb",  # the app takes no uploads (GuardRequests refuses gradio's upload route)
         # quiet: its banner advises "set `share=True` in `launch()`"; serve prints the URLs itself
         quiet=True, show_error=False,
-        app_kwargs={"middleware": [Middleware(GuardRequests, local_only=host in LOOPBACK and not share,
-                                              allowed_hosts=tuple(allowed_hosts))]},
+        app_kwargs={"middleware": [Middleware(GuardRequests, hosts=hosts)]},
     )
+    hosts.on = is_loopback(host) and not started[2]  # --share that made no link: still loopback only
+    return started
 
 
 _CALLS = logging.StreamHandler(sys.stderr)
@@ -367,7 +391,7 @@ def serve(src: str, *, host: str = "127.0.0.1", port: int | None = None, share: 
 
         require_av()  # a video model answers with MP4s: refuse to start rather than fail every request
     print(f"minfm demo: {model.source}: {model.n_params:,} parameters, {model.weights_label}, on {model.pipe.device}")
-    if host not in LOOPBACK:
+    if not is_loopback(host):
         print(f"minfm demo: warning: listening on {host}: other machines can reach this server", file=sys.stderr)
     if share:
         print("minfm demo: warning: --share opens a public link: anyone with it can use this model", file=sys.stderr)
@@ -382,14 +406,7 @@ def serve(src: str, *, host: str = "127.0.0.1", port: int | None = None, share: 
     elif share:
         print("minfm demo: warning: --share made no public link (gradio's reason above)", file=sys.stderr)
     print("minfm demo: Ctrl-C stops it", file=sys.stderr)
-    # Ctrl-C and SIGTERM both stop the server, even when the parent started us with SIGINT
-    # ignored (as a non-interactive shell does for background jobs).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        threading.Event().wait()  # serve until Ctrl-C / SIGINT
-    except KeyboardInterrupt:
-        print("minfm demo: stopping", file=sys.stderr)
+    code = _wait_for_a_stop_signal()
     # Gradio's own shutdown can wait on open client connections; give it a few seconds,
     # then leave: nothing is left to save, and its server threads must not keep us alive.
     closer = threading.Thread(target=app.close, daemon=True)
@@ -398,5 +415,27 @@ def serve(src: str, *, host: str = "127.0.0.1", port: int | None = None, share: 
     batcher.close(timeout=5.0)
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
+
+def _wait_for_a_stop_signal() -> int:
+    """Block until Ctrl-C or SIGTERM; the exit code it asks for (130 or 143, as every minfm
+    command). Both stop the server even when the parent started us with SIGINT ignored (as a
+    non-interactive shell does for background jobs). A second signal during the shutdown
+    leaves at once: raised as KeyboardInterrupt inside gradio's closing threads, it aborted
+    the interpreter (SIGABRT, exit 134)."""
+    stop = threading.Event()
+    code = 0
+
+    def on_signal(signum, _frame) -> None:
+        nonlocal code
+        if stop.is_set():
+            os._exit(code)
+        code = 128 + signum
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    stop.wait()
+    print("minfm: interrupted" if code == 128 + signal.SIGINT else "minfm: terminated (SIGTERM)", file=sys.stderr)
+    return code

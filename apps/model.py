@@ -20,6 +20,7 @@ from typing import Any
 
 from minfm_core.errors import MinfmError
 from minfm_core.jsonio import last_jsonl_record
+from minfm_core.secrets import mask_secrets
 
 #: (height, width) aspect ratios offered at the model's base pixel count.
 ASPECTS = ((1, 1), (4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (9, 16))
@@ -202,8 +203,9 @@ class DemoModel:
         metrics = last_jsonl_record(run_dir / "metrics.jsonl", "loss")
         if step is None and type(metrics.get("step")) is int and metrics["step"] >= 0:  # a download's file: any JSON
             step = metrics["step"]
+        # The page shows the recipe to whoever reaches it: a run's recipe.toml holds ${VAR}s expanded.
         return cls(pipe, resolved, source=src, weights=loaded, step=step, metrics=metrics,
-                   recipe_text=recipe_path.read_text(encoding="utf-8"), **limits)
+                   recipe_text=mask_secrets(recipe_path.read_text(encoding="utf-8")), **limits)
 
     # ---- requests ------------------------------------------------------------------
     def samplers(self) -> list[str]:

@@ -21,9 +21,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from minfm_core.errors import MinfmError
+from minfm_core.secrets import HUB_TOKEN_PATTERN
 
 #: Something shaped like a Hub user access token.
-TOKEN_RE = re.compile(rb"hf_[A-Za-z0-9]{30,}")
+TOKEN_RE = re.compile(HUB_TOKEN_PATTERN.encode())
 #: Files read as text, reported with line numbers.
 TEXT_SUFFIXES = (".toml", ".json", ".jsonl", ".md", ".txt", ".yaml", ".yml", ".csv", ".cfg", ".ini", ".py", ".html")
 _CHUNK = 1 << 22

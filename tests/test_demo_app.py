@@ -199,6 +199,55 @@ def test_generate_endpoint_reports_bad_input(client, capfd):
 
 
 @pytest.mark.slow
+def test_wrong_types_are_refused_by_name_and_every_call_joins_the_queue(served, client, capfd):
+    """gradio's own range check failed with a TypeError on "3" or null (an empty error and a
+    traceback in the log); its direct REST route skipped the queue's limit and cancel."""
+    import httpx
+    from gradio_client.exceptions import AppError
+
+    for change, message in (({"steps": "3"}, "Steps must be a whole number, got '3'."),
+                            ({"steps": None}, "Steps must be a whole number, got None."),
+                            ({"seed": None}, "Seed must be a whole number, got None."),
+                            ({"num_images": "2"}, "Number of images must be a whole number, got '2'."),
+                            ({"cfg_scale": None}, "CFG scale must be a number, got None."),
+                            ({"sampler": "<b>x</b>"}, "Value: &lt;b&gt;x&lt;/b&gt; is not in the list of choices")):
+        with pytest.raises(AppError) as caught:
+            client.predict(**{**BASE, **change}, api_name="/generate")
+        assert message in str(caught.value), (change, str(caught.value))
+    assert "Traceback" not in capfd.readouterr().err
+    body = {"data": [BASE[k] for k in BASE]}
+    with httpx.Client(timeout=60) as http:
+        r = http.post(f"{served[2].rstrip('/')}/gradio_api/run/generate", json=body)
+    assert r.status_code == 404 and "join the queue" in r.text
+
+
+def test_the_recipe_panel_masks_secrets(run_dir, tmp_path, monkeypatch):
+    """A run's recipe.toml holds its ${VAR}s expanded; the page (and its /config) showed them."""
+    import gradio as gr
+
+    from minfm_apps.batcher import Batcher
+    from minfm_apps.demo import build_app
+    from minfm_apps.model import DemoModel
+    from minfm_core.checkpoint import export_for_hub
+
+    folder = export_for_hub(run_dir, tmp_path / "exported")
+    monkeypatch.setenv("MY_WANDB_API_KEY", "k3y-0f-the-run")
+    token = "hf_" + "x1" * 17
+    recipe = folder / "recipe.toml"
+    recipe.write_text(f'# logged to https://bob:pa55word@wandb.example with k3y-0f-the-run\n# {token}\n'
+                      + recipe.read_text())
+    loaded = DemoModel.load(str(folder), device="cpu", max_images=1)
+    batcher = Batcher(lambda s, jobs, cb: loaded.run(s, jobs, cb), window_s=0.0, max_batch=1)
+    try:
+        app = build_app(loaded, batcher)
+    finally:
+        batcher.close()
+    shown = next(b for b in app.blocks.values() if isinstance(b, gr.Code)).value
+    assert shown.startswith("# logged to https://bob:***@wandb.example with ***\n# ***\n")
+    assert not any(secret in str(app.get_config_file()) for secret in ("pa55word", "k3y-0f-the-run", token))
+
+
+@pytest.mark.slow
 def test_concurrent_requests_at_different_sizes_share_one_sampler_call(served, client):
     _, batcher, _ = served
     before = batcher.calls
@@ -245,10 +294,19 @@ def test_browser_types_a_prompt_and_gets_an_image(served, tmp_path):
                                    " return i && i.complete && i.naturalWidth > 0; }", timeout=60_000)
             seed = page.locator("#seed-used input").input_value()
             page.screenshot(path=str(shot), full_page=True)
+            # An error quoting what was typed shows it as text: the toast renders HTML
+            size = page.locator("#size input")
+            size.fill("<b>9</b>x16")
+            size.press("Enter")
+            page.locator("#generate").click()
+            toast = page.locator(".toast-body").first
+            toast.wait_for(state="visible", timeout=60_000)
+            toast_text, toast_bold = toast.inner_text(), toast.locator("b").count()
         finally:
             browser.close()
     assert batcher.calls > before
     assert seed.isdigit()
+    assert "Size '<b>9</b>x16' is not HEIGHTxWIDTH" in toast_text and toast_bold == 0
     assert errors == []
     _save_artifact(shot)
 

@@ -89,9 +89,36 @@ def test_a_failed_call_reaches_every_request_and_the_batcher_lives_on(make):
     for r in reqs:
         with pytest.raises(RuntimeError, match="out of memory"):
             r.future.result(timeout=10)
+    # the shared call failed, then each request alone: its own failure, not its batch-mate's
+    assert [j for _, j in model.calls] == [["a", "b"], ["a"], ["b"]]
     model.fail = None
     assert b.submit(["c"], key=0).future.result(timeout=10) == [("img", "c")]
-    assert b.calls == 2
+    assert b.calls == 4
+
+
+class PoisonModel(FakeModel):
+    """Refuses any call holding a job that starts with "bad", naming it (as an encoder names a prompt)."""
+
+    def __call__(self, key, jobs, callback):
+        bad = [j for j in jobs if j.startswith("bad")]
+        self.fail = ValueError(f"unknown prompt {bad[0]!r}") if bad else None
+        return super().__call__(key, jobs, callback)
+
+
+def test_one_bad_request_fails_alone_and_its_error_names_only_its_own_input(make):
+    model = PoisonModel()
+    b = make(model, window_s=0.5, max_batch=8)
+    good = b.submit(["good0", "good1"], key=0)
+    bad = b.submit(["bad<img src=x>"], key=0)
+    other = b.submit(["good2"], key=0)
+    assert good.future.result(timeout=10) == [("img", "good0"), ("img", "good1")]
+    assert other.future.result(timeout=10) == [("img", "good2")]
+    with pytest.raises(ValueError, match="unknown prompt 'bad<img src=x>'"):
+        bad.future.result(timeout=10)
+    assert [j for _, j in model.calls] == [["good0", "good1", "bad<img src=x>", "good2"], ["good0", "good1"],
+                                           ["bad<img src=x>"], ["good2"]]
+    # the call that served each request is the one in history (the failed one is not)
+    assert [r.jobs for r in b.history] == [("good0", "good1"), ("good2",)]
 
 
 def test_wrong_result_count_is_an_error():

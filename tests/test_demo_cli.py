@@ -113,7 +113,7 @@ def test_minfm_demo_serves_the_api_on_loopback(tmp_path):
         assert (status("evil.example"), status("proxy.example:443"), status(f"localhost:{port}")) == (403, 200, 200)
     finally:
         stop_process(proc)
-    assert proc.returncode in (0, 130), "".join(lines)
+    assert proc.returncode == 130 and any("minfm: interrupted" in x for x in lines), "".join(lines)
     # our flag is --share; gradio's banner advised "set `share=True` in `launch()`"
     assert any("(--share opens a public link too)" in x for x in lines), "".join(lines)
     assert not any("share=True" in x for x in lines), "".join(lines)
@@ -131,3 +131,47 @@ def test_a_busy_port_is_one_line_before_the_model_loads(tmp_path, capsys):
         assert main(["demo", str(tmp_path / "no_model"), "--port", str(port)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"minfm: error: --host 127.0.0.1 --port {port}: cannot listen there (Address already in use)", err
+
+
+@pytest.mark.slow
+def test_any_loopback_address_is_private_and_sigterm_twice_exits_143(tmp_path):
+    """--host 127.0.0.2 was warned about as public and served without the Host check; the
+    server exited 0 on SIGINT and SIGTERM, and a second signal during its shutdown aborted it
+    (SIGABRT, 134)."""
+    pytest.importorskip("gradio")
+    import signal
+    import urllib.error
+    import urllib.request
+
+    from minfm_core.engine.train import train
+
+    train(tiny(tmp_path / "run", "train.max_steps=1"))
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "minfm_core.cli.main", "demo", str(tmp_path / "run"), "--host",
+                             "127.0.0.2", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any(f"http://127.0.0.2:{port}" in x for x in lines):
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+        while time.monotonic() < deadline and not any("Ctrl-C stops it" in x for x in lines):
+            lines.append(proc.stdout.readline())  # the signal handlers are set after this line
+        assert any("Ctrl-C stops it" in x for x in lines), "".join(lines)
+        req = urllib.request.Request(f"http://127.0.0.2:{port}/", headers={"Host": "evil.example"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(req, timeout=30)
+        assert refused.value.code == 403
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        lines.extend(proc.stdout)
+        proc.wait(timeout=60)
+    finally:
+        stop_process(proc)
+    out = "".join(lines)
+    assert proc.returncode == 143 and "minfm: terminated (SIGTERM)" in out, (proc.returncode, out)
+    assert "other machines can reach this server" not in out and "Traceback" not in out, out

@@ -149,7 +149,17 @@ def sample_size(flag: str) -> Callable[[str], tuple[int, int, int]]:
 
 
 #: Addresses only this machine reaches: a server bound elsewhere says so (serve, demo).
-LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+def is_loopback(host: str) -> bool:
+    """Whether a server bound to ``host`` (a ``--host`` value) is reachable from this machine
+    only: ``localhost`` or any loopback address (all of 127.0.0.0/8, ``::1``)."""
+    import ipaddress
+
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip()).is_loopback
+    except ValueError:
+        return False
 
 
 def host_name(host_header: str) -> str:
@@ -166,15 +176,8 @@ def host_allowed(host_header: str, allowed: tuple[str, ...] | list[str] = ()) ->
     ``--allowed-host``, e.g. the name a proxy on this machine forwards). A page elsewhere whose
     name an attacker re-points at 127.0.0.1 (DNS rebinding) sends its own name, and is
     refused. None given (an HTTP/1.0 client) passes: browsers always send one."""
-    import ipaddress
-
     name = host_name(host_header)
-    if name in ("", "localhost") or name.endswith(".localhost") or name in {host_name(a) for a in allowed}:
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
+    return name == "" or name.endswith(".localhost") or name in {host_name(a) for a in allowed} or is_loopback(name)
 
 
 def add_allowed_host_flag(p: argparse.ArgumentParser) -> None:

@@ -23,7 +23,7 @@ from ..recipe.checks import job_checks
 from ..safepath import missing_folder
 from ..engine.stop_signal import STOPPED_EXIT_CODE
 from ..validators import MAX_GUIDANCE, MAX_SAMPLES, MAX_SEED, MAX_SOLVER_STEPS
-from .argtypes import (LOOPBACK, add_allow_pickle_flag, add_allowed_host_flag, finite_float, host_allowed, host_name,
+from .argtypes import (add_allow_pickle_flag, add_allowed_host_flag, finite_float, host_allowed, host_name, is_loopback,
                        int_in, listen_family, non_empty, nprocs, sample_size)
 
 
@@ -171,7 +171,7 @@ def gallery_server(root, host: str, port: int, allowed_hosts: tuple[str, ...] | 
             return _Slice(f, end - start + 1)
 
     top = os.path.realpath(root)
-    local_only = host in LOOPBACK
+    local_only = is_loopback(host)
     handler = functools.partial(Handler, directory=str(root))
     # the host's own family: "::1" or another IPv6 address needs an AF_INET6 socket
     server_class = type("Server", (http.server.ThreadingHTTPServer,), {"address_family": listen_family(host, port)})
@@ -190,7 +190,7 @@ def serve(args) -> int:
         raise MinfmError(f"{args.exp_dir}: neither a run directory (no recipe.toml) nor a gallery folder "
                          "(no index.html); minfm serve shows only those")
     httpd = gallery_server(root, args.host, args.port, args.allowed_hosts)  # a host it cannot listen on: its error alone
-    if args.host not in LOOPBACK:
+    if not is_loopback(args.host):
         print(f"minfm serve: warning: listening on {args.host}: other machines can read this run's files", file=sys.stderr)
     with httpd:
         host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address in a URL

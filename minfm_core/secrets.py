@@ -1,0 +1,34 @@
+"""Masking secrets in text that is shown to others (the demo's recipe panel).
+
+A run's ``recipe.toml`` is the resolved recipe: ``${WANDB_API_KEY}`` or a password in a
+``https://user:pass@host`` URL arrives there expanded. What is masked: anything shaped like a
+Hub token (``hf_`` and 30 or more letters/digits, the shape ``minfm hub push`` refuses to
+upload), a URL's password, and the value of every environment variable whose name says it
+holds a secret (``*TOKEN*``, ``*KEY*``, ``*SECRET*``, ``*PASSWORD*``, ...) and is at least
+8 characters long (a shorter value would mask ordinary words).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+
+#: A Hugging Face Hub user access token's shape.
+HUB_TOKEN_PATTERN = r"hf_[A-Za-z0-9]{30,}"
+MASK = "***"
+_HUB_TOKEN = re.compile(HUB_TOKEN_PATTERN)
+_URL_PASSWORD = re.compile(r"(://[^/\s:@]*:)[^/\s@]+(@)")
+_SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|PASS|CREDENTIAL|AUTH", re.IGNORECASE)
+_MIN_SECRET_LEN = 8
+
+
+def mask_secrets(text: str, environ: Mapping[str, str] | None = None) -> str:
+    """``text`` with every secret it holds replaced by ``***`` (see the module doc)."""
+    env = os.environ if environ is None else environ
+    values = sorted({v for k, v in env.items() if _SECRET_NAME.search(k) and len(v) >= _MIN_SECRET_LEN},
+                    key=len, reverse=True)  # the longest first: one value may hold another
+    for value in values:
+        text = text.replace(value, MASK)
+    text = _HUB_TOKEN.sub(MASK, text)
+    return _URL_PASSWORD.sub(lambda m: m.group(1) + MASK + m.group(2), text)

@@ -1,0 +1,43 @@
+"""Two small core rules the servers rely on: which hosts are loopback, and what the demo masks
+in the recipe it shows (minfm_core.cli.argtypes, minfm_core.secrets)."""
+
+from __future__ import annotations
+
+import pytest
+
+from minfm_core.cli.argtypes import host_allowed, is_loopback
+from minfm_core.secrets import mask_secrets
+
+
+@pytest.mark.parametrize("host, loopback", [
+    ("127.0.0.1", True), ("127.0.0.2", True), ("127.255.255.254", True), ("::1", True), ("localhost", True),
+    ("LOCALHOST", True), ("0.0.0.0", False), ("::", False), ("10.0.0.1", False), ("192.168.1.5", False),
+    ("evil.example", False), ("localhost.evil.example", False), ("", False),
+])
+def test_loopback_is_any_loopback_address(host, loopback):
+    """--host 127.0.0.2 is as private as 127.0.0.1: it was warned about as public and served
+    without the Host check (the DNS-rebinding guard)."""
+    assert is_loopback(host) is loopback
+
+
+@pytest.mark.parametrize("header, allowed", [
+    ("127.0.0.2:7860", True), ("[::1]:7860", True), ("localhost:7860", True), ("app.localhost", True),
+    ("evil.example", False), ("evil.example:7860", False), ("10.0.0.1", False), ("", True),
+])
+def test_host_headers_a_loopback_server_answers(header, allowed):
+    assert host_allowed(header) is allowed
+    assert host_allowed("proxy.example:443", ("proxy.example",))
+
+
+def test_mask_secrets_hides_tokens_passwords_and_secret_variables():
+    token = "hf_" + "Ab1" * 12
+    env = {"WANDB_API_KEY": "0123456789abcdef", "MY_TOKEN": "tok-longer-value", "SHORT_KEY": "abc",
+           "HOME": "/home/someone", "DATA_ROOT": "/data/imagenet"}
+    text = (f'host = "https://bob:pa55word@wandb.example/x"\nkey = "{env["WANDB_API_KEY"]}"\n'
+            f'note = "{token}"\nprompt = "tok-longer-value-and-more"\nroot = "/data/imagenet"\nname = "abc"\n')
+    masked = mask_secrets(text, env)
+    assert masked == ('host = "https://bob:***@wandb.example/x"\nkey = "***"\nnote = "***"\n'
+                      'prompt = "***-and-more"\nroot = "/data/imagenet"\nname = "abc"\n')
+    # nothing to mask: the text is unchanged
+    plain = '[sample]\nprompts = ["a red circle"]\nurl = "https://example.com/a:b"\n'
+    assert mask_secrets(plain, env) == plain
