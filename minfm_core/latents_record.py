@@ -20,6 +20,16 @@ MAX_RECORD_BYTES = 1 << 24
 READ_SIDE = frozenset({"use_cached_latents", "latents_dir", "p_flip"})
 
 
+def split_index(latents_dir: Path, split: str) -> Path | None:
+    """The ``index.json`` a run reads ``split`` from: ``<dir>/<split>/index.json`` (what
+    ``minfm cache latents --split`` writes), else ``<dir>/index.json`` (one cache for every
+    split); None when neither is a file."""
+    for index in (latents_dir / split / "index.json", latents_dir / "index.json"):
+        if index.is_file():
+            return index
+    return None
+
+
 def cache_request(resolved) -> dict:
     """The settings a cache of ``resolved``'s dataset is made from, as they read back from
     the record (tuples as lists), so that equal requests compare equal."""

@@ -48,6 +48,7 @@ def data_path_warnings(resolved) -> list[str]:
 def _latent_split_warnings(resolved, cfg) -> list[str]:
     """A latent cache without a split the run reads: `minfm run` stops at start-up on it (the
     documented prepare once encoded train only, and the recipe validates on val)."""
+    from ..latents_record import split_index
     from ..protocols import CachedLatentsConfig
 
     if not (isinstance(cfg, CachedLatentsConfig) and cfg.use_cached_latents and cfg.latents_dir):
@@ -57,11 +58,11 @@ def _latent_split_warnings(resolved, cfg) -> list[str]:
     readers = {"train": "training"}
     if train.val_every or train.fid_every:
         readers["val"] = "train.val_every" if train.val_every else "train.fid_every"
-    if not base.is_dir() or (base / "index.json").is_file():  # missing: said above; one index: every split
+    if not base.is_dir():  # missing: said above
         return []
     return [f"data.latents_dir: {base} has no {split}/index.json, and {who} reads the {split!r} split; write it "
             f"with `minfm cache latents RECIPE --out {base} --split {split}`"
-            for split, who in readers.items() if not (base / split / "index.json").is_file()]
+            for split, who in readers.items() if split_index(base, split) is None]
 
 
 def section_file_warnings(resolved) -> list[str]:

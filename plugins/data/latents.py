@@ -19,6 +19,7 @@ import torch
 
 from minfm_core.errors import MinfmError, first_line
 from minfm_core.jsonio import read_json_file
+from minfm_core.latents_record import split_index
 from minfm_core.safepath import contained, missing_folder
 
 from .captions import bounded_caption
@@ -134,9 +135,8 @@ def _find_index(name: str, latents_dir: str | None, split: str) -> Path:
     if not latents_dir:
         raise MinfmError(f"{name}: use_cached_latents = true needs 'latents_dir' (the --out of minfm cache latents)")
     base = Path(os.path.expanduser(latents_dir))
-    for index in (base / split / "index.json", base / "index.json"):
-        if index.is_file():
-            return index
+    if (index := split_index(base, split)) is not None:
+        return index
     missing = problem if (problem := missing_folder(base)) else "the cache is missing or unfinished"
     raise MinfmError(
         f"{name}: use_cached_latents = true but there is no index.json in {str(base)!r} (or its {split}/ folder): "
