@@ -75,6 +75,25 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
+def reference_problem(ref: str, *, pretrained: bool = True) -> str | None:
+    """What is wrong with a reference on its face, without reading it (None: nothing): blank, a
+    URI of a scheme no plugin resolves, an ``hf://`` that is no Hub id, or (``pretrained``: a
+    path or ``org/name``) neither an existing path nor a Hub id. Whether a remote one exists
+    is found by resolving it. ``minfm check`` and :func:`resolve_pretrained` both use this."""
+    from .registry import get_registry
+
+    scheme = ref.split("://", 1)[0] if "://" in ref else None
+    if not ref.strip():
+        return f"{ref!r} is blank; leave it unset (or name a path or a Hub reference)"
+    if scheme is not None and scheme not in (sources := get_registry().names("source")):
+        return f"{ref}: no plugin resolves the source scheme {scheme!r} (installed: {', '.join(sources) or 'none'})"
+    if scheme == HUB_SCHEME and parse_hub_ref(ref) is None:
+        return f"{ref}: not a Hub reference of the form hf://org/name[@revision]" + ("[/path]" if pretrained else "")
+    if pretrained and scheme is None and not is_local(ref) and parse_hub_ref(ref) is None:
+        return f"{ref}: no such file or directory (and not a Hub id of the form org/name)"
+    return None
+
+
 def resolve_pretrained(ref: str, filename: str | None = None) -> Path:
     """A local file or folder for a path, an ``[hf://]org/name[@rev][/path]`` Hub reference or
     another source's ``scheme://...`` URI.
@@ -86,16 +105,16 @@ def resolve_pretrained(ref: str, filename: str | None = None) -> Path:
     from .sources import resolve_source
 
     path = Path(os.path.expanduser(ref))
-    if path.exists():
+    if ref.strip() and path.exists():  # (a blank one is no path: Path("") is the working folder)
         target = path / filename if filename else path
         if not target.exists():
             raise MinfmError(f"{ref}: has no {filename}")
         return target
+    if problem := reference_problem(ref):
+        raise MinfmError(problem)
     hub = parse_hub_ref(ref)
-    if hub is None and "://" in ref:
+    if hub is None:  # another source's URI
         return resolve_source(ref, subpath=filename or "")
-    if hub is None:
-        raise MinfmError(f"{ref}: no such file or directory (and not a Hub id of the form org/name)")
     rev = f"@{hub.revision}" if hub.revision else ""
     return resolve_source(f"{HUB_SCHEME}://{hub.repo_id}{rev}", subpath=hub.join(filename))
 

@@ -160,10 +160,9 @@ def _reference_problems(resolved, job: str) -> list[str]:
     them: a blank one, a URI of a scheme no plugin resolves, an ``hf://`` that is no Hub id,
     and a pretrained reference that is neither a local path nor ``org/name``. (Whether a
     remote one exists is the run's to find: `minfm check` makes no request.)"""
-    from ..pretrained import HUB_SCHEME, is_local, parse_hub_ref, recipe_refs
-    from ..registry import get_registry
-
     import attrs
+
+    from ..pretrained import recipe_refs, reference_problem
 
     def field_of(path: str, ref: str) -> str:  # the setting that holds it, for the --set blame
         cfg = resolved.slots[path].config
@@ -176,21 +175,8 @@ def _reference_problems(resolved, job: str) -> list[str]:
         refs.append(("train.init_from", r.train.init_from, False))
     if job == "sample" and r.sample.source is not None:
         refs.append(("sample.source", r.sample.source, False))
-    sources = get_registry().names("source")
-    problems = []
-    for where, ref, pretrained in refs:
-        scheme = ref.split("://", 1)[0] if "://" in ref else None
-        if not ref.strip():
-            problems.append(f"{where}: {ref!r} is blank; leave it unset (or name a path or a Hub reference)")
-        elif scheme is not None and scheme not in sources:
-            problems.append(f"{where}: {ref}: no plugin resolves the source scheme {scheme!r} (installed: "
-                            f"{', '.join(sources) or 'none'})")
-        elif scheme == HUB_SCHEME and parse_hub_ref(ref) is None:
-            problems.append(f"{where}: {ref}: not a Hub reference of the form hf://org/name[@revision]"
-                            + ("[/path]" if pretrained else ""))
-        elif pretrained and scheme is None and not is_local(ref) and parse_hub_ref(ref) is None:
-            problems.append(f"{where}: {ref}: no such file or directory (and not a Hub id of the form org/name)")
-    return problems
+    return [f"{where}: {problem}" for where, ref, pretrained in refs
+            if (problem := reference_problem(ref, pretrained=pretrained))]
 
 
 def _run_outputs_problems(resolved) -> list[str]:
