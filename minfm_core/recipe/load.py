@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import dataclass
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -362,14 +363,24 @@ def load_recipe_dict(
     ``untrusted_root``: the folder a recipe from outside arrived in (a Hub snapshot, a
     checkpoint); see the module doc. Nothing is expanded then, and ``extends`` stays inside it.
     """
-    return load_recipe_parts(path, overrides, untrusted_root=untrusted_root)[0]
+    return load_recipe_parts(path, overrides, untrusted_root=untrusted_root).data
+
+
+@dataclass(frozen=True)
+class RecipeParts:
+    """What :func:`load_recipe_parts` read: the recipe as a plain dict; the folder it came from
+    when it (or a recipe it extends) is from outside, else None; and then the dotted keys the
+    user's own files set (trusted; none when the whole recipe is from outside)."""
+
+    data: dict[str, Any]
+    untrusted_root: Path | None = None
+    trusted_keys: frozenset[str] = frozenset()
 
 
 def load_recipe_parts(
     path: str | os.PathLike, overrides: Iterable[str] = (), *, untrusted_root: str | os.PathLike | None = None
-) -> tuple[dict[str, Any], Path | None, frozenset[str]]:
-    """:func:`load_recipe_dict`, and where the recipe came from outside: that folder, and the
-    keys the user's own files set when their recipe extends one from outside (else none)."""
+) -> RecipeParts:
+    """:func:`load_recipe_dict`, and where the recipe came from outside (:class:`RecipeParts`)."""
     # abspath, not resolve(): a recipe's place is where it sits, not where its symlink leads.
     where = recipe_file(path)
     root = None if untrusted_root is None else Path(os.path.abspath(untrusted_root))
@@ -380,9 +391,9 @@ def load_recipe_parts(
         data = apply_overrides(data, overrides, merge_tables=root is None)
         _refuse_nul(data, str(where))
         if root is not None:
-            return data, root, frozenset(outside.trusted)
+            return RecipeParts(data, root, frozenset(outside.trusted))
         try:
-            return expand_env(data), None, frozenset()
+            return RecipeParts(expand_env(data))
         except RecipeError as exc:  # about a value of this recipe: name its file, as every recipe error does
             raise RecipeError(exc.problems, str(path)) from None
     except RecursionError:

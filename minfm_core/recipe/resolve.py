@@ -203,13 +203,13 @@ def load_recipe(
     keys = [".".join(parse_override(o)[0]) for o in overrides]
     set_by = tuple((k, (flags or {}).get(k, f"--set {k}")) for k in keys)
     try:
-        raw, untrusted_root, own_keys = load_recipe_parts(path, overrides, untrusted_root=untrusted_root)
+        parts = load_recipe_parts(path, overrides, untrusted_root=untrusted_root)
     except RecipeError as exc:  # a value an override gave (${VAR} unset, a NUL) names that --set too
         if not overrides:
             raise
         raise RecipeError([_blame(p, set_by) for p in exc.problems], exc.source) from None
     try:
-        resolved = resolve_recipe(raw, source=str(path), world_size=world_size)
+        resolved = resolve_recipe(parts.data, source=str(path), world_size=world_size)
     except RecursionError:
         raise RecipeError("values nested too deeply", str(path)) from None
     except RecipeError as exc:
@@ -217,10 +217,10 @@ def load_recipe(
             raise
         raise RecipeError([_blame(p, set_by) for p in exc.problems], exc.source) from None
     resolved = attrs.evolve(resolved, set_by=set_by)
-    if untrusted_root is not None:
-        trusted = frozenset(keys) | own_keys
-        resolved = contain_file_references(resolved, Path(path), Path(untrusted_root), trusted)
-        resolved = attrs.evolve(resolved, outside=str(untrusted_root), trusted=trusted)
+    if parts.untrusted_root is not None:
+        trusted = frozenset(keys) | parts.trusted_keys
+        resolved = contain_file_references(resolved, Path(path), parts.untrusted_root, trusted)
+        resolved = attrs.evolve(resolved, outside=str(parts.untrusted_root), trusted=trusted)
     return shipped_file_references(resolved)
 
 
