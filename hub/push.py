@@ -127,6 +127,7 @@ def parse_shard_size(size: str | int) -> int:
 
 def collect(folder: Path, stage: Path, *, include_training_state: bool, max_shard_size: int) -> dict[str, Path]:
     """Repo path -> local file for everything a push of ``folder`` uploads (shards written to ``stage``)."""
+    folder = Path(os.path.abspath(folder))  # an index's shards come back absolute: compare like with like
     from minfm_core.checkpoint_format import MANIFEST, read_manifest, verify
     from minfm_core.weights import index_shards
 

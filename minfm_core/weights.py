@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,11 +42,17 @@ _PARSE_ERRORS = (SafetensorError, ValueError, OSError, RuntimeError, OverflowErr
 def check_header(path: Path) -> None:
     """Refuse ``path`` unless it starts like a safetensors file with a bounded JSON header.
 
-    Reads 8 bytes (the little-endian header length) and the header's first byte only.
+    Reads 8 bytes (the little-endian header length) and the header's first byte only. Only a
+    regular file is read (a link to one counts): opened without blocking and checked on its
+    descriptor, since a FIFO named ``x.safetensors`` would block its reader forever.
     """
     path = Path(path)
     try:
-        with open(path, "rb") as f:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise MinfmError(f"{path}: not a regular file")
+        with os.fdopen(fd, "rb") as f:
             size = f.seek(0, 2)
             f.seek(0)
             prefix = f.read(8)

@@ -7,7 +7,9 @@ the Hub and lets us look at its commits.
 from __future__ import annotations
 
 import json
+import os
 
+from conftest import ROOT
 from hub_helpers import env_for, hub_cli, hub_python, make_model_folder, one_error_line, tree_bytes
 from safetensors.torch import load_file, save_file
 
@@ -115,6 +117,11 @@ def test_large_weights_are_sharded_with_an_index(hub_server, tmp_path):
         merged.update(load_file(out / shard))
     want = load_file(src / "model.safetensors")
     assert merged.keys() == want.keys() and all((merged[k] == want[k]).all() for k in want)
+    # The pulled (sharded) folder pushes again, named by a relative path (was a ValueError: the
+    # index's shards came back absolute)
+    proc = hub_cli(env, "hub", "push", os.path.relpath(out, ROOT), "org/big2")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(f for f in hub_server.files("org/big2") if f.startswith("model-")) == shards
     # Re-pushing the same weights unsharded replaces the shards in one commit.
     assert hub_cli(env, "hub", "push", str(src), "org/big").returncode == 0
     assert not any(f.startswith("model-") or f.endswith("index.json") for f in hub_server.files("org/big"))

@@ -78,10 +78,10 @@ class Flux(nn.Module):
         """
         if not self.cfg.pretrained:
             return None
-        from .state_dict import check_state_dict, read_state_dict
+        from .state_dict import check_pretrained, read_state_dict
 
         sd = read_state_dict(self.cfg.pretrained)
-        check_state_dict(self, sd, source=self.cfg.pretrained)
+        check_pretrained(self, sd, self.cfg.pretrained)
         return sd
 
     def condition(self, t: Tensor, vec: Tensor | None, guidance: Tensor | None) -> Tensor:

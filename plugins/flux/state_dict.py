@@ -15,7 +15,9 @@ import torch
 from torch import Tensor
 
 from minfm_core.errors import MinfmError
-from minfm_core.weights import check_keys, first_names, has_weights, load_safetensors_file, read_safetensors
+from minfm_core.safepath import contained
+from minfm_core.weights import (check_finite, check_keys, first_names, has_weights, load_safetensors_file,
+                                   read_safetensors)
 
 _BFL_PREFIX = "model.diffusion_model."
 
@@ -62,9 +64,23 @@ _SINGLE_NORMS = [("norm.query_norm.scale", "attn.norm_q.weight"), ("norm.key_nor
 _SWAPPED = ("final_layer.adaLN_modulation.1", "norm_out.linear")
 
 
-def _count(sd: dict, prefix: str) -> int:
-    ids = {int(k[len(prefix):].split(".", 1)[0]) for k in sd if k.startswith(prefix)}
-    return max(ids) + 1 if ids else 0
+def _count(sd: dict, prefix: str, what: str) -> int:
+    """How many blocks ``prefix<i>.`` keys number: their indices must be 0..n-1. Checked before
+    the rules are built from n: a hostile file's one key ``transformer_blocks.100000000.x``
+    made them a hundred million blocks' worth (gigabytes before any key was compared)."""
+    ids = set()
+    for k in sd:
+        if k.startswith(prefix):
+            index = k[len(prefix):].split(".", 1)[0]
+            if not (index.isascii() and index.isdigit()):
+                raise MinfmError(f"{what}: unexpected key {k!r} (no block index)")
+            ids.add(int(index[:12]))  # (a thousand digits are refused below, never parsed whole)
+    if ids != set(range(len(ids))):
+        gaps = sorted(set(range(max(ids) + 1)) - ids) if max(ids) < 10 * len(ids) else []
+        raise MinfmError(f"{what}: {prefix}<i> blocks are not numbered 0, 1, 2, ..."
+                         + (f" (missing {first_names(map(str, gaps))})" if gaps
+                            else f" (there is a {prefix}{max(ids)} among {len(ids)} blocks)"))
+    return len(ids)
 
 
 def _rules(n_double: int, n_single: int) -> list[tuple[str, tuple[str, ...]]]:
@@ -108,7 +124,8 @@ def bfl_to_diffusers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """Native (BFL) state dict -> diffusers ``FluxTransformer2DModel`` state dict."""
     src, out = dict(strip_prefix(sd)), {}
     d_model = src["img_in.weight"].shape[0]
-    for a, bs in _rules(_count(src, "double_blocks."), _count(src, "single_blocks.")):
+    what = "not a FLUX state dict in BFL layout"
+    for a, bs in _rules(_count(src, "double_blocks.", what), _count(src, "single_blocks.", what)):
         if a not in src:  # optional: guidance embedding, q/k/v biases
             continue
         x = src.pop(a)
@@ -123,14 +140,21 @@ def bfl_to_diffusers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def diffusers_to_bfl(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """Diffusers ``FluxTransformer2DModel`` state dict -> native (BFL) state dict."""
-    src, out = dict(sd), {}
-    for a, bs in _rules(_count(src, "transformer_blocks."), _count(src, "single_transformer_blocks.")):
-        if bs[0] not in src:
+    src, out, missing = dict(sd), {}, []
+    what = "not a FluxTransformer2DModel state dict"
+    for a, bs in _rules(_count(src, "transformer_blocks.", what), _count(src, "single_transformer_blocks.", what)):
+        present = [b for b in bs if b in src]
+        if not present:  # optional: guidance embedding, q/k/v biases
+            continue
+        if len(present) < len(bs):  # a fused BFL tensor needs every part (to_q and to_k, not one)
+            missing += [b for b in bs if b not in src]
             continue
         x = torch.cat([src.pop(b) for b in bs])
         out[a] = _swap_halves(x) if a.startswith(_SWAPPED[0]) else x
+    if missing:
+        raise MinfmError(f"{what}: missing keys {first_names(missing)}")
     if src:
-        raise MinfmError(f"not a FluxTransformer2DModel state dict: unexpected keys {first_names(src)}")
+        raise MinfmError(f"{what}: unexpected keys {first_names(src)}")
     return out
 
 
@@ -166,11 +190,22 @@ def check_state_dict(model: torch.nn.Module, sd: dict[str, Tensor], source: str 
     check_keys(model, sd, f"{source} (FLUX model as configured)")
 
 
+def check_pretrained(model: torch.nn.Module, sd: dict[str, Tensor], source: str) -> None:
+    """:func:`check_state_dict`, and every tensor floating-point (an int or bool tensor was cast
+    silently) and finite (a diverged run's weights: training from them skips every step)."""
+    check_state_dict(model, sd, source=source)
+    ints = [k for k, v in sd.items() if not v.is_floating_point()]
+    if ints:
+        raise MinfmError(f"{source}: not floating-point weights: {first_names(ints)} ({sd[ints[0]].dtype})")
+    check_finite(sd, source)
+
+
 def _bfl_file(path: Path) -> Path:
-    """The one BFL-layout file of a folder (``flux1-*.safetensors``, else the only one)."""
+    """The one BFL-layout file of a folder (``flux1-*.safetensors``, else the only one); a
+    symlink leading out of the folder is refused (a cloned or downloaded folder is not ours)."""
     files = sorted(path.glob("flux1-*.safetensors")) or sorted(path.glob("*.safetensors"))
     if len(files) == 1:
-        return files[0]
+        return contained(path, files[0].name, what=str(files[0]))
     if not files:
         raise MinfmError(f"{path}: no .safetensors weights found")
     raise MinfmError(f"{path}: several .safetensors files, name one: {', '.join(f.name for f in files)}")
@@ -187,9 +222,11 @@ def read_state_dict(ref: str) -> dict[str, Tensor]:
         path = resolve_pretrained(flux_source(ref))
     diffusers = [f for f in (path, path / "transformer") if path.is_dir() and has_weights(f, "diffusion_pytorch_model")]
     if diffusers:  # one file or the shards of its index (never a variant such as .fp16)
-        sd = read_safetensors(diffusers[0], "diffusion_pytorch_model")
+        # (a transformer/ that is a symlink out of the folder is refused, as any file's link)
+        folder = diffusers[0] if diffusers[0] == path else contained(path, "transformer", what=str(diffusers[0]))
+        sd = read_safetensors(folder, "diffusion_pytorch_model")
     else:
-        sd = load_safetensors_file(path if path.is_file() else _bfl_file(path))
+        sd = load_safetensors_file(_bfl_file(path) if path.is_dir() else path)
     sd = strip_prefix(sd)
     return diffusers_to_bfl(sd) if is_diffusers(sd) else sd
 
@@ -201,7 +238,7 @@ def load_pretrained(model: torch.nn.Module, ref: str, device=None, dtype: torch.
     (the memory-mapped original of each is dropped as soon as its copy exists).
     """
     sd = read_state_dict(ref)
-    check_state_dict(model, sd, source=ref)
+    check_pretrained(model, sd, ref)
     dtype = torch.get_default_dtype() if dtype is None else dtype
     for k in list(sd):
         sd[k] = sd[k].to(device=device, dtype=dtype)
