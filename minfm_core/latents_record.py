@@ -9,6 +9,9 @@ record to refuse reusing stale shards; training compares it to say which setting
 from __future__ import annotations
 
 import json
+from typing import Any
+
+import attrs
 from pathlib import Path
 
 from .jsonio import read_json_file
@@ -32,9 +35,32 @@ def split_index(latents_dir: Path, split: str) -> Path | None:
 
 def cache_request(resolved) -> dict:
     """The settings a cache of ``resolved``'s dataset is made from, as they read back from
-    the record (tuples as lists), so that equal requests compare equal."""
+    the record (tuples as lists), so that equal requests compare equal. Every ``p_flip`` is 0,
+    a nested dataset's (a mix's sources) too: the cache is encoded unflipped
+    (:func:`without_flips`), and flips are drawn when it is read."""
     settings = resolved.to_dict()
-    return json.loads(json.dumps({"data": settings.get("data"), "vae": settings["model"]["vae"]}))
+    return json.loads(json.dumps({"data": without_flips(settings.get("data")), "vae": settings["model"]["vae"]}))
+
+
+def without_flips(value: Any) -> Any:
+    """``value`` (a dataset config, or its table) with every ``p_flip`` at any depth set to 0:
+    the field of :class:`~minfm_core.protocols.FlipConfig`, at the top or in nested dataset
+    tables (a mix's sources). ``minfm cache latents`` encodes what this builds: a flip drawn
+    then would be baked into every epoch that reads the cache."""
+    if attrs.has(type(value)):
+        changes = {}
+        for a in attrs.fields(type(value)):
+            old = getattr(value, a.name)
+            new = _flip_off(a.name, old)
+            if a.init and new is not old and not (type(new) is float and new == old):
+                changes[a.alias] = new
+        return attrs.evolve(value, **changes) if changes else value
+    if isinstance(value, dict):
+        return {k: _flip_off(k, v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [without_flips(v) for v in value]
+        return value if all(a is b for a, b in zip(items, value)) else type(value)(items)
+    return value
 
 
 def read_record(folder: Path, what: str) -> object:
@@ -58,3 +84,7 @@ def changed_settings(resolved, folder: Path) -> list[str]:
         changed += [f"{prefix}.{name}" for name in sorted(set(was) | set(now))
                     if name not in READ_SIDE and was.get(name) != now.get(name)]
     return changed
+
+
+def _flip_off(name: str, value: Any) -> Any:
+    return 0.0 if name == "p_flip" and type(value) in (int, float) else without_flips(value)

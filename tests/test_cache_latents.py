@@ -258,3 +258,52 @@ def test_a_dataset_that_cannot_read_the_cache_is_warned_about(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "warning: dataset 'plainset' of plugin 'probe' has no use_cached_latents / latents_dir" in err
     assert (tmp_path / "l" / "train" / "index.json").is_file()
+
+
+def test_a_mix_is_cached_unflipped_and_its_sources_flip_when_read(tmp_path, vae_folder, minfm):
+    """A mix's sources kept their p_flip when cached: the epoch-0 flips were baked into the
+    cache, and training from it (which read the mix without flips) never flipped again."""
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from minfm_core.recipe import load_recipe
+
+    root = tmp_path / "images"
+    root.mkdir()
+    for i in range(3):
+        im = Image.new("RGB", (32, 32), (200, 30, 40 * i))
+        im.paste((10, 10, 250), (0, 0, 12, 32))  # a band on the left: a flip shows
+        im.save(root / f"img{i}.png")
+        (root / f"img{i}.txt").write_text(f"picture number {i}")
+    path = recipe(tmp_path, vae_folder)
+
+    def mix(p_flip: float, cached: bool = False) -> str:
+        return (f'[data]\nname = "mix"\nperiod = 2\nuse_cached_latents = {str(cached).lower()}\nlatents_dir = "{out}"\n'
+                '[[data.sources]]\nweight = 1.0\ndataset = { name = "shapes", sizes = [[16, 16]], size_multiple = 8, '
+                'num_samples = 3, num_val_samples = 3 }\n[[data.sources]]\nweight = 1.0\n'
+                f'dataset = {{ name = "image_folder", root = "{root}", val_fraction = 0.0, max_pixels = 256, '
+                f'p_flip = {p_flip} }}\n')
+
+    out = tmp_path / "latents"
+    base = path.read_text().split("[data]")[0]
+    path.write_text(base + mix(1.0))
+    assert minfm("cache", "latents", str(path), "--out", str(out)).returncode == 0
+    unflipped = tmp_path / "unflipped.toml"
+    unflipped.write_text(base + mix(0.0))
+    items, latents = on_the_fly(unflipped)
+    entries = json.loads((out / "train" / "index.json").read_text())["entries"]
+    shard = load_file(out / "train" / "part-00000.safetensors")
+    assert len(entries) == len(items) == 6
+    for e, want in zip(entries, latents):
+        assert torch.allclose(shard[e["key"]], want.squeeze(1) if shard[e["key"]].dim() == 3 else want, atol=1e-5)
+    # read back: the image_folder source (odd slots, p_flip 1) flips, shapes never does, per epoch
+    cached = tmp_path / "cached.toml"
+    cached.write_text(base + mix(1.0, cached=True))
+    ds = load_recipe(cached).build("data", split="train")
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        for i, e in enumerate(entries):
+            stored = shard[e["key"]]
+            stored = stored.unsqueeze(1) if stored.dim() == 3 else stored
+            want = stored.flip(-1) if i % 2 == 1 else stored
+            assert torch.equal(ds[i]["latent"], want), (epoch, i)

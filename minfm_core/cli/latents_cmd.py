@@ -18,16 +18,18 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 import typing
+from pathlib import Path
 from typing import Any
+
+import attrs
 
 from ..config import Dtype
 from ..errors import MinfmError
 from ..jsonio import read_json_file
-from ..latents_record import RECORD, cache_request, read_record
+from ..latents_record import RECORD, cache_request, read_record, without_flips
 from ..launch_env import launch_env
-from ..protocols import CachedLatentsConfig, FlipConfig
+from ..protocols import CachedLatentsConfig
 from ..recipe import ONE_PROCESS, load_recipe
 from ..safepath import require_folder_room, write_text_atomic
 from ..validators import MAX_BATCH, MAX_DATALOADER_WORKERS, MAX_SAMPLES
@@ -161,10 +163,6 @@ def run(args) -> int:
     data = resolved.get("data")
     if data is None:
         raise MinfmError(f"{args.recipe}: has no [data] section to encode")
-    if isinstance(data.config, FlipConfig) and data.config.p_flip:
-        # Flips are drawn per epoch when the cache is read: store the images unflipped.
-        resolved = load_recipe(args.recipe, [*ONE_PROCESS, *args.overrides, "data.p_flip=0.0"], world_size=1)
-        data = resolved.get("data")
     cached = data.config if isinstance(data.config, CachedLatentsConfig) else None
     if cached is not None and cached.use_cached_latents:
         raise MinfmError("data.use_cached_latents: set it to false to encode the images (--set data.use_cached_latents=false)")
@@ -180,7 +178,9 @@ def run(args) -> int:
     vae = resolved.build("model.vae").to(device)
     request = cache_request(resolved)
     for split in args.splits or ["train"]:
-        dataset = data.build(split=split)
+        # Flips are drawn per epoch when the cache is read: the images are stored unflipped
+        # (every p_flip 0, a mix's sources' too).
+        dataset = attrs.evolve(data, config=without_flips(data.config)).build(split=split)
         stats = encode_split(vae, dataset, out / split, split, shard_size=args.shard_size, batch_size=args.batch_size,
                              dtype=args.dtype, limit=args.limit, rank=rank, world=world,
                              seed=resolved.recipe.run.seed, log=lambda m: print(m, file=sys.stderr),

@@ -19,6 +19,7 @@ from minfm_core import protocols
 from minfm_core.errors import MinfmError
 
 from .configs import MixConfig, mix_epoch_problem, quotas
+from .images import Flips, rng_for
 
 
 def pattern(quota: list[int]) -> list[int]:
@@ -92,12 +93,35 @@ class MixDataset(torch.utils.data.Dataset, protocols.Dataset):
         return self.sources[k][j]
 
 
+class SourceFlips(Flips):
+    """The flips of a cached mix: mix index ``i`` flips with its source's ``p_flip`` and ``seed``,
+    drawn from (seed, epoch, i). The cache holds every item unflipped (``minfm cache latents``
+    zeroes every ``p_flip``, the sources' too), so a source that flips still flips, anew each
+    epoch; one that does not never does. (Not the same draws as the source's own flips on the
+    fly: those key on the source's item index, which needs the source's length.)"""
+
+    def __init__(self, cfg: MixConfig, split: str) -> None:
+        from minfm_core.registry import get_registry
+
+        super().__init__(0.0, 0, split)
+        self.train = split == "train"
+        self.slots = pattern(quotas([s.weight for s in cfg.sources], cfg.period))
+        configs = [get_registry().resolve_table("dataset", src.dataset, f"data.sources[{k}].dataset").config
+                   for k, src in enumerate(cfg.sources)]
+        self.sources = [(c.p_flip, getattr(c, "seed", 0)) if isinstance(c, protocols.FlipConfig) else (0.0, 0)
+                        for c in configs]
+
+    def __call__(self, index: int) -> bool:
+        p, seed = self.sources[self.slots[index % len(self.slots)]]
+        return self.train and p > 0 and rng_for(seed, self.epoch, index).random() < p
+
+
 def build(cfg: MixConfig, *, split: str = "train") -> torch.utils.data.Dataset:
     if cfg.use_cached_latents:
         # `minfm cache latents` encodes the mix index by index: the cache is the mix, images and clips alike.
         from .latents import CachedLatentsDataset
 
-        return CachedLatentsDataset("mix", cfg.latents_dir, split)
+        return CachedLatentsDataset("mix", cfg.latents_dir, split, flips=SourceFlips(cfg, split))
     return MixDataset(cfg, split)
 
 
