@@ -46,6 +46,20 @@ def test_recipe_samples_become_clips(tmp_path, capsys):
     assert all(c > p for c, p in zip(clips, plain))
 
 
+def test_dropped_prompts_count_the_empty_prompts_tokens(tmp_path, capsys):
+    """The trainer trains a train.text_dropout share on "" (the simulator counted every prompt)."""
+    traces = {}
+    for p in ("0.0", "1.0"):
+        out = tmp_path / f"t{p}.json"
+        assert main(["balance", "simulate", QUICKSTART, "--world-size", "2", "--bags", "g1n2", "--steps", "2",
+                     "--batch-size", "3", "--set", f"train.text_dropout={p}", "--trace-out", str(out)]) == 0
+        traces[p] = [v for step in json.loads(out.read_text()) for r in step for v in r]
+    capsys.readouterr()
+    assert len(traces["0.0"]) == len(traces["1.0"]) == 12
+    # the same samples (same order), each shorter by its prompt's tokens less the empty prompt's
+    assert all(dropped < kept for dropped, kept in zip(traces["1.0"], traces["0.0"]))
+
+
 @pytest.mark.parametrize(
     "args,message",
     [(["--synthetic", "video", "--world-size", "0"], "--world-size: expected a positive integer, got 0"),

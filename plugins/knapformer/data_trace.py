@@ -2,7 +2,8 @@
 
 Each step, every rank gets ``train.batch_size`` samples exactly as the data loader
 deals them (one seeded permutation per epoch, rank r takes items r, r + W, ...). A
-sample's packed length is its text tokens plus its image tokens: image tokens from
+sample's packed length is its text tokens plus its image tokens (the text of a
+``train.text_dropout`` share of them, a seeded draw, is the empty prompt's): image tokens from
 the picture's (frames, height, width) through the VAE's compression and the
 patchifier's patch size (or from a cached latent's shape); text tokens from the text
 encoder's own tokenizer (vocab words, an HF tokenizer from the local cache, one
@@ -86,6 +87,8 @@ def recipe_trace(resolved, world: int, steps: int, seed: int = 0, batch_size: in
     patch = resolved.config("model.patchifier").patch_size if resolved.get("model.patchifier") else (1, 1, 1)
     count_text = text_counter(resolved, text_range, seed)
     clip_rng = random.Random(f"clips-{seed}")
+    # the trainer trains that share of the samples on the empty prompt (its few tokens)
+    dropout, drop_rng = resolved.recipe.train.text_dropout, random.Random(f"text-dropout-{seed}")
     per_step = world * bs
     order, epoch = epoch_order(n, seed, 0), 0
     set_epoch = getattr(dataset, "set_epoch", None)
@@ -100,6 +103,7 @@ def recipe_trace(resolved, world: int, steps: int, seed: int = 0, batch_size: in
                 set_epoch(epoch)
             sample = dataset[int(order[k % n])]
             frames = clip_rng.choice(clip_frames) if clips and clip_rng.random() < clips else None
-            items.append(image_tokens(sample, compression, patch, frames) + count_text(sample.get("prompt", "")))
+            prompt = "" if dropout and drop_rng.random() < dropout else sample.get("prompt", "")
+            items.append(image_tokens(sample, compression, patch, frames) + count_text(prompt))
         trace.append([items[r::world] for r in range(world)])
     return trace
