@@ -331,3 +331,18 @@ def test_a_budget_under_one_multiple_square_is_refused_by_check(capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "data.max_pixels: 100 is less than one size_multiple square (16 x 16 = 256)" in err, err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("folder", ["train", "val", "validation"])
+def test_pictures_beside_a_lone_split_folder_are_the_other_split_none_dropped(tmp_path, folder):
+    """Loose pictures beside one split folder were hashed: the share the hash gave the split whose
+    folder was read instead ended up in neither split (top.png, with val/ only)."""
+    loose = [f"top{i}.png" for i in range(6)]
+    for name in loose:
+        _captioned(tmp_path / name)
+    for i in range(2):
+        _captioned(tmp_path / folder / f"in{i}.png")
+    train, val = (make(split, root=str(tmp_path), val_fraction=0.2) for split in ("train", "val"))
+    beside = val if folder == "train" else train
+    assert _names(beside) == loose
+    assert sorted(_names(train) + _names(val)) == sorted(loose + ["in0.png", "in1.png"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -82,8 +83,24 @@ def test_frames_are_sized_to_the_budget(folder):
 def test_a_too_short_video_names_the_file_and_settings(folder):
     ds = make(root=str(folder), frames=9, stride=2, clip_start="first", val_fraction=0.0)
     ds[0]  # 20 frames hold 17
-    with pytest.raises(MinfmError, match=r"b\.webm has 12 frames; data\.frames = 9 at data\.stride = 2 needs 17"):
+    with pytest.raises(MinfmError, match=r"b\.webm has 12 frames; frames = 9 at stride = 2 needs 17: lower one"):
         ds[1]
+
+
+def test_a_too_short_clip_in_a_mix_claims_no_setting_the_recipe_lacks(tmp_path):
+    """Was: 'data.frames = 5 at data.stride = 2 needs 9' for a source at data.sources[1].dataset."""
+    write_video(tmp_path / "one.mp4", 1)
+    (tmp_path / "one.txt").write_text("one frame")
+    comp = get_registry().get("dataset", "mix")
+    sources = [{"weight": 1.0, "dataset": {"name": "shapes", "sizes": [[16, 16]], "num_samples": 4}},
+               {"weight": 1.0, "dataset": {"name": "video_folder", "root": str(tmp_path), "frames": 5, "stride": 2,
+                                           "val_fraction": 0.0}}]
+    mix = comp.build(structure({"sources": sources}, comp.config, path="data"), split="train")
+    k = next(i for i in range(len(mix)) if mix.locate(i)[0] == 1)
+    with pytest.raises(MinfmError) as err:
+        mix[k]
+    assert str(err.value) == (f"video_folder: {tmp_path / 'one.mp4'} has 1 frame; frames = 5 at stride = 2 "
+                              "needs 9: lower one of them")
 
 
 def _hostile_video(kind: str, path: Path) -> None:
@@ -100,7 +117,7 @@ def _hostile_video(kind: str, path: Path) -> None:
 
 @pytest.mark.parametrize(("kind", "message"), [
     ("wide", r"x\.gif has 17000x2 frames; at most 16383 pixels a side are read"),
-    ("truncated", r"x\.mp4: not a readable video \(|x\.mp4 decoded to fewer frames"),
+    ("truncated", r"x\.mp4: not a readable video \(|x\.mp4 decodes fewer frames"),
     ("garbage", r"x\.mp4: not a readable video \("),
     ("empty", r"x\.mp4: not a readable video \("),
 ])
@@ -240,3 +257,44 @@ def test_the_scan_follows_linked_folders_and_refuses_dead_links_named_like_clips
     (root / "loop.txt").write_text("a loop")
     with pytest.raises(MinfmError, match=f"video_folder: {root / 'loop.mp4'}: a symlink that leads nowhere"):
         make(root=str(root), frames=1, val_fraction=0.0)
+
+
+@pytest.mark.parametrize("folder", ["train", "val"])
+def test_clips_beside_a_lone_split_folder_are_the_other_split_none_dropped(tmp_path, folder):
+    """Loose clips beside one split folder were hashed: with val/ only, top.mp4 was in neither split."""
+    loose = [f"top{i}.mp4" for i in range(6)]
+    (tmp_path / folder).mkdir()
+    for name in loose + [f"{folder}/in{i}.mp4" for i in range(2)]:
+        (tmp_path / name).write_bytes(b"")  # the scan reads no video
+        (tmp_path / name).with_suffix(".txt").write_text("a clip")
+    train, val = (make(split, root=str(tmp_path), frames=1, val_fraction=0.2) for split in ("train", "val"))
+    names = {split: sorted(str(p.relative_to(tmp_path)) for p, _ in ds.items) for split, ds in
+             (("train", train), ("val", val))}
+    assert names["val" if folder == "train" else "train"] == loose
+    assert names[folder] == [f"{folder}/in0.mp4", f"{folder}/in1.mp4"]
+
+
+def test_a_fifo_named_like_a_clip_is_named_by_the_dataset(tmp_path):
+    """Was: 'minfm: error: .../x.mp4: not a regular file', the one fault of a clip without 'video_folder:'."""
+    import os
+
+    os.mkfifo(tmp_path / "x.mp4")
+    (tmp_path / "x.txt").write_text("a pipe")
+    ds = make(root=str(tmp_path), frames=1, val_fraction=0.0)
+    with pytest.raises(MinfmError, match=rf"^video_folder: {re.escape(str(tmp_path / 'x.mp4'))}: not a regular file$"):
+        ds[0]
+
+
+def test_a_container_that_over_counts_says_where_the_video_ends(tmp_path, monkeypatch):
+    """Was: 'decoded to fewer frames than its header says (3 of frame 18 needed)'."""
+    import minfm_plugins.data.video_folder as vf
+
+    write_video(tmp_path / "x.mp4", 20)
+    (tmp_path / "x.txt").write_text("a clip")
+    real = vf._decode
+    monkeypatch.setattr(vf, "_decode", lambda *a, **k: real(*a, **k)[:3])  # as if it ended after frame 5
+    ds = make(root=str(tmp_path), frames=10, stride=2, clip_start="first", val_fraction=0.0)
+    with pytest.raises(MinfmError, match=re.escape(
+            f"video_folder: {tmp_path / 'x.mp4'} decodes fewer frames than the 20 its container says: it ends "
+            "before frame 7, and this clip needs frame 19")):
+        ds[0]

@@ -355,7 +355,10 @@ def prepare_out(out: Path, settings: dict, *, overwrite: bool, flag: str) -> Non
         else:
             # The weights kind is known only once loaded; the source string may name the same
             # checkpoint another way ("run" vs "./run"): the resolved checkpoint decides.
-            diff = _differences(*({k: v for k, v in d.items() if k not in ("weights", "source")} for d in (old, settings)))
+            # fps belongs to a clip request only: between a clip and a picture request it is absent
+            # from one side, which the size (that differs too) already tells; the user set no fps.
+            skip = ("weights", "source") + (() if "fps" in old and "fps" in settings else ("fps",))
+            diff = _differences(*({k: v for k, v in d.items() if k not in skip} for d in (old, settings)))
             diff = [k for k in diff if k not in _ALIASES]
             # a request that failed before its first image (weights that did not load) left
             # only its record: nothing to protect, so it does not hold the folder

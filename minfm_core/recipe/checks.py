@@ -261,6 +261,12 @@ def _data_fits_the_model(resolved, data_cfg, where: str = "data") -> list[str]:
             check_frames(frames, int(comp[0]), int(pf), what=f"{where}.frames")
         except MinfmError as exc:
             problems.append(str(exc))
+    elif frames is None and not isinstance(getattr(data_cfg, "sources", None), tuple) and int(pf) > 1:
+        # A dataset without `frames` yields pictures, one frame each: one latent frame, which
+        # patches more than one frame deep cannot cut (the first batch failed, blaming the
+        # image size). A mix has no frames of its own: its sources are checked each by its path.
+        problems.append(f"{where}: pictures, 1 frame each, but model.patchifier.patch_size cuts latents {int(pf)} "
+                        "frames deep: this model cannot train on them (a patch 1 frame deep can)")
     multiple = getattr(data_cfg, "size_multiple", None)
     mh, mw = comp[1] * ph, comp[2] * pw
     if isinstance(multiple, int) and not isinstance(multiple, bool) and (multiple % mh or multiple % mw):

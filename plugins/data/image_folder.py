@@ -263,10 +263,13 @@ def _hold_out(items: list[tuple[Path, str]], root: Path, split: str, fraction: f
     pictures of which none falls there holds out the one of lowest hash, so 'val' is never empty.
 
     Files inside a split folder that exists (``train/``, ``val/``) belong to that split only:
-    with ``train/`` alone, hashing the whole root put some of its pictures in 'val' too."""
+    with ``train/`` alone, hashing the whole root put some of its pictures in 'val' too. The
+    caller asks for a split that has no folder of its own, so when the other one has, this
+    split is every file outside it, unhashed: hashing them too lost the share that fell to
+    the split whose folder was read instead (in neither split, without a word)."""
     taken = split_folders(root)
     if taken:
-        items = [it for it in items if not any(d in it[0].parents for d in taken)]
+        return [it for it in items if not any(d in it[0].parents for d in taken)]
     if fraction <= 0 or len(items) < 2:
         return items if split == "train" else []
     # The name's bytes as the OS gives them: a file name that is not UTF-8 has no str.encode().

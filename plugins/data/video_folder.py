@@ -6,7 +6,8 @@ from a start drawn per (seed, epoch, index); each frame is resized (aspect kept)
 to about ``max_pixels`` pixels and center-cropped to multiples of ``size_multiple``, like
 ``image_folder`` does for pictures. A video too short for ``(frames - 1) * stride + 1`` frames is an error naming
 the file and the two settings. Splits: ``root/train`` and ``root/val`` when they exist, else a
-stable hash of each path holds out ``val_fraction``. PyAV is the ``video`` extra
+stable hash of each path holds out ``val_fraction``; with one of them only, the other split is
+every clip outside it. PyAV is the ``video`` extra
 (``pip install 'minfm[video]'``); it is imported when a clip is read.
 """
 
@@ -59,7 +60,10 @@ def _first_video_stream(path: Path):
     12 GB each once decoded.
     """
     av = _av()
-    require_regular_file(path)  # a FIFO named x.mp4 would block av.open forever
+    try:
+        require_regular_file(path)  # a FIFO named x.mp4 would block av.open forever
+    except MinfmError as exc:  # named by the dataset, as every other fault of the file is
+        raise MinfmError(f"video_folder: {exc}") from None
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -167,9 +171,11 @@ class VideoFolderDataset(torch.utils.data.Dataset):
         cfg = self.cfg
         span = (cfg.frames - 1) * cfg.stride + 1
         if available < span:
+            # No recipe path reaches a dataset (a mix's source is data.sources[k].dataset): the
+            # settings go by their own names.
             raise MinfmError(
-                f"video_folder: {self.items[index][0]} has {available} frames; data.frames = {cfg.frames} at "
-                f"data.stride = {cfg.stride} needs {span}: lower one of them"
+                f"video_folder: {self.items[index][0]} has {available} frame{'s' * (available != 1)}; "
+                f"frames = {cfg.frames} at stride = {cfg.stride} needs {span}: lower one of them"
             )
         start = 0
         if cfg.clip_start == "random" and self.split == "train" and available > span:
@@ -178,11 +184,18 @@ class VideoFolderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         path, caption = self.items[index]
-        indices, frames = read_clip(path, lambda available: self.frame_indices(index, available),
-                                    budget=(self.cfg.max_pixels, self.cfg.size_multiple))
-        if len(frames) < len(indices):  # the container over-counted
-            raise MinfmError(f"video_folder: {path} decoded to fewer frames than its header says ({len(frames)} of "
-                             f"frame {indices[-1]} needed)")
+        counted = []  # the container's frame count, for the message below
+
+        def pick(available: int) -> list[int]:
+            counted.append(available)
+            return self.frame_indices(index, available)
+
+        indices, frames = read_clip(path, pick, budget=(self.cfg.max_pixels, self.cfg.size_multiple))
+        if len(frames) < len(indices):  # the container over-counted; frames come in order, so the
+            # first one missing is where the video ends (numbers from 1, as the count is)
+            raise MinfmError(f"video_folder: {path} decodes fewer frames than the {counted[0]} its container says: "
+                             f"it ends before frame {indices[len(frames)] + 1}, and this clip needs frame "
+                             f"{indices[-1] + 1}")
         clip = torch.cat([to_tensor(f) for f in frames], dim=1)
         if self.flips(index):
             clip = clip.flip(-1)

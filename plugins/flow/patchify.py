@@ -45,10 +45,16 @@ class Patch3D:
         bad = [f"{name} {n} % {p}" for name, n, p in zip(("frames", "height", "width"), fhw, self.patch_size) if n % p]
         if bad:
             which = f"sample {index}: " if index is not None else ""
+            # the hint names what does not divide: no image size mends a frame count
+            hints = []
+            if fhw[0] % self.patch_size[0]:
+                hints.append(f"a frame count that makes a multiple of {self.patch_size[0]} latent frames "
+                             "(a picture is 1 frame)")
+            if any(n % p for n, p in zip(fhw[1:], self.patch_size[1:])):
+                hints.append("an image size that is a multiple of the VAE compression times the patch")
             raise MinfmError(
                 f"patch3d: {which}latent of shape {tuple(shape)} is not divisible by patch_size "
-                f"{self.patch_size} ({', '.join(bad)} != 0); pick an image size that is a multiple of "
-                "the VAE compression times the patch"
+                f"{self.patch_size} ({', '.join(bad)} != 0); pick {' and '.join(hints)}"
             )
         return tuple(n // p for n, p in zip(fhw, self.patch_size))  # type: ignore[return-value]
 
