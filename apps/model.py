@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from minfm_core.errors import MinfmError
+from minfm_core.errors import MinfmError, PluginError
 from minfm_core.jsonio import last_jsonl_record
 from minfm_core.secrets import mask_secrets
 
@@ -227,6 +227,13 @@ class DemoModel:
         for name, text in (("Prompt", prompt), ("Negative prompt", neg_prompt)):
             if len(text) > lim.max_prompt_chars:
                 raise _err(f"{name} is {len(text)} characters long; the limit is {lim.max_prompt_chars}.")
+        for name, text in (("Prompt", prompt), ("Negative prompt", neg_prompt)):
+            try:  # the text encoder's own refusal (a class model's unknown class), before the queue
+                self.pipe.check_prompts([text], name)
+            except PluginError:
+                raise
+            except MinfmError:  # its message may name the model's files: not for the page
+                raise _err(f"{name}: this model's text encoder cannot encode it; try one of the examples.") from None
         h, w = parse_size(size)
         m = lim.multiple
         if h % m or w % m:

@@ -75,6 +75,19 @@ def vector_problem(x: Any, n: int, lo: float | None = None, hi: float | None = N
     return values_problem(x, lo, hi) if values else None
 
 
+def counts_problem(counts: Any, n: int) -> str | None:
+    """A text encoder's ``count_tokens`` of ``n`` prompts: None (cannot tell) or ``n`` ints >= 0."""
+    if counts is None:
+        return None
+    if not isinstance(counts, (list, tuple)) or len(counts) != n:
+        return f"expected None or a list of {n} ints, got {_type(counts)}" + \
+            (f" of {len(counts)}" if isinstance(counts, (list, tuple)) else "")
+    bad = next((c for c in counts if type(c) is not int or c < 0), None)
+    if bad is not None:
+        return f"expected token counts (ints >= 0), got {bad!r}"
+    return None
+
+
 def times_problem(t: Any, n: int, *, values: bool = True) -> str | None:
     """Training times ``(n,)`` in [0, 1] (a time sampler's or a time warper's)."""
     return vector_problem(t, n, *TIME_RANGE, values=values)

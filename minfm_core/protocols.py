@@ -102,6 +102,18 @@ class TextEncoder(Protocol):
 
     def __call__(self, prompts: list[str]) -> tuple[Tensor, Tensor] | Tensor: ...
 
+    @optional
+    def count_tokens(self, prompts: list[str]) -> list[int] | None:
+        """Optional (default: None, "cannot tell without running the model"): how many tokens
+        ``__call__`` gives each prompt (its ``lens``; 1 each when ``pooled``), counted without
+        the model (a tokenizer, a word list, a table), also on a meta-built encoder
+        (``load_weights=False``). Raise :class:`~minfm_core.errors.MinfmError` naming a prompt
+        it cannot encode (a class table's unknown class): sampling, the demo and a run's
+        galleries ask before any work starts, so such a prompt is refused up front instead of
+        at its batch. ``minfm balance simulate`` counts a recipe's text tokens with it (with
+        None, it draws them from a range)."""
+        return None
+
 
 @runtime_checkable
 class Patchifier(Protocol):

@@ -236,12 +236,18 @@ def check_text_encoder(component, config=None, *, smoke: bool = False) -> Any:
         with torch.device("meta"):
             return _members("text_encoder", _build("text_encoder", component, config, load_weights=False))
     enc = _members("text_encoder", _build("text_encoder", component, config, load_weights=True))
-    out = enc(["a red circle", "a blue square on a white background"])
+    prompts = ["a red circle", "a blue square on a white background"]
+    out = enc(prompts)
     if enc.pooled:
         assert out.dim() == 2 and out.shape[0] == 2, "a pooled encoder returns (n, dim)"
     else:
         tokens, lens = out
         assert lens.shape == (2,) and int(lens.sum()) == tokens.shape[0], "tokens (L, dim) packed with lens (n,)"
+    counts = enc.count_tokens(prompts)
+    _ok(boundary.counts_problem(counts, 2), "text_encoder: count_tokens(prompts)")
+    want = [1, 1] if enc.pooled else lens.tolist()
+    assert counts is None or counts == want, \
+        f"text_encoder: count_tokens(prompts) gives {counts}, but __call__ gives {want} tokens (lens; 1 each when pooled)"
     again = _rebuilt("text_encoder", component, config)(["a red circle", "a blue square on a white background"])
     same = torch.equal(out, again) if enc.pooled else all(torch.equal(a, b) for a, b in zip(out, again))
     _ok(None if same else _FROZEN_RULE, "text_encoder")

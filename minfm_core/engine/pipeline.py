@@ -86,6 +86,19 @@ class Pipeline:
                     where = f"item {k} of a batch"
                 self.refuse("data", where, problem)
 
+    def check_prompts(self, prompts: list[str], what: str) -> None:
+        """Ask the text encoders to count ``prompts`` (``TextEncoder.count_tokens``) before any
+        work: a prompt one cannot encode (a class table's unknown class) is refused now, named
+        by ``what`` (the flag or recipe key it came from), not when its batch is drawn."""
+        for path, enc in (("model.text_encoder", self.text_encoder), ("model.clip_encoder", self.clip_encoder)):
+            if enc is None:
+                continue
+            try:
+                counts = enc.count_tokens(list(prompts))
+            except MinfmError as exc:
+                raise MinfmError(f"{what}: {exc}") from None
+            self.refuse(path, "count_tokens(prompts)", boundary.counts_problem(counts, len(prompts)))
+
     # ---- frozen operators -------------------------------------------------------
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> TextBatch:

@@ -420,6 +420,8 @@ def run_sampling(resolved, prompts: list[str], out: Path, *, weights, source: st
             denoiser = sharded_denoiser(resolved, world_size=rt.world_size, device=rt.device, rank=rt.rank,
                                         trainable=False)
         pipe = build_pipeline(resolved, rt.device, load_weights=True, world_size=rt.world_size, denoiser=denoiser)
+        pipe.check_prompts(prompts, "the prompts")  # one the text encoder refuses: before any batch
+        pipe.check_prompts([s.neg_prompt], "sample.neg_prompt")
         loaded = "pretrained"
         if weights is not None:
             loaded = load_denoiser_weights(pipe.denoiser, *weights, use_ema=s.use_ema, allow_pickle=allow_pickle)

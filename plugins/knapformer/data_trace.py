@@ -6,8 +6,8 @@ sample's packed length is its text tokens plus its image tokens (the text of a
 ``train.text_dropout`` share of them, a seeded draw, is the empty prompt's): image tokens from
 the picture's (frames, height, width) through the VAE's compression and the
 patchifier's patch size (or from a cached latent's shape); text tokens from the text
-encoder's own tokenizer (vocab words, an HF tokenizer from the local cache, one
-token per class for class tables), else a seeded draw from a fixed range.
+encoder's ``count_tokens`` (protocols.TextEncoder: vocab words, an HF tokenizer from the
+local cache, one token per class for class tables), else a seeded draw from a fixed range.
 
 Video clips next to images: with ``clips`` > 0 that share of the samples (a seeded draw)
 count as clips of ``F`` frames (drawn from ``clip_frames``) at their own picture size,
@@ -50,21 +50,14 @@ def text_counter(resolved, text_range: tuple[int, int], seed: int):
     slot = resolved.get("model.text_encoder")
     if slot is None:
         return lambda prompt: 0
-    cfg = slot.config
     note = None
     try:
         with torch.device("meta"):  # structure only: no weights, no downloads
             enc = slot.build(load_weights=False)
-        if hasattr(enc, "ids"):  # word vocabulary
-            return lambda prompt: len(enc.ids(prompt))
-        if hasattr(enc, "indices"):  # class table: one token per prompt
-            return lambda prompt: 1
-        if hasattr(enc, "tokenizer"):
-            tok = enc.tokenizer  # from the local Hugging Face cache
-            max_len = int(getattr(cfg, "max_length", 512))
-            if getattr(cfg, "keep_padding", False):
-                return lambda prompt: max_len
-            return lambda prompt: len(tok(prompt, truncation=True, max_length=max_len)["input_ids"])
+        # protocols.TextEncoder.count_tokens (None: it cannot tell); a tokenizer comes from
+        # the local Hugging Face cache
+        if enc.count_tokens([""]) is not None:
+            return lambda prompt: enc.count_tokens([prompt])[0]
     except Exception as exc:  # noqa: BLE001 - any failure falls back to the range, said aloud
         note = f"{type(exc).__name__}: {exc}"
     lo, hi = text_range

@@ -92,6 +92,13 @@ class ClassEmbedding(nn.Module):
             out.append(row)
         return out
 
+    def count_tokens(self, prompts: list[str]) -> list[int]:
+        """One token (or vector) per prompt; an unknown class is refused here, before any work,
+        when ``unknown = "error"`` (a meta build has no labels yet and checks nothing)."""
+        if self.rows:
+            self.indices(list(prompts))
+        return [1] * len(prompts)
+
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> Tensor | tuple[Tensor, Tensor]:
         """Pooled: ``(n, dim)``; otherwise one token per prompt: ``(n, dim), lens = ones(n)``."""

@@ -11,6 +11,9 @@ from .presets import CLIP_PRESETS
 
 
 class ClipEncoder(HFTextEncoder):
+    def count_tokens(self, prompts: list[str]) -> list[int]:
+        return [1] * len(prompts)  # one pooled vector each; CLIP truncates, so any prompt goes
+
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> Tensor:
         """``(n, dim)``: the final-layer state at each prompt's end-of-text token."""

@@ -11,6 +11,14 @@ from .presets import T5_PRESETS
 
 
 class T5Encoder(HFTextEncoder):
+    def count_tokens(self, prompts: list[str]) -> list[int]:
+        """The tokenizer's lengths, truncated as ``forward`` truncates (every prompt
+        ``max_length`` tokens with ``keep_padding``)."""
+        if self.cfg.keep_padding:
+            return [self.cfg.max_length] * len(prompts)
+        ids = self.tokenizer(list(prompts), truncation=True, max_length=self.cfg.max_length)["input_ids"]
+        return [len(x) for x in ids]
+
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         """``(tokens (sum of lens, dim), lens (n,))``: padding tokens are never returned

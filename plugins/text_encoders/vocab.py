@@ -57,6 +57,9 @@ class VocabEncoder(nn.Module):
         words = tokenize(prompt)[: self.cfg.max_length - 1]
         return [self.index.get(w, self.index[UNK]) for w in words] + [self.index[EOS]]
 
+    def count_tokens(self, prompts: list[str]) -> list[int]:
+        return [1 if self.pooled else len(self.ids(p)) for p in prompts]
+
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> Tensor | tuple[Tensor, Tensor]:
         """Per-token: ``(tokens (sum of lens, dim), lens (n,))``; pooled: the per-prompt mean ``(n, dim)``."""
