@@ -74,19 +74,14 @@ class MixDataset(torch.utils.data.Dataset, protocols.Dataset):
         k = self.slots[r]
         return k, (q * self.quota[k] + self.rank[r]) % len(self.sources[k])
 
+    # the sources are registry builds: each has protocols.Dataset's optional members too
     def set_epoch(self, epoch: int) -> None:
         for ds in self.sources:
-            if hasattr(ds, "set_epoch"):
-                ds.set_epoch(epoch)
+            ds.set_epoch(epoch)
 
     def prompt(self, index: int) -> str:
         k, j = self.locate(index)
-        ds = self.sources[k]
-        return ds.prompt(j) if hasattr(ds, "prompt") else ds[j]["prompt"]
-
-    def short_prompts(self) -> list[str]:
-        """The sources' own short prompts, in source order (those that list any)."""
-        return [p for ds in self.sources if hasattr(ds, "short_prompts") for p in ds.short_prompts()]
+        return self.sources[k].prompt(j)
 
     def __getitem__(self, index: int) -> dict:
         k, j = self.locate(index)

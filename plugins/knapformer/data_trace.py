@@ -84,7 +84,6 @@ def recipe_trace(resolved, world: int, steps: int, seed: int = 0, batch_size: in
     dropout, drop_rng = resolved.recipe.train.text_dropout, random.Random(f"text-dropout-{seed}")
     per_step = world * bs
     order, epoch = epoch_order(n, seed, 0), 0
-    set_epoch = getattr(dataset, "set_epoch", None)
     trace = []
     for s in range(steps):
         items = []
@@ -92,8 +91,7 @@ def recipe_trace(resolved, world: int, steps: int, seed: int = 0, batch_size: in
             while k // n > epoch:
                 epoch += 1
                 order = epoch_order(n, seed, epoch)
-            if set_epoch is not None:
-                set_epoch(epoch)
+            dataset.set_epoch(epoch)  # protocols.Dataset (optional member: inherited or defined)
             sample = dataset[int(order[k % n])]
             frames = clip_rng.choice(clip_frames) if clips and clip_rng.random() < clips else None
             prompt = "" if dropout and drop_rng.random() < dropout else sample.get("prompt", "")
