@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import sys
 import threading
 from urllib.parse import unquote, urljoin, urlsplit
 
@@ -105,6 +106,71 @@ def checked_answers():
             _checking -= 1
 
 
+# -- bytes on the wire ---------------------------------------------------------------------------
+# The listing's sizes are checked against the limits before a pull, but the client trusts the
+# server for what it then streams, and compares sizes only after writing a whole file: a
+# server listing 7 bytes could fill the disk. Inside download_budget, the bodies of file
+# downloads (GETs outside /api/, the resolve answers and any CDN they lead to) may total only
+# what the listing said; an API answer (JSON, read whole into memory) at most MAX_API_BYTES.
+
+#: A repo info or tree page: 10,000 files list in ~2 MB.
+MAX_API_BYTES = 256 << 20
+
+
+class _Budget:
+    def __init__(self, total: int, what: str, bound: str = "bytes it listed") -> None:
+        self.total, self.left, self.what, self.bound = total, total, what, bound
+        self.lock = threading.Lock()
+
+    def take(self, n: int, url, *, declared: bool = False) -> None:
+        """Count ``n`` bytes read (``declared``: only check that a body of ``n`` would fit)."""
+        with self.lock:
+            over = n > self.left
+            if not declared:
+                self.left -= n
+        if over:
+            raise MinfmError(f"{self.what}: the Hub at {url.scheme}://{url.netloc} sent more than the {self.total} "
+                             f"{self.bound}; refusing it")
+
+
+_budget: _Budget | None = None
+
+
+@contextlib.contextmanager
+def download_budget(total: int, what: str):
+    """File bodies downloaded inside (any thread) may total at most ``total`` bytes."""
+    global _budget
+    outer, _budget = _budget, _Budget(total, what)
+    try:
+        yield
+    finally:
+        _budget = outer
+
+
+def _cap_body(response, url, cap: _Budget) -> None:
+    """Count ``response``'s body against ``cap`` as the client reads it; a declared length over
+    it is refused before anything is read. httpx-style clients only (huggingface_hub >= 1);
+    with requests, the client's own size check after the download remains."""
+    stream = getattr(response, "stream", None)
+    base = getattr(sys.modules.get(type(response).__module__.split(".")[0]), "SyncByteStream", None)
+    if base is None or not isinstance(stream, base):
+        return
+    length = response.headers.get("Content-Length")
+    if length is not None and length.isdigit():
+        cap.take(int(length), url, declared=True)
+
+    class Capped(base):  # type: ignore[misc, valid-type]
+        def __iter__(self):
+            for chunk in stream:
+                cap.take(len(chunk), url)
+                yield chunk
+
+        def close(self) -> None:
+            stream.close()
+
+    response.stream = Capped()
+
+
 def _check_answer(response, *args, **kwargs) -> None:
     """httpx (and requests) response hook: refuse a commit sha or ETag that is no hash, and file
     names in a repo listing that :func:`check_names` refuses (the listing the client downloads
@@ -117,6 +183,12 @@ def _check_answer(response, *args, **kwargs) -> None:
         raise MinfmError(f"the Hub at {url.scheme}://{url.netloc} answered {short_name(unquote(url.path))} with "
                          f"{field} {short_name(value)}, which is not a hash; refusing it")
 
+    if 200 <= response.status_code < 300 and response.request.method == "GET":
+        if _API_RE.search(url.path):
+            _cap_body(response, url, _Budget(MAX_API_BYTES, f"Hub answer {short_name(unquote(url.path))}",
+                                             "bytes an answer may hold"))
+        elif _budget is not None:
+            _cap_body(response, url, _budget)
     location = response.headers.get("Location")
     if location and 300 <= response.status_code < 400 and urlsplit(urljoin(str(response.url), location))[:2] == url[:2]:
         return  # followed on the same server: the client uses the answer it leads to, checked here too

@@ -22,10 +22,10 @@ from minfm_core.errors import MinfmError, NotCachedError
 from minfm_core.jsonio import parse_json
 from minfm_core.pretrained import offline
 
-from .answers import check_names, checked_answers, checked_commit
+from .answers import check_names, checked_answers, checked_commit, download_budget
 from .cache import cache_transaction, record_ref
 from .errors import HubError, hub_errors
-from .pull import Limits, refuse_pickles
+from .pull import Limits, checked_download, refuse_pickles
 from .uri import HubRef
 
 #: Files of a folder reference that are worth fetching: configs, safetensors weights
@@ -107,11 +107,11 @@ def _download(ref: HubRef, subpath: str, limits: Limits) -> Path:
     wanted = named or _folder_files(siblings, subpath)
     if not wanted:
         raise MinfmError(f"{what}: the Hub repo {ref.repo_id} has no files under {subpath or '/'!r}")
-    limits.check(len(wanted), sum(max(int(s.size or 0), 0) for s in wanted), what)
+    budget = checked_download(wanted, limits, what)
     # The checked sha (not the branch, which may move meanwhile) is downloaded; the branch or
     # tag is recorded afterwards, so later offline lookups of the same reference find the files.
     # A failed download is taken back out of the cache, so no half of a folder is found later.
-    with cache_transaction(ref.repo_id) as repo_cache:
+    with cache_transaction(ref.repo_id) as repo_cache, download_budget(budget, what):
         if named:
             path = Path(hf_hub_download(ref.repo_id, subpath, revision=commit))
         else:  # names escaped: a "*" or "[" in one must not match other files as a pattern

@@ -26,6 +26,7 @@ from .answers import (
     check_names,
     checked_answers,
     checked_commit,
+    download_budget,
     short_name,
 )
 from .cache import cache_transaction, record_ref
@@ -123,6 +124,15 @@ class Limits:
                              "(raise it with --max-bytes or MINFM_HUB_MAX_BYTES)")
 
 
+def checked_download(wanted: list, limits: Limits, what: str) -> int:
+    """Check the listed files ``wanted`` against ``limits``; the bytes their bodies may hold on
+    the wire (:func:`~minfm_hub.answers.download_budget`): the listed total, or the limit when
+    the server left a size out."""
+    total = sum(_listed_size(s, what) for s in wanted)
+    limits.check(len(wanted), total, what)
+    return total if all(s.size is not None for s in wanted) else limits.max_bytes
+
+
 def _listed_size(sibling, what: str) -> int:
     """A listed file's size in bytes, as the server claims it (None: not given, 0)."""
     size = sibling.size
@@ -156,7 +166,7 @@ def pull(ref: str | HubRef, local_dir: str | Path | None = None, *, training_sta
     limits = Limits.resolve(max_files, max_bytes)
     patterns = file_filters(training_state)
     what = f"Hub repo {ref}"
-    commit, listed, files = None, None, ()
+    commit, listed, files, budget = None, None, (), 0  # offline: nothing may be downloaded
     with hub_errors("pull", str(ref)), checked_answers():
         if not constants.HF_HUB_OFFLINE:
             info = HfApi().model_info(ref.repo_id, revision=ref.revision, files_metadata=True)
@@ -165,28 +175,29 @@ def pull(ref: str | HubRef, local_dir: str | Path | None = None, *, training_sta
             check_names([s.rfilename for s in siblings], what)  # the server may list any name
             refuse_pickles([s.rfilename for s in siblings], str(ref))
             wanted = _wanted(siblings, patterns)
-            limits.check(len(wanted), sum(_listed_size(s, what) for s in wanted), what)
+            budget = checked_download(wanted, limits, what)
             listed, files = {s.rfilename for s in siblings}, tuple(sorted(s.rfilename for s in wanted))
         brought = files  # what this pull downloads, all of which must arrive
-        if local_dir is None:
-            path, commit = _pull_to_cache(ref, patterns, commit, files, limits)
-            pulled = Pulled(path, ref.repo_id, ref.revision, commit, files)
-            _record(pulled, pulled.path)
-        else:
-            folder = Path(os.path.expanduser(local_dir))
-            prev = source_info(folder) if folder.is_dir() else None
-            prev_files = set(_recorded_files(prev))
-            stale: set[str] = set()
-            if commit is None:  # offline: the folder's own record of the same pull, if any, knows the commit
-                if prev and prev.get("repo_id") == ref.repo_id and prev.get("revision") == ref.revision:
-                    commit, files = prev["commit"], tuple(sorted(prev_files))
+        with download_budget(budget, what):  # on the wire, as the listing said
+            if local_dir is None:
+                path, commit = _pull_to_cache(ref, patterns, commit, files, limits)
+                pulled = Pulled(path, ref.repo_id, ref.revision, commit, files)
+                _record(pulled, pulled.path)
             else:
-                # The previous pull's files the new commit lacks go (a dropped ema.safetensors must not
-                # be loaded with the new weights); those it still has stay on the record.
-                stale = prev_files - listed
-                files = tuple(sorted(set(files) | (prev_files & listed)))
-            pulled = Pulled(folder, ref.repo_id, ref.revision, commit or "unknown", files)
-            _pull_to_local_dir(pulled, patterns, limits, stale, brought)
+                folder = Path(os.path.expanduser(local_dir))
+                prev = source_info(folder) if folder.is_dir() else None
+                prev_files = set(_recorded_files(prev))
+                stale: set[str] = set()
+                if commit is None:  # offline: the folder's own record of the same pull, if any, knows the commit
+                    if prev and prev.get("repo_id") == ref.repo_id and prev.get("revision") == ref.revision:
+                        commit, files = prev["commit"], tuple(sorted(prev_files))
+                else:
+                    # The previous pull's files the new commit lacks go (a dropped ema.safetensors must not
+                    # be loaded with the new weights); those it still has stay on the record.
+                    stale = prev_files - listed
+                    files = tuple(sorted(set(files) | (prev_files & listed)))
+                pulled = Pulled(folder, ref.repo_id, ref.revision, commit or "unknown", files)
+                _pull_to_local_dir(pulled, patterns, limits, stale, brought)
     return pulled
 
 

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from hub_helpers import ROOT, env_for, main_in_process, make_model_folder, one_error_line, only_hub_plugin
+from minfm_core.errors import MinfmError
 from hubserver import HubServer, HubState, _Handler
 
 
@@ -191,3 +192,61 @@ def test_a_failing_pull_does_not_remove_what_a_concurrent_pull_brought(hostile, 
     assert not (snap / "checkpoint").exists()  # A's partial training state is gone
     (offline,) = main_in_process({**env, "HF_HUB_OFFLINE": "1"}, ["hub", "pull", "org/m"])
     assert offline.returncode == 0 and offline.stdout.strip() == str(snap), offline.stderr
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "until-close"])
+def test_a_file_body_larger_than_listed_is_cut_off_on_the_wire(hostile, tmp_path, declared):
+    """The listing (and HEAD) say 7 bytes; the GET streams 48 MiB. The client writes a whole
+    body before it compares sizes, so a server could fill the disk under any --max-bytes:
+    the pull now stops once the bodies pass what the listing said, and keeps nothing."""
+    hostile.upload("org/m", {"model.safetensors": b"weights", "recipe.toml": b"a = 1\n"})
+    mib = 1 << 20
+
+    def flood(handler, method, path):
+        if method != "GET" or not path.endswith("/model.safetensors"):
+            return False
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/octet-stream")
+        if declared:
+            handler.send_header("Content-Length", str(48 * mib))
+        else:  # no length: the body ends when the server closes the connection
+            handler.send_header("Connection", "close")
+        handler.end_headers()
+        handler.close_connection = True
+        try:
+            for _ in range(48):
+                handler.wfile.write(b"\0" * mib)
+        except OSError:  # the client hung up: what the test wants
+            pass
+        return True
+
+    hostile.on_request = flood
+    env = env_for(hostile, tmp_path)
+    cache, local = main_in_process(env, ["hub", "pull", "org/m"],
+                                   ["hub", "pull", "org/m", "--local-dir", str(tmp_path / "ld")])
+    total = sum(len(b) for b in (b"weights", b"a = 1\n"))
+    for proc in (cache, local):
+        line = one_error_line(proc)
+        assert line.endswith(f"sent more than the {total} bytes it listed; refusing it"), line
+    assert not (tmp_path / "ld").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["home"]
+    # at most a few chunks were read, and nothing of them kept
+    assert sum(p.stat().st_size for p in (tmp_path / "home").rglob("*") if p.is_file()) < mib
+    assert not [p for p in _files_under(tmp_path / "home" / "hub") if not p.startswith((".locks", "CACHEDIR.TAG"))]
+
+
+def test_an_api_answer_is_read_only_up_to_its_bound(hostile, monkeypatch):
+    """A repo info is JSON read whole into memory (by the client, and by the check): a server
+    could answer gigabytes. Read through the same hook the client's session carries, with the
+    bound lowered to fit a test."""
+    import httpx2
+
+    from minfm_hub import answers
+
+    hostile.upload("org/m", {"model.safetensors": b"weights"})
+    url = f"{hostile.endpoint}/api/models/org/m"
+    with httpx2.Client(event_hooks={"response": [answers._check_answer]}) as client, answers.checked_answers():
+        assert client.get(url).json()["id"] == "org/m"  # the answer fits the bound
+        monkeypatch.setattr(answers, "MAX_API_BYTES", 100)
+        with pytest.raises(MinfmError, match=r"Hub answer '/api/models/org/m': the Hub at http://127.0.0.1:\d+ sent more "
+                                             r"than the 100 bytes an answer may hold; refusing it"):
+            client.get(url)
