@@ -222,9 +222,18 @@ def test_data_workers_encode_the_same_shards_and_report_a_bad_image_in_one_line(
                 "--dataloader-num-workers", "2")
     assert res.returncode == 2, res.stderr
     assert res.stderr.splitlines()[-1] == (f"minfm: error: {root / 'img4.png'}: not a readable image "
-                                           f"(cannot identify image file '{root / 'img4.png'}')")
+                                           f"(cannot identify image file '{root / 'img4.png'}'); the shards "
+                                           "finished before it are kept: fix or replace that item and run the "
+                                           "command again to go on (removing it changes the item count, and "
+                                           "the cache is then made anew)")
     assert sorted(p.name for p in (tmp_path / "bad" / "train").iterdir()) == ["cache.json", "part-00000.json",
                                                                               "part-00000.safetensors"]
+    # as the message says: the item replaced, the same command goes on from the next shard
+    Image.new("RGB", (32, 32), (120, 200, 30)).save(root / "img4.png")
+    res = minfm("cache", "latents", str(path), "--out", str(tmp_path / "bad"), "--shard-size", "3",
+                "--dataloader-num-workers", "2")
+    assert res.returncode == 0, res.stderr
+    assert "encoded 2 shard(s), skipped 1 finished; index of 7 items written" in res.stdout
 
 
 def test_a_dataset_that_cannot_read_the_cache_is_warned_about(tmp_path, capsys):

@@ -125,7 +125,12 @@ def _encode_shard(vae, loaded, batches: list[list[int]], out: Path, s: int, spli
     tensors: dict[str, Any] = {}
     entries = []
     for indices in batches:
-        items = next(loaded)
+        try:
+            items = next(loaded)
+        except MinfmError as exc:  # an unreadable item, found when its shard is encoded
+            raise MinfmError(f"{exc}; the shards finished before it are kept: fix or replace that item and run "
+                             "the command again to go on (removing it changes the item count, and the cache "
+                             "is then made anew)") from None
         if any("image" not in it for it in items):
             raise MinfmError("cache latents: the dataset already yields latents (is use_cached_latents set?)")
         images = [it["image"] for it in items]
