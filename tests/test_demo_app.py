@@ -221,13 +221,24 @@ def test_wrong_types_are_refused_by_name_and_every_call_joins_the_queue(served, 
     assert r.status_code == 404 and "join the queue" in r.text
 
 
+def _built_app(src):
+    """The page's blocks for the model in ``src`` (not served)."""
+    from minfm_apps.batcher import Batcher
+    from minfm_apps.demo import build_app
+    from minfm_apps.model import DemoModel
+
+    loaded = DemoModel.load(str(src), device="cpu", max_images=1)
+    batcher = Batcher(lambda s, jobs, cb: loaded.run(s, jobs, cb), window_s=0.0, max_batch=1)
+    try:
+        return build_app(loaded, batcher)
+    finally:
+        batcher.close()
+
+
 def test_the_recipe_panel_masks_secrets(run_dir, tmp_path, monkeypatch):
     """A run's recipe.toml holds its ${VAR}s expanded; the page (and its /config) showed them."""
     import gradio as gr
 
-    from minfm_apps.batcher import Batcher
-    from minfm_apps.demo import build_app
-    from minfm_apps.model import DemoModel
     from minfm_core.checkpoint import export_for_hub
 
     folder = export_for_hub(run_dir, tmp_path / "exported")
@@ -236,12 +247,7 @@ def test_the_recipe_panel_masks_secrets(run_dir, tmp_path, monkeypatch):
     recipe = folder / "recipe.toml"
     recipe.write_text(f'# logged to https://bob:pa55word@wandb.example with k3y-0f-the-run\n# {token}\n'
                       + recipe.read_text())
-    loaded = DemoModel.load(str(folder), device="cpu", max_images=1)
-    batcher = Batcher(lambda s, jobs, cb: loaded.run(s, jobs, cb), window_s=0.0, max_batch=1)
-    try:
-        app = build_app(loaded, batcher)
-    finally:
-        batcher.close()
+    app = _built_app(folder)
     shown = next(b for b in app.blocks.values() if isinstance(b, gr.Code)).value
     assert shown.startswith("# logged to https://bob:***@wandb.example with ***\n# ***\n")
     assert not any(secret in str(app.get_config_file()) for secret in ("pa55word", "k3y-0f-the-run", token))
@@ -410,18 +416,10 @@ def test_the_title_escapes_the_source_path(run_dir, tmp_path):
 
     import gradio as gr
 
-    from minfm_apps.batcher import Batcher
-    from minfm_apps.demo import build_app
-    from minfm_apps.model import DemoModel
 
     odd = tmp_path / "a`<img src=x onerror=alert(9)>[link](javascript:alert(1))`"
     os.symlink(run_dir, odd)
-    loaded = DemoModel.load(str(odd), device="cpu", max_images=1)
-    batcher = Batcher(lambda s, jobs, cb: loaded.run(s, jobs, cb), window_s=0.0, max_batch=1)
-    try:
-        app = build_app(loaded, batcher)
-    finally:
-        batcher.close()
+    app = _built_app(odd)
     title = next(b for b in app.blocks.values() if isinstance(b, gr.Markdown) and b.elem_id == "title").value
     assert r"a\`\<img src=x onerror=alert(9)\>\[link\](javascript:alert(1))\`" in title
 
