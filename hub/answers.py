@@ -87,23 +87,33 @@ _checking = 0  # minFM Hub calls in progress, in any thread (the client download
 _checking_lock = threading.Lock()
 
 
+_xet_setting = False  # the client's HF_HUB_DISABLE_XET before the first call in progress
+
+
 @contextlib.contextmanager
 def checked_answers():
-    """Check every Hub answer inside (see :func:`_check_answer`)."""
-    global _checking
-    from huggingface_hub import get_session
+    """Check every Hub answer inside (see :func:`_check_answer`). Files come over HTTP only:
+    with Xet storage the client's hf_xet would stream them from a storage server that a Hub
+    answer (a resolve header, a tree listing's ``xetHash``) names, past the response hook and
+    its byte count (:func:`download_budget`); the Hub serves every file over HTTP too."""
+    global _checking, _xet_setting
+    from huggingface_hub import constants, get_session
 
     session = get_session()  # recreated after a fork or set_client_factory: (re)attach each time
     hooks = session.event_hooks["response"] if hasattr(session, "event_hooks") else session.hooks["response"]
     with _checking_lock:
         if _check_answer not in hooks:
             hooks.append(_check_answer)
+        if _checking == 0:
+            _xet_setting, constants.HF_HUB_DISABLE_XET = constants.HF_HUB_DISABLE_XET, True
         _checking += 1
     try:
         yield
     finally:
         with _checking_lock:
             _checking -= 1
+            if _checking == 0:
+                constants.HF_HUB_DISABLE_XET = _xet_setting
 
 
 # -- bytes on the wire ---------------------------------------------------------------------------

@@ -250,3 +250,20 @@ def test_an_api_answer_is_read_only_up_to_its_bound(hostile, monkeypatch):
         with pytest.raises(MinfmError, match=r"Hub answer '/api/models/org/m': the Hub at http://127.0.0.1:\d+ sent more "
                                              r"than the 100 bytes an answer may hold; refusing it"):
             client.get(url)
+
+
+def test_a_pull_fetches_over_http_even_when_the_answer_offers_xet(hostile, tmp_path):
+    """A resolve answer naming a Xet hash made the client stream the file with hf_xet from a
+    storage server the answer names, outside the byte count. minFM's Hub calls turn Xet off:
+    the file comes over HTTP, counted, and the storage route is never asked."""
+    make_model_folder(tmp_path / "m")
+    files = {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()}
+    hostile.upload("org/m", files)
+    hostile.tamper_file = ""  # every resolve answer
+    hostile.file_headers = {"X-Xet-Hash": "a" * 64, "X-Xet-Refresh-Route": f"{hostile.endpoint}/api/xet-token"}
+    env = {**env_for(hostile, tmp_path), "HF_HUB_DISABLE_XET": "0"}  # the tests' default is 1
+    (cache,) = main_in_process(env, ["hub", "pull", "org/m"])
+    assert cache.returncode == 0, cache.stderr
+    snap = Path(cache.stdout.strip().splitlines()[-1])
+    assert {n: (snap / n).read_bytes() for n in files} == files
+    assert not [p for _, p in hostile.requests if "xet" in p]
