@@ -405,7 +405,6 @@ def serve(src: str, *, host: str = "127.0.0.1", port: int | None = None, share: 
         print(f"minfm demo: public link {share_url}")
     elif share:
         print("minfm demo: warning: --share made no public link (gradio's reason above)", file=sys.stderr)
-    print("minfm demo: Ctrl-C stops it", file=sys.stderr)
     code = _wait_for_a_stop_signal()
     # Gradio's own shutdown can wait on open client connections; give it a few seconds,
     # then leave: nothing is left to save, and its server threads must not keep us alive.
@@ -436,6 +435,9 @@ def _wait_for_a_stop_signal() -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    # said once the handlers are in place: a signal sent on reading it is one of ours (before
+    # them, a SIGTERM ended the command at once, and a second one killed it during its exit)
+    print("minfm demo: Ctrl-C stops it", file=sys.stderr)
     stop.wait()
     print("minfm: interrupted" if code == 128 + signal.SIGINT else "minfm: terminated (SIGTERM)", file=sys.stderr)
     return code

@@ -159,7 +159,7 @@ def test_any_loopback_address_is_private_and_sigterm_twice_exits_143(tmp_path):
                 break
             lines.append(line)
         while time.monotonic() < deadline and not any("Ctrl-C stops it" in x for x in lines):
-            lines.append(proc.stdout.readline())  # the signal handlers are set after this line
+            lines.append(proc.stdout.readline())  # said once the signal handlers are set
         assert any("Ctrl-C stops it" in x for x in lines), "".join(lines)
         req = urllib.request.Request(f"http://127.0.0.2:{port}/", headers={"Host": "evil.example"})
         with pytest.raises(urllib.error.HTTPError) as refused:
