@@ -101,9 +101,12 @@ def checked_answers():
 
     session = get_session()  # recreated after a fork or set_client_factory: (re)attach each time
     hooks = session.event_hooks["response"] if hasattr(session, "event_hooks") else session.hooks["response"]
+    asks = session.event_hooks["request"] if hasattr(session, "event_hooks") else []
     with _checking_lock:
         if _check_answer not in hooks:
             hooks.append(_check_answer)
+        if _uncompressed not in asks:
+            asks.append(_uncompressed)
         if _checking == 0:
             _xet_setting, constants.HF_HUB_DISABLE_XET = constants.HF_HUB_DISABLE_XET, True
         _checking += 1
@@ -157,14 +160,26 @@ def download_budget(total: int, what: str):
         _budget = outer
 
 
+def _uncompressed(request) -> None:
+    """httpx request hook: ask for bodies as they are (the count is of the bytes that arrive)."""
+    if _checking:
+        request.headers["Accept-Encoding"] = "identity"
+
+
 def _cap_body(response, url, cap: _Budget) -> None:
     """Count ``response``'s body against ``cap`` as the client reads it; a declared length over
-    it is refused before anything is read. httpx-style clients only (huggingface_hub >= 1);
-    with requests, the client's own size check after the download remains."""
+    it is refused before anything is read, and so is a compressed body (asked for uncompressed,
+    :func:`_uncompressed`): 48 KiB of gzip unpack to 48 MiB, past a count of the bytes that
+    arrive. httpx-style clients only (huggingface_hub >= 1); with requests, the client's own
+    size check after the download remains."""
     stream = getattr(response, "stream", None)
     base = getattr(sys.modules.get(type(response).__module__.split(".")[0]), "SyncByteStream", None)
     if base is None or not isinstance(stream, base):
         return
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise MinfmError(f"{cap.what}: the Hub at {url.scheme}://{url.netloc} sent a {short_name(encoding)}-compressed "
+                         "body, asked for it uncompressed; refusing it (its unpacked size is not bounded)")
     length = response.headers.get("Content-Length")
     if length is not None and length.isdigit():
         cap.take(int(length), url, declared=True)

@@ -267,3 +267,28 @@ def test_a_pull_fetches_over_http_even_when_the_answer_offers_xet(hostile, tmp_p
     snap = Path(cache.stdout.strip().splitlines()[-1])
     assert {n: (snap / n).read_bytes() for n in files} == files
     assert not [p for _, p in hostile.requests if "xet" in p]
+
+
+def test_a_compressed_body_is_refused_and_never_unpacked(hostile, tmp_path):
+    """Bodies are counted as they arrive: 48 MiB of zeros gzip to 48 KiB, inside any count, and
+    the client would unpack them. A pull asks for bodies uncompressed and refuses one that is not."""
+    import gzip
+
+    hostile.upload("org/m", {"model.safetensors": b"weights", "recipe.toml": b"a = 1\n"})
+    bomb = gzip.compress(b"\0" * (48 << 20))
+    asked = []
+
+    def gzipped(handler, method, path):
+        if method != "GET" or not path.endswith("/model.safetensors"):
+            return False
+        asked.append(handler.headers.get("Accept-Encoding"))
+        handler._send(200, bomb, {"Content-Encoding": "gzip"}, "application/octet-stream")
+        return True
+
+    hostile.on_request = gzipped
+    (cache,) = main_in_process(env_for(hostile, tmp_path), ["hub", "pull", "org/m"])
+    line = one_error_line(cache)
+    assert line.endswith("sent a 'gzip'-compressed body, asked for it uncompressed; refusing it "
+                         "(its unpacked size is not bounded)"), line
+    assert asked and set(asked) == {"identity"}
+    assert sum(p.stat().st_size for p in (tmp_path / "home").rglob("*") if p.is_file()) < 1 << 20
