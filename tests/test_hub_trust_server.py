@@ -274,8 +274,10 @@ def test_a_compressed_body_is_refused_and_never_unpacked(hostile, tmp_path):
     the client would unpack them. A pull asks for bodies uncompressed and refuses one that is not."""
     import gzip
 
-    hostile.upload("org/m", {"model.safetensors": b"weights", "recipe.toml": b"a = 1\n"})
+    # listed at 64 KiB: the bomb's 48 KiB fit the count of the bytes that arrive
+    hostile.upload("org/m", {"model.safetensors": bytes(range(256)) * 256, "recipe.toml": b"a = 1\n"})
     bomb = gzip.compress(b"\0" * (48 << 20))
+    assert len(bomb) < 64 << 10
     asked = []
 
     def gzipped(handler, method, path):
