@@ -76,7 +76,27 @@ def save_safetensors_file(tensors: dict[str, torch.Tensor], path: str | Path,
     """safetensors' ``save_file``, atomically: an existing file is replaced whole or kept."""
     from safetensors.torch import save_file
 
-    write_atomic(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    def save(tmp: Path) -> None:
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as exc:
+            # A full disk or a lost permission is an I/O error the Rust writer reports as its
+            # own exception ("... (os error 28) ..."): as an OSError, every caller's handling of
+            # file errors applies (one line, exit 2), where this one was a traceback.
+            errno = _os_errno(exc)
+            if errno is None:
+                raise
+            raise OSError(errno, os.strerror(errno), str(path)) from None
+
+    write_atomic(Path(path), save)
+
+
+def _os_errno(exc: Exception) -> int | None:
+    """The OS error number a safetensors error carries (``... (os error 28) ...``), if any."""
+    import re
+
+    m = re.search(r"\(os error (\d+)\)", str(exc))
+    return int(m.group(1)) if m else None
 
 
 def load_safetensors_file(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:

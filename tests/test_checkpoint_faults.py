@@ -194,6 +194,46 @@ def test_full_disk_is_one_error_and_loses_nothing(small_disk, capsys, async_save
     ck.open_checkpoint(good[0])  # still verifies
 
 
+def _fill(disk: Path) -> None:
+    with open(disk / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (256 << 10))
+                f.flush()
+        except OSError:
+            pass
+
+
+@pytest.mark.parametrize("size", [0, 3 << 20], ids=["full", "fills-while-writing"])
+def test_a_safetensors_write_onto_a_full_disk_is_an_os_error(small_disk, size):
+    """safetensors' Rust writer reports a full disk as its own SafetensorError: every caller that
+    says a file error in one line (checkpoint saves, export, hub push, latent caches) let it
+    through as a bug, a traceback and exit 1. It is an OSError now, and nothing is left."""
+    import errno
+
+    from minfm_core.weights import save_safetensors_file
+
+    if size:  # room for part of the file: the disk fills while it is written
+        (small_disk / "filler").write_bytes(b"\0" * size)
+    else:
+        _fill(small_disk)
+    path = small_disk / "w.safetensors"
+    with pytest.raises(OSError) as info:
+        save_safetensors_file({"w": torch.zeros(1 << 18)}, path)  # 1 MiB
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+
+
+def test_an_export_onto_a_full_disk_is_one_line(small_disk, trained_run):
+    from conftest import minfm_in_process
+
+    (small_disk / "filler").write_bytes(b"\0" * ((4 << 20) - (120 << 10)))  # a folder fits, not the weights
+    res = minfm_in_process("export", "diffusers", str(trained_run), str(small_disk / "out"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.strip().endswith("No space left on device"), res.stderr
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]  # no empty out/ left
+
+
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_load_failures_quote_the_error_not_dcps_wrapping(runtime, tmp_path):
     """DCP reports a rank's failure as an (error, traceback summary) pair: the message quotes the error."""

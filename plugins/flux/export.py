@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 from pathlib import Path
@@ -86,9 +88,16 @@ def export_diffusers(src: str, out_dir: str, *, flavor: str | None = None, ema: 
     if dtype != "keep":
         sd = {k: v.to(DTYPES[dtype]) for k, v in sd.items()}
     out = Path(os.path.expanduser(out_dir))
+    made = not os.path.lexists(out)
     out.mkdir(parents=True, exist_ok=True)
     converted = {k: v.contiguous() for k, v in bfl_to_diffusers(sd).items()}
-    save_safetensors_file(converted, out / _WEIGHTS_NAME, metadata={"format": "pt"})
+    try:
+        save_safetensors_file(converted, out / _WEIGHTS_NAME, metadata={"format": "pt"})
+    except BaseException:
+        if made:  # a failed export into a new folder leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
     try:
         import diffusers
 
