@@ -306,6 +306,16 @@ def resume_point(root: Path, *, allow_pickle: bool = False) -> tuple[Checkpoint 
     return open_checkpoint(found, allow_pickle=allow_pickle, verify_files=rank0), skipped
 
 
+def remove_partial_saves(root: Path) -> None:
+    """Remove every ``.tmp-step_*`` in ``root``: each was left by a crash or a failed save, a
+    checkpoint's worth of disk, never complete. Only under the run lock (no other writer)."""
+    for stale in root.glob(".tmp-step_*") if root.is_dir() else ():
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink()
+
+
 class Checkpointer:
     """Saves app state asynchronously and atomically; prunes to ``keep_last``."""
 
@@ -338,14 +348,7 @@ class Checkpointer:
         failed = None
         if self.rank == 0:
             try:
-                # Every .tmp-step_* is left by a crash or a failed save (the last save is done:
-                # wait() above; the run lock keeps other writers out): a checkpoint's worth of
-                # disk each, never complete.
-                for stale in self.root.glob(".tmp-step_*"):
-                    if stale.is_dir() and not stale.is_symlink():
-                        shutil.rmtree(stale)
-                    else:
-                        stale.unlink()
+                remove_partial_saves(self.root)  # (the last save is done: finish() above)
                 tmp.mkdir(parents=True)
                 if self.recipe_text is not None:
                     write_text_atomic(tmp / "recipe.toml", self.recipe_text)

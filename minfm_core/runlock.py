@@ -37,7 +37,7 @@ import time
 import tomllib
 from pathlib import Path
 
-from .errors import MinfmError
+from .errors import MinfmError, first_line
 from .jsonio import parse_json
 from .safepath import relative_inside, require_folder_room
 from .textfiles import read_text
@@ -278,8 +278,12 @@ def check_run_record(path: Path) -> None:
             why = "it has comments"
         elif "extends" in tomllib.loads(text):
             why = "it extends another recipe"
-    except (MinfmError, OSError, tomllib.TOMLDecodeError):
-        why = "it is not a recipe minfm recorded"
+    except (MinfmError, OSError, tomllib.TOMLDecodeError) as exc:
+        # garbage or cut short: a damaged record (a crash, a full disk), or someone's other file
+        raise MinfmError(f"run.exp_dir: {path} is no recipe minfm can read ({first_line(exc, 120)}); a run records "
+                         "its resolved recipe there at every start: if it is this run's damaged record, remove "
+                         "it (each checkpoint keeps its own recipe.toml), else keep it outside run.exp_dir or "
+                         "choose another run.exp_dir") from None
     if why is not None:
         raise MinfmError(f"run.exp_dir: {path} looks written by hand ({why}); a run records its resolved "
                          "recipe there at every start, which would replace it: keep the recipe outside "
@@ -335,6 +339,11 @@ def hold_run_dir(exp_dir: Path, ckpt_dir: Path, param_bytes=None, outputs=()) ->
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
             lock = acquire(exp_dir)
+            from .checkpoint import remove_partial_saves
+
+            # before the room check and the first write: a save that ran out of disk left
+            # one, which would make a full disk of the one the resume needs
+            remove_partial_saves(ckpt_dir)
             preflight(exp_dir, ckpt_dir, param_bytes, outputs)
         except MinfmError as exc:
             if lock is not None:

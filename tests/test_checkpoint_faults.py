@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from checkpoint_helpers import copy_run
-from engine_helpers import losses, tiny
+from engine_helpers import TINY, losses, tiny
 from minfm_core import checkpoint as ck
 from minfm_core.checkpoint_format import CheckpointError
 from minfm_core.errors import MinfmError
@@ -222,6 +222,26 @@ def test_a_safetensors_write_onto_a_full_disk_is_an_os_error(small_disk, size):
         save_safetensors_file({"w": torch.zeros(1 << 18)}, path)  # 1 MiB
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+
+
+def test_a_failed_saves_leftovers_do_not_stop_the_resume(small_disk, capsys):
+    """A save that failed on a full disk leaves its .tmp-step_* folder, which only the next save
+    removed: the start's room check refused the resume ("0.0 MiB free"), and the run's first
+    write would fail, on a disk that holds the next checkpoint once they are gone. The start
+    removes them now, under the run lock."""
+    from minfm_core.cli.main import main
+
+    run = small_disk / "run"
+    args = ["run", str(TINY), "--set", f"run.exp_dir={run}", "--set", "train.ckpt_every=2",
+            "--set", "train.max_steps=2"]
+    assert main(args) == 0
+    partial = run / "checkpoints" / ".tmp-step_00000003"
+    partial.mkdir()
+    _fill(partial)  # what a save that ran out of disk leaves
+    capsys.readouterr()
+    assert main([*args[:-1], "train.max_steps=4"]) == 0, capsys.readouterr().err
+    assert not partial.exists()
+    assert [p.name for p in ck.list_checkpoints(run)] == ["step_00000002", "step_00000004"]
 
 
 def test_an_export_onto_a_full_disk_is_one_line(small_disk, trained_run):

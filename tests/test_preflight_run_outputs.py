@@ -153,6 +153,29 @@ def test_a_hand_written_recipe_in_the_run_folder_is_not_replaced(tmp_path, capsy
     assert mine.read_text() == text and not (exp / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("damage", ["garbage", "cut"])
+def test_a_damaged_run_record_says_how_to_go_on(tmp_path, capsys, damage):
+    """A run's recipe.toml cut short or overwritten with garbage (a crash, a full disk) was
+    refused as "written by hand"; it names the damage and the way on: remove it, as every
+    checkpoint keeps its own recipe, and the run resumes."""
+    exp = tmp_path / "exp"
+    args = ["run", str(TINY), "--set", f"run.exp_dir={exp}", "--set", "train.max_steps=2"]
+    assert main(args) == 0
+    record = exp / "recipe.toml"
+    text = record.read_bytes()
+    record.write_bytes(b"\x00\xff" * 64 if damage == "garbage" else text[: len(text) // 3] + b"[tra")
+    capsys.readouterr()
+    assert main([*args[:-1], "train.max_steps=3"]) == 2
+    line = _one_error_line(capsys)
+    assert f"run.exp_dir: {record} is no recipe minfm can read (" in line and line.endswith(
+        "if it is this run's damaged record, remove it (each checkpoint keeps its own recipe.toml), else keep it "
+        "outside run.exp_dir or choose another run.exp_dir")
+    record.unlink()
+    assert main([*args[:-1], "train.max_steps=3"]) == 0
+    assert f"minfm: resumed from {exp / 'checkpoints' / 'step_00000002'} at step 2" in capsys.readouterr().out
+    assert (exp / "checkpoints" / "step_00000003").is_dir()
+
+
 def test_a_recorded_recipe_is_rewritten_on_resume(tmp_path):
     """The run's own record (resolved: no comments, no extends) is what a resume rewrites."""
     exp = tmp_path / "exp"
