@@ -173,13 +173,7 @@ def test_full_disk_is_one_error_and_loses_nothing(small_disk, capsys, async_save
         trainer.checkpointer.wait()
         good = ck.list_checkpoints(run)
         assert [p.name for p in good] == ["step_00000002"]
-        with open(small_disk / "filler", "wb") as f:  # fill the disk
-            try:
-                while True:
-                    f.write(b"\0" * (256 << 10))
-                    f.flush()
-            except OSError:
-                pass
+        _fill(small_disk)
         trainer.fit(until=3)
         with pytest.raises(MinfmError, match="No space left on device") as info:
             trainer.save()
@@ -195,6 +189,7 @@ def test_full_disk_is_one_error_and_loses_nothing(small_disk, capsys, async_save
 
 
 def _fill(disk: Path) -> None:
+    """Fill ``disk`` (a file ``filler`` in it, written until the disk refuses more)."""
     with open(disk / "filler", "wb") as f:
         try:
             while True:
