@@ -63,6 +63,18 @@ def test_resolution_shift_is_per_sample_and_keeps_the_ends():
     assert torch.equal(NoWarp()(t, lens), t)
 
 
+def test_resolution_shift_keeps_the_ends_where_its_gain_overflows():
+    """From ~611,538 tokens e^-mu underflows to 0 in fp32, and t / (t + e^-mu (1 - t)) was 0/0 at
+    t = 0: a NaN that Euler spread to every token of the sample. A mu extrapolated below the
+    base (base_len > max_len) overflows e^-mu at t = 1 the same way."""
+    from minfm_plugins.flow.config import ResolutionShiftConfig
+
+    ends = torch.tensor([0.0, 0.5, 1.0])
+    for warper, lens in ((ResolutionShift(), 2**24), (ResolutionShift(ResolutionShiftConfig(base_len=4096, max_len=256)), 2**24)):
+        out = warper(ends, torch.full((3,), lens))
+        assert torch.isfinite(out).all() and out[0] == 0 and out[2] == 1, out
+
+
 @pytest.mark.parametrize("sampler", [UniformTimeSampler(), LogitNormalTimeSampler(LogitNormalTimeConfig(mu=0.5, sigma=1.2))])
 def test_time_samplers_shape_range_determinism(sampler):
     t = sampler(50_000, generator=torch.Generator().manual_seed(0))
@@ -96,6 +108,18 @@ def test_weighters():
     logit = math.log(x / (1 - x))
     want = math.exp(-((logit - mu) ** 2) / (2 * s * s)) / (s * math.sqrt(2 * math.pi) * x * (1 - x))
     assert LogitNormalWeight(LogitNormalWeightConfig(mu=mu, sigma=s))(torch.tensor([x])).item() == pytest.approx(want, rel=1e-6)
+
+
+def test_the_narrowest_weighter_allowed_is_finite():
+    """sigma = 1e-200 passed the range (0, 10] and weighted by NaN; 1e-3 is the least now."""
+    from minfm_core.errors import MinfmError
+
+    t = torch.linspace(0, 1, 100_001)
+    for mu in (-10.0, 0.0, 10.0):
+        w = LogitNormalWeight(LogitNormalWeightConfig(mu=mu, sigma=1e-3))(t)
+        assert torch.isfinite(w).all() and (w >= 0).all()
+    with pytest.raises((MinfmError, ValueError), match=r"must be in \[0.001, 10\], got 0.0001"):
+        LogitNormalWeightConfig(sigma=1e-4)
 
 
 def test_rectified_path():

@@ -13,6 +13,8 @@ PATCH = Range(1, 64)
 LOGIT_MEAN = Range(-10, 10)
 #: Its spread, on the same logit scale.
 LOGIT_STD = Range(0, 10, lo_open=True)
+#: A weighter's density divides by sigma and squares 1/sigma: below this it is inf or NaN in fp32.
+WEIGHT_STD = Range(1e-3, 10)
 #: A guidance scale.
 GUIDANCE = Range(0, MAX_GUIDANCE)
 
@@ -87,7 +89,7 @@ class LogitNormalWeightConfig:
     """Weight the loss by the logit-normal pdf at t (its mean under t ~ U(0, 1) is 1)."""
 
     mu: float = field(0.0, doc="mean of the normal before the sigmoid", validator=LOGIT_MEAN)
-    sigma: float = field(1.0, doc="std of the normal before the sigmoid", validator=LOGIT_STD)
+    sigma: float = field(1.0, doc="std of the normal before the sigmoid", validator=WEIGHT_STD)
 
 
 @config

@@ -68,7 +68,8 @@ class ResolutionShift:
     """Per-sample shift from each sample's own image token count (FLUX's dynamic shifting).
 
     mu = base_shift + (max_shift - base_shift) (len - base_len) / (max_len - base_len);
-    t' = e^mu / (e^mu + 1/t - 1), computed as t / (t + e^-mu (1 - t)), which is finite at t = 0.
+    t' = e^mu / (e^mu + 1/t - 1), computed as t / (t + e^-mu (1 - t)), with t' = t at t in {0, 1}
+    (where e^-mu under- or overflows, past ~600,000 tokens, that form is 0/0).
     """
 
     def __init__(self, cfg: ResolutionShiftConfig | None = None) -> None:
@@ -84,7 +85,8 @@ class ResolutionShift:
         # mu in float64 (cheap, n values) so large token counts do not lose digits; the shift itself
         # runs in t's dtype.
         inv_gain = torch.exp(-self.mu(seq_lens)).to(device=t.device, dtype=t.dtype)
-        return t / (t + inv_gain * (1 - t))
+        shifted = t / (t + inv_gain * (1 - t))
+        return torch.where((t <= 0) | (t >= 1), t, shifted)
 
 
 class NoWarp:
