@@ -199,3 +199,14 @@ def test_simulate_counts_text_with_a_third_party_encoders_count_tokens(encoders,
     # an encoder that cannot tell gets the range, said aloud
     assert all(v >= 256 + 900 for v in traces["silent"])
     assert "text lengths: drawn from 900-900 tokens" in traces["silent.err"]
+
+
+def test_simulate_names_an_encoder_whose_counts_break_the_protocol(encoders, tmp_path, capsys):
+    """A count list one short was an IndexError in the simulator, reported as a bug in minFM."""
+    quickstart = str(ROOT / "recipes" / "quickstart.toml")
+    assert main(["balance", "simulate", quickstart, "--world-size", "2", "--bags", "g1n2", "--steps", "1",
+                 "--set", 'model.text_encoder={name = "lying"}', "--set", "model.denoiser.d_txt=16"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "bug" not in err
+    assert err.strip().endswith("text_encoder 'lying' of plugin 'count_probe': count_tokens(prompts): "
+                                "expected token counts (ints >= 0), got 1.5")

@@ -17,13 +17,15 @@ would do to the balance.
 
 from __future__ import annotations
 
+import functools
 import random
 import sys
 
 import torch
 
 from minfm_core.data_loader import epoch_order
-from minfm_core.errors import MinfmError
+from minfm_core import boundary
+from minfm_core.errors import MinfmError, PluginError
 
 
 def _latent_frames(frames: int, cf: int) -> int:
@@ -57,13 +59,28 @@ def text_counter(resolved, text_range: tuple[int, int], seed: int):
         # protocols.TextEncoder.count_tokens (None: it cannot tell); a tokenizer comes from
         # the local Hugging Face cache
         if enc.count_tokens([""]) is not None:
-            return lambda prompt: enc.count_tokens([prompt])[0]
+            return functools.partial(_count, enc, slot.component.describe())
     except Exception as exc:  # noqa: BLE001 - any failure falls back to the range, said aloud
         note = f"{type(exc).__name__}: {exc}"
     lo, hi = text_range
     print(f"text lengths: drawn from {lo}-{hi} tokens (text encoder gave none{': ' + note if note else ''})", file=sys.stderr)
     rng = random.Random(seed)
     return lambda prompt: rng.randint(lo, hi)
+
+
+def _count(enc, who: str, prompt: str) -> int:
+    """``prompt``'s text tokens by the encoder's ``count_tokens``, its answer checked as the engine
+    checks it (a list one short was an IndexError here, blamed on minFM)."""
+    try:
+        counts = enc.count_tokens([prompt])
+    except PluginError:
+        raise
+    except MinfmError as exc:  # a caption the encoder refuses: the run would stop on it too
+        raise MinfmError(f"model.text_encoder: {exc}") from None
+    problem = boundary.counts_problem(counts, 1)
+    if problem is not None:
+        raise PluginError(f"{who}: count_tokens(prompts): {problem}")
+    return counts[0]
 
 
 def recipe_trace(resolved, world: int, steps: int, seed: int = 0, batch_size: int | None = None,
