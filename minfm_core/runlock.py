@@ -325,8 +325,9 @@ def run_outputs(resolved, job: str = "train") -> list[tuple[Path, bool, str]]:
     return out
 
 
-def hold_run_dir(exp_dir: Path, ckpt_dir: Path, param_bytes=None, outputs=()) -> RunLock | None:
-    """The trainer's start: rank 0 locks ``exp_dir`` and runs :func:`preflight`.
+def hold_run_dir(exp_dir: Path, ckpt_dir: Path, param_bytes=None, outputs=(), tidy=None) -> RunLock | None:
+    """The trainer's start: rank 0 locks ``exp_dir``, calls ``tidy()`` (what only the lock's holder
+    may remove) and runs :func:`preflight`.
 
     Its verdict is broadcast, so with several ranks every one of them stops with the same
     one-line error instead of waiting for rank 0 in a collective. Returns the lock on
@@ -339,11 +340,8 @@ def hold_run_dir(exp_dir: Path, ckpt_dir: Path, param_bytes=None, outputs=()) ->
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
             lock = acquire(exp_dir)
-            from .checkpoint import remove_partial_saves
-
-            # before the room check and the first write: a save that ran out of disk left
-            # one, which would make a full disk of the one the resume needs
-            remove_partial_saves(ckpt_dir)
+            if tidy is not None:
+                tidy()
             preflight(exp_dir, ckpt_dir, param_bytes, outputs)
         except MinfmError as exc:
             if lock is not None:

@@ -114,9 +114,12 @@ class Trainer:
         self.accum = accumulation_steps(self.cfg.total_batch_size, self.cfg.batch_size, rt.world_size)
         # One writer per run dir, every place it writes writable, and room for a checkpoint,
         # before any work (docs/reliability.md).
-        self.run_lock = runlock.hold_run_dir(self.exp_dir, self.exp_dir / ckpt_mod.CKPT_DIR,
-                                             lambda: runlock.denoiser_param_bytes(resolved),
-                                             runlock.run_outputs(resolved, "train"))
+        ckpt_dir = self.exp_dir / ckpt_mod.CKPT_DIR
+        # partial saves go before the room check and the first write: one that ran out of disk
+        # would otherwise make a full disk of the one the resume needs
+        self.run_lock = runlock.hold_run_dir(self.exp_dir, ckpt_dir, lambda: runlock.denoiser_param_bytes(resolved),
+                                             runlock.run_outputs(resolved, "train"),
+                                             tidy=lambda: ckpt_mod.remove_partial_saves(ckpt_dir))
         self.recipe_text = tomli_w.dumps(resolved.to_dict())
         if rt.is_main:
             self.exp_dir.mkdir(parents=True, exist_ok=True)
