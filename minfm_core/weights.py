@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -93,8 +94,6 @@ def save_safetensors_file(tensors: dict[str, torch.Tensor], path: str | Path,
 
 def _os_errno(exc: Exception) -> int | None:
     """The OS error number a safetensors error carries (``... (os error 28) ...``), if any."""
-    import re
-
     m = re.search(r"\(os error (\d+)\)", str(exc))
     return int(m.group(1)) if m else None
 

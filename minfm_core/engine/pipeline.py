@@ -91,13 +91,8 @@ class Pipeline:
         work: a prompt one cannot encode (a class table's unknown class) is refused now, named
         by ``what`` (the flag or recipe key it came from), not when its batch is drawn."""
         for path, enc in (("model.text_encoder", self.text_encoder), ("model.clip_encoder", self.clip_encoder)):
-            if enc is None:
-                continue
-            try:
-                counts = enc.count_tokens(list(prompts))
-            except MinfmError as exc:
-                raise MinfmError(f"{what}: {exc}") from None
-            self.refuse(path, "count_tokens(prompts)", boundary.counts_problem(counts, len(prompts)))
+            if enc is not None:
+                counted_tokens(enc, self.who(path), prompts, what)
 
     # ---- frozen operators -------------------------------------------------------
     @torch.no_grad()
@@ -146,6 +141,22 @@ class Pipeline:
         # with a traceback, the input handed back failed in backward
         self.refuse("model.denoiser", "v = model(img, ...)", boundary.velocity_problem(v, x))
         return v
+
+
+def counted_tokens(enc: Any, who: str, prompts: list[str], what: str) -> list[int] | None:
+    """``enc.count_tokens(prompts)`` as the engine takes it: the encoder's refusal of a prompt is
+    one MinfmError named by ``what``; an answer that breaks the protocol, the PluginError of
+    ``who`` (the component, as :meth:`Pipeline.who` names it)."""
+    try:
+        counts = enc.count_tokens(list(prompts))
+    except PluginError:
+        raise
+    except MinfmError as exc:
+        raise MinfmError(f"{what}: {exc}") from None
+    problem = boundary.counts_problem(counts, len(prompts))
+    if problem is not None:
+        raise PluginError(f"{who}: count_tokens(prompts): {problem}")
+    return counts
 
 
 def shard(resolved, module: torch.nn.Module, *, world_size: int, device: torch.device, trainable: bool):

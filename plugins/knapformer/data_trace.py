@@ -24,8 +24,8 @@ import sys
 import torch
 
 from minfm_core.data_loader import epoch_order
-from minfm_core import boundary
-from minfm_core.errors import MinfmError, PluginError
+from minfm_core.engine.pipeline import counted_tokens
+from minfm_core.errors import MinfmError
 
 
 def _latent_frames(frames: int, cf: int) -> int:
@@ -69,18 +69,9 @@ def text_counter(resolved, text_range: tuple[int, int], seed: int):
 
 
 def _count(enc, who: str, prompt: str) -> int:
-    """``prompt``'s text tokens by the encoder's ``count_tokens``, its answer checked as the engine
-    checks it (a list one short was an IndexError here, blamed on minFM)."""
-    try:
-        counts = enc.count_tokens([prompt])
-    except PluginError:
-        raise
-    except MinfmError as exc:  # a caption the encoder refuses: the run would stop on it too
-        raise MinfmError(f"model.text_encoder: {exc}") from None
-    problem = boundary.counts_problem(counts, 1)
-    if problem is not None:
-        raise PluginError(f"{who}: count_tokens(prompts): {problem}")
-    return counts[0]
+    """``prompt``'s text tokens, the answer checked as the engine checks it (a list one short was
+    an IndexError here, blamed on minFM); a caption the encoder refuses stops the run too."""
+    return counted_tokens(enc, who, [prompt], "model.text_encoder")[0]
 
 
 def recipe_trace(resolved, world: int, steps: int, seed: int = 0, batch_size: int | None = None,
