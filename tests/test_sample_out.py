@@ -200,7 +200,7 @@ def test_a_request_that_failed_before_drawing_does_not_hold_its_out_folder(run_d
     out = tmp_path / "out"
     failed = sample(run_dir, out, "--prompt", "a red circle", "--set", "model.denoiser.d_model=64")
     one_error_line(failed, "does not fit")
-    assert not list((out / "images").iterdir())  # its record only
+    assert not out.exists()  # neither its record nor the folder it made
     ok = sample(run_dir, out, "--prompt", "a red circle")
     assert ok.returncode == 0, ok.stderr
     assert json.loads((out / "metadata.json").read_text())["complete"]
@@ -215,7 +215,7 @@ def test_a_size_past_one_sequence_is_refused_and_overwrite_drops_the_old_gallery
     # another request with --overwrite that fails before drawing: the old page would link to nothing
     failed = sample(run_dir, out, "--prompt", "a green triangle", "--overwrite", "--set", "model.denoiser.d_model=64")
     one_error_line(failed, "does not fit")
-    assert not (out / "index.html").exists() and not list((out / "images").iterdir())
+    assert sorted(p.name for p in out.iterdir()) == [".minfm.lock"]  # nor the failed request's record
 
 
 def test_a_second_sampler_on_the_same_out_is_refused(run_dir, tmp_path):

@@ -394,6 +394,9 @@ def run_sampling(resolved, prompts: list[str], out: Path, *, weights, source: st
     if s.size[0] > 1:
         require_av()  # clips are written as MP4: say the extra is missing now, not after the first batch
     rt = init_runtime(resolved.recipe.run.device)
+    # From claiming the out folder to the first batch: a request refused in between (a prompt
+    # the text encoder cannot encode, weights that do not load) takes its record back.
+    claimed_unused = False
     try:
         # Before any model is built: the out folder must hold this request's samples or none.
         settings = request_settings(resolved, prompts, source=source, weights=weights, fps=fps)
@@ -409,6 +412,7 @@ def run_sampling(resolved, prompts: list[str], out: Path, *, weights, source: st
                 _refuse_out_in_checkpoint(out, out_flag)
                 runlock.acquire(out, what=out_flag)
                 prepare_out(out, settings, overwrite=overwrite, flag=out_flag)
+                claimed_unused = True
             except MinfmError as exc:
                 error = str(exc)
         error = _broadcast(error)
@@ -426,6 +430,7 @@ def run_sampling(resolved, prompts: list[str], out: Path, *, weights, source: st
         if weights is not None:
             loaded = load_denoiser_weights(pipe.denoiser, *weights, use_ema=s.use_ema, allow_pickle=allow_pickle)
         batches = plan_batches(len(prompts), s.samples_per_prompt, s.batch_size)
+        claimed_unused = False
         images_dir = out / "images"
         clips = s.size[0] > 1
         seed_of = lambda i, k: image_seed(s.seed, i, k, s.samples_per_prompt)  # noqa: E731
@@ -491,9 +496,28 @@ def run_sampling(resolved, prompts: list[str], out: Path, *, weights, source: st
                 print(f"minfm: {out} holds all {len(items)} {kind}: {drawn} drawn now, {len(items) - drawn} already there")
     finally:
         if rt.is_main:
-            runlock.release(out)
+            if claimed_unused:
+                _forget_request(out)
+            runlock.release(out)  # which also removes the folders it made, if nothing else is left there
         shutdown_runtime()
     return 0
+
+
+def _forget_request(out: Path) -> None:
+    """Undo :func:`prepare_out` for a request refused before its first batch: its record and an
+    empty ``images/``. A folder holding any image keeps its record, which is what matches those
+    images on resume."""
+    images = out / "images"
+    try:
+        if (out / "samples.npz").exists() or (images.is_dir() and not images.is_symlink() and any(images.iterdir())):
+            return
+        meta = out / "metadata.json"
+        if meta.is_file() and not meta.is_symlink():
+            meta.unlink()
+        if images.is_dir() and not images.is_symlink():
+            images.rmdir()
+    except OSError:
+        pass  # left as it is: a record without images holds nothing (prepare_out)
 
 
 def _written(path: Path) -> bool:
