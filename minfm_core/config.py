@@ -35,8 +35,36 @@ Dtype = Literal["fp32", "bf16", "fp16"]
 
 T = TypeVar("T")
 
-#: Decorator for component configs: frozen, keyword-only attrs classes.
-config = functools.partial(attrs.frozen, kw_only=True)
+class FieldTypeError(TypeError):
+    """A config built in Python with a value not of its field's type (a recipe's values are
+    checked while structuring, before the class sees them)."""
+
+    def __init__(self, cls: type, field: str, detail: str):
+        self.field, self.detail = field, detail
+        super().__init__(f"{cls.__name__}.{field}: {detail}")
+
+
+def _check_field_type(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    """Every config field's first validator: ``RectifiedConfig(compute_dtype="fp64")`` written
+    in Python is refused where it is made, not met as a KeyError when the component builds."""
+    cls = type(instance)
+    try:
+        attrs.resolve_types(cls)  # once per class (attrs remembers); the registry checks it resolves
+    except Exception:
+        return
+    tp = attrs.fields_dict(cls)[attribute.name].type
+    if not fits_type(tp, value):
+        raise FieldTypeError(cls, attribute.name, f"expected {type_text(tp)}, got {_what(value)}")
+
+
+def _typed_fields(cls: type, fields: list[attrs.Attribute]) -> list[attrs.Attribute]:
+    return [f.evolve(validator=_check_field_type if f.validator is None
+                     else attrs.validators.and_(_check_field_type, f.validator)) for f in fields]
+
+
+#: Decorator for component configs: frozen, keyword-only attrs classes whose fields check
+#: their type when made (and then their own validators: a range is never asked about a string).
+config = functools.partial(attrs.frozen, kw_only=True, field_transformer=_typed_fields)
 
 
 #: Kinds of file reference a field may declare with ``field(..., file=...)``:
@@ -109,15 +137,14 @@ def config_problems(cls: type) -> list[str]:
         if why:
             problems.append(f"field {f.name!r}: {why}")
         elif f.default is not attrs.NOTHING and not isinstance(f.default, attrs.Factory) \
-                and not _default_fits(f.type, f.default):
+                and not fits_type(f.type, f.default):
             problems.append(f"field {f.name!r}: default {short_repr(f.default)} is not of type {type_text(f.type)}")
     return problems
 
 
-def _default_fits(tp: Any, value: Any) -> bool:
-    """Whether a plain default is a value of type ``tp`` as a recipe would give it: a list
-    for a tuple field stayed a list (unhashable, in a frozen config) only where the recipe
-    left the field unset."""
+def fits_type(tp: Any, value: Any) -> bool:
+    """Whether ``value`` is of type ``tp`` as a recipe would give it (a tuple field holds a
+    tuple: a list would be unhashable in a frozen config; a float field takes an int)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -128,13 +155,13 @@ def _default_fits(tp: Any, value: Any) -> bool:
     if origin is Literal:
         return any(type(value) is type(a) and value == a for a in args)
     if origin in (Union, types.UnionType):
-        return any(a is type(None) and value is None or a is not type(None) and _default_fits(a, value) for a in args)
+        return any(a is type(None) and value is None or a is not type(None) and fits_type(a, value) for a in args)
     if origin is tuple:
         if not isinstance(value, tuple):
             return False
         if len(args) == 2 and args[1] is Ellipsis:
-            return all(_default_fits(args[0], v) for v in value)
-        return len(args) == len(value) and all(_default_fits(a, v) for a, v in zip(args, value))
+            return all(fits_type(args[0], v) for v in value)
+        return len(args) == len(value) and all(fits_type(a, v) for a, v in zip(args, value))
     if isinstance(tp, type) and attrs.has(tp):
         return isinstance(value, tp)
     return True  # dict: a table its validator checks
@@ -327,6 +354,8 @@ def _format(exc: BaseException, tp: Any) -> str:
         return f"{exc.field}\x00{exc}"
     if isinstance(exc, ExpectedType):
         return str(exc)
+    if isinstance(exc, FieldTypeError):
+        return f"{exc.field}\x00{exc.detail}"
     if isinstance(exc, ForbiddenExtraKeysError):
         known = [a.name for a in attrs.fields(exc.cl)] if attrs.has(exc.cl) else []
         return "; ".join(  # a key is quoted whole up to 80 characters (100 KB of key is one line's worth)
