@@ -7,7 +7,10 @@ string and an ``"image"`` float tensor ``(3, F, H, W)`` in [-1, 1] (or a ``"late
 ``(C, F, h, w)``); a time sampler's and a time warper's ``t`` is a float tensor ``(n,)`` in
 [0, 1]; a time weighter's ``w`` a float tensor ``(n,)``, finite and >= 0; a denoiser's
 velocity a fresh float tensor of its input's shape; a sampler's result and guidance's
-velocity a float tensor of its input's shape.
+velocity a float tensor of its input's shape; an attention backend's output one of q's; a
+text encoder's tokens ``(L, dim)`` with ``lens (n,)`` summing to L (``(n, dim)`` when
+pooled); a VAE's latents ``(C, F', h, w)`` as its config's ``latent_channels`` and
+``compression`` make them, and its decoded images the encoded sizes again.
 
 Each function returns None when the value keeps the rule, else what is wrong as
 ``expected ..., got ...`` (the caller says whose value it was). ``values=False`` checks
@@ -158,3 +161,68 @@ def velocity_problem(v: Any, x: Any) -> str | None:
     if v is x or (v.device.type != "meta" and v.numel() and v.data_ptr() == x.data_ptr()):
         return "expected a fresh tensor, got its input (or a view of it)"
     return None
+
+
+def _float_tensor_problem(x: Any, shape: tuple[int, ...], what: str) -> str | None:
+    """A float tensor of ``shape`` (-1: any size there; ``what`` names the value, as ``expected`` says it)."""
+    if not isinstance(x, _tensor_type()):
+        return f"expected {what} tensor of shape {shape}, got {_type(x)}"
+    if x.dim() != len(shape) or any(want not in (-1, got) for want, got in zip(shape, x.shape)):
+        shown = "(" + ", ".join("?" if d == -1 else str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+        return f"expected {what} of shape {shown}, got {tuple(x.shape)}"
+    if not x.is_floating_point():
+        return f"expected {what} as a floating-point tensor, got {x.dtype}"
+    return None
+
+
+def text_problem(out: Any, n: int, dim: int | None, pooled: bool) -> str | None:
+    """A text encoder's answer for ``n`` prompts: ``(tokens (L, dim), lens (n,))`` packed, lens
+    integers >= 0 summing to L; or ``(n, dim)`` when ``pooled`` (its config's ``dim``; None:
+    a config without one, any width)."""
+    dim = -1 if dim is None else dim
+    if pooled:
+        return _float_tensor_problem(out, (n, dim), "pooled vectors")
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        return f"expected (tokens (L, dim), lens ({n},)), got {_type(out)}" + \
+            (f" of {len(out)}" if isinstance(out, (tuple, list)) else "")
+    tokens, lens = out
+    if not isinstance(lens, _tensor_type()) or tuple(lens.shape) != (n,) or lens.is_floating_point() \
+            or lens.is_complex():
+        got = f"{tuple(lens.shape)} {lens.dtype}" if isinstance(lens, _tensor_type()) else _type(lens)
+        return f"expected lens as an integer tensor of shape ({n},), got {got}"
+    total = int(lens.sum()) if n else 0
+    if n and int(lens.min()) < 0:
+        return f"expected lens >= 0, got {int(lens.min())}"
+    return _float_tensor_problem(tokens, (total, dim), "tokens (sum(lens), dim)")
+
+
+def latent_shape(channels: int, compression: tuple[int, int, int], size: tuple[int, int, int]) -> tuple[int, ...]:
+    """``(C, F', h, w)``: what a VAE of ``latent_channels`` and ``compression`` (frames, height,
+    width) makes of an image ``(3, F, H, W)`` of ``size`` (F, H, W); a video VAE (frames
+    compressed) keeps the first frame, so F' = 1 + (F - 1) / cf. A side the compression does
+    not divide is -1 (left to the VAE: padding or cropping is its own choice)."""
+    cf, ch, cw = compression
+    f, h, w = size
+    frames = f if cf == 1 else (1 + (f - 1) // cf if (f - 1) % cf == 0 else -1)
+    return (channels, frames, h // ch if h % ch == 0 else -1, w // cw if w % cw == 0 else -1)
+
+
+def _list_problem(xs: Any, shapes: list[tuple[int, ...]], what: str) -> str | None:
+    if not isinstance(xs, (list, tuple)) or len(xs) != len(shapes):
+        return f"expected a list of {len(shapes)} {what}s, got {_type(xs)}" + \
+            (f" of {len(xs)}" if isinstance(xs, (list, tuple)) else "")
+    for i, (x, shape) in enumerate(zip(xs, shapes)):
+        problem = _float_tensor_problem(x, shape, f"{what} {i}")
+        if problem is not None:
+            return problem
+    return None
+
+
+def latents_problem(latents: Any, shapes: list[tuple[int, ...]]) -> str | None:
+    """A VAE's ``encode``: one latent per image, of the shape :func:`latent_shape` gives it."""
+    return _list_problem(latents, shapes, "latent")
+
+
+def decoded_problem(images: Any, sizes: list[tuple[int, int, int]]) -> str | None:
+    """A VAE's ``decode``: one image ``(3, F, H, W)`` per latent, of the size it was encoded from."""
+    return _list_problem(images, [(3, *size) for size in sizes], "image")

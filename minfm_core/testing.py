@@ -218,12 +218,13 @@ def check_vae(component, config=None, *, smoke: bool = False) -> Any:
         return [torch.Generator().manual_seed(i) for i in range(len(images))]
 
     latents = vae.encode(images, generators=gens())
-    assert len(latents) == 2 and all(x.dim() == 4 for x in latents), "encode gives one (C, F, h, w) per image"
+    shapes = [boundary.latent_shape(cfg.latent_channels, cfg.compression, tuple(x.shape[1:])) for x in images]
+    _ok(boundary.latents_problem(latents, shapes), "vae: latents = encode(images) (latent_channels, compression)")
     torch.rand(7)
     assert all(torch.equal(a, b) for a, b in zip(latents, vae.encode(images, generators=gens()))), (
         "vae: encode with equally seeded generators differs: draw every random number from generators[i]")
     back = vae.decode(latents)
-    assert [tuple(x.shape) for x in back] == [tuple(x.shape) for x in images], "decode inverts encode's shapes"
+    _ok(boundary.decoded_problem(back, [tuple(x.shape[1:]) for x in images]), "vae: images = decode(latents)")
     again = _rebuilt("vae", component, config)
     same = all(torch.equal(a, b) for a, b in zip(back, again.decode(latents)))
     _ok(None if same else _FROZEN_RULE, "vae")
@@ -235,14 +236,13 @@ def check_text_encoder(component, config=None, *, smoke: bool = False) -> Any:
     if not smoke:
         with torch.device("meta"):
             return _members("text_encoder", _build("text_encoder", component, config, load_weights=False))
+    cfg = _factory("text_encoder", component, config)[1]
     enc = _members("text_encoder", _build("text_encoder", component, config, load_weights=True))
     prompts = ["a red circle", "a blue square on a white background"]
     out = enc(prompts)
-    if enc.pooled:
-        assert out.dim() == 2 and out.shape[0] == 2, "a pooled encoder returns (n, dim)"
-    else:
-        tokens, lens = out
-        assert lens.shape == (2,) and int(lens.sum()) == tokens.shape[0], "tokens (L, dim) packed with lens (n,)"
+    _ok(boundary.text_problem(out, 2, getattr(cfg, "dim", None), enc.pooled), "text_encoder: enc(prompts) (its config's dim)")
+    if not enc.pooled:
+        lens = out[1]
     counts = enc.count_tokens(prompts)
     _ok(boundary.counts_problem(counts, 2), "text_encoder: count_tokens(prompts)")
     want = [1, 1] if enc.pooled else lens.tolist()
@@ -351,7 +351,7 @@ def check_attention(component, config=None, *, smoke: bool = True) -> Any:
     if smoke:
         q = torch.randn(5, 2, 8)
         out = attn(q, q, q, torch.tensor([0, 2, 5], dtype=torch.int32), 3)
-        assert out.shape == q.shape, f"attention returned {tuple(out.shape)}, expected {tuple(q.shape)}"
+        _ok(boundary.shaped_like_problem(out, q), "attention: out = attention(q, k, v, cu_seqlens, max_seqlen)")
     return attn
 
 

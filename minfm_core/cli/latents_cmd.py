@@ -62,10 +62,11 @@ def _shard_name(i: int) -> str:
     return f"part-{i:05d}"
 
 
-def encode_split(vae, dataset, out: Path, split: str, *, shard_size: int, batch_size: int, dtype: str,
+def encode_split(vae, dataset, out: Path, split: str, *, vae_slot, shard_size: int, batch_size: int, dtype: str,
                  limit: int | None = None, rank: int = 0, world: int = 1, seed: int = 0, log=print,
                  request: dict | None = None, num_workers: int = 0) -> dict[str, int]:
     """Encode this rank's unfinished shards of one split; write the index when all are done.
+    ``vae_slot``: the recipe's ``model.vae`` (its config says what shape every latent has).
     ``num_workers`` processes read (decode) the items ahead of the VAE (0: this one does).
 
     ``request`` (the dataset and VAE settings) is kept in ``cache.json`` with the item count,
@@ -103,7 +104,7 @@ def encode_split(vae, dataset, out: Path, split: str, *, shard_size: int, batch_
     shard_batches = {s: [list(span[i:i + batch_size]) for i in range(0, len(span), batch_size)] for s, span in spans.items()}
     with loaded_ahead(dataset, [b for bs in shard_batches.values() for b in bs], num_workers) as loaded:
         for s, batches in shard_batches.items():
-            _encode_shard(vae, loaded, batches, out, s, split, torch_dtype, seed)
+            _encode_shard(vae, vae_slot, loaded, batches, out, s, split, torch_dtype, seed)
             stats["encoded"] += 1
             log(f"{split}: shard {s + 1}/{n_shards} ({len(spans[s])} items)")
     parts = [out / f"{_shard_name(s)}.json" for s in range(n_shards)]
@@ -114,11 +115,12 @@ def encode_split(vae, dataset, out: Path, split: str, *, shard_size: int, batch_
     return stats
 
 
-def _encode_shard(vae, loaded, batches: list[list[int]], out: Path, s: int, split: str, torch_dtype,
+def _encode_shard(vae, vae_slot, loaded, batches: list[list[int]], out: Path, s: int, split: str, torch_dtype,
                   seed: int) -> None:
     """Encode shard ``s``, whose ``batches`` of item indices come next from ``loaded``, and write it."""
     import torch
 
+    from ..engine.pipeline import encode_latents
     from ..engine.runtime import indexed_seed
     from ..weights import save_safetensors_file
 
@@ -136,7 +138,7 @@ def _encode_shard(vae, loaded, batches: list[list[int]], out: Path, s: int, spli
         images = [it["image"] for it in items]
         # per-item generators: any shard size, batch size or number of ranks, and a resumed
         # run, draw the same posterior samples
-        latents = vae.encode(images, generators=[torch.Generator().manual_seed(indexed_seed(seed, i)) for i in indices])
+        latents = encode_latents(vae, vae_slot, images, [torch.Generator().manual_seed(indexed_seed(seed, i)) for i in indices])
         for i, item, z in zip(indices, items, latents):
             key = f"{i:08d}"
             tensors[key] = z.detach().to("cpu", torch_dtype).contiguous()
@@ -186,7 +188,8 @@ def run(args) -> int:
         # Flips are drawn per epoch when the cache is read: the images are stored unflipped
         # (every p_flip 0, a mix's sources' too).
         dataset = attrs.evolve(data, config=without_flips(data.config)).build(split=split)
-        stats = encode_split(vae, dataset, out / split, split, shard_size=args.shard_size, batch_size=args.batch_size,
+        stats = encode_split(vae, dataset, out / split, split, vae_slot=resolved["model.vae"],
+                             shard_size=args.shard_size, batch_size=args.batch_size,
                              dtype=args.dtype, limit=args.limit, rank=rank, world=world,
                              seed=resolved.recipe.run.seed, log=lambda m: print(m, file=sys.stderr),
                              request=request, num_workers=args.dataloader_num_workers)

@@ -85,6 +85,7 @@ def generate(
     _refuse(sampler_is, "x0 = sampler(velocity, x, lens, ...)", boundary.shaped_like_problem(x0, x))
     latents = pipe.patchifier.unpatchify(x0, lens, patched.shapes)
     images = pipe.vae.decode(latents)
+    _refuse(pipe.who("model.vae"), "images = vae.decode(latents)", boundary.decoded_problem(images, [tuple(s) for s in sizes]))
     return [img.float().clamp(-1, 1).cpu() for img in images]
 
 

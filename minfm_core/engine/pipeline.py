@@ -99,11 +99,19 @@ class Pipeline:
     def encode_text(self, prompts: list[str]) -> TextBatch:
         if self.text_encoder is None:
             raise MinfmError("model.text_encoder: the denoiser needs a text encoder")
-        txt, lens = self.text_encoder(prompts)
-        vec = self.clip_encoder(prompts) if self.clip_encoder is not None else None
+        txt, lens = self._encoded("model.text_encoder", self.text_encoder, prompts)
+        vec = self._encoded("model.clip_encoder", self.clip_encoder, prompts) if self.clip_encoder is not None else None
         return TextBatch(
             txt.to(self.device, torch.float32), lens.to(self.device), None if vec is None else vec.to(self.device, torch.float32)
         )
+
+    def _encoded(self, path: str, enc: Any, prompts: list[str]):
+        """``enc(prompts)``, checked (shape, dtype: free): a wrong width failed in the denoiser's
+        first matmul, blamed on minFM."""
+        out = enc(prompts)
+        dim = getattr(self.resolved.config(path), "dim", None) if self.resolved is not None else None
+        self.refuse(path, "enc(prompts)", boundary.text_problem(out, len(prompts), dim, enc.pooled))
+        return out
 
     @torch.no_grad()
     def encode_images(self, samples: list[dict], generators: list[torch.Generator]) -> list[Tensor]:
@@ -118,21 +126,19 @@ class Pipeline:
         todo = [i for i, x in enumerate(out) if x is None]
         if todo:
             images = [samples[i]["image"].to(self.device) for i in todo]
-            for i, lat in zip(todo, self.vae.encode(images, generators=[generators[i] for i in todo])):
+            latents = encode_latents(self.vae, self.resolved["model.vae"], images, [generators[i] for i in todo])
+            for i, lat in zip(todo, latents):
                 out[i] = lat
         return [x.to(self.device, torch.float32) for x in out]  # type: ignore[union-attr]
 
     def latent_shape(self, size: tuple[int, int, int]) -> tuple[int, int, int, int]:
         """(C, F, h, w) of the latent for an image of (frames, height, width)."""
         cfg = self.resolved.config("model.vae")
-        c = cfg.latent_channels
-        cf, ch, cw = cfg.compression
-        f, h, w = size
-        # Video VAEs keep the first frame: 1 + (F - 1) / cf latent frames.
-        lf = 1 + (f - 1) // cf if cf > 1 else f
-        if h % ch or w % cw:
-            raise MinfmError(f"size {h}x{w}: height and width must be multiples of the VAE's {ch}x{cw} compression")
-        return c, lf, h // ch, w // cw
+        _, ch, cw = cfg.compression
+        if size[1] % ch or size[2] % cw:
+            raise MinfmError(f"size {size[1]}x{size[2]}: height and width must be multiples of the VAE's "
+                             f"{ch}x{cw} compression")
+        return boundary.latent_shape(cfg.latent_channels, cfg.compression, size)
 
     # ---- denoiser calls ---------------------------------------------------------
     def velocity(self, x: Tensor, pos: Tensor, lens: Tensor, text: TextBatch, t: Tensor, guidance: Tensor | None = None):
@@ -141,6 +147,19 @@ class Pipeline:
         # with a traceback, the input handed back failed in backward
         self.refuse("model.denoiser", "v = model(img, ...)", boundary.velocity_problem(v, x))
         return v
+
+
+def encode_latents(vae: Any, slot: Any, images: list[Tensor], generators: list[torch.Generator]) -> list[Tensor]:
+    """``vae.encode(images, generators=generators)``, each latent checked against the shape the
+    VAE's config (``slot``: the recipe's ``model.vae``) promises: one of another width failed
+    in the patchifier or the denoiser's first matmul, blamed on minFM."""
+    latents = vae.encode(images, generators=generators)
+    cfg = slot.config
+    shapes = [boundary.latent_shape(cfg.latent_channels, cfg.compression, tuple(x.shape[1:])) for x in images]
+    problem = boundary.latents_problem(latents, shapes)
+    if problem is not None:
+        raise PluginError(f"{slot.component.describe()}: latents = vae.encode(images, ...): {problem}")
+    return latents
 
 
 def counted_tokens(enc: Any, who: str, prompts: list[str], what: str) -> list[int] | None:
@@ -189,9 +208,34 @@ def shard(resolved, module: torch.nn.Module, *, world_size: int, device: torch.d
 SHARDED_FROZEN = ("model.text_encoder", "model.clip_encoder")
 
 
+class CheckedAttention:
+    """The recipe's attention backend as the engine hands it to the denoiser: each call's
+    output is checked to be shaped like ``q`` (free; a wrong one failed in the denoiser's next
+    matmul, blamed on minFM). Anything else the denoiser reads of the backend (an optional
+    fast path, docs/flux.md) is the backend's own."""
+
+    def __init__(self, backend: Any, who: str) -> None:
+        self.backend, self.who = backend, who
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+        out = self.backend(q, k, v, cu_seqlens, max_seqlen)
+        problem = boundary.shaped_like_problem(out, q)
+        if problem is not None:
+            raise PluginError(f"{self.who}: out = attention(q, k, v, cu_seqlens, max_seqlen): {problem}")
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "backend":  # not set yet (a copy being made): no recursion
+            raise AttributeError(name)
+        return getattr(self.backend, name)
+
+    def __repr__(self) -> str:
+        return repr(self.backend)
+
+
 def denoiser_kwargs(resolved, *, balancer: bool = True) -> dict:
     """What the denoiser factory gets besides its config: the attention backend and balancer."""
-    kwargs = {"attention": resolved.build("model.attention")}
+    kwargs = {"attention": CheckedAttention(resolved.build("model.attention"), resolved["model.attention"].component.describe())}
     slot = resolved.get("balancer")
     if balancer and slot is not None and slot.component.name != "none":
         # Built after the process group exists, on every rank: the balancer makes its own groups.

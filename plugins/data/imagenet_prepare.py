@@ -262,7 +262,8 @@ def encode_latents(args, out: Path, resolved, vae, datasets: dict, rank: int, wo
     # from the cache warned that all its settings had changed.
     request = cache_request(resolved)
     for split, dataset in datasets.items():
-        stats = encode_split(vae, dataset, out / "latents" / split, split, shard_size=args.shard_size,
+        stats = encode_split(vae, dataset, out / "latents" / split, split, vae_slot=resolved["model.vae"],
+                             shard_size=args.shard_size,
                              batch_size=args.batch_size, dtype=args.dtype, rank=rank, world=world,
                              seed=resolved.recipe.run.seed, log=lambda m: print(m, file=sys.stderr), request=request)
         print(f"{out / 'latents' / split}: encoded {stats['encoded']} shard(s), skipped {stats['skipped']}"
