@@ -231,6 +231,9 @@ class Registry:
         #: installed plugins MINFM_DISABLE_PLUGINS kept from loading: what they register is unknown,
         #: so an unknown name says they may hold it (the user may have blocked the one they need).
         self.blocked: list[str] = []
+        #: plugins skipped for a failure (an import that raised, a hook that raised part-way),
+        #: plugin -> why: an unknown name says they may hold it, as for blocked plugins.
+        self.failed: Mapping[str, str] = {}
 
     def add(self, component: Component) -> None:
         self.check_new(component)
@@ -347,6 +350,10 @@ class Registry:
             them = (f"plugin {self.blocked[0]}, which" if len(self.blocked) == 1
                     else f"plugins {', '.join(self.blocked)}; one of them")
             blocked = f" (MINFM_DISABLE_PLUGINS blocks {them} may have it)"
+        if self.failed:
+            them = (f"plugin {next(iter(self.failed))!r}, which failed to load, may have it" if len(self.failed) == 1
+                    else f"plugins {', '.join(map(repr, self.failed))} failed to load; one of them may have it")
+            blocked += f" ({them}: minfm plugins says why)"
         raise UnknownComponentError(
             f"{where}unknown {kind} {name!r}{did_you_mean(name, table)}; installed: {installed}{blocked}"
         )

@@ -324,6 +324,7 @@ def _fill(state: PluginState) -> None:
                       "(MINFM_DISABLE_PLUGINS picks one)")
             else:
                 reg.add(c)
+    reg.failed = state.failures  # the same dict: a plugin skipped later is named too
     state.registry = reg
 
 

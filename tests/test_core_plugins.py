@@ -8,7 +8,7 @@ import typing
 import pytest
 
 from minfm_core import hookimpl
-from minfm_core.errors import PluginError, RecipeError
+from minfm_core.errors import PluginError, RecipeError, UnknownComponentError
 from minfm_core.plugins import load_plugins, plugin
 from minfm_core.registry import Registry, get_registry
 
@@ -61,6 +61,33 @@ def test_an_unknown_name_mentions_the_blocked_plugins(minfm, example_plugin_env,
     assert f"(MINFM_DISABLE_PLUGINS blocks plugins broken, {blocked}; one of them may have it)" in res.stderr
     res = minfm("check", recipe, "--set", "flow.time_sampler.name=betta", env=example_plugin_env)
     assert res.returncode == 2 and "MINFM_DISABLE_PLUGINS" not in res.stderr and "did you mean 'beta'" in res.stderr
+
+
+def test_an_unknown_name_mentions_the_plugins_that_failed_to_load(minfm, example_plugin_env):
+    """What a plugin that failed to import would have registered is not known either: a recipe
+    naming one of its components got a plain "unknown", the failure only in a warning above."""
+    from conftest import ROOT
+
+    res = minfm("check", str(ROOT / "recipes" / "quickstart.toml"), "--set", "flow.time_sampler.name=kumaraswamy",
+                env=example_plugin_env)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert ("unknown time_sampler 'kumaraswamy'" in res.stderr
+            and "(plugin 'broken', which failed to load, may have it: minfm plugins says why)" in res.stderr)
+
+
+def test_a_hook_that_raised_before_registering_a_component_is_named_by_it():
+    class HalfWay:
+        @hookimpl
+        def register_loggers(self, register):
+            register("tsv_log", lambda cfg=None, *, run_dir, rank, recipe: None, doc="tsv")
+            raise RuntimeError("no disk")  # before csv_log
+
+    with plugin(HalfWay(), "half_way"):
+        with pytest.raises(UnknownComponentError, match=r"^logger 'tsv_log' belongs to plugin 'half_way', which was skipped"):
+            get_registry().get("logger", "tsv_log")
+        with pytest.raises(UnknownComponentError, match=r"unknown logger 'csv_log'.*\(plugin 'half_way', which failed to load, "
+                                              r"may have it: minfm plugins says why\)$"):
+            get_registry().get("logger", "csv_log")
 
 
 def test_human_listing_mentions_fields(minfm, example_plugin_env):
