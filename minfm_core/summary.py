@@ -36,6 +36,7 @@ def check_builds(resolved) -> tuple[dict[str, tuple[int, int]], list[str]]:
 
     counts: dict[str, tuple[int, int]] = {}
     problems: list[str] = []
+    encoders: dict[str, Any] = {}
     for path, slot in resolved.slots.items():
         comp = slot.component
         how = CHECK_BUILDS.get(comp.kind)
@@ -44,7 +45,10 @@ def check_builds(resolved) -> tuple[dict[str, tuple[int, int]], list[str]]:
         try:
             if how == "meta":
                 with torch.device("meta"):
-                    counts[path] = count_parameters(slot.build(load_weights=False))
+                    built = slot.build(load_weights=False)
+                counts[path] = count_parameters(built)
+                if comp.kind == "text_encoder":
+                    encoders[path] = built
             else:
                 slot.build()
         except MinfmError as exc:
@@ -59,7 +63,31 @@ def check_builds(resolved) -> tuple[dict[str, tuple[int, int]], list[str]]:
             built = " on the meta device" if how == "meta" else ""
             problems.append(f"{path}: the factory of {comp.describe()} raised {type(exc).__name__}: "
                             f"{first_line(exc, 200)} when built{built} (a bug in plugin {comp.plugin!r}; {why})")
-    return counts, problems
+    return counts, problems + _prompt_problems(resolved, encoders)
+
+
+def _prompt_problems(resolved, encoders: dict[str, Any]) -> list[str]:
+    """The job's prompts counted by the text encoders just built (``TextEncoder.count_tokens``
+    works on a meta build): one an encoder refuses (a class table's unknown class) fails the
+    check as it fails the run before its first step. A prompt file that does not read is
+    reported by the job's own checks."""
+    from .engine.pipeline import counted_tokens
+    from .engine.prompts import job_prompts
+
+    if not encoders:
+        return []
+    try:
+        asked = job_prompts(resolved.recipe)
+    except MinfmError:
+        return []
+    problems = []
+    for path, enc in encoders.items():
+        for what, prompts in asked:
+            try:
+                counted_tokens(enc, resolved[path].component.describe(), prompts, what)
+            except MinfmError as exc:
+                problems.append(str(exc))
+    return problems
 
 
 def human(n: int) -> str:

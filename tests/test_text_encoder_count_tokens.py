@@ -211,3 +211,25 @@ def test_simulate_names_an_encoder_whose_counts_break_the_protocol(encoders, tmp
     assert "Traceback" not in err and "bug" not in err
     assert err.strip().endswith("text_encoder 'lying' of plugin 'count_probe': count_tokens(prompts): "
                                 "expected token counts (ints >= 0), got 1.5")
+
+
+@pytest.mark.parametrize("job", ["train", "sample"])
+def test_check_counts_the_jobs_prompts_as_the_run_would(encoders, trained_run, job):
+    """``minfm check`` builds the text encoders on the meta device, where count_tokens works
+    (protocols.TextEncoder): a prompt the run would refuse before its first step fails the
+    check too."""
+    recipe = str(ROOT / "tests" / "recipes" / "tiny.toml")
+    sets = ["--set", 'model.text_encoder={name = "word_counter"}', "--set",
+            f"job={job}", "--set", f"sample.source={json.dumps(str(trained_run))}" if job == "sample"
+            else "train.sample_every=2"]
+    res = minfm_in_process("check", recipe, *sets, "--set", 'sample.prompts=["a red circle", "a dragon"]')
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "sample.prompts: word_counter: cannot encode 'a dragon'" in res.stderr, res.stderr
+    res = minfm_in_process("check", recipe, *sets, "--set", 'sample.prompts=["a red circle"]',
+                           "--set", 'sample.neg_prompt="a dragon"')
+    assert res.returncode == 2 and "sample.neg_prompt: word_counter: cannot encode 'a dragon'" in res.stderr
+    res = minfm_in_process("check", recipe, *sets, "--set", 'sample.prompts=["a red circle"]')
+    assert res.returncode == 0, res.stderr
+    if job == "train":  # no galleries: no prompts to encode
+        res = minfm_in_process("check", recipe, *sets[:4], "--set", 'sample.prompts=["a dragon"]')
+        assert res.returncode == 0, res.stderr

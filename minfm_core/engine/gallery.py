@@ -18,16 +18,7 @@ from pathlib import Path
 from ..safepath import write_bytes_atomic, write_text_atomic
 from .generate import generate, grid, grid_frames, image_seed, to_pil, to_uint8
 from .video_io import DEFAULT_FPS, frame_durations_ms
-from .prompts import read_prompt_file
-
-
-def gallery_prompts(recipe) -> list[str]:
-    s = recipe.sample
-    if s.prompts:
-        return list(s.prompts)
-    if s.prompt_file:
-        return read_prompt_file(s.prompt_file)[:16]
-    return ["" for _ in range(4)]
+from .prompts import gallery_prompts
 
 
 def training_gallery(pipe, model, ema, recipe, step: int, *, is_main: bool) -> dict[str, tuple[list, list[str]]]:

@@ -22,3 +22,31 @@ def read_prompt_file(path: str | Path) -> list[str]:
     if not prompts:
         raise MinfmError(f"{path}: prompt file has no prompts (one per line)")
     return prompts
+
+
+def gallery_prompts(recipe) -> list[str]:
+    """What a training run's galleries draw: ``sample.prompts``, else the first 16 of
+    ``sample.prompt_file``, else 4 empty prompts (unconditional pictures)."""
+    s = recipe.sample
+    if s.prompts:
+        return list(s.prompts)
+    if s.prompt_file:
+        return read_prompt_file(s.prompt_file)[:16]
+    return ["" for _ in range(4)]
+
+
+def job_prompts(recipe) -> list[tuple[str, list[str]]]:
+    """The prompts a recipe's job encodes, each list with the recipe key it comes from: a
+    sample job's ``sample.prompts`` and ``sample.prompt_file``; a training run's gallery
+    prompts when it draws galleries; ``sample.neg_prompt`` with either. What the trainer asks
+    the text encoders to count before its first step, and ``minfm check`` before any run."""
+    s = recipe.sample
+    if recipe.job == "sample":
+        asked = [("sample.prompts", list(s.prompts))]
+        if s.prompt_file:
+            asked.append(("sample.prompt_file", read_prompt_file(s.prompt_file)))
+    elif recipe.job == "train" and recipe.train.sample_every:
+        asked = [("sample.prompt_file" if s.prompt_file and not s.prompts else "sample.prompts", gallery_prompts(recipe))]
+    else:
+        return []
+    return [(what, prompts) for what, prompts in asked if prompts] + [("sample.neg_prompt", [s.neg_prompt])]

@@ -41,6 +41,7 @@ from ..sources import resolve_source
 from ..weights import has_weights
 from .ema import EMA
 from .pipeline import build_pipeline, denoiser_kwargs, per_sample_loss, prepare_batch, shard, sharded_denoiser
+from .prompts import job_prompts
 from .runtime import Runtime, init_runtime, rank_seed, seed_everything, shutdown_runtime
 from .stop_signal import STOPPED_EXIT_CODE, StopRequest
 
@@ -134,11 +135,9 @@ class Trainer:
             denoiser = resolved["model.denoiser"].build(load_weights=True, **denoiser_kwargs(resolved)).to(rt.device)
             denoiser = shard(resolved, denoiser, world_size=1, device=rt.device, trainable=True)
         self.pipe = build_pipeline(resolved, rt.device, world_size=rt.world_size, denoiser=denoiser)
-        if self.cfg.sample_every:  # a gallery prompt the text encoder refuses stops the run now, not at its step
-            from .gallery import gallery_prompts
-
-            self.pipe.check_prompts(gallery_prompts(self.recipe), "sample.prompts")
-            self.pipe.check_prompts([self.recipe.sample.neg_prompt], "sample.neg_prompt")
+        # a gallery prompt the text encoder refuses stops the run now, not at its step
+        for what, prompts in job_prompts(self.recipe):
+            self.pipe.check_prompts(prompts, what)
         self.model = self.pipe.denoiser
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_adamw(self.params, self.cfg)
