@@ -372,31 +372,108 @@ def _format(exc: BaseException, tp: Any) -> str:
         # starts with the field's name ("sizes: ..."): that moves into the path (data.sizes:
         # ...), as for a RangeError.
         m = _FIELD_PREFIX.match(str(exc))
-        return f"{m[1]}\x00{m[2]}" if m else str(exc)
-    return f"{type(exc).__name__}: {exc}"
+        # \x01: a check of the whole config (error_entries), which may read several fields
+        return "\x01" + (f"{m[1]}\x00{m[2]}" if m else str(exc))
+    return f"\x01{type(exc).__name__}: {exc}"
 
 
-def error_lines(exc: BaseException, path: str) -> list[str]:
-    """Turn a cattrs structuring error into ``path: message`` lines."""
-    lines = []
+def error_entries(exc: BaseException, path: str) -> list[tuple[str, bool]]:
+    """A cattrs structuring error as ``(path: message, own)`` pairs; ``own``: the problem is one
+    value's own (its type, its range, an unknown key), not a check of several fields together."""
+    entries = []
     for line in transform_error(exc, path="$" + (("." + path) if path else ""), format_exception=_format):
         msg, _, where = line.rpartition(" @ ")
         where = where.removeprefix("$").removeprefix(".")
+        own = not msg.startswith("\x01")
+        msg = msg.removeprefix("\x01")
         if "\x00" in msg:
             name, _, msg = msg.partition("\x00")
             where = f"{where}.{name}" if where else name
         where = where or "<root>"
-        lines.append(f"{where}: {msg}")
-    return lines
+        entries.append((f"{where}: {msg}", own))
+    return entries
+
+
+def error_lines(exc: BaseException, path: str) -> list[str]:
+    """Turn a cattrs structuring error into ``path: message`` lines."""
+    return [line for line, _ in error_entries(exc, path)]
 
 
 def structure(data: Any, cls: type[T], path: str = "", source: str | None = None) -> T:
     """Structure ``data`` into ``cls`` or raise :class:`RecipeError` naming each bad path."""
-    try:
-        return converter.structure(data, cls)
-    except Exception as exc:  # cattrs raises ExceptionGroups and plain errors alike
-        lines = [_mark_default(line, data, path) for line in error_lines(exc, path)]
-        raise RecipeError(lines, source) from None
+    obj, problems = structure_all(data, cls, path)
+    if problems:
+        raise RecipeError(problems, source)
+    return obj
+
+
+#: How many times :func:`structure_all` sets bad values aside and tries again (one per field
+#: a class's own checks refuse, which stop at the first).
+_MAX_ROUNDS = 32
+
+
+def structure_all(data: Any, cls: type[T], path: str = "") -> tuple[T | None, list[str]]:
+    """``data`` structured into ``cls`` and every problem found, each naming its path.
+
+    cattrs reports every field of a wrong type or name at once, but a class's validators run
+    one by one and stop at the first value out of range: a recipe with three such values
+    took three tries to fix. So the values named are set aside (their defaults stand in)
+    and the rest is structured again, collecting what each value's own checks say, until
+    it structures: then the object is returned with the problems (the caller goes on to
+    check what depends on it), else None. A check of several fields together is reported
+    only from the first try, as a value set aside could be what it trips on.
+    """
+    problems: list[str] = []
+    aside: set[str] = set()  # the paths set aside: what is said of them now is about their stand-ins
+    for attempt in range(_MAX_ROUNDS):
+        try:
+            return converter.structure(data, cls), problems
+        except Exception as exc:  # cattrs raises ExceptionGroups and plain errors alike
+            entries = error_entries(exc, path)
+            if attempt and not all(own for _, own in entries):
+                return None, problems
+            for line, _ in entries:
+                where = line.partition(": ")[0]
+                if where in aside:
+                    continue
+                line = _mark_default(line, data, path)
+                if line not in problems:
+                    problems.append(line)
+            data, removed = _set_aside(data, [line for line, _ in entries], path)
+            if not removed:
+                return None, problems
+            aside |= removed
+    return None, problems
+
+
+_UNKNOWN_KEY = re.compile(r"""unknown key ('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")
+
+
+def _set_aside(data: Any, lines: list[str], path: str) -> tuple[Any, set[str]]:
+    """A copy of ``data`` without the values ``lines`` name (the keys they name, for unknown
+    keys); and the paths of what was removed."""
+    import ast
+    import copy
+
+    data, removed = copy.deepcopy(data), set()
+    for line in lines:
+        where, _, msg = line.partition(": ")
+        rel = where[len(path) + 1:] if path and where.startswith(path + ".") else ("" if where == path else where)
+        if path and not where.startswith(path):
+            continue
+        keys = [k for k in rel.split("[", 1)[0].split(".") if k]
+        node = data
+        for key in keys[:-1] if not msg.startswith("unknown key") else keys:
+            node = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            continue
+        names = [ast.literal_eval(q) for q in _UNKNOWN_KEY.findall(msg)] if msg.startswith("unknown key") \
+            else keys[-1:]
+        for name in names:
+            if name in node:
+                del node[name]
+                removed.add(where if not msg.startswith("unknown key") else f"{where}.{name}")
+    return data, removed
 
 
 def _mark_default(line: str, data: Any, path: str) -> str:

@@ -8,6 +8,7 @@ import textwrap
 import pytest
 
 import minfm_core
+from conftest import ROOT
 from ports import free_port
 
 
@@ -85,11 +86,46 @@ def test_recipe_errors_exit_2_with_paths(minfm, tmp_path):
     """))
     res = minfm("check", str(p))
     assert res.returncode == 2
-    assert res.stderr.splitlines() == [
-        f"minfm: error: {p}: 2 problems",
+    assert res.stderr.splitlines() == [  # the sections' problems and the components' together
+        f"minfm: error: {p}: 3 problems",
         "  train.lr: expected float, got 'x'",
         "  train: unknown key 'max_step' (did you mean 'max_steps'?)",
+        "  model.denoiser: no flavor given, so these must be set: d_model, d_head, n_ds_blocks, n_ss_blocks, d_txt, "
+        "d_vec, d_img, rope_axes, rope_theta, guidance_embed, mlp_ratio, qkv_bias",
     ]
+
+
+def test_every_problem_of_a_recipe_in_one_try(minfm, tmp_path):
+    """A class's own checks stop at its first value out of range: the loader sets the values
+    it names aside and tries again, so one run lists them all (it took one fix per value)."""
+    p = tmp_path / "r.toml"
+    p.write_text(textwrap.dedent(f"""
+        extends = "{ROOT / 'recipes' / 'quickstart.toml'}"
+        [model.denoiser]
+        d_head = "x"
+        [train]
+        lr = 2.0
+        warmup_steps = -1
+        lrr = 1
+        [sample]
+        size = [1, 0, 16]
+        steps = 0
+    """))
+    res = minfm("check", str(p), "--set", "train.batch_size=0")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert sorted(res.stderr.splitlines()[1:]) == sorted([
+        "  train.lr: must be in [0, 1], got 2.0",
+        "  train.warmup_steps: must be in [0, 1000000000], got -1",
+        "  train.batch_size: must be in [1, 1048576], got 0 (from --set train.batch_size)",
+        "  train: unknown key 'lrr' (did you mean 'lr'?)",
+        "  sample.steps: must be in [1, 10000], got 0",
+        "  sample.size: each element must be in [1, 16383], got 0",
+        "  model.denoiser.d_head: expected int, got 'x'",
+    ])
+    # a check of several fields is not repeated on the values left after setting others aside
+    p.write_text(f'extends = "{ROOT / "recipes" / "quickstart.toml"}"\n[model.denoiser]\nd_head = 48\nd_model = 0\n')
+    res = minfm("check", str(p))
+    assert res.stderr.splitlines() == [f"minfm: error: {p}: model.denoiser.d_model: must be in [1, 65536], got 0"]
 
 
 def test_unknown_component_lists_installed(minfm, tmp_path):

@@ -11,7 +11,7 @@ from typing import Any
 import attrs
 
 from ..components import Resolved
-from ..config import structure, unstructure
+from ..config import structure_all, unstructure
 from ..errors import MinfmError, RecipeError
 from ..registry import Registry, get_registry
 from ..safepath import contained, recipe_root
@@ -104,9 +104,11 @@ def resolve_recipe(
     raw: dict[str, Any], source: str | None = None, registry: Registry | None = None, world_size: int | None = None
 ) -> ResolvedRecipe:
     """Validate a raw recipe dict completely; raise one RecipeError listing every problem."""
-    recipe = structure(raw, Recipe, source=source)
+    # The sections' problems and the components' together: one try shows them all.
+    recipe, problems = structure_all(raw, Recipe)
+    if recipe is None:
+        raise RecipeError(problems, source)
     registry = registry or get_registry()
-    problems: list[str] = []
     slots: dict[str, Resolved] = {}
     for path, kind, spec in iter_slots(recipe):
         try:
