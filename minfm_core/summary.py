@@ -77,7 +77,7 @@ def _prompt_problems(resolved, encoders: dict[str, Any]) -> list[str]:
     if not encoders:
         return []
     try:
-        asked = job_prompts(resolved.recipe)
+        asked = job_prompts(resolved.recipe, resolved.recipe.job)
     except MinfmError:
         return []
     problems = []

@@ -35,17 +35,18 @@ def gallery_prompts(recipe) -> list[str]:
     return ["" for _ in range(4)]
 
 
-def job_prompts(recipe) -> list[tuple[str, list[str]]]:
-    """The prompts a recipe's job encodes, each list with the recipe key it comes from: a
-    sample job's ``sample.prompts`` and ``sample.prompt_file``; a training run's gallery
-    prompts when it draws galleries; ``sample.neg_prompt`` with either. What the trainer asks
-    the text encoders to count before its first step, and ``minfm check`` before any run."""
+def job_prompts(recipe, job: str) -> list[tuple[str, list[str]]]:
+    """The prompts ``job`` (``"train"`` or ``"sample"``) encodes, each list with the recipe key
+    it comes from: a sample job's ``sample.prompts`` and ``sample.prompt_file``; a training
+    run's gallery prompts when it draws galleries; ``sample.neg_prompt`` with either. What the
+    trainer asks the text encoders to count before its first step, and ``minfm check`` before
+    any run."""
     s = recipe.sample
-    if recipe.job == "sample":
+    if job == "sample":
         asked = [("sample.prompts", list(s.prompts))]
         if s.prompt_file:
             asked.append(("sample.prompt_file", read_prompt_file(s.prompt_file)))
-    elif recipe.job == "train" and recipe.train.sample_every:
+    elif job == "train" and recipe.train.sample_every:
         asked = [("sample.prompt_file" if s.prompt_file and not s.prompts else "sample.prompts", gallery_prompts(recipe))]
     else:
         return []

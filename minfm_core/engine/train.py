@@ -136,7 +136,7 @@ class Trainer:
             denoiser = shard(resolved, denoiser, world_size=1, device=rt.device, trainable=True)
         self.pipe = build_pipeline(resolved, rt.device, world_size=rt.world_size, denoiser=denoiser)
         # a gallery prompt the text encoder refuses stops the run now, not at its step
-        for what, prompts in job_prompts(self.recipe):
+        for what, prompts in job_prompts(self.recipe, "train"):
             self.pipe.check_prompts(prompts, what)
         self.model = self.pipe.denoiser
         self.params = [p for p in self.model.parameters() if p.requires_grad]
