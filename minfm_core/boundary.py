@@ -190,21 +190,29 @@ def text_problem(out: Any, n: int, dim: int | None, pooled: bool) -> str | None:
             or lens.is_complex():
         got = f"{tuple(lens.shape)} {lens.dtype}" if isinstance(lens, _tensor_type()) else _type(lens)
         return f"expected lens as an integer tensor of shape ({n},), got {got}"
-    total = int(lens.sum()) if n else 0
-    if n and int(lens.min()) < 0:
-        return f"expected lens >= 0, got {int(lens.min())}"
+    total = -1  # lens' values on a GPU: reading them would wait for it (the denoiser checks the sum)
+    if lens.device.type == "cpu":
+        total = int(lens.sum()) if n else 0
+        if n and int(lens.min()) < 0:
+            return f"expected lens >= 0, got {int(lens.min())}"
     return _float_tensor_problem(tokens, (total, dim), "tokens (sum(lens), dim)")
 
 
-def latent_shape(channels: int, compression: tuple[int, int, int], size: tuple[int, int, int]) -> tuple[int, ...]:
+def latent_shape(channels: int, compression: tuple[int, int, int], size: tuple[int, int, int], *,
+                 floor: bool = False) -> tuple[int, ...]:
     """``(C, F', h, w)``: what a VAE of ``latent_channels`` and ``compression`` (frames, height,
     width) makes of an image ``(3, F, H, W)`` of ``size`` (F, H, W); a video VAE (frames
     compressed) keeps the first frame, so F' = 1 + (F - 1) / cf. A side the compression does
-    not divide is -1 (left to the VAE: padding or cropping is its own choice)."""
+    not divide is -1 (left to the VAE: padding or cropping is its own choice), or with
+    ``floor`` rounded down (the noise the engine draws for a size)."""
     cf, ch, cw = compression
     f, h, w = size
-    frames = f if cf == 1 else (1 + (f - 1) // cf if (f - 1) % cf == 0 else -1)
-    return (channels, frames, h // ch if h % ch == 0 else -1, w // cw if w % cw == 0 else -1)
+
+    def cut(n: int, c: int) -> int:
+        return n // c if floor or n % c == 0 else -1
+
+    frames = f if cf == 1 else (-1 if cut(f - 1, cf) == -1 else 1 + cut(f - 1, cf))
+    return (channels, frames, cut(h, ch), cut(w, cw))
 
 
 def _list_problem(xs: Any, shapes: list[tuple[int, ...]], what: str) -> str | None:

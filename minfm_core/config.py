@@ -57,9 +57,17 @@ def _check_field_type(instance: Any, attribute: attrs.Attribute, value: Any) -> 
         raise FieldTypeError(cls, attribute.name, f"expected {type_text(tp)}, got {_what(value)}")
 
 
+def _tuples(value: Any) -> Any:
+    """Lists as tuples, at any depth of lists (not inside tables): a config written in Python
+    passes ``sizes=[[16, 16]]`` where a recipe's loader makes the tuples. No config field is a
+    list (config_problems), so this only ever gives a tuple field its type."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
 def _typed_fields(cls: type, fields: list[attrs.Attribute]) -> list[attrs.Attribute]:
     return [f.evolve(validator=_check_field_type if f.validator is None
-                     else attrs.validators.and_(_check_field_type, f.validator)) for f in fields]
+                     else attrs.validators.and_(_check_field_type, f.validator),
+                     converter=_tuples if f.converter is None else f.converter) for f in fields]
 
 
 #: Decorator for component configs: frozen, keyword-only attrs classes whose fields check
@@ -401,7 +409,7 @@ def error_lines(exc: BaseException, path: str) -> list[str]:
 
 def structure(data: Any, cls: type[T], path: str = "", source: str | None = None) -> T:
     """Structure ``data`` into ``cls`` or raise :class:`RecipeError` naming each bad path."""
-    obj, problems = structure_all(data, cls, path)
+    obj, problems, _ = structure_all(data, cls, path)
     if problems:
         raise RecipeError(problems, source)
     return obj
@@ -412,68 +420,91 @@ def structure(data: Any, cls: type[T], path: str = "", source: str | None = None
 _MAX_ROUNDS = 32
 
 
-def structure_all(data: Any, cls: type[T], path: str = "") -> tuple[T | None, list[str]]:
-    """``data`` structured into ``cls`` and every problem found, each naming its path.
+def structure_all(data: Any, cls: type[T], path: str = "") -> tuple[T | None, list[str], set[str]]:
+    """``data`` structured into ``cls``, every problem found (each naming its path), and the
+    paths of the values set aside to find them.
 
     cattrs reports every field of a wrong type or name at once, but a class's validators run
     one by one and stop at the first value out of range: a recipe with three such values
     took three tries to fix. So the values named are set aside (their defaults stand in)
     and the rest is structured again, collecting what each value's own checks say, until
     it structures: then the object is returned with the problems (the caller goes on to
-    check what depends on it), else None. A check of several fields together is reported
-    only from the first try, as a value set aside could be what it trips on.
+    check what does not depend on the values set aside), else None. A check of several
+    fields together is reported only from the first try, as a value set aside could be
+    what it trips on; an element of an array is never set aside (the array's default would
+    stand in for the elements the user wrote).
     """
     problems: list[str] = []
-    aside: set[str] = set()  # the paths set aside: what is said of them now is about their stand-ins
+    aside: set[str] = set()  # what is said of these now is about their stand-ins
     for attempt in range(_MAX_ROUNDS):
         try:
-            return converter.structure(data, cls), problems
+            return converter.structure(data, cls), problems, aside
         except Exception as exc:  # cattrs raises ExceptionGroups and plain errors alike
             entries = error_entries(exc, path)
             if attempt and not all(own for _, own in entries):
-                return None, problems
+                break
             for line, _ in entries:
-                where = line.partition(": ")[0]
-                if where in aside:
+                if line.partition(": ")[0] in aside:
                     continue
                 line = _mark_default(line, data, path)
                 if line not in problems:
                     problems.append(line)
             data, removed = _set_aside(data, [line for line, _ in entries], path)
             if not removed:
-                return None, problems
+                break
             aside |= removed
-    return None, problems
+    return None, problems, aside
 
 
-_UNKNOWN_KEY = re.compile(r"""unknown key ('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")
+_UNKNOWN_KEY = re.compile(r"""unknown key ('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")(\.\.\.)?""")
 
 
 def _set_aside(data: Any, lines: list[str], path: str) -> tuple[Any, set[str]]:
-    """A copy of ``data`` without the values ``lines`` name (the keys they name, for unknown
-    keys); and the paths of what was removed."""
+    """``data`` without the values ``lines`` name (for unknown keys, the keys they name; a
+    key cut short in the message, every key it begins), copied along the paths changed
+    only; and the paths of what was removed."""
     import ast
-    import copy
 
-    data, removed = copy.deepcopy(data), set()
+    removed: set[str] = set()
     for line in lines:
         where, _, msg = line.partition(": ")
-        rel = where[len(path) + 1:] if path and where.startswith(path + ".") else ("" if where == path else where)
-        if path and not where.startswith(path):
+        where = "" if where == "<root>" else where
+        if path and not (where == path or where.startswith(path + ".")):
             continue
-        keys = [k for k in rel.split("[", 1)[0].split(".") if k]
+        rel = where[len(path):].removeprefix(".")
+        if "[" in rel:
+            continue
+        keys = [k for k in rel.split(".") if k]
+        unknown = msg.startswith("unknown key")
+        table, names = (keys, [(ast.literal_eval(q), cut) for q, cut in _UNKNOWN_KEY.findall(msg)]) if unknown \
+            else (keys[:-1], [(keys[-1], "")] if keys else [])
         node = data
-        for key in keys[:-1] if not msg.startswith("unknown key") else keys:
+        for key in table:
             node = node.get(key) if isinstance(node, dict) else None
         if not isinstance(node, dict):
             continue
-        names = [ast.literal_eval(q) for q in _UNKNOWN_KEY.findall(msg)] if msg.startswith("unknown key") \
-            else keys[-1:]
-        for name in names:
-            if name in node:
-                del node[name]
-                removed.add(where if not msg.startswith("unknown key") else f"{where}.{name}")
+        for name, cut in names:
+            for key in [k for k in node if k == name or (cut and isinstance(k, str) and k.startswith(name))]:
+                data = _without(data, [*table, key])
+                node = _at(data, table)
+                removed.add(f"{where}.{key}".lstrip(".") if unknown else where)
     return data, removed
+
+
+def _at(data: Any, keys: list[str]) -> Any:
+    for key in keys:
+        data = data[key]
+    return data
+
+
+def _without(data: dict, keys: list[str]) -> dict:
+    """``data`` without ``data[k0][k1]...[kn]``: the tables along the path copied, the rest shared."""
+    out = dict(data)
+    if len(keys) == 1:
+        del out[keys[0]]
+    else:
+        out[keys[0]] = _without(data[keys[0]], keys[1:])
+    return out
 
 
 def _mark_default(line: str, data: Any, path: str) -> str:

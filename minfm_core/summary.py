@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from .components import at_path
@@ -69,25 +70,53 @@ def check_builds(resolved) -> tuple[dict[str, tuple[int, int]], list[str]]:
 def _prompt_problems(resolved, encoders: dict[str, Any]) -> list[str]:
     """The job's prompts counted by the text encoders just built (``TextEncoder.count_tokens``
     works on a meta build): one an encoder refuses (a class table's unknown class) fails the
-    check as it fails the run before its first step. A prompt file that does not read is
-    reported by the job's own checks."""
+    check as it fails the run before its first step.
+
+    Nothing is downloaded for it (``minfm check`` comes before ``minfm cache models``): the
+    Hub is offline meanwhile, and an encoder that cannot count even an empty prompt (its
+    tokenizer not fetched yet) is not asked. A prompt file that does not read is reported by
+    the job's own checks; the recipe's other prompts are still counted."""
+    import attrs
+
     from .engine.pipeline import counted_tokens
     from .engine.prompts import job_prompts
 
     if not encoders:
         return []
+    recipe = resolved.recipe
     try:
-        asked = job_prompts(resolved.recipe, resolved.recipe.job)
+        asked = job_prompts(recipe, recipe.job)
     except MinfmError:
-        return []
+        asked = job_prompts(attrs.evolve(recipe, sample=attrs.evolve(recipe.sample, prompt_file=None)), recipe.job)
     problems = []
-    for path, enc in encoders.items():
-        for what, prompts in asked:
+    with _hub_offline():
+        for path, enc in encoders.items():
             try:
-                counted_tokens(enc, resolved[path].component.describe(), prompts, what)
-            except MinfmError as exc:
-                problems.append(str(exc))
+                enc.count_tokens([""])
+            except Exception:  # what it needs to count is not here yet: the run asks it at its start
+                continue
+            for what, prompts in asked:
+                try:
+                    counted_tokens(enc, resolved[path].component.describe(), prompts, what)
+                except MinfmError as exc:
+                    problems.append(str(exc))
     return problems
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """``HF_HUB_OFFLINE=1`` inside (minfm_core.pretrained reads it when it resolves a file)."""
+    import os
+
+    before = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = before
 
 
 def human(n: int) -> str:

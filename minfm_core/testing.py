@@ -21,6 +21,7 @@ from typing import Any
 
 from . import boundary, protocols
 from .errors import MinfmError, PluginError
+from .config import FieldTypeError
 from .components import frozen_build_rng
 from .registry import Component, Registry
 
@@ -106,6 +107,8 @@ def _factory(kind: str, component: Component | Callable[..., Any], config: Any) 
         if has_config and config is None:
             try:
                 config = component.config()
+            except FieldTypeError as exc:  # a default not of its field's type
+                raise AssertionError(f"{kind} {component.name!r}: its config's default {exc}") from None
             except TypeError as exc:  # a required field: the kit cannot make the config up
                 raise AssertionError(f"{kind} {component.name!r}: its config has no default ({exc}); pass one: "
                                      f"check_{kind}(component, {component.config.__name__}(...))") from None

@@ -80,3 +80,16 @@ def test_a_recipe_still_gets_its_own_path_named_messages():
     text = str(info.value)
     assert "flow.time_sampler.mu: expected float" in text and "flow.path.compute_dtype: expected one of" in text
     assert "LogitNormalTimeConfig" not in text and "RectifiedConfig" not in text  # the recipe's words
+
+
+def test_a_list_is_a_tuple_where_a_config_made_in_python_takes_one():
+    from minfm_core.config import config, field
+
+    @config
+    class Scales:
+        scales: tuple[float, ...] = field(factory=list, doc="a factory's list")
+        sizes: tuple[tuple[int, int], ...] = field(((16, 16),), doc="pairs")
+
+    assert Scales().scales == () and Scales(sizes=[[8, 8], [16, 24]]).sizes == ((8, 8), (16, 24))
+    with pytest.raises(FieldTypeError, match=r"^Scales.sizes: expected tuple\[tuple\[int, int\], \.\.\.\], got"):
+        Scales(sizes=[[8, "8"]])

@@ -122,6 +122,18 @@ def test_every_problem_of_a_recipe_in_one_try(minfm, tmp_path):
         "  sample.size: each element must be in [1, 16383], got 0",
         "  model.denoiser.d_head: expected int, got 'x'",
     ])
+    # an unknown top-level table and a key too long to quote whole are set aside too
+    p.write_text(f'extends = "{ROOT / "recipes" / "quickstart.toml"}"\n[trian]\nx = 1\n[train]\n{"k" * 100} = 1\n'
+                 'lr = 5.0\nmin_lr = 7.0\n')
+    res = minfm("check", str(p))
+    assert "train.lr: must be in [0, 1], got 5.0" in res.stderr and "train.min_lr: must be in [0, 1], got 7.0" in res.stderr
+    assert "<root>: unknown key 'trian' (did you mean 'train'?)" in res.stderr and "4 problems" in res.stderr
+    # an array's element is never set aside: its default would stand in for what the user wrote
+    p.write_text(f'extends = "{ROOT / "recipes" / "quickstart.toml"}"\n[[logging.loggers]]\nname = "csv"\n'
+                 '[[logging.loggers]]\nname = 5\n[train]\nlr = 3.0\n')
+    res = minfm("check", str(p))
+    assert res.stderr.splitlines()[1:] == ["  train.lr: must be in [0, 1], got 3.0",
+                                           "  logging.loggers[1]: expected the component's name as a string, got 5"]
     # a check of several fields is not repeated on the values left after setting others aside
     p.write_text(f'extends = "{ROOT / "recipes" / "quickstart.toml"}"\n[model.denoiser]\nd_head = 48\nd_model = 0\n')
     res = minfm("check", str(p))

@@ -233,3 +233,16 @@ def test_check_counts_the_jobs_prompts_as_the_run_would(encoders, trained_run, j
     if job == "train":  # no galleries: no prompts to encode
         res = minfm_in_process("check", recipe, *sets[:4], "--set", 'sample.prompts=["a dragon"]')
         assert res.returncode == 0, res.stderr
+
+
+def test_check_downloads_nothing_to_count(tmp_path, monkeypatch):
+    """T5 counts with its tokenizer, which ``minfm check`` must not fetch (check comes before
+    ``minfm cache models``): an encoder that cannot count yet is not asked."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    res = minfm_in_process("check", str(ROOT / "recipes" / "flux_dev_inference.toml"),
+                           "--set", "model.text_encoder.keep_padding=false")
+    assert res.returncode == 0, res.stderr
+    import os
+
+    assert "HF_HUB_OFFLINE" not in os.environ  # set while counting only

@@ -138,7 +138,7 @@ class Pipeline:
         if size[1] % ch or size[2] % cw:
             raise MinfmError(f"size {size[1]}x{size[2]}: height and width must be multiples of the VAE's "
                              f"{ch}x{cw} compression")
-        return boundary.latent_shape(cfg.latent_channels, cfg.compression, size)
+        return boundary.latent_shape(cfg.latent_channels, cfg.compression, size, floor=True)
 
     # ---- denoiser calls ---------------------------------------------------------
     def velocity(self, x: Tensor, pos: Tensor, lens: Tensor, text: TextBatch, t: Tensor, guidance: Tensor | None = None):

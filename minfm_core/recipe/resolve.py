@@ -105,12 +105,14 @@ def resolve_recipe(
 ) -> ResolvedRecipe:
     """Validate a raw recipe dict completely; raise one RecipeError listing every problem."""
     # The sections' problems and the components' together: one try shows them all.
-    recipe, problems = structure_all(raw, Recipe)
+    recipe, problems, aside = structure_all(raw, Recipe)
     if recipe is None:
         raise RecipeError(problems, source)
     registry = registry or get_registry()
     slots: dict[str, Resolved] = {}
     for path, kind, spec in iter_slots(recipe):
+        if any(path == a or path.startswith(a + ".") or path.startswith(a + "[") for a in aside):
+            continue  # a default standing in for what the recipe wrote: nothing to say of it
         try:
             slots[path] = slot = registry.configure(kind, spec.name, spec.options, path)
         except MinfmError as exc:
