@@ -359,7 +359,8 @@ def _format(exc: BaseException, tp: Any) -> str:
     if isinstance(exc, RangeError):
         # Raised from the config's __init__, so cattrs files it under the table: the field
         # name travels ahead of a NUL and error_lines() moves it into the path.
-        return f"{exc.field}\x00{exc}"
+        # \x01 (error_entries): a rule that reads other values too
+        return ("" if exc.own else "\x01") + f"{exc.field}\x00{exc}"
     if isinstance(exc, ExpectedType):
         return str(exc)
     if isinstance(exc, FieldTypeError):

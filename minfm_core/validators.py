@@ -59,10 +59,14 @@ MAX_GUIDANCE = 100
 
 
 class RangeError(ValueError):
-    """A value outside its field's declared range (carries the field name for the error path)."""
+    """A value outside its field's declared range (carries the field name for the error path).
 
-    def __init__(self, field: str, message: str):
-        self.field = field
+    ``own``: the value is wrong whatever the others hold (a :class:`Range`, a blank name);
+    False where the rule reads other values too (a head count that must divide a width),
+    which a recipe's loader then reports from its first try only (config.structure_all)."""
+
+    def __init__(self, field: str, message: str, *, own: bool = False):
+        self.field, self.own = field, own
         super().__init__(message)
 
 
@@ -134,7 +138,7 @@ class Range:
                 finite = ("finite and " if isinstance(v, float) and not math.isfinite(v)
                           and self.range_text != "finite" and not self.allow_inf else "")
                 what = "each element must be" if isinstance(value, (tuple, list)) else "must be"
-                raise RangeError(attribute.name, f"{what} {finite}{self.range_text}, got {v!r}"[:200])
+                raise RangeError(attribute.name, f"{what} {finite}{self.range_text}, got {v!r}"[:200], own=True)
 
     def violations(self, integer: bool) -> list[Any]:
         """Values outside this range (for generated tests); ints only when ``integer``."""
@@ -231,7 +235,7 @@ def range_of(validator: Any) -> Range | None:
 def non_blank(instance: Any, attribute: Any, value: Any) -> None:
     """A string setting that names something (a folder) cannot be empty: ``""`` would mean the current folder."""
     if isinstance(value, str) and not value.strip():
-        raise RangeError(attribute.name, f"must not be empty, got {value!r}")
+        raise RangeError(attribute.name, f"must not be empty, got {value!r}", own=True)
 
 
 def draw_problem(n_prompts: int, per_prompt: int, what: str) -> str | None:
