@@ -211,7 +211,8 @@ def latent_shape(channels: int, compression: tuple[int, int, int], size: tuple[i
     def cut(n: int, c: int) -> int:
         return n // c if floor or n % c == 0 else -1
 
-    frames = f if cf == 1 else (-1 if cut(f - 1, cf) == -1 else 1 + cut(f - 1, cf))
+    after_first = cut(f - 1, cf)  # a video VAE keeps the first frame whole
+    frames = f if cf == 1 else (-1 if after_first == -1 else 1 + after_first)
     return (channels, frames, cut(h, ch), cut(w, cw))
 
 
@@ -226,8 +227,10 @@ def _list_problem(xs: Any, shapes: list[tuple[int, ...]], what: str) -> str | No
     return None
 
 
-def latents_problem(latents: Any, shapes: list[tuple[int, ...]]) -> str | None:
-    """A VAE's ``encode``: one latent per image, of the shape :func:`latent_shape` gives it."""
+def latents_problem(latents: Any, images: list[Any], vae_cfg: Any) -> str | None:
+    """A VAE's ``encode`` of ``images``: one latent per image, of the shape :func:`latent_shape`
+    gives it from the VAE's config (``latent_channels``, ``compression``)."""
+    shapes = [latent_shape(vae_cfg.latent_channels, vae_cfg.compression, tuple(x.shape[1:])) for x in images]
     return _list_problem(latents, shapes, "latent")
 
 

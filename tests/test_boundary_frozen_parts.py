@@ -133,6 +133,7 @@ def test_a_vae_may_pad_a_side_its_compression_does_not_divide():
     assert boundary.latent_shape(16, (1, 8, 8), (1, 64, 60)) == (16, 1, 8, -1)
     assert boundary.latent_shape(16, (4, 8, 8), (9, 64, 64)) == (16, 3, 8, 8)
     assert boundary.latent_shape(16, (4, 8, 8), (8, 64, 64)) == (16, -1, 8, 8)
-    assert boundary.latents_problem([torch.zeros(16, 1, 8, 8)], [(16, 1, 8, -1)]) is None
-    assert boundary.latents_problem([torch.zeros(16, 1, 8, 8)], [(4, 1, 8, -1)]) == \
+    image, vae = torch.zeros(3, 1, 64, 60), ShapeVaeConfig(latent_channels=16, compression=(1, 8, 8))
+    assert boundary.latents_problem([torch.zeros(16, 1, 8, 8)], [image], vae) is None
+    assert boundary.latents_problem([torch.zeros(16, 1, 8, 8)], [image], ShapeVaeConfig(latent_channels=4, compression=(1, 8, 8))) == \
         "expected latent 0 of shape (4, 1, 8, ?), got (16, 1, 8, 8)"

@@ -154,9 +154,7 @@ def encode_latents(vae: Any, slot: Any, images: list[Tensor], generators: list[t
     VAE's config (``slot``: the recipe's ``model.vae``) promises: one of another width failed
     in the patchifier or the denoiser's first matmul, blamed on minFM."""
     latents = vae.encode(images, generators=generators)
-    cfg = slot.config
-    shapes = [boundary.latent_shape(cfg.latent_channels, cfg.compression, tuple(x.shape[1:])) for x in images]
-    problem = boundary.latents_problem(latents, shapes)
+    problem = boundary.latents_problem(latents, images, slot.config)
     if problem is not None:
         raise PluginError(f"{slot.component.describe()}: latents = vae.encode(images, ...): {problem}")
     return latents
