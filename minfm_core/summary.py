@@ -97,7 +97,7 @@ def _prompt_problems(resolved, encoders: dict[str, Any]) -> list[str]:
                 continue
             for what, prompts in asked:
                 try:
-                    counted_tokens(enc, resolved[path].component.describe(), prompts, what)
+                    counted_tokens(enc, resolved.who(path), prompts, what)
                 except MinfmError as exc:
                     problems.append(str(exc))
     return problems

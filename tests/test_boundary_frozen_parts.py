@@ -92,13 +92,13 @@ def _run(tmp_path, *sets):
 
 @pytest.mark.parametrize(("sets", "message"), [
     (['model.text_encoder={name = "narrow", dim = 16}'],
-     r"text_encoder 'narrow' of plugin 'misshapen_parts': enc\(prompts\): expected tokens \(sum\(lens\), dim\) of shape "
+     r"model.text_encoder: text_encoder 'narrow' of plugin 'misshapen_parts': enc\(prompts\): expected tokens \(sum\(lens\), dim\) of shape "
      r"\(\d+, 16\), got \(\d+, 15\)"),
     (['model.vae={name = "misshapen", fault = "encode"}'],
-     r"vae 'misshapen' of plugin 'misshapen_parts': latents = vae.encode\(images, ...\): expected latent 0 of shape "
+     r"model.vae: vae 'misshapen' of plugin 'misshapen_parts': latents = vae.encode\(images, ...\): expected latent 0 of shape "
      r"\(3, 1, (16|24), (16|24)\), got \(4, 1, (16|24), (16|24)\)"),
     (['model.attention="drop_a_head"'],
-     r"attention 'drop_a_head' of plugin 'misshapen_parts': out = attention\(q, k, v, cu_seqlens, max_seqlen\): "
+     r"model.attention: attention 'drop_a_head' of plugin 'misshapen_parts': out = attention\(q, k, v, cu_seqlens, max_seqlen\): "
      r"expected shape \(\d+, 2, 16\) \(the input's\), got \(\d+, 1, 16\)"),
 ], ids=["text_encoder", "vae_encode", "attention"])
 def test_training_names_the_part_that_broke_its_shape(misshapen, tmp_path, sets, message):
@@ -110,7 +110,7 @@ def test_sampling_names_a_vae_whose_decode_breaks_its_shape(misshapen, trained_r
     res = minfm_in_process("sample", str(trained_run), "--out", str(tmp_path / "out"), "--prompt", "a red circle",
                            "--steps", "1", "--size", "16x24", "--set", 'model.vae={name = "misshapen", fault = "decode"}')
     assert res.returncode == 2 and "Traceback" not in res.stderr and "bug in minFM" not in res.stderr, res.stderr
-    assert res.stderr.strip() == ("minfm: error: vae 'misshapen' of plugin 'misshapen_parts': images = "
+    assert res.stderr.strip() == ("minfm: error: model.vae: vae 'misshapen' of plugin 'misshapen_parts': images = "
                                   "vae.decode(latents): expected image 0 of shape (3, 1, 16, 24), got (3, 1, 15, 24)")
 
 

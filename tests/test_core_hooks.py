@@ -204,6 +204,6 @@ def test_a_parallelizer_that_renames_the_state_dict_is_refused(tmp_path):
 
     with plugin(_WrapPlugin(), "wrap"):
         resolved = tiny(tmp_path, "parallel={name = 'wrapping'}")
-        with pytest.raises(PluginError, match=r"^parallelizer 'wrapping' of plugin 'wrap': parallelize changed the "
+        with pytest.raises(PluginError, match=r"^parallel: parallelizer 'wrapping' of plugin 'wrap': parallelize changed the "
                                               r"state-dict names \('module\.[^']+', \.\.\.\); it must return the module"):
             shard(resolved, torch.nn.Linear(2, 2), world_size=1, device=torch.device("cpu"), trainable=True)

@@ -179,7 +179,8 @@ def test_what_a_component_returns_is_refused_naming_it(tmp_path, slot, name, mod
     with plugin(Probe(), "probe"):
         with pytest.raises(PluginError) as info:
             _step(tmp_path, slot, name, mode)
-    assert str(info.value).startswith(f"{kind} {name!r} of plugin 'probe': {problem}"), str(info.value)
+    # the recipe key to change first, then whose code to blame
+    assert str(info.value).startswith(f"{slot}: {kind} {name!r} of plugin 'probe': {problem}"), str(info.value)
     assert "\n" not in str(info.value)
 
 
@@ -215,7 +216,7 @@ def test_validation_items_are_named_by_their_index_when_given(tmp_path):
         idx = [4, BAD_INDEX]
         samples, t = [ds[g] for g in idx], torch.tensor([0.2, 0.7])
         for given, named in ((idx, f"item {BAD_INDEX}:"), (None, "item 1 of a batch:")):
-            with pytest.raises(PluginError, match=f"^dataset 'probe_ds' of plugin 'probe': {named}"):
+            with pytest.raises(PluginError, match=f"^data: dataset 'probe_ds' of plugin 'probe': {named}"):
                 prepare_batch(pipe, samples, torch.Generator(), 0.0, t=t, noise_seeds=idx, indices=given)
 
 
@@ -243,7 +244,7 @@ def test_what_a_sampler_or_guidance_returns_is_refused_naming_it(tmp_path, slot,
             with pytest.raises(PluginError) as info:
                 run()
     kind = slot.split(".")[1]
-    assert str(info.value) == f"{kind} {name!r} of plugin 'probe': {problem}"
+    assert str(info.value) == f"{slot}: {kind} {name!r} of plugin 'probe': {problem}"
 
 
 def test_a_dataset_item_that_is_not_a_dict_is_named_by_the_loader_as_the_trainer_builds_it(tmp_path):
@@ -256,5 +257,5 @@ def test_a_dataset_item_that_is_not_a_dict_is_named_by_the_loader_as_the_trainer
         batches = BatchIterator(resolved.build("data", split="train"), 8, seed=0, who=pipe.who("data"))
         with pytest.raises(PluginError) as info:
             next(batches)
-    assert str(info.value) == (f"dataset 'probe_ds' of plugin 'probe': item {BAD_INDEX}: expected a dict with "
+    assert str(info.value) == (f"data: dataset 'probe_ds' of plugin 'probe': item {BAD_INDEX}: expected a dict with "
                                "'image' (or 'latent') and 'prompt', got tuple")

@@ -48,9 +48,8 @@ class Pipeline:
 
     # ---- what components hand the engine (minfm_core.boundary) ------------------------
     def who(self, path: str) -> str:
-        """``time_sampler 'beta' of plugin 'x'``: the component in slot ``path`` (what an error names)."""
-        slot = self.resolved.get(path) if self.resolved is not None else None
-        return slot.component.describe() if slot is not None else path
+        """``flow.time_sampler: time_sampler 'beta' of plugin 'x'`` (what an error names)."""
+        return self.resolved.who(path) if self.resolved is not None else path
 
     def read_values(self, x: Any, key: str) -> bool:
         """Whether to check ``x``'s values now: always on the CPU, where it costs a pass over a
@@ -156,7 +155,7 @@ def encode_latents(vae: Any, slot: Any, images: list[Tensor], generators: list[t
     latents = vae.encode(images, generators=generators)
     problem = boundary.latents_problem(latents, images, slot.config)
     if problem is not None:
-        raise PluginError(f"{slot.component.describe()}: latents = vae.encode(images, ...): {problem}")
+        raise PluginError(f"model.vae: {slot.component.describe()}: latents = vae.encode(images, ...): {problem}")
     return latents
 
 
@@ -196,7 +195,7 @@ def shard(resolved, module: torch.nn.Module, *, world_size: int, device: torch.d
         else:
             first = min(got - names) if got - names else min(names - got)
             what = f"changed the state-dict names ({first!r}, ...)"
-        raise PluginError(f"{slot.component.describe()}: parallelize {what}; it must return the module with the "
+        raise PluginError(f"parallel: {slot.component.describe()}: parallelize {what}; it must return the module with the "
                           "names it had (shard it in place, as fully_shard does; docs/plugins.md, register_parallelizers)")
     return out
 
@@ -233,7 +232,7 @@ class CheckedAttention:
 
 def denoiser_kwargs(resolved, *, balancer: bool = True) -> dict:
     """What the denoiser factory gets besides its config: the attention backend and balancer."""
-    kwargs = {"attention": CheckedAttention(resolved.build("model.attention"), resolved["model.attention"].component.describe())}
+    kwargs = {"attention": CheckedAttention(resolved.build("model.attention"), resolved.who("model.attention"))}
     slot = resolved.get("balancer")
     if balancer and slot is not None and slot.component.name != "none":
         # Built after the process group exists, on every rank: the balancer makes its own groups.

@@ -44,6 +44,13 @@ class ResolvedRecipe:
         None when the recipe leaves the slot out."""
         return self.slots.get(path)
 
+    def who(self, path: str) -> str:
+        """``flow.time_sampler: time_sampler 'beta' of plugin 'x'``: the slot and the component
+        in it, as an error at run time names them (the recipe key to change, and whose code
+        to blame)."""
+        slot = self.slots.get(path)
+        return f"{path}: {slot.component.describe()}" if slot is not None else path
+
     def config(self, path: str) -> Any:
         """The config of the slot at ``path``; None both when the slot is absent and when its
         component takes no config (:meth:`get` tells them apart)."""
