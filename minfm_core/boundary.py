@@ -7,7 +7,10 @@ string and an ``"image"`` float tensor ``(3, F, H, W)`` in [-1, 1] (or a ``"late
 ``(C, F, h, w)``); a time sampler's and a time warper's ``t`` is a float tensor ``(n,)`` in
 [0, 1]; a time weighter's ``w`` a float tensor ``(n,)``, finite and >= 0; a denoiser's
 velocity a fresh float tensor of its input's shape; a sampler's result and guidance's
-velocity a float tensor of its input's shape; an attention backend's output one of q's; a
+velocity a float tensor of its input's shape; an attention backend's output one of q's shape
+and dtype; a probability path's ``x_t`` and target float tensors of ``x0``'s shape; a
+patchifier's :class:`~minfm_core.protocols.Patched` tokens ``(L, D)``, ``pos (L, 3)`` and
+``lens (n,)`` integers summing to L, and its ``unpatchify`` the latents' shapes again; a
 text encoder's tokens ``(L, dim)`` with ``lens (n,)`` summing to L (``(n, dim)`` when
 pooled); a VAE's latents ``(C, F', h, w)`` as its config's ``latent_channels`` and
 ``compression`` make them, and its decoded images the encoded sizes again.
@@ -150,6 +153,50 @@ def shaped_like_problem(v: Any, x: Any) -> str | None:
     if not v.is_floating_point():
         return f"expected a floating-point tensor, got {v.dtype}"
     return None
+
+
+def same_dtype_problem(v: Any, x: Any) -> str | None:
+    """``v`` (already shaped like ``x``) of ``x``'s dtype, or of autocast's where it is on for
+    ``x``'s device (torch's own attention computes in it there): an attention backend's output
+    for q (one in another dtype failed in the denoiser's next matmul, blamed on the denoiser)."""
+    import torch
+
+    device = x.device.type
+    if v.dtype == x.dtype or (torch.is_autocast_enabled(device) and v.dtype == torch.get_autocast_dtype(device)):
+        return None
+    return f"expected dtype {x.dtype} (the input's), got {v.dtype}"
+
+
+def patched_problem(patched: Any, n: int, *, values: bool = True) -> str | None:
+    """A patchifier's ``patchify`` of ``n`` latents: a :class:`~minfm_core.protocols.Patched`
+    of float ``tokens (L, D)``, integer ``pos (L, 3)``, integer ``lens (n,)`` >= 0 summing to
+    L (``values``: read lens, which waits for a GPU) and ``n`` latent ``shapes``."""
+    from .protocols import Patched
+
+    if not isinstance(patched, Patched):
+        return f"expected a minfm_core.packing.Patched, got {_type(patched)}"
+    problem = _float_tensor_problem(patched.tokens, (-1, -1), "tokens (L, D)")
+    if problem is not None:
+        return problem
+    rows = patched.tokens.shape[0]
+    for name, x, shape in (("pos", patched.pos, (rows, 3)), ("lens", patched.lens, (n,))):
+        if not isinstance(x, _tensor_type()) or tuple(x.shape) != shape or x.is_floating_point() or x.is_complex():
+            got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, _tensor_type()) else _type(x)
+            return f"expected {name} as an integer tensor of shape {shape}, got {got}"
+    if not isinstance(patched.shapes, (list, tuple)) or len(patched.shapes) != n:
+        got = f"{_type(patched.shapes)}" + (f" of {len(patched.shapes)}" if isinstance(patched.shapes, (list, tuple)) else "")
+        return f"expected {n} latent shapes, got {got}"
+    if values and n:
+        least, total = int(patched.lens.min()), int(patched.lens.sum())
+        if least < 0 or total != rows:
+            return f"expected lens >= 0 summing to the {rows} token rows, got {patched.lens.tolist()[:8]}" + \
+                ("..." if n > 8 else "")
+    return None
+
+
+def unpatched_problem(latents: Any, shapes: list[tuple[int, ...]]) -> str | None:
+    """A patchifier's ``unpatchify``: one float latent per sample, of the shape it was given."""
+    return _list_problem(latents, [tuple(s) for s in shapes], "latent")
 
 
 def velocity_problem(v: Any, x: Any) -> str | None:

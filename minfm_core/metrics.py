@@ -2,7 +2,7 @@
 trainer asks for by name.
 
 The core computes no metric itself: the in-training FID (``train.fid_every``) asks the
-registry for the metric named ``fid`` and drives it through the members of
+registry for the metric ``train.fid_metric`` names (``fid``: the ``eval`` plugin's) and drives it through the members of
 :class:`minfm_core.protocols.Metric`. The registered factory is called as::
 
     factory(ref, *, extractor=None, weights=None, device="cpu") -> Metric
@@ -18,10 +18,6 @@ from typing import Any
 from . import protocols
 from .errors import MinfmError, PluginError
 from .protocols import Metric
-
-
-#: The metric the trainer's in-training FID (``train.fid_every``) asks the registry for.
-METRIC_FID = "fid"
 
 
 def build_metric(name: str, ref: str, **kwargs: Any) -> Metric:

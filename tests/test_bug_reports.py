@@ -3,12 +3,17 @@ goes to a third-party plugin's authors rather than to minFM's, and the other way
 
 from __future__ import annotations
 
+import errno
 import json
 import textwrap
 
-from conftest import ROOT, run_minfm
+import pytest
 
+import minfm_core
+from conftest import ROOT, minfm_in_process, run_minfm
 from minfm_core import plugins
+from minfm_core.cli.main import _raised_in
+from minfm_core.errors import MinfmError
 from minfm_plugins.attention.backends import length_buckets
 from minfm_core.cli.main import bug_report_line
 from minfm_core.data_loader import BatchIterator
@@ -134,3 +139,44 @@ def test_a_bug_in_a_factorys_module_outside_the_plugins_package_is_the_plugins(t
     with plugins.plugin(importlib.import_module("probe_hooks_elsewhere"), "probe"):
         exc = _raised(get_registry().get("time_sampler", "probe_bad").build(), 1)
         assert plugins.whose_code(exc) == "plugin 'probe'"
+
+
+class _Refusing:
+    """A time sampler whose own checks refuse, with the user's kind of error."""
+
+    def __init__(self, cfg):
+        self.fault = cfg.fault
+
+    def __call__(self, n, *, generator=None, device=None):
+        if self.fault == "minfm":
+            raise MinfmError("the time sampler refuses")
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/nonexistent/schedule.json")
+
+
+@minfm_core.config
+class _FaultConfig:
+    fault: str = minfm_core.field("minfm", doc="which error")
+
+
+class _RefusingPlugin:
+    @minfm_core.hookimpl
+    def register_time_samplers(self, register):
+        register("refusing", _Refusing, _FaultConfig)
+
+
+@pytest.mark.parametrize("fault, line", [
+    ("minfm", "minfm: error: the time sampler refuses (raised in plugin 'refusing')"),
+    ("oserror", "minfm: error: /nonexistent/schedule.json: No such file or directory (raised in plugin 'refusing')"),
+])
+def test_a_plugins_own_refusal_mid_run_says_whose_it_is(tmp_path, fault, line):
+    """A MinfmError or OSError is the user's to fix: one line, no traceback. Raised by a
+    third-party component mid-run it named nothing, and the user could not tell which of the
+    recipe's components spoke; minFM's own errors stay as they are."""
+    with plugins.plugin(_RefusingPlugin(), "refusing"):
+        res = minfm_in_process("run", str(TINY), "--set", f"run.exp_dir={str(tmp_path / 'exp')!r}",
+                               "--set", f'flow.time_sampler={{name = "refusing", fault = "{fault}"}}',
+                               "--set", "train.max_steps=1")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.strip().splitlines()[-1] == line
+    in_core = _raised(file_in_the_way, None, "x")
+    assert _raised_in(in_core) == "" and _raised_in(MinfmError("x")) == ""  # minFM's, or no frame at all

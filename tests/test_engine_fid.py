@@ -9,7 +9,10 @@ import pytest
 
 from conftest import minfm_in_process, run_minfm
 from engine_helpers import TINY, read_metrics, tiny
+from minfm_core import hookimpl
 from minfm_core.cli.main import main
+from minfm_core.recipe.checks import job_checks
+from minfm_core.plugins import plugin
 from minfm_core.engine.fid import val_item
 from minfm_core.engine.train import train
 from minfm_plugins.eval.evaluate import evaluate
@@ -117,3 +120,40 @@ def test_a_failure_at_an_fid_step_keeps_that_steps_checkpoint(tmp_path):
                            "--set", 'train.fid_extractor="eval_helpers:make_reference_only_extractor"')
     assert res.returncode == 2 and "the extractor refuses the samples" in res.stderr, res.stderr
     assert [p.name for p in list_checkpoints(run)] == ["step_00000003"]
+
+
+class _Doubled:
+    """A plugin's metric: the built-in FID's members, twice its distance (to tell them apart)."""
+
+    def __init__(self, ref, **kwargs):
+        from minfm_plugins.eval.fid import FidMetric
+
+        self.inner = FidMetric(ref, **kwargs)
+        self.features, self.reference_features, self.stats = (
+            self.inner.features, self.inner.reference_features, self.inner.stats)
+
+    def distance(self, a, b):
+        return 2 * self.inner.distance(a, b)
+
+
+class _DoubledPlugin:
+    @hookimpl
+    def register_metrics(self, register):
+        register("doubled_fid", _Doubled, doc="twice the FID")
+
+
+def test_a_plugins_metric_is_chosen_by_train_fid_metric_and_logged_under_its_name(tmp_path):
+    ref = save_npz(tmp_path / "ref.npz", images(12, seed=1, size=16))
+    sets = ["train.fid_every=2", "train.max_steps=2", "train.fid_num_samples=4", f"train.fid_ref={json.dumps(ref)}",
+            EXTRACTOR]
+    assert job_checks(tiny(tmp_path / "c", *sets, 'train.fid_metric="doubled_fid"'), "train") == [
+        "train.fid_metric: no plugin registers the image metric 'doubled_fid' that the in-training FID "
+        "(train.fid_every) uses (installed: fid; minFM's own 'fid' is the 'eval' plugin's) (from --set train.fid_metric)"]
+    with plugin(_DoubledPlugin(), "doubled"):
+        train(tiny(tmp_path / "a", *sets, 'train.fid_metric="doubled_fid"'))
+    train(tiny(tmp_path / "b", *sets))
+    ours = [m for m in read_metrics(tmp_path / "a") if "doubled_fid" in m]
+    theirs = [m for m in read_metrics(tmp_path / "b") if "fid" in m]
+    assert [m["step"] for m in ours] == [m["step"] for m in theirs] == [2]
+    assert not any("fid" in m for m in read_metrics(tmp_path / "a"))
+    assert ours[0]["doubled_fid"] == pytest.approx(2 * theirs[0]["fid"], rel=1e-6)

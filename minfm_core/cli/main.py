@@ -124,7 +124,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return int(args.func(args) or 0)
     except MinfmError as exc:
         # a RecipeError lists its problems one per line; any other error is one line
-        _say(f"minfm: error: {exc}", lines=isinstance(exc, RecipeError))
+        lines = isinstance(exc, RecipeError)
+        _say(f"minfm: error: {exc}" + ("" if lines else _raised_in(exc)), lines=lines)
         return exc.exit_code
     except KeyboardInterrupt:
         print("minfm: interrupted", file=sys.stderr)
@@ -137,7 +138,7 @@ def _main(argv: Sequence[str] | None) -> int:
         _silence_stdout()
         return 0
     except OSError as exc:
-        _say(f"minfm: error: {os_error_line(exc)}")
+        _say(f"minfm: error: {os_error_line(exc)}{_raised_in(exc)}")
         return 2
     except Exception as exc:
         # A failed allocation, or a data worker the machine killed, is the machine's limit; a
@@ -200,6 +201,16 @@ def bug_report_line(exc: BaseException) -> str:
     if who == "minFM":
         return "minfm: this is a bug in minFM; please report it with the traceback above"
     return f"minfm: this is a bug in {who}, whose code raised it; please report it to its authors with the traceback above"
+
+
+def _raised_in(exc: BaseException) -> str:
+    """`` (raised in plugin 'acme' (distribution acme-minfm))`` when a third-party plugin's
+    code raised the user's error ``exc`` (a file its logger could not write, its own refusal):
+    the line alone left the user guessing which of the recipe's components spoke."""
+    from ..plugins import whose_code
+
+    who = whose_code(exc)
+    return "" if who in (None, "minFM") else f" (raised in {who})"
 
 
 def _bug() -> int:

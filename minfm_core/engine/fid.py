@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import MinfmError
-from ..metrics import METRIC_FID, build_metric
+from ..metrics import build_metric
 from ..protocols import Metric
 from .generate import generate, to_pil
 from .sample import plan_batches, rank_share
@@ -56,10 +56,10 @@ class TrainingFid:
         if not ref.exists():
             raise MinfmError(f"train.fid_ref: {ref}: no such file or folder")
         try:
-            self.metric: Metric = build_metric(METRIC_FID, str(ref), extractor=train.fid_extractor,
-                                                    weights=train.fid_inception, device=rt.device)
+            self.metric: Metric = build_metric(train.fid_metric, str(ref), extractor=train.fid_extractor,
+                                               weights=train.fid_inception, device=rt.device)
         except MinfmError as exc:  # the plugin's message names the file or setting; the path says whose
-            raise MinfmError(f"train.fid: {exc}") from None
+            raise MinfmError(f"train.fid_metric: {exc}") from None
         # The batches of `minfm sample --n 1` (fixed whatever the world size: a batch is drawn
         # together), dealt to ranks as it deals them. Prompts of this rank's samples only (and
         # of sample 0, the filler of a rank short of batches), through the declared

@@ -56,6 +56,7 @@ def generate(
     noise = [torch.randn(pipe.latent_shape(tuple(s)), generator=torch.Generator().manual_seed(int(seed)))
              for s, seed in zip(sizes, seeds)]
     patched = pipe.patchifier.patchify(noise)
+    pipe.check_patched(patched, n)
     x, pos, lens = patched.tokens.to(pipe.device), patched.pos.to(pipe.device), patched.lens.to(pipe.device)
     cond = pipe.encode_text(list(prompts))
     negs = [neg_prompt] * n if isinstance(neg_prompt, str) else list(neg_prompt)
@@ -84,6 +85,8 @@ def generate(
     # a list or a wrong shape failed in unpatchify, blamed on minFM
     _refuse(sampler_is, "x0 = sampler(velocity, x, lens, ...)", boundary.shaped_like_problem(x0, x))
     latents = pipe.patchifier.unpatchify(x0, lens, patched.shapes)
+    pipe.refuse("model.patchifier", "latents = unpatchify(tokens, lens, shapes)",
+                boundary.unpatched_problem(latents, [n.shape for n in noise]))
     images = pipe.vae.decode(latents)
     _refuse(pipe.who("model.vae"), "images = vae.decode(latents)", boundary.decoded_problem(images, [tuple(s) for s in sizes]))
     return [img.float().clamp(-1, 1).cpu() for img in images]

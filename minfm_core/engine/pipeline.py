@@ -93,6 +93,12 @@ class Pipeline:
             if enc is not None:
                 counted_tokens(enc, self.who(path), prompts, what)
 
+    def check_patched(self, patched: Any, n: int) -> None:
+        """What the patchifier made of ``n`` latents keeps protocols.Patched's rules: a tuple
+        failed as an AttributeError blamed on minFM, float positions trained silently."""
+        values = self.read_values(getattr(patched, "lens", None), "model.patchifier")
+        self.refuse("model.patchifier", "patched = patchify(latents)", boundary.patched_problem(patched, n, values=values))
+
     # ---- frozen operators -------------------------------------------------------
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> TextBatch:
@@ -216,7 +222,7 @@ class CheckedAttention:
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
         out = self.backend(q, k, v, cu_seqlens, max_seqlen)
-        problem = boundary.shaped_like_problem(out, q)
+        problem = boundary.shaped_like_problem(out, q) or boundary.same_dtype_problem(out, q)
         if problem is not None:
             raise PluginError(f"{self.who}: out = attention(q, k, v, cu_seqlens, max_seqlen): {problem}")
         return out
@@ -377,6 +383,7 @@ def prepare_batch(
         # the recipe's sizes were checked against the patch; a cache made before they changed was not
         raise MinfmError(f"data: a cached latent (data.latents_dir) does not fit model.patchifier: {exc}; "
                          "was the cache made at other sizes? (remake it: minfm cache latents)") from None
+    p.check_patched(patched, n)
     x0 = patched.tokens.to(p.device, torch.float32)
     lens = patched.lens.to(p.device)
     if t is None and keyed:
@@ -404,7 +411,9 @@ def prepare_batch(
     eps = eps.to(p.device)
     t_tok = packing.expand_per_token(t, lens).unsqueeze(-1)
     x_t = p.path.noise(x0, eps, t_tok)
+    p.refuse("flow.path", "x_t = path.noise(x0, eps, t)", boundary.shaped_like_problem(x_t, x0))
     target = p.path.target(x0, eps)
+    p.refuse("flow.path", "v = path.target(x0, eps)", boundary.shaped_like_problem(target, x0))
     if p.time_weighter is not None:
         weight = p.time_weighter(t)
         p.refuse("flow.time_weighter", "w = weighter(t)",

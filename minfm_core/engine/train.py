@@ -477,7 +477,7 @@ class Trainer:
             if self.fid is not None and self.step % cfg.fid_every == 0:
                 fid = self.fid(self.pipe, self.ema)
                 if fid is not None:
-                    self._log({"fid": fid})
+                    self._log({cfg.fid_metric: fid})
             if cfg.sample_every and (self.step % cfg.sample_every == 0 or self.step == cfg.max_steps):
                 self.gallery()
             # Asked on every step by every rank (a collective); at train.max_steps the run is

@@ -101,14 +101,13 @@ def job_checks(resolved, job: str, world_size: int | None = None) -> list[str]:
         if train.min_lr > train.lr:
             problems.append(f"train.min_lr: {train.min_lr} is above the peak train.lr = {train.lr}")
         if train.fid_every > 0:
-            from ..metrics import METRIC_FID
             from ..registry import get_registry
 
             metrics = get_registry().names("metric")
-            if METRIC_FID not in metrics:
-                problems.append(f"train.fid_every: no plugin registers the image metric {METRIC_FID!r} that the "
-                                f"in-training FID uses (installed: {', '.join(metrics) or 'none'}; minFM's own "
-                                "is the 'eval' plugin)")
+            if train.fid_metric not in metrics:
+                problems.append(f"train.fid_metric: no plugin registers the image metric {train.fid_metric!r} that "
+                                f"the in-training FID (train.fid_every) uses (installed: "
+                                f"{', '.join(metrics) or 'none'}; minFM's own 'fid' is the 'eval' plugin's)")
         if recipe.data is None:
             problems.append('data: a train job needs a [data] table (e.g. name = "shapes")')
         data_cfg = resolved.config("data") if recipe.data is not None else None

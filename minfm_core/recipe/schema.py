@@ -243,6 +243,10 @@ class TrainSection:
     fid_inception: str | None = field(
         None, doc="Inception weights for the in-training FID (as minfm eval --inception)", file="ref"
     )
+    fid_metric: str = field(
+        "fid", doc="the registered image metric (kind metric) the in-training FID asks for, logged under its "
+                   "name: minFM's 'fid', or a plugin's (a Frechet distance of other features)", validator=non_blank
+    )
     sample_at_start: bool = field(False, doc="render a gallery before the first step")
     profile_steps: tuple[int, ...] = field((), doc="steps (numbered from 1, as logged) to capture a profiler trace for", validator=EVERY)
     gc_every: int = field(100, doc="run Python's garbage collector every N steps (0: never)", validator=EVERY)
