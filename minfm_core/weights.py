@@ -206,8 +206,12 @@ def check_keys(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: str, 
     unexpected = set(sd) - set(own)
     shapes = [f"{k} {tuple(sd[k].shape)} (model wants {tuple(own[k].shape)})"
               for k in sorted(set(sd) & set(own)) if sd[k].shape != own[k].shape]
+    # integer or boolean values for a floating-point weight were cast without a word
+    kinds = [f"{k} {str(sd[k].dtype).removeprefix('torch.')} (model wants floating point)"
+             for k in sorted(set(sd) & set(own)) if own[k].is_floating_point() and not sd[k].is_floating_point()]
     problems = [f"{what}: {first_names(keys)}" for what, keys in
-                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if keys]
+                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes),
+                 ("dtype mismatches", kinds)) if keys]
     if problems:
         raise MinfmError(f"{where}: weights do not fit the model: " + "; ".join(problems))
 
@@ -219,12 +223,21 @@ def first_names(items, limit: int = 10) -> str:
     return ", ".join(items[:limit]) + more
 
 
+#: Floating dtypes torch.isfinite reads directly; others (float8, as in FLUX's fp8 releases)
+#: are widened for the check, one tensor at a time.
+_ISFINITE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _checkable(v: torch.Tensor) -> torch.Tensor:
+    return v if v.dtype in _ISFINITE_DTYPES else v.float()
+
+
 def check_finite(sd: dict[str, torch.Tensor], where: str) -> None:
     """Refuse weights holding NaN or infinity (a run that diverged): sampling from them draws
     noise, and training from them skips every step. Sharded tensors (DTensors) are left to
     their full-tensor loaders: one rank refusing alone would leave the others waiting."""
     bad = [k for k, v in sd.items() if isinstance(v, torch.Tensor) and not hasattr(v, "full_tensor")
-           and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+           and v.is_floating_point() and not bool(torch.isfinite(_checkable(v)).all())]
     if bad:
         raise MinfmError(f"{where}: NaN or infinite values in {first_names(bad, 5)} (a run that diverged?)")
 

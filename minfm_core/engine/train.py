@@ -38,7 +38,7 @@ from ..recipe.checks import accumulation_steps, job_checks
 from ..safepath import write_text_atomic
 from ..schedule import lr_at
 from ..sources import resolve_source
-from ..weights import has_weights
+from ..weights import first_names, has_weights
 from .ema import EMA
 from .pipeline import build_pipeline, denoiser_kwargs, per_sample_loss, prepare_batch, shard, sharded_denoiser
 from .prompts import job_prompts
@@ -49,6 +49,29 @@ from .stop_signal import STOPPED_EXIT_CODE, StopRequest
 def _plain(value):
     """A param-group value as JSON gives it back (betas: a tuple in the optimizer, a list in a checkpoint)."""
     return list(value) if isinstance(value, tuple) else value
+
+
+#: Optimizer state entries that are never negative (AdamW's second moments and step count).
+NONNEGATIVE_MOMENTS = frozenset({"exp_avg_sq", "max_exp_avg_sq", "step"})
+
+
+def _state_problems(tree: Any, at_least_zero: frozenset[str] = frozenset(), name: str = "") -> list[str]:
+    """``"NAME: NaN or infinite values"`` (or ``negative values``, for a leaf named in
+    ``at_least_zero``) for each floating-point tensor of a nested state dict that holds them;
+    a sharded tensor (DTensor) is read on this rank's shards."""
+    if isinstance(tree, dict):
+        return [p for k, v in tree.items() for p in _state_problems(v, at_least_zero, f"{name}.{k}" if name else str(k))]
+    if not isinstance(tree, torch.Tensor) or not tree.is_floating_point():
+        return []
+    local = tree.to_local() if hasattr(tree, "to_local") else tree
+    local = local if local.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) else local.float()
+    if local.numel() == 0:
+        return []
+    if not bool(torch.isfinite(local).all()):
+        return [f"{name}: NaN or infinite values"]
+    if name.rsplit(".", 1)[-1] in at_least_zero and bool((local < 0).any()):
+        return [f"{name}: negative values"]
+    return []
 
 
 def _check_param_groups(loaded, fresh: list[dict], where) -> None:
@@ -216,6 +239,7 @@ class Trainer:
                 # EMA holds trainable parameters only: loading from it leaves buffers as they are.
                 box = {source: {k: v for k, v in base.items() if source == "model" or k in trainable}}
                 ckpt.load(box)
+                self._refuse_bad_state(_state_problems(box[source]), f"{ckpt.path} ({source} weights)")
                 if target == "model":
                     set_model_state_dict(self.model, {**base, **box[source]})
                 else:
@@ -225,6 +249,8 @@ class Trainer:
                 box = {"optimizer": state["optimizer"]}
                 ckpt.load(box)
                 _check_param_groups(box["optimizer"].get("param_groups"), fresh, ckpt.path)
+                self._refuse_bad_state(_state_problems(box["optimizer"].get("state", {}), at_least_zero=NONNEGATIVE_MOMENTS),
+                                       f"{ckpt.path} (optimizer state)")
                 set_optimizer_state_dict(self.model, self.optimizer, box["optimizer"])
                 # The moments come from the checkpoint, the settings from this recipe (a
                 # weight_decay or adam_betas changed for the resume was silently ignored,
@@ -245,7 +271,14 @@ class Trainer:
                 self.step = int(box["step"])
                 if self.step < 0:
                     raise MinfmError(f"{ckpt.path}: step {self.step} is negative")
+                named = ckpt.manifest.step if ckpt.manifest is not None else None
+                if named is not None and named != self.step:
+                    # resumed "at step 3" from step 6's folder: the data position was step 6's
+                    raise MinfmError(f"{ckpt.path}: its step tensor says {self.step}, its manifest {named}")
                 nm = float(box["trainer"]["norm_mean"])
+                if not (math.isnan(nm) or (math.isfinite(nm) and nm >= 0)):
+                    # a negative mean grad norm skipped every step as a spike, and the run exited 0
+                    raise MinfmError(f"{ckpt.path}: trainer.norm_mean {nm} is not a mean gradient norm (finite, >= 0)")
                 self.norm_mean = None if math.isnan(nm) else nm
         if exact:
             extras = ckpt.rank_extras(self.rt.rank)
@@ -272,6 +305,20 @@ class Trainer:
                 self._log_line(f"resumed at world size {self.rt.world_size} from a checkpoint of world size "
                                f"{ckpt.world_size}: the data goes on from the same place, each sample with its "
                                "own noise, as at the old size")
+
+    def _refuse_bad_state(self, problems: list[str], where: str) -> None:
+        """Refuse, on every rank together, state whose values no run makes: NaN weights trained
+        on with every step skipped as a spike, negative second moments sent the weights to NaN
+        a step later, and either run exited 0. A sharded tensor is read on each rank's shards
+        (one all-reduce says whether any rank found something)."""
+        found = len(problems)
+        if self.rt.world_size > 1:
+            t = torch.tensor([float(found)], device=self.rt.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            found = int(t.item())
+        if found:
+            named = first_names(problems, 3) if problems else "values found by another rank"
+            raise MinfmError(f"{where}: {named} (a run that diverged, or a damaged checkpoint?)")
 
     def _resume_or_init(self) -> None:
         allow_pickle = self.cfg.allow_pickle_checkpoint
@@ -300,6 +347,10 @@ class Trainer:
         elif self.cfg.init_from:
             try:
                 self._init_from()
+                if self.step >= self.cfg.max_steps:  # (it exited 0, trained nothing and saved nothing)
+                    raise MinfmError(f"its step {self.step} (train.init_load_plan loads the step) is not below "
+                                     f"train.max_steps = {self.cfg.max_steps}: nothing to train; raise "
+                                     "train.max_steps, or leave the step out of the plan")
             except MinfmError as exc:  # a resume's errors name the checkpoint; these name the setting too
                 raise MinfmError(f"train.init_from = {self.cfg.init_from}: {exc}") from None
             self._log_line(f"initialised from {self.cfg.init_from} with plan {self.cfg.init_load_plan!r}")
