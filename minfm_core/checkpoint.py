@@ -566,7 +566,7 @@ def _export_recipe(src: Path, dst: Path) -> None:
     text = read_bounded(src, str(src), MAX_RECIPE_BYTES).decode("utf-8", errors="replace")
     try:
         recipe = tomllib.loads(text)
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         recipe = None  # not ours to mend: the card's reader refuses it, naming the file
     run = recipe.get("run") if isinstance(recipe, dict) else None
     exp_dir = run.get("exp_dir") if isinstance(run, dict) else None
@@ -587,7 +587,7 @@ def _copy_metrics(src: Path, dst: Path, root: Path, step: int) -> None:
         for line in fin:
             try:
                 record = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 record = None
             later = isinstance(record, dict) and type(record.get("step")) is int and record["step"] > step
             if not later:

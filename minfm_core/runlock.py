@@ -278,7 +278,7 @@ def check_run_record(path: Path) -> None:
             why = "it has comments"
         elif "extends" in tomllib.loads(text):
             why = "it extends another recipe"
-    except (MinfmError, OSError, tomllib.TOMLDecodeError) as exc:
+    except (MinfmError, OSError, tomllib.TOMLDecodeError, RecursionError) as exc:
         # garbage or cut short: a damaged record (a crash, a full disk), or someone's other file
         raise MinfmError(f"run.exp_dir: {path} is no recipe minfm can read ({first_line(exc, 120)}); a run records "
                          "its resolved recipe there at every start: if it is this run's damaged record, remove "

@@ -15,6 +15,8 @@ import json
 from contextlib import nullcontext
 from pathlib import Path
 
+from ..errors import MinfmError
+from ..jsonio import read_json_file
 from ..safepath import write_bytes_atomic, write_text_atomic
 from .generate import generate, grid, grid_frames, image_seed, to_pil, to_uint8
 from .video_io import DEFAULT_FPS, frame_durations_ms
@@ -70,13 +72,23 @@ def animated_png(frames: list, fps: int = DEFAULT_FPS) -> bytes:
     return buf.getvalue()
 
 
+def _step_prompts(path: Path) -> list[str]:
+    """A gallery step's prompts, as the index captions them; a damaged or foreign file (a crash
+    mid-write, a copied folder) captions nothing rather than ending the run's gallery."""
+    try:
+        prompts = read_json_file(path, str(path), 1 << 20) if path.is_file() else []
+    except (MinfmError, OSError):
+        return []
+    return [p for p in prompts if isinstance(p, str)] if isinstance(prompts, list) else []
+
+
 def write_training_index(root: Path) -> None:
     steps = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")), reverse=True)
     parts = ["<!doctype html><meta charset=utf-8><title>minFM samples</title>",
              "<style>body{font-family:sans-serif;margin:2em}img{image-rendering:pixelated;max-width:100%}"
              "figure{display:inline-block;margin:0 1em 1em 0}</style><h1>Samples during training</h1>"]
     for d in steps:
-        prompts = json.loads((d / "prompts.json").read_text()) if (d / "prompts.json").exists() else []
+        prompts = _step_prompts(d / "prompts.json")
         parts.append(f"<h2>{html.escape(d.name)}</h2>")
         for name in ("raw", "ema"):
             if (d / f"{name}.png").exists():

@@ -224,6 +224,8 @@ def _read(path: Path, chain: tuple[Path, ...], untrusted_root: Path | None = Non
         return _merged({}, data, path)  # a `key+` with nothing extended is an error, as anywhere
     if not isinstance(parent, str) or not parent:
         raise RecipeError(f"extends: expected a file name, got {parent!r}", str(path))
+    if "\0" in parent:  # no file name holds one (os.path refused it with a ValueError)
+        raise RecipeError(f"extends: a NUL character in {parent!r}", str(path))
     parent_path = _extended(path, parent, untrusted_root)
     # A shipped recipe is minFM's own: its own extends resolve beside it, whoever named it.
     trusted = parent.startswith(SHIPPED)
@@ -266,6 +268,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         doc = tomllib.loads(f"v = {raw.strip()}")
     except tomllib.TOMLDecodeError:
         doc = {"v": raw.strip()}  # bare words (paths, names) need no quotes on the command line
+    except RecursionError:  # as a recipe file's: tomllib recurses once per level
+        raise RecipeError(f"--set {key}: VALUE has arrays or tables nested too deeply") from None
     # a newline in VALUE would start a second TOML line, whose keys were silently dropped
     if set(doc) != {"v"} or (not raw.strip().startswith(('"', "'", "[", "{")) and "\n" in raw.strip()):
         raise RecipeError(f"--set {text[:200]!r}: VALUE is one TOML value (a line break inside belongs in a "

@@ -119,6 +119,8 @@ def parse_encoder(table: str):
         raw = tomllib.loads(f"encoder = {table}")["encoder"]
     except tomllib.TOMLDecodeError as exc:
         raise MinfmError(f"--encoder: not a TOML inline table ({exc}), e.g. '{{name = \"clip\"}}'") from None
+    except RecursionError:
+        raise MinfmError("--encoder: arrays or tables nested too deeply") from None
     spec = structure(raw, Spec, path="--encoder")
     comp = get_registry().get("text_encoder", spec.name, path="--encoder.name")
     return comp, structure(spec.options, comp.config, path="--encoder")
