@@ -80,6 +80,18 @@ def run_folder(path: Path) -> Path | None:
     return None
 
 
+def refuse_inside_checkpoint(out: Path, flag: str, what: str) -> None:
+    """Refuse an output folder ``out`` (given as ``flag``) inside a run's checkpoint
+    (``<run>/checkpoints/step_N``, any of them): the run's ``keep_last`` deletes old
+    checkpoints whole, and ``what`` was written there (samples, an export) would go with it.
+    A checkpoint outside a run (a copied ``step_N``) is pruned by nothing."""
+    real = Path(os.path.realpath(out))
+    for folder in (real, *real.parents):
+        if run_folder(folder) is not None:
+            raise MinfmError(f"{flag} {out}: lies inside the checkpoint {folder}, which its run's keep_last may "
+                             f"delete with the {what}; choose another {flag}")
+
+
 def _has_index(path: Path) -> bool:
     return (path / MANIFEST).is_file() or (path / LEGACY_METADATA).is_file()
 

@@ -140,3 +140,21 @@ def test_a_checkpoint_outside_a_run_samples_into_its_default_folder(trained, tmp
     res = minfm_in_process("sample", str(copy), "--prompt", "a", "--steps", "1", "--size", "16x16")
     assert res.returncode == 0, res.stderr
     assert sorted(p.name for p in (copy / "samples_cli" / "images").iterdir()) == ["00000_00.png"]
+
+
+def test_an_export_into_a_runs_checkpoint_is_refused(trained, tmp_path):
+    """`minfm export diffusers RUN RUN/checkpoints/step_N` exited 0 with the export inside the
+    checkpoint, which the run's keep_last deletes whole (as --out of `minfm sample` was)."""
+    from conftest import minfm_in_process
+    from minfm_core import checkpoint as ckpt_mod
+
+    ckpt = ckpt_mod.find_checkpoint(trained)
+    before = sorted(p.name for p in ckpt.iterdir())
+    res = minfm_in_process("export", "diffusers", str(trained), str(ckpt / "diffusers"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.strip() == (f"minfm: error: OUT_DIR {ckpt / 'diffusers'}: lies inside the checkpoint {ckpt}, "
+                                  "which its run's keep_last may delete with the export; choose another OUT_DIR")
+    assert sorted(p.name for p in ckpt.iterdir()) == before
+    res = minfm_in_process("export", "diffusers", str(trained), str(tmp_path / "diffusers"))
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "diffusers" / "config.json").is_file()

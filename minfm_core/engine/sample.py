@@ -316,18 +316,6 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _refuse_out_in_checkpoint(out: Path, flag: str) -> None:
-    """Samples written into a run's checkpoint (``<run>/checkpoints/step_N``: the one sampled
-    or any other) would go with it: the run's ``keep_last`` deletes old checkpoints whole (the
-    default out folder is beside the run). A checkpoint outside a run (a copied ``step_N``)
-    is pruned by nothing: its default out folder is inside it, as for any other source."""
-    real = Path(os.path.realpath(out))
-    for folder in (real, *real.parents):
-        if ckpt_mod.run_folder(folder) is not None:
-            raise MinfmError(f"{flag} {out}: lies inside the checkpoint {folder}, which its run's keep_last may "
-                             f"delete with the samples; choose another {flag}")
-
-
 def prepare_out(out: Path, settings: dict, *, overwrite: bool, flag: str) -> None:
     """Refuse an out folder holding another request's samples (unless ``overwrite``: clear them)."""
     hint = "pass --overwrite to replace them, or choose another --out" if flag == "--out" else \
@@ -409,7 +397,7 @@ def run_sampling(resolved, prompts: list[str], out: Path, *, weights, source: st
                 # One sampler per out folder: a second one took the folder over while the first
                 # was still loading, and the two mixed their requests' images, both exiting 0.
                 require_folder_room(out, out_flag)
-                _refuse_out_in_checkpoint(out, out_flag)
+                ckpt_mod.refuse_inside_checkpoint(out, out_flag, "samples")
                 runlock.acquire(out, what=out_flag)
                 prepare_out(out, settings, overwrite=overwrite, flag=out_flag)
                 claimed_unused = True

@@ -28,7 +28,7 @@ def _run(args) -> int:
     import tempfile
     from pathlib import Path
 
-    from minfm_core.checkpoint import export_for_hub
+    from minfm_core.checkpoint import export_for_hub, refuse_inside_checkpoint
     from minfm_core.errors import MinfmError
     from minfm_core.safepath import require_folder_room
     from minfm_core.sources import resolve_source
@@ -40,6 +40,7 @@ def _run(args) -> int:
         if not value:  # '' is the current folder: OUT_DIR '' wrote there and said "wrote ."
             raise MinfmError(f"export diffusers: {name}: empty path")
     require_folder_room(args.out_dir, "OUT_DIR")
+    refuse_inside_checkpoint(Path(args.out_dir), "OUT_DIR", "export")
     src = resolve_source(args.src)
     with tempfile.TemporaryDirectory(prefix="minfm-export-") as tmp:
         if src.is_dir() and not has_weights(src):
