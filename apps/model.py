@@ -24,7 +24,8 @@ from minfm_core.secrets import mask_secrets
 
 #: (height, width) aspect ratios offered at the model's base pixel count.
 ASPECTS = ((1, 1), (4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (9, 16))
-_SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
+# ASCII digits only, as the CLI's --size: int() reads "１６" (full-width) as 16
+_SIZE = re.compile(r"^\s*([0-9]{1,5})\s*[xX]\s*([0-9]{1,5})\s*$")
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,7 @@ class DemoModel:
         recipe_path, kind, where = locate(path, stack)
         # A recipe downloaded with a model is data: no ${VAR} expansion (the demo shows it on
         # /config) and its file references stay in its folder.
-        resolved = load_recipe(recipe_path, list(ONE_PROCESS), untrusted_root=recipe_root(recipe_path))
+        resolved = load_recipe(recipe_path, list(ONE_PROCESS), untrusted_root=recipe_root(recipe_path), recorded=True)
         dev = torch.device(device) if device else pick_device(resolved.recipe.run.device, 0)
         pipe = build_pipeline(resolved, dev, load_weights=True)
         with warnings.catch_warnings():  # DCP notes it loads in one process: that is the intent

@@ -545,8 +545,7 @@ def build_denoiser(recipe_path: Path) -> torch.nn.Module:
     from the checkpoint). A recipe that was downloaded with it is read as untrusted data."""
     from .recipe import ONE_PROCESS, load_recipe
 
-    resolved = load_recipe(recipe_path, list(ONE_PROCESS),
-                           untrusted_root=recipe_root(recipe_path))
+    resolved = load_recipe(recipe_path, list(ONE_PROCESS), untrusted_root=recipe_root(recipe_path), recorded=True)
     with torch.device("meta"):
         model = resolved["model.denoiser"].build(load_weights=False)
     return model.to_empty(device="cpu")

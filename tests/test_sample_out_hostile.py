@@ -5,6 +5,7 @@ checkpoints with leftover weights refused, and default outputs out of keep_last'
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,30 @@ def test_an_export_into_a_runs_checkpoint_is_refused(trained, tmp_path):
     res = minfm_in_process("export", "diffusers", str(trained), str(tmp_path / "diffusers"))
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "diffusers" / "config.json").is_file()
+
+
+def test_a_recorded_recipe_is_not_expanded_again_only_the_users_set_is(trained, tmp_path, monkeypatch):
+    """A run's or checkpoint's recipe.toml was resolved when minFM wrote it. A copied one (no
+    download marker) holding ``${HF_TOKEN}`` had it expanded into the samples' metadata.json
+    and index.html; the user's own --set still expands."""
+    from checkpoint_helpers import copy_run, refresh_record
+    from conftest import minfm_in_process
+    from minfm_core import checkpoint as ckpt_mod
+
+    monkeypatch.setenv("MINFM_TEST_SECRET", "topsecret")
+    run = copy_run(trained, tmp_path / "copied")
+    ckpt = ckpt_mod.find_checkpoint(run)
+    recipe = ckpt / "recipe.toml"
+    text = recipe.read_text()
+    assert text.count('\nneg_prompt = ""\n') == 1
+    os.chmod(recipe, 0o644)
+    recipe.write_text(text.replace('\nneg_prompt = ""\n', '\nneg_prompt = "${MINFM_TEST_SECRET}"\n'))
+    refresh_record(ckpt, "recipe.toml")  # whoever wrote it also vouched for it in the manifest
+    res = minfm_in_process("sample", str(ckpt), "--out", str(tmp_path / "a"), "--prompt", "a", "--steps", "1")
+    assert res.returncode == 0, res.stderr
+    written = (tmp_path / "a" / "metadata.json").read_text()
+    assert "topsecret" not in written and json.loads(written)["settings"]["neg_prompt"] == "${MINFM_TEST_SECRET}"
+    res = minfm_in_process("sample", str(ckpt), "--out", str(tmp_path / "b"), "--prompt", "a", "--steps", "1",
+                           "--set", 'sample.neg_prompt="x ${MINFM_TEST_SECRET:-none}"')
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "b" / "metadata.json").read_text())["settings"]["neg_prompt"] == "x topsecret"

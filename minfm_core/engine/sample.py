@@ -128,7 +128,7 @@ def _sample_cli(args, src: Path, stack: contextlib.ExitStack) -> int:
     flags = {"job": "", **{o.partition("=")[0]: "" for o in one},
              **{override.partition("=")[0]: flag for override, flag in flagged.items()}}
     # A recipe downloaded with the model is data (docs/security.md); --set stays the user's.
-    resolved = load_recipe(recipe_path, overrides, untrusted_root=recipe_root(recipe_path), flags=flags)
+    resolved = load_recipe(recipe_path, overrides, untrusted_root=recipe_root(recipe_path), flags=flags, recorded=True)
     if not prompts:
         prompts = list(resolved.recipe.sample.prompts) or (
             read_prompt_file(resolved.recipe.sample.prompt_file) if resolved.recipe.sample.prompt_file else []

@@ -359,6 +359,15 @@ def expand_env(data: Any, path: str = "") -> Any:
     return data
 
 
+def _expand_given(data: Any, keys: set[str], path: str = "") -> Any:
+    """``data`` with :func:`expand_env` applied under ``keys`` only (what the user's --set gave)."""
+    if is_trusted(path, keys) and path:
+        return expand_env(data, path)
+    if isinstance(data, dict):
+        return {k: _expand_given(v, keys, f"{path}.{k}" if path else k) for k, v in data.items()}
+    return data
+
+
 def load_recipe_dict(
     path: str | os.PathLike, overrides: Iterable[str] = (), *, untrusted_root: str | os.PathLike | None = None
 ) -> dict[str, Any]:
@@ -382,9 +391,15 @@ class RecipeParts:
 
 
 def load_recipe_parts(
-    path: str | os.PathLike, overrides: Iterable[str] = (), *, untrusted_root: str | os.PathLike | None = None
+    path: str | os.PathLike, overrides: Iterable[str] = (), *, untrusted_root: str | os.PathLike | None = None,
+    recorded: bool = False,
 ) -> RecipeParts:
-    """:func:`load_recipe_dict`, and where the recipe came from outside (:class:`RecipeParts`)."""
+    """:func:`load_recipe_dict`, and where the recipe came from outside (:class:`RecipeParts`).
+
+    ``recorded``: the recipe is one minFM wrote (a run's or a checkpoint's ``recipe.toml``),
+    resolved when it was written: nothing in it is expanded again, only what ``overrides``
+    give. A copied checkpoint carries no download marker, and its ``${HF_TOKEN}`` reached the
+    samples' metadata.json and index.html."""
     # abspath, not resolve(): a recipe's place is where it sits, not where its symlink leads.
     where = recipe_file(path)
     root = None if untrusted_root is None else Path(os.path.abspath(untrusted_root))
@@ -397,6 +412,9 @@ def load_recipe_parts(
         if root is not None:
             return RecipeParts(data, root, frozenset(outside.trusted))
         try:
+            if recorded:
+                given = {".".join(parse_override(o)[0]).removesuffix(APPEND) for o in overrides}
+                return RecipeParts(_expand_given(data, given))
             return RecipeParts(expand_env(data))
         except RecipeError as exc:  # about a value of this recipe: name its file, as every recipe error does
             raise RecipeError(exc.problems, str(path)) from None

@@ -188,6 +188,7 @@ def load_recipe(
     *,
     untrusted_root: str | os.PathLike | None = None,
     flags: dict[str, str] | None = None,
+    recorded: bool = False,
 ) -> ResolvedRecipe:
     """Load, merge, override, expand, structure and check a recipe file.
 
@@ -207,6 +208,9 @@ def load_recipe(
     Without ``untrusted_root``, a recipe lying in a downloaded folder (``hf://`` snapshots,
     ``minfm hub pull --local-dir``) is read that way too, whoever loads it: ``minfm run`` of a
     pulled recipe expanded ``${VAR}`` into the run's recipe.toml, which a push then published.
+
+    ``recorded``: a recipe minFM wrote (a run's or a checkpoint's, already resolved): only the
+    ``overrides`` are expanded (:func:`~minfm_core.recipe.load.load_recipe_parts`).
     """
     if untrusted_root is None:
         untrusted_root = recipe_root(recipe_file(path))
@@ -214,7 +218,7 @@ def load_recipe(
     keys = [".".join(parse_override(o)[0]) for o in overrides]
     set_by = tuple((k, (flags or {}).get(k, f"--set {k}")) for k in keys)
     try:
-        parts = load_recipe_parts(path, overrides, untrusted_root=untrusted_root)
+        parts = load_recipe_parts(path, overrides, untrusted_root=untrusted_root, recorded=recorded)
     except RecipeError as exc:  # a value an override gave (${VAR} unset, a NUL) names that --set too
         if not overrides:
             raise
