@@ -252,10 +252,10 @@ def build_app(model: DemoModel, batcher: Batcher, *, queue_limit: int = 32) -> g
         gr.Markdown(f"## minFM {task}\n{_md_escape(model.source)}", elem_id="title")
         with gr.Row():
             with gr.Column(scale=2):
-                prompt = gr.Textbox(label="Prompt", lines=2, max_length=lim.max_prompt_chars, elem_id="prompt",
-                                    placeholder=examples[0] if examples else "describe an image")
-                negative = gr.Textbox(label="Negative prompt", value=model.default_neg_prompt,
-                                      max_length=lim.max_prompt_chars, elem_id="negative-prompt")
+                prompt = _text_only(gr.Textbox(label="Prompt", lines=2, max_length=lim.max_prompt_chars, elem_id="prompt",
+                                               placeholder=examples[0] if examples else "describe an image"))
+                negative = _text_only(gr.Textbox(label="Negative prompt", value=model.default_neg_prompt,
+                                                 max_length=lim.max_prompt_chars, elem_id="negative-prompt"))
                 with gr.Row():
                     size = gr.Dropdown([size_label(*s) for s in model.presets], value=size_label(*model.default_size),
                                        allow_custom_value=True, label="Size (height x width)", elem_id="size",
@@ -314,6 +314,21 @@ def build_app(model: DemoModel, batcher: Batcher, *, queue_limit: int = 32) -> g
     # and the cancel on disconnect; every caller now joins the queue (gradio_client does).
     app.queue(max_size=queue_limit, default_concurrency_limit=batcher.max_batch, api_open=False)
     return app
+
+
+def _text_only(box):
+    """``box``, a textbox that refuses what an API caller sends that is no text: gradio's own
+    preprocess made ``str()`` of it, so ``prompt=12345`` or ``["a", 5]`` was drawn as a prompt
+    (and check_request's type check never saw it)."""
+    preprocess = box.preprocess
+
+    def strict(payload):
+        if payload is not None and not isinstance(payload, str):
+            raise _refusal(f"{box.label} must be text, got {type(payload).__name__}.")
+        return preprocess(payload)
+
+    box.preprocess = strict
+    return box
 
 
 def _quiet_bounds(component):

@@ -96,6 +96,7 @@ def test_a_downloaded_folder_with_a_junk_step_still_loads(run_dir, tmp_path, ste
     ({"prompt": "x" * 501}, "Prompt is 501 characters long; the limit is 500."),
     ({"negative_prompt": "y" * 600}, "Negative prompt is 600 characters long"),
     ({"size": "16 by 16"}, "is not HEIGHTxWIDTH"),
+    ({"size": "\uff11\uff16x16"}, "is not HEIGHTxWIDTH"),  # full-width digits: int() reads them, the CLI does not
     ({"size": "17x16"}, "multiples of 2 for this model"),
     ({"size": "4000x16"}, "out of bounds"),
     ({"steps": 0}, "Steps must be between 1 and 100, got 0."),
@@ -186,6 +187,11 @@ def test_generate_endpoint_reports_bad_input(client, capfd):
         client.predict(**{**BASE, "steps": 1000}, api_name="/generate")
     with pytest.raises(AppError, match="less than minimum value 0"):
         client.predict(**{**BASE, "seed": -1}, api_name="/generate")
+    # no text: gradio's textbox made str() of it and drew "12345" or "['a', 5]" as a prompt
+    with pytest.raises(AppError, match=r"^Prompt must be text, got int\.$"):
+        client.predict(**{**BASE, "prompt": 12345}, api_name="/generate")
+    with pytest.raises(AppError, match=r"^Negative prompt must be text, got dict\.$"):
+        client.predict(**{**BASE, "negative_prompt": {"a": 1}}, api_name="/generate")
     # bad input is the client's to fix: the server's log shows no traceback for it
     assert "Traceback" not in capfd.readouterr().err
     # The highest seed one image may start at (seeds run seed .. seed + n - 1 < 2**31)
