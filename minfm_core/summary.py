@@ -93,14 +93,26 @@ def _prompt_problems(resolved, encoders: dict[str, Any]) -> list[str]:
         for path, enc in encoders.items():
             try:
                 enc.count_tokens([""])
-            except Exception:  # what it needs to count is not here yet: the run asks it at its start
-                continue
+            except Exception as exc:
+                if _counts(enc, "a"):  # it counts a prompt, but refuses the one the engine must send
+                    problems.append(f"{resolved.who(path)}: count_tokens(['']): refuses the empty prompt, which the "
+                                    f"engine encodes (a dropped caption, the unconditional branch of guidance): "
+                                    f"{first_line(exc, 200)}")
+                continue  # else what it needs to count is not here yet: the run asks it at its start
             for what, prompts in asked:
                 try:
                     counted_tokens(enc, resolved.who(path), prompts, what)
                 except MinfmError as exc:
                     problems.append(str(exc))
     return problems
+
+
+def _counts(enc: Any, prompt: str) -> bool:
+    try:
+        enc.count_tokens([prompt])
+    except Exception:
+        return False
+    return True
 
 
 @contextlib.contextmanager

@@ -61,10 +61,19 @@ class Lying(Silent):
         return [1.5] * len(prompts)
 
 
+class NoEmpty(WordCounter):
+    """Counts words but refuses the empty prompt, which the engine encodes for dropped captions."""
+
+    def count_tokens(self, prompts):
+        if "" in prompts:
+            raise MinfmError("no_empty: an empty prompt")
+        return super().count_tokens(prompts)
+
+
 class Encoders:
     @hookimpl
     def register_text_encoders(self, register):
-        for name, cls in (("word_counter", WordCounter), ("silent", Silent), ("lying", Lying)):
+        for name, cls in (("word_counter", WordCounter), ("silent", Silent), ("lying", Lying), ("no_empty", NoEmpty)):
             register(name, lambda cfg=None, *, load_weights=True, cls=cls: cls(), doc=f"{name} (test)")
 
 
@@ -233,6 +242,18 @@ def test_check_counts_the_jobs_prompts_as_the_run_would(encoders, trained_run, j
     if job == "train":  # no galleries: no prompts to encode
         res = minfm_in_process("check", recipe, *sets[:4], "--set", 'sample.prompts=["a dragon"]')
         assert res.returncode == 0, res.stderr
+
+
+def test_check_names_an_encoder_that_refuses_the_empty_prompt(encoders):
+    """``minfm check`` asks ``count_tokens([""])`` first to learn whether the encoder can count
+    here at all; one refusing only the empty prompt passed the check and failed the run."""
+    recipe = str(ROOT / "tests" / "recipes" / "tiny.toml")
+    res = minfm_in_process("check", recipe, "--set", 'model.text_encoder={name = "no_empty"}')
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert ("model.text_encoder: text_encoder 'no_empty' of plugin 'count_probe': count_tokens(['']): refuses the "
+            "empty prompt, which the engine encodes (a dropped caption, the unconditional branch of guidance): "
+            "no_empty: an empty prompt") in res.stderr, res.stderr
+    assert minfm_in_process("check", recipe, "--set", 'model.text_encoder={name = "word_counter"}').returncode == 0
 
 
 def test_check_downloads_nothing_to_count(tmp_path, monkeypatch):
