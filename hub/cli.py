@@ -23,7 +23,7 @@ def register(sub) -> None:
     hub.set_defaults(func=lambda args: hub.print_help() or 2)
 
     p = cmds.add_parser("push", help="upload a trained model as one commit (no-op when nothing changed)")
-    p.add_argument("src", metavar="SRC", help="run dir, checkpoint dir, or a folder holding model.safetensors")
+    p.add_argument("src", metavar="SRC", type=non_empty("SRC"), help="run dir, checkpoint dir, or a folder holding model.safetensors")
     p.add_argument("repo_id", metavar="REPO_ID", help="namespace/name on the Hub (created if missing)")
     p.add_argument("--revision", metavar="R", type=non_empty("--revision"), help="branch to push to (created from main if missing)")
     p.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its visibility)")
@@ -40,7 +40,7 @@ def register(sub) -> None:
 
     p = cmds.add_parser("pull", help="download a model repo (safetensors and text files only)")
     p.add_argument("ref", metavar="REPO_ID[@REV]", help="namespace/name, optionally @branch, @tag or @commit")
-    p.add_argument("--local-dir", metavar="DIR", help="download into DIR instead of the Hugging Face cache")
+    p.add_argument("--local-dir", metavar="DIR", type=non_empty("--local-dir"), help="download into DIR instead of the Hugging Face cache")
     p.add_argument("--include-training-state", action="store_true",
                    help="also download the DCP training state (checkpoint/), needed to resume training")
     p.add_argument("--max-files", type=int_in("--max-files", 1, MAX_FILES_LIMIT), metavar="N",

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 from dataclasses import asdict, dataclass
+from decimal import Decimal
 from pathlib import Path
 
 from minfm_core.errors import MinfmError, first_line
@@ -45,7 +46,9 @@ DEFAULT_MAX_FILES = 10_000
 DEFAULT_MAX_BYTES = 2**40  # 1 TiB
 #: The most files a pull may be allowed (a repo of more is no model repo).
 MAX_FILES_LIMIT = 10_000_000
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
+#: The largest --max-bytes / MINFM_HUB_MAX_BYTES: 1 PiB (more is a typo, not a disk).
+MAX_BYTES_LIMIT = 2**50
+_SIZE_RE = re.compile(r"^\s*([0-9]{1,30}(?:\.[0-9]{1,30})?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)  # ASCII digits
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 _SNAPSHOT_RE = re.compile(r"(?:^|/)models--([^/]+)--([^/]+)/snapshots/([0-9a-f]{40})$")
@@ -87,7 +90,7 @@ def parse_size(text: str | int) -> int:
     m = _SIZE_RE.match(text)
     if not m:
         raise MinfmError(f"invalid size {text!r}: expected e.g. 5GB, 500MB or a number of bytes")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+    return int(Decimal(m.group(1)) * _UNITS[(m.group(2) or "").upper()])  # exact: float made inf of 400 digits
 
 
 @dataclass(frozen=True)
@@ -111,8 +114,9 @@ class Limits:
             nbytes = parse_size(size)
         except MinfmError as exc:
             raise MinfmError(f"{exc} (MINFM_HUB_MAX_BYTES / --max-bytes)") from None
-        if nbytes < 1:
-            raise MinfmError(f"invalid size {size!r} (MINFM_HUB_MAX_BYTES / --max-bytes): expected at least 1 byte")
+        if not 1 <= nbytes <= MAX_BYTES_LIMIT:
+            raise MinfmError(f"invalid size {str(size)[:40]!r} (MINFM_HUB_MAX_BYTES / --max-bytes): expected 1 byte "
+                             f"to 1PiB ({MAX_BYTES_LIMIT} bytes)")
         return cls(count, nbytes)
 
     def check(self, n_files: int, n_bytes: int, what: str) -> None:

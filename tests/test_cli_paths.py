@@ -20,6 +20,19 @@ def _error(capsys) -> str:
     (["cache", "latents", str(TINY), "--out", ""], "--out"),
     (["cache", "latents", str(TINY), "--split", ""], "--split"),
     (["hub", "push", "run", "org/name", "--revision", ""], "--revision"),
+    # each was taken: '' sampled the current folder, evaluated without writing, downloaded
+    # Inception, served every name ('' allowed-host) or said "--host  --port: not known"
+    (["sample", "", "--prompt", "x"], "SRC"),
+    (["serve", ""], "EXP_DIR"),
+    (["serve", "run", "--host", ""], "--host"),
+    (["serve", "run", "--allowed-host", ""], "--allowed-host"),
+    (["demo", "run", "--allowed-host", ""], "--allowed-host"),
+    (["demo", "", "--host", "127.0.0.1"], "SRC"),
+    (["eval", "imagenet", "s.npz", "--ref", "r.npz", "--out", ""], "--out"),
+    (["eval", "folder", "s", "--ref", "r.npz", "--inception", ""], "--inception"),
+    (["hub", "push", "", "org/name"], "SRC"),
+    (["hub", "pull", "org/name", "--local-dir", ""], "--local-dir"),
+    (["data", "imagenet", "prepare", "", "--recipe", str(TINY), "--out", "o"], "ROOT"),
 ])
 def test_an_empty_value_is_refused(argv, flag, capsys):
     """`--out ''` sampled into the default folder and `--revision ''` pushed to main, exit 0."""
@@ -47,3 +60,9 @@ def test_a_split_given_twice_is_refused(capsys):
     """It was encoded twice over."""
     assert main(["cache", "latents", str(TINY), "--split", "val", "--split", "train", "--split", "val"]) == 2
     assert _error(capsys) == "--split val: given more than once"
+
+
+@pytest.mark.parametrize("name", ["a b", "proxy/path", "x\ty"])
+def test_an_allowed_host_that_is_no_host_name_is_refused(name, capsys):
+    assert main(["serve", "run", "--allowed-host", name]) == 2
+    assert _error(capsys) == f"--allowed-host: {name!r} is not a host name (e.g. myproxy.internal)"

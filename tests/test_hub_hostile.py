@@ -103,7 +103,7 @@ def test_pull_bounds_are_checked_before_downloading(hub_server, tmp_path):
     assert one_error_line(zero_files) == ("minfm: error: invalid file count '0' (MINFM_HUB_MAX_FILES / --max-files): "
                                           "expected an integer from 1 to 10000000")
     assert one_error_line(zero_bytes) == ("minfm: error: invalid size '0' (MINFM_HUB_MAX_BYTES / --max-bytes): "
-                                          "expected at least 1 byte")
+                                          "expected 1 byte to 1PiB (1125899906842624 bytes)")
     assert one_error_line(junk) == "minfm: error: --max-files: expected an integer, got '2e3'"
     assert hub_server.requests[n_before:] == []
 

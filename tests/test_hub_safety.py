@@ -45,6 +45,11 @@ def test_a_repo_holding_a_pickle_is_refused_on_pull(hub_server, tmp_path):
     (("hub", "push", ".", "org/there", "--max-shard-size", "5XB"), "--max-shard-size: invalid size '5XB'"),
     (("hub", "pull", "org/there", "--max-bytes", "-5GB"), "invalid size '-5GB': expected e.g. 5GB, 500MB or a number "
                                                           "of bytes (MINFM_HUB_MAX_BYTES / --max-bytes)"),
+    # float() made infinity of it (an OverflowError traceback); past 1 PiB is a typo, not a disk
+    (("hub", "pull", "org/there", "--max-bytes", "9" * 30 + "TB"), "(MINFM_HUB_MAX_BYTES / --max-bytes): expected 1 byte "
+                                                                   "to 1PiB"),
+    (("hub", "pull", "org/there", "--max-bytes", "9" * 400), "invalid size '" + "9" * 30),
+    (("hub", "pull", "org/there", "--max-bytes", "\uff15GB"), "invalid size '\uff15GB': expected e.g. 5GB"),
 ])
 def test_bad_input_is_one_line_and_exit_2(hub_server, tmp_path, args, expect):
     hub_server.upload("org/there", {"model.safetensors": b"x"})

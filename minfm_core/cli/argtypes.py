@@ -180,8 +180,18 @@ def host_allowed(host_header: str, allowed: tuple[str, ...] | list[str] = ()) ->
     return name == "" or name.endswith(".localhost") or name in {host_name(a) for a in allowed} or is_loopback(name)
 
 
+def allowed_host(text: str) -> str:
+    """An ``--allowed-host`` value: a host name or address as a Host header carries it (an
+    empty one, or one with blanks or a path, matched nothing and was taken without a word)."""
+    if not text or not re.fullmatch(r"[A-Za-z0-9._:\[\]-]+", text):
+        raise MinfmError(f"--allowed-host: {text!r} is not a host name (e.g. myproxy.internal)" if text
+                         else "--allowed-host: empty value")
+    return text
+
+
 def add_allowed_host_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allowed-host", dest="allowed_hosts", action="append", default=[], metavar="NAME",
+                   type=allowed_host,
                    help="on loopback, also answer requests for this host name (e.g. a proxy's); repeatable. "
                         "Other names are refused: a web page re-pointed at 127.0.0.1 must not read the server")
 

@@ -37,7 +37,7 @@ def register(sub) -> None:
         p.set_defaults(func=run, job=None if name == "run" else name)
 
     p = sub.add_parser("sample", help="sample images or clips from a run, checkpoint or hf:// model")
-    p.add_argument("source", help="run dir, checkpoint dir, model folder (model.safetensors + recipe.toml), "
+    p.add_argument("source", type=non_empty("SRC"), help="run dir, checkpoint dir, model folder (model.safetensors + recipe.toml), "
                                   "or hf://org/name[@rev]")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompt-file", help="text file, one prompt per line")
@@ -62,8 +62,8 @@ def register(sub) -> None:
     p.set_defaults(func=sample)
 
     p = sub.add_parser("serve", help="browse a run's galleries on a loopback web server")
-    p.add_argument("exp_dir", help="run directory")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("exp_dir", type=non_empty("EXP_DIR"), help="run directory")
+    p.add_argument("--host", default="127.0.0.1", type=non_empty("--host"), help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int_in("--port", 0, 65535), default=8000, help="port (0: any free one; default 8000)")
     add_allowed_host_flag(p)
     p.set_defaults(func=serve)

@@ -30,7 +30,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from minfm_core.cli.argtypes import int_in
+from minfm_core.cli.argtypes import int_in, non_empty
 from minfm_core.cli.groups import command_group
 from minfm_core.config import Dtype
 from minfm_core.errors import MinfmError
@@ -49,9 +49,9 @@ def register(sub) -> None:
     action = inet.add_subparsers(dest="data_action", metavar="ACTION", parser_class=type(inet))
     action.required = True
     q = action.add_parser("prepare", help="class names, label map, class-name embeddings (and latents) from an ILSVRC folder")
-    q.add_argument("root", help="ILSVRC-2012 folder with train/<wnid>/*.JPEG (and val/)")
-    q.add_argument("--recipe", required=True, help="the training recipe (its data, text encoder and VAE)")
-    q.add_argument("--out", required=True, help="output folder, e.g. $MINFM_DATA_DIR/imagenet")
+    q.add_argument("root", type=non_empty("ROOT"), help="ILSVRC-2012 folder with train/<wnid>/*.JPEG (and val/)")
+    q.add_argument("--recipe", required=True, type=non_empty("--recipe"), help="the training recipe (its data, text encoder and VAE)")
+    q.add_argument("--out", required=True, type=non_empty("--out"), help="output folder, e.g. $MINFM_DATA_DIR/imagenet")
     q.add_argument("--encoder", metavar="TABLE",
                    help="text encoder for the class names as a TOML inline table, e.g. "
                         "'{name = \"clip\", pretrained = \"black-forest-labs/FLUX.1-dev/text_encoder\"}' "

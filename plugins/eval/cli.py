@@ -13,7 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from minfm_core.cli.argtypes import int_in
+from minfm_core.cli.argtypes import int_in, non_empty
 from minfm_core.cli.groups import command_group
 from minfm_core.errors import MinfmError
 from minfm_core.safepath import is_inside, missing_folder, write_text_atomic
@@ -31,14 +31,14 @@ def register(sub) -> None:
         ("folder", "evaluate a folder of images", "folder of .png/.jpg images (searched recursively)"),
     ):
         q = what.add_parser(name, help=helptext)
-        q.add_argument("samples", help=arg_help)
-        q.add_argument("--ref", required=True, help="reference images: an .npz (e.g. VIRTUAL_imagenet256_labeled.npz) or a folder")
-        q.add_argument("--inception", metavar="FILE",
+        q.add_argument("samples", type=non_empty("SAMPLES"), help=arg_help)
+        q.add_argument("--ref", required=True, type=non_empty("--ref"), help="reference images: an .npz (e.g. VIRTUAL_imagenet256_labeled.npz) or a folder")
+        q.add_argument("--inception", metavar="FILE", type=non_empty("--inception"),
                        help="Inception weights (torch-fidelity's .pth or a .safetensors; a path or org/name/file Hub "
                             "reference); default $MINFM_INCEPTION_WEIGHTS, else the torch hub cache")
         q.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the network runs")
         q.add_argument("--batch-size", type=int_in("--batch-size", 1, MAX_BATCH), default=64, metavar="N", help="images per network call (default 64)")
-        q.add_argument("--out", metavar="JSON", help="also write the metrics to this JSON file")
+        q.add_argument("--out", metavar="JSON", type=non_empty("--out"), help="also write the metrics to this JSON file")
         q.add_argument("--extractor", metavar="MODULE:ATTR",
                        help="use another feature extractor: a callable returning one (see minfm_plugins.eval.evaluate.Extractor)")
         q.set_defaults(func=run, eval_what=name)
