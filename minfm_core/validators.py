@@ -52,6 +52,10 @@ MAX_DEPTH = 1024
 MAX_TOKENS = 2**24
 #: Tokens of one prompt (FLUX.1-dev's T5 reads 512).
 MAX_PROMPT_TOKENS = 65536
+#: Characters of one prompt: every prompt is copied into the request's metadata.json and
+#: index.html (a 10 MB line of a prompt file was, whole); 64 Ki characters is far past any
+#: encoder's window (T5 reads 512 tokens).
+MAX_PROMPT_CHARS = 65536
 #: Solver steps of one sampling run.
 MAX_SOLVER_STEPS = 10_000
 #: A guidance scale (CFG's usual values are 1 to 15; FLUX.1-dev's distilled guidance 1 to 10).
@@ -236,6 +240,23 @@ def non_blank(instance: Any, attribute: Any, value: Any) -> None:
     """A string setting that names something (a folder) cannot be empty: ``""`` would mean the current folder."""
     if isinstance(value, str) and not value.strip():
         raise RangeError(attribute.name, f"must not be empty, got {value!r}", own=True)
+
+
+def prompt_problem(text: str) -> str | None:
+    """What is wrong with one prompt as text (a NUL, past :data:`MAX_PROMPT_CHARS`), or None."""
+    if "\0" in text:
+        return "a NUL character"
+    if len(text) > MAX_PROMPT_CHARS:
+        return f"{len(text):,} characters, more than {MAX_PROMPT_CHARS:,}"
+    return None
+
+
+def prompt_text(instance: Any, attribute: Any, value: Any) -> None:
+    """A recipe's prompt(s): each :func:`prompt_problem`-free."""
+    for i, text in enumerate(value if isinstance(value, tuple) else (value,)):
+        problem = prompt_problem(text) if isinstance(text, str) else None
+        if problem:
+            raise RangeError(attribute.name, f"prompt {i}: {problem}" if isinstance(value, tuple) else problem, own=True)
 
 
 def draw_problem(n_prompts: int, per_prompt: int, what: str) -> str | None:

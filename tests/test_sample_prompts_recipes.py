@@ -91,3 +91,31 @@ def test_a_prompt_file_the_job_will_read_is_read_by_the_check(tmp_path, capsys):
         assert main(["check", str(TINY), *file]) == 0, name
         assert main(["check", str(TINY), "--set", "train.sample_every=2", *file]) == 0, name
         capsys.readouterr()
+
+
+@pytest.mark.parametrize("line, problem", [
+    ("a\x00b", "line 2: a NUL character"),
+    ("x" * 70_000, "line 2: 70,000 characters, more than 65,536"),
+])
+def test_a_prompt_file_line_no_prompt_is_refused_by_its_number(tmp_path, line, problem):
+    """A 10 MB line was copied whole into metadata.json and index.html; a NUL went through
+    (recipes refuse both)."""
+    from minfm_core.errors import MinfmError
+
+    path = tmp_path / "prompts.txt"
+    path.write_text(f"a red circle\n{line}\n")
+    with pytest.raises(MinfmError) as info:
+        read_prompt_file(path)
+    assert str(info.value) == f"{path}: {problem}"
+    path.write_text("a red circle\n" + "x" * 65_536 + "\n")
+    assert [len(p) for p in read_prompt_file(path)] == [12, 65_536]
+
+
+def test_recipe_prompts_past_the_limit_are_refused_by_their_place(capsys):
+    from minfm_core.errors import RecipeError
+
+    tiny = Path(__file__).parent / "recipes" / "tiny.toml"
+    with pytest.raises(RecipeError, match=r"sample\.prompts: prompt 1: 70,000 characters, more than 65,536"):
+        load_recipe(tiny, [f'sample.prompts=["a", "{"y" * 70_000}"]'])
+    with pytest.raises(RecipeError, match=r"sample\.neg_prompt: 65,537 characters, more than 65,536"):
+        load_recipe(tiny, [f'sample.neg_prompt="{"n" * 65_537}"'])

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..errors import MinfmError
 from ..textfiles import read_text
+from ..validators import prompt_problem
 
 
 #: A prompt file is a list of prompts (a thousand class names: ~14 KB); beyond this it is a wrong file.
@@ -18,7 +19,11 @@ def read_prompt_file(path: str | Path) -> list[str]:
     text = read_text(path, f"{path}: prompt file", MAX_PROMPT_FILE_BYTES)
     # lines end at "\n" only: str.splitlines() also broke a prompt at U+2028, a form feed, ...
     # which shifted every later prompt's index (and seed) against the same file read elsewhere
-    prompts = [line.strip() for line in text.split("\n") if line.strip()]
+    lines = text.split("\n")
+    for number, line in enumerate(lines, 1):
+        if problem := prompt_problem(line):
+            raise MinfmError(f"{path}: line {number}: {problem}")
+    prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
         raise MinfmError(f"{path}: prompt file has no prompts (one per line)")
     return prompts

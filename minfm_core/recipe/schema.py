@@ -23,7 +23,7 @@ from ..errors import RecipeError
 from ..suggest import did_you_mean
 from ..validators import (
     EVERY, MAX_BATCH, MAX_DATALOADER_WORKERS, MAX_GUIDANCE, MAX_SAMPLES, MAX_SIDE, MAX_SOLVER_STEPS, MAX_STEPS, SEED,
-    Range, RangeError, decay, non_blank, probability,
+    Range, RangeError, decay, non_blank, probability, prompt_text,
 )
 
 
@@ -156,9 +156,9 @@ class SampleSection:
     steps: int = field(50, doc="number of solver steps", validator=Range(1, MAX_SOLVER_STEPS))
     size: tuple[int, int, int] = field((1, 256, 256), doc="frames, height, width of generated images",
                                        validator=Range(1, MAX_SIDE))
-    prompts: tuple[str, ...] = field((), doc="prompts to sample")
+    prompts: tuple[str, ...] = field((), doc="prompts to sample", validator=prompt_text)
     prompt_file: str | None = field(None, doc="text file with one prompt per line", file="file")
-    neg_prompt: str = field("", doc="negative prompt for the unconditional branch")
+    neg_prompt: str = field("", doc="negative prompt for the unconditional branch", validator=prompt_text)
     distilled_guidance: float | None = field(
         None, doc="FLUX-dev guidance-embedding scalar (None: not used; FLUX.1-dev is trained on 1 to 10)",
         validator=Range(0, MAX_GUIDANCE)
