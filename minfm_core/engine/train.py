@@ -51,6 +51,10 @@ def _plain(value):
     return list(value) if isinstance(value, tuple) else value
 
 
+#: Optimizer steps skipped in a row (non-finite loss or gradient, or a spike) after which a run
+#: stops: it learns nothing more, and it ran to max_steps and exited 0 (its weights NaN).
+MAX_SKIPPED_IN_A_ROW = 100
+
 #: Optimizer state entries that are never negative (AdamW's second moments and step count).
 NONNEGATIVE_MOMENTS = frozenset({"exp_avg_sq", "max_exp_avg_sq", "step"})
 
@@ -174,6 +178,7 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(rank_seed(self.recipe.run.seed, rt.rank))
         self.step = 0
         self.norm_mean: float | None = None  # running mean of accepted grad norms (spike detection)
+        self._skipped_in_a_row = 0
         self.checkpointer = ckpt_mod.Checkpointer(
             self.exp_dir, keep_last=self.cfg.keep_last, recipe_text=self.recipe_text
         )
@@ -509,7 +514,9 @@ class Trainer:
             window_tokens += metrics.pop("tokens")
             if metrics["skipped"]:
                 self._log_line(f"step {self.step}: skipped optimizer step (grad norm {metrics['grad_norm']:.3g}, loss {metrics['loss']:.3g})")
-            if (cfg.log_every and self.step % cfg.log_every == 0) or self.step == stop:
+            self._skipped_in_a_row = self._skipped_in_a_row + 1 if metrics["skipped"] else 0
+            stuck = self._skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW
+            if (cfg.log_every and self.step % cfg.log_every == 0) or self.step == stop or stuck:
                 dt = time.perf_counter() - window_t
                 metrics["tokens_per_sec"] = window_tokens / max(dt, 1e-9)
                 mfu = self._mfu(metrics["tokens_per_sec"])
@@ -517,6 +524,12 @@ class Trainer:
                     metrics["mfu"] = mfu
                 self._log(metrics)
                 window_t, window_tokens = time.perf_counter(), 0.0
+            if stuck:  # every rank sees the same (reduced) loss and norm: all stop at this step
+                raise MinfmError(
+                    f"step {self.step}: {self._skipped_in_a_row} optimizer steps in a row skipped (grad norm "
+                    f"{metrics['grad_norm']:.3g}, loss {metrics['loss']:.3g}): the run has diverged, or every "
+                    "gradient is a spike against train.grad_spike_threshold x its running mean; nothing more "
+                    "would be learnt. Resume from an earlier checkpoint with a lower train.lr")
             # The checkpoint first: what follows only reads the weights (each with its own
             # generators), and a failure in it (a damaged FID reference, a full disk for the
             # gallery) then loses no step.
