@@ -80,9 +80,9 @@ class Component:
         try:
             return _load_declared(self.factory)
         except Exception as exc:  # ImportError, AttributeError, or whatever the module raises
-            raise PluginError(
-                f"{self.describe()}: factory {self.factory!r} does not import: {type(exc).__name__}: {exc}"
-            ) from None
+            # one line, whole: a multi-line message (a failed class layout) was cut at its first line
+            raise PluginError(f"{self.describe()}: factory {self.factory!r} does not import: "
+                              f"{type(exc).__name__}: {' '.join(str(exc).split())}") from None
 
     def factory_problem(self) -> str | None:
         """Why the factory cannot be called the way the engine calls it, or None.

@@ -268,3 +268,25 @@ def test_registry_and_plugins_import_in_one_direction():
     assert "plugins" in imported("registry")
     assert not {"registry", "recipe", "recipe.toml"} & imported("plugins")
     assert not {"registry", "plugins"} & imported("components")
+
+
+def test_a_factory_import_error_over_several_lines_is_shown_whole(tmp_path, monkeypatch):
+    """A failed class layout (``Cannot create a consistent method resolution\\norder (MRO) for
+    bases ...``) was listed cut at its first line, the bases it names lost."""
+    from minfm_core import hookimpl
+    from minfm_core.plugins import plugin
+    from minfm_core.registry import get_registry
+
+    (tmp_path / "minfm_two_line_factory.py").write_text("raise TypeError('Cannot create a consistent method "
+                                                        "resolution\\norder (MRO) for bases A, B')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    class TwoLines:
+        @hookimpl
+        def register_samplers(self, register):
+            register("two_lines", "minfm_two_line_factory:Sampler")
+
+    with plugin(TwoLines(), "two_lines"):
+        problem = get_registry().get("sampler", "two_lines").factory_problem()
+    assert problem.endswith("does not import: TypeError: Cannot create a consistent method resolution order (MRO) "
+                            "for bases A, B"), problem
