@@ -221,3 +221,14 @@ def test_a_recipe_with_multi_gpu_bags_is_simulated_at_their_ranks(tmp_path, caps
     assert "1 steps x 4 ranks" in capsys.readouterr().out
     # the commands that run no training read it in one process too
     assert main(["cache", "models", str(recipe)]) == 0
+
+
+def test_max_min_of_ranks_that_all_hold_nothing_is_balanced():
+    """An all-zero step printed max/min = inf: nothing on every rank is no imbalance."""
+    import numpy as np
+
+    from minfm_plugins.knapformer.simulate import _ratios
+
+    assert _ratios(np.zeros(4)) == (1.0, 1.0)
+    assert _ratios(np.array([0.0, 2.0])) == (2.0, float("inf"))  # one rank idle while another works
+    assert _ratios(np.array([1.0, 3.0])) == (1.5, 3.0)

@@ -240,8 +240,11 @@ def _timed(repeats: int, fn, *args):
 
 
 def _ratios(load: np.ndarray) -> tuple[float, float]:
-    mean, low = load.mean(), load.min()
-    return (float(load.max() / mean) if mean > 0 else 1.0), (float(load.max() / low) if low > 0 else float("inf"))
+    """max/mean and max/min of per-rank ``load``: a rank with nothing while others work is
+    infinitely imbalanced; ranks that all hold nothing are balanced (1.0, as max/mean)."""
+    mean, low, high = load.mean(), load.min(), load.max()
+    return (float(high / mean) if mean > 0 else 1.0), (float(high / low) if low > 0 else
+                                                         float("inf") if high > 0 else 1.0)
 
 
 def _none_metrics(lens: list[list[int]], d: int, gamma: float) -> dict[str, float]:
