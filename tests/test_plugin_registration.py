@@ -306,7 +306,7 @@ class _Commands:
                       "code (an int, or None for 0)"),
     ("probe-none", 0, ""),
     ("probe-three", 3, ""),
-    ("probe-refuse", 2, "minfm: error: probe-refuse: fix your input"),
+    ("probe-refuse", 2, "minfm: error: probe-refuse: fix your input (raised in plugin 'probe')"),
 ], ids=["junk", "none", "int", "minfm-error"])
 def test_what_a_plugin_command_returns_is_its_exit_code(command, code, err, capsys):
     """A command returning "junk" crashed in the CLI's int() with a traceback naming no plugin."""
