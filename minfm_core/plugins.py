@@ -396,7 +396,7 @@ def only(*plugins: tuple[str, Any]) -> Iterator[PluginState]:
         _STATE = saved
 
 
-def whose_code(exc: BaseException) -> str | None:
+def whose_code(exc: BaseException, *, plugin_first: bool = False) -> str | None:
     """Who wrote the code that raised ``exc``: ``"plugin 'acme' (distribution acme-minfm)"``
     or ``"minFM"``, from the innermost frame that lies in minFM's own packages or in a loaded
     third-party plugin's package (frames of torch, the standard library and other libraries
@@ -405,7 +405,11 @@ def whose_code(exc: BaseException) -> str | None:
 
     An exception a DataLoader worker raised reaches this process re-raised by torch, its
     traceback then only torch's and the loader's: the worker's own traceback, in its message
-    (``Original Traceback ...``), is read instead."""
+    (``Original Traceback ...``), is read instead.
+
+    ``plugin_first``: the innermost third-party plugin's frame wins over minFM's own below it
+    (a user's error a plugin raised through one of minFM's helpers, ``read_json_file``, is
+    still that plugin's to explain); None when no plugin's frame is there."""
     own = [os.path.dirname(os.path.abspath(__file__))]
     theirs: list[tuple[str, str]] = []
     if _STATE is not None:
@@ -421,12 +425,12 @@ def whose_code(exc: BaseException) -> str | None:
                 theirs += [(place, who) for place in places]
     for filename in reversed(_files_raising(exc)):
         filename = os.path.abspath(filename)
-        if any(_within(filename, place) for place in own):
+        if not plugin_first and any(_within(filename, place) for place in own):
             return "minFM"
         for place, who in theirs:
             if _within(filename, place):
                 return who
-    return None
+    return None  # (plugin_first: no plugin's frame; else neither minFM's nor a plugin's)
 
 
 _WORKER_TRACEBACK = "\nOriginal Traceback (most recent call last):\n"

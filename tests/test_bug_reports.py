@@ -150,6 +150,10 @@ class _Refusing:
     def __call__(self, n, *, generator=None, device=None):
         if self.fault == "minfm":
             raise MinfmError("the time sampler refuses")
+        if self.fault == "helper":  # raised in minFM's own helper, on the plugin's behalf
+            from minfm_core.jsonio import read_json_file
+
+            read_json_file("/nonexistent/schedule.json", "schedule", 1 << 20)
         raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/nonexistent/schedule.json")
 
 
@@ -167,6 +171,8 @@ class _RefusingPlugin:
 @pytest.mark.parametrize("fault, line", [
     ("minfm", "minfm: error: the time sampler refuses (raised in plugin 'refusing')"),
     ("oserror", "minfm: error: /nonexistent/schedule.json: No such file or directory (raised in plugin 'refusing')"),
+    ("helper", "minfm: error: schedule: No such file or directory (raised in plugin "
+               "'refusing')"),
 ])
 def test_a_plugins_own_refusal_mid_run_says_whose_it_is(tmp_path, fault, line):
     """A MinfmError or OSError is the user's to fix: one line, no traceback. Raised by a

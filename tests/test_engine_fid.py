@@ -147,8 +147,11 @@ def test_a_plugins_metric_is_chosen_by_train_fid_metric_and_logged_under_its_nam
     sets = ["train.fid_every=2", "train.max_steps=2", "train.fid_num_samples=4", f"train.fid_ref={json.dumps(ref)}",
             EXTRACTOR]
     assert job_checks(tiny(tmp_path / "c", *sets, 'train.fid_metric="doubled_fid"'), "train") == [
-        "train.fid_metric: no plugin registers the image metric 'doubled_fid' that the in-training FID "
-        "(train.fid_every) uses (installed: fid; minFM's own 'fid' is the 'eval' plugin's) (from --set train.fid_metric)"]
+        "train.fid_metric: no plugin registers the image metric 'doubled_fid' that the in-training FID uses "
+        "(installed: fid; minFM's own 'fid' is the 'eval' plugin's) (from --set train.fid_metric)"]
+    assert job_checks(tiny(tmp_path / "d", *sets, 'train.fid_metric="val_loss"'), "train") == [
+        "train.fid_metric: 'val_loss' is a name the trainer logs itself (step, loss, grad_norm, lr, skipped, "
+        "tokens_per_sec, mfu, val_loss); register the metric under another (from --set train.fid_metric)"]
     with plugin(_DoubledPlugin(), "doubled"):
         train(tiny(tmp_path / "a", *sets, 'train.fid_metric="doubled_fid"'))
     train(tiny(tmp_path / "b", *sets))

@@ -186,3 +186,23 @@ def test_a_recorded_recipe_is_not_expanded_again_only_the_users_set_is(trained, 
                            "--set", 'sample.neg_prompt="x ${MINFM_TEST_SECRET:-none}"')
     assert res.returncode == 0, res.stderr
     assert json.loads((tmp_path / "b" / "metadata.json").read_text())["settings"]["neg_prompt"] == "x topsecret"
+
+
+def test_a_table_set_on_a_recorded_recipe_expands_only_what_it_gives(trained, tmp_path, monkeypatch):
+    """--set sample={...} merges into the recorded [sample]: its recorded values stay as they
+    are (they were expanded again with it, a recorded ``${HF_TOKEN}`` among them)."""
+    from checkpoint_helpers import copy_run, refresh_record
+    from minfm_core import checkpoint as ckpt_mod
+    from minfm_core.recipe import load_recipe
+
+    monkeypatch.setenv("MINFM_TEST_SECRET", "topsecret")
+    run = copy_run(trained, tmp_path / "copied")
+    ckpt = ckpt_mod.find_checkpoint(run)
+    recipe = ckpt / "recipe.toml"
+    os.chmod(recipe, 0o644)
+    recipe.write_text(recipe.read_text().replace('\nneg_prompt = ""\n', '\nneg_prompt = "${MINFM_TEST_SECRET}"\n'))
+    refresh_record(ckpt, "recipe.toml")
+    for sets in (['sample={steps = 3}'], ['sample.prompts+=["${MINFM_TEST_SECRET}"]']):
+        s = load_recipe(recipe, sets, recorded=True).recipe.sample
+        assert s.neg_prompt == "${MINFM_TEST_SECRET}", sets
+    assert s.prompts[-1] == "topsecret"  # what the user's own --set gave is expanded

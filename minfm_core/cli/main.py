@@ -209,8 +209,8 @@ def _raised_in(exc: BaseException) -> str:
     the line alone left the user guessing which of the recipe's components spoke."""
     from ..plugins import whose_code
 
-    who = whose_code(exc)
-    return "" if who in (None, "minFM") else f" (raised in {who})"
+    who = whose_code(exc, plugin_first=True)
+    return "" if who is None else f" (raised in {who})"
 
 
 def _bug() -> int:

@@ -59,7 +59,7 @@ class TrainingFid:
             self.metric: Metric = build_metric(train.fid_metric, str(ref), extractor=train.fid_extractor,
                                                weights=train.fid_inception, device=rt.device)
         except MinfmError as exc:  # the plugin's message names the file or setting; the path says whose
-            raise MinfmError(f"train.fid_metric: {exc}") from None
+            raise MinfmError(f"train.fid: {exc}") from None
         # The batches of `minfm sample --n 1` (fixed whatever the world size: a batch is drawn
         # together), dealt to ranks as it deals them. Prompts of this rank's samples only (and
         # of sample 0, the filler of a rank short of batches), through the declared

@@ -60,6 +60,11 @@ def _outside_run_folder(resolved) -> list[str]:
     return out
 
 
+#: What the trainer logs under its own names (metrics.jsonl, loggers): a plugin's metric
+#: logged under one of them (train.fid_metric) would overwrite it.
+TRAINER_LOG_KEYS = ("step", "loss", "grad_norm", "lr", "skipped", "tokens_per_sec", "mfu", "val_loss")
+
+
 def job_checks(resolved, job: str, world_size: int | None = None) -> list[str]:
     """Rules of one job (``train`` or ``sample``) that the engine applies at start-up.
 
@@ -104,10 +109,14 @@ def job_checks(resolved, job: str, world_size: int | None = None) -> list[str]:
             from ..registry import get_registry
 
             metrics = get_registry().names("metric")
-            if train.fid_metric not in metrics:
-                problems.append(f"train.fid_metric: no plugin registers the image metric {train.fid_metric!r} that "
-                                f"the in-training FID (train.fid_every) uses (installed: "
-                                f"{', '.join(metrics) or 'none'}; minFM's own 'fid' is the 'eval' plugin's)")
+            key = "train.fid_every" if train.fid_metric == "fid" else "train.fid_metric"  # what the user chose
+            if train.fid_metric in TRAINER_LOG_KEYS:  # it is logged under its name
+                problems.append(f"train.fid_metric: {train.fid_metric!r} is a name the trainer logs itself "
+                                f"({', '.join(TRAINER_LOG_KEYS)}); register the metric under another")
+            elif train.fid_metric not in metrics:
+                problems.append(f"{key}: no plugin registers the image metric {train.fid_metric!r} that the "
+                                f"in-training FID uses (installed: {', '.join(metrics) or 'none'}; minFM's own "
+                                "'fid' is the 'eval' plugin's)")
         if recipe.data is None:
             problems.append('data: a train job needs a [data] table (e.g. name = "shapes")')
         data_cfg = resolved.config("data") if recipe.data is not None else None

@@ -277,8 +277,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), doc["v"]
 
 
-def apply_overrides(data: dict[str, Any], overrides: Iterable[str], *, merge_tables: bool = True) -> dict[str, Any]:
-    """``data`` with the ``--set`` overrides applied, in order.
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str], *, merge_tables: bool = True,
+                    expand: bool = False) -> dict[str, Any]:
+    """``data`` with the ``--set`` overrides applied, in order (``expand``: each override's
+    value ``${VAR}``-expanded before it is merged, the recipe's own values left as they are).
 
     ``merge_tables=False`` (a recipe from outside): ``--set T={...}`` replaces the table whole.
     The user's ``--set`` is trusted by its key (``T`` and all under it, ``is_trusted``), so
@@ -288,6 +290,8 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str], *, merge_tab
     data = copy.deepcopy(data)
     for text in overrides:
         keys, value = parse_override(text)
+        if expand:
+            value = expand_env(value, ".".join(keys).removesuffix(APPEND))
         node = data
         for i, k in enumerate(keys[:-1]):
             child = node.setdefault(k, {})
@@ -359,15 +363,6 @@ def expand_env(data: Any, path: str = "") -> Any:
     return data
 
 
-def _expand_given(data: Any, keys: set[str], path: str = "") -> Any:
-    """``data`` with :func:`expand_env` applied under ``keys`` only (what the user's --set gave)."""
-    if is_trusted(path, keys) and path:
-        return expand_env(data, path)
-    if isinstance(data, dict):
-        return {k: _expand_given(v, keys, f"{path}.{k}" if path else k) for k, v in data.items()}
-    return data
-
-
 def load_recipe_dict(
     path: str | os.PathLike, overrides: Iterable[str] = (), *, untrusted_root: str | os.PathLike | None = None
 ) -> dict[str, Any]:
@@ -407,15 +402,13 @@ def load_recipe_parts(
     try:
         data = _read(where, (), root, outside)
         root = root or outside.root
-        data = apply_overrides(data, overrides, merge_tables=root is None)
+        # a recorded recipe: only what the user's --set gives is expanded, before it is merged
+        data = apply_overrides(data, overrides, merge_tables=root is None, expand=recorded and root is None)
         _refuse_nul(data, str(where))
         if root is not None:
             return RecipeParts(data, root, frozenset(outside.trusted))
         try:
-            if recorded:
-                given = {".".join(parse_override(o)[0]).removesuffix(APPEND) for o in overrides}
-                return RecipeParts(_expand_given(data, given))
-            return RecipeParts(expand_env(data))
+            return RecipeParts(data if recorded else expand_env(data))
         except RecipeError as exc:  # about a value of this recipe: name its file, as every recipe error does
             raise RecipeError(exc.problems, str(path)) from None
     except RecursionError:
