@@ -240,3 +240,20 @@ def test_two_processes_start_from_pretrained_weights(tmp_path):
         "--set", "train.lr=0.0", "--set", "train.min_lr=0.0", "--set", "train.ckpt_every=1", nproc=2)
     got = weights(ck.list_checkpoints(tmp_path / "run")[-1])
     assert_same(got, {k: v.float() for k, v in sd.items()}, atol=0)
+
+
+def test_init_from_an_exported_folders_ema_under_fsdp2(tmp_path):
+    """An exported folder's ema.safetensors holds full tensors; a sharded EMA's copy_ refused
+    to mix them with its DTensors (a traceback, "a bug in minFM")."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    run(src, "--set", "train.max_steps=2", "--set", "train.ckpt_every=2")
+    src_ckpt = ck.list_checkpoints(src)[-1]
+    folder = ck.export_for_hub(src_ckpt, tmp_path / "exported")
+    run(dst, "--set", "train.max_steps=1", "--set", f"train.init_from={folder}",
+        "--set", "train.init_load_plan='model:model,ema:ema'", "--set", "train.lr=0.0", "--set", "train.min_lr=0.0",
+        "--set", "train.ema_decay=0.5", "--set", "train.ckpt_every=1")
+    model, ema = weights(src_ckpt), weights(src_ckpt, "ema")
+    got = ck.list_checkpoints(dst)[-1]
+    assert_same(weights(got), model)  # lr 0: the loaded model, unchanged
+    # one EMA step from the exported EMA toward the model: it was loaded, not reset
+    assert_same(weights(got, "ema"), {k: 0.5 * ema[k] + 0.5 * model[k] for k in ema})

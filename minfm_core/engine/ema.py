@@ -39,8 +39,18 @@ class EMA:
         return dict(self.shadow)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load EMA values: DTensors (a checkpoint's shards) or full tensors (an exported
+        ``ema.safetensors``), which a sharded EMA takes its own shard of: copy_ refused to mix
+        a full tensor into a DTensor (init_from an exported folder under FSDP2)."""
         for n in self.names:
-            self.shadow[n].copy_(state[n])
+            value, shadow = state[n], self.shadow[n]
+            if hasattr(shadow, "device_mesh") and not hasattr(value, "device_mesh"):
+                from torch.distributed.tensor import distribute_tensor
+
+                # every rank read the same file: each keeps its shard, nothing is sent
+                value = distribute_tensor(value.to(shadow.device, shadow.dtype), shadow.device_mesh,
+                                          shadow.placements, src_data_rank=None)
+            shadow.copy_(value)
 
     @contextlib.contextmanager
     def swapped_in(self, model: torch.nn.Module) -> Iterator[None]:
