@@ -51,7 +51,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from .checkpoint_format import MANIFEST, CheckpointError, Manifest, ManifestReader, ManifestWriter
 from .checkpoint_format import read_manifest, split_state, verify
-from .errors import MinfmError, checkpoint_failures, first_line, os_error_line
+from .errors import MinfmError, checkpoint_failures, first_line, os_error_line, peer_lost_line
 from .safepath import came_from_outside, is_inside, recipe_root, write_text_atomic
 
 CKPT_DIR = "checkpoints"
@@ -218,6 +218,8 @@ class Checkpoint:
             except CheckpointException as exc:  # a BaseException: would escape `except Exception`
                 raise _explain(self.path, exc) from None
             except (RuntimeError, ValueError, KeyError) as exc:
+                if peer_lost_line(exc) is not None:  # another rank died mid-load: no fault of this checkpoint's
+                    raise
                 raise CheckpointError(f"{self.path}: does not fit: {str(exc)[:300]}") from None
         self.manifest.set_objects(state)
 

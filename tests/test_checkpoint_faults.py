@@ -418,3 +418,23 @@ def test_a_refused_start_leaves_the_runs_recipe_and_links_are_replaced(stopped, 
     assert main(["run", str(TINY), "--set", f"run.exp_dir={fresh}", "--set", "train.max_steps=1"]) == 0
     assert notes.read_text() == "mine" and not (fresh / "recipe.toml").is_symlink()
     assert "max_steps = 1" in (fresh / "recipe.toml").read_text()
+
+
+def test_a_peer_lost_mid_load_is_not_blamed_on_the_checkpoint(trained_run, monkeypatch):
+    """A rank whose peer died (OOM-killed) while DCP loaded was told the good checkpoint "does
+    not fit", and a user may delete it for that; the lost connection now reaches the CLI's
+    one line for it (cli/main.py, peer_lost_line)."""
+    import minfm_core.checkpoint as ckpt_mod
+    from minfm_core.checkpoint_format import CheckpointError
+
+    ckpt = ckpt_mod.open_checkpoint(trained_run / "checkpoints" / "step_00000004")
+    for message, kind in (("[gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer", RuntimeError),
+                          ("size mismatch for model.x", CheckpointError)):
+        def fail(*args, message=message, **kwargs):
+            raise RuntimeError(message)
+
+        monkeypatch.setattr(ckpt_mod.dcp, "load", fail)
+        with pytest.raises(Exception) as info:
+            ckpt.load({"step": torch.tensor(0)})
+        assert type(info.value) is kind, info.value
+        assert ("Connection reset by peer" if kind is RuntimeError else "does not fit: size mismatch") in str(info.value)
