@@ -135,7 +135,8 @@ def test_the_run_names_the_slot_whose_factory_refused_as_check_does(tmp_path, ca
     with plugin(Probe(), "probe"):
         assert main(["run", str(TINY), "--set", f"run.exp_dir={json.dumps(str(tmp_path / 'run'))}",
                      "--set", 'flow.time_sampler={name = "probe_ts", mode = "minfm"}']) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == "minfm: error: flow.time_sampler: a and b must differ"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == ("minfm: error: flow.time_sampler: a and b must differ "
+                                                               "(raised in plugin 'probe')")
 
 
 def test_a_type_error_inside_a_factory_body_names_the_factory():
