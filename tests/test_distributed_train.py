@@ -257,3 +257,31 @@ def test_init_from_an_exported_folders_ema_under_fsdp2(tmp_path):
     assert_same(weights(got), model)  # lr 0: the loaded model, unchanged
     # one EMA step from the exported EMA toward the model: it was loaded, not reset
     assert_same(weights(got, "ema"), {k: 0.5 * ema[k] + 0.5 * model[k] for k in ema})
+
+
+@pytest.mark.slow
+def test_a_bad_state_on_one_rank_is_refused_on_every_rank_before_anything_changes(tmp_path):
+    """Each rank reads its own rank_<r>.safetensors: one refusing it left rank 0 saying
+    "resumed", rewriting recipe.toml, then dying of the lost connection. Now both refuse
+    together, naming the file, and the run folder is as it was."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from checkpoint_helpers import refresh_record
+
+    exp = tmp_path / "run"
+    run(exp, "--set", "train.max_steps=2", "--set", "train.ckpt_every=2", nproc=2)
+    ckpt = ck.list_checkpoints(exp)[-1]
+    extras = ckpt / "rank_1.safetensors"
+    with safe_open(str(extras), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    os.chmod(extras, 0o644)
+    save_file(tensors, str(extras), metadata={**meta, "data": "not json"})
+    refresh_record(ckpt, extras.name)
+    record = (exp / "recipe.toml").read_text()
+    res = run(exp, "--set", "train.max_steps=4", nproc=2, check=False)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert f"{extras}: bad per-rank state (data position: not valid JSON" in res.stderr
+    assert f"{ckpt}: another rank's per-rank state is bad (see its error)" in res.stderr
+    assert "resumed" not in res.stdout and (exp / "recipe.toml").read_text() == record
+    assert [c.name for c in ck.list_checkpoints(exp)] == ["step_00000002"]

@@ -52,7 +52,8 @@ def _plain(value):
 
 
 #: Optimizer steps skipped in a row (non-finite loss or gradient, or a spike) after which a run
-#: stops: it learns nothing more, and it ran to max_steps and exited 0 (its weights NaN).
+#: stops: it learns nothing more (its weights stay as they were), and it ran to max_steps and
+#: exited 0.
 MAX_SKIPPED_IN_A_ROW = 100
 
 #: Optimizer state entries that are never negative (AdamW's second moments and step count).
@@ -286,15 +287,19 @@ class Trainer:
                     raise MinfmError(f"{ckpt.path}: trainer.norm_mean {nm} is not a mean gradient norm (finite, >= 0)")
                 self.norm_mean = None if math.isnan(nm) else nm
         if exact:
-            extras = ckpt.rank_extras(self.rt.rank)
-            if extras is not None and ckpt.world_size == self.rt.world_size:
-                tensors, meta = extras
-                try:
+            # Each rank reads its own file: one that refuses it refuses on every rank (rank 0
+            # alone went on, said "resumed" and rewrote recipe.toml before its peer's loss stopped it).
+            problem, extras = None, None
+            try:
+                extras = ckpt.rank_extras(self.rt.rank)
+                if extras is not None and ckpt.world_size == self.rt.world_size:
+                    tensors, meta = extras
                     self.generator.set_state(tensors["generator"])
                     self.batches.load_state_dict(parse_json(meta["data"], "data position"))
-                except (KeyError, ValueError, TypeError, RuntimeError, MinfmError) as exc:
-                    raise MinfmError(f"{ckpt.path}/rank_{self.rt.rank}.safetensors: bad per-rank state ({exc})") from None
-            else:
+            except (KeyError, ValueError, TypeError, RuntimeError, MinfmError) as exc:
+                problem = f"{ckpt.path}/rank_{self.rt.rank}.safetensors: bad per-rank state ({exc})"
+            self._agree(problem, f"{ckpt.path}: another rank's per-rank state is bad (see its error)")
+            if extras is None or ckpt.world_size != self.rt.world_size:
                 # Another world size: the data goes on from the same global place (every rank
                 # consumed as many as rank 0; load_state_dict rescales to this world size), and
                 # a sample's noise comes from (seed, epoch, index): the run continues as it
@@ -314,16 +319,21 @@ class Trainer:
     def _refuse_bad_state(self, problems: list[str], where: str) -> None:
         """Refuse, on every rank together, state whose values no run makes: NaN weights trained
         on with every step skipped as a spike, negative second moments sent the weights to NaN
-        a step later, and either run exited 0. A sharded tensor is read on each rank's shards
-        (one all-reduce says whether any rank found something)."""
-        found = len(problems)
+        a step later, and either run exited 0. A sharded tensor is read on each rank's shards."""
+        why = " (a run that diverged, or a damaged checkpoint?)"
+        self._agree(f"{where}: {first_names(problems, 3)}{why}" if problems else None,
+                    f"{where}: values found by another rank{why}")
+
+    def _agree(self, problem: str | None, elsewhere: str) -> None:
+        """Raise ``problem`` (this rank's finding, None: none) on every rank together: one
+        all-reduce says whether any rank found one; a rank that found none says ``elsewhere``."""
+        found = problem is not None
         if self.rt.world_size > 1:
             t = torch.tensor([float(found)], device=self.rt.device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            found = int(t.item())
+            found = bool(t.item())
         if found:
-            named = first_names(problems, 3) if problems else "values found by another rank"
-            raise MinfmError(f"{where}: {named} (a run that diverged, or a damaged checkpoint?)")
+            raise MinfmError(problem or elsewhere)
 
     def _resume_or_init(self) -> None:
         allow_pickle = self.cfg.allow_pickle_checkpoint
@@ -444,7 +454,8 @@ class Trainer:
     def _should_skip(self, norm: float, loss: float) -> str | None:
         if not (math.isfinite(norm) and math.isfinite(loss)):
             return "non-finite"
-        if (self.norm_mean is not None and self.step >= self.cfg.grad_spike_start_step
+        # a mean of 0 (all-zero gradients so far) makes any gradient a "spike": no mean to compare with
+        if (self.norm_mean and self.step >= self.cfg.grad_spike_start_step
                 and norm > self.cfg.grad_spike_threshold * self.norm_mean):
             return "spike"
         return None
@@ -529,7 +540,7 @@ class Trainer:
                     f"step {self.step}: {self._skipped_in_a_row} optimizer steps in a row skipped (grad norm "
                     f"{metrics['grad_norm']:.3g}, loss {metrics['loss']:.3g}): the run has diverged, or every "
                     "gradient is a spike against train.grad_spike_threshold x its running mean; nothing more "
-                    "would be learnt. Resume from an earlier checkpoint with a lower train.lr")
+                    "would be learnt. Start again from an earlier checkpoint (train.init_from) with a lower train.lr")
             # The checkpoint first: what follows only reads the weights (each with its own
             # generators), and a failure in it (a damaged FID reference, a full disk for the
             # gallery) then loses no step.
