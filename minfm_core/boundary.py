@@ -156,13 +156,13 @@ def shaped_like_problem(v: Any, x: Any) -> str | None:
 
 
 def same_dtype_problem(v: Any, x: Any) -> str | None:
-    """``v`` (already shaped like ``x``) of ``x``'s dtype, or of autocast's where it is on for
-    ``x``'s device (torch's own attention computes in it there): an attention backend's output
-    for q (one in another dtype failed in the denoiser's next matmul, blamed on the denoiser)."""
+    """``v`` (already a float tensor shaped like ``x``) of ``x``'s dtype: an attention backend's
+    output for q (one in another dtype failed in the denoiser's next matmul, blamed on the
+    denoiser). Where autocast is on for ``x``'s device any floating dtype passes: the next
+    matmul casts it (torch's own attention answers in autocast's dtype there)."""
     import torch
 
-    device = x.device.type
-    if v.dtype == x.dtype or (torch.is_autocast_enabled(device) and v.dtype == torch.get_autocast_dtype(device)):
+    if v.dtype == x.dtype or torch.is_autocast_enabled(x.device.type):
         return None
     return f"expected dtype {x.dtype} (the input's), got {v.dtype}"
 
@@ -179,10 +179,9 @@ def patched_problem(patched: Any, n: int, *, values: bool = True) -> str | None:
     if problem is not None:
         return problem
     rows = patched.tokens.shape[0]
-    for name, x, shape in (("pos", patched.pos, (rows, 3)), ("lens", patched.lens, (n,))):
-        if not isinstance(x, _tensor_type()) or tuple(x.shape) != shape or x.is_floating_point() or x.is_complex():
-            got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, _tensor_type()) else _type(x)
-            return f"expected {name} as an integer tensor of shape {shape}, got {got}"
+    problem = _int_tensor_problem(patched.pos, (rows, 3), "pos") or _int_tensor_problem(patched.lens, (n,), "lens")
+    if problem is not None:
+        return problem
     if not isinstance(patched.shapes, (list, tuple)) or len(patched.shapes) != n:
         got = f"{_type(patched.shapes)}" + (f" of {len(patched.shapes)}" if isinstance(patched.shapes, (list, tuple)) else "")
         return f"expected {n} latent shapes, got {got}"
@@ -222,6 +221,14 @@ def _float_tensor_problem(x: Any, shape: tuple[int, ...], what: str) -> str | No
     return None
 
 
+def _int_tensor_problem(x: Any, shape: tuple[int, ...], name: str) -> str | None:
+    """An integer tensor of ``shape`` (token counts, positions)."""
+    if not isinstance(x, _tensor_type()) or tuple(x.shape) != shape or x.is_floating_point() or x.is_complex():
+        got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, _tensor_type()) else _type(x)
+        return f"expected {name} as an integer tensor of shape {shape}, got {got}"
+    return None
+
+
 def text_problem(out: Any, n: int, dim: int | None, pooled: bool) -> str | None:
     """A text encoder's answer for ``n`` prompts: ``(tokens (L, dim), lens (n,))`` packed, lens
     integers >= 0 summing to L; or ``(n, dim)`` when ``pooled`` (its config's ``dim``; None:
@@ -233,10 +240,8 @@ def text_problem(out: Any, n: int, dim: int | None, pooled: bool) -> str | None:
         return f"expected (tokens (L, dim), lens ({n},)), got {_type(out)}" + \
             (f" of {len(out)}" if isinstance(out, (tuple, list)) else "")
     tokens, lens = out
-    if not isinstance(lens, _tensor_type()) or tuple(lens.shape) != (n,) or lens.is_floating_point() \
-            or lens.is_complex():
-        got = f"{tuple(lens.shape)} {lens.dtype}" if isinstance(lens, _tensor_type()) else _type(lens)
-        return f"expected lens as an integer tensor of shape ({n},), got {got}"
+    if problem := _int_tensor_problem(lens, (n,), "lens"):
+        return problem
     total = -1  # lens' values on a GPU: reading them would wait for it (the denoiser checks the sum)
     if lens.device.type == "cpu":
         total = int(lens.sum()) if n else 0

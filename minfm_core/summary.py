@@ -91,10 +91,12 @@ def _prompt_problems(resolved, encoders: dict[str, Any]) -> list[str]:
     problems = []
     with _hub_offline():
         for path, enc in encoders.items():
+            probe = next((p for _, prompts in asked for p in prompts if p), None)
             try:
                 enc.count_tokens([""])
             except Exception as exc:
-                if _counts(enc, "a"):  # it counts a prompt, but refuses the one the engine must send
+                # it counts the job's own prompt, but refuses the one the engine must also send
+                if probe is not None and _counts(enc, probe):
                     problems.append(f"{resolved.who(path)}: count_tokens(['']): refuses the empty prompt, which the "
                                     f"engine encodes (a dropped caption, the unconditional branch of guidance): "
                                     f"{first_line(exc, 200)}")

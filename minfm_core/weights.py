@@ -228,8 +228,9 @@ def first_names(items, limit: int = 10) -> str:
 _ISFINITE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _checkable(v: torch.Tensor) -> torch.Tensor:
-    return v if v.dtype in _ISFINITE_DTYPES else v.float()
+def all_finite(v: torch.Tensor) -> bool:
+    """Whether every value of floating-point ``v`` is finite (float8 widened to be read)."""
+    return bool(torch.isfinite(v if v.dtype in _ISFINITE_DTYPES else v.float()).all())
 
 
 def check_finite(sd: dict[str, torch.Tensor], where: str) -> None:
@@ -237,7 +238,7 @@ def check_finite(sd: dict[str, torch.Tensor], where: str) -> None:
     noise, and training from them skips every step. Sharded tensors (DTensors) are left to
     their full-tensor loaders: one rank refusing alone would leave the others waiting."""
     bad = [k for k, v in sd.items() if isinstance(v, torch.Tensor) and not hasattr(v, "full_tensor")
-           and v.is_floating_point() and not bool(torch.isfinite(_checkable(v)).all())]
+           and v.is_floating_point() and not all_finite(v)]
     if bad:
         raise MinfmError(f"{where}: NaN or infinite values in {first_names(bad, 5)} (a run that diverged?)")
 

@@ -62,6 +62,12 @@ def test_a_split_given_twice_is_refused(capsys):
     assert _error(capsys) == "--split val: given more than once"
 
 
+def test_a_prompt_flag_is_held_to_the_prompt_rules(capsys):
+    """A prompt file's line and a recipe's prompt are refused past 65,536 characters; --prompt was not."""
+    assert main(["sample", "run", "--prompt", "z" * 70_000]) == 2
+    assert _error(capsys) == "--prompt: 70,000 characters, more than 65,536"
+
+
 @pytest.mark.parametrize("name", ["a b", "proxy/path", "x\ty"])
 def test_an_allowed_host_that_is_no_host_name_is_refused(name, capsys):
     assert main(["serve", "run", "--allowed-host", name]) == 2

@@ -248,12 +248,13 @@ def test_check_names_an_encoder_that_refuses_the_empty_prompt(encoders):
     """``minfm check`` asks ``count_tokens([""])`` first to learn whether the encoder can count
     here at all; one refusing only the empty prompt passed the check and failed the run."""
     recipe = str(ROOT / "tests" / "recipes" / "tiny.toml")
-    res = minfm_in_process("check", recipe, "--set", 'model.text_encoder={name = "no_empty"}')
+    sets = ["--set", "train.sample_every=2"]  # galleries: prompts the job encodes, the probe of whether it counts
+    res = minfm_in_process("check", recipe, *sets, "--set", 'model.text_encoder={name = "no_empty"}')
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     assert ("model.text_encoder: text_encoder 'no_empty' of plugin 'count_probe': count_tokens(['']): refuses the "
             "empty prompt, which the engine encodes (a dropped caption, the unconditional branch of guidance): "
             "no_empty: an empty prompt") in res.stderr, res.stderr
-    assert minfm_in_process("check", recipe, "--set", 'model.text_encoder={name = "word_counter"}').returncode == 0
+    assert minfm_in_process("check", recipe, *sets, "--set", 'model.text_encoder={name = "word_counter"}').returncode == 0
 
 
 def test_check_downloads_nothing_to_count(tmp_path, monkeypatch):

@@ -72,6 +72,19 @@ def non_empty(flag: str) -> Callable[[str], str]:
     return parse
 
 
+def prompt_arg(flag: str) -> Callable[[str], str]:
+    """A prompt given on the command line: the rules of a recipe's and a prompt file's
+    (validators.prompt_problem: no NUL, at most MAX_PROMPT_CHARS characters)."""
+    from ..validators import prompt_problem
+
+    def parse(text: str) -> str:
+        if problem := prompt_problem(text):
+            raise MinfmError(f"{flag}: {problem}")
+        return text
+
+    return parse
+
+
 #: A number on the command line is ASCII: Python's int() and float() also take full-width and
 #: other Unicode digits (``--world-size ３``), ``_`` separators (``1_0``) and surrounding blanks.
 _INT = re.compile(r"[+-]?[0-9]+")

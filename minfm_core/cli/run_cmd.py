@@ -24,7 +24,7 @@ from ..safepath import missing_folder
 from ..engine.stop_signal import STOPPED_EXIT_CODE
 from ..validators import MAX_GUIDANCE, MAX_SAMPLES, MAX_SEED, MAX_SOLVER_STEPS
 from .argtypes import (add_allow_pickle_flag, add_allowed_host_flag, finite_float, host_allowed, host_name, is_loopback,
-                       int_in, listen_family, non_empty, nprocs, sample_size)
+                       int_in, listen_family, non_empty, nprocs, prompt_arg, sample_size)
 
 
 def register(sub) -> None:
@@ -39,7 +39,7 @@ def register(sub) -> None:
     p = sub.add_parser("sample", help="sample images or clips from a run, checkpoint or hf:// model")
     p.add_argument("source", type=non_empty("SRC"), help="run dir, checkpoint dir, model folder (model.safetensors + recipe.toml), "
                                   "or hf://org/name[@rev]")
-    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompt", action="append", type=prompt_arg("--prompt"), help="a prompt (repeatable)")
     p.add_argument("--prompt-file", help="text file, one prompt per line")
     p.add_argument("--out", type=non_empty("--out"), help="output folder (default: <source>/samples_cli; <run>/samples_cli for a checkpoint "
                    "<run>/checkpoints/step_N; ./samples/<org>--<name> for hf://)")

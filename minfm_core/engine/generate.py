@@ -88,7 +88,7 @@ def generate(
     pipe.refuse("model.patchifier", "latents = unpatchify(tokens, lens, shapes)",
                 boundary.unpatched_problem(latents, [n.shape for n in noise]))
     images = pipe.vae.decode(latents)
-    _refuse(pipe.who("model.vae"), "images = vae.decode(latents)", boundary.decoded_problem(images, [tuple(s) for s in sizes]))
+    pipe.refuse("model.vae", "images = vae.decode(latents)", boundary.decoded_problem(images, [tuple(s) for s in sizes]))
     return [img.float().clamp(-1, 1).cpu() for img in images]
 
 

@@ -161,7 +161,7 @@ def encode_latents(vae: Any, slot: Any, images: list[Tensor], generators: list[t
     latents = vae.encode(images, generators=generators)
     problem = boundary.latents_problem(latents, images, slot.config)
     if problem is not None:
-        raise PluginError(f"model.vae: {slot.component.describe()}: latents = vae.encode(images, ...): {problem}")
+        raise PluginError(f"{slot.path}: {slot.component.describe()}: latents = vae.encode(images, ...): {problem}")
     return latents
 
 
@@ -201,7 +201,7 @@ def shard(resolved, module: torch.nn.Module, *, world_size: int, device: torch.d
         else:
             first = min(got - names) if got - names else min(names - got)
             what = f"changed the state-dict names ({first!r}, ...)"
-        raise PluginError(f"parallel: {slot.component.describe()}: parallelize {what}; it must return the module with the "
+        raise PluginError(f"{slot.path}: {slot.component.describe()}: parallelize {what}; it must return the module with the "
                           "names it had (shard it in place, as fully_shard does; docs/plugins.md, register_parallelizers)")
     return out
 

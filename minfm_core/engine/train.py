@@ -38,7 +38,7 @@ from ..recipe.checks import accumulation_steps, job_checks
 from ..safepath import write_text_atomic
 from ..schedule import lr_at
 from ..sources import resolve_source
-from ..weights import first_names, has_weights
+from ..weights import all_finite, first_names, has_weights
 from .ema import EMA
 from .pipeline import build_pipeline, denoiser_kwargs, per_sample_loss, prepare_batch, shard, sharded_denoiser
 from .prompts import job_prompts
@@ -69,10 +69,9 @@ def _state_problems(tree: Any, at_least_zero: frozenset[str] = frozenset(), name
     if not isinstance(tree, torch.Tensor) or not tree.is_floating_point():
         return []
     local = tree.to_local() if hasattr(tree, "to_local") else tree
-    local = local if local.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) else local.float()
     if local.numel() == 0:
         return []
-    if not bool(torch.isfinite(local).all()):
+    if not all_finite(local):
         return [f"{name}: NaN or infinite values"]
     if name.rsplit(".", 1)[-1] in at_least_zero and bool((local < 0).any()):
         return [f"{name}: negative values"]
