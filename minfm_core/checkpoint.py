@@ -457,10 +457,14 @@ class Checkpointer:
 
 
 def _save_error(tmp: Path, exc: CheckpointException) -> MinfmError:
-    """A failed save (a full disk, a read-only folder) as one line; nothing complete is touched."""
-    failures = [e for _, e in checkpoint_failures(exc)]
-    first = failures[0] if failures else exc
-    return _write_failed(tmp, os_error_line(first) if isinstance(first, OSError) else first_line(first))
+    """A failed save (a full disk, a read-only folder) as one line; nothing complete is touched.
+    DCP's coordinator reports every rank's write failure as its own: the line names the rank
+    that failed (a full disk on rank 1's node read "rank 0: ... No space left")."""
+    failures = checkpoint_failures(exc)
+    rank, first = failures[0] if failures else (None, exc)
+    why = os_error_line(first) if isinstance(first, OSError) else first_line(first)
+    many = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return _write_failed(tmp, f"on rank {rank}: {why}" if many and rank is not None else why)
 
 
 def _write_failed(tmp: Path, why: str) -> CheckpointError:

@@ -281,6 +281,22 @@ def test_a_failed_dcp_write_names_the_reason():
         "/r/.tmp-step_00000003: cannot write checkpoint: No space left on device (the previous checkpoints are intact)")
 
 
+def test_a_failed_dcp_write_of_many_ranks_names_the_rank_that_failed(monkeypatch):
+    """DCP's coordinator reports rank 1's full disk as its own: every rank said "rank 0: ... No
+    space left", sending the user to the wrong node's disk."""
+    from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
+
+    try:
+        raise OSError(28, "No space left on device")
+    except OSError as exc:
+        wrapped = CheckpointException("save failed", {1: _wrap_exception(exc)})
+    monkeypatch.setattr(ck.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(ck.dist, "get_world_size", lambda: 2)
+    assert str(ck._save_error(Path("/r/.tmp-step_00000003"), wrapped)) == (
+        "/r/.tmp-step_00000003: cannot write checkpoint: on rank 1: No space left on device (the previous "
+        "checkpoints are intact)")
+
+
 def _fit(run: Path, *overrides: str) -> None:
     from minfm_core.engine.runtime import init_runtime, shutdown_runtime
     from minfm_core.engine.train import Trainer
