@@ -135,13 +135,15 @@ class DemoModel:
             max_side=2 * biggest,
             max_pixels=4 * max(h * w for h, w in self.presets),
         )
-        self.examples = list(s.prompts)
+        # shown on the page (examples, placeholder, the negative prompt box) as the recipe panel
+        # is: masked (a prompt with an expanded ${VAR} of a secret is the run's own business)
+        self.examples = [mask_secrets(p) for p in s.prompts]
         self.default_steps = min(s.steps, self.limits.max_steps)
         guidance = resolved["sample.guidance"]
         self.default_cfg = float(getattr(guidance.config, "scale", 1.0))
         self.default_ep_cfg = guidance.component.name == "ep_cfg"
         self.default_sampler = resolved["sample.sampler"].component.name
-        self.default_neg_prompt = s.neg_prompt
+        self.default_neg_prompt = mask_secrets(s.neg_prompt)
         self._init_frames(resolved)
 
     def _init_frames(self, resolved) -> None:

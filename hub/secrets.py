@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from minfm_core.errors import MinfmError
-from minfm_core.secrets import HUB_TOKEN_PATTERN
+from minfm_core.secrets import HUB_TOKEN_PATTERN, secret_environ
 
 #: Something shaped like a Hub user access token.
 TOKEN_RE = re.compile(HUB_TOKEN_PATTERN.encode())
@@ -47,21 +47,29 @@ def active_token(token: str | None = None) -> str | None:
         return None
 
 
-def _hit(data: bytes, token: bytes | None) -> tuple[int, bytes] | None:
-    """(offset, matched bytes) of the first token in ``data``, or None."""
-    found = []
-    if token:
-        i = data.find(token)
-        if i >= 0:
-            found.append((i, token))
+def _needles(token: str | None) -> list[tuple[bytes, str]]:
+    """What a push must not publish, each with what to call it: the active Hub token, and the
+    value of every environment variable whose name says it holds a secret (a recipe's
+    ``${WANDB_API_KEY}`` arrives expanded in recipe.toml and the card just as ``${HF_TOKEN}``)."""
+    out = [(token.encode(), "a Hugging Face token")] if token else []
+    for name, value in sorted(secret_environ().items()):
+        if value != token:
+            out.append((value.encode("utf-8", "replace"), f"the value of ${name}"))
+    return out
+
+
+def _hit(data: bytes, needles: list[tuple[bytes, str]]) -> tuple[int, bytes, str] | None:
+    """(offset, matched bytes, what it is) of the first secret in ``data``, or None."""
+    found = [(i, needle, what) for needle, what in needles if (i := data.find(needle)) >= 0]
     m = TOKEN_RE.search(data)
     if m:
-        found.append((m.start(), m.group()))
+        found.append((m.start(), m.group(), "a Hugging Face token"))
     return min(found) if found else None
 
 
-def _scan(path: Path, token: bytes | None, limit: int | None = None) -> tuple[int, int, bytes] | None:
-    """(byte offset, line number, token) of the first token in ``path`` (its first ``limit`` bytes), or None.
+def _scan(path: Path, needles: list[tuple[bytes, str]], limit: int | None = None) -> tuple[int, int, bytes, str] | None:
+    """(byte offset, line number, secret, what it is) of the first secret in ``path`` (its first
+    ``limit`` bytes), or None.
 
     Read in chunks that overlap by more than a token's length, so no token is cut in two
     and no line, however long, is held whole.
@@ -73,17 +81,17 @@ def _scan(path: Path, token: bytes | None, limit: int | None = None) -> tuple[in
             want = _CHUNK if limit is None else min(_CHUNK, limit - done)
             chunk = f.read(want) if want > 0 else b""
             if not chunk:  # the end: a match left for the next chunk is reported now
-                hit = _hit(tail, token)
+                hit = _hit(tail, needles)
                 if hit is None:
                     return None
-                return done - len(tail) + hit[0], newlines - tail[hit[0]:].count(b"\n") + 1, hit[1]
+                return done - len(tail) + hit[0], newlines - tail[hit[0]:].count(b"\n") + 1, hit[1], hit[2]
             data = tail + chunk
-            hit = _hit(data, token)
+            hit = _hit(data, needles)
             # a match that runs to the end of the data may go on in the next chunk: look again there
             cut = hit and hit[0] + len(hit[1]) == len(data) and len(hit[1]) < _OVERLAP // 2 and len(chunk) == want
             if hit and not cut:
                 line = newlines - tail.count(b"\n") + data[:hit[0]].count(b"\n") + 1
-                return done - len(tail) + hit[0], line, hit[1]
+                return done - len(tail) + hit[0], line, hit[1], hit[2]
             done += len(chunk)
             newlines += chunk.count(b"\n")
             tail = data[-_OVERLAP:]
@@ -96,18 +104,18 @@ def _safetensors_header_len(path: Path) -> int:
 
 
 def scan_file(path: Path, token: str | None) -> str | None:
-    """Where in ``path`` a token is (``line N: hf_m*** ...`` or ``byte N: ...``), or None."""
+    """What secret is where in ``path`` (``a Hugging Face token at line N: hf_m*** ...``, ``the
+    value of $WANDB_API_KEY at byte N: ...``), or None."""
     from minfm_core.weights import MAX_HEADER_BYTES
 
-    tok = token.encode() if token else None
     name = path.name.lower()
     limit = min(_safetensors_header_len(path), 8 + MAX_HEADER_BYTES) if name.endswith(".safetensors") else None
-    hit = _scan(path, tok, limit)
+    hit = _scan(path, _needles(token), limit)
     if hit is None:
         return None
-    offset, line, found = hit
+    offset, line, found, what = hit
     where = f"line {line}" if name.endswith(TEXT_SUFFIXES) else f"byte {offset}"
-    return f"{where}: {redact(found.decode('ascii', 'replace'))}"
+    return f"{what} at {where}: {redact(found.decode('utf-8', 'replace'))}"
 
 
 def scan_text(fields: Mapping[str, str | None], token: str | None = None) -> None:
@@ -118,11 +126,11 @@ def scan_text(fields: Mapping[str, str | None], token: str | None = None) -> Non
     never sees them (the card quotes some of them, but would point at README.md, not at
     the option that put the token there).
     """
-    active = active_token(token)
+    needles = _needles(active_token(token))
     for what, text in fields.items():
-        hit = _hit(text.encode("utf-8", "replace"), active.encode() if active else None) if text else None
+        hit = _hit(text.encode("utf-8", "replace"), needles) if text else None
         if hit:
-            raise MinfmError(f"{what}: refusing to push: it holds a Hugging Face token, "
+            raise MinfmError(f"{what}: refusing to push: it holds {hit[2]}, "
                              f"{redact(hit[1].decode('utf-8', 'replace'))}; remove it and push again")
 
 
@@ -133,15 +141,16 @@ def scan_for_tokens(files: Mapping[str, Path], token: str | None = None) -> None
     the recipe is reported where it came from.
     """
     active = active_token(token)
+    needles = _needles(active)
     for repo_path in sorted(files):  # names travel too (commit paths, the card's file table)
-        hit = _hit(repo_path.encode(), active.encode() if active else None)
+        hit = _hit(repo_path.encode(), needles)
         if hit:
-            raise MinfmError(f"refusing to push a file whose name holds a Hugging Face token: "
+            raise MinfmError(f"refusing to push a file whose name holds {hit[2]}: "
                              f"{repo_path.replace(hit[1].decode(), redact(hit[1].decode()))}")
     for repo_path in sorted(files, key=lambda p: (p == "README.md", p)):
         where = scan_file(Path(files[repo_path]), active)
         if where:
             raise MinfmError(
-                f"{repo_path}: refusing to push: a Hugging Face token at {where}; remove it "
-                "(a recipe's ${HF_TOKEN} is expanded in the run's recipe.toml) and push again"
+                f"{repo_path}: refusing to push: {where}; remove it "
+                "(a recipe's ${VAR} is expanded in the run's recipe.toml) and push again"
             )

@@ -41,3 +41,26 @@ def test_mask_secrets_hides_tokens_passwords_and_secret_variables():
     # nothing to mask: the text is unchanged
     plain = '[sample]\nprompts = ["a red circle"]\nurl = "https://example.com/a:b"\n'
     assert mask_secrets(plain, env) == plain
+
+
+def test_a_recipe_a_logger_sends_elsewhere_is_masked(tmp_path, monkeypatch):
+    """W&B's run config (an upload) and TensorBoard's recipe text got the resolved recipe with
+    its expanded ${WANDB_API_KEY}; every string of it is masked now, its shape kept."""
+    from minfm_core.secrets import mask_secrets_in
+
+    monkeypatch.setenv("WANDB_API_KEY", "wandbSECRET456")
+    recipe = {"sample": {"prompts": ["a red circle wandbSECRET456"], "steps": 3, "neg_prompt": "x"},
+              "logging": {"loggers": [{"name": "wandb", "host": "https://u:pa55word@w.example"}]}}
+    assert mask_secrets_in(recipe) == {"sample": {"prompts": ["a red circle ***"], "steps": 3, "neg_prompt": "x"},
+                                       "logging": {"loggers": [{"name": "wandb", "host": "https://u:***@w.example"}]}}
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from minfm_plugins.loggers.configs import TensorboardConfig
+    from minfm_plugins.loggers.tensorboard_logger import TensorboardLogger
+
+    TensorboardLogger(TensorboardConfig(), str(tmp_path), recipe).close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    text = events.Tensors("recipe/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "a red circle ***" in text and "wandbSECRET456" not in text and "pa55word" not in text

@@ -251,8 +251,16 @@ def test_the_recipe_panel_masks_secrets(run_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("MY_WANDB_API_KEY", "k3y-0f-the-run")
     token = "hf_" + "x1" * 17
     recipe = folder / "recipe.toml"
+    import tomli_w
+
+    from minfm_core.recipe.toml import tomllib
+
+    data = tomllib.loads(recipe.read_text())
+    # the examples, the prompt's placeholder and the negative prompt box showed these whole
+    data["sample"].update(prompts=["a red circle k3y-0f-the-run", f"a blue square {token}"],
+                          neg_prompt="blurry k3y-0f-the-run")
     recipe.write_text(f'# logged to https://bob:pa55word@wandb.example with k3y-0f-the-run\n# {token}\n'
-                      + recipe.read_text())
+                      + tomli_w.dumps(data))
     app = _built_app(folder)
     shown = next(b for b in app.blocks.values() if isinstance(b, gr.Code)).value
     assert shown.startswith("# logged to https://bob:***@wandb.example with ***\n# ***\n")

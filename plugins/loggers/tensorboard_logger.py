@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from minfm_core.errors import MinfmError
+from minfm_core.secrets import mask_secrets_in
 
 from .base import Logger, writing
 from .configs import TensorboardConfig
@@ -27,7 +28,7 @@ class TensorboardLogger(Logger):
         with writing("tensorboard", self.log_dir):
             self.writer = SummaryWriter(log_dir=str(self.log_dir))
             if recipe is not None:
-                text = json.dumps(recipe, indent=2, default=str)
+                text = json.dumps(mask_secrets_in(recipe), indent=2, default=str)  # a page others may read
                 self.writer.add_text("recipe", "```\n" + text + "\n```", 0)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from minfm_core.errors import MinfmError
+from minfm_core.secrets import mask_secrets_in
 
 from .base import Logger, writing
 from .configs import WandbConfig
@@ -36,7 +37,7 @@ class WandbLogger(Logger):
                 project=cfg.project,
                 entity=cfg.entity or None,
                 name=cfg.run_name or run_dir_path.resolve().name,
-                config=recipe,
+                config=mask_secrets_in(recipe),  # an upload: the recipe's expanded ${WANDB_API_KEY} stays here
                 dir=str(run_dir_path),
                 mode=cfg.mode,
                 id=run_id,
