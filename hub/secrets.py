@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from minfm_core.errors import MinfmError
-from minfm_core.secrets import HUB_TOKEN_PATTERN, secret_environ
+from minfm_core.secrets import HUB_TOKEN_PATTERN, secret_environ, written_forms
 
 #: Something shaped like a Hub user access token.
 TOKEN_RE = re.compile(HUB_TOKEN_PATTERN.encode())
@@ -54,7 +54,7 @@ def _needles(token: str | None) -> list[tuple[bytes, str]]:
     out = [(token.encode(), "a Hugging Face token")] if token else []
     for name, value in sorted(secret_environ().items()):
         if value != token:
-            out.append((value.encode("utf-8", "replace"), f"the value of ${name}"))
+            out += [(form.encode("utf-8", "replace"), f"the value of ${name}") for form in sorted(written_forms(value))]
     return out
 
 

@@ -10,6 +10,7 @@ holds a secret (``*TOKEN*``, ``*KEY*``, ``*SECRET*``, ``*PASSWORD*``, ...) and i
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -31,6 +32,12 @@ def secret_environ(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     return {k: v for k, v in env.items() if _SECRET_NAME.search(k) and len(v) >= _MIN_SECRET_LEN}
 
 
+def written_forms(value: str) -> set[str]:
+    """``value`` as it is, and as a TOML or JSON string writes it: one with a quote or a
+    backslash is escaped in recipe.toml (``pa\\"ss``), where the raw value never matches."""
+    return {value, json.dumps(value)[1:-1]}
+
+
 def mask_secrets_in(value: Any, environ: Mapping[str, str] | None = None) -> Any:
     """:func:`mask_secrets` of every string in ``value`` (dicts, lists and tuples walked; keys
     kept): a resolved recipe as a logger sends it elsewhere (W&B's config, TensorBoard's text)."""
@@ -45,8 +52,9 @@ def mask_secrets_in(value: Any, environ: Mapping[str, str] | None = None) -> Any
 
 def mask_secrets(text: str, environ: Mapping[str, str] | None = None) -> str:
     """``text`` with every secret it holds replaced by ``***`` (see the module doc)."""
+    values = {form for v in secret_environ(environ).values() for form in written_forms(v)}
     # the longest first: one value may hold another
-    for value in sorted(set(secret_environ(environ).values()), key=len, reverse=True):
+    for value in sorted(values, key=len, reverse=True):
         text = text.replace(value, MASK)
     text = _HUB_TOKEN.sub(MASK, text)
     return _URL_PASSWORD.sub(lambda m: m.group(1) + MASK + m.group(2), text)

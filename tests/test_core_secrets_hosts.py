@@ -64,3 +64,12 @@ def test_a_recipe_a_logger_sends_elsewhere_is_masked(tmp_path, monkeypatch):
     events.Reload()
     text = events.Tensors("recipe/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "a red circle ***" in text and "wandbSECRET456" not in text and "pa55word" not in text
+
+
+def test_a_secret_with_quotes_or_backslashes_is_masked_as_toml_writes_it():
+    import tomli_w
+
+    env = {"DB_PASSWORD": 'pa"ss\\word12'}
+    text = tomli_w.dumps({"neg_prompt": f"x {env['DB_PASSWORD']} y"})
+    assert "pa\\\"ss" in text  # escaped in the file: the raw value is not there to match
+    assert mask_secrets(text, env) == 'neg_prompt = "x *** y"\n'

@@ -65,3 +65,12 @@ def test_the_value_of_any_secret_named_variable_is_refused_too(tmp_path, monkeyp
     with pytest.raises(MinfmError, match=r"^the commit message \(--message\): refusing to push: it holds the value "
                                          r"of \$WANDB_API_KEY, wand\*\*\* \(14 chars\)"):
         secrets.scan_text({"the commit message (--message)": "trained with wandbSECRET456"})
+
+
+def test_a_secret_as_toml_escapes_it_is_refused(tmp_path, monkeypatch):
+    import tomli_w
+
+    monkeypatch.setenv("DB_PASSWORD", 'pa"ss\\word12')
+    (tmp_path / "recipe.toml").write_text(tomli_w.dumps({"neg": 'x pa"ss\\word12'}))
+    with pytest.raises(MinfmError, match=r"^recipe.toml: refusing to push: the value of \$DB_PASSWORD at line 1"):
+        secrets.scan_for_tokens({"recipe.toml": tmp_path / "recipe.toml"})
