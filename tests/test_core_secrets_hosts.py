@@ -73,3 +73,14 @@ def test_a_secret_with_quotes_or_backslashes_is_masked_as_toml_writes_it():
     text = tomli_w.dumps({"neg_prompt": f"x {env['DB_PASSWORD']} y"})
     assert "pa\\\"ss" in text  # escaped in the file: the raw value is not there to match
     assert mask_secrets(text, env) == 'neg_prompt = "x *** y"\n'
+
+
+def test_an_error_quoting_an_expanded_secret_masks_it(monkeypatch, capsys):
+    """`--set sample.file_ext=${WANDB_API_KEY}` printed the key in the refusal (a CI log)."""
+    from engine_helpers import TINY
+    from minfm_core.cli.main import main
+
+    monkeypatch.setenv("WANDB_API_KEY", "wandbSECRET456")
+    assert main(["check", str(TINY), "--set", "sample.steps=${WANDB_API_KEY}"]) == 2
+    err = capsys.readouterr().err
+    assert "wandbSECRET456" not in err and "***" in err, err

@@ -163,8 +163,12 @@ def _say(line: str, lines: bool = False) -> None:
     quotes what it refuses, and a hostile recipe value, file name or repo name holding ESC
     sequences, a text-direction override or a newline (a second line that reads like minfm's
     own) would otherwise drive the terminal or disguise the message. ``lines``: the text is
-    a RecipeError's list, whose problems were escaped one by one."""
-    sys.stderr.write(terminal_safe(line, newlines=lines) + "\n")
+    a RecipeError's list, whose problems were escaped one by one. Secrets are masked
+    (minfm_core.secrets): an error quotes the value it refuses, which may be an expanded
+    ``${HF_TOKEN}``, and a CI log is read by others."""
+    from ..secrets import mask_secrets
+
+    sys.stderr.write(terminal_safe(mask_secrets(line), newlines=lines) + "\n")
     sys.stderr.flush()
 
 
