@@ -40,7 +40,7 @@ def register(sub) -> None:
 
     p = cmds.add_parser("pull", help="download a model repo (safetensors and text files only)")
     p.add_argument("ref", metavar="REPO_ID[@REV]", help="namespace/name, optionally @branch, @tag or @commit")
-    p.add_argument("--local-dir", metavar="DIR", type=non_empty("--local-dir"), help="download into DIR instead of the Hugging Face cache")
+    p.add_argument("--local-dir", metavar="DIR", help="download into DIR instead of the Hugging Face cache")
     p.add_argument("--include-training-state", action="store_true",
                    help="also download the DCP training state (checkpoint/), needed to resume training")
     p.add_argument("--max-files", type=int_in("--max-files", 1, MAX_FILES_LIMIT), metavar="N",

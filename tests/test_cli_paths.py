@@ -31,7 +31,6 @@ def _error(capsys) -> str:
     (["eval", "imagenet", "s.npz", "--ref", "r.npz", "--out", ""], "--out"),
     (["eval", "folder", "s", "--ref", "r.npz", "--inception", ""], "--inception"),
     (["hub", "push", "", "org/name"], "SRC"),
-    (["hub", "pull", "org/name", "--local-dir", ""], "--local-dir"),
     (["data", "imagenet", "prepare", "", "--recipe", str(TINY), "--out", "o"], "ROOT"),
 ])
 def test_an_empty_value_is_refused(argv, flag, capsys):

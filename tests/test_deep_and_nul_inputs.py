@@ -13,6 +13,18 @@ from minfm_core.recipe import load_recipe
 DEEP = "[" * 2000 + "]" * 2000
 
 
+@pytest.fixture(autouse=True)
+def default_recursion_limit():
+    """The interpreter's default limit, which the CLI runs with (a test runner's worker may
+    raise it: 2,000 levels then parse, and nothing is refused)."""
+    import sys
+
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(1000)
+    yield
+    sys.setrecursionlimit(before)
+
+
 def test_a_set_value_nested_too_deeply_is_refused_naming_the_key():
     with pytest.raises(RecipeError, match=r"--set train\.x: VALUE has arrays or tables nested too deeply"):
         load_recipe(TINY, [f"train.x={DEEP}"])

@@ -116,8 +116,8 @@ def test_a_malformed_diffusers_state_dict_is_one_error(change, message):
 
 @pytest.mark.parametrize("poison, message", [
     (lambda t: t.fill_(float("nan")), "NaN or infinite values in img_in.weight"),
-    (lambda t: t.to(torch.int32), "not floating-point weights: img_in.weight (torch.int32)"),
-    (lambda t: t > 0, "not floating-point weights: img_in.weight (torch.bool)"),
+    (lambda t: t.to(torch.int32), "dtype mismatches: img_in.weight int32 (model wants floating point)"),
+    (lambda t: t > 0, "dtype mismatches: img_in.weight bool (model wants floating point)"),
 ])
 def test_pretrained_weights_must_be_finite_floats(tmp_path, poison, message):
     sd = dict(random_flux().state_dict())

@@ -168,9 +168,10 @@ def test_os_error_is_one_line_naming_the_file(tmp_path, capsys):
     target = tmp_path / "no-such-dir" / "out.txt"
     with plugin(_Commands(), "boundary-test"):
         line = one_line_error(capsys, ["boundary-oserror", str(target)])
-        assert line == f"minfm: error: {target}: No such file or directory"
+        # the plugin's own command: its user error names it, as every plugin's does
+        assert line == f"minfm: error: {target}: No such file or directory (raised in plugin 'boundary-test')"
         line = one_line_error(capsys, ["boundary-oserror", str(tmp_path)])
-        assert line == f"minfm: error: {tmp_path}: Is a directory"
+        assert line == f"minfm: error: {tmp_path}: Is a directory (raised in plugin 'boundary-test')"
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
