@@ -229,3 +229,15 @@ def test_a_flux_repo_or_its_file_is_fetched_then_loads_offline(hub_server, tmp_p
     assert loaded.keys() == want.keys()
     for k in want:
         assert torch.equal(loaded[k], want[k]), k
+
+
+def test_a_file_two_slots_name_is_listed_once(tmp_path, monkeypatch, capsys):
+    """The ImageNet recipe's text and CLIP encoders read one class table: it was named twice."""
+    from minfm_core.cli.main import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["cache", "models", "minfm:flux_tiny_imagenet.toml"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("data/imagenet/class_embeddings.safetensors") == 1, err

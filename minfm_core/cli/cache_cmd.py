@@ -40,8 +40,11 @@ def run_models(args) -> int:
     if not refs:
         print(f"{args.recipe}: names no pretrained weights; nothing to fetch")
         return 0
-    fetched, failed, uncached = 0, [], []
+    fetched, failed, uncached, seen = 0, [], [], set()
     for path, ref in refs:
+        if ref in seen:  # two slots naming one file (an ImageNet recipe's class table): fetched, or named, once
+            continue
+        seen.add(ref)
         if is_local(ref):
             print(f"{path}: {ref} (local, skipped)")
             continue
