@@ -42,7 +42,7 @@ def run_models(args) -> int:
         return 0
     fetched, failed, uncached, seen = 0, [], [], set()
     for path, ref in refs:
-        if ref in seen:  # two slots naming one file (an ImageNet recipe's class table): fetched, or named, once
+        if ref in seen:  # two slots naming one file (a class table both encoders read): fetched, or named, once
             continue
         seen.add(ref)
         if is_local(ref):
