@@ -167,6 +167,11 @@ def same_dtype_problem(v: Any, x: Any) -> str | None:
     return f"expected dtype {x.dtype} (the input's), got {v.dtype}"
 
 
+def attention_problem(out: Any, q: Any) -> str | None:
+    """An attention backend's output for ``q``: a float tensor of its shape and dtype."""
+    return shaped_like_problem(out, q) or same_dtype_problem(out, q)
+
+
 def patched_problem(patched: Any, n: int, *, values: bool = True) -> str | None:
     """A patchifier's ``patchify`` of ``n`` latents: a :class:`~minfm_core.protocols.Patched`
     of float ``tokens (L, D)``, integer ``pos (L, 3)``, integer ``lens (n,)`` >= 0 summing to

@@ -89,9 +89,9 @@ def _prompt_problems(resolved, encoders: dict[str, Any]) -> list[str]:
     except MinfmError:
         asked = job_prompts(attrs.evolve(recipe, sample=attrs.evolve(recipe.sample, prompt_file=None)), recipe.job)
     problems = []
+    probe = next((p for _, prompts in asked for p in prompts if p), None)  # a prompt the job encodes
     with _hub_offline():
         for path, enc in encoders.items():
-            probe = next((p for _, prompts in asked for p in prompts if p), None)
             try:
                 enc.count_tokens([""])
             except Exception as exc:

@@ -86,7 +86,7 @@ def generate(
     _refuse(sampler_is, "x0 = sampler(velocity, x, lens, ...)", boundary.shaped_like_problem(x0, x))
     latents = pipe.patchifier.unpatchify(x0, lens, patched.shapes)
     pipe.refuse("model.patchifier", "latents = unpatchify(tokens, lens, shapes)",
-                boundary.unpatched_problem(latents, [n.shape for n in noise]))
+                boundary.unpatched_problem(latents, [z.shape for z in noise]))
     images = pipe.vae.decode(latents)
     pipe.refuse("model.vae", "images = vae.decode(latents)", boundary.decoded_problem(images, [tuple(s) for s in sizes]))
     return [img.float().clamp(-1, 1).cpu() for img in images]

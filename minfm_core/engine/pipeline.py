@@ -222,7 +222,7 @@ class CheckedAttention:
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
         out = self.backend(q, k, v, cu_seqlens, max_seqlen)
-        problem = boundary.shaped_like_problem(out, q) or boundary.same_dtype_problem(out, q)
+        problem = boundary.attention_problem(out, q)
         if problem is not None:
             raise PluginError(f"{self.who}: out = attention(q, k, v, cu_seqlens, max_seqlen): {problem}")
         return out
