@@ -72,6 +72,9 @@ def test_prepare_writes_classes_embeddings_and_latents(ilsvrc, tmp_path, capsys)
     assert rows["tench"] == 0 and rows["goldfish"] == 1 and rows[""] == 1000
     cranes = [c["label"] for c in classes if c["name"] == "crane"]
     assert len(cranes) == 2 and rows["crane"] == cranes[0]
+    # The other shared first lemma is told apart, as in the seed's prompts: each its own row.
+    assert (rows["maillot"], rows["maillot, tank suit"]) == (638, 639)
+    assert len(rows) == 1000  # 999 class texts (the cranes share one) and the unconditional ""
     assert not [p for p in out.rglob("*") if p.suffix in (".pt", ".pth", ".pkl", ".bin")]  # never pickle
 
     # The table is what the recipe's class_embedding encoder loads, row for row.

@@ -48,12 +48,20 @@ _IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 
 @lru_cache(maxsize=1)
 def imagenet_classes() -> tuple[tuple[str, str], ...]:
-    """The 1000 (wnid, first lemma) pairs in label order."""
-    rows = []
+    """The 1000 (wnid, name) pairs in label order. The name is the first lemma, or all of
+    them where an earlier class has that first lemma: as the seed's class prompts,
+    "maillot" and "maillot, tank suit" (one prompt, one row of the class table, merged
+    two classes). The two "crane"s (bird, machine) have one lemma each and stay one
+    prompt, as in the seed."""
+    rows, seen = [], set()
     for line in CLASSES_FILE.read_text(encoding="utf-8").splitlines():
         if line and not line.startswith("#"):
             wnid, lemmas = line.split("\t", 1)
-            rows.append((wnid, lemmas.split(",")[0].strip()))
+            name = lemmas.split(",")[0].strip()
+            if name in seen:
+                name = ", ".join(x.strip() for x in lemmas.split(","))
+            seen.add(name)
+            rows.append((wnid, name))
     return tuple(rows)
 
 

@@ -216,7 +216,7 @@ def run(args) -> int:
         check_table_fits(resolved, table.shape[1], table.shape[0])
         rows: dict[str, int] = {}
         for label, prompt in enumerate(prompts):
-            rows.setdefault(prompt.strip(), label)  # "crane", "maillot": two classes, one text, one row
+            rows.setdefault(prompt.strip(), label)  # the two "crane"s: one text, one row (as the seed)
         rows[UNCONDITIONAL] = len(prompts)
         out.mkdir(parents=True, exist_ok=True)
         save_class_table(table, rows, out / "class_embeddings.safetensors")  # atomically
