@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -287,3 +288,26 @@ def test_a_vae_sampling_its_posterior_resumes_exactly(tmp_path):
     train(tiny(split, *common, "train.max_steps=4"))  # resumes from step 2
     assert len(losses(full)) == 4
     assert losses(split) == losses(full)
+
+
+def test_a_plan_loading_the_scheduler_without_the_step_goes_on_with_its_lr(tmp_path):
+    """`scheduler:scheduler` was loaded and dropped: the lr warmed up again from step 0, the
+    same as a plan without it (the seed's ckpt_scheduler:mem_scheduler goes on)."""
+    from minfm_core.schedule import lr_at
+
+    src, run = tmp_path / "src", tmp_path / "run"
+    train(tiny(src, "train.max_steps=4", "train.ckpt_every=4", "train.warmup_steps=2", "train.lr=1e-3"))
+    plan = [f"train.init_from={json.dumps(str(src))}", 'train.init_load_plan="model:model,scheduler:scheduler"',
+            "train.warmup_steps=2", "train.lr=1e-3", "train.min_lr=1e-5", "train.ckpt_every=3"]
+    rt = init_runtime("cpu")
+    try:
+        first = Trainer(tiny(run, "train.max_steps=6", *plan), rt)
+        assert (first.step, first.lr_offset) == (0, 4)
+        first.fit(until=3)  # saves at step 3, then stops as if killed
+        first.close()
+    finally:
+        shutdown_runtime()
+    train(tiny(run, "train.max_steps=6", *plan))  # resumes from its own step 3: the offset is kept
+    lrs = [m["lr"] for m in read_metrics(run) if "lr" in m]
+    want = [lr_at(k + 4, lr=1e-3, min_lr=1e-5, warmup_steps=2, max_steps=6) for k in range(6)]
+    assert lrs == pytest.approx(want) and want[0] < 1e-3  # past the warm-up, into the decay

@@ -177,6 +177,10 @@ class Trainer:
         )
         self.generator = torch.Generator().manual_seed(rank_seed(self.recipe.run.seed, rt.rank))
         self.step = 0
+        # The lr schedule's position is step + lr_offset: 0 unless a plan loaded the
+        # scheduler without the step (it goes on with the source run's lr; the seed's
+        # ckpt_scheduler:mem_scheduler), and kept by this run's own checkpoints.
+        self.lr_offset = 0
         self.norm_mean: float | None = None  # running mean of accepted grad norms (spike detection)
         self._skipped_in_a_row = 0
         self.checkpointer = ckpt_mod.Checkpointer(
@@ -214,7 +218,7 @@ class Trainer:
         state = {
             "model": model_sd,
             "optimizer": optim_sd,
-            "scheduler": {"step": torch.tensor(self.step), "lr": torch.tensor(self.cfg.lr)},
+            "scheduler": {"step": torch.tensor(self.step + self.lr_offset), "lr": torch.tensor(self.cfg.lr)},
             "step": torch.tensor(self.step),
             # float64: the running mean is a Python float; float32 made a resumed run's differ (1e-7)
             "trainer": {"norm_mean": torch.tensor(float("nan") if self.norm_mean is None else self.norm_mean,
@@ -269,7 +273,12 @@ class Trainer:
                 if changed:
                     self._log_line(f"optimizer settings from the recipe, not the checkpoint: {', '.join(sorted(changed))}")
             elif target == "scheduler":
-                ckpt.load({"scheduler": state["scheduler"]})  # lr follows the step
+                box = {"scheduler": state["scheduler"]}
+                ckpt.load(box)
+                lr_step = float(box["scheduler"]["step"])
+                if not (math.isfinite(lr_step) and lr_step >= 0 and lr_step.is_integer()):
+                    raise MinfmError(f"{ckpt.path}: scheduler step {lr_step} is not a step count (an integer >= 0)")
+                lr_step = int(lr_step)
             elif target == "step":
                 box = {"step": state["step"], "trainer": state["trainer"]}
                 ckpt.load(box)
@@ -285,6 +294,8 @@ class Trainer:
                     # a negative mean grad norm skipped every step as a spike, and the run exited 0
                     raise MinfmError(f"{ckpt.path}: trainer.norm_mean {nm} is not a mean gradient norm (finite, >= 0)")
                 self.norm_mean = None if math.isnan(nm) else nm
+        if "scheduler" in plan:  # after the loop: the plan may name the step after it
+            self.lr_offset = lr_step - self.step
         if exact:
             # Each rank reads its own file: one that refuses it refuses on every rank (rank 0
             # alone went on, said "resumed" and rewrote recipe.toml before its peer's loss stopped it).
@@ -415,7 +426,7 @@ class Trainer:
     # ---- one optimizer step ---------------------------------------------------------
     def train_step(self) -> dict[str, float]:
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.step, lr=self.cfg.lr, min_lr=self.cfg.min_lr,
+            group["lr"] = lr_at(self.step + self.lr_offset, lr=self.cfg.lr, min_lr=self.cfg.min_lr,
                                 warmup_steps=self.cfg.warmup_steps, max_steps=self.cfg.max_steps)
         self.model.train()
         loss_sum = torch.zeros((), device=self.rt.device)
