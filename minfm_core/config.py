@@ -367,8 +367,11 @@ def _format(exc: BaseException, tp: Any) -> str:
         return f"{exc.field}\x00{exc.detail}"
     if isinstance(exc, ForbiddenExtraKeysError):
         known = [a.name for a in attrs.fields(exc.cl)] if attrs.has(exc.cl) else []
+        former = getattr(exc.cl, "former_names", None)
+        former = former if isinstance(former, dict) else {}
         return "; ".join(  # a key is quoted whole up to 80 characters (100 KB of key is one line's worth)
-            f"unknown key {k[:80]!r}{'...' if len(k) > 80 else ''}{did_you_mean(k, known)}"
+            f"unknown key {k[:80]!r}{'...' if len(k) > 80 else ''}"
+            + (f" (now {former[k]!r})" if isinstance(former.get(k), str) else did_you_mean(k, known))
             for k in sorted(exc.extra_fields)
         )
     if isinstance(exc, KeyError):

@@ -83,6 +83,22 @@ def test_grad_spike_skips(tmp_path, runtime):
     trainer.close()
 
 
+def test_the_seeds_absolute_spike_rule(tmp_path, runtime):
+    """The seed skips a step whose grad norm is above the threshold itself, running mean or
+    not (flux_tiny_imagenet's rule); 0.5 is a valid absolute threshold, not a multiple."""
+    trainer = Trainer(tiny(tmp_path, "train.grad_spike_start_step=1", 'train.grad_spike_rule="absolute"',
+                           "train.grad_spike_threshold=0.5"), runtime)
+    first = trainer.train_step()  # before the start step: never a spike
+    assert first["skipped"] == 0.0 and first["grad_norm"] > 0.5
+    real = trainer.loss_fn
+    trainer.loss_fn = lambda batch: real(batch) * 1e-3  # a norm far below the running mean ...
+    assert trainer.train_step()["skipped"] == 0.0
+    trainer.loss_fn = lambda batch: real(batch) * 1.0  # ... and one above 0.5, near the mean
+    step = trainer.train_step()
+    assert step["skipped"] == 1.0 and step["grad_norm"] < 2 * trainer.norm_mean
+    trainer.close()
+
+
 def test_loss_decreases_and_resume_is_exact(tmp_path):
     """An uninterrupted 12-step run vs 6 steps + resume to 12: identical losses and weights.
     The interrupted run loads its data in 2 worker processes: the same batches."""

@@ -225,6 +225,9 @@ def test_a_table_problem_blames_only_a_set_it_names():
                            "size = 3 x 1 = 3 (from --set train.batch_size)"),
     ("train.min_lr=0.01", "train.min_lr: 0.01 is above the peak train.lr = 0.0015 (from --set train.min_lr)"),
     ("train.profile_steps=[0]", "(from --set train.profile_steps)"),
+    ("train.grad_spike_threshold=0.5", "train.grad_spike_threshold: 0.5 is not above 1, and with train.grad_spike_rule "
+                                       "= 'running_mean' it is a multiple of the mean grad norm (from --set "
+                                       "train.grad_spike_threshold)"),
 ])
 def test_a_start_up_problem_from_a_set_names_it(setting, line, capsys):
     """The job's start-up checks (two settings together) ran after the recipe loaded, and their

@@ -464,9 +464,12 @@ class Trainer:
     def _should_skip(self, norm: float, loss: float) -> str | None:
         if not (math.isfinite(norm) and math.isfinite(loss)):
             return "non-finite"
+        if self.step < self.cfg.grad_spike_start_step:
+            return None
+        if self.cfg.grad_spike_rule == "absolute":
+            return "spike" if norm > self.cfg.grad_spike_threshold else None
         # a mean of 0 (all-zero gradients so far) makes any gradient a "spike": no mean to compare with
-        if (self.norm_mean and self.step >= self.cfg.grad_spike_start_step
-                and norm > self.cfg.grad_spike_threshold * self.norm_mean):
+        if self.norm_mean and norm > self.cfg.grad_spike_threshold * self.norm_mean:
             return "spike"
         return None
 

@@ -103,6 +103,10 @@ def job_checks(resolved, job: str, world_size: int | None = None) -> list[str]:
             accumulation_steps(train.total_batch_size, train.batch_size, world)
         except RecipeError as exc:
             problems.extend(exc.problems)
+        if train.grad_spike_rule == "running_mean" and train.grad_spike_threshold <= 1:
+            # a multiple of the mean at or below 1 calls every second step a spike
+            problems.append(f"train.grad_spike_threshold: {train.grad_spike_threshold} is not above 1, and with "
+                            "train.grad_spike_rule = 'running_mean' it is a multiple of the mean grad norm")
         if train.min_lr > train.lr:
             problems.append(f"train.min_lr: {train.min_lr} is above the peak train.lr = {train.lr}")
         if train.fid_every > 0:

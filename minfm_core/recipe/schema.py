@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import attrs
 
@@ -147,6 +147,13 @@ class FlowSection:
 class SampleSection:
     """Inference: used by `job = "sample"`, `minfm sample` and in-training galleries."""
 
+    #: The original minFM's inferencer keys (docs/reproduce.md): an unknown key answers with its name here.
+    former_names: ClassVar[dict[str, str]] = {
+        "num_steps": "steps", "img_fhw": "size", "cfg_scale": "sample.guidance.scale", "eta": "sample.sampler.eta",
+        "sample_method": "sampler", "per_gpu_bs": "batch_size", "save_as_npz": "save_npz", "output_dir": "out_dir",
+        "ckpt_dir": "source",
+    }
+
     sampler: Spec = _spec("euler", "ODE/SDE solver (kind: sampler)")
     guidance: Spec = _spec("cfg", "guidance rule and its scale (kind: guidance)")
     time_warper: Spec | None = field(None, doc="shift at inference; defaults to flow.time_warper")
@@ -176,6 +183,15 @@ class SampleSection:
 class TrainSection:
     """Optimisation, schedule, checkpoints and in-training evaluation (the seed's trainer)."""
 
+    #: The original minFM's trainer keys (docs/reproduce.md): an unknown key answers with its name here.
+    former_names: ClassVar[dict[str, str]] = {
+        "max_lr": "lr", "gradient_clip_norm": "grad_clip_norm", "grad_norm_spike_threshold": "grad_spike_threshold",
+        "grad_norm_spike_detection_start_step": "grad_spike_start_step", "txt_drop_prob": "text_dropout",
+        "init_ckpt": "init_from", "init_ckpt_load_plan": "init_load_plan", "ckpt_freq": "ckpt_every",
+        "log_freq": "log_every", "val_freq": "val_every", "inference_freq": "sample_every",
+        "inference_at_start": "sample_at_start", "exp_dir": "run.exp_dir",
+    }
+
     max_steps: int = field(1000, doc="optimizer steps to train", validator=Range(1, MAX_STEPS))
     total_batch_size: int = field(
         -1, doc="global samples per optimizer step (-1: one micro-batch per rank)", validator=Range(1, MAX_BATCH, also=(-1,))
@@ -202,8 +218,12 @@ class TrainSection:
         validator=Range(0, math.inf, lo_open=True, allow_inf=True),
     )
     grad_spike_threshold: float = field(
-        2.0, doc="skip a step whose grad norm exceeds this multiple of the running mean (inf: never)",
-        validator=Range(1, math.inf, lo_open=True, allow_inf=True),
+        2.0, doc="skip a step whose grad norm exceeds this (grad_spike_rule says of what; inf: never)",
+        validator=Range(0, math.inf, lo_open=True, allow_inf=True),
+    )
+    grad_spike_rule: Literal["running_mean", "absolute"] = field(
+        "running_mean", doc="'running_mean': a spike is a grad norm above threshold x the running mean of "
+        "accepted ones; 'absolute': above threshold itself (the seed's rule)",
     )
     grad_spike_start_step: int = field(1000, doc="spike detection starts after this step", validator=EVERY)
     ema_decay: float = field(0.999, doc="EMA decay per optimizer step (0 disables EMA)", validator=decay)

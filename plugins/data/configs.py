@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 from minfm_core.config import config, field
 from minfm_core.validators import (
@@ -222,6 +222,10 @@ class ImageFolderConfig(_ReadsRoot):
 class ImagenetConfig(_ReadsRoot):
     """ILSVRC-2012 (folder layout or cached latents) with class-name prompts."""
 
+    #: The original minFM's ImageNet keys: an unknown key answers with its name here (docs/plugins.md).
+    former_names: ClassVar[dict[str, str]] = {"p_horizon_flip": "p_flip", "data_root_dir": "root",
+                                              "use_precomputed_latents": "use_cached_latents"}
+
     root: str = field(
         "", doc="ILSVRC root holding train/<wnid>/*.JPEG and val/ (unused with cached latents)", file="file"
     )
@@ -234,7 +238,7 @@ class ImagenetConfig(_ReadsRoot):
         "empty when val/ has class folders",
         file="file",
     )
-    prompt_template: str = field("{name}", doc="prompt made from the class; {name} is its first WordNet lemma",
+    prompt_template: str = field("{name}", doc="prompt made from the class; {name} is its name (first WordNet lemma; docs/data.md)",
                                  validator=_class_template)
     seed: int = field(0, doc="seed of the flips", validator=SEED)
     use_cached_latents: bool = _use_cached_latents()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from minfm_core.config import config, field
 from minfm_core.validators import Range
 from minfm_core.errors import MinfmError
@@ -31,6 +33,9 @@ def _valid_bags(_inst, attribute, value: str) -> None:
 @config
 class KnapformerConfig:
     """KnapFormer: balance packed-sequence compute across ranks, locality-aware."""
+
+    #: The original minFM's balancer keys: an unknown key answers with its name here (docs/plugins.md).
+    former_names: ClassVar[dict[str, str]] = {"dit_balancer_specs": "bags", "dit_balancer_gamma": "gamma"}
 
     bags: str = field("g1n1", doc="bag spec: 'g{G}n{N}' terms joined by '+', N bags of G GPUs", validator=_valid_bags)
     gamma: float = field(
