@@ -17,9 +17,9 @@ from urllib.parse import unquote, urljoin, urlsplit
 
 from minfm_core.errors import MinfmError
 
-SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+SHA_RE = re.compile(r"^[0-9a-f]{40}\Z")
 #: An ETag the client may name a blob after: a git blob sha1 or an LFS sha256 (quoted, maybe weak).
-_ETAG_RE = re.compile(r'^(?:W/)?"?(?:[0-9a-f]{40}|[0-9a-f]{64})"?$')
+_ETAG_RE = re.compile(r'^(?:W/)?"?(?:[0-9a-f]{40}|[0-9a-f]{64})"?\Z')
 
 
 _DRIVE_RE = re.compile(r"^[A-Za-z]:")
@@ -81,7 +81,7 @@ def checked_commit(sha, what: str) -> str:
 # such an answer before the client reads it; it checks only while a minFM Hub call runs, so other
 # users of huggingface_hub in the same process see no difference.
 
-_API_RE = re.compile(r"/api/(?:models|datasets|spaces)/([^/]+)/([^/]+)(/revision/[^/]+|/tree/.*)?/?$")
+_API_RE = re.compile(r"/api/(?:models|datasets|spaces)/([^/]+)/([^/]+)(/revision/[^/]+|/tree/.*)?/?\Z")
 _RESOLVE_RE = re.compile(r"/resolve(?:-cache)?/")
 _checking = 0  # minFM Hub calls in progress, in any thread (the client downloads in a thread pool)
 _checking_lock = threading.Lock()

@@ -29,7 +29,7 @@ from .uri import SCHEME
 
 #: Datasets the built-in data plugins read, by recipe ``data.name``.
 KNOWN_DATASETS = {"imagenet": "ILSVRC/imagenet-1k"}
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*\Z")
 _WEIGHTS = {"model": "denoiser weights", "ema": "EMA of the denoiser weights (used for sampling by default)"}
 
 # The recipe keys the card reads, each with the shape the recipe schema gives it. Every read

@@ -51,7 +51,7 @@ MAX_BYTES_LIMIT = 2**50
 _SIZE_RE = re.compile(r"^\s*([0-9]{1,30}(?:\.[0-9]{1,30})?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)  # ASCII digits
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-_SNAPSHOT_RE = re.compile(r"(?:^|/)models--([^/]+)--([^/]+)/snapshots/([0-9a-f]{40})$")
+_SNAPSHOT_RE = re.compile(r"(?:^|/)models--([^/]+)--([^/]+)/snapshots/([0-9a-f]{40})\Z")
 
 
 def is_pickle(path: str) -> bool:

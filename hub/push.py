@@ -195,7 +195,7 @@ def _diffusers_folder(folder: Path, out: Path) -> dict[str, Path]:
 
 
 #: A top-level weights file a push writes: ``model.safetensors``, its shards and index.
-_WEIGHTS_RE = re.compile(rf"^(?:{'|'.join(WEIGHT_STEMS)})(?:-\d{{5}}-of-\d{{5}})?\.safetensors(?:\.index\.json)?$")
+_WEIGHTS_RE = re.compile(rf"^(?:{'|'.join(WEIGHT_STEMS)})(?:-\d{{5}}-of-\d{{5}})?\.safetensors(?:\.index\.json)?\Z")
 
 
 def _is_managed(path: str) -> bool:

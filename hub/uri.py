@@ -16,7 +16,7 @@ from minfm_core.errors import MinfmError
 
 SCHEME = "hf://"
 _PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
-_REPO_ID_RE = re.compile(rf"^{_PART}/{_PART}$")
+_REPO_ID_RE = re.compile(rf"^{_PART}/{_PART}\Z")
 _BAD_REV_RE = re.compile(r"[\s~^:?*\[\\\x00-\x1f\x7f]|\.\.|//|@\{|^[/.-]|[/.]$|/\.|\.lock(?:/|$)|^@$")
 
 

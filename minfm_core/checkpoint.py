@@ -60,7 +60,7 @@ LEGACY_METADATA = ".metadata"  # DCP's pickled metadata: only in checkpoints of 
 PICKLE_OPT_IN = "--allow-pickle-checkpoint (train.allow_pickle_checkpoint = true)"
 # Eight digits, more only past step 99,999,999 (train.max_steps goes to 1e9); never a second
 # spelling of a step (step_000000002).
-_STEP_DIR = re.compile(r"^step_(\d{8}|[1-9]\d{8,})$")
+_STEP_DIR = re.compile(r"^step_(\d{8}|[1-9]\d{8,})\Z")
 
 
 def _by_step(paths) -> list[Path]:

@@ -47,7 +47,7 @@ KINDS: dict[str, str] = {
 }
 
 #: What a component may be named (it is written in recipes and on command lines).
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}\Z")
 
 #: Kind -> every keyword the engine may pass its factory (name -> default), declared with the
 #: protocols. The one table: ``Component.build`` refuses any other keyword, and ``minfm check``

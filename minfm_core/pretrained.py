@@ -33,7 +33,7 @@ from .errors import MinfmError
 HUB_SCHEME = "hf"
 
 _SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._-]*"
-_HUB_RE = re.compile(rf"^(?P<repo>{_SEGMENT}/{_SEGMENT})(?:@(?P<rev>[^/]+))?(?:/(?P<sub>.+))?$")
+_HUB_RE = re.compile(rf"^(?P<repo>{_SEGMENT}/{_SEGMENT})(?:@(?P<rev>[^/]+))?(?:/(?P<sub>.+))?\Z")
 
 
 @attrs.frozen

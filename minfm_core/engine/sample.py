@@ -249,10 +249,10 @@ def rank_share(pending: list[int], rank: int, world: int) -> tuple[list[int], in
 
 
 # image_name's widths are minimums: --n 100 writes 00000_100.png, 100,000 prompts 100000_00.png
-_IMAGE = re.compile(r"^\d{5,}_\d{2,}\.(png|jpg|jpeg|mp4|webp)$")
-_IMAGE_TMP = re.compile(r"^\.\d{5,}_\d{2,}\.(png|jpg|jpeg|mp4|webp)(\..+)?\.tmp$")  # a write cut short
+_IMAGE = re.compile(r"^\d{5,}_\d{2,}\.(png|jpg|jpeg|mp4|webp)\Z")
+_IMAGE_TMP = re.compile(r"^\.\d{5,}_\d{2,}\.(png|jpg|jpeg|mp4|webp)(\..+)?\.tmp\Z")  # a write cut short
 # the out folder's own files, cut short (an npz of 50k images is gigabytes)
-_OUT_TMP = re.compile(r"^\.(samples\.npz|metadata\.json|index\.html)\.[0-9a-f]+\.tmp$")
+_OUT_TMP = re.compile(r"^\.(samples\.npz|metadata\.json|index\.html)\.[0-9a-f]+\.tmp\Z")
 #: metadata.json of an out folder is read back on resume: 50k records are ~10 MB. A request
 #: whose own record can be larger (up to 10**6 images, each record repeating its prompt) may
 #: read back as much as it writes (_metadata_limit).
