@@ -136,6 +136,12 @@ def index_shards(index: Path) -> list[Path]:
     an absolute or ``..`` path, a symlink out of the folder or a name that is not a
     ``.safetensors`` file are refused with one MinfmError naming the index.
     """
+    return list(read_index(index)[1].values())
+
+
+def read_index(index: Path) -> tuple[dict[str, str], dict[str, Path]]:
+    """(weight_map: tensor -> shard name, shard name -> its checked path) of an index (see
+    :func:`index_shards`)."""
     index = Path(index)
     raw = read_bounded(index, f"{index}: shard index", MAX_INDEX_BYTES)
     try:
@@ -148,13 +154,32 @@ def index_shards(index: Path) -> list[Path]:
     bad = sorted(repr(k) for k, v in weight_map.items() if not isinstance(v, str))
     if bad:
         raise MinfmError(f"{index}: weight_map values must be file names; not for {first_names(bad, 3)}")
-    shards = []
+    shards = {}
     for name in sorted(set(weight_map.values())):
         path = contained(index.parent, name, what=str(index))
         if not name.endswith(".safetensors"):
             raise MinfmError(f"{index}: refusing shard {name!r}: not a .safetensors file")
-        shards.append(path)
-    return shards
+        shards[name] = path
+    return weight_map, shards
+
+
+def check_index_agrees(index: Path, weight_map: dict[str, str], shards: dict[str, Path]) -> None:
+    """Each shard holds exactly the tensors the index maps to it (headers only). A tensor
+    in two shards was taken from whichever was read last, whatever the index said."""
+    found: set[str] = set()
+    for name, shard in shards.items():
+        if not shard.is_file():
+            raise MinfmError(f"{index}: names a shard that is missing: {name}")
+        with open_safetensors(shard) as f:
+            keys = set(f.keys())
+        stray = [k for k in keys if weight_map.get(k) != name]
+        if stray:
+            raise MinfmError(f"{index}: {name} holds tensors the index maps to another shard or not at all: "
+                             f"{first_names(stray)}")
+        found |= keys
+    missing = set(weight_map) - found
+    if missing:
+        raise MinfmError(f"{index}: maps tensors that no shard holds: {first_names(missing)}")
 
 
 def weights_file(folder: Path, name: str) -> Path:
@@ -171,9 +196,13 @@ def check_weights_folder(folder: Path) -> None:
     """
     folder = Path(folder)
     for index in sorted(folder.glob("*.safetensors.index.json")):
-        for shard in index_shards(contained(folder, index.name, what=str(index))):
+        index = contained(folder, index.name, what=str(index))
+        weight_map, shards = read_index(index)
+        for shard in shards.values():
             if shard.exists():
                 check_header(shard)
+        if all(s.exists() for s in shards.values()):  # (a missing one is the library's to name)
+            check_index_agrees(index, weight_map, shards)
     for weights in sorted(folder.glob("*.safetensors")):
         check_header(contained(folder, weights.name, what=str(weights)))
 
@@ -188,10 +217,10 @@ def read_safetensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
     if not index.is_file():
         raise MinfmError(f"{folder}: no {name}.safetensors")
     index = contained(folder, index.name, what=str(index))
+    weight_map, shards = read_index(index)
+    check_index_agrees(index, weight_map, shards)
     out: dict[str, torch.Tensor] = {}
-    for shard in index_shards(index):
-        if not shard.is_file():
-            raise MinfmError(f"{index}: names a shard that is missing: {shard.name}")
+    for shard in shards.values():
         out.update(load_safetensors_file(shard))
     return out
 
