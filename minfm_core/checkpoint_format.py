@@ -19,6 +19,7 @@ Every problem is a :class:`CheckpointError` (a one-line MinfmError naming the ch
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 import os
@@ -51,6 +52,10 @@ VERSION = 1
 #: A manifest lists every tensor chunk: about 200 bytes each. 512 MiB covers an 12B-parameter
 #: model sharded over thousands of ranks; anything larger is refused unread.
 MAX_MANIFEST_BYTES = 512 << 20
+#: Most chunks one tensor may be saved in: one per rank that holds a piece of it. The
+#: overlap check compares each chunk with those still open along one dimension; a bound
+#: keeps a forged manifest's worst case to seconds, not hours.
+MAX_CHUNKS_PER_TENSOR = 1 << 14
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
     torch.int8, torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2,
@@ -242,7 +247,7 @@ def _check_schema(folder: Path, data: Any) -> None:
             raise CheckpointError(f"{where}: bad entry for file {name!r}")
     for fqn, t in tensors.items():
         ok = (isinstance(t, dict) and t.get("dtype") in _DTYPES and _is_shape(t.get("shape"))
-              and isinstance(t.get("chunks"), list) and t["chunks"])
+              and isinstance(t.get("chunks"), list) and 0 < len(t["chunks"]) <= MAX_CHUNKS_PER_TENSOR)
         if ok:
             for c in t["chunks"]:
                 ok = ok and isinstance(c, dict) and c.get("file") in files and _is_shape(c.get("offsets")) \
@@ -252,12 +257,14 @@ def _check_schema(folder: Path, data: Any) -> None:
             raise CheckpointError(f"{where}: bad entry for tensor {fqn!r}")
         if not _tiles(t["shape"], t["chunks"]):  # a gap would load as whatever memory held
             raise CheckpointError(f"{where}: the chunks of tensor {fqn!r} do not cover it exactly once")
+    # every dotted prefix of a tensor's name, once (each object against each tensor was quadratic)
+    above = {fqn[:i] for fqn in tensors for i, ch in enumerate(fqn) if ch == "."}
     for item in objects:
         if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], list) and item[0]
                 and all(isinstance(k, str) for k in item[0])):
             raise CheckpointError(f"{where}: bad entry in objects")
         name = ".".join(item[0])
-        if name in tensors or any(f.startswith(name + ".") or name.startswith(f + ".") for f in tensors):
+        if name in tensors or name in above or any(name[:i] in tensors for i, ch in enumerate(name) if ch == "."):
             raise CheckpointError(f"{where}: object {name!r} overlaps a tensor")
         _from_json(item[1])  # tags are checked now, not at load time
     for key in ("step", "world_size"):
@@ -268,20 +275,24 @@ def _check_schema(folder: Path, data: Any) -> None:
 def _tiles(shape: list[int], chunks: list[dict[str, Any]]) -> bool:
     """Whether the chunks (each inside ``shape``) cover every element exactly once: their
     sizes add up to the whole and no two overlap. Chunks are swept in order of their offset
-    along dim 0, each compared only with those still open there: FSDP's row shards are
-    one open chunk at a time, so this stays O(n log n) for a checkpoint of many ranks."""
+    along the dimension where they have the most distinct offsets, each compared only with
+    those still open there: FSDP's row shards (dim 0) or a forged row of 1x1 chunks (dim 1)
+    are one open chunk at a time, so this stays O(n log n) for a checkpoint of many ranks."""
     if sum(math.prod(c["sizes"]) for c in chunks) != math.prod(shape):
         return False
-    boxes = sorted((c["offsets"], c["sizes"]) for c in chunks if math.prod(c["sizes"]))
-    open_: list[tuple[list[int], list[int]]] = []
-    for offsets, sizes in boxes:
-        if not shape:
-            return len(boxes) == 1
-        open_ = [(o, z) for o, z in open_ if o[0] + z[0] > offsets[0]]
-        for o, z in open_:
+    boxes = [(c["offsets"], c["sizes"]) for c in chunks if math.prod(c["sizes"])]
+    if not shape:
+        return len(boxes) == 1
+    d = max(range(len(shape)), key=lambda i: len({o[i] for o, _ in boxes}))
+    boxes.sort(key=lambda b: b[0][d])
+    open_: list[tuple[int, int, list[int], list[int]]] = []  # a heap by end along d
+    for k, (offsets, sizes) in enumerate(boxes):
+        while open_ and open_[0][0] <= offsets[d]:
+            heapq.heappop(open_)
+        for _, _, o, z in open_:
             if all(a < b + m and b < a + n for a, n, b, m in zip(o, z, offsets, sizes)):
                 return False
-        open_.append((offsets, sizes))
+        heapq.heappush(open_, (offsets[d] + sizes[d], k, offsets, sizes))
     return True
 
 
@@ -315,6 +326,14 @@ class ManifestReader(StorageReader):
         super().__init__()
         self.manifest = manifest
         self.storage: dict[MetadataIndex, str] = {}
+        self._chunks: dict[str, dict[tuple[int, ...], dict]] = {}
+
+    def _chunk(self, fqn: str, offsets) -> dict:
+        """The manifest's chunk of ``fqn`` at ``offsets`` (by a table made once per tensor: a
+        scan per request was quadratic in the chunks of a tensor)."""
+        if fqn not in self._chunks:
+            self._chunks[fqn] = {tuple(c["offsets"]): c for c in self.manifest.tensors[fqn]["chunks"]}
+        return self._chunks[fqn][tuple(offsets)]
 
     @property
     def checkpoint_id(self) -> str:
@@ -350,8 +369,7 @@ class ManifestReader(StorageReader):
                     for req in reqs:
                         fqn = req.storage_index.fqn
                         tensor = f.get_tensor(fqn)
-                        chunk = next(c for c in self.manifest.tensors[fqn]["chunks"]
-                                     if list(req.storage_index.offset) == c["offsets"])
+                        chunk = self._chunk(fqn, req.storage_index.offset)
                         if list(tensor.shape) != chunk["sizes"] or str(tensor.dtype).removeprefix("torch.") != \
                                 self.manifest.tensors[fqn]["dtype"]:
                             raise CheckpointError(f"{path}: {fqn} is {tuple(tensor.shape)} {tensor.dtype}, "

@@ -333,3 +333,33 @@ def test_an_exported_recipe_names_no_folder_of_the_trainers(tmp_path, trained_ru
     after = tomllib.loads((export_for_hub(trained_run, tmp_path / "out") / "recipe.toml").read_text())
     assert after["run"]["exp_dir"] == f"experiments/{trained_run.name}"
     assert {**after, "run": before["run"]} == before  # nothing else changed
+
+
+def test_a_forged_row_of_many_chunks_is_checked_in_one_sweep():
+    """A [1, N] tensor in N 1x1 chunks all opened at row 0: every pair was compared (N = 8,000
+    took minutes; 80,000 fits the manifest limit). The sweep now runs along the dimension of
+    most distinct offsets; past MAX_CHUNKS_PER_TENSOR a tensor is refused unread."""
+    from minfm_core.checkpoint_format import MAX_CHUNKS_PER_TENSOR, _check_schema, _self_crc, _tiles
+
+    n = MAX_CHUNKS_PER_TENSOR
+    row = [{"offsets": [0, k], "sizes": [1, 1]} for k in range(n)]
+    assert _tiles([1, n], row)
+    assert not _tiles([1, n], [*row[:-1], {"offsets": [0, 0], "sizes": [1, 1]}])  # one element twice, one never
+
+    def manifest(chunks, objects=()):
+        data = {"format": "minfm.checkpoint", "version": 1, "files": {"a.safetensors": {"bytes": 1, "crc32": "00000000"}},
+                "tensors": {"model.w": {"dtype": "float32", "shape": [1, len(chunks)],
+                                        "chunks": [{**c, "file": "a.safetensors"} for c in chunks]}},
+                "objects": [list(o) for o in objects]}
+        data["manifest_crc32"] = _self_crc(data)
+        return data
+
+    _check_schema(Path("f"), manifest(row[:4]))
+    too_many = [{"offsets": [0, k], "sizes": [1, 1]} for k in range(n + 1)]
+    with pytest.raises(CheckpointError, match="bad entry for tensor 'model.w'"):
+        _check_schema(Path("f"), manifest(too_many))
+    # objects against tensors, by dotted prefix either way (one set, not every pair)
+    for name in (["model"], ["model", "w"], ["model", "w", "x"]):
+        with pytest.raises(CheckpointError, match="overlaps a tensor"):
+            _check_schema(Path("f"), manifest(row[:4], [(name, 1)]))
+    _check_schema(Path("f"), manifest(row[:4], [(["model", "v"], 1), (["mod"], 1)]))
