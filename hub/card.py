@@ -30,6 +30,8 @@ from .uri import SCHEME
 #: Datasets the built-in data plugins read, by recipe ``data.name``.
 KNOWN_DATASETS = {"imagenet": "ILSVRC/imagenet-1k"}
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*\Z")
+#: A license id as the Hub's model-card metadata takes one: "apache-2.0", "cc-by-nc-4.0", "other".
+_LICENSE = re.compile(r"^[a-z0-9][a-z0-9.+-]{0,63}\Z")
 _WEIGHTS = {"model": "denoiser weights", "ema": "EMA of the denoiser weights (used for sampling by default)"}
 
 # The recipe keys the card reads, each with the shape the recipe schema gives it. Every read
@@ -125,6 +127,16 @@ def _hub_id(value: Any, bare: bool = True) -> str | None:
     value = value[len(SCHEME):] if value.startswith(SCHEME) else value
     value = value.split("@", 1)[0]
     return value if _REPO_ID.match(value) and not Path(value).exists() else None
+
+
+def validate_license(license: str) -> str:
+    """``license`` if it is a license id, else a MinfmError: the card's metadata publishes it
+    as typed (an empty one, a newline with HTML after it, 100,000 characters)."""
+    if not isinstance(license, str) or not _LICENSE.match(license):
+        raise MinfmError(f"--license {license[:80]!r}: expected a license id such as apache-2.0, mit, "
+                         "cc-by-nc-4.0 or other (lower-case letters, digits, '.', '+' and '-')"
+                         if isinstance(license, str) else f"license must be a string, got {type(license).__name__}")
+    return license
 
 
 def metadata(recipe: dict[str, Any], license: str) -> dict[str, Any]:

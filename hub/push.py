@@ -12,7 +12,9 @@ with ``minfm_core.checkpoint.export_for_hub(src, out_dir, include_training_state
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -29,6 +31,7 @@ from . import card
 from .errors import HubError, endpoint, hub_errors, scrub
 from .pull import is_pickle, parse_size, refuse_pickles
 from .secrets import scan_for_tokens, scan_text
+from .answers import SHA_RE
 from .uri import validate_repo_id, validate_revision
 
 WEIGHT_STEMS = ("model", "ema")
@@ -188,7 +191,9 @@ def _diffusers_folder(folder: Path, out: Path) -> dict[str, Path]:
     from minfm_core.weights import has_weights
 
     ema = has_weights(folder, "ema")
-    rc = main(["export", "diffusers", str(folder), str(out), *(["--ema"] if ema else [])])
+    # its "wrote <temporary folder>" is not this command's output (stdout holds the hf:// line)
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = main(["export", "diffusers", str(folder), str(out), *(["--ema"] if ema else [])])
     if rc != 0:
         raise MinfmError(f"{folder}: the diffusers export failed (exit {rc}); is the denoiser a FLUX model?")
     return {f"{DIFFUSERS_DIR}/{p.relative_to(out).as_posix()}": p for p in sorted(out.rglob("*")) if p.is_file()}
@@ -243,7 +248,10 @@ def push(
     from huggingface_hub.hf_api import RepoFile
 
     validate_repo_id(repo_id)
+    card.validate_license(license)
     branch = validate_revision(revision) if revision else "main"
+    if SHA_RE.match(branch):  # create_branch made a branch named like the commit a pull then pinned
+        raise MinfmError(f"--revision {branch}: a push goes to a branch, and this is a commit sha; name a branch")
     # What the user typed is published too: the commit message and the names on the Hub,
     # the license in the card's metadata. Checked before any work or request.
     scan_text({"the commit message (--message)": message, "the license (--license)": license,
@@ -270,6 +278,9 @@ def push(
         api = HfApi(token=token)
         with hub_errors("push to", target):
             api.create_repo(repo_id, private=private, exist_ok=True)
+            if branch in {t.name for t in api.list_repo_refs(repo_id).tags}:
+                # a branch of the tag's name beside it: which of the two a pull gets is the server's choice
+                raise MinfmError(f"--revision {branch}: {repo_id} has a tag of that name; push to a branch")
             if branch != "main":
                 api.create_branch(repo_id, branch=branch, exist_ok=True)
             head = _sha(api.model_info(repo_id, revision=branch).sha, "repo info", target)

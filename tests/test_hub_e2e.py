@@ -107,6 +107,8 @@ def test_push_with_a_diffusers_folder(hub_server, tmp_path):
     env = hub_server.env(tmp_path / "hf_home")
     res = run_minfm("hub", "push", str(run), "org/with-diffusers", "--diffusers", env=env)
     assert res.returncode == 0, res.stderr
+    # stdout is the pushed commit alone (the export's "wrote <temporary folder>" came first)
+    assert res.stdout.strip() == f"hf://org/with-diffusers@{hub_server.head('org/with-diffusers')}"
     assert {"transformer/config.json", "transformer/diffusion_pytorch_model.safetensors"} <= set(
         hub_server.files("org/with-diffusers"))
     pulled = tmp_path / "pulled"

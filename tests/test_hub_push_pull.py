@@ -78,6 +78,14 @@ def test_revisions_branches_tags_and_commits(hub_server, tmp_path):
         want = load_file(folder / "model.safetensors")
         assert all((got[k] == want[k]).all() for k in want), ref
 
+    # a push to a tag's name or to a commit made a branch beside it (a pull of org/r@<sha1>
+    # then brought the branch's commit): refused, and the repo keeps its refs
+    for rev, why in (("v1", "org/r has a tag of that name"), (sha1, "this is a commit sha")):
+        proc = hub_cli(env, "hub", "push", str(v2), "org/r", "--revision", rev)
+        assert proc.returncode == 2 and why in proc.stderr, proc.stderr
+    assert hub_server.head("org/r") == sha1 and hub_server.files("org/r", "v1")["model.safetensors"] == \
+        (v1 / "model.safetensors").read_bytes()
+
 
 def test_resolve_source_hf_uri(hub_server, tmp_path):
     env = env_for(hub_server, tmp_path)
