@@ -30,7 +30,7 @@ def read_bounded(path: str | Path, where: str, max_bytes: int) -> bytes:
             if info.st_size > max_bytes:
                 raise MinfmError(f"{where}: {info.st_size:,} bytes is more than the {max_bytes:,} accepted")
             with os.fdopen(os.dup(fd), "rb") as f:
-                data = f.read(max_bytes + 1)
+                data = _read_upto(f, max_bytes + 1)
         finally:
             os.close(fd)
     except OSError as exc:  # ``where`` names the file already: the reason alone
@@ -38,6 +38,20 @@ def read_bounded(path: str | Path, where: str, max_bytes: int) -> bytes:
     if len(data) > max_bytes:
         raise MinfmError(f"{where}: more than the {max_bytes:,} bytes accepted (the file grew while it was read)")
     return data
+
+
+def _read_upto(f, limit: int, chunk: int = 8 << 20) -> bytes:
+    """Up to ``limit`` bytes of ``f``, in chunks: ``f.read(limit)`` reserves ``limit`` bytes
+    first, and a limit of 16 GiB failed as "out of memory" for a 2 KB file (address-space
+    limits, no overcommit)."""
+    parts, total = [], 0
+    while total < limit:
+        part = f.read(min(chunk, limit - total))
+        if not part:
+            break
+        parts.append(part)
+        total += len(part)
+    return b"".join(parts)
 
 
 def read_text(path: str | Path, where: str, max_bytes: int) -> str:
