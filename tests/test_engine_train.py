@@ -327,3 +327,12 @@ def test_a_plan_loading_the_scheduler_without_the_step_goes_on_with_its_lr(tmp_p
     lrs = [m["lr"] for m in read_metrics(run) if "lr" in m]
     want = [lr_at(k + 4, lr=1e-3, min_lr=1e-5, warmup_steps=2, max_steps=6) for k in range(6)]
     assert lrs == pytest.approx(want) and want[0] < 1e-3  # past the warm-up, into the decay
+
+
+def test_sample_at_start_draws_its_gallery_without_sample_every(tmp_path):
+    """`sample_at_start = true` with `sample_every = 0` drew nothing (exit 0, no samples/),
+    while the start-up checks had read its prompts as galleries being on."""
+    out = tmp_path / "run"
+    train(tiny(out, "train.max_steps=1", "train.sample_every=0", "train.sample_at_start=true", "train.ckpt_every=0"))
+    drawn = sorted(p.relative_to(out / "samples").parts[0] for p in (out / "samples").rglob("*.png"))
+    assert drawn and set(drawn) == {"step_00000000"}  # one gallery, at step 0

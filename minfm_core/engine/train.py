@@ -527,7 +527,7 @@ class Trainer:
         """Train to ``train.max_steps`` (or stop early after step ``until``, e.g. in a notebook)."""
         cfg = self.cfg
         stop = cfg.max_steps if until is None else min(until, cfg.max_steps)
-        if cfg.sample_at_start and self.step == 0 and cfg.sample_every:
+        if cfg.sample_at_start and self.step == 0:  # even with sample_every = 0: the one gallery asked for
             self.gallery()
         window_t, window_tokens = time.perf_counter(), 0.0
         while self.step < stop:
