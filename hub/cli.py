@@ -35,7 +35,7 @@ def register(sub) -> None:
     p.add_argument("--message", "-m", metavar="M", help="commit message")
     p.add_argument("--license", default="other", help="license id for the model card (default: other)")
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
-                   help="shard safetensors files above this size, with an index (default 5GB)")
+                   help="shard safetensors files above this size, with an index (1KB..50GB, default 5GB)")
     p.set_defaults(func=_push)
 
     p = cmds.add_parser("pull", help="download a model repo (safetensors and text files only)")

@@ -80,3 +80,28 @@ def test_a_value_starting_minus_digit_reaches_its_flag(text, capsys):
     assert main(["sample", "run", "--prompt", "a", "--size", text]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"minfm: error: --size {text!r}: expected HEIGHTxWIDTH or FRAMESxHEIGHTxWIDTH, e.g. 256x256 or 17x256x256"
+
+
+def _parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _parsers(sub, (*path, name))
+
+
+def test_every_ranged_flag_shows_its_range_in_help():
+    """The README sends users to `--help` for the ranges; they were enforced but shown nowhere."""
+    from minfm_core.cli.argtypes import _num
+
+    missing = []
+    for path, parser in _parsers(build_parser()):
+        text = " ".join(parser.format_help().split())
+        for action in parser._actions:
+            parse = action.type
+            if hasattr(parse, "lo") and action.help != argparse.SUPPRESS:
+                shown = f"({_num(parse.lo)}..{_num(parse.hi)}"
+                if shown not in text:
+                    missing.append(f"minfm {' '.join(path)} {action.option_strings[0]}: {shown}")
+        assert " ".join(parser.format_help().split()) == text  # shown once, however often asked
+    assert not missing, missing

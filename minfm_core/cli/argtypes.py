@@ -28,6 +28,21 @@ class Parser(argparse.ArgumentParser):
         # instead of the size's own message.
         self._negative_number_matcher = re.compile(r"^-\.?\d")
 
+    def format_help(self) -> str:
+        # Each ranged number's help says its range (and its default): the ranges were
+        # enforced but shown nowhere, and --help is where the README sends users for them.
+        for action in self._actions:
+            parse = action.type
+            if action.help in (None, argparse.SUPPRESS) or getattr(action, "_range_shown", False) \
+                    or not hasattr(parse, "lo"):
+                continue
+            shown = f"{_num(parse.lo) if parse.lo is not None else ''}..{_num(parse.hi) if parse.hi is not None else ''}"
+            if action.default not in (None, argparse.SUPPRESS) and "default" not in action.help:
+                shown += f", default {action.default}"
+            action.help = f"{action.help} ({shown})"
+            action._range_shown = True
+        return super().format_help()
+
     def error(self, message: str):  # argparse's own usage errors: exit 2, like ours
         self.print_usage(sys.stderr)
         raise MinfmError(message)
@@ -129,6 +144,10 @@ def finite_float(flag: str, lo: float | None = None, hi: float | None = None) ->
         return value
 
     return _ranged(parse, flag, lo, hi)
+
+
+def _num(x) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
 
 
 def _ranged(parse, flag: str, lo, hi):
