@@ -1,7 +1,7 @@
 """A small Hugging Face Hub-compatible HTTP server for offline tests.
 
-The tests drive it with the *real* ``huggingface_hub`` client (see
-docs/HUB_TESTING.md in the shared docs): nothing of the client is mocked, so
+The tests drive it with the *real* ``huggingface_hub`` client (see docs/hub.md,
+"Testing without the Hub"): nothing of the client is mocked, so
 the wire protocol is what is tested. Only what the client needs for
 create/upload/commit/branch/tag/info/tree/download is implemented; files always
 travel base64 inside the NDJSON commit body (preupload answers ``regular``), so

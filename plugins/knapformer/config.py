@@ -35,7 +35,8 @@ class KnapformerConfig:
     """KnapFormer: balance packed-sequence compute across ranks, locality-aware."""
 
     #: The original minFM's balancer keys: an unknown key answers with its name here (docs/plugins.md).
-    former_names: ClassVar[dict[str, str]] = {"dit_balancer_specs": "bags", "dit_balancer_gamma": "gamma"}
+    former_names: ClassVar[dict[str, str]] = {"dit_balancer_specs": "bags", "dit_balancer_gamma": "gamma",
+                                              "use_dit_balancer": "balancer.name"}
 
     bags: str = field("g1n1", doc="bag spec: 'g{G}n{N}' terms joined by '+', N bags of G GPUs", validator=_valid_bags)
     gamma: float = field(
