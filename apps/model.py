@@ -185,7 +185,7 @@ class DemoModel:
 
         from minfm_core.engine.pipeline import build_pipeline
         from minfm_core.engine.runtime import pick_device
-        from minfm_core.engine.sample import load_denoiser_weights, locate
+        from minfm_core.engine.sample import check_weights_fit, load_denoiser_weights, locate
         from minfm_core.recipe import ONE_PROCESS, load_recipe
         from minfm_core.safepath import recipe_root
 
@@ -194,6 +194,7 @@ class DemoModel:
         # /config) and its file references stay in its folder.
         resolved = load_recipe(recipe_path, list(ONE_PROCESS), untrusted_root=recipe_root(recipe_path), recorded=True)
         dev = torch.device(device) if device else pick_device(resolved.recipe.run.device, 0)
+        check_weights_fit(resolved, kind, where, use_ema)  # before a model of the recipe's size is built
         pipe = build_pipeline(resolved, dev, load_weights=True)
         with warnings.catch_warnings():  # DCP notes it loads in one process: that is the intent
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")

@@ -225,6 +225,34 @@ def read_safetensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
     return out
 
 
+#: safetensors' dtype names -> torch's (what a header says, read without the data).
+_HEADER_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                  "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                  "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def header_tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    """``<name>`` weights of ``folder`` as meta tensors of their shapes and dtypes, read from
+    the safetensors headers alone (no data): what :func:`check_keys` compares with a model
+    built on the meta device before a real one is built."""
+    folder = Path(folder)
+    if (folder / f"{name}.safetensors").is_file() or (folder / f"{name}.safetensors").is_symlink():
+        files = [weights_file(folder, name)]
+    else:
+        index = contained(folder, f"{name}.safetensors.index.json", what=f"{folder}/{name}.safetensors.index.json")
+        weight_map, shards = read_index(index)
+        check_index_agrees(index, weight_map, shards)
+        files = list(shards.values())
+    out = {}
+    for path in files:
+        with open_safetensors(path) as f:
+            for key in f.keys():
+                part = f.get_slice(key)
+                out[key] = torch.empty(part.get_shape(), dtype=_HEADER_DTYPES.get(part.get_dtype(), torch.uint8),
+                                       device="meta")
+    return out
+
+
 def check_keys(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: str, *, params_only: bool = False) -> None:
     """Refuse to load on missing/unexpected keys or shape mismatches, naming them.
 

@@ -199,7 +199,7 @@ def test_write_npz_of_mixed_sizes_keeps_the_old_file_and_leaves_no_temp(tmp_path
 def test_a_request_that_failed_before_drawing_does_not_hold_its_out_folder(run_dir, tmp_path):
     out = tmp_path / "out"
     failed = sample(run_dir, out, "--prompt", "a red circle", "--set", "model.denoiser.d_model=64")
-    one_error_line(failed, "does not fit")
+    one_error_line(failed, "weights do not fit the model")
     assert not out.exists()  # neither its record nor the folder it made
     ok = sample(run_dir, out, "--prompt", "a red circle")
     assert ok.returncode == 0, ok.stderr
@@ -214,7 +214,7 @@ def test_a_size_past_one_sequence_is_refused_and_overwrite_drops_the_old_gallery
     assert (out / "index.html").is_file()
     # another request with --overwrite that fails before drawing: the old page would link to nothing
     failed = sample(run_dir, out, "--prompt", "a green triangle", "--overwrite", "--set", "model.denoiser.d_model=64")
-    one_error_line(failed, "does not fit")
+    one_error_line(failed, "weights do not fit the model")
     assert sorted(p.name for p in out.iterdir()) == [".minfm.lock"]  # nor the failed request's record
 
 

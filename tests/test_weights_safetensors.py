@@ -268,3 +268,39 @@ def test_weights_holding_nan_are_refused_for_sampling(trained_run, exported, tmp
     code = main(["sample", str(src), "--prompt", "x", "--n", "1", "--steps", "1", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "NaN or infinite values in img_in.bias (a run that diverged?)" in err, err
+
+
+@pytest.mark.parametrize("how", ["sample", "demo"])
+def test_a_recipe_its_weights_do_not_fit_is_refused_before_the_model_is_built(exported, tmp_path, capsys,
+                                                                              monkeypatch, how):
+    """A downloaded recipe.toml of d_model 8192 and 64 blocks (each in its range) filled 250 GiB
+    building the model before its 276 KB of weights were compared with it. The headers are
+    compared with the recipe's model on the meta device first: no model is built."""
+    import shutil
+
+    from minfm_core.cli.main import main
+    from minfm_core.engine import pipeline
+
+    folder = tmp_path / "folder"
+    shutil.copytree(exported, folder)
+    recipe = folder / "recipe.toml"
+    recipe.write_text(recipe.read_text().replace("n_ss_blocks = 1", "n_ss_blocks = 64").replace("d_model = 32",
+                                                                                                "d_model = 8192"))
+
+    def never(*a, **k):
+        raise AssertionError("the model was built before its weights were compared with the recipe")
+
+    monkeypatch.setattr(pipeline, "build_pipeline", never)
+    if how == "sample":
+        monkeypatch.setattr("minfm_core.engine.sample.build_pipeline", never)
+        code = main(["sample", str(folder), "--prompt", "x", "--n", "1", "--steps", "1", "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and "\n" not in err, err
+    else:
+        from minfm_apps.model import DemoModel
+
+        with pytest.raises(MinfmError) as info:
+            DemoModel.load(str(folder), use_ema=True)
+        err = str(info.value)
+    assert "ema.safetensors: weights do not fit the model: " in err and "shape mismatches" in err, err
+    assert f"(the model as {recipe} describes it)" in err

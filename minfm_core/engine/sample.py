@@ -75,6 +75,33 @@ def locate(src_path: Path, stack: contextlib.ExitStack, *, allow_pickle: bool = 
     return ckpt_mod.recipe_for(ckpt), "dcp", ckpt
 
 
+def check_weights_fit(resolved, kind: str, where: Path, use_ema: bool, allow_pickle: bool = False) -> None:
+    """The weights' names and shapes (headers, or a checkpoint's manifest) against the
+    recipe's denoiser built on the meta device, before a real one is built: a downloaded
+    recipe.toml of d_model 8192 and 64 blocks (each value in its range) filled 250 GiB before
+    its 276 KB of weights were compared with it."""
+    from ..weights import check_keys, header_tensors
+
+    if kind == "dcp":
+        ckpt = ckpt_mod.open_checkpoint(where, allow_pickle=allow_pickle)
+        if ckpt.manifest is None:  # a legacy checkpoint (trusted by the user) lists no shapes
+            return
+        source = "ema" if use_ema and ckpt.has_part("ema") else "model"
+        held = {k[len(source) + 1:]: torch.empty(t["shape"], device="meta")
+                for k, t in ckpt.manifest.tensors.items() if k.startswith(source + ".")}
+        label = f"{where} ({source} weights)"
+    else:
+        source = "ema" if use_ema and has_weights(where, "ema") else "model"
+        held = header_tensors(where, source)
+        label = f"{where}/{source}.safetensors"
+    with torch.device("meta"):
+        model = resolved["model.denoiser"].build(load_weights=False)
+    try:
+        check_keys(model, held, label, params_only=source == "ema")
+    except MinfmError as exc:
+        raise MinfmError(f"{exc} (the model as {resolved.source} describes it)") from None
+
+
 def load_denoiser_weights(model: torch.nn.Module, kind: str, where: Path, use_ema: bool,
                           allow_pickle: bool = False) -> str:
     """Load raw or EMA weights; returns which were loaded."""
@@ -406,6 +433,8 @@ def run_sampling(resolved, prompts: list[str], out: Path, *, weights, source: st
         error = _broadcast(error)
         if error is not None:
             raise MinfmError(error)
+        if weights is not None:
+            check_weights_fit(resolved, *weights, use_ema=s.use_ema, allow_pickle=allow_pickle)
         denoiser = None
         if rt.world_size > 1 and resolved["parallel"].component.name != "none":
             # Sharded before any weights arrive: only rank 0 ever holds a full copy.
