@@ -253,6 +253,33 @@ def header_tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
     return out
 
 
+#: Largest ``config.json`` of a pretrained folder read (real ones: a few KB).
+MAX_CONFIG_BYTES = 1 << 20
+#: What transformers and diffusers raise for a config or weights they cannot take.
+LIBRARY_LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError, OverflowError)
+
+
+def pretrained_meta_model(build, folder: Path, where: str) -> torch.nn.Module:
+    """``build()`` (a model from ``folder``'s ``config.json``) on the meta device, refused when
+    it has more parameters than the folder's safetensors files have bytes: every parameter
+    takes at least one, so such a config is not what the weights hold. A downloaded
+    config.json of 29.5 B parameters was built in full (110 GiB) before any check."""
+    config = Path(folder) / "config.json"
+    if config.is_file() and config.stat().st_size > MAX_CONFIG_BYTES:
+        raise MinfmError(f"{where}: {config} is {config.stat().st_size:,} bytes, more than the {MAX_CONFIG_BYTES:,} accepted")
+    try:
+        with torch.device("meta"):
+            model = build()
+    except LIBRARY_LOAD_ERRORS as exc:
+        raise MinfmError(f"{where}: {config} does not describe a model this library builds ({first_line(exc, 200)})") from None
+    params = sum(p.numel() for p in model.parameters())
+    held = sum(p.stat().st_size for p in Path(folder).glob("*.safetensors") if p.is_file())
+    if params > held:
+        raise MinfmError(f"{where}: {config} describes a model of {params:,} parameters, but the folder's "
+                         f"weights hold {held:,} bytes: they cannot be that model")
+    return model
+
+
 def check_keys(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: str, *, params_only: bool = False) -> None:
     """Refuse to load on missing/unexpected keys or shape mismatches, naming them.
 

@@ -137,3 +137,22 @@ def test_unknown_arch_key_is_a_recipe_error():
 
     with pytest.raises(RecipeError, match="unknown architecture key\\(s\\) d_modle"):
         structure({"arch": {"d_modle": 8}}, T5EncoderConfig, path="model.text_encoder")
+
+
+def test_a_pretrained_config_that_is_not_its_weights_is_one_line(t5, t5_tok, tmp_path):
+    """config.json is from outside: one saying a bigger model than its weights hold was built in
+    full before any check (a memory bomb), and one whose shapes disagree with its own weights
+    was transformers' RuntimeError traceback, 'a bug in minFM'."""
+    import json
+
+    folder = tmp_path / "t5"
+    t5.model.save_pretrained(folder, safe_serialization=True)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "d_ff": 10**7}))
+    with pytest.raises(MinfmError, match=r"config.json describes a model of [\d,]+ parameters, but the folder's "
+                                         r"weights hold [\d,]+ bytes: they cannot be that model"):
+        build_t5(t5_cfg(t5_tok, pretrained=str(folder)))
+    # (a field the recipe does not state: the weights' table of 32 buckets against 64)
+    (folder / "config.json").write_text(json.dumps({**config, "relative_attention_num_buckets": 64}))
+    with pytest.raises(MinfmError, match=rf"\({folder}\) does not load: "):
+        build_t5(t5_cfg(t5_tok, pretrained=str(folder)))

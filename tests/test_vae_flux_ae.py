@@ -241,3 +241,20 @@ def test_loading_a_folder_without_accelerate_says_nothing(vae_folder):
         logger.removeHandler(handler)
     if importlib.util.find_spec("accelerate") is None:
         assert not [m for m in said if "accelerate" in m]
+
+
+def test_a_config_bigger_than_its_weights_is_refused_before_it_is_built(vae_folder, tmp_path, monkeypatch):
+    """A downloaded VAE's config.json of block_out_channels [8192] x 4 was built in full by
+    diffusers (110 GiB) before the architecture check; a model with more parameters than its
+    weights have bytes is refused on the meta device, and diffusers never loads it."""
+    from diffusers import AutoencoderKL
+
+    big = _refactored(vae_folder, tmp_path, "big", block_out_channels=[8192] * 2)
+
+    def never(*a, **k):
+        raise AssertionError("diffusers loaded the model before the check")
+
+    monkeypatch.setattr(AutoencoderKL, "from_pretrained", never)
+    with pytest.raises(MinfmError, match=r"^flux_ae: .*big: .*config.json describes a model of [\d,]+ parameters, "
+                                         r"but the folder's weights hold [\d,]+ bytes"):
+        build_flux_ae(tiny_cfg(pretrained=str(big), block_out_channels=(8192, 8192)))

@@ -9,7 +9,7 @@ from torch import nn
 
 from minfm_core.errors import MinfmError, first_line
 from minfm_core.pretrained import resolve_pretrained
-from minfm_core.weights import DTYPES, check_weights_folder
+from minfm_core.weights import DTYPES, LIBRARY_LOAD_ERRORS, check_weights_folder, pretrained_meta_model
 
 
 def build_encoder(enc_cls: Any, model_cls: Any, config_cls: Any, cfg, preset: dict, checked: tuple[str, ...],
@@ -45,12 +45,18 @@ def load_pretrained(model_cls: Any, ref: str, dtype: torch.dtype, expect: dict[s
     if not any(folder.glob("*.safetensors")):
         raise MinfmError(f"{what}: {ref} has no .safetensors weights (minFM never reads pickled weights)")
     check_weights_folder(folder)  # shard names and links stay inside, headers bounded: before transformers reads
-    model = model_cls.from_pretrained(str(folder), use_safetensors=True, **_dtype_kwarg(dtype))
-    bad = [f"{k} = {getattr(model.config, k)!r} (the config says {v!r})"
-           for k, v in expect.items() if getattr(model.config, k) != v]
+    # The folder's config.json decides the model transformers builds: checked against the
+    # recipe and against the weights' size on the meta device first (it is from outside).
+    meta = pretrained_meta_model(lambda: model_cls(model_cls.config_class.from_pretrained(str(folder))),
+                                 folder, f"{what}: {ref}")
+    bad = [f"{k} = {getattr(meta.config, k, None)!r} (the config says {v!r})"
+           for k, v in expect.items() if getattr(meta.config, k, None) != v]
     if bad:
         raise MinfmError(f"{what}: {ref} has {', '.join(bad)}; pick the matching variant or set arch")
-    return model
+    try:
+        return model_cls.from_pretrained(str(folder), use_safetensors=True, **_dtype_kwarg(dtype))
+    except LIBRARY_LOAD_ERRORS as exc:  # weights that do not fit their own config.json
+        raise MinfmError(f"{what}: {ref} ({folder}) does not load: {first_line(exc, 300)}") from None
 
 
 def load_tokenizer(ref: str, what: str) -> Any:

@@ -22,7 +22,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from minfm_core.errors import MinfmError
+from minfm_core.errors import MinfmError, first_line
 from minfm_core.packing import group_by_shape
 from minfm_core.pretrained import resolve_pretrained
 from minfm_core.weights import DTYPES
@@ -191,12 +191,18 @@ def _load(cfg: FluxAEConfig) -> tuple[nn.Module, float, float]:
             f"flux_ae: {cfg.pretrained} ({path}) is not a diffusers VAE folder with config.json and "
             f"{WEIGHTS_NAME}; give such a folder or an ae.safetensors file"
         )
-    from minfm_core.weights import check_weights_folder
+    from minfm_core.weights import LIBRARY_LOAD_ERRORS, check_weights_folder, pretrained_meta_model
 
     check_weights_folder(path)  # shard names and links stay inside, headers bounded: before diffusers reads
-    model = AutoencoderKL.from_pretrained(str(path), use_safetensors=True, torch_dtype=DTYPES[cfg.dtype],
-                                  **from_pretrained_kwargs())
-    _check_architecture(cfg, model, cfg.pretrained)
+    # config.json is from outside: checked against the recipe, and against its weights' size,
+    # on the meta device before diffusers builds what it describes
+    _check_architecture(cfg, pretrained_meta_model(lambda: AutoencoderKL.from_config(AutoencoderKL.load_config(str(path))),
+                                                   path, f"flux_ae: {cfg.pretrained}"), cfg.pretrained)
+    try:
+        model = AutoencoderKL.from_pretrained(str(path), use_safetensors=True, torch_dtype=DTYPES[cfg.dtype],
+                                              **from_pretrained_kwargs())
+    except LIBRARY_LOAD_ERRORS as exc:  # weights that do not fit their own config.json
+        raise MinfmError(f"flux_ae: {cfg.pretrained} ({path}) does not load: {first_line(exc, 300)}") from None
     return model, *latent_affine(cfg, model, f"{cfg.pretrained} ({path / 'config.json'})")
 
 
