@@ -336,3 +336,24 @@ def test_a_distilled_guidance_the_denoiser_would_ignore_is_refused(capsys):
         "sample.distilled_guidance: the denoiser embeds no guidance scale (model.denoiser.guidance_embed = false), "
         "so the value would be ignored; leave it unset (from --set sample.distilled_guidance)")
     assert main(["check", RECIPE, "--set", "sample.distilled_guidance=5", "--set", "model.denoiser.guidance_embed=true"]) == 0
+
+
+@pytest.mark.parametrize("settings, drawn", [
+    (['sample.prompts=["a", "b"]', "sample.samples_per_prompt=513"], None),
+    (['sample.prompts=["a", "b"]', "sample.samples_per_prompt=513", "train.sample_every=0",
+      "train.sample_at_start=true"], None),
+    (['sample.prompts=["a", "b"]', "sample.samples_per_prompt=512"], "ok"),
+    (['sample.prompts=["a", "b"]', "sample.samples_per_prompt=513", "train.sample_every=0"], "ok"),  # no galleries
+])
+def test_a_training_gallery_is_bounded(settings, drawn, capsys):
+    """A gallery of 1.1 M prompts passed the check and drew for hours inside the training loop
+    (SIGTERM waits for the step to end); a gallery is at most MAX_GALLERY images."""
+    args = ["check", RECIPE]
+    for s in settings:
+        args += ["--set", s]
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    if drawn == "ok":
+        assert code == 0, err
+    else:
+        assert code == 2 and "2 prompt(s) x 513 samples = 1,026 images a training gallery, more than 1,024" in err, err

@@ -51,7 +51,7 @@ def job_prompts(recipe, job: str) -> list[tuple[str, list[str]]]:
         asked = [("sample.prompts", list(s.prompts))]
         if s.prompt_file:
             asked.append(("sample.prompt_file", read_prompt_file(s.prompt_file)))
-    elif job == "train" and recipe.train.sample_every:
+    elif job == "train" and (recipe.train.sample_every or recipe.train.sample_at_start):
         asked = [("sample.prompt_file" if s.prompt_file and not s.prompts else "sample.prompts", gallery_prompts(recipe))]
     else:
         return []

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MinfmError, RecipeError
-from ..engine.prompts import read_prompt_file
+from ..engine.prompts import gallery_prompts, read_prompt_file
 from ..launch_env import world_size_from_env
 from ..protocols import CachedLatentsConfig
 from ..runlock import run_outputs
 from ..safepath import file_in_the_way, relative_inside
-from ..validators import MAX_TOKENS
+from ..validators import MAX_GALLERY, MAX_TOKENS
 from .load import is_trusted
 from .schema import init_plan, parse_load_plan
 
@@ -158,12 +158,22 @@ def job_checks(resolved, job: str, world_size: int | None = None) -> list[str]:
     # Read now what the job would read later: a training run meets its gallery prompts at the
     # first gallery, hours in (a sample job adds the file to sample.prompts; a gallery uses it
     # only where sample.prompts is empty).
-    galleries = job == "train" and (train.sample_every > 0 or train.sample_at_start) and not s.prompts
+    drawing = job == "train" and (train.sample_every > 0 or train.sample_at_start)
+    galleries = drawing and not s.prompts
+    file_read = True
     if s.prompt_file and (job == "sample" or galleries):
         try:
             read_prompt_file(s.prompt_file)
         except MinfmError as exc:
             problems.append(f"sample.prompt_file: {exc}")
+            file_read = False
+    if drawing and file_read:
+        n = len(gallery_prompts(resolved.recipe))
+        if n * s.samples_per_prompt > MAX_GALLERY:
+            key = "sample.prompts" if s.prompts else "sample.samples_per_prompt"
+            problems.append(f"{key}: {n:,} prompt(s) x {s.samples_per_prompt:,} samples = {n * s.samples_per_prompt:,} "
+                            f"images a training gallery, more than {MAX_GALLERY:,}; draw more after training with "
+                            "minfm sample")
     return [resolved.blame(p) for p in problems or start_problems(resolved, job)]
 
 
