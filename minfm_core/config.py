@@ -103,7 +103,10 @@ def field(default: Any = attrs.NOTHING, *, doc: str, validator=None, factory=Non
             metadata["range"] = rng.range_text
             break
     if file is not None:
+        from .validators import path_name
+
         metadata["file"] = file
+        validator = [v for v in validators if v is not None] + [path_name]
     if component is not None:
         from .protocols import PROTOCOLS  # one protocol per kind
 

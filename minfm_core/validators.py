@@ -246,6 +246,26 @@ def non_blank(instance: Any, attribute: Any, value: Any) -> None:
         raise RangeError(attribute.name, f"must not be empty, got {value!r}", own=True)
 
 
+#: Longest file name (one path component) and path the file systems minFM runs on take, in bytes.
+MAX_NAME_BYTES = 255
+MAX_PATH_BYTES = 4096
+
+
+def path_name(instance: Any, attribute: Any, value: Any) -> None:
+    """A setting naming a file or folder fits the file system: no NUL, each part at most 255
+    bytes, the whole at most 4096. Python's ``exists()`` raised "File name too long" for
+    a longer one, quoting it whole (100 KB) and naming no setting."""
+    if not isinstance(value, str):
+        return
+    if "\0" in value:
+        raise RangeError(attribute.name, "a NUL character in a path", own=True)
+    size = len(value.encode("utf-8", "surrogatepass"))
+    longest = max((len(p.encode("utf-8", "surrogatepass")) for p in value.split("/")), default=0)
+    if size > MAX_PATH_BYTES or longest > MAX_NAME_BYTES:
+        raise RangeError(attribute.name, f"a path of {size:,} bytes with a part of {longest:,}: file systems take "
+                         f"at most {MAX_PATH_BYTES:,} and {MAX_NAME_BYTES} (got {value[:60]!r}...)", own=True)
+
+
 def prompt_problem(text: str) -> str | None:
     """What is wrong with one prompt as text (a NUL, past :data:`MAX_PROMPT_CHARS`), or None."""
     if "\0" in text:

@@ -357,3 +357,33 @@ def test_a_training_gallery_is_bounded(settings, drawn, capsys):
         assert code == 0, err
     else:
         assert code == 2 and "2 prompt(s) x 513 samples = 1,026 images a training gallery, more than 1,024" in err, err
+
+
+def _file_fields():
+    from minfm_core.registry import KINDS
+
+    owners = [(f"[{name}]", cls) for name, cls in SECTIONS.items()]
+    owners += [(f"{kind} {comp.name}", comp.config) for kind in KINDS if kind != "source"
+               for comp in get_registry().components(kind) if comp.config is not None]
+    return [(where, a) for where, cls in owners for a in attrs.fields(cls) if a.metadata.get("file")]
+
+
+def test_every_file_field_takes_only_names_a_file_system_takes():
+    """`exists()` of a 300-byte file name raised "File name too long", quoting the value whole
+    (100 KB) and naming no setting; every field naming a file is checked when the recipe loads."""
+    from minfm_core.validators import path_name
+
+    fields = _file_fields()
+    assert len(fields) >= 10
+    unchecked = [f"{where}.{a.name}" for where, a in fields
+                 if path_name not in getattr(a.validator, "_validators", (a.validator,))]
+    assert not unchecked, unchecked
+
+
+@pytest.mark.parametrize("key", ["sample.prompt_file", "run.exp_dir", "model.denoiser.pretrained", "sample.out_dir",
+                                 "train.init_from"])
+def test_a_file_name_too_long_is_one_line_naming_the_setting(key, capsys):
+    value = "/tmp/" + "x" * 300
+    assert main(["check", RECIPE, "--set", f'{key}="{value}"']) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"minfm: error: {RECIPE}: {key}: a path of 305 bytes with a part of 300: ") and len(err) < 400, err

@@ -23,7 +23,7 @@ from ..errors import RecipeError
 from ..suggest import did_you_mean
 from ..validators import (
     EVERY, MAX_BATCH, MAX_DATALOADER_WORKERS, MAX_GUIDANCE, MAX_SAMPLES, MAX_SIDE, MAX_SOLVER_STEPS, MAX_STEPS, SEED,
-    Range, RangeError, decay, non_blank, probability, prompt_text,
+    Range, RangeError, decay, non_blank, path_name, probability, prompt_text,
 )
 
 
@@ -115,7 +115,7 @@ class RunSection:
     """Where a run lives and how it is seeded."""
 
     exp_dir: str = field("experiments/default", doc="run directory: checkpoints, samples, logs, resolved recipe",
-                         validator=non_blank)
+                         validator=[non_blank, path_name])
     seed: int = field(0, doc="global seed; each rank derives its own from it", validator=SEED)
     device: Literal["auto", "cpu", "cuda"] = field("auto", doc="'auto' picks cuda when available")
     deterministic: bool = field(False, doc="torch deterministic algorithms: bitwise-repeatable runs, a little slower")
@@ -173,7 +173,7 @@ class SampleSection:
     samples_per_prompt: int = field(1, doc="images per prompt", validator=Range(1, MAX_SAMPLES))
     batch_size: int = field(16, doc="samples per rank per sampler call", validator=Range(1, MAX_BATCH))
     use_ema: bool = field(True, doc="sample with EMA weights when the checkpoint has them")
-    out_dir: str | None = field(None, doc="output folder (default: <exp_dir>/samples)")
+    out_dir: str | None = field(None, doc="output folder (default: <exp_dir>/samples)", validator=path_name)
     file_ext: Literal["png", "jpg"] = field("png", doc="image file format")
     save_npz: bool = field(False, doc="also write .npz batches (ADM evaluation layout)")
     seed: int = field(0, doc="sampling seed", validator=SEED)
