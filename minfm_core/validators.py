@@ -17,6 +17,8 @@ It raises :class:`RangeError`, which the recipe error formatter turns into
 from __future__ import annotations
 
 import math
+import re
+import sys
 import numbers
 from typing import Any
 
@@ -264,6 +266,27 @@ def path_name(instance: Any, attribute: Any, value: Any) -> None:
     if size > MAX_PATH_BYTES or longest > MAX_NAME_BYTES:
         raise RangeError(attribute.name, f"a path of {size:,} bytes with a part of {longest:,}: file systems take "
                          f"at most {MAX_PATH_BYTES:,} and {MAX_NAME_BYTES} (got {value[:60]!r}...)", own=True)
+
+
+_FACTORY_SPEC = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def factory_spec_problem(spec: str) -> str | None:
+    """What is wrong with a ``MODULE:ATTR`` naming a factory of the user's (a feature
+    extractor): not of that form, or a standard-library module (``os:system`` is a way to run
+    a function, not to plug in a network). None when it may be imported."""
+    if not isinstance(spec, str) or not _FACTORY_SPEC.fullmatch(spec):
+        return "expected MODULE:ATTR"
+    top = spec.partition(":")[0].split(".")[0]
+    if top in sys.stdlib_module_names or top in sys.builtin_module_names:
+        return f"{top} is a standard-library module, not a feature-extractor factory"
+    return None
+
+
+def factory_spec(instance: Any, attribute: Any, value: Any) -> None:
+    """A recipe's ``MODULE:ATTR`` setting (:func:`factory_spec_problem`), checked when it loads."""
+    if value is not None and (problem := factory_spec_problem(value)):
+        raise RangeError(attribute.name, f"{value[:80]!r}: {problem}", own=True)
 
 
 def prompt_problem(text: str) -> str | None:

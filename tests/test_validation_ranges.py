@@ -387,3 +387,23 @@ def test_a_file_name_too_long_is_one_line_naming_the_setting(key, capsys):
     assert main(["check", RECIPE, "--set", f'{key}="{value}"']) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"minfm: error: {RECIPE}: {key}: a path of 305 bytes with a part of 300: ") and len(err) < 400, err
+
+
+@pytest.mark.parametrize("value, why", [
+    ('"bad"', "'bad': expected MODULE:ATTR"),
+    ('"a\\nb"', "'a\\nb': expected MODULE:ATTR"),
+    ('"os:system"', "'os:system': os is a standard-library module, not a feature-extractor factory"),
+])
+def test_the_fid_extractor_is_checked_by_the_check_as_by_the_run(value, why, capsys):
+    """`minfm check` said ok to these; the run refused them at start, naming `train.fid`."""
+    assert main(["check", RECIPE, "--set", "train.fid_every=1", "--set", 'train.fid_ref="/tmp"',
+                 "--set", f"train.fid_extractor={value}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"minfm: error: {RECIPE}: train.fid_extractor: {why} (from --set train.fid_extractor)", err
+
+
+def test_a_missing_local_inception_file_is_a_warning_of_the_check(capsys):
+    assert main(["check", RECIPE, "--set", "train.fid_every=1", "--set", 'train.fid_ref="/tmp"',
+                 "--set", 'train.fid_inception="/nonexistent/pt_inception.pth"']) == 0
+    assert "minfm: warning: train.fid_inception: /nonexistent/pt_inception.pth does not exist (yet)" in \
+        capsys.readouterr().err

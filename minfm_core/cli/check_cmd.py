@@ -10,6 +10,7 @@ import tomli_w
 
 from ..errors import RecipeError
 from ..launch_env import MAX_WORLD_SIZE, launch_env
+from ..pretrained import parse_hub_ref
 from ..recipe import load_recipe
 from ..recipe.checks import job_checks
 from ..summary import check_builds, summary_table
@@ -71,6 +72,8 @@ def section_file_warnings(resolved) -> list[str]:
     named = [("sample.prompt_file", r.sample.prompt_file)]
     if r.train.fid_every > 0:
         named.append(("train.fid_ref", r.train.fid_ref))
+        if r.train.fid_inception and parse_hub_ref(r.train.fid_inception) is None:  # a local file
+            named.append(("train.fid_inception", r.train.fid_inception))
     return [f"{path}: {value} does not exist (yet)" for path, value in named if value and not Path(value).exists()]
 
 

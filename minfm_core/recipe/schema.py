@@ -23,7 +23,7 @@ from ..errors import RecipeError
 from ..suggest import did_you_mean
 from ..validators import (
     EVERY, MAX_BATCH, MAX_DATALOADER_WORKERS, MAX_GUIDANCE, MAX_SAMPLES, MAX_SIDE, MAX_SOLVER_STEPS, MAX_STEPS, SEED,
-    Range, RangeError, decay, non_blank, path_name, probability, prompt_text,
+    Range, RangeError, decay, factory_spec, non_blank, path_name, probability, prompt_text,
 )
 
 
@@ -258,7 +258,8 @@ class TrainSection:
         None, doc="reference images for the in-training FID: an .npz (ADM layout) or a folder", file="file"
     )
     fid_extractor: str | None = field(
-        None, doc="MODULE:ATTR of a feature-extractor factory (None: torch-fidelity's Inception, minfm[eval])"
+        None, doc="MODULE:ATTR of a feature-extractor factory (None: torch-fidelity's Inception, minfm[eval])",
+        validator=factory_spec,
     )
     fid_inception: str | None = field(
         None, doc="Inception weights for the in-training FID (as minfm eval --inception)", file="ref"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 import torch
 
 from minfm_core.errors import MinfmError
+from minfm_core.validators import factory_spec_problem
 from .inputs import image_batches
 from .metrics import feature_stats, frechet_distance, inception_score, precision_recall
 
@@ -23,7 +23,6 @@ FEATURES = ("pool", "spatial", "logits")
 NAMES = {"inception_score": "Inception Score", "fid": "FID", "sfid": "sFID", "precision": "Precision", "recall": "Recall"}
 
 
-_SPEC = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*")
 
 
 def load_extractor(spec: str, where: str = "--extractor") -> Extractor:
@@ -34,12 +33,9 @@ def load_extractor(spec: str, where: str = "--extractor") -> Extractor:
     ``os:system``) is refused by name before it is called: the spec is a way to plug in a
     network, not to run arbitrary functions.
     """
-    if not isinstance(spec, str) or not _SPEC.fullmatch(spec):
-        raise MinfmError(f"{where} {spec!r}: expected MODULE:ATTR")
+    if problem := factory_spec_problem(spec):
+        raise MinfmError(f"{where} {spec!r}: {problem}")
     mod, _, attr = spec.partition(":")
-    top = mod.split(".")[0]
-    if top in sys.stdlib_module_names or top in sys.builtin_module_names:
-        raise MinfmError(f"{where} {spec!r}: {top} is a standard-library module, not a feature-extractor factory")
     try:
         obj = importlib.import_module(mod)
         for part in attr.split("."):
