@@ -137,3 +137,22 @@ def test_a_recipe_error_under_the_launcher_is_exit_2_without_torchruns_traceback
     # each rank prints it, unless torchrun stopped it first, having seen the other fail
     assert res.stderr.count("minfm: error: data: image_folder: root '/nonexistent' is not a folder") in (1, 2)
     assert list(tmp_path.iterdir()) == []  # the launcher made the run folder for nothing: removed
+
+
+def test_more_processes_than_the_host_runs_are_refused_before_any_spawn(tmp_path, monkeypatch, capsys):
+    """1,024 workers on a 2-core box held it ten minutes before a step; on a CPU host at most 4
+    processes a core, refused before a worker (or the run folder) exists."""
+    import os
+
+    from engine_helpers import TINY
+    from minfm_core.cli import run_cmd
+    from minfm_core.cli.main import main
+
+    monkeypatch.setattr(run_cmd.os, "cpu_count", lambda: 2)
+    args = ["run", str(TINY), "--set", f"run.exp_dir={tmp_path / 'run'}", "--set", 'parallel.name="fsdp2"',
+            "--set", "train.total_batch_size=-1", "--nproc-per-node", "9"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "minfm: error: --nproc-per-node 9: this host has 2 CPU core(s) and no GPU; at most 8 processes (4 per core)"
+    assert not (tmp_path / "run").exists()
+    assert run_cmd.host_procs_problem(8) is None and os.cpu_count() >= 1

@@ -203,8 +203,30 @@ def serve(args) -> int:
 ARGV_ENV = "MINFM_RELAUNCH_ARGV"
 
 
+#: CPU processes per core a host may run (each runs torch's threads; tests run 2 on 1 core).
+PROCS_PER_CORE = 4
+
+
+def host_procs_problem(nproc: int) -> str | None:
+    """``--nproc-per-node`` more than this host runs: a GPU each where there are GPUs (a
+    worker without one failed only after start-up), else at most PROCS_PER_CORE per core
+    (1,024 workers on 2 cores held the machine ten minutes before a step)."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus and nproc > gpus:
+        return f"--nproc-per-node {nproc}: this host has {gpus} GPU(s), one per process"
+    cores = os.cpu_count() or 1
+    if not gpus and nproc > PROCS_PER_CORE * cores:
+        return (f"--nproc-per-node {nproc}: this host has {cores} CPU core(s) and no GPU; at most "
+                f"{PROCS_PER_CORE * cores} processes ({PROCS_PER_CORE} per core)")
+    return None
+
+
 def relaunch(nproc: int, argv: list[str]) -> int:
     """Run ``minfm <argv>`` under torch.distributed.run with ``nproc`` local processes."""
+    if problem := host_procs_problem(nproc):
+        raise MinfmError(problem)
     # torchrun, whose failures end in exit codes rather than its traceback (cli/torchrun.py)
     cmd = [sys.executable, "-m", "minfm_core.cli.torchrun", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "minfm_core.cli.main"]
