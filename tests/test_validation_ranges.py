@@ -407,3 +407,19 @@ def test_a_missing_local_inception_file_is_a_warning_of_the_check(capsys):
                  "--set", 'train.fid_inception="/nonexistent/pt_inception.pth"']) == 0
     assert "minfm: warning: train.fid_inception: /nonexistent/pt_inception.pth does not exist (yet)" in \
         capsys.readouterr().err
+
+
+@pytest.mark.parametrize("words, line", [
+    ("[]", "model.text_encoder.words: an empty vocabulary: every prompt would read as <unk>"),
+    ('["red", "x-ray"]', "model.text_encoder.words[1]: 'x-ray' can never match: prompts are lower-cased and split "
+                         "into runs of a-z and 0-9"),
+    ('["red", "a b"]', "model.text_encoder.words[1]: 'a b' can never match"),
+    ('["red", "red"]', "model.text_encoder.words: listed twice: 'red'"),
+])
+def test_a_vocabulary_word_no_prompt_can_hold_is_refused(words, line, tmp_path, capsys):
+    """They trained (exit 0) with words no token ever matched, or with every prompt <unk>."""
+    recipe = tmp_path / "vocab.toml"
+    recipe.write_text(f'extends = "{ROOT / "tests" / "recipes" / "tiny.toml"}"\n'
+                      f'[model.text_encoder]\nname = "vocab"\ndim = 16\nwords = {words}\n')
+    assert main(["check", str(recipe)]) == 2
+    assert line in capsys.readouterr().err

@@ -253,13 +253,35 @@ class ClassEmbeddingConfig:
         return tuple(r for r in (self.embeddings, self.labels) if r)
 
 
+#: A vocabulary word: what the vocab encoder splits a lower-cased prompt into (vocab.tokenize).
+VOCAB_WORD = re.compile(r"[a-z0-9]+")
+MAX_VOCAB_WORDS = 1 << 20
+
+
+def _vocab_words(instance, attribute, value) -> None:
+    """Words a prompt can hold: ``""``, ``"a b"`` or ``"x-ray"`` never match a token, and an
+    empty vocabulary makes every prompt <unk> (the text teaches nothing)."""
+    if not value:
+        raise RangeError(attribute.name, "an empty vocabulary: every prompt would read as <unk>", own=True)
+    if len(value) > MAX_VOCAB_WORDS:
+        raise RangeError(attribute.name, f"{len(value):,} words, more than {MAX_VOCAB_WORDS:,}", own=True)
+    for i, word in enumerate(value):
+        if not VOCAB_WORD.fullmatch(word):
+            raise RangeError(f"{attribute.name}[{i}]", f"{word[:80]!r} can never match: prompts are lower-cased and "
+                             "split into runs of a-z and 0-9", own=True)
+    if len(set(value)) != len(value):
+        twice = sorted({w for w in value if value.count(w) > 1})[:5]
+        raise RangeError(attribute.name, f"listed twice: {', '.join(map(repr, twice))}", own=True)
+
+
 @config
 class VocabEncoderConfig:
     """Frozen word-vocabulary encoder for the built-in shapes captions: fixed seeded embeddings, no files."""
 
     dim: int = field(64, doc="embedding width", validator=WIDTH)
     pooled: bool = field(False, doc="True: the mean over a prompt's tokens (n, dim); False: packed per-token")
-    words: tuple[str, ...] = field(SHAPES_WORDS, doc="vocabulary (lower-case); other words map to <unk>")
+    words: tuple[str, ...] = field(SHAPES_WORDS, doc="vocabulary: lower-case runs of a-z and 0-9; other words map "
+                                   "to <unk>", validator=_vocab_words)
     max_length: int = field(32, doc="tokens per prompt including the closing <eos>", validator=Range(2, MAX_PROMPT_TOKENS))
     seed: int = field(0, doc="seed of the embeddings; each word's row depends only on (seed, word)", validator=SEED)
     dtype: Dtype = field("fp32", doc="dtype of the table")

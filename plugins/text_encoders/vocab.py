@@ -19,14 +19,13 @@ from torch import Tensor, nn
 from minfm_core.packing import segment_mean
 from minfm_core.weights import DTYPES
 
-from .configs import VocabEncoderConfig
+from .configs import VOCAB_WORD, VocabEncoderConfig
 
 EOS, UNK = "<eos>", "<unk>"
-_WORD = re.compile(r"[a-z0-9]+")
 
 
 def tokenize(prompt: str) -> list[str]:
-    return _WORD.findall(prompt.lower())
+    return VOCAB_WORD.findall(prompt.lower())
 
 
 def word_embedding(word: str, dim: int, seed: int) -> Tensor:
