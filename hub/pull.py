@@ -38,6 +38,9 @@ from .uri import HubRef, parse_ref
 SAFE_PATTERNS = ("*.safetensors", "*.json", "*.jsonl", "*.toml", "*.md", "*.png", "*.jpg", "*.jpeg", "*.txt")
 #: The training state (a torch.distributed.checkpoint folder): only on request, it can be large.
 TRAINING_STATE_PATTERNS = ("checkpoint/*",)
+#: A run folder's checkpoints, in a repo laid out as a run (not what a push writes): never
+#: pulled, as they hold optimizer state too ("*.safetensors" alone took all of them).
+RUN_STATE_PATTERNS = ("checkpoints/*",)
 #: Formats that unpickle on load (arbitrary code execution): never pushed, never pulled.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 SOURCE_INFO = "minfm_source.json"
@@ -223,8 +226,8 @@ def file_filters(training_state: bool) -> dict[str, list[str]]:
     and ``checkpoint/rank_0.safetensors``: without the training state its folder is ignored
     whole (half of it reads as a broken checkpoint, and it can be large)."""
     if training_state:
-        return {"allow_patterns": [*SAFE_PATTERNS, *TRAINING_STATE_PATTERNS], "ignore_patterns": []}
-    return {"allow_patterns": list(SAFE_PATTERNS), "ignore_patterns": list(TRAINING_STATE_PATTERNS)}
+        return {"allow_patterns": [*SAFE_PATTERNS, *TRAINING_STATE_PATTERNS], "ignore_patterns": list(RUN_STATE_PATTERNS)}
+    return {"allow_patterns": list(SAFE_PATTERNS), "ignore_patterns": [*TRAINING_STATE_PATTERNS, *RUN_STATE_PATTERNS]}
 
 
 def _wanted(siblings: list, patterns: dict[str, list[str]]) -> list:
