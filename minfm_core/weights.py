@@ -209,20 +209,24 @@ def check_weights_folder(folder: Path) -> None:
 
 def read_safetensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
     """``<name>.safetensors`` or the shards listed in ``<name>.safetensors.index.json``."""
-    folder = Path(folder)
+    out: dict[str, torch.Tensor] = {}
+    for path in _weight_files(Path(folder), name):
+        out.update(load_safetensors_file(path))
+    return out
+
+
+def _weight_files(folder: Path, name: str) -> list[Path]:
+    """``<name>.safetensors``, or the shards of its index (each holding what the index maps to it)."""
     single = folder / f"{name}.safetensors"
     if single.is_file() or single.is_symlink():
-        return load_safetensors_file(weights_file(folder, name))
+        return [weights_file(folder, name)]
     index = folder / f"{name}.safetensors.index.json"
     if not index.is_file():
         raise MinfmError(f"{folder}: no {name}.safetensors")
     index = contained(folder, index.name, what=str(index))
     weight_map, shards = read_index(index)
     check_index_agrees(index, weight_map, shards)
-    out: dict[str, torch.Tensor] = {}
-    for shard in shards.values():
-        out.update(load_safetensors_file(shard))
-    return out
+    return list(shards.values())
 
 
 #: safetensors' dtype names -> torch's (what a header says, read without the data).
@@ -235,16 +239,8 @@ def header_tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
     """``<name>`` weights of ``folder`` as meta tensors of their shapes and dtypes, read from
     the safetensors headers alone (no data): what :func:`check_keys` compares with a model
     built on the meta device before a real one is built."""
-    folder = Path(folder)
-    if (folder / f"{name}.safetensors").is_file() or (folder / f"{name}.safetensors").is_symlink():
-        files = [weights_file(folder, name)]
-    else:
-        index = contained(folder, f"{name}.safetensors.index.json", what=f"{folder}/{name}.safetensors.index.json")
-        weight_map, shards = read_index(index)
-        check_index_agrees(index, weight_map, shards)
-        files = list(shards.values())
     out = {}
-    for path in files:
+    for path in _weight_files(Path(folder), name):
         with open_safetensors(path) as f:
             for key in f.keys():
                 part = f.get_slice(key)
