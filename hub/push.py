@@ -248,7 +248,6 @@ def push(
     from huggingface_hub.hf_api import RepoFile
 
     validate_repo_id(repo_id)
-    card.validate_license(license)
     branch = validate_revision(revision) if revision else "main"
     if SHA_RE.match(branch):  # create_branch made a branch named like the commit a pull then pinned
         raise MinfmError(f"--revision {branch}: a push goes to a branch, and this is a commit sha; name a branch")
@@ -256,6 +255,7 @@ def push(
     # the license in the card's metadata. Checked before any work or request.
     scan_text({"the commit message (--message)": message, "the license (--license)": license,
                "the repo id": repo_id, "the revision (--revision)": revision}, token)
+    card.validate_license(license)  # after the token scan: a token in it is named as one
     src = Path(os.path.expanduser(src))
     if not src.exists():
         raise MinfmError(f"{src}: no such file or directory")
