@@ -156,3 +156,31 @@ def test_more_processes_than_the_host_runs_are_refused_before_any_spawn(tmp_path
     assert err == "minfm: error: --nproc-per-node 9: this host has 2 CPU core(s) and no GPU; at most 8 processes (4 per core)"
     assert not (tmp_path / "run").exists()
     assert run_cmd.host_procs_problem(8) is None and os.cpu_count() >= 1
+
+
+def test_a_sigterm_while_a_failed_worker_unwinds_keeps_its_exit_code(monkeypatch):
+    """torchrun SIGTERMs the other workers once one fails; one that had failed too (each rank
+    refuses a bad recipe) could get it while leaving main's context managers: a traceback and
+    exit 1 there read as a crash (exit 1 overall) instead of the recipe error's 2."""
+    import contextlib
+    import os
+    import signal
+    import time
+
+    from minfm_core.cli import main as cli
+
+    @contextlib.contextmanager
+    def sigterm_on_exit():
+        yield
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)  # the handler runs between bytecodes
+
+    old = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # main installs its handler only over the default
+    try:
+        monkeypatch.setattr(cli, "_plain_warnings", sigterm_on_exit)
+        monkeypatch.setattr(cli, "_main", lambda argv: 2)
+        assert cli.main([]) == 2
+        monkeypatch.setattr(cli, "_main", lambda argv: (_ for _ in ()).throw(cli.Terminated()))
+        assert cli.main([]) == 143  # while the command still ran: stopped
+    finally:
+        signal.signal(signal.SIGTERM, old)

@@ -105,8 +105,19 @@ def _plain_warnings():
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    with _sigterm_raises(), _plain_warnings():
-        return _main(argv)
+    code = None
+    try:
+        with _sigterm_raises(), _plain_warnings():
+            code = _main(argv)
+    except Terminated:
+        # SIGTERM after the command's own handlers (while it printed its error or left these
+        # context managers): torchrun stops the other workers of a run whose one worker
+        # failed, and a worker that had already failed too crashed here with a traceback and
+        # exit 1, which outweighed the 2s of a recipe error (cli/torchrun.exit_code).
+        if code is None:
+            print("minfm: terminated (SIGTERM)", file=sys.stderr)
+            return 143
+    return code
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -10,7 +10,6 @@ machine, and adding a word never changes another word's row.
 from __future__ import annotations
 
 import math
-import re
 import zlib
 
 import torch
