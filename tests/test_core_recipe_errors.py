@@ -167,6 +167,22 @@ def test_circular_extends(tmp_path):
     assert str(info.value) == f"{tmp_path / 'a.toml'}: circular extends: a.toml -> b.toml -> c.toml -> a.toml"
 
 
+def test_a_long_extends_chain_is_named_as_one(tmp_path):
+    """A generated chain of 1,500 files ran out of recursion and read as one file's tables
+    "nested too deeply"; 64 files is the most, and the error says it is the chain."""
+    from minfm_core.recipe.load import MAX_EXTENDS_DEPTH
+
+    n = MAX_EXTENDS_DEPTH
+    for i in range(n):
+        write(tmp_path, f"r{i}.toml", f'extends = "r{i + 1}.toml"\n')
+    write(tmp_path, f"r{n}.toml", "[train]\nmax_steps = 3\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe_dict(tmp_path / "r0.toml")
+    assert str(info.value) == (f"{tmp_path / 'r0.toml'}: extends: a chain of more than {n} recipes "
+                               f"(r0.toml -> r1.toml -> ... -> r{n}.toml); at most {n}")
+    assert load_recipe_dict(tmp_path / "r1.toml")["train"]["max_steps"] == 3  # 64 files: read
+
+
 def test_invalid_toml(tmp_path):
     write(tmp_path, "bad.toml", "[model\n")
     with pytest.raises(RecipeError) as info:

@@ -84,6 +84,10 @@ def _renamed(base: Mapping[str, Any], over: Mapping[str, Any]) -> bool:
 
 #: A recipe is a small text file; anything larger is a mistake (a checkpoint named .toml, ...).
 MAX_RECIPE_BYTES = 16 * 1024 * 1024
+#: Longest ``extends`` chain (real ones: two or three files). A longer one, a generated
+#: chain of a thousand files, ran out of Python's recursion and was reported as a file's
+#: tables "nested too deeply", naming neither ``extends`` nor the chain.
+MAX_EXTENDS_DEPTH = 64
 
 
 def _parse(path: Path) -> dict[str, Any]:
@@ -213,6 +217,9 @@ def _read(path: Path, chain: tuple[Path, ...], untrusted_root: Path | None = Non
     if os.path.realpath(path) in reals:
         cycle = " -> ".join(p.name for p in (*chain[reals.index(os.path.realpath(path)) :], path))
         raise RecipeError(f"circular extends: {cycle}", str(chain[0]))
+    if len(chain) >= MAX_EXTENDS_DEPTH:
+        raise RecipeError(f"extends: a chain of more than {MAX_EXTENDS_DEPTH} recipes ({chain[0].name} -> "
+                          f"{chain[1].name} -> ... -> {path.name}); at most {MAX_EXTENDS_DEPTH}", str(chain[0]))
     if not path.is_file():
         where = f" (extended from {chain[-1]})" if chain else ""
         what = ("is not a file" if path.exists() else "is a link to nothing (or a loop of links)"
