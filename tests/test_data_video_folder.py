@@ -80,6 +80,33 @@ def test_frames_are_sized_to_the_budget(folder):
     assert tuple(ds[0]["image"].shape) == (3, 2, 16, 24)  # 32x48 scaled to 384 pixels: half, multiples of 8
 
 
+@pytest.mark.parametrize("rotation, bright", [(90, "bottom"), (-90, "top"), (180, "right"), (0, "left")])
+def test_a_phone_clip_is_read_upright_as_players_show_it(tmp_path, rotation, bright):
+    """A clip stored 48 x 32 with a display rotation (a phone held upright) was read sideways,
+    stored side up, while a phone photo's EXIF orientation is honoured. The display matrix
+    turns it counter-clockwise (FFmpeg's autorotate): its bright left half ends at the bottom
+    for 90 degrees, at the top for -90, on the right for 180."""
+    with av.open(str(tmp_path / "clip.mp4"), "w") as out:
+        stream = out.add_stream("libx264", rate=8, options={"crf": "0", "preset": "ultrafast"})
+        stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv420p"
+        stream.set_display_rotation(rotation)
+        arr = np.zeros((32, 48, 3), np.uint8)
+        arr[:, :24] = 255
+        for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
+            out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    (tmp_path / "clip.txt").write_text("a phone clip")
+    clip = make(root=str(tmp_path), frames=1, val_fraction=0.0, max_pixels=48 * 32)[0]["image"][:, 0]
+    upright = rotation in (90, -90)
+    assert tuple(clip.shape) == ((3, 48, 32) if upright else (3, 32, 48))
+    h, w = clip.shape[1:]
+    halves = {"top": clip[:, : h // 2], "bottom": clip[:, h // 2 :], "left": clip[:, :, : w // 2],
+              "right": clip[:, :, w // 2 :]}
+    assert float(halves[bright].mean()) > 0.9
+    assert float(halves[{"top": "bottom", "bottom": "top", "left": "right", "right": "left"}[bright]].mean()) < -0.9
+
+
 def test_a_too_short_video_names_the_file_and_settings(folder):
     ds = make(root=str(folder), frames=9, stride=2, clip_start="first", val_fraction=0.0)
     ds[0]  # 20 frames hold 17

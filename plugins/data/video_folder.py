@@ -87,7 +87,21 @@ def _frame_count(container, stream) -> int:
     return sum(1 for packet in container.demux(stream) if packet.size)
 
 
+def _upright(frame):
+    """PIL's transpose that shows the frame as a player does, or None: a phone clip is stored
+    sideways with a display matrix (PyAV's ``frame.rotation``: degrees counter-clockwise, as
+    FFmpeg turns it on playback), as a phone photo is with its EXIF orientation, which
+    pictures are turned upright by. Quarter turns only (flips and odd angles are kept as
+    stored, as FFmpeg's own autorotate keeps them)."""
+    from PIL import Image
+
+    return {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180,
+            270: Image.Transpose.ROTATE_270}.get(round(frame.rotation) % 360)
+
+
 def _decode(path: Path, container, stream, indices: list[int], budget: tuple[int, int] | None = None) -> list:
+    from PIL import Image
+
     want = set(indices)
     out = {}
     size = None
@@ -95,13 +109,19 @@ def _decode(path: Path, container, stream, indices: list[int], budget: tuple[int
     for i, frame in enumerate(container.decode(stream)):
         _check_size(path, frame.width, frame.height)  # some headers (GIF) leave the size to the frames
         if i in want:
+            turn = _upright(frame)
+            sideways = turn in (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_270)
             if budget is None:
-                out[i] = frame.to_image()
+                image = frame.to_image()
             else:
                 # Each frame is made small as it comes: keeping them all at full size for a resize
-                # afterwards cost 2.6 GB for a 5-frame 8192 x 8192 GIF.
-                size = size or budget_size(frame.width, frame.height, *budget)
-                out[i] = resize_and_center_crop(_shrunk_image(frame, *size), *size)
+                # afterwards cost 2.6 GB for a 5-frame 8192 x 8192 GIF. The size is the upright one.
+                shown = (frame.height, frame.width) if sideways else (frame.width, frame.height)
+                size = size or budget_size(*shown, *budget)
+                image = _shrunk_image(frame, *(size[::-1] if sideways else size))
+            if turn is not None:
+                image = image.transpose(turn)
+            out[i] = image if budget is None else resize_and_center_crop(image, *size)
             if len(out) == len(want):
                 break
     return [out[i] for i in indices if i in out]
