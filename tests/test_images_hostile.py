@@ -168,3 +168,49 @@ def test_a_cielab_tiff_is_converted_to_its_colours(tmp_path):
     lab.save(tmp_path / "lab.tif")
     white, grey, red = np.asarray(read_rgb(tmp_path / "lab.tif"), dtype=int)[0]
     assert (white >= 250).all() and abs(grey - 119).max() <= 3 and red[0] >= 240 and red[1:].max() <= 20
+
+
+def test_a_picture_past_pils_limit_is_refused_where_pil_only_warns(tmp_path, monkeypatch):
+    """PIL raises only past twice MAX_IMAGE_PIXELS; between the two it warned in its own
+    format, naming no file, and decoded (a 10000 x 9500 PNG of 112 KB), while .npz images and
+    video frames were refused at MAX_IMAGE_PIXELS itself."""
+    import warnings
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    Image.new("RGB", (40, 40)).save(tmp_path / "big.png")  # 1,600 pixels: PIL's warning zone
+    Image.new("RGB", (30, 30)).save(tmp_path / "ok.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning either
+        with pytest.raises(MinfmError) as err:
+            read_rgb(tmp_path / "big.png")
+        assert read_rgb(tmp_path / "ok.png").size == (30, 30)
+    assert str(err.value).startswith(f"{tmp_path / 'big.png'}: image too large to decode safely (Image size (1600 pixels)")
+
+
+def test_a_float_picture_of_no_finite_sample_is_refused_and_some_nans_are_black(tmp_path):
+    """An all-NaN float TIFF trained as a black picture, with numpy's "All-NaN slice" warning."""
+    Image.fromarray(np.full((4, 4), np.nan, np.float32), mode="F").save(tmp_path / "nan.tif")
+    with pytest.raises(MinfmError) as err:
+        read_rgb(tmp_path / "nan.tif")
+    assert str(err.value) == f"{tmp_path / 'nan.tif'}: not a readable image (no finite samples)"
+    a = np.full((4, 4), 0.5, np.float32)
+    a[0, 0], a[0, 1] = np.nan, np.inf
+    Image.fromarray(a, mode="F").save(tmp_path / "some.tif")
+    im = read_rgb(tmp_path / "some.tif")
+    assert [im.getpixel((x, 0)) for x in range(3)] == [(0, 0, 0), (0, 0, 0), (128, 128, 128)]
+
+
+def test_a_16_bit_picture_costs_a_few_bytes_a_pixel_to_scale(tmp_path):
+    """float64 and a temporary for each step peaked at 2.9 GB for a 9000 x 9900 16-bit PNG of
+    194 KB (an 8-bit one: 0.56 GB); numpy's allocations of the scaling, per pixel."""
+    import tracemalloc
+
+    Image.fromarray(np.full((500, 400), 40000, np.uint16)).save(tmp_path / "g16.png")
+    tracemalloc.start()
+    try:
+        im = read_rgb(tmp_path / "g16.png")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert im.getpixel((0, 0)) == (156, 156, 156)
+    assert peak / (500 * 400) < 10, peak  # float32 (4) + the 16-bit copy (2) + masks and the uint8 result
