@@ -289,6 +289,34 @@ def test_a_cache_of_another_vae_is_refused_at_the_first_batch(tmp_path):
         train(tiny(tmp_path / "run", *cached(SHAPES, out), "train.max_steps=1"))
 
 
+def test_a_cached_latent_larger_than_any_picture_is_refused_at_the_first_batch(tmp_path):
+    """A 394 KB shard of a latent 16,400 pixels tall (past the MAX_SIDE no recipe size may
+    pass) trained; a 12 MB one of 1024 x 1024 (16k x 16k pixels decoded) held step 1 of the
+    tiny model for over ten minutes."""
+    out = tmp_path / "latents"
+    for split in ("train", "val"):
+        _cache_of(out / split, {}, torch.zeros(3, 1, 16400, 2))
+    with pytest.raises(MinfmError) as info:
+        train(tiny(tmp_path / "run", *cached(SHAPES, out), "train.max_steps=1"))
+    assert str(info.value) == ("data: a cached latent of shape (3, 1, 16400, 2) is 1 frame(s) of 2x16400 pixels decoded "
+                               "(model.vae compresses 1x1x1); at most 1024 frames of 16383 pixels a side and 89,478,485 "
+                               "pixels are read: was the cache (data.latents_dir) made for another data size? "
+                               "(minfm cache latents)")
+
+
+@pytest.mark.parametrize("shape, ok", [((16, 1, 64, 64), True), ((16, 1, 1024, 1024), True), ((16, 1, 1200, 1200), False), ((16, 1, 1, 2048), False),
+                                       ((16, 256, 8, 8), True), ((16, 257, 8, 8), False), ((4, 1, 8, 8), False)])
+def test_cached_latents_are_held_to_the_bounds_of_pictures_and_clips(shape, ok):
+    from minfm_core.engine.pipeline import check_cached_latent
+
+    x = torch.empty(shape, device="meta")
+    if ok:
+        check_cached_latent(x, 16, (4, 8, 8))  # a video VAE: frames (F - 1) x 4 + 1
+    else:
+        with pytest.raises(MinfmError, match="^data: a cached latent"):
+            check_cached_latent(x, 16, (4, 8, 8))
+
+
 def test_a_prompt_is_bounded_as_a_caption_is(tmp_path):
     """An 8 MB prompt in a hand-made index went to the text encoder whole (captions: 1 MiB)."""
     folder = _cache_of(tmp_path / "c", {"prompt": "x" * ((1 << 20) + 1)})

@@ -123,11 +123,10 @@ class Pipeline:
         """Latents for a list of samples (cached ``latent`` entries pass straight through);
         sample i's posterior noise, if the VAE draws any, from ``generators[i]``."""
         out: list[Tensor | None] = [s.get("latent") for s in samples]
-        channels = self.resolved.config("model.vae").latent_channels
-        for x in out:  # a cache made with another VAE ended in a matmul's shape error
-            if x is not None and x.shape[0] != channels:
-                raise MinfmError(f"data: a cached latent has {x.shape[0]} channels, but model.vae makes {channels}: "
-                                 "was the cache (data.latents_dir) made with another VAE? (minfm cache latents)")
+        vae_cfg = self.resolved.config("model.vae")
+        for x in out:
+            if x is not None:
+                check_cached_latent(x, vae_cfg.latent_channels, tuple(vae_cfg.compression))
         todo = [i for i, x in enumerate(out) if x is None]
         if todo:
             images = [samples[i]["image"].to(self.device) for i in todo]
@@ -375,8 +374,9 @@ def prepare_batch(
                     [torch.Generator().manual_seed(derived_seed(s, POSTERIOR_STREAM)) for s in noise_seeds])
     prompts = ["" if d else pr for pr, d in zip(prompts, drop.tolist())]
     text = p.encode_text(prompts)
+    latents = p.encode_images(samples, vae_gens)  # its refusals of a cached latent say what is wrong
     try:
-        patched = p.patchifier.patchify(p.encode_images(samples, vae_gens))
+        patched = p.patchifier.patchify(latents)
     except MinfmError as exc:
         if not any("latent" in s for s in samples):
             raise
@@ -441,3 +441,26 @@ def per_sample_loss(p: Pipeline, batch: TrainInputs) -> Tensor:
     v = p.velocity(batch.x_t, batch.pos, batch.lens, batch.text, batch.t)
     err = (v.float() - batch.target.float()).pow(2).mean(-1)
     return packing.segment_mean(err, batch.lens)
+
+
+def check_cached_latent(x: Tensor, channels: int, compression: tuple[int, int, int]) -> None:
+    """A cached latent (C, F, h, w) the model can take: the VAE's channels (a cache made with
+    another VAE ended in a matmul's shape error), and a picture no larger than any picture
+    minFM reads: at most MAX_SIDE a side and PIL's MAX_IMAGE_PIXELS a frame once decoded, at
+    most MAX_FRAMES frames. A cache is a folder of files (perhaps downloaded): a 12 MB shard
+    of one 1024 x 1024 latent held the first step of a tiny model for over ten minutes."""
+    from PIL import Image
+
+    from ..validators import MAX_FRAMES, MAX_SIDE
+
+    if x.shape[0] != channels:
+        raise MinfmError(f"data: a cached latent has {x.shape[0]} channels, but model.vae makes {channels}: "
+                         "was the cache (data.latents_dir) made with another VAE? (minfm cache latents)")
+    ct, ch, cw = compression
+    frames, height, width = (x.shape[1] - 1) * ct + 1, x.shape[2] * ch, x.shape[3] * cw
+    limit = Image.MAX_IMAGE_PIXELS
+    if frames > MAX_FRAMES or max(height, width) > MAX_SIDE or (limit is not None and height * width > limit):
+        raise MinfmError(f"data: a cached latent of shape {tuple(x.shape)} is {frames} frame(s) of {width}x{height} "
+                         f"pixels decoded (model.vae compresses {ct}x{ch}x{cw}); at most {MAX_FRAMES} frames of "
+                         f"{MAX_SIDE} pixels a side and {int(limit or 0):,} pixels are read: was the cache "
+                         "(data.latents_dir) made for another data size? (minfm cache latents)")
