@@ -82,6 +82,14 @@ def test_a_value_starting_minus_digit_reaches_its_flag(text, capsys):
     assert err == f"minfm: error: --size {text!r}: expected HEIGHTxWIDTH or FRAMESxHEIGHTxWIDTH, e.g. 256x256 or 17x256x256"
 
 
+@pytest.mark.parametrize("text", ["-inf", "-nan", "-Infinity"])
+def test_minus_inf_and_nan_reach_their_flag(text, capsys):
+    """`--cfg -inf` read as an unknown flag: "argument --cfg: expected one argument" and the
+    usage, where `--cfg inf` got the flag's own message."""
+    assert main(["sample", "run", "--prompt", "a", "--cfg", text]) == 2
+    assert capsys.readouterr().err.strip() == f"minfm: error: --cfg: expected a finite number, got {text}"
+
+
 def _parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
     yield path, parser
     for action in parser._actions:

@@ -23,10 +23,10 @@ from ..validators import MAX_FRAMES, MAX_SIDE
 class Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        # Anything starting "-<digit>" is a value, not a flag (no flag of ours looks so):
-        # argparse took only plain numbers, so `--size -16x16` got "expected one argument"
-        # instead of the size's own message.
-        self._negative_number_matcher = re.compile(r"^-\.?\d")
+        # Anything starting "-<digit>", "-inf" or "-nan" is a value, not a flag (no flag of
+        # ours looks so): argparse took only plain numbers, so `--size -16x16` and `--cfg -inf`
+        # got "expected one argument" instead of the value's own message.
+        self._negative_number_matcher = re.compile(r"^-(\.?\d|inf|nan)", re.IGNORECASE)
 
     def format_help(self) -> str:
         # Each ranged number's help says its range (and its default): the ranges were
