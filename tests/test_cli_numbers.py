@@ -113,3 +113,30 @@ def test_every_ranged_flag_shows_its_range_in_help():
                     missing.append(f"minfm {' '.join(path)} {action.option_strings[0]}: {shown}")
         assert " ".join(parser.format_help().split()) == text  # shown once, however often asked
     assert not missing, missing
+
+
+def test_no_flag_or_argument_takes_an_empty_value(capsys):
+    """`sample --prompt-file ''`, `eval --extractor ''` and `data imagenet prepare --encoder ''`
+    were read as "not given" (the default used, exit 0): every value of every command's flags
+    and arguments, parsed from '', is refused (generated from the parsers, plugins' included)."""
+    from minfm_core.errors import MinfmError
+
+    taken = []
+    for path, parser in _parsers(build_parser()):
+        for action in parser._actions:
+            if not isinstance(action, (argparse._StoreAction, argparse._AppendAction)) or action.nargs not in (None, "?"):
+                continue
+            if action.choices is not None:
+                assert "" not in action.choices
+                continue
+            if (path, action.dest) == (("sample",), "prompt"):
+                assert action.type("") == ""  # the empty prompt: unconditional samples
+                continue
+            try:
+                action.type("")
+            except (MinfmError, argparse.ArgumentTypeError, ValueError):
+                continue
+            taken.append(f"{' '.join(path)} {action.option_strings or action.dest}")
+    assert taken == []
+    assert main(["sample", "run", "--prompt-file", ""]) == 2
+    assert capsys.readouterr().err.strip() == "minfm: error: --prompt-file: empty value"

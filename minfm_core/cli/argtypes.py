@@ -43,6 +43,16 @@ class Parser(argparse.ArgumentParser):
             action._range_shown = True
         return super().format_help()
 
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        # A value taken as text is never empty: `--prompt-file ''` or `--extractor ''` read as
+        # "not given" (the truthiness test after parsing) and the default was used instead.
+        if action.type is None and action.choices is None and action.nargs in (None, "?") \
+                and isinstance(action, (argparse._StoreAction, argparse._AppendAction)):
+            action.type = non_empty(action.option_strings[0] if action.option_strings
+                                    else action.metavar or action.dest.upper())
+        return action
+
     def error(self, message: str):  # argparse's own usage errors: exit 2, like ours
         self.print_usage(sys.stderr)
         raise MinfmError(message)
