@@ -20,7 +20,6 @@ def register(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     cmds = hub.add_subparsers(dest="hub_command", metavar="SUBCOMMAND", parser_class=type(hub))
-    hub.set_defaults(func=lambda args: hub.print_help() or 2)
 
     p = cmds.add_parser("push", help="upload a trained model as one commit (no-op when nothing changed)")
     p.add_argument("src", metavar="SRC", type=non_empty("SRC"), help="run dir, checkpoint dir, or a folder holding model.safetensors")

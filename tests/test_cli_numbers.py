@@ -140,3 +140,16 @@ def test_no_flag_or_argument_takes_an_empty_value(capsys):
     assert taken == []
     assert main(["sample", "run", "--prompt-file", ""]) == 2
     assert capsys.readouterr().err.strip() == "minfm: error: --prompt-file: empty value"
+
+
+def test_a_command_group_without_its_command_is_a_usage_error(capsys):
+    """`minfm`, `minfm hub`, `minfm export` and `minfm balance` printed their whole help on
+    stdout (exit 2), `minfm cache` on stderr, `minfm eval` the error: every group (plugins'
+    included) now the error on stderr."""
+    groups = [(path, action) for path, parser in _parsers(build_parser()) for action in parser._actions
+              if isinstance(action, argparse._SubParsersAction)]
+    assert len(groups) >= 8
+    for path, action in groups:
+        assert main(list(path)) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.splitlines()[-1] == f"minfm: error: the following arguments are required: {action.metavar}"

@@ -37,7 +37,7 @@ def test_a_repo_holding_a_pickle_is_refused_on_pull(hub_server, tmp_path):
     (("hub", "pull", "org/name@bad rev"), "invalid Hub revision 'bad rev'"),
     (("hub", "push", ".", "org--x"), "invalid Hub repo id"),
     # the card's metadata published it as typed: empty, or a newline and HTML after it
-    (("hub", "push", ".", "org/there", "--license", ""), "--license '': expected a license id"),
+    (("hub", "push", ".", "org/there", "--license", ""), "--license: empty value"),
     (("hub", "push", ".", "org/there", "--license", "mit\n<script>"), "--license 'mit\\n<script>': expected a license id"),
     (("hub", "pull", "org/absent"), "Hub repo org/absent not found"),
     (("hub", "pull", "org/there@nope"), "org/there@nope: no such revision"),

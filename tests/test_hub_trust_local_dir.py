@@ -70,7 +70,7 @@ def test_an_empty_local_dir_is_refused(hub_server, tmp_path):
     env = {**env_for(hub_server, tmp_path), "MINFM_DISABLE_PLUGINS": only_hub_plugin(), "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", "minfm_core.cli.main", "hub", "pull", "org/m", "--local-dir", ""],
                           capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
-    assert one_error_line(proc) == "minfm: error: --local-dir: expected a folder, got an empty path"
+    assert one_error_line(proc) == "minfm: error: --local-dir: empty value"
     assert list(cwd.iterdir()) == []
 
 

@@ -53,6 +53,14 @@ class Parser(argparse.ArgumentParser):
                                     else action.metavar or action.dest.upper())
         return action
 
+    def add_subparsers(self, **kwargs):
+        # A group without its command (`minfm hub`) is a usage error, on stderr with exit 2:
+        # some groups printed their help on stdout (exit 2), others the error.
+        kwargs.setdefault("parser_class", type(self))
+        action = super().add_subparsers(**kwargs)
+        action.required = True
+        return action
+
     def error(self, message: str):  # argparse's own usage errors: exit 2, like ours
         self.print_usage(sys.stderr)
         raise MinfmError(message)

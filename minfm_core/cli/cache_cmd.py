@@ -11,7 +11,6 @@ config property, or names one in a ``pretrained`` field (see
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from ..errors import MinfmError, NotCachedError
@@ -25,7 +24,6 @@ def register(sub) -> None:
 
     p = sub.add_parser("cache", help="pre-fetch pretrained weights; encode a dataset's latents once")
     what = p.add_subparsers(dest="cache_what", metavar="WHAT", parser_class=_Parser)
-    p.set_defaults(func=lambda args: (p.print_help(sys.stderr), 2)[1])
 
     m = what.add_parser("models", help="download every pretrained weight the recipe names (T5, CLIP, VAE, denoiser)")
     add_recipe_args(m)

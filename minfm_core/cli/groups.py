@@ -35,7 +35,6 @@ def command_group(subparsers, name: str, help: str | None = None):
         parser = subparsers.add_parser(name, help=help)
         # type(parser): the CLI's own parser class, whose usage errors exit 2 like every other error
         action = parser.add_subparsers(dest=f"{name}_command", metavar="COMMAND", parser_class=type(parser))
-        action.required = True
         _GROUPS[parser] = action
     elif parser not in _GROUPS:
         raise PluginError(f"'minfm {name}' is a command, not a command group; pick another group name")

@@ -129,8 +129,8 @@ def _main(argv: Sequence[str] | None) -> int:
             sys.argv = [sys.argv[0], *argv]
         parser = build_parser()
         args = parser.parse_args(argv)
-        if not getattr(args, "func", None):
-            parser.print_help()
+        if not getattr(args, "func", None):  # a plugin's command that set no func
+            parser.print_help(sys.stderr)
             return 2
         return int(args.func(args) or 0)
     except MinfmError as exc:

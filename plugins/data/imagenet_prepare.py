@@ -47,7 +47,6 @@ def register(sub) -> None:
     which = command_group(sub, "data", help="prepare datasets")
     inet = which.add_parser("imagenet", help="ILSVRC-2012")
     action = inet.add_subparsers(dest="data_action", metavar="ACTION", parser_class=type(inet))
-    action.required = True
     q = action.add_parser("prepare", help="class names, label map, class-name embeddings (and latents) from an ILSVRC folder")
     q.add_argument("root", type=non_empty("ROOT"), help="ILSVRC-2012 folder with train/<wnid>/*.JPEG (and val/)")
     q.add_argument("--recipe", required=True, type=non_empty("--recipe"), help="the training recipe (its data, text encoder and VAE)")

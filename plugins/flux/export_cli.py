@@ -21,7 +21,6 @@ def add_export_command(subparsers) -> None:
     d.add_argument("--dtype", choices=("keep", "bf16", "fp16", "fp32"), default="keep", help="cast the weights")
     add_allow_pickle_flag(d)
     d.set_defaults(func=_run)
-    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
 def _run(args) -> int:

@@ -59,7 +59,6 @@ def add_parser(sub) -> None:
     s.add_argument("--tolerance", type=finite_float("--tolerance", 0.0, MAX_TOLERANCE), default=None, help="locality tolerance of our planner (default: recipe's, else 0)")
     s.add_argument("--trace-out", help="write the trace used as JSON (a new file, or a trace file to replace)")
     s.set_defaults(func=_simulate)
-    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
 def _simulate(args) -> int:
