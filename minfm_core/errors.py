@@ -150,3 +150,15 @@ class PluginError(MinfmError):
 
 class UnknownComponentError(MinfmError):
     """A recipe names a component that no installed plugin registers."""
+
+
+def terminal_safe(text: str, newlines: bool = False) -> str:
+    """``text`` with every non-printable character but tabs (and newlines, if ``newlines``)
+    escaped (``\\x1b``, ``\\n``): what minfm prints quotes paths and recipe values, which
+    may come with a downloaded model, and an ESC sequence in one would drive the terminal
+    (set its title, recolour what follows) or a newline forge a line of minfm's own."""
+    if text.isprintable():
+        return text
+    keep = "\n\t" if newlines else "\t"
+    return "".join(c if c.isprintable() or c in keep else ascii(c)[1:-1] for c in text)
+

@@ -37,7 +37,7 @@ import pluggy
 from . import hookspecs
 from .cli.groups import command_paths, drop_command, guard_commands
 from .components import KINDS, Component, Registry, component
-from .errors import PluginError
+from .errors import PluginError, terminal_safe
 from .suggest import did_you_mean
 
 if sys.version_info >= (3, 11):  # not minfm_core.recipe.toml: that package imports the registry
@@ -147,7 +147,7 @@ def _entry_points() -> list[tuple[str, str, Any, str, bool]]:
 
 
 def _warn(msg: str) -> None:
-    print(f"minfm: warning: {msg}", file=sys.stderr)
+    print(terminal_safe(f"minfm: warning: {msg}"), file=sys.stderr)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -335,6 +335,21 @@ def test_errors_show_control_characters_escaped(capsys):
     assert "evil\\x1b]0;owned\\x07\\u202etxt" in err
 
 
+def test_success_lines_show_control_characters_escaped(tmp_path, capsys):
+    """Errors were escaped, the lines of a run that went well were not: a (downloaded) recipe's
+    run.exp_dir of ESC sequences set the terminal's title and colour in "trained to step 1"."""
+    from engine_helpers import TINY
+
+    from minfm_core.cli.main import main
+
+    exp = tmp_path / "r\x1b]0;PWNED\x07\x1b[31mRED"
+    assert main(["run", str(TINY), "--set", f"run.exp_dir={json.dumps(str(exp))}", "--set", "train.max_steps=1",
+                 "--set", "train.sample_every=0", "--set", "train.val_every=0"]) == 0
+    out = capsys.readouterr().out
+    assert "trained to step 1" in out and "\x1b" not in out and "\x07" not in out
+    assert "r\\x1b]0;PWNED\\x07\\x1b[31mRED" in out
+
+
 def test_a_newline_in_a_quoted_name_cannot_start_a_line_of_its_own(tmp_path, capsys):
     """A file name holding a newline (a dataset, a repo) could print a second line reading like
     minfm's own ("minfm: all good"); errors are one line, a RecipeError's list one per problem."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import MinfmError, NotCachedError
+from ..errors import MinfmError, NotCachedError, terminal_safe
 from ..pretrained import is_local, parse_hub_ref, recipe_refs, resolve_pretrained
 from ..recipe import ONE_PROCESS, load_recipe
 from . import latents_cmd
@@ -44,7 +44,7 @@ def run_models(args) -> int:
             continue
         seen.add(ref)
         if is_local(ref):
-            print(f"{path}: {ref} (local, skipped)")
+            print(terminal_safe(f"{path}: {ref} (local, skipped)"))  # a recipe's values (perhaps downloaded)
             continue
         try:  # one missing reference (e.g. a file another command writes) does not stop the others
             local = resolve_pretrained(ref)
@@ -60,7 +60,7 @@ def run_models(args) -> int:
             failed.append(f"{exc}" + (" (nor is it an existing local file)" if Path(ref).suffix else ""))
             continue
         fetched += 1
-        print(f"{path}: {ref} -> {local}")
+        print(terminal_safe(f"{path}: {ref} -> {local}"))
     if fetched and not failed:  # offline runs would miss whatever failed
         print(f"{fetched} Hub reference(s) in the Hugging Face cache; later runs can set HF_HUB_OFFLINE=1")
     elif fetched:

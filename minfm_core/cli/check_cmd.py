@@ -8,7 +8,7 @@ from pathlib import Path
 
 import tomli_w
 
-from ..errors import RecipeError
+from ..errors import RecipeError, terminal_safe
 from ..launch_env import MAX_WORLD_SIZE, launch_env
 from ..pretrained import parse_hub_ref
 from ..recipe import load_recipe
@@ -94,7 +94,7 @@ def run(args) -> int:
         print(tomli_w.dumps(resolved.to_dict()))
         return 0
     for w in data_path_warnings(resolved) + section_file_warnings(resolved):
-        print(f"minfm: warning: {w}", file=sys.stderr)
+        print(terminal_safe(f"minfm: warning: {w}"), file=sys.stderr)
     print(f"{args.recipe}: ok (job = {resolved.recipe.job!r})")
     print(summary_table(resolved, counts))
     return 0

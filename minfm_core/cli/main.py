@@ -32,9 +32,8 @@ from typing import NoReturn
 from .. import __version__
 from ..errors import (
     MinfmError, MinfmWarning, RecipeError, checkpoint_failures, data_worker_lost_line, first_line, os_error_line,
-    out_of_memory_line,
+    out_of_memory_line, peer_lost_line, terminal_safe,
 )
-from ..errors import peer_lost_line
 from ..launch_env import is_multi_process
 from .argtypes import Parser as _Parser
 
@@ -181,15 +180,6 @@ def _say(line: str, lines: bool = False) -> None:
 
     sys.stderr.write(terminal_safe(mask_secrets(line), newlines=lines) + "\n")
     sys.stderr.flush()
-
-
-def terminal_safe(text: str, newlines: bool = False) -> str:
-    """``text`` with every non-printable character but tabs (and newlines, if ``newlines``)
-    escaped (``\\x1b``, ``\\n``)."""
-    if text.isprintable():
-        return text
-    keep = "\n\t" if newlines else "\t"
-    return "".join(c if c.isprintable() or c in keep else ascii(c)[1:-1] for c in text)
 
 
 def _relaunch_argv(name: str, text: str) -> list[str]:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from .. import runlock
-from ..errors import MinfmError, RecipeError
+from ..errors import MinfmError, RecipeError, terminal_safe
 from ..launch_env import launch_env
 from ..recipe import load_recipe
 from ..recipe.checks import job_checks
@@ -195,7 +195,7 @@ def serve(args) -> int:
     with httpd:
         host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address in a URL
         page = "samples/" if (root / "samples").is_dir() else ""
-        print(f"minfm: serving {root} at http://{host}:{httpd.server_address[1]}/{page}", flush=True)
+        print(terminal_safe(f"minfm: serving {root} at http://{host}:{httpd.server_address[1]}/{page}"), flush=True)
         httpd.serve_forever()
     return 0
 

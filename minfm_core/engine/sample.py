@@ -36,7 +36,7 @@ import torch.distributed as dist
 from .. import checkpoint as ckpt_mod
 from .. import runlock
 from ..checkpoint_format import MANIFEST, read_manifest
-from ..errors import MinfmError, os_error_line
+from ..errors import MinfmError, os_error_line, terminal_safe
 from ..images import read_rgb
 from ..jsonio import parse_json
 from ..pretrained import resolve_recipe_refs
@@ -508,9 +508,9 @@ def run_sampling(resolved, prompts: list[str], out: Path, *, weights, source: st
             kind = f"{'clip' if clips else 'image'}{'s' * (len(items) != 1)}"
             drawn = sum(len(batches[b]) for b in pending)
             if drawn == len(items):
-                print(f"minfm: wrote {len(items)} {kind} to {out}")
+                print(terminal_safe(f"minfm: wrote {len(items)} {kind} to {out}"))
             else:  # a resumed request: say what this call added
-                print(f"minfm: {out} holds all {len(items)} {kind}: {drawn} drawn now, {len(items) - drawn} already there")
+                print(terminal_safe(f"minfm: {out} holds all {len(items)} {kind}: {drawn} drawn now, {len(items) - drawn} already there"))
     finally:
         if rt.is_main:
             if claimed_unused:

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from .. import checkpoint as ckpt_mod
 from .. import runlock
 from ..data_loader import BatchIterator
-from ..errors import MinfmError, MinfmWarning, RecipeError
+from ..errors import MinfmError, MinfmWarning, RecipeError, terminal_safe
 from ..jsonio import parse_json
 from ..recipe.schema import CHECKPOINT_PARTS, DEFAULT_LOAD_PLAN, init_plan
 from ..recipe.checks import accumulation_steps, job_checks
@@ -662,7 +662,7 @@ class Trainer:
 
     def _log_line(self, text: str) -> None:
         if self.rt.is_main:
-            print(f"minfm: {text}", flush=True)
+            print(terminal_safe(f"minfm: {text}"), flush=True)  # it quotes run.exp_dir
 
 
 def train(resolved) -> int:

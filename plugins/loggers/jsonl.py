@@ -17,7 +17,7 @@ import time
 import warnings
 from pathlib import Path
 
-from minfm_core.errors import MinfmWarning
+from minfm_core.errors import MinfmWarning, terminal_safe
 from minfm_core.safepath import write_atomic, write_text_atomic
 from minfm_core.textfiles import read_bounded
 
@@ -105,7 +105,7 @@ class JsonlLogger(Logger):
                 ax.plot(steps, values, marker="o", markersize=3, label=key)
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
-        ax.set_title(self.run_dir.name)
+        ax.set_title(terminal_safe(self.run_dir.name))  # a control character is no glyph: shown escaped
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
