@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 
 from minfm_core import hookimpl
-from minfm_core.cli.argtypes import add_allowed_host_flag, non_empty
+from minfm_core.cli.argtypes import add_allowed_host_flag, host_arg, non_empty
 from minfm_core.errors import MinfmError
 
 from .numbers import NUMBERS
@@ -24,7 +24,7 @@ def register_commands(subparsers):
                     "packed batch, even at different sizes.",
     )
     p.add_argument("source", metavar="SRC", type=non_empty("SRC"), help="run directory, checkpoint directory, model folder or hf://org/name[@rev]")
-    p.add_argument("--host", default="127.0.0.1", type=non_empty("--host"), help="address to bind (default: loopback only)")
+    p.add_argument("--host", default="127.0.0.1", type=host_arg, help="address to bind (default: loopback only)")
     p.add_argument("--port", type=NUMBERS["--port"], default=None, help="port (default: the first free one from 7860)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     add_allowed_host_flag(p)

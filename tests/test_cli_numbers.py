@@ -153,3 +153,13 @@ def test_a_command_group_without_its_command_is_a_usage_error(capsys):
         assert main(list(path)) == 2
         out, err = capsys.readouterr()
         assert out == "" and err.splitlines()[-1] == f"minfm: error: the following arguments are required: {action.metavar}"
+
+
+@pytest.mark.parametrize("command", ["serve", "demo"])
+@pytest.mark.parametrize("host, shown", [(" ", "' '"), ("a\x1bb", "'a\\x1bb'"), ("h" * 100_000, repr("h" * 80) + "...")])
+def test_a_host_that_is_no_host_is_quoted_and_cut(command, host, shown, capsys):
+    """`--host ' '` read `--host   --port 8000: cannot listen there`; a 100,000-character host
+    was quoted whole in a 100 KB line."""
+    assert main([command, "run", "--host", host]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"minfm: error: --host {shown}: expected a host name or address such as 127.0.0.1, ::1 or 0.0.0.0"

@@ -23,7 +23,7 @@ from ..recipe.checks import job_checks
 from ..safepath import missing_folder
 from ..engine.stop_signal import STOPPED_EXIT_CODE
 from ..validators import MAX_GUIDANCE, MAX_SAMPLES, MAX_SEED, MAX_SOLVER_STEPS
-from .argtypes import (add_allow_pickle_flag, add_allowed_host_flag, finite_float, host_allowed, host_name, is_loopback,
+from .argtypes import (add_allow_pickle_flag, add_allowed_host_flag, finite_float, host_allowed, host_arg, host_name, is_loopback,
                        int_in, listen_family, non_empty, nprocs, prompt_arg, sample_size)
 
 
@@ -63,7 +63,7 @@ def register(sub) -> None:
 
     p = sub.add_parser("serve", help="browse a run's galleries on a loopback web server")
     p.add_argument("exp_dir", type=non_empty("EXP_DIR"), help="run directory")
-    p.add_argument("--host", default="127.0.0.1", type=non_empty("--host"), help="address to bind (default: loopback only)")
+    p.add_argument("--host", default="127.0.0.1", type=host_arg, help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int_in("--port", 0, 65535), default=8000, help="port (0: any free one; default 8000)")
     add_allowed_host_flag(p)
     p.set_defaults(func=serve)
