@@ -116,7 +116,7 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     ``path`` is refused: the rename would replace it (``--out /dev/null`` run as root
     replaced /dev/null with a plain file)."""
     path = Path(path)
-    _refuse_special(path)
+    refuse_special(path)
     tmp = _fresh_file(path)
     try:
         mode = stat.S_IMODE(os.stat(tmp).st_mode)
@@ -148,7 +148,9 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
         raise
 
 
-def _refuse_special(path: Path) -> None:
+def refuse_special(path: Path) -> None:
+    """A MinfmError where ``path`` is a device, FIFO or socket (what :func:`write_atomic`
+    refuses to replace): for a command to say so before its work, not after it."""
     try:
         mode = os.lstat(path).st_mode
     except OSError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -235,6 +236,8 @@ def test_cli_imagenet_and_folder(tmp_path, capsys):
     (["eval", "imagenet", "{s}", "--ref", "{folder}", "--out", "{folder}/deep/../m.json"],
      "lies inside the --ref folder"),
     (["eval", "imagenet", "{s}", "--ref", "{r}", "--out", "/proc/m.json"], "--out /proc/m.json: cannot write in /proc"),
+    # refused by the write only after the whole evaluation (its table printed, its numbers lost)
+    (["eval", "imagenet", "{s}", "--ref", "{r}", "--out", "{tmp}/fifo"], "fifo: is a FIFO, not a file; refusing to replace it"),
 ])
 def test_cli_bad_input_exits_2(tmp_path, capsys, argv, message):
     from PIL import Image
@@ -246,14 +249,16 @@ def test_cli_bad_input_exits_2(tmp_path, capsys, argv, message):
     for i, a in enumerate(images(4, 2)):
         Image.fromarray(a).save(tmp_path / "folder" / f"{i}.png")
     (tmp_path / "link.json").symlink_to(r)
+    os.mkfifo(tmp_path / "fifo")
     inputs = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     one = save_npz(tmp_path / "one.npz", images(1, 0))
     np.savez(tmp_path / "bad.npz", arr_0=np.zeros((4, 8, 8), np.float32))
     argv = [a.format(s=s, r=r, one=one, tmp=tmp_path, bad=tmp_path / "bad.npz", folder=tmp_path / "folder",
                      link=tmp_path / "link.json") for a in argv]
     assert cli([*argv, "--extractor", "eval_helpers:make_extractor"] if "--extractor" not in argv else argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0]
+    out, err = capsys.readouterr()
+    err = err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and out == ""  # before any work
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p in inputs} == inputs  # nothing written over
     assert not list(tmp_path.rglob("m.*"))
 

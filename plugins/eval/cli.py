@@ -16,7 +16,7 @@ from pathlib import Path
 from minfm_core.cli.argtypes import int_in, non_empty
 from minfm_core.cli.groups import command_group
 from minfm_core.errors import MinfmError
-from minfm_core.safepath import is_inside, missing_folder, write_text_atomic
+from minfm_core.safepath import is_inside, missing_folder, refuse_special, write_text_atomic
 from minfm_core.validators import MAX_BATCH
 
 #: The seed's table was computed on 50,000 samples (1000 classes x 50).
@@ -78,6 +78,10 @@ def check_out(out: Path, samples: Path, ref: Path) -> None:
     if out.is_dir() or not out.parent.is_dir():
         why = "is a folder" if out.is_dir() else f"{out.parent} is not a folder"
         raise MinfmError(f"--out {out}: {why}; name a JSON file to write")
+    try:  # a FIFO or /dev/null: refused by the write, after the whole evaluation
+        refuse_special(out)
+    except MinfmError as exc:
+        raise MinfmError(f"--out {exc}") from None
     for what, source in (("the samples", samples), ("the --ref", ref)):
         if source.is_dir() and is_inside(out, source):
             raise MinfmError(f"--out {out}: lies inside {what} folder {source}; write the metrics elsewhere")
