@@ -17,8 +17,10 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass
 
@@ -411,6 +413,12 @@ def serve(src: str, *, host: str = "127.0.0.1", port: int | None = None, share: 
     if share:
         print("minfm demo: warning: --share opens a public link: anyone with it can use this model", file=sys.stderr)
     _log_calls()
+    # Gradio serves every file below its cache, by default the machine's shared /tmp/gradio:
+    # other programs' files (and earlier demos' images) were served too. A folder of this
+    # server's own (0700), removed when it stops; a GRADIO_TEMP_DIR the user set is theirs.
+    own_cache = None
+    if not os.environ.get("GRADIO_TEMP_DIR"):
+        own_cache = os.environ["GRADIO_TEMP_DIR"] = tempfile.mkdtemp(prefix="minfm-demo-")
     batcher = Batcher(lambda settings, jobs, cb: model.run(settings, jobs, cb), window_s=window_ms / 1000.0,
                       max_batch=max_batch, max_queue=batcher_queue_limit(queue_limit, max_batch))
     app = build_app(model, batcher, queue_limit=queue_limit)
@@ -427,6 +435,8 @@ def serve(src: str, *, host: str = "127.0.0.1", port: int | None = None, share: 
     closer.start()
     closer.join(5.0)
     batcher.close(timeout=5.0)
+    if own_cache is not None:
+        shutil.rmtree(own_cache, ignore_errors=True)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

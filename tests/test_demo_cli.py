@@ -71,10 +71,16 @@ def test_minfm_demo_serves_the_api_on_loopback(tmp_path):
 
     train(tiny(tmp_path / "run", "train.max_steps=2"))
     port = free_port()
+    # Gradio's default cache is the machine's shared <tmp>/gradio, every file of which it serves
+    tmp = tmp_path / "tmp"
+    other = tmp / "gradio" / "other_app" / "private.txt"
+    other.parent.mkdir(parents=True)
+    other.write_text("another program's file")
+    env = {k: v for k, v in os.environ.items() if k != "GRADIO_TEMP_DIR"}
     proc = subprocess.Popen([sys.executable, "-m", "minfm_core.cli.main", "demo", str(tmp_path / "run"), "--port", str(port),
                              "--allowed-host", "proxy.example"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**env, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp)})
     lines: list[str] = []
     try:
         deadline = time.monotonic() + 120
@@ -111,8 +117,15 @@ def test_minfm_demo_serves_the_api_on_loopback(tmp_path):
                 return exc.code
 
         assert (status("evil.example"), status("proxy.example:443"), status(f"localhost:{port}")) == (403, 200, 200)
+        own = [p for p in tmp.iterdir() if p.name.startswith("minfm-demo-")]  # the server's own cache, 0700
+        assert len(own) == 1 and (own[0].stat().st_mode & 0o777) == 0o700 and any(own[0].rglob("*.*"))
+        served = urllib.request.Request(f"http://127.0.0.1:{port}/gradio_api/file={other}", headers={"Host": "localhost"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(served, timeout=30)
+        assert refused.value.code == 403
     finally:
         stop_process(proc)
+    assert not [p for p in tmp.iterdir() if p.name.startswith("minfm-demo-")]  # removed when it stopped
     assert proc.returncode == 130 and any("minfm: interrupted" in x for x in lines), "".join(lines)
     # our flag is --share; gradio's banner advised "set `share=True` in `launch()`"
     assert any("(--share opens a public link too)" in x for x in lines), "".join(lines)
