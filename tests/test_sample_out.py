@@ -316,3 +316,32 @@ def test_a_training_gallery_cell_is_redrawn_by_sampling_its_checkpoint(tmp_path)
         x, y = 2 + (cell % 8) * 18, 2 + (cell // 8) * 18  # 16x16 cells, 2-pixel padding, 8 to a row
         image = np.asarray(Image.open(tmp_path / "out" / r["path"]).convert("RGB")).astype(int)
         assert np.abs(image - gallery[y:y + 16, x:x + 16]).max() == 0, r
+
+
+@pytest.mark.parametrize("flag, override, key", [
+    (("--steps", "1"), "sample.steps=-1", "--steps"),
+    ((), 'sample.out_dir="/dev/null"', "--out"),
+    ((), 'sample.source="elsewhere"', "SRC"),
+])
+def test_a_set_that_the_commands_own_argument_would_override_is_refused(run_dir, tmp_path, flag, override, key):
+    """`--steps 1 --set sample.steps=-1` drew with 1 step, the -1 never checked; `--set
+    sample.out_dir=/dev/null` wrote to the default folder (exit 0)."""
+    res = sample(run_dir, tmp_path / "o", *flag, "--set", override)
+    name = override.partition("=")[0]
+    assert one_error_line(res) == f"minfm: error: --set {name}: minfm sample takes it from {key}; give it there"
+    assert not (tmp_path / "o").exists()
+
+
+def test_without_prompts_it_draws_the_sample_jobs_prompts_and_file(run_dir, tmp_path):
+    """A `--set sample.prompt_file` was never read where the recipe had sample.prompts (a
+    missing file: exit 0); `minfm sample` draws what job = "sample" draws: both."""
+    res = minfm_in_process("sample", str(run_dir), "--out", str(tmp_path / "o"), "--steps", "1", "--n", "1",
+                           "--size", "16x16", "--set", 'sample.prompt_file="/does/not/exist"')
+    assert one_error_line(res, "/does/not/exist")
+    (tmp_path / "p.txt").write_text("from the file\n")
+    res = minfm_in_process("sample", str(run_dir), "--out", str(tmp_path / "o"), "--steps", "1", "--n", "1",
+                           "--size", "16x16", "--set", 'sample.prompts=["a"]', "--set",
+                           f"sample.prompt_file={json.dumps(str(tmp_path / 'p.txt'))}")
+    assert res.returncode == 0, res.stderr
+    meta = json.loads((tmp_path / "o" / "metadata.json").read_text())
+    assert sorted(r["prompt"] for r in meta["images"]) == ["a", "from the file"]

@@ -109,7 +109,9 @@ def host_arg(text: str) -> str:
     """``--host``: a host name or address, at most 253 characters (DNS's limit), no spaces or
     control characters: `--host ' '` was shown as `--host   --port`, a 100,000-character one
     was quoted whole in a 100 KB error line."""
-    if not text or len(text) > 253 or any(c.isspace() or not c.isprintable() for c in text):
+    if not text:
+        raise MinfmError("--host: empty value")
+    if len(text) > 253 or any(c.isspace() or not c.isprintable() for c in text):
         raise MinfmError(f"--host {text[:80]!r}{'...' if len(text) > 80 else ''}: expected a host name or address "
                          "such as 127.0.0.1, ::1 or 0.0.0.0")
     return text

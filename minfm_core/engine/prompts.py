@@ -40,6 +40,13 @@ def gallery_prompts(recipe) -> list[str]:
     return ["" for _ in range(4)]
 
 
+def sample_job_prompts(recipe) -> list[str]:
+    """What a sample job draws (``job = "sample"``, ``minfm sample`` without ``--prompt``):
+    ``sample.prompts``, then every line of ``sample.prompt_file``."""
+    s = recipe.sample
+    return list(s.prompts) + (read_prompt_file(s.prompt_file) if s.prompt_file else [])
+
+
 def job_prompts(recipe, job: str) -> list[tuple[str, list[str]]]:
     """The prompts ``job`` (``"train"`` or ``"sample"``) encodes, each list with the recipe key
     it comes from: a sample job's ``sample.prompts`` and ``sample.prompt_file``; a training

@@ -45,7 +45,7 @@ from ..textfiles import read_bounded
 from ..validators import draw_problem
 from ..weights import check_weights_folder, has_weights, load_safetensors_into
 from .gallery import write_sample_index
-from .prompts import read_prompt_file
+from .prompts import read_prompt_file, sample_job_prompts
 from .generate import generate, image_seed, to_pil, to_uint8
 from .video_io import DEFAULT_FPS, encode_webp, read_webp, require_av, write_mp4
 from .pipeline import build_pipeline, sharded_denoiser
@@ -151,15 +151,22 @@ def _sample_cli(args, src: Path, stack: contextlib.ExitStack) -> int:
     # In one process nothing is sharded or balanced: a run trained on 2 GPUs with
     # balancer.bags = "g1n2" samples here as it would there (the user's --set still wins).
     one = list(ONE_PROCESS) if launch_env().world_size == 1 else []
+    # A setting that is a flag's, or that this command takes from its arguments, given by --set
+    # too: the flag's value won and the --set one was never read (`--steps 1 --set
+    # sample.steps=-1` went unchecked; `--set sample.out_dir=...` wrote to the default).
+    taken = {o.partition("=")[0]: flag for o, flag in flagged.items()}
+    taken |= {"sample.out_dir": "--out", "sample.source": "SRC"}
+    for override in args.overrides:
+        key = override.partition("=")[0].strip()
+        if key in taken:
+            raise MinfmError(f"--set {key}: minfm sample takes it from {taken[key]}; give it there")
     overrides = ["job=sample", *one, *args.overrides, *flagged]
     flags = {"job": "", **{o.partition("=")[0]: "" for o in one},
              **{override.partition("=")[0]: flag for override, flag in flagged.items()}}
     # A recipe downloaded with the model is data (docs/security.md); --set stays the user's.
     resolved = load_recipe(recipe_path, overrides, untrusted_root=recipe_root(recipe_path), flags=flags, recorded=True)
-    if not prompts:
-        prompts = list(resolved.recipe.sample.prompts) or (
-            read_prompt_file(resolved.recipe.sample.prompt_file) if resolved.recipe.sample.prompt_file else []
-        )
+    if not prompts:  # the sample job's, as job = "sample" draws them: a --set prompt_file was ignored
+        prompts = sample_job_prompts(resolved.recipe)
     if not prompts:
         raise MinfmError("no prompts: pass --prompt or --prompt-file (or set sample.prompts in the recipe)")
     _check_draw(len(prompts), resolved.recipe.sample.samples_per_prompt,
@@ -202,7 +209,7 @@ def sample_recipe(resolved) -> int:
     if problems:
         raise RecipeError(problems, resolved.source)
     s = resolved.recipe.sample
-    prompts = list(s.prompts) + (read_prompt_file(s.prompt_file) if s.prompt_file else [])
+    prompts = sample_job_prompts(resolved.recipe)
     if not prompts:
         raise MinfmError("sample.prompts / sample.prompt_file: a sample job needs prompts")
     allow_pickle = resolved.recipe.train.allow_pickle_checkpoint
