@@ -110,6 +110,8 @@ def _opened(path: str | Path) -> Iterator[Image]:
                 yield im
     except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as exc:
         raise MinfmError(f"{path}: image too large to decode safely ({first_line(exc, 120)})") from None
+    except PILImage.UnidentifiedImageError:  # (it names the file object it was given)
+        raise MinfmError(f"{path}: not a readable image (cannot identify image file {os.fspath(path)!r})") from None
     except (OSError, ValueError, SyntaxError) as exc:  # PIL raises SyntaxError for some malformed headers
         raise MinfmError(f"{path}: not a readable image ({first_line(exc, 200)})") from None
 

@@ -61,6 +61,15 @@ def test_a_split_given_twice_is_refused(capsys):
     assert _error(capsys) == "--split val: given more than once"
 
 
+def test_every_split_is_found_before_any_is_encoded(tmp_path, capsys):
+    """`--split train --split bogus` encoded and wrote all of train, then refused bogus."""
+    out = tmp_path / "lat"
+    assert main(["cache", "latents", str(TINY), "--limit", "2", "--out", str(out), "--split", "train",
+                 "--split", "bogus"]) == 2
+    assert _error(capsys) == "--split bogus: data: shapes: unknown split 'bogus'; expected 'train' or 'val'"
+    assert not out.exists()
+
+
 def test_a_prompt_flag_is_held_to_the_prompt_rules(capsys):
     """A prompt file's line and a recipe's prompt are refused past 65,536 characters; --prompt was not."""
     assert main(["sample", "run", "--prompt", "z" * 70_000]) == 2

@@ -182,12 +182,21 @@ def run(args) -> int:
     env = launch_env()
     rank, world = env.rank, env.world_size
     device = torch.device(f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu")
+    # Every split's dataset before any is encoded: an unknown or empty last split was found
+    # after the first was encoded and written. Flips are drawn per epoch when the cache is
+    # read: the images are stored unflipped (every p_flip 0, a mix's sources' too).
+    unflipped = attrs.evolve(data, config=without_flips(data.config))
+    datasets = {}
+    for split in args.splits or ["train"]:
+        try:
+            datasets[split] = unflipped.build(split=split)
+        except MinfmError as exc:
+            if not args.splits:  # the default split: the dataset's own error
+                raise
+            raise MinfmError(f"--split {split}: {exc}") from None
     vae = resolved.build("model.vae").to(device)
     request = cache_request(resolved)
-    for split in args.splits or ["train"]:
-        # Flips are drawn per epoch when the cache is read: the images are stored unflipped
-        # (every p_flip 0, a mix's sources' too).
-        dataset = attrs.evolve(data, config=without_flips(data.config)).build(split=split)
+    for split, dataset in datasets.items():
         stats = encode_split(vae, dataset, out / split, split, vae_slot=resolved["model.vae"],
                              shard_size=args.shard_size, batch_size=args.batch_size,
                              dtype=args.dtype, limit=args.limit, rank=rank, world=world,
