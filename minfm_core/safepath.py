@@ -53,11 +53,19 @@ def recipe_root(recipe: Path) -> Path | None:
 
 def file_in_the_way(path: Path | str, where: str) -> str | None:
     """``"<where>: <path> is a file, not a folder"`` (or ``is a link to nothing``) where
-    anything but a folder is at ``path``, a folder that is to be written into; None where a
-    folder or nothing is. One rule, one wording, for every command that writes into a folder
+    anything but a folder is at ``path``, a folder that is to be written into, and ``"<where>:
+    <path> cannot be made: <above> is not a folder"`` where nothing is but the nearest thing
+    above it is no folder; None where a folder is, or nothing below a folder. One rule, one wording, for every command that writes into a folder
     and for ``minfm check``, which reports it before the job starts."""
-    if not os.path.lexists(path) or os.path.isdir(path):
+    if os.path.isdir(path):
         return None
+    if not os.path.lexists(path):
+        # the nearest existing folder above it must be one: `--out notes.txt/sub` (and
+        # /dev/null/run) failed only when written, after the model was built, naming no flag
+        above = os.path.dirname(os.path.abspath(path))
+        while not os.path.lexists(above):
+            above = os.path.dirname(above)
+        return None if os.path.isdir(above) else f"{where}: {path} cannot be made: {above} is not a folder"
     what = "a link to nothing" if os.path.islink(path) and not os.path.exists(path) else "a file"
     return f"{where}: {path} is {what}, not a folder"
 

@@ -3,6 +3,8 @@ folder is to be written is refused by the flag's name before any work, and left 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from engine_helpers import TINY
 
@@ -52,6 +54,25 @@ def test_a_file_where_a_folder_goes_is_refused_by_the_flags_name(tmp_path, capsy
     file.write_text("mine")
     assert main([a.format(file=file, root=tmp_path) for a in argv]) == 2
     assert _error(capsys) == f"{flag}: {file} is a file, not a folder"
+    assert file.read_text() == "mine"
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["cache", "latents", str(TINY), "--out", "{out}"], "--out"),
+    (["export", "diffusers", "run", "{out}"], "OUT_DIR"),
+    (["data", "imagenet", "prepare", "{root}", "--recipe", str(TINY), "--out", "{out}"], "--out"),
+    (["hub", "pull", "org/name", "--local-dir", "{out}"], "--local-dir"),
+    (["run", str(TINY), "--set", "run.exp_dir={out_q}"], f"{TINY}: run.exp_dir"),  # (said by minfm check too)
+])
+def test_a_folder_below_a_file_is_refused_by_the_flags_name(tmp_path, capsys, argv, flag):
+    """`--out notes.txt/sub` failed as `notes.txt/sub/train: Not a directory` after the VAE or
+    the model was built, naming no flag."""
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    out = file / "sub" / "deeper"
+    assert main([a.format(out=out, out_q=json.dumps(str(out)), root=tmp_path) for a in argv]) == 2
+    blame = " (from --set run.exp_dir)" if flag.endswith("run.exp_dir") else ""
+    assert _error(capsys) == f"{flag}: {out} cannot be made: {file} is not a folder{blame}"
     assert file.read_text() == "mine"
 
 

@@ -90,14 +90,8 @@ def job_checks(resolved, job: str, world_size: int | None = None) -> list[str]:
     train, s = recipe.train, recipe.sample
     exp = recipe.run.exp_dir
     problems += _outside_run_folder(resolved)
-    if problem := file_in_the_way(exp, "run.exp_dir"):
+    if problem := file_in_the_way(exp, "run.exp_dir"):  # (or a file above it: /dev/null/run)
         problems.append(problem)
-    else:  # the nearest existing folder above it must be one (not /dev/null for /dev/null/run)
-        above = os.path.dirname(os.path.abspath(exp))
-        while not os.path.lexists(above):
-            above = os.path.dirname(above)
-        if not os.path.isdir(above):
-            problems.append(f"run.exp_dir: {exp} cannot be made: {above} is not a folder")
     if job == "train":
         try:
             accumulation_steps(train.total_batch_size, train.batch_size, world)
