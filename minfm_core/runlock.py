@@ -195,7 +195,8 @@ def check_writable(folder: Path, *, what: str) -> None:
     folder = Path(folder)
     probe_in = folder
     while not probe_in.is_dir():
-        require_folder_room(probe_in, what)
+        if os.path.lexists(probe_in):  # the file on the way is named (not "... cannot be made")
+            require_folder_room(probe_in, what)
         if probe_in.parent == probe_in:
             break
         probe_in = probe_in.parent
