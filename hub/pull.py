@@ -305,24 +305,41 @@ def _pull_to_local_dir(pulled: Pulled, patterns: dict[str, list[str]], limits: L
     target = Path(os.path.realpath(pulled.path))
     what = f"Hub repo {HubRef(pulled.repo_id, pulled.revision)}"
     require_folder_room(target, "--local-dir")
-    with _os_errors(pulled.path):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = fresh_dir(target, f".{target.name}.pull-")
+    made = [p for p in (target.parent, *target.parent.parents) if not os.path.lexists(p)]  # deepest first
     try:
-        if target.is_dir():
-            _seed(target, tmp)
-        # the checked sha, not the branch: what arrives is the listing that was checked
-        revision = pulled.commit if SHA_RE.match(pulled.commit) else pulled.revision
-        _snapshot(what, pulled.repo_id, revision=revision, local_dir=tmp, **patterns)
-        _verify(tmp, limits, what, local_dir=True, expect=expect)
-        _record(pulled, tmp)
-        if not os.path.lexists(target):
-            with _os_errors(pulled.path):
-                os.rename(tmp, target)  # one atomic step
-            return
-        _move_in(tmp, target, stale, pulled.path, what)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with _os_errors(pulled.path):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = fresh_dir(target, f".{target.name}.pull-")
+        try:
+            _pull_into(pulled, tmp, target, patterns, limits, stale, expect, what)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        _remove_empty(made)  # a failed pull leaves no folder it made on the way either
+        raise
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        with contextlib.suppress(OSError):  # (one another process filled meanwhile is kept)
+            folder.rmdir()
+
+
+def _pull_into(pulled: Pulled, tmp: Path, target: Path, patterns: dict[str, list[str]], limits: Limits,
+               stale: set[str], expect: tuple[str, ...], what: str) -> None:
+    """:func:`_pull_to_local_dir`'s download into ``tmp`` and its move into ``target``."""
+    if target.is_dir():
+        _seed(target, tmp)
+    # the checked sha, not the branch: what arrives is the listing that was checked
+    revision = pulled.commit if SHA_RE.match(pulled.commit) else pulled.revision
+    _snapshot(what, pulled.repo_id, revision=revision, local_dir=tmp, **patterns)
+    _verify(tmp, limits, what, local_dir=True, expect=expect)
+    _record(pulled, tmp)
+    if not os.path.lexists(target):
+        with _os_errors(pulled.path):
+            os.rename(tmp, target)  # one atomic step
+        return
+    _move_in(tmp, target, stale, pulled.path, what)
 
 
 def _move_in(tmp: Path, target: Path, stale: set[str], shown: Path, what: str) -> None:

@@ -87,3 +87,11 @@ def test_a_file_or_a_dangling_link_as_local_dir_is_refused_and_kept(hub_server, 
     (res,) = main_in_process(env, ["hub", "pull", "org/m", "--local-dir", str(link)])
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "gone" / "model.safetensors").read_bytes() == b"x"
+
+
+def test_a_failed_pull_leaves_no_folder_it_made_on_the_way(hub_server, tmp_path):
+    """`--local-dir a/b/c` made a/b before the download, and a failed pull left them there."""
+    env = {**env_for(hub_server, tmp_path), "HF_HUB_OFFLINE": "1"}  # the repo is in no cache: it fails
+    (res,) = main_in_process(env, ["hub", "pull", "org/m", "--local-dir", str(tmp_path / "a" / "b" / "c")])
+    assert res.returncode == 2 and "HF_HUB_OFFLINE is set" in res.stderr, res.stderr
+    assert not (tmp_path / "a").exists()
