@@ -75,10 +75,11 @@ class GuardRequests:
     elsewhere re-pointed at 127.0.0.1 (DNS rebinding) would otherwise drive the model from the
     user's browser."""
 
-    def __init__(self, app, hosts: HostCheck, max_body: int = MAX_BODY_BYTES) -> None:
+    def __init__(self, app, hosts: HostCheck, max_body: int = MAX_BODY_BYTES, arity: dict[int, int] | None = None) -> None:
         self.app = app
         self.max_body = max_body
         self.hosts = hosts
+        self.arity = arity  # fn_index -> its number of inputs (see _call_problem)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
@@ -111,6 +112,8 @@ class GuardRequests:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
+        if self.arity is not None and (problem := _call_problem(scope, b"".join(chunks), self.arity)):
+            return await _answer(send, *problem)
         replayed = False
 
         async def replay():
@@ -121,6 +124,30 @@ class GuardRequests:
             return await receive()  # later reads: to see a disconnect
 
         return await self.app(scope, replay, send)
+
+
+def _call_problem(scope, body: bytes, arity: dict[int, int]) -> tuple[int, str] | None:
+    """(status, text) for a call of an event (``/queue/join``, ``/run/predict``) that names no
+    event of this app or gives it the wrong number of inputs: gradio answered those with an
+    empty error or a 500, and a traceback in the server's log for each (anyone who reaches
+    the server could fill its log). None for anything else, which gradio handles."""
+    import json
+
+    if scope.get("method") != "POST" or not scope.get("path", "").rstrip("/").endswith(("/queue/join", "/run/predict")):
+        return None
+    try:
+        call = json.loads(body)
+    except (ValueError, RecursionError):
+        return None  # not JSON: gradio's own 4xx
+    if not isinstance(call, dict) or "fn_index" not in call:
+        return 404, "No such event: give fn_index (gradio_client does)."
+    index, data = call.get("fn_index"), call.get("data")
+    if type(index) is not int or index not in arity:
+        return 404, f"No such event: fn_index {str(index)[:20]}."
+    if not isinstance(data, list) or len(data) != arity[index]:
+        got = f"{len(data)}" if isinstance(data, list) else "no list"
+        return 422, f"This event takes {arity[index]} inputs, got {got}."
+    return None
 
 
 async def _answer(send, status: int, text: str) -> None:
@@ -334,21 +361,19 @@ def _text_only(box):
 
 
 def _quiet_bounds(component):
-    """``component``, whose own input check no longer prints a traceback in the server log or
-    shows the caller's text as HTML: gradio raises its refusal (a number out of range, a
-    sampler not offered) with ``print_exception=True``, unescaped, but it is bad input, not a
-    fault of the server. A value that is no number at all (``"3"``, null) made gradio's range
-    check fail with a TypeError (an empty error and a traceback); it passes through to
-    ``check_request``, which refuses it by name. (Wrapped on the instance: a subclass of a
-    gradio component writes a ``.pyi`` file beside its module at import.)"""
+    """``component``, whose own input check leaves a value it refuses to ``check_request``,
+    which refuses it by the input's name and range (``Steps must be between 1 and 20, got
+    0.``): gradio's own refusal named neither (``Value 0 is less than minimum value 1.``, the
+    same for steps and images), printed a traceback in the server log and showed the caller's
+    text as HTML; a value that is no number at all (``"3"``, null) made its range check fail
+    with a TypeError (an empty error and a traceback). (Wrapped on the instance: a subclass of
+    a gradio component writes a ``.pyi`` file beside its module at import.)"""
     preprocess = component.preprocess
 
     def quiet(payload):
         try:
             return preprocess(payload)
-        except gr.Error as exc:
-            raise _refusal(exc.message, exc.title or "Error") from None
-        except (TypeError, ValueError):
+        except (gr.Error, TypeError, ValueError):
             return payload
 
     component.preprocess = quiet
@@ -373,7 +398,8 @@ def launch(app: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None, 
         max_file_size="1mb",  # the app takes no uploads (GuardRequests refuses gradio's upload route)
         # quiet: its banner advises "set `share=True` in `launch()`"; serve prints the URLs itself
         quiet=True, show_error=False,
-        app_kwargs={"middleware": [Middleware(GuardRequests, hosts=hosts)]},
+        app_kwargs={"middleware": [Middleware(GuardRequests, hosts=hosts,
+                                              arity={i: len(fn.inputs) for i, fn in app.fns.items()})]},
     )
     hosts.on = is_loopback(host) and not started[2]  # --share that made no link: still loopback only
     return started

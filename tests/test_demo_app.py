@@ -183,10 +183,15 @@ def test_generate_endpoint_reports_bad_input(client, capfd):
         client.predict(**{**BASE, "prompt": "x" * 600}, api_name="/generate")
     with pytest.raises(AppError, match="Size 17x16: height and width must be multiples of 2"):
         client.predict(**{**BASE, "size": "17x16"}, api_name="/generate")
-    with pytest.raises(AppError, match="greater than maximum value 100"):  # gradio's own slider bound
+    # gradio's own slider bounds said "Value 0 is less than minimum value 1." for steps and images alike
+    with pytest.raises(AppError, match=r"^Steps must be between 1 and 100, got 1000\.$"):
         client.predict(**{**BASE, "steps": 1000}, api_name="/generate")
-    with pytest.raises(AppError, match="less than minimum value 0"):
+    with pytest.raises(AppError, match=r"^Number of images must be between 1 and \d+, got 0\.$"):
+        client.predict(**{**BASE, "num_images": 0}, api_name="/generate")
+    with pytest.raises(AppError, match=r"^Seed must be between 0 and \d+, got -1\.$"):
         client.predict(**{**BASE, "seed": -1}, api_name="/generate")
+    with pytest.raises(AppError, match=r"^CFG scale must be between 0 and \d+, got -1\.$"):
+        client.predict(**{**BASE, "cfg_scale": -1}, api_name="/generate")
     # no text: gradio's textbox made str() of it and drew "12345" or "['a', 5]" as a prompt
     with pytest.raises(AppError, match=r"^Prompt must be text, got int\.$"):
         client.predict(**{**BASE, "prompt": 12345}, api_name="/generate")
@@ -216,7 +221,7 @@ def test_wrong_types_are_refused_by_name_and_every_call_joins_the_queue(served, 
                             ({"seed": None}, "Seed must be a whole number, got None."),
                             ({"num_images": "2"}, "Number of images must be a whole number, got '2'."),
                             ({"cfg_scale": None}, "CFG scale must be a number, got None."),
-                            ({"sampler": "<b>x</b>"}, "Value: &lt;b&gt;x&lt;/b&gt; is not in the list of choices")):
+                            ({"sampler": "<b>x</b>"}, "Unknown sampler '&lt;b&gt;x&lt;/b&gt;'; choose one of")):
         with pytest.raises(AppError) as caught:
             client.predict(**{**BASE, **change}, api_name="/generate")
         assert message in str(caught.value), (change, str(caught.value))
@@ -225,6 +230,27 @@ def test_wrong_types_are_refused_by_name_and_every_call_joins_the_queue(served, 
     with httpx.Client(timeout=60) as http:
         r = http.post(f"{served[2].rstrip('/')}/gradio_api/run/generate", json=body)
     assert r.status_code == 404 and "join the queue" in r.text
+
+
+@pytest.mark.slow
+def test_a_call_of_no_event_or_the_wrong_inputs_is_refused_without_a_traceback(served, client, capfd):
+    """9 of the 10 inputs got `{'error': None}`; `/run/predict` without fn_index and fn_index 99
+    a 500: each with a traceback in the server's log, which anyone reaching it could fill."""
+    import httpx
+
+    base = served[2].rstrip("/")
+    index = next(i for i, fn in served[0].fns.items() if fn.api_name == "generate")
+    data = [BASE[k] for k in BASE]
+    with httpx.Client(timeout=60) as http:
+        short = http.post(f"{base}/gradio_api/queue/join", json={"data": data[:-1], "fn_index": index, "session_hash": "x"})
+        none = http.post(f"{base}/gradio_api/queue/join", json={"data": data, "fn_index": 99, "session_hash": "x"})
+        bare = http.post(f"{base}/gradio_api/run/predict", json={"data": data})
+    assert (short.status_code, short.text.strip()) == (422, f"This event takes {len(data)} inputs, got {len(data) - 1}.")
+    assert (none.status_code, none.text.strip()) == (404, "No such event: fn_index 99.")
+    assert (bare.status_code, bare.text.strip()) == (404, "No such event: give fn_index (gradio_client does).")
+    assert "Traceback" not in capfd.readouterr().err
+    images, _ = client.predict(**BASE, api_name="/generate")  # the right call still draws
+    assert len(images) == 1
 
 
 def _built_app(src):
@@ -306,6 +332,10 @@ def test_browser_types_a_prompt_and_gets_an_image(served, tmp_path):
             page.on("console", lambda msg: errors.append(f"console: {msg.text}") if msg.type == "error" else None)
             page.on("pageerror", lambda exc: errors.append(f"page error: {exc}"))
             page.goto(url, wait_until="networkidle", timeout=60_000)
+            # an example fills the prompt (a call of its own event: GuardRequests lets it through)
+            page.get_by_text("a red circle", exact=True).first.click()
+            page.wait_for_function("() => document.querySelector('#prompt textarea').value === 'a red circle'",
+                                   timeout=30_000)
             page.locator("#prompt textarea").fill("a blue square")
             page.locator("#generate").click()
             image = page.locator("#gallery img").first
