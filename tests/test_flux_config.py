@@ -69,7 +69,7 @@ def test_export_refuses_an_empty_path(tmp_path, monkeypatch, capsys, args, name)
     (tmp_path / "SRC").mkdir()
     assert main(["export", "diffusers", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"minfm: error: export diffusers: {name}: empty path"]
+    assert err == [f"minfm: error: {name}: empty value"]  # (the parser's rule for every text value)
     assert [p.name for p in tmp_path.iterdir()] == ["SRC"] and not any((tmp_path / "SRC").iterdir())
 
 

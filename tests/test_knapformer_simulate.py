@@ -157,7 +157,7 @@ def test_an_empty_path_is_refused(tmp_path, monkeypatch, capsys, flag):
     """`--trace-out ''` was taken as not given: exit 0, nothing written."""
     monkeypatch.chdir(tmp_path)
     assert main(["balance", "simulate", "--synthetic", "mixed", "--world-size", "2", "--steps", "1", flag, ""]) == 2
-    assert f"minfm: error: {flag}: empty path" == _one_line_error(capsys)
+    assert f"minfm: error: {flag}: empty value" == _one_line_error(capsys)
     assert list(tmp_path.iterdir()) == []
 
 

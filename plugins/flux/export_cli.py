@@ -28,16 +28,12 @@ def _run(args) -> int:
     from pathlib import Path
 
     from minfm_core.checkpoint import export_for_hub, refuse_inside_checkpoint
-    from minfm_core.errors import MinfmError
     from minfm_core.safepath import require_folder_room
     from minfm_core.sources import resolve_source
     from minfm_core.weights import has_weights
 
     from .export import export_diffusers
 
-    for name, value in (("SRC", args.src), ("OUT_DIR", args.out_dir)):
-        if not value:  # '' is the current folder: OUT_DIR '' wrote there and said "wrote ."
-            raise MinfmError(f"export diffusers: {name}: empty path")
     require_folder_room(args.out_dir, "OUT_DIR")
     refuse_inside_checkpoint(Path(args.out_dir), "OUT_DIR", "export")
     src = resolve_source(args.src)

@@ -406,9 +406,6 @@ def _spec_size(text: str | None) -> int | None:
 
 
 def run(args) -> int:
-    for flag, value in (("RECIPE", args.recipe), ("--trace", args.trace), ("--trace-out", args.trace_out)):
-        if value == "":  # '' is no file: it was dropped as "not given" (--trace-out wrote nothing, exit 0)
-            raise MinfmError(f"{flag}: empty path")
     sources = [x for x in (args.recipe, args.trace, args.synthetic) if x]
     if len(sources) != 1:
         raise MinfmError("balance simulate: give exactly one of RECIPE, --trace FILE or --synthetic NAME")
