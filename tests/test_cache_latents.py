@@ -224,8 +224,9 @@ def test_data_workers_encode_the_same_shards_and_report_a_bad_image_in_one_line(
     assert res.stderr.splitlines()[-1] == (f"minfm: error: {root / 'img4.png'}: not a readable image "
                                            f"(cannot identify image file '{root / 'img4.png'}'); the shards "
                                            "finished before it are kept: fix or replace that item and run the "
-                                           "command again to go on (removing it changes the item count, and "
-                                           "the cache is then made anew)")
+                                           "command again to go on (removing it changes the item count: the "
+                                           "cache is then another request's, to be made in another --out or "
+                                           "after removing this one)")
     assert sorted(p.name for p in (tmp_path / "bad" / "train").iterdir()) == ["cache.json", "part-00000.json",
                                                                               "part-00000.safetensors"]
     # as the message says: the item replaced, the same command goes on from the next shard

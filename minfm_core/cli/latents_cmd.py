@@ -131,8 +131,8 @@ def _encode_shard(vae, vae_slot, loaded, batches: list[list[int]], out: Path, s:
             items = next(loaded)
         except MinfmError as exc:  # an unreadable item, found when its shard is encoded
             raise MinfmError(f"{exc}; the shards finished before it are kept: fix or replace that item and run "
-                             "the command again to go on (removing it changes the item count, and the cache "
-                             "is then made anew)") from None
+                             "the command again to go on (removing it changes the item count: the cache is then "
+                             "another request's, to be made in another --out or after removing this one)") from None
         if any("image" not in it for it in items):
             raise MinfmError("cache latents: the dataset already yields latents (is use_cached_latents set?)")
         images = [it["image"] for it in items]
