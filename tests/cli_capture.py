@@ -31,3 +31,17 @@ def call_main(args: list[str]) -> tuple[int, str, str]:
             traceback.print_exc()
             code = 1
     return code or 0, out.getvalue(), err.getvalue()
+
+
+def main_with_command(monkeypatch, func) -> int:
+    """``minfm test-command``, a command of the test's own (``func(args)``), run by ``main``:
+    how a test drives main's error boundary with a failure no real command makes on cue."""
+    import argparse
+
+    from minfm_core.cli import main as cli_main
+
+    parser = cli_main.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    commands.add_parser("test-command").set_defaults(func=func)
+    monkeypatch.setattr(cli_main, "build_parser", lambda: parser)
+    return cli_main.main(["test-command"])

@@ -268,7 +268,6 @@ def test_a_failed_allocation_is_one_line_not_a_bug(capsys, monkeypatch):
     minfm's error boundary names it as what it is (exit 2), not as a bug in minFM."""
     import torch
 
-    from minfm_core.cli import main as cli_main
     from minfm_core.errors import out_of_memory_line
 
     with pytest.raises(RuntimeError) as real:
@@ -282,13 +281,9 @@ def test_a_failed_allocation_is_one_line_not_a_bug(capsys, monkeypatch):
     def command(args):
         torch.empty(2**47, dtype=torch.uint8)
 
-    import argparse
+    from cli_capture import main_with_command
 
-    parser = cli_main.build_parser()
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    commands.add_parser("oom").set_defaults(func=command)  # it asks for too much, as a huge model would
-    monkeypatch.setattr(cli_main, "build_parser", lambda: parser)
-    assert cli_main.main(["oom"]) == 2
+    assert main_with_command(monkeypatch, command) == 2  # it asks for too much, as a huge model would
     err = capsys.readouterr().err
     assert err.startswith("minfm: error: out of memory: an allocation of 131,072.0 GiB failed")
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1

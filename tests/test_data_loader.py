@@ -277,7 +277,6 @@ def test_a_killed_data_worker_is_one_line_naming_the_likely_cause(sig, why, sigc
     import signal
     import time
 
-    from minfm_core.cli import main as cli_main
 
     pids = []
 
@@ -296,10 +295,9 @@ def test_a_killed_data_worker_is_one_line_naming_the_likely_cause(sig, why, sigc
             if torchs is not None:
                 signal.signal(signal.SIGCHLD, torchs)  # installed once per process by torch
 
-    parser = cli_main.build_parser()
-    parser.set_defaults(func=command)
-    monkeypatch.setattr(cli_main, "build_parser", lambda: parser)
-    assert cli_main.main([]) == 2
+    from cli_capture import main_with_command
+
+    assert main_with_command(monkeypatch, command) == 2
     err = capsys.readouterr().err
     assert f"minfm: error: data worker (pid {pids[0]}) killed by signal: {why}" in err
     assert "Traceback" not in err and "bug" not in err
