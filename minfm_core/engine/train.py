@@ -366,6 +366,8 @@ class Trainer:
             if new_ema:
                 self.ema.reset(self.model)
                 self._log_line("the checkpoint holds no EMA (train.ema_decay was 0): the EMA starts from this step's weights")
+            if changed := recipe_changes(latest.path / "recipe.toml", self.recipe_text):
+                self._log_line(f"warning: resumed with settings other than the checkpoint's: {changed}")
         elif skipped:
             raise MinfmError(f"{self.exp_dir}: no checkpoint verifies (newest: {skipped[0][1]}); "
                              "move the checkpoints away to start afresh")
@@ -688,3 +690,48 @@ def train(resolved) -> int:
         runlock.release(resolved.recipe.run.exp_dir)
         shutdown_runtime()
     return STOPPED_EXIT_CODE if trainer.stopped else 0
+
+
+#: Settings whose change on a resume alters what the weights mean or what they learn from
+#: (another VAE, text encoder, RoPE, data or seed), or drops what the checkpoint holds (an
+#: EMA turned off): each went on silently (exit 0). Said, not refused: a change may be meant
+#: (the attention backend, compile, more data), and the tensors' shapes are checked anyway.
+RESUME_WATCHED = ("model.", "data.", "flow.", "run.seed", "train.ema_decay")
+
+
+def recipe_changes(recorded: Path, current: str, limit: int = 6) -> str | None:
+    """``key: old -> new`` for the watched settings (:data:`RESUME_WATCHED`) that differ
+    between the recipe a checkpoint recorded (``recorded``, its ``recipe.toml``) and this
+    run's (``current``, the same TOML dump); None when none does, or the record is missing or unreadable (an older
+    checkpoint: nothing to compare)."""
+    from ..recipe.load import MAX_RECIPE_BYTES
+    from ..recipe.toml import tomllib
+    from ..textfiles import read_text
+
+    try:
+        old = tomllib.loads(read_text(recorded, str(recorded), MAX_RECIPE_BYTES))
+    except (MinfmError, tomllib.TOMLDecodeError, RecursionError):
+        return None
+    before, after = _flat(old), _flat(tomllib.loads(current))
+    keys = sorted(k for k in before.keys() | after.keys()
+                  if k.startswith(RESUME_WATCHED) and before.get(k) != after.get(k))
+    if not keys:
+        return None
+    shown = [f"{k}: {_short(before.get(k))} -> {_short(after.get(k))}" for k in keys[:limit]]
+    return "; ".join(shown) + (f"; and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _flat(table: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _short(value: object) -> str:
+    text = "(unset)" if value is None else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
