@@ -509,27 +509,34 @@ def recipe_for(src: Path) -> Path:
     raise MinfmError(f"{src}: no recipe.toml found beside this checkpoint or run")
 
 
+def refuse_unexpected(ckpt: Checkpoint, source: str, wanted: set[str]) -> None:
+    """A CheckpointError where ``ckpt``'s ``source`` part (``model``, ``ema``) holds weights
+    that are not in ``wanted`` (the model's names). DCP reads only the keys asked for: weights
+    the checkpoint holds and the model lacks (a block a recipe override removed) were dropped
+    in silence, where an exported folder refuses them (weights.check_keys). The checkpoint's
+    own tensor list says what it holds."""
+    from .weights import first_names
+
+    prefix = f"{source}."
+    unexpected = {k[len(prefix):] for k in ckpt.tensor_names() if k.startswith(prefix)} - wanted
+    if unexpected:
+        raise CheckpointError(f"{ckpt.path} ({source} weights): weights do not fit the model: "
+                              f"unexpected keys: {first_names(unexpected)}")
+
+
 def load_weights(ckpt: Checkpoint | Path, model: torch.nn.Module, *, source: str = "model") -> None:
     """Load the ``model`` or ``ema`` weights of a checkpoint (opened, or a path to open and
     verify) into an (unsharded) module."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-    from .weights import check_finite, first_names
+    from .weights import check_finite
 
     if not isinstance(ckpt, Checkpoint):
         ckpt = open_checkpoint(ckpt)
 
     sd = get_model_state_dict(model)
-    # DCP reads only the keys asked for: weights the checkpoint holds and the model lacks (a
-    # block the recipe override removed) were dropped in silence, where an exported folder
-    # refuses them (weights.check_keys). The checkpoint's own tensor list says what it holds.
-    held_names = ckpt.tensor_names()
     wanted = {n for n, p in model.named_parameters() if p.requires_grad} if source == "ema" else set(sd)
-    prefix = f"{source}."
-    unexpected = {k[len(prefix):] for k in held_names if k.startswith(prefix)} - wanted
-    if unexpected:
-        raise CheckpointError(f"{ckpt.path} ({source} weights): weights do not fit the model: "
-                              f"unexpected keys: {first_names(unexpected)}")
+    refuse_unexpected(ckpt, source, wanted)
     if source == "ema":
         box = {"ema": {k: v for k, v in sd.items() if k in wanted}}
         ckpt.load(box)

@@ -36,3 +36,17 @@ def test_the_list_is_cut_and_an_unreadable_record_says_nothing(tmp_path):
     (tmp_path / "bad.toml").write_text("[model")
     assert recipe_changes(tmp_path / "bad.toml", "") is None
     assert recipe_changes(tmp_path / "missing.toml", "") is None
+
+
+def test_weights_the_model_lacks_are_refused_on_resume_and_init_from(tmp_path, capsys):
+    """A recipe with one double block fewer took a checkpoint's weights and dropped that block's
+    in silence (init_from, exit 0), or blamed the optimizer's param groups (a resume)."""
+    src = tmp_path / "src"
+    _run(src, capsys, "train.max_steps=2")
+    fewer = ["run", str(TINY), "--set", "model.denoiser.n_ds_blocks=0", "--set", "train.max_steps=3"]
+    for where in (["--set", f"run.exp_dir={str(src)!r}"],
+                  ["--set", f"run.exp_dir={str(tmp_path / 'new')!r}", "--set", f"train.init_from={str(src)!r}",
+                   "--set", 'train.init_load_plan="model:model,ema:ema"']):
+        assert main([*fewer, *where]) == 2
+        err = capsys.readouterr().err
+        assert "(model weights): weights do not fit the model: unexpected keys: double_blocks.0." in err, err

@@ -247,6 +247,7 @@ class Trainer:
                 base = state[target]
                 # EMA holds trainable parameters only: loading from it leaves buffers as they are.
                 box = {source: {k: v for k, v in base.items() if source == "model" or k in trainable}}
+                ckpt_mod.refuse_unexpected(ckpt, source, set(box[source]))  # (a resume's and init_from's)
                 ckpt.load(box)
                 self._refuse_bad_state(_state_problems(box[source]), f"{ckpt.path} ({source} weights)")
                 if target == "model":
