@@ -61,6 +61,10 @@ def test_every_former_name_leads_to_a_key(where, cls):
     # a plugin's config, as a third party declares it
     ('balancer={name = "knapformer", dit_balancer_specs = "g1n1"}',
      "balancer: unknown key 'dit_balancer_specs' (now 'bags') (from --set balancer)"),
+    # where the seed set them: on the default (none) balancer, in [train], in the ImageNet data
+    ("balancer.use_dit_balancer=true", "balancer: unknown key 'use_dit_balancer' (now 'balancer.name') "
+                                       "(from --set balancer.use_dit_balancer)"),
+    ('train.wandb_project="minFM"', "train: unknown key 'wandb_project' (now 'logging.loggers') (from --set train.wandb_project)"),
     # a key never renamed keeps its guess
     ("train.max_lrr=1e-4", "train: unknown key 'max_lrr' (did you mean 'min_lr'?) (from --set train.max_lrr)"),
 ])

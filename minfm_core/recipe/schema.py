@@ -190,6 +190,8 @@ class TrainSection:
         "init_ckpt": "init_from", "init_ckpt_load_plan": "init_load_plan", "ckpt_freq": "ckpt_every",
         "log_freq": "log_every", "val_freq": "val_every", "inference_freq": "sample_every",
         "inference_at_start": "sample_at_start", "exp_dir": "run.exp_dir",
+        # a [[logging.loggers]] table with name = "wandb" and its mode, project, run_name
+        "wandb_mode": "logging.loggers", "wandb_project": "logging.loggers", "wandb_name": "logging.loggers",
     }
 
     max_steps: int = field(1000, doc="optimizer steps to train", validator=Range(1, MAX_STEPS))

@@ -224,7 +224,8 @@ class ImagenetConfig(_ReadsRoot):
 
     #: The original minFM's ImageNet keys: an unknown key answers with its name here (docs/plugins.md).
     former_names: ClassVar[dict[str, str]] = {"p_horizon_flip": "p_flip", "data_root_dir": "root",
-                                              "use_precomputed_latents": "use_cached_latents"}
+                                              "use_precomputed_latents": "use_cached_latents",
+                                              "batch_size": "train.batch_size"}
 
     root: str = field(
         "", doc="ILSVRC root holding train/<wnid>/*.JPEG and val/ (unused with cached latents)", file="file"

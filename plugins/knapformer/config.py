@@ -53,3 +53,8 @@ class KnapformerConfig:
 @config
 class NoBalancerConfig:
     """No balancing: every rank keeps its own sequences."""
+
+    #: The seed's balancer keys, met here first where balancer.name is left at "none".
+    former_names: ClassVar[dict[str, str]] = {"dit_balancer_specs": "balancer.bags",  # (name = "knapformer")
+                                              "dit_balancer_gamma": "balancer.gamma",
+                                              "use_dit_balancer": "balancer.name"}
