@@ -54,9 +54,10 @@ def recipe_root(recipe: Path) -> Path | None:
 def file_in_the_way(path: Path | str, where: str) -> str | None:
     """``"<where>: <path> is a file, not a folder"`` (or ``is a link to nothing``) where
     anything but a folder is at ``path``, a folder that is to be written into, and ``"<where>:
-    <path> cannot be made: <above> is not a folder"`` where nothing is but the nearest thing
-    above it is no folder; None where a folder is, or nothing below a folder. One rule, one wording, for every command that writes into a folder
-    and for ``minfm check``, which reports it before the job starts."""
+    <path> cannot be made: <above> is not a folder"`` where nothing is there and the nearest
+    thing above it is no folder; None where a folder is, or nothing below a folder. One rule,
+    one wording, for every command that writes into a folder and for ``minfm check``, which
+    reports it before the job starts."""
     if os.path.isdir(path):
         return None
     if not os.path.lexists(path):

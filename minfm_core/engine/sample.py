@@ -154,15 +154,14 @@ def _sample_cli(args, src: Path, stack: contextlib.ExitStack) -> int:
     # A setting that is a flag's, or that this command takes from its arguments, given by --set
     # too: the flag's value won and the --set one was never read (`--steps 1 --set
     # sample.steps=-1` went unchecked; `--set sample.out_dir=...` wrote to the default).
-    taken = {o.partition("=")[0]: flag for o, flag in flagged.items()}
-    taken |= {"sample.out_dir": "--out", "sample.source": "SRC"}
+    by_flag = {override.partition("=")[0]: flag for override, flag in flagged.items()}
+    taken = {**by_flag, "sample.out_dir": "--out", "sample.source": "SRC"}
     for override in args.overrides:
         key = override.partition("=")[0].strip()
         if key in taken:
             raise MinfmError(f"--set {key}: minfm sample takes it from {taken[key]}; give it there")
     overrides = ["job=sample", *one, *args.overrides, *flagged]
-    flags = {"job": "", **{o.partition("=")[0]: "" for o in one},
-             **{override.partition("=")[0]: flag for override, flag in flagged.items()}}
+    flags = {"job": "", **{o.partition("=")[0]: "" for o in one}, **by_flag}
     # A recipe downloaded with the model is data (docs/security.md); --set stays the user's.
     resolved = load_recipe(recipe_path, overrides, untrusted_root=recipe_root(recipe_path), flags=flags, recorded=True)
     if not prompts:  # the sample job's, as job = "sample" draws them: a --set prompt_file was ignored
