@@ -305,7 +305,9 @@ class BatchIterator:
             # divides it, as it does at a checkpoint when it divides the total batch size).
             consumed = consumed * int(state["world_size"]) // self.world_size
         if int(state.get("seed", self.seed)) != self.seed:
-            warnings.warn(f"data: resuming with seed {self.seed} instead of {state['seed']}", MinfmWarning, stacklevel=2)
+            # the trainer's seed is run.seed (data.seed, where a dataset has one, is its own)
+            warnings.warn(f"data: resuming with shuffle seed {self.seed} instead of {state['seed']} (run.seed): the "
+                          "data order differs from the checkpoint's", MinfmWarning, stacklevel=2)
         self.close()
         self._consumed = consumed
 

@@ -8,12 +8,15 @@ from engine_helpers import TINY
 from minfm_core.cli.main import main
 
 
-def _run(exp, capsys, *sets: str) -> str:
+def _run(exp, capsys, *sets: str, err: list | None = None) -> str:
     args = ["run", str(TINY), "--set", f"run.exp_dir={str(exp)!r}", "--set", "train.ckpt_every=1"]
     for s in sets:
         args += ["--set", s]
     assert main(args) == 0
-    return capsys.readouterr().out
+    captured = capsys.readouterr()
+    if err is not None:
+        err.append(captured.err)
+    return captured.out
 
 
 def test_a_resume_names_the_settings_that_differ_from_the_checkpoints(tmp_path, capsys):
@@ -21,8 +24,12 @@ def test_a_resume_names_the_settings_that_differ_from_the_checkpoints(tmp_path, 
     _run(exp, capsys, "train.max_steps=1")
     out = _run(exp, capsys, "train.max_steps=2", "train.lr=0.002")  # lr: not watched (it follows its schedule)
     assert "resumed from" in out and "warning" not in out
+    err: list[str] = []
     out = _run(exp, capsys, "train.max_steps=3", "model.denoiser.rope_theta=500", "data.seed=1", "train.ema_decay=0",
-               "run.seed=7")
+               "run.seed=7", err=err)
+    # the loader's own line names the setting too (it said "data: resuming with seed 7 instead of 0")
+    assert ("minfm: warning: data: resuming with shuffle seed 7 instead of 0 (run.seed): the data order differs "
+            "from the checkpoint's") in err[0]
     assert ("minfm: warning: resumed with settings other than the checkpoint's: data.seed: 0 -> 1; "
             "model.denoiser.rope_theta: 10000 -> 500; run.seed: 0 -> 7; train.ema_decay: 0.99 -> 0.0\n") in out
 
