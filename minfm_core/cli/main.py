@@ -109,10 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _sigterm_raises(), _plain_warnings():
             code = _main(argv)
     except Terminated:
-        # SIGTERM after the command's own handlers (while it printed its error or left these
-        # context managers): torchrun stops the other workers of a run whose one worker
-        # failed, and a worker that had already failed too crashed here with a traceback and
-        # exit 1, which outweighed the 2s of a recipe error (cli/torchrun.exit_code).
+        # SIGTERM during the command (_main lets it through), or after it, while it printed
+        # its error or left these context managers: torchrun stops the other workers of a run
+        # whose one worker failed, and a worker that had failed too crashed there with a
+        # traceback and exit 1, which outweighed the 2s of a recipe error (torchrun.exit_code).
         if code is None:
             print("minfm: terminated (SIGTERM)", file=sys.stderr)
             return 143
@@ -140,9 +140,6 @@ def _main(argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt:
         print("minfm: interrupted", file=sys.stderr)
         return 130
-    except Terminated:
-        print("minfm: terminated (SIGTERM)", file=sys.stderr)
-        return 143
     except BrokenPipeError:
         # The reader went away (`minfm plugins | head`): nothing is wrong with the command.
         _silence_stdout()

@@ -703,8 +703,8 @@ RESUME_WATCHED = ("model.", "data.", "flow.", "run.seed", "train.ema_decay")
 def recipe_changes(recorded: Path, current: str, limit: int = 6) -> str | None:
     """``key: old -> new`` for the watched settings (:data:`RESUME_WATCHED`) that differ
     between the recipe a checkpoint recorded (``recorded``, its ``recipe.toml``) and this
-    run's (``current``, the same TOML dump); None when none does, or the record is missing or unreadable (an older
-    checkpoint: nothing to compare)."""
+    run's (``current``, the same TOML dump); None when none does, or the record is missing
+    or unreadable (an older checkpoint: nothing to compare)."""
     from ..recipe.load import MAX_RECIPE_BYTES
     from ..recipe.toml import tomllib
     from ..textfiles import read_text
